@@ -1,0 +1,91 @@
+//! What an export is served from.
+//!
+//! A [`BlockDevice`] is shared by every connection of an export and called from their
+//! threads concurrently, so it must be `Send + Sync`. Calls are synchronous: a call that
+//! returns `Ok` has completed; with `fua = true` it is also durable.
+//!
+//! Errors are plain [`std::io::Error`]s; the server maps them to NBD errnos
+//! (`ENOSPC` stays `ENOSPC`, `EROFS`/`EPERM` become `EPERM`, `Unsupported` becomes
+//! `ENOTSUP`, anything else `EIO`).
+
+use std::io;
+
+mod image_file;
+pub use image_file::{ImageFile, ImageFileOptions};
+
+/// One extent of a block-status answer: `length` bytes with NBD `flags`
+/// (for `base:allocation`: `NBD_STATE_HOLE` = 1, `NBD_STATE_ZERO` = 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes; never zero.
+    pub length: u64,
+    /// Context-specific flags.
+    pub flags: u32,
+}
+
+/// How WRITE_ZEROES may produce its zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroMode {
+    /// The range may be deallocated (the client did not set `NBD_CMD_FLAG_NO_HOLE`).
+    pub may_trim: bool,
+    /// Fail with [`io::ErrorKind::Unsupported`] rather than write zeroes slowly
+    /// (`NBD_CMD_FLAG_FAST_ZERO`).
+    pub fast_only: bool,
+}
+
+/// Limits advertised with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizeLimits {
+    /// Minimum block size (1 unless the backend needs alignment, e.g. O_DIRECT).
+    pub minimum: u32,
+    /// Preferred block size (a power of two, at least `minimum`).
+    pub preferred: u32,
+    /// Largest payload accepted for one request (a multiple of `minimum`).
+    pub maximum: u32,
+}
+
+/// A disk served over NBD.
+pub trait BlockDevice: Send + Sync {
+    /// Export size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes, trims and zeroing are refused.
+    fn read_only(&self) -> bool;
+    /// Block size limits; requests outside them are refused before any I/O.
+    fn block_size(&self) -> BlockSizeLimits;
+    /// Whether TRIM does anything (`NBD_FLAG_SEND_TRIM`).
+    fn can_trim(&self) -> bool;
+    /// Whether WRITE_ZEROES with FAST_ZERO can ever succeed (`NBD_FLAG_SEND_FAST_ZERO`).
+    fn can_fast_zero(&self) -> bool;
+    /// Whether a FLUSH on one connection covers writes completed on every other one.
+    fn can_multi_conn(&self) -> bool;
+
+    /// Fills `buf` from `offset`. The range is within [`BlockDevice::size`].
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset`; durable before returning when `fua`.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()>;
+    /// Discards `len` bytes at `offset`; afterwards they read as zeroes.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Prefetches a range (NBD_CMD_CACHE); a hint, so errors may be ignored.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// `base:allocation` extents covering at least the first byte of
+    /// `offset..offset + len`, in order, contiguous, none extending past the export.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// Names of the backend's own metadata contexts (besides `base:allocation`),
+    /// e.g. `x-blkrep:dirty`. Each may also be matched by a query prefix
+    /// (`x-blkrep:` lists them all).
+    fn meta_contexts(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Extents for the backend's own context number `index` (into
+    /// [`BlockDevice::meta_contexts`]), with the same shape rules as
+    /// [`BlockDevice::allocation`].
+    fn context_extents(&self, index: usize, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = (index, offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
