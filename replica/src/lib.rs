@@ -1,0 +1,2 @@
+//! replica (being written).
+#![warn(missing_docs)]

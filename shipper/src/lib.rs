@@ -1,0 +1,2 @@
+//! shipper (being written).
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+//! blkrep: asynchronous disaster-recovery replication of virtual disks.
+fn main() {}

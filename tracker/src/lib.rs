@@ -1,0 +1,2 @@
+//! tracker (being written).
+#![warn(missing_docs)]
