@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# Write-path benchmark: fio's nbd engine against qemu-nbd and blkrep, on the
+# same raw image file, in the same run.
+#
+# Usage: scripts/bench-fio.sh [options]
+#
+#   --runs N                 runs per job and server; the report shows medians (default 5)
+#   --runtime S              measured seconds per fio job (default 15)
+#   --ramp S                 fio ramp_time seconds, not measured (default 3)
+#   --size SIZE              image size for fallocate, e.g. 4G, 256M (default 4G)
+#   --ring-size SIZE         blkrep ring_size for the tracked server (default 1GiB)
+#   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m
+#                            (default: all four)
+#   --servers LIST           comma list from: qemu,untracked,tracked (default: all three)
+#   --out FILE               also write the report (machine info + table) to FILE
+#   --json-dir DIR           keep every fio JSON output under DIR
+#   --short                  CI smoke mode: 1 run, 3 s per job, 1 s ramp, 256 MiB image;
+#                            fails only on errors, never on the numbers
+#   --allow-missing-blkrep   if blkrep cannot be built or started, skip its columns
+#                            (for developing this script only; default outside --short
+#                            is to skip with a warning, in --short it is an error)
+#   --start-timeout S        seconds to wait for a server to be ready (default 30)
+#   --keep                   keep the work directory (it holds the image) for inspection
+#   -h, --help               this text
+#
+# Environment: BLKREP=path/to/blkrep (default target/release/blkrep, built with
+# `cargo build --release --bin blkrep` if missing); TMPDIR_BENCH=dir to hold the
+# work dir (default /var/tmp: not tmpfs, the same filesystem kind as real disks).
+#
+# Servers, each started fresh for every (run, job) and stopped with SIGTERM, in
+# the order qemu, untracked, tracked, so machine noise is spread over all three:
+#   qemu       qemu-nbd -t -f raw --cache=writeback --aio=io_uring
+#   untracked  blkrep primary, tracking = false
+#   tracked    blkrep primary, tracking = true, a cycle closed every 1 s and
+#              consumed by the "discard" consumer; the ring file is new each run
+# The image is written once in full before the first job, so reads hit data.
+set -euo pipefail
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$script_dir/.." && pwd)
+
+runs=5
+runtime=15
+ramp=3
+size=4G
+ring_size=1GiB
+jobs_csv=randwrite4k,randread4k,randwrite64k,seqwrite1m
+servers_csv=qemu,untracked,tracked
+out=
+json_dir=
+short=0
+allow_missing=0
+start_timeout=30
+keep=0
+runs_set=0 runtime_set=0 ramp_set=0 size_set=0
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+log() { echo "bench-fio: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_arg() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --runs) need_arg "$@"; runs=$2; runs_set=1; shift 2 ;;
+        --runtime) need_arg "$@"; runtime=$2; runtime_set=1; shift 2 ;;
+        --ramp) need_arg "$@"; ramp=$2; ramp_set=1; shift 2 ;;
+        --size) need_arg "$@"; size=$2; size_set=1; shift 2 ;;
+        --ring-size) need_arg "$@"; ring_size=$2; shift 2 ;;
+        --jobs) need_arg "$@"; jobs_csv=$2; shift 2 ;;
+        --servers) need_arg "$@"; servers_csv=$2; shift 2 ;;
+        --out) need_arg "$@"; out=$2; shift 2 ;;
+        --json-dir) need_arg "$@"; json_dir=$2; shift 2 ;;
+        --short) short=1; shift ;;
+        --allow-missing-blkrep) allow_missing=1; shift ;;
+        --start-timeout) need_arg "$@"; start_timeout=$2; shift 2 ;;
+        --keep) keep=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option: $1 (try --help)" ;;
+    esac
+done
+
+if (( short )); then
+    (( runs_set )) || runs=1
+    (( runtime_set )) || runtime=3
+    (( ramp_set )) || ramp=1
+    (( size_set )) || size=256M
+fi
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
+[[ "$runtime" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
+[[ "$ramp" =~ ^[0-9]+$ ]] || die "--ramp must be a non-negative integer (seconds)"
+[[ "$start_timeout" =~ ^[1-9][0-9]*$ ]] || die "--start-timeout must be a positive integer"
+
+IFS=, read -r -a jobs <<<"$jobs_csv"
+IFS=, read -r -a servers <<<"$servers_csv"
+for j in "${jobs[@]}"; do
+    case "$j" in randwrite4k|randread4k|randwrite64k|seqwrite1m) ;; *) die "unknown job: $j" ;; esac
+done
+for s in "${servers[@]}"; do
+    case "$s" in qemu|untracked|tracked) ;; *) die "unknown server: $s" ;; esac
+done
+
+# fio arguments of each job (beyond the common ones).
+job_args() {
+    case "$1" in
+        randwrite4k)  echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+        randread4k)   echo "--rw=randread --bs=4k --iodepth=32" ;;
+        randwrite64k) echo "--rw=randwrite --bs=64k --iodepth=16" ;;
+        seqwrite1m)   echo "--rw=write --bs=1M --iodepth=8" ;;
+    esac
+}
+
+for tool in fio qemu-nbd nbdinfo fallocate python3; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run scripts/install-test-deps.sh"
+done
+fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
+
+# Python for the report: any python3 (stdlib only); prefer the system one.
+py=/usr/bin/python3
+[[ -x "$py" ]] || py=$(command -v python3)
+report_py="$script_dir/bench_report.py"
+[[ -f "$report_py" ]] || die "missing $report_py"
+
+# ---- work dir and cleanup -------------------------------------------------
+work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-bench.XXXXXX")
+server_pid=
+start_failure=
+cleanup() {
+    local rc=$?
+    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    if (( keep )); then
+        log "work dir kept: $work"
+    else
+        rm -rf "$work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$work/results" "$work/logs"
+image=$work/disk.img
+sock=$work/nbd.sock
+ctl=$work/primary.ctl
+ring=$work/bench.ring
+export_name=disk0
+uri="nbd+unix:///$export_name?socket=$sock"
+
+# ---- blkrep binary --------------------------------------------------------
+want_blkrep=0
+for s in "${servers[@]}"; do [[ "$s" == qemu ]] || want_blkrep=1; done
+
+# Servers that failed to start are skipped for the rest of the run (only when
+# skipping is allowed); reasons go to the report.
+declare -A skipped=()
+skip_allowed() { (( allow_missing )) || (( ! short )); }
+blkrep_unavailable() {  # reason
+    if skip_allowed; then
+        log "WARNING: $1; skipping the blkrep columns"
+        for s in untracked tracked; do skipped[$s]=$1; done
+    else
+        die "$1 (use --allow-missing-blkrep to skip blkrep while developing this script)"
+    fi
+}
+
+blkrep=
+if (( want_blkrep )); then
+    if [[ -n "${BLKREP:-}" ]]; then
+        blkrep=$BLKREP
+        [[ -x "$blkrep" ]] || blkrep_unavailable "BLKREP=$BLKREP is not an executable"
+    else
+        blkrep="${CARGO_TARGET_DIR:-$repo/target}/release/blkrep"
+        if [[ ! -x "$blkrep" ]]; then
+            log "$blkrep missing; building it (cargo build --release --bin blkrep)"
+            if ! (cd "$repo" && cargo build --release --bin blkrep) >"$work/logs/cargo-build.log" 2>&1; then
+                tail -n 30 "$work/logs/cargo-build.log" >&2
+                blkrep_unavailable "cargo build --release --bin blkrep failed"
+            fi
+        fi
+    fi
+    [[ "$blkrep" == /* ]] || blkrep="$PWD/$blkrep"
+fi
+
+# ---- image ----------------------------------------------------------------
+log "work dir $work ($(findmnt -n -o FSTYPE --target "$work" 2>/dev/null || echo '?'))"
+log "image $size, preallocated and written once in full"
+fallocate -l "$size" "$image"
+# Precondition: write the whole image once, so that reads are of data rather
+# than of unwritten extents, and every server sees the same allocated file.
+# Buffered, so the image also starts out in the page cache for every server.
+fio --name=precondition --filename="$image" --rw=write --bs=1M \
+    --ioengine=psync --size="$size" --end_fsync=1 \
+    --output="$work/logs/precondition.txt" >/dev/null \
+    || { cat "$work/logs/precondition.txt" >&2; die "preconditioning write failed"; }
+
+# ---- servers --------------------------------------------------------------
+write_blkrep_config() {  # tracking(true|false) file
+    local tracking=$1 conf=$2
+    {
+        echo "control_socket = \"$ctl\""
+        echo
+        echo "[nbd]"
+        echo "unix_socket = \"$sock\""
+        echo
+        echo "[[group]]"
+        echo "name = \"bench\""
+        echo "ring = \"$ring\""
+        echo "ring_size = \"$ring_size\""
+        echo "interval = \"1s\""
+        echo "tracking = $tracking"
+        if [[ "$tracking" == true ]]; then
+            echo
+            echo "[group.consumer]"
+            echo "type = \"discard\""
+        fi
+        echo
+        echo "[[group.disk]]"
+        echo "name = \"$export_name\""
+        echo "image = \"$image\""
+    } >"$conf"
+}
+write_blkrep_config false "$work/untracked.toml"
+write_blkrep_config true "$work/tracked.toml"
+
+# Last non-empty line of a log file, for one-line error reasons.
+last_line() {
+    local l
+    l=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-200 || true)
+    echo "${l:-(no output)}"
+}
+
+# Start server $1; logs to $2. Sets server_pid. Returns 1 if it did not become
+# ready (after printing why, and setting start_failure), leaving nothing running.
+start_server() {
+    local which=$1 logf=$2
+    rm -f "$sock" "$ctl" "$ring"
+    case "$which" in
+        qemu)
+            qemu-nbd -t -f raw --cache=writeback --aio=io_uring --shared=8 \
+                -k "$sock" -x "$export_name" "$image" >"$logf" 2>&1 &
+            ;;
+        untracked|tracked)
+            "$blkrep" primary --config "$work/$which.toml" >"$logf" 2>&1 &
+            ;;
+    esac
+    server_pid=$!
+    local deadline=$((SECONDS + start_timeout))
+    while (( SECONDS < deadline )); do
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            local rc=0
+            wait "$server_pid" || rc=$?
+            server_pid=
+            start_failure="exited with status $rc before it was ready: $(last_line "$logf")"
+            log "$which server $start_failure; its log:"
+            tail -n 20 "$logf" | sed 's/^/    /' >&2
+            return 1
+        fi
+        if [[ -S "$sock" ]] && nbdinfo "$uri" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    start_failure="not ready after ${start_timeout}s (socket $sock; nbdinfo $uri)"
+    log "$which server $start_failure; its log:"
+    tail -n 20 "$logf" | sed 's/^/    /' >&2
+    stop_server "$which" || true
+    return 1
+}
+
+# SIGTERM the server and wait for it; KILL after 20 s. Returns 1 if it had to
+# be killed or exited with an error status.
+stop_server() {
+    local which=$1 rc=0 i
+    [[ -n "$server_pid" ]] || return 0
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for ((i = 0; i < 200; i++)); do
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$server_pid" 2>/dev/null; then
+        log "WARNING: $which server did not exit 20 s after SIGTERM; killing it"
+        kill -KILL "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        server_pid=
+        return 1
+    fi
+    wait "$server_pid" || rc=$?
+    server_pid=
+    # qemu-nbd reports a SIGTERM as status 143 (128+15) in some versions.
+    if (( rc != 0 && rc != 143 )); then
+        log "WARNING: $which server exited with status $rc after SIGTERM"
+        return 1
+    fi
+    return 0
+}
+
+# ---- the runs ---------------------------------------------------------------
+total=$(( runs * ${#jobs[@]} * ${#servers[@]} ))
+n=0
+errors=0
+for ((r = 1; r <= runs; r++)); do
+    for job in "${jobs[@]}"; do
+        for srv in "${servers[@]}"; do
+            n=$((n + 1))
+            if [[ -n "${skipped[$srv]:-}" ]]; then
+                continue
+            fi
+            tag="$job/$srv/run$r"
+            mkdir -p "$work/results/$job/$srv"
+            logf="$work/logs/$job-$srv-run$r.log"
+            log "[$n/$total] $tag"
+            if ! start_server "$srv" "$logf"; then
+                if [[ "$srv" == qemu ]]; then
+                    die "qemu-nbd $start_failure"
+                fi
+                if skip_allowed; then
+                    log "WARNING: blkrep ($srv) did not start; skipping its column"
+                    skipped[$srv]="\`$blkrep primary\` ($srv) $start_failure"
+                    continue
+                fi
+                die "blkrep primary ($srv) $start_failure (use --allow-missing-blkrep to skip it while developing this script)"
+            fi
+            json="$work/results/$job/$srv/run$r.json"
+            # shellcheck disable=SC2046  # job_args is meant to split into words
+            if ! fio --name="$job" --ioengine=nbd --uri="$uri" \
+                    $(job_args "$job") --numjobs=1 --group_reporting \
+                    --time_based --runtime="$runtime" --ramp_time="$ramp" \
+                    --percentile_list=50:99:99.9 \
+                    --output-format=json --output="$json" \
+                    >"$work/logs/$job-$srv-run$r.fio.txt" 2>&1; then
+                log "fio failed for $tag:"
+                tail -n 20 "$work/logs/$job-$srv-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
+                stop_server "$srv" || true
+                die "fio failed against $srv"
+            fi
+            if ! stop_server "$srv"; then
+                tail -n 20 "$logf" | sed 's/^/    /' >&2
+                errors=$((errors + 1))
+            fi
+            if [[ "$srv" == tracked ]]; then
+                rm -f "$ring"
+            fi
+        done
+    done
+done
+
+# ---- report ---------------------------------------------------------------
+skip_args=()
+for s in "${!skipped[@]}"; do skip_args+=(--skipped "$s=${skipped[$s]}"); done
+report_args=(
+    --results "$work/results" --jobs "$jobs_csv" --servers "$servers_csv"
+    --image-dir "$work" --size "$size" --runs "$runs" --runtime "$runtime" --ramp "$ramp"
+    --ring-size "$ring_size"
+)
+[[ -n "$blkrep" ]] && report_args+=(--blkrep "$blkrep")
+[[ -n "$out" ]] && report_args+=(--out "$out")
+(( short )) && report_args+=(--short)
+"$py" "$report_py" "${report_args[@]}" "${skip_args[@]}"
+
+if [[ -n "$json_dir" ]]; then
+    mkdir -p "$json_dir"
+    cp -r "$work/results/." "$json_dir/"
+    cp -r "$work/logs" "$json_dir/"
+    log "fio JSON and server logs copied to $json_dir"
+fi
+
+if (( errors > 0 )); then
+    die "$errors server(s) did not stop cleanly on SIGTERM (see warnings above)"
+fi

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Turn scripts/bench-fio.sh's fio JSON outputs into a Markdown report.
+
+Reads RESULTS/<job>/<server>/run<N>.json (fio --output-format=json with
+--percentile_list=50:99:99.9), takes the median of each metric over the runs,
+computes blkrep/qemu-nbd and tracked/untracked ratios, checks the targets
+(PASS/MISS, never failing), adds machine information, prints the report and
+optionally writes it to --out. Standard library only.
+
+Exit status: 0 with a report; 1 on missing or malformed fio output (an error,
+not a performance verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+JOBS = {
+    # name: (label, fio direction)
+    "randwrite4k": ("4k randwrite QD32", "write"),
+    "randread4k": ("4k randread QD32", "read"),
+    "randwrite64k": ("64k randwrite QD16", "write"),
+    "seqwrite1m": ("1M seq write QD8", "write"),
+}
+SERVERS = {
+    "qemu": "qemu-nbd",
+    "untracked": "blkrep untracked",
+    "tracked": "blkrep tracked",
+}
+# (numerator, denominator) server pairs shown as ratio columns.
+RATIOS = [("untracked", "qemu"), ("tracked", "qemu"), ("tracked", "untracked")]
+# metric key, row label, higher-is-better
+METRICS = [
+    ("iops", "IOPS", True),
+    ("mbps", "MB/s", True),
+    ("p50", "p50 µs", False),
+    ("p99", "p99 µs", False),
+    ("p999", "p99.9 µs", False),
+]
+PERCENTILES = {"p50": "50.000000", "p99": "99.000000", "p999": "99.900000"}
+
+
+class ReportError(Exception):
+    pass
+
+
+def load_fio_json(path: Path) -> dict:
+    text = path.read_text(errors="replace")
+    # fio may print warnings ahead of the JSON document in its output file.
+    start = text.find("{")
+    if start < 0:
+        raise ReportError(f"{path}: no JSON in fio output")
+    try:
+        return json.loads(text[start:])
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: malformed fio JSON: {e}") from e
+
+
+def parse_run(path: Path, direction: str) -> dict[str, float]:
+    doc = load_fio_json(path)
+    jobs = doc.get("jobs") or []
+    if len(jobs) != 1:
+        raise ReportError(f"{path}: expected 1 fio job, found {len(jobs)}")
+    job = jobs[0]
+    if job.get("error"):
+        raise ReportError(f"{path}: fio job error {job['error']}")
+    d = job.get(direction)
+    if not d or not d.get("total_ios"):
+        raise ReportError(f"{path}: no {direction} I/O recorded")
+    pct = (d.get("clat_ns") or {}).get("percentile") or {}
+    out = {"iops": float(d["iops"]), "mbps": float(d["bw_bytes"]) / 1e6}
+    for key, name in PERCENTILES.items():
+        if name not in pct:
+            raise ReportError(f"{path}: clat_ns percentile {name} missing "
+                              "(run fio with --percentile_list=50:99:99.9)")
+        out[key] = float(pct[name]) / 1e3  # ns -> µs
+    return out
+
+
+def collect(results: Path, jobs: list[str], servers: list[str],
+            skipped: dict[str, str]) -> dict:
+    """data[job][server] = {"runs": [per-run dicts], "median": {...}} or None."""
+    data: dict = {}
+    for job in jobs:
+        _, direction = JOBS[job]
+        data[job] = {}
+        for srv in servers:
+            d = results / job / srv
+            files = sorted(d.glob("run*.json"), key=lambda p: int(p.stem[3:]))
+            if not files:
+                if srv in skipped:
+                    data[job][srv] = None
+                    continue
+                raise ReportError(f"no fio results in {d}")
+            runs = [parse_run(f, direction) for f in files]
+            median = {k: statistics.median(r[k] for r in runs) for k, _, _ in METRICS}
+            data[job][srv] = {"runs": runs, "median": median}
+    return data
+
+
+def cmd_first_line(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (p.stdout or p.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def machine_info(args) -> list[tuple[str, str]]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:
+        ncpu = os.cpu_count() or 0
+    fstype = cmd_first_line(["findmnt", "-n", "-o", "FSTYPE", "--target", args.image_dir])
+    repo = Path(__file__).resolve().parent.parent
+    commit = cmd_first_line(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"])
+    dirty = cmd_first_line(["git", "-C", str(repo), "status", "--porcelain",
+                            "--untracked-files=no"])
+    if commit != "?" and dirty not in ("?", ""):
+        commit += " (work tree modified)"
+    info = [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("kernel", platform.release()),
+        ("CPU", cpu),
+        ("nproc", str(ncpu)),
+        ("memory", mem),
+        ("image filesystem", f"{fstype} ({args.image_dir})"),
+        ("fio", cmd_first_line(["fio", "--version"])),
+        ("qemu-nbd", cmd_first_line(["qemu-nbd", "--version"])),
+        ("blkrep commit", commit),
+    ]
+    if args.blkrep:
+        info.append(("blkrep binary", args.blkrep))
+    return info
+
+
+def fmt_metric(key: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if key == "iops":
+        return f"{v:,.0f}"
+    if key == "mbps":
+        return f"{v:,.1f}"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def ratio(data_job: dict, num: str, den: str, key: str) -> float | None:
+    a, b = data_job.get(num), data_job.get(den)
+    if not a or not b or not b["median"][key]:
+        return None
+    return a["median"][key] / b["median"][key]
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def targets(data: dict, jobs: list[str]) -> list[str]:
+    lines = []
+
+    def check(desc: str, r: float | None, op: str, limit: float,
+              aim: float | None = None) -> None:
+        if r is None:
+            lines.append(f"- SKIP {desc}: no data")
+            return
+        ok = r >= limit if op == ">=" else r <= limit
+        sym = "≥" if op == ">=" else "≤"
+        line = f"- {'PASS' if ok else 'MISS'} {desc}: {r:.2f}× {sym} {limit:.2f}×"
+        if aim is not None:
+            aim_ok = r >= aim if op == ">=" else r <= aim
+            line += f" (aim {aim:.2f}×: {'PASS' if aim_ok else 'MISS'})"
+        lines.append(line)
+
+    for job in jobs:
+        label = JOBS[job][0]
+        d = data[job]
+        check(f"{label}: tracked / qemu-nbd IOPS", ratio(d, "tracked", "qemu", "iops"),
+              ">=", 1.0, 1.2 if job == "randwrite4k" else None)
+    for job in jobs:
+        label = JOBS[job][0]
+        check(f"{label}: tracked / untracked IOPS",
+              ratio(data[job], "tracked", "untracked", "iops"), ">=", 0.9)
+    for job in jobs:
+        label = JOBS[job][0]
+        check(f"{label}: tracked / untracked p99.9 latency",
+              ratio(data[job], "tracked", "untracked", "p999"), "<=", 1.2)
+    return lines
+
+
+def render(args, data: dict, jobs: list[str], servers: list[str],
+           skipped: dict[str, str]) -> str:
+    out: list[str] = []
+    out.append("## fio write-path benchmark: blkrep vs qemu-nbd")
+    out.append("")
+    out.append("| machine | |")
+    out.append("|---|---|")
+    for k, v in machine_info(args):
+        out.append(f"| {k} | {v.replace('|', '/')} |")
+    out.append("")
+    mode = " (--short smoke run: numbers are indicative only)" if args.short else ""
+    out.append(
+        f"Settings{mode}: {args.runs} run(s) per job and server, medians shown; "
+        f"{args.runtime} s measured after {args.ramp} s ramp; fio nbd engine over a unix "
+        f"socket, numjobs=1; raw image {args.size} (fallocate, written once in full), "
+        f"the same file for every server; servers started fresh for each run in the order "
+        f"qemu-nbd, untracked, tracked. MB/s = 10^6 bytes/s; latencies are fio completion "
+        f"latency (clat) in µs.")
+    out.append("")
+    out.append("Servers: **qemu-nbd** = `qemu-nbd -t -f raw --cache=writeback --aio=io_uring`; "
+               "**blkrep untracked** = `blkrep primary`, `tracking = false`; "
+               f"**blkrep tracked** = `tracking = true`, `interval = \"1s\"`, ring {args.ring_size}, "
+               "`discard` consumer.")
+    out.append("")
+    for srv, why in sorted(skipped.items()):
+        out.append(f"**{SERVERS[srv]} skipped:** {why}")
+        out.append("")
+
+    ratio_cols = [(a, b) for a, b in RATIOS if a in servers and b in servers]
+    head = ["job", "metric"] + [SERVERS[s] for s in servers] + \
+        [f"{a}/{'qemu' if b == 'qemu' else b}" for a, b in ratio_cols]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|---|---|" + "---:|" * (len(servers) + len(ratio_cols)))
+    for job in jobs:
+        label = JOBS[job][0]
+        for i, (key, mlabel, _) in enumerate(METRICS):
+            cells = [label if i == 0 else "", mlabel]
+            for srv in servers:
+                e = data[job].get(srv)
+                cells.append(fmt_metric(key, e["median"][key] if e else None))
+            for a, b in ratio_cols:
+                cells.append(fmt_ratio(ratio(data[job], a, b, key)))
+            out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Ratios are of medians: above 1 is better for IOPS and MB/s, below 1 is "
+               "better for latency.")
+
+    if args.runs > 1:
+        out.append("")
+        out.append("Run-to-run spread of IOPS, (max − min) / median over the runs:")
+        out.append("")
+        out.append("| job | " + " | ".join(SERVERS[s] for s in servers) + " |")
+        out.append("|---|" + "---:|" * len(servers))
+        for job in jobs:
+            cells = [JOBS[job][0]]
+            for srv in servers:
+                e = data[job].get(srv)
+                if not e:
+                    cells.append("—")
+                    continue
+                v = [r["iops"] for r in e["runs"]]
+                med = statistics.median(v)
+                cells.append(f"{(max(v) - min(v)) / med * 100:.1f}% (n={len(v)})" if med else "—")
+            out.append("| " + " | ".join(cells) + " |")
+
+    out.append("")
+    note = " (informational: --short never fails on numbers)" if args.short else \
+        " (informational: the script never fails on numbers)"
+    out.append(f"Targets{note}:")
+    out.append("")
+    out.extend(targets(data, jobs))
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", required=True, type=Path)
+    ap.add_argument("--jobs", required=True)
+    ap.add_argument("--servers", required=True)
+    ap.add_argument("--image-dir", required=True)
+    ap.add_argument("--size", required=True)
+    ap.add_argument("--runs", required=True, type=int)
+    ap.add_argument("--runtime", required=True)
+    ap.add_argument("--ramp", required=True)
+    ap.add_argument("--ring-size", default="?")
+    ap.add_argument("--blkrep", default="")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--short", action="store_true")
+    ap.add_argument("--skipped", action="append", default=[],
+                    help="SERVER=REASON: a server whose column has no data, and why")
+    args = ap.parse_args(argv)
+
+    jobs = [j for j in args.jobs.split(",") if j]
+    wanted = [s for s in args.servers.split(",") if s]
+    for j in jobs:
+        if j not in JOBS:
+            ap.error(f"unknown job {j}")
+    for s in wanted:
+        if s not in SERVERS:
+            ap.error(f"unknown server {s}")
+    servers = [s for s in SERVERS if s in wanted]  # canonical column order
+    skipped = {}
+    for item in args.skipped:
+        srv, _, why = item.partition("=")
+        skipped[srv] = why or "skipped"
+
+    try:
+        data = collect(args.results, jobs, servers, skipped)
+    except (ReportError, OSError) as e:
+        print(f"bench_report: error: {e}", file=sys.stderr)
+        return 1
+    text = render(args, data, jobs, servers, skipped)
+    sys.stdout.write(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"bench_report: report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
