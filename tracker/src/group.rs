@@ -1,0 +1,1449 @@
+//! A disk group (one VM): its disks share one log ring and one sequence, so a cycle
+//! closes at one instant across all of them.
+//!
+//! # The write protocol
+//! For every write, trim and write-zeroes the caller (the NBD export):
+//! 1. calls [`DiskTracker::log_write`] / [`DiskTracker::log_zero`], which under the group
+//!    lock waits for overlapping in-flight writes of the same disk, reserves ring space,
+//!    writes the record header and marks the dirty map; then, without the lock, copies
+//!    the payload and commits the record;
+//! 2. writes the image;
+//! 3. drops the returned [`LogGuard`] (or reports an image failure through it);
+//! 4. acknowledges the client.
+//!
+//! Ordering: overlapping writes are serialised from step 1 to step 3, so the ring's
+//! order of overlapping records is the order they reached the image. Records are
+//! committed before the image is written, so after a daemon crash every image change
+//! has a committed record; recovery replays committed records onto the images, which
+//! makes image and log agree.
+//!
+//! Cycles: a record belongs to the cycle that was open when it was reserved. Closing a
+//! cycle only bumps the number under the lock (microseconds); readers of the closed
+//! cycle wait until its in-flight writes have completed. So every write acknowledged
+//! before the close is in the closed cycle and none issued after it is.
+//!
+//! Durability: the ring is a preallocated, mapped file. [`Group::sync`] makes the ring
+//! and the given image files durable together (FLUSH, FUA). After a daemon crash the
+//! page cache holds everything that was written; after a host crash or power loss,
+//! unsynced writes may be missing from both image and log, and since the image may hold
+//! writes the log lost, the group marks itself for a resync of the whole dirty map
+//! (it knows it shut down uncleanly from the clean flag and the boot id).
+//!
+//! Overflow: when the ring has no room (the consumer is behind or gone), writes never
+//! fail or wait: the group switches to dirty-map tracking, marks itself as needing a
+//! resync, and says so in its status and logs.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use memmap2::{MmapOptions, MmapRaw};
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{info, warn};
+
+use crate::bitmap::{AtomicBitmap, DirtyBits};
+use crate::cycle::{ClosedCycle, CycleStats, ExtentMap, Source};
+use crate::durability::Durability;
+use crate::record::{
+    commit_crc, record_len, stored_commit_crc, RecordHeader, RecordKind, COMMIT_CRC_AT, HEADER_LEN,
+};
+use crate::superblock::{
+    current_boot_id, DiskRecord, ResyncReason, Superblock, SuperblockError, DATA_START, MAX_DISKS,
+    MAX_DISK_NAME, SUPERBLOCK_LEN,
+};
+use crate::TrackerError;
+
+/// Smallest ring accepted.
+pub const MIN_RING_SIZE: u64 = 4 << 20;
+
+/// A disk of a group, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Export name (recorded in the ring so a changed configuration is noticed).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What a group needs to open.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Group name, for logs.
+    pub name: String,
+    /// The ring file; created and preallocated if missing.
+    pub ring_path: PathBuf,
+    /// Bytes of record area (a multiple of 4 KiB).
+    pub ring_size: u64,
+    /// Dirty-map granularity (a power of two, at least 512).
+    pub block_size: u64,
+    /// The disks, in index order.
+    pub disks: Vec<DiskSpec>,
+}
+
+/// How the previous run ended, as found when opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviousShutdown {
+    /// The ring did not exist: tracking starts now.
+    Created,
+    /// The previous daemon stopped cleanly.
+    Clean,
+    /// The previous daemon died on this boot: the page cache kept every write, the log
+    /// is complete, and replaying it makes the images agree with it.
+    DaemonCrash,
+    /// The host went down: unsynced writes may be lost from log and image alike.
+    HostCrash,
+}
+
+/// What opening found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReport {
+    /// How the previous run ended.
+    pub previous: PreviousShutdown,
+    /// Committed records found between head and tail.
+    pub records: u64,
+    /// Records found uncommitted (in flight at the crash; never acknowledged).
+    pub uncommitted: u64,
+    /// Bytes of ring in use.
+    pub ring_used: u64,
+}
+
+impl OpenReport {
+    /// Whether the images must be brought up to the log with
+    /// [`Group::recovery_view`] before serving.
+    pub fn needs_replay(&self) -> bool {
+        matches!(
+            self.previous,
+            PreviousShutdown::DaemonCrash | PreviousShutdown::HostCrash
+        ) && self.records > 0
+    }
+}
+
+/// How the group is tracking writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackingMode {
+    /// Every write is in the log ring.
+    Logging,
+    /// Only the dirty map is kept; a resync is required.
+    DirtyMap,
+}
+
+/// A snapshot of a group's state for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// Tracking mode.
+    pub mode: TrackingMode,
+    /// Why a resync is required, if it is.
+    pub resync: Option<ResyncReason>,
+    /// The open cycle.
+    pub open_cycle: u64,
+    /// The newest closed cycle (0: none).
+    pub last_closed: u64,
+    /// The newest acknowledged cycle (0: none).
+    pub last_acked: u64,
+    /// Ring capacity in bytes.
+    pub ring_size: u64,
+    /// Ring bytes holding unacknowledged records.
+    pub ring_used: u64,
+    /// Records logged since the daemon started.
+    pub records_logged: u64,
+    /// Per disk: bytes written in the open cycle, and bytes awaiting resync.
+    pub disks: Vec<DiskStatus>,
+}
+
+/// Per-disk figures of [`GroupStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStatus {
+    /// Disk name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes marked in the open cycle's dirty map.
+    pub dirty_bytes: u64,
+    /// Bytes marked for resync.
+    pub resync_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CloseMark {
+    cycle: u64,
+    end_pos: u64,
+    end_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    head: u64,
+    head_seq: u64,
+    tail: u64,
+    next_seq: u64,
+    open_cycle: u64,
+    acked_cycle: u64,
+    closed: VecDeque<CloseMark>,
+    /// Reserved but not finished records, per cycle (few cycles at once).
+    inflight: VecDeque<(u64, u32)>,
+    /// In-flight write ranges, per disk.
+    ranges: Vec<Vec<Range>>,
+    waiters: u32,
+    mode: TrackingMode,
+    resync: Option<ResyncReason>,
+    superblock: Superblock,
+    consumer_busy: bool,
+    records_logged: u64,
+    /// A fatal ring error (e.g. superblock write failed); writes keep going by map.
+    broken: bool,
+}
+
+struct DiskState {
+    name: String,
+    size: u64,
+    /// Blocks written in the open cycle.
+    open_bits: AtomicBitmap,
+    /// Blocks that must be resynchronised.
+    resync_bits: AtomicBitmap,
+}
+
+/// State shared by the group handle, its disk trackers and its closed cycles.
+pub(crate) struct Shared {
+    name: String,
+    ring_path: PathBuf,
+    file: Flock<File>,
+    map: MmapRaw,
+    ring_size: u64,
+    state: Mutex<State>,
+    changed: Condvar,
+    disks: Vec<DiskState>,
+    durability: Durability,
+}
+
+/// A group of disks sharing a log ring.
+#[derive(Clone)]
+pub struct Group {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tracker of one disk of a group.
+#[derive(Clone)]
+pub struct DiskTracker {
+    shared: Arc<Shared>,
+    disk: usize,
+}
+
+impl std::fmt::Debug for DiskTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTracker")
+            .field("disk", &self.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds a logged write's range until the image write is done. Drop it after the image
+/// write succeeded; call [`LogGuard::image_failed`] if it did not.
+#[must_use = "the guard must live until the image write has completed"]
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    slot: Option<Slot>,
+}
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogGuard")
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    disk: usize,
+    cycle: u64,
+    seq: u64,
+    /// Offset of the record header in the ring file.
+    file_offset: u64,
+    kind: RecordKind,
+    range: Range,
+    payload_len: u32,
+}
+
+fn lock(mutex: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panicking writer leaves the ring state consistent (every update is completed
+    // before the guard drops), so poisoning is not a reason to stop tracking.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn usize_of(value: u64) -> usize {
+    // The ring is mapped, so every offset into it fits in usize.
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+impl Group {
+    /// Opens (or creates) the group's ring, recovering after a crash.
+    ///
+    /// After a crash, call [`Group::recovery_view`] and apply it to the images before
+    /// serving, when [`OpenReport::needs_replay`] says so.
+    pub fn open(config: &GroupConfig) -> Result<(Self, OpenReport), TrackerError> {
+        validate(config)?;
+        let block_shift = config.block_size.trailing_zeros();
+        let disks: Vec<DiskRecord> = config
+            .disks
+            .iter()
+            .map(|d| DiskRecord {
+                name: d.name.clone(),
+                size: d.size,
+            })
+            .collect();
+        let path = &config.ring_path;
+        let file_len = DATA_START + config.ring_size;
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| TrackerError::Io {
+                what: "open ring",
+                path: path.clone(),
+                source,
+            })?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| TrackerError::RingInUse(path.clone()))?;
+        let io_error = |what: &'static str| {
+            let path = path.clone();
+            move |source: std::io::Error| TrackerError::Io { what, path, source }
+        };
+        let actual_len = file.metadata().map_err(io_error("stat ring"))?.len();
+        let boot_id = current_boot_id();
+        let created = !existed || actual_len == 0;
+        if created {
+            nix::fcntl::fallocate(
+                file.as_raw_fd(),
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                i64::try_from(file_len)
+                    .map_err(|_| TrackerError::Config("ring size too large".into()))?,
+            )
+            .map_err(|errno| io_error("preallocate ring")(errno.into()))?;
+        } else if actual_len != file_len {
+            return Err(TrackerError::RingMismatch {
+                path: path.clone(),
+                detail: format!(
+                    "it holds {} bytes of records but the configuration asks for {}",
+                    actual_len.saturating_sub(DATA_START),
+                    config.ring_size
+                ),
+            });
+        }
+        let map = MmapOptions::new()
+            .len(usize_of(file_len))
+            .populate()
+            .map_raw(&*file)
+            .map_err(io_error("map ring"))?;
+        let shared_disks: Vec<DiskState> = config
+            .disks
+            .iter()
+            .map(|d| DiskState {
+                name: d.name.clone(),
+                size: d.size,
+                open_bits: AtomicBitmap::new(d.size, block_shift),
+                resync_bits: AtomicBitmap::new(d.size, block_shift),
+            })
+            .collect();
+        let superblock = if created {
+            Superblock {
+                generation: 0,
+                clean: false,
+                ring_size: config.ring_size,
+                head_pos: 0,
+                head_seq: 1,
+                acked_cycle: 0,
+                resync: None,
+                boot_id,
+                block_shift,
+                disks: disks.clone(),
+            }
+        } else {
+            // SAFETY: the mapping is at least DATA_START bytes long (file_len checked
+            // above) and nothing writes it before the group is constructed.
+            let (first, second) = unsafe {
+                (
+                    std::slice::from_raw_parts(map.as_ptr(), SUPERBLOCK_LEN),
+                    std::slice::from_raw_parts(map.as_ptr().add(SUPERBLOCK_LEN), SUPERBLOCK_LEN),
+                )
+            };
+            let superblock =
+                Superblock::decode_pair(first, second).map_err(|error| match error {
+                    SuperblockError::NotARing => TrackerError::RingMismatch {
+                        path: path.clone(),
+                        detail: "it is not a blkrep ring".into(),
+                    },
+                    other => TrackerError::Superblock(other),
+                })?;
+            if superblock.disks != disks
+                || superblock.block_shift != block_shift
+                || superblock.ring_size != config.ring_size
+            {
+                return Err(TrackerError::RingMismatch {
+                    path: path.clone(),
+                    detail: format!(
+                        "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {}",
+                        superblock
+                            .disks
+                            .iter()
+                            .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                            .collect::<Vec<_>>(),
+                        1u64 << superblock.block_shift.min(63),
+                        disks
+                            .iter()
+                            .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                            .collect::<Vec<_>>(),
+                        config.block_size
+                    ),
+                });
+            }
+            superblock
+        };
+        let previous = if created {
+            PreviousShutdown::Created
+        } else if superblock.clean {
+            PreviousShutdown::Clean
+        } else if superblock.boot_id == boot_id {
+            PreviousShutdown::DaemonCrash
+        } else {
+            PreviousShutdown::HostCrash
+        };
+        let state = State {
+            head: superblock.head_pos,
+            head_seq: superblock.head_seq,
+            tail: superblock.head_pos,
+            next_seq: superblock.head_seq,
+            open_cycle: superblock.acked_cycle + 1,
+            acked_cycle: superblock.acked_cycle,
+            closed: VecDeque::new(),
+            inflight: VecDeque::new(),
+            ranges: vec![Vec::new(); config.disks.len()],
+            waiters: 0,
+            mode: TrackingMode::Logging,
+            resync: superblock.resync,
+            superblock,
+            consumer_busy: false,
+            records_logged: 0,
+            broken: false,
+        };
+        let shared = Arc::new(Shared {
+            name: config.name.clone(),
+            ring_path: path.clone(),
+            file,
+            map,
+            ring_size: config.ring_size,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            disks: shared_disks,
+            durability: Durability::new().map_err(io_error("set up io_uring"))?,
+        });
+        let mut report = OpenReport {
+            previous,
+            records: 0,
+            uncommitted: 0,
+            ring_used: 0,
+        };
+        {
+            let mut state = lock(&shared.state);
+            let scan = shared.scan(state.head, state.head_seq);
+            state.tail = scan.tail;
+            state.next_seq = scan.next_seq;
+            state.closed = scan.closed;
+            let last_cycle = scan
+                .max_cycle
+                .max(state.closed.back().map_or(0, |mark| mark.cycle + 1));
+            state.open_cycle = state.open_cycle.max(last_cycle);
+            report.records = scan.committed;
+            report.uncommitted = scan.uncommitted;
+            report.ring_used = state.tail - state.head;
+            shared.restore_resync(&mut state, previous)?;
+            state.superblock.clean = false;
+            state.superblock.boot_id = boot_id;
+            shared.write_superblock(&mut state, true)?;
+        }
+        info!(
+            group = %config.name,
+            ring = %path.display(),
+            previous = ?previous,
+            records = report.records,
+            uncommitted = report.uncommitted,
+            "Opened log ring"
+        );
+        Ok((Self { shared }, report))
+    }
+
+    /// The tracker of disk `index`.
+    pub fn disk(&self, index: usize) -> Option<DiskTracker> {
+        (index < self.shared.disks.len()).then(|| DiskTracker {
+            shared: Arc::clone(&self.shared),
+            disk: index,
+        })
+    }
+
+    /// Group name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Everything the ring holds, coalesced, for replaying onto the images after a
+    /// crash. Call before serving; it cannot be acknowledged.
+    pub fn recovery_view(&self) -> Result<ClosedCycle, TrackerError> {
+        let (head, head_seq, tail, cycle, next_seq) = {
+            let mut state = lock(&self.shared.state);
+            if state.consumer_busy {
+                return Err(TrackerError::ConsumerBusy);
+            }
+            state.consumer_busy = true;
+            (
+                state.head,
+                state.head_seq,
+                state.tail,
+                state.open_cycle,
+                state.next_seq,
+            )
+        };
+        Ok(self
+            .shared
+            .view(head, head_seq, tail, next_seq, cycle, true))
+    }
+
+    /// Closes the open cycle now. Returns the closed cycle's number. Never waits for
+    /// writers; [`Group::take_closed`] does.
+    pub fn close_cycle(&self) -> Result<u64, TrackerError> {
+        let mut state = lock(&self.shared.state);
+        if let Some(reason) = state.resync {
+            return Err(TrackerError::ResyncRequired(reason));
+        }
+        let cycle = state.open_cycle;
+        let slot = self.shared.reserve(
+            &mut state,
+            usize::MAX,
+            RecordKind::CycleClose,
+            Range { start: 0, end: 0 },
+            0,
+        )?;
+        let Some(slot) = slot else {
+            // The close marker itself did not fit: the ring overflowed.
+            return Err(TrackerError::ResyncRequired(ResyncReason::RingOverflow));
+        };
+        self.shared.commit(&slot, &[]);
+        let mark = CloseMark {
+            cycle,
+            end_pos: state.tail,
+            end_seq: state.next_seq,
+        };
+        state.closed.push_back(mark);
+        state.open_cycle += 1;
+        for disk in &self.shared.disks {
+            // The open map restarts with the new cycle; the closed cycle's blocks are in
+            // its records.
+            drop(disk.open_bits.take());
+        }
+        Ok(cycle)
+    }
+
+    /// The oldest closed, unacknowledged cycle, once every write in it has completed.
+    /// Includes all earlier unacknowledged cycles. `None` if no cycle is closed.
+    pub fn take_closed(&self) -> Result<Option<ClosedCycle>, TrackerError> {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.consumer_busy {
+            return Err(TrackerError::ConsumerBusy);
+        }
+        let Some(mark) = state.closed.front().copied() else {
+            return Ok(None);
+        };
+        while state
+            .inflight
+            .iter()
+            .any(|(cycle, count)| *cycle <= mark.cycle && *count > 0)
+        {
+            state.waiters += 1;
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiters -= 1;
+        }
+        state.consumer_busy = true;
+        let (head, head_seq) = (state.head, state.head_seq);
+        drop(state);
+        Ok(Some(shared.view(
+            head,
+            head_seq,
+            mark.end_pos,
+            mark.end_seq,
+            mark.cycle,
+            false,
+        )))
+    }
+
+    /// Makes the ring and `image_fds` durable together.
+    pub fn sync(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
+        let mut fds = Vec::with_capacity(image_fds.len() + 1);
+        fds.push(self.shared.file.as_raw_fd());
+        fds.extend_from_slice(image_fds);
+        self.shared
+            .durability
+            .datasync(&fds)
+            .map_err(|source| TrackerError::Io {
+                what: "sync ring and images",
+                path: self.shared.ring_path.clone(),
+                source,
+            })
+    }
+
+    /// Marks the ring cleanly shut down. Call after the images were synced and no
+    /// writer is left; the group keeps working if more writes come.
+    pub fn shutdown_clean(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
+        self.sync(image_fds)?;
+        let mut state = lock(&self.shared.state);
+        if state.mode == TrackingMode::DirtyMap {
+            self.shared.save_resync_bits()?;
+        }
+        state.superblock.clean = true;
+        self.shared.write_superblock(&mut state, true)
+    }
+
+    /// Current figures.
+    pub fn status(&self) -> GroupStatus {
+        let state = lock(&self.shared.state);
+        GroupStatus {
+            mode: state.mode,
+            resync: state.resync,
+            open_cycle: state.open_cycle,
+            last_closed: state
+                .closed
+                .back()
+                .map_or(state.acked_cycle, |mark| mark.cycle),
+            last_acked: state.acked_cycle,
+            ring_size: self.shared.ring_size,
+            ring_used: state.tail - state.head,
+            records_logged: state.records_logged,
+            disks: self
+                .shared
+                .disks
+                .iter()
+                .map(|disk| DiskStatus {
+                    name: disk.name.clone(),
+                    size: disk.size,
+                    dirty_bytes: disk.open_bits.dirty_bytes(),
+                    resync_bytes: disk.resync_bits.dirty_bytes(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Starts a resync: logging restarts now (so every write from this instant on is in
+    /// the log again) and the blocks to copy are handed out, one map per disk. The
+    /// consumer copies those blocks from the images (a fuzzy copy, as writes go on),
+    /// then ships the next cycle, which makes the copy consistent; then it calls
+    /// [`Group::finish_resync`].
+    ///
+    /// The unacknowledged log is dropped: its blocks are in the returned maps.
+    pub fn begin_resync(&self) -> Result<Vec<DirtyBits>, TrackerError> {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.consumer_busy {
+            return Err(TrackerError::ConsumerBusy);
+        }
+        // Every unacknowledged record's range joins the resync set, then the ring
+        // restarts empty at the current position.
+        shared.mark_ring_for_resync(&state);
+        for disk in &shared.disks {
+            disk.resync_bits.merge(&disk.open_bits.take());
+        }
+        while state.inflight.iter().any(|(_, count)| *count > 0) {
+            // In-flight records of the old log must finish before it is dropped.
+            state.waiters += 1;
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiters -= 1;
+        }
+        state.head = state.tail;
+        state.head_seq = state.next_seq;
+        state.closed.clear();
+        // Cycles before the resync are all superseded by it.
+        state.acked_cycle = state.open_cycle - 1;
+        state.mode = TrackingMode::Logging;
+        let maps = shared
+            .disks
+            .iter()
+            .map(|disk| disk.resync_bits.take())
+            .collect();
+        // Until finish_resync the reason stays recorded, so a crash mid-resync resyncs
+        // again; but cycles may close.
+        state.broken = false;
+        shared.write_superblock(&mut state, true)?;
+        state.resync = None;
+        info!(group = %shared.name, "Resync started; logging resumed");
+        Ok(maps)
+    }
+
+    /// Ends a resync started with [`Group::begin_resync`]: the copy is consistent.
+    pub fn finish_resync(&self) -> Result<(), TrackerError> {
+        let mut state = lock(&self.shared.state);
+        state.superblock.resync = None;
+        self.shared.write_superblock(&mut state, true)?;
+        info!(group = %self.shared.name, "Resync finished");
+        Ok(())
+    }
+
+    /// Gives back resync maps that could not be copied (the resync failed).
+    pub fn abort_resync(&self, maps: &[DirtyBits], reason: ResyncReason) {
+        for (disk, bits) in self.shared.disks.iter().zip(maps) {
+            disk.resync_bits.merge(bits);
+        }
+        let mut state = lock(&self.shared.state);
+        state.resync = Some(reason);
+        state.mode = TrackingMode::DirtyMap;
+    }
+}
+
+fn validate(config: &GroupConfig) -> Result<(), TrackerError> {
+    if config.ring_size < MIN_RING_SIZE || config.ring_size % 4096 != 0 {
+        return Err(TrackerError::Config(format!(
+            "ring size must be a multiple of 4 KiB and at least {} MiB",
+            MIN_RING_SIZE >> 20
+        )));
+    }
+    if !config.block_size.is_power_of_two()
+        || config.block_size < 512
+        || config.block_size > (1 << 30)
+    {
+        return Err(TrackerError::Config(
+            "block size must be a power of two from 512 bytes to 1 GiB".into(),
+        ));
+    }
+    if config.disks.is_empty() || config.disks.len() > MAX_DISKS {
+        return Err(TrackerError::Config(format!(
+            "a group has 1 to {MAX_DISKS} disks"
+        )));
+    }
+    if let Some(disk) = config
+        .disks
+        .iter()
+        .find(|d| d.name.is_empty() || d.name.len() > MAX_DISK_NAME)
+    {
+        return Err(TrackerError::Config(format!(
+            "disk name {:?} must be 1 to {MAX_DISK_NAME} bytes",
+            disk.name
+        )));
+    }
+    Ok(())
+}
+
+struct Scan {
+    tail: u64,
+    next_seq: u64,
+    closed: VecDeque<CloseMark>,
+    max_cycle: u64,
+    committed: u64,
+    uncommitted: u64,
+}
+
+impl Shared {
+    fn header_bytes(&self, pos: u64) -> &[u8] {
+        let phys = pos % self.ring_size;
+        self.ring_bytes(DATA_START + phys, HEADER_LEN as u64)
+    }
+
+    /// Bytes of the ring file's mapping.
+    pub(crate) fn ring_bytes(&self, file_offset: u64, len: u64) -> &[u8] {
+        assert!(
+            file_offset + len <= DATA_START + self.ring_size,
+            "ring access out of bounds"
+        );
+        // SAFETY: the range is inside the mapping (asserted). Callers only read records
+        // that are committed and not yet acknowledged, which no writer modifies: space
+        // is reserved only at the tail and reused only after acknowledgement.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(usize_of(file_offset)), usize_of(len))
+        }
+    }
+
+    /// Walks the ring from `pos`, following consecutive sequence numbers.
+    fn scan(&self, mut pos: u64, mut seq: u64) -> Scan {
+        let limit = pos + self.ring_size;
+        let mut scan = Scan {
+            tail: pos,
+            next_seq: seq,
+            closed: VecDeque::new(),
+            max_cycle: 0,
+            committed: 0,
+            uncommitted: 0,
+        };
+        loop {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+            }
+            if pos + HEADER_LEN as u64 > limit {
+                break;
+            }
+            let phys = pos % self.ring_size;
+            let bytes = self.header_bytes(pos);
+            let Ok(header) = RecordHeader::decode(bytes) else {
+                break;
+            };
+            let len = header.ring_len();
+            if header.seq != seq || phys + len > self.ring_size || pos + len > limit {
+                break;
+            }
+            match header.kind {
+                RecordKind::Pad => {}
+                RecordKind::CycleClose => {
+                    scan.closed.push_back(CloseMark {
+                        cycle: header.cycle,
+                        end_pos: pos + len,
+                        end_seq: seq + 1,
+                    });
+                    scan.max_cycle = scan.max_cycle.max(header.cycle);
+                }
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim => {
+                    if self.is_committed(pos, &header) {
+                        scan.committed += 1;
+                    } else {
+                        scan.uncommitted += 1;
+                    }
+                    scan.max_cycle = scan.max_cycle.max(header.cycle);
+                }
+            }
+            pos += len;
+            seq += 1;
+            scan.tail = pos;
+            scan.next_seq = seq;
+        }
+        scan
+    }
+
+    fn is_committed(&self, pos: u64, header: &RecordHeader) -> bool {
+        let payload = self.ring_bytes(
+            DATA_START + pos % self.ring_size + HEADER_LEN as u64,
+            u64::from(header.payload_len),
+        );
+        stored_commit_crc(self.header_bytes(pos)) == commit_crc(header.seq, payload)
+    }
+
+    /// A coalesced view of the committed records in `head..end_pos`.
+    fn view(
+        self: &Arc<Self>,
+        head: u64,
+        head_seq: u64,
+        end_pos: u64,
+        end_seq: u64,
+        cycle: u64,
+        recovery: bool,
+    ) -> ClosedCycle {
+        let mut disks = vec![ExtentMap::default(); self.disks.len()];
+        let mut stats = CycleStats::default();
+        let mut pos = head;
+        let mut seq = head_seq;
+        while pos < end_pos && seq < end_seq {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+                continue;
+            }
+            let Ok(header) = RecordHeader::decode(self.header_bytes(pos)) else {
+                warn!(group = %self.name, pos, "Ring record unreadable inside a closed cycle; stopping the read");
+                break;
+            };
+            let len = header.ring_len();
+            if matches!(
+                header.kind,
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+            ) {
+                let disk = usize::from(header.disk);
+                if disk >= disks.len() || !self.is_committed(pos, &header) {
+                    stats.skipped += 1;
+                } else {
+                    stats.records += 1;
+                    let (start, end) = (header.offset, header.offset + header.length);
+                    let source = match header.kind {
+                        RecordKind::Write => {
+                            stats.logged_bytes += header.length;
+                            Source::Data {
+                                file_offset: DATA_START + phys + HEADER_LEN as u64,
+                            }
+                        }
+                        RecordKind::Zero => Source::Zero,
+                        _ => Source::Trim,
+                    };
+                    disks[disk].insert(start, end, source);
+                }
+            }
+            pos += len;
+            seq += 1;
+        }
+        for map in &disks {
+            for (start, end, source) in map.iter() {
+                match source {
+                    Source::Data { .. } => stats.data_bytes += end - start,
+                    Source::Zero | Source::Trim => stats.zeroed_bytes += end - start,
+                }
+            }
+        }
+        ClosedCycle {
+            shared: Arc::clone(self),
+            cycle,
+            end_pos,
+            end_seq,
+            disks,
+            stats,
+            recovery,
+        }
+    }
+
+    /// Reserves ring space for a record and writes its header (uncommitted). `None`
+    /// when the ring is full: the caller has switched the group to dirty-map tracking.
+    fn reserve(
+        &self,
+        state: &mut State,
+        disk: usize,
+        kind: RecordKind,
+        range: Range,
+        payload_len: u32,
+    ) -> Result<Option<Slot>, TrackerError> {
+        if state.mode == TrackingMode::DirtyMap || state.broken {
+            return Ok(None);
+        }
+        let len = record_len(payload_len);
+        let phys = state.tail % self.ring_size;
+        let to_end = self.ring_size - phys;
+        let pad = if len > to_end { to_end } else { 0 };
+        if state.tail - state.head + pad + len > self.ring_size {
+            self.overflow(state);
+            return Ok(None);
+        }
+        if pad > 0 {
+            if pad >= HEADER_LEN as u64 {
+                let header = RecordHeader {
+                    kind: RecordKind::Pad,
+                    disk: 0,
+                    seq: state.next_seq,
+                    cycle: state.open_cycle,
+                    offset: 0,
+                    length: pad,
+                    payload_len: 0,
+                };
+                self.write_header(state.tail, &header);
+                state.next_seq += 1;
+            }
+            state.tail += pad;
+        }
+        let header = RecordHeader {
+            kind,
+            disk: u16::try_from(disk).unwrap_or(u16::MAX),
+            seq: state.next_seq,
+            cycle: state.open_cycle,
+            offset: range.start,
+            length: range.end - range.start,
+            payload_len,
+        };
+        let file_offset = DATA_START + state.tail % self.ring_size;
+        self.write_header(state.tail, &header);
+        let slot = Slot {
+            disk,
+            cycle: header.cycle,
+            seq: header.seq,
+            file_offset,
+            kind,
+            range,
+            payload_len,
+        };
+        state.tail += len;
+        state.next_seq += 1;
+        Ok(Some(slot))
+    }
+
+    fn write_header(&self, pos: u64, header: &RecordHeader) {
+        let mut bytes = [0u8; HEADER_LEN];
+        header.encode(&mut bytes);
+        let at = DATA_START + pos % self.ring_size;
+        debug_assert!(at + HEADER_LEN as u64 <= DATA_START + self.ring_size);
+        // SAFETY: the header lies inside the mapping (reserve keeps every record before
+        // the ring's end), in space just reserved under the group lock, which nobody
+        // else reads or writes until it is committed and its cycle closed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(usize_of(at)),
+                HEADER_LEN,
+            );
+        }
+    }
+
+    /// Copies the payload into the slot and stores the commit CRC.
+    fn commit(&self, slot: &Slot, payload: &[u8]) {
+        debug_assert_eq!(payload.len(), usize_of(u64::from(slot.payload_len)));
+        let payload_at = slot.file_offset + HEADER_LEN as u64;
+        // SAFETY: the slot's header and payload space was reserved for this writer alone
+        // (see `reserve`); it lies inside the mapping; `payload` is a separate buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.map.as_mut_ptr().add(usize_of(payload_at)),
+                payload.len(),
+            );
+        }
+        self.store_commit(slot, commit_crc(slot.seq, payload));
+    }
+
+    fn store_commit(&self, slot: &Slot, crc: u32) {
+        let at = usize_of(slot.file_offset) + COMMIT_CRC_AT;
+        // SAFETY: `at` is 4-byte aligned (records are 8-aligned, the field is at 48)
+        // and inside this writer's reserved header. Readers synchronise through the
+        // group lock, or read it after a crash; the atomic store keeps it untorn.
+        let cell = unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(at).cast::<u32>()) };
+        cell.store(crc.to_le(), Ordering::Release);
+    }
+
+    /// Switches to dirty-map tracking when the ring is full.
+    fn overflow(&self, state: &mut State) {
+        if state.mode == TrackingMode::DirtyMap {
+            return;
+        }
+        warn!(
+            group = %self.name,
+            ring_size = self.ring_size,
+            "Log ring full: the consumer is behind or gone; tracking by dirty map from now on, a resync is required"
+        );
+        state.mode = TrackingMode::DirtyMap;
+        state.resync = Some(ResyncReason::RingOverflow);
+        for disk in &self.disks {
+            disk.resync_bits.merge(&disk.open_bits.snapshot());
+        }
+        self.mark_ring_for_resync(state);
+        if let Err(error) = self.write_superblock(state, false) {
+            warn!(group = %self.name, %error, "Could not record the overflow in the superblock");
+        }
+    }
+
+    /// Marks every record between head and tail in the resync maps.
+    fn mark_ring_for_resync(&self, state: &State) {
+        let mut pos = state.head;
+        while pos < state.tail {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+                continue;
+            }
+            let Ok(header) = RecordHeader::decode(self.header_bytes(pos)) else {
+                break;
+            };
+            if matches!(
+                header.kind,
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+            ) {
+                if let Some(disk) = self.disks.get(usize::from(header.disk)) {
+                    disk.resync_bits.set_range(header.offset, header.length);
+                }
+            }
+            pos += header.ring_len();
+        }
+    }
+
+    fn finish(&self, slot: &Slot) {
+        let mut state = lock(&self.state);
+        if let Some(ranges) = state.ranges.get_mut(slot.disk) {
+            if let Some(index) = ranges.iter().position(|range| *range == slot.range) {
+                ranges.swap_remove(index);
+            }
+        }
+        if let Some(entry) = state
+            .inflight
+            .iter_mut()
+            .find(|(cycle, _)| *cycle == slot.cycle)
+        {
+            entry.1 -= 1;
+        }
+        while state.inflight.front().is_some_and(|(_, count)| *count == 0) {
+            state.inflight.pop_front();
+        }
+        if state.waiters > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    pub(crate) fn acknowledge(
+        &self,
+        cycle: u64,
+        end_pos: u64,
+        end_seq: u64,
+    ) -> Result<(), TrackerError> {
+        let mut state = lock(&self.state);
+        while state.closed.front().is_some_and(|mark| mark.cycle <= cycle) {
+            state.closed.pop_front();
+        }
+        // A resync may have moved the head past this cycle meanwhile.
+        if end_pos > state.head && end_pos <= state.tail {
+            state.head = end_pos;
+            state.head_seq = end_seq;
+        }
+        state.acked_cycle = state.acked_cycle.max(cycle);
+        self.write_superblock(&mut state, false)
+    }
+
+    pub(crate) fn release_consumer(&self) {
+        let mut state = lock(&self.state);
+        state.consumer_busy = false;
+    }
+
+    fn write_superblock(&self, state: &mut State, synchronous: bool) -> Result<(), TrackerError> {
+        state.superblock.generation += 1;
+        state.superblock.head_pos = state.head;
+        state.superblock.head_seq = state.head_seq;
+        state.superblock.acked_cycle = state.acked_cycle;
+        if state.resync.is_some() {
+            state.superblock.resync = state.resync;
+        }
+        let bytes = state
+            .superblock
+            .encode()
+            .map_err(TrackerError::Superblock)?;
+        let slot = Superblock::slot_for(state.superblock.generation);
+        let at = slot * SUPERBLOCK_LEN;
+        // SAFETY: both superblock copies lie in the first DATA_START bytes of the mapping,
+        // which only this function writes, under the group lock.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(at),
+                SUPERBLOCK_LEN,
+            );
+        }
+        let flushed = if synchronous {
+            self.map.flush_range(at, SUPERBLOCK_LEN)
+        } else {
+            self.map.flush_async_range(at, SUPERBLOCK_LEN)
+        };
+        flushed.map_err(|source| TrackerError::Io {
+            what: "write superblock",
+            path: self.ring_path.clone(),
+            source,
+        })
+    }
+
+    fn dirty_map_path(&self) -> PathBuf {
+        let mut path = self.ring_path.clone().into_os_string();
+        path.push(".dirtymap");
+        PathBuf::from(path)
+    }
+
+    fn save_resync_bits(&self) -> Result<(), TrackerError> {
+        let path = self.dirty_map_path();
+        let mut bytes = Vec::new();
+        for disk in &self.disks {
+            for word in disk.resync_bits.snapshot().as_raw_slice() {
+                bytes.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        write_file_durably(&path, &bytes).map_err(|source| TrackerError::Io {
+            what: "save dirty map",
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Puts the resync state back after opening: the saved dirty map after a clean
+    /// shutdown in dirty-map mode, every block when that map or the log can't be trusted.
+    fn restore_resync(
+        &self,
+        state: &mut State,
+        previous: PreviousShutdown,
+    ) -> Result<(), TrackerError> {
+        let path = self.dirty_map_path();
+        if let Some(reason) = state.resync {
+            state.mode = TrackingMode::DirtyMap;
+            let restored = previous == PreviousShutdown::Clean && self.load_resync_bits(&path);
+            if !restored {
+                warn!(group = %self.name, %reason, "Resync required; its dirty map was not saved, so every block is marked");
+                for disk in &self.disks {
+                    disk.resync_bits.set_all();
+                }
+            }
+        } else if previous == PreviousShutdown::HostCrash {
+            warn!(
+                group = %self.name,
+                "The host shut down uncleanly: writes since the last flush may be missing from the log; resync required"
+            );
+            state.mode = TrackingMode::DirtyMap;
+            state.resync = Some(ResyncReason::UncleanHostShutdown);
+            for disk in &self.disks {
+                disk.resync_bits.set_all();
+            }
+        }
+        if state.mode == TrackingMode::DirtyMap {
+            // Resync maps cover the log; drop the log so cycles restart after the resync.
+            self.mark_ring_for_resync(state);
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
+    fn load_resync_bits(&self, path: &Path) -> bool {
+        let Ok(bytes) = std::fs::read(path) else {
+            return false;
+        };
+        let expected: usize = self
+            .disks
+            .iter()
+            .map(|d| usize_of(d.resync_bits.blocks().div_ceil(64)) * 8)
+            .sum();
+        if bytes.len() != expected + 4 {
+            return false;
+        }
+        let (body, crc) = bytes.split_at(expected);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return false;
+        }
+        let mut words = body.chunks_exact(8).map(|chunk| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            u64::from_le_bytes(word)
+        });
+        for disk in &self.disks {
+            let count = usize_of(disk.resync_bits.blocks().div_ceil(64));
+            let mut bits: DirtyBits = words.by_ref().take(count).collect();
+            bits.truncate(usize_of(disk.resync_bits.blocks()));
+            disk.resync_bits.merge(&bits);
+        }
+        true
+    }
+}
+
+fn write_file_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut temporary = path.to_path_buf().into_os_string();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let mut file = File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl DiskTracker {
+    /// Logs a write of `data` at `offset` (step 1 of the write protocol).
+    pub fn log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
+        let payload_len =
+            u32::try_from(data.len()).map_err(|_| TrackerError::TooLarge(data.len() as u64))?;
+        self.log(
+            RecordKind::Write,
+            offset,
+            u64::from(payload_len),
+            payload_len,
+            data,
+        )
+    }
+
+    /// Logs a write-zeroes (`trim = false`) or a trim of `len` bytes at `offset`.
+    pub fn log_zero(&self, offset: u64, len: u64, trim: bool) -> Result<LogGuard, TrackerError> {
+        let kind = if trim {
+            RecordKind::Trim
+        } else {
+            RecordKind::Zero
+        };
+        self.log(kind, offset, len, 0, &[])
+    }
+
+    fn log(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        payload_len: u32,
+        data: &[u8],
+    ) -> Result<LogGuard, TrackerError> {
+        let shared = &self.shared;
+        let disk = &shared.disks[self.disk];
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= disk.size)
+            .ok_or(TrackerError::OutOfRange)?;
+        if len == 0 {
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                slot: None,
+            });
+        }
+        if record_len(payload_len) > shared.ring_size / 4 {
+            return Err(TrackerError::TooLarge(len));
+        }
+        let range = Range { start: offset, end };
+        let mut state = lock(&shared.state);
+        while state.mode == TrackingMode::Logging
+            && state.ranges[self.disk]
+                .iter()
+                .any(|other| other.start < range.end && range.start < other.end)
+        {
+            state.waiters += 1;
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiters -= 1;
+        }
+        disk.open_bits.set_range(offset, len);
+        let Some(slot) = shared.reserve(&mut state, self.disk, kind, range, payload_len)? else {
+            disk.resync_bits.set_range(offset, len);
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                slot: None,
+            });
+        };
+        state.ranges[self.disk].push(range);
+        match state.inflight.back_mut() {
+            Some((cycle, count)) if *cycle == slot.cycle => *count += 1,
+            _ => state.inflight.push_back((slot.cycle, 1)),
+        }
+        state.records_logged += 1;
+        drop(state);
+        shared.commit(&slot, data);
+        Ok(LogGuard {
+            shared: Arc::clone(shared),
+            slot: Some(slot),
+        })
+    }
+
+    /// `x-blkrep:dirty` extents: runs of blocks written in the open cycle (`true`) or
+    /// not, covering `offset..offset + len` clipped to the disk.
+    pub fn dirty_extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let disk = &self.shared.disks[self.disk];
+        let mut runs = disk.open_bits.extents(offset, len);
+        if lock(&self.shared.state).mode == TrackingMode::DirtyMap {
+            // While tracking by map, everything awaiting resync will ship next.
+            let resync = disk.resync_bits.extents(offset, len);
+            runs = merge_runs(&runs, &resync);
+        }
+        runs
+    }
+
+    /// The group this disk belongs to.
+    pub fn group(&self) -> Group {
+        Group {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Index of this disk in its group.
+    pub fn index(&self) -> usize {
+        self.disk
+    }
+}
+
+/// OR of two run lists over the same range.
+fn merge_runs(a: &[(u64, bool)], b: &[(u64, bool)]) -> Vec<(u64, bool)> {
+    let mut out: Vec<(u64, bool)> = Vec::new();
+    let (mut ia, mut ib) = (a.iter().copied(), b.iter().copied());
+    let (mut ca, mut cb) = (ia.next(), ib.next());
+    while let (Some((la, da)), Some((lb, db))) = (ca, cb) {
+        let step = la.min(lb);
+        let dirty = da || db;
+        match out.last_mut() {
+            Some((len, state)) if *state == dirty => *len += step,
+            _ => out.push((step, dirty)),
+        }
+        ca = if la > step {
+            Some((la - step, da))
+        } else {
+            ia.next()
+        };
+        cb = if lb > step {
+            Some((lb - step, db))
+        } else {
+            ib.next()
+        };
+    }
+    out
+}
+
+impl LogGuard {
+    /// Whether the write was logged (false while tracking by dirty map).
+    pub fn is_logged(&self) -> bool {
+        self.slot.is_some()
+    }
+
+    /// Reports that the image write failed after logging. For a write, `read_back`
+    /// fills the record's payload with what the image now holds (it may be partly
+    /// written), so log and image still agree. If that fails too, or for zeroes and
+    /// trims, the record is cancelled and the range marked for resync.
+    pub fn image_failed(mut self, read_back: impl FnOnce(&mut [u8]) -> std::io::Result<()>) {
+        let Some(slot) = self.slot.take() else { return };
+        let shared = Arc::clone(&self.shared);
+        let mut recovered = false;
+        if slot.kind == RecordKind::Write {
+            let payload_at = usize_of(slot.file_offset) + HEADER_LEN;
+            // SAFETY: the payload space belongs to this writer's reserved slot until
+            // `finish`, and lies inside the mapping.
+            let payload = unsafe {
+                std::slice::from_raw_parts_mut(
+                    shared.map.as_mut_ptr().add(payload_at),
+                    usize_of(u64::from(slot.payload_len)),
+                )
+            };
+            if read_back(payload).is_ok() {
+                shared.store_commit(&slot, commit_crc(slot.seq, payload));
+                recovered = true;
+            }
+        }
+        if !recovered {
+            shared.store_commit(&slot, 0);
+            if let Some(disk) = shared.disks.get(slot.disk) {
+                disk.resync_bits
+                    .set_range(slot.range.start, slot.range.end - slot.range.start);
+            }
+            let mut state = lock(&shared.state);
+            if state.resync.is_none() {
+                warn!(group = %shared.name, "An image write failed after logging; the range is marked for resync");
+                state.resync = Some(ResyncReason::ImageWriteError);
+                state.mode = TrackingMode::DirtyMap;
+                drop(state);
+            }
+        }
+        shared.finish(&slot);
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.shared.finish(&slot);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -1,0 +1,341 @@
+use super::*;
+use crate::cycle::ChangeData;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicBool;
+
+const DISK: u64 = 1 << 20;
+
+fn config(dir: &Path, ring_size: u64, disks: usize) -> GroupConfig {
+    GroupConfig {
+        name: "test".into(),
+        ring_path: dir.join("test.ring"),
+        ring_size,
+        block_size: 4096,
+        disks: (0..disks)
+            .map(|i| DiskSpec {
+                name: format!("disk{i}"),
+                size: DISK,
+            })
+            .collect(),
+    }
+}
+
+/// Applies a cycle's changes to in-memory disks.
+fn apply(cycle: &ClosedCycle, disks: &mut [Vec<u8>]) {
+    for change in cycle.changes() {
+        let disk = &mut disks[change.disk];
+        let range = usize_of(change.offset)..usize_of(change.offset + change.length);
+        match change.data {
+            ChangeData::Write(bytes) => disk[range].copy_from_slice(bytes),
+            ChangeData::Zero | ChangeData::Trim => disk[range].fill(0),
+        }
+    }
+}
+
+fn write(tracker: &DiskTracker, image: &mut [u8], offset: u64, data: &[u8]) {
+    let guard = tracker.log_write(offset, data).unwrap();
+    image[usize_of(offset)..usize_of(offset) + data.len()].copy_from_slice(data);
+    drop(guard);
+}
+
+#[test]
+fn closed_cycle_coalesces_last_writer_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, report) = Group::open(&config(dir.path(), MIN_RING_SIZE, 2)).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::Created);
+    let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+    let mut images = vec![vec![0u8; usize_of(DISK)]; 2];
+    write(&d0, &mut images[0], 0, &[1; 8192]);
+    write(&d0, &mut images[0], 4096, &[2; 100]);
+    write(&d1, &mut images[1], 10, &[3; 10]);
+    drop(d1.log_zero(0, 5, false).unwrap());
+    images[1][0..5].fill(0);
+    assert_eq!(group.status().disks[0].dirty_bytes, 8192);
+    assert_eq!(
+        d0.dirty_extents(0, 16384),
+        vec![(8192, true), (8192, false)]
+    );
+    let id = group.close_cycle().unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(group.status().disks[0].dirty_bytes, 0);
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!(cycle.stats().records, 4);
+    assert_eq!(cycle.stats().data_bytes, 8192 + 10);
+    assert_eq!(cycle.stats().zeroed_bytes, 5);
+    let mut copies = vec![vec![0u8; usize_of(DISK)]; 2];
+    apply(&cycle, &mut copies);
+    assert_eq!(copies, images);
+    assert!(matches!(
+        group.take_closed(),
+        Err(TrackerError::ConsumerBusy)
+    ));
+    cycle.acknowledge().unwrap();
+    assert!(group.take_closed().unwrap().is_none());
+    let status = group.status();
+    assert_eq!(
+        (status.last_acked, status.ring_used, status.open_cycle),
+        (1, 0, 2)
+    );
+}
+
+#[test]
+fn ring_wraps_over_many_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut image = vec![0u8; usize_of(DISK)];
+    let mut copy = vec![0u8; usize_of(DISK)];
+    // About 12 MiB logged through a 4 MiB ring.
+    for _ in 0..40 {
+        for _ in 0..20 {
+            let len = rng.gen_range(1..16384u64);
+            let offset = rng.gen_range(0..DISK - len);
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            write(&disk, &mut image, offset, &data);
+        }
+        group.close_cycle().unwrap();
+        let cycle = group.take_closed().unwrap().unwrap();
+        apply(&cycle, std::slice::from_mut(&mut copy));
+        cycle.acknowledge().unwrap();
+        assert!(copy == image);
+    }
+    assert_eq!(group.status().mode, TrackingMode::Logging);
+}
+
+#[test]
+fn overflow_falls_back_to_dirty_map_and_resync_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    let mut image = vec![0u8; usize_of(DISK)];
+    let chunk = vec![9u8; 65536];
+    // 8 MiB of writes into a 4 MiB ring with no consumer: writes never fail.
+    for i in 0..128u64 {
+        write(&disk, &mut image, (i * 65536) % (DISK - 65536), &chunk);
+    }
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::DirtyMap);
+    assert_eq!(status.resync, Some(ResyncReason::RingOverflow));
+    assert!(matches!(
+        group.close_cycle(),
+        Err(TrackerError::ResyncRequired(ResyncReason::RingOverflow))
+    ));
+    // The resync map covers every written byte.
+    let maps = group.begin_resync().unwrap();
+    let mut copy = vec![0u8; usize_of(DISK)];
+    for block in maps[0].iter_ones() {
+        let range = block * 4096..(block + 1) * 4096;
+        copy[range.clone()].copy_from_slice(&image[range]);
+    }
+    write(&disk, &mut image, 5, b"after");
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    apply(&cycle, std::slice::from_mut(&mut copy));
+    cycle.acknowledge().unwrap();
+    group.finish_resync().unwrap();
+    assert!(copy == image);
+    assert_eq!(group.status().resync, None);
+}
+
+#[test]
+fn crash_recovery_skips_uncommitted_and_keeps_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut image = vec![0u8; usize_of(DISK)];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        write(&disk, &mut image, 0, &[1; 4096]);
+        group.close_cycle().unwrap();
+        write(&disk, &mut image, 4096, &[2; 4096]);
+        write(&disk, &mut image, 8192, &[3; 4096]);
+        assert!(matches!(Group::open(&cfg), Err(TrackerError::RingInUse(_))));
+        // Dropped without shutdown_clean: a daemon crash.
+    }
+    // Un-commit the write of 2s (third record: write, close, write): as if the daemon
+    // died while copying its payload.
+    let second_write = DATA_START + record_len(4096) + record_len(0);
+    let mut bytes = std::fs::read(&cfg.ring_path).unwrap();
+    let at = usize_of(second_write) + COMMIT_CRC_AT;
+    bytes[at..at + 4].fill(0);
+    std::fs::write(&cfg.ring_path, &bytes).unwrap();
+    image[4096..8192].fill(0);
+
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::DaemonCrash);
+    assert_eq!((report.records, report.uncommitted), (2, 1));
+    assert!(report.needs_replay());
+    let view = group.recovery_view().unwrap();
+    let mut replayed = vec![0u8; usize_of(DISK)];
+    apply(&view, std::slice::from_mut(&mut replayed));
+    assert!(replayed == image);
+    assert!(matches!(
+        view.acknowledge(),
+        Err(TrackerError::RecoveryViewAck)
+    ));
+    let status = group.status();
+    assert_eq!((status.last_closed, status.open_cycle), (1, 2));
+    // Cycle 1 is still closed and ships as before.
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!((cycle.id(), cycle.stats().records), (1, 1));
+    cycle.acknowledge().unwrap();
+    group.shutdown_clean(&[]).unwrap();
+    drop(group);
+    let (_, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::Clean);
+}
+
+#[test]
+fn torn_tail_stops_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut image = vec![0u8; usize_of(DISK)];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        for i in 0..3 {
+            write(&disk, &mut image, i * 4096, &[7; 4096]);
+        }
+    }
+    let mut bytes = std::fs::read(&cfg.ring_path).unwrap();
+    let third = usize_of(DATA_START + 2 * record_len(4096));
+    bytes[third + 20] ^= 0xff;
+    std::fs::write(&cfg.ring_path, &bytes).unwrap();
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!((report.records, report.uncommitted), (2, 0));
+    assert_eq!(group.status().ring_used, 2 * record_len(4096));
+}
+
+#[test]
+fn changed_configuration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    drop(Group::open(&cfg).unwrap());
+    let mut other = cfg.clone();
+    other.disks[0].size *= 2;
+    let error = Group::open(&other).unwrap_err().to_string();
+    assert!(error.contains("does not match"), "{error}");
+    other = cfg.clone();
+    other.ring_size *= 2;
+    assert!(matches!(
+        Group::open(&other),
+        Err(TrackerError::RingMismatch { .. })
+    ));
+}
+
+/// Threads write random overlapping ranges; the image is updated while the guard is
+/// held. Applying the log to a blank copy must give the image exactly.
+#[test]
+fn concurrent_overlapping_writers_keep_log_and_image_in_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), 64 << 20, 1)).unwrap();
+    let image = Arc::new(Mutex::new(vec![0u8; 65536]));
+    let threads: Vec<_> = (0..4u8)
+        .map(|thread| {
+            let disk = group.disk(0).unwrap();
+            let image = Arc::clone(&image);
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(thread));
+                for round in 0..2000u32 {
+                    let len = rng.gen_range(1..4096u64);
+                    let offset = rng.gen_range(0..65536 - len);
+                    let byte = thread
+                        .wrapping_mul(64)
+                        .wrapping_add(u8::try_from(round % 64).unwrap());
+                    let data = vec![byte; usize_of(len)];
+                    let guard = disk.log_write(offset, &data).unwrap();
+                    // Yield inside the window to invite interleaving.
+                    std::thread::yield_now();
+                    image.lock().unwrap()[usize_of(offset)..usize_of(offset + len)]
+                        .copy_from_slice(&data);
+                    drop(guard);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut copy = vec![vec![0u8; usize_of(DISK)]];
+    apply(&cycle, &mut copy);
+    assert!(copy[0][..65536] == image.lock().unwrap()[..]);
+}
+
+/// An ordered writer alternates between two disks, write k only after k-1 completed;
+/// cycles close concurrently. Every closed cycle, applied, must show a prefix of the
+/// write order across both disks.
+#[test]
+fn cycles_close_at_one_instant_across_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), 64 << 20, 2)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) && k < 200 {
+                k += 1;
+                let disk = if k % 2 == 0 { &d0 } else { &d1 };
+                drop(disk.log_write(k * 4096, &k.to_le_bytes()).unwrap());
+            }
+            k
+        })
+    };
+    let mut copies = vec![vec![0u8; usize_of(DISK)]; 2];
+    let check = |copies: &[Vec<u8>]| -> u64 {
+        let stamp = |k: u64| {
+            let disk = &copies[usize::from(k % 2 == 1)];
+            let at = usize_of(k * 4096);
+            u64::from_le_bytes(disk[at..at + 8].try_into().unwrap())
+        };
+        let present: Vec<bool> = (1..=200).map(|k| stamp(k) == k).collect();
+        let count = present.iter().take_while(|p| **p).count();
+        assert!(
+            present[count..].iter().all(|p| !p),
+            "gap in the write order: {present:?}"
+        );
+        count as u64
+    };
+    for _ in 0..50 {
+        group.close_cycle().unwrap();
+        let cycle = group.take_closed().unwrap().unwrap();
+        apply(&cycle, &mut copies);
+        cycle.acknowledge().unwrap();
+        check(&copies);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    apply(&cycle, &mut copies);
+    cycle.acknowledge().unwrap();
+    assert_eq!(check(&copies), written);
+}
+
+#[test]
+fn image_failure_reads_back_or_marks_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    // The image took half the write: the record is rewritten to what the image holds.
+    disk.log_write(0, &[5; 100]).unwrap().image_failed(|buf| {
+        buf[..50].fill(5);
+        buf[50..].fill(0);
+        Ok(())
+    });
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut copy = vec![vec![0u8; usize_of(DISK)]];
+    apply(&cycle, &mut copy);
+    assert_eq!(&copy[0][..100], &[[5u8; 50], [0u8; 50]].concat()[..]);
+    cycle.acknowledge().unwrap();
+    // A failed trim can't be read back: resync.
+    disk.log_zero(0, 4096, true)
+        .unwrap()
+        .image_failed(|_| Ok(()));
+    assert_eq!(group.status().resync, Some(ResyncReason::ImageWriteError));
+}
