@@ -144,6 +144,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "$work/results" "$work/logs"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 image=$work/disk.img
 sock=$work/nbd.sock
 ctl=$work/primary.ctl
@@ -299,6 +300,14 @@ stop_server() {
     return 0
 }
 
+# Wall-clock time and the server's /proc/PID/stat on one line, into $1.
+cpu_sample() {
+    local now stat
+    now=$(date +%s.%N)
+    stat=$(cat "/proc/$server_pid/stat" 2>/dev/null || true)
+    echo "$now $stat" >"$1"
+}
+
 # ---- the runs ---------------------------------------------------------------
 total=$(( runs * ${#jobs[@]} * ${#servers[@]} ))
 n=0
@@ -326,6 +335,9 @@ for ((r = 1; r <= runs; r++)); do
                 die "blkrep primary ($srv) $start_failure (use --allow-missing-blkrep to skip it while developing this script)"
             fi
             json="$work/results/$job/$srv/run$r.json"
+            # The server's CPU time (all threads) around the fio run, for the
+            # report's "server CPU" row.
+            cpu_sample "$json.cpu0"
             # shellcheck disable=SC2046  # job_args is meant to split into words
             if ! fio --name="$job" --ioengine=nbd --uri="$uri" \
                     $(job_args "$job") --numjobs=1 --group_reporting \
@@ -338,6 +350,7 @@ for ((r = 1; r <= runs; r++)); do
                 stop_server "$srv" || true
                 die "fio failed against $srv"
             fi
+            cpu_sample "$json.cpu1"
             if ! stop_server "$srv"; then
                 tail -n 20 "$logf" | sed 's/^/    /' >&2
                 errors=$((errors + 1))
@@ -355,7 +368,7 @@ for s in "${!skipped[@]}"; do skip_args+=(--skipped "$s=${skipped[$s]}"); done
 report_args=(
     --results "$work/results" --jobs "$jobs_csv" --servers "$servers_csv"
     --image-dir "$work" --size "$size" --runs "$runs" --runtime "$runtime" --ramp "$ramp"
-    --ring-size "$ring_size"
+    --ring-size "$ring_size" --load-start "$load_start"
 )
 [[ -n "$blkrep" ]] && report_args+=(--blkrep "$blkrep")
 [[ -n "$out" ]] && report_args+=(--out "$out")

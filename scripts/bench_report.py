@@ -44,6 +44,7 @@ METRICS = [
     ("p50", "p50 µs", False),
     ("p99", "p99 µs", False),
     ("p999", "p99.9 µs", False),
+    ("cpu", "server CPU %", False),
 ]
 PERCENTILES = {"p50": "50.000000", "p99": "99.000000", "p999": "99.900000"}
 
@@ -64,6 +65,28 @@ def load_fio_json(path: Path) -> dict:
         raise ReportError(f"{path}: malformed fio JSON: {e}") from e
 
 
+def server_cpu_percent(json_path: Path) -> float | None:
+    """CPU used by the server process (user+system, all threads) while fio ran,
+    from the samples bench-fio.sh takes before and after fio, as % of one core.
+    Includes fio's ramp. None if the samples are missing or unreadable."""
+    samples = []
+    for suffix in (".cpu0", ".cpu1"):
+        try:
+            line = Path(str(json_path) + suffix).read_text().strip()
+            wall, _, stat = line.partition(" ")
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces.
+            fields = stat.rpartition(")")[2].split()
+            # fields[0] is field 3 (state); utime, stime are fields 14, 15.
+            ticks = int(fields[11]) + int(fields[12])
+            samples.append((float(wall), ticks))
+        except (OSError, ValueError, IndexError):
+            return None
+    (w0, t0), (w1, t1) = samples
+    if w1 <= w0:
+        return None
+    return (t1 - t0) / os.sysconf("SC_CLK_TCK") / (w1 - w0) * 100.0
+
+
 def parse_run(path: Path, direction: str) -> dict[str, float]:
     doc = load_fio_json(path)
     jobs = doc.get("jobs") or []
@@ -82,6 +105,7 @@ def parse_run(path: Path, direction: str) -> dict[str, float]:
             raise ReportError(f"{path}: clat_ns percentile {name} missing "
                               "(run fio with --percentile_list=50:99:99.9)")
         out[key] = float(pct[name]) / 1e3  # ns -> µs
+    out["cpu"] = server_cpu_percent(path)
     return out
 
 
@@ -101,7 +125,10 @@ def collect(results: Path, jobs: list[str], servers: list[str],
                     continue
                 raise ReportError(f"no fio results in {d}")
             runs = [parse_run(f, direction) for f in files]
-            median = {k: statistics.median(r[k] for r in runs) for k, _, _ in METRICS}
+            median = {}
+            for k, _, _ in METRICS:
+                vals = [r[k] for r in runs if r.get(k) is not None]
+                median[k] = statistics.median(vals) if vals else None
             data[job][srv] = {"runs": runs, "median": median}
     return data
 
@@ -113,6 +140,13 @@ def cmd_first_line(argv: list[str]) -> str:
         return "?"
     lines = (p.stdout or p.stderr).strip().splitlines()
     return lines[0] if lines else "?"
+
+
+def load_now() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def machine_info(args) -> list[tuple[str, str]]:
@@ -149,6 +183,8 @@ def machine_info(args) -> list[tuple[str, str]]:
         ("CPU", cpu),
         ("nproc", str(ncpu)),
         ("memory", mem),
+        ("load average (1/5/15 min) at start → end",
+         f"{args.load_start} → {load_now()}"),
         ("image filesystem", f"{fstype} ({args.image_dir})"),
         ("fio", cmd_first_line(["fio", "--version"])),
         ("qemu-nbd", cmd_first_line(["qemu-nbd", "--version"])),
@@ -164,14 +200,14 @@ def fmt_metric(key: str, v: float | None) -> str:
         return "—"
     if key == "iops":
         return f"{v:,.0f}"
-    if key == "mbps":
+    if key in ("mbps", "cpu"):
         return f"{v:,.1f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def ratio(data_job: dict, num: str, den: str, key: str) -> float | None:
     a, b = data_job.get(num), data_job.get(den)
-    if not a or not b or not b["median"][key]:
+    if not a or not b or a["median"][key] is None or not b["median"][key]:
         return None
     return a["median"][key] / b["median"][key]
 
@@ -228,8 +264,10 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
         f"{args.runtime} s measured after {args.ramp} s ramp; fio nbd engine over a unix "
         f"socket, numjobs=1; raw image {args.size} (fallocate, written once in full), "
         f"the same file for every server; servers started fresh for each run in the order "
-        f"qemu-nbd, untracked, tracked. MB/s = 10^6 bytes/s; latencies are fio completion "
-        f"latency (clat) in µs.")
+        f"{', '.join(SERVERS[x] for x in servers)}. MB/s = 10^6 bytes/s; latencies are fio completion "
+        f"latency (clat) in µs; server CPU % is the server process's user+system time (all "
+        f"threads) while fio ran, ramp included, in % of one core (the machine has "
+        f"{len(os.sched_getaffinity(0))} cores, shared with fio).")
     out.append("")
     out.append("Servers: **qemu-nbd** = `qemu-nbd -t -f raw --cache=writeback --aio=io_uring`; "
                "**blkrep untracked** = `blkrep primary`, `tracking = false`; "
@@ -257,7 +295,7 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
             out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append("Ratios are of medians: above 1 is better for IOPS and MB/s, below 1 is "
-               "better for latency.")
+               "better for latency and server CPU.")
 
     if args.runs > 1:
         out.append("")
@@ -299,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ramp", required=True)
     ap.add_argument("--ring-size", default="?")
     ap.add_argument("--blkrep", default="")
+    ap.add_argument("--load-start", default="?",
+                    help="/proc/loadavg's first three fields when the benchmark started")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--skipped", action="append", default=[],
