@@ -1,2 +1,12 @@
-//! replica (being written).
+//! replica: the side that receives changes.
+//!
+//! [`apply`] writes coalesced changes (from a closed cycle, or from the network) to
+//! replica disks; [`copy`] makes the sparse copy a local replica starts from.
+//! Applying is idempotent: a change says what its range holds, not how to get there,
+//! so re-applying a cycle after a crash gives the same disks.
 #![warn(missing_docs)]
+
+pub mod apply;
+pub mod copy;
+
+pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

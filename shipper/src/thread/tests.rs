@@ -1,0 +1,79 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::LocalCopySink;
+use std::os::unix::fs::FileExt;
+use tracker::{DiskSpec, GroupConfig, TrackingMode};
+
+const SIZE: u64 = 8 << 20;
+
+/// Writes through the tracker to a real image file, as the NBD export does.
+fn write(tracker: &tracker::DiskTracker, image: &File, offset: u64, data: &[u8]) {
+    let guard = tracker.log_write(offset, data).unwrap();
+    image.write_all_at(data, offset).unwrap();
+    drop(guard);
+}
+
+#[test]
+fn delivers_cycles_and_resyncs_after_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("disk0.raw");
+    let image = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image_path)
+        .unwrap();
+    image.set_len(SIZE).unwrap();
+    let (group, _) = Group::open(&GroupConfig {
+        name: "g".into(),
+        ring_path: dir.path().join("g.ring"),
+        ring_size: tracker::group::MIN_RING_SIZE,
+        block_size: 4096,
+        disks: vec![DiskSpec {
+            name: "disk0".into(),
+            size: SIZE,
+        }],
+    })
+    .unwrap();
+    let copies = dir.path().join("copy");
+    LocalCopySink::seed(&copies, &[("disk0".into(), image_path.clone())]).unwrap();
+    let sink = LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap();
+    let shipper = Shipper::spawn(
+        group.clone(),
+        vec![image_path.clone()],
+        4096,
+        Duration::from_secs(3600),
+        Box::new(sink),
+    )
+    .unwrap();
+    let disk = group.disk(0).unwrap();
+    write(&disk, &image, 4096, &[1; 10000]);
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 1);
+    let copy = copies.join("disk0.img");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&image_path).unwrap()
+    );
+
+    // 8 MiB into a 4 MiB ring: overflow, then the next attempt resyncs.
+    for i in 0..128u64 {
+        write(
+            &disk,
+            &image,
+            (i * 65536) % (SIZE - 65536),
+            &[u8::try_from(i % 250).unwrap() + 2; 65536],
+        );
+    }
+    assert_eq!(group.status().mode, TrackingMode::DirtyMap);
+    shipper.close_now(Duration::from_secs(10)).unwrap();
+    assert_eq!(group.status().resync, None);
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&image_path).unwrap()
+    );
+    let status = shipper.status();
+    assert_eq!((status.resyncs, status.failures), (1, 0));
+    shipper.stop();
+}
