@@ -21,4 +21,4 @@ pub mod proto;
 pub mod server;
 
 pub use backend::{BlockDevice, Extent, ZeroMode};
-pub use server::{Server, ServerConfig};
+pub use server::{ExportStats, Server, ServerConfig, ServerError};

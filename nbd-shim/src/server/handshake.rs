@@ -1,0 +1,819 @@
+//! The fixed newstyle handshake, over any `Read + Write` stream.
+//!
+//! The server greets, reads the client flags, then answers options one at a time until
+//! the client enters transmission (`NBD_OPT_EXPORT_NAME`, or `NBD_OPT_GO` answered with
+//! `NBD_REP_ACK`) or aborts. Option data is capped (see [`MAX_OPTION_DATA`]) before
+//! anything is read into memory; unknown options get `NBD_REP_ERR_UNSUP` and negotiation
+//! goes on; malformed known options get `NBD_REP_ERR_INVALID`. Only a broken framing
+//! (bad magic, unknown client flags, an oversized or unanswerable `NBD_OPT_EXPORT_NAME`)
+//! ends the connection.
+//!
+//! Each option's replies are built in memory and sent with one write.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::export::{ContextSource, Export, ExportTable};
+use super::Inner;
+use crate::proto::option::*;
+use crate::proto::*;
+
+/// Largest option data read into memory (names and queries are at most 4096 bytes each;
+/// 64 KiB leaves room for many queries). Larger options are skipped and answered with
+/// `NBD_REP_ERR_TOO_BIG`.
+pub const MAX_OPTION_DATA: u32 = 64 << 10;
+/// Largest option data skipped before the client is deemed hostile and dropped ("if a
+/// server believes a client's behaviour constitutes a denial of service, it MAY initiate
+/// a hard disconnect").
+pub const MAX_OPTION_SKIP: u32 = 16 << 20;
+
+/// What the server sends as handshake flags.
+pub(crate) const HANDSHAKE_FLAGS: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
+
+/// Why a handshake ended without entering transmission.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Reading or writing the stream failed (the client went away, or timed out).
+    #[error("Handshake I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the framing (bad magic or unknown client flags).
+    #[error("Client broke the handshake: {0}")]
+    Protocol(OptionError),
+    /// `NBD_OPT_EXPORT_NAME` named an export that does not exist; that option cannot be
+    /// answered with an error, so "the server MUST terminate the session".
+    #[error("Client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` that could not be honoured (oversized, invalid name, or sent
+    /// during shutdown).
+    #[error("Refused NBD_OPT_EXPORT_NAME: {0}")]
+    ExportNameRefused(&'static str),
+    /// Option data too large to even skip.
+    #[error("Option {option} carries {length} bytes of data, more than {MAX_OPTION_SKIP}")]
+    OptionTooLarge {
+        /// The option.
+        option: u32,
+        /// Its declared length.
+        length: u32,
+    },
+}
+
+/// A negotiated connection, ready for transmission.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) export: Arc<Export>,
+    pub(crate) structured: bool,
+    /// Selected contexts: wire id and source.
+    pub(crate) contexts: Vec<(u32, ContextSource)>,
+    pub(crate) transmission_flags: u16,
+    pub(crate) size: u64,
+}
+
+/// How a handshake ended successfully.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Transmission(Session),
+    /// The client sent `NBD_OPT_ABORT`.
+    Aborted,
+}
+
+/// What a handshake agreed on, as reported by [`crate::Server::negotiate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Canonical name of the export chosen.
+    pub export: String,
+    /// Export size sent to the client.
+    pub size: u64,
+    /// Transmission flags sent to the client.
+    pub transmission_flags: u16,
+    /// Whether structured replies were negotiated.
+    pub structured_replies: bool,
+    /// Names of the metadata contexts selected for block status.
+    pub meta_contexts: Vec<String>,
+}
+
+impl Session {
+    pub(crate) fn summary(&self) -> Negotiated {
+        Negotiated {
+            export: self.export.name.clone(),
+            size: self.size,
+            transmission_flags: self.transmission_flags,
+            structured_replies: self.structured,
+            meta_contexts: self
+                .contexts
+                .iter()
+                .filter_map(|(id, _)| self.export.context(*id).map(|c| c.name.clone()))
+                .collect(),
+        }
+    }
+}
+
+struct State {
+    table: ExportTable,
+    structured: bool,
+    /// Contexts chosen by the last `NBD_OPT_SET_META_CONTEXT`, for that export.
+    meta: Option<(Arc<Export>, Vec<u32>)>,
+    no_zeroes: bool,
+}
+
+impl State {
+    fn enter(&mut self, export: Arc<Export>) -> Session {
+        // "where the final time it was sent, it referred to the same export name that was
+        // ultimately selected"
+        let contexts = match self.meta.take() {
+            Some((meta_export, ids)) if Arc::ptr_eq(&meta_export, &export) => ids
+                .into_iter()
+                .filter_map(|id| export.context(id).map(|c| (id, c.source)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Session {
+            transmission_flags: export.transmission_flags(self.structured),
+            size: export.dev.size(),
+            structured: self.structured,
+            contexts,
+            export,
+        }
+    }
+}
+
+fn send(stream: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes)?;
+    stream.flush()
+}
+
+/// Runs the handshake on `stream` against the server's exports.
+pub(crate) fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    inner: &Inner,
+) -> Result<Outcome, HandshakeError> {
+    send(stream, &greeting(HANDSHAKE_FLAGS))?;
+    let mut raw_flags = [0u8; 4];
+    stream.read_exact(&mut raw_flags)?;
+    let client = ClientFlags::parse(u32::from_be_bytes(raw_flags), HANDSHAKE_FLAGS)
+        .map_err(HandshakeError::Protocol)?;
+    if !client.fixed_newstyle {
+        tracing::debug!(
+            "client did not set NBD_FLAG_C_FIXED_NEWSTYLE; answering in fixed newstyle anyway"
+        );
+    }
+    let mut state = State {
+        table: inner.export_table(),
+        structured: false,
+        meta: None,
+        no_zeroes: client.no_zeroes,
+    };
+    let mut data = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        let mut raw_header = [0u8; OPTION_HEADER_LEN];
+        stream.read_exact(&mut raw_header)?;
+        let header = OptionHeader::parse(&raw_header).map_err(HandshakeError::Protocol)?;
+        let option = header.option;
+        replies.clear();
+
+        if header.length > MAX_OPTION_DATA {
+            if option == NBD_OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameRefused("option data too large"));
+            }
+            if header.length > MAX_OPTION_SKIP {
+                return Err(HandshakeError::OptionTooLarge {
+                    option,
+                    length: header.length,
+                });
+            }
+            io::copy(
+                &mut Read::by_ref(stream).take(u64::from(header.length)),
+                &mut io::sink(),
+            )
+            .and_then(|n| {
+                if n == u64::from(header.length) {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                }
+            })?;
+            if option == NBD_OPT_SET_META_CONTEXT {
+                state.meta = None;
+            }
+            put_option_error(
+                &mut replies,
+                option,
+                NBD_REP_ERR_TOO_BIG,
+                "Option data is too large",
+            );
+            send(stream, &replies)?;
+            continue;
+        }
+        // Bounded by MAX_OPTION_DATA above.
+        data.resize(usize::try_from(header.length).unwrap_or(0), 0);
+        stream.read_exact(&mut data)?;
+
+        if inner.shutting_down.load(Ordering::Acquire) && option != NBD_OPT_ABORT {
+            if option == NBD_OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameRefused(
+                    "the server is shutting down",
+                ));
+            }
+            put_option_error(
+                &mut replies,
+                option,
+                NBD_REP_ERR_SHUTDOWN,
+                "The server is shutting down",
+            );
+            send(stream, &replies)?;
+            continue;
+        }
+
+        let parsed = match parse_option(option, &data) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                if option == NBD_OPT_EXPORT_NAME {
+                    return Err(HandshakeError::ExportNameRefused("invalid export name"));
+                }
+                if option == NBD_OPT_SET_META_CONTEXT {
+                    // "Issuing this command replaces all previously-set metadata contexts
+                    // (including when this command fails)"
+                    state.meta = None;
+                }
+                tracing::debug!(option, %err, "malformed option");
+                put_option_error(&mut replies, option, NBD_REP_ERR_INVALID, &err.to_string());
+                send(stream, &replies)?;
+                continue;
+            }
+        };
+        tracing::trace!(?parsed, "option");
+
+        match parsed {
+            ClientOption::ExportName(name) => {
+                let Some(export) = state.table.resolve(&name) else {
+                    return Err(HandshakeError::UnknownExport(name));
+                };
+                let session = state.enter(export);
+                let (reply, len) =
+                    export_name_reply(session.size, session.transmission_flags, state.no_zeroes);
+                send(stream, &reply[..len])?;
+                return Ok(Outcome::Transmission(session));
+            }
+            ClientOption::Abort => {
+                put_ack(&mut replies, option);
+                // The client may already have closed: a failed ACK changes nothing.
+                let _ = send(stream, &replies);
+                return Ok(Outcome::Aborted);
+            }
+            ClientOption::List => {
+                for export in state.table.by_name.values() {
+                    put_rep_server(
+                        &mut replies,
+                        option,
+                        &export.name,
+                        export.description.as_deref(),
+                    );
+                }
+                put_ack(&mut replies, option);
+            }
+            ClientOption::StartTls => {
+                put_option_error(
+                    &mut replies,
+                    option,
+                    NBD_REP_ERR_UNSUP,
+                    "TLS is not supported by this server",
+                );
+            }
+            ClientOption::Info(ref info) | ClientOption::Go(ref info) => {
+                let go = matches!(parsed, ClientOption::Go(_));
+                match state.table.resolve(&info.name) {
+                    None => {
+                        let message = format!("No export named {:?}", info.name);
+                        put_option_error(&mut replies, option, NBD_REP_ERR_UNKNOWN, &message);
+                    }
+                    Some(export) => {
+                        let flags = export.transmission_flags(state.structured);
+                        put_info_export(&mut replies, option, export.dev.size(), flags);
+                        // Always sent: the spec says a server with non-default constraints
+                        // SHOULD advertise them, and clients ignore what they did not ask.
+                        put_info_block_size(&mut replies, option, export.limits);
+                        if info.wants(NBD_INFO_NAME) {
+                            put_info_name(&mut replies, option, &export.name);
+                        }
+                        if let (true, Some(description)) =
+                            (info.wants(NBD_INFO_DESCRIPTION), &export.description)
+                        {
+                            put_info_description(&mut replies, option, description);
+                        }
+                        if go && export.limits.minimum > 1 && !info.wants(NBD_INFO_BLOCK_SIZE) {
+                            // Unaligned requests would fail; refuse up front as the spec
+                            // allows ("via an error reply of NBD_REP_ERR_BLOCK_SIZE_REQD").
+                            put_option_error(
+                                &mut replies,
+                                option,
+                                NBD_REP_ERR_BLOCK_SIZE_REQD,
+                                "This export needs aligned requests: ask for NBD_INFO_BLOCK_SIZE",
+                            );
+                        } else {
+                            put_ack(&mut replies, option);
+                            if go {
+                                send(stream, &replies)?;
+                                return Ok(Outcome::Transmission(state.enter(export)));
+                            }
+                        }
+                    }
+                }
+            }
+            ClientOption::StructuredReply => {
+                state.structured = true;
+                put_ack(&mut replies, option);
+            }
+            ClientOption::ListMetaContext(ref request)
+            | ClientOption::SetMetaContext(ref request) => {
+                let set = matches!(parsed, ClientOption::SetMetaContext(_));
+                if set {
+                    state.meta = None;
+                }
+                if set && !state.structured {
+                    // "This option MUST NOT be requested unless structured replies have
+                    // been negotiated first. ... a server SHOULD send NBD_REP_ERR_INVALID."
+                    put_option_error(
+                        &mut replies,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        "Negotiate structured replies first",
+                    );
+                } else if let Some(export) = state.table.resolve(&request.export) {
+                    if set {
+                        let ids = export.select_contexts(&request.queries);
+                        for &id in &ids {
+                            if let Some(context) = export.context(id) {
+                                put_meta_context(&mut replies, option, id, &context.name);
+                            }
+                        }
+                        state.meta = Some((Arc::clone(&export), ids));
+                    } else {
+                        for id in export.list_contexts(&request.queries) {
+                            if let Some(context) = export.context(id) {
+                                // "The metadata context ID in these replies is reserved and
+                                // SHOULD be set to zero"
+                                put_meta_context(&mut replies, option, 0, &context.name);
+                            }
+                        }
+                    }
+                    put_ack(&mut replies, option);
+                } else {
+                    let message = format!("No export named {:?}", request.export);
+                    put_option_error(&mut replies, option, NBD_REP_ERR_UNKNOWN, &message);
+                }
+            }
+            ClientOption::Unsupported(code) => {
+                let message = format!("Option {code} is not supported");
+                put_option_error(&mut replies, option, NBD_REP_ERR_UNSUP, &message);
+            }
+        }
+        send(stream, &replies)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::backend::{BlockDevice, BlockSizeLimits, Extent, ZeroMode};
+    use crate::server::{Server, ServerConfig};
+
+    struct Dev(u32);
+
+    impl BlockDevice for Dev {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn block_size(&self) -> BlockSizeLimits {
+            BlockSizeLimits {
+                minimum: self.0,
+                preferred: 4096,
+                maximum: 1 << 20,
+            }
+        }
+        fn can_trim(&self) -> bool {
+            true
+        }
+        fn can_fast_zero(&self) -> bool {
+            true
+        }
+        fn can_multi_conn(&self) -> bool {
+            true
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn cache(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn allocation(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }])
+        }
+        fn meta_contexts(&self) -> Vec<String> {
+            vec!["x-blkrep:dirty".into()]
+        }
+    }
+
+    /// In-memory duplex: reads from `input`, collects output.
+    struct Duplex {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Duplex {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Duplex {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn server() -> Server {
+        let server = Server::new(ServerConfig::default());
+        server
+            .add_export("disk", Some("test disk".into()), Arc::new(Dev(1)))
+            .unwrap();
+        server
+            .add_export("aligned", None, Arc::new(Dev(4096)))
+            .unwrap();
+        server
+    }
+
+    fn option(out: &mut Vec<u8>, opt: &ClientOption) {
+        let data = opt.encode_data();
+        out.extend_from_slice(
+            &OptionHeader {
+                option: opt.code(),
+                length: u32::try_from(data.len()).unwrap(),
+            }
+            .encode(),
+        );
+        out.extend_from_slice(&data);
+    }
+
+    fn client(flags: u32, options: &[ClientOption]) -> Vec<u8> {
+        let mut out = flags.to_be_bytes().to_vec();
+        for opt in options {
+            option(&mut out, opt);
+        }
+        out
+    }
+
+    fn run(
+        server: &Server,
+        input: Vec<u8>,
+    ) -> (Result<Option<Negotiated>, HandshakeError>, Vec<u8>) {
+        let mut duplex = Duplex {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        let result = server.negotiate(&mut duplex);
+        (result, duplex.output)
+    }
+
+    /// Option replies after the 18-byte greeting.
+    fn replies(output: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut at = GREETING_LEN;
+        let mut out = Vec::new();
+        while at < output.len() {
+            let Ok((reply, used)) = parse_option_reply(&output[at..]) else {
+                break;
+            };
+            out.push((reply.option, reply.reply_type, reply.data.to_vec()));
+            at += used;
+        }
+        out
+    }
+
+    fn go(name: &str, requests: &[u16]) -> ClientOption {
+        ClientOption::Go(InfoRequest {
+            name: name.into(),
+            requests: requests.to_vec(),
+        })
+    }
+
+    #[test]
+    fn go_enters_transmission_with_info() {
+        let s = server();
+        let (result, output) = run(
+            &s,
+            client(
+                3,
+                &[go(
+                    "disk",
+                    &[NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE],
+                )],
+            ),
+        );
+        let n = result.unwrap().unwrap();
+        assert_eq!(n.export, "disk");
+        assert_eq!(n.size, 1 << 20);
+        assert!(!n.structured_replies);
+        assert_eq!(n.transmission_flags & NBD_FLAG_SEND_DF, 0);
+        assert_eq!(&output[..8], b"NBDMAGIC");
+        let r = replies(&output);
+        let kinds: Vec<_> = r
+            .iter()
+            .map(|(_, t, d)| (*t, d.get(..2).map(|b| b[1])))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (NBD_REP_INFO, Some(0)),
+                (NBD_REP_INFO, Some(3)),
+                (NBD_REP_INFO, Some(1)),
+                (NBD_REP_INFO, Some(2)),
+                (NBD_REP_ACK, None)
+            ]
+        );
+        assert_eq!(&r[2].2[2..], b"disk");
+        assert_eq!(&r[3].2[2..], b"test disk");
+    }
+
+    #[test]
+    fn export_name_honours_no_zeroes() {
+        let s = server();
+        let (result, output) = run(&s, client(3, &[ClientOption::ExportName("disk".into())]));
+        assert!(result.unwrap().is_some());
+        assert_eq!(output.len(), GREETING_LEN + 10);
+        let (result, output) = run(&s, client(1, &[ClientOption::ExportName("disk".into())]));
+        assert!(result.unwrap().is_some());
+        assert_eq!(output.len(), GREETING_LEN + 134);
+        let (result, _) = run(&s, client(1, &[ClientOption::ExportName("nope".into())]));
+        assert!(matches!(result, Err(HandshakeError::UnknownExport(_))));
+    }
+
+    #[test]
+    fn unknown_client_flags_drop_the_connection() {
+        let (result, _) = run(&server(), client(4, &[]));
+        assert!(matches!(
+            result,
+            Err(HandshakeError::Protocol(OptionError::UnknownClientFlags(4)))
+        ));
+    }
+
+    #[test]
+    fn unknown_options_are_unsupported_and_negotiation_continues() {
+        let s = server();
+        let (result, output) = run(
+            &s,
+            client(
+                1,
+                &[
+                    ClientOption::Unsupported(4),
+                    ClientOption::StartTls,
+                    ClientOption::Unsupported(11),
+                    go("disk", &[]),
+                ],
+            ),
+        );
+        assert!(result.unwrap().is_some());
+        let r = replies(&output);
+        assert_eq!((r[0].0, r[0].1), (4, NBD_REP_ERR_UNSUP));
+        assert_eq!((r[1].0, r[1].1), (NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP));
+        assert_eq!((r[2].0, r[2].1), (11, NBD_REP_ERR_UNSUP));
+        assert_eq!(r.last().unwrap().1, NBD_REP_ACK);
+    }
+
+    #[test]
+    fn list_info_and_abort() {
+        let s = server();
+        let info = ClientOption::Info(InfoRequest {
+            name: "missing".into(),
+            requests: vec![],
+        });
+        let (result, output) = run(
+            &s,
+            client(1, &[ClientOption::List, info, ClientOption::Abort]),
+        );
+        assert!(result.unwrap().is_none());
+        let r = replies(&output);
+        assert_eq!(r[0].1, NBD_REP_SERVER);
+        assert_eq!(&r[0].2, b"\0\0\0\x07aligned");
+        assert_eq!(r[1].1, NBD_REP_SERVER);
+        assert_eq!(&r[1].2, b"\0\0\0\x04disktest disk");
+        assert_eq!(r[2].1, NBD_REP_ACK);
+        assert_eq!(r[3].1, NBD_REP_ERR_UNKNOWN);
+        assert_eq!((r[4].0, r[4].1), (NBD_OPT_ABORT, NBD_REP_ACK));
+    }
+
+    #[test]
+    fn malformed_options_are_invalid_and_negotiation_continues() {
+        let s = server();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend_from_slice(
+            &OptionHeader {
+                option: NBD_OPT_GO,
+                length: 3,
+            }
+            .encode(),
+        );
+        input.extend_from_slice(&[0, 0, 9]);
+        input.extend_from_slice(
+            &OptionHeader {
+                option: NBD_OPT_LIST,
+                length: 1,
+            }
+            .encode(),
+        );
+        input.push(0);
+        option(&mut input, &go("disk", &[]));
+        let (result, output) = run(&s, input);
+        assert!(result.unwrap().is_some());
+        let r = replies(&output);
+        assert_eq!(r[0].1, NBD_REP_ERR_INVALID);
+        assert_eq!(r[1].1, NBD_REP_ERR_INVALID);
+        assert!(r[0].2.starts_with(b"Malformed"));
+    }
+
+    #[test]
+    fn oversized_options_are_skipped_or_fatal() {
+        let s = server();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend_from_slice(
+            &OptionHeader {
+                option: NBD_OPT_GO,
+                length: MAX_OPTION_DATA + 1,
+            }
+            .encode(),
+        );
+        input.resize(
+            input.len() + usize::try_from(MAX_OPTION_DATA + 1).unwrap(),
+            0,
+        );
+        option(&mut input, &go("disk", &[]));
+        let (result, output) = run(&s, input);
+        assert!(result.unwrap().is_some());
+        assert_eq!(replies(&output)[0].1, NBD_REP_ERR_TOO_BIG);
+
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend_from_slice(
+            &OptionHeader {
+                option: NBD_OPT_LIST,
+                length: u32::MAX,
+            }
+            .encode(),
+        );
+        let (result, _) = run(&s, input);
+        assert!(matches!(result, Err(HandshakeError::OptionTooLarge { .. })));
+
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend_from_slice(
+            &OptionHeader {
+                option: NBD_OPT_EXPORT_NAME,
+                length: MAX_OPTION_DATA + 1,
+            }
+            .encode(),
+        );
+        let (result, _) = run(&s, input);
+        assert!(matches!(result, Err(HandshakeError::ExportNameRefused(_))));
+    }
+
+    #[test]
+    fn bad_option_magic_is_fatal() {
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend_from_slice(&[0u8; 16]);
+        let (result, _) = run(&server(), input);
+        assert!(matches!(
+            result,
+            Err(HandshakeError::Protocol(OptionError::BadMagic(0)))
+        ));
+    }
+
+    #[test]
+    fn truncated_input_is_an_io_error() {
+        let (result, _) = run(&server(), vec![0, 0]);
+        assert!(matches!(result, Err(HandshakeError::Io(_))));
+    }
+
+    fn meta(set: bool, export: &str, queries: &[&str]) -> ClientOption {
+        let m = MetaContextRequest {
+            export: export.into(),
+            queries: queries.iter().map(|q| (*q).to_owned()).collect(),
+        };
+        if set {
+            ClientOption::SetMetaContext(m)
+        } else {
+            ClientOption::ListMetaContext(m)
+        }
+    }
+
+    #[test]
+    fn meta_contexts_are_listed_and_selected() {
+        let s = server();
+        let options = [
+            meta(true, "disk", &["base:allocation"]),
+            ClientOption::StructuredReply,
+            meta(false, "disk", &[]),
+            meta(false, "disk", &["qemu:"]),
+            meta(
+                true,
+                "disk",
+                &[
+                    "base:allocation",
+                    "qemu:dirty-bitmap:blkrep",
+                    "base:",
+                    "nope:x",
+                ],
+            ),
+            go("disk", &[NBD_INFO_BLOCK_SIZE]),
+        ];
+        let (result, output) = run(&s, client(1, &options));
+        let n = result.unwrap().unwrap();
+        assert!(n.structured_replies);
+        assert_ne!(n.transmission_flags & NBD_FLAG_SEND_DF, 0);
+        assert_eq!(
+            n.meta_contexts,
+            ["base:allocation", "qemu:dirty-bitmap:blkrep"]
+        );
+        let r = replies(&output);
+        assert_eq!(r[0].1, NBD_REP_ERR_INVALID); // SET before structured replies
+        assert_eq!(r[1].1, NBD_REP_ACK);
+        let listed: Vec<_> = r[2..5]
+            .iter()
+            .map(|(_, t, d)| (*t, String::from_utf8_lossy(&d[4..]).into_owned()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (NBD_REP_META_CONTEXT, "base:allocation".to_owned()),
+                (NBD_REP_META_CONTEXT, "x-blkrep:dirty".to_owned()),
+                (NBD_REP_META_CONTEXT, "qemu:dirty-bitmap:blkrep".to_owned())
+            ]
+        );
+        assert_eq!(r[5].1, NBD_REP_ACK);
+        assert_eq!(&r[6].2[4..], b"qemu:dirty-bitmap:blkrep");
+        assert_eq!(r[7].1, NBD_REP_ACK);
+    }
+
+    #[test]
+    fn contexts_for_another_export_are_dropped_at_go() {
+        let s = server();
+        let options = [
+            ClientOption::StructuredReply,
+            meta(true, "disk", &["base:allocation"]),
+            go("aligned", &[NBD_INFO_BLOCK_SIZE]),
+        ];
+        let (result, _) = run(&s, client(1, &options));
+        assert!(result.unwrap().unwrap().meta_contexts.is_empty());
+    }
+
+    #[test]
+    fn aligned_exports_need_block_size_at_go() {
+        let s = server();
+        let (result, output) = run(
+            &s,
+            client(
+                1,
+                &[go("aligned", &[]), go("aligned", &[NBD_INFO_BLOCK_SIZE])],
+            ),
+        );
+        assert!(result.unwrap().is_some());
+        let r = replies(&output);
+        assert_eq!(
+            r.iter()
+                .filter(|(_, t, _)| *t == NBD_REP_ERR_BLOCK_SIZE_REQD)
+                .count(),
+            1
+        );
+        assert_eq!(r.last().unwrap().1, NBD_REP_ACK);
+    }
+
+    #[test]
+    fn shutting_down_refuses_options() {
+        let s = server();
+        s.shutdown();
+        let (result, output) = run(&s, client(1, &[go("disk", &[]), ClientOption::Abort]));
+        assert!(result.unwrap().is_none());
+        let r = replies(&output);
+        assert_eq!(r[0].1, NBD_REP_ERR_SHUTDOWN);
+        assert_eq!(r[1].1, NBD_REP_ACK);
+    }
+}

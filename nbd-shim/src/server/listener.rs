@@ -1,0 +1,316 @@
+//! Listening sockets, accept threads and per-connection threads.
+//!
+//! An accept thread polls its listener and the server's wake pipe; shutdown makes the pipe
+//! readable, which stops every accept thread. Each accepted connection gets its own thread
+//! and a registry entry holding a clone of its socket, so shutdown can `shutdown(2)` it.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::handshake::{self, Outcome};
+use super::transmission::{self, Ending, TransmissionError};
+use super::{ConnEntry, Inner};
+
+/// A connected socket the server can serve.
+pub(crate) trait Transport: Read + Write + AsFd + Send + 'static {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn shutdown_handle(&self) -> io::Result<ShutdownHandle>;
+}
+
+impl Transport for UnixStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+    fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        self.try_clone().map(ShutdownHandle::Unix)
+    }
+}
+
+impl Transport for TcpStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+    fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        self.try_clone().map(ShutdownHandle::Tcp)
+    }
+}
+
+/// A second handle on a connection's socket, to interrupt it from another thread.
+#[derive(Debug)]
+pub(crate) enum ShutdownHandle {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl ShutdownHandle {
+    pub(crate) fn shutdown(&self, how: Shutdown) {
+        // ENOTCONN once the peer is gone is fine: the socket is down either way.
+        let _ = match self {
+            ShutdownHandle::Unix(s) => s.shutdown(how),
+            ShutdownHandle::Tcp(s) => s.shutdown(how),
+        };
+    }
+}
+
+/// A bound listener.
+pub(crate) enum Listener {
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        /// (device, inode) of the socket file we created, so we only unlink our own.
+        identity: (u64, u64),
+    },
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix { listener, .. } => listener.as_fd(),
+            Listener::Tcp(listener) => listener.as_fd(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "tcp:?".to_owned(), |a| format!("tcp:{a}")),
+        }
+    }
+
+    fn remove_socket_file(&self) {
+        if let Listener::Unix { path, identity, .. } = self {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == *identity {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn identity_of(path: &std::path::Path) -> io::Result<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Accept loop; runs until shutdown.
+pub(crate) fn accept_loop(inner: Arc<Inner>, listener: Listener) {
+    let name = listener.describe();
+    tracing::info!(listener = %name, "listening");
+    loop {
+        if inner.shutting_down.load(Ordering::Acquire) {
+            break;
+        }
+        let mut fds = [
+            PollFd::new(listener.fd(), PollFlags::POLLIN),
+            PollFd::new(inner.wake_read.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => {
+                tracing::error!(listener = %name, %err, "poll failed; listener stopped");
+                break;
+            }
+        }
+        if fds[1].any().unwrap_or(false) {
+            break;
+        }
+        let accepted = match &listener {
+            Listener::Unix { listener, .. } => listener
+                .accept()
+                .map(|(s, _)| (Conn::Unix(s), "unix".to_owned())),
+            Listener::Tcp(listener) => listener
+                .accept()
+                .map(|(s, addr)| (Conn::Tcp(s), addr.to_string())),
+        };
+        match accepted {
+            Ok((conn, peer)) => {
+                if inner.shutting_down.load(Ordering::Acquire) {
+                    break;
+                }
+                spawn_connection(&inner, conn, peer);
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = %name, %err, "accept failed");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    listener.remove_socket_file();
+    tracing::info!(listener = %name, "stopped listening");
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+fn spawn_connection(inner: &Arc<Inner>, conn: Conn, peer: String) {
+    let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let prepared = match conn {
+        Conn::Unix(s) => prepare(s).map(|(h, s)| (h, Conn::Unix(s))),
+        Conn::Tcp(s) => {
+            // "both the client and server SHOULD disable Nagle's algorithm"
+            let _ = s.set_nodelay(true);
+            let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::KeepAlive, &true);
+            prepare(s).map(|(h, s)| (h, Conn::Tcp(s)))
+        }
+    };
+    let (handle, conn) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::warn!(%peer, %err, "could not set up connection");
+            return;
+        }
+    };
+    // The registry lock is held across spawn so the thread cannot deregister before it
+    // is registered.
+    let mut registry = inner.lock_connections();
+    let thread_inner = Arc::clone(inner);
+    let spawned = thread::Builder::new()
+        .name(format!("nbd-conn-{id}"))
+        .spawn(move || {
+            match conn {
+                Conn::Unix(s) => run_connection(&thread_inner, id, s, &peer),
+                Conn::Tcp(s) => run_connection(&thread_inner, id, s, &peer),
+            }
+            let mut registry = thread_inner.lock_connections();
+            registry.remove(&id);
+            if registry.is_empty() {
+                thread_inner.connections_idle.notify_all();
+            }
+        });
+    match spawned {
+        Ok(thread) => {
+            registry.insert(id, ConnEntry { handle, thread });
+        }
+        Err(err) => tracing::warn!(%err, "could not spawn a connection thread"),
+    }
+}
+
+fn prepare<S: Transport>(s: S) -> io::Result<(ShutdownHandle, S)> {
+    // An accepted socket must block even if the listener does not.
+    let raw = s.as_fd().as_raw_fd();
+    let flags = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok((s.shutdown_handle()?, s))
+}
+
+/// Stream wrapper that enforces an overall handshake deadline on top of the socket
+/// timeout (which only bounds each read).
+struct Deadline<'a, S> {
+    stream: &'a mut S,
+    deadline: Option<Instant>,
+}
+
+impl<S: Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl<S: Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Handshake then transmission on one socket; logs and counts how it ended.
+pub(crate) fn run_connection<S: Transport>(inner: &Inner, id: u64, mut stream: S, peer: &str) {
+    let span = tracing::debug_span!("nbd_conn", id, peer);
+    let _entered = span.enter();
+    let timeout = inner.config.handshake_timeout;
+    if let Err(err) = stream.set_timeouts(timeout) {
+        tracing::warn!(%err, "could not set handshake timeouts");
+    }
+    let outcome = {
+        let mut guarded = Deadline {
+            stream: &mut stream,
+            deadline: timeout.map(|t| Instant::now() + t),
+        };
+        handshake::negotiate(&mut guarded, inner)
+    };
+    let session = match outcome {
+        Ok(Outcome::Transmission(session)) => session,
+        Ok(Outcome::Aborted) => {
+            tracing::debug!("client aborted the handshake");
+            return;
+        }
+        Err(err) => {
+            tracing::debug!(%err, "handshake failed");
+            return;
+        }
+    };
+    if let Err(err) = stream.set_timeouts(None) {
+        tracing::warn!(%err, "could not clear handshake timeouts");
+    }
+    let _ = serve_session(inner, &mut stream, &session);
+}
+
+/// Transmission with accounting; shared by socket threads and [`crate::Server::serve_stream`].
+pub(crate) fn serve_session<S: Read + Write>(
+    inner: &Inner,
+    stream: &mut S,
+    session: &handshake::Session,
+) -> Result<Ending, TransmissionError> {
+    let export = &session.export;
+    let counters = &export.counters;
+    counters.connections.fetch_add(1, Ordering::Relaxed);
+    counters.connections_total.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(export = %export.name, structured = session.structured, contexts = session.contexts.len(), "transmission started");
+    let result = transmission::serve(stream, session, &inner.config, &inner.shutting_down);
+    counters.connections.fetch_sub(1, Ordering::Relaxed);
+    match &result {
+        Ok(Ending::Disconnect) => tracing::debug!(export = %export.name, "client disconnected"),
+        Ok(Ending::Shutdown) => {
+            tracing::debug!(export = %export.name, "connection closed for shutdown")
+        }
+        Ok(Ending::PeerClosed) => {
+            counters.dropped_connections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(export = %export.name, "client closed the connection without NBD_CMD_DISC");
+        }
+        Err(TransmissionError::Io(err)) => {
+            counters.dropped_connections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(export = %export.name, %err, "connection lost");
+        }
+        Err(err @ TransmissionError::Desync(_)) => {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(export = %export.name, %err, "closing a desynchronised connection");
+        }
+    }
+    result
+}
