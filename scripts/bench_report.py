@@ -264,7 +264,7 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
         f"{args.runtime} s measured after {args.ramp} s ramp; fio nbd engine over a unix "
         f"socket, numjobs=1; raw image {args.size} (fallocate, written once in full), "
         f"the same file for every server; servers started fresh for each run in the order "
-        f"{', '.join(SERVERS[x] for x in servers)}. MB/s = 10^6 bytes/s; latencies are fio completion "
+        f"{', '.join(SERVERS[x] for x in args.servers.split(',') if x)}. MB/s = 10^6 bytes/s; latencies are fio completion "
         f"latency (clat) in µs; server CPU % is the server process's user+system time (all "
         f"threads) while fio ran, ramp included, in % of one core (the machine has "
         f"{len(os.sched_getaffinity(0))} cores, shared with fio).")
