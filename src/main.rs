@@ -1,2 +1,204 @@
-//! blkrep: asynchronous disaster-recovery replication of virtual disks.
-fn main() {}
+//! blkrep: asynchronous disaster-recovery replication of virtual disks for Linux/KVM.
+//!
+//! `blkrep primary` serves each protected disk over NBD and logs every write;
+//! `blkrep status` and `blkrep cycles` talk to it or to its files.
+
+mod config;
+mod control;
+mod cycles;
+mod primary;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::config::PrimaryConfig;
+use crate::control::Request;
+use crate::status::StatusReport;
+
+/// Asynchronous disaster-recovery replication of virtual disks.
+#[derive(Debug, Parser)]
+#[command(name = "blkrep", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format for daemons.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the primary daemon: serve the configured disks over NBD and track writes.
+    Primary {
+        /// The primary's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show the running primary's groups, disks, cycles and consumers.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with cycles.
+    Cycles {
+        #[command(subcommand)]
+        command: CyclesCommand,
+    },
+}
+
+/// Which daemon to talk to.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The primary's configuration (its control socket is read from it).
+    #[arg(long, short, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The primary's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CyclesCommand {
+    /// Close a group's cycle now on the running primary and wait until its consumer
+    /// has applied and acknowledged it. Prints {"cycle": N}.
+    Close {
+        #[command(flatten)]
+        target: Target,
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// How long to wait for delivery, e.g. 60s.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Apply a STOPPED group's log to its local copies: recover the ring after a crash,
+    /// replay it onto the images if needed, apply every unacknowledged change to
+    /// DIR/<disk>.img and acknowledge. Afterwards every copy equals its image.
+    Apply {
+        /// The primary's configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// The directory holding the copies (DIR/<disk>.img).
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+/// The message of an error and its causes, on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn control_socket(target: &Target) -> anyhow::Result<PathBuf> {
+    match (&target.socket, &target.config) {
+        (Some(socket), _) => Ok(socket.clone()),
+        (None, Some(config)) => Ok(load(config)?.control_socket),
+        (None, None) => Ok(PathBuf::from(config::DEFAULT_CONTROL_SOCKET)),
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<PrimaryConfig> {
+    Ok(PrimaryConfig::load(path)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Primary { config, check } => {
+            let config = load(&config)?;
+            if check {
+                println!("Configuration is valid: {} group(s)", config.groups.len());
+                return Ok(());
+            }
+            init_logging(cli.log_format);
+            primary::run(config)?;
+        }
+        Command::Status { target, json } => {
+            let socket = control_socket(&target)?;
+            let value = control::call(&socket, &Request::Status, Duration::from_secs(30))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let report: StatusReport =
+                    serde_json::from_value(value).context("Unreadable status report")?;
+                print!("{}", report.render());
+            }
+        }
+        Command::Cycles {
+            command:
+                CyclesCommand::Close {
+                    target,
+                    group,
+                    timeout,
+                },
+        } => {
+            let socket = control_socket(&target)?;
+            let request = Request::CloseCycle {
+                group,
+                timeout_secs: timeout.as_secs().max(1),
+            };
+            let value = control::call(&socket, &request, timeout + Duration::from_secs(5))?;
+            println!("{value}");
+        }
+        Command::Cycles {
+            command: CyclesCommand::Apply { config, group, to },
+        } => {
+            let config = load(&config)?;
+            let Some(group_config) = config.group(&group) else {
+                bail!("No group named {group:?} in the configuration");
+            };
+            init_logging(cli.log_format);
+            let summary = cycles::apply_offline(group_config, &to)?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("blkrep: {}", error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -89,7 +89,7 @@ enum Command {
 pub struct Shipper {
     commands: Sender<Command>,
     status: Arc<Mutex<ShipperStatus>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Worker {
@@ -135,7 +135,7 @@ impl Shipper {
         Ok(Self {
             commands,
             status,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -161,14 +161,12 @@ impl Shipper {
             .clone()
     }
 
-    /// Stops the thread after its current delivery.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+    /// Stops the thread after its current delivery and waits for it. Later calls to
+    /// [`Shipper::close_now`] fail with [`ShipperError::Stopped`].
+    pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
-        if let Some(thread) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
     }
@@ -176,7 +174,7 @@ impl Shipper {
 
 impl Drop for Shipper {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
     }
 }
 

@@ -1395,6 +1395,15 @@ impl LogGuard {
         self.slot.is_some()
     }
 
+    /// Withdraws the record: the image refused the operation without changing anything
+    /// (e.g. WRITE_ZEROES with FAST_ZERO that cannot be fast).
+    pub fn cancel(mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.shared.store_commit(&slot, 0);
+            self.shared.finish(&slot);
+        }
+    }
+
     /// Reports that the image write failed after logging. For a write, `read_back`
     /// fills the record's payload with what the image now holds (it may be partly
     /// written), so log and image still agree. If that fails too, or for zeroes and

@@ -339,3 +339,15 @@ fn image_failure_reads_back_or_marks_resync() {
         .image_failed(|_| Ok(()));
     assert_eq!(group.status().resync, Some(ResyncReason::ImageWriteError));
 }
+
+#[test]
+fn cancelled_records_do_not_ship() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    disk.log_zero(0, 4096, false).unwrap().cancel();
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!((cycle.stats().records, cycle.stats().skipped), (0, 1));
+    assert_eq!(cycle.changes().count(), 0);
+}
