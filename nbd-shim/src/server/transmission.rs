@@ -430,9 +430,9 @@ pub(crate) fn serve<S: Read + Write>(
         // Nothing complete is left: send the replies before blocking.
         flush_out(stream, &mut exec.out)?;
         publish(export, &mut exec.stats);
-        if shutting_down.load(Ordering::Acquire) {
-            return Ok(Ending::Shutdown);
-        }
+        // No shutdown check here: shutdown has already shut the socket's read side, so
+        // this read returns what the client had sent (those requests are answered too)
+        // and then end-of-stream instead of blocking.
         let needed = match RequestHeader::parse(recv.pending()) {
             Ok(header) => REQUEST_HEADER_LEN.saturating_add(len_usize(header.payload_len())),
             Err(_) => REQUEST_HEADER_LEN,
