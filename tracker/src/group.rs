@@ -879,7 +879,15 @@ impl Shared {
                 RecordKind::Write | RecordKind::Zero | RecordKind::Trim
             ) {
                 let disk = usize::from(header.disk);
-                if disk >= disks.len() || !self.is_committed(pos, &header) {
+                // After the cycle drained, every record is committed or was cancelled
+                // (commit CRC 0); the payload CRC was checked when the record was
+                // written or, after a crash, by the recovery scan.
+                let committed = if recovery {
+                    self.is_committed(pos, &header)
+                } else {
+                    stored_commit_crc(self.header_bytes(pos)) != 0
+                };
+                if disk >= disks.len() || !committed {
                     stats.skipped += 1;
                 } else {
                     stats.records += 1;
