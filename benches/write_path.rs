@@ -109,5 +109,44 @@ fn logged_write(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, record_encoding, bitmap_update, logged_write);
+fn request_parsing(c: &mut Criterion) {
+    use nbd_shim::backend::BlockSizeLimits;
+    use nbd_shim::proto::request::{ExportShape, RequestHeader};
+    use nbd_shim::proto::{
+        NBD_CMD_WRITE, NBD_FLAG_HAS_FLAGS, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
+    };
+    let shape = ExportShape {
+        size: 64 << 30,
+        limits: BlockSizeLimits {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 << 20,
+        },
+        transmission_flags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA,
+        structured_replies: true,
+        meta_contexts: 0,
+    };
+    let header = RequestHeader {
+        flags: 0,
+        command: NBD_CMD_WRITE,
+        cookie: 42,
+        offset: 1 << 30,
+        length: 4096,
+    }
+    .encode();
+    c.bench_function("NBD request parse + validate", |b| {
+        b.iter(|| {
+            RequestHeader::parse(black_box(&header))
+                .and_then(|parsed| parsed.validate(black_box(&shape)))
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    record_encoding,
+    bitmap_update,
+    logged_write,
+    request_parsing
+);
 criterion_main!(benches);
