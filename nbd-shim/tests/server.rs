@@ -668,3 +668,56 @@ fn device_is_usable_after_shutdown() {
     f.server.shutdown();
     assert_eq!(dev.size(), SIZE);
 }
+
+#[test]
+fn slow_handshakes_time_out() {
+    let f = fixture_with(ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    });
+    let mut stream = UnixStream::connect(&f.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let greeting = read_exact_vec(&mut stream, GREETING_LEN);
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    // Say nothing: the server hangs up after the timeout.
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // A client that completes in time is unaffected, even once idle for longer.
+    let mut c = connect(&f.socket, "disk", true, &[]);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(c.write(0, b"late", 0), 0);
+    c.disconnect();
+}
+
+#[test]
+fn list_and_unknown_exports_over_a_socket() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.socket).unwrap();
+    read_exact_vec(&mut stream, GREETING_LEN);
+    stream.write_all(&1u32.to_be_bytes()).unwrap();
+    send_option(&mut stream, &ClientOption::List);
+    let mut names = Vec::new();
+    loop {
+        let (_, reply_type, data) = read_option_reply(&mut stream);
+        if reply_type == NBD_REP_ACK {
+            break;
+        }
+        let len = usize::try_from(u32::from_be_bytes(data[..4].try_into().unwrap())).unwrap();
+        names.push(String::from_utf8(data[4..4 + len].to_vec()).unwrap());
+    }
+    assert_eq!(names, ["disk", "ro"]);
+    // With two exports there is no default export.
+    send_option(
+        &mut stream,
+        &ClientOption::Go(InfoRequest {
+            name: String::new(),
+            requests: vec![],
+        }),
+    );
+    assert_eq!(read_option_reply(&mut stream).1, NBD_REP_ERR_UNKNOWN);
+    send_option(&mut stream, &ClientOption::Abort);
+    assert_eq!(read_option_reply(&mut stream).1, NBD_REP_ACK);
+}
