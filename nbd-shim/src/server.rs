@@ -17,6 +17,9 @@
 //! payload buffer of at most the export's maximum payload. No buffer is sized by a peer
 //! before the request is validated.
 //!
+//! Signals: a client that vanishes turns our next write into `EPIPE`; Rust binaries ignore
+//! `SIGPIPE` by default, but a host process that does not must ignore it before serving.
+//!
 //! Shutdown ([`Server::shutdown`]): stop accepting; `shutdown(SHUT_RD)` every connection so
 //! blocked reads return; each connection answers the requests it already received, sends
 //! the replies and closes; after [`ServerConfig::shutdown_grace`] stragglers (e.g. a client
@@ -209,8 +212,8 @@ impl Server {
     ///
     /// If the process cannot create a pipe (out of file descriptors).
     pub fn new(config: ServerConfig) -> Self {
-        // The wake pipe is how shutdown interrupts accept threads blocked in poll().
-        #[allow(clippy::expect_used)] // Documented above; nothing works without descriptors.
+        // The wake pipe is how shutdown interrupts accept threads blocked in poll();
+        // nothing works without descriptors, hence the documented panic.
         let (wake_read, wake_write) = nix::unistd::pipe().expect("pipe() for the shutdown wake-up");
         Server {
             inner: Arc::new(Inner {

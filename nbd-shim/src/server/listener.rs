@@ -132,9 +132,16 @@ pub(crate) fn accept_loop(inner: Arc<Inner>, listener: Listener) {
             break;
         }
         let accepted = match &listener {
-            Listener::Unix { listener, .. } => listener
-                .accept()
-                .map(|(s, _)| (Conn::Unix(s), "unix".to_owned())),
+            Listener::Unix { listener, .. } => listener.accept().map(|(s, _)| {
+                // Which process connected (e.g. which qemu) is the useful identity here.
+                let peer =
+                    nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+                        .map_or_else(
+                            |_| "unix".to_owned(),
+                            |c| format!("unix pid {} uid {}", c.pid(), c.uid()),
+                        );
+                (Conn::Unix(s), peer)
+            }),
             Listener::Tcp(listener) => listener
                 .accept()
                 .map(|(s, addr)| (Conn::Tcp(s), addr.to_string())),
@@ -251,7 +258,7 @@ impl<S: Write> Write for Deadline<'_, S> {
 
 /// Handshake then transmission on one socket; logs and counts how it ended.
 pub(crate) fn run_connection<S: Transport>(inner: &Inner, id: u64, mut stream: S, peer: &str) {
-    let span = tracing::debug_span!("nbd_conn", id, peer);
+    let span = tracing::info_span!("nbd_conn", id, peer);
     let _entered = span.enter();
     let timeout = inner.config.handshake_timeout;
     if let Err(err) = stream.set_timeouts(timeout) {
@@ -291,11 +298,11 @@ pub(crate) fn serve_session<S: Read + Write>(
     let counters = &export.counters;
     counters.connections.fetch_add(1, Ordering::Relaxed);
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(export = %export.name, structured = session.structured, contexts = session.contexts.len(), "transmission started");
+    tracing::info!(export = %export.name, structured = session.structured, contexts = session.contexts.len(), "client connected");
     let result = transmission::serve(stream, session, &inner.config, &inner.shutting_down);
     counters.connections.fetch_sub(1, Ordering::Relaxed);
     match &result {
-        Ok(Ending::Disconnect) => tracing::debug!(export = %export.name, "client disconnected"),
+        Ok(Ending::Disconnect) => tracing::info!(export = %export.name, "client disconnected"),
         Ok(Ending::Shutdown) => {
             tracing::debug!(export = %export.name, "connection closed for shutdown")
         }

@@ -109,7 +109,11 @@ impl Executor<'_> {
     fn reply_device_error(&mut self, request: &Request, err: &io::Error) {
         let errno = Errno::from_io_error(err);
         let command = request.op.command();
-        tracing::debug!(%command, offset = request.offset, length = request.length, %err, %errno, "device error");
+        if errno == Errno::Io {
+            tracing::warn!(%command, offset = request.offset, length = request.length, %err, "device I/O error");
+        } else {
+            tracing::debug!(%command, offset = request.offset, length = request.length, %err, %errno, "device error");
+        }
         let message = format!(
             "{command} at {}+{} failed: {err}",
             request.offset, request.length
