@@ -103,7 +103,8 @@ pub struct ExportStats {
     pub errors: u64,
     /// Connections closed because the request stream lost sync.
     pub protocol_errors: u64,
-    /// Connections that ended without `NBD_CMD_DISC` (client vanished, I/O error).
+    /// Connections lost mid-request or to a socket error (a client hanging up between
+    /// requests is a normal close, not counted here).
     pub dropped_connections: u64,
 }
 

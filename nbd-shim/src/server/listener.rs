@@ -307,8 +307,8 @@ pub(crate) fn serve_session<S: Read + Write>(
             tracing::debug!(export = %export.name, "connection closed for shutdown")
         }
         Ok(Ending::PeerClosed) => {
-            counters.dropped_connections.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(export = %export.name, "client closed the connection without NBD_CMD_DISC");
+            // Between requests: many clients (libnbd's close, fio) just hang up.
+            tracing::info!(export = %export.name, "client closed the connection");
         }
         Err(TransmissionError::Io(err)) => {
             counters.dropped_connections.fetch_add(1, Ordering::Relaxed);

@@ -45,7 +45,7 @@ const MAX_DESCRIPTORS: usize = 1 << 16;
 pub(crate) enum Ending {
     /// `NBD_CMD_DISC`.
     Disconnect,
-    /// The client closed the connection without `NBD_CMD_DISC`.
+    /// The client closed the connection between requests without `NBD_CMD_DISC`.
     PeerClosed,
     /// The server is shutting down; queued requests were answered.
     Shutdown,
