@@ -2,7 +2,7 @@
 //!
 //! Threads: one accept thread per listener ([`Server::listen_unix`],
 //! [`Server::listen_tcp`]) and one thread per connection. A connection thread runs the
-//! handshake, then the transmission loop of [`transmission`]: requests are executed
+//! handshake, then the transmission loop: requests are executed
 //! synchronously in arrival order and their replies sent in that order, batched into one
 //! write whenever no further complete request is buffered.
 //!
@@ -311,7 +311,7 @@ impl Server {
         let thread = thread::Builder::new()
             .name(format!("nbd-accept-{name}"))
             .spawn(move || listener::accept_loop(inner, listener))
-            .map_err(io_err("spawning the accept thread"))?;
+            .map_err(io_err("Spawning the accept thread"))?;
         self.inner
             .accept_threads
             .lock()
@@ -336,15 +336,17 @@ impl Server {
             }
             tracing::info!(path = %path.display(), "replacing a stale socket");
             std::fs::remove_file(path)
-                .map_err(io_err(format!("removing stale socket {}", path.display())))?;
+                .map_err(io_err(format!("Removing stale socket {}", path.display())))?;
         }
         let listener =
-            UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+            UnixListener::bind(path).map_err(io_err(format!("Binding {}", path.display())))?;
         listener
             .set_nonblocking(true)
-            .map_err(io_err("setting the listener non-blocking"))?;
-        let identity =
-            listener::identity_of(path).map_err(io_err(format!("stat {}", path.display())))?;
+            .map_err(io_err("Setting the listener non-blocking"))?;
+        let identity = listener::identity_of(path).map_err(io_err(format!(
+            "Reading the metadata of {}",
+            path.display()
+        )))?;
         self.spawn_accept(
             Listener::Unix {
                 listener,
@@ -359,13 +361,13 @@ impl Server {
     /// Returns the bound address. Connections get `TCP_NODELAY` and keep-alive.
     pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr, ServerError> {
         self.check_running()?;
-        let listener = TcpListener::bind(addr).map_err(io_err("binding the TCP listener"))?;
+        let listener = TcpListener::bind(addr).map_err(io_err("Binding the TCP listener"))?;
         listener
             .set_nonblocking(true)
-            .map_err(io_err("setting the listener non-blocking"))?;
+            .map_err(io_err("Setting the listener non-blocking"))?;
         let local = listener
             .local_addr()
-            .map_err(io_err("reading the bound address"))?;
+            .map_err(io_err("Reading the bound address"))?;
         self.spawn_accept(Listener::Tcp(listener), "tcp")?;
         Ok(local)
     }

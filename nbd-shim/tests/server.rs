@@ -721,3 +721,180 @@ fn list_and_unknown_exports_over_a_socket() {
     send_option(&mut stream, &ClientOption::Abort);
     assert_eq!(read_option_reply(&mut stream).1, NBD_REP_ACK);
 }
+
+/// An image that fails reads at one offset, cannot zero fast without holes, and offers
+/// `x-blkrep:dirty` (first 64 KiB dirty, the rest clean).
+struct Quirky(ImageFile);
+
+const BAD_OFFSET: u64 = 5 * MIB;
+
+impl BlockDevice for Quirky {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn block_size(&self) -> nbd_shim::backend::BlockSizeLimits {
+        self.0.block_size()
+    }
+    fn can_trim(&self) -> bool {
+        false
+    }
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+    fn can_multi_conn(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset == BAD_OFFSET {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.0.write_at(buf, offset, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: nbd_shim::ZeroMode,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        if mode.fast_only && !mode.may_trim {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        }
+        self.0.write_zeroes(offset, len, mode, fua)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.0.trim(offset, len, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.cache(offset, len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd_shim::Extent>> {
+        self.0.allocation(offset, len)
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        vec!["x-blkrep:dirty".into()]
+    }
+    fn context_extents(
+        &self,
+        index: usize,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Vec<nbd_shim::Extent>> {
+        assert_eq!(index, 0);
+        let dirty_end = 64 << 10;
+        Ok(if offset < dirty_end {
+            vec![
+                nbd_shim::Extent {
+                    length: dirty_end - offset,
+                    flags: 1,
+                },
+                nbd_shim::Extent {
+                    length: SIZE - dirty_end,
+                    flags: 0,
+                },
+            ]
+        } else {
+            vec![nbd_shim::Extent {
+                length: len,
+                flags: 0,
+            }]
+        })
+    }
+}
+
+#[test]
+fn device_errors_fast_zero_and_backend_contexts() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("q.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let server = Server::new(ServerConfig::default());
+    let dev = Quirky(ImageFile::open(&image, ImageFileOptions::default()).unwrap());
+    server.add_export("q", None, Arc::new(dev)).unwrap();
+    let socket = dir.path().join("q.sock");
+    server.listen_unix(&socket).unwrap();
+
+    let mut c = connect(
+        &socket,
+        "q",
+        true,
+        &[
+            "qemu:dirty-bitmap:blkrep",
+            "base:allocation",
+            "x-blkrep:dirty",
+        ],
+    );
+    assert_eq!(c.flags & (NBD_FLAG_SEND_TRIM | NBD_FLAG_CAN_MULTI_CONN), 0);
+    // EIO from the device, as an error chunk with a message; the connection goes on.
+    let reply = c.read(BAD_OFFSET, 4096);
+    let Reply::Chunks(chunks) = &reply else {
+        panic!()
+    };
+    assert!(
+        matches!(&chunks[..], [OwnedChunk::Error(5, message)] if message.contains("NBD_CMD_READ"))
+    );
+    // Unsupported fast zero: ENOTSUP, and without FAST_ZERO it works.
+    let fast_no_hole = NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE;
+    assert_eq!(
+        c.simple(NBD_CMD_WRITE_ZEROES, fast_no_hole, 0, 4096)
+            .error(),
+        Errno::NotSup.code()
+    );
+    assert_eq!(
+        c.simple(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0, 4096)
+            .error(),
+        0
+    );
+    // TRIM was not advertised.
+    assert_eq!(
+        c.simple(NBD_CMD_TRIM, 0, 0, 4096).error(),
+        Errno::Inval.code()
+    );
+    // Three contexts, one chunk each, the alias and the original agreeing.
+    let Reply::Chunks(chunks) = c.simple(NBD_CMD_BLOCK_STATUS, 0, 0, 1 << 20) else {
+        panic!()
+    };
+    assert_eq!(chunks.len(), 3);
+    let by_id: Vec<_> = chunks
+        .iter()
+        .map(|c| match c {
+            OwnedChunk::Status(id, d) => (*id, d.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let dirty = vec![
+        Descriptor {
+            length: 64 << 10,
+            flags: 1,
+        },
+        Descriptor {
+            length: (1 << 20) - (64 << 10),
+            flags: 0,
+        },
+    ];
+    assert_eq!(by_id.iter().filter(|(_, d)| *d == dirty).count(), 2);
+    let mut ids: Vec<_> = by_id.iter().map(|(id, _)| *id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    let Reply::Chunks(chunks) = c.simple(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 4096, 1 << 20)
+    else {
+        panic!()
+    };
+    assert!(chunks
+        .iter()
+        .all(|c| matches!(c, OwnedChunk::Status(_, d) if d.len() == 1)));
+    c.disconnect();
+    let stats = server.export_stats("q").unwrap();
+    assert_eq!(stats.errors, 3);
+}

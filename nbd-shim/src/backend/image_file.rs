@@ -215,7 +215,7 @@ impl ImageFile {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "range past the end of the image",
+                "Range past the end of the image",
             )),
         }
     }

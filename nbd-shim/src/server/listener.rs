@@ -240,7 +240,7 @@ impl<S: Read> Read for Deadline<'_, S> {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "handshake took too long",
+                "Handshake took too long",
             ));
         }
         self.stream.read(buf)

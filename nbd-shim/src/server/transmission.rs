@@ -296,7 +296,7 @@ impl Executor<'_> {
             );
             if descriptors.is_empty() {
                 if source != ContextSource::Allocation {
-                    let err = io::Error::other("the backend returned no extents");
+                    let err = io::Error::other("The backend returned no extents");
                     return self.reply_device_error(request, &err);
                 }
                 descriptors.push(Descriptor {
