@@ -310,6 +310,11 @@ pub(crate) fn serve_session<S: Read + Write>(
             // Between requests: many clients (libnbd's close, fio) just hang up.
             tracing::info!(export = %export.name, "client closed the connection");
         }
+        Err(TransmissionError::Io(err)) if inner.shutting_down.load(Ordering::Acquire) => {
+            // Cut off by our own shutdown (e.g. the client's next write met the closed
+            // read side and it hung up before reading its replies).
+            tracing::debug!(export = %export.name, %err, "connection ended during shutdown");
+        }
         Err(TransmissionError::Io(err)) => {
             counters.dropped_connections.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(export = %export.name, %err, "connection lost");
