@@ -246,7 +246,7 @@ start_server() {
                 -k "$sock" -x "$export_name" "$image" >"$logf" 2>&1 &
             ;;
         untracked|tracked)
-            "$blkrep" primary --config "$work/$which.toml" >"$logf" 2>&1 &
+            NO_COLOR=1 "$blkrep" primary --config "$work/$which.toml" >"$logf" 2>&1 &
             ;;
     esac
     server_pid=$!
@@ -351,6 +351,15 @@ for ((r = 1; r <= runs; r++)); do
                 die "fio failed against $srv"
             fi
             cpu_sample "$json.cpu1"
+            if [[ "$srv" != qemu ]]; then
+                # What the server did (cycles closed and delivered, ring use),
+                # so the report can show the tracked column really tracked.
+                if ! timeout 10 "$blkrep" status --config "$work/$srv.toml" --json \
+                        >"$json.status" 2>>"$logf"; then
+                    log "WARNING: blkrep status failed for $tag (see $logf)"
+                    rm -f "$json.status"
+                fi
+            fi
             if ! stop_server "$srv"; then
                 tail -n 20 "$logf" | sed 's/^/    /' >&2
                 errors=$((errors + 1))

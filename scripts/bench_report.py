@@ -87,6 +87,35 @@ def server_cpu_percent(json_path: Path) -> float | None:
     return (t1 - t0) / os.sysconf("SC_CLK_TCK") / (w1 - w0) * 100.0
 
 
+def server_status(json_path: Path) -> dict | None:
+    """Summary of `blkrep status --json` taken right after fio finished, summed
+    over groups; None if there is no status file (qemu-nbd, or status failed)."""
+    p = Path(str(json_path) + ".status")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    out = {"tracking": set(), "closed": 0, "delivered": 0, "bytes": 0,
+           "records": 0, "failures": 0, "resyncs": 0, "resync_required": False,
+           "last_error": None, "resync_reason": None}
+    for g in doc.get("groups") or []:
+        out["tracking"].add(str(g.get("tracking")))
+        out["resync_required"] |= bool(g.get("resync_required"))
+        if g.get("resync_reason"):
+            out["resync_reason"] = str(g["resync_reason"])
+        out["closed"] += int((g.get("cycle") or {}).get("last_closed") or 0)
+        out["records"] += int((g.get("ring") or {}).get("records_logged") or 0)
+        c = g.get("consumer") or {}
+        out["delivered"] += int(c.get("cycles_delivered") or 0)
+        out["bytes"] += int(c.get("bytes_delivered") or 0)
+        out["failures"] += int(c.get("failures") or 0)
+        out["resyncs"] += int(c.get("resyncs") or 0)
+        if c.get("last_error"):
+            out["last_error"] = str(c["last_error"])
+    out["tracking"] = ",".join(sorted(out["tracking"])) or "?"
+    return out
+
+
 def parse_run(path: Path, direction: str) -> dict[str, float]:
     doc = load_fio_json(path)
     jobs = doc.get("jobs") or []
@@ -106,6 +135,7 @@ def parse_run(path: Path, direction: str) -> dict[str, float]:
                               "(run fio with --percentile_list=50:99:99.9)")
         out[key] = float(pct[name]) / 1e3  # ns -> µs
     out["cpu"] = server_cpu_percent(path)
+    out["status"] = server_status(path)
     return out
 
 
@@ -191,7 +221,13 @@ def machine_info(args) -> list[tuple[str, str]]:
         ("blkrep commit", commit),
     ]
     if args.blkrep:
-        info.append(("blkrep binary", args.blkrep))
+        try:
+            mtime = datetime.datetime.fromtimestamp(
+                os.stat(args.blkrep).st_mtime, datetime.timezone.utc)
+            built = f" (modified {mtime:%Y-%m-%d %H:%M:%S} UTC)"
+        except OSError:
+            built = ""
+        info.append(("blkrep binary", args.blkrep + built))
     return info
 
 
@@ -246,6 +282,60 @@ def targets(data: dict, jobs: list[str]) -> list[str]:
         check(f"{label}: tracked / untracked p99.9 latency",
               ratio(data[job], "tracked", "untracked", "p999"), "<=", 1.2)
     return lines
+
+
+def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> list[str]:
+    """What the blkrep servers reported about tracking, per job (medians over
+    runs), plus warnings when the tracked server did not do its work."""
+    blk = [s for s in servers if s != "qemu"]
+    rows, warnings = [], []
+    for job in jobs:
+        for srv in blk:
+            e = data[job].get(srv)
+            if not e:
+                continue
+            sts = [r["status"] for r in e["runs"] if r.get("status")]
+            label = f"{JOBS[job][0]} | {SERVERS[srv]}"
+            if not sts:
+                rows.append(f"| {label} | no status | | | | | | |")
+                continue
+
+            def med(key: str) -> float:
+                return statistics.median(st[key] for st in sts)
+
+            modes = ",".join(sorted({st["tracking"] for st in sts}))
+            fails = sum(st["failures"] for st in sts)
+            resyncs = sum(st["resyncs"] for st in sts)
+            pending = any(st["resync_required"] for st in sts)
+            rows.append(f"| {label} | {modes} | {med('closed'):.0f} | {med('delivered'):.0f} | "
+                        f"{med('bytes') / 1e6:,.0f} | {med('records'):,.0f} | {fails} | "
+                        f"{resyncs}{' + pending' if pending else ''} |")
+            if srv == "tracked":
+                if any(st["delivered"] == 0 for st in sts):
+                    warnings.append(f"- WARNING {JOBS[job][0]}: a tracked run delivered no "
+                                    "cycle to the consumer; its numbers are not of tracking")
+                if fails:
+                    err = next((st["last_error"] for st in sts if st["last_error"]), "")
+                    warnings.append(f"- WARNING {JOBS[job][0]}: the tracked consumer failed "
+                                    f"{fails} time(s){': ' + err if err else ''}")
+                if resyncs or pending:
+                    why = next((st["resync_reason"] for st in sts if st["resync_reason"]), "")
+                    warnings.append(f"- NOTE {JOBS[job][0]}: the tracked server fell back to "
+                                    f"resync ({resyncs} done{', one pending' if pending else ''}"
+                                    f"): {why or 'reason no longer reported (usually the ring filled up)'}"
+                                    f"; ring {args.ring_size}, so this column includes resync work")
+    if not rows:
+        return []
+    out = ["", "What blkrep reported at the end of each fio run (`blkrep status --json`; "
+           f"medians over runs; counts include the {args.ramp} s ramp):", "",
+           "| job | server | tracking | cycles closed | cycles delivered | MB delivered | "
+           "records logged | consumer failures (sum) | resyncs (sum) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out.extend(rows)
+    if warnings:
+        out.append("")
+        out.extend(warnings)
+    return out
 
 
 def render(args, data: dict, jobs: list[str], servers: list[str],
@@ -315,6 +405,7 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
                 cells.append(f"{(max(v) - min(v)) / med * 100:.1f}% (n={len(v)})" if med else "—")
             out.append("| " + " | ".join(cells) + " |")
 
+    out.extend(tracking_section(data, jobs, servers, args))
     out.append("")
     note = " (informational: --short never fails on numbers)" if args.short else \
         " (informational: the script never fails on numbers)"
