@@ -123,9 +123,14 @@ report_py="$script_dir/bench_report.py"
 # ---- work dir and cleanup -------------------------------------------------
 work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-bench.XXXXXX")
 server_pid=
+fio_pid=
 start_failure=
 cleanup() {
     local rc=$?
+    if [[ -n "$fio_pid" ]]; then
+        kill -TERM "$fio_pid" 2>/dev/null || true
+        wait "$fio_pid" 2>/dev/null || true
+    fi
     if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
@@ -338,14 +343,21 @@ for ((r = 1; r <= runs; r++)); do
             # The server's CPU time (all threads) around the fio run, for the
             # report's "server CPU" row.
             cpu_sample "$json.cpu0"
+            # In the background, so that SIGINT/SIGTERM run the cleanup at once
+            # (bash runs traps only after a foreground child exits).
             # shellcheck disable=SC2046  # job_args is meant to split into words
-            if ! fio --name="$job" --ioengine=nbd --uri="$uri" \
-                    $(job_args "$job") --numjobs=1 --group_reporting \
-                    --time_based --runtime="$runtime" --ramp_time="$ramp" \
-                    --percentile_list=50:99:99.9 \
-                    --output-format=json --output="$json" \
-                    >"$work/logs/$job-$srv-run$r.fio.txt" 2>&1; then
-                log "fio failed for $tag:"
+            fio --name="$job" --ioengine=nbd --uri="$uri" \
+                $(job_args "$job") --numjobs=1 --group_reporting \
+                --time_based --runtime="$runtime" --ramp_time="$ramp" \
+                --percentile_list=50:99:99.9 \
+                --output-format=json --output="$json" \
+                >"$work/logs/$job-$srv-run$r.fio.txt" 2>&1 &
+            fio_pid=$!
+            fio_rc=0
+            wait "$fio_pid" || fio_rc=$?
+            fio_pid=
+            if (( fio_rc != 0 )); then
+                log "fio failed for $tag (status $fio_rc):"
                 tail -n 20 "$work/logs/$job-$srv-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
                 stop_server "$srv" || true
                 die "fio failed against $srv"
