@@ -665,25 +665,33 @@ impl Group {
     /// The unacknowledged log is dropped: its blocks are in the returned maps.
     pub fn begin_resync(&self) -> Result<Vec<DirtyBits>, TrackerError> {
         let shared = &self.shared;
+        let (head, tail) = {
+            let mut state = lock(&shared.state);
+            if state.consumer_busy {
+                return Err(TrackerError::ConsumerBusy);
+            }
+            // Stop logging: from now on nothing is reserved, so the old log's headers
+            // (written only under the lock) stay as they are while they are read below
+            // without it. Writers meanwhile mark the resync map.
+            state.mode = TrackingMode::DirtyMap;
+            while state.inflight.iter().any(|(_, count)| *count > 0) {
+                state.waiters += 1;
+                state = shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.waiters -= 1;
+            }
+            (state.head, state.tail)
+        };
+        // Every unacknowledged record's range joins the resync set; scanning a large
+        // ring takes milliseconds, which writers must not wait for.
+        shared.mark_ring_for_resync(head, tail);
         let mut state = lock(&shared.state);
-        if state.consumer_busy {
-            return Err(TrackerError::ConsumerBusy);
-        }
-        // Every unacknowledged record's range joins the resync set, then the ring
-        // restarts empty at the current position.
-        shared.mark_ring_for_resync(&state);
         for disk in &shared.disks {
             disk.resync_bits.merge(&disk.open_bits.take());
         }
-        while state.inflight.iter().any(|(_, count)| *count > 0) {
-            // In-flight records of the old log must finish before it is dropped.
-            state.waiters += 1;
-            state = shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiters -= 1;
-        }
+        // The ring restarts empty at the current position.
         state.head = state.tail;
         state.head_seq = state.next_seq;
         state.closed.clear();
@@ -1041,21 +1049,20 @@ impl Shared {
             ring_size = self.ring_size,
             "Log ring full: the consumer is behind or gone; tracking by dirty map from now on, a resync is required"
         );
+        // Nothing else to do under the lock: what the log holds stays in the ring
+        // until a resync marks it (outside the lock), and writers from now on mark
+        // the resync map themselves.
         state.mode = TrackingMode::DirtyMap;
         state.resync = Some(ResyncReason::RingOverflow);
-        for disk in &self.disks {
-            disk.resync_bits.merge(&disk.open_bits.snapshot());
-        }
-        self.mark_ring_for_resync(state);
         if let Err(error) = self.write_superblock(state, false) {
             warn!(group = %self.name, %error, "Could not record the overflow in the superblock");
         }
     }
 
     /// Marks every record between head and tail in the resync maps.
-    fn mark_ring_for_resync(&self, state: &State) {
-        let mut pos = state.head;
-        while pos < state.tail {
+    fn mark_ring_for_resync(&self, head: u64, tail: u64) {
+        let mut pos = head;
+        while pos < tail {
             let phys = pos % self.ring_size;
             if self.ring_size - phys < HEADER_LEN as u64 {
                 pos += self.ring_size - phys;
@@ -1210,7 +1217,7 @@ impl Shared {
         }
         if state.mode == TrackingMode::DirtyMap {
             // Resync maps cover the log; drop the log so cycles restart after the resync.
-            self.mark_ring_for_resync(state);
+            self.mark_ring_for_resync(state.head, state.tail);
         }
         let _ = std::fs::remove_file(&path);
         Ok(())
