@@ -8,7 +8,7 @@
 #   --runtime S              measured seconds per fio job (default 15)
 #   --ramp S                 fio ramp_time seconds, not measured (default 3)
 #   --size SIZE              image size for fallocate, e.g. 4G, 256M (default 4G)
-#   --ring-size SIZE         blkrep ring_size for the tracked server (default 1GiB)
+#   --ring-size SIZE         blkrep ring_size for the tracked server (default 4GiB: two 1 s cycles at ~2 GB/s)
 #   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m
 #                            (default: all four)
 #   --servers LIST           comma list from: qemu,untracked,tracked (default: all three)
@@ -43,7 +43,7 @@ runs=5
 runtime=15
 ramp=3
 size=4G
-ring_size=1GiB
+ring_size=4GiB
 jobs_csv=randwrite4k,randread4k,randwrite64k,seqwrite1m
 servers_csv=qemu,untracked,tracked
 out=
@@ -65,7 +65,7 @@ while [[ $# -gt 0 ]]; do
         --runtime) need_arg "$@"; runtime=$2; runtime_set=1; shift 2 ;;
         --ramp) need_arg "$@"; ramp=$2; ramp_set=1; shift 2 ;;
         --size) need_arg "$@"; size=$2; size_set=1; shift 2 ;;
-        --ring-size) need_arg "$@"; ring_size=$2; shift 2 ;;
+        --ring-size) need_arg "$@"; ring_size=$2; ring_size_set=1; shift 2 ;;
         --jobs) need_arg "$@"; jobs_csv=$2; shift 2 ;;
         --servers) need_arg "$@"; servers_csv=$2; shift 2 ;;
         --out) need_arg "$@"; out=$2; shift 2 ;;
@@ -84,6 +84,7 @@ if (( short )); then
     (( runtime_set )) || runtime=3
     (( ramp_set )) || ramp=1
     (( size_set )) || size=256M
+    (( ${ring_size_set:-0} )) || ring_size=1GiB
 fi
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
 [[ "$runtime" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
@@ -240,6 +241,19 @@ last_line() {
     echo "${l:-(no output)}"
 }
 
+# Every server starts from the same page cache: what an earlier job left there
+# (large folios from sequential writes, dirty pages under writeback) changes a 4k
+# random-write result by 3x on this kind of machine. Root only; otherwise noted.
+drop_caches() {
+    if [[ -w /proc/sys/vm/drop_caches ]]; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    elif [[ -z "${warned_caches:-}" ]]; then
+        warned_caches=1
+        log "WARNING: not root, so page caches are not dropped between servers; results depend on order"
+    fi
+}
+
 # Start server $1; logs to $2. Sets server_pid. Returns 1 if it did not become
 # ready (after printing why, and setting start_failure), leaving nothing running.
 start_server() {
@@ -328,6 +342,7 @@ for ((r = 1; r <= runs; r++)); do
             mkdir -p "$work/results/$job/$srv"
             logf="$work/logs/$job-$srv-run$r.log"
             log "[$n/$total] $tag"
+            drop_caches
             if ! start_server "$srv" "$logf"; then
                 if [[ "$srv" == qemu ]]; then
                     die "qemu-nbd $start_failure"
