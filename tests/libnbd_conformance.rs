@@ -25,7 +25,9 @@ fn spec() -> Spec {
             "vm1",
             vec![
                 DiskSpec::new("disk0", 64 * MIB),
-                DiskSpec::new("ro0", 16 * MIB).init(Init::Random(7)).read_only(),
+                DiskSpec::new("ro0", 16 * MIB)
+                    .init(Init::Random(7))
+                    .read_only(),
                 DiskSpec::new("direct0", 16 * MIB).direct(),
             ],
         ),
@@ -46,14 +48,24 @@ fn run_script(uri: &dyn Fn(&str) -> String) {
         Duration::from_secs(240),
     );
     println!("{}", o.stdout);
-    let summary = o.stdout.lines().rev().find(|l| l.contains(" passed, ")).unwrap_or("");
+    let summary = o
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.contains(" passed, "))
+        .unwrap_or("");
     assert!(
         o.success() && summary.contains(" 0 failed"),
         "libnbd conformance script failed ({summary})\n{}",
         o.report()
     );
     // The script must actually have exercised things.
-    let passed: usize = summary.split(' ').next().unwrap_or("0").parse().unwrap_or(0);
+    let passed: usize = summary
+        .split(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
     assert!(passed >= 15, "only {passed} checks passed: {summary}");
 }
 
@@ -81,7 +93,11 @@ fn raw_protocol_edges() {
 
     let mut c = Conn::connect_unix(&sock, "disk0").unwrap();
     assert_eq!(c.size, 64 * MIB);
-    assert!(c.tflags & nbd::TFLAG_CAN_MULTI_CONN != 0, "CAN_MULTI_CONN not advertised: {:#x}", c.tflags);
+    assert!(
+        c.tflags & nbd::TFLAG_CAN_MULTI_CONN != 0,
+        "CAN_MULTI_CONN not advertised: {:#x}",
+        c.tflags
+    );
     for (f, n) in [
         (nbd::TFLAG_SEND_FLUSH, "SEND_FLUSH"),
         (nbd::TFLAG_SEND_FUA, "SEND_FUA"),
@@ -93,19 +109,33 @@ fn raw_protocol_edges() {
     assert!(c.tflags & nbd::TFLAG_READ_ONLY == 0);
     c.write(0, &[0xab; 4096], false).unwrap();
     match c.raw(0, 0x42, 0, 4096, &[]) {
-        Err(nbd::Error::Server(e)) => assert_eq!(e, nbd::EINVAL, "unknown command answered with errno {e}"),
+        Err(nbd::Error::Server(e)) => {
+            assert_eq!(e, nbd::EINVAL, "unknown command answered with errno {e}")
+        }
         other => panic!("unknown command 0x42: expected EINVAL, got {other:?}"),
     }
-    assert_eq!(c.read(0, 4096).unwrap(), vec![0xab; 4096], "connection unusable after an unknown command");
+    assert_eq!(
+        c.read(0, 4096).unwrap(),
+        vec![0xab; 4096],
+        "connection unusable after an unknown command"
+    );
     match c.raw(0, nbd::CMD_READ, 64 * MIB, 1, &[]) {
-        Err(nbd::Error::Server(e)) => assert_eq!(e, nbd::EINVAL, "read past the end answered with errno {e}"),
+        Err(nbd::Error::Server(e)) => {
+            assert_eq!(e, nbd::EINVAL, "read past the end answered with errno {e}")
+        }
         other => panic!("read past the end: expected EINVAL, got {other:?}"),
     }
     match c.write(64 * MIB - 512, &[1; 1024], false) {
-        Err(nbd::Error::Server(e)) => assert_eq!(e, nbd::ENOSPC, "write past the end answered with errno {e}"),
+        Err(nbd::Error::Server(e)) => {
+            assert_eq!(e, nbd::ENOSPC, "write past the end answered with errno {e}")
+        }
         other => panic!("write past the end: expected ENOSPC, got {other:?}"),
     }
-    assert_eq!(c.read(64 * MIB - 512, 512).unwrap(), vec![0; 512], "failed write changed data");
+    assert_eq!(
+        c.read(64 * MIB - 512, 512).unwrap(),
+        vec![0; 512],
+        "failed write changed data"
+    );
     c.flush().unwrap();
     c.disconnect();
 
@@ -114,15 +144,23 @@ fn raw_protocol_edges() {
             .unwrap_or_else(|e| panic!("NBD_OPT_EXPORT_NAME (no_zeroes={nz}): {e}"));
         assert_eq!(c.size, 64 * MIB);
         assert_eq!(c.read(0, 4096).unwrap(), vec![0xab; 4096]);
-        c.write(4096, &[nz as u8 + 1; 512], true).unwrap();
+        c.write(4096, &[u8::from(nz) + 1; 512], true).unwrap();
         c.disconnect();
     }
 
     let mut r = Conn::connect_unix(&sock, "ro0").unwrap();
-    assert!(r.tflags & nbd::TFLAG_READ_ONLY != 0, "ro0 not flagged read-only: {:#x}", r.tflags);
+    assert!(
+        r.tflags & nbd::TFLAG_READ_ONLY != 0,
+        "ro0 not flagged read-only: {:#x}",
+        r.tflags
+    );
     let before = r.read(0, 4096).unwrap();
     match r.write(0, &[0; 4096], false) {
-        Err(nbd::Error::Server(e)) => assert_eq!(e, nbd::EPERM, "write to read-only export answered with errno {e}"),
+        Err(nbd::Error::Server(e)) => assert_eq!(
+            e,
+            nbd::EPERM,
+            "write to read-only export answered with errno {e}"
+        ),
         other => panic!("write to read-only export: expected EPERM, got {other:?}"),
     }
     assert_eq!(r.read(0, 4096).unwrap(), before);
@@ -130,5 +168,8 @@ fn raw_protocol_edges() {
     assert_eq!(img, before, "ro0 export does not serve its image");
     r.disconnect();
 
-    assert!(Conn::connect_unix(&sock, "no-such-export").is_err(), "NBD_OPT_GO of an unknown export succeeded");
+    assert!(
+        Conn::connect_unix(&sock, "no-such-export").is_err(),
+        "NBD_OPT_GO of an unknown export succeeded"
+    );
 }

@@ -70,9 +70,9 @@ pub fn require_python_libnbd() {
              install with scripts/install-test-deps.sh",
             String::from_utf8_lossy(&o.stderr).trim()
         ),
-        Err(e) => panic!(
-            "{PYTHON} is not runnable ({e}); install with scripts/install-test-deps.sh"
-        ),
+        Err(e) => {
+            panic!("{PYTHON} is not runnable ({e}); install with scripts/install-test-deps.sh")
+        }
     }
 }
 
@@ -111,9 +111,8 @@ impl Output {
         self
     }
     pub fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
-            panic!("stdout is not JSON ({e})\n{}", self.report())
-        })
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{}", self.report()))
     }
 }
 
@@ -137,7 +136,10 @@ fn describe(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     match run_with_timeout(cmd, timeout) {
         Ok(o) => o,
-        Err(o) => panic!("command timed out after {timeout:?} and was killed\n{}", o.report()),
+        Err(o) => panic!(
+            "command timed out after {timeout:?} and was killed\n{}",
+            o.report()
+        ),
     }
 }
 
@@ -175,18 +177,32 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, 
         thread::sleep(Duration::from_millis(10));
     };
     let Some(status) = status else {
-        let pgid = Pid::from_raw(child.id() as i32);
+        let pgid = pid(child.id());
         let _ = killpg(pgid, Signal::SIGKILL);
         let st = child.wait().expect("wait after kill");
         let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
         let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
-        return Err(Output { desc, status: st, stdout, stderr });
+        return Err(Output {
+            desc,
+            status: st,
+            stdout,
+            stderr,
+        });
     };
     // A grandchild keeping the pipes open must not hang us: give the readers a
     // moment, then kill the group.
     let stdout = join_with_deadline(t_out, child.id());
     let stderr = join_with_deadline(t_err, child.id());
-    Ok(Output { desc, status, stdout, stderr })
+    Ok(Output {
+        desc,
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+fn pid(id: u32) -> Pid {
+    Pid::from_raw(i32::try_from(id).expect("pid fits i32"))
 }
 
 fn join_with_deadline(t: thread::JoinHandle<Vec<u8>>, pgid: u32) -> String {
@@ -195,7 +211,7 @@ fn join_with_deadline(t: thread::JoinHandle<Vec<u8>>, pgid: u32) -> String {
         thread::sleep(Duration::from_millis(5));
     }
     if !t.is_finished() {
-        let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+        let _ = killpg(pid(pgid), Signal::SIGKILL);
     }
     String::from_utf8_lossy(&t.join().unwrap_or_default()).into_owned()
 }
@@ -210,7 +226,11 @@ pub fn tail(s: &str, lines: usize) -> String {
     if v.len() <= lines {
         s.to_string()
     } else {
-        format!("[... {} lines cut ...]\n{}", v.len() - lines, v[v.len() - lines..].join("\n"))
+        format!(
+            "[... {} lines cut ...]\n{}",
+            v.len() - lines,
+            v[v.len() - lines..].join("\n")
+        )
     }
 }
 
@@ -240,7 +260,8 @@ pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     f.seek(SeekFrom::Start(off)).expect("seek");
     let mut v = vec![0u8; len];
-    f.read_exact(&mut v).unwrap_or_else(|e| panic!("read {} @{off}+{len}: {e}", p.display()));
+    f.read_exact(&mut v)
+        .unwrap_or_else(|e| panic!("read {} @{off}+{len}: {e}", p.display()));
     v
 }
 
@@ -248,15 +269,29 @@ pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
 pub fn assert_files_equal(a: &Path, b: &Path, what: &str) {
     let da = read_file(a);
     let db = read_file(b);
-    assert_bytes_equal(&da, &db, &format!("{what}: {} vs {}", a.display(), b.display()));
+    assert_bytes_equal(
+        &da,
+        &db,
+        &format!("{what}: {} vs {}", a.display(), b.display()),
+    );
 }
 
 pub fn assert_bytes_equal(a: &[u8], b: &[u8], what: &str) {
     if a == b {
         return;
     }
-    assert_eq!(a.len(), b.len(), "{what}: sizes differ ({} vs {})", a.len(), b.len());
-    let first = a.iter().zip(b).position(|(x, y)| x != y).expect("some byte differs");
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{what}: sizes differ ({} vs {})",
+        a.len(),
+        b.len()
+    );
+    let first = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .expect("some byte differs");
     let differing_4k: usize = a
         .chunks(4096)
         .zip(b.chunks(4096))
@@ -305,7 +340,13 @@ pub struct DiskSpec {
 
 impl DiskSpec {
     pub fn new(name: &str, size: u64) -> Self {
-        DiskSpec { name: name.into(), size, init: Init::Sparse, read_only: false, direct: false }
+        DiskSpec {
+            name: name.into(),
+            size,
+            init: Init::Sparse,
+            read_only: false,
+            direct: false,
+        }
     }
     pub fn init(mut self, init: Init) -> Self {
         self.init = init;
@@ -379,11 +420,18 @@ pub struct Spec {
 
 impl Spec {
     pub fn new(groups: Vec<GroupSpec>) -> Self {
-        Spec { groups, unix: true, tcp: false }
+        Spec {
+            groups,
+            unix: true,
+            tcp: false,
+        }
     }
     /// One group "vm1" (local-copy consumer, interval 1h) with one sparse disk "disk0".
     pub fn single(size: u64) -> Self {
-        Spec::new(vec![GroupSpec::new("vm1", vec![DiskSpec::new("disk0", size)])])
+        Spec::new(vec![GroupSpec::new(
+            "vm1",
+            vec![DiskSpec::new("disk0", size)],
+        )])
     }
     pub fn with_tcp(mut self) -> Self {
         self.tcp = true;
@@ -483,12 +531,14 @@ impl Layout {
     pub fn write_images(&self, spec: &Spec) {
         for d in spec.disks() {
             let p = self.image(&d.name);
-            let mut f = fs::File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+            let mut f =
+                fs::File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
             match &d.init {
                 Init::Sparse => {}
                 Init::Random(seed) => {
                     let len = usize::try_from(d.size).expect("size fits usize");
-                    f.write_all(&pseudo_random(*seed, len)).expect("write image");
+                    f.write_all(&pseudo_random(*seed, len))
+                        .expect("write image");
                 }
                 Init::Bytes(b) => f.write_all(b).expect("write image"),
             }
@@ -529,12 +579,24 @@ impl Primary {
 
     /// Creates the temp dir, images and config but does not start the daemon.
     pub fn prepare(spec: Spec) -> Primary {
-        let dir = tempfile::Builder::new().prefix("blkrep-t").tempdir_in("/tmp").expect("tempdir");
-        let layout = Layout { root: dir.path().to_path_buf() };
+        let dir = tempfile::Builder::new()
+            .prefix("blkrep-t")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let layout = Layout {
+            root: dir.path().to_path_buf(),
+        };
         let tcp_port = spec.tcp.then(free_port);
         layout.write_images(&spec);
         fs::write(layout.config(), layout.config_text(&spec, tcp_port)).expect("write config");
-        Primary { dir: Some(dir), layout, spec, tcp_port, child: None, starts: 0 }
+        Primary {
+            dir: Some(dir),
+            layout,
+            spec,
+            tcp_port,
+            child: None,
+            starts: 0,
+        }
     }
 
     pub fn config(&self) -> PathBuf {
@@ -562,7 +624,11 @@ impl Primary {
         format!("nbd://127.0.0.1:{port}/{disk}")
     }
     pub fn disk_size(&self, disk: &str) -> u64 {
-        self.spec.disks().find(|d| d.name == disk).expect("disk in spec").size
+        self.spec
+            .disks()
+            .find(|d| d.name == disk)
+            .expect("disk in spec")
+            .size
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -573,7 +639,7 @@ impl Primary {
     }
 
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("daemon running").id() as i32)
+        pid(self.child.as_ref().expect("daemon running").id())
     }
 
     /// The daemon's stderr over all its runs.
@@ -596,7 +662,10 @@ impl Primary {
             .arg(self.config())
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -610,7 +679,13 @@ impl Primary {
         let deadline = Instant::now() + timeout;
         let mut last_err = String::from("control socket not created yet");
         loop {
-            if let Some(st) = self.child.as_mut().expect("child").try_wait().expect("try_wait") {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .expect("child")
+                .try_wait()
+                .expect("try_wait")
+            {
                 self.child = None;
                 panic!(
                     "blkrep primary exited during startup with {st}\nconfig:\n{}",
@@ -631,10 +706,15 @@ impl Primary {
     /// Ready = `status` answers and every export completes an NBD handshake.
     fn probe_ready(&self) -> Result<(), String> {
         if !self.layout.ctl().exists() {
-            return Err(format!("control socket {} does not exist", self.layout.ctl().display()));
+            return Err(format!(
+                "control socket {} does not exist",
+                self.layout.ctl().display()
+            ));
         }
         let o = run(
-            Command::new(BIN).args(["status", "--json", "--config"]).arg(self.config()),
+            Command::new(BIN)
+                .args(["status", "--json", "--config"])
+                .arg(self.config()),
             SHORT,
         );
         if !o.success() {
@@ -648,7 +728,9 @@ impl Primary {
             }
             if let Some(port) = self.tcp_port {
                 nbd::Conn::connect_tcp(&format!("127.0.0.1:{port}"), &d.name)
-                    .map_err(|e| format!("NBD handshake on tcp port {port}, export {}: {e}", d.name))?
+                    .map_err(|e| {
+                        format!("NBD handshake on tcp port {port}, export {}: {e}", d.name)
+                    })?
                     .disconnect();
             }
         }
@@ -658,7 +740,7 @@ impl Primary {
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         let mut c = self.child.take().expect("daemon running");
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+        let _ = kill(pid(c.id()), Signal::SIGKILL);
         c.wait().expect("wait after SIGKILL");
         let _ = self.append_log("harness: SIGKILL sent");
     }
@@ -666,7 +748,7 @@ impl Primary {
     /// Sends `sig` and waits (30 s at most) for exit; returns the exit status.
     pub fn stop_with(&mut self, sig: Signal) -> ExitStatus {
         let mut c = self.child.take().expect("daemon running");
-        kill(Pid::from_raw(c.id() as i32), sig).expect("send signal");
+        kill(pid(c.id()), sig).expect("send signal");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().expect("try_wait") {
@@ -674,7 +756,7 @@ impl Primary {
                 return st;
             }
             if Instant::now() >= deadline {
-                let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+                let _ = kill(pid(c.id()), Signal::SIGKILL);
                 let _ = c.wait();
                 panic!("blkrep primary did not exit within 30 s of {sig}");
             }
@@ -685,7 +767,10 @@ impl Primary {
     /// SIGTERM, wait, assert exit 0.
     pub fn terminate(&mut self) {
         let st = self.stop_with(Signal::SIGTERM);
-        assert!(st.success(), "blkrep primary exited with {st} after SIGTERM (expected 0)");
+        assert!(
+            st.success(),
+            "blkrep primary exited with {st} after SIGTERM (expected 0)"
+        );
     }
 
     /// Starts the daemon again with the same config, images and rings.
@@ -695,7 +780,9 @@ impl Primary {
     }
 
     fn append_log(&self, line: &str) -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().append(true).open(self.layout.log())?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.layout.log())?;
         writeln!(f, "======== {line} ========")
     }
 
@@ -707,7 +794,9 @@ impl Primary {
     /// `blkrep status --config FILE --json`, parsed.
     pub fn status(&self) -> Value {
         let o = run(
-            Command::new(BIN).args(["status", "--json", "--config"]).arg(self.config()),
+            Command::new(BIN)
+                .args(["status", "--json", "--config"])
+                .arg(self.config()),
             SHORT,
         );
         assert!(o.success(), "blkrep status failed\n{}", o.report());
@@ -741,7 +830,9 @@ impl Primary {
     /// `blkrep cycles close --config FILE --group G` (unchecked).
     pub fn cycles_close_cmd(&self, g: &str) -> Command {
         let mut c = Command::new(BIN);
-        c.args(["cycles", "close", "--config"]).arg(self.config()).args(["--group", g]);
+        c.args(["cycles", "close", "--config"])
+            .arg(self.config())
+            .args(["--group", g]);
         c
     }
 
@@ -750,7 +841,9 @@ impl Primary {
         let o = run(&mut self.cycles_close_cmd(g), LONG);
         assert!(o.success(), "blkrep cycles close failed\n{}", o.report());
         let v = o.json();
-        v["cycle"].as_u64().unwrap_or_else(|| panic!("cycles close printed no {{\"cycle\":N}}: {}", o.report()))
+        v["cycle"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("cycles close printed no {{\"cycle\":N}}: {}", o.report()))
     }
 
     /// `blkrep cycles apply --config FILE --group G --to DIR` (unchecked).
@@ -777,7 +870,7 @@ impl Primary {
 impl Drop for Primary {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = kill(pid(c.id()), Signal::SIGKILL);
             let _ = c.wait();
         }
         if thread::panicking() {
@@ -804,25 +897,41 @@ impl Drop for Primary {
 pub fn assert_group_shape(g: &Value) {
     let ctx = || format!("group status: {g}");
     assert!(g["name"].is_string(), "name not a string; {}", ctx());
-    let tracking = g["tracking"].as_str().unwrap_or_else(|| panic!("tracking not a string; {}", ctx()));
+    let tracking = g["tracking"]
+        .as_str()
+        .unwrap_or_else(|| panic!("tracking not a string; {}", ctx()));
     assert!(
         ["logging", "bitmap", "off"].contains(&tracking),
         "tracking {tracking:?} not one of logging|bitmap|off; {}",
         ctx()
     );
-    assert!(g["resync_required"].is_boolean(), "resync_required not a bool; {}", ctx());
+    assert!(
+        g["resync_required"].is_boolean(),
+        "resync_required not a bool; {}",
+        ctx()
+    );
     assert!(
         g["resync_reason"].is_null() || g["resync_reason"].is_string(),
         "resync_reason not string|null; {}",
         ctx()
     );
     for k in ["open", "last_closed", "last_acked"] {
-        assert!(g["cycle"][k].is_u64(), "cycle.{k} not an unsigned integer; {}", ctx());
+        assert!(
+            g["cycle"][k].is_u64(),
+            "cycle.{k} not an unsigned integer; {}",
+            ctx()
+        );
     }
     for k in ["size", "used"] {
-        assert!(g["ring"][k].is_u64(), "ring.{k} not an unsigned integer; {}", ctx());
+        assert!(
+            g["ring"][k].is_u64(),
+            "ring.{k} not an unsigned integer; {}",
+            ctx()
+        );
     }
-    let disks = g["disks"].as_array().unwrap_or_else(|| panic!("disks not an array; {}", ctx()));
+    let disks = g["disks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("disks not an array; {}", ctx()));
     for d in disks {
         assert!(d["name"].is_string(), "disk name not a string; {}", ctx());
         for k in ["size", "dirty_bytes", "connections"] {

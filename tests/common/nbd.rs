@@ -131,7 +131,11 @@ impl Conn {
 
     /// Enters transmission with the old NBD_OPT_EXPORT_NAME option (as nbd-client
     /// and old clients do), with or without NBD_FLAG_C_NO_ZEROES.
-    pub fn connect_unix_export_name(path: &Path, export: &str, no_zeroes: bool) -> io::Result<Conn> {
+    pub fn connect_unix_export_name(
+        path: &Path,
+        export: &str,
+        no_zeroes: bool,
+    ) -> io::Result<Conn> {
         let mut s = UnixStream::connect(path)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -154,11 +158,20 @@ impl Conn {
         let mut r = vec![0u8; if nz { 10 } else { 134 }];
         s.read_exact(&mut r)?;
         if !nz && r[10..].iter().any(|&z| z != 0) {
-            return Err(proto_err("NBD_OPT_EXPORT_NAME reply padding is not 124 zero bytes".into()));
+            return Err(proto_err(
+                "NBD_OPT_EXPORT_NAME reply padding is not 124 zero bytes".into(),
+            ));
         }
         let size = u64::from_be_bytes(r[0..8].try_into().expect("8"));
         let tflags = u16::from_be_bytes([r[8], r[9]]);
-        Ok(Conn { s: Stream::Unix(s), export: export.to_string(), size, tflags, block_size: None, cookie: 0 })
+        Ok(Conn {
+            s: Stream::Unix(s),
+            export: export.to_string(),
+            size,
+            tflags,
+            block_size: None,
+            cookie: 0,
+        })
     }
 
     pub fn connect_tcp(addr: &str, export: &str) -> io::Result<Conn> {
@@ -190,7 +203,11 @@ impl Conn {
         let mut req = Vec::with_capacity(16 + 8 + name.len());
         req.extend_from_slice(&IHAVEOPT.to_be_bytes());
         req.extend_from_slice(&OPT_GO.to_be_bytes());
-        req.extend_from_slice(&u32::try_from(4 + name.len() + 4).expect("len").to_be_bytes());
+        req.extend_from_slice(
+            &u32::try_from(4 + name.len() + 4)
+                .expect("len")
+                .to_be_bytes(),
+        );
         req.extend_from_slice(&u32::try_from(name.len()).expect("len").to_be_bytes());
         req.extend_from_slice(name);
         req.extend_from_slice(&1u16.to_be_bytes());
@@ -207,7 +224,9 @@ impl Conn {
             let rtype = u32::from_be_bytes(h[12..16].try_into().expect("4"));
             let len = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
             if magic != REPLY_MAGIC || ropt != OPT_GO {
-                return Err(proto_err(format!("bad option reply header magic {magic:#x} opt {ropt}")));
+                return Err(proto_err(format!(
+                    "bad option reply header magic {magic:#x} opt {ropt}"
+                )));
             }
             if len > 1 << 20 {
                 return Err(proto_err(format!("option reply too long ({len})")));
@@ -228,25 +247,45 @@ impl Conn {
                 REP_INFO => {
                     if data.len() >= 2 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
                         if data.len() != 12 {
-                            return Err(proto_err(format!("NBD_INFO_EXPORT of length {}", data.len())));
+                            return Err(proto_err(format!(
+                                "NBD_INFO_EXPORT of length {}",
+                                data.len()
+                            )));
                         }
                         let size = u64::from_be_bytes(data[2..10].try_into().expect("8"));
                         let tf = u16::from_be_bytes([data[10], data[11]]);
                         export_info = Some((size, tf));
-                    } else if data.len() == 14 && u16::from_be_bytes([data[0], data[1]]) == INFO_BLOCK_SIZE {
-                        let w = |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().expect("4"));
+                    } else if data.len() == 14
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_BLOCK_SIZE
+                    {
+                        let w =
+                            |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().expect("4"));
                         block_size = Some((w(2), w(6), w(10)));
                     }
                 }
                 other => return Err(proto_err(format!("unexpected option reply type {other}"))),
             }
         }
-        let (size, tflags) =
-            export_info.ok_or_else(|| proto_err("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()))?;
-        Ok(Conn { s, export: export.to_string(), size, tflags, block_size, cookie: 0 })
+        let (size, tflags) = export_info
+            .ok_or_else(|| proto_err("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()))?;
+        Ok(Conn {
+            s,
+            export: export.to_string(),
+            size,
+            tflags,
+            block_size,
+            cookie: 0,
+        })
     }
 
-    fn send(&mut self, flags: u16, typ: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
+    fn send(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
         self.cookie += 1;
         let mut req = Vec::with_capacity(28 + payload.len());
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -271,14 +310,23 @@ impl Conn {
             return Err(proto_err(format!("bad reply magic {magic:#x}")));
         }
         if c != cookie {
-            return Err(proto_err(format!("reply for cookie {c}, expected {cookie}")));
+            return Err(proto_err(format!(
+                "reply for cookie {c}, expected {cookie}"
+            )));
         }
         Ok(err)
     }
 
     /// Sends any request and waits for its simple reply. A READ's payload is read
     /// (and returned) only when the reply has no error.
-    pub fn raw(&mut self, flags: u16, typ: u16, offset: u64, len: u32, payload: &[u8]) -> Result<Vec<u8>> {
+    pub fn raw(
+        &mut self,
+        flags: u16,
+        typ: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>> {
         let c = self.send(flags, typ, offset, len, payload)?;
         let err = self.reply(c)?;
         if err != 0 {
@@ -307,7 +355,8 @@ impl Conn {
         if !may_trim {
             flags |= CMD_FLAG_NO_HOLE;
         }
-        self.raw(flags, CMD_WRITE_ZEROES, offset, len, &[]).map(|_| ())
+        self.raw(flags, CMD_WRITE_ZEROES, offset, len, &[])
+            .map(|_| ())
     }
 
     pub fn trim(&mut self, offset: u64, len: u32) -> Result<()> {

@@ -68,7 +68,11 @@ fn expected_sector(w: &WriteRec, sector_off: u64) -> Option<Vec<u8>> {
     if sector_off < w.off || sector_off + SECTOR as u64 > w.off + w.len {
         return None;
     }
-    Some(if w.zero { vec![0; SECTOR] } else { pattern(w.seq, sector_off, SECTOR) })
+    Some(if w.zero {
+        vec![0; SECTOR]
+    } else {
+        pattern(w.seq, sector_off, SECTOR)
+    })
 }
 
 /// Settings of one writer thread.
@@ -123,7 +127,12 @@ impl RoundLog {
 impl Writers {
     /// Starts one thread per connection. `next_seq` is the first sequence number
     /// (keep it unique across rounds); `seed` makes the run reproducible.
-    pub fn start(conns: Vec<(Conn, ThreadCfg)>, disk_sizes: &[u64], next_seq: Arc<AtomicU64>, seed: u64) -> Writers {
+    pub fn start(
+        conns: Vec<(Conn, ThreadCfg)>,
+        disk_sizes: &[u64],
+        next_seq: Arc<AtomicU64>,
+        seed: u64,
+    ) -> Writers {
         let shared = Arc::new(Shared::default());
         let mut handles = Vec::new();
         for (i, (conn, cfg)) in conns.into_iter().enumerate() {
@@ -152,7 +161,13 @@ impl Writers {
     }
 
     pub fn acked_so_far(&self) -> usize {
-        self.shared.recs.lock().expect("recs").iter().filter(|w| w.ack.is_some()).count()
+        self.shared
+            .recs
+            .lock()
+            .expect("recs")
+            .iter()
+            .filter(|w| w.ack.is_some())
+            .count()
     }
 
     /// Stops the threads, joins them and returns the log. Panics on any unexpected
@@ -165,7 +180,11 @@ impl Writers {
             }
         }
         let errors = self.shared.errors.lock().expect("errors").clone();
-        assert!(errors.is_empty(), "writer errors:\n  {}", errors.join("\n  "));
+        assert!(
+            errors.is_empty(),
+            "writer errors:\n  {}",
+            errors.join("\n  ")
+        );
         let writes = std::mem::take(&mut *self.shared.recs.lock().expect("recs"));
         RoundLog { writes }
     }
@@ -185,21 +204,44 @@ fn writer_thread(
     while !sh.stop.load(Ordering::SeqCst) && written < cfg.budget {
         let blocks = rng.gen_range(1..=cfg.max_blocks);
         let len = blocks * BLOCK;
-        let region = if rng.gen_bool(0.5) { cfg.hot_region.min(size) } else { size };
+        let region = if rng.gen_bool(0.5) {
+            cfg.hot_region.min(size)
+        } else {
+            size
+        };
         let region = region.max(len);
         let off = rng.gen_range(0..=(region - len) / BLOCK) * BLOCK;
         let zero = rng.gen_bool(0.05);
         let fua = rng.gen_bool(0.1);
         let seq = seqs.fetch_add(1, Ordering::SeqCst);
-        let data = if zero { Vec::new() } else { pattern(seq, off, usize::try_from(len).expect("len")) };
+        let data = if zero {
+            Vec::new()
+        } else {
+            pattern(seq, off, usize::try_from(len).expect("len"))
+        };
         let rec_idx = {
             let mut recs = sh.recs.lock().expect("recs");
             let issue = sh.clock.fetch_add(1, Ordering::SeqCst);
-            recs.push(WriteRec { seq, disk: cfg.disk, conn: idx, off, len, zero, fua, issue, ack: None });
+            recs.push(WriteRec {
+                seq,
+                disk: cfg.disk,
+                conn: idx,
+                off,
+                len,
+                zero,
+                fua,
+                issue,
+                ack: None,
+            });
             recs.len() - 1
         };
         let r = if zero {
-            conn.write_zeroes(off, u32::try_from(len).expect("len"), rng.gen_bool(0.5), fua)
+            conn.write_zeroes(
+                off,
+                u32::try_from(len).expect("len"),
+                rng.gen_bool(0.5),
+                fua,
+            )
         } else {
             conn.write(off, &data, fua)
         };
@@ -224,7 +266,10 @@ fn writer_thread(
         if rng.gen_bool(0.02) {
             if let Err(e) = conn.flush() {
                 if !sh.expect_loss.load(Ordering::SeqCst) {
-                    sh.errors.lock().expect("errors").push(format!("connection {idx}: FLUSH failed: {e}"));
+                    sh.errors
+                        .lock()
+                        .expect("errors")
+                        .push(format!("connection {idx}: FLUSH failed: {e}"));
                 }
                 return;
             }
@@ -248,10 +293,17 @@ fn writer_thread(
 
 /// Checks `image` (disk `disk`) against the writes of one round that started from
 /// `initial`. Returns a description of every violation (at most `max_report`).
-pub fn check_disk(disk: usize, image: &[u8], initial: &[u8], log: &RoundLog, max_report: usize) -> Vec<String> {
+pub fn check_disk(
+    disk: usize,
+    image: &[u8],
+    initial: &[u8],
+    log: &RoundLog,
+    max_report: usize,
+) -> Vec<String> {
     assert_eq!(image.len(), initial.len(), "image size changed");
     let nblocks = image.len() as u64 / BLOCK;
-    let mut per_block: Vec<Vec<usize>> = vec![Vec::new(); usize::try_from(nblocks).expect("nblocks")];
+    let mut per_block: Vec<Vec<usize>> =
+        vec![Vec::new(); usize::try_from(nblocks).expect("nblocks")];
     for (i, w) in log.writes.iter().enumerate() {
         if w.disk != disk {
             continue;
@@ -264,7 +316,10 @@ pub fn check_disk(disk: usize, image: &[u8], initial: &[u8], log: &RoundLog, max
     for b in 0..nblocks {
         let bs = (b * BLOCK) as usize;
         let be = bs + BLOCK as usize;
-        let ws: Vec<&WriteRec> = per_block[b as usize].iter().map(|&i| &log.writes[i]).collect();
+        let ws: Vec<&WriteRec> = per_block[b as usize]
+            .iter()
+            .map(|&i| &log.writes[i])
+            .collect();
         if ws.is_empty() {
             if image[bs..be] != initial[bs..be] {
                 errs.push(format!(
@@ -305,7 +360,8 @@ pub fn check_disk(disk: usize, image: &[u8], initial: &[u8], log: &RoundLog, max
                             w.off,
                             w.len,
                             w.issue,
-                            w.ack.map_or("NONE (in flight)".to_string(), |a| a.to_string())
+                            w.ack
+                                .map_or("NONE (in flight)".to_string(), |a| a.to_string())
                         )
                     })
                     .collect();
@@ -333,11 +389,14 @@ pub fn describe_sector(s: &[u8]) -> String {
     }
     let seq = u64::from_le_bytes(s[0..8].try_into().expect("8"));
     let p = u64::from_le_bytes(s[8..16].try_into().expect("8"));
-    format!("data tagged seq {seq} offset {p} (first bytes {:02x?})", &s[..16])
+    format!(
+        "data tagged seq {seq} offset {p} (first bytes {:02x?})",
+        &s[..16]
+    )
 }
 
 /// Reads a whole export through `conn` (for checking what the daemon serves).
 pub fn read_export(conn: &mut Conn) -> Vec<u8> {
-    conn.read_all().unwrap_or_else(|e| panic!("reading export {}: {e}", conn.export))
+    conn.read_all()
+        .unwrap_or_else(|e| panic!("reading export {}: {e}", conn.export))
 }
-
