@@ -28,7 +28,7 @@ fn spec() -> Spec {
                 DiskSpec::new("ro0", 16 * MIB)
                     .init(Init::Random(7))
                     .read_only(),
-                DiskSpec::new("direct0", 16 * MIB).direct(),
+                DiskSpec::new("direct0", 64 * MIB).direct(),
             ],
         ),
         GroupSpec::new("vm2", vec![DiskSpec::new("disk1", 16 * MIB)]),
