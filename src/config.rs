@@ -403,7 +403,7 @@ image = "{}"
         );
         let image = tempfile::NamedTempFile::new().unwrap();
         let error = PrimaryConfig::parse(
-            &sample(image.path(), "ring_size = \"12 parsecs\""),
+            &sample(image.path(), "block_size = \"12 parsecs\""),
             Path::new("p"),
         )
         .unwrap_err();

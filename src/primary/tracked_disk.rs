@@ -35,7 +35,6 @@ impl std::fmt::Debug for TrackedDisk {
 fn tracker_error(error: TrackerError) -> io::Error {
     match error {
         TrackerError::OutOfRange => io::Error::from_raw_os_error(libc::EINVAL),
-        TrackerError::TooLarge(_) => io::Error::from_raw_os_error(libc::EOVERFLOW),
         other => io::Error::other(other),
     }
 }

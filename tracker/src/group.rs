@@ -216,7 +216,12 @@ struct DiskState {
 pub(crate) struct Shared {
     name: String,
     ring_path: PathBuf,
-    file: Flock<File>,
+    /// Held for its exclusive lock: one daemon per ring.
+    _lock: Flock<File>,
+    /// A second open of the ring, for syncs: an fsync in flight in io_uring keeps its
+    /// file referenced past the daemon's death, and the exclusive lock belongs to the
+    /// first open, which must be released the moment the daemon dies.
+    sync_file: File,
     map: MmapRaw,
     ring_size: u64,
     state: Mutex<State>,
@@ -259,26 +264,48 @@ impl std::fmt::Debug for DiskTracker {
 #[must_use = "the guard must live until the image write has completed"]
 pub struct LogGuard {
     shared: Arc<Shared>,
-    slot: Option<Slot>,
+    held: Option<Held>,
 }
+
+/// The records of one logged operation, and the range it holds.
+#[derive(Debug)]
+struct Held {
+    disk: usize,
+    cycle: u64,
+    kind: RecordKind,
+    range: Range,
+    first: Slot,
+    /// Further records of a write split at [`MAX_RECORD_PAYLOAD`]; empty (and so
+    /// not allocated) for most writes.
+    rest: Vec<Slot>,
+}
+
+impl Held {
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+}
+
+/// Largest payload of one record: larger writes are split into several records,
+/// reserved together, so any write that fits the ring's free space is logged.
+pub const MAX_RECORD_PAYLOAD: u32 = 1 << 20;
 
 impl std::fmt::Debug for LogGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogGuard")
-            .field("slot", &self.slot)
+            .field("held", &self.held)
             .finish()
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    disk: usize,
     cycle: u64,
     seq: u64,
     /// Offset of the record header in the ring file.
     file_offset: u64,
-    kind: RecordKind,
-    range: Range,
+    /// Disk offset of the record's range.
+    offset: u64,
     payload_len: u32,
 }
 
@@ -451,13 +478,14 @@ impl Group {
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             ring_path: path.clone(),
-            file,
+            _lock: file,
             map,
             ring_size: config.ring_size,
             state: Mutex::new(state),
             changed: Condvar::new(),
             disks: shared_disks,
             durability: Durability::new().map_err(io_error("set up io_uring"))?,
+            sync_file: File::open(path).map_err(io_error("open ring"))?,
         });
         let mut report = OpenReport {
             previous,
@@ -478,6 +506,15 @@ impl Group {
             report.records = scan.committed;
             report.uncommitted = scan.uncommitted;
             report.ring_used = state.tail - state.head;
+            // The open cycle's dirty map is what its logged records cover.
+            let open_cycle = state.open_cycle;
+            shared.for_each_record(state.head, state.tail, |header| {
+                if header.cycle >= open_cycle {
+                    if let Some(disk) = shared.disks.get(usize::from(header.disk)) {
+                        disk.open_bits.set_range(header.offset, header.length);
+                    }
+                }
+            });
             shared.restore_resync(&mut state, previous)?;
             state.superblock.clean = false;
             state.superblock.boot_id = boot_id;
@@ -603,7 +640,7 @@ impl Group {
     /// Makes the ring and `image_fds` durable together.
     pub fn sync(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
         let mut fds = Vec::with_capacity(image_fds.len() + 1);
-        fds.push(self.shared.file.as_raw_fd());
+        fds.push(self.shared.sync_file.as_raw_fd());
         fds.extend_from_slice(image_fds);
         self.shared
             .durability
@@ -984,12 +1021,10 @@ impl Shared {
         let file_offset = DATA_START + state.tail % self.ring_size;
         self.write_header(state.tail, &header);
         let slot = Slot {
-            disk,
             cycle: header.cycle,
             seq: header.seq,
             file_offset,
-            kind,
-            range,
+            offset: range.start,
             payload_len,
         };
         state.tail += len;
@@ -1061,6 +1096,16 @@ impl Shared {
 
     /// Marks every record between head and tail in the resync maps.
     fn mark_ring_for_resync(&self, head: u64, tail: u64) {
+        self.for_each_record(head, tail, |header| {
+            if let Some(disk) = self.disks.get(usize::from(header.disk)) {
+                disk.resync_bits.set_range(header.offset, header.length);
+            }
+        });
+    }
+
+    /// Calls `visit` with the header of every write, zero and trim record in
+    /// `head..tail`, committed or not (headers only; payloads may be in flight).
+    fn for_each_record(&self, head: u64, tail: u64, mut visit: impl FnMut(&RecordHeader)) {
         let mut pos = head;
         while pos < tail {
             let phys = pos % self.ring_size;
@@ -1075,27 +1120,26 @@ impl Shared {
                 header.kind,
                 RecordKind::Write | RecordKind::Zero | RecordKind::Trim
             ) {
-                if let Some(disk) = self.disks.get(usize::from(header.disk)) {
-                    disk.resync_bits.set_range(header.offset, header.length);
-                }
+                visit(&header);
             }
             pos += header.ring_len();
         }
     }
 
-    fn finish(&self, slot: &Slot) {
+    fn finish(&self, held: &Held) {
         let mut state = lock(&self.state);
-        if let Some(ranges) = state.ranges.get_mut(slot.disk) {
-            if let Some(index) = ranges.iter().position(|range| *range == slot.range) {
+        if let Some(ranges) = state.ranges.get_mut(held.disk) {
+            if let Some(index) = ranges.iter().position(|range| *range == held.range) {
                 ranges.swap_remove(index);
             }
         }
+        let records = u32::try_from(1 + held.rest.len()).unwrap_or(u32::MAX);
         if let Some(entry) = state
             .inflight
             .iter_mut()
-            .find(|(cycle, _)| *cycle == slot.cycle)
+            .find(|(cycle, _)| *cycle == held.cycle)
         {
-            entry.1 -= 1;
+            entry.1 = entry.1.saturating_sub(records);
         }
         while state.inflight.front().is_some_and(|(_, count)| *count == 0) {
             state.inflight.pop_front();
@@ -1272,15 +1316,8 @@ fn write_file_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl DiskTracker {
     /// Logs a write of `data` at `offset` (step 1 of the write protocol).
     pub fn log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
-        let payload_len =
-            u32::try_from(data.len()).map_err(|_| TrackerError::TooLarge(data.len() as u64))?;
-        self.log(
-            RecordKind::Write,
-            offset,
-            u64::from(payload_len),
-            payload_len,
-            data,
-        )
+        let len = u64::try_from(data.len()).map_err(|_| TrackerError::OutOfRange)?;
+        self.log(RecordKind::Write, offset, len, data)
     }
 
     /// Logs a write-zeroes (`trim = false`) or a trim of `len` bytes at `offset`.
@@ -1290,7 +1327,7 @@ impl DiskTracker {
         } else {
             RecordKind::Zero
         };
-        self.log(kind, offset, len, 0, &[])
+        self.log(kind, offset, len, &[])
     }
 
     fn log(
@@ -1298,7 +1335,6 @@ impl DiskTracker {
         kind: RecordKind,
         offset: u64,
         len: u64,
-        payload_len: u32,
         data: &[u8],
     ) -> Result<LogGuard, TrackerError> {
         let shared = &self.shared;
@@ -1307,16 +1343,20 @@ impl DiskTracker {
             .checked_add(len)
             .filter(|end| *end <= disk.size)
             .ok_or(TrackerError::OutOfRange)?;
+        let untracked = LogGuard {
+            shared: Arc::clone(shared),
+            held: None,
+        };
         if len == 0 {
-            return Ok(LogGuard {
-                shared: Arc::clone(shared),
-                slot: None,
-            });
-        }
-        if record_len(payload_len) > shared.ring_size / 4 {
-            return Err(TrackerError::TooLarge(len));
+            return Ok(untracked);
         }
         let range = Range { start: offset, end };
+        let write = kind == RecordKind::Write;
+        let pieces = if write {
+            len.div_ceil(u64::from(MAX_RECORD_PAYLOAD))
+        } else {
+            1
+        };
         let mut state = lock(&shared.state);
         while state.mode == TrackingMode::Logging
             && state.ranges[self.disk]
@@ -1331,24 +1371,75 @@ impl DiskTracker {
             state.waiters -= 1;
         }
         disk.open_bits.set_range(offset, len);
-        let Some(slot) = shared.reserve(&mut state, self.disk, kind, range, payload_len)? else {
-            disk.resync_bits.set_range(offset, len);
-            return Ok(LogGuard {
-                shared: Arc::clone(shared),
-                slot: None,
-            });
+        // A write is logged whole or not at all: every piece must fit, with the
+        // padding at the ring's end, before any is reserved.
+        let payload = if write {
+            len.next_multiple_of(crate::record::RECORD_ALIGN)
+        } else {
+            0
+        };
+        let needed = pieces * record_len(0) + payload + record_len(MAX_RECORD_PAYLOAD);
+        if state.mode == TrackingMode::Logging
+            && state.tail - state.head + needed > shared.ring_size
+        {
+            shared.overflow(&mut state);
+        }
+        let mut first = None;
+        let mut rest = Vec::new();
+        let mut piece_start = offset;
+        while piece_start < end {
+            let piece_end = if write {
+                end.min(piece_start + u64::from(MAX_RECORD_PAYLOAD))
+            } else {
+                end
+            };
+            // At most MAX_RECORD_PAYLOAD for writes; other kinds carry no payload.
+            let payload_len = if write {
+                u32::try_from(piece_end - piece_start).unwrap_or(0)
+            } else {
+                0
+            };
+            let piece = Range {
+                start: piece_start,
+                end: piece_end,
+            };
+            let Some(slot) = shared.reserve(&mut state, self.disk, kind, piece, payload_len)?
+            else {
+                // Only the first reservation can fail: room for all was checked.
+                disk.resync_bits.set_range(offset, len);
+                return Ok(untracked);
+            };
+            match first {
+                None => first = Some(slot),
+                Some(_) => rest.push(slot),
+            }
+            piece_start = piece_end;
+        }
+        let Some(first) = first else {
+            return Ok(untracked);
         };
         state.ranges[self.disk].push(range);
+        let records = u32::try_from(pieces).unwrap_or(u32::MAX);
         match state.inflight.back_mut() {
-            Some((cycle, count)) if *cycle == slot.cycle => *count += 1,
-            _ => state.inflight.push_back((slot.cycle, 1)),
+            Some((cycle, count)) if *cycle == first.cycle => *count += records,
+            _ => state.inflight.push_back((first.cycle, records)),
         }
-        state.records_logged += 1;
+        state.records_logged += pieces;
         drop(state);
-        shared.commit(&slot, data);
+        let held = Held {
+            disk: self.disk,
+            cycle: first.cycle,
+            kind,
+            range,
+            first,
+            rest,
+        };
+        for slot in held.slots() {
+            shared.commit(slot, piece_of(data, offset, slot));
+        }
         Ok(LogGuard {
             shared: Arc::clone(shared),
-            slot: Some(slot),
+            held: Some(held),
         })
     }
 
@@ -1407,15 +1498,17 @@ fn merge_runs(a: &[(u64, bool)], b: &[(u64, bool)]) -> Vec<(u64, bool)> {
 impl LogGuard {
     /// Whether the write was logged (false while tracking by dirty map).
     pub fn is_logged(&self) -> bool {
-        self.slot.is_some()
+        self.held.is_some()
     }
 
-    /// Withdraws the record: the image refused the operation without changing anything
-    /// (e.g. WRITE_ZEROES with FAST_ZERO that cannot be fast).
+    /// Withdraws the records: the image refused the operation without changing
+    /// anything (e.g. WRITE_ZEROES with FAST_ZERO that cannot be fast).
     pub fn cancel(mut self) {
-        if let Some(slot) = self.slot.take() {
-            self.shared.store_commit(&slot, 0);
-            self.shared.finish(&slot);
+        if let Some(held) = self.held.take() {
+            for slot in held.slots() {
+                self.shared.store_commit(slot, 0);
+            }
+            self.shared.finish(&held);
         }
     }
 
@@ -1424,46 +1517,49 @@ impl LogGuard {
     /// written), so log and image still agree. If that fails too, or for zeroes and
     /// trims, the record is cancelled and the range marked for resync.
     pub fn image_failed(mut self, read_back: impl FnOnce(&mut [u8]) -> std::io::Result<()>) {
-        let Some(slot) = self.slot.take() else { return };
+        let Some(held) = self.held.take() else { return };
         let shared = Arc::clone(&self.shared);
         let mut recovered = false;
-        if slot.kind == RecordKind::Write {
-            let payload_at = usize_of(slot.file_offset) + HEADER_LEN;
-            // SAFETY: the payload space belongs to this writer's reserved slot until
-            // `finish`, and lies inside the mapping.
-            let payload = unsafe {
-                std::slice::from_raw_parts_mut(
-                    shared.map.as_mut_ptr().add(payload_at),
-                    usize_of(u64::from(slot.payload_len)),
-                )
-            };
-            if read_back(payload).is_ok() {
-                shared.store_commit(&slot, commit_crc(slot.seq, payload));
+        if held.kind == RecordKind::Write {
+            // The error path: a buffer for the whole range, then back into the records.
+            let mut image = vec![0u8; usize_of(held.range.end - held.range.start)];
+            if read_back(&mut image).is_ok() {
+                for slot in held.slots() {
+                    shared.commit(slot, piece_of(&image, held.range.start, slot));
+                }
                 recovered = true;
             }
         }
         if !recovered {
-            shared.store_commit(&slot, 0);
-            if let Some(disk) = shared.disks.get(slot.disk) {
+            for slot in held.slots() {
+                shared.store_commit(slot, 0);
+            }
+            if let Some(disk) = shared.disks.get(held.disk) {
                 disk.resync_bits
-                    .set_range(slot.range.start, slot.range.end - slot.range.start);
+                    .set_range(held.range.start, held.range.end - held.range.start);
             }
             let mut state = lock(&shared.state);
             if state.resync.is_none() {
                 warn!(group = %shared.name, "An image write failed after logging; the range is marked for resync");
                 state.resync = Some(ResyncReason::ImageWriteError);
                 state.mode = TrackingMode::DirtyMap;
-                drop(state);
             }
         }
-        shared.finish(&slot);
+        shared.finish(&held);
     }
+}
+
+/// The part of `data` (which starts at disk offset `start`) that `slot` records.
+fn piece_of<'a>(data: &'a [u8], start: u64, slot: &Slot) -> &'a [u8] {
+    let at = usize_of(slot.offset - start);
+    let len = usize_of(u64::from(slot.payload_len));
+    &data[at.min(data.len())..(at + len).min(data.len())]
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            self.shared.finish(&slot);
+        if let Some(held) = self.held.take() {
+            self.shared.finish(&held);
         }
     }
 }

@@ -65,9 +65,6 @@ pub enum TrackerError {
     /// A range beyond the disk's end.
     #[error("Range beyond the end of the disk")]
     OutOfRange,
-    /// A single record larger than a quarter of the ring.
-    #[error("Request of {0} bytes is too large for the log ring")]
-    TooLarge(u64),
     /// The group must be resynchronised before cycles can ship again.
     #[error("Resync required: {0}")]
     ResyncRequired(ResyncReason),

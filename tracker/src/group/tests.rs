@@ -351,3 +351,77 @@ fn cancelled_records_do_not_ship() {
     assert_eq!((cycle.stats().records, cycle.stats().skipped), (0, 1));
     assert_eq!(cycle.changes().count(), 0);
 }
+
+#[test]
+fn large_writes_are_split_and_logged_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64u64 << 20;
+    let mut cfg = config(dir.path(), 16 << 20, 1);
+    cfg.disks[0].size = size;
+    let (group, _) = Group::open(&cfg).unwrap();
+    let disk = group.disk(0).unwrap();
+    let mut image = vec![0u8; usize_of(size)];
+    // 5 MiB and a bit, in a 16 MiB ring: six records, one write.
+    let data: Vec<u8> = (0..(5 << 20) + 100)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    write(&disk, &mut image, 1000, &data);
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!(cycle.stats().records, 6);
+    let mut copy = vec![vec![0u8; usize_of(size)]];
+    apply(&cycle, &mut copy);
+    cycle.acknowledge().unwrap();
+    assert!(copy[0] == image);
+    assert_eq!(group.status().mode, TrackingMode::Logging);
+
+    // More than the ring holds: tracked by dirty map instead, never an error.
+    let huge = vec![7u8; 20 << 20];
+    let guard = disk.log_write(0, &huge).unwrap();
+    assert!(!guard.is_logged());
+    drop(guard);
+    assert_eq!(group.status().resync, Some(ResyncReason::RingOverflow));
+    assert_eq!(group.status().disks[0].resync_bytes, 20 << 20);
+}
+
+#[test]
+fn split_write_failure_reads_back_every_piece() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 16 << 20, 1);
+    cfg.disks[0].size = 8 << 20;
+    let (group, _) = Group::open(&cfg).unwrap();
+    let disk = group.disk(0).unwrap();
+    let data = vec![3u8; (2 << 20) + 5];
+    disk.log_write(7, &data).unwrap().image_failed(|buf| {
+        buf.fill(4);
+        Ok(())
+    });
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut copy = vec![vec![0u8; 8 << 20]];
+    apply(&cycle, &mut copy);
+    assert!(copy[0][7..7 + data.len()].iter().all(|b| *b == 4));
+    assert_eq!(copy[0][6], 0);
+}
+
+#[test]
+fn restart_rebuilds_the_open_cycles_dirty_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut image = vec![0u8; usize_of(DISK)];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        write(&disk, &mut image, 0, &[1; 4096]);
+        group.close_cycle().unwrap();
+        write(&disk, &mut image, 65536, &[2; 8192]);
+        group.shutdown_clean(&[]).unwrap();
+    }
+    let (group, _) = Group::open(&cfg).unwrap();
+    // Cycle 1 is closed (it ships from the ring); the open cycle holds the 8 KiB.
+    assert_eq!(group.status().disks[0].dirty_bytes, 8192);
+    assert_eq!(
+        group.disk(0).unwrap().dirty_extents(65536, 8192),
+        vec![(8192, true)]
+    );
+}
