@@ -8,7 +8,7 @@
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-cd "$here"
+cd "$here" || exit 1
 quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
 fuzz_seconds=${FUZZ_SECONDS:-20}

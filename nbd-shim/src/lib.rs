@@ -19,6 +19,8 @@
 pub mod backend;
 pub mod proto;
 pub mod server;
+#[cfg(test)]
+mod test_support;
 
 pub use backend::{BlockDevice, Extent, ZeroMode};
 pub use server::{ExportStats, Server, ServerConfig, ServerError};

@@ -20,6 +20,7 @@ pub mod bitmap;
 pub mod cycle;
 pub mod durability;
 pub mod group;
+mod le;
 pub mod record;
 pub mod superblock;
 

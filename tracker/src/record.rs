@@ -25,6 +25,8 @@
 
 use thiserror::Error;
 
+use crate::le::{u32_at, u64_at};
+
 /// Size of a record header.
 pub const HEADER_LEN: usize = 64;
 /// Records start on multiples of this.
@@ -98,18 +100,6 @@ pub enum RecordError {
     /// Payload length inconsistent with kind and length.
     #[error("Inconsistent record lengths")]
     BadLength,
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(word)
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
 }
 
 impl RecordHeader {

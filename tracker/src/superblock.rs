@@ -7,6 +7,8 @@
 
 use thiserror::Error;
 
+use crate::le::{u32_at, u64_at};
+
 /// Size of one superblock copy.
 pub const SUPERBLOCK_LEN: usize = 4096;
 /// Where the record area starts in the ring file.
@@ -109,18 +111,6 @@ pub enum SuperblockError {
         "A group records at most {MAX_DISKS} disks with names of at most {MAX_DISK_NAME} bytes"
     )]
     TooManyDisks,
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(word)
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
 }
 
 impl Superblock {

@@ -267,66 +267,12 @@ impl ExportTable {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::backend::{Extent, ZeroMode};
-    use std::io;
-
-    struct Dev {
-        contexts: Vec<String>,
-        limits: BlockSizeLimits,
-        read_only: bool,
-    }
-
-    impl BlockDevice for Dev {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read_only(&self) -> bool {
-            self.read_only
-        }
-        fn block_size(&self) -> BlockSizeLimits {
-            self.limits
-        }
-        fn can_trim(&self) -> bool {
-            true
-        }
-        fn can_fast_zero(&self) -> bool {
-            false
-        }
-        fn can_multi_conn(&self) -> bool {
-            true
-        }
-        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn write_at(&self, _: &[u8], _: u64, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn cache(&self, _: u64, _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn allocation(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
-            Ok(vec![Extent {
-                length: len,
-                flags: 0,
-            }])
-        }
-        fn meta_contexts(&self) -> Vec<String> {
-            self.contexts.clone()
-        }
-    }
+    use crate::test_support::NullDevice;
 
     fn dev(contexts: &[&str]) -> Arc<dyn BlockDevice> {
-        Arc::new(Dev {
+        Arc::new(NullDevice {
             contexts: contexts.iter().map(|s| (*s).to_owned()).collect(),
+            fast_zero: false,
             limits: BlockSizeLimits {
                 minimum: 1,
                 preferred: 4096,
@@ -419,7 +365,8 @@ mod tests {
             Export::new(
                 "d",
                 None,
-                Arc::new(Dev {
+                Arc::new(NullDevice {
+                    fast_zero: false,
                     contexts: vec![],
                     limits: BlockSizeLimits {
                         minimum,
@@ -439,7 +386,8 @@ mod tests {
         let e = Export::new(
             "d",
             None,
-            Arc::new(Dev {
+            Arc::new(NullDevice {
+                fast_zero: false,
                 contexts: vec![],
                 limits: BlockSizeLimits {
                     minimum: 4096,
@@ -479,7 +427,8 @@ mod tests {
         let ro = Export::new(
             "r",
             None,
-            Arc::new(Dev {
+            Arc::new(NullDevice {
+                fast_zero: false,
                 contexts: vec![],
                 limits: e.limits,
                 read_only: true,

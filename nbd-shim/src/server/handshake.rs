@@ -376,60 +376,21 @@ pub(crate) fn negotiate<S: Read + Write>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::backend::{BlockDevice, BlockSizeLimits, Extent, ZeroMode};
+    use crate::backend::BlockSizeLimits;
     use crate::server::{Server, ServerConfig};
+    use crate::test_support::NullDevice;
 
-    struct Dev(u32);
-
-    impl BlockDevice for Dev {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn block_size(&self) -> BlockSizeLimits {
-            BlockSizeLimits {
-                minimum: self.0,
+    /// A device whose minimum block size is `minimum`.
+    fn device(minimum: u32) -> NullDevice {
+        NullDevice {
+            contexts: vec!["x-blkrep:dirty".into()],
+            limits: BlockSizeLimits {
+                minimum,
                 preferred: 4096,
                 maximum: 1 << 20,
-            }
-        }
-        fn can_trim(&self) -> bool {
-            true
-        }
-        fn can_fast_zero(&self) -> bool {
-            true
-        }
-        fn can_multi_conn(&self) -> bool {
-            true
-        }
-        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn write_at(&self, _: &[u8], _: u64, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn cache(&self, _: u64, _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn allocation(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
-            Ok(vec![Extent {
-                length: len,
-                flags: 0,
-            }])
-        }
-        fn meta_contexts(&self) -> Vec<String> {
-            vec!["x-blkrep:dirty".into()]
+            },
+            read_only: false,
+            fast_zero: true,
         }
     }
 
@@ -458,10 +419,10 @@ mod tests {
     fn server() -> Server {
         let server = Server::new(ServerConfig::default());
         server
-            .add_export("disk", Some("test disk".into()), Arc::new(Dev(1)))
+            .add_export("disk", Some("test disk".into()), Arc::new(device(1)))
             .unwrap();
         server
-            .add_export("aligned", None, Arc::new(Dev(4096)))
+            .add_export("aligned", None, Arc::new(device(4096)))
             .unwrap();
         server
     }
