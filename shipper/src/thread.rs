@@ -165,7 +165,11 @@ impl Shipper {
     /// [`Shipper::close_now`] fail with [`ShipperError::Stopped`].
     pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
-        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
