@@ -11,6 +11,7 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 use io_uring::{opcode, types, IoUring};
+use tracing::warn;
 
 /// Entries in the submission queue; more fds than this are synced in batches.
 const QUEUE_DEPTH: u32 = 8;
@@ -65,8 +66,19 @@ impl Durability {
                     Ok(_) => {}
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                     Err(error) => {
-                        // Fall back to plain syscalls rather than leave work unreaped.
-                        first_error.get_or_insert(error);
+                        // The ring cannot be trusted: sync the whole batch with plain
+                        // syscalls, and replace the ring so completions still owed by
+                        // the old one can never be counted for a later call.
+                        warn!(%error, "io_uring fsync failed; syncing synchronously");
+                        for fd in batch {
+                            if let Err(error) = nix::unistd::fdatasync(*fd) {
+                                first_error.get_or_insert(error.into());
+                            }
+                        }
+                        if let Ok(fresh) = IoUring::new(QUEUE_DEPTH) {
+                            *ring = fresh;
+                        }
+                        submitted = batch.len();
                         break;
                     }
                 }

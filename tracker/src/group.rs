@@ -109,16 +109,21 @@ pub struct OpenReport {
     pub uncommitted: u64,
     /// Bytes of ring in use.
     pub ring_used: u64,
+    /// Whether the group was already tracking by dirty map (a resync pending): then
+    /// the images hold writes the log does not, and the images are the truth.
+    pub resync_pending: bool,
 }
 
 impl OpenReport {
     /// Whether the images must be brought up to the log with
     /// [`Group::recovery_view`] before serving.
+    ///
+    /// Only after a daemon crash while logging: the page cache kept every record and
+    /// image write, so replaying makes them agree. With a resync pending, newer writes
+    /// went to the images only and replaying older records would undo them; after a
+    /// host crash the log may be older than the image, which is resynchronised whole.
     pub fn needs_replay(&self) -> bool {
-        matches!(
-            self.previous,
-            PreviousShutdown::DaemonCrash | PreviousShutdown::HostCrash
-        ) && self.records > 0
+        self.previous == PreviousShutdown::DaemonCrash && !self.resync_pending && self.records > 0
     }
 }
 
@@ -194,6 +199,8 @@ struct State {
     /// In-flight write ranges, per disk.
     ranges: Vec<Vec<Range>>,
     waiters: u32,
+    /// Writes in flight that were tracked by dirty map only.
+    unlogged: u32,
     mode: TrackingMode,
     resync: Option<ResyncReason>,
     superblock: Superblock,
@@ -265,6 +272,10 @@ impl std::fmt::Debug for DiskTracker {
 pub struct LogGuard {
     shared: Arc<Shared>,
     held: Option<Held>,
+    /// A write tracked by dirty map only: it still holds its range (so a later
+    /// logged write to the same blocks waits for its image write) and is counted (so
+    /// a resync waits for it before reading the images).
+    unlogged: Option<(usize, Range)>,
 }
 
 /// The records of one logged operation, and the range it holds.
@@ -384,6 +395,12 @@ impl Group {
             .populate()
             .map_raw(&*file)
             .map_err(io_error("map ring"))?;
+        // SAFETY: the mapping is at least DATA_START bytes long (file_len checked above)
+        // and nothing writes it before the group is constructed.
+        let superblocks = unsafe { std::slice::from_raw_parts(map.as_ptr(), usize_of(DATA_START)) };
+        // A crash between preallocating and the first superblock write leaves a ring of
+        // zeroes: it never held a record, so it is started afresh.
+        let created = created || superblocks.iter().all(|byte| *byte == 0);
         let shared_disks: Vec<DiskState> = config
             .disks
             .iter()
@@ -468,6 +485,7 @@ impl Group {
             inflight: VecDeque::new(),
             ranges: vec![Vec::new(); config.disks.len()],
             waiters: 0,
+            unlogged: 0,
             mode: TrackingMode::Logging,
             resync: superblock.resync,
             superblock,
@@ -492,6 +510,7 @@ impl Group {
             records: 0,
             uncommitted: 0,
             ring_used: 0,
+            resync_pending: false,
         };
         {
             let mut state = lock(&shared.state);
@@ -515,7 +534,14 @@ impl Group {
                     }
                 }
             });
+            report.resync_pending = state.resync.is_some();
             shared.restore_resync(&mut state, previous)?;
+            if previous == PreviousShutdown::HostCrash {
+                // Writeback may have lost a header while later records reached the
+                // disk; the scan stopped there. Numbering new records far past anything
+                // the ring can hold keeps those stale records from ever matching.
+                state.next_seq += shared.ring_size / HEADER_LEN as u64 + 1;
+            }
             state.superblock.clean = false;
             state.superblock.boot_id = boot_id;
             shared.write_superblock(&mut state, true)?;
@@ -537,6 +563,11 @@ impl Group {
             shared: Arc::clone(&self.shared),
             disk: index,
         })
+    }
+
+    /// Sizes of the disks in bytes, in group order.
+    pub fn disk_sizes(&self) -> Vec<u64> {
+        self.shared.disks.iter().map(|disk| disk.size).collect()
     }
 
     /// Group name.
@@ -725,25 +756,40 @@ impl Group {
         // ring takes milliseconds, which writers must not wait for.
         shared.mark_ring_for_resync(head, tail);
         let mut state = lock(&shared.state);
+        // The ring restarts empty at the current position, and logging resumes: every
+        // write from here on is in the log. Until finish_resync the reason stays in
+        // the superblock, so a crash mid-resync resyncs again.
+        let (old_head, old_head_seq, old_acked) = (state.head, state.head_seq, state.acked_cycle);
+        state.head = state.tail;
+        state.head_seq = state.next_seq;
+        // Cycles before the resync are all superseded by it.
+        state.acked_cycle = state.open_cycle - 1;
+        if let Err(error) = shared.write_superblock(&mut state, true) {
+            // Nothing was taken yet: the marks stay for the next attempt.
+            (state.head, state.head_seq, state.acked_cycle) = (old_head, old_head_seq, old_acked);
+            return Err(error);
+        }
+        state.closed.clear();
+        state.broken = false;
+        state.mode = TrackingMode::Logging;
+        // Writes that were tracked by map only may still be writing the images: the
+        // copy must not read a block before its write landed.
+        while state.unlogged > 0 {
+            state.waiters += 1;
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiters -= 1;
+        }
         for disk in &shared.disks {
             disk.resync_bits.merge(&disk.open_bits.take());
         }
-        // The ring restarts empty at the current position.
-        state.head = state.tail;
-        state.head_seq = state.next_seq;
-        state.closed.clear();
-        // Cycles before the resync are all superseded by it.
-        state.acked_cycle = state.open_cycle - 1;
-        state.mode = TrackingMode::Logging;
         let maps = shared
             .disks
             .iter()
             .map(|disk| disk.resync_bits.take())
             .collect();
-        // Until finish_resync the reason stays recorded, so a crash mid-resync resyncs
-        // again; but cycles may close.
-        state.broken = false;
-        shared.write_superblock(&mut state, true)?;
         state.resync = None;
         info!(group = %shared.name, "Resync started; logging resumed");
         Ok(maps)
@@ -1149,6 +1195,19 @@ impl Shared {
         }
     }
 
+    fn finish_unlogged(&self, disk: usize, range: Range) {
+        let mut state = lock(&self.state);
+        if let Some(ranges) = state.ranges.get_mut(disk) {
+            if let Some(index) = ranges.iter().position(|held| *held == range) {
+                ranges.swap_remove(index);
+            }
+        }
+        state.unlogged = state.unlogged.saturating_sub(1);
+        if state.waiters > 0 {
+            self.changed.notify_all();
+        }
+    }
+
     pub(crate) fn acknowledge(
         &self,
         cycle: u64,
@@ -1343,12 +1402,12 @@ impl DiskTracker {
             .checked_add(len)
             .filter(|end| *end <= disk.size)
             .ok_or(TrackerError::OutOfRange)?;
-        let untracked = LogGuard {
-            shared: Arc::clone(shared),
-            held: None,
-        };
         if len == 0 {
-            return Ok(untracked);
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                held: None,
+                unlogged: None,
+            });
         }
         let range = Range { start: offset, end };
         let write = kind == RecordKind::Write;
@@ -1358,10 +1417,9 @@ impl DiskTracker {
             1
         };
         let mut state = lock(&shared.state);
-        while state.mode == TrackingMode::Logging
-            && state.ranges[self.disk]
-                .iter()
-                .any(|other| other.start < range.end && range.start < other.end)
+        while state.ranges[self.disk]
+            .iter()
+            .any(|other| other.start < range.end && range.start < other.end)
         {
             state.waiters += 1;
             state = shared
@@ -1407,7 +1465,13 @@ impl DiskTracker {
             else {
                 // Only the first reservation can fail: room for all was checked.
                 disk.resync_bits.set_range(offset, len);
-                return Ok(untracked);
+                state.ranges[self.disk].push(range);
+                state.unlogged += 1;
+                return Ok(LogGuard {
+                    shared: Arc::clone(shared),
+                    held: None,
+                    unlogged: Some((self.disk, range)),
+                });
             };
             match first {
                 None => first = Some(slot),
@@ -1416,7 +1480,11 @@ impl DiskTracker {
             piece_start = piece_end;
         }
         let Some(first) = first else {
-            return Ok(untracked);
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                held: None,
+                unlogged: None,
+            });
         };
         state.ranges[self.disk].push(range);
         let records = u32::try_from(pieces).unwrap_or(u32::MAX);
@@ -1440,6 +1508,7 @@ impl DiskTracker {
         Ok(LogGuard {
             shared: Arc::clone(shared),
             held: Some(held),
+            unlogged: None,
         })
     }
 
@@ -1525,6 +1594,9 @@ impl LogGuard {
             let mut image = vec![0u8; usize_of(held.range.end - held.range.start)];
             if read_back(&mut image).is_ok() {
                 for slot in held.slots() {
+                    // Uncommit first: a crash mid-copy must not leave a valid-looking
+                    // commit CRC over a half-rewritten payload.
+                    shared.store_commit(slot, 0);
                     shared.commit(slot, piece_of(&image, held.range.start, slot));
                 }
                 recovered = true;
@@ -1543,6 +1615,11 @@ impl LogGuard {
                 warn!(group = %shared.name, "An image write failed after logging; the range is marked for resync");
                 state.resync = Some(ResyncReason::ImageWriteError);
                 state.mode = TrackingMode::DirtyMap;
+                // Recorded now, so a crash before the next superblock write still
+                // resyncs the range rather than ship around it.
+                if let Err(error) = shared.write_superblock(&mut state, false) {
+                    warn!(group = %shared.name, %error, "Could not record the resync in the superblock");
+                }
             }
         }
         shared.finish(&held);
@@ -1560,6 +1637,9 @@ impl Drop for LogGuard {
     fn drop(&mut self) {
         if let Some(held) = self.held.take() {
             self.shared.finish(&held);
+        }
+        if let Some((disk, range)) = self.unlogged.take() {
+            self.shared.finish_unlogged(disk, range);
         }
     }
 }

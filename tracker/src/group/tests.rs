@@ -425,3 +425,72 @@ fn restart_rebuilds_the_open_cycles_dirty_map() {
         vec![(8192, true)]
     );
 }
+
+/// A write tracked by dirty map only (ring full) is newer than the log's record of
+/// the same block: after a crash the log must not be replayed over it.
+#[test]
+fn no_replay_over_writes_tracked_by_map_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        drop(disk.log_write(0, &[1; 4096]).unwrap());
+        // Fill the ring: the next writes are tracked by map only.
+        for i in 1..100u64 {
+            drop(disk.log_write((i % 200) * 4096, &[9; 65536]).unwrap());
+        }
+        assert_eq!(group.status().mode, TrackingMode::DirtyMap);
+        let guard = disk.log_write(0, &[2; 4096]).unwrap();
+        assert!(!guard.is_logged());
+        // Crash without shutdown_clean.
+    }
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::DaemonCrash);
+    assert!(report.resync_pending && !report.needs_replay());
+    assert_eq!(group.status().resync, Some(ResyncReason::RingOverflow));
+}
+
+#[test]
+fn a_ring_left_blank_by_a_crash_during_creation_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    std::fs::write(
+        &cfg.ring_path,
+        vec![0u8; usize_of(DATA_START + MIN_RING_SIZE)],
+    )
+    .unwrap();
+    let (_, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.records, 0);
+}
+
+/// Writes in flight while the group tracks by map hold their range: a resync waits
+/// for them before it hands out the maps.
+#[test]
+fn resync_waits_for_writes_tracked_by_map_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    drop(
+        disk.log_write(0, &vec![1; 5 << 20][..usize_of(DISK)])
+            .unwrap(),
+    );
+    for _ in 0..8 {
+        drop(disk.log_write(0, &vec![1; usize_of(DISK)]).unwrap());
+    }
+    assert_eq!(group.status().mode, TrackingMode::DirtyMap);
+    let pending = disk.log_write(4096, &[3; 4096]).unwrap();
+    assert!(!pending.is_logged());
+    let resync = {
+        let group = group.clone();
+        std::thread::spawn(move || group.begin_resync().unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !resync.is_finished(),
+        "begin_resync handed out maps while a write was in flight"
+    );
+    drop(pending);
+    let maps = resync.join().unwrap();
+    assert!(maps[0][1]);
+}
