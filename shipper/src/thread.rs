@@ -305,17 +305,15 @@ impl Worker {
 
     fn copy_marked(&mut self, maps: &[DirtyBits]) -> Result<(), ShipperError> {
         let mut buffer = Vec::new();
+        let sizes = self.group.disk_sizes();
         for (disk, bits) in maps.iter().enumerate() {
             let Some((path, image)) = self.images.get(disk) else {
                 continue;
             };
-            let size = image
-                .metadata()
-                .map_err(|source| ShipperError::Image {
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
+            // The tracker's size: a block device's metadata length is 0.
+            let Some(&size) = sizes.get(disk) else {
+                continue;
+            };
             let mut ones = bits.iter_ones().peekable();
             while let Some(first) = ones.next() {
                 // Extend the run while blocks are consecutive and the chunk has room.
