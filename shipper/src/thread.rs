@@ -98,6 +98,9 @@ struct Worker {
     block_size: u64,
     sink: Box<dyn CycleSink>,
     status: Arc<Mutex<ShipperStatus>>,
+    /// The marked blocks were copied; the resync ends once a cycle closed after
+    /// that is delivered (in whichever attempt that happens).
+    resync_copied: bool,
 }
 
 impl Shipper {
@@ -127,6 +130,7 @@ impl Shipper {
             block_size,
             sink,
             status: Arc::clone(&status),
+            resync_copied: false,
         };
         let name = format!("ship-{}", worker.group.name());
         let thread = std::thread::Builder::new()
@@ -256,6 +260,16 @@ impl Worker {
         self.deliver_closed()?;
         let cycle = self.group.close_cycle()?;
         self.deliver_closed()?;
+        if self.resync_copied {
+            // That cycle holds every write since logging resumed, so the fuzzy copy
+            // is now consistent.
+            self.group.finish_resync()?;
+            self.resync_copied = false;
+            self.status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .resyncs += 1;
+        }
         Ok(cycle)
     }
 
@@ -285,15 +299,8 @@ impl Worker {
         info!(group = %self.group.name(), "Resynchronising the marked blocks");
         match self.copy_marked(&maps) {
             Ok(()) => {
-                // The copy is fuzzy; the next cycle (every write since logging resumed)
-                // makes it consistent.
-                self.group.close_cycle()?;
-                self.deliver_closed()?;
-                self.group.finish_resync()?;
-                self.status
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .resyncs += 1;
+                // The copy is fuzzy until the next delivered cycle (see `ship`).
+                self.resync_copied = true;
                 Ok(())
             }
             Err(error) => {

@@ -77,3 +77,94 @@ fn delivers_cycles_and_resyncs_after_overflow() {
     assert_eq!((status.resyncs, status.failures), (1, 0));
     shipper.stop();
 }
+
+/// Fails the `fail_at`-th commit, then behaves.
+struct FlakySink {
+    inner: LocalCopySink,
+    commits: Arc<std::sync::atomic::AtomicU32>,
+    fail_at: u32,
+}
+
+impl CycleSink for FlakySink {
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
+        self.inner.apply(change)
+    }
+    fn commit(&mut self) -> Result<(), SinkError> {
+        let n = self
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n == self.fail_at {
+            return Err(SinkError::Copy {
+                path: PathBuf::from("flaky"),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.commit()
+    }
+}
+
+/// The first delivery after a resync's copy fails: the next attempt must finish the
+/// resync (and the copy must end equal to the image).
+#[test]
+fn a_failed_delivery_after_the_resync_copy_is_finished_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("disk0.raw");
+    let image = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image_path)
+        .unwrap();
+    image.set_len(SIZE).unwrap();
+    let (group, _) = Group::open(&GroupConfig {
+        name: "g".into(),
+        ring_path: dir.path().join("g.ring"),
+        ring_size: tracker::group::MIN_RING_SIZE,
+        block_size: 4096,
+        disks: vec![DiskSpec {
+            name: "disk0".into(),
+            size: SIZE,
+        }],
+    })
+    .unwrap();
+    let copies = dir.path().join("copy");
+    LocalCopySink::seed(&copies, &[("disk0".into(), image_path.clone())]).unwrap();
+    // Commit 1: the resync copy; commit 2: the cycle after it (fails).
+    let sink = FlakySink {
+        inner: LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap(),
+        commits: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+        fail_at: 2,
+    };
+    let shipper = Shipper::spawn(
+        group.clone(),
+        vec![image_path.clone()],
+        4096,
+        Duration::from_secs(3600),
+        Box::new(sink),
+    )
+    .unwrap();
+    let disk = group.disk(0).unwrap();
+    for i in 0..128u64 {
+        write(
+            &disk,
+            &image,
+            (i * 65536) % (SIZE - 65536),
+            &[u8::try_from(i % 250).unwrap() + 2; 65536],
+        );
+    }
+    assert!(shipper.close_now(Duration::from_secs(10)).is_err());
+    assert_eq!(shipper.status().resyncs, 0);
+    write(&disk, &image, 4096, &[77; 4096]);
+    shipper.close_now(Duration::from_secs(10)).unwrap();
+    assert_eq!(shipper.status().resyncs, 1);
+    assert_eq!(
+        std::fs::read(copies.join("disk0.img")).unwrap(),
+        std::fs::read(&image_path).unwrap()
+    );
+    shipper.stop();
+}
