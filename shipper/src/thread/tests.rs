@@ -14,31 +14,59 @@ fn write(tracker: &tracker::DiskTracker, image: &File, offset: u64, data: &[u8])
     drop(guard);
 }
 
+/// A one-disk group on a real 8 MiB image, with its local copy made.
+struct Fixture {
+    dir: tempfile::TempDir,
+    image_path: PathBuf,
+    image: File,
+    group: Group,
+    copies: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image_path = dir.path().join("disk0.raw");
+        let image = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&image_path)
+            .unwrap();
+        image.set_len(SIZE).unwrap();
+        let (group, _) = Group::open(&GroupConfig {
+            name: "g".into(),
+            ring_path: dir.path().join("g.ring"),
+            ring_size: tracker::group::MIN_RING_SIZE,
+            block_size: 4096,
+            disks: vec![DiskSpec {
+                name: "disk0".into(),
+                size: SIZE,
+            }],
+        })
+        .unwrap();
+        let copies = dir.path().join("copy");
+        LocalCopySink::seed(&copies, &[("disk0".into(), image_path.clone())]).unwrap();
+        Self {
+            dir,
+            image_path,
+            image,
+            group,
+            copies,
+        }
+    }
+}
+
 #[test]
 fn delivers_cycles_and_resyncs_after_overflow() {
-    let dir = tempfile::tempdir().unwrap();
-    let image_path = dir.path().join("disk0.raw");
-    let image = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&image_path)
-        .unwrap();
-    image.set_len(SIZE).unwrap();
-    let (group, _) = Group::open(&GroupConfig {
-        name: "g".into(),
-        ring_path: dir.path().join("g.ring"),
-        ring_size: tracker::group::MIN_RING_SIZE,
-        block_size: 4096,
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size: SIZE,
-        }],
-    })
-    .unwrap();
-    let copies = dir.path().join("copy");
-    LocalCopySink::seed(&copies, &[("disk0".into(), image_path.clone())]).unwrap();
+    let Fixture {
+        dir: _dir,
+        image_path,
+        image,
+        group,
+        copies,
+    } = Fixture::new();
     let sink = LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap();
     let shipper = Shipper::spawn(
         group.clone(),
@@ -111,29 +139,13 @@ impl CycleSink for FlakySink {
 /// resync (and the copy must end equal to the image).
 #[test]
 fn a_failed_delivery_after_the_resync_copy_is_finished_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let image_path = dir.path().join("disk0.raw");
-    let image = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&image_path)
-        .unwrap();
-    image.set_len(SIZE).unwrap();
-    let (group, _) = Group::open(&GroupConfig {
-        name: "g".into(),
-        ring_path: dir.path().join("g.ring"),
-        ring_size: tracker::group::MIN_RING_SIZE,
-        block_size: 4096,
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size: SIZE,
-        }],
-    })
-    .unwrap();
-    let copies = dir.path().join("copy");
-    LocalCopySink::seed(&copies, &[("disk0".into(), image_path.clone())]).unwrap();
+    let Fixture {
+        dir: _dir,
+        image_path,
+        image,
+        group,
+        copies,
+    } = Fixture::new();
     // Commit 1: the resync copy; commit 2: the cycle after it (fails).
     let sink = FlakySink {
         inner: LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap(),
