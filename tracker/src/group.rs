@@ -643,18 +643,12 @@ impl Group {
         let Some(mark) = state.closed.front().copied() else {
             return Ok(None);
         };
-        while state
-            .inflight
-            .iter()
-            .any(|(cycle, count)| *cycle <= mark.cycle && *count > 0)
-        {
-            state.waiters += 1;
-            state = shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiters -= 1;
-        }
+        state = shared.wait_while(state, |state| {
+            state
+                .inflight
+                .iter()
+                .any(|(cycle, count)| *cycle <= mark.cycle && *count > 0)
+        });
         state.consumer_busy = true;
         let (head, head_seq) = (state.head, state.head_seq);
         drop(state);
@@ -742,14 +736,9 @@ impl Group {
             // (written only under the lock) stay as they are while they are read below
             // without it. Writers meanwhile mark the resync map.
             state.mode = TrackingMode::DirtyMap;
-            while state.inflight.iter().any(|(_, count)| *count > 0) {
-                state.waiters += 1;
-                state = shared
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                state.waiters -= 1;
-            }
+            state = shared.wait_while(state, |state| {
+                state.inflight.iter().any(|(_, count)| *count > 0)
+            });
             (state.head, state.tail)
         };
         // Every unacknowledged record's range joins the resync set; scanning a large
@@ -774,14 +763,7 @@ impl Group {
         state.mode = TrackingMode::Logging;
         // Writes that were tracked by map only may still be writing the images: the
         // copy must not read a block before its write landed.
-        while state.unlogged > 0 {
-            state.waiters += 1;
-            state = shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiters -= 1;
-        }
+        state = shared.wait_while(state, |state| state.unlogged > 0);
         for disk in &shared.disks {
             disk.resync_bits.merge(&disk.open_bits.take());
         }
@@ -1172,6 +1154,24 @@ impl Shared {
         }
     }
 
+    /// Waits on the group's condition variable while `blocked` holds. Finishing
+    /// writers wake waiters whenever ranges or in-flight counts change.
+    fn wait_while<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        mut blocked: impl FnMut(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        while blocked(&state) {
+            state.waiters += 1;
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiters -= 1;
+        }
+        state
+    }
+
     fn finish(&self, held: &Held) {
         let mut state = lock(&self.state);
         if let Some(ranges) = state.ranges.get_mut(held.disk) {
@@ -1417,17 +1417,11 @@ impl DiskTracker {
             1
         };
         let mut state = lock(&shared.state);
-        while state.ranges[self.disk]
-            .iter()
-            .any(|other| other.start < range.end && range.start < other.end)
-        {
-            state.waiters += 1;
-            state = shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiters -= 1;
-        }
+        state = shared.wait_while(state, |state| {
+            state.ranges[self.disk]
+                .iter()
+                .any(|other| other.start < range.end && range.start < other.end)
+        });
         disk.open_bits.set_range(offset, len);
         // A write is logged whole or not at all: every piece must fit, with the
         // padding at the ring's end, before any is reserved.
