@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use shipper::error_chain;
 
 use crate::config::PrimaryConfig;
 use crate::control::Request;
@@ -102,18 +103,6 @@ enum CyclesCommand {
         #[arg(long)]
         to: PathBuf,
     },
-}
-
-/// The message of an error and its causes, on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn init_logging(format: LogFormat) {

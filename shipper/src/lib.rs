@@ -13,4 +13,4 @@ mod sink;
 mod thread;
 
 pub use sink::{CycleSink, DiscardSink, LocalCopySink, SinkError};
-pub use thread::{Shipper, ShipperError, ShipperStatus};
+pub use thread::{error_chain, Shipper, ShipperError, ShipperStatus};

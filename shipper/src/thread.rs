@@ -192,7 +192,9 @@ fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// The message of an error and its causes, on one line (for status, logs and the
+/// command line, which show an error once).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -213,7 +213,7 @@ fn shutdown(daemon: &Daemon) {
             Some(tracker) => match tracker.shutdown_clean(&fds) {
                 Ok(()) => info!(group = %group.config.name, "Ring synced and marked clean"),
                 Err(error) => {
-                    error!(group = %group.config.name, error = %crate::error_chain(&error), "Clean shutdown failed")
+                    error!(group = %group.config.name, error = %shipper::error_chain(&error), "Clean shutdown failed")
                 }
             },
             None => {
@@ -527,7 +527,7 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
             })?;
             let cycle = shipper
                 .close_now(Duration::from_secs(*timeout_secs))
-                .map_err(|error| crate::error_chain(&error))?;
+                .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "cycle": cycle }))
         }
     }
