@@ -434,9 +434,15 @@ fn nbdcopy_round_trip() {
 }
 
 fn fio_verify(p: &Primary, uri: &str) {
+    fio_verify_with(p, uri, &[]);
+}
+
+/// fio random writes with crc32c verification, plus `extra` fio options.
+fn fio_verify_with(p: &Primary, uri: &str, extra: &[&str]) {
     require_tool("fio");
     let o = run(
         Command::new("fio")
+            .args(extra)
             .args([
                 "--name=verify",
                 "--ioengine=nbd",
@@ -500,4 +506,17 @@ fn fio_nbd_engine_unix() {
 fn fio_nbd_engine_tcp() {
     let p = Primary::start(Spec::single(32 * MIB).with_tcp());
     fio_verify(&p, &p.tcp_uri("disk0"));
+}
+
+/// O_DIRECT image with a flush every 8 writes: reads, writes and flushes run on the
+/// connection's workers and are answered out of order, which fio's nbd engine (libnbd)
+/// must accept while every block still verifies and every write is tracked.
+#[test]
+fn fio_nbd_engine_direct_with_flushes() {
+    let spec = Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 32 * MIB).direct()],
+    )]);
+    let p = Primary::start(spec);
+    fio_verify_with(&p, &p.uri("disk0"), &["--fsync=8"]);
 }

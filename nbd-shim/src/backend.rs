@@ -58,6 +58,12 @@ pub trait BlockDevice: Send + Sync {
     fn can_fast_zero(&self) -> bool;
     /// Whether a FLUSH on one connection covers writes completed on every other one.
     fn can_multi_conn(&self) -> bool;
+    /// Whether reads and writes wait on the device (O_DIRECT, slow or remote storage), so
+    /// a connection should keep several in flight instead of running them one after
+    /// another. FLUSH, CACHE and FUA requests always run beside the others.
+    fn waits_on_device(&self) -> bool {
+        false
+    }
 
     /// Fills `buf` from `offset`. The range is within [`BlockDevice::size`].
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -2,9 +2,13 @@
 //!
 //! Threads: one accept thread per listener ([`Server::listen_unix`],
 //! [`Server::listen_tcp`]) and one thread per connection. A connection thread runs the
-//! handshake, then the transmission loop: requests are executed
-//! synchronously in arrival order and their replies sent in that order, batched into one
-//! write whenever no further complete request is buffered.
+//! handshake, then the transmission loop: requests that complete quickly (reads and
+//! writes of buffered images, block status) run on the connection thread in arrival
+//! order, their replies batched into one write whenever no further complete request is
+//! buffered; requests that wait (FLUSH, CACHE, FUA, and all I/O of a device that
+//! [waits on I/O](BlockDevice::waits_on_device)) run on up to
+//! [`ServerConfig::parallel_requests`] worker threads per connection and are answered as
+//! they finish, out of order.
 //!
 //! Durability: a reply is queued only after the [`BlockDevice`] call returned, so a write
 //! is acknowledged only once the device has it, and with FUA only once it is durable.
@@ -72,6 +76,15 @@ pub struct ServerConfig {
     /// How long [`Server::shutdown`] lets connections finish before cutting them off.
     /// Default 30 s.
     pub shutdown_grace: Duration,
+    /// Most requests of one connection that run at once on worker threads: FLUSH,
+    /// CACHE and FUA requests, and every read and write of a device that
+    /// [waits on I/O](BlockDevice::waits_on_device). They are answered as they finish,
+    /// out of order. The rest run on the connection thread. 0 runs every request on the
+    /// connection thread, in order. Default 16.
+    pub parallel_requests: usize,
+    /// Write payload bytes one connection may have queued for its workers before it stops
+    /// reading requests. Default 64 MiB.
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +95,8 @@ impl Default for ServerConfig {
             sparse_read_threshold: Some(1 << 20),
             handshake_timeout: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(30),
+            parallel_requests: 16,
+            max_in_flight_bytes: 64 << 20,
         }
     }
 }
@@ -392,7 +407,7 @@ impl Server {
     pub fn serve_stream<S: Read + Write>(&self, stream: &mut S) -> Result<(), ServerError> {
         match handshake::negotiate(stream, &self.inner)? {
             handshake::Outcome::Transmission(session) => {
-                listener::serve_session(&self.inner, stream, &session)?;
+                listener::serve_session(&self.inner, stream, None, &session)?;
                 Ok(())
             }
             handshake::Outcome::Aborted => Ok(()),

@@ -898,3 +898,250 @@ fn device_errors_fast_zero_and_backend_contexts() {
     let stats = server.export_stats("q").unwrap();
     assert_eq!(stats.errors, 3);
 }
+
+/// A gate that blocked device calls wait on; it opens by itself after 10 s so a server
+/// that wrongly serialises requests fails the test instead of hanging it.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let _unused = self
+            .opened
+            .wait_timeout_while(open, Duration::from_secs(10), |open| !*open)
+            .unwrap();
+    }
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// An image whose FLUSH, and reads at [`BAD_OFFSET`], wait for a gate; optionally it
+/// says it waits on the device, so reads and writes run on workers too.
+struct Gated {
+    image: ImageFile,
+    gate: Arc<Gate>,
+    waits: bool,
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn block_size(&self) -> nbd_shim::backend::BlockSizeLimits {
+        self.image.block_size()
+    }
+    fn can_trim(&self) -> bool {
+        true
+    }
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn waits_on_device(&self) -> bool {
+        self.waits
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset == BAD_OFFSET {
+            self.gate.wait();
+        }
+        self.image.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.image.write_at(buf, offset, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: nbd_shim::ZeroMode,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.image.write_zeroes(offset, len, mode, fua)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.image.trim(offset, len, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.gate.wait();
+        self.image.flush()
+    }
+    fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.image.cache(offset, len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> std::io::Result<Vec<nbd_shim::Extent>> {
+        self.image.allocation(offset, len)
+    }
+}
+
+struct GatedFixture {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    gate: Arc<Gate>,
+    _server: Server,
+}
+
+fn gated(waits: bool, config: ServerConfig) -> GatedFixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.img");
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    let gate = Arc::new(Gate::default());
+    let dev = Gated {
+        image: ImageFile::open(&path, ImageFileOptions::default()).unwrap(),
+        gate: Arc::clone(&gate),
+        waits,
+    };
+    let server = Server::new(config);
+    server.add_export("g", None, Arc::new(dev)).unwrap();
+    let socket = dir.path().join("g.sock");
+    server.listen_unix(&socket).unwrap();
+    GatedFixture {
+        _dir: dir,
+        socket,
+        gate,
+        _server: server,
+    }
+}
+
+/// Reads one simple reply without data: (cookie, error).
+fn next_simple_reply(stream: &mut impl Read) -> (u64, u32) {
+    let bytes = read_exact_vec(stream, SIMPLE_REPLY_LEN);
+    let reply = parse_simple_reply(&bytes).unwrap();
+    (reply.cookie, reply.error)
+}
+
+#[test]
+fn a_slow_flush_does_not_hold_back_later_requests() {
+    let f = gated(false, ServerConfig::default());
+    let mut c = connect(&f.socket, "g", false, &[]);
+    let flush = c.send(NBD_CMD_FLUSH, 0, 0, 0, &[]);
+    let write = c.send(NBD_CMD_WRITE, 0, 0, 4096, &[7u8; 4096]);
+    let fua = c.send(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 8192, 4096, &[8u8; 4096]);
+    // The plain write is answered while the flush waits (the FUA write may be too).
+    assert_eq!(next_simple_reply(&mut c.stream), (write, 0));
+    f.gate.open();
+    let mut rest = vec![
+        next_simple_reply(&mut c.stream),
+        next_simple_reply(&mut c.stream),
+    ];
+    rest.sort_unstable();
+    assert_eq!(rest, vec![(flush, 0), (fua, 0)]);
+    assert_eq!(c.read(0, 4096).data(0, 4096), vec![7u8; 4096]);
+    c.disconnect();
+}
+
+#[test]
+fn a_device_that_waits_gets_requests_in_parallel() {
+    let f = gated(true, ServerConfig::default());
+    let mut c = connect(&f.socket, "g", false, &[]);
+    let slow = c.send(NBD_CMD_READ, 0, BAD_OFFSET, 4096, &[]);
+    let write = c.send(NBD_CMD_WRITE, 0, 0, 4096, &[9u8; 4096]);
+    // The write overtakes the read that waits on the device.
+    assert_eq!(next_simple_reply(&mut c.stream), (write, 0));
+    f.gate.open();
+    assert_eq!(next_simple_reply(&mut c.stream), (slow, 0));
+    assert_eq!(read_exact_vec(&mut c.stream, 4096), vec![0u8; 4096]);
+    c.disconnect();
+}
+
+#[test]
+fn serial_mode_answers_in_request_order() {
+    let f = gated(
+        true,
+        ServerConfig {
+            parallel_requests: 0,
+            ..ServerConfig::default()
+        },
+    );
+    let mut c = connect(&f.socket, "g", false, &[]);
+    let flush = c.send(NBD_CMD_FLUSH, 0, 0, 0, &[]);
+    let write = c.send(NBD_CMD_WRITE, 0, 0, 4096, &[1u8; 4096]);
+    let opener = {
+        let gate = Arc::clone(&f.gate);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            gate.open();
+        })
+    };
+    assert_eq!(next_simple_reply(&mut c.stream), (flush, 0));
+    assert_eq!(next_simple_reply(&mut c.stream), (write, 0));
+    opener.join().unwrap();
+    c.disconnect();
+}
+
+#[test]
+fn disconnect_waits_for_requests_still_running() {
+    let f = gated(false, ServerConfig::default());
+    let mut c = connect(&f.socket, "g", false, &[]);
+    let flush = c.send(NBD_CMD_FLUSH, 0, 0, 0, &[]);
+    c.send(NBD_CMD_DISC, 0, 0, 0, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    f.gate.open();
+    let mut rest = Vec::new();
+    c.stream.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        rest.len(),
+        SIMPLE_REPLY_LEN,
+        "exactly the flush's reply, then EOF"
+    );
+    assert_eq!(next_simple_reply(&mut rest.as_slice()), (flush, 0));
+}
+
+#[test]
+fn many_parallel_writes_are_all_answered_and_stored() {
+    // Small limits so the connection often waits for room.
+    let f = gated(
+        true,
+        ServerConfig {
+            parallel_requests: 3,
+            max_in_flight_bytes: 64 << 10,
+            recv_buffer_size: 64 << 10,
+            ..ServerConfig::default()
+        },
+    );
+    f.gate.open();
+    let mut c = connect(&f.socket, "g", false, &[]);
+    let mut expected = std::collections::BTreeMap::new();
+    let mut batch = Vec::new();
+    for i in 0..60u64 {
+        // Sizes from 4 KiB to 196 KiB, some larger than the receive buffer.
+        let len = 4096 * (1 + i % 49);
+        let offset = i * 256 * 1024;
+        let fill = u8::try_from(i + 1).unwrap();
+        let header = RequestHeader {
+            flags: if i % 7 == 0 { NBD_CMD_FLAG_FUA } else { 0 },
+            command: NBD_CMD_WRITE,
+            cookie: 10_000 + i,
+            offset,
+            length: u32::try_from(len).unwrap(),
+        };
+        batch.extend_from_slice(&header.encode());
+        batch.extend(std::iter::repeat_n(fill, usize::try_from(len).unwrap()));
+        expected.insert(10_000 + i, (offset, len, fill));
+    }
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&batch).unwrap());
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let (cookie, error) = next_simple_reply(&mut c.stream);
+        assert_eq!(error, 0);
+        assert!(expected.contains_key(&cookie), "unknown cookie {cookie}");
+        assert!(answered.insert(cookie), "cookie {cookie} answered twice");
+    }
+    sender.join().unwrap();
+    for (offset, len, fill) in expected.into_values() {
+        let data = c.read(offset, u32::try_from(len).unwrap()).data(offset, 0);
+        assert!(data.iter().all(|&b| b == fill), "write at {offset}");
+    }
+    c.disconnect();
+}

@@ -439,6 +439,11 @@ impl BlockDevice for ImageFile {
         true
     }
 
+    fn waits_on_device(&self) -> bool {
+        // Buffered I/O completes in the page cache; direct I/O waits for the device.
+        self.options.direct
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, len64(buf.len()))?;
         let (file, needs_aligned_memory) = self.descriptor_for(offset, buf.len());

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,12 +22,16 @@ use super::transmission::{self, Ending, TransmissionError};
 use super::{ConnEntry, Inner};
 
 /// A connected socket the server can serve.
-pub(crate) trait Transport: Read + Write + AsFd + Send + 'static {
+pub(crate) trait Transport: Read + Write + AsFd + Send + Sized + 'static {
     fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn try_clone_stream(&self) -> io::Result<Self>;
     fn shutdown_handle(&self) -> io::Result<ShutdownHandle>;
 }
 
 impl Transport for UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
     fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)?;
         self.set_write_timeout(timeout)
@@ -38,6 +42,9 @@ impl Transport for UnixStream {
 }
 
 impl Transport for TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
     fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(timeout)?;
         self.set_write_timeout(timeout)
@@ -285,13 +292,23 @@ pub(crate) fn run_connection<S: Transport>(inner: &Inner, id: u64, mut stream: S
     if let Err(err) = stream.set_timeouts(None) {
         tracing::warn!(%err, "could not clear handshake timeouts");
     }
-    let _ = serve_session(inner, &mut stream, &session);
+    // Workers send their replies through a second handle on the socket.
+    let writer = match stream.try_clone_stream() {
+        Ok(writer) => Some(Mutex::new(writer)),
+        Err(err) => {
+            tracing::warn!(%err, "could not clone the socket; requests run one at a time");
+            None
+        }
+    };
+    let writer = writer.as_ref().map(|w| w as &Mutex<dyn Write + Send>);
+    let _ = serve_session(inner, &mut stream, writer, &session);
 }
 
 /// Transmission with accounting; shared by socket threads and [`crate::Server::serve_stream`].
 pub(crate) fn serve_session<S: Read + Write>(
     inner: &Inner,
     stream: &mut S,
+    writer: Option<&Mutex<dyn Write + Send + '_>>,
     session: &handshake::Session,
 ) -> Result<Ending, TransmissionError> {
     let export = &session.export;
@@ -299,7 +316,7 @@ pub(crate) fn serve_session<S: Read + Write>(
     counters.connections.fetch_add(1, Ordering::Relaxed);
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(export = %export.name, structured = session.structured, contexts = session.contexts.len(), "client connected");
-    let result = transmission::serve(stream, session, &inner.config, &inner.shutting_down);
+    let result = transmission::serve(stream, writer, session, &inner.config, &inner.shutting_down);
     counters.connections.fetch_sub(1, Ordering::Relaxed);
     match &result {
         Ok(Ending::Disconnect) => tracing::info!(export = %export.name, "client disconnected"),

@@ -1,20 +1,31 @@
 //! The transmission phase of one connection.
 //!
-//! Loop: read as much as the socket gives into the receive buffer; parse, validate and
-//! execute every complete request in it, in arrival order, appending replies to the output
-//! buffer; when no complete request is left (just before the thread would block on
-//! `read`), send all queued replies with one write. Replies therefore go out in request
-//! order, and a reply is only queued after its request completed on the device (with FUA:
-//! after it is durable).
+//! The connection thread reads as much as the socket gives into the receive buffer and
+//! parses and validates every complete request in it, in arrival order. Then:
+//! - Requests that complete quickly (reads and writes of a buffered image, trims,
+//!   zeroing, block status) run right there; their replies are appended to the output
+//!   buffer, which is sent with one write just before the thread would block on `read`.
+//! - Requests that wait (FLUSH, CACHE, anything with FUA, and every read and write of a
+//!   device that [waits on I/O](BlockDevice::waits_on_device)) become jobs for the
+//!   connection's workers: up to [`ServerConfig::parallel_requests`] scoped threads,
+//!   started as concurrency needs them. A worker runs the job and sends its reply through
+//!   the shared writer as soon as it is done, so replies go out of order (the spec allows
+//!   it; clients match them by cookie).
 //!
-//! Buffers:
-//! - A write whose header and payload fit in the receive buffer is passed to
-//!   [`BlockDevice::write_at`] straight from it. A larger one is read into a reusable
-//!   buffer sized after validation.
-//! - Read data goes straight from [`BlockDevice::read_at`] into the output buffer, behind
-//!   its reply header.
-//! - The output buffer is sent early once it holds `reply_flush_threshold` bytes, so large
-//!   reads stream out while later ones execute.
+//! Ordering and durability: a reply is sent only after its request completed on the
+//! device (with FUA: after it is durable). A FLUSH covers every write answered before it
+//! arrived, since those completed before it was even parsed. Writes still in flight when
+//! a FLUSH arrives need not be covered (NBD spec, "Ordering of messages and writes").
+//!
+//! Buffers: a write executed inline uses its payload straight from the receive buffer (or,
+//! if larger, from a reusable buffer sized after validation). A job owns its payload
+//! buffer until its worker is done; buffers are recycled. The connection stops reading
+//! while [`ServerConfig::max_in_flight_bytes`] of payload or `parallel_requests` jobs are
+//! in flight, so a client cannot make the server buffer without bound.
+//!
+//! Ending: on DISC, end of stream or shutdown, the workers finish every job already
+//! received and send its reply before the connection closes. A worker that cannot send
+//! (the client vanished) makes the remaining jobs be dropped unanswered.
 //!
 //! Bad input: a wrong request magic means the stream is desynchronised and the connection
 //! closes (after sending the replies already queued). Anything else that validation
@@ -23,6 +34,10 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use super::buffers::{OutBuf, RecvBuf};
 use super::export::ContextSource;
@@ -36,6 +51,10 @@ use crate::proto::*;
 /// Hole chunks smaller than this are sent as data: a chunk per tiny hole costs more than
 /// the zeroes.
 const MIN_HOLE_CHUNK: u64 = 64 << 10;
+/// Payload buffers up to this size are kept for reuse by the next parallel write.
+const MAX_SPARE_BUFFER: usize = 4 << 20;
+/// At most this many are kept.
+const MAX_SPARE_BUFFERS: usize = 8;
 /// Most block-status descriptors per chunk (the spec's limit is 2^20; this bounds the
 /// reply to 512 KiB).
 const MAX_DESCRIPTORS: usize = 1 << 16;
@@ -84,7 +103,17 @@ fn len_usize(len: u32) -> usize {
     usize::try_from(len).unwrap_or(usize::MAX)
 }
 
-impl Executor<'_> {
+impl<'a> Executor<'a> {
+    fn new(session: &'a Session, config: &ServerConfig) -> Self {
+        Executor {
+            dev: session.export.dev.as_ref(),
+            session,
+            out: OutBuf::new(64 << 10),
+            stats: BatchStats::default(),
+            sparse_read_threshold: config.sparse_read_threshold,
+        }
+    }
+
     fn reply_ok(&mut self, cookie: u64) {
         put_simple_reply(&mut self.out, cookie, 0);
     }
@@ -313,147 +342,536 @@ impl Executor<'_> {
     }
 }
 
-fn flush_out(stream: &mut impl Write, out: &mut OutBuf) -> io::Result<()> {
-    if !out.is_empty() {
-        stream.write_all(out.as_slice())?;
+/// Where replies go: the connection's own stream (every request runs on the connection
+/// thread, in order) or a shared writer that workers send through too.
+#[derive(Clone, Copy)]
+enum Replies<'w> {
+    Inline,
+    Shared(&'w Mutex<dyn Write + Send + 'w>),
+}
+
+impl Replies<'_> {
+    /// Sends everything in `out`, which must hold whole replies.
+    fn send(self, stream: &mut impl Write, out: &mut OutBuf) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Replies::Inline => stream.write_all(out.as_slice())?,
+            Replies::Shared(writer) => writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_all(out.as_slice())?,
+        }
         out.clear();
+        Ok(())
     }
-    Ok(())
+}
+
+/// A request handed to a worker, with its payload.
+struct Job {
+    request: Request,
+    payload: Vec<u8>,
+}
+
+/// What the connection thread and its workers share.
+struct Shared<'w> {
+    writer: &'w Mutex<dyn Write + Send + 'w>,
+    state: Mutex<WorkState>,
+    /// Signalled whenever a job finishes.
+    finished: Condvar,
+}
+
+#[derive(Default)]
+struct WorkState {
+    /// Jobs queued or running.
+    in_flight: usize,
+    /// Payload bytes they hold.
+    in_flight_bytes: usize,
+    workers: usize,
+    /// The first reply a worker could not send: the connection is lost.
+    failed: Option<io::Error>,
+    /// Payload buffers to reuse.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Shared<'_> {
+    fn lock(&self) -> MutexGuard<'_, WorkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The connection's workers: scoped threads, started as concurrent requests need them.
+struct Pool<'scope, 'env> {
+    scope: &'scope thread::Scope<'scope, 'env>,
+    shared: &'env Shared<'env>,
+    session: &'env Session,
+    config: &'env ServerConfig,
+    jobs: Sender<Job>,
+    queue: Receiver<Job>,
+    max_workers: usize,
+    /// Payload bytes in flight above which the connection stops reading.
+    max_bytes: usize,
+}
+
+impl Pool<'_, '_> {
+    /// Whether `request` runs on a worker rather than on the connection thread.
+    fn takes(&self, request: &Request, device_waits: bool) -> bool {
+        match request.op {
+            Op::Flush | Op::Cache => true,
+            Op::Write { fua } | Op::Trim { fua } | Op::WriteZeroes { fua, .. } => {
+                fua || device_waits
+            }
+            Op::Read { .. } => device_waits,
+            Op::BlockStatus { .. } | Op::Disc => false,
+        }
+    }
+
+    /// Waits until a job of `bytes` fits the limits; first sends the connection thread's
+    /// queued replies, since the client may be waiting for them. Returns the error of a
+    /// worker that lost the connection.
+    fn wait_for_room(
+        &self,
+        bytes: usize,
+        mut send_queued: impl FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let full = |state: &WorkState| {
+            state.failed.is_none()
+                && state.in_flight > 0
+                && (state.in_flight >= self.max_workers
+                    || state.in_flight_bytes.saturating_add(bytes) > self.max_bytes)
+        };
+        if full(&self.shared.lock()) {
+            send_queued()?;
+        }
+        let mut state = self.shared.lock();
+        while full(&state) {
+            state = self
+                .shared
+                .finished
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        match state.failed.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// A buffer holding `len` bytes to fill, reused when possible.
+    fn payload_buffer(&self, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = self.shared.lock().spare.pop().unwrap_or_default();
+        if buf.capacity() < len {
+            buf.try_reserve_exact(len - buf.len())
+                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        }
+        buf.resize(len, 0);
+        Ok(buf)
+    }
+
+    /// Queues `job`, starting a worker if every running one is busy. Gives the job back
+    /// when there is no worker to run it (none could be started).
+    fn submit(&self, job: Job) -> Option<Job> {
+        let start_worker = {
+            let mut state = self.shared.lock();
+            state.in_flight += 1;
+            state.in_flight_bytes += job.payload.len();
+            let start = state.in_flight > state.workers && state.workers < self.max_workers;
+            if start {
+                state.workers += 1;
+            }
+            start
+        };
+        if start_worker {
+            let (shared, session, config) = (self.shared, self.session, self.config);
+            let queue = self.queue.clone();
+            let spawned = thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn_scoped(self.scope, move || work(&queue, shared, session, config));
+            if let Err(err) = spawned {
+                tracing::warn!(%err, "could not start an NBD worker thread");
+                let mut state = self.shared.lock();
+                state.workers -= 1;
+                if state.workers == 0 {
+                    state.in_flight -= 1;
+                    state.in_flight_bytes -= job.payload.len();
+                    return Some(job);
+                }
+            }
+        }
+        // The queue is unbounded and its receiver lives in `self`: sending cannot fail.
+        let _ = self.jobs.send(job);
+        None
+    }
+}
+
+/// A worker: runs jobs until the connection thread closes the queue.
+fn work(queue: &Receiver<Job>, shared: &Shared<'_>, session: &Session, config: &ServerConfig) {
+    let mut exec = Executor::new(session, config);
+    while let Ok(job) = queue.recv() {
+        run_job(job, &mut exec, shared);
+    }
+}
+
+fn run_job(job: Job, exec: &mut Executor<'_>, shared: &Shared<'_>) {
+    // After a lost connection the remaining jobs are dropped unanswered, like the
+    // requests an inline connection had not reached.
+    let lost = shared.lock().failed.is_some();
+    let sent = if lost {
+        Ok(())
+    } else {
+        exec.execute(&job.request, &job.payload);
+        Replies::Shared(shared.writer).send(&mut io::sink(), &mut exec.out)
+    };
+    exec.out.clear();
+    publish(&exec.session.export, &mut exec.stats);
+    let mut payload = job.payload;
+    let mut state = shared.lock();
+    state.in_flight -= 1;
+    state.in_flight_bytes -= payload.len();
+    if let Err(err) = sent {
+        state.failed.get_or_insert(err);
+    }
+    if payload.capacity() <= MAX_SPARE_BUFFER && state.spare.len() < MAX_SPARE_BUFFERS {
+        payload.clear();
+        state.spare.push(payload);
+    }
+    drop(state);
+    shared.finished.notify_all();
 }
 
 /// Serves `session` on `stream` until the client disconnects, the stream fails, or
 /// `shutting_down` is set (then requests already received are answered first).
+///
+/// With `writer` (a second handle on the same stream) and
+/// [`ServerConfig::parallel_requests`] > 0, slow requests run on worker threads and are
+/// answered as they finish; without, every request runs in order on this thread.
 pub(crate) fn serve<S: Read + Write>(
     stream: &mut S,
+    writer: Option<&Mutex<dyn Write + Send + '_>>,
     session: &Session,
     config: &ServerConfig,
     shutting_down: &AtomicBool,
 ) -> Result<Ending, TransmissionError> {
-    let export = &session.export;
-    let shape = ExportShape {
-        size: session.size,
-        limits: export.limits,
-        transmission_flags: session.transmission_flags,
-        structured_replies: session.structured,
-        meta_contexts: session.contexts.len(),
-    };
-    let mut recv = RecvBuf::new(config.recv_buffer_size.max(64 << 10));
-    let mut exec = Executor {
-        dev: export.dev.as_ref(),
-        session,
-        out: OutBuf::new(64 << 10),
-        stats: BatchStats::default(),
-        sparse_read_threshold: config.sparse_read_threshold,
-    };
-    let mut large = Vec::new();
-    let flush_threshold = config.reply_flush_threshold.max(1);
-
-    let result = (|| loop {
-        // Execute every complete request already received.
-        loop {
-            let pending = recv.pending();
-            if pending.len() < REQUEST_HEADER_LEN {
-                break;
-            }
-            let header = match RequestHeader::parse(pending) {
-                Ok(header) => header,
-                Err(err) => {
-                    // Whatever was answered before the garbage still goes out.
-                    let _ = flush_out(stream, &mut exec.out);
-                    return Err(TransmissionError::Desync(err));
-                }
-            };
-            let payload_len = len_usize(header.payload_len());
-            let total = REQUEST_HEADER_LEN.saturating_add(payload_len);
-            match header.validate(&shape) {
-                Ok(Request { op: Op::Disc, .. }) => {
-                    // "The server MUST handle all outstanding requests": all earlier ones
-                    // are answered; the client sends nothing after it.
-                    recv.consume(REQUEST_HEADER_LEN);
-                    flush_out(stream, &mut exec.out)?;
-                    return Ok(Ending::Disconnect);
-                }
-                Ok(request) if payload_len > 0 => {
-                    if pending.len() >= total {
-                        exec.execute(&request, &pending[REQUEST_HEADER_LEN..total]);
-                        recv.consume(total);
-                    } else if total <= recv.capacity() {
-                        // Wait for the rest of the payload.
-                        break;
-                    } else {
-                        // Larger than the receive buffer: gather it in `large`, sized now
-                        // that the length is validated.
-                        if large.len() < payload_len {
-                            if large.try_reserve_exact(payload_len - large.len()).is_err() {
-                                exec.stats.requests += 1;
-                                exec.reply_error(
-                                    request.cookie,
-                                    Errno::NoMem,
-                                    "Cannot allocate the write buffer",
-                                );
-                                let have = pending.len();
-                                recv.consume(have);
-                                recv.skip_from(
-                                    stream,
-                                    u64::try_from(total - have).unwrap_or(u64::MAX),
-                                )?;
-                                continue;
-                            }
-                            large.resize(payload_len, 0);
-                        }
-                        let have = pending.len() - REQUEST_HEADER_LEN;
-                        large[..have].copy_from_slice(&pending[REQUEST_HEADER_LEN..]);
-                        recv.clear();
-                        // Queued replies go out before blocking on the payload.
-                        flush_out(stream, &mut exec.out)?;
-                        stream.read_exact(&mut large[have..payload_len])?;
-                        exec.execute(&request, &large[..payload_len]);
-                    }
-                }
-                Ok(request) => {
-                    recv.consume(REQUEST_HEADER_LEN);
-                    exec.execute(&request, &[]);
-                }
-                Err(err) => {
-                    exec.stats.requests += 1;
-                    tracing::debug!(?header, %err, "refused request");
-                    exec.reply_error(header.cookie, err.errno(), &err.to_string());
-                    // Skip a refused write's payload to stay in sync.
-                    let have = pending.len().min(total);
-                    recv.consume(have);
-                    if have < total {
-                        recv.skip_from(stream, u64::try_from(total - have).unwrap_or(u64::MAX))?;
-                    }
-                }
-            }
-            if exec.out.len() >= flush_threshold {
-                flush_out(stream, &mut exec.out)?;
-            }
+    let writer = match writer {
+        Some(writer) if config.parallel_requests > 0 => writer,
+        _ => {
+            return Connection::new(session, config, Replies::Inline, None)
+                .run(stream, shutting_down)
         }
-
-        // Nothing complete is left: send the replies before blocking.
-        flush_out(stream, &mut exec.out)?;
-        publish(export, &mut exec.stats);
-        // No shutdown check here: shutdown has already shut the socket's read side, so
-        // this read returns what the client had sent (those requests are answered too)
-        // and then end-of-stream instead of blocking.
-        let needed = match RequestHeader::parse(recv.pending()) {
-            Ok(header) => REQUEST_HEADER_LEN.saturating_add(len_usize(header.payload_len())),
-            Err(_) => REQUEST_HEADER_LEN,
+    };
+    let shared = Shared {
+        writer,
+        state: Mutex::default(),
+        finished: Condvar::new(),
+    };
+    let (jobs, queue) = crossbeam_channel::unbounded();
+    let result = thread::scope(|scope| {
+        let pool = Pool {
+            scope,
+            shared: &shared,
+            session,
+            config,
+            jobs,
+            queue,
+            max_workers: config.parallel_requests,
+            max_bytes: config.max_in_flight_bytes.max(1),
         };
-        recv.make_room(needed);
-        if recv.fill_from(stream)? == 0 {
-            if shutting_down.load(Ordering::Acquire) {
-                return Ok(Ending::Shutdown);
-            }
-            if recv.pending_len() > 0 {
-                return Err(TransmissionError::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            return Ok(Ending::PeerClosed);
+        Connection::new(session, config, Replies::Shared(writer), Some(pool))
+            .run(stream, shutting_down)
+        // Dropping the pool closes the queue; the scope waits for the workers to finish
+        // every job already received.
+    });
+    let lost = shared.lock().failed.take();
+    match (result, lost) {
+        (Ok(_), Some(err)) => Err(TransmissionError::Io(err)),
+        (result, _) => result,
+    }
+}
+
+/// The connection thread: reads, parses and validates requests, runs the quick ones and
+/// hands the slow ones to the pool.
+struct Connection<'a, 'scope, 'env> {
+    exec: Executor<'a>,
+    replies: Replies<'a>,
+    pool: Option<Pool<'scope, 'env>>,
+    recv: RecvBuf,
+    /// Payload buffer for writes larger than the receive buffer that run inline.
+    large: Vec<u8>,
+    flush_threshold: usize,
+    device_waits: bool,
+}
+
+impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
+    fn new(
+        session: &'a Session,
+        config: &'a ServerConfig,
+        replies: Replies<'a>,
+        pool: Option<Pool<'scope, 'env>>,
+    ) -> Self {
+        Connection {
+            exec: Executor::new(session, config),
+            replies,
+            pool,
+            recv: RecvBuf::new(config.recv_buffer_size.max(64 << 10)),
+            large: Vec::new(),
+            flush_threshold: config.reply_flush_threshold.max(1),
+            device_waits: session.export.dev.waits_on_device(),
         }
-    })();
-    publish(export, &mut exec.stats);
-    result
+    }
+
+    fn send_queued(&mut self, stream: &mut impl Write) -> io::Result<()> {
+        self.replies.send(stream, &mut self.exec.out)
+    }
+
+    fn run<S: Read + Write>(
+        mut self,
+        stream: &mut S,
+        shutting_down: &AtomicBool,
+    ) -> Result<Ending, TransmissionError> {
+        let result = self.run_loop(stream, shutting_down);
+        // Whatever was answered before an error (e.g. garbage) still goes out.
+        let sent = self.send_queued(stream);
+        publish(&self.exec.session.export, &mut self.exec.stats);
+        match (result, sent) {
+            (Ok(ending), Err(err)) if ending != Ending::Shutdown => Err(err.into()),
+            (result, _) => result,
+        }
+    }
+
+    fn run_loop<S: Read + Write>(
+        &mut self,
+        stream: &mut S,
+        shutting_down: &AtomicBool,
+    ) -> Result<Ending, TransmissionError> {
+        let shape = ExportShape {
+            size: self.exec.session.size,
+            limits: self.exec.session.export.limits,
+            transmission_flags: self.exec.session.transmission_flags,
+            structured_replies: self.exec.session.structured,
+            meta_contexts: self.exec.session.contexts.len(),
+        };
+        loop {
+            // Execute every complete request already received.
+            while let Some(ending) = self.next_request(stream, &shape)? {
+                if let Some(ending) = ending {
+                    return Ok(ending);
+                }
+            }
+            // Nothing complete is left: send the replies before blocking.
+            self.send_queued(stream)?;
+            publish(&self.exec.session.export, &mut self.exec.stats);
+            if let Some(pool) = &self.pool {
+                if let Some(err) = pool.shared.lock().failed.take() {
+                    return Err(err.into());
+                }
+            }
+            // No shutdown check here: shutdown has already shut the socket's read side, so
+            // this read returns what the client had sent (those requests are answered too)
+            // and then end-of-stream instead of blocking.
+            let needed = match RequestHeader::parse(self.recv.pending()) {
+                Ok(header) => REQUEST_HEADER_LEN.saturating_add(len_usize(header.payload_len())),
+                Err(_) => REQUEST_HEADER_LEN,
+            };
+            self.recv.make_room(needed);
+            if self.recv.fill_from(stream)? == 0 {
+                if shutting_down.load(Ordering::Acquire) {
+                    return Ok(Ending::Shutdown);
+                }
+                if self.recv.pending_len() > 0 {
+                    return Err(TransmissionError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                return Ok(Ending::PeerClosed);
+            }
+        }
+    }
+
+    /// Handles the first buffered request. `None`: no complete request is buffered;
+    /// `Some(None)`: one was handled; `Some(Some(ending))`: the connection ends.
+    fn next_request<S: Read + Write>(
+        &mut self,
+        stream: &mut S,
+        shape: &ExportShape,
+    ) -> Result<Option<Option<Ending>>, TransmissionError> {
+        let pending = self.recv.pending();
+        if pending.len() < REQUEST_HEADER_LEN {
+            return Ok(None);
+        }
+        let header = RequestHeader::parse(pending).map_err(TransmissionError::Desync)?;
+        let payload_len = len_usize(header.payload_len());
+        let total = REQUEST_HEADER_LEN.saturating_add(payload_len);
+        let have = pending.len();
+        let request = match header.validate(shape) {
+            Ok(request) => request,
+            Err(err) => {
+                self.exec.stats.requests += 1;
+                tracing::debug!(?header, %err, "refused request");
+                self.exec
+                    .reply_error(header.cookie, err.errno(), &err.to_string());
+                // Skip a refused write's payload to stay in sync.
+                self.recv.consume(have.min(total));
+                if have < total {
+                    self.recv
+                        .skip_from(stream, u64::try_from(total - have).unwrap_or(u64::MAX))?;
+                }
+                return self.after_request(stream);
+            }
+        };
+        if request.op == Op::Disc {
+            // "The server MUST handle all outstanding requests": all earlier ones are
+            // answered (the pool finishes its jobs before the connection closes); the
+            // client sends nothing after it.
+            self.recv.consume(REQUEST_HEADER_LEN);
+            return Ok(Some(Some(Ending::Disconnect)));
+        }
+        if have < total && total <= self.recv.capacity() {
+            // Wait for the rest of the payload.
+            return Ok(None);
+        }
+        let to_pool = self
+            .pool
+            .as_ref()
+            .is_some_and(|pool| pool.takes(&request, self.device_waits));
+        if to_pool {
+            self.submit(stream, request, payload_len)?;
+        } else if have >= total {
+            self.exec
+                .execute(&request, &pending[REQUEST_HEADER_LEN..total]);
+            self.recv.consume(total);
+        } else {
+            self.execute_large(stream, request, payload_len)?;
+        }
+        self.after_request(stream)
+    }
+
+    fn after_request(
+        &mut self,
+        stream: &mut impl Write,
+    ) -> Result<Option<Option<Ending>>, TransmissionError> {
+        if self.exec.out.len() >= self.flush_threshold {
+            self.send_queued(stream)?;
+        }
+        Ok(Some(None))
+    }
+
+    /// Runs inline a write whose payload is larger than the receive buffer: gathers it in
+    /// `large`, sized now that the length is validated.
+    fn execute_large(
+        &mut self,
+        stream: &mut (impl Read + Write),
+        request: Request,
+        payload_len: usize,
+    ) -> io::Result<()> {
+        if self.large.len() < payload_len {
+            if self
+                .large
+                .try_reserve_exact(payload_len - self.large.len())
+                .is_err()
+            {
+                return self.refuse_payload(stream, &request, payload_len);
+            }
+            self.large.resize(payload_len, 0);
+        }
+        let mut large = std::mem::take(&mut self.large);
+        let result = self.receive_payload(stream, &mut large[..payload_len]);
+        if result.is_ok() {
+            self.exec.execute(&request, &large[..payload_len]);
+        }
+        self.large = large;
+        result
+    }
+
+    /// Hands `request` to the pool with its payload (the buffered part and the rest read
+    /// from the stream), once the pool has room for it.
+    fn submit(
+        &mut self,
+        stream: &mut (impl Read + Write),
+        request: Request,
+        payload_len: usize,
+    ) -> io::Result<()> {
+        let Some(pool) = self.pool.as_ref() else {
+            return Ok(());
+        };
+        let (replies, out) = (self.replies, &mut self.exec.out);
+        pool.wait_for_room(payload_len, || replies.send(stream, out))?;
+        let mut payload = match pool.payload_buffer(payload_len) {
+            Ok(payload) => payload,
+            Err(_) => return self.refuse_payload(stream, &request, payload_len),
+        };
+        receive_payload(
+            &mut self.recv,
+            self.replies,
+            &mut self.exec.out,
+            stream,
+            &mut payload,
+        )?;
+        let job = Job { request, payload };
+        if let Some(job) = pool.submit(job) {
+            self.exec.execute(&job.request, &job.payload);
+        }
+        Ok(())
+    }
+
+    /// Fills `payload` with the payload of the request at the front of the receive
+    /// buffer: the part already buffered, then the rest from the stream. Consumes the
+    /// request.
+    fn receive_payload(
+        &mut self,
+        stream: &mut (impl Read + Write),
+        payload: &mut [u8],
+    ) -> io::Result<()> {
+        receive_payload(
+            &mut self.recv,
+            self.replies,
+            &mut self.exec.out,
+            stream,
+            payload,
+        )
+    }
+
+    /// Answers ENOMEM for a write whose payload buffer cannot be allocated, and skips the
+    /// payload.
+    fn refuse_payload(
+        &mut self,
+        stream: &mut (impl Read + Write),
+        request: &Request,
+        payload_len: usize,
+    ) -> io::Result<()> {
+        self.exec.stats.requests += 1;
+        self.exec.reply_error(
+            request.cookie,
+            Errno::NoMem,
+            "Cannot allocate the write buffer",
+        );
+        let total = REQUEST_HEADER_LEN + payload_len;
+        let have = self.recv.pending_len().min(total);
+        self.recv.consume(have);
+        self.recv
+            .skip_from(stream, u64::try_from(total - have).unwrap_or(u64::MAX))
+    }
+}
+
+/// Fills `payload` with the payload of the request at the front of `recv`: the part
+/// already buffered, then the rest from the stream (after sending the queued replies in
+/// `out`, since the client may wait for them). Consumes the request.
+fn receive_payload(
+    recv: &mut RecvBuf,
+    replies: Replies<'_>,
+    out: &mut OutBuf,
+    stream: &mut (impl Read + Write),
+    payload: &mut [u8],
+) -> io::Result<()> {
+    let pending = recv.pending();
+    let total = REQUEST_HEADER_LEN + payload.len();
+    let buffered = pending.len().min(total) - REQUEST_HEADER_LEN;
+    payload[..buffered]
+        .copy_from_slice(&pending[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + buffered]);
+    recv.consume(REQUEST_HEADER_LEN + buffered);
+    if buffered < payload.len() {
+        replies.send(stream, out)?;
+        stream.read_exact(&mut payload[buffered..])?;
+    }
+    Ok(())
 }
 
 fn publish(export: &super::export::Export, stats: &mut BatchStats) {
