@@ -786,6 +786,21 @@ impl Group {
         Ok(())
     }
 
+    /// Marks every block of every disk for a resync (initial replication, or an
+    /// administrator's request). Tracking continues by dirty map until the consumer's
+    /// next [`Group::begin_resync`]; the request survives a restart.
+    pub fn request_full_resync(&self, reason: ResyncReason) -> Result<(), TrackerError> {
+        let mut state = lock(&self.shared.state);
+        for disk in &self.shared.disks {
+            disk.resync_bits.set_all();
+        }
+        state.mode = TrackingMode::DirtyMap;
+        state.resync = Some(reason);
+        self.shared.write_superblock(&mut state, true)?;
+        info!(group = %self.shared.name, %reason, "Full resync requested");
+        Ok(())
+    }
+
     /// Gives back resync maps that could not be copied (the resync failed).
     pub fn abort_resync(&self, maps: &[DirtyBits], reason: ResyncReason) {
         for (disk, bits) in self.shared.disks.iter().zip(maps) {

@@ -38,6 +38,11 @@ pub enum ResyncReason {
     ImageWriteError = 3,
     /// The daemon died while tracking by dirty map only, so the map is lost.
     DirtyMapLost = 4,
+    /// Replication was enabled: the replica needs a first full copy.
+    InitialReplication = 5,
+    /// An administrator asked for a resync (for example after the replica's chain of
+    /// cycles broke).
+    Requested = 6,
 }
 
 impl std::fmt::Display for ResyncReason {
@@ -47,6 +52,8 @@ impl std::fmt::Display for ResyncReason {
             Self::UncleanHostShutdown => "the host shut down uncleanly with unsynced writes",
             Self::ImageWriteError => "an image write failed after it was logged",
             Self::DirtyMapLost => "the daemon stopped uncleanly while tracking by dirty map",
+            Self::InitialReplication => "replication was enabled and needs its initial copy",
+            Self::Requested => "an administrator requested it",
         })
     }
 }
@@ -58,6 +65,8 @@ impl ResyncReason {
             2 => Self::UncleanHostShutdown,
             3 => Self::ImageWriteError,
             4 => Self::DirtyMapLost,
+            5 => Self::InitialReplication,
+            6 => Self::Requested,
             _ => return None,
         })
     }

@@ -1,0 +1,204 @@
+//! The replica server's HTTP API: paths, messages and error codes.
+//!
+//! Every request is authenticated (mutual TLS, or a pre-shared key in lab mode) and
+//! authorised against the server's list of allowed primaries; a primary sees only the
+//! replicas of its own trust group. Bodies are JSON except chunk uploads, which carry
+//! one frame of [`crate::chunk`].
+//!
+//! Control requests (short connections, 120 s timeout, no retry of their own):
+//! - `POST /v1/replicas`: [`EnableRequest`] → [`ReplicaInfo`]; creates the replica
+//!   (or returns it if it exists with the same disks).
+//! - `GET /v1/replicas/{name}` → [`ReplicaInfo`]. `DELETE` removes it.
+//! - `POST /v1/replicas/{name}/transfers`: [`TransferOffer`] → [`TransferAnswer`]; before
+//!   any data: which chunks of this transfer the replica already holds.
+//! - `POST /v1/replicas/{name}/transfers/{id}/commit`: [`CommitRequest`] →
+//!   [`ReplicaInfo`]; answered once the transfer is durable on the replica.
+//!
+//! Data requests (one persistent connection, an echo every 90 s):
+//! - `PUT /v1/replicas/{name}/transfers/{id}/chunks/{index}`: a chunk frame; chunks
+//!   arrive in order, each stored durably before the next is accepted.
+//! - `GET /v1/echo`: keep-alive.
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of every API request.
+pub const API_PREFIX: &str = "/v1";
+/// Header carrying the pre-shared key in plain-HTTP lab mode.
+pub const PSK_HEADER: &str = "x-blkrep-psk";
+/// Header carrying the primary's claimed identity in plain-HTTP lab mode.
+pub const IDENTITY_HEADER: &str = "x-blkrep-identity";
+/// Largest JSON body either side accepts.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Longest replica or disk name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` may name a replica or a disk: 1 to 64 of `[A-Za-z0-9._-]`, not
+/// starting with a dot. Such a name is safe as one path component.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One protected disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Disk name within the group.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Creates a replica of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnableRequest {
+    /// The group's name; the replica's name.
+    pub name: String,
+    /// The group's disks, in group order.
+    pub disks: Vec<DiskInfo>,
+    /// The primary host's name, for the replica's records.
+    pub primary_host: String,
+}
+
+/// What a transfer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TransferKind {
+    /// The changes of one closed cycle.
+    Delta {
+        /// Cycle number.
+        cycle: u64,
+    },
+    /// A batch of a resync (or of the initial replication): blocks read from the
+    /// images while writes went on. The replica is not consistent until the delta that
+    /// follows the last batch is applied.
+    Resync {
+        /// Identifies the resync; a new one abandons an unfinished one.
+        epoch: u64,
+        /// Batch number within the resync, from 0.
+        batch: u32,
+        /// Whether this is the last batch.
+        last: bool,
+    },
+}
+
+/// Announces a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferOffer {
+    /// Transfer id: the same for every attempt to send the same transfer.
+    pub id: u64,
+    /// What it carries.
+    pub kind: TransferKind,
+    /// Record bytes it will carry at most (before compression), for the space check.
+    pub bytes: u64,
+}
+
+/// The replica's answer to an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferAnswer {
+    /// Chunks of this transfer already stored: send from this index on.
+    pub have_chunks: u32,
+    /// The transfer was committed before (a retry after a lost answer): nothing to send.
+    pub committed: bool,
+}
+
+/// Ends a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// How many chunks the transfer has.
+    pub chunks: u32,
+}
+
+/// Where a replica stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// Replica name.
+    pub name: String,
+    /// Trust group it belongs to.
+    pub trust_group: String,
+    /// Its disks.
+    pub disks: Vec<DiskInfo>,
+    /// Whether the disks hold a state the primary had (the last delta is applied and
+    /// no resync is unfinished).
+    pub consistent: bool,
+    /// Newest cycle received durably.
+    pub last_received_cycle: Option<u64>,
+    /// Newest cycle applied to the disks.
+    pub last_applied_cycle: Option<u64>,
+    /// When it was applied (seconds since the epoch).
+    pub last_applied_unix: Option<u64>,
+    /// Transfers received and not yet applied.
+    pub pending_transfers: u32,
+    /// The resync in progress, if any.
+    pub resync_epoch: Option<u64>,
+    /// Whether an administrator paused replication on the replica side.
+    pub paused: bool,
+}
+
+/// Why the replica refused a request; the HTTP status says the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request is malformed.
+    BadRequest,
+    /// 401: no valid credentials.
+    Unauthenticated,
+    /// 403: the peer may not do this.
+    Forbidden,
+    /// 404: no such replica (for this peer).
+    NotFound,
+    /// 409: the request conflicts with the replica's state (a different replica of the
+    /// same name, a chunk out of order, a cycle that breaks the chain).
+    Conflict,
+    /// 409 with this code: the chain of cycles is broken; only a resync repairs it.
+    ChainBroken,
+    /// 423: replication is paused on the replica.
+    Paused,
+    /// 507: not enough free space for the transfer.
+    InsufficientStorage,
+    /// 500: the replica failed.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that carries this code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict | ErrorCode::ChainBroken => 409,
+            ErrorCode::Paused => 423,
+            ErrorCode::InsufficientStorage => 507,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What kind of refusal.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_safe_path_components() {
+        for good in ["vm1", "web-01.disk_a", "A", &"x".repeat(64)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a b", "é", &"x".repeat(65), "a\0"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}

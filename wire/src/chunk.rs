@@ -1,0 +1,488 @@
+//! Transfer chunks: how changes travel to the replica and rest in its staging files.
+//!
+//! A transfer (one delta cycle, or one batch of a resync) is a sequence of chunks,
+//! numbered from 0. A chunk holds whole change records, at most [`MAX_CHUNK_RAW`] bytes
+//! of them (2 MiB, the chunk size of Hyper-V Replica's network layer), so each chunk can
+//! be checked, stored and applied on its own and an interrupted transfer resumes at a
+//! chunk boundary. Writes larger than the room left in a chunk are split.
+//!
+//! Frame (all integers little endian):
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 4 | magic `BRXC` |
+//! | 4 | 1 | version, 1 |
+//! | 5 | 1 | flags: bit 0 = body is a raw DEFLATE stream; other bits 0 |
+//! | 6 | 2 | 0 |
+//! | 8 | 8 | transfer id |
+//! | 16 | 4 | chunk index |
+//! | 20 | 4 | record bytes (after decompression), 1..=[`MAX_CHUNK_RAW`] |
+//! | 24 | 4 | body bytes following this header, at most [`MAX_CHUNK_BODY`] |
+//! | 28 | 4 | CRC32C of bytes 0..28 and of the body |
+//!
+//! Record (in the decompressed body, back to back):
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 1 | kind: 1 write, 2 zero, 3 trim |
+//! | 1 | 1 | 0 |
+//! | 2 | 2 | disk index in the group |
+//! | 4 | 4 | 0 |
+//! | 8 | 8 | byte offset on the disk |
+//! | 16 | 8 | length in bytes (> 0) |
+//! | 24 | length | data, for writes only |
+//!
+//! Decoding trusts nothing: the header is checked before the body is read, the body's
+//! size before anything is allocated, and decompression never produces more than the
+//! declared record bytes. Ranges are checked against the disks by the applier.
+
+use std::io::{Read, Write};
+
+use flate2::read::DeflateDecoder;
+use flate2::write::DeflateEncoder;
+use flate2::Compression;
+use thiserror::Error;
+use tracker::{Change, ChangeData};
+
+/// Frame magic.
+pub const CHUNK_MAGIC: [u8; 4] = *b"BRXC";
+/// Frame format version.
+pub const CHUNK_VERSION: u8 = 1;
+/// Frame header length.
+pub const CHUNK_HEADER_LEN: usize = 32;
+/// Most record bytes in one chunk: 2 MiB.
+pub const MAX_CHUNK_RAW: u32 = 2 << 20;
+/// Most body bytes: DEFLATE's worst case for 2 MiB is 5 bytes per 16 KiB stored block,
+/// well inside this.
+pub const MAX_CHUNK_BODY: u32 = MAX_CHUNK_RAW + (64 << 10);
+/// Record header length.
+pub const RECORD_HEADER_LEN: usize = 24;
+/// Flag: the body is DEFLATE-compressed.
+pub const FLAG_DEFLATE: u8 = 1;
+
+const KIND_WRITE: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_TRIM: u8 = 3;
+
+/// Why bytes are not a valid chunk.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ChunkError {
+    /// Fewer bytes than a header or than the header announces.
+    #[error("Chunk truncated: {have} of {need} bytes")]
+    Truncated {
+        /// Bytes present.
+        have: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// Not a chunk.
+    #[error("Bad chunk magic")]
+    Magic,
+    /// A version or flag this build does not know.
+    #[error("Unsupported chunk version {version} or flags {flags:#x}")]
+    Unsupported {
+        /// The version byte.
+        version: u8,
+        /// The flags byte.
+        flags: u8,
+    },
+    /// A size field out of bounds.
+    #[error("Chunk sizes out of bounds: {raw} record bytes, {body} body bytes")]
+    Size {
+        /// Declared record bytes.
+        raw: u32,
+        /// Declared body bytes.
+        body: u32,
+    },
+    /// The CRC does not match: corrupted in transit or on disk.
+    #[error("Chunk checksum mismatch")]
+    Checksum,
+    /// The chunk belongs to another transfer or position.
+    #[error("Chunk {found_index} of transfer {found_transfer:#x} where {index} of {transfer:#x} was expected")]
+    Misplaced {
+        /// Expected transfer.
+        transfer: u64,
+        /// Expected index.
+        index: u32,
+        /// Transfer in the header.
+        found_transfer: u64,
+        /// Index in the header.
+        found_index: u32,
+    },
+    /// The body does not decompress to exactly the declared record bytes.
+    #[error("Chunk body does not decompress to {0} bytes")]
+    Decompress(u32),
+    /// A record is malformed.
+    #[error("Bad record at byte {at}: {why}")]
+    Record {
+        /// Offset in the record bytes.
+        at: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// A parsed and bounds-checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Transfer id.
+    pub transfer: u64,
+    /// Index within the transfer.
+    pub index: u32,
+    /// Whether the body is compressed.
+    pub deflate: bool,
+    /// Record bytes after decompression.
+    pub raw_len: u32,
+    /// Body bytes after the header.
+    pub body_len: u32,
+    /// Declared CRC32C.
+    pub crc: u32,
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn le_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+impl ChunkHeader {
+    /// Parses and checks the first [`CHUNK_HEADER_LEN`] bytes of `bytes`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ChunkError> {
+        if bytes.len() < CHUNK_HEADER_LEN {
+            return Err(ChunkError::Truncated {
+                have: bytes.len(),
+                need: CHUNK_HEADER_LEN,
+            });
+        }
+        if bytes[..4] != CHUNK_MAGIC {
+            return Err(ChunkError::Magic);
+        }
+        let (version, flags) = (bytes[4], bytes[5]);
+        if version != CHUNK_VERSION || flags & !FLAG_DEFLATE != 0 || le_u16(bytes, 6) != 0 {
+            return Err(ChunkError::Unsupported { version, flags });
+        }
+        let raw_len = le_u32(bytes, 20);
+        let body_len = le_u32(bytes, 24);
+        let deflate = flags & FLAG_DEFLATE != 0;
+        let sizes_ok = (1..=MAX_CHUNK_RAW).contains(&raw_len)
+            && body_len <= MAX_CHUNK_BODY
+            && (deflate || body_len == raw_len);
+        if !sizes_ok {
+            return Err(ChunkError::Size {
+                raw: raw_len,
+                body: body_len,
+            });
+        }
+        Ok(ChunkHeader {
+            transfer: le_u64(bytes, 8),
+            index: le_u32(bytes, 16),
+            deflate,
+            raw_len,
+            body_len,
+            crc: le_u32(bytes, 28),
+        })
+    }
+
+    /// The whole frame's length.
+    pub fn frame_len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.body_len as usize
+    }
+
+    /// Checks that this is chunk `index` of `transfer`.
+    pub fn expect(&self, transfer: u64, index: u32) -> Result<(), ChunkError> {
+        if self.transfer == transfer && self.index == index {
+            return Ok(());
+        }
+        Err(ChunkError::Misplaced {
+            transfer,
+            index,
+            found_transfer: self.transfer,
+            found_index: self.index,
+        })
+    }
+}
+
+/// A whole frame, checked: header bounds, length and CRC.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedFrame<'a> {
+    /// The header.
+    pub header: ChunkHeader,
+    body: &'a [u8],
+}
+
+impl<'a> CheckedFrame<'a> {
+    /// Checks the frame at the start of `bytes`; the rest of `bytes` is ignored.
+    pub fn check(bytes: &'a [u8]) -> Result<Self, ChunkError> {
+        let header = ChunkHeader::parse(bytes)?;
+        let need = header.frame_len();
+        if bytes.len() < need {
+            return Err(ChunkError::Truncated {
+                have: bytes.len(),
+                need,
+            });
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..28]), &bytes[CHUNK_HEADER_LEN..need]);
+        if crc != header.crc {
+            return Err(ChunkError::Checksum);
+        }
+        Ok(CheckedFrame {
+            header,
+            body: &bytes[CHUNK_HEADER_LEN..need],
+        })
+    }
+
+    /// The record bytes: the body itself, or decompressed into `scratch`.
+    pub fn records<'s>(&self, scratch: &'s mut Vec<u8>) -> Result<Records<'s>, ChunkError>
+    where
+        'a: 's,
+    {
+        let raw_len = self.header.raw_len as usize;
+        let raw: &'s [u8] = if self.header.deflate {
+            scratch.clear();
+            scratch.reserve(raw_len);
+            // One byte more than declared is read to detect a body that inflates further.
+            let limit = u64::from(self.header.raw_len) + 1;
+            DeflateDecoder::new(self.body)
+                .take(limit)
+                .read_to_end(scratch)
+                .map_err(|_| ChunkError::Decompress(self.header.raw_len))?;
+            if scratch.len() != raw_len {
+                return Err(ChunkError::Decompress(self.header.raw_len));
+            }
+            scratch
+        } else {
+            self.body
+        };
+        Ok(Records { raw, at: 0 })
+    }
+}
+
+/// Iterates the change records of a chunk, checking each.
+#[derive(Debug)]
+pub struct Records<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<Change<'a>, ChunkError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.raw.len() {
+            return None;
+        }
+        let at = self.at;
+        let rest = &self.raw[at..];
+        let bad = |why| {
+            Some(Err(ChunkError::Record { at, why }))
+        };
+        if rest.len() < RECORD_HEADER_LEN {
+            self.at = self.raw.len();
+            return bad("truncated header");
+        }
+        let (kind, disk) = (rest[0], le_u16(rest, 2));
+        let (offset, length) = (le_u64(rest, 8), le_u64(rest, 16));
+        if rest[1] != 0 || le_u32(rest, 4) != 0 {
+            self.at = self.raw.len();
+            return bad("reserved bytes set");
+        }
+        if length == 0 || offset.checked_add(length).is_none() {
+            self.at = self.raw.len();
+            return bad("empty or overflowing range");
+        }
+        let data = match kind {
+            KIND_WRITE => {
+                let available = rest.len() - RECORD_HEADER_LEN;
+                let Some(length) = usize::try_from(length).ok().filter(|l| *l <= available)
+                else {
+                    self.at = self.raw.len();
+                    return bad("write data truncated");
+                };
+                let end = RECORD_HEADER_LEN + length;
+                self.at += end;
+                ChangeData::Write(&rest[RECORD_HEADER_LEN..end])
+            }
+            KIND_ZERO | KIND_TRIM => {
+                self.at += RECORD_HEADER_LEN;
+                if kind == KIND_ZERO {
+                    ChangeData::Zero
+                } else {
+                    ChangeData::Trim
+                }
+            }
+            _ => {
+                self.at = self.raw.len();
+                return bad("unknown kind");
+            }
+        };
+        Some(Ok(Change {
+            disk: usize::from(disk),
+            offset,
+            length,
+            data,
+        }))
+    }
+}
+
+/// The record bytes of one chunk, ready to be framed. Framing (and compressing) is a
+/// separate step so a resumed transfer skips it for chunks the replica already has.
+#[derive(Debug)]
+pub struct RawChunk<'a> {
+    /// Transfer id.
+    pub transfer: u64,
+    /// Index within the transfer.
+    pub index: u32,
+    /// Record bytes.
+    pub records: &'a [u8],
+}
+
+impl RawChunk<'_> {
+    /// Appends the framed chunk to `out`, compressed at `level` (0-9) or stored when
+    /// `level` is `None` or compressing would not make it smaller.
+    pub fn frame_into(&self, level: Option<u32>, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + CHUNK_HEADER_LEN, 0);
+        let mut deflate = false;
+        if let Some(level) = level {
+            let mut encoder = DeflateEncoder::new(&mut *out, Compression::new(level.min(9)));
+            let compressed = encoder
+                .write_all(self.records)
+                .and_then(|()| encoder.finish())
+                .is_ok();
+            let body = out.len() - start - CHUNK_HEADER_LEN;
+            if compressed && body < self.records.len() {
+                deflate = true;
+            } else {
+                out.truncate(start + CHUNK_HEADER_LEN);
+            }
+        }
+        if !deflate {
+            out.extend_from_slice(self.records);
+        }
+        let body_len = out.len() - start - CHUNK_HEADER_LEN;
+        let header = &mut out[start..start + CHUNK_HEADER_LEN];
+        header[..4].copy_from_slice(&CHUNK_MAGIC);
+        header[4] = CHUNK_VERSION;
+        header[5] = if deflate { FLAG_DEFLATE } else { 0 };
+        header[6..8].fill(0);
+        header[8..16].copy_from_slice(&self.transfer.to_le_bytes());
+        header[16..20].copy_from_slice(&self.index.to_le_bytes());
+        let raw = u32::try_from(self.records.len()).unwrap_or(u32::MAX);
+        header[20..24].copy_from_slice(&raw.to_le_bytes());
+        header[24..28].copy_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..28]), &out[start + CHUNK_HEADER_LEN..]);
+        out[start + 28..start + 32].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Packs changes into chunks of at most [`MAX_CHUNK_RAW`] record bytes.
+#[derive(Debug)]
+pub struct ChunkEncoder {
+    transfer: u64,
+    next_index: u32,
+    records: Vec<u8>,
+}
+
+impl ChunkEncoder {
+    /// An encoder for transfer `transfer`, starting at chunk 0.
+    pub fn new(transfer: u64) -> Self {
+        ChunkEncoder {
+            transfer,
+            next_index: 0,
+            records: Vec::with_capacity(MAX_CHUNK_RAW as usize),
+        }
+    }
+
+    /// Chunks emitted so far.
+    pub fn chunks(&self) -> u32 {
+        self.next_index
+    }
+
+    /// Adds `change`, calling `emit` for every chunk it fills. Disk indexes above
+    /// `u16::MAX` are refused by the group configuration long before this.
+    pub fn push<E>(
+        &mut self,
+        change: &Change<'_>,
+        emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let disk = u16::try_from(change.disk).unwrap_or(u16::MAX);
+        match change.data {
+            ChangeData::Write(bytes) => {
+                let mut offset = change.offset;
+                let mut bytes = bytes;
+                while !bytes.is_empty() {
+                    if self.room() <= RECORD_HEADER_LEN {
+                        self.flush(emit)?;
+                    }
+                    let take = bytes.len().min(self.room() - RECORD_HEADER_LEN);
+                    self.put_header(KIND_WRITE, disk, offset, take as u64);
+                    self.records.extend_from_slice(&bytes[..take]);
+                    offset += take as u64;
+                    bytes = &bytes[take..];
+                }
+            }
+            ChangeData::Zero | ChangeData::Trim if change.length > 0 => {
+                if self.room() < RECORD_HEADER_LEN {
+                    self.flush(emit)?;
+                }
+                let kind = if matches!(change.data, ChangeData::Zero) {
+                    KIND_ZERO
+                } else {
+                    KIND_TRIM
+                };
+                self.put_header(kind, disk, change.offset, change.length);
+            }
+            ChangeData::Zero | ChangeData::Trim => {}
+        }
+        Ok(())
+    }
+
+    /// Emits the last, partly filled chunk. Returns how many chunks the transfer has.
+    pub fn finish<E>(
+        mut self,
+        emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>,
+    ) -> Result<u32, E> {
+        self.flush(emit)?;
+        Ok(self.next_index)
+    }
+
+    fn room(&self) -> usize {
+        MAX_CHUNK_RAW as usize - self.records.len()
+    }
+
+    fn put_header(&mut self, kind: u8, disk: u16, offset: u64, length: u64) {
+        self.records.push(kind);
+        self.records.push(0);
+        self.records.extend_from_slice(&disk.to_le_bytes());
+        self.records.extend_from_slice(&0u32.to_le_bytes());
+        self.records.extend_from_slice(&offset.to_le_bytes());
+        self.records.extend_from_slice(&length.to_le_bytes());
+    }
+
+    fn flush<E>(&mut self, emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>) -> Result<(), E> {
+        if self.records.is_empty() {
+            return Ok(());
+        }
+        emit(RawChunk {
+            transfer: self.transfer,
+            index: self.next_index,
+            records: &self.records,
+        })?;
+        self.next_index += 1;
+        self.records.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// An owned change, for comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owned {
+    Write(usize, u64, Vec<u8>),
+    Zero(usize, u64, u64),
+    Trim(usize, u64, u64),
+}
+
+impl Owned {
+    fn as_change(&self) -> Change<'_> {
+        match self {
+            Owned::Write(disk, offset, data) => Change {
+                disk: *disk,
+                offset: *offset,
+                length: data.len() as u64,
+                data: ChangeData::Write(data),
+            },
+            Owned::Zero(disk, offset, length) => Change {
+                disk: *disk,
+                offset: *offset,
+                length: *length,
+                data: ChangeData::Zero,
+            },
+            Owned::Trim(disk, offset, length) => Change {
+                disk: *disk,
+                offset: *offset,
+                length: *length,
+                data: ChangeData::Trim,
+            },
+        }
+    }
+
+    fn from_change(change: &Change<'_>) -> Self {
+        match change.data {
+            ChangeData::Write(data) => Owned::Write(change.disk, change.offset, data.to_vec()),
+            ChangeData::Zero => Owned::Zero(change.disk, change.offset, change.length),
+            ChangeData::Trim => Owned::Trim(change.disk, change.offset, change.length),
+        }
+    }
+}
+
+fn encode(changes: &[Owned], transfer: u64, level: Option<u32>) -> Vec<Vec<u8>> {
+    let mut encoder = ChunkEncoder::new(transfer);
+    let mut frames = Vec::new();
+    let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
+        assert!(raw.records.len() <= MAX_CHUNK_RAW as usize);
+        let mut frame = Vec::new();
+        raw.frame_into(level, &mut frame);
+        frames.push(frame);
+        Ok(())
+    };
+    for change in changes {
+        encoder.push(&change.as_change(), &mut emit).unwrap();
+    }
+    let count = encoder.finish(&mut emit).unwrap();
+    assert_eq!(count as usize, frames.len());
+    frames
+}
+
+/// Decodes frames and joins writes that the encoder split at chunk boundaries.
+fn decode(frames: &[Vec<u8>], transfer: u64) -> Vec<Owned> {
+    let mut out: Vec<Owned> = Vec::new();
+    let mut scratch = Vec::new();
+    for (index, frame) in frames.iter().enumerate() {
+        let checked = CheckedFrame::check(frame).unwrap();
+        checked.header.expect(transfer, index as u32).unwrap();
+        for change in checked.records(&mut scratch).unwrap() {
+            let change = Owned::from_change(&change.unwrap());
+            match (out.last_mut(), &change) {
+                (Some(Owned::Write(d, o, data)), Owned::Write(d2, o2, more))
+                    if d == d2 && *o + data.len() as u64 == *o2 && index > 0 =>
+                {
+                    data.extend_from_slice(more);
+                }
+                _ => out.push(change),
+            }
+        }
+    }
+    out
+}
+
+fn change_strategy() -> impl Strategy<Value = Owned> {
+    prop_oneof![
+        (0usize..4, 0u64..1 << 40, prop::collection::vec(any::<u8>(), 1..5000))
+            .prop_map(|(d, o, data)| Owned::Write(d, o, data)),
+        (0usize..4, 0u64..1 << 40, 1u64..1 << 30).prop_map(|(d, o, l)| Owned::Zero(d, o, l)),
+        (0usize..4, 0u64..1 << 40, 1u64..1 << 30).prop_map(|(d, o, l)| Owned::Trim(d, o, l)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn changes_round_trip(changes in prop::collection::vec(change_strategy(), 0..40),
+                          level in prop::option::of(0u32..10)) {
+        // Adjacent writes would be joined by `decode`; space them out.
+        let changes: Vec<Owned> = changes.into_iter().enumerate().map(|(i, c)| match c {
+            Owned::Write(d, _, data) => Owned::Write(d, (i as u64) << 32, data),
+            other => other,
+        }).collect();
+        let frames = encode(&changes, 7, level);
+        prop_assert_eq!(decode(&frames, 7), changes);
+    }
+
+    #[test]
+    fn any_bytes_parse_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        if let Ok(frame) = CheckedFrame::check(&bytes) {
+            let mut scratch = Vec::new();
+            if let Ok(records) = frame.records(&mut scratch) {
+                for record in records {
+                    let _ = record;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_corrupted_byte_is_detected(at in 0usize..2000, flip in 1u8..=255) {
+        let frames = encode(&[Owned::Write(1, 4096, vec![0x5a; 1500]), Owned::Trim(0, 0, 1 << 20)], 3, Some(6));
+        let mut frame = frames[0].clone();
+        let at = at % frame.len();
+        frame[at] ^= flip;
+        prop_assert!(CheckedFrame::check(&frame).is_err());
+    }
+}
+
+#[test]
+fn large_writes_are_split_across_full_chunks() {
+    let data: Vec<u8> = (0..5 * MAX_CHUNK_RAW as usize).map(|i| (i * 7 % 251) as u8).collect();
+    let changes = vec![Owned::Write(2, 1 << 20, data)];
+    let frames = encode(&changes, 9, None);
+    assert_eq!(frames.len(), 6, "5 chunks of data plus the record headers' overflow");
+    assert_eq!(decode(&frames, 9), changes);
+}
+
+#[test]
+fn compression_is_skipped_when_it_does_not_help() {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let frames = encode(&[Owned::Write(0, 0, noise)], 1, Some(6));
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    assert!(!header.deflate);
+    let frames = encode(&[Owned::Write(0, 0, vec![0; 65536])], 1, Some(6));
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    assert!(header.deflate && header.body_len < 1000);
+}
+
+#[test]
+fn a_body_that_inflates_beyond_its_declared_size_is_refused() {
+    let frames = encode(&[Owned::Write(0, 0, vec![0; 100_000])], 1, Some(6));
+    let mut frame = frames[0].clone();
+    // Declare fewer record bytes than the body inflates to, and fix the CRC.
+    frame[20..24].copy_from_slice(&1000u32.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..28]), &frame[CHUNK_HEADER_LEN..]);
+    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+    let checked = CheckedFrame::check(&frame).unwrap();
+    assert_eq!(
+        checked.records(&mut Vec::new()).unwrap_err(),
+        ChunkError::Decompress(1000)
+    );
+}
+
+#[test]
+fn headers_out_of_bounds_are_refused_before_the_body() {
+    let mut header = encode(&[Owned::Zero(0, 0, 1)], 1, None)[0][..CHUNK_HEADER_LEN].to_vec();
+    header[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(ChunkHeader::parse(&header), Err(ChunkError::Size { .. })));
+    header[5] = 0x80;
+    assert!(matches!(ChunkHeader::parse(&header), Err(ChunkError::Unsupported { .. })));
+    header[0] = b'X';
+    assert_eq!(ChunkHeader::parse(&header), Err(ChunkError::Magic));
+    assert!(matches!(ChunkHeader::parse(&header[..10]), Err(ChunkError::Truncated { .. })));
+}
+
+#[test]
+fn misplaced_chunks_are_named() {
+    let frames = encode(&[Owned::Zero(0, 0, 1)], 5, None);
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    assert!(header.expect(5, 0).is_ok());
+    assert!(matches!(header.expect(6, 0), Err(ChunkError::Misplaced { .. })));
+    assert!(matches!(header.expect(5, 1), Err(ChunkError::Misplaced { .. })));
+}
