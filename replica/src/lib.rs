@@ -8,5 +8,6 @@
 
 pub mod apply;
 pub mod copy;
+pub mod store;
 
 pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

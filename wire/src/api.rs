@@ -197,7 +197,18 @@ mod tests {
         for good in ["vm1", "web-01.disk_a", "A", &"x".repeat(64)] {
             assert!(valid_name(good), "{good}");
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a b", "é", &"x".repeat(65), "a\0"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0",
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

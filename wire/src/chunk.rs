@@ -231,7 +231,8 @@ impl<'a> CheckedFrame<'a> {
                 need,
             });
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..28]), &bytes[CHUNK_HEADER_LEN..need]);
+        let crc =
+            crc32c::crc32c_append(crc32c::crc32c(&bytes[..28]), &bytes[CHUNK_HEADER_LEN..need]);
         if crc != header.crc {
             return Err(ChunkError::Checksum);
         }
@@ -283,9 +284,7 @@ impl<'a> Iterator for Records<'a> {
         }
         let at = self.at;
         let rest = &self.raw[at..];
-        let bad = |why| {
-            Some(Err(ChunkError::Record { at, why }))
-        };
+        let bad = |why| Some(Err(ChunkError::Record { at, why }));
         if rest.len() < RECORD_HEADER_LEN {
             self.at = self.raw.len();
             return bad("truncated header");
@@ -303,8 +302,7 @@ impl<'a> Iterator for Records<'a> {
         let data = match kind {
             KIND_WRITE => {
                 let available = rest.len() - RECORD_HEADER_LEN;
-                let Some(length) = usize::try_from(length).ok().filter(|l| *l <= available)
-                else {
+                let Some(length) = usize::try_from(length).ok().filter(|l| *l <= available) else {
                     self.at = self.raw.len();
                     return bad("write data truncated");
                 };
@@ -380,7 +378,10 @@ impl RawChunk<'_> {
         let raw = u32::try_from(self.records.len()).unwrap_or(u32::MAX);
         header[20..24].copy_from_slice(&raw.to_le_bytes());
         header[24..28].copy_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..28]), &out[start + CHUNK_HEADER_LEN..]);
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&header[..28]),
+            &out[start + CHUNK_HEADER_LEN..],
+        );
         out[start + 28..start + 32].copy_from_slice(&crc.to_le_bytes());
     }
 }

@@ -87,7 +87,11 @@ fn decode(frames: &[Vec<u8>], transfer: u64) -> Vec<Owned> {
 
 fn change_strategy() -> impl Strategy<Value = Owned> {
     prop_oneof![
-        (0usize..4, 0u64..1 << 40, prop::collection::vec(any::<u8>(), 1..5000))
+        (
+            0usize..4,
+            0u64..1 << 40,
+            prop::collection::vec(any::<u8>(), 1..5000)
+        )
             .prop_map(|(d, o, data)| Owned::Write(d, o, data)),
         (0usize..4, 0u64..1 << 40, 1u64..1 << 30).prop_map(|(d, o, l)| Owned::Zero(d, o, l)),
         (0usize..4, 0u64..1 << 40, 1u64..1 << 30).prop_map(|(d, o, l)| Owned::Trim(d, o, l)),
@@ -131,10 +135,16 @@ proptest! {
 
 #[test]
 fn large_writes_are_split_across_full_chunks() {
-    let data: Vec<u8> = (0..5 * MAX_CHUNK_RAW as usize).map(|i| (i * 7 % 251) as u8).collect();
+    let data: Vec<u8> = (0..5 * MAX_CHUNK_RAW as usize)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
     let changes = vec![Owned::Write(2, 1 << 20, data)];
     let frames = encode(&changes, 9, None);
-    assert_eq!(frames.len(), 6, "5 chunks of data plus the record headers' overflow");
+    assert_eq!(
+        frames.len(),
+        6,
+        "5 chunks of data plus the record headers' overflow"
+    );
     assert_eq!(decode(&frames, 9), changes);
 }
 
@@ -176,12 +186,21 @@ fn a_body_that_inflates_beyond_its_declared_size_is_refused() {
 fn headers_out_of_bounds_are_refused_before_the_body() {
     let mut header = encode(&[Owned::Zero(0, 0, 1)], 1, None)[0][..CHUNK_HEADER_LEN].to_vec();
     header[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(ChunkHeader::parse(&header), Err(ChunkError::Size { .. })));
+    assert!(matches!(
+        ChunkHeader::parse(&header),
+        Err(ChunkError::Size { .. })
+    ));
     header[5] = 0x80;
-    assert!(matches!(ChunkHeader::parse(&header), Err(ChunkError::Unsupported { .. })));
+    assert!(matches!(
+        ChunkHeader::parse(&header),
+        Err(ChunkError::Unsupported { .. })
+    ));
     header[0] = b'X';
     assert_eq!(ChunkHeader::parse(&header), Err(ChunkError::Magic));
-    assert!(matches!(ChunkHeader::parse(&header[..10]), Err(ChunkError::Truncated { .. })));
+    assert!(matches!(
+        ChunkHeader::parse(&header[..10]),
+        Err(ChunkError::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -189,6 +208,12 @@ fn misplaced_chunks_are_named() {
     let frames = encode(&[Owned::Zero(0, 0, 1)], 5, None);
     let header = ChunkHeader::parse(&frames[0]).unwrap();
     assert!(header.expect(5, 0).is_ok());
-    assert!(matches!(header.expect(6, 0), Err(ChunkError::Misplaced { .. })));
-    assert!(matches!(header.expect(5, 1), Err(ChunkError::Misplaced { .. })));
+    assert!(matches!(
+        header.expect(6, 0),
+        Err(ChunkError::Misplaced { .. })
+    ));
+    assert!(matches!(
+        header.expect(5, 1),
+        Err(ChunkError::Misplaced { .. })
+    ));
 }

@@ -1,0 +1,671 @@
+//! A replica's on-disk state: its disks, the transfer being received, the transfers
+//! waiting to be applied, and what has been applied.
+//!
+//! Layout under the replica's directory (`<storage>/<name>/`):
+//! - `replica.json`: [`ReplicaState`], replaced atomically (write, fsync, rename, fsync
+//!   the directory) after every step, so a crash leaves the old or the new state.
+//! - `disks/<disk>.img`: the replica disks, sparse files of the protected disks' sizes.
+//! - `incoming/<id>.part`: chunk frames of the transfer being received, back to back.
+//!   Each chunk is verified (checksum, records, ranges) and fsynced before it is
+//!   acknowledged; on restart the file is cut after its last valid chunk.
+//! - `received/<id>.xfer`: a committed transfer waiting to be applied. Commit renames
+//!   the `.part` and records it in the state in the same step; only then is the
+//!   transfer acknowledged as durable.
+//!
+//! Applying takes the oldest received transfer, writes its changes to the disks,
+//! fsyncs them, records the transfer as applied and deletes the file. A crash in
+//! between re-applies the whole transfer on restart, which gives the same disks:
+//! changes say what a range holds, not how to get there. So the disks only ever show
+//! a half-applied transfer while it is being applied, and `consistent` stays false
+//! until a delta is completely applied.
+//!
+//! Chain of cycles: after a resync's last batch the next delta may have any cycle
+//! number; after that each delta must be the next cycle. A delta at or before the last
+//! received one is a retry of a committed transfer and is answered as committed. Any
+//! other gap breaks the chain: refused until a resync.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use wire::api::{DiskInfo, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
+use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
+
+use crate::apply::{apply_change, ApplyError, ReplicaDisk};
+
+/// Transfer ids remembered after commit, to answer retries.
+const RECENT_COMMITS: usize = 64;
+
+/// Errors of a replica store operation.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("Cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The state file is not valid.
+    #[error("Replica state {path} is corrupt: {reason}")]
+    CorruptState {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A received chunk is invalid.
+    #[error("Invalid chunk")]
+    Chunk(#[from] ChunkError),
+    /// A change does not fit the replica's disks.
+    #[error("Change does not fit the replica")]
+    Apply(#[from] ApplyError),
+    /// The request does not fit the replica's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The chain of cycles would break.
+    #[error("{0}")]
+    ChainBroken(String),
+    /// Replication is paused on the replica.
+    #[error("Replication to replica {0} is paused")]
+    Paused(String),
+    /// Not enough free space.
+    #[error("Not enough free space for replica {name}: {needed} bytes needed, {free} free")]
+    NoSpace {
+        /// Replica.
+        name: String,
+        /// Bytes needed (with the configured reserve).
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
+}
+
+impl StoreError {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { what, path, source }
+    }
+
+    /// Whether the error is a full disk.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            StoreError::Apply(ApplyError::Io { source, .. }) => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A transfer received and waiting to be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    /// Transfer id.
+    pub id: u64,
+    /// What it carries.
+    pub kind: TransferKind,
+}
+
+/// What `replica.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// Replica name (the primary's group name).
+    pub name: String,
+    /// Trust group of the primaries that may use it.
+    pub trust_group: String,
+    /// The relationship: set by the primary when it enabled replication; offers for
+    /// another relationship are refused.
+    pub relationship: u64,
+    /// Host name the primary gave.
+    pub primary_host: String,
+    /// Identity (certificate name) of the primary that enabled it.
+    pub enabled_by: String,
+    /// Disks, in group order.
+    pub disks: Vec<DiskInfo>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// The disks hold a state the primary had.
+    pub consistent: bool,
+    /// Newest delta cycle received.
+    pub last_received_cycle: Option<u64>,
+    /// Newest delta cycle applied.
+    pub last_applied_cycle: Option<u64>,
+    /// When it was applied.
+    pub last_applied_unix: Option<u64>,
+    /// The next delta may have any cycle number (a resync just ended, or none began).
+    pub accept_any_cycle: bool,
+    /// The resync whose batches are being received.
+    pub resync_epoch: Option<u64>,
+    /// Next batch of that resync.
+    pub resync_next_batch: u32,
+    /// The transfer being received.
+    pub receiving: Option<Queued>,
+    /// Committed transfers, oldest first, not applied yet.
+    pub queue: VecDeque<Queued>,
+    /// Ids of the latest committed transfers.
+    pub recent_commits: VecDeque<u64>,
+    /// Paused by an administrator on the replica side.
+    pub paused: bool,
+}
+
+/// One replica on disk. Not thread-safe by itself: the server keeps each behind a
+/// mutex.
+#[derive(Debug)]
+pub struct Replica {
+    dir: PathBuf,
+    state: ReplicaState,
+    /// Chunks stored in the `.part` file of `state.receiving`, and its length.
+    part_chunks: u32,
+    part_len: u64,
+    /// Free space kept in reserve, in bytes.
+    reserve: u64,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("sync directory", dir))
+}
+
+/// Free bytes on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> Result<u64, StoreError> {
+    let stat = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| StoreError::io("check free space of", path)(e.into()))?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
+}
+
+impl Replica {
+    /// Whether a replica directory exists at `dir`.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("replica.json").exists()
+    }
+
+    /// Creates a replica in `dir` (which must not hold one): the disks as sparse files
+    /// and the state.
+    pub fn create(dir: &Path, state: ReplicaState, reserve: u64) -> Result<Self, StoreError> {
+        for sub in ["disks", "incoming", "received"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(StoreError::io("create", &path))?;
+        }
+        for disk in &state.disks {
+            let path = dir.join("disks").join(format!("{}.img", disk.name));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(StoreError::io("create replica disk", &path))?;
+            file.set_len(disk.size)
+                .and_then(|()| file.sync_all())
+                .map_err(StoreError::io("size replica disk", &path))?;
+        }
+        sync_dir(&dir.join("disks"))?;
+        let mut replica = Replica {
+            dir: dir.to_path_buf(),
+            state,
+            part_chunks: 0,
+            part_len: 0,
+            reserve,
+        };
+        replica.save()?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(replica)
+    }
+
+    /// Opens the replica in `dir` and recovers a transfer interrupted mid-chunk.
+    pub fn open(dir: &Path, reserve: u64) -> Result<Self, StoreError> {
+        let path = dir.join("replica.json");
+        let bytes = fs::read(&path).map_err(StoreError::io("read", &path))?;
+        let state: ReplicaState =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptState {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut replica = Replica {
+            dir: dir.to_path_buf(),
+            state,
+            part_chunks: 0,
+            part_len: 0,
+            reserve,
+        };
+        replica.recover_part()?;
+        replica.remove_strays()?;
+        Ok(replica)
+    }
+
+    /// The state.
+    pub fn state(&self) -> &ReplicaState {
+        &self.state
+    }
+
+    /// The replica's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of disk `name`.
+    pub fn disk_path(&self, name: &str) -> PathBuf {
+        self.dir.join("disks").join(format!("{name}.img"))
+    }
+
+    /// The summary the API returns.
+    pub fn info(&self) -> ReplicaInfo {
+        let s = &self.state;
+        ReplicaInfo {
+            name: s.name.clone(),
+            trust_group: s.trust_group.clone(),
+            disks: s.disks.clone(),
+            consistent: s.consistent,
+            last_received_cycle: s.last_received_cycle,
+            last_applied_cycle: s.last_applied_cycle,
+            last_applied_unix: s.last_applied_unix,
+            pending_transfers: u32::try_from(s.queue.len()).unwrap_or(u32::MAX),
+            resync_epoch: s.resync_epoch,
+            paused: s.paused,
+        }
+    }
+
+    fn part_path(&self, id: u64) -> PathBuf {
+        self.dir.join("incoming").join(format!("{id:016x}.part"))
+    }
+
+    fn received_path(&self, id: u64) -> PathBuf {
+        self.dir.join("received").join(format!("{id:016x}.xfer"))
+    }
+
+    /// Writes the state atomically.
+    fn save(&mut self) -> Result<(), StoreError> {
+        let path = self.dir.join("replica.json");
+        let tmp = self.dir.join("replica.json.tmp");
+        let bytes =
+            serde_json::to_vec_pretty(&self.state).map_err(|e| StoreError::CorruptState {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(StoreError::io("replace", &path))?;
+        sync_dir(&self.dir)
+    }
+
+    /// Cuts the `.part` file after its last valid chunk.
+    fn recover_part(&mut self) -> Result<(), StoreError> {
+        let Some(receiving) = self.state.receiving else {
+            return Ok(());
+        };
+        let path = self.part_path(receiving.id);
+        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.part_chunks = 0;
+                self.part_len = 0;
+                return Ok(());
+            }
+            Err(e) => return Err(StoreError::io("open", &path)(e)),
+        };
+        let (mut chunks, mut len) = (0u32, 0u64);
+        let mut frame = Vec::new();
+        while let Ok(true) = read_frame(&mut file, &mut frame) {
+            let valid = CheckedFrame::check(&frame)
+                .and_then(|checked| checked.header.expect(receiving.id, chunks))
+                .is_ok();
+            if !valid {
+                break;
+            }
+            chunks += 1;
+            len += frame.len() as u64;
+        }
+        file.set_len(len)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io("truncate", &path))?;
+        self.part_chunks = chunks;
+        self.part_len = len;
+        Ok(())
+    }
+
+    /// Deletes files no state refers to (a crash between a rename and the state save).
+    fn remove_strays(&self) -> Result<(), StoreError> {
+        let keep_part = self.state.receiving.map(|r| self.part_path(r.id));
+        let keep: Vec<PathBuf> = self
+            .state
+            .queue
+            .iter()
+            .map(|q| self.received_path(q.id))
+            .collect();
+        for (sub, wanted) in [
+            ("incoming", keep_part.into_iter().collect::<Vec<_>>()),
+            ("received", keep),
+        ] {
+            let dir = self.dir.join(sub);
+            let entries = fs::read_dir(&dir).map_err(StoreError::io("list", &dir))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !wanted.contains(&path) {
+                    tracing::info!(path = %path.display(), "Removing a transfer file no state refers to");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a new transfer against the chain and the replica's state; for a retry of
+    /// the transfer being received, says how many chunks are stored.
+    pub fn offer(
+        &mut self,
+        relationship: u64,
+        offer: &TransferOffer,
+    ) -> Result<TransferAnswer, StoreError> {
+        self.check_relationship(relationship)?;
+        if self.state.recent_commits.contains(&offer.id)
+            || self.state.queue.iter().any(|q| q.id == offer.id)
+        {
+            return Ok(TransferAnswer {
+                have_chunks: 0,
+                committed: true,
+            });
+        }
+        if self.state.paused {
+            return Err(StoreError::Paused(self.state.name.clone()));
+        }
+        match offer.kind {
+            TransferKind::Delta { cycle } => {
+                if self.state.resync_epoch.is_some() {
+                    return Err(StoreError::ChainBroken(format!(
+                        "cycle {cycle} offered while a resync is unfinished"
+                    )));
+                }
+                match self.state.last_received_cycle {
+                    Some(last) if cycle <= last && !self.state.accept_any_cycle => {
+                        return Ok(TransferAnswer {
+                            have_chunks: 0,
+                            committed: true,
+                        });
+                    }
+                    Some(last) if cycle == last + 1 => {}
+                    _ if self.state.accept_any_cycle => {}
+                    last => {
+                        return Err(StoreError::ChainBroken(format!(
+                            "cycle {cycle} does not follow the last received cycle ({})",
+                            last.map_or(
+                                "none; the initial replication has not finished".into(),
+                                |l| l.to_string()
+                            )
+                        )));
+                    }
+                }
+            }
+            TransferKind::Resync { epoch, batch, .. } => {
+                let expected = if self.state.resync_epoch == Some(epoch) {
+                    self.state.resync_next_batch
+                } else {
+                    0
+                };
+                if batch != expected {
+                    return Err(StoreError::ChainBroken(format!(
+                        "resync {epoch:#x} batch {batch} offered where batch {expected} was expected"
+                    )));
+                }
+            }
+        }
+        if self.state.receiving.map(|r| r.id) == Some(offer.id) {
+            return Ok(TransferAnswer {
+                have_chunks: self.part_chunks,
+                committed: false,
+            });
+        }
+        let needed = offer.bytes.saturating_add(self.reserve);
+        let free = free_space(&self.dir)?;
+        if free < needed {
+            return Err(StoreError::NoSpace {
+                name: self.state.name.clone(),
+                needed,
+                free,
+            });
+        }
+        // A new transfer abandons an unfinished one.
+        if let Some(old) = self.state.receiving.take() {
+            let _ = fs::remove_file(self.part_path(old.id));
+        }
+        let path = self.part_path(offer.id);
+        File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(StoreError::io("create", &path))?;
+        self.state.receiving = Some(Queued {
+            id: offer.id,
+            kind: offer.kind,
+        });
+        self.part_chunks = 0;
+        self.part_len = 0;
+        self.save()?;
+        Ok(TransferAnswer {
+            have_chunks: 0,
+            committed: false,
+        })
+    }
+
+    fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
+        if relationship != self.state.relationship {
+            return Err(StoreError::Conflict(format!(
+                "replica {} belongs to another replication relationship (enabled by {} from {}); remove it on the replica first",
+                self.state.name, self.state.enabled_by, self.state.primary_host
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores chunk `index` of transfer `id` durably, after checking it completely.
+    pub fn put_chunk(
+        &mut self,
+        relationship: u64,
+        id: u64,
+        index: u32,
+        frame: &[u8],
+    ) -> Result<u32, StoreError> {
+        self.check_relationship(relationship)?;
+        let Some(receiving) = self.state.receiving.filter(|r| r.id == id) else {
+            return Err(StoreError::Conflict(format!(
+                "transfer {id:#x} was not offered (or was abandoned)"
+            )));
+        };
+        if index != self.part_chunks {
+            return Err(StoreError::Conflict(format!(
+                "chunk {index} of transfer {id:#x} arrived where chunk {} was expected",
+                self.part_chunks
+            )));
+        }
+        let checked = CheckedFrame::check(frame)?;
+        checked.header.expect(receiving.id, index)?;
+        if checked.header.frame_len() != frame.len() {
+            return Err(ChunkError::Truncated {
+                have: frame.len(),
+                need: checked.header.frame_len(),
+            }
+            .into());
+        }
+        let mut scratch = Vec::new();
+        for change in checked.records(&mut scratch)? {
+            let change = change?;
+            let fits = self.state.disks.get(change.disk).is_some_and(|d| {
+                change
+                    .offset
+                    .checked_add(change.length)
+                    .is_some_and(|end| end <= d.size)
+            });
+            if !fits {
+                return Err(ApplyError::OutOfRange {
+                    disk: change.disk,
+                    offset: change.offset,
+                    length: change.length,
+                }
+                .into());
+            }
+        }
+        let path = self.part_path(id);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("open", &path))?;
+        let written = file
+            .seek(SeekFrom::Start(self.part_len))
+            .and_then(|_| file.write_all(frame))
+            .and_then(|()| file.sync_data());
+        if let Err(source) = written {
+            // Leave no partial frame behind (a full disk, typically).
+            let _ = file.set_len(self.part_len);
+            return Err(StoreError::Io {
+                what: "store chunk in",
+                path,
+                source,
+            });
+        }
+        self.part_chunks += 1;
+        self.part_len += frame.len() as u64;
+        Ok(self.part_chunks)
+    }
+
+    /// Ends transfer `id` of `chunks` chunks: it becomes durable and queued for apply.
+    pub fn commit(&mut self, relationship: u64, id: u64, chunks: u32) -> Result<(), StoreError> {
+        self.check_relationship(relationship)?;
+        if self.state.recent_commits.contains(&id) || self.state.queue.iter().any(|q| q.id == id) {
+            return Ok(());
+        }
+        let Some(receiving) = self.state.receiving.filter(|r| r.id == id) else {
+            return Err(StoreError::Conflict(format!(
+                "transfer {id:#x} was not offered"
+            )));
+        };
+        if chunks != self.part_chunks {
+            return Err(StoreError::Conflict(format!(
+                "transfer {id:#x} has {} chunks stored, the primary sent {chunks}",
+                self.part_chunks
+            )));
+        }
+        let (part, received) = (self.part_path(id), self.received_path(id));
+        fs::rename(&part, &received).map_err(StoreError::io("move", &part))?;
+        sync_dir(&self.dir.join("received"))?;
+        sync_dir(&self.dir.join("incoming"))?;
+        let state = &mut self.state;
+        state.receiving = None;
+        state.queue.push_back(receiving);
+        state.recent_commits.push_back(id);
+        while state.recent_commits.len() > RECENT_COMMITS {
+            state.recent_commits.pop_front();
+        }
+        match receiving.kind {
+            TransferKind::Delta { cycle } => {
+                state.last_received_cycle = Some(cycle);
+                state.accept_any_cycle = false;
+            }
+            TransferKind::Resync { epoch, batch, last } => {
+                if batch == 0 {
+                    // A resync restarts the chain: the cycles it replaces are void.
+                    state.last_received_cycle = None;
+                    state.consistent = false;
+                }
+                state.resync_epoch = (!last).then_some(epoch);
+                state.resync_next_batch = batch + 1;
+                state.accept_any_cycle = last;
+            }
+        }
+        self.part_chunks = 0;
+        self.part_len = 0;
+        self.save()
+    }
+
+    /// Applies the oldest received transfer, if any. Returns what it was.
+    pub fn apply_next(&mut self, disks: &[ReplicaDisk]) -> Result<Option<Queued>, StoreError> {
+        let Some(next) = self.state.queue.front().copied() else {
+            return Ok(None);
+        };
+        if self.state.consistent {
+            // From here until the apply ends the disks are mid-change.
+            self.state.consistent = false;
+            self.save()?;
+        }
+        let path = self.received_path(next.id);
+        let mut file = File::open(&path).map_err(StoreError::io("open", &path))?;
+        let (mut frame, mut scratch) = (Vec::new(), Vec::new());
+        let mut index = 0u32;
+        while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", &path))? {
+            let checked = CheckedFrame::check(&frame)?;
+            checked.header.expect(next.id, index)?;
+            for change in checked.records(&mut scratch)? {
+                apply_change(disks, &change?)?;
+            }
+            index += 1;
+        }
+        for disk in disks {
+            disk.sync()?;
+        }
+        let state = &mut self.state;
+        state.queue.pop_front();
+        if let TransferKind::Delta { cycle } = next.kind {
+            state.last_applied_cycle = Some(cycle);
+            state.last_applied_unix = Some(now_unix());
+            // A delta is offered only after every batch of a resync was committed, and
+            // applies after them: whatever came before, the disks now hold the
+            // primary's state at this cycle.
+            state.consistent = true;
+        }
+        self.save()?;
+        let _ = fs::remove_file(&path);
+        Ok(Some(next))
+    }
+
+    /// Opens the replica disks for applying.
+    pub fn open_disks(&self) -> Result<Vec<ReplicaDisk>, StoreError> {
+        self.state
+            .disks
+            .iter()
+            .map(|d| ReplicaDisk::open(&self.disk_path(&d.name), d.size).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Pauses or resumes replication on the replica side.
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), StoreError> {
+        self.state.paused = paused;
+        self.save()
+    }
+}
+
+/// Reads the next frame of a transfer file into `frame`; `false` at the end of the file.
+/// A frame whose header is invalid or whose body is cut short is an error.
+fn read_frame(file: &mut File, frame: &mut Vec<u8>) -> io::Result<bool> {
+    frame.resize(CHUNK_HEADER_LEN, 0);
+    let mut got = 0;
+    while got < CHUNK_HEADER_LEN {
+        match file.read(&mut frame[got..])? {
+            0 if got == 0 => return Ok(false),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    let header =
+        ChunkHeader::parse(frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    frame.resize(header.frame_len(), 0);
+    file.read_exact(&mut frame[CHUNK_HEADER_LEN..])?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests;

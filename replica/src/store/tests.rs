@@ -1,0 +1,325 @@
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use tracker::{Change, ChangeData};
+use wire::chunk::{ChunkEncoder, RawChunk};
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn state() -> ReplicaState {
+    ReplicaState {
+        name: "vm1".into(),
+        trust_group: "dc1".into(),
+        relationship: 42,
+        primary_host: "primary".into(),
+        enabled_by: "primary.example.com".into(),
+        disks: vec![
+            DiskInfo {
+                name: "a".into(),
+                size: 8 * MIB,
+            },
+            DiskInfo {
+                name: "b".into(),
+                size: 4 * MIB,
+            },
+        ],
+        created_unix: 0,
+        consistent: false,
+        last_received_cycle: None,
+        last_applied_cycle: None,
+        last_applied_unix: None,
+        accept_any_cycle: false,
+        resync_epoch: None,
+        resync_next_batch: 0,
+        receiving: None,
+        queue: VecDeque::new(),
+        recent_commits: VecDeque::new(),
+        paused: false,
+    }
+}
+
+fn frames(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
+    let mut encoder = ChunkEncoder::new(id);
+    let mut out = Vec::new();
+    let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
+        let mut frame = Vec::new();
+        raw.frame_into(Some(1), &mut frame);
+        out.push(frame);
+        Ok(())
+    };
+    for change in changes {
+        encoder.push(change, &mut emit).unwrap();
+    }
+    encoder.finish(&mut emit).unwrap();
+    out
+}
+
+fn write(disk: usize, offset: u64, data: &[u8]) -> Change<'_> {
+    Change {
+        disk,
+        offset,
+        length: data.len() as u64,
+        data: ChangeData::Write(data),
+    }
+}
+
+/// Offers, sends and commits a transfer.
+fn send(replica: &mut Replica, id: u64, kind: TransferKind, changes: &[Change<'_>]) {
+    let answer = replica
+        .offer(42, &TransferOffer { id, kind, bytes: 1 })
+        .unwrap();
+    assert!(!answer.committed);
+    let frames = frames(id, changes);
+    for (i, frame) in frames.iter().enumerate().skip(answer.have_chunks as usize) {
+        replica.put_chunk(42, id, i as u32, frame).unwrap();
+    }
+    replica.commit(42, id, frames.len() as u32).unwrap();
+}
+
+fn resync(epoch: u64, batch: u32, last: bool) -> TransferKind {
+    TransferKind::Resync { epoch, batch, last }
+}
+
+fn apply_all(replica: &mut Replica) {
+    let disks = replica.open_disks().unwrap();
+    while replica.apply_next(&disks).unwrap().is_some() {}
+}
+
+fn disk(replica: &Replica, name: &str) -> Vec<u8> {
+    fs::read(replica.disk_path(name)).unwrap()
+}
+
+#[test]
+fn initial_copy_then_deltas_make_the_replica_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    assert_eq!(disk(&replica, "a").len() as u64, 8 * MIB);
+
+    // Delta before the initial copy: the chain has no start.
+    let early = replica.offer(
+        42,
+        &TransferOffer {
+            id: 1,
+            kind: TransferKind::Delta { cycle: 1 },
+            bytes: 0,
+        },
+    );
+    assert!(matches!(early, Err(StoreError::ChainBroken(_))));
+
+    let big = vec![7u8; 3 * MIB as usize];
+    send(&mut replica, 100, resync(9, 0, false), &[write(0, 0, &big)]);
+    send(
+        &mut replica,
+        101,
+        resync(9, 1, true),
+        &[write(1, MIB, b"second batch")],
+    );
+    apply_all(&mut replica);
+    assert!(!replica.state().consistent, "fuzzy until the next delta");
+
+    send(
+        &mut replica,
+        5,
+        TransferKind::Delta { cycle: 5 },
+        &[write(0, 10, b"delta")],
+    );
+    apply_all(&mut replica);
+    assert!(replica.state().consistent);
+    assert_eq!(replica.state().last_applied_cycle, Some(5));
+    let a = disk(&replica, "a");
+    assert_eq!(&a[10..15], b"delta");
+    assert!(a[15..3 * MIB as usize].iter().all(|&b| b == 7));
+    assert_eq!(
+        &disk(&replica, "b")[MIB as usize..MIB as usize + 12],
+        b"second batch"
+    );
+
+    // The chain: 6 is next; 5 again is a retry; 8 breaks it.
+    let retry = replica
+        .offer(
+            42,
+            &TransferOffer {
+                id: 5,
+                kind: TransferKind::Delta { cycle: 5 },
+                bytes: 0,
+            },
+        )
+        .unwrap();
+    assert!(retry.committed);
+    let gap = replica.offer(
+        42,
+        &TransferOffer {
+            id: 8,
+            kind: TransferKind::Delta { cycle: 8 },
+            bytes: 0,
+        },
+    );
+    assert!(matches!(gap, Err(StoreError::ChainBroken(_))));
+    send(&mut replica, 6, TransferKind::Delta { cycle: 6 }, &[]);
+    // A stranger's relationship is refused.
+    let other = replica.offer(
+        7,
+        &TransferOffer {
+            id: 7,
+            kind: TransferKind::Delta { cycle: 7 },
+            bytes: 0,
+        },
+    );
+    assert!(matches!(other, Err(StoreError::Conflict(_))));
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    let data: Vec<u8> = (0..5 * MIB as usize).map(|i| (i % 251) as u8).collect();
+    let changes = [write(0, 0, &data)];
+    let all = frames(77, &changes);
+    assert!(all.len() >= 3);
+    let kind = resync(1, 0, true);
+    replica
+        .offer(
+            42,
+            &TransferOffer {
+                id: 77,
+                kind,
+                bytes: 1,
+            },
+        )
+        .unwrap();
+    replica.put_chunk(42, 77, 0, &all[0]).unwrap();
+    replica.put_chunk(42, 77, 1, &all[1]).unwrap();
+    // Out of order and corrupt chunks are refused and store nothing.
+    assert!(matches!(
+        replica.put_chunk(42, 77, 3, &all[2]),
+        Err(StoreError::Conflict(_))
+    ));
+    let mut bad = all[2].clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        replica.put_chunk(42, 77, 2, &bad),
+        Err(StoreError::Chunk(_))
+    ));
+    // A crash left half a frame behind.
+    let part = path.join("incoming").join(format!("{:016x}.part", 77));
+    let mut file = OpenOptions::new().append(true).open(&part).unwrap();
+    file.write_all(&all[2][..1000]).unwrap();
+    drop(replica);
+
+    let mut replica = Replica::open(&path, 0).unwrap();
+    let answer = replica
+        .offer(
+            42,
+            &TransferOffer {
+                id: 77,
+                kind,
+                bytes: 1,
+            },
+        )
+        .unwrap();
+    assert_eq!(answer.have_chunks, 2);
+    for (i, frame) in all.iter().enumerate().skip(2) {
+        replica.put_chunk(42, 77, i as u32, frame).unwrap();
+    }
+    replica.commit(42, 77, all.len() as u32).unwrap();
+    apply_all(&mut replica);
+    assert_eq!(&disk(&replica, "a")[..data.len()], &data[..]);
+}
+
+#[test]
+fn an_apply_cut_short_is_redone_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 4096])],
+    );
+    send(
+        &mut replica,
+        2,
+        TransferKind::Delta { cycle: 1 },
+        &[
+            write(0, 0, &[2u8; 4096]),
+            Change {
+                disk: 1,
+                offset: 0,
+                length: MIB,
+                data: ChangeData::Zero,
+            },
+        ],
+    );
+    apply_all(&mut replica);
+    let expected = (disk(&replica, "a"), disk(&replica, "b"));
+    send(
+        &mut replica,
+        3,
+        TransferKind::Delta { cycle: 2 },
+        &[write(0, 4096, &[3u8; 4096])],
+    );
+    // Apply the writes by hand, as a crashed apply would have, without recording it.
+    let disks = replica.open_disks().unwrap();
+    disks[0]
+        .apply(4096, 4096, ChangeData::Write(&[3u8; 4096]))
+        .unwrap();
+    drop(replica);
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.state().last_applied_cycle, Some(1));
+    apply_all(&mut replica);
+    assert_eq!(replica.state().last_applied_cycle, Some(2));
+    let a = disk(&replica, "a");
+    assert_eq!(&a[..4096], &expected.0[..4096]);
+    assert!(a[4096..8192].iter().all(|&b| b == 3));
+    assert!(replica.state().consistent);
+}
+
+#[test]
+fn changes_outside_the_disks_are_refused_on_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = Replica::create(&dir.path().join("vm1"), state(), 0).unwrap();
+    replica
+        .offer(
+            42,
+            &TransferOffer {
+                id: 1,
+                kind: resync(1, 0, true),
+                bytes: 1,
+            },
+        )
+        .unwrap();
+    let beyond = frames(1, &[write(1, 4 * MIB - 2, b"abc")]);
+    assert!(matches!(
+        replica.put_chunk(42, 1, 0, &beyond[0]),
+        Err(StoreError::Apply(_))
+    ));
+    let no_disk = frames(1, &[write(2, 0, b"abc")]);
+    assert!(matches!(
+        replica.put_chunk(42, 1, 0, &no_disk[0]),
+        Err(StoreError::Apply(_))
+    ));
+    assert_eq!(replica.part_chunks, 0);
+}
+
+#[test]
+fn a_full_replica_refuses_transfers_it_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = Replica::create(&dir.path().join("vm1"), state(), u64::MAX / 2).unwrap();
+    let offer = TransferOffer {
+        id: 1,
+        kind: resync(1, 0, true),
+        bytes: 1,
+    };
+    let refused = replica.offer(42, &offer).unwrap_err();
+    assert!(refused.is_no_space(), "{refused}");
+    replica.set_paused(true).unwrap();
+    assert!(matches!(
+        replica.offer(42, &offer),
+        Err(StoreError::Paused(_))
+    ));
+}
