@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod copy;
+pub mod server;
 pub mod store;
 
 pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

@@ -594,6 +594,18 @@ impl Replica {
 
     /// Applies the oldest received transfer, if any. Returns what it was.
     pub fn apply_next(&mut self, disks: &[ReplicaDisk]) -> Result<Option<Queued>, StoreError> {
+        let Some((next, path)) = self.begin_apply()? else {
+            return Ok(None);
+        };
+        apply_transfer(&path, next.id, disks)?;
+        self.finish_apply(next)?;
+        Ok(Some(next))
+    }
+
+    /// First step of applying: the oldest received transfer and its file; the replica
+    /// is marked inconsistent until [`Replica::finish_apply`]. The file is applied with
+    /// [`apply_transfer`] without holding the replica (receiving goes on meanwhile).
+    pub fn begin_apply(&mut self) -> Result<Option<(Queued, PathBuf)>, StoreError> {
         let Some(next) = self.state.queue.front().copied() else {
             return Ok(None);
         };
@@ -602,24 +614,21 @@ impl Replica {
             self.state.consistent = false;
             self.save()?;
         }
-        let path = self.received_path(next.id);
-        let mut file = File::open(&path).map_err(StoreError::io("open", &path))?;
-        let (mut frame, mut scratch) = (Vec::new(), Vec::new());
-        let mut index = 0u32;
-        while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", &path))? {
-            let checked = CheckedFrame::check(&frame)?;
-            checked.header.expect(next.id, index)?;
-            for change in checked.records(&mut scratch)? {
-                apply_change(disks, &change?)?;
-            }
-            index += 1;
-        }
-        for disk in disks {
-            disk.sync()?;
+        Ok(Some((next, self.received_path(next.id))))
+    }
+
+    /// Last step of applying `applied` (the transfer [`Replica::begin_apply`] returned,
+    /// applied and synced): records it and deletes its file.
+    pub fn finish_apply(&mut self, applied: Queued) -> Result<(), StoreError> {
+        if self.state.queue.front() != Some(&applied) {
+            return Err(StoreError::Conflict(format!(
+                "transfer {:#x} is not the next to apply",
+                applied.id
+            )));
         }
         let state = &mut self.state;
         state.queue.pop_front();
-        if let TransferKind::Delta { cycle } = next.kind {
+        if let TransferKind::Delta { cycle } = applied.kind {
             state.last_applied_cycle = Some(cycle);
             state.last_applied_unix = Some(now_unix());
             // A delta is offered only after every batch of a resync was committed, and
@@ -628,8 +637,8 @@ impl Replica {
             state.consistent = true;
         }
         self.save()?;
-        let _ = fs::remove_file(&path);
-        Ok(Some(next))
+        let _ = fs::remove_file(self.received_path(applied.id));
+        Ok(())
     }
 
     /// Opens the replica disks for applying.
@@ -646,6 +655,26 @@ impl Replica {
         self.state.paused = paused;
         self.save()
     }
+}
+
+/// Applies every change of the received transfer file `path` (transfer `id`) to
+/// `disks` and syncs them.
+pub fn apply_transfer(path: &Path, id: u64, disks: &[ReplicaDisk]) -> Result<(), StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io("open", path))?;
+    let (mut frame, mut scratch) = (Vec::new(), Vec::new());
+    let mut index = 0u32;
+    while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
+        let checked = CheckedFrame::check(&frame)?;
+        checked.header.expect(id, index)?;
+        for change in checked.records(&mut scratch)? {
+            apply_change(disks, &change?)?;
+        }
+        index += 1;
+    }
+    for disk in disks {
+        disk.sync()?;
+    }
+    Ok(())
 }
 
 /// Reads the next frame of a transfer file into `frame`; `false` at the end of the file.

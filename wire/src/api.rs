@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub const API_PREFIX: &str = "/v1";
 /// Header carrying the pre-shared key in plain-HTTP lab mode.
 pub const PSK_HEADER: &str = "x-blkrep-psk";
+/// Header naming the replication relationship (hex) on every request about one replica.
+pub const RELATIONSHIP_HEADER: &str = "x-blkrep-relationship";
 /// Header carrying the primary's claimed identity in plain-HTTP lab mode.
 pub const IDENTITY_HEADER: &str = "x-blkrep-identity";
 /// Largest JSON body either side accepts.
@@ -61,6 +63,9 @@ pub struct EnableRequest {
     pub disks: Vec<DiskInfo>,
     /// The primary host's name, for the replica's records.
     pub primary_host: String,
+    /// The relationship: chosen by the primary when replication is enabled, sent with
+    /// every later request so a replica is never fed by two primaries.
+    pub relationship: u64,
 }
 
 /// What a transfer carries.

@@ -4,4 +4,5 @@
 
 pub mod api;
 pub mod chunk;
+pub mod lab_ca;
 pub mod tls;

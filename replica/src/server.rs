@@ -1,0 +1,701 @@
+//! The replica server: HTTPS with mutual TLS, authorisation by trust group, the API of
+//! [`wire::api`] over the stores of [`crate::store`], and an applier thread.
+//!
+//! Threads: a small tokio runtime accepts connections, runs the TLS handshakes and the
+//! HTTP/1.1 exchanges; every store operation (fsyncs included) runs on tokio's blocking
+//! pool under that replica's mutex. One applier thread applies committed transfers,
+//! without holding the replica's mutex while it writes the disks, so receiving goes on.
+//!
+//! Authorisation: the client certificate is verified by rustls against the configured
+//! client CAs during the handshake; its DNS names are then matched against the
+//! configured entries. The first matching entry gives the storage directory and trust
+//! group; a replica is only visible to peers of its trust group (others get 404, as if it
+//! did not exist). Replica names are checked with [`wire::api::valid_name`] before they
+//! become a path component.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+use wire::api::{
+    valid_name, CommitRequest, EnableRequest, ErrorBody, ErrorCode, ReplicaInfo, TransferOffer,
+    API_PREFIX, MAX_JSON_BODY, RELATIONSHIP_HEADER,
+};
+use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
+use wire::tls::{certificate_names, NamePattern};
+
+use crate::apply::ReplicaDisk;
+use crate::store::{apply_transfer, Replica, ReplicaState, StoreError};
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request's headers may take to arrive once it started; idle keep-alive
+/// connections are closed by the primary's echo schedule, not here.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause before an applier retries a replica whose apply failed.
+const APPLY_RETRY: Duration = Duration::from_secs(5);
+
+/// Errors starting the server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Binding or setting up the listener failed.
+    #[error("Cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime or a thread could not start.
+    #[error("Cannot start the server's threads")]
+    Threads(#[source] std::io::Error),
+    /// A storage directory is unusable.
+    #[error("Cannot use storage directory {path}")]
+    Storage {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One authorisation entry: which primaries, where their replicas live, their tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthEntry {
+    /// Allowed primary identities; `None` allows any authenticated primary.
+    pub primary: Option<NamePattern>,
+    /// Where their replicas are stored.
+    pub storage: PathBuf,
+    /// Their trust group.
+    pub trust_group: String,
+}
+
+/// What the server needs.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// TLS: server certificate and client verification.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Authorisation entries, tried in order.
+    pub authorization: Vec<AuthEntry>,
+    /// Free space each storage keeps in reserve.
+    pub reserve: u64,
+}
+
+/// An authenticated, authorised peer.
+#[derive(Debug, Clone)]
+struct Peer {
+    identity: String,
+    storage: PathBuf,
+    trust_group: String,
+}
+
+struct Context {
+    settings: ServerSettings,
+    replicas: Mutex<HashMap<PathBuf, Arc<Mutex<Replica>>>>,
+    apply: Sender<PathBuf>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running replica server.
+#[derive(Debug)]
+pub struct ReplicaServer {
+    local_addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    applier: Option<std::thread::JoinHandle<()>>,
+    apply: Option<Sender<PathBuf>>,
+    context: Arc<ContextHandle>,
+}
+
+/// The shared state, behind a debug-printable handle.
+struct ContextHandle(Context);
+
+impl std::fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl ReplicaServer {
+    /// Opens the storages, applies whatever was received before a restart, and starts
+    /// serving.
+    pub fn start(settings: ServerSettings) -> Result<Self, ServerError> {
+        for entry in &settings.authorization {
+            std::fs::create_dir_all(&entry.storage).map_err(|source| ServerError::Storage {
+                path: entry.storage.clone(),
+                source,
+            })?;
+        }
+        let (apply, apply_queue) = crossbeam_channel::unbounded();
+        let context = Arc::new(ContextHandle(Context {
+            settings: settings.clone(),
+            replicas: Mutex::new(HashMap::new()),
+            apply: apply.clone(),
+        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("replica-http")
+            .enable_all()
+            .build()
+            .map_err(ServerError::Threads)?;
+        let listener = runtime
+            .block_on(TcpListener::bind(settings.listen))
+            .map_err(|source| ServerError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
+        let applier = {
+            let context = Arc::clone(&context);
+            std::thread::Builder::new()
+                .name("replica-apply".into())
+                .spawn(move || applier(&context.0, &apply_queue))
+                .map_err(ServerError::Threads)?
+        };
+        // Transfers received before a restart are applied first.
+        for entry in &settings.authorization {
+            if let Ok(dirs) = std::fs::read_dir(&entry.storage) {
+                for dir in dirs.flatten() {
+                    if Replica::exists(&dir.path()) {
+                        let _ = apply.send(dir.path());
+                    }
+                }
+            }
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let acceptor = TlsAcceptor::from(Arc::clone(&settings.tls));
+        runtime.spawn(accept_loop(
+            listener,
+            acceptor,
+            Arc::clone(&context),
+            stopped,
+        ));
+        info!(%local_addr, "Replica server listening (HTTPS, client certificates required)");
+        Ok(ReplicaServer {
+            local_addr,
+            runtime: Some(runtime),
+            stop: Some(stop),
+            applier: Some(applier),
+            apply: Some(apply),
+            context,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every replica in every storage, for status.
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        let mut out = Vec::new();
+        for entry in &self.context.0.settings.authorization {
+            let Ok(dirs) = std::fs::read_dir(&entry.storage) else {
+                continue;
+            };
+            for dir in dirs.flatten() {
+                if let Ok(replica) = load(&self.context.0, &dir.path()) {
+                    out.push(lock(&replica).info());
+                }
+            }
+        }
+        out
+    }
+
+    /// Stops accepting, closes connections and stops the applier after its current
+    /// transfer.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(10));
+        }
+        self.apply.take();
+        // The context holds a sender too; the applier stops when it sees the stop mark.
+        let _ = self.context.0.apply.send(PathBuf::new());
+        if let Some(applier) = self.applier.take() {
+            let _ = applier.join();
+        }
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Loads (once) and returns the replica in `dir`.
+fn load(context: &Context, dir: &Path) -> Result<Arc<Mutex<Replica>>, StoreError> {
+    let mut replicas = lock(&context.replicas);
+    if let Some(replica) = replicas.get(dir) {
+        return Ok(Arc::clone(replica));
+    }
+    let replica = Arc::new(Mutex::new(Replica::open(dir, context.settings.reserve)?));
+    replicas.insert(dir.to_path_buf(), Arc::clone(&replica));
+    Ok(replica)
+}
+
+fn applier(context: &Context, queue: &Receiver<PathBuf>) {
+    let mut disks: HashMap<PathBuf, Vec<ReplicaDisk>> = HashMap::new();
+    while let Ok(dir) = queue.recv() {
+        if dir.as_os_str().is_empty() {
+            break;
+        }
+        if let Err(error) = apply_all(context, &dir, &mut disks) {
+            warn!(replica = %dir.display(), error = %error_chain(&error), "Applying a received transfer failed; retrying");
+            disks.remove(&dir);
+            std::thread::sleep(APPLY_RETRY);
+            let _ = context.apply.send(dir);
+        }
+    }
+}
+
+fn apply_all(
+    context: &Context,
+    dir: &Path,
+    disks: &mut HashMap<PathBuf, Vec<ReplicaDisk>>,
+) -> Result<(), StoreError> {
+    let replica = load(context, dir)?;
+    loop {
+        let Some((next, path)) = lock(&replica).begin_apply()? else {
+            return Ok(());
+        };
+        if !disks.contains_key(dir) {
+            let opened = lock(&replica).open_disks()?;
+            disks.insert(dir.to_path_buf(), opened);
+        }
+        let opened = disks.get(dir).map_or(&[][..], Vec::as_slice);
+        apply_transfer(&path, next.id, opened)?;
+        lock(&replica).finish_apply(next)?;
+        info!(replica = %dir.display(), transfer = next.id, kind = ?next.kind, "Transfer applied");
+    }
+}
+
+/// The message of an error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    context: Arc<ContextHandle>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                warn!(%error, "Accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, context) = (acceptor.clone(), Arc::clone(&context));
+        tokio::spawn(async move {
+            if let Err(error) = serve_connection(stream, remote, acceptor, context).await {
+                info!(%remote, %error, "Connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    context: Arc<ContextHandle>,
+) -> Result<(), String> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let names = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(certificate_names)
+        .unwrap_or_default();
+    let peer = authorise(&context.0.settings.authorization, &names);
+    match &peer {
+        Some(peer) => {
+            info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected")
+        }
+        None => warn!(%remote, ?names, "Refusing a primary no authorisation entry allows"),
+    }
+    let service = service_fn(move |request| {
+        let (context, peer) = (Arc::clone(&context), peer.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&context, peer, request).await) }
+    });
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The first entry allowing one of `names`.
+fn authorise(entries: &[AuthEntry], names: &[String]) -> Option<Peer> {
+    entries.iter().find_map(|entry| {
+        let identity = match &entry.primary {
+            None => names.first()?.clone(),
+            Some(pattern) => names.iter().find(|n| pattern.matches(n))?.clone(),
+        };
+        Some(Peer {
+            identity,
+            storage: entry.storage.clone(),
+            trust_group: entry.trust_group.clone(),
+        })
+    })
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A refused request: becomes an error answer.
+#[derive(Debug)]
+struct Refusal(ErrorBody);
+
+impl Refusal {
+    fn answer(&self) -> Answer {
+        let status =
+            StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json(status, &self.0)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal(ErrorBody {
+        code,
+        message: message.into(),
+    })
+}
+
+fn store_refusal(error: &StoreError) -> Refusal {
+    let message = error_chain(error);
+    let code = match error {
+        _ if error.is_no_space() => ErrorCode::InsufficientStorage,
+        StoreError::Chunk(_) | StoreError::Apply(_) => ErrorCode::BadRequest,
+        StoreError::Conflict(_) => ErrorCode::Conflict,
+        StoreError::ChainBroken(_) => ErrorCode::ChainBroken,
+        StoreError::Paused(_) => ErrorCode::Paused,
+        StoreError::Io { .. } | StoreError::CorruptState { .. } | StoreError::NoSpace { .. } => {
+            warn!(error = %message, "Replica store failed");
+            ErrorCode::Internal
+        }
+    };
+    refuse(code, message)
+}
+
+async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("Body larger than {limit} bytes"),
+        ));
+    }
+    Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| refuse(ErrorCode::BadRequest, format!("Cannot read the body: {e}")))
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, Refusal> {
+    let bytes = body(request, MAX_JSON_BODY).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| refuse(ErrorCode::BadRequest, format!("Invalid JSON: {e}")))
+}
+
+/// Runs a store operation on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(refuse(ErrorCode::Internal, format!("Worker failed: {e}"))))
+}
+
+async fn handle(
+    context: &Arc<ContextHandle>,
+    peer: Option<Peer>,
+    request: Request<Incoming>,
+) -> Answer {
+    let Some(peer) = peer else {
+        return refuse(
+            ErrorCode::Forbidden,
+            "This primary is not authorised on this replica server",
+        )
+        .answer();
+    };
+    match route(context, &peer, request).await {
+        Ok(answer) => answer,
+        Err(refusal) => refusal.answer(),
+    }
+}
+
+fn relationship(request: &Request<Incoming>) -> Result<u64, Refusal> {
+    request
+        .headers()
+        .get(RELATIONSHIP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .ok_or_else(|| {
+            refuse(
+                ErrorCode::BadRequest,
+                format!("Missing or invalid {RELATIONSHIP_HEADER} header"),
+            )
+        })
+}
+
+fn parse_id(text: &str) -> Result<u64, Refusal> {
+    u64::from_str_radix(text, 16).map_err(|_| refuse(ErrorCode::BadRequest, "Invalid transfer id"))
+}
+
+async fn route(
+    context: &Arc<ContextHandle>,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<Answer, Refusal> {
+    let path = request.uri().path().to_owned();
+    let Some(rest) = path.strip_prefix(API_PREFIX) else {
+        return Err(refuse(ErrorCode::NotFound, "No such endpoint"));
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let method = request.method().clone();
+    match (method, segments.as_slice()) {
+        (Method::GET, ["echo"]) => Ok(json(StatusCode::OK, &serde_json::json!({}))),
+        (Method::POST, ["replicas"]) => {
+            let enable: EnableRequest = json_body(request).await?;
+            let (context, peer) = (Arc::clone(context), peer.clone());
+            blocking(move || enable_replica(&context.0, &peer, enable)).await
+        }
+        (method, ["replicas", name, tail @ ..]) => {
+            if !valid_name(name) {
+                return Err(refuse(ErrorCode::BadRequest, "Invalid replica name"));
+            }
+            let dir = peer.storage.join(name);
+            let replica = {
+                let (context, peer, dir) = (Arc::clone(context), peer.clone(), dir.clone());
+                blocking(move || find(&context.0, &peer, &dir)).await?
+            };
+            match (method, tail) {
+                (Method::GET, []) => Ok(json(StatusCode::OK, &lock(&replica).info())),
+                (Method::DELETE, []) => {
+                    let context = Arc::clone(context);
+                    blocking(move || remove_replica(&context.0, &dir, &replica)).await
+                }
+                (Method::POST, ["transfers"]) => {
+                    let relationship = relationship(&request)?;
+                    let offer: TransferOffer = json_body(request).await?;
+                    blocking(move || {
+                        let answer = lock(&replica)
+                            .offer(relationship, &offer)
+                            .map_err(|e| store_refusal(&e))?;
+                        Ok(json(StatusCode::OK, &answer))
+                    })
+                    .await
+                }
+                (Method::PUT, ["transfers", id, "chunks", index]) => {
+                    let relationship = relationship(&request)?;
+                    let id = parse_id(id)?;
+                    let index: u32 = index
+                        .parse()
+                        .map_err(|_| refuse(ErrorCode::BadRequest, "Invalid chunk index"))?;
+                    let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
+                    blocking(move || {
+                        let stored = lock(&replica)
+                            .put_chunk(relationship, id, index, &frame)
+                            .map_err(|e| store_refusal(&e))?;
+                        Ok(json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "have_chunks": stored }),
+                        ))
+                    })
+                    .await
+                }
+                (Method::POST, ["transfers", id, "commit"]) => {
+                    let relationship = relationship(&request)?;
+                    let id = parse_id(id)?;
+                    let commit: CommitRequest = json_body(request).await?;
+                    let apply = context.0.apply.clone();
+                    blocking(move || {
+                        let mut replica = lock(&replica);
+                        replica
+                            .commit(relationship, id, commit.chunks)
+                            .map_err(|e| store_refusal(&e))?;
+                        let _ = apply.send(dir);
+                        Ok(json(StatusCode::OK, &replica.info()))
+                    })
+                    .await
+                }
+                _ => Err(refuse(ErrorCode::NotFound, "No such endpoint")),
+            }
+        }
+        _ => Err(refuse(ErrorCode::NotFound, "No such endpoint")),
+    }
+}
+
+/// The replica in `dir` if it exists and belongs to the peer's trust group.
+fn find(context: &Context, peer: &Peer, dir: &Path) -> Result<Arc<Mutex<Replica>>, Refusal> {
+    let not_found = || refuse(ErrorCode::NotFound, "No such replica");
+    if !Replica::exists(dir) {
+        return Err(not_found());
+    }
+    let replica = load(context, dir).map_err(|e| store_refusal(&e))?;
+    if lock(&replica).state().trust_group != peer.trust_group {
+        return Err(not_found());
+    }
+    Ok(replica)
+}
+
+fn enable_replica(
+    context: &Context,
+    peer: &Peer,
+    enable: EnableRequest,
+) -> Result<Answer, Refusal> {
+    if !valid_name(&enable.name) {
+        return Err(refuse(ErrorCode::BadRequest, "Invalid replica name"));
+    }
+    if enable.disks.is_empty()
+        || enable.disks.len() > usize::from(u16::MAX)
+        || enable.disks.iter().any(|d| !valid_name(&d.name))
+    {
+        return Err(refuse(ErrorCode::BadRequest, "Invalid disk list"));
+    }
+    let dir = peer.storage.join(&enable.name);
+    if Replica::exists(&dir) {
+        let replica = load(context, &dir).map_err(|e| store_refusal(&e))?;
+        let replica = lock(&replica);
+        let state = replica.state();
+        if state.trust_group != peer.trust_group {
+            return Err(refuse(ErrorCode::Conflict, "The replica name is in use"));
+        }
+        if state.relationship != enable.relationship || state.disks != enable.disks {
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!(
+                    "Replica {} exists for another relationship or other disks (enabled by {} from {}); remove it on the replica server first",
+                    state.name, state.enabled_by, state.primary_host
+                ),
+            ));
+        }
+        return Ok(json(StatusCode::OK, &replica.info()));
+    }
+    let needed: u64 = context.settings.reserve;
+    let free = crate::store::free_space(&peer.storage).map_err(|e| store_refusal(&e))?;
+    if free < needed {
+        return Err(refuse(
+            ErrorCode::InsufficientStorage,
+            format!("{free} bytes free, {needed} kept in reserve"),
+        ));
+    }
+    let state = ReplicaState {
+        name: enable.name.clone(),
+        trust_group: peer.trust_group.clone(),
+        relationship: enable.relationship,
+        primary_host: enable.primary_host,
+        enabled_by: peer.identity.clone(),
+        disks: enable.disks,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        consistent: false,
+        last_received_cycle: None,
+        last_applied_cycle: None,
+        last_applied_unix: None,
+        accept_any_cycle: false,
+        resync_epoch: None,
+        resync_next_batch: 0,
+        receiving: None,
+        queue: Default::default(),
+        recent_commits: Default::default(),
+        paused: false,
+    };
+    let replica = Replica::create(&dir, state, context.settings.reserve).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&dir);
+        store_refusal(&e)
+    })?;
+    info!(replica = %enable.name, identity = %peer.identity, trust_group = %peer.trust_group, "Replica created");
+    let info = replica.info();
+    lock(&context.replicas).insert(dir, Arc::new(Mutex::new(replica)));
+    Ok(json(StatusCode::CREATED, &info))
+}
+
+fn remove_replica(
+    context: &Context,
+    dir: &Path,
+    replica: &Arc<Mutex<Replica>>,
+) -> Result<Answer, Refusal> {
+    let guard = lock(replica);
+    lock(&context.replicas).remove(dir);
+    std::fs::remove_dir_all(dir).map_err(|e| {
+        refuse(
+            ErrorCode::Internal,
+            format!("Cannot remove {}: {e}", dir.display()),
+        )
+    })?;
+    info!(replica = %guard.state().name, "Replica removed");
+    Ok(json(StatusCode::OK, &serde_json::json!({})))
+}

@@ -1,0 +1,282 @@
+//! The replica server over real TLS sockets, with clients holding certificates from the
+//! lab CA, from another CA, and names no authorisation entry allows.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replica::server::{AuthEntry, ReplicaServer, ServerSettings};
+use tracker::{Change, ChangeData};
+use wire::api::*;
+use wire::chunk::{ChunkEncoder, RawChunk};
+use wire::lab_ca::{create_ca, issue_host, PemPair};
+use wire::tls::{client_config, server_config, NamePattern, TlsFiles};
+
+const MIB: u64 = 1 << 20;
+
+fn write_pair(dir: &Path, name: &str, pair: &PemPair) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, &pair.cert).unwrap();
+    std::fs::write(&key, &pair.key).unwrap();
+    (cert, key)
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    ca: PemPair,
+    ca_path: PathBuf,
+    server: ReplicaServer,
+}
+
+impl Lab {
+    fn start() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca("test CA").unwrap();
+        let ca_path = write_pair(dir.path(), "ca", &ca).0;
+        let host = issue_host(&ca, &["replica.example.com".into(), "127.0.0.1".into()]).unwrap();
+        let (cert, key) = write_pair(dir.path(), "replica", &host);
+        let tls = server_config(&TlsFiles {
+            cert,
+            key,
+            ca: ca_path.clone(),
+        })
+        .unwrap();
+        let entry = |pattern: &str, storage: &str, group: &str| AuthEntry {
+            primary: Some(NamePattern::parse(pattern).unwrap()),
+            storage: dir.path().join(storage),
+            trust_group: group.into(),
+        };
+        let server = ReplicaServer::start(ServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls,
+            authorization: vec![
+                entry("*.dc1.example.com", "store1", "dc1"),
+                entry("*.dc2.example.com", "store2", "dc2"),
+            ],
+            reserve: 0,
+        })
+        .unwrap();
+        Lab {
+            dir,
+            ca,
+            ca_path,
+            server,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "https://127.0.0.1:{}/v1{path}",
+            self.server.local_addr().port()
+        )
+    }
+
+    /// A client with a certificate for `name` from `ca` (the lab's by default).
+    fn client(&self, name: &str, ca: Option<&PemPair>) -> ureq::Agent {
+        let pair = issue_host(ca.unwrap_or(&self.ca), &[name.into()]).unwrap();
+        let (cert, key) = write_pair(self.dir.path(), name, &pair);
+        let tls = client_config(&TlsFiles {
+            cert,
+            key,
+            ca: self.ca_path.clone(),
+        })
+        .unwrap();
+        ureq::AgentBuilder::new()
+            .tls_config(tls)
+            .timeout(Duration::from_secs(20))
+            .build()
+    }
+}
+
+fn status_of(result: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+    match result {
+        Ok(response) => (response.status(), response.into_string().unwrap()),
+        Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap()),
+        Err(other) => (0, other.to_string()),
+    }
+}
+
+fn enable(lab: &Lab, agent: &ureq::Agent, name: &str) -> (u16, String) {
+    let request = EnableRequest {
+        name: name.into(),
+        disks: vec![DiskInfo {
+            name: "disk0".into(),
+            size: 4 * MIB,
+        }],
+        primary_host: "host1".into(),
+        relationship: 0xabc,
+    };
+    status_of(agent.post(&lab.url("/replicas")).send_json(&request))
+}
+
+fn send_transfer(
+    lab: &Lab,
+    agent: &ureq::Agent,
+    id: u64,
+    kind: TransferKind,
+    changes: &[Change<'_>],
+) {
+    let offer = TransferOffer { id, kind, bytes: 1 };
+    let answer: TransferAnswer = agent
+        .post(&lab.url("/replicas/vm1/transfers"))
+        .set(RELATIONSHIP_HEADER, "abc")
+        .send_json(offer)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert!(!answer.committed);
+    let mut frames = Vec::new();
+    let mut encoder = ChunkEncoder::new(id);
+    let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
+        let mut frame = Vec::new();
+        raw.frame_into(Some(6), &mut frame);
+        frames.push(frame);
+        Ok(())
+    };
+    for change in changes {
+        encoder.push(change, &mut emit).unwrap();
+    }
+    encoder.finish(&mut emit).unwrap();
+    for (index, frame) in frames.iter().enumerate() {
+        agent
+            .put(&lab.url(&format!("/replicas/vm1/transfers/{id:x}/chunks/{index}")))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_bytes(frame)
+            .unwrap();
+    }
+    agent
+        .post(&lab.url(&format!("/replicas/vm1/transfers/{id:x}/commit")))
+        .set(RELATIONSHIP_HEADER, "abc")
+        .send_json(CommitRequest {
+            chunks: frames.len() as u32,
+        })
+        .unwrap();
+}
+
+#[test]
+fn an_authorised_primary_replicates_and_tenants_stay_apart() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    assert_eq!(
+        enable(&lab, &dc1, "vm1").0,
+        200,
+        "enabling again is idempotent"
+    );
+
+    let data = vec![0x42u8; 3 * MIB as usize];
+    let resync = TransferKind::Resync {
+        epoch: 1,
+        batch: 0,
+        last: true,
+    };
+    send_transfer(
+        &lab,
+        &dc1,
+        1,
+        resync,
+        &[Change {
+            disk: 0,
+            offset: 0,
+            length: data.len() as u64,
+            data: ChangeData::Write(&data),
+        }],
+    );
+    send_transfer(
+        &lab,
+        &dc1,
+        2,
+        TransferKind::Delta { cycle: 7 },
+        &[Change {
+            disk: 0,
+            offset: MIB,
+            length: 5,
+            data: ChangeData::Write(b"hello"),
+        }],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info: ReplicaInfo = dc1
+            .get(&lab.url("/replicas/vm1"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if info.consistent && info.last_applied_cycle == Some(7) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "not applied: {info:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(info.trust_group, "dc1");
+    let disk = std::fs::read(lab.dir.path().join("store1/vm1/disks/disk0.img")).unwrap();
+    assert_eq!(disk.len() as u64, 4 * MIB);
+    assert_eq!(&disk[MIB as usize..MIB as usize + 5], b"hello");
+    assert!(disk[..MIB as usize].iter().all(|&b| b == 0x42));
+
+    // Another tenant sees nothing of dc1's replica, and gets its own.
+    let dc2 = lab.client("host9.dc2.example.com", None);
+    assert_eq!(status_of(dc2.get(&lab.url("/replicas/vm1")).call()).0, 404);
+    assert_eq!(enable(&lab, &dc2, "vm1").0, 201);
+    assert!(lab.dir.path().join("store2/vm1/replica.json").exists());
+
+    // A gap in the chain is refused as such.
+    let (code, body) = status_of(
+        dc1.post(&lab.url("/replicas/vm1/transfers"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_json(TransferOffer {
+                id: 3,
+                kind: TransferKind::Delta { cycle: 9 },
+                bytes: 1,
+            }),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("chain_broken"), "{body}");
+    assert_eq!(lab.server.replicas().len(), 2);
+}
+
+#[test]
+fn strangers_are_refused() {
+    let lab = Lab::start();
+    // Signed by the lab CA but no entry allows the name.
+    let other = lab.client("host1.elsewhere.example.com", None);
+    let (code, body) = enable(&lab, &other, "vm1");
+    assert_eq!(code, 403, "{body}");
+    // Signed by another CA: the handshake fails.
+    let rogue_ca = create_ca("rogue").unwrap();
+    let rogue = lab.client("host1.dc1.example.com", Some(&rogue_ca));
+    let (code, message) = enable(&lab, &rogue, "vm1");
+    assert_eq!(code, 0, "transport error expected, got {code}: {message}");
+    // Names that are not one safe path component.
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    for bad in ["..", ".hidden", "a%2Fb"] {
+        let (code, _) = status_of(dc1.get(&lab.url(&format!("/replicas/{bad}"))).call());
+        assert!(code == 400 || code == 404, "{bad}: {code}");
+    }
+    let (code, _) = enable(&lab, &dc1, "../escape");
+    assert_eq!(code, 400);
+    assert!(!lab.dir.path().join("escape").exists());
+    // Without a client certificate at all.
+    let bare = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates({
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in wire::tls::load_certs(&lab.ca_path, "CA").unwrap() {
+                    roots.add(cert).unwrap();
+                }
+                roots
+            })
+            .with_no_client_auth(),
+        ))
+        .build();
+    assert_eq!(status_of(bare.get(&lab.url("/echo")).call()).0, 0);
+}
