@@ -3,6 +3,7 @@
 //! `blkrep primary` serves each protected disk over NBD and logs every write;
 //! `blkrep status` and `blkrep cycles` talk to it or to its files.
 
+mod cert;
 mod config;
 mod control;
 mod cycles;
@@ -61,6 +62,34 @@ enum Command {
     Cycles {
         #[command(subcommand)]
         command: CyclesCommand,
+    },
+    /// Make a small certificate authority and host certificates for a lab.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Create DIR/ca.pem and DIR/ca.key (never overwrites).
+    Ca {
+        /// Where the CA's files go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "blkrep lab CA")]
+        name: String,
+    },
+    /// Issue DIR/<NAME>.pem and DIR/<NAME>.key for a host, signed by the CA in DIR, good
+    /// for both a primary and a replica.
+    Issue {
+        /// The directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IP addresses of the host; the first names the files.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -166,6 +195,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let value = control::call(&socket, &request, timeout + Duration::from_secs(5))?;
             println!("{value}");
+        }
+        Command::Cert {
+            command: CertCommand::Ca { dir, name },
+        } => {
+            let cert = cert::create_lab_ca(&dir, &name)?;
+            println!(
+                "CA certificate: {} (its key beside it: keep it off the hosts)",
+                cert.display()
+            );
+        }
+        Command::Cert {
+            command: CertCommand::Issue { dir, names },
+        } => {
+            let (cert, key) = cert::issue(&dir, &names)?;
+            println!("Certificate: {}\nKey: {}", cert.display(), key.display());
         }
         Command::Cycles {
             command: CyclesCommand::Apply { config, group, to },
