@@ -37,6 +37,7 @@ use wire::api::{
     API_PREFIX, MAX_JSON_BODY, RELATIONSHIP_HEADER,
 };
 use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
+use wire::error_chain;
 use wire::tls::{certificate_names, NamePattern};
 
 use crate::apply::ReplicaDisk;
@@ -298,18 +299,6 @@ fn apply_all(
         lock(&replica).finish_apply(next)?;
         info!(replica = %dir.display(), transfer = next.id, kind = ?next.kind, "Transfer applied");
     }
-}
-
-/// The message of an error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn accept_loop(

@@ -192,18 +192,7 @@ fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// The message of an error and its causes, on one line (for status, logs and the
-/// command line, which show an error once).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use wire::error_chain;
 
 impl Worker {
     fn run(&mut self, commands: &Receiver<Command>, interval: Duration) {

@@ -6,3 +6,16 @@ pub mod api;
 pub mod chunk;
 pub mod lab_ca;
 pub mod tls;
+
+/// The message of an error and its causes, on one line (for status, logs and the
+/// command line, which show an error once).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
