@@ -357,15 +357,27 @@ impl Replies<'_> {
             return Ok(());
         }
         match self {
-            Replies::Inline => stream.write_all(out.as_slice())?,
-            Replies::Shared(writer) => writer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write_all(out.as_slice())?,
+            Replies::Inline => {
+                stream.write_all(out.as_slice())?;
+                out.clear();
+                Ok(())
+            }
+            Replies::Shared(writer) => send_shared(writer, out),
         }
-        out.clear();
-        Ok(())
     }
+}
+
+/// Sends the whole replies in `out` through the connection's shared writer, so no other
+/// thread's reply interleaves with them.
+fn send_shared(writer: &Mutex<dyn Write + Send + '_>, out: &mut OutBuf) -> io::Result<()> {
+    if !out.is_empty() {
+        writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(out.as_slice())?;
+    }
+    out.clear();
+    Ok(())
 }
 
 /// A request handed to a worker, with its payload.
@@ -458,14 +470,10 @@ impl Pool<'_, '_> {
         }
     }
 
-    /// A buffer holding `len` bytes to fill, reused when possible.
+    /// An empty buffer with room for `len` bytes, reused when possible.
     fn payload_buffer(&self, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = self.shared.lock().spare.pop().unwrap_or_default();
-        if buf.capacity() < len {
-            buf.try_reserve_exact(len - buf.len())
-                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        }
-        buf.resize(len, 0);
+        reserve_payload(&mut buf, len)?;
         Ok(buf)
     }
 
@@ -521,7 +529,7 @@ fn run_job(job: Job, exec: &mut Executor<'_>, shared: &Shared<'_>) {
         Ok(())
     } else {
         exec.execute(&job.request, &job.payload);
-        Replies::Shared(shared.writer).send(&mut io::sink(), &mut exec.out)
+        send_shared(shared.writer, &mut exec.out)
     };
     exec.out.clear();
     publish(&exec.session.export, &mut exec.stats);
@@ -762,23 +770,19 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         request: Request,
         payload_len: usize,
     ) -> io::Result<()> {
-        if self.large.len() < payload_len {
-            if self
-                .large
-                .try_reserve_exact(payload_len - self.large.len())
-                .is_err()
-            {
-                return self.refuse_payload(stream, &request, payload_len);
-            }
-            self.large.resize(payload_len, 0);
+        if reserve_payload(&mut self.large, payload_len).is_err() {
+            return self.refuse_payload(stream, &request, payload_len);
         }
-        let mut large = std::mem::take(&mut self.large);
-        let result = self.receive_payload(stream, &mut large[..payload_len]);
-        if result.is_ok() {
-            self.exec.execute(&request, &large[..payload_len]);
-        }
-        self.large = large;
-        result
+        receive_payload(
+            &mut self.recv,
+            self.replies,
+            &mut self.exec.out,
+            stream,
+            &mut self.large,
+            payload_len,
+        )?;
+        self.exec.execute(&request, &self.large);
+        Ok(())
     }
 
     /// Hands `request` to the pool with its payload (the buffered part and the rest read
@@ -804,29 +808,13 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             &mut self.exec.out,
             stream,
             &mut payload,
+            payload_len,
         )?;
         let job = Job { request, payload };
         if let Some(job) = pool.submit(job) {
             self.exec.execute(&job.request, &job.payload);
         }
         Ok(())
-    }
-
-    /// Fills `payload` with the payload of the request at the front of the receive
-    /// buffer: the part already buffered, then the rest from the stream. Consumes the
-    /// request.
-    fn receive_payload(
-        &mut self,
-        stream: &mut (impl Read + Write),
-        payload: &mut [u8],
-    ) -> io::Result<()> {
-        receive_payload(
-            &mut self.recv,
-            self.replies,
-            &mut self.exec.out,
-            stream,
-            payload,
-        )
     }
 
     /// Answers ENOMEM for a write whose payload buffer cannot be allocated, and skips the
@@ -851,24 +839,33 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
     }
 }
 
-/// Fills `payload` with the payload of the request at the front of `recv`: the part
-/// already buffered, then the rest from the stream (after sending the queued replies in
-/// `out`, since the client may wait for them). Consumes the request.
+/// Makes room in `buf` for `len` bytes without allocating more than that.
+fn reserve_payload(buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    buf.clear();
+    buf.try_reserve_exact(len)
+        .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))
+}
+
+/// Sets `payload` to the `len`-byte payload of the request at the front of `recv`: the
+/// part already buffered (copied once, not zeroed first), then the rest from the stream
+/// (after sending the queued replies in `out`, since the client may wait for them).
+/// Consumes the request.
 fn receive_payload(
     recv: &mut RecvBuf,
     replies: Replies<'_>,
     out: &mut OutBuf,
     stream: &mut (impl Read + Write),
-    payload: &mut [u8],
+    payload: &mut Vec<u8>,
+    len: usize,
 ) -> io::Result<()> {
     let pending = recv.pending();
-    let total = REQUEST_HEADER_LEN + payload.len();
-    let buffered = pending.len().min(total) - REQUEST_HEADER_LEN;
-    payload[..buffered]
-        .copy_from_slice(&pending[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + buffered]);
+    let buffered = pending.len().min(REQUEST_HEADER_LEN + len) - REQUEST_HEADER_LEN;
+    payload.clear();
+    payload.extend_from_slice(&pending[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + buffered]);
     recv.consume(REQUEST_HEADER_LEN + buffered);
-    if buffered < payload.len() {
+    if buffered < len {
         replies.send(stream, out)?;
+        payload.resize(len, 0);
         stream.read_exact(&mut payload[buffered..])?;
     }
     Ok(())
