@@ -126,14 +126,10 @@ pub struct ReplicaServer {
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     applier: Option<std::thread::JoinHandle<()>>,
-    apply: Option<Sender<PathBuf>>,
-    context: Arc<ContextHandle>,
+    context: Arc<Context>,
 }
 
-/// The shared state, behind a debug-printable handle.
-struct ContextHandle(Context);
-
-impl std::fmt::Debug for ContextHandle {
+impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context").finish_non_exhaustive()
     }
@@ -150,11 +146,11 @@ impl ReplicaServer {
             })?;
         }
         let (apply, apply_queue) = crossbeam_channel::unbounded();
-        let context = Arc::new(ContextHandle(Context {
+        let context = Arc::new(Context {
             settings: settings.clone(),
             replicas: Mutex::new(HashMap::new()),
             apply: apply.clone(),
-        }));
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("replica-http")
@@ -177,7 +173,7 @@ impl ReplicaServer {
             let context = Arc::clone(&context);
             std::thread::Builder::new()
                 .name("replica-apply".into())
-                .spawn(move || applier(&context.0, &apply_queue))
+                .spawn(move || applier(&context, &apply_queue))
                 .map_err(ServerError::Threads)?
         };
         // Transfers received before a restart are applied first.
@@ -204,7 +200,6 @@ impl ReplicaServer {
             runtime: Some(runtime),
             stop: Some(stop),
             applier: Some(applier),
-            apply: Some(apply),
             context,
         })
     }
@@ -217,12 +212,12 @@ impl ReplicaServer {
     /// Every replica in every storage, for status.
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
         let mut out = Vec::new();
-        for entry in &self.context.0.settings.authorization {
+        for entry in &self.context.settings.authorization {
             let Ok(dirs) = std::fs::read_dir(&entry.storage) else {
                 continue;
             };
             for dir in dirs.flatten() {
-                if let Ok(replica) = load(&self.context.0, &dir.path()) {
+                if let Ok(replica) = load(&self.context, &dir.path()) {
                     out.push(lock(&replica).info());
                 }
             }
@@ -239,9 +234,8 @@ impl ReplicaServer {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(10));
         }
-        self.apply.take();
-        // The context holds a sender too; the applier stops when it sees the stop mark.
-        let _ = self.context.0.apply.send(PathBuf::new());
+        // An empty path is the applier's stop mark (the context keeps the queue open).
+        let _ = self.context.apply.send(PathBuf::new());
         if let Some(applier) = self.applier.take() {
             let _ = applier.join();
         }
@@ -304,7 +298,7 @@ fn apply_all(
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    context: Arc<ContextHandle>,
+    context: Arc<Context>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     loop {
@@ -334,7 +328,7 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     acceptor: TlsAcceptor,
-    context: Arc<ContextHandle>,
+    context: Arc<Context>,
 ) -> Result<(), String> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
@@ -347,7 +341,7 @@ async fn serve_connection(
         .and_then(|certs| certs.first())
         .map(certificate_names)
         .unwrap_or_default();
-    let peer = authorise(&context.0.settings.authorization, &names);
+    let peer = authorise(&context.settings.authorization, &names);
     match &peer {
         Some(peer) => {
             info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected")
@@ -466,11 +460,7 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(refuse(ErrorCode::Internal, format!("Worker failed: {e}"))))
 }
 
-async fn handle(
-    context: &Arc<ContextHandle>,
-    peer: Option<Peer>,
-    request: Request<Incoming>,
-) -> Answer {
+async fn handle(context: &Arc<Context>, peer: Option<Peer>, request: Request<Incoming>) -> Answer {
     let Some(peer) = peer else {
         return refuse(
             ErrorCode::Forbidden,
@@ -503,7 +493,7 @@ fn parse_id(text: &str) -> Result<u64, Refusal> {
 }
 
 async fn route(
-    context: &Arc<ContextHandle>,
+    context: &Arc<Context>,
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<Answer, Refusal> {
@@ -518,7 +508,7 @@ async fn route(
         (Method::POST, ["replicas"]) => {
             let enable: EnableRequest = json_body(request).await?;
             let (context, peer) = (Arc::clone(context), peer.clone());
-            blocking(move || enable_replica(&context.0, &peer, enable)).await
+            blocking(move || enable_replica(&context, &peer, enable)).await
         }
         (method, ["replicas", name, tail @ ..]) => {
             if !valid_name(name) {
@@ -527,13 +517,13 @@ async fn route(
             let dir = peer.storage.join(name);
             let replica = {
                 let (context, peer, dir) = (Arc::clone(context), peer.clone(), dir.clone());
-                blocking(move || find(&context.0, &peer, &dir)).await?
+                blocking(move || find(&context, &peer, &dir)).await?
             };
             match (method, tail) {
                 (Method::GET, []) => Ok(json(StatusCode::OK, &lock(&replica).info())),
                 (Method::DELETE, []) => {
                     let context = Arc::clone(context);
-                    blocking(move || remove_replica(&context.0, &dir, &replica)).await
+                    blocking(move || remove_replica(&context, &dir, &replica)).await
                 }
                 (Method::POST, ["transfers"]) => {
                     let relationship = relationship(&request)?;
@@ -568,7 +558,7 @@ async fn route(
                     let relationship = relationship(&request)?;
                     let id = parse_id(id)?;
                     let commit: CommitRequest = json_body(request).await?;
-                    let apply = context.0.apply.clone();
+                    let apply = context.apply.clone();
                     blocking(move || {
                         let mut replica = lock(&replica);
                         replica
@@ -640,28 +630,14 @@ fn enable_replica(
             format!("{free} bytes free, {needed} kept in reserve"),
         ));
     }
-    let state = ReplicaState {
-        name: enable.name.clone(),
-        trust_group: peer.trust_group.clone(),
-        relationship: enable.relationship,
-        primary_host: enable.primary_host,
-        enabled_by: peer.identity.clone(),
-        disks: enable.disks,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        consistent: false,
-        last_received_cycle: None,
-        last_applied_cycle: None,
-        last_applied_unix: None,
-        accept_any_cycle: false,
-        resync_epoch: None,
-        resync_next_batch: 0,
-        receiving: None,
-        queue: Default::default(),
-        recent_commits: Default::default(),
-        paused: false,
-    };
+    let state = ReplicaState::new(
+        enable.name.clone(),
+        peer.trust_group.clone(),
+        enable.relationship,
+        enable.primary_host,
+        peer.identity.clone(),
+        enable.disks,
+    );
     let replica = Replica::create(&dir, state, context.settings.reserve).map_err(|e| {
         let _ = std::fs::remove_dir_all(&dir);
         store_refusal(&e)

@@ -158,6 +158,45 @@ pub struct ReplicaState {
     pub paused: bool,
 }
 
+impl ReplicaState {
+    /// The state of a new replica: nothing received yet, not consistent.
+    pub fn new(
+        name: String,
+        trust_group: String,
+        relationship: u64,
+        primary_host: String,
+        enabled_by: String,
+        disks: Vec<DiskInfo>,
+    ) -> Self {
+        ReplicaState {
+            name,
+            trust_group,
+            relationship,
+            primary_host,
+            enabled_by,
+            disks,
+            created_unix: now_unix(),
+            consistent: false,
+            last_received_cycle: None,
+            last_applied_cycle: None,
+            last_applied_unix: None,
+            accept_any_cycle: false,
+            resync_epoch: None,
+            resync_next_batch: 0,
+            receiving: None,
+            queue: VecDeque::new(),
+            recent_commits: VecDeque::new(),
+            paused: false,
+        }
+    }
+}
+
+/// The answer to an offer of a transfer committed before.
+const ALREADY_COMMITTED: TransferAnswer = TransferAnswer {
+    have_chunks: 0,
+    committed: true,
+};
+
 /// One replica on disk. Not thread-safe by itself: the server keeps each behind a
 /// mutex.
 #[derive(Debug)]
@@ -376,13 +415,8 @@ impl Replica {
         offer: &TransferOffer,
     ) -> Result<TransferAnswer, StoreError> {
         self.check_relationship(relationship)?;
-        if self.state.recent_commits.contains(&offer.id)
-            || self.state.queue.iter().any(|q| q.id == offer.id)
-        {
-            return Ok(TransferAnswer {
-                have_chunks: 0,
-                committed: true,
-            });
+        if self.is_committed(offer.id) {
+            return Ok(ALREADY_COMMITTED);
         }
         if self.state.paused {
             return Err(StoreError::Paused(self.state.name.clone()));
@@ -396,10 +430,7 @@ impl Replica {
                 }
                 match self.state.last_received_cycle {
                     Some(last) if cycle <= last && !self.state.accept_any_cycle => {
-                        return Ok(TransferAnswer {
-                            have_chunks: 0,
-                            committed: true,
-                        });
+                        return Ok(ALREADY_COMMITTED);
                     }
                     Some(last) if cycle == last + 1 => {}
                     _ if self.state.accept_any_cycle => {}
@@ -461,6 +492,11 @@ impl Replica {
             have_chunks: 0,
             committed: false,
         })
+    }
+
+    /// Whether transfer `id` was committed (and is queued or applied).
+    fn is_committed(&self, id: u64) -> bool {
+        self.state.recent_commits.contains(&id) || self.state.queue.iter().any(|q| q.id == id)
     }
 
     fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
@@ -546,7 +582,7 @@ impl Replica {
     /// Ends transfer `id` of `chunks` chunks: it becomes durable and queued for apply.
     pub fn commit(&mut self, relationship: u64, id: u64, chunks: u32) -> Result<(), StoreError> {
         self.check_relationship(relationship)?;
-        if self.state.recent_commits.contains(&id) || self.state.queue.iter().any(|q| q.id == id) {
+        if self.is_committed(id) {
             return Ok(());
         }
         let Some(receiving) = self.state.receiving.filter(|r| r.id == id) else {

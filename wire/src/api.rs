@@ -1,6 +1,6 @@
 //! The replica server's HTTP API: paths, messages and error codes.
 //!
-//! Every request is authenticated (mutual TLS, or a pre-shared key in lab mode) and
+//! Every request is authenticated (mutual TLS) and
 //! authorised against the server's list of allowed primaries; a primary sees only the
 //! replicas of its own trust group. Bodies are JSON except chunk uploads, which carry
 //! one frame of [`crate::chunk`].
@@ -23,12 +23,8 @@ use serde::{Deserialize, Serialize};
 
 /// Path prefix of every API request.
 pub const API_PREFIX: &str = "/v1";
-/// Header carrying the pre-shared key in plain-HTTP lab mode.
-pub const PSK_HEADER: &str = "x-blkrep-psk";
 /// Header naming the replication relationship (hex) on every request about one replica.
 pub const RELATIONSHIP_HEADER: &str = "x-blkrep-relationship";
-/// Header carrying the primary's claimed identity in plain-HTTP lab mode.
-pub const IDENTITY_HEADER: &str = "x-blkrep-identity";
 /// Largest JSON body either side accepts.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 /// Longest replica or disk name.

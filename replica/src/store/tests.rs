@@ -8,13 +8,13 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 fn state() -> ReplicaState {
-    ReplicaState {
-        name: "vm1".into(),
-        trust_group: "dc1".into(),
-        relationship: 42,
-        primary_host: "primary".into(),
-        enabled_by: "primary.example.com".into(),
-        disks: vec![
+    ReplicaState::new(
+        "vm1".into(),
+        "dc1".into(),
+        42,
+        "primary".into(),
+        "primary.example.com".into(),
+        vec![
             DiskInfo {
                 name: "a".into(),
                 size: 8 * MIB,
@@ -24,19 +24,7 @@ fn state() -> ReplicaState {
                 size: 4 * MIB,
             },
         ],
-        created_unix: 0,
-        consistent: false,
-        last_received_cycle: None,
-        last_applied_cycle: None,
-        last_applied_unix: None,
-        accept_any_cycle: false,
-        resync_epoch: None,
-        resync_next_batch: 0,
-        receiving: None,
-        queue: VecDeque::new(),
-        recent_commits: VecDeque::new(),
-        paused: false,
-    }
+    )
 }
 
 fn frames(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
