@@ -25,6 +25,11 @@ use serde::{Deserialize, Serialize};
 pub const API_PREFIX: &str = "/v1";
 /// Header naming the replication relationship (hex) on every request about one replica.
 pub const RELATIONSHIP_HEADER: &str = "x-blkrep-relationship";
+/// Lab mode only (plain HTTP): the identity the primary claims, matched against the
+/// authorisation entries as a certificate DNS name would be.
+pub const IDENTITY_HEADER: &str = "x-blkrep-identity";
+/// Lab mode only (plain HTTP): the pre-shared key that authenticates the claim.
+pub const PSK_HEADER: &str = "x-blkrep-psk";
 /// Largest JSON body either side accepts.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 /// Longest replica or disk name.
