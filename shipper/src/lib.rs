@@ -2,15 +2,29 @@
 //! delivers it to a consumer ([`CycleSink`]), acknowledging it only once the consumer
 //! made it durable.
 //!
+//! The shipping path: [`thread`] schedules cycles, resyncs and retries; [`resync`]
+//! reads the blocks a resync copies; [`remote`] sends transfers to a replica server
+//! over HTTPS; the local consumers live beside the [`CycleSink`] trait; [`schedule`]
+//! holds the retry table and the health rules.
+//!
 //! Ordering: cycles are delivered oldest first, each exactly once per success; after a
 //! failure the same cycles are delivered again at the next attempt (consumers apply
-//! idempotently). A group that needs a resync is resynchronised through the same sink:
-//! logging restarts, the marked blocks are copied from the images, and the next cycle
-//! makes the fuzzy copy consistent.
+//! idempotently, and a replica resumes a transfer at the chunk it lacks). A group that
+//! needs a resync is resynchronised through the same sink: logging restarts, the
+//! marked blocks are copied from the images, and the next cycle makes the fuzzy copy
+//! consistent.
 #![warn(missing_docs)]
 
+pub mod remote;
+pub mod resync;
+pub mod schedule;
 mod sink;
-mod thread;
+pub mod thread;
 
-pub use sink::{CycleSink, DiscardSink, LocalCopySink, SinkError};
-pub use thread::{error_chain, Shipper, ShipperError, ShipperStatus};
+pub use remote::{RemoteOptions, RemoteSink};
+pub use schedule::{Health, RetryPolicy};
+pub use sink::{CycleSink, DiscardSink, LocalCopySink, Resume, SinkError};
+pub use thread::{
+    error_chain, AdminAction, ReplicationSetup, ReplicationState, Shipper, ShipperError,
+    ShipperOptions, ShipperStatus,
+};

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use replica::{ApplyError, ReplicaDisk};
 use thiserror::Error;
 use tracker::{Change, ChangeData};
+use wire::api::{EnableRequest, TransferKind};
+
+use crate::remote::{ClientError, FailureClass};
 
 /// Errors of a consumer.
 #[derive(Debug, Error)]
@@ -21,18 +24,84 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    /// The replica server failed or refused.
+    #[error("Replica server {url}")]
+    Remote {
+        /// The server.
+        url: String,
+        /// The cause.
+        #[source]
+        source: ClientError,
+    },
 }
 
-/// Where closed cycles go. The shipper calls [`CycleSink::apply`] for every change of a
-/// cycle, then [`CycleSink::commit`]; it acknowledges the cycle (freeing its ring
-/// space) only when `commit` returned `Ok`, which must mean the changes are durable.
+impl SinkError {
+    /// How the shipper reacts to this failure.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            SinkError::Remote { source, .. } => source.class(),
+            // A local failure (a full disk, typically): try again next interval.
+            SinkError::Apply(_) | SinkError::Copy { .. } => FailureClass::NextInterval,
+        }
+    }
+}
+
+/// Where a transfer resumes, as the consumer answered its offer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Chunks of the transfer the consumer holds already.
+    pub have_chunks: u32,
+    /// The consumer has the whole transfer (its commit answer was lost): nothing to send.
+    pub committed: bool,
+}
+
+/// Where closed cycles go. For every transfer (a delta cycle, or a batch of a resync)
+/// the shipper calls [`CycleSink::begin`], then [`CycleSink::apply`] for each change,
+/// then [`CycleSink::commit`]; it acknowledges a cycle (freeing its ring space) only
+/// when `commit` returned `Ok`, which must mean the changes are durable.
+///
+/// Consumers that send chunks (the replica) resume an interrupted transfer: `begin`
+/// says how many chunks they hold, and the changes of those chunks are encoded again
+/// but not sent. A resync resumes mid-batch with [`CycleSink::resume_at`] instead, at
+/// a chunk boundary it marked with [`CycleSink::cut`].
 pub trait CycleSink: Send {
     /// A short description for status and logs.
     fn describe(&self) -> String;
+    /// Creates the consumer's side of the relationship (idempotent). Local consumers
+    /// have nothing to create.
+    fn enable(&mut self, _request: &EnableRequest) -> Result<(), SinkError> {
+        Ok(())
+    }
+    /// Announces a transfer of at most `bytes` record bytes.
+    fn begin(&mut self, _id: u64, _kind: TransferKind, _bytes: u64) -> Result<Resume, SinkError> {
+        Ok(Resume::default())
+    }
+    /// Continues the transfer begun last at chunk `index` (resyncs only).
+    fn resume_at(&mut self, _index: u32) {}
     /// Applies one change.
     fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError>;
+    /// Record bytes the current chunk can still take without splitting a change.
+    fn room(&self) -> usize {
+        usize::MAX
+    }
+    /// Ends the current chunk, so the next change starts a new one. Returns whether a
+    /// chunk ended (`false` when the current one was empty, or chunks are not a thing
+    /// for this consumer).
+    fn cut(&mut self) -> Result<bool, SinkError> {
+        Ok(false)
+    }
     /// Makes every applied change durable.
     fn commit(&mut self) -> Result<(), SinkError>;
+    /// Called while idle, at least every few seconds: keep connections alive.
+    fn idle(&mut self) {}
+    /// Deletes the consumer's side of the relationship.
+    fn remove(&mut self, _name: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+    /// Bytes sent over the network so far (after compression).
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
 }
 
 /// Applies cycles to local copies of the disks (`DIR/<disk>.img`): the local proof

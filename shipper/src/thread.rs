@@ -1,7 +1,20 @@
 //! The shipper thread of a group.
+//!
+//! Every interval the thread closes the group's cycle and delivers everything closed,
+//! oldest first, as transfers to its consumer; a cycle's ring space is freed only
+//! once the consumer committed it. A group that needs a resync (initial replication,
+//! ring overflow, unclean shutdown, an administrator's request) is copied in batches
+//! first; the cycle after the last batch makes the copy consistent.
+//!
+//! Failures follow the retry table of [`crate::schedule`]: network failures back off,
+//! a paused or full replica is retried every interval, and authentication failures or
+//! a broken chain suspend replication until an administrator acts. Administrative
+//! state (paused, suspended, removed) lives in the relationship record, so it
+//! survives restarts.
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -10,16 +23,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use thiserror::Error;
-use tracing::{debug, info, warn};
-use tracker::{Change, ChangeData, DirtyBits, Group, ResyncReason, TrackerError};
+use tracing::{debug, error, info, warn};
+use tracker::{ChangeData, Group, ResyncReason, TrackerError};
+use wire::api::{DiskInfo, EnableRequest, ErrorCode, TransferKind};
+use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 
+use crate::remote::{FailureClass, Relationship, RelationshipError};
+use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
+use crate::schedule::{assess, CycleHistory, Health, RetryPolicy};
 use crate::sink::{CycleSink, SinkError};
 
 #[cfg(test)]
 mod tests;
 
-/// Largest read during a resync.
-const RESYNC_CHUNK: u64 = 2 << 20;
+/// Data bytes of one resync batch (one transfer), before compression.
+pub const RESYNC_BATCH: u64 = 256 << 20;
+/// How often an idle shipper lets its consumer keep connections alive.
+const IDLE_POLL: Duration = Duration::from_secs(5);
 
 /// Errors of a shipping attempt.
 #[derive(Debug, Error)]
@@ -31,14 +51,22 @@ pub enum ShipperError {
     #[error("Consumer")]
     Sink(#[from] SinkError),
     /// Reading an image during a resync failed.
-    #[error("Cannot read image {path} for resync")]
-    Image {
-        /// The image.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+    #[error(transparent)]
+    Image(#[from] ReadError),
+    /// The relationship record cannot be written.
+    #[error("Relationship record")]
+    Relationship(#[from] RelationshipError),
+    /// The replica holds chunks of a resync batch this process did not produce.
+    #[error("The replica holds {have} chunks of resync batch {batch}, which this primary cannot continue; the resync starts again")]
+    ResyncLost {
+        /// The batch.
+        batch: u32,
+        /// Chunks the replica has.
+        have: u32,
     },
+    /// The request is not possible in the current state.
+    #[error("{0}")]
+    Refused(String),
     /// The attempt made on request failed (the message holds the whole chain).
     #[error("{0}")]
     Failed(String),
@@ -50,6 +78,61 @@ pub enum ShipperError {
     Timeout,
 }
 
+impl ShipperError {
+    /// How the schedule reacts.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ShipperError::Sink(error) => error.class(),
+            _ => FailureClass::NextInterval,
+        }
+    }
+
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ShipperError::Sink(SinkError::Remote { source, .. }) => source.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Where replication stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    /// Cycles ship every interval.
+    #[default]
+    Replicating,
+    /// The first full copy is being sent.
+    InitialReplication,
+    /// Initial replication is scheduled for later.
+    WaitingToStart,
+    /// A resync is required and starts at the next attempt.
+    ResyncRequired,
+    /// A resync copy is being sent.
+    Resynchronising,
+    /// Paused by an administrator.
+    Paused,
+    /// Stopped after a failure that needs an administrator.
+    Suspended,
+    /// Removed by an administrator: cycles are dropped.
+    Removed,
+}
+
+/// Progress of a resync or initial replication.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResyncReport {
+    /// Why it runs.
+    pub reason: String,
+    /// Its epoch (the chain it starts).
+    pub epoch: u32,
+    /// Batch being sent.
+    pub batch: u32,
+    /// Bytes to copy in all.
+    pub total_bytes: u64,
+    /// Bytes copied and committed.
+    pub done_bytes: u64,
+}
+
 /// What the shipper has done, for status.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ShipperStatus {
@@ -57,31 +140,106 @@ pub struct ShipperStatus {
     pub consumer: String,
     /// Interval between cycles, in seconds.
     pub interval_secs: f64,
+    /// Replication state.
+    pub state: ReplicationState,
+    /// Health.
+    pub health: Option<Health>,
+    /// Why health is not Normal.
+    pub health_reason: Option<String>,
+    /// The relationship id (hex), for a replica consumer.
+    pub relationship: Option<String>,
     /// Cycles delivered and acknowledged since start.
     pub cycles_delivered: u64,
     /// The newest acknowledged cycle.
     pub last_delivered: Option<u64>,
     /// When it was acknowledged (seconds since the epoch).
     pub last_success_unix: Option<u64>,
-    /// How long delivering it took, in milliseconds.
+    /// When that cycle closed: the replica holds the primary's state of that instant.
+    pub last_delivered_close_unix: Option<u64>,
+    /// How far the replica is behind, in seconds (the achieved recovery point).
+    pub lag_secs: Option<u64>,
+    /// How long delivering the newest cycle took, in milliseconds.
     pub last_duration_ms: Option<u64>,
     /// Data bytes of the newest delivered cycle (after coalescing).
     pub last_cycle_bytes: u64,
     /// Largest cycle delivered, in data bytes.
     pub max_cycle_bytes: u64,
+    /// Average delivered cycle, in data bytes.
+    pub avg_cycle_bytes: u64,
     /// Data bytes delivered since start.
     pub bytes_delivered: u64,
+    /// Bytes sent over the network since start (after compression).
+    pub network_bytes: u64,
     /// Failed attempts since start.
     pub failures: u64,
+    /// Intervals of the last hour, and how many of them missed their cycle.
+    pub cycles_last_hour: u64,
+    /// Missed intervals of the last hour.
+    pub missed_last_hour: u64,
     /// The newest failure, if the newest attempt failed.
     pub last_error: Option<String>,
+    /// How the newest failure is handled.
+    pub failure_class: Option<FailureClass>,
+    /// When the next retry after a network failure is due (seconds since the epoch).
+    pub next_retry_unix: Option<u64>,
     /// Resyncs completed since start.
     pub resyncs: u64,
+    /// The resync in progress.
+    pub resync: Option<ResyncReport>,
+}
+
+/// What an administrator can ask of a replicating group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Stop shipping; changes keep being tracked.
+    Pause,
+    /// Ship again (after a pause, or once the cause of a suspension is fixed).
+    Resume,
+    /// Stop replicating; optionally delete the replica on the replica server.
+    Remove {
+        /// Also delete the replica (its disks are lost).
+        delete_replica: bool,
+    },
+    /// Enable replication again after `Remove`, optionally not before a time.
+    Enable {
+        /// Start the initial replication at this time (seconds since the epoch).
+        start_after_unix: Option<u64>,
+    },
+    /// Copy every block again.
+    Resync,
 }
 
 enum Command {
     CloseNow(Sender<Result<u64, String>>),
+    Admin(AdminAction, Sender<Result<String, String>>),
     Stop,
+}
+
+/// What a replica consumer needs beyond the sink.
+#[derive(Debug, Clone)]
+pub struct ReplicationSetup {
+    /// The relationship record.
+    pub relationship_path: PathBuf,
+    /// The configured replica server.
+    pub replica_url: String,
+    /// This host's name, for the replica's records.
+    pub primary_host: String,
+    /// The disks' names, in group order.
+    pub disk_names: Vec<String>,
+    /// The ring was just created: the replica (if any) holds nothing this ring
+    /// describes, so the initial replication runs again.
+    pub fresh_ring: bool,
+}
+
+/// How a shipper runs.
+#[derive(Debug, Clone)]
+pub struct ShipperOptions {
+    /// Replication interval.
+    pub interval: Duration,
+    /// Retry table.
+    pub retry: RetryPolicy,
+    /// Set for a replica consumer.
+    pub replication: Option<ReplicationSetup>,
 }
 
 /// The running shipper of one group.
@@ -92,35 +250,104 @@ pub struct Shipper {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// A resync being copied.
+#[derive(Debug)]
+struct ResyncProgress {
+    reason: ResyncReason,
+    epoch: u32,
+    maps: ResyncMaps,
+    total_bytes: u64,
+    next_batch: u32,
+    /// Where the batch being sent starts (everything before is committed).
+    batch_start: Cursor,
+    /// Where each chunk of that batch produced so far ends.
+    chunk_ends: Vec<Cursor>,
+    /// Where the batch ended, once it was produced whole.
+    batch_end: Option<Cursor>,
+    /// Every batch is committed: the next delivered cycle finishes the resync.
+    copied: bool,
+}
+
+impl ResyncProgress {
+    fn advance(&mut self, end: Cursor, last: bool) {
+        self.batch_start = end;
+        self.next_batch += 1;
+        self.chunk_ends.clear();
+        self.batch_end = None;
+        self.copied = last;
+    }
+
+    fn report(&self) -> ResyncReport {
+        ResyncReport {
+            reason: self.reason.to_string(),
+            epoch: self.epoch,
+            batch: self.next_batch,
+            total_bytes: self.total_bytes,
+            done_bytes: self
+                .total_bytes
+                .saturating_sub(self.maps.bytes_from(self.batch_start)),
+        }
+    }
+}
+
+struct RelationshipFile {
+    path: PathBuf,
+    state: Relationship,
+    setup: ReplicationSetup,
+}
+
+impl RelationshipFile {
+    fn save(&self) -> Result<(), RelationshipError> {
+        self.state.save(&self.path)
+    }
+}
+
 struct Worker {
     group: Group,
     images: Vec<(PathBuf, File)>,
     block_size: u64,
     sink: Box<dyn CycleSink>,
     status: Arc<Mutex<ShipperStatus>>,
-    /// The marked blocks were copied; the resync ends once a cycle closed after
-    /// that is delivered (in whichever attempt that happens).
-    resync_copied: bool,
+    retry: RetryPolicy,
+    relationship: Option<RelationshipFile>,
+    /// The chain of a consumer without a relationship record.
+    local_chain: u32,
+    resync: Option<ResyncProgress>,
+    /// Consecutive network failures, and when the next retry is due.
+    network_failures: u32,
+    retry_at: Option<Instant>,
+    history: CycleHistory,
+    /// Close times of cycles closed by this process.
+    close_times: BTreeMap<u64, u64>,
+    started_unix: u64,
+    buffer: Vec<u8>,
 }
 
 impl Shipper {
-    /// Starts the shipper of `group`: every `interval` it closes a cycle and delivers
+    /// Starts the shipper of `group`: every interval it closes a cycle and delivers
     /// everything closed to `sink`. `images` are the disks' images in group order,
     /// read during a resync; `block_size` is the dirty-map granularity.
     pub fn spawn(
         group: Group,
         images: Vec<PathBuf>,
         block_size: u64,
-        interval: Duration,
+        options: ShipperOptions,
         sink: Box<dyn CycleSink>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, ShipperError> {
         let opened = images
             .into_iter()
-            .map(|path| File::open(&path).map(|file| (path, file)))
-            .collect::<std::io::Result<Vec<_>>>()?;
+            .map(|path| match File::open(&path) {
+                Ok(file) => Ok((path, file)),
+                Err(source) => Err(ReadError { path, source }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let relationship = match options.replication.clone() {
+            None => None,
+            Some(setup) => Some(load_relationship(setup)?),
+        };
         let status = Arc::new(Mutex::new(ShipperStatus {
             consumer: sink.describe(),
-            interval_secs: interval.as_secs_f64(),
+            interval_secs: options.interval.as_secs_f64(),
             ..ShipperStatus::default()
         }));
         let (commands, receiver) = bounded(16);
@@ -130,12 +357,24 @@ impl Shipper {
             block_size,
             sink,
             status: Arc::clone(&status),
-            resync_copied: false,
+            retry: options.retry,
+            relationship,
+            local_chain: new_chain(),
+            resync: None,
+            network_failures: 0,
+            retry_at: None,
+            history: CycleHistory::default(),
+            close_times: BTreeMap::new(),
+            started_unix: unix_now(),
+            buffer: Vec::new(),
         };
+        worker.update_status();
         let name = format!("ship-{}", worker.group.name());
+        let interval = options.interval;
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker.run(&receiver, interval))?;
+            .spawn(move || worker.run(&receiver, interval))
+            .map_err(|error| ShipperError::Failed(format!("Cannot start the shipper: {error}")))?;
         Ok(Self {
             commands,
             status,
@@ -157,16 +396,37 @@ impl Shipper {
         }
     }
 
-    /// A copy of the current status.
-    pub fn status(&self) -> ShipperStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Carries out an administrator's request; returns what was done, for people.
+    pub fn admin(&self, action: AdminAction, timeout: Duration) -> Result<String, ShipperError> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::Admin(action, reply))
+            .map_err(|_| ShipperError::Stopped)?;
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(message)) => Err(ShipperError::Refused(message)),
+            Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
+        }
     }
 
-    /// Stops the thread after its current delivery and waits for it. Later calls to
-    /// [`Shipper::close_now`] fail with [`ShipperError::Stopped`].
+    /// A copy of the current status.
+    pub fn status(&self) -> ShipperStatus {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // Lag grows between updates.
+        if let Some(closed) = status.last_delivered_close_unix {
+            status.lag_secs = Some(unix_now().saturating_sub(closed));
+        }
+        status
+    }
+
+    /// Stops the thread after its current delivery and waits for it. A resync copy in
+    /// progress hands what is left back to the tracker, so a clean shutdown saves it.
+    /// Later calls to [`Shipper::close_now`] fail with [`ShipperError::Stopped`].
     pub fn stop(&self) {
         let _ = self.commands.send(Command::Stop);
         let thread = self
@@ -186,7 +446,8 @@ impl Drop for Shipper {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
@@ -194,68 +455,261 @@ fn unix_now() -> u64 {
 
 pub use wire::error_chain;
 
+/// A random chain number (31 bits, never 0).
+fn new_chain() -> u32 {
+    (rand::random::<u32>() & 0x7fff_ffff).max(1)
+}
+
+/// The id of the transfer of delta `cycle` in `chain`. Ids of different chains never
+/// collide, so a replica never takes a cycle of an older chain for a newer one.
+fn delta_id(chain: u32, cycle: u64) -> u64 {
+    (u64::from(chain & 0x7fff_ffff) << 32) | (cycle & 0xffff_ffff)
+}
+
+/// The id of batch `batch` of the resync that starts `chain`.
+fn resync_id(chain: u32, batch: u32) -> u64 {
+    (1 << 63) | (u64::from(chain & 0x7fff_ffff) << 32) | u64::from(batch)
+}
+
+fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, ShipperError> {
+    let path = setup.relationship_path.clone();
+    let state = match Relationship::load(&path)? {
+        Some(state) if state.replica_url == setup.replica_url => state,
+        Some(old) => {
+            warn!(old = %old.replica_url, new = %setup.replica_url, "The replica server changed: replication is enabled afresh with a full initial replication");
+            Relationship::new(&setup.replica_url)
+        }
+        None => Relationship::new(&setup.replica_url),
+    };
+    let mut file = RelationshipFile { path, state, setup };
+    if file.setup.fresh_ring && file.state.enabled {
+        info!("The ring is new: the replica is brought up to date with a full initial replication");
+        file.state.enabled = false;
+    }
+    file.save()?;
+    Ok(file)
+}
+
+/// What stops an attempt before it starts.
+enum Gate {
+    Open,
+    Paused,
+    Suspended(String),
+    Removed,
+    NotBefore(u64),
+}
+
 impl Worker {
     fn run(&mut self, commands: &Receiver<Command>, interval: Duration) {
-        let mut next = Instant::now() + interval;
+        let mut next_tick = Instant::now() + interval;
         loop {
-            let wait = next.saturating_duration_since(Instant::now());
-            match commands.recv_timeout(wait) {
+            let now = Instant::now();
+            let wake = self
+                .retry_at
+                .map_or(next_tick, |at| at.min(next_tick))
+                .min(now + IDLE_POLL);
+            match commands.recv_timeout(wake.saturating_duration_since(now)) {
                 Ok(Command::CloseNow(reply)) => {
-                    let result = self.attempt().map_err(|error| error_chain(&error));
+                    let result = self.attempt_now();
+                    let _ = reply.send(result);
+                }
+                Ok(Command::Admin(action, reply)) => {
+                    let result = self.admin(action).map_err(|error| error_chain(&error));
                     let _ = reply.send(result);
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.attempt();
-                    next += interval;
                     let now = Instant::now();
-                    if next < now {
-                        // Delivery took longer than an interval: start the next one now
-                        // rather than run a backlog of back-to-back cycles.
-                        next = now + interval;
+                    if now >= next_tick {
+                        next_tick += interval;
+                        if next_tick < now {
+                            // Delivery took longer than an interval: start the next one
+                            // now rather than run a backlog of back-to-back cycles.
+                            next_tick = now + interval;
+                        }
+                        self.tick();
+                    } else if self.retry_at.is_some_and(|at| now >= at) {
+                        self.retry_at = None;
+                        if matches!(self.gate(), Gate::Open) {
+                            let _ = self.attempt();
+                        }
+                    } else {
+                        self.sink.idle();
                     }
                 }
             }
+            self.update_status();
         }
+        self.hand_back_resync();
         debug!(group = %self.group.name(), "Shipper stopped");
     }
 
-    /// One shipping attempt: resync if needed, close a cycle, deliver everything closed.
+    fn gate(&self) -> Gate {
+        let Some(relationship) = &self.relationship else {
+            return Gate::Open;
+        };
+        let state = &relationship.state;
+        if state.removed {
+            Gate::Removed
+        } else if let Some(reason) = &state.suspended {
+            Gate::Suspended(reason.clone())
+        } else if state.paused {
+            Gate::Paused
+        } else if let Some(at) = state.start_after_unix.filter(|at| *at > unix_now()) {
+            Gate::NotBefore(at)
+        } else {
+            Gate::Open
+        }
+    }
+
+    /// One interval.
+    fn tick(&mut self) {
+        match self.gate() {
+            Gate::Removed => self.drop_cycles(),
+            Gate::Paused | Gate::Suspended(_) | Gate::NotBefore(_) => {}
+            Gate::Open if self.retry_at.is_some() => {
+                // Backing off after network failures: this interval's cycle is missed.
+                self.history.record(unix_now(), false);
+            }
+            Gate::Open => {
+                let _ = self.attempt();
+            }
+        }
+    }
+
+    /// An administrator's "close a cycle now": tried even while backing off.
+    fn attempt_now(&mut self) -> Result<u64, String> {
+        match self.gate() {
+            Gate::Open => self.attempt().map_err(|error| error_chain(&error)),
+            Gate::Paused => Err("Replication is paused; resume it first".into()),
+            Gate::Suspended(reason) => Err(format!(
+                "Replication is suspended ({reason}); fix the cause, then resume it"
+            )),
+            Gate::Removed => Err("Replication is removed; enable it first".into()),
+            Gate::NotBefore(at) => Err(format!(
+                "The initial replication is scheduled to start at {at} (seconds since the epoch)"
+            )),
+        }
+    }
+
+    /// Removed: cycles are acknowledged unshipped so the ring never fills.
+    fn drop_cycles(&mut self) {
+        let dropped = self.group.close_cycle().and_then(|_| {
+            while let Some(cycle) = self.group.take_closed()? {
+                cycle.acknowledge()?;
+            }
+            Ok(())
+        });
+        if let Err(error) = dropped {
+            debug!(group = %self.group.name(), error = %error_chain(&error), "Cannot drop cycles");
+        }
+    }
+
+    /// One shipping attempt, with the retry table applied to its failure.
     fn attempt(&mut self) -> Result<u64, ShipperError> {
         let started = Instant::now();
         let result = self.ship();
+        let now = unix_now();
+        self.history.record(now, result.is_ok());
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(_) => {
+                if status.last_error.is_some() {
+                    info!(group = %self.group.name(), "Replication recovered");
+                }
                 status.last_error = None;
+                status.failure_class = None;
                 status.last_duration_ms =
                     Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+                self.network_failures = 0;
+                self.retry_at = None;
             }
             Err(error) => {
                 status.failures += 1;
                 let message = error_chain(error);
-                if status.last_error.as_deref() != Some(message.as_str()) {
-                    warn!(group = %self.group.name(), error = %message, "Shipping failed; will retry next interval");
-                }
-                status.last_error = Some(message);
+                let class = error.class();
+                status.failure_class = Some(class);
+                status.last_error = Some(message.clone());
+                drop(status);
+                self.sink_failed(class, error.code(), &message);
             }
         }
         result
     }
 
+    fn sink_failed(&mut self, class: FailureClass, code: Option<ErrorCode>, message: &str) {
+        let group = self.group.name().to_string();
+        match class {
+            FailureClass::Network => {
+                self.network_failures += 1;
+                let delay = self.retry.delay(self.network_failures);
+                self.retry_at = Some(Instant::now() + delay);
+                warn!(%group, error = %message, retry_in_secs = delay.as_secs_f64(), failures = self.network_failures, "Replication failed; retrying");
+            }
+            FailureClass::NextInterval => {
+                self.retry_at = None;
+                warn!(%group, error = %message, "Replication failed; retrying next interval");
+            }
+            FailureClass::Authentication | FailureClass::Unrecoverable => {
+                self.retry_at = None;
+                let repair = match code {
+                    Some(ErrorCode::NotFound) => Some(Repair::Reenable),
+                    Some(ErrorCode::ChainBroken) => Some(Repair::Resync),
+                    _ => None,
+                };
+                if let Err(error) = self.suspend(message, repair) {
+                    error!(%group, error = %error_chain(&error), "Cannot record the suspension");
+                }
+                error!(%group, error = %message, class = ?class, "Replication suspended: an administrator must act (then `blkrep replication resume`)");
+            }
+        }
+    }
+
+    fn suspend(&mut self, reason: &str, repair: Option<Repair>) -> Result<(), ShipperError> {
+        let Some(relationship) = &mut self.relationship else {
+            return Ok(());
+        };
+        relationship.state.suspended = Some(reason.to_string());
+        relationship.state.repair_on_resume = repair.map(|r| r.as_str().to_string());
+        relationship.save()?;
+        Ok(())
+    }
+
+    fn chain(&self) -> u32 {
+        self.relationship
+            .as_ref()
+            .map_or(self.local_chain, |r| r.state.chain)
+    }
+
     fn ship(&mut self) -> Result<u64, ShipperError> {
-        if self.group.status().resync.is_some() {
-            self.resync()?;
+        self.ensure_enabled()?;
+        if self.resync.is_some() && self.group.status().resync.is_some() {
+            // The ring overflowed during the resync: restart it with the new marks.
+            info!(group = %self.group.name(), "The ring overflowed during the resync; it starts again with every mark");
+            self.hand_back_resync();
+        }
+        if self.resync.is_none() && self.group.status().resync.is_some() {
+            self.start_resync()?;
+        }
+        match self.copy_batches() {
+            Err(error @ ShipperError::ResyncLost { .. }) => {
+                self.hand_back_resync();
+                return Err(error);
+            }
+            other => other?,
         }
         // Deliver anything closed earlier (a failed attempt, or a restart) first.
         self.deliver_closed()?;
         let cycle = self.group.close_cycle()?;
+        self.close_times.insert(cycle, unix_now());
         self.deliver_closed()?;
-        if self.resync_copied {
+        if self.resync.as_ref().is_some_and(|resync| resync.copied) {
             // That cycle holds every write since logging resumed, so the fuzzy copy
             // is now consistent.
             self.group.finish_resync()?;
-            self.resync_copied = false;
+            if let Some(resync) = self.resync.take() {
+                info!(group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
+            }
             self.status
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -264,89 +718,439 @@ impl Worker {
         Ok(cycle)
     }
 
-    fn deliver_closed(&mut self) -> Result<(), ShipperError> {
-        while let Some(cycle) = self.group.take_closed()? {
-            for change in cycle.changes() {
-                self.sink.apply(&change)?;
+    /// Creates the replica on first use, then has every block copied.
+    fn ensure_enabled(&mut self) -> Result<(), ShipperError> {
+        let Some(relationship) = &self.relationship else {
+            return Ok(());
+        };
+        if relationship.state.enabled {
+            return Ok(());
+        }
+        let disks = relationship
+            .setup
+            .disk_names
+            .iter()
+            .zip(self.group.disk_sizes())
+            .map(|(name, size)| DiskInfo {
+                name: name.clone(),
+                size,
+            })
+            .collect();
+        let request = EnableRequest {
+            name: self.group.name().to_string(),
+            disks,
+            primary_host: relationship.setup.primary_host.clone(),
+            relationship: relationship.state.id,
+        };
+        self.sink.enable(&request)?;
+        // A resync in progress belonged to the replica before this one.
+        self.resync = None;
+        self.group
+            .request_full_resync(ResyncReason::InitialReplication)?;
+        if let Some(relationship) = &mut self.relationship {
+            relationship.state.enabled = true;
+            relationship.save()?;
+            info!(group = %self.group.name(), replica = %relationship.state.replica_url, relationship = %format!("{:x}", relationship.state.id), "Replication enabled; the initial replication starts");
+        }
+        Ok(())
+    }
+
+    fn start_resync(&mut self) -> Result<(), ShipperError> {
+        let reason = self
+            .group
+            .status()
+            .resync
+            .unwrap_or(ResyncReason::Requested);
+        // The new chain is durable before any of its transfers exists.
+        let chain = new_chain();
+        match &mut self.relationship {
+            Some(relationship) => {
+                relationship.state.chain = chain;
+                relationship.save()?;
+            }
+            None => self.local_chain = chain,
+        }
+        let maps = self.group.begin_resync()?;
+        let maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        let total_bytes = maps.bytes_from(Cursor::default());
+        info!(group = %self.group.name(), %reason, bytes = total_bytes, epoch = chain, "Resync copy starts");
+        self.resync = Some(ResyncProgress {
+            reason,
+            epoch: chain,
+            maps,
+            total_bytes,
+            next_batch: 0,
+            batch_start: Cursor::default(),
+            chunk_ends: Vec::new(),
+            batch_end: None,
+            copied: false,
+        });
+        Ok(())
+    }
+
+    /// Gives the blocks a resync has not committed back to the tracker: when the
+    /// shipper stops (a clean shutdown saves them), or to start the resync again.
+    fn hand_back_resync(&mut self) {
+        if let Some(resync) = self.resync.take() {
+            let remaining = resync.maps.remaining(resync.batch_start);
+            self.group.abort_resync(&remaining, resync.reason);
+        }
+    }
+
+    /// Sends the resync's batches that are not committed yet.
+    fn copy_batches(&mut self) -> Result<(), ShipperError> {
+        loop {
+            let Some(resync) = &self.resync else {
+                return Ok(());
+            };
+            if resync.copied {
+                return Ok(());
+            }
+            let remaining = resync.maps.bytes_from(resync.batch_start);
+            let last = remaining <= RESYNC_BATCH;
+            let batch = resync.next_batch;
+            let id = resync_id(resync.epoch, batch);
+            let kind = TransferKind::Resync {
+                epoch: u64::from(resync.epoch),
+                batch,
+                last,
+            };
+            let bound = remaining.min(RESYNC_BATCH + READ_PIECE);
+            // At worst one record per 4 KiB grain.
+            let bytes = bound + (bound / 4096 + 2) * RECORD_HEADER_LEN as u64;
+            let answer = self.sink.begin(id, kind, bytes)?;
+            let Some(resync) = &mut self.resync else {
+                return Ok(());
+            };
+            let have = answer.have_chunks;
+            let produced = resync.chunk_ends.len();
+            if answer.committed {
+                let Some(end) = resync.batch_end else {
+                    return Err(ShipperError::ResyncLost { batch, have });
+                };
+                resync.advance(end, last);
+                continue;
+            }
+            let end = match (have, resync.batch_end) {
+                (0, _) => {
+                    resync.chunk_ends.clear();
+                    self.stream_batch(None, last)?
+                }
+                // Every chunk is on the replica; only the commit was lost.
+                (have, Some(end))
+                    if usize::try_from(have).is_ok_and(|have| have == produced)
+                        && resync.chunk_ends.last() == Some(&end) =>
+                {
+                    end
+                }
+                (have, _) => {
+                    let index = usize::try_from(have).unwrap_or(usize::MAX);
+                    let Some(&start) = resync.chunk_ends.get(index - 1) else {
+                        return Err(ShipperError::ResyncLost { batch, have });
+                    };
+                    resync.chunk_ends.truncate(index);
+                    self.sink.resume_at(have);
+                    debug!(group = %self.group.name(), batch, have, "Resuming a resync batch");
+                    self.stream_batch(Some(start), last)?
+                }
+            };
+            if let Some(resync) = &mut self.resync {
+                resync.batch_end = Some(end);
             }
             self.sink.commit()?;
+            if let Some(resync) = &mut self.resync {
+                resync.advance(end, last);
+            }
+        }
+    }
+
+    /// Streams one batch from `start` (the batch's start when `None`). A batch that is
+    /// not the last ends once it holds [`RESYNC_BATCH`] data bytes. Returns where it
+    /// ended.
+    fn stream_batch(&mut self, start: Option<Cursor>, last: bool) -> Result<Cursor, ShipperError> {
+        let Worker {
+            resync,
+            sink,
+            images,
+            buffer,
+            ..
+        } = self;
+        let Some(resync) = resync else {
+            return Ok(Cursor::default());
+        };
+        let from = start.unwrap_or(resync.batch_start);
+        let mut sent = 0u64;
+        let ResyncProgress {
+            maps, chunk_ends, ..
+        } = resync;
+        for (disk, run_start, run_end) in maps.runs_from(from) {
+            let Some((path, image)) = images.get(disk) else {
+                continue;
+            };
+            let flow = read_range::<ShipperError>(
+                image,
+                path,
+                disk,
+                run_start,
+                run_end,
+                buffer,
+                &mut |change| {
+                    if sink.room() < ChunkEncoder::encoded_len(change) && sink.cut()? {
+                        chunk_ends.push(Cursor {
+                            disk,
+                            offset: change.offset,
+                        });
+                    }
+                    sink.apply(change)?;
+                    if let ChangeData::Write(bytes) = change.data {
+                        sent += bytes.len() as u64;
+                    }
+                    Ok(if !last && sent >= RESYNC_BATCH {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    })
+                },
+            )?;
+            if let ControlFlow::Break(offset) = flow {
+                let end = Cursor { disk, offset };
+                if sink.cut()? {
+                    chunk_ends.push(end);
+                }
+                return Ok(end);
+            }
+        }
+        let end = Cursor {
+            disk: images.len(),
+            offset: 0,
+        };
+        // The last chunk ends here, so a retry whose chunks all arrived only commits.
+        if sink.cut()? {
+            chunk_ends.push(end);
+        }
+        Ok(end)
+    }
+
+    fn deliver_closed(&mut self) -> Result<(), ShipperError> {
+        while let Some(cycle) = self.group.take_closed()? {
+            let started = Instant::now();
             let (id, stats) = (cycle.id(), cycle.stats());
+            let changes: u64 = (0..cycle.disk_count())
+                .map(|disk| cycle.change_count(disk) as u64)
+                .sum();
+            // Writes split across chunks add a header per chunk.
+            let headers = changes + stats.data_bytes / u64::from(MAX_CHUNK_RAW) + 1;
+            let bytes = stats.data_bytes + headers * RECORD_HEADER_LEN as u64;
+            let answer = self.sink.begin(
+                delta_id(self.chain(), id),
+                TransferKind::Delta { cycle: id },
+                bytes,
+            )?;
+            if !answer.committed {
+                for change in cycle.changes() {
+                    self.sink.apply(&change)?;
+                }
+                self.sink.commit()?;
+            }
             cycle.acknowledge()?;
+            let closed_unix = self
+                .close_times
+                .get(&id)
+                .copied()
+                .unwrap_or(self.started_unix);
+            self.close_times = self.close_times.split_off(&(id + 1));
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
             status.cycles_delivered += 1;
             status.last_delivered = Some(id);
             status.last_success_unix = Some(unix_now());
+            status.last_delivered_close_unix = Some(closed_unix);
             status.last_cycle_bytes = stats.data_bytes;
             status.max_cycle_bytes = status.max_cycle_bytes.max(stats.data_bytes);
             status.bytes_delivered += stats.data_bytes;
-            debug!(group = %self.group.name(), cycle = id, records = stats.records, bytes = stats.data_bytes, "Cycle delivered");
+            status.avg_cycle_bytes = status.bytes_delivered / status.cycles_delivered;
+            status.last_duration_ms =
+                Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+            debug!(group = %self.group.name(), cycle = id, records = stats.records, bytes = stats.data_bytes, resumed_at = answer.have_chunks, "Cycle delivered");
         }
         Ok(())
     }
 
-    fn resync(&mut self) -> Result<(), ShipperError> {
-        // Anything already closed goes first; its blocks would be copied anyway.
-        let maps = self.group.begin_resync()?;
-        info!(group = %self.group.name(), "Resynchronising the marked blocks");
-        match self.copy_marked(&maps) {
-            Ok(()) => {
-                // The copy is fuzzy until the next delivered cycle (see `ship`).
-                self.resync_copied = true;
-                Ok(())
+    fn admin(&mut self, action: AdminAction) -> Result<String, ShipperError> {
+        let name = self.group.name().to_string();
+        let message = match action {
+            AdminAction::Resync => {
+                self.hand_back_resync();
+                self.group.request_full_resync(ResyncReason::Requested)?;
+                self.retry_at = Some(Instant::now());
+                format!("Group {name}: every block is copied again, starting now")
             }
-            Err(error) => {
-                self.group.abort_resync(&maps, ResyncReason::RingOverflow);
-                Err(error)
-            }
-        }
+            action => self.admin_relationship(&name, action)?,
+        };
+        info!(group = %name, "{message}");
+        self.update_status();
+        Ok(message)
     }
 
-    fn copy_marked(&mut self, maps: &[DirtyBits]) -> Result<(), ShipperError> {
-        let mut buffer = Vec::new();
-        let sizes = self.group.disk_sizes();
-        for (disk, bits) in maps.iter().enumerate() {
-            let Some((path, image)) = self.images.get(disk) else {
-                continue;
-            };
-            // The tracker's size: a block device's metadata length is 0.
-            let Some(&size) = sizes.get(disk) else {
-                continue;
-            };
-            let mut ones = bits.iter_ones().peekable();
-            while let Some(first) = ones.next() {
-                // Extend the run while blocks are consecutive and the chunk has room.
-                let mut last = first;
-                while let Some(&next) = ones.peek() {
-                    if next != last + 1
-                        || (next as u64 - first as u64 + 1) * self.block_size > RESYNC_CHUNK
-                    {
-                        break;
+    /// The actions on the relationship record.
+    fn admin_relationship(&mut self, name: &str, action: AdminAction) -> Result<String, ShipperError> {
+        let Some(relationship) = &mut self.relationship else {
+            return Err(ShipperError::Refused(format!(
+                "Group {name} does not replicate to a replica server"
+            )));
+        };
+        let state = &mut relationship.state;
+        let message = match action {
+            AdminAction::Pause => {
+                if state.removed {
+                    return Err(ShipperError::Refused(format!(
+                        "Replication of group {name} is removed"
+                    )));
+                }
+                state.paused = true;
+                format!("Replication of group {name} paused; writes are tracked until it resumes")
+            }
+            AdminAction::Resume => {
+                if state.removed {
+                    return Err(ShipperError::Refused(format!(
+                        "Replication of group {name} is removed; enable it instead"
+                    )));
+                }
+                state.paused = false;
+                let repair = state.repair_on_resume.take();
+                let was_suspended = state.suspended.take();
+                match repair.as_deref().and_then(Repair::parse) {
+                    Some(Repair::Reenable) => state.enabled = false,
+                    Some(Repair::Resync) => {
+                        self.group.request_full_resync(ResyncReason::Requested)?;
                     }
-                    last = next;
-                    ones.next();
+                    None => {}
                 }
-                let offset = first as u64 * self.block_size;
-                let end = ((last as u64 + 1) * self.block_size).min(size);
-                if offset >= end {
-                    continue;
+                self.network_failures = 0;
+                self.retry_at = Some(Instant::now());
+                match was_suspended {
+                    Some(reason) => format!(
+                        "Replication of group {name} resumed (it was suspended: {reason})"
+                    ),
+                    None => format!("Replication of group {name} resumed"),
                 }
-                buffer.resize(usize::try_from(end - offset).unwrap_or(0), 0);
-                image
-                    .read_exact_at(&mut buffer, offset)
-                    .map_err(|source| ShipperError::Image {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let change = Change {
-                    disk,
-                    offset,
-                    length: end - offset,
-                    data: ChangeData::Write(&buffer),
-                };
-                self.sink.apply(&change)?;
             }
+            AdminAction::Remove { delete_replica } => {
+                if delete_replica {
+                    self.sink.remove(&name)?;
+                }
+                state.removed = true;
+                state.enabled = false;
+                state.paused = false;
+                state.suspended = None;
+                self.resync = None;
+                if delete_replica {
+                    format!("Replication of group {name} removed and its replica deleted")
+                } else {
+                    format!("Replication of group {name} removed; the replica server keeps the replica")
+                }
+            }
+            AdminAction::Enable { start_after_unix } => {
+                if !state.removed {
+                    return Err(ShipperError::Refused(format!(
+                        "Replication of group {name} is already enabled (relationship {:x}); remove it first to start afresh",
+                        state.id
+                    )));
+                }
+                *state = Relationship::new(&relationship.setup.replica_url);
+                relationship.state.start_after_unix = start_after_unix;
+                self.retry_at = Some(Instant::now());
+                match start_after_unix {
+                    Some(at) => format!("Replication of group {name} enabled; the initial replication starts at {at} (seconds since the epoch)"),
+                    None => format!("Replication of group {name} enabled; the initial replication starts now"),
+                }
+            }
+            AdminAction::Resync => {
+                return Err(ShipperError::Refused("A resync is not a relationship change".into()))
+            }
+        };
+        relationship.save()?;
+        Ok(message)
+    }
+
+    fn update_status(&mut self) {
+        let now = unix_now();
+        let (missed, total) = self.history.counts(now);
+        let group_resync = self.group.status().resync;
+        let state = match self.gate() {
+            Gate::Removed => ReplicationState::Removed,
+            Gate::Suspended(_) => ReplicationState::Suspended,
+            Gate::Paused => ReplicationState::Paused,
+            Gate::NotBefore(_) => ReplicationState::WaitingToStart,
+            Gate::Open => match (self.resync.as_ref().map(|r| r.reason), group_resync) {
+                (Some(ResyncReason::InitialReplication), _)
+                | (None, Some(ResyncReason::InitialReplication)) => {
+                    ReplicationState::InitialReplication
+                }
+                (Some(_), _) => ReplicationState::Resynchronising,
+                (None, Some(_)) => ReplicationState::ResyncRequired,
+                (None, None) => ReplicationState::Replicating,
+            },
+        };
+        let suspended = match self.gate() {
+            Gate::Suspended(reason) => Some(reason),
+            _ => None,
+        };
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let lag = status
+            .last_delivered_close_unix
+            .or(Some(self.started_unix))
+            .map(|closed| now.saturating_sub(closed));
+        let (health, reason) = match state {
+            ReplicationState::Removed => (None, None),
+            ReplicationState::Paused => (
+                Some(Health::Warning),
+                Some("Replication is paused".to_string()),
+            ),
+            _ => {
+                let (health, reason) = assess(suspended.as_deref(), missed, total, lag);
+                (Some(health), reason)
+            }
+        };
+        status.state = state;
+        status.health = health;
+        status.health_reason = reason;
+        status.lag_secs = lag;
+        status.cycles_last_hour = total;
+        status.missed_last_hour = missed;
+        status.network_bytes = self.sink.bytes_sent();
+        status.relationship = self
+            .relationship
+            .as_ref()
+            .map(|r| format!("{:x}", r.state.id));
+        status.next_retry_unix = self.retry_at.map(|at| {
+            now + at.saturating_duration_since(Instant::now()).as_secs()
+        });
+        status.resync = self.resync.as_ref().map(ResyncProgress::report);
+    }
+}
+
+/// What `resume` repairs after a suspension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// The replica is gone: create it again, with a full initial replication.
+    Reenable,
+    /// The chain broke: copy every block again.
+    Resync,
+}
+
+impl Repair {
+    fn as_str(self) -> &'static str {
+        match self {
+            Repair::Reenable => "reenable",
+            Repair::Resync => "resync",
         }
-        self.sink.commit()?;
-        Ok(())
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reenable" => Some(Repair::Reenable),
+            "resync" => Some(Repair::Resync),
+            _ => None,
+        }
     }
 }

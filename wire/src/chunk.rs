@@ -448,6 +448,14 @@ impl ChunkEncoder {
         Ok(())
     }
 
+    /// An encoder for transfer `transfer` whose chunks `0..next_index` exist already.
+    pub fn resume(transfer: u64, next_index: u32) -> Self {
+        ChunkEncoder {
+            next_index,
+            ..Self::new(transfer)
+        }
+    }
+
     /// Emits the last, partly filled chunk. Returns how many chunks the transfer has.
     pub fn finish<E>(
         mut self,
@@ -457,8 +465,23 @@ impl ChunkEncoder {
         Ok(self.next_index)
     }
 
-    fn room(&self) -> usize {
+    /// Record bytes the current chunk can still take.
+    pub fn room(&self) -> usize {
         MAX_CHUNK_RAW as usize - self.records.len()
+    }
+
+    /// Ends the current chunk here (if it holds anything), so the next change starts a
+    /// new one: a resync cuts where it can resume from.
+    pub fn cut<E>(&mut self, emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>) -> Result<(), E> {
+        self.flush(emit)
+    }
+
+    /// Bytes `change` takes in a chunk when it is not split.
+    pub fn encoded_len(change: &Change<'_>) -> usize {
+        match change.data {
+            ChangeData::Write(bytes) => RECORD_HEADER_LEN + bytes.len(),
+            ChangeData::Zero | ChangeData::Trim => RECORD_HEADER_LEN,
+        }
     }
 
     fn put_header(&mut self, kind: u8, disk: u16, offset: u64, length: u64) {

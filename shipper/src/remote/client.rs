@@ -1,0 +1,670 @@
+//! The primary's HTTP client of the replica API ([`wire::api`]).
+//!
+//! Two kinds of connections, as Hyper-V Replica's network layer has:
+//! - control requests (enable, offer, commit, get) each open a short connection, wait
+//!   synchronously with a 120 s timeout, and never retry on their own: the shipper's
+//!   retry schedule decides;
+//! - chunk uploads share one persistent data connection, reopened when it breaks and
+//!   kept alive with `GET /v1/echo` when idle for 90 s.
+//!
+//! Connections bind to a configured source address, so replication can use a dedicated
+//! network. Every request carries the relationship id; in the plain-HTTP lab mode also
+//! the claimed identity and the pre-shared key. Errors say what failed and carry a
+//! [`FailureClass`] for the retry schedule.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use wire::api::{
+    ErrorBody, ErrorCode, API_PREFIX, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER,
+    RELATIONSHIP_HEADER,
+};
+
+/// Timeout of a control request, and of a chunk upload.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Timeout of a TCP connect plus TLS handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle data connection is kept alive with an echo this often.
+pub const ECHO_INTERVAL: Duration = Duration::from_secs(90);
+
+/// How the shipper reacts to a failure (the retry table of Hyper-V Replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The network or the replica server failed: retry at 1, 2, 4, 8, 10 minutes, then
+    /// every 30 minutes.
+    Network,
+    /// The replica is paused, short of space, or busy with a conflicting request (or
+    /// a local step failed): retry every interval.
+    NextInterval,
+    /// Authentication or authorisation failed: no retry; Critical.
+    Authentication,
+    /// The replica is gone or its chain is broken: suspended, Critical, until an
+    /// administrator acts.
+    Unrecoverable,
+}
+
+/// Errors talking to the replica server.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The host name does not resolve.
+    #[error("Cannot resolve {host}")]
+    Resolve {
+        /// Host name.
+        host: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No TCP connection.
+    #[error("Cannot connect to {addr}")]
+    Connect {
+        /// Address tried last.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake or the peer's certificate failed.
+    #[error("TLS with {addr} failed")]
+    Tls {
+        /// The replica's address.
+        addr: String,
+        /// The cause (holds the rustls error).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange broke.
+    #[error("HTTP exchange with the replica failed")]
+    Http(#[source] hyper::Error),
+    /// No answer in time.
+    #[error("The replica did not answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+    /// The replica refused the request.
+    #[error("The replica refused {what} ({status}): {message}")]
+    Refused {
+        /// The request.
+        what: String,
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body, when it had one.
+        code: Option<ErrorCode>,
+        /// Message from the body.
+        message: String,
+    },
+    /// The answer is not what the API says.
+    #[error("Unreadable answer from the replica to {what}: {detail}")]
+    BadAnswer {
+        /// The request.
+        what: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl ClientError {
+    /// The replica's error code, when it refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// How the shipper reacts.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ClientError::Tls { source, .. } if is_certificate_problem(source) => {
+                FailureClass::Authentication
+            }
+            // With TLS 1.3 the replica's verdict on our certificate arrives after the
+            // handshake, as an alert on the first read.
+            ClientError::Http(error) if has_certificate_problem(error) => {
+                FailureClass::Authentication
+            }
+            ClientError::Refused { status, code, .. } => match (code, status) {
+                (Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden), _) | (None, 401 | 403) => {
+                    FailureClass::Authentication
+                }
+                (Some(ErrorCode::NotFound | ErrorCode::ChainBroken | ErrorCode::OtherRelationship), _)
+                | (None, 404) => FailureClass::Unrecoverable,
+                (Some(ErrorCode::Paused | ErrorCode::InsufficientStorage | ErrorCode::Conflict), _)
+                | (None, 423 | 507) => FailureClass::NextInterval,
+                _ => FailureClass::Network,
+            },
+            _ => FailureClass::Network,
+        }
+    }
+}
+
+fn has_certificate_problem(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(is_certificate_problem)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Whether a TLS failure is about certificates or credentials (permanent until an
+/// administrator fixes them) rather than a broken connection.
+fn is_certificate_problem(error: &std::io::Error) -> bool {
+    let Some(inner) = error.get_ref() else {
+        return false;
+    };
+    match inner.downcast_ref::<rustls::Error>() {
+        Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(_)
+            | rustls::Error::PeerIncompatible(_),
+        ) => true,
+        Some(_) | None => false,
+    }
+}
+
+/// How the primary proves who it is.
+#[derive(Clone)]
+pub enum Credentials {
+    /// HTTPS with a client certificate (the TLS configuration holds both the replica CA
+    /// and the client certificate).
+    Tls(Arc<rustls::ClientConfig>),
+    /// Plain HTTP for isolated labs: a claimed identity and a pre-shared key.
+    PlainWithPsk {
+        /// The identity the replica authorises.
+        identity: String,
+        /// The key.
+        psk: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Tls(_) => f.write_str("Tls"),
+            Credentials::PlainWithPsk { identity, .. } => f
+                .debug_struct("PlainWithPsk")
+                .field("identity", identity)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// Where the replica server is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// `https://host:port` (or `http://` with [`Credentials::PlainWithPsk`]).
+    pub url: String,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// Local address to bind connections to.
+    pub source_address: Option<IpAddr>,
+}
+
+/// A parsed replica URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Whether TLS is used.
+    pub tls: bool,
+    /// Host name or address literal.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Parses `https://host[:port]` or `http://host[:port]` (no path). The default
+    /// port is 8443 for both.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|error| format!("{url:?} is not a URL ({error})"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("{url:?} must start with https:// (or http:// in lab mode)")),
+        };
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+            return Err(format!("{url:?} must not have a path"));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("{url:?} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(Endpoint {
+            tls,
+            host,
+            port: uri.port_u16().unwrap_or(8443),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+struct DataConnection {
+    sender: SendRequest<Full<Bytes>>,
+    last_used: Instant,
+}
+
+/// A client of one replica server, for one relationship. Blocking: every call runs
+/// to completion on the client's own single-threaded runtime.
+pub struct ReplicaClient {
+    runtime: tokio::runtime::Runtime,
+    endpoint: Endpoint,
+    settings: ClientSettings,
+    relationship: u64,
+    data: Option<DataConnection>,
+}
+
+impl std::fmt::Debug for ReplicaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaClient")
+            .field("endpoint", &self.endpoint)
+            .field("relationship", &self.relationship)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a request before its body is interpreted.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl ReplicaClient {
+    /// A client for `settings`, sending `relationship` with every request.
+    pub fn new(settings: ClientSettings, relationship: u64) -> Result<Self, String> {
+        let endpoint = Endpoint::parse(&settings.url)?;
+        match (&settings.credentials, endpoint.tls) {
+            (Credentials::Tls(_), false) => {
+                return Err(format!(
+                    "{} is plain HTTP; use https:// (plain HTTP needs the lab mode's psk_file)",
+                    settings.url
+                ))
+            }
+            (Credentials::PlainWithPsk { .. }, true) => {
+                return Err(format!(
+                    "{} is HTTPS but the lab mode's pre-shared key is configured; give cert, key and ca for HTTPS",
+                    settings.url
+                ))
+            }
+            _ => {}
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| format!("Cannot start the client's runtime: {error}"))?;
+        Ok(ReplicaClient {
+            runtime,
+            endpoint,
+            settings,
+            relationship,
+            data: None,
+        })
+    }
+
+    /// The replica server's address, for status and logs.
+    pub fn url(&self) -> &str {
+        &self.settings.url
+    }
+
+    /// Sends a control request with a JSON body on a connection of its own and reads
+    /// the JSON answer.
+    pub fn control<Q: Serialize, A: DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&Q>,
+    ) -> Result<A, ClientError> {
+        let what = format!("{method} {path}");
+        let bytes = match body {
+            Some(body) => serde_json::to_vec(body).map_err(|error| ClientError::BadAnswer {
+                what: what.clone(),
+                detail: format!("cannot encode the request: {error}"),
+            })?,
+            None => Vec::new(),
+        };
+        let request = self.request(method, path, "application/json", Bytes::from(bytes))?;
+        let endpoint = self.endpoint.clone();
+        let credentials = self.settings.credentials.clone();
+        let source = self.settings.source_address;
+        let answer = self.runtime.block_on(async move {
+            let exchange = async {
+                let mut sender = connect(&endpoint, &credentials, source).await?;
+                exchange(&mut sender, request).await
+            };
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                .await
+                .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+        })?;
+        decode(&what, answer)
+    }
+
+    /// Uploads one chunk frame on the data connection. Returns when the replica
+    /// stored it durably.
+    pub fn put_chunk(
+        &mut self,
+        name: &str,
+        transfer: u64,
+        index: u32,
+        frame: Bytes,
+    ) -> Result<(), ClientError> {
+        let path = format!("/replicas/{name}/transfers/{transfer:x}/chunks/{index}");
+        let what = format!("chunk {index} of transfer {transfer:#x}");
+        let request = self.request(Method::PUT, &path, "application/octet-stream", frame)?;
+        let answer = self.on_data_connection(request);
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                // The connection's state is unknown: the next upload opens a new one.
+                self.data = None;
+                return Err(error);
+            }
+        };
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(refusal(&what, &answer))
+        }
+    }
+
+    /// Keeps the data connection alive: an echo when it has been idle for
+    /// [`ECHO_INTERVAL`]. A failed echo just drops the connection.
+    pub fn keep_alive(&mut self) {
+        let idle = self
+            .data
+            .as_ref()
+            .is_some_and(|data| data.last_used.elapsed() >= ECHO_INTERVAL);
+        if !idle {
+            return;
+        }
+        let Ok(request) = self.request(Method::GET, "/echo", "application/json", Bytes::new())
+        else {
+            return;
+        };
+        if !self
+            .on_data_connection(request)
+            .is_ok_and(|answer| answer.status.is_success())
+        {
+            self.data = None;
+        }
+    }
+
+    /// Closes the data connection (after a failure elsewhere, or when stopping).
+    pub fn disconnect(&mut self) {
+        self.data = None;
+    }
+
+    fn on_data_connection(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        let endpoint = self.endpoint.clone();
+        let credentials = self.settings.credentials.clone();
+        let source = self.settings.source_address;
+        let mut sender = match self.data.take() {
+            Some(data) => Some(data.sender),
+            None => None,
+        };
+        let (answer, sender) = self.runtime.block_on(async move {
+            let work = async {
+                let mut live = match sender.take() {
+                    Some(existing) if !existing.is_closed() => existing,
+                    _ => connect(&endpoint, &credentials, source).await?,
+                };
+                let answer = exchange(&mut live, request).await?;
+                Ok::<_, ClientError>((answer, live))
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
+                Ok(Ok((answer, live))) => (Ok(answer), Some(live)),
+                Ok(Err(error)) => (Err(error), None),
+                Err(_) => (Err(ClientError::Timeout(REQUEST_TIMEOUT)), None),
+            }
+        });
+        if let Some(sender) = sender {
+            self.data = Some(DataConnection {
+                sender,
+                last_used: Instant::now(),
+            });
+        }
+        answer
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{API_PREFIX}{path}"))
+            .header(HOST, self.endpoint.authority())
+            .header(CONTENT_TYPE, content_type)
+            .header(CONTENT_LENGTH, body.len())
+            .header(RELATIONSHIP_HEADER, format!("{:x}", self.relationship));
+        if let Credentials::PlainWithPsk { identity, psk } = &self.settings.credentials {
+            builder = builder
+                .header(IDENTITY_HEADER, identity.as_str())
+                .header(PSK_HEADER, psk.as_str());
+        }
+        builder
+            .body(Full::new(body))
+            .map_err(|error| ClientError::BadAnswer {
+                what: path.to_string(),
+                detail: format!("cannot build the request: {error}"),
+            })
+    }
+}
+
+async fn connect(
+    endpoint: &Endpoint,
+    credentials: &Credentials,
+    source: Option<IpAddr>,
+) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    let connecting = async {
+        let addresses: Vec<SocketAddr> =
+            tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+                .await
+                .map_err(|source| ClientError::Resolve {
+                    host: endpoint.host.clone(),
+                    source,
+                })?
+                .filter(|addr| source.is_none_or(|ip| ip.is_ipv4() == addr.is_ipv4()))
+                .collect();
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no address of the replica matches the source address's family",
+        );
+        let mut tcp = None;
+        for addr in addresses {
+            match connect_tcp(addr, source).await {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(error) => last = error,
+            }
+        }
+        let tcp = tcp.ok_or_else(|| ClientError::Connect {
+            addr: endpoint.authority(),
+            source: last,
+        })?;
+        let stream: Box<dyn Stream> = match credentials {
+            Credentials::Tls(config) => {
+                let name = ServerName::try_from(endpoint.host.clone()).map_err(|error| {
+                    ClientError::Tls {
+                        addr: endpoint.authority(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, error),
+                    }
+                })?;
+                let tls = TlsConnector::from(Arc::clone(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| ClientError::Tls {
+                        addr: endpoint.authority(),
+                        source,
+                    })?;
+                Box::new(tls)
+            }
+            Credentials::PlainWithPsk { .. } => Box::new(tcp),
+        };
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ClientError::Http)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT))?
+}
+
+async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Result<Answer, ClientError> {
+    sender.ready().await.map_err(ClientError::Http)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(ClientError::Http)?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|error| match error.downcast::<hyper::Error>() {
+            Ok(error) => ClientError::Http(*error),
+            Err(other) => ClientError::BadAnswer {
+                what: "an answer".into(),
+                detail: other.to_string(),
+            },
+        })?
+        .to_bytes();
+    Ok(Answer { status, body })
+}
+
+fn refusal(what: &str, answer: &Answer) -> ClientError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(&answer.body).ok();
+    ClientError::Refused {
+        what: what.to_string(),
+        status: answer.status.as_u16(),
+        code: parsed.as_ref().map(|body| body.code),
+        message: parsed.map_or_else(
+            || String::from_utf8_lossy(&answer.body).chars().take(200).collect(),
+            |body| body.message,
+        ),
+    }
+}
+
+fn decode<A: DeserializeOwned>(what: &str, answer: Answer) -> Result<A, ClientError> {
+    if !answer.status.is_success() {
+        return Err(refusal(what, &answer));
+    }
+    serde_json::from_slice(&answer.body).map_err(|error| ClientError::BadAnswer {
+        what: what.to_string(),
+        detail: error.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_with_default_port_and_reject_paths() {
+        assert_eq!(
+            Endpoint::parse("https://replica.dc2.example.com").ok(),
+            Some(Endpoint {
+                tls: true,
+                host: "replica.dc2.example.com".into(),
+                port: 8443
+            })
+        );
+        let v6 = Endpoint::parse("http://[::1]:9000").ok();
+        assert_eq!(v6.as_ref().map(|e| e.authority()), Some("[::1]:9000".into()));
+        assert!(Endpoint::parse("ftp://x").is_err());
+        assert!(Endpoint::parse("https://x/v1").is_err());
+        assert!(Endpoint::parse("replica:8443").is_err());
+    }
+
+    #[test]
+    fn refusals_map_to_the_retry_table() {
+        let refused = |status, code| ClientError::Refused {
+            what: "x".into(),
+            status,
+            code,
+            message: String::new(),
+        };
+        assert_eq!(refused(403, Some(ErrorCode::Forbidden)).class(), FailureClass::Authentication);
+        assert_eq!(refused(401, None).class(), FailureClass::Authentication);
+        assert_eq!(refused(404, Some(ErrorCode::NotFound)).class(), FailureClass::Unrecoverable);
+        assert_eq!(refused(409, Some(ErrorCode::ChainBroken)).class(), FailureClass::Unrecoverable);
+        assert_eq!(refused(423, Some(ErrorCode::Paused)).class(), FailureClass::NextInterval);
+        assert_eq!(
+            refused(507, Some(ErrorCode::InsufficientStorage)).class(),
+            FailureClass::NextInterval
+        );
+        assert_eq!(refused(500, Some(ErrorCode::Internal)).class(), FailureClass::Network);
+        assert_eq!(refused(502, None).class(), FailureClass::Network);
+        assert_eq!(ClientError::Timeout(REQUEST_TIMEOUT).class(), FailureClass::Network);
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
+        );
+        let tls = ClientError::Tls {
+            addr: "x".into(),
+            source: alert,
+        };
+        assert_eq!(tls.class(), FailureClass::Authentication);
+        let reset = ClientError::Tls {
+            addr: "x".into(),
+            source: std::io::ErrorKind::ConnectionReset.into(),
+        };
+        assert_eq!(reset.class(), FailureClass::Network);
+    }
+}

@@ -1,0 +1,169 @@
+//! The primary's record of a replication relationship, kept beside the group's ring.
+//!
+//! It says which replica the group replicates to, whether the replica was created,
+//! which chain of transfers is current, and what an administrator decided (paused,
+//! removed) or must decide (suspended). It is rewritten atomically (temporary file,
+//! fsync, rename, directory fsync), so after a crash it holds the old or the new
+//! state, never a mix.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Errors reading or writing the record.
+#[derive(Debug, Error)]
+pub enum RelationshipError {
+    /// A file operation failed.
+    #[error("Cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a relationship record.
+    #[error("Replication state {path} is corrupt: {reason}; move it away to enable replication afresh (a full initial replication follows)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+}
+
+/// What the record holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relationship {
+    /// Chosen at random when replication is enabled; the replica accepts transfers only
+    /// with this id.
+    pub id: u64,
+    /// The replica server it was enabled with.
+    pub replica_url: String,
+    /// The replica exists (enable answered).
+    pub enabled: bool,
+    /// The current chain: the epoch of the latest resync, part of every transfer id so
+    /// the transfers of an older chain can never be taken for newer ones.
+    pub chain: u32,
+    /// Paused by an administrator.
+    pub paused: bool,
+    /// Why replication is suspended until an administrator acts (`resume`).
+    #[serde(default)]
+    pub suspended: Option<String>,
+    /// What `resume` repairs after the suspension (`reenable`, `resync`).
+    #[serde(default)]
+    pub repair_on_resume: Option<String>,
+    /// Removed by an administrator: nothing is shipped until replication is enabled
+    /// again.
+    pub removed: bool,
+    /// Do not start the initial replication before this time (seconds since the epoch).
+    #[serde(default)]
+    pub start_after_unix: Option<u64>,
+    /// When replication was enabled (seconds since the epoch).
+    pub enabled_unix: u64,
+}
+
+impl Relationship {
+    /// A new relationship with `url`: random id, nothing done yet.
+    pub fn new(url: &str) -> Self {
+        Relationship {
+            id: rand::random::<u64>().max(1),
+            replica_url: url.to_string(),
+            enabled: false,
+            chain: 0,
+            paused: false,
+            suspended: None,
+            repair_on_resume: None,
+            removed: false,
+            start_after_unix: None,
+            enabled_unix: crate::thread::unix_now(),
+        }
+    }
+
+    /// The record of the group whose ring is `ring`.
+    pub fn path_for_ring(ring: &Path) -> PathBuf {
+        let mut name = ring.as_os_str().to_os_string();
+        name.push(".replication.json");
+        PathBuf::from(name)
+    }
+
+    /// Reads the record; `None` if there is none.
+    pub fn load(path: &Path) -> Result<Option<Self>, RelationshipError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(RelationshipError::Io {
+                    what: "read",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| RelationshipError::Corrupt {
+                path: path.to_path_buf(),
+                reason: error.to_string(),
+            })
+    }
+
+    /// Writes the record atomically and durably.
+    pub fn save(&self, path: &Path) -> Result<(), RelationshipError> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| RelationshipError::Io { what, path, source }
+        };
+        let mut temporary = path.as_os_str().to_os_string();
+        temporary.push(".tmp");
+        let temporary = PathBuf::from(temporary);
+        let text = serde_json::to_vec_pretty(self).map_err(|error| RelationshipError::Io {
+            what: "encode",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(error),
+        })?;
+        let mut file = File::create(&temporary).map_err(io("create"))?;
+        file.write_all(&text)
+            .and_then(|()| file.sync_all())
+            .map_err(io("write"))?;
+        std::fs::rename(&temporary, path).map_err(io("replace"))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io("sync the directory of"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_and_loads_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = Relationship::path_for_ring(&dir.path().join("vm1.ring"));
+        assert!(path.ends_with("vm1.ring.replication.json"));
+        assert_eq!(Relationship::load(&path).expect("load"), None);
+        let mut relationship = Relationship::new("https://replica:8443");
+        assert_ne!(relationship.id, 0);
+        relationship.chain = 7;
+        relationship.save(&path).expect("save");
+        assert_eq!(
+            Relationship::load(&path).expect("load"),
+            Some(relationship.clone())
+        );
+        relationship.paused = true;
+        relationship.save(&path).expect("save again");
+        assert!(Relationship::load(&path).expect("load").is_some_and(|r| r.paused));
+        std::fs::write(&path, b"{ not json").expect("corrupt");
+        let error = Relationship::load(&path).expect_err("corrupt");
+        assert!(error.to_string().contains("corrupt"), "{error}");
+    }
+}
