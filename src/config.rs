@@ -113,9 +113,24 @@ pub struct PrimaryConfig {
     pub control_socket: PathBuf,
     /// NBD listeners.
     pub nbd: NbdConfig,
+    /// Settings shared by every group that replicates.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    /// Prometheus metrics endpoint, e.g. `127.0.0.1:9441`.
+    pub metrics: Option<String>,
     /// Disk groups (one per VM).
     #[serde(rename = "group", default)]
     pub groups: Vec<GroupConfig>,
+}
+
+/// Daemon-wide replication settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Bandwidth limit of all groups together, in bytes per second (`50MiB`).
+    pub bandwidth_limit: Option<ByteSize>,
+    /// The name this host gives the replica server (default: the host name).
+    pub host_name: Option<String>,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -186,6 +201,104 @@ pub enum ConsumerConfig {
     },
     /// Read each cycle fully and drop it (benchmarks).
     Discard,
+    /// Ship each cycle to a replica server.
+    Replica(ReplicaConsumer),
+}
+
+/// A replica server as the consumer of a group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConsumer {
+    /// `https://host:port` (`http://` only with `psk_file`).
+    pub url: String,
+    /// CA certificate(s) that sign the replica server's certificate.
+    pub ca: Option<PathBuf>,
+    /// This primary's client certificate (chain).
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+    /// Lab mode: plain HTTP authenticated by this pre-shared key file.
+    pub psk_file: Option<PathBuf>,
+    /// Lab mode: the identity the replica server authorises.
+    pub identity: Option<String>,
+    /// Compress chunks (DEFLATE).
+    #[serde(default = "default_true")]
+    pub compression: bool,
+    /// DEFLATE level 1 (fastest) to 9 (smallest).
+    #[serde(default = "default_compression_level")]
+    pub compression_level: u32,
+    /// Multiplies the retry delays (1.0 = 1, 2, 4, 8, 10 then 30 minutes).
+    #[serde(default = "default_retry_scale")]
+    pub retry_scale: f64,
+    /// Bandwidth limit of this group, in bytes per second.
+    pub bandwidth_limit: Option<ByteSize>,
+    /// Local address to send from (a dedicated replication network).
+    pub source_address: Option<std::net::IpAddr>,
+    /// Start the initial replication at this time (RFC 3339, e.g.
+    /// `2026-11-24T02:00:00Z`) instead of at once.
+    pub start_at: Option<String>,
+}
+
+fn default_compression_level() -> u32 {
+    1
+}
+
+fn default_retry_scale() -> f64 {
+    1.0
+}
+
+impl ReplicaConsumer {
+    fn problems(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let https = self.url.starts_with("https://");
+        let tls_files = [&self.ca, &self.cert, &self.key];
+        if https {
+            if tls_files.iter().any(|f| f.is_none()) {
+                problems.push(format!("{at}: an https:// replica needs ca, cert and key"));
+            }
+            if self.psk_file.is_some() {
+                problems.push(format!(
+                    "{at}: psk_file is for the plain-HTTP lab mode only"
+                ));
+            }
+        } else if self.url.starts_with("http://") {
+            if self.psk_file.is_none() || self.identity.is_none() {
+                problems.push(format!(
+                    "{at}: a plain http:// replica (isolated labs only) needs psk_file and identity"
+                ));
+            }
+        } else {
+            problems.push(format!("{at}: url {:?} must start with https://", self.url));
+        }
+        for file in tls_files
+            .into_iter()
+            .flatten()
+            .chain(self.psk_file.as_ref())
+        {
+            if !file.is_file() {
+                problems.push(format!("{at}: {} is not a readable file", file.display()));
+            }
+        }
+        if !(1..=9).contains(&self.compression_level) {
+            problems.push(format!("{at}: compression_level is 1 to 9"));
+        }
+        if !(self.retry_scale > 0.0 && self.retry_scale <= 100.0) {
+            problems.push(format!("{at}: retry_scale must be above 0 and at most 100"));
+        }
+        if self.bandwidth_limit.is_some_and(|limit| limit.0 < 4096) {
+            problems.push(format!(
+                "{at}: bandwidth_limit must be at least 4KiB (per second)"
+            ));
+        }
+        if let Some(start) = &self.start_at {
+            if humantime::parse_rfc3339_weak(start).is_err() {
+                problems.push(format!(
+                    "{at}: start_at {start:?} is not a time like 2026-11-24T02:00:00Z"
+                ));
+            }
+        }
+        problems
+    }
 }
 
 /// A protected disk.
@@ -252,6 +365,19 @@ impl PrimaryConfig {
         if self.groups.is_empty() {
             problems.push("no [[group]] is configured".into());
         }
+        if let Some(address) = &self.metrics {
+            if address.parse::<std::net::SocketAddr>().is_err() {
+                problems.push(format!("metrics = {address:?} is not an address:port"));
+            }
+        }
+        if self
+            .replication
+            .bandwidth_limit
+            .is_some_and(|limit| limit.0 < 4096)
+        {
+            problems
+                .push("[replication] bandwidth_limit must be at least 4KiB (per second)".into());
+        }
         let mut group_names = HashSet::new();
         let mut disk_names = HashSet::new();
         let mut rings = HashSet::new();
@@ -297,6 +423,9 @@ impl PrimaryConfig {
             }
             if !group.tracking && group.consumer.is_some() {
                 problems.push(format!("{at}: a consumer needs tracking = true"));
+            }
+            if let Some(ConsumerConfig::Replica(replica)) = &group.consumer {
+                problems.extend(replica.problems(&at));
             }
             for disk in &group.disks {
                 let at = format!("{at}, disk {:?}", disk.name);
@@ -389,6 +518,35 @@ image = "{}"
             "/nonexistent/image",
         ] {
             assert!(error.contains(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn replica_consumers_need_credentials_that_exist() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let pem = tempfile::NamedTempFile::new().unwrap();
+        let pem = pem.path().display();
+        let good = format!(
+            "[group.consumer]\ntype = \"replica\"\nurl = \"https://replica:8443\"\nca = \"{pem}\"\ncert = \"{pem}\"\nkey = \"{pem}\"\nbandwidth_limit = \"10MiB\"\nsource_address = \"127.0.0.1\"\nstart_at = \"2026-11-24T02:00:00Z\""
+        );
+        let config = PrimaryConfig::parse(&sample(image.path(), &good), Path::new("x")).unwrap();
+        let Some(ConsumerConfig::Replica(replica)) = &config.groups[0].consumer else {
+            panic!("not a replica consumer");
+        };
+        assert!(replica.compression);
+        assert_eq!(replica.bandwidth_limit, Some(ByteSize(10 << 20)));
+        let bad = "[group.consumer]\ntype = \"replica\"\nurl = \"http://replica:8443\"\nca = \"/nonexistent/ca.pem\"\ncompression_level = 12\nretry_scale = 0.0\nstart_at = \"tomorrow\"";
+        let error = PrimaryConfig::parse(&sample(image.path(), bad), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "needs psk_file and identity",
+            "/nonexistent/ca.pem is not a readable file",
+            "compression_level is 1 to 9",
+            "retry_scale must be above 0",
+            "start_at \"tomorrow\"",
+        ] {
+            assert!(error.contains(expected), "{expected}: {error}");
         }
     }
 

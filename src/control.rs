@@ -26,6 +26,35 @@ pub enum Request {
         /// How long to wait for delivery.
         timeout_secs: u64,
     },
+    /// Change a group's replication.
+    Replication {
+        /// The group.
+        group: String,
+        /// What to do.
+        action: ReplicationAction,
+    },
+}
+
+/// What `blkrep replication` asks of a group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ReplicationAction {
+    /// Stop shipping; changes keep being tracked.
+    Pause,
+    /// Ship again; after a suspension, once its cause is fixed.
+    Resume,
+    /// Copy every block again.
+    Resync,
+    /// Stop replicating.
+    Remove {
+        /// Also delete the replica on the replica server.
+        delete_replica: bool,
+    },
+    /// Replicate again after `remove` (a full initial replication).
+    Enable {
+        /// Not before this time (seconds since the epoch).
+        start_after_unix: Option<u64>,
+    },
 }
 
 /// A control response.

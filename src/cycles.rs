@@ -133,7 +133,11 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
         group.clone(),
         images,
         config.block_size.0,
-        Duration::from_secs(86400),
+        shipper::ShipperOptions {
+            interval: Duration::from_secs(86400),
+            retry: shipper::RetryPolicy::default(),
+            replication: None,
+        },
         Box::new(sink),
     )?;
     let cycle = shipper.close_now(Duration::from_secs(86400))?;

@@ -7,7 +7,10 @@ mod cert;
 mod config;
 mod control;
 mod cycles;
+mod metrics;
 mod primary;
+mod replica_daemon;
+mod replication_cli;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +70,18 @@ enum Command {
     Cert {
         #[command(subcommand)]
         command: CertCommand,
+    },
+    /// Manage a group's replication on the running primary.
+    Replication {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: replication_cli::ReplicationCommand,
+    },
+    /// Run the replica daemon, or show its replicas.
+    Replica {
+        #[command(subcommand)]
+        command: replica_daemon::ReplicaCommand,
     },
 }
 
@@ -221,6 +236,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format);
             let summary = cycles::apply_offline(group_config, &to)?;
             println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Replication { target, command } => {
+            replication_cli::run(&control_socket(&target)?, command)?;
+        }
+        Command::Replica { command } => {
+            replica_daemon::main(command, || init_logging(cli.log_format))?;
         }
     }
     Ok(())

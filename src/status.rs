@@ -138,24 +138,7 @@ impl StatusReport {
                 );
             }
             match &group.consumer {
-                Some(consumer) => {
-                    let text =
-                        |key: &str| consumer.get(key).map(|v| v.to_string()).unwrap_or_default();
-                    let _ = writeln!(
-                        out,
-                        "  consumer:  {}; {} cycles delivered, last {}; failures {}",
-                        consumer
-                            .get("consumer")
-                            .and_then(|v| v.as_str())
-                            .unwrap_or("?"),
-                        text("cycles_delivered"),
-                        text("last_delivered"),
-                        text("failures")
-                    );
-                    if let Some(error) = consumer.get("last_error").and_then(|v| v.as_str()) {
-                        let _ = writeln!(out, "  last error: {error}");
-                    }
-                }
+                Some(consumer) => render_consumer(&mut out, consumer, group.ring.used),
                 None => {
                     let _ = writeln!(out, "  consumer:  none");
                 }
@@ -181,5 +164,133 @@ impl StatusReport {
             }
         }
         out
+    }
+}
+
+/// Seconds as `1h02m`, `5m03s` or `42s`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// A 30-character progress bar with the percentage.
+pub fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (done.min(total) * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
+    let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+    format!(
+        "[{}{}] {percent:>3}%",
+        "#".repeat(usize::try_from(filled).unwrap_or(0)),
+        "-".repeat(usize::try_from(WIDTH - filled).unwrap_or(0))
+    )
+}
+
+fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64) {
+    let text = |key: &str| {
+        consumer
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let number = |key: &str| consumer.get(key).and_then(serde_json::Value::as_u64);
+    let _ = writeln!(
+        out,
+        "  consumer:  {}",
+        text("consumer").unwrap_or_else(|| "?".into())
+    );
+    if let Some(relationship) = text("relationship") {
+        let state = text("state").unwrap_or_default().replace('_', " ");
+        let _ = writeln!(out, "  replication: {state} (relationship {relationship})");
+    }
+    if let Some(health) = text("health") {
+        match text("health_reason") {
+            Some(reason) => {
+                let _ = writeln!(out, "  health:    {health} - {reason}");
+            }
+            None => {
+                let _ = writeln!(out, "  health:    {health}");
+            }
+        }
+    }
+    let last = match (number("last_delivered"), number("lag_secs")) {
+        (Some(cycle), Some(lag)) => {
+            format!("cycle {cycle}, replica {} behind", human_duration(lag))
+        }
+        (None, Some(lag)) => format!("none yet ({} since start)", human_duration(lag)),
+        _ => "none yet".into(),
+    };
+    let _ = writeln!(out, "  last delivered: {last}");
+    let _ = writeln!(
+        out,
+        "  cycles:    {} delivered, {} failures; last hour {} of {} missed; pending {}",
+        number("cycles_delivered").unwrap_or(0),
+        number("failures").unwrap_or(0),
+        number("missed_last_hour").unwrap_or(0),
+        number("cycles_last_hour").unwrap_or(0),
+        human_bytes(pending),
+    );
+    let _ = writeln!(
+        out,
+        "  sizes:     last {}, average {}, max {}; transfer {} ms; sent {}",
+        human_bytes(number("last_cycle_bytes").unwrap_or(0)),
+        human_bytes(number("avg_cycle_bytes").unwrap_or(0)),
+        human_bytes(number("max_cycle_bytes").unwrap_or(0)),
+        number("last_duration_ms").map_or_else(|| "-".into(), |ms| ms.to_string()),
+        human_bytes(number("network_bytes").unwrap_or(0)),
+    );
+    if let Some(resync) = consumer.get("resync").filter(|r| !r.is_null()) {
+        let field = |key: &str| {
+            resync
+                .get(key)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        let (done, total) = (field("done_bytes"), field("total_bytes"));
+        let _ = writeln!(
+            out,
+            "  copy:      {} {} of {} ({})",
+            progress_bar(done, total),
+            human_bytes(done),
+            human_bytes(total),
+            resync
+                .get("reason")
+                .and_then(|v| v.as_str())
+                .unwrap_or("resync")
+        );
+    }
+    if let Some(error) = text("last_error") {
+        let _ = writeln!(out, "  last error: {error}");
+        if let Some(at) = number("next_retry_unix") {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let _ = writeln!(
+                out,
+                "  next retry in {}",
+                human_duration(at.saturating_sub(now))
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_bars_read_well() {
+        assert_eq!(human_duration(42), "42s");
+        assert_eq!(human_duration(303), "5m03s");
+        assert_eq!(human_duration(3720), "1h02m");
+        assert_eq!(
+            progress_bar(1, 2),
+            format!("[{}{}]  50%", "#".repeat(15), "-".repeat(15))
+        );
+        assert_eq!(progress_bar(0, 0), format!("[{}] 100%", "#".repeat(30)));
     }
 }

@@ -1,14 +1,21 @@
-//! The replica server: HTTPS with mutual TLS, authorisation by trust group, the API of
-//! [`wire::api`] over the stores of [`crate::store`], and an applier thread.
+//! The replica server: HTTPS with mutual TLS (or plain HTTP with a pre-shared key in
+//! lab mode), authorisation by trust group, the API of [`wire::api`] over the stores of
+//! [`crate::store`], and an applier thread.
 //!
 //! Threads: a small tokio runtime accepts connections, runs the TLS handshakes and the
 //! HTTP/1.1 exchanges; every store operation (fsyncs included) runs on tokio's blocking
 //! pool under that replica's mutex. One applier thread applies committed transfers,
 //! without holding the replica's mutex while it writes the disks, so receiving goes on.
 //!
-//! Authorisation: the client certificate is verified by rustls against the configured
-//! client CAs during the handshake; its DNS names are then matched against the
-//! configured entries. The first matching entry gives the storage directory and trust
+//! Authentication ([`Transport`]): with TLS, the client certificate is verified by
+//! rustls against the configured client CAs during the handshake, and its DNS names are
+//! the primary's identity, for the whole connection. In lab mode (plain HTTP, nothing
+//! encrypted) every request carries the pre-shared key ([`PSK_HEADER`], compared in
+//! constant time) and the name the primary claims ([`IDENTITY_HEADER`]); a request
+//! without the right key is answered 401 and nothing else happens.
+//!
+//! Authorisation: the identity is matched against the configured entries, in order.
+//! The first matching entry gives the storage directory and trust
 //! group; a replica is only visible to peers of its trust group (others get 404, as if it
 //! did not exist). Replica names are checked with [`wire::api::valid_name`] before they
 //! become a path component.
@@ -34,7 +41,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use wire::api::{
     valid_name, CommitRequest, EnableRequest, ErrorBody, ErrorCode, ReplicaInfo, TransferOffer,
-    API_PREFIX, MAX_JSON_BODY, RELATIONSHIP_HEADER,
+    API_PREFIX, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
 };
 use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 use wire::error_chain;
@@ -50,6 +57,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause before an applier retries a replica whose apply failed.
 const APPLY_RETRY: Duration = Duration::from_secs(5);
+/// Shortest pre-shared key lab mode accepts.
+pub const MIN_PSK_LEN: usize = 16;
 
 /// Errors starting the server.
 #[derive(Debug, Error)]
@@ -66,6 +75,9 @@ pub enum ServerError {
     /// The runtime or a thread could not start.
     #[error("Cannot start the server's threads")]
     Threads(#[source] std::io::Error),
+    /// Lab mode's pre-shared key is too short to resist guessing.
+    #[error("The pre-shared key must be at least {MIN_PSK_LEN} bytes long")]
+    WeakKey,
     /// A storage directory is unusable.
     #[error("Cannot use storage directory {path}")]
     Storage {
@@ -88,13 +100,41 @@ pub struct AuthEntry {
     pub trust_group: String,
 }
 
+/// How primaries connect and prove who they are.
+#[derive(Clone)]
+pub enum Transport {
+    /// HTTPS: the server certificate, and client certificates required and verified by
+    /// this configuration; a certificate's DNS names are the primary's identity.
+    Tls(Arc<rustls::ServerConfig>),
+    /// Lab mode, for isolated networks only: plain HTTP, nothing encrypted. Every request
+    /// carries `psk` in [`PSK_HEADER`] and the primary's claimed name in
+    /// [`IDENTITY_HEADER`].
+    PlainWithPsk {
+        /// The pre-shared key, at least [`MIN_PSK_LEN`] bytes.
+        psk: String,
+    },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Tls(config) => f.debug_tuple("Tls").field(config).finish(),
+            // The key stays out of logs and panic messages.
+            Transport::PlainWithPsk { .. } => f
+                .debug_struct("PlainWithPsk")
+                .field("psk", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
 /// What the server needs.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// TLS: server certificate and client verification.
-    pub tls: Arc<rustls::ServerConfig>,
+    /// TLS, or lab mode's plain HTTP.
+    pub transport: Transport,
     /// Authorisation entries, tried in order.
     pub authorization: Vec<AuthEntry>,
     /// Free space each storage keeps in reserve.
@@ -109,6 +149,46 @@ struct Peer {
     trust_group: String,
 }
 
+/// How the requests of one connection are authenticated.
+#[derive(Debug, Clone)]
+enum Auth {
+    /// By the TLS handshake: the peer, or `None` if no entry allows its certificate.
+    Connection(Option<Peer>),
+    /// Lab mode: each request by its headers.
+    PerRequest(Arc<PlainConnection>),
+}
+
+/// How connections start.
+#[derive(Clone)]
+enum Acceptor {
+    /// With a TLS handshake.
+    Tls(TlsAcceptor),
+    /// Lab mode: plain HTTP; requests must carry this key.
+    Plain { psk: Arc<str> },
+}
+
+/// A plain-HTTP connection: where from, the key its requests must carry, and what was
+/// last logged about it (so a connection logs its primary once, not every request).
+#[derive(Debug)]
+struct PlainConnection {
+    remote: SocketAddr,
+    psk: Arc<str>,
+    logged: Mutex<Option<String>>,
+}
+
+impl PlainConnection {
+    /// Whether `outcome` (an identity, or "" for a failed authentication) differs from
+    /// what was logged last; remembers it.
+    fn first_time(&self, outcome: String) -> bool {
+        let mut logged = lock(&self.logged);
+        if logged.as_deref() == Some(outcome.as_str()) {
+            return false;
+        }
+        *logged = Some(outcome);
+        true
+    }
+}
+
 struct Context {
     settings: ServerSettings,
     replicas: Mutex<HashMap<PathBuf, Arc<Mutex<Replica>>>>,
@@ -117,6 +197,39 @@ struct Context {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads a running server's replicas from other threads (status, metrics); cheap to
+/// clone. After the server shut down it still reads the stores.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    context: Arc<Context>,
+}
+
+impl ServerHandle {
+    /// Every replica in every storage (each storage once, however many entries name it).
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for entry in &self.context.settings.authorization {
+            if seen.contains(&&entry.storage) {
+                continue;
+            }
+            seen.push(&entry.storage);
+            let Ok(dirs) = std::fs::read_dir(&entry.storage) else {
+                continue;
+            };
+            for dir in dirs.flatten() {
+                if !Replica::exists(&dir.path()) {
+                    continue;
+                }
+                if let Ok(replica) = load(&self.context, &dir.path()) {
+                    out.push(lock(&replica).info());
+                }
+            }
+        }
+        out
+    }
 }
 
 /// A running replica server.
@@ -139,6 +252,11 @@ impl ReplicaServer {
     /// Opens the storages, applies whatever was received before a restart, and starts
     /// serving.
     pub fn start(settings: ServerSettings) -> Result<Self, ServerError> {
+        if let Transport::PlainWithPsk { psk } = &settings.transport {
+            if psk.len() < MIN_PSK_LEN {
+                return Err(ServerError::WeakKey);
+            }
+        }
         for entry in &settings.authorization {
             std::fs::create_dir_all(&entry.storage).map_err(|source| ServerError::Storage {
                 path: entry.storage.clone(),
@@ -187,14 +305,24 @@ impl ReplicaServer {
             }
         }
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let acceptor = TlsAcceptor::from(Arc::clone(&settings.tls));
+        let acceptor = match &settings.transport {
+            Transport::Tls(config) => {
+                info!(%local_addr, "Replica server listening (HTTPS, client certificates required)");
+                Acceptor::Tls(TlsAcceptor::from(Arc::clone(config)))
+            }
+            Transport::PlainWithPsk { psk } => {
+                warn!(%local_addr, "Replica server listening on PLAIN HTTP: replicated data, keys and identities cross the network UNENCRYPTED and anyone who sees the traffic can impersonate a primary; for isolated labs only, never in production");
+                Acceptor::Plain {
+                    psk: Arc::from(psk.as_str()),
+                }
+            }
+        };
         runtime.spawn(accept_loop(
             listener,
             acceptor,
             Arc::clone(&context),
             stopped,
         ));
-        info!(%local_addr, "Replica server listening (HTTPS, client certificates required)");
         Ok(ReplicaServer {
             local_addr,
             runtime: Some(runtime),
@@ -211,18 +339,14 @@ impl ReplicaServer {
 
     /// Every replica in every storage, for status.
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
-        let mut out = Vec::new();
-        for entry in &self.context.settings.authorization {
-            let Ok(dirs) = std::fs::read_dir(&entry.storage) else {
-                continue;
-            };
-            for dir in dirs.flatten() {
-                if let Ok(replica) = load(&self.context, &dir.path()) {
-                    out.push(lock(&replica).info());
-                }
-            }
+        self.handle().replicas()
+    }
+
+    /// A handle for reading the replicas from other threads.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            context: Arc::clone(&self.context),
         }
-        out
     }
 
     /// Stops accepting, closes connections and stops the applier after its current
@@ -297,7 +421,7 @@ fn apply_all(
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     context: Arc<Context>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -327,9 +451,21 @@ async fn accept_loop(
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     context: Arc<Context>,
 ) -> Result<(), String> {
+    let acceptor = match acceptor {
+        Acceptor::Tls(acceptor) => acceptor,
+        Acceptor::Plain { psk } => {
+            let connection = Arc::new(PlainConnection {
+                remote,
+                psk,
+                logged: Mutex::new(None),
+            });
+            let auth = Auth::PerRequest(connection);
+            return serve_http(TokioIo::new(stream), auth, context).await;
+        }
+    };
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
@@ -348,17 +484,58 @@ async fn serve_connection(
         }
         None => warn!(%remote, ?names, "Refusing a primary no authorisation entry allows"),
     }
+    serve_http(TokioIo::new(tls), Auth::Connection(peer), context).await
+}
+
+async fn serve_http<I>(io: I, auth: Auth, context: Arc<Context>) -> Result<(), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| {
-        let (context, peer) = (Arc::clone(&context), peer.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(&context, peer, request).await) }
+        let (context, auth) = (Arc::clone(&context), auth.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&context, &auth, request).await) }
     });
     http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(io, service)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Whether two keys are equal, in time that depends only on their lengths (a key's
+/// length is no secret worth hiding; its bytes are).
+fn same_key(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)))
+            == 0
+}
+
+/// Lab mode: the identity a request proves with the pre-shared key, lower-cased like a
+/// certificate's names.
+fn authenticate_plain(psk: &str, request: &Request<Incoming>) -> Result<String, Refusal> {
+    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
+    if !header(PSK_HEADER).is_some_and(|given| same_key(given, psk.as_bytes())) {
+        return Err(refuse(
+            ErrorCode::Unauthenticated,
+            format!("Missing or wrong pre-shared key ({PSK_HEADER} header)"),
+        ));
+    }
+    let identity = header(IDENTITY_HEADER)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        // A claimed name is held to what a certificate's DNS name could be.
+        .filter(|v| !v.starts_with('*') && NamePattern::parse(v).is_ok());
+    identity.ok_or_else(|| {
+        refuse(
+            ErrorCode::Unauthenticated,
+            format!("Missing or invalid {IDENTITY_HEADER} header (the primary's DNS name)"),
+        )
+    })
 }
 
 /// The first entry allowing one of `names`.
@@ -414,6 +591,7 @@ fn store_refusal(error: &StoreError) -> Refusal {
         _ if error.is_no_space() => ErrorCode::InsufficientStorage,
         StoreError::Chunk(_) | StoreError::Apply(_) => ErrorCode::BadRequest,
         StoreError::Conflict(_) => ErrorCode::Conflict,
+        StoreError::OtherRelationship(_) => ErrorCode::OtherRelationship,
         StoreError::ChainBroken(_) => ErrorCode::ChainBroken,
         StoreError::Paused(_) => ErrorCode::Paused,
         StoreError::Io { .. } | StoreError::CorruptState { .. } | StoreError::NoSpace { .. } => {
@@ -460,7 +638,46 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(refuse(ErrorCode::Internal, format!("Worker failed: {e}"))))
 }
 
-async fn handle(context: &Arc<Context>, peer: Option<Peer>, request: Request<Incoming>) -> Answer {
+/// The peer a request comes from, or the refusal to answer it with.
+fn peer_of(
+    context: &Context,
+    auth: &Auth,
+    request: &Request<Incoming>,
+) -> Result<Option<Peer>, Refusal> {
+    let connection = match auth {
+        Auth::Connection(peer) => return Ok(peer.clone()),
+        Auth::PerRequest(connection) => connection,
+    };
+    let remote = connection.remote;
+    let identity = match authenticate_plain(&connection.psk, request) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            if connection.first_time(String::new()) {
+                warn!(%remote, "Refusing requests without the right pre-shared key");
+            }
+            return Err(refusal);
+        }
+    };
+    let peer = authorise(
+        &context.settings.authorization,
+        std::slice::from_ref(&identity),
+    );
+    if connection.first_time(identity.clone()) {
+        match &peer {
+            Some(peer) => {
+                info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected (plain HTTP, pre-shared key)")
+            }
+            None => warn!(%remote, %identity, "Refusing a primary no authorisation entry allows"),
+        }
+    }
+    Ok(peer)
+}
+
+async fn handle(context: &Arc<Context>, auth: &Auth, request: Request<Incoming>) -> Answer {
+    let peer = match peer_of(context, auth, &request) {
+        Ok(peer) => peer,
+        Err(refusal) => return refusal.answer(),
+    };
     let Some(peer) = peer else {
         return refuse(
             ErrorCode::Forbidden,
@@ -609,11 +826,14 @@ fn enable_replica(
         let replica = lock(&replica);
         let state = replica.state();
         if state.trust_group != peer.trust_group {
-            return Err(refuse(ErrorCode::Conflict, "The replica name is in use"));
+            return Err(refuse(
+                ErrorCode::OtherRelationship,
+                "The replica name is in use",
+            ));
         }
         if state.relationship != enable.relationship || state.disks != enable.disks {
             return Err(refuse(
-                ErrorCode::Conflict,
+                ErrorCode::OtherRelationship,
                 format!(
                     "Replica {} exists for another relationship or other disks (enabled by {} from {}); remove it on the replica server first",
                     state.name, state.enabled_by, state.primary_host

@@ -70,6 +70,9 @@ pub enum StoreError {
     /// The request does not fit the replica's state.
     #[error("{0}")]
     Conflict(String),
+    /// The replica belongs to another relationship.
+    #[error("{0}")]
+    OtherRelationship(String),
     /// The chain of cycles would break.
     #[error("{0}")]
     ChainBroken(String),
@@ -501,7 +504,7 @@ impl Replica {
 
     fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
         if relationship != self.state.relationship {
-            return Err(StoreError::Conflict(format!(
+            return Err(StoreError::OtherRelationship(format!(
                 "replica {} belongs to another replication relationship (enabled by {} from {}); remove it on the replica first",
                 self.state.name, self.state.enabled_by, self.state.primary_host
             )));

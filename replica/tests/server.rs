@@ -1,12 +1,13 @@
 //! The replica server over real TLS sockets, with clients holding certificates from the
-//! lab CA, from another CA, and names no authorisation entry allows.
+//! lab CA, from another CA, and names no authorisation entry allows; and in lab mode
+//! (plain HTTP with a pre-shared key).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replica::server::{AuthEntry, ReplicaServer, ServerSettings};
+use replica::server::{AuthEntry, ReplicaServer, ServerError, ServerSettings, Transport};
 use tracker::{Change, ChangeData};
 use wire::api::*;
 use wire::chunk::{ChunkEncoder, RawChunk};
@@ -30,6 +31,28 @@ struct Lab {
     ca: PemPair,
     ca_path: PathBuf,
     server: ReplicaServer,
+    scheme: &'static str,
+}
+
+/// Lab mode's key.
+const PSK: &str = "lab-key-0123456789abcdef";
+
+/// Two tenants: dc1 and dc2, each with its storage under `dir`.
+fn settings(dir: &Path, transport: Transport) -> ServerSettings {
+    let entry = |pattern: &str, storage: &str, group: &str| AuthEntry {
+        primary: Some(NamePattern::parse(pattern).unwrap()),
+        storage: dir.join(storage),
+        trust_group: group.into(),
+    };
+    ServerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        transport,
+        authorization: vec![
+            entry("*.dc1.example.com", "store1", "dc1"),
+            entry("*.dc2.example.com", "store2", "dc2"),
+        ],
+        reserve: 0,
+    }
 }
 
 impl Lab {
@@ -45,32 +68,35 @@ impl Lab {
             ca: ca_path.clone(),
         })
         .unwrap();
-        let entry = |pattern: &str, storage: &str, group: &str| AuthEntry {
-            primary: Some(NamePattern::parse(pattern).unwrap()),
-            storage: dir.path().join(storage),
-            trust_group: group.into(),
-        };
-        let server = ReplicaServer::start(ServerSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls,
-            authorization: vec![
-                entry("*.dc1.example.com", "store1", "dc1"),
-                entry("*.dc2.example.com", "store2", "dc2"),
-            ],
-            reserve: 0,
-        })
-        .unwrap();
+        let server = ReplicaServer::start(settings(dir.path(), Transport::Tls(tls))).unwrap();
         Lab {
             dir,
             ca,
             ca_path,
             server,
+            scheme: "https",
+        }
+    }
+
+    /// Lab mode: plain HTTP, requests authenticated by [`PSK`].
+    fn start_plain() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca("unused CA").unwrap();
+        let transport = Transport::PlainWithPsk { psk: PSK.into() };
+        let server = ReplicaServer::start(settings(dir.path(), transport)).unwrap();
+        Lab {
+            ca_path: dir.path().join("no-ca.pem"),
+            dir,
+            ca,
+            server,
+            scheme: "http",
         }
     }
 
     fn url(&self, path: &str) -> String {
         format!(
-            "https://127.0.0.1:{}/v1{path}",
+            "{}://127.0.0.1:{}/v1{path}",
+            self.scheme,
             self.server.local_addr().port()
         )
     }
@@ -100,8 +126,8 @@ fn status_of(result: Result<ureq::Response, ureq::Error>) -> (u16, String) {
     }
 }
 
-fn enable(lab: &Lab, agent: &ureq::Agent, name: &str) -> (u16, String) {
-    let request = EnableRequest {
+fn enable_request(name: &str) -> EnableRequest {
+    EnableRequest {
         name: name.into(),
         disks: vec![DiskInfo {
             name: "disk0".into(),
@@ -109,8 +135,15 @@ fn enable(lab: &Lab, agent: &ureq::Agent, name: &str) -> (u16, String) {
         }],
         primary_host: "host1".into(),
         relationship: 0xabc,
-    };
-    status_of(agent.post(&lab.url("/replicas")).send_json(&request))
+    }
+}
+
+fn enable(lab: &Lab, agent: &ureq::Agent, name: &str) -> (u16, String) {
+    status_of(
+        agent
+            .post(&lab.url("/replicas"))
+            .send_json(enable_request(name)),
+    )
 }
 
 fn send_transfer(
@@ -279,4 +312,97 @@ fn strangers_are_refused() {
         ))
         .build();
     assert_eq!(status_of(bare.get(&lab.url("/echo")).call()).0, 0);
+}
+
+/// A lab-mode request with the given key and identity headers.
+fn plain(request: ureq::Request, psk: Option<&str>, identity: Option<&str>) -> ureq::Request {
+    let request = match psk {
+        Some(psk) => request.set(PSK_HEADER, psk),
+        None => request,
+    };
+    match identity {
+        Some(identity) => request.set(IDENTITY_HEADER, identity),
+        None => request,
+    }
+}
+
+fn error_code(body: &str) -> ErrorCode {
+    serde_json::from_str::<ErrorBody>(body).unwrap().code
+}
+
+#[test]
+fn lab_mode_authenticates_each_request_with_the_key() {
+    let lab = Lab::start_plain();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(20))
+        .build();
+    let identity = Some("Host1.DC1.example.com");
+    let (code, body) = status_of(
+        plain(agent.post(&lab.url("/replicas")), Some(PSK), identity)
+            .send_json(enable_request("vm1")),
+    );
+    assert_eq!(code, 201, "{body}");
+    let info: ReplicaInfo = plain(agent.get(&lab.url("/replicas/vm1")), Some(PSK), identity)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(
+        (info.name.as_str(), info.trust_group.as_str()),
+        ("vm1", "dc1")
+    );
+    assert!(lab.dir.path().join("store1/vm1/replica.json").exists());
+    // Another tenant's identity, same key: dc1's replica does not exist for it.
+    let (code, _) = status_of(
+        plain(
+            agent.get(&lab.url("/replicas/vm1")),
+            Some(PSK),
+            Some("host2.dc2.example.com"),
+        )
+        .call(),
+    );
+    assert_eq!(code, 404);
+
+    for (psk, identity, expected) in [
+        (Some("lab-key-0123456789abcdeF"), identity, 401),
+        (Some("lab-key"), identity, 401),
+        (Some(""), identity, 401),
+        (None, identity, 401),
+        (Some(PSK), None, 401),
+        (Some(PSK), Some(""), 401),
+        (Some(PSK), Some("*.dc1.example.com"), 401),
+        (Some(PSK), Some("host1.elsewhere.example.com"), 403),
+        (Some(PSK), Some("dc1.example.com"), 403),
+    ] {
+        let (code, body) = status_of(
+            plain(agent.post(&lab.url("/replicas")), psk, identity)
+                .send_json(enable_request("vm2")),
+        );
+        assert_eq!(code, expected, "{psk:?} {identity:?}: {body}");
+        let wanted = if expected == 401 {
+            ErrorCode::Unauthenticated
+        } else {
+            ErrorCode::Forbidden
+        };
+        assert_eq!(error_code(&body), wanted, "{body}");
+    }
+    assert!(!lab.dir.path().join("store1/vm2").exists());
+    assert_eq!(lab.server.replicas().len(), 1);
+
+    // TLS clients get nowhere with a plain-HTTP server.
+    let tls_url = lab.url("/echo").replacen("http:", "https:", 1);
+    let (code, _) = status_of(agent.get(&tls_url).call());
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn lab_mode_refuses_a_short_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = Transport::PlainWithPsk {
+        psk: "too-short".into(),
+    };
+    let error = ReplicaServer::start(settings(dir.path(), transport)).unwrap_err();
+    assert!(matches!(error, ServerError::WeakKey), "{error}");
+    let printed = format!("{:?}", Transport::PlainWithPsk { psk: PSK.into() });
+    assert!(!printed.contains(PSK), "{printed}");
 }

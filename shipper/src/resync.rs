@@ -14,7 +14,7 @@ use std::fs::File;
 use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
@@ -90,7 +90,9 @@ impl ResyncMaps {
 
     /// Marked bytes at or after `from`.
     pub fn bytes_from(&self, from: Cursor) -> u64 {
-        self.runs_from(from).map(|(_, start, end)| end - start).sum()
+        self.runs_from(from)
+            .map(|(_, start, end)| end - start)
+            .sum()
     }
 
     /// The marks at or after `from` (the block holding `from` included): what is left
@@ -128,7 +130,9 @@ pub struct ReadError {
 
 /// Whether every byte is zero. Folds without early exit so it vectorises.
 fn all_zero(bytes: &[u8]) -> bool {
-    bytes.chunks(64).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
 /// Where the next allocated byte at or after `offset` is, if the filesystem knows
@@ -163,7 +167,7 @@ fn next_hole(image: &File, offset: u64, end: u64) -> u64 {
 /// reached (the end of the last change visited).
 pub fn read_range<E: From<ReadError>>(
     image: &File,
-    path: &PathBuf,
+    path: &Path,
     disk: usize,
     start: u64,
     end: u64,
@@ -192,7 +196,7 @@ pub fn read_range<E: From<ReadError>>(
         image
             .read_exact_at(buffer, at)
             .map_err(|source| ReadError {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
         // Split into runs of zero and non-zero grains (grains aligned on the disk).
@@ -275,7 +279,10 @@ mod tests {
             offset: 10000,
         };
         let rest: Vec<_> = maps.runs_from(from).collect();
-        assert_eq!(rest, vec![(0, 10000, 16384), (0, 28672, 32768), (1, 0, 10240)]);
+        assert_eq!(
+            rest,
+            vec![(0, 10000, 16384), (0, 28672, 32768), (1, 0, 10240)]
+        );
         assert_eq!(maps.bytes_from(from), 6384 + 4096 + 10240);
         let remaining = maps.remaining(Cursor {
             disk: 0,
@@ -283,10 +290,7 @@ mod tests {
         });
         assert_eq!(remaining[0].iter_ones().collect::<Vec<_>>(), vec![7]);
         assert_eq!(remaining[1].count_ones(), 3);
-        let none = maps.remaining(Cursor {
-            disk: 2,
-            offset: 0,
-        });
+        let none = maps.remaining(Cursor { disk: 2, offset: 0 });
         assert!(none.iter().all(|bits| bits.not_any()));
     }
 
@@ -299,19 +303,14 @@ mod tests {
         // Data at 1 MiB (4 KiB), zeros written at 2 MiB (8 KiB), data at 2 MiB + 8 KiB.
         file.write_all_at(&[7u8; 4096], 1 << 20).expect("write");
         file.write_all_at(&[0u8; 8192], 2 << 20).expect("write");
-        file.write_all_at(&[9u8; 100], (2 << 20) + 8192).expect("write");
+        file.write_all_at(&[9u8; 100], (2 << 20) + 8192)
+            .expect("write");
         file.sync_all().expect("sync");
         let file = File::open(&path).expect("open");
         let mut seen = Vec::new();
         let mut buffer = Vec::new();
-        let reached = read_range::<ReadError>(
-            &file,
-            &path,
-            0,
-            0,
-            8 << 20,
-            &mut buffer,
-            &mut |change| {
+        let reached =
+            read_range::<ReadError>(&file, &path, 0, 0, 8 << 20, &mut buffer, &mut |change| {
                 let kind = match change.data {
                     ChangeData::Write(bytes) => {
                         assert_eq!(bytes.len() as u64, change.length);
@@ -322,9 +321,8 @@ mod tests {
                 };
                 seen.push((change.offset, change.length, kind));
                 Ok(ControlFlow::Continue(()))
-            },
-        )
-        .expect("read");
+            })
+            .expect("read");
         assert_eq!(reached, ControlFlow::Continue(8 << 20));
         // Contiguous, in order, covering everything.
         let mut expected_next = 0;
@@ -352,23 +350,16 @@ mod tests {
         let file = File::open(&path).expect("open");
         let mut buffer = Vec::new();
         let mut visits = 0;
-        let reached = read_range::<ReadError>(
-            &file,
-            &path,
-            0,
-            0,
-            3 << 20,
-            &mut buffer,
-            &mut |_| {
+        let reached =
+            read_range::<ReadError>(&file, &path, 0, 0, 3 << 20, &mut buffer, &mut |_| {
                 visits += 1;
                 Ok(if visits == 2 {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())
                 })
-            },
-        )
-        .expect("read");
+            })
+            .expect("read");
         assert_eq!(reached, ControlFlow::Break(2 << 20));
     }
 }

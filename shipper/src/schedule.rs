@@ -98,17 +98,28 @@ impl CycleHistory {
 }
 
 /// Health and the reason for it.
-pub fn assess(suspended: Option<&str>, missed: u64, total: u64, lag_secs: Option<u64>) -> (Health, Option<String>) {
+pub fn assess(
+    suspended: Option<&str>,
+    missed: u64,
+    total: u64,
+    lag_secs: Option<u64>,
+) -> (Health, Option<String>) {
     if let Some(reason) = suspended {
         return (Health::Critical, Some(format!("Suspended: {reason}")));
     }
     // Small counts: the ratio is only a ratio of whole intervals.
     #[allow(clippy::cast_precision_loss)]
-    let ratio = if total == 0 { 0.0 } else { missed as f64 / total as f64 };
+    let ratio = if total == 0 {
+        0.0
+    } else {
+        missed as f64 / total as f64
+    };
     if ratio > MISSED_WARNING_RATIO {
         return (
             Health::Warning,
-            Some(format!("{missed} of the last hour's {total} cycles were missed")),
+            Some(format!(
+                "{missed} of the last hour's {total} cycles were missed"
+            )),
         );
     }
     if let Some(lag) = lag_secs.filter(|lag| *lag > LAG_WARNING_SECS) {

@@ -229,6 +229,9 @@ pub struct ReplicationSetup {
     /// The ring was just created: the replica (if any) holds nothing this ring
     /// describes, so the initial replication runs again.
     pub fresh_ring: bool,
+    /// A new relationship's initial replication starts at this time (seconds since
+    /// the epoch), not at once.
+    pub start_after_unix: Option<u64>,
 }
 
 /// How a shipper runs.
@@ -350,6 +353,10 @@ impl Shipper {
             interval_secs: options.interval.as_secs_f64(),
             ..ShipperStatus::default()
         }));
+        let mut sink = sink;
+        if let Some(relationship) = &relationship {
+            sink.set_relationship(relationship.state.id);
+        }
         let (commands, receiver) = bounded(16);
         let mut worker = Worker {
             group,
@@ -479,7 +486,11 @@ fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, Shippe
             warn!(old = %old.replica_url, new = %setup.replica_url, "The replica server changed: replication is enabled afresh with a full initial replication");
             Relationship::new(&setup.replica_url)
         }
-        None => Relationship::new(&setup.replica_url),
+        None => {
+            let mut fresh = Relationship::new(&setup.replica_url);
+            fresh.start_after_unix = setup.start_after_unix;
+            fresh
+        }
     };
     let mut file = RelationshipFile { path, state, setup };
     if file.setup.fresh_ring && file.state.enabled {
@@ -992,7 +1003,11 @@ impl Worker {
     }
 
     /// The actions on the relationship record.
-    fn admin_relationship(&mut self, name: &str, action: AdminAction) -> Result<String, ShipperError> {
+    fn admin_relationship(
+        &mut self,
+        name: &str,
+        action: AdminAction,
+    ) -> Result<String, ShipperError> {
         let Some(relationship) = &mut self.relationship else {
             return Err(ShipperError::Refused(format!(
                 "Group {name} does not replicate to a replica server"
@@ -1028,15 +1043,15 @@ impl Worker {
                 self.network_failures = 0;
                 self.retry_at = Some(Instant::now());
                 match was_suspended {
-                    Some(reason) => format!(
-                        "Replication of group {name} resumed (it was suspended: {reason})"
-                    ),
+                    Some(reason) => {
+                        format!("Replication of group {name} resumed (it was suspended: {reason})")
+                    }
                     None => format!("Replication of group {name} resumed"),
                 }
             }
             AdminAction::Remove { delete_replica } => {
                 if delete_replica {
-                    self.sink.remove(&name)?;
+                    self.sink.remove(name)?;
                 }
                 state.removed = true;
                 state.enabled = false;
@@ -1046,7 +1061,9 @@ impl Worker {
                 if delete_replica {
                     format!("Replication of group {name} removed and its replica deleted")
                 } else {
-                    format!("Replication of group {name} removed; the replica server keeps the replica")
+                    format!(
+                        "Replication of group {name} removed; the replica server keeps the replica"
+                    )
                 }
             }
             AdminAction::Enable { start_after_unix } => {
@@ -1058,6 +1075,7 @@ impl Worker {
                 }
                 *state = Relationship::new(&relationship.setup.replica_url);
                 relationship.state.start_after_unix = start_after_unix;
+                self.sink.set_relationship(relationship.state.id);
                 self.retry_at = Some(Instant::now());
                 match start_after_unix {
                     Some(at) => format!("Replication of group {name} enabled; the initial replication starts at {at} (seconds since the epoch)"),
@@ -1065,7 +1083,9 @@ impl Worker {
                 }
             }
             AdminAction::Resync => {
-                return Err(ShipperError::Refused("A resync is not a relationship change".into()))
+                return Err(ShipperError::Refused(
+                    "A resync is not a relationship change".into(),
+                ))
             }
         };
         relationship.save()?;
@@ -1122,9 +1142,9 @@ impl Worker {
             .relationship
             .as_ref()
             .map(|r| format!("{:x}", r.state.id));
-        status.next_retry_unix = self.retry_at.map(|at| {
-            now + at.saturating_duration_since(Instant::now()).as_secs()
-        });
+        status.next_retry_unix = self
+            .retry_at
+            .map(|at| now + at.saturating_duration_since(Instant::now()).as_secs());
         status.resync = self.resync.as_ref().map(ResyncProgress::report);
     }
 }

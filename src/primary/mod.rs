@@ -18,12 +18,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nbd_shim::backend::{ImageFile, ImageFileOptions};
 use nbd_shim::{BlockDevice, Server, ServerConfig};
 use nix::sys::signal::{SigSet, Signal};
-use shipper::{CycleSink, DiscardSink, LocalCopySink, Shipper};
+use shipper::remote::{ClientSettings, Credentials, Relationship, ReplicaClient, Throttle};
+use shipper::{
+    AdminAction, CycleSink, DiscardSink, LocalCopySink, RemoteOptions, RemoteSink,
+    ReplicationSetup, RetryPolicy, Shipper, ShipperOptions,
+};
 use thiserror::Error;
 use tracing::{error, info, warn};
 use tracker::{DiskSpec, Group, PreviousShutdown, TrackingMode};
 
-use crate::config::{ConsumerConfig, GroupConfig, PrimaryConfig};
+use crate::config::{ConsumerConfig, GroupConfig, PrimaryConfig, ReplicaConsumer};
 use crate::control::{self, Request, Response};
 use crate::status::{CycleReport, DiskReport, GroupReport, RingReport, StatusReport};
 use tracked_disk::TrackedDisk;
@@ -69,6 +73,23 @@ pub enum PrimaryError {
         #[source]
         source: shipper::SinkError,
     },
+    /// The replica consumer cannot be set up (credentials, URL).
+    #[error("Cannot set up replication of group {group}: {reason}")]
+    Replication {
+        /// Group name.
+        group: String,
+        /// Why.
+        reason: String,
+    },
+    /// The shipper cannot start.
+    #[error("Cannot start the shipper of group {group}")]
+    Shipper {
+        /// Group name.
+        group: String,
+        /// The cause.
+        #[source]
+        source: shipper::ShipperError,
+    },
     /// A local copy is missing although its ring already tracks changes.
     #[error("Local copy {copy} of group {group} is missing, but its ring {ring} has tracked changes since the copy was made; restore the copy, or delete the ring to start tracking afresh with a new copy")]
     CopyMissing {
@@ -93,6 +114,9 @@ pub enum PrimaryError {
     /// The NBD server refused an export or a listener.
     #[error("NBD server")]
     Server(#[from] nbd_shim::server::ServerError),
+    /// The metrics endpoint cannot start.
+    #[error("Cannot serve metrics: {0}")]
+    Metrics(String),
     /// Another daemon answers on the control socket.
     #[error("Another blkrep primary is running with control socket {0}")]
     AlreadyRunning(PathBuf),
@@ -153,8 +177,22 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
     let control = bind_control(&config.control_socket)?;
     let mut groups = Vec::new();
     let mut exports = Vec::new();
+    let daemon_throttle = config
+        .replication
+        .bandwidth_limit
+        .map(|limit| Arc::new(Throttle::new(limit.0)));
+    let host_name = config.replication.host_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "primary".into())
+    });
+    let shared = SharedReplication {
+        throttle: daemon_throttle,
+        host_name,
+    };
     for group in &config.groups {
-        let (running, devices) = open_group(group)?;
+        let (running, devices) = open_group(group, &shared)?;
         for (disk, device) in running.disks.iter().zip(devices) {
             exports.push((disk.name.clone(), group.name.clone(), device));
         }
@@ -181,6 +219,21 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
         started_unix,
     });
     spawn_control(control, Arc::clone(&daemon))?;
+    let _metrics = match &config.metrics {
+        None => None,
+        Some(address) => {
+            let address = address.parse().map_err(|_| PrimaryError::Listen {
+                what: "metrics endpoint",
+                address: address.clone(),
+                source: std::io::ErrorKind::InvalidInput.into(),
+            })?;
+            let source = Arc::clone(&daemon);
+            Some(
+                crate::metrics::serve(address, Arc::new(move || render_metrics(&source)))
+                    .map_err(|error| PrimaryError::Metrics(shipper::error_chain(&error)))?,
+            )
+        }
+    };
     info!(
         groups = daemon.groups.len(),
         unix = ?config.nbd.unix_socket,
@@ -289,10 +342,99 @@ pub fn replay(group: &Group, config: &GroupConfig, sizes: &[u64]) -> Result<(), 
     Ok(())
 }
 
+/// What every replicating group of the daemon shares.
+struct SharedReplication {
+    throttle: Option<Arc<Throttle>>,
+    host_name: String,
+}
+
+/// The consumer of a group that replicates to a replica server, and what its shipper
+/// needs to manage the relationship.
+fn replica_sink(
+    config: &GroupConfig,
+    replica: &ReplicaConsumer,
+    shared: &SharedReplication,
+    fresh_ring: bool,
+) -> Result<(Box<dyn CycleSink>, ReplicationSetup), PrimaryError> {
+    let failed = |reason: String| PrimaryError::Replication {
+        group: config.name.clone(),
+        reason,
+    };
+    let credentials = match (&replica.psk_file, &replica.ca, &replica.cert, &replica.key) {
+        (Some(psk_file), ..) => {
+            let psk = std::fs::read_to_string(psk_file)
+                .map_err(|error| failed(format!("cannot read {}: {error}", psk_file.display())))?
+                .trim()
+                .to_string();
+            if psk.len() < 16 {
+                return Err(failed(format!(
+                    "the pre-shared key in {} must be at least 16 characters",
+                    psk_file.display()
+                )));
+            }
+            warn!(group = %config.name, url = %replica.url, "Replication uses plain HTTP with a pre-shared key: traffic is NOT encrypted; for isolated labs only");
+            Credentials::PlainWithPsk {
+                identity: replica.identity.clone().unwrap_or_default(),
+                psk,
+            }
+        }
+        (None, Some(ca), Some(cert), Some(key)) => {
+            let files = wire::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            Credentials::Tls(
+                wire::tls::client_config(&files)
+                    .map_err(|error| failed(shipper::error_chain(&error)))?,
+            )
+        }
+        _ => return Err(failed("ca, cert and key are required".into())),
+    };
+    let client = ReplicaClient::new(
+        ClientSettings {
+            url: replica.url.clone(),
+            credentials,
+            source_address: replica.source_address,
+        },
+        0,
+    )
+    .map_err(failed)?;
+    let mut throttles = Vec::new();
+    if let Some(limit) = replica.bandwidth_limit {
+        throttles.push(Arc::new(Throttle::new(limit.0)));
+    }
+    throttles.extend(shared.throttle.clone());
+    let sink = RemoteSink::new(
+        client,
+        &config.name,
+        RemoteOptions {
+            compression: replica.compression.then_some(replica.compression_level),
+            throttles,
+        },
+    );
+    let start_after_unix = replica
+        .start_at
+        .as_deref()
+        .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
+        .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+        .map(|since| since.as_secs());
+    let setup = ReplicationSetup {
+        relationship_path: Relationship::path_for_ring(&config.ring),
+        replica_url: replica.url.clone(),
+        primary_host: shared.host_name.clone(),
+        disk_names: config.disks.iter().map(|d| d.name.clone()).collect(),
+        fresh_ring,
+        start_after_unix,
+    };
+    Ok((Box::new(sink), setup))
+}
+
 /// Opens a group's images and tracker, recovering after a crash. Returns the group
 /// and the devices to export, in disk order.
 fn open_group(
     config: &GroupConfig,
+    shared: &SharedReplication,
 ) -> Result<(RunningGroup, Vec<Arc<dyn BlockDevice>>), PrimaryError> {
     let images = open_images(config)?;
     let sizes: Vec<u64> = images.iter().map(BlockDevice::size).collect();
@@ -349,11 +491,18 @@ fn open_group(
         if report.needs_replay() {
             replay(&group, config, &sizes)?;
         }
+        let fresh_ring = report.previous == PreviousShutdown::Created;
         let shipper = match &config.consumer {
             None => None,
             Some(consumer) => {
+                let mut replication = None;
                 let sink: Box<dyn CycleSink> = match consumer {
                     ConsumerConfig::Discard => Box::new(DiscardSink::default()),
+                    ConsumerConfig::Replica(replica) => {
+                        let (sink, setup) = replica_sink(config, replica, shared, fresh_ring)?;
+                        replication = Some(setup);
+                        sink
+                    }
                     ConsumerConfig::LocalCopy { dir } => {
                         let named: Vec<(String, u64)> = config
                             .disks
@@ -381,15 +530,23 @@ fn open_group(
                     }
                 };
                 let images = config.disks.iter().map(|d| d.image.clone()).collect();
+                let retry = match consumer {
+                    ConsumerConfig::Replica(replica) => RetryPolicy {
+                        scale: replica.retry_scale,
+                    },
+                    _ => RetryPolicy::default(),
+                };
+                let options = ShipperOptions {
+                    interval: config.interval.0,
+                    retry,
+                    replication,
+                };
                 Some(
-                    Shipper::spawn(
-                        group.clone(),
-                        images,
-                        config.block_size.0,
-                        config.interval.0,
-                        sink,
-                    )
-                    .map_err(PrimaryError::Setup)?,
+                    Shipper::spawn(group.clone(), images, config.block_size.0, options, sink)
+                        .map_err(|source| PrimaryError::Shipper {
+                            group: config.name.clone(),
+                            source,
+                        })?,
                 )
             }
         };
@@ -530,6 +687,31 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
                 .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "cycle": cycle }))
         }
+        Request::Replication { group, action } => {
+            let running = daemon
+                .groups
+                .iter()
+                .find(|g| g.config.name == *group)
+                .ok_or_else(|| format!("No group named {group:?}"))?;
+            let shipper = running.shipper.as_ref().ok_or_else(|| {
+                format!("Group {group:?} has no consumer; configure [group.consumer] type = \"replica\"")
+            })?;
+            let action = match action {
+                control::ReplicationAction::Pause => AdminAction::Pause,
+                control::ReplicationAction::Resume => AdminAction::Resume,
+                control::ReplicationAction::Resync => AdminAction::Resync,
+                control::ReplicationAction::Remove { delete_replica } => AdminAction::Remove {
+                    delete_replica: *delete_replica,
+                },
+                control::ReplicationAction::Enable { start_after_unix } => AdminAction::Enable {
+                    start_after_unix: *start_after_unix,
+                },
+            };
+            let message = shipper
+                .admin(action, Duration::from_secs(150))
+                .map_err(|error| shipper::error_chain(&error))?;
+            Ok(serde_json::json!({ "message": message }))
+        }
     }
 }
 
@@ -607,4 +789,147 @@ fn status(daemon: &Daemon) -> StatusReport {
         started_unix: daemon.started_unix,
         groups,
     }
+}
+
+/// The Prometheus text of the daemon: per group its ring and replication, per disk
+/// its NBD traffic.
+fn render_metrics(daemon: &Daemon) -> String {
+    let mut text = crate::metrics::MetricsText::new();
+    let as_f64 = |value: u64| {
+        // Exact up to 2^53; metrics beyond that lose only low digits.
+        #[allow(clippy::cast_precision_loss)]
+        let value = value as f64;
+        value
+    };
+    for group in &daemon.groups {
+        let name = group.config.name.as_str();
+        let labels = [("group", name)];
+        if let Some(tracker) = &group.tracker {
+            let status = tracker.status();
+            text.gauge(
+                "blkrep_ring_used_bytes",
+                "Ring bytes holding unacknowledged changes",
+                &labels,
+                as_f64(status.ring_used),
+            );
+            text.gauge(
+                "blkrep_ring_size_bytes",
+                "Ring capacity",
+                &labels,
+                as_f64(status.ring_size),
+            );
+            text.gauge(
+                "blkrep_resync_required",
+                "1 while the group needs a resync",
+                &labels,
+                f64::from(u8::from(status.resync.is_some())),
+            );
+            text.counter(
+                "blkrep_records_logged_total",
+                "Records logged since start",
+                &labels,
+                as_f64(status.records_logged),
+            );
+        }
+        if let Some(shipper) = &group.shipper {
+            let status = shipper.status();
+            let health = match status.health {
+                Some(shipper::Health::Normal) => 0.0,
+                Some(shipper::Health::Warning) => 1.0,
+                Some(shipper::Health::Critical) => 2.0,
+                None => -1.0,
+            };
+            text.gauge(
+                "blkrep_replication_health",
+                "0 Normal, 1 Warning, 2 Critical, -1 not replicating",
+                &labels,
+                health,
+            );
+            if let Some(lag) = status.lag_secs {
+                text.gauge(
+                    "blkrep_replication_lag_seconds",
+                    "Age of the primary state the replica holds",
+                    &labels,
+                    as_f64(lag),
+                );
+            }
+            if let Some(at) = status.last_success_unix {
+                text.gauge(
+                    "blkrep_replication_last_success_timestamp_seconds",
+                    "When the newest cycle was acknowledged",
+                    &labels,
+                    as_f64(at),
+                );
+            }
+            text.counter(
+                "blkrep_replication_cycles_delivered_total",
+                "Cycles delivered since start",
+                &labels,
+                as_f64(status.cycles_delivered),
+            );
+            text.counter(
+                "blkrep_replication_failures_total",
+                "Failed attempts since start",
+                &labels,
+                as_f64(status.failures),
+            );
+            text.counter(
+                "blkrep_replication_bytes_delivered_total",
+                "Change bytes delivered since start",
+                &labels,
+                as_f64(status.bytes_delivered),
+            );
+            text.counter(
+                "blkrep_replication_network_bytes_total",
+                "Bytes sent to the replica since start",
+                &labels,
+                as_f64(status.network_bytes),
+            );
+            text.gauge(
+                "blkrep_replication_missed_cycles_last_hour",
+                "Intervals of the last hour that missed their cycle",
+                &labels,
+                as_f64(status.missed_last_hour),
+            );
+            if let Some(resync) = &status.resync {
+                text.gauge(
+                    "blkrep_replication_copy_done_bytes",
+                    "Bytes of the running initial replication or resync committed",
+                    &labels,
+                    as_f64(resync.done_bytes),
+                );
+                text.gauge(
+                    "blkrep_replication_copy_total_bytes",
+                    "Bytes the running initial replication or resync copies",
+                    &labels,
+                    as_f64(resync.total_bytes),
+                );
+            }
+        }
+        for disk in &group.disks {
+            let Some(stats) = daemon.server.export_stats(&disk.name) else {
+                continue;
+            };
+            let labels = [("group", name), ("disk", disk.name.as_str())];
+            text.counter(
+                "blkrep_disk_written_bytes_total",
+                "Bytes written by NBD clients",
+                &labels,
+                as_f64(stats.bytes_written),
+            );
+            text.counter(
+                "blkrep_disk_read_bytes_total",
+                "Bytes read by NBD clients",
+                &labels,
+                as_f64(stats.bytes_read),
+            );
+            text.gauge(
+                "blkrep_disk_connections",
+                "Open NBD connections",
+                &labels,
+                as_f64(stats.connections),
+            );
+        }
+    }
+    text.finish()
 }

@@ -8,7 +8,9 @@
 //! printed (set `BLKREP_TEST_KEEP=1` to also keep the temp dir).
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod nbd;
+pub mod replica;
 pub mod writer;
 
 use std::fmt::Write as _;
@@ -367,6 +369,8 @@ pub enum Consumer {
     None,
     LocalCopy,
     Discard,
+    /// These lines go under `[group.consumer]` as they are.
+    Raw(String),
 }
 
 #[derive(Debug, Clone)]
@@ -502,7 +506,7 @@ impl Layout {
             if let Some(t) = g.tracking {
                 let _ = writeln!(s, "tracking = {t}");
             }
-            match g.consumer {
+            match &g.consumer {
                 Consumer::None => {}
                 Consumer::LocalCopy => {
                     let _ = writeln!(s, "\n[group.consumer]\ntype = \"local-copy\"");
@@ -510,6 +514,9 @@ impl Layout {
                 }
                 Consumer::Discard => {
                     let _ = writeln!(s, "\n[group.consumer]\ntype = \"discard\"");
+                }
+                Consumer::Raw(lines) => {
+                    let _ = writeln!(s, "\n[group.consumer]\n{lines}");
                 }
             }
             for d in &g.disks {

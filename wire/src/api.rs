@@ -161,6 +161,9 @@ pub enum ErrorCode {
     Conflict,
     /// 409 with this code: the chain of cycles is broken; only a resync repairs it.
     ChainBroken,
+    /// 409 with this code: the replica belongs to another replication relationship
+    /// (another primary, or replication enabled again); an administrator must choose.
+    OtherRelationship,
     /// 423: replication is paused on the replica.
     Paused,
     /// 507: not enough free space for the transfer.
@@ -177,7 +180,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict | ErrorCode::ChainBroken => 409,
+            ErrorCode::Conflict | ErrorCode::ChainBroken | ErrorCode::OtherRelationship => 409,
             ErrorCode::Paused => 423,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::Internal => 500,

@@ -472,7 +472,10 @@ impl ChunkEncoder {
 
     /// Ends the current chunk here (if it holds anything), so the next change starts a
     /// new one: a resync cuts where it can resume from.
-    pub fn cut<E>(&mut self, emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub fn cut<E>(
+        &mut self,
+        emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.flush(emit)
     }
 

@@ -137,12 +137,19 @@ impl ClientError {
                 FailureClass::Authentication
             }
             ClientError::Refused { status, code, .. } => match (code, status) {
-                (Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden), _) | (None, 401 | 403) => {
-                    FailureClass::Authentication
-                }
-                (Some(ErrorCode::NotFound | ErrorCode::ChainBroken | ErrorCode::OtherRelationship), _)
+                (Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden), _)
+                | (None, 401 | 403) => FailureClass::Authentication,
+                (
+                    Some(
+                        ErrorCode::NotFound | ErrorCode::ChainBroken | ErrorCode::OtherRelationship,
+                    ),
+                    _,
+                )
                 | (None, 404) => FailureClass::Unrecoverable,
-                (Some(ErrorCode::Paused | ErrorCode::InsufficientStorage | ErrorCode::Conflict), _)
+                (
+                    Some(ErrorCode::Paused | ErrorCode::InsufficientStorage | ErrorCode::Conflict),
+                    _,
+                )
                 | (None, 423 | 507) => FailureClass::NextInterval,
                 _ => FailureClass::Network,
             },
@@ -241,9 +248,16 @@ impl Endpoint {
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(format!("{url:?} must start with https:// (or http:// in lab mode)")),
+            _ => {
+                return Err(format!(
+                    "{url:?} must start with https:// (or http:// in lab mode)"
+                ))
+            }
         };
-        if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+        if uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
             return Err(format!("{url:?} must not have a path"));
         }
         let host = uri
@@ -331,6 +345,11 @@ impl ReplicaClient {
             relationship,
             data: None,
         })
+    }
+
+    /// Sends `relationship` with every later request.
+    pub fn set_relationship(&mut self, relationship: u64) {
+        self.relationship = relationship;
     }
 
     /// The replica server's address, for status and logs.
@@ -595,7 +614,12 @@ fn refusal(what: &str, answer: &Answer) -> ClientError {
         status: answer.status.as_u16(),
         code: parsed.as_ref().map(|body| body.code),
         message: parsed.map_or_else(
-            || String::from_utf8_lossy(&answer.body).chars().take(200).collect(),
+            || {
+                String::from_utf8_lossy(&answer.body)
+                    .chars()
+                    .take(200)
+                    .collect()
+            },
             |body| body.message,
         ),
     }
@@ -626,7 +650,10 @@ mod tests {
             })
         );
         let v6 = Endpoint::parse("http://[::1]:9000").ok();
-        assert_eq!(v6.as_ref().map(|e| e.authority()), Some("[::1]:9000".into()));
+        assert_eq!(
+            v6.as_ref().map(|e| e.authority()),
+            Some("[::1]:9000".into())
+        );
         assert!(Endpoint::parse("ftp://x").is_err());
         assert!(Endpoint::parse("https://x/v1").is_err());
         assert!(Endpoint::parse("replica:8443").is_err());
@@ -640,18 +667,36 @@ mod tests {
             code,
             message: String::new(),
         };
-        assert_eq!(refused(403, Some(ErrorCode::Forbidden)).class(), FailureClass::Authentication);
+        assert_eq!(
+            refused(403, Some(ErrorCode::Forbidden)).class(),
+            FailureClass::Authentication
+        );
         assert_eq!(refused(401, None).class(), FailureClass::Authentication);
-        assert_eq!(refused(404, Some(ErrorCode::NotFound)).class(), FailureClass::Unrecoverable);
-        assert_eq!(refused(409, Some(ErrorCode::ChainBroken)).class(), FailureClass::Unrecoverable);
-        assert_eq!(refused(423, Some(ErrorCode::Paused)).class(), FailureClass::NextInterval);
+        assert_eq!(
+            refused(404, Some(ErrorCode::NotFound)).class(),
+            FailureClass::Unrecoverable
+        );
+        assert_eq!(
+            refused(409, Some(ErrorCode::ChainBroken)).class(),
+            FailureClass::Unrecoverable
+        );
+        assert_eq!(
+            refused(423, Some(ErrorCode::Paused)).class(),
+            FailureClass::NextInterval
+        );
         assert_eq!(
             refused(507, Some(ErrorCode::InsufficientStorage)).class(),
             FailureClass::NextInterval
         );
-        assert_eq!(refused(500, Some(ErrorCode::Internal)).class(), FailureClass::Network);
+        assert_eq!(
+            refused(500, Some(ErrorCode::Internal)).class(),
+            FailureClass::Network
+        );
         assert_eq!(refused(502, None).class(), FailureClass::Network);
-        assert_eq!(ClientError::Timeout(REQUEST_TIMEOUT).class(), FailureClass::Network);
+        assert_eq!(
+            ClientError::Timeout(REQUEST_TIMEOUT).class(),
+            FailureClass::Network
+        );
         let alert = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),

@@ -143,6 +143,10 @@ impl CycleSink for RemoteSink {
             .map_err(|error| self.remote(error))
     }
 
+    fn set_relationship(&mut self, id: u64) {
+        self.client.set_relationship(id);
+    }
+
     fn begin(&mut self, id: u64, kind: TransferKind, bytes: u64) -> Result<Resume, SinkError> {
         let path = format!("/replicas/{}/transfers", self.name);
         let offer = TransferOffer { id, kind, bytes };
@@ -204,7 +208,10 @@ impl CycleSink for RemoteSink {
 
     fn remove(&mut self, name: &str) -> Result<(), SinkError> {
         let path = format!("/replicas/{name}");
-        match self.client.control::<(), serde_json::Value>(Method::DELETE, &path, None) {
+        match self
+            .client
+            .control::<(), serde_json::Value>(Method::DELETE, &path, None)
+        {
             Ok(_) => Ok(()),
             // Already gone is what was asked for.
             Err(ClientError::Refused { status: 404, .. }) => Ok(()),

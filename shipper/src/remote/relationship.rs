@@ -161,7 +161,9 @@ mod tests {
         );
         relationship.paused = true;
         relationship.save(&path).expect("save again");
-        assert!(Relationship::load(&path).expect("load").is_some_and(|r| r.paused));
+        assert!(Relationship::load(&path)
+            .expect("load")
+            .is_some_and(|r| r.paused));
         std::fs::write(&path, b"{ not json").expect("corrupt");
         let error = Relationship::load(&path).expect_err("corrupt");
         assert!(error.to_string().contains("corrupt"), "{error}");

@@ -244,7 +244,12 @@ impl CycleSink for ChunkingSink {
     fn describe(&self) -> String {
         "chunking".into()
     }
-    fn begin(&mut self, id: u64, _kind: TransferKind, _bytes: u64) -> Result<crate::Resume, SinkError> {
+    fn begin(
+        &mut self,
+        id: u64,
+        _kind: TransferKind,
+        _bytes: u64,
+    ) -> Result<crate::Resume, SinkError> {
         if self.receiving != Some(id) {
             self.receiving = Some(id);
             self.stored = 0;
@@ -294,7 +299,9 @@ fn an_interrupted_resync_resumes_at_the_missing_chunk() {
         copies,
     } = Fixture::new();
     // Data everywhere (random-ish), so every block is sent as data.
-    let data: Vec<u8> = (0..SIZE).map(|i| u8::try_from(i % 251).unwrap() | 1).collect();
+    let data: Vec<u8> = (0..SIZE)
+        .map(|i| u8::try_from(i % 251).unwrap() | 1)
+        .collect();
     image.write_all_at(&data, 0).unwrap();
     group
         .request_full_resync(ResyncReason::InitialReplication)

@@ -1,0 +1,462 @@
+//! A tiny Prometheus endpoint for the daemons: `GET /metrics` answers the text
+//! exposition format (version 0.0.4), rendered afresh by the caller's function on every
+//! scrape.
+//!
+//! One thread serves one connection at a time over a std `TcpListener`: scrapes are
+//! rare and small. A request may be at most [`MAX_REQUEST`] bytes and must arrive within
+//! [`READ_TIMEOUT`]; anything else gets an error status and the connection is closed.
+//! Nothing a client sends can panic the thread. Dropping the [`MetricsServer`] stops it.
+//!
+//! [`MetricsText`] builds the text: each metric's `HELP` and `TYPE` once, its samples
+//! grouped after them however the caller interleaves them, label values escaped.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// Longest request accepted (request line and headers).
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// How long a whole request may take to arrive.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Content type of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders the current metrics.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Errors starting the endpoint.
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    /// The address cannot be bound.
+    #[error("Cannot listen for metrics on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The serving thread cannot start.
+    #[error("Cannot start the metrics thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A running metrics endpoint; stops when dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Serves `render()`'s text at `http://listen/metrics` until the server is dropped.
+pub fn serve(listen: SocketAddr, render: Render) -> Result<MetricsServer, MetricsError> {
+    let listen_error = |source| MetricsError::Listen {
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).map_err(listen_error)?;
+    let local_addr = listener.local_addr().map_err(listen_error)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || accept_loop(&listener, &stop, &render))
+            .map_err(MetricsError::Thread)?
+    };
+    info!(%local_addr, "Serving metrics at /metrics");
+    Ok(MetricsServer {
+        local_addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl MetricsServer {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // A connection of our own wakes the blocking accept, which then sees the flag.
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        let woken = TcpStream::connect_timeout(&wake, Duration::from_secs(2)).is_ok();
+        if let Some(thread) = self.thread.take() {
+            // Without the wake-up the thread may block in accept for good: leave it.
+            if woken {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match stream {
+            Ok(stream) => {
+                if let Err(error) = answer(stream, render) {
+                    info!(%error, "Metrics request failed");
+                }
+            }
+            Err(error) => {
+                warn!(%error, "Metrics accept failed");
+                // Such as too many open files: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// How reading a request's head ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// Up to its blank line.
+    Complete(Vec<u8>),
+    /// [`MAX_REQUEST`] bytes without the blank line.
+    TooLarge,
+    /// The client stopped sending before the blank line.
+    Cut,
+    /// [`READ_TIMEOUT`] passed.
+    TimedOut,
+}
+
+fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while head.len() < MAX_REQUEST {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Head::TimedOut);
+        }
+        stream.set_read_timeout(Some(left))?;
+        let want = buf.len().min(MAX_REQUEST - head.len());
+        let n = match stream.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Head::TimedOut)
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(Head::Cut);
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Head::Complete(head));
+        }
+    }
+    Ok(Head::TooLarge)
+}
+
+/// Status and body for a complete request head.
+fn route(head: &[u8], render: &Render) -> (&'static str, String) {
+    let request_line = head
+        .split(|&b| b == b'\n')
+        .next()
+        .and_then(|line| std::str::from_utf8(line).ok())
+        .unwrap_or("");
+    let mut parts = request_line.split_ascii_whitespace();
+    let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    if !version.is_some_and(|v| v.starts_with("HTTP/")) {
+        return ("400 Bad Request", String::new());
+    }
+    let path = target.map(|t| t.split_once('?').map_or(t, |(path, _)| path));
+    match (method, path) {
+        (Some("GET"), Some("/metrics")) => ("200 OK", render()),
+        (_, Some("/metrics")) => ("405 Method Not Allowed", String::new()),
+        _ => ("404 Not Found", "Metrics are at /metrics\n".into()),
+    }
+}
+
+fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(READ_TIMEOUT))?;
+    let (status, body) = match read_head(&mut stream)? {
+        Head::Complete(head) => route(&head, render),
+        Head::TooLarge => ("431 Request Header Fields Too Large", String::new()),
+        Head::Cut => ("400 Bad Request", String::new()),
+        Head::TimedOut => ("408 Request Timeout", String::new()),
+    };
+    let content_type = if status.starts_with("200") {
+        CONTENT_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    let _ = stream.shutdown(Shutdown::Write);
+    // Closing with unread input would reset the connection and could destroy the
+    // answer before the client reads it: take what the client still sends, briefly.
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let _ = std::io::copy(&mut (&stream).take(1 << 20), &mut std::io::sink());
+    Ok(())
+}
+
+/// The kind of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+#[derive(Debug)]
+struct Family {
+    name: String,
+    help: String,
+    kind: Kind,
+    samples: String,
+}
+
+/// Builds a page of the text exposition format. Metric and label names are the
+/// caller's constants and must be valid Prometheus names; label values and help texts
+/// may hold anything and are escaped.
+#[derive(Debug, Default)]
+pub struct MetricsText {
+    families: Vec<Family>,
+    index: HashMap<String, usize>,
+}
+
+impl MetricsText {
+    /// An empty page.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sample of gauge `name`.
+    pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.sample(Kind::Gauge, name, help, labels, value);
+    }
+
+    /// A sample of counter `name` (by convention ending in `_total`).
+    // The replica daemon has no counters; the API is for both daemons.
+    #[allow(dead_code)]
+    pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.sample(Kind::Counter, name, help, labels, value);
+    }
+
+    /// The page: every metric's help and type, then its samples in the order given.
+    pub fn finish(self) -> String {
+        let mut out = String::new();
+        for family in self.families {
+            let kind = match family.kind {
+                Kind::Gauge => "gauge",
+                Kind::Counter => "counter",
+            };
+            let _ = writeln!(out, "# HELP {} {}", family.name, escape_help(&family.help));
+            let _ = writeln!(out, "# TYPE {} {kind}", family.name);
+            out.push_str(&family.samples);
+        }
+        out
+    }
+
+    /// Adds a sample; a metric's first sample sets its help and kind.
+    fn sample(&mut self, kind: Kind, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        let at = match self.index.get(name) {
+            Some(&at) => at,
+            None => {
+                self.families.push(Family {
+                    name: name.to_owned(),
+                    help: help.to_owned(),
+                    kind,
+                    samples: String::new(),
+                });
+                self.index.insert(name.to_owned(), self.families.len() - 1);
+                self.families.len() - 1
+            }
+        };
+        let samples = &mut self.families[at].samples;
+        samples.push_str(name);
+        if !labels.is_empty() {
+            samples.push('{');
+            for (i, (label, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    samples.push(',');
+                }
+                let _ = write!(samples, "{label}=\"{}\"", escape_label(value));
+            }
+            samples.push('}');
+        }
+        let _ = writeln!(samples, " {}", format_value(value));
+    }
+}
+
+/// A label value as the format wants it: `\`, `"` and line feeds escaped.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A help text as the format wants it: `\` and line feeds escaped.
+fn escape_help(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// A sample value: Go's float syntax for the special values.
+fn format_value(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_samples_under_one_help_and_type() {
+        let mut text = MetricsText::new();
+        for (name, value) in [("vm1", 1.0), ("vm2", 0.0)] {
+            text.gauge(
+                "blkrep_x_consistent",
+                "Whether it is consistent.",
+                &[("replica", name), ("trust_group", "dc1")],
+                value,
+            );
+            text.counter(
+                "blkrep_x_bytes_total",
+                "Bytes.",
+                &[("replica", name)],
+                4096.0,
+            );
+        }
+        text.gauge("blkrep_x_up", "Up.", &[], 1.0);
+        assert_eq!(
+            text.finish(),
+            "# HELP blkrep_x_consistent Whether it is consistent.\n\
+             # TYPE blkrep_x_consistent gauge\n\
+             blkrep_x_consistent{replica=\"vm1\",trust_group=\"dc1\"} 1\n\
+             blkrep_x_consistent{replica=\"vm2\",trust_group=\"dc1\"} 0\n\
+             # HELP blkrep_x_bytes_total Bytes.\n\
+             # TYPE blkrep_x_bytes_total counter\n\
+             blkrep_x_bytes_total{replica=\"vm1\"} 4096\n\
+             blkrep_x_bytes_total{replica=\"vm2\"} 4096\n\
+             # HELP blkrep_x_up Up.\n\
+             # TYPE blkrep_x_up gauge\n\
+             blkrep_x_up 1\n"
+        );
+    }
+
+    #[test]
+    fn escapes_label_values_help_and_special_values() {
+        let mut text = MetricsText::new();
+        text.gauge(
+            "m",
+            "Line one\nback\\slash",
+            &[("l", "a\"b\\c\nd")],
+            f64::INFINITY,
+        );
+        text.gauge("m", "ignored", &[("l", "x")], f64::NAN);
+        text.gauge("m", "ignored", &[("l", "y")], f64::NEG_INFINITY);
+        text.gauge("m", "ignored", &[("l", "z")], 1_700_000_000.5);
+        assert_eq!(
+            text.finish(),
+            "# HELP m Line one\\nback\\\\slash\n\
+             # TYPE m gauge\n\
+             m{l=\"a\\\"b\\\\c\\nd\"} +Inf\n\
+             m{l=\"x\"} NaN\n\
+             m{l=\"y\"} -Inf\n\
+             m{l=\"z\"} 1700000000.5\n"
+        );
+    }
+
+    fn request(addr: SocketAddr, raw: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(raw).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn serves_over_tcp_and_refuses_the_rest() {
+        let render: Render = Arc::new(|| {
+            let mut text = MetricsText::new();
+            text.gauge("blkrep_test_up", "Up.", &[], 1.0);
+            text.finish()
+        });
+        let server = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let addr = server.local_addr();
+
+        let ok = request(
+            addr,
+            b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        );
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
+        let body = "# HELP blkrep_test_up Up.\n# TYPE blkrep_test_up gauge\nblkrep_test_up 1\n";
+        assert!(
+            ok.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{ok}"
+        );
+        assert!(ok.ends_with(&format!("\r\n\r\n{body}")), "{ok}");
+
+        let other = request(addr, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(other.starts_with("HTTP/1.1 404 "), "{other}");
+        let post = request(addr, b"POST /metrics HTTP/1.1\r\n\r\n");
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        let garbage = request(addr, b"\xff\xfe\x00\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+        let garbage = request(addr, b"GET\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+        let cut = request(addr, b"GET /metr");
+        assert!(cut.starts_with("HTTP/1.1 400 "), "{cut}");
+        let huge = request(addr, &vec![b'A'; 3 * MAX_REQUEST]);
+        assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
+        // Still serving after all that.
+        assert!(request(addr, b"GET /metrics HTTP/1.0\r\n\r\n").contains(body));
+
+        drop(server);
+        assert!(TcpStream::connect(addr).is_err(), "still listening");
+    }
+}

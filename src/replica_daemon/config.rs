@@ -1,0 +1,571 @@
+//! The replica daemon's TOML configuration: parsed, then validated as a whole (every
+//! problem listed with the file's own names), then turned into what the server needs.
+//! Validation reads the TLS material or the pre-shared key, so `--check` catches a key
+//! that does not match its certificate or a key file others can read.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use replica::server::{AuthEntry, ServerSettings, Transport, MIN_PSK_LEN};
+use serde::Deserialize;
+use wire::api::valid_name;
+use wire::error_chain;
+use wire::tls::{server_config, NamePattern, TlsFiles};
+
+use crate::config::{ByteSize, ConfigError};
+
+/// Default control socket of the replica daemon.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
+/// Default free space kept in reserve on each storage.
+pub const DEFAULT_RESERVE: u64 = 1 << 30;
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    metrics: Option<String>,
+    #[serde(default = "default_reserve")]
+    reserve: ByteSize,
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
+    tls: Option<RawTls>,
+    plain_http: Option<RawPlainHttp>,
+    #[serde(default)]
+    authorization: Vec<RawAuthorization>,
+}
+
+fn default_reserve() -> ByteSize {
+    ByteSize(DEFAULT_RESERVE)
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlainHttp {
+    psk_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorization {
+    primary: Option<String>,
+    storage: PathBuf,
+    trust_group: String,
+}
+
+/// A valid replica configuration.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Where primaries connect.
+    pub listen: SocketAddr,
+    /// Where Prometheus scrapes, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Free space kept in reserve on each storage, in bytes.
+    pub reserve: u64,
+    /// Unix socket of the control API (`blkrep replica status`).
+    pub control_socket: PathBuf,
+    /// TLS, or lab mode's plain HTTP with its key read from the file.
+    pub transport: Transport,
+    /// Authorisation entries, in the file's order.
+    pub authorization: Vec<AuthEntry>,
+}
+
+impl ReplicaConfig {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&read(path)?, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors. Files it
+    /// names (TLS material, the key file) are read.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let mut problems = Vec::new();
+        let config = raw.validate(&mut problems);
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                path: path.into(),
+                problems,
+            }),
+        }
+    }
+
+    /// What the server needs.
+    pub fn settings(&self) -> ServerSettings {
+        ServerSettings {
+            listen: self.listen,
+            transport: self.transport.clone(),
+            authorization: self.authorization.clone(),
+            reserve: self.reserve,
+        }
+    }
+}
+
+/// The control socket a configuration file names, without validating the rest (the
+/// status command needs no keys).
+pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
+    Ok(parse_raw(&read(path)?, path)?.control_socket)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|error| ConfigError::Syntax {
+        path: path.into(),
+        message: error.to_string(),
+    })
+}
+
+fn address(what: &str, text: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    let parsed = text.parse::<SocketAddr>();
+    if parsed.is_err() {
+        problems.push(format!(
+            "{what} = {text:?} is not an address:port (examples: 0.0.0.0:8443, [::]:8443)"
+        ));
+    }
+    parsed.ok()
+}
+
+/// Lab mode's key: the file's content without surrounding whitespace.
+fn read_psk(path: &Path, problems: &mut Vec<String>) -> Option<String> {
+    let at = format!("[plain_http] psk_file {}", path.display());
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(error) => {
+            problems.push(format!("{at}: {error}"));
+            return None;
+        }
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        problems.push(format!(
+            "{at} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
+            path.display()
+        ));
+        return None;
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) => {
+            problems.push(format!("{at}: {error}"));
+            return None;
+        }
+    };
+    let psk = text.trim();
+    if !psk.bytes().all(|b| b.is_ascii_graphic()) {
+        problems.push(format!(
+            "{at}: the key must be printable ASCII without spaces (it travels in an HTTP header)"
+        ));
+        return None;
+    }
+    if psk.len() < MIN_PSK_LEN {
+        problems.push(format!(
+            "{at}: the key has {} bytes; it needs at least {MIN_PSK_LEN} (e.g. `openssl rand -hex 32`)",
+            psk.len()
+        ));
+        return None;
+    }
+    Some(psk.to_owned())
+}
+
+impl RawConfig {
+    /// The valid configuration, or `None` with the reasons in `problems`.
+    fn validate(self, problems: &mut Vec<String>) -> Option<ReplicaConfig> {
+        let listen = address("listen", &self.listen, problems);
+        let metrics = match &self.metrics {
+            Some(text) => address("metrics", text, problems).map(Some),
+            None => Some(None),
+        };
+        if let (Some(listen), Some(Some(metrics))) = (listen, metrics) {
+            if listen == metrics {
+                problems.push(format!(
+                    "metrics and listen are both {listen}; metrics needs its own port"
+                ));
+            }
+        }
+        let transport = match (&self.tls, &self.plain_http) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "both [tls] and [plain_http] are set; choose one ([plain_http] is for isolated labs only)".into(),
+                );
+                None
+            }
+            (None, None) => {
+                problems.push(
+                    "no transport: add [tls] with cert, key and ca (or [plain_http] with psk_file, for an isolated lab)".into(),
+                );
+                None
+            }
+            (Some(tls), None) => {
+                let files = TlsFiles {
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                    ca: tls.ca.clone(),
+                };
+                match server_config(&files) {
+                    Ok(config) => Some(Transport::Tls(config)),
+                    Err(error) => {
+                        problems.push(format!("[tls]: {}", error_chain(&error)));
+                        None
+                    }
+                }
+            }
+            (None, Some(plain)) => {
+                read_psk(&plain.psk_file, problems).map(|psk| Transport::PlainWithPsk { psk })
+            }
+        };
+        let authorization = self.authorization(problems);
+        Some(ReplicaConfig {
+            listen: listen?,
+            metrics: metrics?,
+            reserve: self.reserve.0,
+            control_socket: self.control_socket,
+            transport: transport?,
+            authorization,
+        })
+    }
+
+    fn authorization(&self, problems: &mut Vec<String>) -> Vec<AuthEntry> {
+        if self.authorization.is_empty() {
+            problems.push(
+                "no [[authorization]] entry: no primary could replicate here; add one with primary, storage and trust_group".into(),
+            );
+        }
+        let mut entries: Vec<AuthEntry> = Vec::new();
+        let mut catch_all: Option<usize> = None;
+        for (index, raw) in self.authorization.iter().enumerate() {
+            let number = index + 1;
+            let at = match &raw.primary {
+                Some(primary) => format!("[[authorization]] {number} (primary {primary:?})"),
+                None => format!("[[authorization]] {number} (any primary)"),
+            };
+            if let Some(first) = catch_all {
+                problems.push(format!(
+                    "{at} comes after [[authorization]] {first}, which has no primary and so allows every authenticated primary: entries are tried in order, so this one would never be used; put the entry without primary last"
+                ));
+            }
+            let primary = match raw.primary.as_deref().map(NamePattern::parse) {
+                None => {
+                    catch_all.get_or_insert(number);
+                    None
+                }
+                Some(Ok(pattern)) => {
+                    if let Some(same) = entries
+                        .iter()
+                        .position(|e| e.primary.as_ref() == Some(&pattern))
+                    {
+                        problems.push(format!(
+                            "{at}: [[authorization]] {} already has this primary, so this entry would never be used",
+                            same + 1
+                        ));
+                    }
+                    Some(pattern)
+                }
+                Some(Err(message)) => {
+                    problems.push(format!("{at}: {message}"));
+                    None
+                }
+            };
+            if !valid_name(&raw.trust_group) {
+                problems.push(format!(
+                    "{at}: trust_group {:?} is not a name (1-64 characters of A-Z a-z 0-9 . _ -, not starting with a dot)",
+                    raw.trust_group
+                ));
+            }
+            if raw.storage.as_os_str().is_empty() {
+                problems.push(format!("{at}: storage is empty"));
+            }
+            entries.push(AuthEntry {
+                primary,
+                storage: raw.storage.clone(),
+                trust_group: raw.trust_group.clone(),
+            });
+        }
+        entries
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+    use wire::lab_ca::{create_ca, issue_host};
+
+    /// A directory with a lab CA, a replica certificate and a private key file.
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = create_ca("test CA").unwrap();
+            let host = issue_host(&ca, &["replica.example.com".into()]).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
+            std::fs::write(dir.path().join("replica.pem"), &host.cert).unwrap();
+            std::fs::write(dir.path().join("replica.key"), &host.key).unwrap();
+            let files = Files { dir };
+            files.write_psk("psk", "0123456789abcdef0123\n", 0o600);
+            files
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn write_psk(&self, name: &str, text: &str, mode: u32) {
+            let path = self.path(name);
+            let _ = std::fs::remove_file(&path);
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+            // The umask may have taken bits the test wants.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+
+        fn tls(&self) -> String {
+            format!(
+                "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                self.path("replica.pem"),
+                self.path("replica.key"),
+                self.path("ca.pem")
+            )
+        }
+
+        fn plain(&self, name: &str) -> String {
+            format!("[plain_http]\npsk_file = {:?}\n", self.path(name))
+        }
+    }
+
+    const ENTRIES: &str = r#"
+[[authorization]]
+primary = "*.dc1.example.com"
+storage = "/var/lib/blkrep/dc1"
+trust_group = "dc1"
+
+[[authorization]]
+storage = "/var/lib/blkrep/any"
+trust_group = "lab"
+"#;
+
+    fn parse(text: &str) -> Result<ReplicaConfig, String> {
+        ReplicaConfig::parse(text, Path::new("r.toml")).map_err(|e| e.to_string())
+    }
+
+    fn problems(text: &str) -> String {
+        let error = parse(text).unwrap_err();
+        assert!(
+            error.starts_with("Configuration r.toml has "),
+            "not a validation error: {error}"
+        );
+        error
+    }
+
+    #[test]
+    fn parses_a_good_tls_file() {
+        let files = Files::new();
+        let text = format!(
+            "listen = \"0.0.0.0:8443\"\nmetrics = \"127.0.0.1:9442\"\nreserve = \"2GiB\"\ncontrol_socket = \"/tmp/r.sock\"\n{}{ENTRIES}",
+            files.tls()
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(config.metrics, Some("127.0.0.1:9442".parse().unwrap()));
+        assert_eq!(config.reserve, 2 << 30);
+        assert_eq!(config.control_socket, Path::new("/tmp/r.sock"));
+        assert!(matches!(config.transport, Transport::Tls(_)));
+        assert_eq!(config.authorization.len(), 2);
+        let first = &config.authorization[0];
+        assert!(first
+            .primary
+            .as_ref()
+            .unwrap()
+            .matches("h1.dc1.example.com"));
+        assert_eq!(first.storage, Path::new("/var/lib/blkrep/dc1"));
+        assert_eq!(first.trust_group, "dc1");
+        assert_eq!(config.authorization[1].primary, None);
+        let settings = config.settings();
+        assert_eq!(settings.reserve, 2 << 30);
+        assert_eq!(settings.authorization, config.authorization);
+    }
+
+    #[test]
+    fn defaults_and_lab_mode() {
+        let files = Files::new();
+        let text = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let config = parse(&text).unwrap();
+        assert_eq!(config.metrics, None);
+        assert_eq!(config.reserve, DEFAULT_RESERVE);
+        assert_eq!(config.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        match &config.transport {
+            Transport::PlainWithPsk { psk } => assert_eq!(psk, "0123456789abcdef0123"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let path = files.path("r.toml");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            control_socket(&path).unwrap(),
+            Path::new(DEFAULT_CONTROL_SOCKET)
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let files = Files::new();
+        let text = format!(
+            r#"
+listen = "8443"
+metrics = "localhost"
+{}
+[[authorization]]
+storage = "/s/any"
+trust_group = "any"
+
+[[authorization]]
+primary = "*.*.example.com"
+storage = "/s/bad"
+trust_group = "../up"
+
+[[authorization]]
+primary = "h1.example.com"
+storage = ""
+trust_group = "ok"
+
+[[authorization]]
+primary = "H1.example.com"
+storage = "/s/dup"
+trust_group = "ok"
+"#,
+            files.tls()
+        );
+        let error = problems(&text);
+        for expected in [
+            "listen = \"8443\" is not an address:port",
+            "metrics = \"localhost\" is not an address:port",
+            "[[authorization]] 2 (primary \"*.*.example.com\") comes after [[authorization]] 1, which has no primary",
+            "[[authorization]] 4 (primary \"H1.example.com\") comes after [[authorization]] 1",
+            "put the entry without primary last",
+            "[[authorization]] 2 (primary \"*.*.example.com\"): \"*.*.example.com\" is not a DNS name",
+            "trust_group \"../up\" is not a name",
+            "[[authorization]] 3 (primary \"h1.example.com\"): storage is empty",
+            "[[authorization]] 4 (primary \"H1.example.com\"): [[authorization]] 3 already has this primary",
+        ] {
+            assert!(error.contains(expected), "missing {expected:?} in:\n{error}");
+        }
+        assert!(error.contains("has 9 problem(s)"), "{error}");
+    }
+
+    #[test]
+    fn transport_problems() {
+        let files = Files::new();
+        let listen = "listen = \"127.0.0.1:8443\"\n";
+        let both = problems(&format!(
+            "{listen}{}{}{ENTRIES}",
+            files.tls(),
+            files.plain("psk")
+        ));
+        assert!(
+            both.contains("both [tls] and [plain_http] are set"),
+            "{both}"
+        );
+        let neither = problems(&format!("{listen}{ENTRIES}"));
+        assert!(neither.contains("no transport: add [tls]"), "{neither}");
+
+        files.write_psk("open", "0123456789abcdef0123", 0o640);
+        let open = problems(&format!("{listen}{}{ENTRIES}", files.plain("open")));
+        assert!(
+            open.contains("is open to group or others (mode 0640)"),
+            "{open}"
+        );
+        assert!(open.contains("chmod 600"), "{open}");
+        files.write_psk("short", "  0123456789\n", 0o600);
+        let short = problems(&format!("{listen}{}{ENTRIES}", files.plain("short")));
+        assert!(
+            short.contains("the key has 10 bytes; it needs at least 16"),
+            "{short}"
+        );
+        files.write_psk("spaced", "0123456789 abcdef0123", 0o600);
+        let spaced = problems(&format!("{listen}{}{ENTRIES}", files.plain("spaced")));
+        assert!(
+            spaced.contains("printable ASCII without spaces"),
+            "{spaced}"
+        );
+        let missing = problems(&format!("{listen}{}{ENTRIES}", files.plain("nonexistent")));
+        assert!(missing.contains("nonexistent: No such file"), "{missing}");
+
+        // A key that is not the certificate's.
+        let other = create_ca("other").unwrap();
+        std::fs::write(files.path("replica.key"), &other.key).unwrap();
+        let mismatch = problems(&format!("{listen}{}{ENTRIES}", files.tls()));
+        assert!(mismatch.contains("[tls]: "), "{mismatch}");
+        std::fs::remove_file(files.path("ca.pem")).unwrap();
+        let no_ca = problems(&format!("{listen}{}{ENTRIES}", files.tls()));
+        assert!(no_ca.contains("client CA"), "{no_ca}");
+    }
+
+    #[test]
+    fn needs_an_entry_and_knows_its_fields() {
+        let files = Files::new();
+        let empty = problems(&format!("listen = \"127.0.0.1:1\"\n{}", files.tls()));
+        assert!(empty.contains("no [[authorization]] entry"), "{empty}");
+        let unknown = parse(&format!(
+            "listen = \"127.0.0.1:1\"\nlisten_tls = 1\n{}{ENTRIES}",
+            files.tls()
+        ))
+        .unwrap_err();
+        assert!(
+            unknown.starts_with("Configuration r.toml is not valid")
+                && unknown.contains("listen_tls"),
+            "{unknown}"
+        );
+        let typo = parse(&format!(
+            "listen = \"127.0.0.1:1\"\n{}{}",
+            files.tls(),
+            ENTRIES.replace(
+                "trust_group = \"dc1\"",
+                "trust_group = \"dc1\"\ntrustgroup = \"x\""
+            )
+        ))
+        .unwrap_err();
+        assert!(typo.contains("trustgroup"), "{typo}");
+        let size = parse(&format!(
+            "listen = \"127.0.0.1:1\"\nreserve = \"1 parsec\"\n{}{ENTRIES}",
+            files.tls()
+        ))
+        .unwrap_err();
+        assert!(size.contains("unknown unit"), "{size}");
+        let same = problems(&format!(
+            "listen = \"127.0.0.1:1\"\nmetrics = \"127.0.0.1:1\"\n{}{ENTRIES}",
+            files.tls()
+        ));
+        assert!(same.contains("metrics needs its own port"), "{same}");
+    }
+}

@@ -1,0 +1,545 @@
+//! `blkrep replica`: the replica daemon and its status command.
+//!
+//! `blkrep replica run --config F` serves the replica API ([`replica::server`]) until
+//! SIGTERM or SIGINT, then stops accepting, lets the applier finish its current
+//! transfer and removes its control socket. With `metrics` configured it also serves
+//! Prometheus metrics ([`crate::metrics`]).
+//!
+//! Control API: a unix socket (mode 0600, so only the daemon's user and root) speaking
+//! one JSON request line and one JSON response line per connection, in the envelope of
+//! [`crate::control::Response`]. The one request, `{"op":"status"}`, answers the list
+//! of [`ReplicaInfo`] of every storage.
+
+pub mod config;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use nix::sys::signal::{SigSet, Signal};
+use replica::server::{ReplicaServer, ServerError, ServerHandle, Transport};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+use wire::api::ReplicaInfo;
+
+use crate::control::{Response, MAX_REQUEST};
+use crate::metrics::{MetricsError, MetricsText};
+use config::ReplicaConfig;
+
+/// How long a status request may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `blkrep replica ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum ReplicaCommand {
+    /// Run the replica daemon: receive replicas from authorised primaries and apply
+    /// them (SIGTERM/SIGINT: clean shutdown).
+    Run {
+        /// The replica's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check the configuration (TLS material or key file included) and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show the running replica daemon's replicas.
+    Status {
+        /// The replica's configuration (its control socket is read from it).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Every replica's [`ReplicaInfo`].
+    Status,
+}
+
+/// Errors of the replica daemon and of talking to it.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The replica server cannot start.
+    #[error("Cannot start the replica server")]
+    Server(#[from] ServerError),
+    /// The metrics endpoint cannot start.
+    #[error("Cannot start the metrics endpoint")]
+    Metrics(#[from] MetricsError),
+    /// Another daemon answers on the control socket.
+    #[error("Another blkrep replica is running with control socket {0}")]
+    AlreadyRunning(PathBuf),
+    /// The control socket cannot be set up.
+    #[error("Cannot listen on control socket {path}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Threads or signals cannot be set up.
+    #[error("Cannot set up the daemon")]
+    Setup(#[source] std::io::Error),
+    /// Nobody listens on the control socket.
+    #[error("Cannot reach the replica daemon at {path} (is `blkrep replica run` running?)")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control exchange broke.
+    #[error("Control connection failed")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered something unreadable.
+    #[error("Unreadable answer from the daemon")]
+    Decode(#[from] serde_json::Error),
+    /// The daemon refused.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Runs `blkrep replica ...`; `init_logging` is called before a daemon starts.
+pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Result<()> {
+    match command {
+        ReplicaCommand::Run { config, check } => {
+            let config = ReplicaConfig::load(&config)?;
+            if check {
+                let transport = match config.transport {
+                    Transport::Tls(_) => "HTTPS with client certificates",
+                    Transport::PlainWithPsk { .. } => {
+                        "PLAIN HTTP with a pre-shared key (isolated labs only)"
+                    }
+                };
+                println!(
+                    "Configuration is valid: {} authorization entr{}, {transport}",
+                    config.authorization.len(),
+                    if config.authorization.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    }
+                );
+                return Ok(());
+            }
+            init_logging();
+            run(&config)?;
+        }
+        ReplicaCommand::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = match (socket, config) {
+                (Some(socket), _) => socket,
+                (None, Some(config)) => config::control_socket(&config)?,
+                (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
+            };
+            let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let replicas: Vec<ReplicaInfo> =
+                    serde_json::from_value(value).context("Unreadable status report")?;
+                print!("{}", render_status(&replicas, unix_now()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Signals that stop the daemon. Blocked in every thread (set before any is spawned)
+/// and taken synchronously by the main thread.
+fn stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// Runs the replica daemon until SIGTERM or SIGINT.
+pub fn run(config: &ReplicaConfig) -> Result<(), DaemonError> {
+    let signals = stop_signals();
+    signals
+        .thread_block()
+        .map_err(|errno| DaemonError::Setup(errno.into()))?;
+    let control = bind_control(&config.control_socket)?;
+    let result = serve(config, control, &signals);
+    let _ = std::fs::remove_file(&config.control_socket);
+    result
+}
+
+fn serve(
+    config: &ReplicaConfig,
+    control: UnixListener,
+    signals: &SigSet,
+) -> Result<(), DaemonError> {
+    let mut server = ReplicaServer::start(config.settings())?;
+    let metrics = match config.metrics {
+        Some(listen) => {
+            let handle = server.handle();
+            Some(crate::metrics::serve(
+                listen,
+                Arc::new(move || render_metrics(&handle.replicas())),
+            )?)
+        }
+        None => None,
+    };
+    spawn_control(control, server.handle())?;
+    info!(
+        listen = %server.local_addr(),
+        metrics = ?metrics.as_ref().map(|m| m.local_addr()),
+        control = %config.control_socket.display(),
+        "Replica ready"
+    );
+    let signal = signals
+        .wait()
+        .map_err(|errno| DaemonError::Setup(errno.into()))?;
+    info!(?signal, "Shutting down");
+    drop(metrics);
+    server.shutdown();
+    info!("Replica server stopped");
+    Ok(())
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    let control_error = |source| DaemonError::Control {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        // Left by a daemon that did not stop cleanly.
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let listener = UnixListener::bind(path).map_err(control_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(control_error)?;
+    Ok(listener)
+}
+
+fn spawn_control(listener: UnixListener, server: ServerHandle) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let server = server.clone();
+                // A slow client must not hold up the next one.
+                let spawned = std::thread::Builder::new()
+                    .name("control-request".into())
+                    .spawn(move || {
+                        if let Err(error) = serve_control(&stream, &server) {
+                            warn!(%error, "Control request failed");
+                        }
+                    });
+                if let Err(error) = spawned {
+                    warn!(%error, "Cannot serve a control request");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(DaemonError::Setup)
+}
+
+fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut line)?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(error) => Response {
+            ok: false,
+            result: None,
+            error: Some(format!("Bad request: {error}")),
+        },
+        Ok(Request::Status) => match serde_json::to_value(server.replicas()) {
+            Ok(result) => Response {
+                ok: true,
+                result: Some(result),
+                error: None,
+            },
+            Err(error) => Response {
+                ok: false,
+                result: None,
+                error: Some(error.to_string()),
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    let mut writer = stream;
+    writer.write_all(&out)
+}
+
+/// Sends one request to the daemon at `socket` and returns the result.
+pub fn call(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, DaemonError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| DaemonError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    // Bounds what a daemon can make us buffer.
+    BufReader::new(stream.take(16 << 20)).read_line(&mut answer)?;
+    let response: Response = serde_json::from_str(&answer)?;
+    if response.ok {
+        Ok(response.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(DaemonError::Refused(response.error.unwrap_or_else(|| {
+            "The daemon refused without a reason".into()
+        })))
+    }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The status as text: one line per replica.
+pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
+    if replicas.is_empty() {
+        return "No replicas\n".into();
+    }
+    let mut sorted: Vec<&ReplicaInfo> = replicas.iter().collect();
+    sorted.sort_by(|a, b| (&a.trust_group, &a.name).cmp(&(&b.trust_group, &b.name)));
+    let mut out = String::new();
+    for info in sorted {
+        let applied = match (info.last_applied_cycle, info.last_applied_unix) {
+            (Some(cycle), Some(at)) => {
+                let age = Duration::from_secs(now_unix.saturating_sub(at));
+                format!("cycle {cycle} ({} ago)", humantime::format_duration(age))
+            }
+            (Some(cycle), None) => format!("cycle {cycle}"),
+            (None, _) => "none".into(),
+        };
+        out.push_str(&format!(
+            "{}: trust group {}, consistent {}, last applied {applied}, pending transfers {}, paused {}\n",
+            info.name,
+            info.trust_group,
+            yes_no(info.consistent),
+            info.pending_transfers,
+            yes_no(info.paused),
+        ));
+    }
+    out
+}
+
+/// The Prometheus metrics of `replicas`.
+pub fn render_metrics(replicas: &[ReplicaInfo]) -> String {
+    let mut text = MetricsText::new();
+    let flag = |value: bool| if value { 1.0 } else { 0.0 };
+    for info in replicas {
+        let labels = [
+            ("replica", info.name.as_str()),
+            ("trust_group", info.trust_group.as_str()),
+        ];
+        text.gauge(
+            "blkrep_replica_consistent",
+            "Whether the replica's disks hold a state the primary had (1) or not (0).",
+            &labels,
+            flag(info.consistent),
+        );
+        if let Some(cycle) = info.last_applied_cycle {
+            text.gauge(
+                "blkrep_replica_last_applied_cycle",
+                "Newest cycle applied to the replica's disks.",
+                &labels,
+                cycle as f64,
+            );
+        }
+        if let Some(at) = info.last_applied_unix {
+            text.gauge(
+                "blkrep_replica_last_applied_timestamp_seconds",
+                "When the newest cycle was applied, in seconds since the epoch.",
+                &labels,
+                at as f64,
+            );
+        }
+        text.gauge(
+            "blkrep_replica_pending_transfers",
+            "Transfers received and not yet applied.",
+            &labels,
+            f64::from(info.pending_transfers),
+        );
+        text.gauge(
+            "blkrep_replica_paused",
+            "Whether replication is paused on the replica side (1) or not (0).",
+            &labels,
+            flag(info.paused),
+        );
+    }
+    text.finish()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use wire::api::DiskInfo;
+
+    fn info(name: &str, group: &str) -> ReplicaInfo {
+        ReplicaInfo {
+            name: name.into(),
+            trust_group: group.into(),
+            disks: vec![DiskInfo {
+                name: "disk0".into(),
+                size: 1 << 20,
+            }],
+            consistent: true,
+            last_received_cycle: Some(8),
+            last_applied_cycle: Some(7),
+            last_applied_unix: Some(1_000),
+            pending_transfers: 1,
+            resync_epoch: None,
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn status_lines() {
+        let mut fresh = info("vm2", "dc1");
+        fresh.consistent = false;
+        fresh.last_applied_cycle = None;
+        fresh.last_applied_unix = None;
+        fresh.paused = true;
+        let text = render_status(&[fresh, info("vm1", "dc1")], 1_000 + 3_725);
+        assert_eq!(
+            text,
+            "vm1: trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, paused no\n\
+             vm2: trust group dc1, consistent no, last applied none, pending transfers 1, paused yes\n"
+        );
+        assert_eq!(render_status(&[], 0), "No replicas\n");
+    }
+
+    #[test]
+    fn metrics_per_replica() {
+        let mut other = info("vm\"1", "dc2");
+        other.last_applied_cycle = None;
+        other.last_applied_unix = None;
+        let text = render_metrics(&[info("vm1", "dc1"), other]);
+        for line in [
+            "# TYPE blkrep_replica_consistent gauge",
+            "blkrep_replica_consistent{replica=\"vm1\",trust_group=\"dc1\"} 1",
+            "blkrep_replica_consistent{replica=\"vm\\\"1\",trust_group=\"dc2\"} 1",
+            "blkrep_replica_last_applied_cycle{replica=\"vm1\",trust_group=\"dc1\"} 7",
+            "blkrep_replica_last_applied_timestamp_seconds{replica=\"vm1\",trust_group=\"dc1\"} 1000",
+            "blkrep_replica_pending_transfers{replica=\"vm1\",trust_group=\"dc1\"} 1",
+            "blkrep_replica_paused{replica=\"vm1\",trust_group=\"dc1\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("last_applied_cycle{replica=\"vm\\\"1\""),
+            "{text}"
+        );
+        assert_eq!(text.matches("# HELP blkrep_replica_paused ").count(), 1);
+    }
+
+    #[test]
+    fn control_socket_serves_the_servers_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("dc1");
+        let mut server = ReplicaServer::start(replica::server::ServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            transport: Transport::PlainWithPsk {
+                psk: "0123456789abcdef".into(),
+            },
+            authorization: vec![replica::server::AuthEntry {
+                primary: None,
+                storage: storage.clone(),
+                trust_group: "dc1".into(),
+            }],
+            reserve: 0,
+        })
+        .unwrap();
+        let state = replica::store::ReplicaState::new(
+            "vm1".into(),
+            "dc1".into(),
+            7,
+            "host1".into(),
+            "host1.example.com".into(),
+            vec![DiskInfo {
+                name: "disk0".into(),
+                size: 1 << 20,
+            }],
+        );
+        replica::store::Replica::create(&storage.join("vm1"), state, 0).unwrap();
+
+        let socket = dir.path().join("run/ctl.sock");
+        let listener = bind_control(&socket).unwrap();
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            bind_control(&socket),
+            Err(DaemonError::AlreadyRunning(_))
+        ));
+        spawn_control(listener, server.handle()).unwrap();
+        let value = call(&socket, &Request::Status, Duration::from_secs(10)).unwrap();
+        let replicas: Vec<ReplicaInfo> = serde_json::from_value(value).unwrap();
+        assert_eq!(replicas.len(), 1);
+        assert_eq!(
+            (replicas[0].name.as_str(), replicas[0].consistent),
+            ("vm1", false)
+        );
+        assert!(render_metrics(&server.replicas())
+            .contains("blkrep_replica_consistent{replica=\"vm1\",trust_group=\"dc1\"} 0\n"));
+
+        let mut raw = UnixStream::connect(&socket).unwrap();
+        raw.write_all(b"{\"op\":\"reboot\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(raw).read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("{\"ok\":false,\"error\":\"Bad request: unknown variant"),
+            "{line}"
+        );
+
+        server.shutdown();
+        let error = call(
+            &dir.path().join("none"),
+            &Request::Status,
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("is `blkrep replica run` running?"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! `blkrep replication ...`: an administrator's commands for a group's replication,
+//! sent to the running primary over its control socket.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+
+use crate::control::{self, ReplicationAction, Request};
+use crate::status::{human_bytes, human_duration, progress_bar, StatusReport};
+
+/// How long an administrative request may take (a remove may wait for the replica
+/// server's answer, 120 s at most).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(160);
+
+/// `blkrep replication ...`
+#[derive(Debug, Subcommand)]
+pub enum ReplicationCommand {
+    /// Enable replication again after `remove` (a full initial replication follows).
+    Enable {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// Start the initial replication at this time (RFC 3339, e.g.
+        /// 2026-11-24T02:00:00Z) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Stop shipping cycles; writes keep being tracked in the ring.
+    Pause {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+    },
+    /// Ship again after a pause, or after fixing the cause of a suspension.
+    Resume {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+    },
+    /// Copy every block to the replica again.
+    Resync {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+    },
+    /// Stop replicating the group. The replica server keeps the replica unless
+    /// --delete-replica --yes is given.
+    Remove {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// Also delete the replica and its disks on the replica server.
+        #[arg(long)]
+        delete_replica: bool,
+        /// Confirms --delete-replica.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Show the group's replication; --watch follows an initial replication or resync
+    /// with a progress bar until it ends.
+    Status {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// Follow until no copy is running.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Runs a replication command against the primary listening on `socket`.
+pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
+    let (group, action) = match command {
+        ReplicationCommand::Status { group, watch } => return status(socket, &group, watch),
+        ReplicationCommand::Enable { group, at } => {
+            let start_after_unix = match at {
+                None => None,
+                Some(text) => Some(
+                    humantime::parse_rfc3339_weak(&text)
+                        .with_context(|| {
+                            format!("{text:?} is not a time like 2026-11-24T02:00:00Z")
+                        })?
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |since| since.as_secs()),
+                ),
+            };
+            (group, ReplicationAction::Enable { start_after_unix })
+        }
+        ReplicationCommand::Pause { group } => (group, ReplicationAction::Pause),
+        ReplicationCommand::Resume { group } => (group, ReplicationAction::Resume),
+        ReplicationCommand::Resync { group } => (group, ReplicationAction::Resync),
+        ReplicationCommand::Remove {
+            group,
+            delete_replica,
+            yes,
+        } => {
+            if delete_replica && !yes {
+                bail!("--delete-replica deletes the replica's disks on the replica server, which cannot be undone; add --yes to confirm, or leave out --delete-replica to keep the replica");
+            }
+            (group, ReplicationAction::Remove { delete_replica })
+        }
+    };
+    let value = control::call(
+        socket,
+        &Request::Replication { group, action },
+        ADMIN_TIMEOUT,
+    )?;
+    println!("{}", value["message"].as_str().unwrap_or("Done"));
+    Ok(())
+}
+
+fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let value = control::call(socket, &Request::Status, Duration::from_secs(30))?;
+        let report: StatusReport =
+            serde_json::from_value(value).context("Unreadable status report")?;
+        let Some(found) = report.groups.iter().find(|g| g.name == group) else {
+            bail!("No group named {group:?}");
+        };
+        let Some(consumer) = &found.consumer else {
+            bail!("Group {group:?} has no consumer");
+        };
+        let field = |key: &str| consumer.get(key).and_then(|v| v.as_str()).unwrap_or("?");
+        let copy = consumer.get("resync").filter(|r| !r.is_null());
+        let line = match copy {
+            Some(resync) => {
+                let number = |key: &str| {
+                    resync
+                        .get(key)
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0)
+                };
+                let (done, total) = (number("done_bytes"), number("total_bytes"));
+                format!(
+                    "{group}: {} {} {} of {}",
+                    field("state").replace('_', " "),
+                    progress_bar(done, total),
+                    human_bytes(done),
+                    human_bytes(total)
+                )
+            }
+            None => format!(
+                "{group}: {}, health {}, replica {} behind",
+                field("state").replace('_', " "),
+                field("health"),
+                consumer
+                    .get("lag_secs")
+                    .and_then(serde_json::Value::as_u64)
+                    .map_or_else(|| "?".into(), human_duration)
+            ),
+        };
+        let mut out = std::io::stdout().lock();
+        if watch && tty {
+            write!(out, "\r\x1b[2K{line}")?;
+        } else {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        if !watch || copy.is_none() && field("state") != "initial_replication" {
+            if watch && tty {
+                writeln!(out)?;
+            }
+            if let Some(error) = consumer.get("last_error").and_then(|v| v.as_str()) {
+                writeln!(out, "last error: {error}")?;
+            }
+            return Ok(());
+        }
+        drop(out);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,444 @@
+//! Replication end to end: a real `blkrep primary` and a real `blkrep replica` as
+//! separate processes on loopback, mutual TLS with certificates from `blkrep cert`,
+//! real NBD clients writing; the replica's disks are compared with the primary's
+//! images after every applied cycle.
+#![allow(clippy::cast_possible_truncation)]
+
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::fault_proxy::FaultProxy;
+use common::replica::{Auth, LabCerts, Replica};
+use common::*;
+use serde_json::Value;
+
+const PRIMARY_HOST: &str = "primary.dc1.test";
+const REPLICA_HOST: &str = "localhost";
+
+fn dc1() -> Vec<Auth> {
+    vec![Auth {
+        primary: Some("*.dc1.test".into()),
+        trust_group: "dc1".into(),
+    }]
+}
+
+fn certs(dir: &std::path::Path) -> LabCerts {
+    LabCerts::create(
+        dir,
+        &[
+            &[REPLICA_HOST, "127.0.0.1"],
+            &[PRIMARY_HOST],
+            &["rogue.dc2.test"],
+        ],
+    )
+}
+
+/// A primary with group vm1 of the given disks, replicating with `consumer` lines.
+fn primary(disks: Vec<DiskSpec>, consumer: String) -> Primary {
+    Primary::start(Spec::new(vec![GroupSpec::new("vm1", disks)
+        .consumer(Consumer::Raw(consumer))
+        .ring_size("64MiB")]))
+}
+
+fn qemu_io_write(p: &Primary, disk: &str, pattern: u8, offset: u64, len: u64) {
+    let qemu_io = require_tool("qemu-io");
+    run_ok(
+        Command::new(qemu_io).args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pattern} {offset} {len}"),
+            &p.uri(disk),
+        ]),
+        LONG,
+    );
+}
+
+fn consumer_status(p: &Primary) -> Value {
+    p.group_status("vm1")["consumer"].clone()
+}
+
+/// Waits until `check` holds for the consumer status; returns it.
+fn wait_consumer(
+    p: &Primary,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = consumer_status(p);
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen in {timeout:?}: {status:#}\n{}",
+            tail(&p.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let p = primary(
+        vec![
+            DiskSpec::new("disk0", 16 * MIB).init(Init::Random(7)),
+            DiskSpec::new("disk1", 8 * MIB),
+        ],
+        certs.consumer(&replica.url(REPLICA_HOST), PRIMARY_HOST, ""),
+    );
+    // The first cycle enables the replica and runs the initial replication.
+    let cycle = p.cycles_close("vm1");
+    let info = replica.wait_applied("vm1", cycle, LONG);
+    assert_eq!(info["consistent"], true, "{info}");
+    assert_eq!(info["trust_group"], "dc1");
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
+    }
+    let status = consumer_status(&p);
+    assert_eq!(status["state"], "replicating", "{status:#}");
+    assert_eq!(status["health"], "Normal", "{status:#}");
+
+    // Deltas: writes on both disks, then a cycle; the replica equals the images.
+    for round in 0..3u8 {
+        let offset = u64::from(round) * 3 * MIB + 4096;
+        qemu_io_write(&p, "disk0", 0x40 + round, offset, 300 * KIB);
+        qemu_io_write(&p, "disk1", 0x50 + round, offset / 2, 64 * KIB);
+        let cycle = p.cycles_close("vm1");
+        replica.wait_applied("vm1", cycle, LONG);
+        for disk in ["disk0", "disk1"] {
+            assert_files_equal(
+                &p.image(disk),
+                &replica.disk("dc1", "vm1", disk),
+                &format!("{disk} after cycle {cycle}"),
+            );
+        }
+    }
+    let status = consumer_status(&p);
+    assert!(
+        status["network_bytes"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+    assert!(status["lag_secs"].as_u64().is_some(), "{status:#}");
+    // The text status names state, health and lag.
+    let text = run_ok(
+        Command::new(BIN)
+            .args(["status", "--config"])
+            .arg(p.config()),
+        SHORT,
+    );
+    for expected in ["replication: replicating", "health:    Normal", "behind"] {
+        assert!(
+            text.stdout.contains(expected),
+            "{expected}:\n{}",
+            text.stdout
+        );
+    }
+}
+
+#[test]
+fn a_thin_image_sends_only_its_data_in_the_initial_replication() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    // 1 GiB thin disk holding 4 MiB of incompressible data; compression off so the
+    // byte count measures what was read and sent.
+    let p = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 1024 * MIB)],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "compression = false",
+    )))]));
+    let data = pseudo_random(11, usize::try_from(4 * MIB).expect("fits"));
+    {
+        use std::os::unix::fs::FileExt;
+        let image = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.image("disk0"))
+            .expect("open image");
+        image
+            .write_all_at(&data[..2 << 20], 100 * MIB)
+            .expect("write");
+        image
+            .write_all_at(&data[2 << 20..], 900 * MIB)
+            .expect("write");
+    }
+    let mut p = p;
+    p.restart();
+    let cycle = p.cycles_close("vm1");
+    replica.wait_applied("vm1", cycle, LONG);
+    let sent = consumer_status(&p)["network_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        (4 * MIB..5 * MIB).contains(&sent),
+        "a 1 GiB thin image with 4 MiB of data sent {sent} bytes"
+    );
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+}
+
+#[test]
+fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let other_ca = LabCerts::create(&dir.path().join("other"), &[&[PRIMARY_HOST]]);
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let url = replica.url(REPLICA_HOST);
+    let cases = [
+        // An identity the replica does not authorise.
+        (
+            "unlisted identity",
+            certs.consumer(&url, "rogue.dc2.test", ""),
+        ),
+        // A client certificate from another CA (trusting the right replica CA).
+        (
+            "certificate from another CA",
+            format!(
+                "type = \"replica\"\nurl = {url:?}\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                certs.ca().display().to_string(),
+                other_ca.cert(PRIMARY_HOST).display().to_string(),
+                other_ca.key(PRIMARY_HOST).display().to_string()
+            ),
+        ),
+        // A replica certificate this primary does not trust.
+        (
+            "replica from another CA",
+            format!(
+                "type = \"replica\"\nurl = {url:?}\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                other_ca.ca().display().to_string(),
+                certs.cert(PRIMARY_HOST).display().to_string(),
+                certs.key(PRIMARY_HOST).display().to_string()
+            ),
+        ),
+    ];
+    for (what, consumer) in cases {
+        let p = primary(
+            vec![DiskSpec::new("disk0", 4 * MIB)],
+            format!("{consumer}\nretry_scale = 0.001"),
+        );
+        let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
+        assert!(
+            !close.success(),
+            "{what}: the cycle shipped\n{}",
+            close.report()
+        );
+        let status = wait_consumer(&p, what, SHORT, |s| s["state"] == "suspended");
+        assert_eq!(status["health"], "Critical", "{what}: {status:#}");
+        assert_eq!(
+            status["failure_class"], "authentication",
+            "{what}: {status:#}"
+        );
+        let failures = status["failures"].as_u64();
+        // No retry: the failure count stays put over several retry periods.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(consumer_status(&p)["failures"].as_u64(), failures, "{what}");
+        assert!(
+            p.log().contains("Replication suspended"),
+            "{what}: no suspension logged\n{}",
+            tail(&p.log(), 20)
+        );
+        assert!(
+            replica.info("vm1").is_none(),
+            "{what}: a replica was created"
+        );
+        assert!(
+            std::fs::read_dir(replica.storage("dc1"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 0,
+            "{what}: the storage changed"
+        );
+    }
+}
+
+#[test]
+fn connection_resets_mid_transfer_resume_without_resending_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let upstream = format!("127.0.0.1:{}", replica.port)
+        .parse()
+        .expect("address");
+    let proxy = FaultProxy::start(upstream);
+    let url = format!("https://{REPLICA_HOST}:{}", proxy.addr().port());
+    let p = primary(
+        vec![DiskSpec::new("disk0", 32 * MIB).init(Init::Random(3))],
+        certs.consumer(
+            &url,
+            PRIMARY_HOST,
+            "compression = false\nretry_scale = 0.002",
+        ),
+    );
+    // The initial copy (32 MiB, 16 chunks) is cut twice mid-chunk.
+    proxy.reset_after_upstream_bytes(5 * MIB + 12345);
+    let first = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !first.success(),
+        "the cut transfer succeeded\n{}",
+        first.report()
+    );
+    proxy.reset_after_upstream_bytes(9 * MIB + 777);
+    let status = wait_consumer(&p, "two failures", LONG, |s| {
+        s["failures"].as_u64() >= Some(2)
+    });
+    assert_eq!(status["failure_class"], "network", "{status:#}");
+    let cycle = wait_consumer(&p, "recovery", LONG, |s| {
+        s["last_delivered"].as_u64().is_some() && s["last_error"].is_null()
+    })["last_delivered"]
+        .as_u64()
+        .expect("cycle");
+    replica.wait_applied("vm1", cycle, LONG);
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+    // Resent per interruption: at most the chunk in flight (2 MiB + framing).
+    let sent = consumer_status(&p)["network_bytes"].as_u64().unwrap_or(0);
+    let upstream_total = proxy.upstream_bytes();
+    assert!(
+        upstream_total < 32 * MIB + 2 * (2 * MIB + 64 * KIB) + 2 * MIB,
+        "{upstream_total} bytes went upstream for 32 MiB"
+    );
+    assert!(sent >= 32 * MIB, "{sent}");
+}
+
+#[test]
+fn a_full_replica_refuses_cycles_cleanly_and_replication_resumes_after_space_is_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    // The replica keeps more free space in reserve than the filesystem has: every
+    // transfer is refused as if the disk were full.
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"1000TiB\"");
+    let p = primary(
+        vec![DiskSpec::new("disk0", 4 * MIB).init(Init::Random(5))],
+        certs.consumer(&replica.url(REPLICA_HOST), PRIMARY_HOST, ""),
+    );
+    let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(!close.success(), "{}", close.report());
+    let status = consumer_status(&p);
+    assert_eq!(status["failure_class"], "next_interval", "{status:#}");
+    assert_ne!(status["state"], "suspended", "{status:#}");
+    // Space is freed (the reserve lowered), the replica restarted; the next attempt
+    // replicates.
+    replica.terminate();
+    let config = std::fs::read_to_string(replica.config()).expect("config");
+    std::fs::write(
+        replica.config(),
+        config.replace("reserve = \"1000TiB\"", "reserve = \"0\""),
+    )
+    .expect("config");
+    replica.spawn();
+    let cycle = p.cycles_close("vm1");
+    replica.wait_applied("vm1", cycle, LONG);
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+}
+
+#[test]
+fn pause_resume_and_automatic_cycles_with_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let metrics_port = free_port();
+    let mut spec = Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 8 * MIB).init(Init::Random(9))],
+    )
+    .interval("1s")
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))]);
+    spec.unix = true;
+    let p = Primary::prepare(spec);
+    let config = std::fs::read_to_string(p.config()).expect("config");
+    std::fs::write(
+        p.config(),
+        format!("metrics = \"127.0.0.1:{metrics_port}\"\n{config}"),
+    )
+    .expect("config");
+    let mut p = p;
+    p.restart();
+    let replication = |args: &[&str]| {
+        run(
+            Command::new(BIN)
+                .args(["replication", "--config"])
+                .arg(p.config())
+                .args(args),
+            LONG,
+        )
+    };
+    // Cycles every second ship by themselves after the initial replication.
+    let delivered = wait_consumer(&p, "automatic cycles", LONG, |s| {
+        s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"
+    });
+    assert_eq!(delivered["health"], "Normal", "{delivered:#}");
+
+    let paused = replication(&["pause", "--group", "vm1"]);
+    assert!(paused.success(), "{}", paused.report());
+    let status = wait_consumer(&p, "pause", SHORT, |s| s["state"] == "paused");
+    assert_eq!(status["health"], "Warning", "{status:#}");
+    qemu_io_write(&p, "disk0", 0x61, MIB, 256 * KIB);
+    let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !close.success() && close.all().contains("paused"),
+        "{}",
+        close.report()
+    );
+    let before = replica.info("vm1").expect("replica")["last_applied_cycle"].as_u64();
+
+    let resumed = replication(&["resume", "--group", "vm1"]);
+    assert!(resumed.success(), "{}", resumed.report());
+    let cycle = p.cycles_close("vm1");
+    assert!(Some(cycle) > before);
+    replica.wait_applied("vm1", cycle, LONG);
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+
+    // Prometheus text over HTTP.
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut body).expect("answer");
+    for expected in [
+        "blkrep_replication_health{group=\"vm1\"} 0",
+        "blkrep_replication_cycles_delivered_total{group=\"vm1\"}",
+        "blkrep_disk_written_bytes_total{group=\"vm1\",disk=\"disk0\"}",
+    ] {
+        assert!(body.contains(expected), "{expected}:\n{body}");
+    }
+
+    // Removing with the replica's deletion needs confirmation.
+    let refused = replication(&["remove", "--group", "vm1", "--delete-replica"]);
+    assert!(
+        !refused.success() && refused.all().contains("--yes"),
+        "{}",
+        refused.report()
+    );
+    let removed = replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
+    assert!(removed.success(), "{}", removed.report());
+    assert!(replica.info("vm1").is_none(), "the replica was not deleted");
+    wait_consumer(&p, "removal", SHORT, |s| s["state"] == "removed");
+}
