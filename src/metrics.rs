@@ -259,8 +259,6 @@ impl MetricsText {
     }
 
     /// A sample of counter `name` (by convention ending in `_total`).
-    // The replica daemon has no counters; the API is for both daemons.
-    #[allow(dead_code)]
     pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
         self.sample(Kind::Counter, name, help, labels, value);
     }

@@ -4,7 +4,6 @@
 //! images after every applied cycle.
 #![allow(clippy::cast_possible_truncation)]
 
-
 mod common;
 
 use std::process::Command;

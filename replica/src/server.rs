@@ -23,13 +23,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -559,10 +560,9 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -602,7 +602,12 @@ fn store_refusal(error: &StoreError) -> Refusal {
     refuse(code, message)
 }
 
+/// Set while a request's body is not read yet (a request extension).
+#[derive(Debug, Clone)]
+struct UnreadBody(Arc<AtomicBool>);
+
 async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+    let unread = request.extensions().get::<UnreadBody>().cloned();
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -614,11 +619,15 @@ async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal
             format!("Body larger than {limit} bytes"),
         ));
     }
-    Limited::new(request.into_body(), limit)
+    let bytes = Limited::new(request.into_body(), limit)
         .collect()
         .await
         .map(|collected| collected.to_bytes())
-        .map_err(|e| refuse(ErrorCode::BadRequest, format!("Cannot read the body: {e}")))
+        .map_err(|e| refuse(ErrorCode::BadRequest, format!("Cannot read the body: {e}")))?;
+    if let Some(UnreadBody(unread)) = unread {
+        unread.store(false, Ordering::Relaxed);
+    }
+    Ok(bytes)
 }
 
 async fn json_body<T: serde::de::DeserializeOwned>(
@@ -673,7 +682,23 @@ fn peer_of(
     Ok(peer)
 }
 
-async fn handle(context: &Arc<Context>, auth: &Auth, request: Request<Incoming>) -> Answer {
+async fn handle(context: &Arc<Context>, auth: &Auth, mut request: Request<Incoming>) -> Answer {
+    let unread = Arc::new(AtomicBool::new(!request.body().is_end_stream()));
+    request
+        .extensions_mut()
+        .insert(UnreadBody(Arc::clone(&unread)));
+    let mut answer = respond(context, auth, request).await;
+    // Answered without reading the body (refused first): the body is still on the
+    // connection, which hyper then cannot reuse; tell the client so it does not either.
+    if unread.load(Ordering::Relaxed) {
+        answer
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    answer
+}
+
+async fn respond(context: &Arc<Context>, auth: &Auth, request: Request<Incoming>) -> Answer {
     let peer = match peer_of(context, auth, &request) {
         Ok(peer) => peer,
         Err(refusal) => return refusal.answer(),

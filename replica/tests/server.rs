@@ -31,11 +31,17 @@ struct Lab {
     ca: PemPair,
     ca_path: PathBuf,
     server: ReplicaServer,
-    scheme: &'static str,
 }
 
 /// Lab mode's key.
 const PSK: &str = "lab-key-0123456789abcdef";
+
+fn url(scheme: &str, server: &ReplicaServer, path: &str) -> String {
+    format!(
+        "{scheme}://127.0.0.1:{}/v1{path}",
+        server.local_addr().port()
+    )
+}
 
 /// Two tenants: dc1 and dc2, each with its storage under `dir`.
 fn settings(dir: &Path, transport: Transport) -> ServerSettings {
@@ -74,31 +80,11 @@ impl Lab {
             ca,
             ca_path,
             server,
-            scheme: "https",
-        }
-    }
-
-    /// Lab mode: plain HTTP, requests authenticated by [`PSK`].
-    fn start_plain() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = create_ca("unused CA").unwrap();
-        let transport = Transport::PlainWithPsk { psk: PSK.into() };
-        let server = ReplicaServer::start(settings(dir.path(), transport)).unwrap();
-        Lab {
-            ca_path: dir.path().join("no-ca.pem"),
-            dir,
-            ca,
-            server,
-            scheme: "http",
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!(
-            "{}://127.0.0.1:{}/v1{path}",
-            self.scheme,
-            self.server.local_addr().port()
-        )
+        url("https", &self.server, path)
     }
 
     /// A client with a certificate for `name` from `ca` (the lab's by default).
@@ -330,9 +316,28 @@ fn error_code(body: &str) -> ErrorCode {
     serde_json::from_str::<ErrorBody>(body).unwrap().code
 }
 
+/// Lab mode: plain HTTP, requests authenticated by [`PSK`].
+struct PlainLab {
+    dir: tempfile::TempDir,
+    server: ReplicaServer,
+}
+
+impl PlainLab {
+    fn start() -> PlainLab {
+        let dir = tempfile::tempdir().unwrap();
+        let transport = Transport::PlainWithPsk { psk: PSK.into() };
+        let server = ReplicaServer::start(settings(dir.path(), transport)).unwrap();
+        PlainLab { dir, server }
+    }
+
+    fn url(&self, path: &str) -> String {
+        url("http", &self.server, path)
+    }
+}
+
 #[test]
 fn lab_mode_authenticates_each_request_with_the_key() {
-    let lab = Lab::start_plain();
+    let lab = PlainLab::start();
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(20))
         .build();
@@ -386,11 +391,19 @@ fn lab_mode_authenticates_each_request_with_the_key() {
         };
         assert_eq!(error_code(&body), wanted, "{body}");
     }
+    // A refused request's unread body stays on the connection: it is not reused.
+    match plain(agent.post(&lab.url("/replicas")), None, identity).send_json(enable_request("vm2"))
+    {
+        Err(ureq::Error::Status(401, response)) => {
+            assert_eq!(response.header("connection"), Some("close"));
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(!lab.dir.path().join("store1/vm2").exists());
     assert_eq!(lab.server.replicas().len(), 1);
 
     // TLS clients get nowhere with a plain-HTTP server.
-    let tls_url = lab.url("/echo").replacen("http:", "https:", 1);
+    let tls_url = url("https", &lab.server, "/echo");
     let (code, _) = status_of(agent.get(&tls_url).call());
     assert_eq!(code, 0);
 }

@@ -667,6 +667,18 @@ fn serve_control(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
     (&stream).write_all(&out)
 }
 
+/// The shipper of group `group`, or why there is none.
+fn shipper_of<'a>(daemon: &'a Daemon, group: &str) -> Result<&'a Shipper, String> {
+    let running = daemon
+        .groups
+        .iter()
+        .find(|g| g.config.name == group)
+        .ok_or_else(|| format!("No group named {group:?}"))?;
+    running.shipper.as_ref().ok_or_else(|| {
+        format!("Group {group:?} has no consumer running; configure [group.consumer]")
+    })
+}
+
 fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, String> {
     match request {
         Request::Status => serde_json::to_value(status(daemon)).map_err(|error| error.to_string()),
@@ -674,28 +686,14 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
             group,
             timeout_secs,
         } => {
-            let running = daemon
-                .groups
-                .iter()
-                .find(|g| g.config.name == *group)
-                .ok_or_else(|| format!("No group named {group:?}"))?;
-            let shipper = running.shipper.as_ref().ok_or_else(|| {
-                format!("Group {group:?} has no consumer running, so nothing consumes its cycles")
-            })?;
+            let shipper = shipper_of(daemon, group)?;
             let cycle = shipper
                 .close_now(Duration::from_secs(*timeout_secs))
                 .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "cycle": cycle }))
         }
         Request::Replication { group, action } => {
-            let running = daemon
-                .groups
-                .iter()
-                .find(|g| g.config.name == *group)
-                .ok_or_else(|| format!("No group named {group:?}"))?;
-            let shipper = running.shipper.as_ref().ok_or_else(|| {
-                format!("Group {group:?} has no consumer; configure [group.consumer] type = \"replica\"")
-            })?;
+            let shipper = shipper_of(daemon, group)?;
             let action = match action {
                 control::ReplicationAction::Pause => AdminAction::Pause,
                 control::ReplicationAction::Resume => AdminAction::Resume,

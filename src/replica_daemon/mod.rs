@@ -206,9 +206,12 @@ fn serve(
         None => None,
     };
     spawn_control(control, server.handle())?;
+    let metrics_addr = metrics
+        .as_ref()
+        .map_or_else(|| "off".to_string(), |m| m.local_addr().to_string());
     info!(
         listen = %server.local_addr(),
-        metrics = ?metrics.as_ref().map(|m| m.local_addr()),
+        metrics = %metrics_addr,
         control = %config.control_socket.display(),
         "Replica ready"
     );

@@ -155,7 +155,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
             bytes: 0,
         },
     );
-    assert!(matches!(other, Err(StoreError::Conflict(_))));
+    assert!(matches!(other, Err(StoreError::OtherRelationship(_))));
 }
 
 #[test]
