@@ -2,13 +2,17 @@
 //! JSON response line per connection. Only local users with access to the socket (it
 //! is created mode 0600) can use it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+/// The command that runs the primary daemon, for errors when it is not running.
+pub const PRIMARY: &str = "blkrep primary";
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: u64 = 64 * 1024;
@@ -70,14 +74,16 @@ pub struct Response {
     pub error: Option<String>,
 }
 
-/// Errors talking to the daemon.
+/// Errors talking to a daemon.
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// Nobody listens on the socket.
-    #[error("Cannot reach the primary daemon at {path} (is `blkrep primary` running?)")]
+    #[error("Cannot reach the daemon at {path} (is `{command}` running?)")]
     Connect {
         /// The socket.
         path: String,
+        /// The command that runs the daemon.
+        command: &'static str,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -93,14 +99,17 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Sends one request and returns the result.
-pub fn call(
+/// Sends one request to the daemon run by `command` (for the error when it is not
+/// running) and returns the result.
+pub fn call<R: Serialize>(
     socket: &Path,
-    request: &Request,
+    command: &'static str,
+    request: &R,
     timeout: Duration,
 ) -> Result<serde_json::Value, ControlError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
         path: socket.display().to_string(),
+        command,
         source,
     })?;
     stream.set_read_timeout(Some(timeout))?;
@@ -108,7 +117,8 @@ pub fn call(
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut answer = String::new();
-    BufReader::new(stream.take_limited()).read_line(&mut answer)?;
+    // Bounds what a daemon can make us buffer.
+    BufReader::new(stream.take(16 << 20)).read_line(&mut answer)?;
     let response: Response = serde_json::from_str(&answer)?;
     if response.ok {
         Ok(response.result.unwrap_or(serde_json::Value::Null))
@@ -119,11 +129,32 @@ pub fn call(
     }
 }
 
-trait TakeLimited: std::io::Read + Sized {
-    /// Bounds what a peer can make us buffer.
-    fn take_limited(self) -> std::io::Take<Self> {
-        self.take(16 << 20)
-    }
+/// Answers one request on `stream`: reads a line of at most [`MAX_REQUEST`] bytes
+/// (10 s at most), parses it as `R`, and writes `handle`'s result as a [`Response`].
+pub fn answer<R: DeserializeOwned>(
+    stream: &UnixStream,
+    handle: impl FnOnce(R) -> Result<serde_json::Value, String>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut line)?;
+    let outcome = serde_json::from_str::<R>(&line)
+        .map_err(|error| format!("Bad request: {error}"))
+        .and_then(handle);
+    let response = match outcome {
+        Ok(result) => Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        },
+        Err(message) => Response {
+            ok: false,
+            result: None,
+            error: Some(message),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    let mut writer = stream;
+    writer.write_all(&out)
 }
-
-impl TakeLimited for UnixStream {}

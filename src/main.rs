@@ -186,7 +186,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { target, json } => {
             let socket = control_socket(&target)?;
-            let value = control::call(&socket, &Request::Status, Duration::from_secs(30))?;
+            let value = control::call(
+                &socket,
+                control::PRIMARY,
+                &Request::Status,
+                Duration::from_secs(30),
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
@@ -208,7 +213,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group,
                 timeout_secs: timeout.as_secs().max(1),
             };
-            let value = control::call(&socket, &request, timeout + Duration::from_secs(5))?;
+            let value = control::call(
+                &socket,
+                control::PRIMARY,
+                &request,
+                timeout + Duration::from_secs(5),
+            )?;
             println!("{value}");
         }
         Command::Cert {

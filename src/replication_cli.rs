@@ -105,6 +105,7 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
     };
     let value = control::call(
         socket,
+        control::PRIMARY,
         &Request::Replication { group, action },
         ADMIN_TIMEOUT,
     )?;
@@ -115,7 +116,12 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
 fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
-        let value = control::call(socket, &Request::Status, Duration::from_secs(30))?;
+        let value = control::call(
+            socket,
+            control::PRIMARY,
+            &Request::Status,
+            Duration::from_secs(30),
+        )?;
         let report: StatusReport =
             serde_json::from_value(value).context("Unreadable status report")?;
         let Some(found) = report.groups.iter().find(|g| g.name == group) else {

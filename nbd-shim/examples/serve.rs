@@ -78,6 +78,9 @@ impl BlockDevice for DirtyTracking {
     fn can_multi_conn(&self) -> bool {
         self.image.can_multi_conn()
     }
+    fn waits_on_device(&self) -> bool {
+        self.image.waits_on_device()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.image.read_at(buf, offset)
     }

@@ -260,6 +260,8 @@ struct ResyncProgress {
     epoch: u32,
     maps: ResyncMaps,
     total_bytes: u64,
+    /// Marked bytes from `batch_start` on (counted once per batch: a scan of the maps).
+    remaining_bytes: u64,
     next_batch: u32,
     /// Where the batch being sent starts (everything before is committed).
     batch_start: Cursor,
@@ -274,6 +276,7 @@ struct ResyncProgress {
 impl ResyncProgress {
     fn advance(&mut self, end: Cursor, last: bool) {
         self.batch_start = end;
+        self.remaining_bytes = self.maps.bytes_from(end);
         self.next_batch += 1;
         self.chunk_ends.clear();
         self.batch_end = None;
@@ -286,9 +289,7 @@ impl ResyncProgress {
             epoch: self.epoch,
             batch: self.next_batch,
             total_bytes: self.total_bytes,
-            done_bytes: self
-                .total_bytes
-                .saturating_sub(self.maps.bytes_from(self.batch_start)),
+            done_bytes: self.total_bytes.saturating_sub(self.remaining_bytes),
         }
     }
 }
@@ -694,12 +695,12 @@ impl Worker {
 
     fn ship(&mut self) -> Result<u64, ShipperError> {
         self.ensure_enabled()?;
-        if self.resync.is_some() && self.group.status().resync.is_some() {
+        if self.resync.is_some() && self.group.resync_reason().is_some() {
             // The ring overflowed during the resync: restart it with the new marks.
             info!(group = %self.group.name(), "The ring overflowed during the resync; it starts again with every mark");
             self.hand_back_resync();
         }
-        if self.resync.is_none() && self.group.status().resync.is_some() {
+        if self.resync.is_none() && self.group.resync_reason().is_some() {
             self.start_resync()?;
         }
         match self.copy_batches() {
@@ -790,6 +791,7 @@ impl Worker {
             epoch: chain,
             maps,
             total_bytes,
+            remaining_bytes: total_bytes,
             next_batch: 0,
             batch_start: Cursor::default(),
             chunk_ends: Vec::new(),
@@ -817,7 +819,7 @@ impl Worker {
             if resync.copied {
                 return Ok(());
             }
-            let remaining = resync.maps.bytes_from(resync.batch_start);
+            let remaining = resync.remaining_bytes;
             let last = remaining <= RESYNC_BATCH;
             let batch = resync.next_batch;
             let id = resync_id(resync.epoch, batch);
@@ -1095,7 +1097,7 @@ impl Worker {
     fn update_status(&mut self) {
         let now = unix_now();
         let (missed, total) = self.history.counts(now);
-        let group_resync = self.group.status().resync;
+        let group_resync = self.group.resync_reason();
         let state = match self.gate() {
             Gate::Removed => ReplicationState::Removed,
             Gate::Suspended(_) => ReplicationState::Suspended,

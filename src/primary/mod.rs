@@ -7,7 +7,6 @@
 pub mod tracked_disk;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,7 +27,7 @@ use tracing::{error, info, warn};
 use tracker::{DiskSpec, Group, PreviousShutdown, TrackingMode};
 
 use crate::config::{ConsumerConfig, GroupConfig, PrimaryConfig, ReplicaConsumer};
-use crate::control::{self, Request, Response};
+use crate::control::{self, Request};
 use crate::status::{CycleReport, DiskReport, GroupReport, RingReport, StatusReport};
 use tracked_disk::TrackedDisk;
 
@@ -626,7 +625,7 @@ fn spawn_control(listener: UnixListener, daemon: Arc<Daemon>) -> Result<(), Prim
                 let spawned = std::thread::Builder::new()
                     .name("control-request".into())
                     .spawn(move || {
-                        if let Err(error) = serve_control(stream, &daemon) {
+                        if let Err(error) = serve_control(&stream, &daemon) {
                             warn!(%error, "Control request failed");
                         }
                     });
@@ -639,32 +638,8 @@ fn spawn_control(listener: UnixListener, daemon: Arc<Daemon>) -> Result<(), Prim
         .map_err(PrimaryError::Setup)
 }
 
-fn serve_control(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(control::MAX_REQUEST)).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Err(error) => Response {
-            ok: false,
-            result: None,
-            error: Some(format!("Bad request: {error}")),
-        },
-        Ok(request) => match handle(&request, daemon) {
-            Ok(result) => Response {
-                ok: true,
-                result: Some(result),
-                error: None,
-            },
-            Err(message) => Response {
-                ok: false,
-                result: None,
-                error: Some(message),
-            },
-        },
-    };
-    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-    out.push(b'\n');
-    (&stream).write_all(&out)
+fn serve_control(stream: &UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+    control::answer(stream, |request: Request| handle(&request, daemon))
 }
 
 /// The shipper of group `group`, or why there is none.

@@ -12,7 +12,6 @@
 
 pub mod config;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -27,7 +26,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 use wire::api::ReplicaInfo;
 
-use crate::control::{Response, MAX_REQUEST};
+use crate::control::{self, ControlError};
 use crate::metrics::{MetricsError, MetricsText};
 use config::ReplicaConfig;
 
@@ -93,24 +92,9 @@ pub enum DaemonError {
     /// Threads or signals cannot be set up.
     #[error("Cannot set up the daemon")]
     Setup(#[source] std::io::Error),
-    /// Nobody listens on the control socket.
-    #[error("Cannot reach the replica daemon at {path} (is `blkrep replica run` running?)")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The control exchange broke.
-    #[error("Control connection failed")]
-    Io(#[from] std::io::Error),
-    /// The daemon answered something unreadable.
-    #[error("Unreadable answer from the daemon")]
-    Decode(#[from] serde_json::Error),
-    /// The daemon refused.
-    #[error("{0}")]
-    Refused(String),
+    /// Talking to the daemon failed.
+    #[error(transparent)]
+    Talk(#[from] ControlError),
 }
 
 /// Runs `blkrep replica ...`; `init_logging` is called before a daemon starts.
@@ -271,59 +255,20 @@ fn spawn_control(listener: UnixListener, server: ServerHandle) -> Result<(), Dae
 }
 
 fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Err(error) => Response {
-            ok: false,
-            result: None,
-            error: Some(format!("Bad request: {error}")),
-        },
-        Ok(Request::Status) => match serde_json::to_value(server.replicas()) {
-            Ok(result) => Response {
-                ok: true,
-                result: Some(result),
-                error: None,
-            },
-            Err(error) => Response {
-                ok: false,
-                result: None,
-                error: Some(error.to_string()),
-            },
-        },
-    };
-    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-    out.push(b'\n');
-    let mut writer = stream;
-    writer.write_all(&out)
+    control::answer(stream, |request: Request| match request {
+        Request::Status => {
+            serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
+        }
+    })
 }
 
-/// Sends one request to the daemon at `socket` and returns the result.
+/// Sends one request to the replica daemon at `socket` and returns the result.
 pub fn call(
     socket: &Path,
     request: &Request,
     timeout: Duration,
-) -> Result<serde_json::Value, DaemonError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| DaemonError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    stream.set_read_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut answer = String::new();
-    // Bounds what a daemon can make us buffer.
-    BufReader::new(stream.take(16 << 20)).read_line(&mut answer)?;
-    let response: Response = serde_json::from_str(&answer)?;
-    if response.ok {
-        Ok(response.result.unwrap_or(serde_json::Value::Null))
-    } else {
-        Err(DaemonError::Refused(response.error.unwrap_or_else(|| {
-            "The daemon refused without a reason".into()
-        })))
-    }
+) -> Result<serde_json::Value, ControlError> {
+    control::call(socket, "blkrep replica run", request, timeout)
 }
 
 fn yes_no(value: bool) -> &'static str {
@@ -414,6 +359,7 @@ pub fn render_metrics(replicas: &[ReplicaInfo]) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
     use wire::api::DiskInfo;
 
     fn info(name: &str, group: &str) -> ReplicaInfo {

@@ -689,8 +689,27 @@ impl Group {
         self.shared.write_superblock(&mut state, true)
     }
 
+    /// Why a resync is required, if it is. Cheap (unlike [`Group::status`], which
+    /// counts dirty bits): for callers that poll.
+    pub fn resync_reason(&self) -> Option<ResyncReason> {
+        lock(&self.shared.state).resync
+    }
+
     /// Current figures.
     pub fn status(&self) -> GroupStatus {
+        // The maps are atomic: counting them (milliseconds on a large disk) must not
+        // hold the lock writers take.
+        let disks = self
+            .shared
+            .disks
+            .iter()
+            .map(|disk| DiskStatus {
+                name: disk.name.clone(),
+                size: disk.size,
+                dirty_bytes: disk.open_bits.dirty_bytes(),
+                resync_bytes: disk.resync_bits.dirty_bytes(),
+            })
+            .collect();
         let state = lock(&self.shared.state);
         GroupStatus {
             mode: state.mode,
@@ -704,17 +723,7 @@ impl Group {
             ring_size: self.shared.ring_size,
             ring_used: state.tail - state.head,
             records_logged: state.records_logged,
-            disks: self
-                .shared
-                .disks
-                .iter()
-                .map(|disk| DiskStatus {
-                    name: disk.name.clone(),
-                    size: disk.size,
-                    dirty_bytes: disk.open_bits.dirty_bytes(),
-                    resync_bytes: disk.resync_bits.dirty_bytes(),
-                })
-                .collect(),
+            disks,
         }
     }
 
