@@ -202,7 +202,7 @@ pub enum ConsumerConfig {
     /// Read each cycle fully and drop it (benchmarks).
     Discard,
     /// Ship each cycle to a replica server.
-    Replica(ReplicaConsumer),
+    Replica(Box<ReplicaConsumer>),
 }
 
 /// A replica server as the consumer of a group.
@@ -234,6 +234,9 @@ pub struct ReplicaConsumer {
     pub bandwidth_limit: Option<ByteSize>,
     /// Local address to send from (a dedicated replication network).
     pub source_address: Option<std::net::IpAddr>,
+    /// Time one request to the replica (a control exchange, one chunk) may take.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Interval,
     /// Start the initial replication at this time (RFC 3339, e.g.
     /// `2026-11-24T02:00:00Z`) instead of at once.
     pub start_at: Option<String>,
@@ -241,6 +244,10 @@ pub struct ReplicaConsumer {
 
 fn default_compression_level() -> u32 {
     1
+}
+
+fn default_request_timeout() -> Interval {
+    Interval(shipper::remote::REQUEST_TIMEOUT)
 }
 
 fn default_retry_scale() -> f64 {
@@ -284,6 +291,9 @@ impl ReplicaConsumer {
         }
         if !(self.retry_scale > 0.0 && self.retry_scale <= 100.0) {
             problems.push(format!("{at}: retry_scale must be above 0 and at most 100"));
+        }
+        if self.request_timeout.0 < Duration::from_secs(1) {
+            problems.push(format!("{at}: request_timeout must be at least 1s"));
         }
         if self.bandwidth_limit.is_some_and(|limit| limit.0 < 4096) {
             problems.push(format!(

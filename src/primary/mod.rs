@@ -395,6 +395,7 @@ fn replica_sink(
             url: replica.url.clone(),
             credentials,
             source_address: replica.source_address,
+            request_timeout: replica.request_timeout.0,
         },
         0,
     )

@@ -34,7 +34,7 @@ use wire::api::{
     RELATIONSHIP_HEADER,
 };
 
-/// Timeout of a control request, and of a chunk upload.
+/// Default timeout of a control request, and of a chunk upload.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Timeout of a TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -225,6 +225,9 @@ pub struct ClientSettings {
     pub credentials: Credentials,
     /// Local address to bind connections to.
     pub source_address: Option<IpAddr>,
+    /// Time one request (a control exchange or one chunk) may take before the
+    /// connection is dropped ([`REQUEST_TIMEOUT`] unless configured otherwise).
+    pub request_timeout: Duration,
 }
 
 /// A parsed replica URL.
@@ -377,14 +380,15 @@ impl ReplicaClient {
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
+        let limit = self.settings.request_timeout;
         let answer = self.runtime.block_on(async move {
             let exchange = async {
                 let mut sender = connect(&endpoint, &credentials, source).await?;
                 exchange(&mut sender, request).await
             };
-            tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            tokio::time::timeout(limit, exchange)
                 .await
-                .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+                .map_err(|_| ClientError::Timeout(limit))?
         })?;
         decode(&what, answer)
     }
@@ -448,6 +452,7 @@ impl ReplicaClient {
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
+        let limit = self.settings.request_timeout;
         let mut sender = match self.data.take() {
             Some(data) => Some(data.sender),
             None => None,
@@ -461,10 +466,10 @@ impl ReplicaClient {
                 let answer = exchange(&mut live, request).await?;
                 Ok::<_, ClientError>((answer, live))
             };
-            match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
+            match tokio::time::timeout(limit, work).await {
                 Ok(Ok((answer, live))) => (Ok(answer), Some(live)),
                 Ok(Err(error)) => (Err(error), None),
-                Err(_) => (Err(ClientError::Timeout(REQUEST_TIMEOUT)), None),
+                Err(_) => (Err(ClientError::Timeout(limit)), None),
             }
         });
         if let Some(sender) = sender {

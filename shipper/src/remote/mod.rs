@@ -23,7 +23,9 @@ use wire::api::{
 };
 use wire::chunk::{ChunkEncoder, RawChunk};
 
-pub use client::{ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient};
+pub use client::{
+    ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
+};
 pub use relationship::{Relationship, RelationshipError};
 pub use throttle::Throttle;
 
