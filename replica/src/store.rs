@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use wire::api::{DiskInfo, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
+use wire::api::{DiskInfo, Position, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 
 use crate::apply::{apply_change, ApplyError, ReplicaDisk};
@@ -159,6 +159,9 @@ pub struct ReplicaState {
     pub recent_commits: VecDeque<u64>,
     /// Paused by an administrator on the replica side.
     pub paused: bool,
+    /// Where the data of the latest committed resync batch ends.
+    #[serde(default)]
+    pub resync_position: Option<Position>,
 }
 
 impl ReplicaState {
@@ -190,6 +193,7 @@ impl ReplicaState {
             queue: VecDeque::new(),
             recent_commits: VecDeque::new(),
             paused: false,
+            resync_position: None,
         }
     }
 }
@@ -198,6 +202,7 @@ impl ReplicaState {
 const ALREADY_COMMITTED: TransferAnswer = TransferAnswer {
     have_chunks: 0,
     committed: true,
+    resume_from: None,
 };
 
 /// One replica on disk. Not thread-safe by itself: the server keeps each behind a
@@ -209,6 +214,8 @@ pub struct Replica {
     /// Chunks stored in the `.part` file of `state.receiving`, and its length.
     part_chunks: u32,
     part_len: u64,
+    /// Where the last record stored in the `.part` file ends.
+    part_end: Option<Position>,
     /// Free space kept in reserve, in bytes.
     reserve: u64,
 }
@@ -223,6 +230,14 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::io("sync directory", dir))
+}
+
+/// Where a record ends, as a [`Position`].
+fn record_end(disk: usize, offset: u64, length: u64) -> Option<Position> {
+    Some(Position {
+        disk: u32::try_from(disk).ok()?,
+        offset: offset.checked_add(length)?,
+    })
 }
 
 /// Free bytes on the filesystem holding `path`.
@@ -262,6 +277,7 @@ impl Replica {
             state,
             part_chunks: 0,
             part_len: 0,
+            part_end: None,
             reserve,
         };
         replica.save()?;
@@ -285,6 +301,7 @@ impl Replica {
             state,
             part_chunks: 0,
             part_len: 0,
+            part_end: None,
             reserve,
         };
         replica.recover_part()?;
@@ -364,15 +381,31 @@ impl Replica {
             }
             Err(e) => return Err(StoreError::io("open", &path)(e)),
         };
-        let (mut chunks, mut len) = (0u32, 0u64);
-        let mut frame = Vec::new();
+        let (mut chunks, mut len, mut end) = (0u32, 0u64, None);
+        let (mut frame, mut scratch) = (Vec::new(), Vec::new());
         while let Ok(true) = read_frame(&mut file, &mut frame) {
-            let valid = CheckedFrame::check(&frame)
-                .and_then(|checked| checked.header.expect(receiving.id, chunks))
-                .is_ok();
-            if !valid {
+            let Ok(checked) = CheckedFrame::check(&frame) else {
+                break;
+            };
+            if checked.header.expect(receiving.id, chunks).is_err() {
                 break;
             }
+            // Checked when it was stored; a frame that no longer decodes ends the file.
+            let Ok(records) = checked.records(&mut scratch) else {
+                break;
+            };
+            let mut frame_end = end;
+            let mut whole = true;
+            for change in records {
+                match change {
+                    Ok(change) => frame_end = record_end(change.disk, change.offset, change.length),
+                    Err(_) => whole = false,
+                }
+            }
+            if !whole {
+                break;
+            }
+            end = frame_end;
             chunks += 1;
             len += frame.len() as u64;
         }
@@ -381,6 +414,7 @@ impl Replica {
             .map_err(StoreError::io("truncate", &path))?;
         self.part_chunks = chunks;
         self.part_len = len;
+        self.part_end = end;
         Ok(())
     }
 
@@ -419,7 +453,13 @@ impl Replica {
     ) -> Result<TransferAnswer, StoreError> {
         self.check_relationship(relationship)?;
         if self.is_committed(offer.id) {
-            return Ok(ALREADY_COMMITTED);
+            return Ok(match offer.kind {
+                TransferKind::Resync { .. } => TransferAnswer {
+                    resume_from: self.state.resync_position,
+                    ..ALREADY_COMMITTED
+                },
+                TransferKind::Delta { .. } => ALREADY_COMMITTED,
+            });
         }
         if self.state.paused {
             return Err(StoreError::Paused(self.state.name.clone()));
@@ -461,10 +501,15 @@ impl Replica {
                 }
             }
         }
-        if self.state.receiving.map(|r| r.id) == Some(offer.id) {
+        let retry = Queued {
+            id: offer.id,
+            kind: offer.kind,
+        };
+        if self.state.receiving == Some(retry) {
             return Ok(TransferAnswer {
                 have_chunks: self.part_chunks,
                 committed: false,
+                resume_from: self.part_end,
             });
         }
         let needed = offer.bytes.saturating_add(self.reserve);
@@ -490,10 +535,12 @@ impl Replica {
         });
         self.part_chunks = 0;
         self.part_len = 0;
+        self.part_end = None;
         self.save()?;
         Ok(TransferAnswer {
             have_chunks: 0,
             committed: false,
+            resume_from: None,
         })
     }
 
@@ -542,8 +589,10 @@ impl Replica {
             .into());
         }
         let mut scratch = Vec::new();
+        let mut end = self.part_end;
         for change in checked.records(&mut scratch)? {
             let change = change?;
+            end = record_end(change.disk, change.offset, change.length);
             let fits = self.state.disks.get(change.disk).is_some_and(|d| {
                 change
                     .offset
@@ -579,6 +628,7 @@ impl Replica {
         }
         self.part_chunks += 1;
         self.part_len += frame.len() as u64;
+        self.part_end = end;
         Ok(self.part_chunks)
     }
 
@@ -616,6 +666,7 @@ impl Replica {
                 state.accept_any_cycle = false;
             }
             TransferKind::Resync { epoch, batch, last } => {
+                state.resync_position = self.part_end;
                 if batch == 0 {
                     // A resync restarts the chain: the cycles it replaces are void.
                     state.last_received_cycle = None;
@@ -628,6 +679,7 @@ impl Replica {
         }
         self.part_chunks = 0;
         self.part_len = 0;
+        self.part_end = None;
         self.save()
     }
 

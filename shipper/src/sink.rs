@@ -8,6 +8,7 @@ use tracker::{Change, ChangeData};
 use wire::api::{EnableRequest, TransferKind};
 
 use crate::remote::{ClientError, FailureClass};
+use crate::resync::Cursor;
 
 /// Errors of a consumer.
 #[derive(Debug, Error)]
@@ -53,6 +54,9 @@ pub struct Resume {
     pub have_chunks: u32,
     /// The consumer has the whole transfer (its commit answer was lost): nothing to send.
     pub committed: bool,
+    /// For a resync batch: where the data the consumer holds of it ends, so a shipper
+    /// that restarted continues there.
+    pub resume_from: Option<Cursor>,
 }
 
 /// Where closed cycles go. For every transfer (a delta cycle, or a batch of a resync)

@@ -28,7 +28,7 @@ use tracker::{ChangeData, Group, ResyncReason, TrackerError};
 use wire::api::{DiskInfo, EnableRequest, ErrorCode, TransferKind};
 use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 
-use crate::remote::{FailureClass, Relationship, RelationshipError};
+use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
 use crate::schedule::{assess, CycleHistory, Health, RetryPolicy};
 use crate::sink::{CycleSink, SinkError};
@@ -265,10 +265,9 @@ struct ResyncProgress {
     next_batch: u32,
     /// Where the batch being sent starts (everything before is committed).
     batch_start: Cursor,
-    /// Where each chunk of that batch produced so far ends.
-    chunk_ends: Vec<Cursor>,
-    /// Where the batch ended, once it was produced whole.
-    batch_end: Option<Cursor>,
+    /// Whether that batch is the last, once decided: every offer of a batch says the
+    /// same.
+    batch_last: Option<bool>,
     /// Every batch is committed: the next delivered cycle finishes the resync.
     copied: bool,
 }
@@ -278,8 +277,7 @@ impl ResyncProgress {
         self.batch_start = end;
         self.remaining_bytes = self.maps.bytes_from(end);
         self.next_batch += 1;
-        self.chunk_ends.clear();
-        self.batch_end = None;
+        self.batch_last = None;
         self.copied = last;
     }
 
@@ -719,6 +717,10 @@ impl Worker {
             // That cycle holds every write since logging resumed, so the fuzzy copy
             // is now consistent.
             self.group.finish_resync()?;
+            if let Some(relationship) = &mut self.relationship {
+                relationship.state.copy = None;
+                relationship.save()?;
+            }
             if let Some(resync) = self.resync.take() {
                 info!(group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
             }
@@ -773,11 +775,16 @@ impl Worker {
             .status()
             .resync
             .unwrap_or(ResyncReason::Requested);
+        if let Some(resumed) = self.resume_interrupted_copy(reason)? {
+            self.resync = Some(resumed);
+            return Ok(());
+        }
         // The new chain is durable before any of its transfers exists.
         let chain = new_chain();
         match &mut self.relationship {
             Some(relationship) => {
                 relationship.state.chain = chain;
+                relationship.state.copy = None;
                 relationship.save()?;
             }
             None => self.local_chain = chain,
@@ -794,10 +801,70 @@ impl Worker {
             remaining_bytes: total_bytes,
             next_batch: 0,
             batch_start: Cursor::default(),
-            chunk_ends: Vec::new(),
-            batch_end: None,
+            batch_last: None,
             copied: false,
         });
+        Ok(())
+    }
+
+    /// After a daemon crash mid-copy: the copy of the current chain continues with the
+    /// batch the relationship record names, from where the tracker says it started
+    /// (the log holds every write since the copy began). `None` when there is no such
+    /// copy; then a new resync copies every marked block.
+    fn resume_interrupted_copy(
+        &mut self,
+        reason: ResyncReason,
+    ) -> Result<Option<ResyncProgress>, ShipperError> {
+        let Some((disk, offset)) = self.group.resumable_copy() else {
+            return Ok(None);
+        };
+        let Some((chain, copy)) = self.relationship.as_ref().and_then(|relationship| {
+            let state = &relationship.state;
+            state
+                .copy
+                .filter(|copy| copy.chain == state.chain)
+                .map(|copy| (state.chain, copy))
+        }) else {
+            return Ok(None);
+        };
+        let maps = self.group.resume_copy()?;
+        let maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        let start = Cursor { disk, offset };
+        let remaining_bytes = maps.bytes_from(start);
+        info!(group = %self.group.name(), %reason, epoch = chain, batch = copy.batch, remaining = remaining_bytes, "Resync copy resumes after the daemon stopped uncleanly");
+        Ok(Some(ResyncProgress {
+            reason,
+            epoch: chain,
+            maps,
+            total_bytes: copy.total_bytes.max(remaining_bytes),
+            remaining_bytes,
+            next_batch: copy.batch,
+            batch_start: start,
+            batch_last: Some(copy.last),
+            copied: false,
+        }))
+    }
+
+    /// Makes where the copy stands survive a daemon crash: the tracker records where
+    /// the batch starts, the relationship record which batch it is.
+    fn record_copy_position(&mut self, batch: u32, last: bool) -> Result<(), ShipperError> {
+        let Some(resync) = &self.resync else {
+            return Ok(());
+        };
+        let (start, epoch, total_bytes) = (resync.batch_start, resync.epoch, resync.total_bytes);
+        self.group.note_copy_position(start.disk, start.offset)?;
+        if let Some(relationship) = &mut self.relationship {
+            let copy = CopyProgress {
+                chain: epoch,
+                batch,
+                last,
+                total_bytes,
+            };
+            if relationship.state.copy != Some(copy) {
+                relationship.state.copy = Some(copy);
+                relationship.save()?;
+            }
+        }
         Ok(())
     }
 
@@ -813,74 +880,75 @@ impl Worker {
     /// Sends the resync's batches that are not committed yet.
     fn copy_batches(&mut self) -> Result<(), ShipperError> {
         loop {
-            let Some(resync) = &self.resync else {
+            let Some(resync) = &mut self.resync else {
                 return Ok(());
             };
             if resync.copied {
                 return Ok(());
             }
             let remaining = resync.remaining_bytes;
-            let last = remaining <= RESYNC_BATCH;
-            let batch = resync.next_batch;
+            let last = *resync.batch_last.get_or_insert(remaining <= RESYNC_BATCH);
+            let (batch, start) = (resync.next_batch, resync.batch_start);
             let id = resync_id(resync.epoch, batch);
             let kind = TransferKind::Resync {
                 epoch: u64::from(resync.epoch),
                 batch,
                 last,
             };
-            let bound = remaining.min(RESYNC_BATCH + READ_PIECE);
+            let bound = if last {
+                remaining
+            } else {
+                remaining.min(RESYNC_BATCH + READ_PIECE)
+            };
             // At worst one record per 4 KiB grain.
             let bytes = bound + (bound / 4096 + 2) * RECORD_HEADER_LEN as u64;
+            self.record_copy_position(batch, last)?;
             let answer = self.sink.begin(id, kind, bytes)?;
-            let Some(resync) = &mut self.resync else {
-                return Ok(());
-            };
             let have = answer.have_chunks;
-            let produced = resync.chunk_ends.len();
-            if answer.committed {
-                let Some(end) = resync.batch_end else {
-                    return Err(ShipperError::ResyncLost { batch, have });
-                };
-                resync.advance(end, last);
-                continue;
-            }
-            let end = match (have, resync.batch_end) {
-                (0, _) => {
-                    resync.chunk_ends.clear();
-                    self.stream_batch(None, last)?
-                }
-                // Every chunk is on the replica; only the commit was lost.
-                (have, Some(end))
-                    if usize::try_from(have).is_ok_and(|have| have == produced)
-                        && resync.chunk_ends.last() == Some(&end) =>
-                {
-                    end
-                }
-                (have, _) => {
-                    let index = usize::try_from(have).unwrap_or(usize::MAX);
-                    let Some(&start) = resync.chunk_ends.get(index - 1) else {
-                        return Err(ShipperError::ResyncLost { batch, have });
-                    };
-                    resync.chunk_ends.truncate(index);
-                    self.sink.resume_at(have);
-                    debug!(group = %self.group.name(), batch, have, "Resuming a resync batch");
-                    self.stream_batch(Some(start), last)?
-                }
+            let end_of_disks = Cursor {
+                disk: self.images.len(),
+                offset: 0,
             };
-            if let Some(resync) = &mut self.resync {
-                resync.batch_end = Some(end);
-            }
-            self.sink.commit()?;
+            let end = if answer.committed {
+                match (answer.resume_from, last) {
+                    (Some(end), _) => end,
+                    // An empty last batch: nothing was left to copy.
+                    (None, true) => end_of_disks,
+                    (None, false) => return Err(ShipperError::ResyncLost { batch, have }),
+                }
+            } else {
+                let end = if have == 0 {
+                    self.stream_batch(start, 0, last)?
+                } else {
+                    // The replica says where the data it holds ends: the chunks from
+                    // `have` on continue from there.
+                    let from = answer
+                        .resume_from
+                        .filter(|from| *from >= start && from.disk < self.images.len())
+                        .ok_or(ShipperError::ResyncLost { batch, have })?;
+                    self.sink.resume_at(have);
+                    debug!(group = %self.group.name(), batch, have, ?from, "Resuming a resync batch");
+                    let sent = u64::from(have) * u64::from(MAX_CHUNK_RAW);
+                    self.stream_batch(from, sent, last)?
+                };
+                self.sink.commit()?;
+                end
+            };
             if let Some(resync) = &mut self.resync {
                 resync.advance(end, last);
             }
         }
     }
 
-    /// Streams one batch from `start` (the batch's start when `None`). A batch that is
-    /// not the last ends once it holds [`RESYNC_BATCH`] data bytes. Returns where it
-    /// ended.
-    fn stream_batch(&mut self, start: Option<Cursor>, last: bool) -> Result<Cursor, ShipperError> {
+    /// Streams one batch from `from`, `sent` data bytes of it being on the replica
+    /// already. A batch that is not the last ends once it holds [`RESYNC_BATCH`] data
+    /// bytes. Returns where it ended.
+    fn stream_batch(
+        &mut self,
+        from: Cursor,
+        sent: u64,
+        last: bool,
+    ) -> Result<Cursor, ShipperError> {
         let Worker {
             resync,
             sink,
@@ -891,12 +959,8 @@ impl Worker {
         let Some(resync) = resync else {
             return Ok(Cursor::default());
         };
-        let from = start.unwrap_or(resync.batch_start);
-        let mut sent = 0u64;
-        let ResyncProgress {
-            maps, chunk_ends, ..
-        } = resync;
-        for (disk, run_start, run_end) in maps.runs_from(from) {
+        let mut sent = sent;
+        for (disk, run_start, run_end) in resync.maps.runs_from(from) {
             let Some((path, image)) = images.get(disk) else {
                 continue;
             };
@@ -908,11 +972,8 @@ impl Worker {
                 run_end,
                 buffer,
                 &mut |change| {
-                    if sink.room() < ChunkEncoder::encoded_len(change) && sink.cut()? {
-                        chunk_ends.push(Cursor {
-                            disk,
-                            offset: change.offset,
-                        });
+                    if sink.room() < ChunkEncoder::encoded_len(change) {
+                        sink.cut()?;
                     }
                     sink.apply(change)?;
                     if let ChangeData::Write(bytes) = change.data {
@@ -926,22 +987,15 @@ impl Worker {
                 },
             )?;
             if let ControlFlow::Break(offset) = flow {
-                let end = Cursor { disk, offset };
-                if sink.cut()? {
-                    chunk_ends.push(end);
-                }
-                return Ok(end);
+                sink.cut()?;
+                return Ok(Cursor { disk, offset });
             }
         }
-        let end = Cursor {
+        sink.cut()?;
+        Ok(Cursor {
             disk: images.len(),
             offset: 0,
-        };
-        // The last chunk ends here, so a retry whose chunks all arrived only commits.
-        if sink.cut()? {
-            chunk_ends.push(end);
-        }
-        Ok(end)
+        })
     }
 
     fn deliver_closed(&mut self) -> Result<(), ShipperError> {

@@ -208,6 +208,10 @@ struct State {
     records_logged: u64,
     /// A fatal ring error (e.g. superblock write failed); writes keep going by map.
     broken: bool,
+    /// After a daemon crash mid-copy: where the resync copy stood (disk, offset). The
+    /// resync maps hold every block from there on, and the log every write since the
+    /// copy began, until the consumer takes them with [`Group::resume_copy`].
+    resumable_copy: Option<(usize, u64)>,
 }
 
 struct DiskState {
@@ -420,6 +424,7 @@ impl Group {
                 head_seq: 1,
                 acked_cycle: 0,
                 resync: None,
+                copy_position: None,
                 boot_id,
                 block_shift,
                 disks: disks.clone(),
@@ -492,6 +497,7 @@ impl Group {
             consumer_busy: false,
             records_logged: 0,
             broken: false,
+            resumable_copy: None,
         };
         let shared = Arc::new(Shared {
             name: config.name.clone(),
@@ -534,8 +540,8 @@ impl Group {
                     }
                 }
             });
-            report.resync_pending = state.resync.is_some();
             shared.restore_resync(&mut state, previous)?;
+            report.resync_pending = state.resync.is_some() && state.resumable_copy.is_none();
             if previous == PreviousShutdown::HostCrash {
                 // Writeback may have lost a header while later records reached the
                 // disk; the scan stopped there. Numbering new records far past anything
@@ -762,9 +768,12 @@ impl Group {
         state.head_seq = state.next_seq;
         // Cycles before the resync are all superseded by it.
         state.acked_cycle = state.open_cycle - 1;
+        state.superblock.copy_position = Some((0, 0));
+        state.resumable_copy = None;
         if let Err(error) = shared.write_superblock(&mut state, true) {
             // Nothing was taken yet: the marks stay for the next attempt.
             (state.head, state.head_seq, state.acked_cycle) = (old_head, old_head_seq, old_acked);
+            state.superblock.copy_position = None;
             return Err(error);
         }
         state.closed.clear();
@@ -790,6 +799,7 @@ impl Group {
     pub fn finish_resync(&self) -> Result<(), TrackerError> {
         let mut state = lock(&self.shared.state);
         state.superblock.resync = None;
+        state.superblock.copy_position = None;
         self.shared.write_superblock(&mut state, true)?;
         info!(group = %self.shared.name, "Resync finished");
         Ok(())
@@ -805,6 +815,8 @@ impl Group {
         }
         state.mode = TrackingMode::DirtyMap;
         state.resync = Some(reason);
+        state.superblock.copy_position = None;
+        state.resumable_copy = None;
         self.shared.write_superblock(&mut state, true)?;
         info!(group = %self.shared.name, %reason, "Full resync requested");
         Ok(())
@@ -818,6 +830,51 @@ impl Group {
         let mut state = lock(&self.shared.state);
         state.resync = Some(reason);
         state.mode = TrackingMode::DirtyMap;
+        state.superblock.copy_position = None;
+        state.resumable_copy = None;
+        if let Err(error) = self.shared.write_superblock(&mut state, false) {
+            warn!(group = %self.shared.name, %error, "Could not record the stopped copy in the superblock");
+        }
+    }
+
+    /// Records where the running resync copy stands: its consumer holds every block
+    /// below `(disk, offset)` of the copy. After a daemon crash the copy resumes there
+    /// ([`Group::resume_copy`]). Not synced: only a daemon crash, which keeps the page
+    /// cache, resumes a copy; a host crash copies everything again.
+    pub fn note_copy_position(&self, disk: usize, offset: u64) -> Result<(), TrackerError> {
+        let mut state = lock(&self.shared.state);
+        if state.superblock.copy_position.is_none() || state.mode != TrackingMode::Logging {
+            return Ok(());
+        }
+        let disk = u32::try_from(disk).map_err(|_| TrackerError::Config("disk index".into()))?;
+        state.superblock.copy_position = Some((disk, offset));
+        self.shared.write_superblock(&mut state, false)
+    }
+
+    /// Where a copy interrupted by a daemon crash can resume, if one can.
+    pub fn resumable_copy(&self) -> Option<(usize, u64)> {
+        lock(&self.shared.state).resumable_copy
+    }
+
+    /// Resumes the copy interrupted by a daemon crash ([`Group::resumable_copy`]):
+    /// returns the resync maps (every block from the copy's position on) and leaves
+    /// the log as it is, since it holds every write since the copy began. Without such
+    /// a copy, the same as [`Group::begin_resync`].
+    pub fn resume_copy(&self) -> Result<Vec<DirtyBits>, TrackerError> {
+        {
+            let mut state = lock(&self.shared.state);
+            if state.resumable_copy.take().is_some() && state.mode == TrackingMode::Logging {
+                state.resync = None;
+                info!(group = %self.shared.name, "Resync copy resumed; logging continues");
+                return Ok(self
+                    .shared
+                    .disks
+                    .iter()
+                    .map(|disk| disk.resync_bits.take())
+                    .collect());
+            }
+        }
+        self.begin_resync()
     }
 }
 
@@ -1141,6 +1198,10 @@ impl Shared {
         // the resync map themselves.
         state.mode = TrackingMode::DirtyMap;
         state.resync = Some(ResyncReason::RingOverflow);
+        // Writes from now on are not logged: a copy in progress cannot resume after a
+        // crash.
+        state.superblock.copy_position = None;
+        state.resumable_copy = None;
         if let Err(error) = self.write_superblock(state, false) {
             warn!(group = %self.name, %error, "Could not record the overflow in the superblock");
         }
@@ -1322,6 +1383,29 @@ impl Shared {
         previous: PreviousShutdown,
     ) -> Result<(), TrackerError> {
         let path = self.dirty_map_path();
+        let copy_position = state.superblock.copy_position.take();
+        if let (Some(reason), Some((disk, offset)), PreviousShutdown::DaemonCrash) =
+            (state.resync, copy_position, previous)
+        {
+            // The daemon died mid-copy with logging on: the page cache kept the log of
+            // every write since the copy began, so only the blocks from the copy's
+            // position on need copying; the log ships as usual afterwards.
+            let disk = usize_of(u64::from(disk));
+            info!(group = %self.name, %reason, disk, offset, "The daemon stopped mid-copy; the resync copy resumes where it stood");
+            for (index, state_disk) in self.disks.iter().enumerate() {
+                match index.cmp(&disk) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => state_disk
+                        .resync_bits
+                        .set_range(offset, state_disk.size.saturating_sub(offset)),
+                    std::cmp::Ordering::Greater => state_disk.resync_bits.set_all(),
+                }
+            }
+            state.superblock.copy_position = Some((u32::try_from(disk).unwrap_or(0), offset));
+            state.resumable_copy = Some((disk, offset));
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         if let Some(reason) = state.resync {
             state.mode = TrackingMode::DirtyMap;
             let restored = previous == PreviousShutdown::Clean && self.load_resync_bits(&path);

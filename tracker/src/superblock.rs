@@ -21,6 +21,8 @@ pub const MAX_DISKS: usize = 32;
 const MAGIC: &[u8; 8] = b"BLKRING1";
 const VERSION: u32 = 1;
 const FLAG_CLEAN: u32 = 1;
+/// A resync copy is running with logging on: every write since it began is in the log.
+const FLAG_COPY_LOGGED: u32 = 2;
 const DISKS_AT: usize = 96;
 const DISK_ENTRY: usize = 8 + 1 + MAX_DISK_NAME;
 const CRC_AT: usize = SUPERBLOCK_LEN - 4;
@@ -98,6 +100,10 @@ pub struct Superblock {
     pub acked_cycle: u64,
     /// Set while the group needs a resync rather than log shipping.
     pub resync: Option<ResyncReason>,
+    /// While a resync copy runs with logging on: the position (disk, offset) below
+    /// which its consumer has the copy, so after a daemon crash the copy resumes there
+    /// and the log supplies every write since the copy began.
+    pub copy_position: Option<(u32, u64)>,
     /// `/proc/sys/kernel/random/boot_id` of the boot that last opened the ring.
     pub boot_id: [u8; 16],
     /// Dirty-map granularity.
@@ -131,7 +137,13 @@ impl Superblock {
         let mut out = [0u8; SUPERBLOCK_LEN];
         out[0..8].copy_from_slice(MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        out[12..16].copy_from_slice(&(if self.clean { FLAG_CLEAN } else { 0 }).to_le_bytes());
+        let flags = if self.clean { FLAG_CLEAN } else { 0 }
+            | if self.copy_position.is_some() {
+                FLAG_COPY_LOGGED
+            } else {
+                0
+            };
+        out[12..16].copy_from_slice(&flags.to_le_bytes());
         out[16..24].copy_from_slice(&self.generation.to_le_bytes());
         out[24..32].copy_from_slice(&self.ring_size.to_le_bytes());
         out[32..40].copy_from_slice(&self.head_pos.to_le_bytes());
@@ -142,6 +154,9 @@ impl Superblock {
         out[76..80].copy_from_slice(&self.block_shift.to_le_bytes());
         // Bounded by MAX_DISKS above.
         out[80..84].copy_from_slice(&u32::try_from(self.disks.len()).unwrap_or(0).to_le_bytes());
+        let (copy_disk, copy_offset) = self.copy_position.unwrap_or_default();
+        out[84..88].copy_from_slice(&copy_disk.to_le_bytes());
+        out[88..96].copy_from_slice(&copy_offset.to_le_bytes());
         for (index, disk) in self.disks.iter().enumerate() {
             let at = DISKS_AT + index * DISK_ENTRY;
             out[at..at + 8].copy_from_slice(&disk.size.to_le_bytes());
@@ -187,6 +202,8 @@ impl Superblock {
             head_seq: u64_at(bytes, 40),
             acked_cycle: u64_at(bytes, 48),
             resync: ResyncReason::from_u32(u32_at(bytes, 56)),
+            copy_position: (u32_at(bytes, 12) & FLAG_COPY_LOGGED != 0)
+                .then(|| (u32_at(bytes, 84), u64_at(bytes, 88))),
             boot_id,
             block_shift: u32_at(bytes, 76),
             disks,
@@ -241,6 +258,7 @@ mod tests {
             head_seq: 99,
             acked_cycle: 17,
             resync: Some(ResyncReason::RingOverflow),
+            copy_position: Some((1, 1 << 33)),
             boot_id: current_boot_id(),
             block_shift: 12,
             disks: vec![
@@ -262,6 +280,7 @@ mod tests {
         let mut b = sample();
         b.generation = 6;
         b.clean = false;
+        b.copy_position = None;
         let (ea, eb) = (a.encode().unwrap(), b.encode().unwrap());
         assert_eq!(Superblock::decode(&ea).unwrap(), a);
         assert_eq!(Superblock::decode_pair(&ea, &eb).unwrap(), b);

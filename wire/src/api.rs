@@ -102,6 +102,15 @@ pub struct TransferOffer {
     pub bytes: u64,
 }
 
+/// A place in a group's disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// Disk index, in group order.
+    pub disk: u32,
+    /// Byte offset in that disk.
+    pub offset: u64,
+}
+
 /// The replica's answer to an offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferAnswer {
@@ -109,6 +118,11 @@ pub struct TransferAnswer {
     pub have_chunks: u32,
     /// The transfer was committed before (a retry after a lost answer): nothing to send.
     pub committed: bool,
+    /// For a resync batch: where the data the replica holds of it ends (the end of
+    /// the last record of the stored chunks; of the whole batch once committed). A
+    /// primary that lost its own account (it restarted) continues from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<Position>,
 }
 
 /// Ends a transfer.

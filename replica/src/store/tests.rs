@@ -192,6 +192,29 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
         replica.put_chunk(42, 77, 2, &bad),
         Err(StoreError::Chunk(_))
     ));
+    let offer = TransferOffer {
+        id: 77,
+        kind,
+        bytes: 1,
+    };
+    // A retry learns where the stored data ends: inside the split write.
+    let before = replica.offer(42, &offer).unwrap();
+    assert_eq!(before.have_chunks, 2);
+    let stored = before.resume_from.unwrap();
+    assert_eq!(stored.disk, 0);
+    assert!(
+        stored.offset > 2 * MIB && stored.offset < 4 * MIB,
+        "{stored:?}"
+    );
+    // The same id offered as another kind starts afresh rather than mixing data.
+    let other = TransferOffer {
+        kind: resync(1, 0, false),
+        ..offer
+    };
+    assert_eq!(replica.offer(42, &other).unwrap().have_chunks, 0);
+    replica.offer(42, &offer).unwrap();
+    replica.put_chunk(42, 77, 0, &all[0]).unwrap();
+    replica.put_chunk(42, 77, 1, &all[1]).unwrap();
     // A crash left half a frame behind.
     let part = path.join("incoming").join(format!("{:016x}.part", 77));
     let mut file = OpenOptions::new().append(true).open(&part).unwrap();
@@ -210,10 +233,21 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
         )
         .unwrap();
     assert_eq!(answer.have_chunks, 2);
+    assert_eq!(answer.resume_from, Some(stored));
     for (i, frame) in all.iter().enumerate().skip(2) {
         replica.put_chunk(42, 77, i as u32, frame).unwrap();
     }
     replica.commit(42, 77, all.len() as u32).unwrap();
+    // Offered again after the commit: the whole batch is there.
+    let again = replica.offer(42, &offer).unwrap();
+    assert!(again.committed);
+    assert_eq!(
+        again.resume_from,
+        Some(Position {
+            disk: 0,
+            offset: data.len() as u64
+        })
+    );
     apply_all(&mut replica);
     assert_eq!(&disk(&replica, "a")[..data.len()], &data[..]);
 }

@@ -26,9 +26,10 @@ use wire::chunk::{ChunkEncoder, RawChunk};
 pub use client::{
     ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
 };
-pub use relationship::{Relationship, RelationshipError};
+pub use relationship::{CopyProgress, Relationship, RelationshipError};
 pub use throttle::Throttle;
 
+use crate::resync::Cursor;
 use crate::sink::{CycleSink, Resume, SinkError};
 
 /// How chunks are sent.
@@ -164,6 +165,10 @@ impl CycleSink for RemoteSink {
         Ok(Resume {
             have_chunks: answer.have_chunks,
             committed: answer.committed,
+            resume_from: answer.resume_from.map(|position| Cursor {
+                disk: usize::try_from(position.disk).unwrap_or(usize::MAX),
+                offset: position.offset,
+            }),
         })
     }
 

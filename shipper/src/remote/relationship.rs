@@ -66,6 +66,23 @@ pub struct Relationship {
     pub start_after_unix: Option<u64>,
     /// When replication was enabled (seconds since the epoch).
     pub enabled_unix: u64,
+    /// The resync copy of the current chain, while it runs: after a daemon crash it
+    /// continues with this batch (the tracker knows where the batch starts).
+    #[serde(default)]
+    pub copy: Option<CopyProgress>,
+}
+
+/// Where a resync copy stands, as the relationship record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyProgress {
+    /// The chain (resync epoch) the copy belongs to.
+    pub chain: u32,
+    /// The batch being sent.
+    pub batch: u32,
+    /// Whether that batch was offered as the last.
+    pub last: bool,
+    /// Bytes the copy had to send when it began (for progress).
+    pub total_bytes: u64,
 }
 
 impl Relationship {
@@ -82,6 +99,7 @@ impl Relationship {
             removed: false,
             start_after_unix: None,
             enabled_unix: crate::thread::unix_now(),
+            copy: None,
         }
     }
 

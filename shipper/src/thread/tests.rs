@@ -197,8 +197,10 @@ struct ChunkingSink {
     inner: LocalCopySink,
     receiving: Option<u64>,
     stored: u32,
-    pending: Vec<(usize, u64, Option<Vec<u8>>)>,
+    pending: Vec<(usize, u64, u64, Option<Vec<u8>>)>,
     pending_bytes: usize,
+    /// Where the last stored record ends.
+    end: Option<Cursor>,
     cuts: u32,
     fail_at: u32,
     applied_bytes: Arc<std::sync::atomic::AtomicU64>,
@@ -220,7 +222,11 @@ impl ChunkingSink {
                 source: std::io::Error::other("injected"),
             });
         }
-        for (disk, offset, data) in self.pending.drain(..) {
+        for (disk, offset, length, data) in self.pending.drain(..) {
+            self.end = Some(Cursor {
+                disk,
+                offset: offset + length,
+            });
             let change = match &data {
                 Some(bytes) => Change {
                     disk,
@@ -253,12 +259,14 @@ impl CycleSink for ChunkingSink {
         if self.receiving != Some(id) {
             self.receiving = Some(id);
             self.stored = 0;
+            self.end = None;
         }
         self.pending.clear();
         self.pending_bytes = 0;
         Ok(crate::Resume {
             have_chunks: self.stored,
             committed: false,
+            resume_from: self.end,
         })
     }
     fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
@@ -271,7 +279,8 @@ impl CycleSink for ChunkingSink {
             }
         };
         self.pending_bytes += 24 + data.as_ref().map_or(0, Vec::len);
-        self.pending.push((change.disk, change.offset, data));
+        self.pending
+            .push((change.disk, change.offset, change.length, data));
         Ok(())
     }
     fn room(&self) -> usize {
@@ -313,6 +322,7 @@ fn an_interrupted_resync_resumes_at_the_missing_chunk() {
         stored: 0,
         pending: Vec::new(),
         pending_bytes: 0,
+        end: None,
         cuts: 0,
         fail_at: 6,
         applied_bytes: Arc::clone(&applied),

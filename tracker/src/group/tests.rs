@@ -494,3 +494,71 @@ fn resync_waits_for_writes_tracked_by_map_only() {
     let maps = resync.join().unwrap();
     assert!(maps[0][1]);
 }
+
+#[test]
+fn a_copy_interrupted_by_a_daemon_crash_resumes_at_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 2);
+    let mut images = vec![vec![0u8; usize_of(DISK)]; 2];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        group
+            .request_full_resync(ResyncReason::InitialReplication)
+            .unwrap();
+        let maps = group.begin_resync().unwrap();
+        assert!(maps.iter().all(|bits| bits.all()));
+        // The consumer holds disk 0 and the first half of disk 1; writes meanwhile
+        // are logged, below the position and above it.
+        group.note_copy_position(1, DISK / 2).unwrap();
+        let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+        write(&d0, &mut images[0], 8192, &[5; 4096]);
+        write(&d1, &mut images[1], DISK - 4096, &[6; 4096]);
+        // Dropped without shutdown_clean: a daemon crash.
+    }
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::DaemonCrash);
+    assert!(!report.resync_pending && report.needs_replay());
+    assert_eq!(group.resumable_copy(), Some((1, DISK / 2)));
+    assert_eq!(
+        group.resync_reason(),
+        Some(ResyncReason::InitialReplication)
+    );
+    let maps = group.resume_copy().unwrap();
+    assert_eq!(maps[0].count_ones(), 0);
+    let blocks = usize_of(DISK / 4096);
+    assert_eq!(maps[1].first_one(), Some(blocks / 2));
+    assert_eq!(maps[1].count_ones(), blocks / 2);
+    // The log kept both writes: they ship as the cycle that ends the resync.
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut shipped = vec![vec![0u8; usize_of(DISK)]; 2];
+    apply(&cycle, &mut shipped);
+    assert!(shipped == images);
+    cycle.acknowledge().unwrap();
+    group.finish_resync().unwrap();
+    assert_eq!(group.resync_reason(), None);
+    assert_eq!(group.resumable_copy(), None);
+}
+
+#[test]
+fn a_copy_that_overflowed_copies_everything_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        group.request_full_resync(ResyncReason::Requested).unwrap();
+        group.begin_resync().unwrap();
+        group.note_copy_position(0, DISK / 2).unwrap();
+        let disk = group.disk(0).unwrap();
+        // Overflow: the writes from here are not logged, so the position is void.
+        for i in 0..100u64 {
+            drop(disk.log_write((i % 8) * 65536, &[9; 65536]).unwrap());
+        }
+        assert_eq!(group.status().mode, TrackingMode::DirtyMap);
+    }
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert!(report.resync_pending);
+    assert_eq!(group.resumable_copy(), None);
+    let maps = group.resume_copy().unwrap();
+    assert!(maps[0].all());
+}
