@@ -237,6 +237,10 @@ pub struct ReplicaConsumer {
     /// Time one request to the replica (a control exchange, one chunk) may take.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: Interval,
+    /// Where the initial copy comes from: `network` (every allocated block is sent)
+    /// or `existing` (a copy seeded on the replica server is compared block by block).
+    #[serde(default)]
+    pub initial_replication: wire::api::InitialMethod,
     /// Start the initial replication at this time (RFC 3339, e.g.
     /// `2026-11-24T02:00:00Z`) instead of at once.
     pub start_at: Option<String>,

@@ -189,6 +189,87 @@ fn a_thin_image_sends_only_its_data_in_the_initial_replication() {
     );
 }
 
+/// An existing copy on the replica server (an old backup with a few blocks changed
+/// since) is compared by hashes; only the differing blocks cross the network.
+#[test]
+fn an_existing_copy_sends_only_the_blocks_that_differ() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let p = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![
+            DiskSpec::new("disk0", 96 * MIB).init(Init::Random(21)),
+            DiskSpec::new("disk1", 16 * MIB).init(Init::Random(22)),
+        ],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "compression = false\ninitial_replication = \"existing\"",
+    )))
+    .ring_size("64MiB")]));
+    // The backup: today's images, then the primary moves on by 3 small writes.
+    let backups = dir.path().join("backup");
+    std::fs::create_dir(&backups).expect("mkdir");
+    let mut seed = p.cmd();
+    seed.args(["replica", "seed", "--config"])
+        .arg(replica.config())
+        .args(["--trust-group", "dc1", "--name", "vm1"]);
+    for disk in ["disk0", "disk1"] {
+        let backup = backups.join(format!("{disk}.img"));
+        std::fs::copy(p.image(disk), &backup).expect("copy");
+        seed.arg("--disk")
+            .arg(format!("{disk}={}", backup.display()));
+    }
+    let changes: [(&str, u64, usize); 3] = [
+        ("disk0", 3 * MIB + 100, 4096),
+        ("disk0", 70 * MIB - 10, 20),
+        ("disk1", 16 * MIB - 8192, 8192),
+    ];
+    for (index, (disk, offset, len)) in changes.iter().enumerate() {
+        let image = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.image(disk))
+            .expect("open image");
+        let bytes = pseudo_random(100 + index as u64, *len);
+        image.write_all_at(&bytes, *offset).expect("write");
+    }
+    let seeded = run_ok(&mut seed, LONG);
+    assert!(
+        seeded.stdout.contains("Existing copy of vm1 placed"),
+        "{}",
+        seeded.all()
+    );
+
+    let mut p = p;
+    p.restart();
+    let cycle = p.cycles_close("vm1");
+    let info = replica.wait_applied("vm1", cycle, LONG);
+    assert_eq!(info["consistent"], true, "{info}");
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
+    }
+    // Six 4 KiB blocks differ (each write straddles two); 112 MiB did not.
+    let status = consumer_status(&p);
+    let sent = status["network_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        (24 * KIB..128 * KIB).contains(&sent),
+        "an existing copy with 6 differing blocks sent {sent} bytes: {status:#}"
+    );
+    let comparison = &status["last_comparison"];
+    assert_eq!(comparison["marked_bytes"], 112 * MIB, "{status:#}");
+    assert_eq!(comparison["differing_bytes"], 24 * KIB, "{status:#}");
+    // The copy is claimed: a second seed of the same name is refused.
+    let again = run(&mut seed, LONG);
+    assert!(
+        !again.success() && again.all().contains("already holds a replica"),
+        "{}",
+        again.all()
+    );
+}
+
 #[test]
 fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

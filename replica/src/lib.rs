@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod compare;
 pub mod copy;
 pub mod server;
 pub mod store;

@@ -41,14 +41,16 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use wire::api::{
-    valid_name, CommitRequest, EnableRequest, ErrorBody, ErrorCode, ReplicaInfo, TransferOffer,
-    API_PREFIX, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
+    valid_name, CommitRequest, DiskInfo, EnableRequest, ErrorBody, ErrorCode, HashAnswer,
+    HashRequest, InitialMethod, ReplicaInfo, TransferOffer, API_PREFIX, IDENTITY_HEADER,
+    MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
 };
 use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 use wire::error_chain;
 use wire::tls::{certificate_names, NamePattern};
 
 use crate::apply::ReplicaDisk;
+use crate::compare;
 use crate::store::{apply_transfer, Replica, ReplicaState, StoreError};
 
 /// How long a TLS handshake may take.
@@ -764,8 +766,17 @@ async fn route(
             match (method, tail) {
                 (Method::GET, []) => Ok(json(StatusCode::OK, &lock(&replica).info())),
                 (Method::DELETE, []) => {
+                    let relationship = relationship(&request)?;
+                    lock(&replica)
+                        .check_relationship(relationship)
+                        .map_err(|e| store_refusal(&e))?;
                     let context = Arc::clone(context);
                     blocking(move || remove_replica(&context, &dir, &replica)).await
+                }
+                (Method::POST, ["hashes"]) => {
+                    let relationship = relationship(&request)?;
+                    let asked: HashRequest = json_body(request).await?;
+                    blocking(move || hash_replica_disk(&replica, relationship, &asked)).await
                 }
                 (Method::POST, ["transfers"]) => {
                     let relationship = relationship(&request)?;
@@ -818,6 +829,62 @@ async fn route(
     }
 }
 
+/// How long a hash request waits for received transfers to be applied.
+const HASH_WAIT: Duration = Duration::from_secs(60);
+
+/// Hashes ranges of a replica disk once every received transfer is applied (the
+/// hashes then describe what the next transfers build on). The replica is not locked
+/// while hashing.
+fn hash_replica_disk(
+    replica: &Mutex<Replica>,
+    relationship: u64,
+    asked: &HashRequest,
+) -> Result<Answer, Refusal> {
+    let deadline = std::time::Instant::now() + HASH_WAIT;
+    let (path, size) = loop {
+        {
+            let replica = lock(replica);
+            replica
+                .check_relationship(relationship)
+                .map_err(|e| store_refusal(&e))?;
+            let disk = usize::try_from(asked.disk)
+                .ok()
+                .and_then(|index| replica.state().disks.get(index))
+                .ok_or_else(|| refuse(ErrorCode::BadRequest, "No such disk"))?;
+            if replica.state().queue.is_empty() {
+                break (replica.disk_path(&disk.name), disk.size);
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(refuse(
+                ErrorCode::Busy,
+                "Received transfers are still being applied; ask again later",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    compare::check_ranges(&asked.ranges, size)
+        .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
+    let image = std::fs::File::open(&path).map_err(|e| {
+        refuse(
+            ErrorCode::Internal,
+            format!("Cannot open {}: {e}", path.display()),
+        )
+    })?;
+    let hashes = compare::hash_ranges(&image, size, &asked.ranges).map_err(|e| {
+        refuse(
+            ErrorCode::Internal,
+            format!("Cannot hash {}: {}", path.display(), error_chain(&e)),
+        )
+    })?;
+    Ok(json(
+        StatusCode::OK,
+        &HashAnswer {
+            hashes: hashes.iter().map(compare::to_hex).collect(),
+        },
+    ))
+}
+
 /// The replica in `dir` if it exists and belongs to the peer's trust group.
 fn find(context: &Context, peer: &Peer, dir: &Path) -> Result<Arc<Mutex<Replica>>, Refusal> {
     let not_found = || refuse(ErrorCode::NotFound, "No such replica");
@@ -856,6 +923,9 @@ fn enable_replica(
                 "The replica name is in use",
             ));
         }
+        if replica.is_unclaimed() {
+            return claim_existing_copy(replica, peer, &enable);
+        }
         if state.relationship != enable.relationship || state.disks != enable.disks {
             return Err(refuse(
                 ErrorCode::OtherRelationship,
@@ -866,6 +936,15 @@ fn enable_replica(
             ));
         }
         return Ok(json(StatusCode::OK, &replica.info()));
+    }
+    if enable.initial == InitialMethod::Existing {
+        return Err(refuse(
+            ErrorCode::NotFound,
+            format!(
+                "No existing copy of {} on this replica server; place one with `blkrep replica seed`, or enable with the network initial replication",
+                enable.name
+            ),
+        ));
     }
     let needed: u64 = context.settings.reserve;
     let free = crate::store::free_space(&peer.storage).map_err(|e| store_refusal(&e))?;
@@ -891,6 +970,48 @@ fn enable_replica(
     let info = replica.info();
     lock(&context.replicas).insert(dir, Arc::new(Mutex::new(replica)));
     Ok(json(StatusCode::CREATED, &info))
+}
+
+/// Gives a seeded existing copy to the enabling primary, if it asked for one and the
+/// disks match.
+fn claim_existing_copy(
+    mut replica: std::sync::MutexGuard<'_, Replica>,
+    peer: &Peer,
+    enable: &EnableRequest,
+) -> Result<Answer, Refusal> {
+    let state = replica.state();
+    if enable.initial != InitialMethod::Existing {
+        return Err(refuse(
+            ErrorCode::OtherRelationship,
+            format!(
+                "Replica {} is an existing copy seeded on the replica server; enable with initial_replication = \"existing\" to use it, or remove it there",
+                state.name
+            ),
+        ));
+    }
+    if state.disks != enable.disks {
+        let describe = |disks: &[DiskInfo]| {
+            disks
+                .iter()
+                .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(refuse(
+            ErrorCode::OtherRelationship,
+            format!(
+                "The existing copy {} has disks {}; the primary has {}",
+                state.name,
+                describe(&state.disks),
+                describe(&enable.disks)
+            ),
+        ));
+    }
+    replica
+        .claim(enable.relationship, &enable.primary_host, &peer.identity)
+        .map_err(|e| store_refusal(&e))?;
+    info!(replica = %enable.name, identity = %peer.identity, "Existing copy claimed; blocks are compared before any is sent");
+    Ok(json(StatusCode::OK, &replica.info()))
 }
 
 fn remove_replica(

@@ -38,6 +38,9 @@ use crate::apply::{apply_change, ApplyError, ReplicaDisk};
 
 /// Transfer ids remembered after commit, to answer retries.
 const RECENT_COMMITS: usize = 64;
+/// The relationship of a seeded replica no primary has claimed (primaries never
+/// choose 0).
+const UNCLAIMED: u64 = 0;
 
 /// Errors of a replica store operation.
 #[derive(Debug, Error)]
@@ -285,6 +288,104 @@ impl Replica {
             sync_dir(parent)?;
         }
         Ok(replica)
+    }
+
+    /// Makes existing disk images (a restored backup, an old replica's disks) the
+    /// replica `name` of `trust_group` in `dir`, which must not exist: the images are
+    /// copied sparsely, or moved when `move_images` (same filesystem). The replica has
+    /// no relationship yet: the first primary of the trust group that enables
+    /// replication of that name with an existing copy as its initial replication claims
+    /// it, and only blocks that differ are sent. Built under a temporary name and
+    /// renamed into place, so a crash leaves no half-seeded replica.
+    pub fn seed(
+        dir: &Path,
+        name: &str,
+        trust_group: &str,
+        images: &[(String, PathBuf)],
+        move_images: bool,
+    ) -> Result<Self, StoreError> {
+        if Self::exists(dir) {
+            return Err(StoreError::Conflict(format!(
+                "{} already holds a replica",
+                dir.display()
+            )));
+        }
+        let mut disks = Vec::new();
+        for (disk, image) in images {
+            let size = fs::metadata(image)
+                .map_err(StoreError::io("read", image))?
+                .len();
+            disks.push(DiskInfo {
+                name: disk.clone(),
+                size,
+            });
+        }
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let building = parent.join(format!(".seeding-{name}"));
+        let _ = fs::remove_dir_all(&building);
+        let mut state = ReplicaState::new(
+            name.to_string(),
+            trust_group.to_string(),
+            UNCLAIMED,
+            String::new(),
+            "an existing copy (blkrep replica seed)".into(),
+            disks,
+        );
+        state.created_unix = now_unix();
+        let replica = Self::create(&building, state, 0)?;
+        for (disk, image) in images {
+            let target = replica.disk_path(disk);
+            if move_images {
+                fs::rename(image, &target).map_err(StoreError::io("move", image))?;
+            } else {
+                crate::copy::sparse_copy(image, &target).map_err(StoreError::io("copy", image))?;
+            }
+        }
+        sync_dir(&building.join("disks"))?;
+        fs::rename(&building, dir).map_err(StoreError::io("move into place", &building))?;
+        sync_dir(parent)?;
+        Self::open(dir, 0)
+    }
+
+    /// Whether the replica is an existing copy no primary has claimed yet.
+    pub fn is_unclaimed(&self) -> bool {
+        self.state.relationship == UNCLAIMED
+    }
+
+    /// Gives an unclaimed replica (an existing copy) to `relationship`.
+    pub fn claim(
+        &mut self,
+        relationship: u64,
+        primary_host: &str,
+        identity: &str,
+    ) -> Result<(), StoreError> {
+        if !self.is_unclaimed() || relationship == UNCLAIMED {
+            return Err(StoreError::OtherRelationship(format!(
+                "replica {} is not an unclaimed existing copy",
+                self.state.name
+            )));
+        }
+        self.state.relationship = relationship;
+        self.state.primary_host = primary_host.to_string();
+        self.state.enabled_by = identity.to_string();
+        self.save()
+    }
+
+    /// Fails unless `relationship` owns the replica.
+    pub fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
+        if self.is_unclaimed() {
+            return Err(StoreError::OtherRelationship(format!(
+                "replica {} is an existing copy no primary has claimed; enable replication with the existing copy as its initial replication",
+                self.state.name
+            )));
+        }
+        if relationship != self.state.relationship {
+            return Err(StoreError::OtherRelationship(format!(
+                "replica {} belongs to another replication relationship (enabled by {} from {}); remove it on the replica first",
+                self.state.name, self.state.enabled_by, self.state.primary_host
+            )));
+        }
+        Ok(())
     }
 
     /// Opens the replica in `dir` and recovers a transfer interrupted mid-chunk.
@@ -547,16 +648,6 @@ impl Replica {
     /// Whether transfer `id` was committed (and is queued or applied).
     fn is_committed(&self, id: u64) -> bool {
         self.state.recent_commits.contains(&id) || self.state.queue.iter().any(|q| q.id == id)
-    }
-
-    fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
-        if relationship != self.state.relationship {
-            return Err(StoreError::OtherRelationship(format!(
-                "replica {} belongs to another replication relationship (enabled by {} from {}); remove it on the replica first",
-                self.state.name, self.state.enabled_by, self.state.primary_host
-            )));
-        }
-        Ok(())
     }
 
     /// Stores chunk `index` of transfer `id` durably, after checking it completely.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use replica::server::{AuthEntry, ReplicaServer, ServerError, ServerSettings, Transport};
+use replica::store::Replica;
 use tracker::{Change, ChangeData};
 use wire::api::*;
 use wire::chunk::{ChunkEncoder, RawChunk};
@@ -121,6 +122,7 @@ fn enable_request(name: &str) -> EnableRequest {
         }],
         primary_host: "host1".into(),
         relationship: 0xabc,
+        initial: InitialMethod::Network,
     }
 }
 
@@ -418,4 +420,112 @@ fn lab_mode_refuses_a_short_key() {
     assert!(matches!(error, ServerError::WeakKey), "{error}");
     let printed = format!("{:?}", Transport::PlainWithPsk { psk: PSK.into() });
     assert!(!printed.contains(PSK), "{printed}");
+}
+
+/// A seeded existing copy is claimed only by an enable that asks for it, with the
+/// same disks; hashes describe its contents; deleting needs the relationship.
+#[test]
+fn existing_copies_are_claimed_hashed_and_deleted_only_by_their_relationship() {
+    let lab = Lab::start();
+    let agent = lab.client("host1.dc1.example.com", None);
+    let image = lab.dir.path().join("backup.img");
+    let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &data).unwrap();
+    let existing = |name: &str| EnableRequest {
+        initial: InitialMethod::Existing,
+        ..enable_request(name)
+    };
+    // No copy of that name: the admin is told how to place one.
+    let (code, body) = status_of(agent.post(&lab.url("/replicas")).send_json(existing("vm1")));
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("blkrep replica seed"), "{body}");
+
+    Replica::seed(
+        &lab.dir.path().join("store1/vm1"),
+        "vm1",
+        "dc1",
+        &[("disk0".into(), image.clone())],
+        false,
+    )
+    .unwrap();
+    // A network enable, other disks, another tenant: refused, nothing claimed.
+    let (code, body) = enable(&lab, &agent, "vm1");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("initial_replication"), "{body}");
+    let mut bigger = existing("vm1");
+    bigger.disks[0].size *= 2;
+    let (code, body) = status_of(agent.post(&lab.url("/replicas")).send_json(bigger));
+    assert_eq!(code, 409, "{body}");
+    let other = lab.client("host1.dc2.example.com", None);
+    let (code, _) = status_of(other.post(&lab.url("/replicas")).send_json(existing("vm1")));
+    assert_eq!(code, 404, "dc2 cannot see dc1's existing copy");
+    // Unclaimed, it answers no hash request.
+    let ask = HashRequest {
+        disk: 0,
+        ranges: vec![
+            ByteRange {
+                offset: 0,
+                length: 4 * MIB,
+            },
+            ByteRange {
+                offset: MIB,
+                length: 10,
+            },
+        ],
+    };
+    let (code, _) = status_of(
+        agent
+            .post(&lab.url("/replicas/vm1/hashes"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_json(&ask),
+    );
+    assert_eq!(code, 409);
+
+    let (code, body) = status_of(agent.post(&lab.url("/replicas")).send_json(existing("vm1")));
+    assert_eq!(code, 200, "{body}");
+    let answer: HashAnswer = agent
+        .post(&lab.url("/replicas/vm1/hashes"))
+        .set(RELATIONSHIP_HEADER, "abc")
+        .send_json(&ask)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let expected = [
+        blake3::hash(&data).to_hex().to_string(),
+        blake3::hash(&data[1 << 20..(1 << 20) + 10])
+            .to_hex()
+            .to_string(),
+    ];
+    assert_eq!(answer.hashes, expected);
+    // Ranges outside the disk are refused before any read.
+    let outside = HashRequest {
+        disk: 0,
+        ranges: vec![ByteRange {
+            offset: 4 * MIB,
+            length: 1,
+        }],
+    };
+    let (code, _) = status_of(
+        agent
+            .post(&lab.url("/replicas/vm1/hashes"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_json(&outside),
+    );
+    assert_eq!(code, 400);
+    // Deleting needs the relationship that owns the replica.
+    let (code, _) = status_of(
+        agent
+            .delete(&lab.url("/replicas/vm1"))
+            .set(RELATIONSHIP_HEADER, "abd")
+            .call(),
+    );
+    assert_eq!(code, 409);
+    let (code, body) = status_of(
+        agent
+            .delete(&lab.url("/replicas/vm1"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .call(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!lab.dir.path().join("store1/vm1").exists());
 }

@@ -3,7 +3,8 @@
 //! made it durable.
 //!
 //! The shipping path: [`thread`] schedules cycles, resyncs and retries; [`resync`]
-//! reads the blocks a resync copies; [`remote`] sends transfers to a replica server
+//! reads the blocks a resync copies, after [`compare`] dropped those the consumer
+//! has already; [`remote`] sends transfers to a replica server
 //! over HTTPS; the local consumers live beside the [`CycleSink`] trait; [`schedule`]
 //! holds the retry table and the health rules.
 //!
@@ -15,6 +16,7 @@
 //! consistent.
 #![warn(missing_docs)]
 
+pub mod compare;
 pub mod remote;
 pub mod resync;
 pub mod schedule;

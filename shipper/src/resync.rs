@@ -47,6 +47,11 @@ fn usize_of(value: u64) -> usize {
 }
 
 impl ResyncMaps {
+    /// Disk sizes.
+    pub fn sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+
     /// Maps of `block_size` blocks over disks of `sizes` bytes.
     pub fn new(maps: Vec<DirtyBits>, block_size: u64, sizes: Vec<u64>) -> Self {
         ResyncMaps {
@@ -93,6 +98,29 @@ impl ResyncMaps {
         self.runs_from(from)
             .map(|(_, start, end)| end - start)
             .sum()
+    }
+
+    /// Block size of the maps.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Unmarks `start..end` of disk `disk`: the blocks wholly inside it, and the last
+    /// partial block when `end` is the disk's end.
+    pub fn clear(&mut self, disk: usize, start: u64, end: u64) {
+        let size = self.sizes.get(disk).copied().unwrap_or(0);
+        let Some(bits) = self.maps.get_mut(disk) else {
+            return;
+        };
+        let first = usize_of(start.div_ceil(self.block_size));
+        let last = if end >= size {
+            bits.len()
+        } else {
+            usize_of(end / self.block_size).min(bits.len())
+        };
+        if first < last {
+            bits[first..last].fill(false);
+        }
     }
 
     /// The marks at or after `from` (the block holding `from` included): what is left

@@ -2,10 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
+use replica::compare::{CompareError, Hash};
 use replica::{ApplyError, ReplicaDisk};
 use thiserror::Error;
 use tracker::{Change, ChangeData};
-use wire::api::{EnableRequest, TransferKind};
+use wire::api::{ByteRange, EnableRequest, TransferKind};
 
 use crate::remote::{ClientError, FailureClass};
 use crate::resync::Cursor;
@@ -25,6 +26,9 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    /// Hashing the local copy failed.
+    #[error("Cannot hash the local copy")]
+    Hash(#[from] CompareError),
     /// The replica server failed or refused.
     #[error("Replica server {url}")]
     Remote {
@@ -42,7 +46,9 @@ impl SinkError {
         match self {
             SinkError::Remote { source, .. } => source.class(),
             // A local failure (a full disk, typically): try again next interval.
-            SinkError::Apply(_) | SinkError::Copy { .. } => FailureClass::NextInterval,
+            SinkError::Apply(_) | SinkError::Copy { .. } | SinkError::Hash(_) => {
+                FailureClass::NextInterval
+            }
         }
     }
 }
@@ -108,6 +114,16 @@ pub trait CycleSink: Send {
     fn bytes_sent(&self) -> u64 {
         0
     }
+    /// BLAKE3 hashes of `ranges` of the consumer's copy of disk `disk` (see
+    /// [`replica::compare`]), once everything committed is applied there; `None` when
+    /// the consumer cannot compare, and every block is sent.
+    fn hashes(
+        &mut self,
+        _disk: usize,
+        _ranges: &[ByteRange],
+    ) -> Result<Option<Vec<Hash>>, SinkError> {
+        Ok(None)
+    }
 }
 
 /// Applies cycles to local copies of the disks (`DIR/<disk>.img`): the local proof
@@ -171,6 +187,21 @@ impl CycleSink for LocalCopySink {
             disk.sync()?;
         }
         Ok(())
+    }
+
+    fn hashes(
+        &mut self,
+        disk: usize,
+        ranges: &[ByteRange],
+    ) -> Result<Option<Vec<Hash>>, SinkError> {
+        let Some(copy) = self.disks.get(disk) else {
+            return Err(CompareError::Invalid(format!("no disk {disk}")).into());
+        };
+        Ok(Some(replica::compare::hash_ranges(
+            copy.file(),
+            copy.size(),
+            ranges,
+        )?))
     }
 }
 

@@ -25,9 +25,10 @@ use serde::Serialize;
 use thiserror::Error;
 use tracing::{debug, error, info, warn};
 use tracker::{ChangeData, Group, ResyncReason, TrackerError};
-use wire::api::{DiskInfo, EnableRequest, ErrorCode, TransferKind};
+use wire::api::{DiskInfo, EnableRequest, ErrorCode, InitialMethod, TransferKind};
 use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 
+use crate::compare::{self, CompareError};
 use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
 use crate::schedule::{assess, CycleHistory, Health, RetryPolicy};
@@ -53,6 +54,9 @@ pub enum ShipperError {
     /// Reading an image during a resync failed.
     #[error(transparent)]
     Image(#[from] ReadError),
+    /// Comparing the images with the consumer's copy failed.
+    #[error("Block comparison")]
+    Compare(#[from] CompareError),
     /// The relationship record cannot be written.
     #[error("Relationship record")]
     Relationship(#[from] RelationshipError),
@@ -82,14 +86,19 @@ impl ShipperError {
     /// How the schedule reacts.
     pub fn class(&self) -> FailureClass {
         match self {
-            ShipperError::Sink(error) => error.class(),
+            ShipperError::Sink(error) | ShipperError::Compare(CompareError::Sink(error)) => {
+                error.class()
+            }
             _ => FailureClass::NextInterval,
         }
     }
 
     fn code(&self) -> Option<ErrorCode> {
         match self {
-            ShipperError::Sink(SinkError::Remote { source, .. }) => source.code(),
+            ShipperError::Sink(SinkError::Remote { source, .. })
+            | ShipperError::Compare(CompareError::Sink(SinkError::Remote { source, .. })) => {
+                source.code()
+            }
             _ => None,
         }
     }
@@ -116,6 +125,17 @@ pub enum ReplicationState {
     Suspended,
     /// Removed by an administrator: cycles are dropped.
     Removed,
+}
+
+/// What a block comparison with the consumer's copy found.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ComparisonReport {
+    /// Bytes compared.
+    pub marked_bytes: u64,
+    /// Bytes that differ, and are copied.
+    pub differing_bytes: u64,
+    /// Hashes compared.
+    pub hashes: u64,
 }
 
 /// Progress of a resync or initial replication.
@@ -186,6 +206,8 @@ pub struct ShipperStatus {
     pub resyncs: u64,
     /// The resync in progress.
     pub resync: Option<ResyncReport>,
+    /// What the latest block comparison found.
+    pub last_comparison: Option<ComparisonReport>,
 }
 
 /// What an administrator can ask of a replicating group.
@@ -232,6 +254,8 @@ pub struct ReplicationSetup {
     /// A new relationship's initial replication starts at this time (seconds since
     /// the epoch), not at once.
     pub start_after_unix: Option<u64>,
+    /// Where the initial copy comes from.
+    pub initial: InitialMethod,
 }
 
 /// How a shipper runs.
@@ -755,6 +779,7 @@ impl Worker {
             disks,
             primary_host: relationship.setup.primary_host.clone(),
             relationship: relationship.state.id,
+            initial: relationship.setup.initial,
         };
         self.sink.enable(&request)?;
         // A resync in progress belonged to the replica before this one.
@@ -790,7 +815,10 @@ impl Worker {
             None => self.local_chain = chain,
         }
         let maps = self.group.begin_resync()?;
-        let maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        let mut maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        if self.compares(reason) {
+            self.narrow_by_comparison(reason, &mut maps)?;
+        }
         let total_bytes = maps.bytes_from(Cursor::default());
         info!(group = %self.group.name(), %reason, bytes = total_bytes, epoch = chain, "Resync copy starts");
         self.resync = Some(ResyncProgress {
@@ -805,6 +833,53 @@ impl Worker {
             copied: false,
         });
         Ok(())
+    }
+
+    /// Whether a resync for `reason` compares blocks before copying: an initial
+    /// replication from an existing copy, and a resync an administrator asked for.
+    fn compares(&self, reason: ResyncReason) -> bool {
+        match reason {
+            ResyncReason::Requested => true,
+            ResyncReason::InitialReplication => self
+                .relationship
+                .as_ref()
+                .is_some_and(|r| r.setup.initial == InitialMethod::Existing),
+            _ => false,
+        }
+    }
+
+    /// Unmarks the blocks the consumer holds already. On failure the marks go back to
+    /// the tracker, so the next attempt compares again.
+    fn narrow_by_comparison(
+        &mut self,
+        reason: ResyncReason,
+        maps: &mut ResyncMaps,
+    ) -> Result<(), ShipperError> {
+        let started = Instant::now();
+        info!(group = %self.group.name(), %reason, bytes = maps.bytes_from(Cursor::default()), "Comparing block hashes with the consumer's copy");
+        match compare::narrow(maps, &self.images, self.sink.as_mut()) {
+            Ok(Some(stats)) => {
+                info!(group = %self.group.name(), marked = stats.marked_bytes, differing = stats.differing_bytes, hashes = stats.hashes, requests = stats.requests, seconds = started.elapsed().as_secs(), "Block comparison done; only differing blocks are copied");
+                self.status
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .last_comparison = Some(ComparisonReport {
+                    marked_bytes: stats.marked_bytes,
+                    differing_bytes: stats.differing_bytes,
+                    hashes: stats.hashes,
+                });
+                Ok(())
+            }
+            Ok(None) => {
+                info!(group = %self.group.name(), consumer = %self.sink.describe(), "The consumer cannot compare blocks; every marked block is copied");
+                Ok(())
+            }
+            Err(error) => {
+                self.group
+                    .abort_resync(&maps.remaining(Cursor::default()), reason);
+                Err(error.into())
+            }
+        }
     }
 
     /// After a daemon crash mid-copy: the copy of the current chain continues with the

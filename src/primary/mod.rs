@@ -426,6 +426,7 @@ fn replica_sink(
         disk_names: config.disks.iter().map(|d| d.name.clone()).collect(),
         fresh_ring,
         start_after_unix,
+        initial: replica.initial_replication,
     };
     Ok((Box::new(sink), setup))
 }

@@ -58,6 +58,26 @@ pub enum ReplicaCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Place an existing copy of a group's disks (a restored backup, an old replica)
+    /// on this replica server, so that the primary's initial replication compares
+    /// blocks and sends only those that differ (`initial_replication = "existing"`).
+    Seed {
+        /// The replica's configuration (the trust group's storage is read from it).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The trust group of the primary that will claim the copy.
+        #[arg(long)]
+        trust_group: String,
+        /// The group's name on the primary.
+        #[arg(long)]
+        name: String,
+        /// A disk of the group, in group order: `NAME=IMAGE` (raw image).
+        #[arg(long = "disk", required = true, value_name = "NAME=IMAGE")]
+        disks: Vec<String>,
+        /// Move the images into the storage (same filesystem) instead of copying them.
+        #[arg(long = "move")]
+        move_images: bool,
+    },
 }
 
 /// A control request.
@@ -95,6 +115,12 @@ pub enum DaemonError {
     /// Talking to the daemon failed.
     #[error(transparent)]
     Talk(#[from] ControlError),
+    /// A seed request is not possible.
+    #[error("{0}")]
+    Seed(String),
+    /// Seeding failed.
+    #[error("Cannot seed the existing copy")]
+    Store(#[from] replica::store::StoreError),
 }
 
 /// Runs `blkrep replica ...`; `init_logging` is called before a daemon starts.
@@ -142,8 +168,79 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 print!("{}", render_status(&replicas, unix_now()));
             }
         }
+        ReplicaCommand::Seed {
+            config,
+            trust_group,
+            name,
+            disks,
+            move_images,
+        } => {
+            let config = ReplicaConfig::load(&config)?;
+            let dir = seed(&config, &trust_group, &name, &disks, move_images)?;
+            println!(
+                "Existing copy of {name} placed in {}; enable replication on the primary with initial_replication = \"existing\" to claim it",
+                dir.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// `blkrep replica seed`: makes the images an unclaimed replica in the trust group's
+/// storage. Works on the storage directly; a running daemon sees the replica when a
+/// primary enables it.
+fn seed(
+    config: &ReplicaConfig,
+    trust_group: &str,
+    name: &str,
+    disks: &[String],
+    move_images: bool,
+) -> Result<PathBuf, DaemonError> {
+    if !wire::api::valid_name(name) {
+        return Err(DaemonError::Seed(format!(
+            "{name:?} is not a valid group name (1 to 64 of A-Z a-z 0-9 . _ -)"
+        )));
+    }
+    let mut storages: Vec<&Path> = config
+        .authorization
+        .iter()
+        .filter(|entry| entry.trust_group == trust_group)
+        .map(|entry| entry.storage.as_path())
+        .collect();
+    storages.dedup();
+    let storage = match storages.as_slice() {
+        [storage] => *storage,
+        [] => {
+            return Err(DaemonError::Seed(format!(
+                "No [[authorization]] entry has trust_group {trust_group:?}"
+            )))
+        }
+        _ => {
+            return Err(DaemonError::Seed(format!(
+                "Trust group {trust_group:?} has several storages; give each its own trust group"
+            )))
+        }
+    };
+    let mut images = Vec::new();
+    for disk in disks {
+        let Some((disk_name, image)) = disk.split_once('=') else {
+            return Err(DaemonError::Seed(format!(
+                "--disk {disk:?} is not NAME=IMAGE"
+            )));
+        };
+        if !wire::api::valid_name(disk_name) {
+            return Err(DaemonError::Seed(format!(
+                "{disk_name:?} is not a valid disk name"
+            )));
+        }
+        images.push((disk_name.to_string(), PathBuf::from(image)));
+    }
+    std::fs::create_dir_all(storage).map_err(|e| {
+        DaemonError::Seed(format!("Cannot create storage {}: {e}", storage.display()))
+    })?;
+    let dir = storage.join(name);
+    replica::store::Replica::seed(&dir, name, trust_group, &images, move_images)?;
+    Ok(dir)
 }
 
 fn unix_now() -> u64 {

@@ -13,6 +13,10 @@
 //!   any data: which chunks of this transfer the replica already holds.
 //! - `POST /v1/replicas/{name}/transfers/{id}/commit`: [`CommitRequest`] →
 //!   [`ReplicaInfo`]; answered once the transfer is durable on the replica.
+//! - `POST /v1/replicas/{name}/hashes`: [`HashRequest`] → [`HashAnswer`]; BLAKE3
+//!   hashes of ranges of a replica disk, for a comparison with the primary's (an
+//!   existing copy as the initial replication, a resync). Answered once every
+//!   received transfer is applied, so the hashes describe what later batches build on.
 //!
 //! Data requests (one persistent connection, an echo every 90 s):
 //! - `PUT /v1/replicas/{name}/transfers/{id}/chunks/{index}`: a chunk frame; chunks
@@ -34,6 +38,10 @@ pub const PSK_HEADER: &str = "x-blkrep-psk";
 pub const MAX_JSON_BODY: usize = 1 << 20;
 /// Longest replica or disk name.
 pub const MAX_NAME: usize = 64;
+/// Most ranges one [`HashRequest`] names.
+pub const MAX_HASH_RANGES: usize = 4096;
+/// Most bytes one [`HashRequest`] has hashed (a few seconds of reading).
+pub const MAX_HASH_BYTES: u64 = 4 << 30;
 
 /// Whether `name` may name a replica or a disk: 1 to 64 of `[A-Za-z0-9._-]`, not
 /// starting with a dot. Such a name is safe as one path component.
@@ -67,6 +75,47 @@ pub struct EnableRequest {
     /// The relationship: chosen by the primary when replication is enabled, sent with
     /// every later request so a replica is never fed by two primaries.
     pub relationship: u64,
+    /// Where the initial copy comes from.
+    #[serde(default)]
+    pub initial: InitialMethod,
+}
+
+/// Where a replica's initial copy comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitialMethod {
+    /// Every allocated block is sent over the network.
+    #[default]
+    Network,
+    /// A copy placed on the replica server beforehand (`blkrep replica seed`: a
+    /// restored backup, an old replica) is compared block by block; only differing
+    /// blocks are sent. Enabling claims that copy.
+    Existing,
+}
+
+/// A range of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// Asks for the hashes of ranges of one replica disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashRequest {
+    /// Disk index, in group order.
+    pub disk: u32,
+    /// At most [`MAX_HASH_RANGES`] ranges of at most [`MAX_HASH_BYTES`] in all.
+    pub ranges: Vec<ByteRange>,
+}
+
+/// BLAKE3 hashes (hex) of the requested ranges' contents, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashAnswer {
+    /// One per range.
+    pub hashes: Vec<String>,
 }
 
 /// What a transfer carries.
@@ -180,6 +229,8 @@ pub enum ErrorCode {
     OtherRelationship,
     /// 423: replication is paused on the replica.
     Paused,
+    /// 503: the replica is busy (applying received transfers); try again later.
+    Busy,
     /// 507: not enough free space for the transfer.
     InsufficientStorage,
     /// 500: the replica failed.
@@ -196,6 +247,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::ChainBroken | ErrorCode::OtherRelationship => 409,
             ErrorCode::Paused => 423,
+            ErrorCode::Busy => 503,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::Internal => 500,
         }

@@ -147,10 +147,15 @@ impl ClientError {
                 )
                 | (None, 404) => FailureClass::Unrecoverable,
                 (
-                    Some(ErrorCode::Paused | ErrorCode::InsufficientStorage | ErrorCode::Conflict),
+                    Some(
+                        ErrorCode::Paused
+                        | ErrorCode::Busy
+                        | ErrorCode::InsufficientStorage
+                        | ErrorCode::Conflict,
+                    ),
                     _,
                 )
-                | (None, 423 | 507) => FailureClass::NextInterval,
+                | (None, 423 | 503 | 507) => FailureClass::NextInterval,
                 _ => FailureClass::Network,
             },
             _ => FailureClass::Network,

@@ -17,9 +17,11 @@ use std::sync::Arc;
 
 use hyper::body::Bytes;
 use hyper::Method;
+use replica::compare::Hash;
 use tracker::Change;
 use wire::api::{
-    CommitRequest, EnableRequest, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer,
+    ByteRange, CommitRequest, EnableRequest, HashAnswer, HashRequest, ReplicaInfo, TransferAnswer,
+    TransferKind, TransferOffer,
 };
 use wire::chunk::{ChunkEncoder, RawChunk};
 
@@ -170,6 +172,38 @@ impl CycleSink for RemoteSink {
                 offset: position.offset,
             }),
         })
+    }
+
+    fn hashes(
+        &mut self,
+        disk: usize,
+        ranges: &[ByteRange],
+    ) -> Result<Option<Vec<Hash>>, SinkError> {
+        let path = format!("/replicas/{}/hashes", self.name);
+        let request = HashRequest {
+            disk: u32::try_from(disk).unwrap_or(u32::MAX),
+            ranges: ranges.to_vec(),
+        };
+        let answer: HashAnswer = self
+            .client
+            .control(Method::POST, &path, Some(&request))
+            .map_err(|error| self.remote(error))?;
+        let hashes: Option<Vec<Hash>> = answer
+            .hashes
+            .iter()
+            .map(|text| replica::compare::from_hex(text))
+            .collect();
+        match hashes {
+            Some(hashes) if hashes.len() == ranges.len() => Ok(Some(hashes)),
+            _ => Err(self.remote(ClientError::BadAnswer {
+                what: path,
+                detail: format!(
+                    "{} hashes for {} ranges, or not hex",
+                    answer.hashes.len(),
+                    ranges.len()
+                ),
+            })),
+        }
     }
 
     fn resume_at(&mut self, index: u32) {
