@@ -59,7 +59,15 @@ pub enum ReplicationAction {
         /// Not before this time (seconds since the epoch).
         start_after_unix: Option<u64>,
     },
+    /// Write the initial copy to a directory, for external media.
+    Export {
+        /// The directory (the group's export goes to DIR/<group>).
+        dir: std::path::PathBuf,
+    },
 }
+
+/// How long an export may take: it writes every allocated block of the group.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A control response.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -59,6 +59,17 @@ pub enum ReplicationCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Write the initial copy of a group with `initial_replication = "media"` to
+    /// DIR/<group> (external media), to be imported on the replica server with
+    /// `blkrep replica import`.
+    Export {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// The directory on the media.
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
     /// Show the group's replication; --watch follows an initial replication or resync
     /// with a progress bar until it ends.
     Status {
@@ -92,6 +103,11 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
         ReplicationCommand::Pause { group } => (group, ReplicationAction::Pause),
         ReplicationCommand::Resume { group } => (group, ReplicationAction::Resume),
         ReplicationCommand::Resync { group } => (group, ReplicationAction::Resync),
+        ReplicationCommand::Export { group, to } => {
+            let dir = std::path::absolute(&to)
+                .with_context(|| format!("Cannot resolve {}", to.display()))?;
+            (group, ReplicationAction::Export { dir })
+        }
         ReplicationCommand::Remove {
             group,
             delete_replica,
@@ -103,11 +119,15 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
             (group, ReplicationAction::Remove { delete_replica })
         }
     };
+    let timeout = match action {
+        ReplicationAction::Export { .. } => control::EXPORT_TIMEOUT,
+        _ => ADMIN_TIMEOUT,
+    };
     let value = control::call(
         socket,
         control::PRIMARY,
         &Request::Replication { group, action },
-        ADMIN_TIMEOUT,
+        timeout,
     )?;
     println!("{}", value["message"].as_str().unwrap_or("Done"));
     Ok(())

@@ -270,6 +270,115 @@ fn an_existing_copy_sends_only_the_blocks_that_differ() {
     );
 }
 
+/// The initial copy goes by external media: exported on the primary, imported on
+/// the replica server; the network carries only the cycles written meanwhile.
+#[test]
+fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let p = primary(
+        vec![
+            DiskSpec::new("disk0", 24 * MIB).init(Init::Random(31)),
+            DiskSpec::new("disk1", 8 * MIB).init(Init::Random(32)),
+        ],
+        certs.consumer(
+            &replica.url(REPLICA_HOST),
+            PRIMARY_HOST,
+            "compression = false\ninitial_replication = \"media\"",
+        ),
+    );
+    let replication = |args: &[&str]| {
+        run(
+            Command::new(BIN)
+                .args(["replication", "--config"])
+                .arg(p.config())
+                .args(args),
+            LONG,
+        )
+    };
+    // Nothing ships before the export.
+    let refused = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !refused.success() && refused.all().contains("replication export"),
+        "{}",
+        refused.all()
+    );
+    wait_consumer(&p, "waiting for the export", LONG, |s| {
+        s["state"] == "awaiting_export"
+    });
+
+    let media = dir.path().join("usb");
+    let exported = replication(&[
+        "export",
+        "--group",
+        "vm1",
+        "--to",
+        media.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        exported.success(),
+        "{}\n{}",
+        exported.all(),
+        tail(&p.log(), 30)
+    );
+    let manifest: Value =
+        serde_json::from_slice(&read_file(&media.join("vm1/manifest.json"))).expect("manifest");
+    assert_eq!(manifest["complete"], true, "{manifest:#}");
+    // Written after the export: these cross the network once the copy is imported.
+    qemu_io_write(&p, "disk0", 0x61, 5 * MIB, MIB);
+    qemu_io_write(&p, "disk1", 0x62, 0, 64 * KIB);
+    let waiting = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !waiting.success() && waiting.all().contains("blkrep replica import"),
+        "{}",
+        waiting.all()
+    );
+    let status = wait_consumer(&p, "waiting for the import", LONG, |s| {
+        s["state"] == "awaiting_import"
+    });
+    assert!(
+        status["network_bytes"].as_u64().unwrap_or(0) < 64 * KIB,
+        "{status:#}"
+    );
+    // A second export is refused: the copy is on its way.
+    let again = replication(&[
+        "export",
+        "--group",
+        "vm1",
+        "--to",
+        media.to_str().expect("utf-8"),
+    ]);
+    assert!(!again.success(), "{}", again.all());
+
+    let imported = run(
+        Command::new(BIN)
+            .args(["replica", "import", "--config"])
+            .arg(replica.config())
+            .arg(media.join("vm1")),
+        LONG,
+    );
+    assert!(
+        imported.success(),
+        "{}\n{}",
+        imported.all(),
+        tail(&replica.log(), 30)
+    );
+    let cycle = p.cycles_close("vm1");
+    let info = replica.wait_applied("vm1", cycle, LONG);
+    assert_eq!(info["consistent"], true, "{info}");
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
+    }
+    let status = consumer_status(&p);
+    assert_eq!(status["state"], "replicating", "{status:#}");
+    let sent = status["network_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        (MIB..2 * MIB).contains(&sent),
+        "32 MiB came by media, about 1 MiB of writes by network; the network carried {sent} bytes"
+    );
+}
+
 #[test]
 fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -235,6 +235,61 @@ impl ServerHandle {
     }
 }
 
+impl ServerHandle {
+    /// Imports the initial copy exported to `dir` (external media) into its replica,
+    /// which must exist (the primary created it when replication was enabled): found
+    /// by the export's name and relationship. Returns the replica afterwards and the
+    /// transfers newly imported.
+    pub fn import(&self, dir: &Path) -> Result<(ReplicaInfo, u32), ImportError> {
+        let manifest = wire::media::read_manifest(dir)?.ok_or_else(|| {
+            ImportError::Invalid(format!("{} holds no export manifest", dir.display()))
+        })?;
+        if !valid_name(&manifest.name) {
+            return Err(ImportError::Invalid(format!(
+                "{:?} is not a replica name",
+                manifest.name
+            )));
+        }
+        let mut found = None;
+        for entry in &self.context.settings.authorization {
+            let candidate = entry.storage.join(&manifest.name);
+            if !Replica::exists(&candidate) {
+                continue;
+            }
+            let replica = load(&self.context, &candidate)?;
+            if lock(&replica).state().relationship == manifest.relationship {
+                found = Some((candidate, replica));
+                break;
+            }
+        }
+        let Some((replica_dir, replica)) = found else {
+            return Err(ImportError::Invalid(format!(
+                "No replica {} of this export's relationship here: enable replication on the primary first (it creates the replica)",
+                manifest.name
+            )));
+        };
+        let imported = lock(&replica).import(dir, &manifest)?;
+        let _ = self.context.apply.send(replica_dir);
+        info!(replica = %manifest.name, transfers = imported, "Initial copy imported from external media");
+        let info = lock(&replica).info();
+        Ok((info, imported))
+    }
+}
+
+/// Errors of an import from external media.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    /// The export cannot be read or does not fit.
+    #[error("{0}")]
+    Invalid(String),
+    /// The manifest cannot be read.
+    #[error(transparent)]
+    Manifest(#[from] wire::media::MediaError),
+    /// The replica refused a transfer.
+    #[error("Import")]
+    Store(#[from] StoreError),
+}
+
 /// A running replica server.
 #[derive(Debug)]
 pub struct ReplicaServer {
@@ -782,7 +837,17 @@ async fn route(
                     let relationship = relationship(&request)?;
                     let offer: TransferOffer = json_body(request).await?;
                     blocking(move || {
-                        let answer = lock(&replica)
+                        let mut replica = lock(&replica);
+                        if replica.state().awaiting_import {
+                            replica
+                                .check_relationship(relationship)
+                                .map_err(|e| store_refusal(&e))?;
+                            return Err(refuse(
+                                ErrorCode::Busy,
+                                format!("Replica {} waits for its initial copy to be imported from external media (`blkrep replica import` on the replica server)", replica.state().name),
+                            ));
+                        }
+                        let answer = replica
                             .offer(relationship, &offer)
                             .map_err(|e| store_refusal(&e))?;
                         Ok(json(StatusCode::OK, &answer))
@@ -954,7 +1019,7 @@ fn enable_replica(
             format!("{free} bytes free, {needed} kept in reserve"),
         ));
     }
-    let state = ReplicaState::new(
+    let mut state = ReplicaState::new(
         enable.name.clone(),
         peer.trust_group.clone(),
         enable.relationship,
@@ -962,6 +1027,7 @@ fn enable_replica(
         peer.identity.clone(),
         enable.disks,
     );
+    state.awaiting_import = enable.initial == InitialMethod::Media;
     let replica = Replica::create(&dir, state, context.settings.reserve).map_err(|e| {
         let _ = std::fs::remove_dir_all(&dir);
         store_refusal(&e)

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wire::api::{DiskInfo, Position, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
+use wire::media::{transfer_file, Manifest};
 
 use crate::apply::{apply_change, ApplyError, ReplicaDisk};
 
@@ -165,6 +166,10 @@ pub struct ReplicaState {
     /// Where the data of the latest committed resync batch ends.
     #[serde(default)]
     pub resync_position: Option<Position>,
+    /// The initial copy comes by external media: transfers from the network wait
+    /// until it is imported.
+    #[serde(default)]
+    pub awaiting_import: bool,
 }
 
 impl ReplicaState {
@@ -197,6 +202,7 @@ impl ReplicaState {
             recent_commits: VecDeque::new(),
             paused: false,
             resync_position: None,
+            awaiting_import: false,
         }
     }
 }
@@ -439,6 +445,7 @@ impl Replica {
             pending_transfers: u32::try_from(s.queue.len()).unwrap_or(u32::MAX),
             resync_epoch: s.resync_epoch,
             paused: s.paused,
+            awaiting_import: s.awaiting_import,
         }
     }
 
@@ -830,6 +837,54 @@ impl Replica {
             .iter()
             .map(|d| ReplicaDisk::open(&self.disk_path(&d.name), d.size).map_err(StoreError::from))
             .collect()
+    }
+
+    /// Feeds the transfers of an export (external media) in `dir`, as described by
+    /// `manifest`, through the same checks as transfers from the network; the
+    /// replica then accepts transfers from the network again. Transfers committed
+    /// before (an import run twice, or cut short) are skipped. Returns the transfers
+    /// newly committed.
+    pub fn import(&mut self, dir: &Path, manifest: &Manifest) -> Result<u32, StoreError> {
+        let state = &self.state;
+        if manifest.name != state.name || manifest.disks != state.disks {
+            return Err(StoreError::Conflict(format!(
+                "the export is of {} with other disks than replica {}",
+                manifest.name, state.name
+            )));
+        }
+        self.check_relationship(manifest.relationship)?;
+        if !manifest.complete {
+            return Err(StoreError::Conflict(
+                "the export is incomplete: its last transfer is missing (run the export again to finish it)".into(),
+            ));
+        }
+        let mut imported = 0;
+        let mut frame = Vec::new();
+        for transfer in &manifest.transfers {
+            let offer = TransferOffer {
+                id: transfer.id,
+                kind: transfer.kind,
+                bytes: transfer.bytes,
+            };
+            let answer = self.offer(manifest.relationship, &offer)?;
+            if answer.committed {
+                continue;
+            }
+            let path = dir.join(transfer_file(transfer.id));
+            let mut file = File::open(&path).map_err(StoreError::io("open", &path))?;
+            let mut index = 0u32;
+            while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", &path))? {
+                if index >= answer.have_chunks {
+                    self.put_chunk(manifest.relationship, transfer.id, index, &frame)?;
+                }
+                index += 1;
+            }
+            self.commit(manifest.relationship, transfer.id, transfer.chunks)?;
+            imported += 1;
+        }
+        self.state.awaiting_import = false;
+        self.save()?;
+        Ok(imported)
     }
 
     /// Pauses or resumes replication on the replica side.

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod media;
 pub mod remote;
 pub mod resync;
 pub mod schedule;

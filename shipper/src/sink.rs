@@ -29,6 +29,9 @@ pub enum SinkError {
     /// Hashing the local copy failed.
     #[error("Cannot hash the local copy")]
     Hash(#[from] CompareError),
+    /// An export's manifest cannot be read.
+    #[error("Export")]
+    Media(#[from] wire::media::MediaError),
     /// The replica server failed or refused.
     #[error("Replica server {url}")]
     Remote {
@@ -46,9 +49,10 @@ impl SinkError {
         match self {
             SinkError::Remote { source, .. } => source.class(),
             // A local failure (a full disk, typically): try again next interval.
-            SinkError::Apply(_) | SinkError::Copy { .. } | SinkError::Hash(_) => {
-                FailureClass::NextInterval
-            }
+            SinkError::Apply(_)
+            | SinkError::Copy { .. }
+            | SinkError::Hash(_)
+            | SinkError::Media(_) => FailureClass::NextInterval,
         }
     }
 }

@@ -29,6 +29,7 @@ use wire::api::{DiskInfo, EnableRequest, ErrorCode, InitialMethod, TransferKind}
 use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 
 use crate::compare::{self, CompareError};
+use crate::media::MediaExport;
 use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
 use crate::schedule::{assess, CycleHistory, Health, RetryPolicy};
@@ -123,6 +124,10 @@ pub enum ReplicationState {
     Paused,
     /// Stopped after a failure that needs an administrator.
     Suspended,
+    /// The initial copy goes by external media and waits to be exported.
+    AwaitingExport,
+    /// The initial copy was exported; the replica waits for it to be imported.
+    AwaitingImport,
     /// Removed by an administrator: cycles are dropped.
     Removed,
 }
@@ -211,7 +216,7 @@ pub struct ShipperStatus {
 }
 
 /// What an administrator can ask of a replicating group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminAction {
     /// Stop shipping; changes keep being tracked.
     Pause,
@@ -229,6 +234,12 @@ pub enum AdminAction {
     },
     /// Copy every block again.
     Resync,
+    /// Write the initial copy to `dir`/<group> for external media (a group with
+    /// `initial_replication = "media"`).
+    Export {
+        /// The export directory (on the media).
+        dir: PathBuf,
+    },
 }
 
 enum Command {
@@ -256,6 +267,8 @@ pub struct ReplicationSetup {
     pub start_after_unix: Option<u64>,
     /// Where the initial copy comes from.
     pub initial: InitialMethod,
+    /// DEFLATE level of exported chunks, `None` for none.
+    pub compression: Option<u32>,
 }
 
 /// How a shipper runs.
@@ -347,6 +360,8 @@ struct Worker {
     close_times: BTreeMap<u64, u64>,
     started_unix: u64,
     buffer: Vec<u8>,
+    /// The replica's error code of the latest failed attempt.
+    last_code: Option<ErrorCode>,
 }
 
 impl Shipper {
@@ -397,6 +412,7 @@ impl Shipper {
             close_times: BTreeMap::new(),
             started_unix: unix_now(),
             buffer: Vec::new(),
+            last_code: None,
         };
         worker.update_status();
         let name = format!("ship-{}", worker.group.name());
@@ -543,12 +559,15 @@ impl Worker {
                 .map_or(next_tick, |at| at.min(next_tick))
                 .min(now + IDLE_POLL);
             match commands.recv_timeout(wake.saturating_duration_since(now)) {
+                // The status reflects a request's outcome before its answer goes out.
                 Ok(Command::CloseNow(reply)) => {
                     let result = self.attempt_now();
+                    self.update_status();
                     let _ = reply.send(result);
                 }
                 Ok(Command::Admin(action, reply)) => {
                     let result = self.admin(action).map_err(|error| error_chain(&error));
+                    self.update_status();
                     let _ = reply.send(result);
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -657,8 +676,10 @@ impl Worker {
                     Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
                 self.network_failures = 0;
                 self.retry_at = None;
+                self.last_code = None;
             }
             Err(error) => {
+                self.last_code = error.code();
                 status.failures += 1;
                 let message = error_chain(error);
                 let class = error.class();
@@ -717,6 +738,12 @@ impl Worker {
 
     fn ship(&mut self) -> Result<u64, ShipperError> {
         self.ensure_enabled()?;
+        if self.awaits_export() {
+            return Err(ShipperError::Refused(format!(
+                "The initial copy goes by external media: export it with `blkrep replication export --group {} --to DIR`",
+                self.group.name()
+            )));
+        }
         if self.resync.is_some() && self.group.resync_reason().is_some() {
             // The ring overflowed during the resync: restart it with the new marks.
             info!(group = %self.group.name(), "The ring overflowed during the resync; it starts again with every mark");
@@ -833,6 +860,72 @@ impl Worker {
             copied: false,
         });
         Ok(())
+    }
+
+    /// Whether the initial copy goes by external media and was not exported yet.
+    fn awaits_export(&self) -> bool {
+        self.relationship.as_ref().is_some_and(|r| {
+            r.setup.initial == InitialMethod::Media && r.state.media_exported.is_none()
+        })
+    }
+
+    /// Writes the initial copy into `dir`/<group>: the resync's batches go to files
+    /// instead of the network; cycles then wait until the replica imported them.
+    fn export_initial_copy(&mut self, dir: &std::path::Path) -> Result<String, ShipperError> {
+        let name = self.group.name().to_string();
+        if !self.awaits_export() {
+            return Err(ShipperError::Refused(format!(
+                "Group {name} has no initial copy to export: it needs initial_replication = \"media\" and an initial replication not yet exported"
+            )));
+        }
+        self.ensure_enabled()?;
+        if self.resync.is_none() {
+            self.start_resync()?;
+        }
+        let Some(relationship) = &self.relationship else {
+            return Ok(String::new());
+        };
+        let disks = relationship
+            .setup
+            .disk_names
+            .iter()
+            .zip(self.group.disk_sizes())
+            .map(|(name, size)| DiskInfo {
+                name: name.clone(),
+                size,
+            })
+            .collect();
+        let target = dir.join(&name);
+        let export = MediaExport::open(
+            &target,
+            &name,
+            relationship.state.id,
+            &relationship.setup.primary_host,
+            disks,
+            relationship.setup.compression,
+        )?;
+        info!(group = %name, dir = %target.display(), "Exporting the initial copy");
+        let network = std::mem::replace(&mut self.sink, Box::new(export));
+        let copied = self.copy_batches();
+        let export = std::mem::replace(&mut self.sink, network);
+        copied?;
+        let chain = self.chain();
+        if let Some(relationship) = &mut self.relationship {
+            relationship.state.media_exported = Some(chain);
+            relationship.save()?;
+        }
+        let (total, batches) = self
+            .resync
+            .as_ref()
+            .map_or((0, 0), |r| (r.total_bytes, r.next_batch));
+        info!(group = %name, dir = %target.display(), bytes = total, batches, "Initial copy exported");
+        drop(export);
+        Ok(format!(
+            "Group {name}: {} MiB of data in {batches} transfer(s) exported to {}; carry it to the replica server and run `blkrep replica import --config FILE {}` there",
+            total.div_ceil(1 << 20),
+            target.display(),
+            target.display()
+        ))
     }
 
     /// Whether a resync for `reason` compares blocks before copying: an initial
@@ -1120,6 +1213,7 @@ impl Worker {
     fn admin(&mut self, action: AdminAction) -> Result<String, ShipperError> {
         let name = self.group.name().to_string();
         let message = match action {
+            AdminAction::Export { dir } => self.export_initial_copy(&dir)?,
             AdminAction::Resync => {
                 self.hand_back_resync();
                 self.group.request_full_resync(ResyncReason::Requested)?;
@@ -1213,7 +1307,7 @@ impl Worker {
                     None => format!("Replication of group {name} enabled; the initial replication starts now"),
                 }
             }
-            AdminAction::Resync => {
+            AdminAction::Resync | AdminAction::Export { .. } => {
                 return Err(ShipperError::Refused(
                     "A resync is not a relationship change".into(),
                 ))
@@ -1232,6 +1326,16 @@ impl Worker {
             Gate::Suspended(_) => ReplicationState::Suspended,
             Gate::Paused => ReplicationState::Paused,
             Gate::NotBefore(_) => ReplicationState::WaitingToStart,
+            Gate::Open if self.awaits_export() => ReplicationState::AwaitingExport,
+            Gate::Open
+                if self.last_code == Some(ErrorCode::Busy)
+                    && self
+                        .relationship
+                        .as_ref()
+                        .is_some_and(|r| r.state.media_exported.is_some()) =>
+            {
+                ReplicationState::AwaitingImport
+            }
             Gate::Open => match (self.resync.as_ref().map(|r| r.reason), group_resync) {
                 (Some(ResyncReason::InitialReplication), _)
                 | (None, Some(ResyncReason::InitialReplication)) => {

@@ -427,6 +427,7 @@ fn replica_sink(
         fresh_ring,
         start_after_unix,
         initial: replica.initial_replication,
+        compression: replica.compression.then_some(replica.compression_level),
     };
     Ok((Box::new(sink), setup))
 }
@@ -681,9 +682,16 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
                 control::ReplicationAction::Enable { start_after_unix } => AdminAction::Enable {
                     start_after_unix: *start_after_unix,
                 },
+                control::ReplicationAction::Export { dir } => {
+                    AdminAction::Export { dir: dir.clone() }
+                }
+            };
+            let timeout = match action {
+                AdminAction::Export { .. } => control::EXPORT_TIMEOUT,
+                _ => Duration::from_secs(150),
             };
             let message = shipper
-                .admin(action, Duration::from_secs(150))
+                .admin(action, timeout)
                 .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "message": message }))
         }

@@ -32,6 +32,8 @@ use config::ReplicaConfig;
 
 /// How long a status request may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an import may take: it reads and stores the whole initial copy.
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// `blkrep replica ...`
 #[derive(Debug, clap::Subcommand)]
@@ -57,6 +59,18 @@ pub enum ReplicaCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Import the initial copy a primary exported to external media
+    /// (`blkrep replication export`) into its replica; replication then resumes.
+    Import {
+        /// The replica's configuration (its control socket is read from it).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The group's export directory on the media.
+        dir: PathBuf,
     },
     /// Place an existing copy of a group's disks (a restored backup, an old replica)
     /// on this replica server, so that the primary's initial replication compares
@@ -86,6 +100,11 @@ pub enum ReplicaCommand {
 pub enum Request {
     /// Every replica's [`ReplicaInfo`].
     Status,
+    /// Import an initial copy from external media.
+    Import {
+        /// The export directory (DIR/<group> of `blkrep replication export`).
+        dir: PathBuf,
+    },
 }
 
 /// Errors of the replica daemon and of talking to it.
@@ -149,16 +168,27 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             init_logging();
             run(&config)?;
         }
+        ReplicaCommand::Import {
+            config,
+            socket,
+            dir,
+        } => {
+            let socket = control_socket(socket, config)?;
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("Cannot resolve {}", dir.display()))?;
+            let value = call(&socket, &Request::Import { dir }, IMPORT_TIMEOUT)?;
+            println!(
+                "Imported {} transfer(s) into replica {}; cycles from the primary are accepted again",
+                value["imported"],
+                value["replica"]["name"].as_str().unwrap_or("?")
+            );
+        }
         ReplicaCommand::Status {
             config,
             socket,
             json,
         } => {
-            let socket = match (socket, config) {
-                (Some(socket), _) => socket,
-                (None, Some(config)) => config::control_socket(&config)?,
-                (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
-            };
+            let socket = control_socket(socket, config)?;
             let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -241,6 +271,15 @@ fn seed(
     let dir = storage.join(name);
     replica::store::Replica::seed(&dir, name, trust_group, &images, move_images)?;
     Ok(dir)
+}
+
+/// The control socket given, or the configuration's, or the default.
+fn control_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(socket), _) => socket,
+        (None, Some(config)) => config::control_socket(&config)?,
+        (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
+    })
 }
 
 fn unix_now() -> u64 {
@@ -356,6 +395,12 @@ fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<
         Request::Status => {
             serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
         }
+        Request::Import { dir } => {
+            let (info, imported) = server
+                .import(&dir)
+                .map_err(|error| wire::error_chain(&error))?;
+            Ok(serde_json::json!({ "replica": info, "imported": imported }))
+        }
     })
 }
 
@@ -401,6 +446,9 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             info.pending_transfers,
             yes_no(info.paused),
         ));
+        if info.awaiting_import {
+            out.push_str("  waiting for its initial copy: run `blkrep replica import DIR` with the exported directory\n");
+        }
     }
     out
 }
@@ -474,6 +522,7 @@ mod tests {
             pending_transfers: 1,
             resync_epoch: None,
             paused: false,
+            awaiting_import: false,
         }
     }
 

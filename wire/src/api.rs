@@ -91,6 +91,10 @@ pub enum InitialMethod {
     /// restored backup, an old replica) is compared block by block; only differing
     /// blocks are sent. Enabling claims that copy.
     Existing,
+    /// The primary exports the copy to a directory (`blkrep replication export`),
+    /// which is carried to the replica server and imported there (`blkrep replica
+    /// import`); until then the replica refuses cycles as busy.
+    Media,
 }
 
 /// A range of a disk.
@@ -205,6 +209,9 @@ pub struct ReplicaInfo {
     pub resync_epoch: Option<u64>,
     /// Whether an administrator paused replication on the replica side.
     pub paused: bool,
+    /// The initial copy comes by external media and was not imported yet.
+    #[serde(default)]
+    pub awaiting_import: bool,
 }
 
 /// Why the replica refused a request; the HTTP status says the same.

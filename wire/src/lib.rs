@@ -1,10 +1,12 @@
 //! blkrep's replication protocol, shared by the shipper (primary) and the replica
 //! server: how changes are packed into chunks ([`chunk`]), the HTTP API's messages
-//! ([`api`]) and the TLS setup and identities both ends use ([`tls`]).
+//! ([`api`]), the initial copy on external media ([`media`]) and the TLS setup and
+//! identities both ends use ([`tls`]).
 
 pub mod api;
 pub mod chunk;
 pub mod lab_ca;
+pub mod media;
 pub mod tls;
 
 /// The message of an error and its causes, on one line (for status, logs and the

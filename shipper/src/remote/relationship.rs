@@ -70,6 +70,9 @@ pub struct Relationship {
     /// continues with this batch (the tracker knows where the batch starts).
     #[serde(default)]
     pub copy: Option<CopyProgress>,
+    /// The chain whose initial copy was exported to external media.
+    #[serde(default)]
+    pub media_exported: Option<u32>,
 }
 
 /// Where a resync copy stands, as the relationship record keeps it.
@@ -100,6 +103,7 @@ impl Relationship {
             start_after_unix: None,
             enabled_unix: crate::thread::unix_now(),
             copy: None,
+            media_exported: None,
         }
     }
 
