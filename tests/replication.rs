@@ -379,6 +379,57 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
     );
 }
 
+/// Pausing on the replica side: the primary's cycles are refused as paused and
+/// retried every interval, nothing is suspended, and resuming there catches up.
+#[test]
+fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let p = primary(
+        vec![DiskSpec::new("disk0", 8 * MIB).init(Init::Random(41))],
+        certs.consumer(&replica.url(REPLICA_HOST), PRIMARY_HOST, ""),
+    );
+    replica.wait_applied("vm1", p.cycles_close("vm1"), LONG);
+    let replica_cmd = |verb: &str| {
+        run(
+            Command::new(BIN)
+                .args(["replica", verb, "--config"])
+                .arg(replica.config())
+                .args(["--name", "vm1"]),
+            LONG,
+        )
+    };
+    let paused = replica_cmd("pause");
+    assert!(paused.success(), "{}", paused.all());
+    let status = run_ok(
+        Command::new(BIN)
+            .args(["replica", "status", "--config"])
+            .arg(replica.config()),
+        LONG,
+    );
+    assert!(status.stdout.contains("paused yes"), "{}", status.stdout);
+    qemu_io_write(&p, "disk0", 0x71, MIB, 256 * KIB);
+    let refused = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !refused.success() && refused.all().contains("paused"),
+        "{}",
+        refused.all()
+    );
+    let status = consumer_status(&p);
+    assert_eq!(status["failure_class"], "next_interval", "{status:#}");
+    assert_eq!(status["state"], "replicating", "{status:#}");
+    let resumed = replica_cmd("resume");
+    assert!(resumed.success(), "{}", resumed.all());
+    let cycle = p.cycles_close("vm1");
+    replica.wait_applied("vm1", cycle, LONG);
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+}
+
 #[test]
 fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -236,6 +236,49 @@ impl ServerHandle {
 }
 
 impl ServerHandle {
+    /// Pauses (or resumes) replication into replica `name` on this side: transfers
+    /// are refused as paused, and the primary retries each interval. `trust_group`
+    /// picks among replicas of that name in several trust groups.
+    pub fn set_paused(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        paused: bool,
+    ) -> Result<ReplicaInfo, ImportError> {
+        if !valid_name(name) {
+            return Err(ImportError::Invalid(format!(
+                "{name:?} is not a replica name"
+            )));
+        }
+        let mut found = Vec::new();
+        let mut seen = Vec::new();
+        for entry in &self.context.settings.authorization {
+            if trust_group.is_some_and(|group| group != entry.trust_group)
+                || seen.contains(&&entry.storage)
+            {
+                continue;
+            }
+            seen.push(&entry.storage);
+            let dir = entry.storage.join(name);
+            if Replica::exists(&dir) {
+                found.push(load(&self.context, &dir)?);
+            }
+        }
+        let replica = match found.as_slice() {
+            [one] => one,
+            [] => return Err(ImportError::Invalid(format!("No replica named {name}"))),
+            _ => {
+                return Err(ImportError::Invalid(format!(
+                    "Several trust groups have a replica named {name}; say which with --trust-group"
+                )))
+            }
+        };
+        let mut replica = lock(replica);
+        replica.set_paused(paused)?;
+        info!(replica = %name, paused, "Replication paused or resumed on the replica side");
+        Ok(replica.info())
+    }
+
     /// Imports the initial copy exported to `dir` (external media) into its replica,
     /// which must exist (the primary created it when replication was enabled): found
     /// by the export's name and relationship. Returns the replica afterwards and the
@@ -276,7 +319,7 @@ impl ServerHandle {
     }
 }
 
-/// Errors of an import from external media.
+/// Errors of an administrator's request on the replica side (import, pause).
 #[derive(Debug, Error)]
 pub enum ImportError {
     /// The export cannot be read or does not fit.

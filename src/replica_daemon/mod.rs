@@ -72,6 +72,37 @@ pub enum ReplicaCommand {
         /// The group's export directory on the media.
         dir: PathBuf,
     },
+    /// Pause replication into a replica: transfers are refused and the primary
+    /// retries every interval (its health turns Warning), until `resume`.
+    Pause {
+        /// The replica's configuration (its control socket is read from it).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The replica (the group's name).
+        #[arg(long)]
+        name: String,
+        /// Its trust group, when several have a replica of that name.
+        #[arg(long)]
+        trust_group: Option<String>,
+    },
+    /// Resume replication into a replica paused on this side.
+    Resume {
+        /// The replica's configuration (its control socket is read from it).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The replica (the group's name).
+        #[arg(long)]
+        name: String,
+        /// Its trust group, when several have a replica of that name.
+        #[arg(long)]
+        trust_group: Option<String>,
+    },
     /// Place an existing copy of a group's disks (a restored backup, an old replica)
     /// on this replica server, so that the primary's initial replication compares
     /// blocks and sends only those that differ (`initial_replication = "existing"`).
@@ -104,6 +135,15 @@ pub enum Request {
     Import {
         /// The export directory (DIR/<group> of `blkrep replication export`).
         dir: PathBuf,
+    },
+    /// Pause or resume replication into a replica.
+    SetPaused {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Pause (true) or resume (false).
+        paused: bool,
     },
 }
 
@@ -144,6 +184,7 @@ pub enum DaemonError {
 
 /// Runs `blkrep replica ...`; `init_logging` is called before a daemon starts.
 pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Result<()> {
+    let pausing = matches!(command, ReplicaCommand::Pause { .. });
     match command {
         ReplicaCommand::Run { config, check } => {
             let config = ReplicaConfig::load(&config)?;
@@ -167,6 +208,35 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             }
             init_logging();
             run(&config)?;
+        }
+        ReplicaCommand::Pause {
+            config,
+            socket,
+            name,
+            trust_group,
+        }
+        | ReplicaCommand::Resume {
+            config,
+            socket,
+            name,
+            trust_group,
+        } => {
+            let paused = pausing;
+            let socket = control_socket(socket, config)?;
+            let request = Request::SetPaused {
+                name: name.clone(),
+                trust_group,
+                paused,
+            };
+            call(&socket, &request, STATUS_TIMEOUT)?;
+            println!(
+                "Replication into {name} {}",
+                if paused {
+                    "is paused on the replica side; the primary retries every interval"
+                } else {
+                    "resumes"
+                }
+            );
         }
         ReplicaCommand::Import {
             config,
@@ -394,6 +464,16 @@ fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<
     control::answer(stream, |request: Request| match request {
         Request::Status => {
             serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
+        }
+        Request::SetPaused {
+            name,
+            trust_group,
+            paused,
+        } => {
+            let info = server
+                .set_paused(&name, trust_group.as_deref(), paused)
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
         }
         Request::Import { dir } => {
             let (info, imported) = server
