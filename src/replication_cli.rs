@@ -186,7 +186,9 @@ fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
             writeln!(out, "{line}")?;
         }
         out.flush()?;
-        if !watch || copy.is_none() && field("state") != "initial_replication" {
+        // A copy waiting for external media does not move on by itself.
+        let waits_for_admin = matches!(field("state"), "awaiting_export" | "awaiting_import");
+        if !watch || waits_for_admin || copy.is_none() && field("state") != "initial_replication" {
             if watch && tty {
                 writeln!(out)?;
             }
