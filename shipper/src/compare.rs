@@ -74,11 +74,19 @@ pub fn narrow(
         while !level.is_empty() {
             let mut differing = Vec::new();
             for batch in batches(&level) {
-                let Some(theirs) = sink.hashes(disk, batch)? else {
+                // Both sides hash at once: ours on a helper thread while the consumer
+                // answers.
+                let (theirs, ours) = std::thread::scope(|scope| {
+                    let ours = scope.spawn(|| hash_ranges(image, size, batch));
+                    let theirs = sink.hashes(disk, batch);
+                    (theirs, ours.join())
+                });
+                let Some(theirs) = theirs? else {
                     return Ok(None);
                 };
-                let ours =
-                    hash_ranges(image, size, batch).map_err(|source| CompareError::Image {
+                let ours = ours
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    .map_err(|source| CompareError::Image {
                         path: path.clone(),
                         source,
                     })?;
