@@ -141,18 +141,23 @@ impl ReplicaDisk {
         }
     }
 
+    /// Zeroes a range. In a file, zeroes and trims alike become a hole: a copy is
+    /// never served, so nothing relies on zeroed blocks staying allocated, and a thin
+    /// image's holes (sent as zero records) stay holes instead of filling the
+    /// replica's storage.
     fn zero(&self, offset: u64, length: u64, discard: bool) -> Result<(), ApplyError> {
+        use nix::fcntl::FallocateFlags as Mode;
         if !self.block_device {
-            let mode = if discard {
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE
-            } else {
-                nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE
-            };
+            let keep = Mode::FALLOC_FL_KEEP_SIZE;
+            let modes = [
+                Some(Mode::FALLOC_FL_PUNCH_HOLE | keep),
+                (!discard).then_some(Mode::FALLOC_FL_ZERO_RANGE | keep),
+            ];
             if let (Ok(start), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) {
-                if nix::fcntl::fallocate(self.file.as_raw_fd(), mode, start, len).is_ok() {
-                    return Ok(());
+                for mode in modes.into_iter().flatten() {
+                    if nix::fcntl::fallocate(self.file.as_raw_fd(), mode, start, len).is_ok() {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -254,5 +259,25 @@ mod tests {
             ReplicaDisk::open(&path, 5),
             Err(ApplyError::SizeMismatch { .. })
         ));
+    }
+
+    /// A thin image's holes arrive as zero records: they must stay holes.
+    #[test]
+    fn zero_records_leave_holes_in_a_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        std::fs::write(&path, vec![0xffu8; 4 << 20]).unwrap();
+        let disk = ReplicaDisk::open(&path, 4 << 20).unwrap();
+        let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(allocated(&path) >= 4 << 20);
+        disk.apply(0, 4 << 20, ChangeData::Zero).unwrap();
+        disk.sync().unwrap();
+        assert!(
+            allocated(&path) < 1 << 20,
+            "{} bytes allocated",
+            allocated(&path)
+        );
+        assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0));
     }
 }

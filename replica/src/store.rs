@@ -620,7 +620,10 @@ impl Replica {
                 resume_from: self.part_end,
             });
         }
-        let needed = offer.bytes.saturating_add(self.reserve);
+        // The transfer's file, and as much again at worst for the blocks its apply
+        // allocates in the replica disks (writes into holes): a committed transfer must
+        // be appliable, or the replica would sit half-applied until space is freed.
+        let needed = offer.bytes.saturating_mul(2).saturating_add(self.reserve);
         let free = free_space(&self.dir)?;
         if free < needed {
             return Err(StoreError::NoSpace {
