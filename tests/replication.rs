@@ -56,6 +56,17 @@ fn qemu_io_write(p: &Primary, disk: &str, pattern: u8, offset: u64, len: u64) {
     );
 }
 
+/// Runs `blkrep replication ARGS` against `p`.
+fn replication(p: &Primary, args: &[&str]) -> Output {
+    run(
+        Command::new(BIN)
+            .args(["replication", "--config"])
+            .arg(p.config())
+            .args(args),
+        LONG,
+    )
+}
+
 fn consumer_status(p: &Primary) -> Value {
     p.group_status("vm1")["consumer"].clone()
 }
@@ -288,15 +299,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
             "compression = false\ninitial_replication = \"media\"",
         ),
     );
-    let replication = |args: &[&str]| {
-        run(
-            Command::new(BIN)
-                .args(["replication", "--config"])
-                .arg(p.config())
-                .args(args),
-            LONG,
-        )
-    };
+    let replication = |args: &[&str]| replication(&p, args);
     // Nothing ships before the export.
     let refused = run(&mut p.cycles_close_cmd("vm1"), LONG);
     assert!(
@@ -617,15 +620,7 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     .expect("config");
     let mut p = p;
     p.restart();
-    let replication = |args: &[&str]| {
-        run(
-            Command::new(BIN)
-                .args(["replication", "--config"])
-                .arg(p.config())
-                .args(args),
-            LONG,
-        )
-    };
+    let replication = |args: &[&str]| replication(&p, args);
     // Cycles every second ship by themselves after the initial replication.
     let delivered = wait_consumer(&p, "automatic cycles", LONG, |s| {
         s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"

@@ -16,7 +16,7 @@ use wire::chunk::{ChunkEncoder, RawChunk};
 use wire::media::{read_manifest, transfer_file, Manifest, MediaTransfer, FORMAT, MANIFEST_FILE};
 
 use crate::resync::Cursor;
-use crate::sink::{CycleSink, Resume, SinkError};
+use crate::sink::{ChunkFraming, CycleSink, Emit, Resume, SinkError};
 
 /// The transfer being written.
 #[derive(Debug)]
@@ -129,13 +129,16 @@ impl MediaExport {
         writing.bytes += frame.len() as u64;
         Ok(())
     }
+}
+
+impl ChunkFraming for MediaExport {
+    fn encoder(&self) -> Option<&ChunkEncoder> {
+        self.writing.as_ref().map(|writing| &writing.encoder)
+    }
 
     fn with_encoder(
         &mut self,
-        step: impl FnOnce(
-            &mut ChunkEncoder,
-            &mut dyn FnMut(RawChunk<'_>) -> Result<(), SinkError>,
-        ) -> Result<(), SinkError>,
+        step: impl FnOnce(&mut ChunkEncoder, &mut Emit<'_>) -> Result<(), SinkError>,
     ) -> Result<(), SinkError> {
         let Some(mut writing) = self.writing.take() else {
             return Err(failed(&self.dir)(std::io::Error::other(
@@ -190,19 +193,15 @@ impl CycleSink for MediaExport {
                 offset: change.offset + change.length,
             });
         }
-        self.with_encoder(|encoder, emit| encoder.push(change, &mut &mut *emit))
+        self.push_change(change)
     }
 
     fn room(&self) -> usize {
-        self.writing
-            .as_ref()
-            .map_or(usize::MAX, |writing| writing.encoder.room())
+        self.room_left()
     }
 
     fn cut(&mut self) -> Result<bool, SinkError> {
-        let before = self.writing.as_ref().map(|w| w.encoder.chunks());
-        self.with_encoder(|encoder, emit| encoder.cut(&mut &mut *emit))?;
-        Ok(self.writing.as_ref().map(|w| w.encoder.chunks()) != before)
+        self.cut_chunk()
     }
 
     fn commit(&mut self) -> Result<(), SinkError> {

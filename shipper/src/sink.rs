@@ -7,6 +7,7 @@ use replica::{ApplyError, ReplicaDisk};
 use thiserror::Error;
 use tracker::{Change, ChangeData};
 use wire::api::{ByteRange, EnableRequest, TransferKind};
+use wire::chunk::{ChunkEncoder, RawChunk};
 
 use crate::remote::{ClientError, FailureClass};
 use crate::resync::Cursor;
@@ -127,6 +128,40 @@ pub trait CycleSink: Send {
         _ranges: &[ByteRange],
     ) -> Result<Option<Vec<Hash>>, SinkError> {
         Ok(None)
+    }
+}
+
+/// Where a chunk frame goes.
+pub(crate) type Emit<'a> = dyn FnMut(RawChunk<'_>) -> Result<(), SinkError> + 'a;
+
+/// A consumer that packs changes into chunk frames with a [`ChunkEncoder`] (the
+/// replica client, the media export): the chunk-level [`CycleSink`] steps, once.
+pub(crate) trait ChunkFraming {
+    /// The encoder of the transfer in progress.
+    fn encoder(&self) -> Option<&ChunkEncoder>;
+
+    /// Runs `step` on the encoder of the transfer in progress, with where its frames
+    /// go.
+    fn with_encoder(
+        &mut self,
+        step: impl FnOnce(&mut ChunkEncoder, &mut Emit<'_>) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError>;
+
+    /// [`CycleSink::apply`].
+    fn push_change(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
+        self.with_encoder(|encoder, emit| encoder.push(change, &mut &mut *emit))
+    }
+
+    /// [`CycleSink::room`].
+    fn room_left(&self) -> usize {
+        self.encoder().map_or(usize::MAX, ChunkEncoder::room)
+    }
+
+    /// [`CycleSink::cut`].
+    fn cut_chunk(&mut self) -> Result<bool, SinkError> {
+        let before = self.encoder().map(ChunkEncoder::chunks);
+        self.with_encoder(|encoder, emit| encoder.cut(&mut &mut *emit))?;
+        Ok(self.encoder().map(ChunkEncoder::chunks) != before)
     }
 }
 

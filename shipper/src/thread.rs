@@ -502,6 +502,19 @@ pub(crate) fn unix_now() -> u64 {
 pub use wire::error_chain;
 
 /// A random chain number (31 bits, never 0).
+/// The group's disks as the replica API describes them.
+fn disk_infos(setup: &ReplicationSetup, group: &Group) -> Vec<DiskInfo> {
+    setup
+        .disk_names
+        .iter()
+        .zip(group.disk_sizes())
+        .map(|(name, size)| DiskInfo {
+            name: name.clone(),
+            size,
+        })
+        .collect()
+}
+
 fn new_chain() -> u32 {
     (rand::random::<u32>() & 0x7fff_ffff).max(1)
 }
@@ -791,16 +804,7 @@ impl Worker {
         if relationship.state.enabled {
             return Ok(());
         }
-        let disks = relationship
-            .setup
-            .disk_names
-            .iter()
-            .zip(self.group.disk_sizes())
-            .map(|(name, size)| DiskInfo {
-                name: name.clone(),
-                size,
-            })
-            .collect();
+        let disks = disk_infos(&relationship.setup, &self.group);
         let request = EnableRequest {
             name: self.group.name().to_string(),
             disks,
@@ -885,16 +889,7 @@ impl Worker {
         let Some(relationship) = &self.relationship else {
             return Ok(String::new());
         };
-        let disks = relationship
-            .setup
-            .disk_names
-            .iter()
-            .zip(self.group.disk_sizes())
-            .map(|(name, size)| DiskInfo {
-                name: name.clone(),
-                size,
-            })
-            .collect();
+        let disks = disk_infos(&relationship.setup, &self.group);
         let target = dir.join(&name);
         let export = MediaExport::open(
             &target,

@@ -74,35 +74,9 @@ pub enum ReplicaCommand {
     },
     /// Pause replication into a replica: transfers are refused and the primary
     /// retries every interval (its health turns Warning), until `resume`.
-    Pause {
-        /// The replica's configuration (its control socket is read from it).
-        #[arg(long, short, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// The replica (the group's name).
-        #[arg(long)]
-        name: String,
-        /// Its trust group, when several have a replica of that name.
-        #[arg(long)]
-        trust_group: Option<String>,
-    },
+    Pause(OneReplica),
     /// Resume replication into a replica paused on this side.
-    Resume {
-        /// The replica's configuration (its control socket is read from it).
-        #[arg(long, short, conflicts_with = "socket")]
-        config: Option<PathBuf>,
-        /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// The replica (the group's name).
-        #[arg(long)]
-        name: String,
-        /// Its trust group, when several have a replica of that name.
-        #[arg(long)]
-        trust_group: Option<String>,
-    },
+    Resume(OneReplica),
     /// Place an existing copy of a group's disks (a restored backup, an old replica)
     /// on this replica server, so that the primary's initial replication compares
     /// blocks and sends only those that differ (`initial_replication = "existing"`).
@@ -123,6 +97,23 @@ pub enum ReplicaCommand {
         #[arg(long = "move")]
         move_images: bool,
     },
+}
+
+/// One replica of the running daemon, for `pause` and `resume`.
+#[derive(Debug, clap::Args)]
+pub struct OneReplica {
+    /// The replica's configuration (its control socket is read from it).
+    #[arg(long, short, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The replica daemon's control socket [default: /run/blkrep/replica.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The replica (the group's name).
+    #[arg(long)]
+    name: String,
+    /// Its trust group, when several have a replica of that name.
+    #[arg(long)]
+    trust_group: Option<String>,
 }
 
 /// A control request.
@@ -209,19 +200,14 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             init_logging();
             run(&config)?;
         }
-        ReplicaCommand::Pause {
-            config,
-            socket,
-            name,
-            trust_group,
-        }
-        | ReplicaCommand::Resume {
-            config,
-            socket,
-            name,
-            trust_group,
-        } => {
+        ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
             let paused = pausing;
+            let OneReplica {
+                config,
+                socket,
+                name,
+                trust_group,
+            } = target;
             let socket = control_socket(socket, config)?;
             let request = Request::SetPaused {
                 name: name.clone(),

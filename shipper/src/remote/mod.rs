@@ -32,7 +32,7 @@ pub use relationship::{CopyProgress, Relationship, RelationshipError};
 pub use throttle::Throttle;
 
 use crate::resync::Cursor;
-use crate::sink::{CycleSink, Resume, SinkError};
+use crate::sink::{ChunkFraming, CycleSink, Emit, Resume, SinkError};
 
 /// How chunks are sent.
 #[derive(Debug, Clone)]
@@ -108,15 +108,17 @@ impl RemoteSink {
         self.bytes_sent += len;
         Ok(())
     }
+}
 
-    /// Runs `step` on the encoder of the current transfer, sending the chunks it emits
-    /// from `skip_below` on.
+impl ChunkFraming for RemoteSink {
+    fn encoder(&self) -> Option<&ChunkEncoder> {
+        self.sending.as_ref().map(|sending| &sending.encoder)
+    }
+
+    /// Sends the chunks `step` emits from `skip_below` on.
     fn with_encoder(
         &mut self,
-        step: impl FnOnce(
-            &mut ChunkEncoder,
-            &mut dyn FnMut(RawChunk<'_>) -> Result<(), SinkError>,
-        ) -> Result<(), SinkError>,
+        step: impl FnOnce(&mut ChunkEncoder, &mut Emit<'_>) -> Result<(), SinkError>,
     ) -> Result<(), SinkError> {
         let Some(mut sending) = self.sending.take() else {
             return Err(self.remote(ClientError::BadAnswer {
@@ -213,19 +215,15 @@ impl CycleSink for RemoteSink {
     }
 
     fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
-        self.with_encoder(|encoder, emit| encoder.push(change, &mut &mut *emit))
+        self.push_change(change)
     }
 
     fn room(&self) -> usize {
-        self.sending
-            .as_ref()
-            .map_or(usize::MAX, |sending| sending.encoder.room())
+        self.room_left()
     }
 
     fn cut(&mut self) -> Result<bool, SinkError> {
-        let before = self.sending.as_ref().map(|s| s.encoder.chunks());
-        self.with_encoder(|encoder, emit| encoder.cut(&mut &mut *emit))?;
-        Ok(self.sending.as_ref().map(|s| s.encoder.chunks()) != before)
+        self.cut_chunk()
     }
 
     fn commit(&mut self) -> Result<(), SinkError> {
