@@ -674,6 +674,11 @@ impl Replica {
                 "transfer {id:#x} was not offered (or was abandoned)"
             )));
         };
+        if index < self.part_chunks {
+            // An upload the primary gave up on that arrived after all: the chunk is
+            // stored already (a retry re-encodes the same bytes).
+            return Ok(self.part_chunks);
+        }
         if index != self.part_chunks {
             return Err(StoreError::Conflict(format!(
                 "chunk {index} of transfer {id:#x} arrived where chunk {} was expected",

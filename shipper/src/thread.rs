@@ -1091,7 +1091,10 @@ impl Worker {
                         .ok_or(ShipperError::ResyncLost { batch, have })?;
                     self.sink.resume_at(have);
                     debug!(group = %self.group.name(), batch, have, ?from, "Resuming a resync batch");
-                    let sent = u64::from(have) * u64::from(MAX_CHUNK_RAW);
+                    // Bytes of the batch the replica holds, as the batch size counts them.
+                    let sent = self.resync.as_ref().map_or(0, |resync| {
+                        resync.maps.bytes_from(start) - resync.maps.bytes_from(from)
+                    });
                     self.stream_batch(from, sent, last)?
                 };
                 self.sink.commit()?;
