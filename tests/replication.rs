@@ -10,30 +10,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::FaultProxy;
-use common::replica::{Auth, LabCerts, Replica};
+use common::replica::{
+    dc1, lab_certs as certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST, ROGUE_HOST,
+};
 use common::*;
 use serde_json::Value;
-
-const PRIMARY_HOST: &str = "primary.dc1.test";
-const REPLICA_HOST: &str = "localhost";
-
-fn dc1() -> Vec<Auth> {
-    vec![Auth {
-        primary: Some("*.dc1.test".into()),
-        trust_group: "dc1".into(),
-    }]
-}
-
-fn certs(dir: &std::path::Path) -> LabCerts {
-    LabCerts::create(
-        dir,
-        &[
-            &[REPLICA_HOST, "127.0.0.1"],
-            &[PRIMARY_HOST],
-            &["rogue.dc2.test"],
-        ],
-    )
-}
 
 /// A primary with group vm1 of the given disks, replicating with `consumer` lines.
 fn primary(disks: Vec<DiskSpec>, consumer: String) -> Primary {
@@ -442,10 +423,7 @@ fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
     let url = replica.url(REPLICA_HOST);
     let cases = [
         // An identity the replica does not authorise.
-        (
-            "unlisted identity",
-            certs.consumer(&url, "rogue.dc2.test", ""),
-        ),
+        ("unlisted identity", certs.consumer(&url, ROGUE_HOST, "")),
         // A client certificate from another CA (trusting the right replica CA).
         (
             "certificate from another CA",

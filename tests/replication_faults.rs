@@ -22,12 +22,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::FaultProxy;
-use common::replica::{Auth, LabCerts, Replica};
+use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::*;
 use serde_json::Value;
 
-const PRIMARY_HOST: &str = "primary.dc1.test";
-const REPLICA_HOST: &str = "localhost";
 const GROUP: &str = "vm1";
 const TRUST_GROUP: &str = "dc1";
 
@@ -65,16 +63,8 @@ impl Rig {
     /// in its `[group.consumer]` table. No cycle is closed yet.
     fn start(disks: Vec<DiskSpec>, consumer_extra: &str) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = LabCerts::create(dir.path(), &[&[REPLICA_HOST, "127.0.0.1"], &[PRIMARY_HOST]]);
-        let replica = Replica::start(
-            &certs,
-            REPLICA_HOST,
-            &[Auth {
-                primary: Some("*.dc1.test".into()),
-                trust_group: TRUST_GROUP.into(),
-            }],
-            "reserve = \"0\"",
-        );
+        let certs = lab_certs(dir.path());
+        let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
         let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], replica.port)));
         let url = format!("https://{REPLICA_HOST}:{}", proxy.addr().port());
         let p = Primary::start(Spec::new(vec![GroupSpec::new(GROUP, disks)

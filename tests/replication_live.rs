@@ -36,26 +36,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::nbd::Conn;
-use common::replica::{Auth, LabCerts, Replica};
+use common::replica::{dc1, lab_certs as certs, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::writer::{describe_sector, pattern};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-const PRIMARY_HOST: &str = "primary.dc1.test";
-const REPLICA_HOST: &str = "localhost";
-
-fn dc1() -> Vec<Auth> {
-    vec![Auth {
-        primary: Some("*.dc1.test".into()),
-        trust_group: "dc1".into(),
-    }]
-}
-
-fn certs(dir: &Path) -> LabCerts {
-    LabCerts::create(dir, &[&[REPLICA_HOST, "127.0.0.1"], &[PRIMARY_HOST]])
-}
 
 /// The last lines of both daemons' logs, for assertion messages.
 fn logs(p: &Primary, replica: &Replica) -> String {

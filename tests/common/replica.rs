@@ -69,6 +69,29 @@ pub struct Auth {
     pub trust_group: String,
 }
 
+/// The lab primary's identity, which [`dc1`] authorises.
+pub const PRIMARY_HOST: &str = "primary.dc1.test";
+/// The replica's name in its certificate.
+pub const REPLICA_HOST: &str = "localhost";
+/// An identity no entry of [`dc1`] allows.
+pub const ROGUE_HOST: &str = "rogue.dc2.test";
+
+/// The authorisation of the lab: `*.dc1.test` primaries in trust group dc1.
+pub fn dc1() -> Vec<Auth> {
+    vec![Auth {
+        primary: Some("*.dc1.test".into()),
+        trust_group: "dc1".into(),
+    }]
+}
+
+/// A lab CA in `dir` with certificates for the replica, the primary and a rogue.
+pub fn lab_certs(dir: &Path) -> LabCerts {
+    LabCerts::create(
+        dir,
+        &[&[REPLICA_HOST, "127.0.0.1"], &[PRIMARY_HOST], &[ROGUE_HOST]],
+    )
+}
+
 /// A running (or stopped) `blkrep replica run`.
 #[derive(Debug)]
 pub struct Replica {
