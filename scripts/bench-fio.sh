@@ -9,10 +9,15 @@
 #   --ramp S                 fio ramp_time seconds, not measured (default 3)
 #   --size SIZE              image size for fallocate, e.g. 4G, 256M (default 4G)
 #   --ring-size SIZE         blkrep ring_size for the tracked server (default 4GiB: two 1 s cycles at ~2 GB/s)
-#   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m
-#                            (default: all four)
-#   --servers LIST           comma list from: qemu,untracked,tracked (default: all three)
+#   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m,
+#                            seqwrite64k (default: the first four)
+#   --servers LIST           comma list from: qemu,untracked,tracked,replicated
+#                            (default: qemu,untracked,tracked)
+#   --replica-interval I     interval of the replicated server (default 5s)
 #   --out FILE               also write the report (machine info + table) to FILE
+#   --json FILE              also write the medians, ratios and status summaries as JSON
+#   --embed                  report for inclusion in another report: no machine table, a
+#                            level-3 heading (scripts/bench-replication.sh uses it)
 #   --json-dir DIR           keep every fio JSON output under DIR
 #   --short                  CI smoke mode: 1 run, 3 s per job, 1 s ramp, 256 MiB image;
 #                            fails only on errors, never on the numbers
@@ -33,6 +38,12 @@
 #   untracked  blkrep primary, tracking = false
 #   tracked    blkrep primary, tracking = true, a cycle closed every 1 s and
 #              consumed by the "discard" consumer; the ring file is new each run
+#   replicated blkrep primary, tracking = true, shipping every --replica-interval
+#              (5 s) over HTTPS with mutual TLS to a `blkrep replica run` daemon on
+#              loopback (certificates from `blkrep cert`); ring and replica are new
+#              each run, and fio starts only after the initial replication of the
+#              whole image has been shipped and applied (not measured). The replica
+#              daemon runs on the same cores, so its CPU is reported too.
 # The image is written once in full before the first job, so reads hit data.
 set -euo pipefail
 
@@ -46,11 +57,15 @@ size=4G
 ring_size=4GiB
 jobs_csv=randwrite4k,randread4k,randwrite64k,seqwrite1m
 servers_csv=qemu,untracked,tracked
+replica_interval=5s
 out=
+json_out=
+embed=0
 json_dir=
 short=0
 allow_missing=0
 start_timeout=30
+initial_timeout=900
 keep=0
 runs_set=0 runtime_set=0 ramp_set=0 size_set=0
 
@@ -68,7 +83,10 @@ while [[ $# -gt 0 ]]; do
         --ring-size) need_arg "$@"; ring_size=$2; ring_size_set=1; shift 2 ;;
         --jobs) need_arg "$@"; jobs_csv=$2; shift 2 ;;
         --servers) need_arg "$@"; servers_csv=$2; shift 2 ;;
+        --replica-interval) need_arg "$@"; replica_interval=$2; shift 2 ;;
         --out) need_arg "$@"; out=$2; shift 2 ;;
+        --json) need_arg "$@"; json_out=$2; shift 2 ;;
+        --embed) embed=1; shift ;;
         --json-dir) need_arg "$@"; json_dir=$2; shift 2 ;;
         --short) short=1; shift ;;
         --allow-missing-blkrep) allow_missing=1; shift ;;
@@ -94,10 +112,11 @@ fi
 IFS=, read -r -a jobs <<<"$jobs_csv"
 IFS=, read -r -a servers <<<"$servers_csv"
 for j in "${jobs[@]}"; do
-    case "$j" in randwrite4k|randread4k|randwrite64k|seqwrite1m) ;; *) die "unknown job: $j" ;; esac
+    case "$j" in randwrite4k|randread4k|randwrite64k|seqwrite1m|seqwrite64k) ;; *) die "unknown job: $j" ;; esac
 done
+want_replica=0
 for s in "${servers[@]}"; do
-    case "$s" in qemu|untracked|tracked) ;; *) die "unknown server: $s" ;; esac
+    case "$s" in qemu|untracked|tracked) ;; replicated) want_replica=1 ;; *) die "unknown server: $s" ;; esac
 done
 
 # fio arguments of each job (beyond the common ones).
@@ -107,6 +126,7 @@ job_args() {
         randread4k)   echo "--rw=randread --bs=4k --iodepth=32" ;;
         randwrite64k) echo "--rw=randwrite --bs=64k --iodepth=16" ;;
         seqwrite1m)   echo "--rw=write --bs=1M --iodepth=8" ;;
+        seqwrite64k)  echo "--rw=write --bs=64k --iodepth=16" ;;
     esac
 }
 
@@ -124,20 +144,27 @@ report_py="$script_dir/bench_report.py"
 # ---- work dir and cleanup -------------------------------------------------
 work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-bench.XXXXXX")
 server_pid=
+replica_pid=
 fio_pid=
 start_failure=
+# SIGTERM process $1, KILL it after 5 s, reap it (cleanup only).
+terminate() {
+    local pid=$1
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
 cleanup() {
     local rc=$?
     if [[ -n "$fio_pid" ]]; then
         kill -TERM "$fio_pid" 2>/dev/null || true
         wait "$fio_pid" 2>/dev/null || true
     fi
-    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
+    # The replica first: a primary shipping to it then stops at once.
+    terminate "$replica_pid"
+    terminate "$server_pid"
     if (( keep )); then
         log "work dir kept: $work"
     else
@@ -169,7 +196,7 @@ skip_allowed() { (( allow_missing )) || (( ! short )); }
 blkrep_unavailable() {  # reason
     if skip_allowed; then
         log "WARNING: $1; skipping the blkrep columns"
-        for s in untracked tracked; do skipped[$s]=$1; done
+        for s in untracked tracked replicated; do skipped[$s]=$1; done
     else
         die "$1 (use --allow-missing-blkrep to skip blkrep while developing this script)"
     fi
@@ -234,6 +261,62 @@ write_blkrep_config() {  # tracking(true|false) file
 write_blkrep_config false "$work/untracked.toml"
 write_blkrep_config true "$work/tracked.toml"
 
+# ---- the replicated server's replica daemon ----------------------------------
+# A lab CA and certificates (`blkrep cert`) once; the configurations per run.
+replica_ctl=$work/replica.ctl
+replica_storage=$work/replicas
+if (( want_replica )) && [[ -n "$blkrep" && -z "${skipped[replicated]:-}" ]]; then
+    if ! { "$blkrep" cert ca --dir "$work/pki" &&
+           "$blkrep" cert issue --dir "$work/pki" --name localhost &&
+           "$blkrep" cert issue --dir "$work/pki" --name primary.bench.lab; } >"$work/logs/cert.log" 2>&1; then
+        cat "$work/logs/cert.log" >&2
+        die "blkrep cert failed"
+    fi
+fi
+
+# Both configurations of the replicated server, for a free loopback port picked now
+# (each run, so no port stays reserved in between).
+write_replication_configs() {
+    local replica_port
+    replica_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat >"$work/replica.toml" <<TOML
+listen = "127.0.0.1:$replica_port"
+control_socket = "$replica_ctl"
+reserve = "64MiB"
+[tls]
+cert = "$work/pki/localhost.pem"
+key = "$work/pki/localhost.key"
+ca = "$work/pki/ca.pem"
+[[authorization]]
+primary = "*.bench.lab"
+storage = "$replica_storage"
+trust_group = "bench"
+TOML
+    {
+        echo "control_socket = \"$ctl\""
+        echo
+        echo "[nbd]"
+        echo "unix_socket = \"$sock\""
+        echo
+        echo "[[group]]"
+        echo "name = \"bench\""
+        echo "ring = \"$ring\""
+        echo "ring_size = \"$ring_size\""
+        echo "interval = \"$replica_interval\""
+        echo
+        echo "[group.consumer]"
+        echo "type = \"replica\""
+        echo "url = \"https://localhost:$replica_port\""
+        echo "ca = \"$work/pki/ca.pem\""
+        echo "cert = \"$work/pki/primary.bench.lab.pem\""
+        echo "key = \"$work/pki/primary.bench.lab.key\""
+        echo
+        echo "[[group.disk]]"
+        echo "name = \"$export_name\""
+        echo "image = \"$image\""
+    } >"$work/replicated.toml"
+}
+
 # Last non-empty line of a log file, for one-line error reasons.
 last_line() {
     local l
@@ -254,11 +337,65 @@ drop_caches() {
     fi
 }
 
+# The replica daemon's answer to `blkrep replica status --json`, or nothing.
+replica_status_json() {
+    timeout 10 "$blkrep" replica status --config "$work/replica.toml" --json 2>/dev/null
+}
+
+# Starts a fresh replica daemon (empty storage) for the replicated server; logs to
+# $1. Sets replica_pid. Returns 1 (with start_failure set) if it did not come up.
+start_replica() {
+    local logf=$1
+    rm -rf "$replica_storage" "$replica_ctl"
+    write_replication_configs
+    NO_COLOR=1 "$blkrep" --log-format json replica run --config "$work/replica.toml" >"$logf" 2>&1 &
+    replica_pid=$!
+    local deadline=$((SECONDS + start_timeout))
+    while (( SECONDS < deadline )); do
+        if ! kill -0 "$replica_pid" 2>/dev/null; then
+            wait "$replica_pid" 2>/dev/null || true
+            replica_pid=
+            start_failure="replica daemon exited before it was ready: $(last_line "$logf")"
+            return 1
+        fi
+        replica_status_json >/dev/null && return 0
+        sleep 0.1
+    done
+    start_failure="replica daemon not ready after ${start_timeout}s: $(last_line "$logf")"
+    return 1
+}
+
+# The replicated server's initial replication, not measured: ships the whole image
+# (`blkrep cycles close` runs it and the first delta, and returns when the replica
+# holds them durably), then waits until the replica has applied everything.
+initial_replication() {
+    local out cycle applied deadline
+    if ! out=$(timeout $((initial_timeout + 10)) "$blkrep" cycles close --config "$work/replicated.toml" \
+            --group bench --timeout "${initial_timeout}s" 2>&1); then
+        start_failure="initial replication failed: $(echo "$out" | tail -n 1 | cut -c1-200)"
+        return 1
+    fi
+    cycle=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cycle"])') || {
+        start_failure="unexpected answer from blkrep cycles close: $out"; return 1; }
+    deadline=$((SECONDS + initial_timeout))
+    while (( SECONDS < deadline )); do
+        applied=$(replica_status_json | python3 -c '
+import json, sys
+r = [x for x in json.load(sys.stdin) if x["name"] == "bench"]
+ok = r and r[0]["pending_transfers"] == 0 and r[0]["last_applied_cycle"] is not None
+print(r[0]["last_applied_cycle"] if ok else -1)' 2>/dev/null || echo -1)
+        (( applied >= cycle )) && return 0
+        sleep 0.2
+    done
+    start_failure="the replica did not apply the initial replication within ${initial_timeout}s"
+    return 1
+}
+
 # Start server $1; logs to $2. Sets server_pid. Returns 1 if it did not become
 # ready (after printing why, and setting start_failure), leaving nothing running.
 start_server() {
     local which=$1 logf=$2
-    rm -f "$sock" "$ctl" "$ring"
+    rm -f "$sock" "$ctl" "$ring" "$ring.replication.json"
     case "$which" in
         qemu)
             qemu-nbd -t -f raw --cache=writeback --aio=io_uring --shared=8 \
@@ -266,6 +403,14 @@ start_server() {
             ;;
         untracked|tracked)
             NO_COLOR=1 "$blkrep" primary --config "$work/$which.toml" >"$logf" 2>&1 &
+            ;;
+        replicated)
+            if ! start_replica "${logf%.log}.replica.log"; then
+                log "$which server: $start_failure"
+                stop_server "$which" || true
+                return 1
+            fi
+            NO_COLOR=1 "$blkrep" primary --config "$work/replicated.toml" >"$logf" 2>&1 &
             ;;
     esac
     server_pid=$!
@@ -278,10 +423,20 @@ start_server() {
             start_failure="exited with status $rc before it was ready: $(last_line "$logf")"
             log "$which server $start_failure; its log:"
             tail -n 20 "$logf" | sed 's/^/    /' >&2
+            stop_server "$which" || true
             return 1
         fi
         if [[ -S "$sock" ]] && nbdinfo "$uri" >/dev/null 2>&1; then
-            return 0
+            [[ "$which" == replicated ]] || return 0
+            local started=$SECONDS
+            if initial_replication; then
+                log "  initial replication shipped and applied in $((SECONDS - started)) s"
+                return 0
+            fi
+            log "$which server: $start_failure; its log:"
+            tail -n 20 "$logf" | sed 's/^/    /' >&2
+            stop_server "$which" || true
+            return 1
         fi
         sleep 0.1
     done
@@ -292,38 +447,53 @@ start_server() {
     return 1
 }
 
-# SIGTERM the server and wait for it; KILL after 20 s. Returns 1 if it had to
-# be killed or exited with an error status.
-stop_server() {
-    local which=$1 rc=0 i
-    [[ -n "$server_pid" ]] || return 0
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        kill -0 "$server_pid" 2>/dev/null || break
+# SIGTERM process $2 (named $1 in warnings) and wait for it; KILL after $3 s.
+# Returns 1 if it had to be killed or exited with an error status.
+stop_pid() {
+    local which=$1 pid=$2 limit=$3 rc=0 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < limit * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    if kill -0 "$server_pid" 2>/dev/null; then
-        log "WARNING: $which server did not exit 20 s after SIGTERM; killing it"
-        kill -KILL "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=
+    if kill -0 "$pid" 2>/dev/null; then
+        log "WARNING: $which did not exit $limit s after SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
         return 1
     fi
-    wait "$server_pid" || rc=$?
-    server_pid=
+    wait "$pid" || rc=$?
     # qemu-nbd reports a SIGTERM as status 143 (128+15) in some versions.
     if (( rc != 0 && rc != 143 )); then
-        log "WARNING: $which server exited with status $rc after SIGTERM"
+        log "WARNING: $which exited with status $rc after SIGTERM"
         return 1
     fi
     return 0
 }
 
-# Wall-clock time and the server's /proc/PID/stat on one line, into $1.
+# SIGTERM the server and wait for it; KILL after 20 s. Returns 1 if it had to
+# be killed or exited with an error status. The replicated server's replica daemon
+# stops first, so a primary in the middle of shipping a cycle fails it and stops at
+# once instead of finishing the delivery.
+stop_server() {
+    local which=$1 rc=0
+    if [[ -n "$replica_pid" ]]; then
+        stop_pid "replica daemon of the $which server" "$replica_pid" 20 || rc=1
+        replica_pid=
+    fi
+    if [[ -n "$server_pid" ]]; then
+        stop_pid "$which server" "$server_pid" 20 || rc=1
+        server_pid=
+    fi
+    return "$rc"
+}
+
+# Wall-clock time and /proc/PID/stat of process $2 (default: the server) on one
+# line, into $1.
 cpu_sample() {
     local now stat
     now=$(date +%s.%N)
-    stat=$(cat "/proc/$server_pid/stat" 2>/dev/null || true)
+    stat=$(cat "/proc/${2:-$server_pid}/stat" 2>/dev/null || true)
     echo "$now $stat" >"$1"
 }
 
@@ -358,6 +528,13 @@ for ((r = 1; r <= runs; r++)); do
             # The server's CPU time (all threads) around the fio run, for the
             # report's "server CPU" row.
             cpu_sample "$json.cpu0"
+            if [[ -n "$replica_pid" ]]; then
+                cpu_sample "$json.rcpu0" "$replica_pid"
+                # What was shipped before fio (the initial replication), so the
+                # report can tell what shipped while fio ran.
+                timeout 10 "$blkrep" status --config "$work/$srv.toml" --json \
+                    >"$json.status0" 2>>"$logf" || rm -f "$json.status0"
+            fi
             # In the background, so that SIGINT/SIGTERM run the cleanup at once
             # (bash runs traps only after a foreground child exits).
             # shellcheck disable=SC2046  # job_args is meant to split into words
@@ -378,6 +555,7 @@ for ((r = 1; r <= runs; r++)); do
                 die "fio failed against $srv"
             fi
             cpu_sample "$json.cpu1"
+            [[ -n "$replica_pid" ]] && cpu_sample "$json.rcpu1" "$replica_pid"
             if [[ "$srv" != qemu ]]; then
                 # What the server did (cycles closed and delivered, ring use),
                 # so the report can show the tracked column really tracked.
@@ -387,12 +565,18 @@ for ((r = 1; r <= runs; r++)); do
                     rm -f "$json.status"
                 fi
             fi
+            if [[ -n "$replica_pid" ]]; then
+                replica_status_json >"$json.replica" || rm -f "$json.replica"
+            fi
             if ! stop_server "$srv"; then
                 tail -n 20 "$logf" | sed 's/^/    /' >&2
                 errors=$((errors + 1))
             fi
-            if [[ "$srv" == tracked ]]; then
-                rm -f "$ring"
+            if [[ "$srv" == tracked || "$srv" == replicated ]]; then
+                rm -f "$ring" "$ring.replication.json"
+            fi
+            if [[ "$srv" == replicated ]]; then
+                rm -rf "$replica_storage"
             fi
         done
     done
@@ -408,6 +592,9 @@ report_args=(
 )
 [[ -n "$blkrep" ]] && report_args+=(--blkrep "$blkrep")
 [[ -n "$out" ]] && report_args+=(--out "$out")
+[[ -n "$json_out" ]] && report_args+=(--json "$json_out")
+(( embed )) && report_args+=(--embed)
+(( want_replica )) && report_args+=(--replica-interval "$replica_interval")
 (( short )) && report_args+=(--short)
 "$py" "$report_py" "${report_args[@]}" "${skip_args[@]}"
 

@@ -29,14 +29,17 @@ JOBS = {
     "randread4k": ("4k randread QD32", "read"),
     "randwrite64k": ("64k randwrite QD16", "write"),
     "seqwrite1m": ("1M seq write QD8", "write"),
+    "seqwrite64k": ("64k seq write QD16", "write"),
 }
 SERVERS = {
     "qemu": "qemu-nbd",
     "untracked": "blkrep untracked",
     "tracked": "blkrep tracked",
+    "replicated": "blkrep replicated",
 }
 # (numerator, denominator) server pairs shown as ratio columns.
-RATIOS = [("untracked", "qemu"), ("tracked", "qemu"), ("tracked", "untracked")]
+RATIOS = [("untracked", "qemu"), ("tracked", "qemu"), ("tracked", "untracked"),
+          ("replicated", "qemu"), ("replicated", "tracked")]
 # metric key, row label, higher-is-better
 METRICS = [
     ("iops", "IOPS", True),
@@ -45,6 +48,8 @@ METRICS = [
     ("p99", "p99 µs", False),
     ("p999", "p99.9 µs", False),
     ("cpu", "server CPU %", False),
+    # Only the replicated server has one (shown when some server has a value).
+    ("rcpu", "replica CPU %", False),
 ]
 PERCENTILES = {"p50": "50.000000", "p99": "99.000000", "p999": "99.900000"}
 
@@ -65,12 +70,13 @@ def load_fio_json(path: Path) -> dict:
         raise ReportError(f"{path}: malformed fio JSON: {e}") from e
 
 
-def server_cpu_percent(json_path: Path) -> float | None:
+def server_cpu_percent(json_path: Path, which: str = "cpu") -> float | None:
     """CPU used by the server process (user+system, all threads) while fio ran,
     from the samples bench-fio.sh takes before and after fio, as % of one core.
-    Includes fio's ramp. None if the samples are missing or unreadable."""
+    Includes fio's ramp. None if the samples are missing or unreadable.
+    which="rcpu": the replicated server's replica daemon instead."""
     samples = []
-    for suffix in (".cpu0", ".cpu1"):
+    for suffix in (f".{which}0", f".{which}1"):
         try:
             line = Path(str(json_path) + suffix).read_text().strip()
             wall, _, stat = line.partition(" ")
@@ -87,17 +93,18 @@ def server_cpu_percent(json_path: Path) -> float | None:
     return (t1 - t0) / os.sysconf("SC_CLK_TCK") / (w1 - w0) * 100.0
 
 
-def server_status(json_path: Path) -> dict | None:
-    """Summary of `blkrep status --json` taken right after fio finished, summed
-    over groups; None if there is no status file (qemu-nbd, or status failed)."""
-    p = Path(str(json_path) + ".status")
+def server_status(json_path: Path, suffix: str = ".status") -> dict | None:
+    """Summary of `blkrep status --json` taken right after fio finished (suffix
+    ".status0": right before fio started, replicated server only), summed over
+    groups; None if there is no status file (qemu-nbd, or status failed)."""
+    p = Path(str(json_path) + suffix)
     try:
         doc = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     out = {"tracking": set(), "closed": 0, "delivered": 0, "bytes": 0,
            "records": 0, "failures": 0, "resyncs": 0, "resync_required": False,
-           "last_error": None, "resync_reason": None}
+           "last_error": None, "resync_reason": None, "network_bytes": 0}
     for g in doc.get("groups") or []:
         out["tracking"].add(str(g.get("tracking")))
         out["resync_required"] |= bool(g.get("resync_required"))
@@ -108,12 +115,28 @@ def server_status(json_path: Path) -> dict | None:
         c = g.get("consumer") or {}
         out["delivered"] += int(c.get("cycles_delivered") or 0)
         out["bytes"] += int(c.get("bytes_delivered") or 0)
+        out["network_bytes"] += int(c.get("network_bytes") or 0)
         out["failures"] += int(c.get("failures") or 0)
         out["resyncs"] += int(c.get("resyncs") or 0)
         if c.get("last_error"):
             out["last_error"] = str(c["last_error"])
     out["tracking"] = ",".join(sorted(out["tracking"])) or "?"
     return out
+
+
+def replica_status(json_path: Path) -> dict | None:
+    """The replicated server's replica right after fio finished (`blkrep replica
+    status --json`); None if there is none."""
+    try:
+        doc = json.loads(Path(str(json_path) + ".replica").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for r in doc if isinstance(doc, list) else []:
+        if r.get("name") == "bench":
+            return {"last_applied_cycle": r.get("last_applied_cycle"),
+                    "pending_transfers": int(r.get("pending_transfers") or 0),
+                    "consistent": bool(r.get("consistent"))}
+    return None
 
 
 def parse_run(path: Path, direction: str) -> dict[str, float]:
@@ -135,7 +158,10 @@ def parse_run(path: Path, direction: str) -> dict[str, float]:
                               "(run fio with --percentile_list=50:99:99.9)")
         out[key] = float(pct[name]) / 1e3  # ns -> µs
     out["cpu"] = server_cpu_percent(path)
+    out["rcpu"] = server_cpu_percent(path, "rcpu")
     out["status"] = server_status(path)
+    out["status0"] = server_status(path, ".status0")
+    out["replica"] = replica_status(path)
     return out
 
 
@@ -252,11 +278,14 @@ def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
-def targets(data: dict, jobs: list[str]) -> list[str]:
+def targets(data: dict, jobs: list[str], servers: list[str]) -> list[str]:
+    """PASS/MISS lines of the targets whose servers took part in the run."""
     lines = []
 
     def check(desc: str, r: float | None, op: str, limit: float,
-              aim: float | None = None) -> None:
+              aim: float | None = None, pair: tuple[str, str] = ("tracked", "qemu")) -> None:
+        if not all(s in servers for s in pair):
+            return
         if r is None:
             lines.append(f"- SKIP {desc}: no data")
             return
@@ -276,11 +305,18 @@ def targets(data: dict, jobs: list[str]) -> list[str]:
     for job in jobs:
         label = JOBS[job][0]
         check(f"{label}: tracked / untracked IOPS",
-              ratio(data[job], "tracked", "untracked", "iops"), ">=", 0.9)
+              ratio(data[job], "tracked", "untracked", "iops"), ">=", 0.9,
+              pair=("tracked", "untracked"))
     for job in jobs:
         label = JOBS[job][0]
         check(f"{label}: tracked / untracked p99.9 latency",
-              ratio(data[job], "tracked", "untracked", "p999"), "<=", 1.2)
+              ratio(data[job], "tracked", "untracked", "p999"), "<=", 1.2,
+              pair=("tracked", "untracked"))
+    for job in jobs:
+        label = JOBS[job][0]
+        check(f"{label}: replicated / qemu-nbd IOPS",
+              ratio(data[job], "replicated", "qemu", "iops"), ">=", 1.0,
+              1.2 if job == "randwrite4k" else None, pair=("replicated", "qemu"))
     return lines
 
 
@@ -310,17 +346,26 @@ def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> l
             rows.append(f"| {label} | {modes} | {med('closed'):.0f} | {med('delivered'):.0f} | "
                         f"{med('bytes') / 1e6:,.0f} | {med('records'):,.0f} | {fails} | "
                         f"{resyncs}{' + pending' if pending else ''} |")
-            if srv == "tracked":
-                if any(st["delivered"] == 0 for st in sts):
-                    warnings.append(f"- WARNING {JOBS[job][0]}: a tracked run delivered no "
-                                    "cycle to the consumer; its numbers are not of tracking")
+            if srv in ("tracked", "replicated"):
+                # What the replicated server did before fio started (its initial
+                # replication, and cycles of intervals that passed meanwhile) is not
+                # fio's doing.
+                before = [r.get("status0") or {} for r in e["runs"] if r.get("status")]
+                delivered = [st["delivered"] - b.get("delivered", 0) for st, b in zip(sts, before)]
+                resyncs = sum(st["resyncs"] - b.get("resyncs", 0) for st, b in zip(sts, before))
+                if any(n <= 0 for n in delivered):
+                    why = (" while fio ran (the shipper was still sending an earlier, larger "
+                           "cycle, or the ring overflowed)") if srv == "replicated" else ""
+                    warnings.append(f"- WARNING {JOBS[job][0]}: a {srv} run delivered no "
+                                    f"cycle to the consumer{why}; its numbers are not of "
+                                    f"{srv[:-2]}ing alone")
                 if fails:
                     err = next((st["last_error"] for st in sts if st["last_error"]), "")
-                    warnings.append(f"- WARNING {JOBS[job][0]}: the tracked consumer failed "
+                    warnings.append(f"- WARNING {JOBS[job][0]}: the {srv} consumer failed "
                                     f"{fails} time(s){': ' + err if err else ''}")
                 if resyncs or pending:
                     why = next((st["resync_reason"] for st in sts if st["resync_reason"]), "")
-                    warnings.append(f"- NOTE {JOBS[job][0]}: the tracked server fell back to "
+                    warnings.append(f"- NOTE {JOBS[job][0]}: the {srv} server fell back to "
                                     f"resync ({resyncs} done{', one pending' if pending else ''}"
                                     f"): {why or 'reason no longer reported (usually the ring filled up)'}"
                                     f"; ring {args.ring_size}, so this column includes resync work")
@@ -332,22 +377,67 @@ def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> l
            "records logged | consumer failures (sum) | resyncs (sum) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     out.extend(rows)
+    if "replicated" in blk:
+        out.append("")
+        out.append("Counts of blkrep replicated include its initial replication of the whole "
+                   "image (one resync and the cycles delivered meanwhile), shipped and applied "
+                   "before fio started; the notes below count only what happened while fio ran.")
+        out.extend(replica_section(data, jobs))
     if warnings:
         out.append("")
         out.extend(warnings)
     return out
 
 
+def replica_section(data: dict, jobs: list[str]) -> list[str]:
+    """The replicated server's shipping while fio ran (status after fio minus status
+    before it), and its replica at the end (medians over runs)."""
+    rows = []
+    for job in jobs:
+        e = data[job].get("replicated")
+        if not e:
+            continue
+        runs = [r for r in e["runs"] if r.get("status") and r.get("status0")]
+        if not runs:
+            continue
+
+        def med(key: str) -> float:
+            return statistics.median(r["status"][key] - r["status0"][key] for r in runs)
+
+        data_b, net_b = med("bytes"), med("network_bytes")
+        reps = [r["replica"] for r in runs if r.get("replica")]
+        applied = ("—" if not reps else
+                   f"{statistics.median((x['last_applied_cycle'] or 0) for x in reps):.0f}")
+        pending = ("—" if not reps else
+                   f"{statistics.median(x['pending_transfers'] for x in reps):.0f}")
+        ratio_s = f"{net_b / data_b:.3f}" if data_b else "—"
+        rows.append(f"| {JOBS[job][0]} | {med('delivered'):.0f} | {data_b / 1e6:,.0f} | "
+                    f"{net_b / 1e6:,.0f} | {ratio_s} | {applied} | {pending} |")
+    if not rows:
+        return []
+    return ["", "blkrep replicated while fio ran (`blkrep status` after fio minus before it, "
+            "medians over runs; MB sent = compressed chunk bytes, before TLS, resync copies "
+            "included; MB delivered counts cycles' change bytes only), and its replica when "
+            "fio ended:", "",
+            "| job | cycles delivered | MB delivered | MB sent (network) | sent / delivered | "
+            "replica's last applied cycle | replica's pending transfers |",
+            "|---|---:|---:|---:|---:|---:|---:|"] + rows
+
+
 def render(args, data: dict, jobs: list[str], servers: list[str],
            skipped: dict[str, str]) -> str:
     out: list[str] = []
-    out.append("## fio write-path benchmark: blkrep vs qemu-nbd")
-    out.append("")
-    out.append("| machine | |")
-    out.append("|---|---|")
-    for k, v in machine_info(args):
-        out.append(f"| {k} | {v.replace('|', '/')} |")
-    out.append("")
+    if args.embed:
+        out.append("### fio write path: blkrep vs qemu-nbd")
+        out.append("")
+    else:
+        out.append("## fio write-path benchmark: blkrep vs qemu-nbd")
+        out.append("")
+        out.append("| machine | |")
+        out.append("|---|---|")
+        for k, v in machine_info(args):
+            out.append(f"| {k} | {v.replace('|', '/')} |")
+        out.append("")
     mode = " (--short smoke run: numbers are indicative only)" if args.short else ""
     out.append(
         f"Settings{mode}: {args.runs} run(s) per job and server, medians shown; "
@@ -359,10 +449,19 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
         f"threads) while fio ran, ramp included, in % of one core (the machine has "
         f"{len(os.sched_getaffinity(0))} cores, shared with fio).")
     out.append("")
-    out.append("Servers: **qemu-nbd** = `qemu-nbd -t -f raw --cache=writeback --aio=io_uring`; "
-               "**blkrep untracked** = `blkrep primary`, `tracking = false`; "
-               f"**blkrep tracked** = `tracking = true`, `interval = \"1s\"`, ring {args.ring_size}, "
-               "`discard` consumer.")
+    desc = {
+        "qemu": "**qemu-nbd** = `qemu-nbd -t -f raw --cache=writeback --aio=io_uring`",
+        "untracked": "**blkrep untracked** = `blkrep primary`, `tracking = false`",
+        "tracked": f"**blkrep tracked** = `tracking = true`, `interval = \"1s\"`, ring "
+                   f"{args.ring_size}, `discard` consumer",
+        "replicated": f"**blkrep replicated** = `tracking = true`, `interval = "
+                      f"\"{args.replica_interval}\"`, ring {args.ring_size}, `replica` consumer "
+                      "shipping over HTTPS with mutual TLS (DEFLATE level 1) to a `blkrep replica "
+                      "run` daemon on loopback, itself started fresh for each run (empty storage) "
+                      "and sharing the machine's cores; fio starts after the initial replication "
+                      "of the whole image has been shipped and applied",
+    }
+    out.append("Servers: " + "; ".join(desc[s] for s in servers) + ".")
     out.append("")
     for srv, why in sorted(skipped.items()):
         out.append(f"**{SERVERS[srv]} skipped:** {why}")
@@ -375,7 +474,10 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
     out.append("|---|---|" + "---:|" * (len(servers) + len(ratio_cols)))
     for job in jobs:
         label = JOBS[job][0]
-        for i, (key, mlabel, _) in enumerate(METRICS):
+        metrics = [m for m in METRICS if m[0] != "rcpu" or any(
+            data[job].get(srv) and data[job][srv]["median"].get("rcpu") is not None
+            for srv in servers)]
+        for i, (key, mlabel, _) in enumerate(metrics):
             cells = [label if i == 0 else "", mlabel]
             for srv in servers:
                 e = data[job].get(srv)
@@ -411,9 +513,37 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
         " (informational: the script never fails on numbers)"
     out.append(f"Targets{note}:")
     out.append("")
-    out.extend(targets(data, jobs))
+    out.extend(targets(data, jobs, servers))
     out.append("")
     return "\n".join(out)
+
+
+def to_json(args, data: dict, jobs: list[str], servers: list[str],
+            skipped: dict[str, str]) -> dict:
+    """The report's numbers: per job and server the medians and every run, and the
+    ratio columns."""
+    def clean(run: dict) -> dict:
+        return dict(run)
+    out = {
+        "settings": {"runs": args.runs, "runtime_s": args.runtime, "ramp_s": args.ramp,
+                     "image_size": args.size, "ring_size": args.ring_size,
+                     "replica_interval": args.replica_interval if "replicated" in servers
+                     else None, "short": args.short},
+        "machine": dict(machine_info(args)),
+        "skipped": skipped,
+        "jobs": {},
+    }
+    for job in jobs:
+        j = {"label": JOBS[job][0], "servers": {}, "ratios": {}}
+        for srv in servers:
+            e = data[job].get(srv)
+            j["servers"][srv] = None if not e else {
+                "median": e["median"], "runs": [clean(r) for r in e["runs"]]}
+        for a, b in RATIOS:
+            if a in servers and b in servers:
+                j["ratios"][f"{a}/{b}"] = {k: ratio(data[job], a, b, k) for k, _, _ in METRICS}
+        out["jobs"][job] = j
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blkrep", default="")
     ap.add_argument("--load-start", default="?",
                     help="/proc/loadavg's first three fields when the benchmark started")
+    ap.add_argument("--replica-interval", default="5s")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--json", type=Path,
+                    help="also write medians, ratios and status summaries as JSON")
+    ap.add_argument("--embed", action="store_true",
+                    help="no machine table, a level-3 heading: for inclusion in another report")
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--skipped", action="append", default=[],
                     help="SERVER=REASON: a server whose column has no data, and why")
@@ -461,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"bench_report: report written to {args.out}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(args, data, jobs, servers, skipped),
+                                        indent=2) + "\n")
+        print(f"bench_report: JSON written to {args.json}", file=sys.stderr)
     return 0
 
 

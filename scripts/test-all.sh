@@ -63,6 +63,7 @@ if (( ! quick )); then
     fi
     step "main job (scripts/demo.sh)" scripts/demo.sh
     step "benchmarks, short mode" scripts/bench-fio.sh --short
+    step "replication benchmarks, short mode" scripts/bench-replication.sh --short
 fi
 
 echo

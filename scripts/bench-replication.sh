@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# Replication benchmarks: a primary and a replica server on loopback, HTTPS with
+# mutual TLS (certificates from `blkrep cert`), as in scripts/demo.sh.
+#
+# Usage: scripts/bench-replication.sh [options]
+#
+#   --runs N             repetitions; the report shows medians (default 3)
+#   --size SIZE          unique data written and shipped per measured cycle, also the
+#                        write-path image size: 1GiB, 512MiB, 128M... (default 1GiB)
+#   --kinds LIST         data kinds from: random,compressible,random-raw (random with
+#                        compression off) (default: all three)
+#   --compress-pct P     fio buffer_compress_percentage of compressible data (default 50)
+#   --runtime S          measured seconds per write-path fio job (default 20)
+#   --ramp S             write-path fio ramp, not measured (default 3)
+#   --interval I         write-path replication interval (default 5s)
+#   --ring-size SIZE     write-path ring size (default 4GiB)
+#   --skip-write-path    only shipping, compression and apply (parts 1-3)
+#   --skip-shipping      only the write path under replication (part 4)
+#   --out FILE           also write the Markdown report to FILE
+#   --json FILE          also write every number as JSON to FILE
+#   --short              CI smoke mode: 1 run, 128 MiB, random and compressible, write
+#                        path 6 s after 1 s ramp with a 1 GiB ring; fails only on errors,
+#                        never on the numbers (about 1 minute with blkrep built)
+#   --keep               keep the work directory
+#   -h, --help           this text
+#
+# What it measures, in one run:
+#  1. Shipping throughput of one cycle of SIZE unique blocks: a fresh replica daemon
+#     and primary (interval 1h, so only the benchmark closes cycles) on a sparse image;
+#     fio writes SIZE through NBD, `sync`, then `blkrep cycles close` is timed: it
+#     returns when the replica holds the cycle durably and the ring space is freed.
+#  2. Compression ratio: compressed bytes sent (`network_bytes` of `blkrep status`)
+#     over change bytes, per data kind; and the primary's write() bytes (TLS) too.
+#  3. Replica apply rate: from the close's return to the replica's `Transfer applied`
+#     log line for that cycle (the replica daemon logs JSON).
+#     The replica's disk is then compared with the image byte for byte.
+#  4. The write path while replication to a live replica runs every --interval:
+#     scripts/bench-fio.sh --servers qemu,replicated --jobs randwrite4k,seqwrite64k,
+#     qemu-nbd and blkrep interleaved on the same image in the same run.
+#
+# Environment: BLKREP=path/to/blkrep (default: `cargo build --release --bin blkrep`,
+# then target/release/blkrep); TMPDIR_BENCH=dir for the work dir (default /var/tmp).
+set -euo pipefail
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$script_dir/.." && pwd)
+command_line="scripts/bench-replication.sh${*:+ $*}"
+
+runs=3
+size=1GiB
+kinds_csv=random,compressible,random-raw
+compress_pct=50
+runtime=20
+ramp=3
+interval=5s
+ring_size=4GiB
+skip_write_path=0
+skip_shipping=0
+out=
+json_out=
+short=0
+keep=0
+runs_set=0 size_set=0 kinds_set=0 runtime_set=0 ramp_set=0 ring_set=0
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+log() { echo "bench-replication: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_arg() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --runs) need_arg "$@"; runs=$2; runs_set=1; shift 2 ;;
+        --size) need_arg "$@"; size=$2; size_set=1; shift 2 ;;
+        --kinds) need_arg "$@"; kinds_csv=$2; kinds_set=1; shift 2 ;;
+        --compress-pct) need_arg "$@"; compress_pct=$2; shift 2 ;;
+        --runtime) need_arg "$@"; runtime=$2; runtime_set=1; shift 2 ;;
+        --ramp) need_arg "$@"; ramp=$2; ramp_set=1; shift 2 ;;
+        --interval) need_arg "$@"; interval=$2; shift 2 ;;
+        --ring-size) need_arg "$@"; ring_size=$2; ring_set=1; shift 2 ;;
+        --skip-write-path) skip_write_path=1; shift ;;
+        --skip-shipping) skip_shipping=1; shift ;;
+        --out) need_arg "$@"; out=$2; shift 2 ;;
+        --json) need_arg "$@"; json_out=$2; shift 2 ;;
+        --short) short=1; shift ;;
+        --keep) keep=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option: $1 (try --help)" ;;
+    esac
+done
+
+if (( short )); then
+    (( runs_set )) || runs=1
+    (( size_set )) || size=128MiB
+    (( kinds_set )) || kinds_csv=random,compressible
+    (( runtime_set )) || runtime=6
+    (( ramp_set )) || ramp=1
+    (( ring_set )) || ring_size=1GiB
+fi
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
+[[ "$runtime" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
+[[ "$ramp" =~ ^[0-9]+$ ]] || die "--ramp must be a non-negative integer (seconds)"
+if ! [[ "$compress_pct" =~ ^[0-9]+$ ]] || (( compress_pct > 100 )); then
+    die "--compress-pct must be 0-100"
+fi
+(( skip_write_path && skip_shipping )) && die "--skip-write-path and --skip-shipping leave nothing to do"
+IFS=, read -r -a kinds <<<"$kinds_csv"
+for k in "${kinds[@]}"; do
+    case "$k" in random|compressible|random-raw) ;; *) die "unknown data kind: $k" ;; esac
+done
+# SIZE in bytes (binary units; K, M, G with or without "iB").
+size_bytes=$(python3 - "$size" <<'EOF'
+import re, sys
+m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", sys.argv[1].strip(), re.I)
+if not m:
+    sys.exit(1)
+print(int(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
+EOF
+) || die "--size: not a size: $size"
+(( size_bytes >= 4 << 20 && size_bytes % (1 << 20) == 0 )) || die "--size must be a whole number of MiB, at least 4 MiB"
+size_mib=$((size_bytes >> 20))
+
+"$script_dir/install-test-deps.sh" >/dev/null
+for tool in fio nbdinfo python3 cmp truncate; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run scripts/install-test-deps.sh"
+done
+fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
+py=/usr/bin/python3
+[[ -x "$py" ]] || py=$(command -v python3)
+helper="$script_dir/bench_replication_report.py"
+
+# ---- work dir and cleanup -------------------------------------------------
+work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-benchrep.XXXXXX")
+primary_pid=
+replica_pid=
+child_pid=
+terminate() {  # pid: SIGTERM, KILL after 5 s, reap
+    local pid=$1
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local rc=$?
+    # A child (fio, the helper, bench-fio.sh) first: bench-fio.sh stops its own servers.
+    terminate "$child_pid"
+    # The replica before the primary: a primary in the middle of a delivery stops at once.
+    terminate "$replica_pid"
+    terminate "$primary_pid"
+    if (( keep )); then log "work dir kept: $work"; else rm -rf "$work"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Runs a command in the background and waits for it, so that a signal runs the
+# cleanup at once (bash runs traps only after a foreground child exits).
+run_child() {
+    local rc=0
+    "$@" &
+    child_pid=$!
+    wait "$child_pid" || rc=$?
+    child_pid=
+    return "$rc"
+}
+
+mkdir -p "$work/results"
+if [[ -n "${BLKREP:-}" ]]; then
+    blkrep=$BLKREP
+else
+    log "building blkrep (cargo build --release --bin blkrep)"
+    run_child cargo build --release --bin blkrep --manifest-path "$repo/Cargo.toml" \
+        >"$work/cargo-build.log" 2>&1 || { tail -n 30 "$work/cargo-build.log" >&2; die "cargo build failed"; }
+    blkrep="${CARGO_TARGET_DIR:-$repo/target}/release/blkrep"
+fi
+[[ "$blkrep" == /* ]] || blkrep="$PWD/$blkrep"
+[[ -x "$blkrep" ]] || die "$blkrep is not an executable"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+started=$SECONDS
+log "work dir $work ($(findmnt -n -o FSTYPE --target "$work" 2>/dev/null || echo '?')); $runs run(s), $size_mib MiB"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+last_line() {
+    local l
+    l=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-300 || true)
+    echo "${l:-(no output)}"
+}
+
+# SIGTERM process $2 (named $1) and wait up to 30 s; an error if it had to be killed.
+stop_daemon() {
+    local name=$1 pid=$2 rc=0 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        die "$name did not exit 30 s after SIGTERM"
+    fi
+    wait "$pid" || rc=$?
+    (( rc == 0 )) || die "$name exited with status $rc after SIGTERM"
+}
+
+# ---- parts 1-3: one measured cycle per run and data kind --------------------
+measure_cycle() {  # kind run
+    local kind=$1 run=$2
+    local d="$work/$kind-run$run"
+    mkdir -p "$d"
+    local port
+    port=$(free_port)
+    cat >"$d/replica.toml" <<TOML
+listen = "127.0.0.1:$port"
+control_socket = "$d/replica.ctl"
+reserve = "64MiB"
+[tls]
+cert = "$work/pki/localhost.pem"
+key = "$work/pki/localhost.key"
+ca = "$work/pki/ca.pem"
+[[authorization]]
+primary = "*.bench.lab"
+storage = "$d/replicas"
+trust_group = "bench"
+TOML
+    local compression=true
+    [[ "$kind" == random-raw ]] && compression=false
+    # Room for the whole cycle plus record headers.
+    cat >"$d/primary.toml" <<TOML
+control_socket = "$d/primary.ctl"
+[nbd]
+unix_socket = "$d/nbd.sock"
+[[group]]
+name = "bench"
+ring = "$d/bench.ring"
+ring_size = "$((size_mib + size_mib / 4 + 64))MiB"
+interval = "1h"
+[group.consumer]
+type = "replica"
+url = "https://localhost:$port"
+ca = "$work/pki/ca.pem"
+cert = "$work/pki/primary.bench.lab.pem"
+key = "$work/pki/primary.bench.lab.key"
+compression = $compression
+[[group.disk]]
+name = "disk0"
+image = "$d/disk0.img"
+TOML
+    truncate -s "$size_bytes" "$d/disk0.img"
+
+    NO_COLOR=1 "$blkrep" --log-format json replica run --config "$d/replica.toml" 2>"$d/replica.log" &
+    replica_pid=$!
+    local i
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$replica_pid" 2>/dev/null || die "the replica daemon exited: $(last_line "$d/replica.log")"
+        "$blkrep" replica status --config "$d/replica.toml" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    (( i < 300 )) || die "the replica daemon was not ready after 30 s"
+    NO_COLOR=1 "$blkrep" --log-format json primary --config "$d/primary.toml" 2>"$d/primary.log" &
+    primary_pid=$!
+    local uri="nbd+unix:///disk0?socket=$d/nbd.sock"
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$primary_pid" 2>/dev/null || die "the primary exited: $(last_line "$d/primary.log")"
+        [[ -S "$d/nbd.sock" ]] && nbdinfo "$uri" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    (( i < 300 )) || die "the primary was not ready after 30 s"
+    # The initial replication of the sparse image (sends almost nothing) and the first
+    # delta: afterwards the group is replicating and the replica consistent.
+    "$blkrep" cycles close --config "$d/primary.toml" --group bench --timeout 120s >/dev/null \
+        || die "initial replication failed: $(last_line "$d/primary.log")"
+
+    local fio_data=(--refill_buffers)
+    [[ "$kind" == compressible ]] &&
+        fio_data+=(--buffer_compress_percentage="$compress_pct" --buffer_compress_chunk=4k)
+    run_child fio --name="fill-$kind" --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 \
+        --size="$size_bytes" "${fio_data[@]}" --output-format=json --output="$d/fio.json" \
+        >"$d/fio.txt" 2>&1 || { tail -n 20 "$d/fio.txt" "$d/fio.json" >&2; die "fio failed ($kind)"; }
+    sync
+    run_child "$py" "$helper" cycle --blkrep "$blkrep" --primary-config "$d/primary.toml" \
+        --replica-config "$d/replica.toml" --replica-log "$d/replica.log" \
+        --replica-pid "$replica_pid" --group bench --kind "$kind" --run "$run" \
+        --size "$size_bytes" --fio-json "$d/fio.json" --out "$work/results/$kind-run$run.json" \
+        || { tail -n 5 "$d/primary.log" "$d/replica.log" >&2; die "measuring the $kind cycle failed"; }
+    local replica_disk="$d/replicas/bench/disks/disk0.img"
+    cmp "$d/disk0.img" "$replica_disk" >/dev/null ||
+        die "the replica's disk differs from the image after the $kind cycle ($replica_disk)"
+
+    stop_daemon "the primary" "$primary_pid"; primary_pid=
+    stop_daemon "the replica daemon" "$replica_pid"; replica_pid=
+    if (( keep )); then
+        rm -f "$d/disk0.img" "$d/bench.ring" "$replica_disk"   # the big files
+    else
+        rm -rf "$d"
+    fi
+}
+
+if (( ! skip_shipping )); then
+    { "$blkrep" cert ca --dir "$work/pki" &&
+      "$blkrep" cert issue --dir "$work/pki" --name localhost &&
+      "$blkrep" cert issue --dir "$work/pki" --name primary.bench.lab; } >"$work/cert.log" 2>&1 ||
+        { cat "$work/cert.log" >&2; die "blkrep cert failed"; }
+    for ((r = 1; r <= runs; r++)); do
+        # Rotate the order of the kinds from run to run, to spread machine noise.
+        n=${#kinds[@]}
+        for ((j = 0; j < n; j++)); do
+            measure_cycle "${kinds[(j + r - 1) % n]}" "$r"
+        done
+    done
+    log "shipping, compression and apply measured in $((SECONDS - started)) s"
+fi
+
+# ---- part 4: the write path under live replication ----------------------------
+wp_args=()
+if (( ! skip_write_path )); then
+    wp_started=$SECONDS
+    fio_args=(--servers "qemu,replicated" --jobs "randwrite4k,seqwrite64k" --runs "$runs"
+              --runtime "$runtime" --ramp "$ramp" --size "${size_mib}M" --ring-size "$ring_size"
+              --replica-interval "$interval" --embed
+              --out "$work/write-path.md" --json "$work/write-path.json")
+    (( short )) && fio_args+=(--short)
+    BLKREP=$blkrep TMPDIR_BENCH="${TMPDIR_BENCH:-/var/tmp}" \
+        run_child "$script_dir/bench-fio.sh" "${fio_args[@]}" >"$work/write-path.out" \
+        || { tail -n 30 "$work/write-path.out" >&2; die "scripts/bench-fio.sh failed"; }
+    wp_args=(--write-path-md "$work/write-path.md" --write-path-json "$work/write-path.json")
+    log "write path measured in $((SECONDS - wp_started)) s"
+fi
+
+# ---- report ---------------------------------------------------------------
+report_args=(report --runs-dir "$work/results" --runs "$runs" --size "$size_bytes"
+             --size-label "$size_mib MiB" --compress-pct "$compress_pct" --work-dir "$work"
+             --blkrep "$blkrep" --load-start "$load_start" --command "$command_line")
+if (( skip_shipping )); then
+    report_args+=(--kinds "")
+else
+    report_args+=(--kinds "$kinds_csv")
+fi
+report_args+=("${wp_args[@]}")
+[[ -n "$out" ]] && report_args+=(--out "$out")
+[[ -n "$json_out" ]] && report_args+=(--json "$json_out")
+(( short )) && report_args+=(--short)
+"$py" "$helper" "${report_args[@]}"
+log "done in $((SECONDS - started)) s"
