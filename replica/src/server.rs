@@ -514,9 +514,15 @@ fn apply_all(
             disks.insert(dir.to_path_buf(), opened);
         }
         let opened = disks.get(dir).map_or(&[][..], Vec::as_slice);
-        apply_transfer(&path, next.id, opened)?;
-        lock(&replica).finish_apply(next)?;
-        info!(replica = %dir.display(), transfer = next.id, kind = ?next.kind, "Transfer applied");
+        let started = std::time::Instant::now();
+        let bytes = apply_transfer(&path, next.id, opened)?;
+        let took = started.elapsed();
+        {
+            let mut replica = lock(&replica);
+            replica.note_apply(bytes, took);
+            replica.finish_apply(next)?;
+        }
+        info!(replica = %dir.display(), transfer = next.id, kind = ?next.kind, bytes, apply_ms = took.as_millis(), "Transfer applied");
     }
 }
 

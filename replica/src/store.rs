@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tracker::ChangeData;
 use wire::api::{DiskInfo, Position, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
@@ -170,6 +171,22 @@ pub struct ReplicaState {
     /// until it is imported.
     #[serde(default)]
     pub awaiting_import: bool,
+    /// What applying has cost so far.
+    #[serde(default)]
+    pub applied: ApplyTotals,
+}
+
+/// Running totals of applied transfers, for the apply rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyTotals {
+    /// Transfers applied.
+    pub transfers: u64,
+    /// Data bytes written by them.
+    pub bytes: u64,
+    /// Time they took, in microseconds.
+    pub micros: u64,
+    /// Time the latest took, in microseconds.
+    pub last_micros: u64,
 }
 
 impl ReplicaState {
@@ -203,6 +220,7 @@ impl ReplicaState {
             paused: false,
             resync_position: None,
             awaiting_import: false,
+            applied: ApplyTotals::default(),
         }
     }
 }
@@ -446,6 +464,10 @@ impl Replica {
             resync_epoch: s.resync_epoch,
             paused: s.paused,
             awaiting_import: s.awaiting_import,
+            applied_transfers: s.applied.transfers,
+            applied_bytes: s.applied.bytes,
+            apply_micros: s.applied.micros,
+            last_apply_micros: (s.applied.transfers > 0).then_some(s.applied.last_micros),
         }
     }
 
@@ -794,7 +816,9 @@ impl Replica {
         let Some((next, path)) = self.begin_apply()? else {
             return Ok(None);
         };
-        apply_transfer(&path, next.id, disks)?;
+        let started = std::time::Instant::now();
+        let bytes = apply_transfer(&path, next.id, disks)?;
+        self.note_apply(bytes, started.elapsed());
         self.finish_apply(next)?;
         Ok(Some(next))
     }
@@ -895,6 +919,17 @@ impl Replica {
         Ok(imported)
     }
 
+    /// Counts an applied transfer of `bytes` data bytes that took `took` (saved with
+    /// the next [`Replica::finish_apply`]).
+    pub fn note_apply(&mut self, bytes: u64, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let applied = &mut self.state.applied;
+        applied.transfers += 1;
+        applied.bytes = applied.bytes.saturating_add(bytes);
+        applied.micros = applied.micros.saturating_add(micros);
+        applied.last_micros = micros;
+    }
+
     /// Pauses or resumes replication on the replica side.
     pub fn set_paused(&mut self, paused: bool) -> Result<(), StoreError> {
         self.state.paused = paused;
@@ -903,23 +938,27 @@ impl Replica {
 }
 
 /// Applies every change of the received transfer file `path` (transfer `id`) to
-/// `disks` and syncs them.
-pub fn apply_transfer(path: &Path, id: u64, disks: &[ReplicaDisk]) -> Result<(), StoreError> {
+/// `disks` and syncs them. Returns the data bytes written.
+pub fn apply_transfer(path: &Path, id: u64, disks: &[ReplicaDisk]) -> Result<u64, StoreError> {
     let mut file = File::open(path).map_err(StoreError::io("open", path))?;
     let (mut frame, mut scratch) = (Vec::new(), Vec::new());
-    let mut index = 0u32;
+    let (mut index, mut written) = (0u32, 0u64);
     while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
         let checked = CheckedFrame::check(&frame)?;
         checked.header.expect(id, index)?;
         for change in checked.records(&mut scratch)? {
-            apply_change(disks, &change?)?;
+            let change = change?;
+            apply_change(disks, &change)?;
+            if let ChangeData::Write(bytes) = change.data {
+                written += bytes.len() as u64;
+            }
         }
         index += 1;
     }
     for disk in disks {
         disk.sync()?;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Reads the next frame of a transfer file into `frame`; `false` at the end of the file.

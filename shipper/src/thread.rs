@@ -750,6 +750,17 @@ impl Worker {
     }
 
     fn ship(&mut self) -> Result<u64, ShipperError> {
+        match self.ship_once() {
+            // The ring overflowed during this attempt: resync now, not an interval later.
+            Err(ShipperError::Tracker(TrackerError::ResyncRequired(reason))) => {
+                info!(group = %self.group.name(), %reason, "The ring overflowed during this attempt; the resync starts now");
+                self.ship_once()
+            }
+            other => other,
+        }
+    }
+
+    fn ship_once(&mut self) -> Result<u64, ShipperError> {
         self.ensure_enabled()?;
         if self.awaits_export() {
             return Err(ShipperError::Refused(format!(

@@ -562,6 +562,32 @@ pub fn render_metrics(replicas: &[ReplicaInfo]) -> String {
             &labels,
             flag(info.paused),
         );
+        text.counter(
+            "blkrep_replica_applied_transfers_total",
+            "Transfers applied to the replica's disks.",
+            &labels,
+            info.applied_transfers as f64,
+        );
+        text.counter(
+            "blkrep_replica_applied_bytes_total",
+            "Data bytes written to the replica's disks by applied transfers.",
+            &labels,
+            info.applied_bytes as f64,
+        );
+        text.counter(
+            "blkrep_replica_apply_seconds_total",
+            "Time spent applying transfers (the apply rate is applied bytes over this).",
+            &labels,
+            info.apply_micros as f64 / 1e6,
+        );
+        if let Some(micros) = info.last_apply_micros {
+            text.gauge(
+                "blkrep_replica_last_apply_seconds",
+                "Time the latest transfer took to apply.",
+                &labels,
+                micros as f64 / 1e6,
+            );
+        }
     }
     text.finish()
 }
@@ -589,6 +615,10 @@ mod tests {
             resync_epoch: None,
             paused: false,
             awaiting_import: false,
+            applied_transfers: 3,
+            applied_bytes: 3 << 20,
+            apply_micros: 1_500_000,
+            last_apply_micros: Some(250_000),
         }
     }
 
@@ -622,6 +652,9 @@ mod tests {
             "blkrep_replica_last_applied_timestamp_seconds{replica=\"vm1\",trust_group=\"dc1\"} 1000",
             "blkrep_replica_pending_transfers{replica=\"vm1\",trust_group=\"dc1\"} 1",
             "blkrep_replica_paused{replica=\"vm1\",trust_group=\"dc1\"} 0",
+            "blkrep_replica_applied_bytes_total{replica=\"vm1\",trust_group=\"dc1\"} 3145728",
+            "blkrep_replica_apply_seconds_total{replica=\"vm1\",trust_group=\"dc1\"} 1.5",
+            "blkrep_replica_last_apply_seconds{replica=\"vm1\",trust_group=\"dc1\"} 0.25",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -212,6 +212,18 @@ pub struct ReplicaInfo {
     /// The initial copy comes by external media and was not imported yet.
     #[serde(default)]
     pub awaiting_import: bool,
+    /// Transfers applied so far.
+    #[serde(default)]
+    pub applied_transfers: u64,
+    /// Data bytes they wrote to the replica disks.
+    #[serde(default)]
+    pub applied_bytes: u64,
+    /// Microseconds applying them took (the apply rate is bytes over time).
+    #[serde(default)]
+    pub apply_micros: u64,
+    /// Microseconds the latest apply took.
+    #[serde(default)]
+    pub last_apply_micros: Option<u64>,
 }
 
 /// Why the replica refused a request; the HTTP status says the same.

@@ -344,14 +344,43 @@ pub struct RawChunk<'a> {
     pub records: &'a [u8],
 }
 
+/// Bytes of a chunk compressed as a probe before the whole of it.
+const PROBE: usize = 64 << 10;
+/// A probe must shrink to this share (in percent) for the chunk to be compressed.
+const PROBE_WORTH: usize = 97;
+
+/// Whether compressing `records` at `level` is likely to pay: a probe at its start
+/// and one in its middle, and one of them must save 3%. Deflating data that does not
+/// compress (already compressed or encrypted guest data) costs more CPU than any other
+/// step of shipping, for nothing.
+fn worth_compressing(records: &[u8], level: u32) -> bool {
+    if records.len() <= 2 * PROBE {
+        return true;
+    }
+    let middle = records.len() / 2;
+    [&records[..PROBE], &records[middle..middle + PROBE]]
+        .into_iter()
+        .any(|probe| {
+            let mut encoder = DeflateEncoder::new(
+                Vec::with_capacity(probe.len()),
+                Compression::new(level.min(9)),
+            );
+            encoder
+                .write_all(probe)
+                .and_then(|()| encoder.finish())
+                .is_ok_and(|out| out.len() * 100 <= probe.len() * PROBE_WORTH)
+        })
+}
+
 impl RawChunk<'_> {
     /// Appends the framed chunk to `out`, compressed at `level` (0-9) or stored when
-    /// `level` is `None` or compressing would not make it smaller.
+    /// `level` is `None`, when probes of it do not compress, or when compressing would
+    /// not make it smaller.
     pub fn frame_into(&self, level: Option<u32>, out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + CHUNK_HEADER_LEN, 0);
         let mut deflate = false;
-        if let Some(level) = level {
+        if let Some(level) = level.filter(|&level| worth_compressing(self.records, level)) {
             let mut encoder = DeflateEncoder::new(&mut *out, Compression::new(level.min(9)));
             let compressed = encoder
                 .write_all(self.records)

@@ -168,6 +168,29 @@ fn compression_is_skipped_when_it_does_not_help() {
 }
 
 #[test]
+fn large_chunks_are_compressed_only_when_a_probe_shrinks() {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let frames = encode(&[Owned::Write(0, 0, noise.clone())], 1, Some(1));
+    assert!(!ChunkHeader::parse(&frames[0]).unwrap().deflate);
+    // Noise first, text after the middle: the middle probe finds it worth it.
+    let mut mixed = noise;
+    for (i, byte) in mixed[500 << 10..].iter_mut().enumerate() {
+        *byte = b"blkrep replicates "[i % 18];
+    }
+    let frames = encode(&[Owned::Write(0, 0, mixed)], 1, Some(1));
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    assert!(header.deflate && header.body_len < 800 << 10, "{header:?}");
+}
+
+#[test]
 fn a_body_that_inflates_beyond_its_declared_size_is_refused() {
     let frames = encode(&[Owned::Write(0, 0, vec![0; 100_000])], 1, Some(6));
     let mut frame = frames[0].clone();
