@@ -48,6 +48,14 @@ fn replication(p: &Primary, args: &[&str]) -> Output {
     )
 }
 
+/// A lab CA and a replica server authorising dc1, with no reserve.
+fn lab() -> (tempfile::TempDir, LabCerts, Replica) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    (dir, certs, replica)
+}
+
 fn consumer_status(p: &Primary) -> Value {
     p.group_status("vm1")["consumer"].clone()
 }
@@ -76,9 +84,7 @@ fn wait_consumer(
 
 #[test]
 fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (_dir, certs, replica) = lab();
     let p = primary(
         vec![
             DiskSpec::new("disk0", 16 * MIB).init(Init::Random(7)),
@@ -137,9 +143,7 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
 
 #[test]
 fn a_thin_image_sends_only_its_data_in_the_initial_replication() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (_dir, certs, replica) = lab();
     // 1 GiB thin disk holding 4 MiB of incompressible data; compression off so the
     // byte count measures what was read and sent.
     let p = Primary::prepare(Spec::new(vec![GroupSpec::new(
@@ -186,9 +190,7 @@ fn a_thin_image_sends_only_its_data_in_the_initial_replication() {
 #[test]
 fn an_existing_copy_sends_only_the_blocks_that_differ() {
     use std::os::unix::fs::FileExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (dir, certs, replica) = lab();
     let p = Primary::prepare(Spec::new(vec![GroupSpec::new(
         "vm1",
         vec![
@@ -266,9 +268,7 @@ fn an_existing_copy_sends_only_the_blocks_that_differ() {
 /// the replica server; the network carries only the cycles written meanwhile.
 #[test]
 fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (dir, certs, replica) = lab();
     let p = primary(
         vec![
             DiskSpec::new("disk0", 24 * MIB).init(Init::Random(31)),
@@ -367,9 +367,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
 /// retried every interval, nothing is suspended, and resuming there catches up.
 #[test]
 fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (_dir, certs, replica) = lab();
     let p = primary(
         vec![DiskSpec::new("disk0", 8 * MIB).init(Init::Random(41))],
         certs.consumer(&replica.url(REPLICA_HOST), PRIMARY_HOST, ""),
@@ -487,9 +485,7 @@ fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
 
 #[test]
 fn connection_resets_mid_transfer_resume_without_resending_chunks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (_dir, certs, replica) = lab();
     let upstream = format!("127.0.0.1:{}", replica.port)
         .parse()
         .expect("address");
@@ -574,9 +570,7 @@ fn a_full_replica_refuses_cycles_cleanly_and_replication_resumes_after_space_is_
 
 #[test]
 fn pause_resume_and_automatic_cycles_with_metrics() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = certs(dir.path());
-    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let (_dir, certs, replica) = lab();
     let metrics_port = free_port();
     let mut spec = Spec::new(vec![GroupSpec::new(
         "vm1",
