@@ -412,6 +412,70 @@ fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
     );
 }
 
+/// The initial replication waits for its scheduled time, and replication leaves from
+/// the configured source address (a dedicated replication network).
+#[test]
+fn a_scheduled_start_from_a_dedicated_source_address() {
+    let (_dir, certs, replica) = lab();
+    let start = std::time::SystemTime::now() + Duration::from_secs(4);
+    let start_at = humantime::format_rfc3339_seconds(start).to_string();
+    let p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 4 * MIB).init(Init::Random(51))],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        &format!("start_at = {start_at:?}\nsource_address = \"127.0.0.2\""),
+    )))
+    .interval("1s")
+    .ring_size("64MiB")]));
+    let early = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !early.success() && early.all().contains("scheduled"),
+        "{}",
+        early.all()
+    );
+    let status = consumer_status(&p);
+    assert_eq!(status["state"], "waiting_to_start", "{status:#}");
+    assert!(
+        replica.info("vm1").is_none(),
+        "the replica exists before the scheduled start"
+    );
+    // Cycles every second: the initial replication starts by itself once it is time.
+    let deadline = Instant::now() + LONG;
+    while replica
+        .info("vm1")
+        .is_none_or(|info| info["consistent"] != true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no initial replication\n{}",
+            tail(&p.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        std::time::SystemTime::now() >= start,
+        "the initial replication ran before {start_at}"
+    );
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+    let log = replica.log();
+    let connected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Primary connected"))
+        .collect();
+    assert!(
+        !connected.is_empty() && connected.iter().all(|l| l.contains("127.0.0.2:")),
+        "connections not from 127.0.0.2:\n{}",
+        connected.join("\n")
+    );
+}
+
 #[test]
 fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
