@@ -263,6 +263,16 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
                 .unwrap_or("resync")
         );
     }
+    if let Some(comparison) = consumer.get("last_comparison").filter(|c| !c.is_null()) {
+        let field = |key: &str| comparison.get(key).and_then(serde_json::Value::as_u64);
+        let _ = writeln!(
+            out,
+            "  compared:  {} differed of {} ({} hashes)",
+            human_bytes(field("differing_bytes").unwrap_or(0)),
+            human_bytes(field("marked_bytes").unwrap_or(0)),
+            field("hashes").unwrap_or(0)
+        );
+    }
     if let Some(error) = text("last_error") {
         let _ = writeln!(out, "  last error: {error}");
         if let Some(at) = number("next_retry_unix") {
@@ -292,5 +302,33 @@ mod tests {
             format!("[{}{}]  50%", "#".repeat(15), "-".repeat(15))
         );
         assert_eq!(progress_bar(0, 0), format!("[{}] 100%", "#".repeat(30)));
+    }
+
+    #[test]
+    fn a_replica_consumer_shows_its_state_comparison_and_error() {
+        let consumer = serde_json::json!({
+            "consumer": "replica https://replica:8443",
+            "relationship": "abc",
+            "state": "awaiting_import",
+            "health": "Warning",
+            "health_reason": "3 of 10 cycles missed in the last hour",
+            "cycles_delivered": 0,
+            "last_comparison": { "marked_bytes": 1u64 << 30, "differing_bytes": 3u64 << 20, "hashes": 77 },
+            "last_error": "Replica server https://replica:8443: busy",
+        });
+        let mut out = String::new();
+        render_consumer(&mut out, &consumer, 5 << 20);
+        for line in [
+            "  replication: awaiting import (relationship abc)",
+            "  health:    Warning - 3 of 10 cycles missed in the last hour",
+            "  last error: Replica server https://replica:8443: busy",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
+        assert!(
+            out.contains("compared:  3.0 MiB differed of 1.0 GiB (77 hashes)"),
+            "{out}"
+        );
+        assert!(out.contains("pending 5.0 MiB"), "{out}");
     }
 }
