@@ -1002,7 +1002,12 @@ impl Worker {
             return Ok(None);
         };
         let maps = self.group.resume_copy()?;
-        let maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        let mut maps = ResyncMaps::new(maps, self.block_size, self.group.disk_sizes());
+        if self.compares(reason) {
+            // The tracker marked everything from the position on: compare it again
+            // rather than send what the replica has.
+            self.narrow_by_comparison(reason, &mut maps)?;
+        }
         let start = Cursor { disk, offset };
         let remaining_bytes = maps.bytes_from(start);
         info!(group = %self.group.name(), %reason, epoch = chain, batch = copy.batch, remaining = remaining_bytes, "Resync copy resumes after the daemon stopped uncleanly");
