@@ -56,6 +56,16 @@ fn lab() -> (tempfile::TempDir, LabCerts, Replica) {
     (dir, certs, replica)
 }
 
+/// Closes a cycle, waits until the replica applied it, and compares `disks`.
+fn close_and_compare(p: &Primary, replica: &Replica, disks: &[&str]) -> Value {
+    let cycle = p.cycles_close("vm1");
+    let info = replica.wait_applied("vm1", cycle, LONG);
+    for disk in disks {
+        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
+    }
+    info
+}
+
 fn consumer_status(p: &Primary) -> Value {
     p.group_status("vm1")["consumer"].clone()
 }
@@ -239,12 +249,8 @@ fn an_existing_copy_sends_only_the_blocks_that_differ() {
 
     let mut p = p;
     p.restart();
-    let cycle = p.cycles_close("vm1");
-    let info = replica.wait_applied("vm1", cycle, LONG);
+    let info = close_and_compare(&p, &replica, &["disk0", "disk1"]);
     assert_eq!(info["consistent"], true, "{info}");
-    for disk in ["disk0", "disk1"] {
-        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
-    }
     // Six 4 KiB blocks differ (each write straddles two); 112 MiB did not.
     let status = consumer_status(&p);
     let sent = status["network_bytes"].as_u64().unwrap_or(0);
@@ -348,12 +354,8 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
         imported.all(),
         tail(&replica.log(), 30)
     );
-    let cycle = p.cycles_close("vm1");
-    let info = replica.wait_applied("vm1", cycle, LONG);
+    let info = close_and_compare(&p, &replica, &["disk0", "disk1"]);
     assert_eq!(info["consistent"], true, "{info}");
-    for disk in ["disk0", "disk1"] {
-        assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
-    }
     let status = consumer_status(&p);
     assert_eq!(status["state"], "replicating", "{status:#}");
     let sent = status["network_bytes"].as_u64().unwrap_or(0);
@@ -403,13 +405,7 @@ fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
     assert_eq!(status["state"], "replicating", "{status:#}");
     let resumed = replica_cmd("resume");
     assert!(resumed.success(), "{}", resumed.all());
-    let cycle = p.cycles_close("vm1");
-    replica.wait_applied("vm1", cycle, LONG);
-    assert_files_equal(
-        &p.image("disk0"),
-        &replica.disk("dc1", "vm1", "disk0"),
-        "disk0",
-    );
+    close_and_compare(&p, &replica, &["disk0"]);
 }
 
 /// The initial replication waits for its scheduled time, and replication leaves from
@@ -623,13 +619,7 @@ fn a_full_replica_refuses_cycles_cleanly_and_replication_resumes_after_space_is_
     )
     .expect("config");
     replica.spawn();
-    let cycle = p.cycles_close("vm1");
-    replica.wait_applied("vm1", cycle, LONG);
-    assert_files_equal(
-        &p.image("disk0"),
-        &replica.disk("dc1", "vm1", "disk0"),
-        "disk0",
-    );
+    close_and_compare(&p, &replica, &["disk0"]);
 }
 
 #[test]
