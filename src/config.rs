@@ -131,14 +131,6 @@ pub struct ReplicationConfig {
     pub bandwidth_limit: Option<ByteSize>,
     /// The name this host gives the replica server (default: the host name).
     pub host_name: Option<String>,
-    /// Nice value of the shipper threads, 0 (as the VM's I/O) to 19: shipping yields
-    /// the CPU to the disks it protects.
-    #[serde(default = "default_shipper_nice")]
-    pub shipper_nice: i32,
-}
-
-fn default_shipper_nice() -> i32 {
-    10
 }
 
 fn default_control_socket() -> PathBuf {
@@ -399,9 +391,6 @@ impl PrimaryConfig {
         {
             problems
                 .push("[replication] bandwidth_limit must be at least 4KiB (per second)".into());
-        }
-        if !(0..=19).contains(&self.replication.shipper_nice) {
-            problems.push("[replication] shipper_nice is 0 (normal) to 19 (lowest)".into());
         }
         let mut group_names = HashSet::new();
         let mut disk_names = HashSet::new();

@@ -137,8 +137,6 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
             interval: Duration::from_secs(86400),
             retry: shipper::RetryPolicy::default(),
             replication: None,
-            // An offline command: nothing to yield to.
-            nice: 0,
         },
         Box::new(sink),
     )?;

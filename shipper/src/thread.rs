@@ -280,28 +280,6 @@ pub struct ShipperOptions {
     pub retry: RetryPolicy,
     /// Set for a replica consumer.
     pub replication: Option<ReplicationSetup>,
-    /// Nice value of the shipper thread (0 to 19): shipping (compression, TLS)
-    /// yields the CPU to the VM's I/O and catches up when the VM is idle.
-    pub nice: i32,
-}
-
-/// Lowers the calling thread's scheduling priority to `nice` (Linux nice values are
-/// per thread). Failure only costs the VM some CPU, so it is logged, not fatal.
-fn lower_priority(group: &str, nice: i32) {
-    if nice <= 0 {
-        return;
-    }
-    // SAFETY: gettid has no preconditions and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    let Ok(tid) = libc::id_t::try_from(tid) else {
-        return;
-    };
-    // SAFETY: setpriority only reads its integer arguments; PRIO_PROCESS with a thread
-    // id changes that thread's nice value.
-    let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice.min(19)) };
-    if set != 0 {
-        warn!(%group, nice, error = %std::io::Error::last_os_error(), "Cannot lower the shipper's priority");
-    }
 }
 
 /// The running shipper of one group.
@@ -438,13 +416,10 @@ impl Shipper {
         };
         worker.update_status();
         let name = format!("ship-{}", worker.group.name());
-        let (interval, nice) = (options.interval, options.nice);
+        let interval = options.interval;
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || {
-                lower_priority(worker.group.name(), nice);
-                worker.run(&receiver, interval);
-            })
+            .spawn(move || worker.run(&receiver, interval))
             .map_err(|error| ShipperError::Failed(format!("Cannot start the shipper: {error}")))?;
         Ok(Self {
             commands,

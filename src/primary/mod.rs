@@ -189,7 +189,6 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
     let shared = SharedReplication {
         throttle: daemon_throttle,
         host_name,
-        shipper_nice: config.replication.shipper_nice,
     };
     for group in &config.groups {
         let (running, devices) = open_group(group, &shared)?;
@@ -346,7 +345,6 @@ pub fn replay(group: &Group, config: &GroupConfig, sizes: &[u64]) -> Result<(), 
 struct SharedReplication {
     throttle: Option<Arc<Throttle>>,
     host_name: String,
-    shipper_nice: i32,
 }
 
 /// The consumer of a group that replicates to a replica server, and what its shipper
@@ -544,7 +542,6 @@ fn open_group(
                     interval: config.interval.0,
                     retry,
                     replication,
-                    nice: shared.shipper_nice,
                 };
                 Some(
                     Shipper::spawn(group.clone(), images, config.block_size.0, options, sink)
