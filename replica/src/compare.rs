@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
@@ -111,7 +110,7 @@ fn hash_range(image: &File, start: u64, end: u64, buffer: &mut [u8]) -> Result<H
         if at >= end {
             break;
         }
-        let hole = next_hole(image, at, end);
+        let hole = crate::copy::next_hole(image, at, end);
         while at < hole {
             let want = usize::try_from(hole - at)
                 .unwrap_or(usize::MAX)
@@ -133,21 +132,7 @@ fn hash_range(image: &File, start: u64, end: u64, buffer: &mut [u8]) -> Result<H
 
 /// The first data offset at or after `at`, or `end` if none before it.
 fn next_data(image: &File, at: u64, end: u64) -> u64 {
-    seek(image, at, libc::SEEK_DATA).map_or(end, |found| found.clamp(at, end))
-}
-
-/// The first hole at or after `at` (which holds data), at most `end`.
-fn next_hole(image: &File, at: u64, end: u64) -> u64 {
-    seek(image, at, libc::SEEK_HOLE).map_or(end, |found| found.clamp(at + 1, end))
-}
-
-fn seek(image: &File, at: u64, whence: libc::c_int) -> Option<u64> {
-    let offset = libc::off_t::try_from(at).ok()?;
-    // SAFETY: lseek on a descriptor this function borrows; it only moves the file
-    // offset, which no caller relies on (reads are positional).
-    let found = unsafe { libc::lseek(image.as_raw_fd(), offset, whence) };
-    // -1 with ENXIO: no data (or no hole) past `at`.
-    u64::try_from(found).ok()
+    crate::copy::next_data(image, at).map_or(end, |found| found.min(end))
 }
 
 #[cfg(test)]

@@ -26,12 +26,10 @@ pub fn sparse_copy(source: &Path, target: &Path) -> io::Result<u64> {
     let mut copied = 0u64;
     let mut position = 0u64;
     while position < size {
-        let Some(data) = seek(&input, position, libc::SEEK_DATA)? else {
+        let Some(data) = next_data(&input, position).filter(|data| *data < size) else {
             break;
         };
-        let hole = seek(&input, data, libc::SEEK_HOLE)?
-            .unwrap_or(size)
-            .min(size);
+        let hole = next_hole(&input, data, size);
         copy_range(&input, &output, data, hole - data)?;
         copied += hole - data;
         position = hole;
@@ -45,20 +43,28 @@ pub fn sparse_copy(source: &Path, target: &Path) -> io::Result<u64> {
     Ok(copied)
 }
 
-fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+/// Where the next allocated byte at or after `offset` is, if the filesystem knows
+/// (`None`: no data up to the end). Filesystems and devices without `SEEK_DATA` report
+/// everything as data, so nothing is ever skipped by mistake.
+pub fn next_data(file: &File, offset: u64) -> Option<u64> {
+    match lseek(file, offset, libc::SEEK_DATA) {
+        Ok(found) => Some(found.max(offset)),
+        Err(error) if error.raw_os_error() == Some(libc::ENXIO) => None,
+        Err(_) => Some(offset),
+    }
+}
+
+/// Where the hole after the allocated byte at `offset` (below `end`) starts, at most
+/// `end` (`end` too when the filesystem does not say).
+pub fn next_hole(file: &File, offset: u64, end: u64) -> u64 {
+    lseek(file, offset, libc::SEEK_HOLE).map_or(end, |found| found.clamp(offset + 1, end))
+}
+
+fn lseek(file: &File, from: u64, whence: libc::c_int) -> io::Result<u64> {
     let offset = i64::try_from(from).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek has no memory effects; the fd is open for the call's duration.
     let result = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if result < 0 {
-        let error = io::Error::last_os_error();
-        // ENXIO: no data (or hole) at or after `from`.
-        return if error.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(error)
-        };
-    }
-    Ok(u64::try_from(result).ok())
+    u64::try_from(result).map_err(|_| io::Error::last_os_error())
 }
 
 fn copy_range(input: &File, output: &File, offset: u64, length: u64) -> io::Result<()> {

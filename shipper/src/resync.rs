@@ -12,12 +12,10 @@
 
 use std::fs::File;
 use std::ops::ControlFlow;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::unistd::{lseek, Whence};
+use replica::copy::{next_data, next_hole};
 use tracker::{Change, ChangeData, DirtyBits};
 
 /// Largest read, and largest write record, of a resync: two records with their
@@ -163,32 +161,6 @@ fn all_zero(bytes: &[u8]) -> bool {
     bytes
         .chunks(64)
         .all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
-}
-
-/// Where the next allocated byte at or after `offset` is, if the filesystem knows
-/// (`None`: no data up to the end). Filesystems and block devices without
-/// `SEEK_DATA` report everything as data.
-fn next_data(image: &File, offset: u64) -> Option<u64> {
-    let Ok(at) = i64::try_from(offset) else {
-        return Some(offset);
-    };
-    match lseek(image.as_raw_fd(), at, Whence::SeekData) {
-        Ok(found) => Some(u64::try_from(found).unwrap_or(offset).max(offset)),
-        Err(Errno::ENXIO) => None,
-        Err(_) => Some(offset),
-    }
-}
-
-/// Where the hole after the allocated byte at `offset` starts (the end of the file
-/// if there is none, or if the filesystem does not say).
-fn next_hole(image: &File, offset: u64, end: u64) -> u64 {
-    let Ok(at) = i64::try_from(offset) else {
-        return end;
-    };
-    match lseek(image.as_raw_fd(), at, Whence::SeekHole) {
-        Ok(found) => u64::try_from(found).unwrap_or(end).clamp(offset + 1, end),
-        Err(_) => end,
-    }
 }
 
 /// Reads `start..end` of disk `disk` from `image` and hands it to `visit` as changes
