@@ -413,8 +413,11 @@ fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
 #[test]
 fn a_scheduled_start_from_a_dedicated_source_address() {
     let (_dir, certs, replica) = lab();
-    let start = std::time::SystemTime::now() + Duration::from_secs(4);
-    let start_at = humantime::format_rfc3339_seconds(start).to_string();
+    // Whole seconds, as the configuration says it: the instant compared below.
+    let start_at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(4))
+            .to_string();
+    let start = humantime::parse_rfc3339(&start_at).expect("time");
     let p = Primary::start(Spec::new(vec![GroupSpec::new(
         "vm1",
         vec![DiskSpec::new("disk0", 4 * MIB).init(Init::Random(51))],
