@@ -595,7 +595,7 @@ impl Replica {
             return Err(StoreError::Paused(self.state.name.clone()));
         }
         match offer.kind {
-            TransferKind::Delta { cycle } => {
+            TransferKind::Delta { cycle, .. } => {
                 if self.state.resync_epoch.is_some() {
                     return Err(StoreError::ChainBroken(format!(
                         "cycle {cycle} offered while a resync is unfinished"
@@ -635,7 +635,9 @@ impl Replica {
             id: offer.id,
             kind: offer.kind,
         };
-        if self.state.receiving == Some(retry) {
+        // A retry carries the same id; its metadata (a delta's close time) may have
+        // been lost by a primary restart and be dated anew.
+        if self.state.receiving.is_some_and(|r| r.id == retry.id) {
             return Ok(TransferAnswer {
                 have_chunks: self.part_chunks,
                 committed: false,
@@ -789,7 +791,7 @@ impl Replica {
             state.recent_commits.pop_front();
         }
         match receiving.kind {
-            TransferKind::Delta { cycle } => {
+            TransferKind::Delta { cycle, .. } => {
                 state.last_received_cycle = Some(cycle);
                 state.accept_any_cycle = false;
             }
@@ -849,7 +851,7 @@ impl Replica {
         }
         let state = &mut self.state;
         state.queue.pop_front();
-        if let TransferKind::Delta { cycle } = applied.kind {
+        if let TransferKind::Delta { cycle, .. } = applied.kind {
             state.last_applied_cycle = Some(cycle);
             state.last_applied_unix = Some(now_unix());
             // A delta is offered only after every batch of a resync was committed, and

@@ -211,7 +211,7 @@ fn an_authorised_primary_replicates_and_tenants_stay_apart() {
         &lab,
         &dc1,
         2,
-        TransferKind::Delta { cycle: 7 },
+        TransferKind::delta(7),
         &[Change {
             disk: 0,
             offset: MIB,
@@ -251,7 +251,7 @@ fn an_authorised_primary_replicates_and_tenants_stay_apart() {
             .set(RELATIONSHIP_HEADER, "abc")
             .send_json(TransferOffer {
                 id: 3,
-                kind: TransferKind::Delta { cycle: 9 },
+                kind: TransferKind::delta(9),
                 bytes: 1,
             }),
     );

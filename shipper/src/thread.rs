@@ -356,7 +356,7 @@ struct Worker {
     network_failures: u32,
     retry_at: Option<Instant>,
     history: CycleHistory,
-    /// Close times of cycles closed by this process.
+    /// Close times of cycles closed by this process, in milliseconds since the epoch.
     close_times: BTreeMap<u64, u64>,
     started_unix: u64,
     buffer: Vec<u8>,
@@ -497,6 +497,15 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Milliseconds since the epoch.
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 pub use wire::error_chain;
@@ -786,7 +795,7 @@ impl Worker {
         // Deliver anything closed earlier (a failed attempt, or a restart) first.
         self.deliver_closed()?;
         let cycle = self.group.close_cycle()?;
-        self.close_times.insert(cycle, unix_now());
+        self.close_times.insert(cycle, unix_now_ms());
         self.deliver_closed()?;
         if self.resync.as_ref().is_some_and(|resync| resync.copied) {
             // That cycle holds every write since logging resumed, so the fuzzy copy
@@ -1190,11 +1199,19 @@ impl Worker {
             // Writes split across chunks add a header per chunk.
             let headers = changes + stats.data_bytes / u64::from(MAX_CHUNK_RAW) + 1;
             let bytes = stats.data_bytes + headers * RECORD_HEADER_LEN as u64;
-            let answer = self.sink.begin(
-                delta_id(self.chain(), id),
-                TransferKind::Delta { cycle: id },
-                bytes,
-            )?;
+            // A cycle closed before a restart has no recorded time: it was closed
+            // before this process started.
+            let closed_unix_ms = self
+                .close_times
+                .get(&id)
+                .copied()
+                .unwrap_or(self.started_unix.saturating_mul(1000));
+            let kind = TransferKind::Delta {
+                cycle: id,
+                closed_unix_ms,
+                app_consistent: false,
+            };
+            let answer = self.sink.begin(delta_id(self.chain(), id), kind, bytes)?;
             if !answer.committed {
                 for change in cycle.changes() {
                     self.sink.apply(&change)?;
@@ -1202,11 +1219,7 @@ impl Worker {
                 self.sink.commit()?;
             }
             cycle.acknowledge()?;
-            let closed_unix = self
-                .close_times
-                .get(&id)
-                .copied()
-                .unwrap_or(self.started_unix);
+            let closed_unix = closed_unix_ms / 1000;
             self.close_times = self.close_times.split_off(&(id + 1));
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
             status.cycles_delivered += 1;

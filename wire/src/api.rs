@@ -130,6 +130,14 @@ pub enum TransferKind {
     Delta {
         /// Cycle number.
         cycle: u64,
+        /// When the primary closed the cycle, in milliseconds since the epoch: the
+        /// instant of the state the cycle completes (the recovery point's time).
+        #[serde(default)]
+        closed_unix_ms: u64,
+        /// The cycle was closed while the guest's filesystems were frozen by the
+        /// group's freeze command: an application-consistent point.
+        #[serde(default)]
+        app_consistent: bool,
     },
     /// A batch of a resync (or of the initial replication): blocks read from the
     /// images while writes went on. The replica is not consistent until the delta that
@@ -142,6 +150,17 @@ pub enum TransferKind {
         /// Whether this is the last batch.
         last: bool,
     },
+}
+
+impl TransferKind {
+    /// A delta of `cycle` with no point metadata (its time unknown, crash-consistent).
+    pub fn delta(cycle: u64) -> Self {
+        TransferKind::Delta {
+            cycle,
+            closed_unix_ms: 0,
+            app_consistent: false,
+        }
+    }
 }
 
 /// Announces a transfer.

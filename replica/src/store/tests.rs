@@ -90,7 +90,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
         42,
         &TransferOffer {
             id: 1,
-            kind: TransferKind::Delta { cycle: 1 },
+            kind: TransferKind::delta(1),
             bytes: 0,
         },
     );
@@ -110,7 +110,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
     send(
         &mut replica,
         5,
-        TransferKind::Delta { cycle: 5 },
+        TransferKind::delta(5),
         &[write(0, 10, b"delta")],
     );
     apply_all(&mut replica);
@@ -130,7 +130,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
             42,
             &TransferOffer {
                 id: 5,
-                kind: TransferKind::Delta { cycle: 5 },
+                kind: TransferKind::delta(5),
                 bytes: 0,
             },
         )
@@ -140,18 +140,18 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
         42,
         &TransferOffer {
             id: 8,
-            kind: TransferKind::Delta { cycle: 8 },
+            kind: TransferKind::delta(8),
             bytes: 0,
         },
     );
     assert!(matches!(gap, Err(StoreError::ChainBroken(_))));
-    send(&mut replica, 6, TransferKind::Delta { cycle: 6 }, &[]);
+    send(&mut replica, 6, TransferKind::delta(6), &[]);
     // A stranger's relationship is refused.
     let other = replica.offer(
         7,
         &TransferOffer {
             id: 7,
-            kind: TransferKind::Delta { cycle: 7 },
+            kind: TransferKind::delta(7),
             bytes: 0,
         },
     );
@@ -268,7 +268,7 @@ fn an_apply_cut_short_is_redone_on_restart() {
     send(
         &mut replica,
         2,
-        TransferKind::Delta { cycle: 1 },
+        TransferKind::delta(1),
         &[
             write(0, 0, &[2u8; 4096]),
             Change {
@@ -284,7 +284,7 @@ fn an_apply_cut_short_is_redone_on_restart() {
     send(
         &mut replica,
         3,
-        TransferKind::Delta { cycle: 2 },
+        TransferKind::delta(2),
         &[write(0, 4096, &[3u8; 4096])],
     );
     // Apply the writes by hand, as a crashed apply would have, without recording it.
