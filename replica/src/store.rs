@@ -635,9 +635,11 @@ impl Replica {
             id: offer.id,
             kind: offer.kind,
         };
-        // A retry carries the same id; its metadata (a delta's close time) may have
-        // been lost by a primary restart and be dated anew.
-        if self.state.receiving.is_some_and(|r| r.id == retry.id) {
+        if self
+            .state
+            .receiving
+            .is_some_and(|r| r.id == retry.id && same_transfer(r.kind, retry.kind))
+        {
             return Ok(TransferAnswer {
                 have_chunks: self.part_chunks,
                 committed: false,
@@ -961,6 +963,16 @@ pub fn apply_transfer(path: &Path, id: u64, disks: &[ReplicaDisk]) -> Result<u64
         disk.sync()?;
     }
     Ok(written)
+}
+
+/// Whether two offers with the same id are the same transfer. A delta's point
+/// metadata may differ between attempts: a primary that restarted dates a cycle closed
+/// before anew.
+fn same_transfer(a: TransferKind, b: TransferKind) -> bool {
+    match (a, b) {
+        (TransferKind::Delta { cycle: x, .. }, TransferKind::Delta { cycle: y, .. }) => x == y,
+        _ => a == b,
+    }
 }
 
 /// Reads the next frame of a transfer file into `frame`; `false` at the end of the file.
