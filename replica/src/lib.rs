@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod compare;
 pub mod copy;
+pub mod history;
 pub mod server;
 pub mod store;
 

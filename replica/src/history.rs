@@ -1,0 +1,804 @@
+//! Recovery history: earlier states of a replica's disks, kept as undo data.
+//!
+//! A recovery point is a state the disks had once a delta was applied. The latest point
+//! is the disks themselves. Every additional point owns an undo *segment*: the content,
+//! as of that point, of each block first overwritten after it and before the next point
+//! was taken (or up to now, for the newest). A point's state is, block by block, the
+//! first segment from its own onwards that holds the block, otherwise the disks. So
+//! history costs each apply one read and one append per block it overwrites for the
+//! first time since the newest point, never a copy of the disks.
+//!
+//! Ageing out: the oldest point's segment is deleted (no later point reads it). Removing
+//! a point with an older one (a test failover's temporary point) merges its segment into
+//! the older point's: the blocks the older segment lacks are appended to it, which keeps
+//! every remaining point's state.
+//!
+//! Durability: [`History::capture`] appends the undo data of the ranges a transfer is
+//! about to overwrite; [`History::sync`] makes it durable before the transfer's first
+//! write. Applying is idempotent, so after a crash the re-apply captures nothing new for
+//! blocks held already, and a block captured but not yet overwritten holds the same
+//! bytes in the segment as in the disk. Segment files are a header and checksummed
+//! records; a torn tail is cut when the segment is opened.
+//!
+//! Concurrency: the applier captures and applies while readers (a test failover's view
+//! of a point) read. A reader holds the index's read lock from lookup to the end of its
+//! disk read; a capture updates the index under the write lock before the apply writes
+//! the disks, so a reader never sees an overwritten block as unchanged. The apply lock
+//! ([`History::apply_guard`]) is held for a whole transfer, so a point taken by another
+//! thread never starts between a transfer's capture and its writes.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use thiserror::Error;
+
+use crate::apply::ReplicaDisk;
+use crate::copy::{next_data, next_hole};
+
+/// Unit of undo data: a capture saves whole blocks of this size (the last block of a
+/// disk may be shorter).
+pub const UNDO_BLOCK: u64 = 4096;
+/// Largest record: captures of longer runs are split.
+const MAX_RECORD: u64 = 4 << 20;
+
+/// `BRUNDO` and a format version.
+const SEGMENT_MAGIC: [u8; 8] = *b"BRUNDO\x00\x01";
+const SEGMENT_HEADER: usize = 32;
+const SEGMENT_HEADER_LEN: u64 = SEGMENT_HEADER as u64;
+/// "UNDO", little-endian, starts every record.
+const RECORD_MAGIC: u32 = 0x4f44_4e55;
+const RECORD_HEADER_LEN: usize = 32;
+/// Record flag: the range read as zeroes (a hole); no data follows.
+const FLAG_ZERO: u32 = 1;
+
+/// Errors of the recovery history.
+#[derive(Debug, Error)]
+pub enum HistoryError {
+    /// A file operation failed.
+    #[error("Cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A segment file is not one, or belongs to another point.
+    #[error("Undo segment {path} is invalid: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No point with this id.
+    #[error("No recovery point {0}")]
+    NoSuchPoint(u64),
+    /// Writing a replica disk failed.
+    #[error("Cannot write a point's state to the replica disk")]
+    Apply(#[from] crate::apply::ApplyError),
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HistoryError {
+    let path = path.to_path_buf();
+    move |source| HistoryError::Io { what, path, source }
+}
+
+/// A block-aligned run a segment holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    length: u64,
+    /// Where the run's bytes start in the segment file (unused for zero runs).
+    data_at: u64,
+    zero: bool,
+}
+
+/// Where a piece of a point's state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The disk, as it is now.
+    Disk,
+    /// Zeroes (the block was a hole at the point).
+    Zero,
+    /// Segment `segment` (an index into the history's segments), from this file offset.
+    Segment {
+        /// Index of the segment, oldest first.
+        segment: usize,
+        /// Offset of the bytes in the segment file.
+        at: u64,
+    },
+}
+
+/// A piece of a disk at a point: `length` bytes at `offset`, read from `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Offset in the disk.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Where they are.
+    pub source: Source,
+}
+
+/// One point's undo segment.
+#[derive(Debug)]
+struct Segment {
+    point: u64,
+    path: PathBuf,
+    file: File,
+    /// Bytes of valid records (the next record's offset).
+    len: u64,
+    /// Per disk: held runs by start offset; runs never overlap.
+    held: Vec<BTreeMap<u64, Held>>,
+}
+
+impl Segment {
+    fn header(point: u64, disks: u32) -> [u8; SEGMENT_HEADER] {
+        let mut header = [0u8; SEGMENT_HEADER];
+        header[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        header[8..16].copy_from_slice(&point.to_le_bytes());
+        header[16..20].copy_from_slice(&disks.to_le_bytes());
+        let crc = crc32c::crc32c(&header[0..20]);
+        header[20..24].copy_from_slice(&crc.to_le_bytes());
+        header
+    }
+
+    fn create(path: &Path, point: u64, disks: usize) -> Result<Self, HistoryError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_error("create", path))?;
+        let header = Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX));
+        file.write_all_at(&header, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error("write", path))?;
+        Ok(Segment {
+            point,
+            path: path.to_path_buf(),
+            file,
+            len: SEGMENT_HEADER_LEN,
+            held: vec![BTreeMap::new(); disks],
+        })
+    }
+
+    /// Opens a segment, rebuilds its index and cuts a torn tail.
+    fn open(path: &Path, point: u64, disks: usize) -> Result<Self, HistoryError> {
+        let corrupt = |reason: &str| HistoryError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_error("open", path))?;
+        let size = file.metadata().map_err(io_error("stat", path))?.len();
+        let mut header = [0u8; SEGMENT_HEADER];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|_| corrupt("no header"))?;
+        if header != Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX)) {
+            return Err(corrupt("header of another point or format"));
+        }
+        let mut segment = Segment {
+            point,
+            path: path.to_path_buf(),
+            file,
+            len: SEGMENT_HEADER_LEN,
+            held: vec![BTreeMap::new(); disks],
+        };
+        let mut data = Vec::new();
+        loop {
+            let mut record = [0u8; RECORD_HEADER_LEN];
+            if segment.len + RECORD_HEADER_LEN as u64 > size
+                || segment
+                    .file
+                    .read_exact_at(&mut record, segment.len)
+                    .is_err()
+            {
+                break;
+            }
+            let Some((disk, offset, length, zero, crc)) = parse_record(&record) else {
+                break;
+            };
+            let data_len = if zero { 0 } else { length };
+            let data_at = segment.len + RECORD_HEADER_LEN as u64;
+            if disk >= disks || data_at + data_len > size {
+                break;
+            }
+            let Ok(data_len_usize) = usize::try_from(data_len) else {
+                break;
+            };
+            data.resize(data_len_usize, 0);
+            if segment.file.read_exact_at(&mut data, data_at).is_err() {
+                break;
+            }
+            let mut check = crc32c::crc32c(&record[0..28]);
+            check = crc32c::crc32c_append(check, &data);
+            if check != crc {
+                break;
+            }
+            segment.insert(
+                disk,
+                offset,
+                Held {
+                    length,
+                    data_at,
+                    zero,
+                },
+            );
+            segment.len = data_at + data_len;
+        }
+        if segment.len < size {
+            tracing::info!(path = %path.display(), kept = segment.len, size, "Cutting the torn tail of an undo segment");
+            segment
+                .file
+                .set_len(segment.len)
+                .and_then(|()| segment.file.sync_all())
+                .map_err(io_error("truncate", path))?;
+        }
+        Ok(segment)
+    }
+
+    /// Records a run in the index. A run that overlaps one already held (a record
+    /// appended twice by a merge cut short) keeps the older one.
+    fn insert(&mut self, disk: usize, offset: u64, held: Held) {
+        let gaps = self.gaps(disk, offset, offset + held.length);
+        for (start, end) in gaps {
+            let skip = start - offset;
+            self.held[disk].insert(
+                start,
+                Held {
+                    length: end - start,
+                    data_at: if held.zero { 0 } else { held.data_at + skip },
+                    zero: held.zero,
+                },
+            );
+        }
+    }
+
+    /// The run holding `offset` in `disk`, if any, as (start, run).
+    fn holding(&self, disk: usize, offset: u64) -> Option<(u64, Held)> {
+        let (start, held) = self.held.get(disk)?.range(..=offset).next_back()?;
+        (offset < start + held.length).then_some((*start, *held))
+    }
+
+    /// Where the next held run after `offset` starts (at most `end`).
+    fn next_held(&self, disk: usize, offset: u64, end: u64) -> u64 {
+        self.held
+            .get(disk)
+            .and_then(|map| map.range(offset..end).next().map(|(start, _)| *start))
+            .unwrap_or(end)
+    }
+
+    /// The ranges of `start..end` the segment does not hold, in order.
+    fn gaps(&self, disk: usize, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut at = start;
+        while at < end {
+            if let Some((run_start, held)) = self.holding(disk, at) {
+                at = (run_start + held.length).min(end);
+                continue;
+            }
+            let next = self.next_held(disk, at, end);
+            gaps.push((at, next));
+            at = next;
+        }
+        gaps
+    }
+
+    /// Appends one record.
+    fn append(
+        &mut self,
+        disk: usize,
+        offset: u64,
+        length: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), HistoryError> {
+        let mut record = [0u8; RECORD_HEADER_LEN];
+        record[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        record[4..8].copy_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
+        record[8..16].copy_from_slice(&offset.to_le_bytes());
+        record[16..24].copy_from_slice(&length.to_le_bytes());
+        let flags = if data.is_none() { FLAG_ZERO } else { 0 };
+        record[24..28].copy_from_slice(&flags.to_le_bytes());
+        let mut crc = crc32c::crc32c(&record[0..28]);
+        if let Some(data) = data {
+            crc = crc32c::crc32c_append(crc, data);
+        }
+        record[28..32].copy_from_slice(&crc.to_le_bytes());
+        let data_at = self.len + RECORD_HEADER_LEN as u64;
+        let written = self
+            .file
+            .write_all_at(&record, self.len)
+            .and_then(|()| data.map_or(Ok(()), |data| self.file.write_all_at(data, data_at)));
+        if let Err(source) = written {
+            // Leave no partial record behind (a full disk, typically).
+            let _ = self.file.set_len(self.len);
+            return Err(HistoryError::Io {
+                what: "append to",
+                path: self.path.clone(),
+                source,
+            });
+        }
+        self.len = data_at + data.map_or(0, |d| d.len() as u64);
+        self.insert(
+            disk,
+            offset,
+            Held {
+                length,
+                data_at,
+                zero: data.is_none(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of a held run at `at` in the file.
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<(), HistoryError> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(io_error("read", &self.path))
+    }
+}
+
+/// Parses a record header: (disk, offset, length, zero, crc).
+fn parse_record(record: &[u8; RECORD_HEADER_LEN]) -> Option<(usize, u64, u64, bool, u32)> {
+    let u32_at = |at: usize| {
+        let mut bytes = [0u8; 4];
+        bytes.copy_from_slice(&record[at..at + 4]);
+        u32::from_le_bytes(bytes)
+    };
+    let u64_at = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&record[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    if u32_at(0) != RECORD_MAGIC {
+        return None;
+    }
+    let (offset, length, flags) = (u64_at(8), u64_at(16), u32_at(24));
+    if length == 0 || length > MAX_RECORD || offset % UNDO_BLOCK != 0 || flags & !FLAG_ZERO != 0 {
+        return None;
+    }
+    offset.checked_add(length)?;
+    Some((
+        usize::try_from(u32_at(4)).ok()?,
+        offset,
+        length,
+        flags & FLAG_ZERO != 0,
+        u32_at(28),
+    ))
+}
+
+/// The undo segments of one replica, oldest point first.
+#[derive(Debug)]
+pub struct History {
+    dir: PathBuf,
+    sizes: Vec<u64>,
+    segments: RwLock<Vec<Segment>>,
+    apply: Mutex<()>,
+}
+
+/// A read lock on the history: point reads resolved and performed under it see one
+/// state.
+#[derive(Debug)]
+pub struct HistoryRead<'a> {
+    segments: RwLockReadGuard<'a, Vec<Segment>>,
+}
+
+impl History {
+    /// The path of point `point`'s segment in `dir`.
+    fn segment_path(dir: &Path, point: u64) -> PathBuf {
+        dir.join(format!("{point:016x}.undo"))
+    }
+
+    /// Opens the history in `dir` (created if missing) for disks of `sizes`, with the
+    /// segments of `points` (oldest first). Segment files of other points are deleted.
+    /// Returns the history and the points whose state can no longer be read (their
+    /// segment, or a later one, is missing or unreadable): the caller drops them.
+    pub fn open(
+        dir: &Path,
+        sizes: Vec<u64>,
+        points: &[u64],
+    ) -> Result<(Self, Vec<u64>), HistoryError> {
+        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+        let mut segments = Vec::new();
+        let mut lost = Vec::new();
+        for &point in points {
+            let path = Self::segment_path(dir, point);
+            match Segment::open(&path, point, sizes.len()) {
+                Ok(segment) => segments.push(segment),
+                Err(error) => {
+                    tracing::warn!(point, error = %wire::error_chain(&error), "A recovery point's undo data is unreadable; it and older points are dropped");
+                    // Older points read through this segment: they are lost too.
+                    lost.extend(segments.drain(..).map(|s: Segment| s.point));
+                    lost.push(point);
+                }
+            }
+        }
+        let keep: Vec<PathBuf> = segments.iter().map(|s| s.path.clone()).collect();
+        for entry in fs::read_dir(dir).map_err(io_error("list", dir))?.flatten() {
+            let path = entry.path();
+            if !keep.contains(&path) {
+                tracing::info!(path = %path.display(), "Removing undo data no recovery point refers to");
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok((
+            History {
+                dir: dir.to_path_buf(),
+                sizes,
+                segments: RwLock::new(segments),
+                apply: Mutex::new(()),
+            },
+            lost,
+        ))
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Vec<Segment>> {
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A consistent read of the history (see [`HistoryRead`]).
+    pub fn read(&self) -> HistoryRead<'_> {
+        HistoryRead {
+            segments: self.segments.read().unwrap_or_else(PoisonError::into_inner),
+        }
+    }
+
+    /// Held for a whole apply (capture, sync, writes); see the module doc.
+    pub fn apply_guard(&self) -> MutexGuard<'_, ()> {
+        self.apply.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether any point is kept (captures do something).
+    pub fn is_active(&self) -> bool {
+        !self.read().segments.is_empty()
+    }
+
+    /// Points kept, oldest first.
+    pub fn points(&self) -> Vec<u64> {
+        self.read().segments.iter().map(|s| s.point).collect()
+    }
+
+    /// Bytes of each point's segment, oldest first.
+    pub fn sizes(&self) -> Vec<(u64, u64)> {
+        self.read()
+            .segments
+            .iter()
+            .map(|s| (s.point, s.len))
+            .collect()
+    }
+
+    /// Makes the disks' current state point `point`: later captures go to its new,
+    /// empty segment. The caller holds the apply guard (no transfer is mid-apply).
+    pub fn add_point(&self, point: u64) -> Result<(), HistoryError> {
+        let path = Self::segment_path(&self.dir, point);
+        let segment = Segment::create(&path, point, self.sizes.len())?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("sync", &self.dir))?;
+        self.write().push(segment);
+        Ok(())
+    }
+
+    /// Saves, in the newest point's segment, what `length` bytes at `offset` of disk
+    /// `disk` hold now, for the blocks it does not hold yet. Call before overwriting
+    /// them, then [`History::sync`] before the first write. Returns the bytes captured.
+    pub fn capture(
+        &self,
+        disks: &[ReplicaDisk],
+        disk: usize,
+        offset: u64,
+        length: u64,
+    ) -> Result<u64, HistoryError> {
+        let mut segments = self.write();
+        let Some(segment) = segments.last_mut() else {
+            return Ok(0);
+        };
+        let (Some(image), Some(&size)) = (disks.get(disk), self.sizes.get(disk)) else {
+            return Ok(0);
+        };
+        let start = offset - offset % UNDO_BLOCK;
+        let end = offset
+            .saturating_add(length)
+            .div_ceil(UNDO_BLOCK)
+            .saturating_mul(UNDO_BLOCK)
+            .min(size);
+        let mut captured = 0;
+        let mut buffer = Vec::new();
+        for (gap_start, gap_end) in segment.gaps(disk, start, end) {
+            let mut at = gap_start;
+            while at < gap_end {
+                // Records start on block boundaries: a hole counts from the block
+                // after its first byte's.
+                let data = next_data(image.file(), at).unwrap_or(gap_end).min(gap_end);
+                let data = (data - data % UNDO_BLOCK).max(at);
+                if data > at {
+                    // A hole: nothing to read.
+                    for piece in split(at, data) {
+                        segment.append(disk, piece.0, piece.1, None)?;
+                    }
+                    at = data;
+                    continue;
+                }
+                // Holes are block-aligned on every filesystem that reports them; round
+                // anyway so records stay whole blocks.
+                let hole = next_hole(image.file(), at, gap_end)
+                    .div_ceil(UNDO_BLOCK)
+                    .saturating_mul(UNDO_BLOCK)
+                    .min(gap_end);
+                for (piece_start, piece_len) in split(at, hole) {
+                    buffer.resize(usize::try_from(piece_len).unwrap_or(0), 0);
+                    image
+                        .file()
+                        .read_exact_at(&mut buffer, piece_start)
+                        .map_err(io_error("read", image.path()))?;
+                    segment.append(disk, piece_start, piece_len, Some(&buffer))?;
+                    captured += piece_len;
+                }
+                at = hole;
+            }
+        }
+        Ok(captured)
+    }
+
+    /// Makes every capture durable.
+    pub fn sync(&self) -> Result<(), HistoryError> {
+        let segments = self.read();
+        if let Some(segment) = segments.segments.last() {
+            segment
+                .file
+                .sync_data()
+                .map_err(io_error("sync", &segment.path))?;
+        }
+        Ok(())
+    }
+
+    /// Removes point `point`. The oldest point's segment is deleted; another point's is
+    /// first merged into the older point's, so every remaining point keeps its state.
+    /// The caller holds the apply guard.
+    pub fn remove_point(&self, point: u64) -> Result<(), HistoryError> {
+        let mut segments = self.write();
+        let index = segments
+            .iter()
+            .position(|s| s.point == point)
+            .ok_or(HistoryError::NoSuchPoint(point))?;
+        if index > 0 {
+            let (older, rest) = segments.split_at_mut(index);
+            let (previous, removed) = (&mut older[index - 1], &rest[0]);
+            let mut buffer = Vec::new();
+            let mut appended = false;
+            for disk in 0..removed.held.len() {
+                let runs: Vec<(u64, Held)> =
+                    removed.held[disk].iter().map(|(s, h)| (*s, *h)).collect();
+                for (run_start, held) in runs {
+                    for (gap_start, gap_end) in
+                        previous.gaps(disk, run_start, run_start + held.length)
+                    {
+                        let length = gap_end - gap_start;
+                        if held.zero {
+                            previous.append(disk, gap_start, length, None)?;
+                        } else {
+                            buffer.resize(usize::try_from(length).unwrap_or(0), 0);
+                            removed.read(&mut buffer, held.data_at + (gap_start - run_start))?;
+                            previous.append(disk, gap_start, length, Some(&buffer))?;
+                        }
+                        appended = true;
+                    }
+                }
+            }
+            if appended {
+                previous
+                    .file
+                    .sync_data()
+                    .map_err(io_error("sync", &previous.path))?;
+            }
+        }
+        let removed = segments.remove(index);
+        fs::remove_file(&removed.path).map_err(io_error("remove", &removed.path))?;
+        Ok(())
+    }
+
+    /// Removes every point.
+    pub fn clear(&self) -> Result<(), HistoryError> {
+        let mut segments = self.write();
+        for segment in segments.drain(..) {
+            fs::remove_file(&segment.path).map_err(io_error("remove", &segment.path))?;
+        }
+        Ok(())
+    }
+
+    /// Writes point `point`'s state into the disks, through capture (the caller has
+    /// added a point for the current state first, so the state left behind stays a
+    /// point). Syncs the disks. The caller holds the apply guard and nothing else
+    /// applies meanwhile. Returns the bytes written.
+    pub fn roll_back(&self, disks: &[ReplicaDisk], point: u64) -> Result<u64, HistoryError> {
+        let mut written = 0;
+        let mut buffer = Vec::new();
+        for disk in 0..self.sizes.len() {
+            let Some(image) = disks.get(disk) else {
+                continue;
+            };
+            // The union of the runs from the point's segment onwards, except the
+            // newest (the current state's, which these writes fill).
+            let pieces = {
+                let read = self.read();
+                let first = read.index_of(point)?;
+                let last = read.segments.len().saturating_sub(1);
+                let mut starts: Vec<(u64, u64)> = Vec::new();
+                for segment in &read.segments[first..last] {
+                    starts.extend(segment.held[disk].iter().map(|(s, h)| (*s, s + h.length)));
+                }
+                starts.sort_unstable();
+                let mut pieces = Vec::new();
+                for (start, end) in merge_ranges(starts) {
+                    pieces.extend(read.resolve_at(first, last, disk, start, end));
+                }
+                pieces
+            };
+            for piece in &pieces {
+                self.capture(disks, disk, piece.offset, piece.length)?;
+            }
+            self.sync()?;
+            for piece in pieces {
+                match piece.source {
+                    Source::Disk => {}
+                    Source::Zero => {
+                        image.apply(piece.offset, piece.length, tracker::ChangeData::Zero)?;
+                    }
+                    Source::Segment { segment, at } => {
+                        buffer.resize(usize::try_from(piece.length).unwrap_or(0), 0);
+                        self.read().segments[segment].read(&mut buffer, at)?;
+                        image
+                            .file()
+                            .write_all_at(&buffer, piece.offset)
+                            .map_err(io_error("write", image.path()))?;
+                        written += piece.length;
+                    }
+                }
+            }
+            image.sync()?;
+        }
+        Ok(written)
+    }
+}
+
+/// Splits `start..end` into records of at most [`MAX_RECORD`].
+fn split(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end)
+        .step_by(usize::try_from(MAX_RECORD).unwrap_or(usize::MAX))
+        .map(move |at| (at, (end - at).min(MAX_RECORD)))
+}
+
+/// Sorted ranges merged where they touch.
+fn merge_ranges(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in sorted {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+impl HistoryRead<'_> {
+    fn index_of(&self, point: u64) -> Result<usize, HistoryError> {
+        self.segments
+            .iter()
+            .position(|s| s.point == point)
+            .ok_or(HistoryError::NoSuchPoint(point))
+    }
+
+    /// Where the bytes `offset..offset + length` of disk `disk` at point `point` are.
+    pub fn resolve(
+        &self,
+        point: u64,
+        disk: usize,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Piece>, HistoryError> {
+        let first = self.index_of(point)?;
+        Ok(self.resolve_at(first, self.segments.len(), disk, offset, offset + length))
+    }
+
+    /// Resolves through segments `first..last` (then the disk).
+    fn resolve_at(
+        &self,
+        first: usize,
+        last: usize,
+        disk: usize,
+        start: u64,
+        end: u64,
+    ) -> Vec<Piece> {
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let mut found = None;
+            // Where the next segment in priority order starts holding something: the
+            // disk (or a lower-priority segment) answers only up to there.
+            let mut limit = end;
+            for (index, segment) in self.segments[first..last].iter().enumerate() {
+                if let Some((run_start, held)) = segment.holding(disk, at) {
+                    let run_end = (run_start + held.length).min(limit);
+                    let source = if held.zero {
+                        Source::Zero
+                    } else {
+                        Source::Segment {
+                            segment: first + index,
+                            at: held.data_at + (at - run_start),
+                        }
+                    };
+                    found = Some((run_end, source));
+                    break;
+                }
+                limit = limit.min(segment.next_held(disk, at, limit));
+            }
+            let (piece_end, source) = found.unwrap_or((limit, Source::Disk));
+            let piece = Piece {
+                offset: at,
+                length: piece_end - at,
+                source,
+            };
+            match pieces.last_mut() {
+                Some(last) if contiguous(last, &piece) => last.length += piece.length,
+                _ => pieces.push(piece),
+            }
+            at = piece_end;
+        }
+        pieces
+    }
+
+    /// Fills `buf` with disk `disk` at point `point`, from `offset`, reading the
+    /// current disk from `image` (a handle on that disk at `path`).
+    pub fn read_at(
+        &self,
+        point: u64,
+        disk: usize,
+        (image, path): (&File, &Path),
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), HistoryError> {
+        let pieces = self.resolve(point, disk, offset, buf.len() as u64)?;
+        for piece in pieces {
+            let from = usize::try_from(piece.offset - offset).unwrap_or(0);
+            let to = from + usize::try_from(piece.length).unwrap_or(0);
+            let target = &mut buf[from..to];
+            match piece.source {
+                Source::Disk => image
+                    .read_exact_at(target, piece.offset)
+                    .map_err(io_error("read", path))?,
+                Source::Zero => target.fill(0),
+                Source::Segment { segment, at } => self.segments[segment].read(target, at)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `next` continues `last` from the same source.
+fn contiguous(last: &Piece, next: &Piece) -> bool {
+    last.offset + last.length == next.offset
+        && match (last.source, next.source) {
+            (Source::Disk, Source::Disk) | (Source::Zero, Source::Zero) => true,
+            (Source::Segment { segment: a, at: x }, Source::Segment { segment: b, at: y }) => {
+                a == b && x + last.length == y
+            }
+            _ => false,
+        }
+}
+
+#[cfg(test)]
+mod tests;
