@@ -566,10 +566,18 @@ impl History {
         Ok(())
     }
 
-    /// Removes point `point`. The oldest point's segment is deleted; another point's is
-    /// first merged into the older point's, so every remaining point keeps its state.
-    /// The caller holds the apply guard.
+    /// Removes point `point`: [`History::merge_into_older`], then
+    /// [`History::forget`]. The caller holds the apply guard.
     pub fn remove_point(&self, point: u64) -> Result<(), HistoryError> {
+        self.merge_into_older(point)?;
+        self.forget(point)
+    }
+
+    /// First step of removing point `point`: its segment's blocks that the older
+    /// point's segment lacks are appended to it and synced, so the older point keeps
+    /// its state without it. Harmless if repeated, or if the removal stops here (the
+    /// older segment then answers for those blocks with the same bytes).
+    pub fn merge_into_older(&self, point: u64) -> Result<(), HistoryError> {
         let mut segments = self.write();
         let index = segments
             .iter()
@@ -606,6 +614,17 @@ impl History {
                     .map_err(io_error("sync", &previous.path))?;
             }
         }
+        Ok(())
+    }
+
+    /// Last step of removing point `point` (once no record names it): drops its
+    /// segment.
+    pub fn forget(&self, point: u64) -> Result<(), HistoryError> {
+        let mut segments = self.write();
+        let index = segments
+            .iter()
+            .position(|s| s.point == point)
+            .ok_or(HistoryError::NoSuchPoint(point))?;
         let removed = segments.remove(index);
         fs::remove_file(&removed.path).map_err(io_error("remove", &removed.path))?;
         Ok(())

@@ -514,8 +514,9 @@ fn apply_all(
             disks.insert(dir.to_path_buf(), opened);
         }
         let opened = disks.get(dir).map_or(&[][..], Vec::as_slice);
+        let history = lock(&replica).history();
         let started = std::time::Instant::now();
-        let bytes = apply_transfer(&path, next.id, opened)?;
+        let bytes = apply_transfer(&path, next.id, opened, &history)?;
         let took = started.elapsed();
         {
             let mut replica = lock(&replica);
@@ -700,7 +701,10 @@ fn store_refusal(error: &StoreError) -> Refusal {
         StoreError::OtherRelationship(_) => ErrorCode::OtherRelationship,
         StoreError::ChainBroken(_) => ErrorCode::ChainBroken,
         StoreError::Paused(_) => ErrorCode::Paused,
-        StoreError::Io { .. } | StoreError::CorruptState { .. } | StoreError::NoSpace { .. } => {
+        StoreError::Io { .. }
+        | StoreError::CorruptState { .. }
+        | StoreError::NoSpace { .. }
+        | StoreError::History(_) => {
             warn!(error = %message, "Replica store failed");
             ErrorCode::Internal
         }
@@ -1049,6 +1053,12 @@ fn enable_replica(
                 ),
             ));
         }
+        let mut replica = replica;
+        if let Some(policy) = enable.recovery.filter(|p| *p != replica.state().recovery) {
+            replica
+                .set_recovery(policy)
+                .map_err(|e| store_refusal(&e))?;
+        }
         return Ok(json(StatusCode::OK, &replica.info()));
     }
     if enable.initial == InitialMethod::Existing {
@@ -1077,6 +1087,12 @@ fn enable_replica(
         enable.disks,
     );
     state.awaiting_import = enable.initial == InitialMethod::Media;
+    if let Some(policy) = enable.recovery {
+        if let Some(problem) = policy.problem() {
+            return Err(refuse(ErrorCode::BadRequest, problem));
+        }
+        state.recovery = policy;
+    }
     let replica = Replica::create(&dir, state, context.settings.reserve).map_err(|e| {
         let _ = std::fs::remove_dir_all(&dir);
         store_refusal(&e)

@@ -29,14 +29,20 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracker::ChangeData;
-use wire::api::{DiskInfo, Position, ReplicaInfo, TransferAnswer, TransferKind, TransferOffer};
+use wire::api::{
+    DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, TransferAnswer,
+    TransferKind, TransferOffer,
+};
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
 
 use crate::apply::{apply_change, ApplyError, ReplicaDisk};
+use crate::history::{History, HistoryError};
 
 /// Transfer ids remembered after commit, to answer retries.
 const RECENT_COMMITS: usize = 64;
@@ -84,6 +90,9 @@ pub enum StoreError {
     /// Replication is paused on the replica.
     #[error("Replication to replica {0} is paused")]
     Paused(String),
+    /// The recovery history failed.
+    #[error("Recovery history")]
+    History(#[from] HistoryError),
     /// Not enough free space.
     #[error("Not enough free space for replica {name}: {needed} bytes needed, {free} free")]
     NoSpace {
@@ -107,7 +116,8 @@ impl StoreError {
         match self {
             StoreError::NoSpace { .. } => true,
             StoreError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
-            StoreError::Apply(ApplyError::Io { source, .. }) => {
+            StoreError::Apply(ApplyError::Io { source, .. })
+            | StoreError::History(HistoryError::Io { source, .. }) => {
                 source.raw_os_error() == Some(libc::ENOSPC)
             }
             _ => false,
@@ -174,6 +184,62 @@ pub struct ReplicaState {
     /// What applying has cost so far.
     #[serde(default)]
     pub applied: ApplyTotals,
+    /// The recovery history to keep.
+    #[serde(default)]
+    pub recovery: RecoveryPolicy,
+    /// Additional recovery points, oldest first (their undo data is under `history/`).
+    #[serde(default)]
+    pub points: Vec<RecoveryPoint>,
+    /// The latest point: the newest delta applied.
+    #[serde(default)]
+    pub latest: Option<PointStamp>,
+    /// Id of the next point taken.
+    #[serde(default)]
+    pub next_point: u64,
+    /// The test failover in progress.
+    #[serde(default)]
+    pub test: Option<TestFailover>,
+    /// When the last test failover started (seconds since the epoch).
+    #[serde(default)]
+    pub last_test_unix: Option<u64>,
+}
+
+/// A test failover in progress: a point served as writable exports whose writes go to
+/// throwaway overlays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailover {
+    /// The point served (a temporary one for the latest).
+    pub point: u64,
+    /// Its state.
+    pub stamp: PointStamp,
+    /// When the test started (seconds since the epoch).
+    pub started_unix: u64,
+    /// NBD export names, one per disk in group order.
+    pub exports: Vec<String>,
+}
+
+/// What a delta says of the state it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointStamp {
+    /// The delta's cycle.
+    pub cycle: u64,
+    /// When the primary closed it (milliseconds since the epoch).
+    pub closed_unix_ms: u64,
+    /// Taken while the guest's filesystems were frozen.
+    pub app_consistent: bool,
+}
+
+/// An additional recovery point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    /// Id, unique within the replica.
+    pub id: u64,
+    /// The state it keeps.
+    pub stamp: PointStamp,
+    /// Taken for a test failover of the latest point, removed when the test stops;
+    /// not counted against the policy.
+    #[serde(default)]
+    pub temporary: bool,
 }
 
 /// Running totals of applied transfers, for the apply rate.
@@ -221,6 +287,12 @@ impl ReplicaState {
             resync_position: None,
             awaiting_import: false,
             applied: ApplyTotals::default(),
+            recovery: RecoveryPolicy::default(),
+            points: Vec::new(),
+            latest: None,
+            next_point: 1,
+            test: None,
+            last_test_unix: None,
         }
     }
 }
@@ -245,6 +317,8 @@ pub struct Replica {
     part_end: Option<Position>,
     /// Free space kept in reserve, in bytes.
     reserve: u64,
+    /// Undo data of the additional recovery points.
+    history: Arc<History>,
 }
 
 fn now_unix() -> u64 {
@@ -265,6 +339,17 @@ fn record_end(disk: usize, offset: u64, length: u64) -> Option<Position> {
         disk: u32::try_from(disk).ok()?,
         offset: offset.checked_add(length)?,
     })
+}
+
+/// Opens the undo data of `state`'s points; points whose data is lost are dropped
+/// from `state` (returns whether any was).
+fn open_history(dir: &Path, state: &mut ReplicaState) -> Result<(Arc<History>, bool), StoreError> {
+    let sizes = state.disks.iter().map(|d| d.size).collect();
+    let ids: Vec<u64> = state.points.iter().map(|p| p.id).collect();
+    let (history, lost) = History::open(&dir.join("history"), sizes, &ids)?;
+    let before = state.points.len();
+    state.points.retain(|p| !lost.contains(&p.id));
+    Ok((Arc::new(history), state.points.len() != before))
 }
 
 /// Free bytes on the filesystem holding `path`.
@@ -299,6 +384,8 @@ impl Replica {
                 .map_err(StoreError::io("size replica disk", &path))?;
         }
         sync_dir(&dir.join("disks"))?;
+        let mut state = state;
+        let (history, _) = open_history(dir, &mut state)?;
         let mut replica = Replica {
             dir: dir.to_path_buf(),
             state,
@@ -306,6 +393,7 @@ impl Replica {
             part_len: 0,
             part_end: None,
             reserve,
+            history,
         };
         replica.save()?;
         if let Some(parent) = dir.parent() {
@@ -416,11 +504,12 @@ impl Replica {
     pub fn open(dir: &Path, reserve: u64) -> Result<Self, StoreError> {
         let path = dir.join("replica.json");
         let bytes = fs::read(&path).map_err(StoreError::io("read", &path))?;
-        let state: ReplicaState =
+        let mut state: ReplicaState =
             serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptState {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+        let (history, lost_points) = open_history(dir, &mut state)?;
         let mut replica = Replica {
             dir: dir.to_path_buf(),
             state,
@@ -428,7 +517,11 @@ impl Replica {
             part_len: 0,
             part_end: None,
             reserve,
+            history,
         };
+        if lost_points {
+            replica.save()?;
+        }
         replica.recover_part()?;
         replica.remove_strays()?;
         Ok(replica)
@@ -468,6 +561,8 @@ impl Replica {
             applied_bytes: s.applied.bytes,
             apply_micros: s.applied.micros,
             last_apply_micros: (s.applied.transfers > 0).then_some(s.applied.last_micros),
+            recovery: s.recovery,
+            recovery_points: self.recovery_points(),
         }
     }
 
@@ -821,7 +916,7 @@ impl Replica {
             return Ok(None);
         };
         let started = std::time::Instant::now();
-        let bytes = apply_transfer(&path, next.id, disks)?;
+        let bytes = apply_transfer(&path, next.id, disks, &self.history)?;
         self.note_apply(bytes, started.elapsed());
         self.finish_apply(next)?;
         Ok(Some(next))
@@ -834,12 +929,146 @@ impl Replica {
         let Some(next) = self.state.queue.front().copied() else {
             return Ok(None);
         };
+        if let (TransferKind::Resync { .. }, Some(latest)) = (next.kind, self.state.latest) {
+            // The resync's blocks make the disks fuzzy until the delta after it: the
+            // last consistent state survives only as a point.
+            if self.state.recovery.points > 0 {
+                self.take_point(latest, true)?;
+            } else {
+                tracing::warn!(replica = %self.state.name, cycle = latest.cycle, "A resync overwrites the replica's only consistent state: no failover is possible until it ends (keep recovery points to keep one)");
+            }
+            self.state.latest = None;
+            self.save()?;
+        }
         if self.state.consistent {
             // From here until the apply ends the disks are mid-change.
             self.state.consistent = false;
             self.save()?;
         }
         Ok(Some((next, self.received_path(next.id))))
+    }
+
+    /// The undo data of the recovery points, shared with the applier and readers.
+    pub fn history(&self) -> Arc<History> {
+        Arc::clone(&self.history)
+    }
+
+    /// Makes the disks' current state (`stamp`) an additional point if the policy
+    /// keeps points and one is due (`force`: whenever the policy keeps points). The
+    /// caller saves the state, then ages points out.
+    fn take_point(&mut self, stamp: PointStamp, force: bool) -> Result<(), StoreError> {
+        let policy = self.state.recovery;
+        if policy.points == 0 {
+            return Ok(());
+        }
+        let newest = self.state.points.iter().rev().find(|p| !p.temporary);
+        if newest.is_some_and(|p| p.stamp.cycle == stamp.cycle) {
+            return Ok(());
+        }
+        let spacing_ms = policy.spacing_secs.saturating_mul(1000);
+        let due = force
+            || stamp.app_consistent
+            || newest.is_none_or(|p| {
+                stamp.closed_unix_ms.saturating_sub(p.stamp.closed_unix_ms) >= spacing_ms
+            });
+        if due {
+            self.add_point(stamp, false)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a point of the disks' current state; the caller saves the state.
+    fn add_point(&mut self, stamp: PointStamp, temporary: bool) -> Result<u64, StoreError> {
+        let id = self.state.next_point.max(1);
+        {
+            let _guard = self.history.apply_guard();
+            self.history.add_point(id)?;
+        }
+        self.state.next_point = id + 1;
+        self.state.points.push(RecoveryPoint {
+            id,
+            stamp,
+            temporary,
+        });
+        Ok(id)
+    }
+
+    /// Removes additional points beyond the policy, oldest first (a point a test
+    /// failover serves stays until the test ends).
+    fn age_out(&mut self) -> Result<(), StoreError> {
+        loop {
+            let kept = self.state.points.iter().filter(|p| !p.temporary).count();
+            if kept <= self.state.recovery.points as usize {
+                return Ok(());
+            }
+            let test = self.state.test.as_ref().map(|t| t.point);
+            let Some(oldest) = self
+                .state
+                .points
+                .iter()
+                .find(|p| !p.temporary && Some(p.id) != test)
+                .map(|p| p.id)
+            else {
+                return Ok(());
+            };
+            self.remove_point(oldest)?;
+        }
+    }
+
+    /// Removes point `id`, keeping every other point's state (see
+    /// [`History::merge_into_older`]): merged, recorded, then deleted.
+    fn remove_point(&mut self, id: u64) -> Result<(), StoreError> {
+        let history = Arc::clone(&self.history);
+        let _guard = history.apply_guard();
+        history.merge_into_older(id)?;
+        self.state.points.retain(|p| p.id != id);
+        self.save()?;
+        self.history.forget(id)?;
+        Ok(())
+    }
+
+    /// Sets the recovery history to keep; points beyond it age out at once.
+    pub fn set_recovery(&mut self, policy: RecoveryPolicy) -> Result<(), StoreError> {
+        if let Some(problem) = policy.problem() {
+            return Err(StoreError::Conflict(problem));
+        }
+        self.state.recovery = policy;
+        self.save()?;
+        self.age_out()
+    }
+
+    /// The recovery points, oldest first, the latest last.
+    pub fn recovery_points(&self) -> Vec<RecoveryPointInfo> {
+        let sizes = self.history.sizes();
+        let latest = self.state.latest;
+        let mut points: Vec<RecoveryPointInfo> = self
+            .state
+            .points
+            .iter()
+            .filter(|p| !p.temporary && latest.is_none_or(|l| l.cycle != p.stamp.cycle))
+            .map(|p| RecoveryPointInfo {
+                id: p.id,
+                cycle: p.stamp.cycle,
+                time_unix_ms: p.stamp.closed_unix_ms,
+                app_consistent: p.stamp.app_consistent,
+                latest: false,
+                size: sizes
+                    .iter()
+                    .find(|(id, _)| *id == p.id)
+                    .map_or(0, |(_, size)| *size),
+            })
+            .collect();
+        if let Some(latest) = latest {
+            points.push(RecoveryPointInfo {
+                id: 0,
+                cycle: latest.cycle,
+                time_unix_ms: latest.closed_unix_ms,
+                app_consistent: latest.app_consistent,
+                latest: true,
+                size: 0,
+            });
+        }
+        points
     }
 
     /// Last step of applying `applied` (the transfer [`Replica::begin_apply`] returned,
@@ -853,17 +1082,29 @@ impl Replica {
         }
         let state = &mut self.state;
         state.queue.pop_front();
-        if let TransferKind::Delta { cycle, .. } = applied.kind {
+        if let TransferKind::Delta {
+            cycle,
+            closed_unix_ms,
+            app_consistent,
+        } = applied.kind
+        {
             state.last_applied_cycle = Some(cycle);
             state.last_applied_unix = Some(now_unix());
             // A delta is offered only after every batch of a resync was committed, and
             // applies after them: whatever came before, the disks now hold the
             // primary's state at this cycle.
             state.consistent = true;
+            let stamp = PointStamp {
+                cycle,
+                closed_unix_ms,
+                app_consistent,
+            };
+            state.latest = Some(stamp);
+            self.take_point(stamp, false)?;
         }
         self.save()?;
         let _ = fs::remove_file(self.received_path(applied.id));
-        Ok(())
+        self.age_out()
     }
 
     /// Opens the replica disks for applying.
@@ -942,27 +1183,54 @@ impl Replica {
 }
 
 /// Applies every change of the received transfer file `path` (transfer `id`) to
-/// `disks` and syncs them. Returns the data bytes written.
-pub fn apply_transfer(path: &Path, id: u64, disks: &[ReplicaDisk]) -> Result<u64, StoreError> {
-    let mut file = File::open(path).map_err(StoreError::io("open", path))?;
-    let (mut frame, mut scratch) = (Vec::new(), Vec::new());
-    let (mut index, mut written) = (0u32, 0u64);
-    while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
-        let checked = CheckedFrame::check(&frame)?;
-        checked.header.expect(id, index)?;
-        for change in checked.records(&mut scratch)? {
-            let change = change?;
-            apply_change(disks, &change)?;
-            if let ChangeData::Write(bytes) = change.data {
-                written += bytes.len() as u64;
-            }
-        }
-        index += 1;
+/// `disks` and syncs them. Returns the data bytes written. With recovery points kept,
+/// what the changes overwrite is first captured in `history` and synced.
+pub fn apply_transfer(
+    path: &Path,
+    id: u64,
+    disks: &[ReplicaDisk],
+    history: &History,
+) -> Result<u64, StoreError> {
+    let _guard = history.apply_guard();
+    if history.is_active() {
+        for_each_change(path, id, |change| {
+            history.capture(disks, change.disk, change.offset, change.length)?;
+            Ok(())
+        })?;
+        history.sync()?;
     }
+    let mut written = 0u64;
+    for_each_change(path, id, |change| {
+        apply_change(disks, change)?;
+        if let ChangeData::Write(bytes) = change.data {
+            written += bytes.len() as u64;
+        }
+        Ok(())
+    })?;
     for disk in disks {
         disk.sync()?;
     }
     Ok(written)
+}
+
+/// Calls `each` with every change of the transfer file `path` (transfer `id`), in order.
+fn for_each_change(
+    path: &Path,
+    id: u64,
+    mut each: impl FnMut(&tracker::Change<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io("open", path))?;
+    let (mut frame, mut scratch) = (Vec::new(), Vec::new());
+    let mut index = 0u32;
+    while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
+        let checked = CheckedFrame::check(&frame)?;
+        checked.header.expect(id, index)?;
+        for change in checked.records(&mut scratch)? {
+            each(&change?)?;
+        }
+        index += 1;
+    }
+    Ok(())
 }
 
 /// Whether two offers with the same id are the same transfer. A delta's point

@@ -123,6 +123,7 @@ fn enable_request(name: &str) -> EnableRequest {
         primary_host: "host1".into(),
         relationship: 0xabc,
         initial: InitialMethod::Network,
+        recovery: None,
     }
 }
 

@@ -78,6 +78,65 @@ pub struct EnableRequest {
     /// Where the initial copy comes from.
     #[serde(default)]
     pub initial: InitialMethod,
+    /// Recovery history to keep (none asked: the replica's current policy stays).
+    #[serde(default)]
+    pub recovery: Option<RecoveryPolicy>,
+}
+
+/// How many earlier states a replica keeps besides the latest, and how far apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPolicy {
+    /// Additional recovery points kept (0 to [`MAX_RECOVERY_POINTS`]); 0 keeps only
+    /// the latest.
+    pub points: u32,
+    /// Least time between two additional points, in seconds (an application-consistent
+    /// cycle always becomes a point).
+    pub spacing_secs: u64,
+}
+
+/// Most additional recovery points a replica keeps.
+pub const MAX_RECOVERY_POINTS: u32 = 24;
+
+impl Default for RecoveryPolicy {
+    fn default() -> Self {
+        RecoveryPolicy {
+            points: 0,
+            spacing_secs: 3600,
+        }
+    }
+}
+
+impl RecoveryPolicy {
+    /// Why the policy cannot be used, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.points > MAX_RECOVERY_POINTS {
+            return Some(format!(
+                "{} additional recovery points asked; at most {MAX_RECOVERY_POINTS}",
+                self.points
+            ));
+        }
+        if self.spacing_secs == 0 {
+            return Some("recovery point spacing must be at least one second".into());
+        }
+        None
+    }
+}
+
+/// A state of the replica's disks that a failover can use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    /// Identifies the point on this replica (`latest` for the newest state).
+    pub id: u64,
+    /// The delta cycle after which the disks had this state.
+    pub cycle: u64,
+    /// When the primary closed that cycle (milliseconds since the epoch).
+    pub time_unix_ms: u64,
+    /// Taken while the guest's filesystems were frozen.
+    pub app_consistent: bool,
+    /// The latest point: the replica disks as they are.
+    pub latest: bool,
+    /// Undo bytes the point keeps (0 for the latest).
+    pub size: u64,
 }
 
 /// Where a replica's initial copy comes from.
@@ -243,6 +302,12 @@ pub struct ReplicaInfo {
     /// Microseconds the latest apply took.
     #[serde(default)]
     pub last_apply_micros: Option<u64>,
+    /// The recovery history kept.
+    #[serde(default)]
+    pub recovery: RecoveryPolicy,
+    /// Recovery points, oldest first; the latest last.
+    #[serde(default)]
+    pub recovery_points: Vec<RecoveryPointInfo>,
 }
 
 /// Why the replica refused a request; the HTTP status says the same.

@@ -1,5 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+use std::collections::BTreeMap;
+
 use tracker::{Change, ChangeData};
 use wire::chunk::{ChunkEncoder, RawChunk};
 
@@ -346,4 +348,194 @@ fn a_full_replica_refuses_transfers_it_cannot_hold() {
         replica.offer(42, &offer),
         Err(StoreError::Paused(_))
     ));
+}
+
+fn stamped(cycle: u64, secs: u64, app_consistent: bool) -> TransferKind {
+    TransferKind::Delta {
+        cycle,
+        closed_unix_ms: 1_700_000_000_000 + secs * 1000,
+        app_consistent,
+    }
+}
+
+/// Disk `disk` as recovery point `id` has it.
+fn point_disk(replica: &Replica, id: u64, disk: usize) -> Vec<u8> {
+    let name = &replica.state().disks[disk].name;
+    let path = replica.disk_path(name);
+    let file = File::open(&path).unwrap();
+    let mut out = vec![0u8; replica.state().disks[disk].size as usize];
+    replica
+        .history()
+        .read()
+        .read_at(id, disk, (&file, &path), &mut out, 0)
+        .unwrap();
+    out
+}
+
+#[test]
+fn points_are_spaced_aged_out_and_keep_their_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    replica
+        .set_recovery(RecoveryPolicy {
+            points: 2,
+            spacing_secs: 60,
+        })
+        .unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 8192])],
+    );
+    apply_all(&mut replica);
+    // (cycle, seconds, app-consistent): points at 0, 61, 62 (app), 130, 200.
+    let deltas = [
+        (1, 0, false),
+        (2, 30, false),
+        (3, 61, false),
+        (4, 62, true),
+        (5, 130, false),
+        (6, 200, false),
+    ];
+    let mut states = BTreeMap::new();
+    for (cycle, secs, app) in deltas {
+        let byte = 10 + cycle as u8;
+        send(
+            &mut replica,
+            100 + cycle,
+            stamped(cycle, secs, app),
+            &[
+                write(0, cycle * 4096, &[byte; 4096]),
+                write(0, 0, &[byte; 100]),
+                write(1, MIB + cycle * 512, &[byte; 512]),
+            ],
+        );
+        apply_all(&mut replica);
+        states.insert(cycle, (disk(&replica, "a"), disk(&replica, "b")));
+    }
+    let kept: Vec<u64> = replica
+        .state()
+        .points
+        .iter()
+        .map(|p| p.stamp.cycle)
+        .collect();
+    assert_eq!(kept, vec![5, 6], "two points beyond the policy age out");
+    for point in replica.state().points.clone() {
+        let (a, b) = &states[&point.stamp.cycle];
+        assert!(point_disk(&replica, point.id, 0) == *a, "point {point:?}");
+        assert!(point_disk(&replica, point.id, 1) == *b, "point {point:?}");
+    }
+    // The newest point is the latest: listed once.
+    let listed = replica.recovery_points();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|p| (p.cycle, p.latest))
+            .collect::<Vec<_>>(),
+        vec![(5, false), (6, true)]
+    );
+    assert!(listed[0].size > 0);
+
+    // More points kept from now on; reopening keeps them readable.
+    replica
+        .set_recovery(RecoveryPolicy {
+            points: 24,
+            spacing_secs: 60,
+        })
+        .unwrap();
+    send(
+        &mut replica,
+        107,
+        stamped(7, 210, true),
+        &[write(0, 0, &[77u8; 4096])],
+    );
+    apply_all(&mut replica);
+    states.insert(7, (disk(&replica, "a"), disk(&replica, "b")));
+    drop(replica);
+    let mut replica = Replica::open(&path, 0).unwrap();
+    let kept: Vec<u64> = replica
+        .state()
+        .points
+        .iter()
+        .map(|p| p.stamp.cycle)
+        .collect();
+    assert_eq!(
+        kept,
+        vec![5, 6, 7],
+        "an application-consistent cycle is always a point"
+    );
+    for point in replica.state().points.clone() {
+        assert!(point_disk(&replica, point.id, 0) == states[&point.stamp.cycle].0);
+    }
+    assert!(replica.recovery_points().last().unwrap().app_consistent);
+
+    // Fewer points: the oldest go at once, and their undo files with them.
+    replica
+        .set_recovery(RecoveryPolicy {
+            points: 1,
+            spacing_secs: 60,
+        })
+        .unwrap();
+    assert_eq!(replica.state().points.len(), 1);
+    assert_eq!(fs::read_dir(path.join("history")).unwrap().count(), 1);
+    assert!(replica
+        .set_recovery(RecoveryPolicy {
+            points: 25,
+            spacing_secs: 60
+        })
+        .is_err());
+}
+
+#[test]
+fn a_resync_keeps_the_last_consistent_state_as_a_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    replica
+        .set_recovery(RecoveryPolicy {
+            points: 4,
+            spacing_secs: 3600,
+        })
+        .unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 8192])],
+    );
+    send(
+        &mut replica,
+        2,
+        stamped(1, 0, false),
+        &[write(0, 0, &[2u8; 100])],
+    );
+    send(
+        &mut replica,
+        3,
+        stamped(2, 10, false),
+        &[write(0, 4096, &[3u8; 100])],
+    );
+    apply_all(&mut replica);
+    let before = disk(&replica, "a");
+    // A resync (after an overflow, say) rewrites blocks: the state of cycle 2 stays a
+    // point, although spacing would not have taken one.
+    send(
+        &mut replica,
+        4,
+        resync(2, 0, true),
+        &[write(0, 0, &[9u8; 16384])],
+    );
+    apply_all(&mut replica);
+    assert!(
+        replica.recovery_points().iter().all(|p| !p.latest),
+        "no latest while fuzzy"
+    );
+    let point = *replica.state().points.last().unwrap();
+    assert_eq!(point.stamp.cycle, 2);
+    assert!(point_disk(&replica, point.id, 0) == before);
+    send(&mut replica, 5, stamped(3, 20, false), &[]);
+    apply_all(&mut replica);
+    assert_eq!(replica.recovery_points().last().unwrap().cycle, 3);
 }
