@@ -12,6 +12,8 @@ use std::io;
 
 mod image_file;
 pub use image_file::{ImageFile, ImageFileOptions};
+mod overlay;
+pub use overlay::{Overlay, OverlayBase, OverlayExtent};
 
 /// One extent of a block-status answer: `length` bytes with NBD `flags`
 /// (for `base:allocation`: `NBD_STATE_HOLE` = 1, `NBD_STATE_ZERO` = 2).
