@@ -220,6 +220,8 @@ reserve = "64MiB"
 cert = "$work/pki/localhost.pem"
 key = "$work/pki/localhost.key"
 ca = "$work/pki/ca.pem"
+[nbd]
+unix_socket = "$d/replica-nbd.sock"
 [[authorization]]
 primary = "*.bench.lab"
 storage = "$d/replicas"

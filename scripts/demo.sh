@@ -41,6 +41,8 @@ reserve = "64MiB"
 cert = "$work/pki/localhost.pem"
 key = "$work/pki/localhost.key"
 ca = "$work/pki/ca.pem"
+[nbd]
+unix_socket = "$work/replica-nbd.sock"
 [[authorization]]
 primary = "*.dc1.lab"
 storage = "$work/replicas"

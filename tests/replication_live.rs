@@ -30,14 +30,15 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::nbd::Conn;
+use common::ordered::*;
 use common::replica::{dc1, lab_certs as certs, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::writer::{describe_sector, pattern};
+use common::writer::{pattern, BLOCK};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -180,182 +181,6 @@ struct StopOnDrop(Arc<AtomicBool>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The ordered writer and its prefix check
-// ---------------------------------------------------------------------------
-
-/// Bytes of each disk the ordered writer owns (fio and qemu-io write beyond).
-const ORDERED_REGION: u64 = 16 * MIB;
-const ORDERED_BLOCKS: u64 = ORDERED_REGION / BLOCK;
-const BLOCK: u64 = 4096;
-/// Half the writes land in the first blocks, so writes overwrite each other often.
-const HOT_BLOCKS: u64 = 256;
-/// Ordered writes per second at most.
-const ORDERED_RATE: f64 = 700.0;
-
-/// Write k (1-based) of the ordered writer.
-#[derive(Debug, Clone, Copy)]
-struct OrderedWrite {
-    disk: usize,
-    block: u64,
-    blocks: u64,
-}
-
-#[derive(Debug, Default)]
-struct OrderedShared {
-    /// Write k at index k-1, recorded before it is sent.
-    writes: Mutex<Vec<OrderedWrite>>,
-    /// The newest write sent, and the newest acknowledged.
-    issued: AtomicU64,
-    acked: AtomicU64,
-    stop: Arc<AtomicBool>,
-}
-
-/// Writes k = 1, 2, ... one at a time over one connection per disk; each 16-byte unit
-/// of write k holds `[k, offset]` (`common::writer::pattern`). Returns the count.
-fn ordered_writer(sock: PathBuf, sh: Arc<OrderedShared>, seed: u64) -> JoinHandle<u64> {
-    thread::Builder::new()
-        .name("ordered-writer".into())
-        .spawn(move || {
-            let mut conns = [
-                Conn::connect_unix(&sock, "disk0").expect("connect disk0"),
-                Conn::connect_unix(&sock, "disk1").expect("connect disk1"),
-            ];
-            let mut rng = StdRng::seed_from_u64(seed);
-            let start = Instant::now();
-            let mut k = 0u64;
-            while !sh.stop.load(Ordering::SeqCst) {
-                k += 1;
-                let disk = rng.gen_range(0..2usize);
-                let blocks = rng.gen_range(1..=4u64);
-                let limit = if rng.gen_bool(0.5) {
-                    HOT_BLOCKS
-                } else {
-                    ORDERED_BLOCKS
-                };
-                let block = rng.gen_range(0..=limit - blocks);
-                sh.writes.lock().expect("writes").push(OrderedWrite {
-                    disk,
-                    block,
-                    blocks,
-                });
-                sh.issued.store(k, Ordering::SeqCst);
-                let off = block * BLOCK;
-                let data = pattern(k, off, (blocks * BLOCK) as usize);
-                conns[disk]
-                    .write(off, &data, k % 32 == 0)
-                    .unwrap_or_else(|e| {
-                        panic!("ordered write {k} (disk{disk} @{off}) failed: {e}")
-                    });
-                sh.acked.store(k, Ordering::SeqCst);
-                if k % 200 == 0 {
-                    conns[disk]
-                        .flush()
-                        .unwrap_or_else(|e| panic!("FLUSH after write {k} failed: {e}"));
-                }
-                let due = Duration::from_secs_f64(k as f64 / ORDERED_RATE);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    thread::sleep(wait);
-                }
-            }
-            for c in conns {
-                c.disconnect();
-            }
-            k
-        })
-        .expect("spawn writer")
-}
-
-/// True if `s` is all zeroes (one memcmp; the test build is unoptimised).
-fn is_zero(s: &[u8]) -> bool {
-    s[0] == 0 && s[1..] == s[..s.len() - 1]
-}
-
-/// Finds m such that the ordered regions of `disks` hold exactly the effect of writes
-/// 1..=m of `writes` (every block: the last of those writes covering it, or zeroes).
-fn ordered_prefix(disks: &[Vec<u8>], writes: &[OrderedWrite]) -> Result<u64, String> {
-    let bs = BLOCK as usize;
-    let mut found = vec![vec![0u64; ORDERED_BLOCKS as usize]; disks.len()];
-    let mut errors = Vec::new();
-    for (d, data) in disks.iter().enumerate() {
-        for b in 0..ORDERED_BLOCKS as usize {
-            let block = &data[b * bs..(b + 1) * bs];
-            if is_zero(block) {
-                continue;
-            }
-            let seq = u64::from_le_bytes(block[..8].try_into().expect("8 bytes"));
-            if seq == 0 || seq > writes.len() as u64 {
-                errors.push(format!(
-                    "disk{d} block {b} holds no write of the ordered writer: first bytes {:02x?}",
-                    &block[..16]
-                ));
-            } else {
-                found[d][b] = seq;
-            }
-        }
-    }
-    let m = found.iter().flatten().copied().max().unwrap_or(0);
-    let mut last = vec![vec![0u64; ORDERED_BLOCKS as usize]; disks.len()];
-    for (i, w) in writes.iter().take(m as usize).enumerate() {
-        for b in w.block..w.block + w.blocks {
-            last[w.disk][b as usize] = i as u64 + 1;
-        }
-    }
-    for (d, data) in disks.iter().enumerate() {
-        for b in 0..ORDERED_BLOCKS as usize {
-            if errors.len() >= 8 {
-                break;
-            }
-            let (got, want) = (found[d][b], last[d][b]);
-            if got != want {
-                let describe = |k: u64| {
-                    if k == 0 {
-                        "nothing (zeroes)".to_string()
-                    } else {
-                        let w = writes[k as usize - 1];
-                        format!(
-                            "write {k} (disk{} blocks {}..{})",
-                            w.disk,
-                            w.block,
-                            w.block + w.blocks
-                        )
-                    }
-                };
-                errors.push(format!(
-                    "disk{d} block {b} holds {} but after writes 1..={m} it must hold {}",
-                    describe(got),
-                    describe(want)
-                ));
-                continue;
-            }
-            if want > 0 {
-                let block = &data[b * bs..(b + 1) * bs];
-                if block != pattern(want, (b * bs) as u64, bs).as_slice() {
-                    errors.push(format!(
-                        "disk{d} block {b} is not write {want}'s data (torn or misplaced): {}",
-                        describe_sector(
-                            &block[block
-                                .chunks(512)
-                                .zip(pattern(want, (b * bs) as u64, bs).chunks(512))
-                                .position(|(x, y)| x != y)
-                                .unwrap_or(0)
-                                * 512..][..512]
-                        )
-                    ));
-                }
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(m)
-    } else {
-        Err(format!(
-            "the disks hold no prefix of the write order (highest write present: {m}):\n  {}",
-            errors.join("\n  ")
-        ))
     }
 }
 

@@ -12,5 +12,6 @@ pub mod copy;
 pub mod history;
 pub mod server;
 pub mod store;
+pub mod test_failover;
 
 pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

@@ -212,14 +212,17 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Every replica in every storage (each storage once, however many entries name it).
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        self.loaded()
+            .iter()
+            .map(|(_, replica)| lock(replica).info())
+            .collect()
+    }
+
+    /// Every replica that loads, with its directory.
+    fn loaded(&self) -> Vec<(PathBuf, Arc<Mutex<Replica>>)> {
         let mut out = Vec::new();
-        let mut seen = Vec::new();
-        for entry in &self.context.settings.authorization {
-            if seen.contains(&&entry.storage) {
-                continue;
-            }
-            seen.push(&entry.storage);
-            let Ok(dirs) = std::fs::read_dir(&entry.storage) else {
+        for (storage, _) in ServerHandle::storages(self) {
+            let Ok(dirs) = std::fs::read_dir(storage) else {
                 continue;
             };
             for dir in dirs.flatten() {
@@ -227,15 +230,234 @@ impl ServerHandle {
                     continue;
                 }
                 if let Ok(replica) = load(&self.context, &dir.path()) {
-                    out.push(lock(&replica).info());
+                    out.push((dir.path(), replica));
                 }
             }
         }
         out
     }
+
+    /// Starts a test failover of replica `name` at `point` (the latest if `None`):
+    /// returns the replica and one writable device per disk, in group order, to serve
+    /// as the replica's `exports` (see [`crate::test_failover`]).
+    pub fn start_test(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        point: Option<u64>,
+    ) -> Result<(ReplicaInfo, Vec<Arc<nbd_shim::backend::Overlay>>), AdminError> {
+        let (dir, replica) = self.one_replica(name, trust_group)?;
+        let exports: Vec<String> = lock(&replica)
+            .state()
+            .disks
+            .iter()
+            .map(|disk| test_export(name, &disk.name))
+            .collect();
+        let deadline = std::time::Instant::now() + TEST_WAIT;
+        let test = loop {
+            match lock(&replica).begin_test(point, exports.clone()) {
+                // Between two applies the disks hold the latest point.
+                Err(StoreError::Busy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
+        let mut replica = lock(&replica);
+        let disks: Vec<(PathBuf, u64)> = replica
+            .state()
+            .disks
+            .iter()
+            .map(|disk| (replica.disk_path(&disk.name), disk.size))
+            .collect();
+        let overlays = crate::test_failover::overlays(
+            &replica.history(),
+            test.point,
+            &disks,
+            &dir.join(TEST_DIR),
+        );
+        match overlays {
+            Ok(overlays) => {
+                info!(replica = %name, cycle = test.stamp.cycle, exports = ?test.exports, "Test failover started");
+                Ok((replica.info(), overlays))
+            }
+            Err(error) => {
+                let _ = replica.end_test();
+                Err(AdminError::Invalid(format!(
+                    "Cannot create the test's overlays in {}: {error}",
+                    dir.join(TEST_DIR).display()
+                )))
+            }
+        }
+    }
+
+    /// Stops the test failover of replica `name`: its overlays are deleted and its
+    /// temporary point merged away. The caller removed the exports first.
+    pub fn stop_test(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+    ) -> Result<ReplicaInfo, AdminError> {
+        let (dir, replica) = self.one_replica(name, trust_group)?;
+        let mut replica = lock(&replica);
+        if replica.end_test()?.is_none() {
+            return Err(AdminError::Invalid(format!(
+                "No test failover of {name} is running"
+            )));
+        }
+        let _ = std::fs::remove_dir_all(dir.join(TEST_DIR));
+        info!(replica = %name, "Test failover stopped; its writes are discarded");
+        Ok(replica.info())
+    }
+
+    /// Ends the test failovers a previous daemon left running (their overlays are
+    /// throwaway).
+    pub fn end_stale_tests(&self) {
+        for (dir, replica) in self.loaded() {
+            let mut replica = lock(&replica);
+            if replica.state().test.is_none() {
+                continue;
+            }
+            match replica.end_test() {
+                Ok(_) => {
+                    let _ = std::fs::remove_dir_all(dir.join(TEST_DIR));
+                    warn!(replica = %replica.state().name, "A test failover was running when the daemon stopped; it is ended and its writes discarded");
+                }
+                Err(error) => {
+                    warn!(replica = %replica.state().name, error = %error_chain(&error), "Cannot end a stale test failover");
+                }
+            }
+        }
+    }
+}
+
+/// Where a replica keeps a test's overlays.
+const TEST_DIR: &str = "test";
+/// How long a failover waits for received transfers to be applied.
+const FAILOVER_WAIT: Duration = Duration::from_secs(600);
+/// How long starting a test waits for an apply in progress to end.
+const TEST_WAIT: Duration = Duration::from_secs(60);
+
+/// The NBD export name of disk `disk` of replica `name` during a test failover.
+pub fn test_export(name: &str, disk: &str) -> String {
+    format!("test/{name}/{disk}")
 }
 
 impl ServerHandle {
+    /// The directories of every storage (each once, however many entries name it), with
+    /// the trust group of the first entry naming it.
+    fn storages(&self) -> Vec<(&Path, &str)> {
+        let mut out: Vec<(&Path, &str)> = Vec::new();
+        for entry in &self.context.settings.authorization {
+            if !out.iter().any(|(storage, _)| *storage == entry.storage) {
+                out.push((&entry.storage, &entry.trust_group));
+            }
+        }
+        out
+    }
+
+    /// The one replica named `name` (of `trust_group`, when given) in any storage.
+    fn one_replica(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+    ) -> Result<(PathBuf, Arc<Mutex<Replica>>), AdminError> {
+        if !valid_name(name) {
+            return Err(AdminError::Invalid(format!(
+                "{name:?} is not a replica name"
+            )));
+        }
+        let mut found = Vec::new();
+        for entry in &self.context.settings.authorization {
+            let dir = entry.storage.join(name);
+            if trust_group.is_some_and(|group| group != entry.trust_group)
+                || found.iter().any(|(seen, _)| *seen == dir)
+                || !Replica::exists(&dir)
+            {
+                continue;
+            }
+            let replica = load(&self.context, &dir)?;
+            found.push((dir, replica));
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(AdminError::Invalid(format!("No replica named {name}"))),
+            _ => Err(AdminError::Invalid(format!(
+                "Several trust groups have a replica named {name}; say which with --trust-group"
+            ))),
+        }
+    }
+
+    /// Sets the recovery history replica `name` keeps (until the primary asks for
+    /// another when replication is enabled again).
+    pub fn set_recovery(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        policy: wire::api::RecoveryPolicy,
+    ) -> Result<ReplicaInfo, AdminError> {
+        let (_, replica) = self.one_replica(name, trust_group)?;
+        let mut replica = lock(&replica);
+        replica.set_recovery(policy)?;
+        info!(replica = %name, points = policy.points, spacing_secs = policy.spacing_secs, "Recovery history set");
+        Ok(replica.info())
+    }
+
+    /// Fails replica `name` over to `point` (the latest if `None`), waiting for the
+    /// transfers received to be applied first (they are part of the latest point).
+    /// Returns the replica and the paths of its disks, in group order.
+    pub fn fail_over(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        point: Option<u64>,
+    ) -> Result<(ReplicaInfo, Vec<PathBuf>), AdminError> {
+        let (dir, replica) = self.one_replica(name, trust_group)?;
+        let _ = self.context.apply.send(dir);
+        let deadline = std::time::Instant::now() + FAILOVER_WAIT;
+        let failover = loop {
+            match lock(&replica).fail_over(point, false) {
+                Err(StoreError::Busy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
+        let replica = lock(&replica);
+        warn!(replica = %name, cycle = failover.stamp.cycle, "Failed over: the replica's disks are now the live copy and its former primary is fenced off");
+        let disks = replica
+            .state()
+            .disks
+            .iter()
+            .map(|disk| replica.disk_path(&disk.name))
+            .collect();
+        Ok((replica.info(), disks))
+    }
+
+    /// Completes the failover of replica `name`: the other recovery points go.
+    pub fn complete_failover(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+    ) -> Result<ReplicaInfo, AdminError> {
+        let (_, replica) = self.one_replica(name, trust_group)?;
+        let mut replica = lock(&replica);
+        replica.complete_failover()?;
+        info!(replica = %name, "Failover completed; the other recovery points are deleted");
+        Ok(replica.info())
+    }
+
+    /// Replica `name` (of `trust_group`, when given).
+    pub fn replica(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+    ) -> Result<ReplicaInfo, AdminError> {
+        let (_, replica) = self.one_replica(name, trust_group)?;
+        let info = lock(&replica).info();
+        Ok(info)
+    }
+
     /// Pauses (or resumes) replication into replica `name` on this side: transfers
     /// are refused as paused, and the primary retries each interval. `trust_group`
     /// picks among replicas of that name in several trust groups.
@@ -244,36 +466,9 @@ impl ServerHandle {
         name: &str,
         trust_group: Option<&str>,
         paused: bool,
-    ) -> Result<ReplicaInfo, ImportError> {
-        if !valid_name(name) {
-            return Err(ImportError::Invalid(format!(
-                "{name:?} is not a replica name"
-            )));
-        }
-        let mut found = Vec::new();
-        let mut seen = Vec::new();
-        for entry in &self.context.settings.authorization {
-            if trust_group.is_some_and(|group| group != entry.trust_group)
-                || seen.contains(&&entry.storage)
-            {
-                continue;
-            }
-            seen.push(&entry.storage);
-            let dir = entry.storage.join(name);
-            if Replica::exists(&dir) {
-                found.push(load(&self.context, &dir)?);
-            }
-        }
-        let replica = match found.as_slice() {
-            [one] => one,
-            [] => return Err(ImportError::Invalid(format!("No replica named {name}"))),
-            _ => {
-                return Err(ImportError::Invalid(format!(
-                    "Several trust groups have a replica named {name}; say which with --trust-group"
-                )))
-            }
-        };
-        let mut replica = lock(replica);
+    ) -> Result<ReplicaInfo, AdminError> {
+        let (_, replica) = self.one_replica(name, trust_group)?;
+        let mut replica = lock(&replica);
         replica.set_paused(paused)?;
         info!(replica = %name, paused, "Replication paused or resumed on the replica side");
         Ok(replica.info())
@@ -283,12 +478,12 @@ impl ServerHandle {
     /// which must exist (the primary created it when replication was enabled): found
     /// by the export's name and relationship. Returns the replica afterwards and the
     /// transfers newly imported.
-    pub fn import(&self, dir: &Path) -> Result<(ReplicaInfo, u32), ImportError> {
+    pub fn import(&self, dir: &Path) -> Result<(ReplicaInfo, u32), AdminError> {
         let manifest = wire::media::read_manifest(dir)?.ok_or_else(|| {
-            ImportError::Invalid(format!("{} holds no export manifest", dir.display()))
+            AdminError::Invalid(format!("{} holds no export manifest", dir.display()))
         })?;
         if !valid_name(&manifest.name) {
-            return Err(ImportError::Invalid(format!(
+            return Err(AdminError::Invalid(format!(
                 "{:?} is not a replica name",
                 manifest.name
             )));
@@ -306,7 +501,7 @@ impl ServerHandle {
             }
         }
         let Some((replica_dir, replica)) = found else {
-            return Err(ImportError::Invalid(format!(
+            return Err(AdminError::Invalid(format!(
                 "No replica {} of this export's relationship here: enable replication on the primary first (it creates the replica)",
                 manifest.name
             )));
@@ -321,7 +516,7 @@ impl ServerHandle {
 
 /// Errors of an administrator's request on the replica side (import, pause).
 #[derive(Debug, Error)]
-pub enum ImportError {
+pub enum AdminError {
     /// The export cannot be read or does not fit.
     #[error("{0}")]
     Invalid(String),
@@ -701,6 +896,8 @@ fn store_refusal(error: &StoreError) -> Refusal {
         StoreError::OtherRelationship(_) => ErrorCode::OtherRelationship,
         StoreError::ChainBroken(_) => ErrorCode::ChainBroken,
         StoreError::Paused(_) => ErrorCode::Paused,
+        StoreError::Busy(_) => ErrorCode::Busy,
+        StoreError::Superseded(_) => ErrorCode::Superseded,
         StoreError::Io { .. }
         | StoreError::CorruptState { .. }
         | StoreError::NoSpace { .. }

@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracker::ChangeData;
 use wire::api::{
-    DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, TransferAnswer,
-    TransferKind, TransferOffer,
+    DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, TestFailoverInfo,
+    TransferAnswer, TransferKind, TransferOffer,
 };
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
@@ -90,6 +90,12 @@ pub enum StoreError {
     /// Replication is paused on the replica.
     #[error("Replication to replica {0} is paused")]
     Paused(String),
+    /// The replica is busy for a moment (mid-apply); try again.
+    #[error("{0}")]
+    Busy(String),
+    /// The replica was failed over to: its former primary is superseded.
+    #[error("{0}")]
+    Superseded(String),
     /// The recovery history failed.
     #[error("Recovery history")]
     History(#[from] HistoryError),
@@ -202,6 +208,25 @@ pub struct ReplicaState {
     /// When the last test failover started (seconds since the epoch).
     #[serde(default)]
     pub last_test_unix: Option<u64>,
+    /// Set once the replica was failed over to: it no longer takes cycles from its
+    /// former primary, and its disks are the group's live disks.
+    #[serde(default)]
+    pub failover: Option<Failover>,
+}
+
+/// A failover to this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// When it happened (seconds since the epoch).
+    pub at_unix: u64,
+    /// The state the disks were brought to.
+    pub stamp: PointStamp,
+    /// Started by the primary after it shipped everything (no data lost), rather than
+    /// on the replica with the primary unreachable.
+    pub planned: bool,
+    /// The administrator completed it: the other recovery points are gone and the
+    /// point can no longer be changed.
+    pub completed: bool,
 }
 
 /// A test failover in progress: a point served as writable exports whose writes go to
@@ -293,6 +318,7 @@ impl ReplicaState {
             next_point: 1,
             test: None,
             last_test_unix: None,
+            failover: None,
         }
     }
 }
@@ -483,8 +509,17 @@ impl Replica {
         self.save()
     }
 
-    /// Fails unless `relationship` owns the replica.
+    /// Fails unless `relationship` owns the replica (and the replica was not failed
+    /// over to, which supersedes its primary).
     pub fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
+        if let Some(failover) = &self.state.failover {
+            return Err(StoreError::Superseded(format!(
+                "replica {} was failed over to at {} (to cycle {}) and is now the live copy: this primary is superseded and must stop writing to its disks; to replicate back, reverse replication from the new primary",
+                self.state.name,
+                failover.at_unix,
+                failover.stamp.cycle
+            )));
+        }
         if self.is_unclaimed() {
             return Err(StoreError::OtherRelationship(format!(
                 "replica {} is an existing copy no primary has claimed; enable replication with the existing copy as its initial replication",
@@ -563,6 +598,22 @@ impl Replica {
             last_apply_micros: (s.applied.transfers > 0).then_some(s.applied.last_micros),
             recovery: s.recovery,
             recovery_points: self.recovery_points(),
+            test_failover: s.test.as_ref().map(|test| TestFailoverInfo {
+                cycle: test.stamp.cycle,
+                time_unix_ms: test.stamp.closed_unix_ms,
+                app_consistent: test.stamp.app_consistent,
+                started_unix: test.started_unix,
+                exports: test.exports.clone(),
+            }),
+            last_test_unix: s.last_test_unix,
+            failover: s.failover.map(|f| wire::api::FailoverInfo {
+                at_unix: f.at_unix,
+                cycle: f.stamp.cycle,
+                time_unix_ms: f.stamp.closed_unix_ms,
+                app_consistent: f.stamp.app_consistent,
+                planned: f.planned,
+                completed: f.completed,
+            }),
         }
     }
 
@@ -996,8 +1047,16 @@ impl Replica {
     /// Removes additional points beyond the policy, oldest first (a point a test
     /// failover serves stays until the test ends).
     fn age_out(&mut self) -> Result<(), StoreError> {
+        // A point of the latest state does not count: it is the latest until the
+        // next cycle, and the policy names points besides the latest.
+        let latest = self.state.latest.map(|l| l.cycle);
         loop {
-            let kept = self.state.points.iter().filter(|p| !p.temporary).count();
+            let kept = self
+                .state
+                .points
+                .iter()
+                .filter(|p| !p.temporary && Some(p.stamp.cycle) != latest)
+                .count();
             if kept <= self.state.recovery.points as usize {
                 return Ok(());
             }
@@ -1025,6 +1084,86 @@ impl Replica {
         self.save()?;
         self.history.forget(id)?;
         Ok(())
+    }
+
+    /// Starts a test failover of point `point` (the latest if `None`; its id in
+    /// [`Replica::recovery_points`] otherwise), served as `exports`. The latest is kept
+    /// as a temporary point until the test ends, so replication goes on underneath.
+    /// Fails while the disks are mid-apply ([`StoreError::Busy`]): try again.
+    pub fn begin_test(
+        &mut self,
+        point: Option<u64>,
+        exports: Vec<String>,
+    ) -> Result<TestFailover, StoreError> {
+        let name = self.state.name.clone();
+        if let Some(test) = &self.state.test {
+            return Err(StoreError::Conflict(format!(
+                "A test failover of {name} (cycle {}) is running; stop it first with `blkrep replica test-failover stop --name {name}`",
+                test.stamp.cycle
+            )));
+        }
+        if self.state.failover.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} was failed over to: its disks are the live copy, not a replica to test"
+            )));
+        }
+        let (point, stamp) = match point.filter(|id| *id != 0) {
+            Some(id) => {
+                let found = self
+                    .state
+                    .points
+                    .iter()
+                    .find(|p| p.id == id && !p.temporary)
+                    .ok_or_else(|| {
+                        StoreError::Conflict(format!(
+                            "Replica {name} has no recovery point {id}; list them with `blkrep replica points --name {name}`"
+                        ))
+                    })?;
+                (found.id, found.stamp)
+            }
+            None => {
+                let Some(latest) = self.state.latest else {
+                    return Err(StoreError::Conflict(format!(
+                        "Replica {name} holds no consistent state yet (the initial replication or a resync has not finished); pick an earlier point with --point"
+                    )));
+                };
+                if !self.state.consistent {
+                    return Err(StoreError::Busy(format!(
+                        "Replica {name} is applying a transfer"
+                    )));
+                }
+                (self.add_point(latest, true)?, latest)
+            }
+        };
+        let test = TestFailover {
+            point,
+            stamp,
+            started_unix: now_unix(),
+            exports,
+        };
+        self.state.test = Some(test.clone());
+        self.state.last_test_unix = Some(test.started_unix);
+        self.save()?;
+        Ok(test)
+    }
+
+    /// Ends the test failover, if one runs: its temporary point is merged away.
+    pub fn end_test(&mut self) -> Result<Option<TestFailover>, StoreError> {
+        let Some(test) = self.state.test.take() else {
+            return Ok(None);
+        };
+        self.save()?;
+        if self
+            .state
+            .points
+            .iter()
+            .any(|p| p.id == test.point && p.temporary)
+        {
+            self.remove_point(test.point)?;
+        }
+        // Points the test kept beyond the policy go now.
+        self.age_out()?;
+        Ok(Some(test))
     }
 
     /// Sets the recovery history to keep; points beyond it age out at once.
@@ -1173,6 +1312,106 @@ impl Replica {
         applied.bytes = applied.bytes.saturating_add(bytes);
         applied.micros = applied.micros.saturating_add(micros);
         applied.last_micros = micros;
+    }
+
+    /// Fails the replica over to point `point` (the latest if `None`): fenced against
+    /// its primary first, then, for an earlier point, the disks are rolled back to it,
+    /// the state they leave kept as a point so another point can still be chosen until
+    /// [`Replica::complete_failover`]. Fails while a transfer is received but not yet
+    /// applied ([`StoreError::Busy`]): the latest point includes it, so wait.
+    pub fn fail_over(&mut self, point: Option<u64>, planned: bool) -> Result<Failover, StoreError> {
+        let name = self.state.name.clone();
+        if let Some(test) = &self.state.test {
+            return Err(StoreError::Conflict(format!(
+                "A test failover of {name} (cycle {}) is running; stop it first with `blkrep replica test-failover stop --name {name}`",
+                test.stamp.cycle
+            )));
+        }
+        if self.state.failover.is_some_and(|f| f.completed) {
+            return Err(StoreError::Conflict(format!(
+                "The failover of {name} was completed: its disks are live and no other point is kept"
+            )));
+        }
+        if !self.state.queue.is_empty() {
+            return Err(StoreError::Busy(format!(
+                "Replica {name} is applying {} received transfer(s)",
+                self.state.queue.len()
+            )));
+        }
+        let target = match point.filter(|id| *id != 0) {
+            Some(id) => *self
+                .state
+                .points
+                .iter()
+                .find(|p| p.id == id && !p.temporary)
+                .ok_or_else(|| {
+                    StoreError::Conflict(format!(
+                        "Replica {name} has no recovery point {id}; list them with `blkrep replica points --name {name}`"
+                    ))
+                })?,
+            None => {
+                let latest = self.state.latest.ok_or_else(|| {
+                    StoreError::Conflict(format!(
+                        "Replica {name} holds no consistent latest state (an initial replication or resync is unfinished); fail over to an earlier point with --point"
+                    ))
+                })?;
+                RecoveryPoint {
+                    id: 0,
+                    stamp: latest,
+                    temporary: false,
+                }
+            }
+        };
+        // Fence first: from here the former primary's requests are refused.
+        if let Some(receiving) = self.state.receiving.take() {
+            let _ = fs::remove_file(self.part_path(receiving.id));
+        }
+        let failover = Failover {
+            at_unix: now_unix(),
+            stamp: target.stamp,
+            planned,
+            completed: false,
+        };
+        let current = self.state.latest;
+        self.state.failover = Some(failover);
+        self.save()?;
+        if current != Some(target.stamp) {
+            // Keep the state the disks leave as a point (temporary when it is not a
+            // consistent state), then write the target's state over it.
+            let keep = current.map_or((target.stamp, true), |latest| (latest, false));
+            let newest = self.state.points.last().map(|p| p.stamp);
+            if newest != Some(keep.0) || keep.1 {
+                self.add_point(keep.0, keep.1)?;
+                self.save()?;
+            }
+            let disks = self.open_disks()?;
+            let history = Arc::clone(&self.history);
+            let _guard = history.apply_guard();
+            history.roll_back(&disks, target.id)?;
+        }
+        self.state.latest = Some(target.stamp);
+        self.state.consistent = true;
+        self.state.resync_epoch = None;
+        self.save()?;
+        Ok(failover)
+    }
+
+    /// Completes a failover: the point chosen stays, every other recovery point is
+    /// deleted (their undo data would no longer describe the disks once they are
+    /// written as the live copy).
+    pub fn complete_failover(&mut self) -> Result<Failover, StoreError> {
+        let name = self.state.name.clone();
+        let Some(mut failover) = self.state.failover else {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} was not failed over; fail over first with `blkrep replica failover --name {name}`"
+            )));
+        };
+        failover.completed = true;
+        self.state.failover = Some(failover);
+        self.state.points.clear();
+        self.save()?;
+        self.history.clear()?;
+        Ok(failover)
     }
 
     /// Pauses or resumes replication on the replica side.

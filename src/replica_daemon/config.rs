@@ -19,6 +19,8 @@ use crate::config::{ByteSize, ConfigError};
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
 /// Default free space kept in reserve on each storage.
 pub const DEFAULT_RESERVE: u64 = 1 << 30;
+/// Default unix socket serving failover and test failover disks over NBD.
+pub const DEFAULT_NBD_SOCKET: &str = "/run/blkrep/replica-nbd.sock";
 
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +36,30 @@ struct RawConfig {
     plain_http: Option<RawPlainHttp>,
     #[serde(default)]
     authorization: Vec<RawAuthorization>,
+    #[serde(default)]
+    nbd: RawNbd,
+}
+
+/// Where the disks of a test failover are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNbd {
+    #[serde(default = "default_nbd_socket")]
+    unix_socket: PathBuf,
+    tcp: Option<String>,
+}
+
+impl Default for RawNbd {
+    fn default() -> Self {
+        RawNbd {
+            unix_socket: default_nbd_socket(),
+            tcp: None,
+        }
+    }
+}
+
+fn default_nbd_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_NBD_SOCKET)
 }
 
 fn default_reserve() -> ByteSize {
@@ -81,6 +107,10 @@ pub struct ReplicaConfig {
     pub transport: Transport,
     /// Authorisation entries, in the file's order.
     pub authorization: Vec<AuthEntry>,
+    /// Unix socket serving test failover disks over NBD.
+    pub nbd_unix_socket: PathBuf,
+    /// TCP address serving them too.
+    pub nbd_tcp: Option<SocketAddr>,
 }
 
 impl ReplicaConfig {
@@ -234,7 +264,13 @@ impl RawConfig {
             }
         };
         let authorization = self.authorization(problems);
+        let nbd_tcp = match &self.nbd.tcp {
+            Some(text) => address("[nbd] tcp", text, problems).map(Some),
+            None => Some(None),
+        };
         Some(ReplicaConfig {
+            nbd_unix_socket: self.nbd.unix_socket,
+            nbd_tcp: nbd_tcp?,
             listen: listen?,
             metrics: metrics?,
             reserve: self.reserve.0,

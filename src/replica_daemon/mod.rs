@@ -22,6 +22,7 @@ use anyhow::Context as _;
 use nix::sys::signal::{SigSet, Signal};
 use replica::server::{ReplicaServer, ServerError, ServerHandle, Transport};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use thiserror::Error;
 use tracing::{info, warn};
 use wire::api::ReplicaInfo;
@@ -34,6 +35,9 @@ use config::ReplicaConfig;
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an import may take: it reads and stores the whole initial copy.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How long starting or stopping a test failover may take (it waits for an apply, and
+/// merges the test's undo data).
+const TEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// `blkrep replica ...`
 #[derive(Debug, clap::Subcommand)]
@@ -77,6 +81,42 @@ pub enum ReplicaCommand {
     Pause(OneReplica),
     /// Resume replication into a replica paused on this side.
     Resume(OneReplica),
+    /// List a replica's recovery points (the ids `test-failover --point` takes).
+    Points {
+        #[command(flatten)]
+        target: OneReplica,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail over to a replica (the primary is lost): fence its former primary off,
+    /// bring the disks to a recovery point (the latest by default) and serve them as
+    /// the group's live disks. Another point may be chosen until `complete-failover`.
+    Failover {
+        #[command(flatten)]
+        target: OneReplica,
+        /// The recovery point (an id from `blkrep replica points`).
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Complete a failover: the point chosen stays, the other recovery points are
+    /// deleted.
+    CompleteFailover(OneReplica),
+    /// Set how many additional recovery points a replica keeps, and how far apart.
+    Recovery {
+        #[command(flatten)]
+        target: OneReplica,
+        /// Additional points kept besides the latest (0 to 24).
+        #[arg(long)]
+        points: u32,
+        /// Least time between two points (e.g. 1h, 15m).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        spacing: Duration,
+    },
+    /// Test failover: serve a recovery point's disks as writable NBD exports (writes
+    /// go to throwaway overlays) while replication goes on.
+    #[command(subcommand)]
+    TestFailover(TestFailoverCommand),
     /// Place an existing copy of a group's disks (a restored backup, an old replica)
     /// on this replica server, so that the primary's initial replication compares
     /// blocks and sends only those that differ (`initial_replication = "existing"`).
@@ -99,7 +139,29 @@ pub enum ReplicaCommand {
     },
 }
 
-/// One replica of the running daemon, for `pause` and `resume`.
+/// `blkrep replica test-failover ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum TestFailoverCommand {
+    /// Serve a point (the latest by default) as `test/<name>/<disk>` on the daemon's
+    /// NBD socket.
+    Start {
+        #[command(flatten)]
+        target: OneReplica,
+        /// The recovery point (an id from `blkrep replica points`).
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Stop the test: the exports go and every write made to them is discarded.
+    Stop {
+        #[command(flatten)]
+        target: OneReplica,
+        /// Stop even while NBD clients are connected (they then get I/O errors).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// One replica of the running daemon.
 #[derive(Debug, clap::Args)]
 pub struct OneReplica {
     /// The replica's configuration (its control socket is read from it).
@@ -126,6 +188,49 @@ pub enum Request {
     Import {
         /// The export directory (DIR/<group> of `blkrep replication export`).
         dir: PathBuf,
+    },
+    /// Fail over to a replica.
+    Failover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The point; the latest if none.
+        point: Option<u64>,
+    },
+    /// Complete a failover.
+    CompleteFailover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+    },
+    /// Set a replica's recovery history.
+    SetRecovery {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The history to keep.
+        policy: wire::api::RecoveryPolicy,
+    },
+    /// Start a test failover.
+    StartTest {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The point; the latest if none.
+        point: Option<u64>,
+    },
+    /// Stop a test failover.
+    StopTest {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Even while clients are connected.
+        force: bool,
     },
     /// Pause or resume replication into a replica.
     SetPaused {
@@ -165,6 +270,9 @@ pub enum DaemonError {
     /// Talking to the daemon failed.
     #[error(transparent)]
     Talk(#[from] ControlError),
+    /// The NBD server of test failover disks cannot start.
+    #[error("Cannot serve failover disks over NBD")]
+    Nbd(#[from] nbd_shim::server::ServerError),
     /// A seed request is not possible.
     #[error("{0}")]
     Seed(String),
@@ -237,6 +345,113 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 "Imported {} transfer(s) into replica {}; cycles from the primary are accepted again",
                 value["imported"],
                 value["replica"]["name"].as_str().unwrap_or("?")
+            );
+        }
+        ReplicaCommand::Failover { target, point } => {
+            let socket = control_socket(target.socket, target.config)?;
+            let request = Request::Failover {
+                name: target.name.clone(),
+                trust_group: target.trust_group,
+                point,
+            };
+            let value = call(&socket, &request, TEST_TIMEOUT)?;
+            let info: ReplicaInfo =
+                serde_json::from_value(value["replica"].clone()).context("Unreadable answer")?;
+            if let Some(failover) = &info.failover {
+                println!(
+                    "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
+                    info.name,
+                    failover.cycle,
+                    format_ms(failover.time_unix_ms),
+                    point_kind(failover.app_consistent),
+                    info.name
+                );
+            }
+            if let Some(exports) = value["exports"].as_array() {
+                let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
+                println!("Its disks:");
+                for export in exports.iter().filter_map(Value::as_str) {
+                    println!("  nbd+unix:///{export}?socket={nbd_socket}");
+                }
+            }
+        }
+        ReplicaCommand::CompleteFailover(target) => {
+            let socket = control_socket(target.socket, target.config)?;
+            let request = Request::CompleteFailover {
+                name: target.name.clone(),
+                trust_group: target.trust_group,
+            };
+            call(&socket, &request, TEST_TIMEOUT)?;
+            println!(
+                "Failover of {} completed; the other recovery points are deleted",
+                target.name
+            );
+        }
+        ReplicaCommand::Recovery {
+            target,
+            points,
+            spacing,
+        } => {
+            let socket = control_socket(target.socket, target.config)?;
+            let request = Request::SetRecovery {
+                name: target.name.clone(),
+                trust_group: target.trust_group,
+                policy: wire::api::RecoveryPolicy {
+                    points,
+                    spacing_secs: spacing.as_secs(),
+                },
+            };
+            let value = call(&socket, &request, TEST_TIMEOUT)?;
+            let info: ReplicaInfo = serde_json::from_value(value).context("Unreadable answer")?;
+            print!("{}", render_points(&info, unix_now()));
+        }
+        ReplicaCommand::Points { target, json } => {
+            let socket = control_socket(target.socket, target.config)?;
+            let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
+            let replicas: Vec<ReplicaInfo> =
+                serde_json::from_value(value).context("Unreadable status report")?;
+            let info = pick(&replicas, &target.name, target.trust_group.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info.recovery_points)?);
+            } else {
+                print!("{}", render_points(info, unix_now()));
+            }
+        }
+        ReplicaCommand::TestFailover(TestFailoverCommand::Start { target, point }) => {
+            let socket = control_socket(target.socket, target.config)?;
+            let request = Request::StartTest {
+                name: target.name.clone(),
+                trust_group: target.trust_group,
+                point,
+            };
+            let value = call(&socket, &request, TEST_TIMEOUT)?;
+            let info: ReplicaInfo =
+                serde_json::from_value(value["replica"].clone()).context("Unreadable answer")?;
+            let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
+            if let Some(test) = &info.test_failover {
+                println!(
+                    "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
+                    info.name,
+                    test.cycle,
+                    format_ms(test.time_unix_ms),
+                    point_kind(test.app_consistent)
+                );
+                for export in &test.exports {
+                    println!("  nbd+unix:///{export}?socket={nbd_socket}");
+                }
+            }
+        }
+        ReplicaCommand::TestFailover(TestFailoverCommand::Stop { target, force }) => {
+            let socket = control_socket(target.socket, target.config)?;
+            let request = Request::StopTest {
+                name: target.name.clone(),
+                trust_group: target.trust_group,
+                force,
+            };
+            call(&socket, &request, TEST_TIMEOUT)?;
+            println!(
+                "Test failover of {} stopped; its writes are discarded",
+                target.name
             );
         }
         ReplicaCommand::Status {
@@ -371,6 +586,13 @@ fn serve(
     signals: &SigSet,
 ) -> Result<(), DaemonError> {
     let mut server = ReplicaServer::start(config.settings())?;
+    server.handle().end_stale_tests();
+    let nbd = Arc::new(nbd_shim::Server::new(nbd_shim::ServerConfig::default()));
+    remove_stale_socket(&config.nbd_unix_socket)?;
+    nbd.listen_unix(&config.nbd_unix_socket)?;
+    if let Some(address) = config.nbd_tcp {
+        nbd.listen_tcp(address)?;
+    }
     let metrics = match config.metrics {
         Some(listen) => {
             let handle = server.handle();
@@ -381,7 +603,14 @@ fn serve(
         }
         None => None,
     };
-    spawn_control(control, server.handle())?;
+    spawn_control(
+        control,
+        Control {
+            server: server.handle(),
+            nbd: Arc::clone(&nbd),
+            nbd_socket: config.nbd_unix_socket.clone(),
+        },
+    )?;
     let metrics_addr = metrics
         .as_ref()
         .map_or_else(|| "off".to_string(), |m| m.local_addr().to_string());
@@ -396,6 +625,8 @@ fn serve(
         .map_err(|errno| DaemonError::Setup(errno.into()))?;
     info!(?signal, "Shutting down");
     drop(metrics);
+    nbd.shutdown();
+    let _ = std::fs::remove_file(&config.nbd_unix_socket);
     server.shutdown();
     info!("Replica server stopped");
     Ok(())
@@ -406,23 +637,44 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
-        }
-        // Left by a daemon that did not stop cleanly.
-        let _ = std::fs::remove_file(path);
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
     }
-    if let Some(parent) = path.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path).map_err(control_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(control_error)?;
     Ok(listener)
 }
 
-fn spawn_control(listener: UnixListener, server: ServerHandle) -> Result<(), DaemonError> {
+/// What control requests act on.
+#[derive(Clone)]
+struct Control {
+    server: ServerHandle,
+    /// Serves test failover disks.
+    nbd: Arc<nbd_shim::Server>,
+    nbd_socket: PathBuf,
+}
+
+/// Removes a unix socket left by a daemon that did not stop cleanly; fails if one
+/// answers.
+fn remove_stale_socket(path: &Path) -> Result<(), DaemonError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Control {
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    Ok(())
+}
+
+fn spawn_control(listener: UnixListener, server: Control) -> Result<(), DaemonError> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -446,8 +698,40 @@ fn spawn_control(listener: UnixListener, server: ServerHandle) -> Result<(), Dae
         .map_err(DaemonError::Setup)
 }
 
-fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<()> {
+fn serve_control(stream: &UnixStream, control: &Control) -> std::io::Result<()> {
+    let server = &control.server;
     control::answer(stream, |request: Request| match request {
+        Request::StartTest {
+            name,
+            trust_group,
+            point,
+        } => start_test(control, &name, trust_group.as_deref(), point),
+        Request::Failover {
+            name,
+            trust_group,
+            point,
+        } => fail_over(control, &name, trust_group.as_deref(), point),
+        Request::CompleteFailover { name, trust_group } => {
+            let info = server
+                .complete_failover(&name, trust_group.as_deref())
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
+        }
+        Request::SetRecovery {
+            name,
+            trust_group,
+            policy,
+        } => {
+            let info = server
+                .set_recovery(&name, trust_group.as_deref(), policy)
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
+        }
+        Request::StopTest {
+            name,
+            trust_group,
+            force,
+        } => stop_test(control, &name, trust_group.as_deref(), force),
         Request::Status => {
             serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
         }
@@ -470,12 +754,161 @@ fn serve_control(stream: &UnixStream, server: &ServerHandle) -> std::io::Result<
     })
 }
 
+/// Starts a test failover and serves its disks.
+fn start_test(
+    control: &Control,
+    name: &str,
+    trust_group: Option<&str>,
+    point: Option<u64>,
+) -> Result<Value, String> {
+    let (info, overlays) = control
+        .server
+        .start_test(name, trust_group, point)
+        .map_err(|error| wire::error_chain(&error))?;
+    let exports = info
+        .test_failover
+        .as_ref()
+        .map(|test| test.exports.clone())
+        .unwrap_or_default();
+    for (index, (export, overlay)) in exports.iter().zip(overlays).enumerate() {
+        let description = format!("blkrep test failover of {name}");
+        if let Err(error) = control.nbd.add_export(export, Some(description), overlay) {
+            for added in &exports[..index] {
+                control.nbd.remove_export(added);
+            }
+            let _ = control.server.stop_test(name, trust_group);
+            return Err(format!(
+                "Cannot serve {export}: {}",
+                wire::error_chain(&error)
+            ));
+        }
+    }
+    Ok(serde_json::json!({ "replica": info, "nbd_socket": control.nbd_socket }))
+}
+
+/// Fails over to a replica and serves its disks.
+fn fail_over(
+    control: &Control,
+    name: &str,
+    trust_group: Option<&str>,
+    point: Option<u64>,
+) -> Result<Value, String> {
+    let (info, _disks) = control
+        .server
+        .fail_over(name, trust_group, point)
+        .map_err(|error| wire::error_chain(&error))?;
+    Ok(serde_json::json!({ "replica": info, "nbd_socket": control.nbd_socket }))
+}
+
+/// Stops a test failover: its exports go, then its overlays and temporary point.
+fn stop_test(
+    control: &Control,
+    name: &str,
+    trust_group: Option<&str>,
+    force: bool,
+) -> Result<Value, String> {
+    let info = control
+        .server
+        .replica(name, trust_group)
+        .map_err(|error| wire::error_chain(&error))?;
+    let Some(test) = &info.test_failover else {
+        return Err(format!("No test failover of {name} is running"));
+    };
+    let connected: u64 = test
+        .exports
+        .iter()
+        .filter_map(|export| control.nbd.export_stats(export))
+        .map(|stats| stats.connections)
+        .sum();
+    if connected > 0 && !force {
+        return Err(format!(
+            "{connected} NBD client(s) are connected to the test's disks: shut the test VM down first, or pass --force to cut them off (the test's writes are discarded either way)"
+        ));
+    }
+    for export in &test.exports {
+        control.nbd.remove_export(export);
+    }
+    let info = control
+        .server
+        .stop_test(name, trust_group)
+        .map_err(|error| wire::error_chain(&error))?;
+    serde_json::to_value(info).map_err(|error| error.to_string())
+}
+
+/// The replica `name` (of `trust_group`) in a status report.
+fn pick<'a>(
+    replicas: &'a [ReplicaInfo],
+    name: &str,
+    trust_group: Option<&str>,
+) -> anyhow::Result<&'a ReplicaInfo> {
+    let found: Vec<&ReplicaInfo> = replicas
+        .iter()
+        .filter(|r| r.name == name && trust_group.is_none_or(|group| r.trust_group == group))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => anyhow::bail!("No replica named {name}"),
+        _ => anyhow::bail!(
+            "Several trust groups have a replica named {name}; say which with --trust-group"
+        ),
+    }
+}
+
+/// A time in milliseconds since the epoch, as RFC 3339 (UTC, seconds).
+fn format_ms(unix_ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+fn point_kind(app_consistent: bool) -> &'static str {
+    if app_consistent {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    }
+}
+
+/// A replica's recovery points as text: one line each, oldest first.
+pub fn render_points(info: &ReplicaInfo, now_unix: u64) -> String {
+    let mut out = format!(
+        "{}: {} additional point(s) kept, at least {} apart
+",
+        info.name,
+        info.recovery.points,
+        humantime::format_duration(Duration::from_secs(info.recovery.spacing_secs))
+    );
+    if info.recovery_points.is_empty() {
+        out.push_str(
+            "  no recovery point yet: the initial replication has not finished
+",
+        );
+    }
+    for point in &info.recovery_points {
+        let age = Duration::from_secs(now_unix.saturating_sub(point.time_unix_ms / 1000));
+        let id = if point.latest {
+            "latest".to_string()
+        } else {
+            point.id.to_string()
+        };
+        out.push_str(&format!(
+            "  {id:>6}  {}  ({} ago)  cycle {}  {}  {}
+",
+            format_ms(point.time_unix_ms),
+            humantime::format_duration(age),
+            point.cycle,
+            point_kind(point.app_consistent),
+            if point.latest {
+                "the replica disks".to_string()
+            } else {
+                format!("{} bytes of undo data", point.size)
+            }
+        ));
+    }
+    out
+}
+
 /// Sends one request to the replica daemon at `socket` and returns the result.
-pub fn call(
-    socket: &Path,
-    request: &Request,
-    timeout: Duration,
-) -> Result<serde_json::Value, ControlError> {
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, ControlError> {
     control::call(socket, "blkrep replica run", request, timeout)
 }
 
@@ -514,6 +947,28 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
         ));
         if info.awaiting_import {
             out.push_str("  waiting for its initial copy: run `blkrep replica import DIR` with the exported directory\n");
+        }
+        let kept = info.recovery_points.iter().filter(|p| !p.latest).count();
+        if info.recovery.points > 0 || kept > 0 {
+            out.push_str(&format!(
+                "  recovery points: {kept} of {} additional kept (`blkrep replica points --name {}`)\n",
+                info.recovery.points, info.name
+            ));
+        }
+        if let Some(test) = &info.test_failover {
+            let age = Duration::from_secs(now_unix.saturating_sub(test.started_unix));
+            out.push_str(&format!(
+                "  TEST FAILOVER in progress for {} at cycle {}: exports {}\n",
+                humantime::format_duration(age),
+                test.cycle,
+                test.exports.join(", ")
+            ));
+        } else if let Some(at) = info.last_test_unix {
+            let age = Duration::from_secs(now_unix.saturating_sub(at));
+            out.push_str(&format!(
+                "  last test failover: {} ago\n",
+                humantime::format_duration(age)
+            ));
         }
     }
     out
@@ -619,6 +1074,11 @@ mod tests {
             applied_bytes: 3 << 20,
             apply_micros: 1_500_000,
             last_apply_micros: Some(250_000),
+            recovery: wire::api::RecoveryPolicy::default(),
+            recovery_points: Vec::new(),
+            test_failover: None,
+            last_test_unix: None,
+            failover: None,
         }
     }
 
@@ -703,7 +1163,15 @@ mod tests {
             bind_control(&socket),
             Err(DaemonError::AlreadyRunning(_))
         ));
-        spawn_control(listener, server.handle()).unwrap();
+        spawn_control(
+            listener,
+            Control {
+                server: server.handle(),
+                nbd: Arc::new(nbd_shim::Server::new(nbd_shim::ServerConfig::default())),
+                nbd_socket: dir.path().join("run/nbd.sock"),
+            },
+        )
+        .unwrap();
         let value = call(&socket, &Request::Status, Duration::from_secs(10)).unwrap();
         let replicas: Vec<ReplicaInfo> = serde_json::from_value(value).unwrap();
         assert_eq!(replicas.len(), 1);

@@ -10,6 +10,7 @@
 
 pub mod fault_proxy;
 pub mod nbd;
+pub mod ordered;
 pub mod replica;
 pub mod writer;
 

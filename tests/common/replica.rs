@@ -128,6 +128,11 @@ impl Replica {
             certs.key(host).display().to_string(),
             certs.ca().display().to_string()
         );
+        let _ = writeln!(
+            text,
+            "[nbd]\nunix_socket = {:?}",
+            root.join("replica-nbd.sock").display().to_string()
+        );
         for entry in auth {
             let _ = writeln!(text, "\n[[authorization]]");
             if let Some(primary) = &entry.primary {
@@ -151,6 +156,10 @@ impl Replica {
 
     pub fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.port)
+    }
+    /// The unix socket serving test failover disks.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.root.join("replica-nbd.sock")
     }
     pub fn config(&self) -> PathBuf {
         self.root.join("replica.toml")

@@ -308,6 +308,48 @@ pub struct ReplicaInfo {
     /// Recovery points, oldest first; the latest last.
     #[serde(default)]
     pub recovery_points: Vec<RecoveryPointInfo>,
+    /// The test failover in progress.
+    #[serde(default)]
+    pub test_failover: Option<TestFailoverInfo>,
+    /// When the last test failover started (seconds since the epoch).
+    #[serde(default)]
+    pub last_test_unix: Option<u64>,
+    /// Set once the replica was failed over to.
+    #[serde(default)]
+    pub failover: Option<FailoverInfo>,
+}
+
+/// A failover to a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverInfo {
+    /// When it happened (seconds since the epoch).
+    pub at_unix: u64,
+    /// The point the disks were brought to: its cycle.
+    pub cycle: u64,
+    /// When the primary closed that cycle (milliseconds since the epoch).
+    pub time_unix_ms: u64,
+    /// Whether that point is application-consistent.
+    pub app_consistent: bool,
+    /// Started by the primary after shipping everything.
+    pub planned: bool,
+    /// Completed by the administrator: the other points are gone.
+    pub completed: bool,
+}
+
+/// A test failover in progress: a recovery point served as writable disks whose writes
+/// go to throwaway overlays, while replication goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailoverInfo {
+    /// The point served (its cycle and time).
+    pub cycle: u64,
+    /// When the primary closed that cycle (milliseconds since the epoch).
+    pub time_unix_ms: u64,
+    /// Whether the point is application-consistent.
+    pub app_consistent: bool,
+    /// When the test started (seconds since the epoch).
+    pub started_unix: u64,
+    /// The NBD export of each disk, in group order.
+    pub exports: Vec<String>,
 }
 
 /// Why the replica refused a request; the HTTP status says the same.
@@ -330,6 +372,9 @@ pub enum ErrorCode {
     /// 409 with this code: the replica belongs to another replication relationship
     /// (another primary, or replication enabled again); an administrator must choose.
     OtherRelationship,
+    /// 409 with this code: the replica was failed over to and is the live copy; the
+    /// primary asking is superseded and must not ship to it again.
+    Superseded,
     /// 423: replication is paused on the replica.
     Paused,
     /// 503: the replica is busy (applying received transfers); try again later.
@@ -348,7 +393,10 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict | ErrorCode::ChainBroken | ErrorCode::OtherRelationship => 409,
+            ErrorCode::Conflict
+            | ErrorCode::ChainBroken
+            | ErrorCode::OtherRelationship
+            | ErrorCode::Superseded => 409,
             ErrorCode::Paused => 423,
             ErrorCode::Busy => 503,
             ErrorCode::InsufficientStorage => 507,

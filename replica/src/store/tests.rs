@@ -421,7 +421,7 @@ fn points_are_spaced_aged_out_and_keep_their_state() {
         .iter()
         .map(|p| p.stamp.cycle)
         .collect();
-    assert_eq!(kept, vec![5, 6], "two points beyond the policy age out");
+    assert_eq!(kept, vec![4, 5, 6], "two points besides the latest");
     for point in replica.state().points.clone() {
         let (a, b) = &states[&point.stamp.cycle];
         assert!(point_disk(&replica, point.id, 0) == *a, "point {point:?}");
@@ -434,7 +434,7 @@ fn points_are_spaced_aged_out_and_keep_their_state() {
             .iter()
             .map(|p| (p.cycle, p.latest))
             .collect::<Vec<_>>(),
-        vec![(5, false), (6, true)]
+        vec![(4, false), (5, false), (6, true)]
     );
     assert!(listed[0].size > 0);
 
@@ -463,7 +463,7 @@ fn points_are_spaced_aged_out_and_keep_their_state() {
         .collect();
     assert_eq!(
         kept,
-        vec![5, 6, 7],
+        vec![4, 5, 6, 7],
         "an application-consistent cycle is always a point"
     );
     for point in replica.state().points.clone() {
@@ -478,8 +478,8 @@ fn points_are_spaced_aged_out_and_keep_their_state() {
             spacing_secs: 60,
         })
         .unwrap();
-    assert_eq!(replica.state().points.len(), 1);
-    assert_eq!(fs::read_dir(path.join("history")).unwrap().count(), 1);
+    assert_eq!(replica.state().points.len(), 2, "one besides the latest's");
+    assert_eq!(fs::read_dir(path.join("history")).unwrap().count(), 2);
     assert!(replica
         .set_recovery(RecoveryPolicy {
             points: 25,
@@ -538,4 +538,116 @@ fn a_resync_keeps_the_last_consistent_state_as_a_point() {
     send(&mut replica, 5, stamped(3, 20, false), &[]);
     apply_all(&mut replica);
     assert_eq!(replica.recovery_points().last().unwrap().cycle, 3);
+}
+
+#[test]
+fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    replica
+        .set_recovery(RecoveryPolicy {
+            points: 8,
+            spacing_secs: 1,
+        })
+        .unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 8192])],
+    );
+    let mut states = BTreeMap::new();
+    for cycle in 1..=4u64 {
+        let byte = cycle as u8 * 16;
+        send(
+            &mut replica,
+            10 + cycle,
+            stamped(cycle, cycle * 10, false),
+            &[
+                write(0, cycle * 8192, &[byte; 8192]),
+                write(1, 0, &[byte; 3000]),
+            ],
+        );
+        apply_all(&mut replica);
+        states.insert(cycle, (disk(&replica, "a"), disk(&replica, "b")));
+    }
+    let point_of = |replica: &Replica, cycle: u64| {
+        replica
+            .recovery_points()
+            .iter()
+            .find(|p| p.cycle == cycle && !p.latest)
+            .unwrap()
+            .id
+    };
+    // A transfer committed but not applied belongs to the latest point: wait for it.
+    send(
+        &mut replica,
+        15,
+        stamped(5, 50, false),
+        &[write(0, 0, &[5u8; 512])],
+    );
+    assert!(matches!(
+        replica.fail_over(None, false),
+        Err(StoreError::Busy(_))
+    ));
+    apply_all(&mut replica);
+    states.insert(5, (disk(&replica, "a"), disk(&replica, "b")));
+
+    let to_two = point_of(&replica, 2);
+    let failover = replica.fail_over(Some(to_two), false).unwrap();
+    assert_eq!(failover.stamp.cycle, 2);
+    assert!(disk(&replica, "a") == states[&2].0 && disk(&replica, "b") == states[&2].1);
+    // The former primary is refused, and told why.
+    let refused = replica
+        .offer(
+            42,
+            &TransferOffer {
+                id: 99,
+                kind: stamped(6, 60, false),
+                bytes: 1,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(refused, StoreError::Superseded(_)), "{refused}");
+    assert!(refused.to_string().contains("superseded"), "{refused}");
+
+    // Until completed another point may be chosen, later or earlier.
+    let to_four = point_of(&replica, 4);
+    replica.fail_over(Some(to_four), false).unwrap();
+    assert!(disk(&replica, "a") == states[&4].0 && disk(&replica, "b") == states[&4].1);
+    let to_one = point_of(&replica, 1);
+    replica.fail_over(Some(to_one), false).unwrap();
+    assert!(disk(&replica, "a") == states[&1].0);
+    let latest_before = replica
+        .recovery_points()
+        .iter()
+        .find(|p| p.cycle == 5)
+        .unwrap()
+        .id;
+    replica.fail_over(Some(latest_before), false).unwrap();
+    assert!(disk(&replica, "a") == states[&5].0 && disk(&replica, "b") == states[&5].1);
+
+    let done = replica.complete_failover().unwrap();
+    assert!(done.completed);
+    assert!(replica.state().points.is_empty());
+    assert_eq!(fs::read_dir(path.join("history")).unwrap().count(), 0);
+    assert!(matches!(
+        replica.fail_over(None, false),
+        Err(StoreError::Conflict(_))
+    ));
+    // Fencing survives a restart.
+    drop(replica);
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert!(matches!(
+        replica.offer(
+            42,
+            &TransferOffer {
+                id: 98,
+                kind: stamped(6, 60, false),
+                bytes: 1
+            }
+        ),
+        Err(StoreError::Superseded(_))
+    ));
 }
