@@ -169,6 +169,8 @@ pub struct GroupConfig {
     pub tracking: bool,
     /// Who consumes closed cycles.
     pub consumer: Option<ConsumerConfig>,
+    /// Application-consistent points (none without this section).
+    pub app_consistent: Option<AppConsistentConfig>,
     /// The group's disks.
     #[serde(rename = "disk", default)]
     pub disks: Vec<DiskConfig>,
@@ -188,6 +190,64 @@ fn default_interval() -> Interval {
 
 fn default_true() -> bool {
     true
+}
+
+/// Application-consistent points of a group: every so often the cycle closes between
+/// a freeze and a thaw command (for QEMU guests, the guest agent's fsfreeze through
+/// `virsh domfsfreeze` / `virsh domfsthaw`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConsistentConfig {
+    /// Time between points; at least the group's interval.
+    #[serde(default = "default_app_consistent_every")]
+    pub every: Interval,
+    /// Run before the cycle closes: program and arguments (no shell).
+    pub freeze_command: Vec<String>,
+    /// Run right after it closed, whenever the freeze command ran.
+    pub thaw_command: Vec<String>,
+    /// How long each command may take before it is killed (and counts as failed).
+    #[serde(default = "default_app_consistent_timeout")]
+    pub timeout: Interval,
+}
+
+fn default_app_consistent_every() -> Interval {
+    Interval(Duration::from_secs(4 * 3600))
+}
+
+fn default_app_consistent_timeout() -> Interval {
+    Interval(Duration::from_secs(60))
+}
+
+impl AppConsistentConfig {
+    fn problems(&self, at: &str, interval: Duration, has_consumer: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (option, argv) in [
+            ("freeze_command", &self.freeze_command),
+            ("thaw_command", &self.thaw_command),
+        ] {
+            if argv.first().is_none_or(|program| program.trim().is_empty()) {
+                problems.push(format!(
+                    "{at}: app_consistent.{option} is empty; give the program and its arguments, e.g. [\"virsh\", \"domfsfreeze\", \"vm1\"]"
+                ));
+            }
+        }
+        if self.every.0 < interval {
+            problems.push(format!(
+                "{at}: app_consistent.every ({}) must be at least the interval ({})",
+                humantime::format_duration(self.every.0),
+                humantime::format_duration(interval)
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            problems.push(format!("{at}: app_consistent.timeout must be above 0s"));
+        }
+        if !has_consumer {
+            problems.push(format!(
+                "{at}: app_consistent needs a [group.consumer] (cycles close only for one)"
+            ));
+        }
+        problems
+    }
 }
 
 /// A consumer of closed cycles.
@@ -441,6 +501,9 @@ impl PrimaryConfig {
             if let Some(ConsumerConfig::Replica(replica)) = &group.consumer {
                 problems.extend(replica.problems(&at));
             }
+            if let Some(app) = &group.app_consistent {
+                problems.extend(app.problems(&at, group.interval.0, group.consumer.is_some()));
+            }
             for disk in &group.disks {
                 let at = format!("{at}, disk {:?}", disk.name);
                 if !valid_name(&disk.name) {
@@ -562,6 +625,42 @@ image = "{}"
         ] {
             assert!(error.contains(expected), "{expected}: {error}");
         }
+    }
+
+    #[test]
+    fn application_consistent_points_are_optional_and_checked() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let config = PrimaryConfig::parse(
+            &sample(image.path(), "[group.consumer]\ntype = \"discard\""),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(config.groups[0].app_consistent.is_none());
+        let good = "[group.consumer]\ntype = \"discard\"\n[group.app_consistent]\nfreeze_command = [\"virsh\", \"domfsfreeze\", \"vm1\"]\nthaw_command = [\"virsh\", \"domfsthaw\", \"vm1\"]";
+        let config = PrimaryConfig::parse(&sample(image.path(), good), Path::new("x")).unwrap();
+        let app = config.groups[0].app_consistent.as_ref().unwrap();
+        assert_eq!(app.every, Interval(Duration::from_secs(4 * 3600)));
+        assert_eq!(app.timeout, Interval(Duration::from_secs(60)));
+        assert_eq!(app.freeze_command, ["virsh", "domfsfreeze", "vm1"]);
+        let bad = "[group.app_consistent]\nevery = \"10s\"\ntimeout = \"0s\"\nfreeze_command = []\nthaw_command = [\"\"]";
+        let error = PrimaryConfig::parse(&sample(image.path(), bad), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "group \"vm1\": app_consistent.freeze_command is empty",
+            "app_consistent.thaw_command is empty",
+            "app_consistent.every (10s) must be at least the interval (30s)",
+            "app_consistent.timeout must be above 0s",
+            "app_consistent needs a [group.consumer]",
+        ] {
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
+        let typo = "[group.app_consistent]\nfreeze = [\"x\"]";
+        let error = PrimaryConfig::parse(&sample(image.path(), typo), Path::new("x")).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `freeze`"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
             interval: Duration::from_secs(86400),
             retry: shipper::RetryPolicy::default(),
             replication: None,
+            // Applying offline: there is no running guest to freeze.
+            app_consistent: None,
         },
         Box::new(sink),
     )?;

@@ -243,6 +243,9 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
         number("last_duration_ms").map_or_else(|| "-".into(), |ms| ms.to_string()),
         human_bytes(number("network_bytes").unwrap_or(0)),
     );
+    if let Some(app) = consumer.get("app_consistent").filter(|a| !a.is_null()) {
+        render_app_consistent(out, app, unix_now());
+    }
     if let Some(resync) = consumer.get("resync").filter(|r| !r.is_null()) {
         let field = |key: &str| {
             resync
@@ -276,15 +279,51 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
     if let Some(error) = text("last_error") {
         let _ = writeln!(out, "  last error: {error}");
         if let Some(at) = number("next_retry_unix") {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = unix_now();
             let _ = writeln!(
                 out,
                 "  next retry in {}",
                 human_duration(at.saturating_sub(now))
             );
         }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The application-consistent points of a shipper's status.
+fn render_app_consistent(out: &mut String, app: &serde_json::Value, now: u64) {
+    let number = |key: &str| app.get(key).and_then(serde_json::Value::as_u64);
+    let last = match (number("last_cycle"), number("last_unix")) {
+        (Some(cycle), Some(at)) => format!(
+            "last cycle {cycle} ({} ago)",
+            human_duration(now.saturating_sub(at))
+        ),
+        _ => "none yet".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  app-consistent: every {}; {} point(s), {} delivered; {last}",
+        human_duration(number("every_secs").unwrap_or(0)),
+        number("points").unwrap_or(0),
+        number("points_delivered").unwrap_or(0),
+    );
+    let next = match number("next_due_unix") {
+        Some(at) if at > now => format!("in {}", human_duration(at - now)),
+        _ => "at the next cycle".into(),
+    };
+    let _ = writeln!(
+        out,
+        "                  next {next}; failures: {} freeze, {} thaw",
+        number("freeze_failures").unwrap_or(0),
+        number("thaw_failures").unwrap_or(0),
+    );
+    if let Some(failure) = app.get("last_failure").and_then(|v| v.as_str()) {
+        let _ = writeln!(out, "  app-consistent failure: {failure}");
     }
 }
 
@@ -330,5 +369,33 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("pending 5.0 MiB"), "{out}");
+    }
+
+    #[test]
+    fn application_consistent_points_show_counts_failures_and_next() {
+        let consumer = serde_json::json!({
+            "consumer": "local copy",
+            "app_consistent": {
+                "every_secs": 14400, "points": 3, "points_delivered": 2,
+                "freeze_failures": 1, "thaw_failures": 0,
+                "last_cycle": 57, "last_unix": 1000, "next_due_unix": 1000 + 14400 - 150,
+                "last_failure": "Freeze of cycle 50: `virsh domfsfreeze vm1` failed (exit status: 1)",
+            },
+        });
+        let mut out = String::new();
+        render_app_consistent(&mut out, &consumer["app_consistent"], 1000 + 3720);
+        assert_eq!(
+            out,
+            "  app-consistent: every 4h00m; 3 point(s), 2 delivered; last cycle 57 (1h02m ago)\n                  next in 2h55m; failures: 1 freeze, 0 thaw\n  app-consistent failure: Freeze of cycle 50: `virsh domfsfreeze vm1` failed (exit status: 1)\n"
+        );
+        let mut out = String::new();
+        render_consumer(&mut out, &consumer, 0);
+        assert!(out.contains("app-consistent: every 4h00m"), "{out}");
+        let mut out = String::new();
+        render_app_consistent(&mut out, &serde_json::json!({ "every_secs": 7200 }), 5);
+        assert!(
+            out.contains("none yet") && out.contains("next at the next cycle"),
+            "{out}"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! reads the blocks a resync copies, after [`compare`] dropped those the consumer
 //! has already; [`remote`] sends transfers to a replica server
 //! over HTTPS; the local consumers live beside the [`CycleSink`] trait; [`schedule`]
-//! holds the retry table and the health rules.
+//! holds the retry table and the health rules; [`freeze`] runs the freeze and thaw
+//! commands of application-consistent points.
 //!
 //! Ordering: cycles are delivered oldest first, each exactly once per success; after a
 //! failure the same cycles are delivered again at the next attempt (consumers apply
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod compare;
+pub mod freeze;
 pub mod media;
 pub mod remote;
 pub mod resync;
@@ -24,10 +26,11 @@ pub mod schedule;
 mod sink;
 pub mod thread;
 
+pub use freeze::AppConsistentOptions;
 pub use remote::{RemoteOptions, RemoteSink};
 pub use schedule::{Health, RetryPolicy};
 pub use sink::{CycleSink, DiscardSink, LocalCopySink, Resume, SinkError};
 pub use thread::{
-    error_chain, AdminAction, ReplicationSetup, ReplicationState, Shipper, ShipperError,
-    ShipperOptions, ShipperStatus,
+    error_chain, AdminAction, AppConsistentReport, ReplicationSetup, ReplicationState, Shipper,
+    ShipperError, ShipperOptions, ShipperStatus,
 };

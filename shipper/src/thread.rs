@@ -11,8 +11,12 @@
 //! a broken chain suspend replication until an administrator acts. Administrative
 //! state (paused, suspended, removed) lives in the relationship record, so it
 //! survives restarts.
+//!
+//! When an application-consistent point is due, the cycle closes between the group's
+//! freeze and thaw commands ([`crate::freeze`]); its transfer says whether the freeze
+//! succeeded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -29,6 +33,7 @@ use wire::api::{DiskInfo, EnableRequest, ErrorCode, InitialMethod, TransferKind}
 use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 
 use crate::compare::{self, CompareError};
+use crate::freeze::{AppConsistent, AppConsistentOptions, FreezeError, Phase, PointEnv};
 use crate::media::MediaExport;
 use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
@@ -213,6 +218,38 @@ pub struct ShipperStatus {
     pub resync: Option<ResyncReport>,
     /// What the latest block comparison found.
     pub last_comparison: Option<ComparisonReport>,
+    /// Application-consistent points, if the group makes them.
+    pub app_consistent: Option<AppConsistentReport>,
+}
+
+/// Application-consistent points since start, for status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AppConsistentReport {
+    /// Time between points, in seconds.
+    pub every_secs: u64,
+    /// Points made: cycles closed after a successful freeze.
+    pub points: u64,
+    /// Of those, delivered flagged application-consistent.
+    pub points_delivered: u64,
+    /// Freeze commands that failed (their cycles shipped crash-consistent).
+    pub freeze_failures: u64,
+    /// Thaw commands that failed (the guest may have stayed frozen).
+    pub thaw_failures: u64,
+    /// The newest application-consistent cycle.
+    pub last_cycle: Option<u64>,
+    /// When it closed (seconds since the epoch).
+    pub last_unix: Option<u64>,
+    /// The newest application-consistent cycle delivered.
+    pub last_delivered_cycle: Option<u64>,
+    /// When the newest point was attempted (seconds since the epoch).
+    pub last_attempt_unix: Option<u64>,
+    /// From when the next point is due (seconds since the epoch); none: the next cycle.
+    pub next_due_unix: Option<u64>,
+    /// How long the newest attempt held the guest, freeze start to thaw end, in
+    /// milliseconds.
+    pub last_frozen_ms: Option<u64>,
+    /// The newest failure of a freeze or thaw command, until a point succeeds.
+    pub last_failure: Option<String>,
 }
 
 /// What an administrator can ask of a replicating group.
@@ -280,6 +317,8 @@ pub struct ShipperOptions {
     pub retry: RetryPolicy,
     /// Set for a replica consumer.
     pub replication: Option<ReplicationSetup>,
+    /// Set for a group that makes application-consistent points.
+    pub app_consistent: Option<AppConsistentOptions>,
 }
 
 /// The running shipper of one group.
@@ -358,6 +397,10 @@ struct Worker {
     history: CycleHistory,
     /// Close times of cycles closed by this process, in milliseconds since the epoch.
     close_times: BTreeMap<u64, u64>,
+    /// The application-consistent points' schedule and commands.
+    app: Option<AppConsistent>,
+    /// Cycles closed by this process after a successful freeze (not yet delivered).
+    app_consistent: BTreeSet<u64>,
     started_unix: u64,
     buffer: Vec<u8>,
     /// The replica's error code of the latest failed attempt.
@@ -386,9 +429,18 @@ impl Shipper {
             None => None,
             Some(setup) => Some(load_relationship(setup)?),
         };
+        let app = options
+            .app_consistent
+            .map(|app| AppConsistent::new(app, options.interval));
         let status = Arc::new(Mutex::new(ShipperStatus {
             consumer: sink.describe(),
             interval_secs: options.interval.as_secs_f64(),
+            app_consistent: app.as_ref().map(|app| AppConsistentReport {
+                every_secs: app.options().every.as_secs(),
+                last_attempt_unix: app.last_attempt_ms().map(|ms| ms / 1000),
+                next_due_unix: app.due_at_ms().map(|ms| ms / 1000),
+                ..AppConsistentReport::default()
+            }),
             ..ShipperStatus::default()
         }));
         let mut sink = sink;
@@ -410,6 +462,8 @@ impl Shipper {
             retry_at: None,
             history: CycleHistory::default(),
             close_times: BTreeMap::new(),
+            app,
+            app_consistent: BTreeSet::new(),
             started_unix: unix_now(),
             buffer: Vec::new(),
             last_code: None,
@@ -794,8 +848,7 @@ impl Worker {
         }
         // Deliver anything closed earlier (a failed attempt, or a restart) first.
         self.deliver_closed()?;
-        let cycle = self.group.close_cycle()?;
-        self.close_times.insert(cycle, unix_now_ms());
+        let cycle = self.close_cycle()?;
         self.deliver_closed()?;
         if self.resync.as_ref().is_some_and(|resync| resync.copied) {
             // That cycle holds every write since logging resumed, so the fuzzy copy
@@ -816,6 +869,100 @@ impl Worker {
         Ok(cycle)
     }
 
+    /// Closes the open cycle; between the freeze and thaw commands when an
+    /// application-consistent point is due.
+    fn close_cycle(&mut self) -> Result<u64, ShipperError> {
+        let now_ms = unix_now_ms();
+        if self.app.as_ref().is_some_and(|app| app.is_due(now_ms)) {
+            return self.close_frozen(now_ms);
+        }
+        let cycle = self.group.close_cycle()?;
+        self.close_times.insert(cycle, unix_now_ms());
+        Ok(cycle)
+    }
+
+    /// An application-consistent point: freeze, close, thaw. A failed freeze still
+    /// closes the cycle (it ships crash-consistent) and still thaws.
+    fn close_frozen(&mut self, now_ms: u64) -> Result<u64, ShipperError> {
+        let name = self.group.name().to_string();
+        let group_status = self.group.status();
+        let disks = group_status
+            .disks
+            .iter()
+            .map(|disk| disk.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let Some(app) = &mut self.app else {
+            return Err(ShipperError::Refused(
+                "No application-consistent points are configured".into(),
+            ));
+        };
+        if let Err(error) = app.record_attempt(now_ms) {
+            warn!(group = %name, error = %error_chain(&error), "Cannot record the application-consistent point's time; after a restart the next one may come early");
+        }
+        let mut point = PointEnv {
+            group: &name,
+            cycle: group_status.open_cycle,
+            disks: &disks,
+        };
+        let started = Instant::now();
+        let frozen = app.run(Phase::Freeze, &point);
+        // Nothing between the freeze and the close: the guest's writes wait.
+        let closed = self.group.close_cycle();
+        let closed_ms = unix_now_ms();
+        if let Ok(cycle) = closed {
+            point.cycle = cycle;
+        }
+        // A thaw after a failed freeze is harmless; a missing one leaves the guest
+        // frozen. Only a freeze that never started needs none.
+        let thawed = match &frozen {
+            Err(error) if !error.started() => None,
+            _ => Some(app.run(Phase::Thaw, &point)),
+        };
+        let held_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let cycle = point.cycle;
+        let point_made = frozen.is_ok() && closed.is_ok();
+        if point_made {
+            self.app_consistent.insert(cycle);
+            info!(group = %name, cycle, held_ms, "Application-consistent point made");
+        }
+        let freeze_failure = frozen.err().map(|error| {
+            let message = error_chain(&error);
+            warn!(group = %name, cycle, error = %message, "The freeze command failed; the cycle ships crash-consistent");
+            format!("Freeze of cycle {cycle}: {message}")
+        });
+        let thaw_failure = thawed.and_then(Result::err).map(|error: FreezeError| {
+            let command = crate::freeze::display_command(&app.options().thaw_command);
+            let message = error_chain(&error);
+            error!(group = %name, cycle, error = %message, "The thaw command `{command}` failed: the guest may stay frozen until it succeeds; run it by hand");
+            format!("Thaw after cycle {cycle} (the guest may be frozen): {message}")
+        });
+        let next_due = app.due_at_ms();
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let report = status.app_consistent.get_or_insert_with(Default::default);
+        report.last_attempt_unix = Some(now_ms / 1000);
+        report.next_due_unix = next_due.map(|ms| ms / 1000);
+        report.last_frozen_ms = Some(held_ms);
+        if point_made {
+            report.points += 1;
+            report.last_cycle = Some(cycle);
+            report.last_unix = Some(closed_ms / 1000);
+        }
+        report.freeze_failures += u64::from(freeze_failure.is_some());
+        report.thaw_failures += u64::from(thaw_failure.is_some());
+        report.last_failure = match (freeze_failure, thaw_failure) {
+            (None, None) if point_made => None,
+            (None, None) => report.last_failure.take(),
+            (freeze, None) => freeze,
+            (None, thaw) => thaw,
+            (Some(freeze), Some(thaw)) => Some(format!("{freeze}; {thaw}")),
+        };
+        drop(status);
+        let cycle = closed?;
+        self.close_times.insert(cycle, closed_ms);
+        Ok(cycle)
+    }
+
     /// Creates the replica on first use, then has every block copied.
     fn ensure_enabled(&mut self) -> Result<(), ShipperError> {
         let Some(relationship) = &self.relationship else {
@@ -831,6 +978,7 @@ impl Worker {
             primary_host: relationship.setup.primary_host.clone(),
             relationship: relationship.state.id,
             initial: relationship.setup.initial,
+            recovery: None,
         };
         self.sink.enable(&request)?;
         // A resync in progress belonged to the replica before this one.
@@ -1206,10 +1354,13 @@ impl Worker {
                 .get(&id)
                 .copied()
                 .unwrap_or(self.started_unix.saturating_mul(1000));
+            // Flags of cycles closed before a restart are lost: they ship as
+            // crash-consistent, never claiming more than is known.
+            let app_consistent = self.app_consistent.contains(&id);
             let kind = TransferKind::Delta {
                 cycle: id,
                 closed_unix_ms,
-                app_consistent: false,
+                app_consistent,
             };
             let answer = self.sink.begin(delta_id(self.chain(), id), kind, bytes)?;
             if !answer.committed {
@@ -1221,7 +1372,12 @@ impl Worker {
             cycle.acknowledge()?;
             let closed_unix = closed_unix_ms / 1000;
             self.close_times = self.close_times.split_off(&(id + 1));
+            self.app_consistent = self.app_consistent.split_off(&(id + 1));
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(report) = status.app_consistent.as_mut().filter(|_| app_consistent) {
+                report.points_delivered += 1;
+                report.last_delivered_cycle = Some(id);
+            }
             status.cycles_delivered += 1;
             status.last_delivered = Some(id);
             status.last_success_unix = Some(unix_now());

@@ -135,7 +135,7 @@ struct RunningDisk {
 }
 
 /// A group as the daemon runs it.
-struct RunningGroup {
+pub(crate) struct RunningGroup {
     config: GroupConfig,
     tracker: Option<Group>,
     shipper: Option<Shipper>,
@@ -148,6 +148,32 @@ impl RunningGroup {
             .iter()
             .map(|disk| disk.sync_file.as_raw_fd())
             .collect()
+    }
+
+    /// Stops the group's shipper, if it has one.
+    pub(crate) fn stop_shipper(&self) {
+        if let Some(shipper) = &self.shipper {
+            shipper.stop();
+        }
+    }
+
+    /// Syncs the images and marks the ring clean (the shipper stopped, no client
+    /// writes any more).
+    pub(crate) fn close(&self) {
+        let fds = self.image_fds();
+        match &self.tracker {
+            Some(tracker) => match tracker.shutdown_clean(&fds) {
+                Ok(()) => info!(group = %self.config.name, "Ring synced and marked clean"),
+                Err(error) => {
+                    error!(group = %self.config.name, error = %shipper::error_chain(&error), "Clean shutdown failed")
+                }
+            },
+            None => {
+                for fd in fds {
+                    let _ = nix::unistd::fdatasync(fd);
+                }
+            }
+        }
     }
 }
 
@@ -255,25 +281,10 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
 fn shutdown(daemon: &Daemon) {
     daemon.server.shutdown();
     for group in &daemon.groups {
-        if let Some(shipper) = &group.shipper {
-            shipper.stop();
-        }
+        group.stop_shipper();
     }
     for group in &daemon.groups {
-        let fds = group.image_fds();
-        match &group.tracker {
-            Some(tracker) => match tracker.shutdown_clean(&fds) {
-                Ok(()) => info!(group = %group.config.name, "Ring synced and marked clean"),
-                Err(error) => {
-                    error!(group = %group.config.name, error = %shipper::error_chain(&error), "Clean shutdown failed")
-                }
-            },
-            None => {
-                for fd in fds {
-                    let _ = nix::unistd::fdatasync(fd);
-                }
-            }
-        }
+        group.close();
     }
 }
 
@@ -341,8 +352,47 @@ pub fn replay(group: &Group, config: &GroupConfig, sizes: &[u64]) -> Result<(), 
     Ok(())
 }
 
+/// Serves the disks of a replica that was failed over to as group `name`'s live
+/// disks: images `disks` (name, path) tracked with the ring at `ring` (created if
+/// missing, recovered after a crash), with no consumer until replication is reversed.
+/// Returns the group and its devices, in disk order.
+pub(crate) fn serve_failed_over(
+    name: &str,
+    disks: &[(String, PathBuf)],
+    ring: &Path,
+) -> Result<(RunningGroup, Vec<Arc<dyn BlockDevice>>), PrimaryError> {
+    let config = GroupConfig {
+        name: name.to_string(),
+        ring: ring.to_path_buf(),
+        ring_size: crate::config::ByteSize(FAILED_OVER_RING),
+        block_size: crate::config::ByteSize(4096),
+        interval: crate::config::Interval(Duration::from_secs(300)),
+        tracking: true,
+        consumer: None,
+        app_consistent: None,
+        disks: disks
+            .iter()
+            .map(|(disk, image)| crate::config::DiskConfig {
+                name: disk.clone(),
+                image: image.clone(),
+                read_only: false,
+                direct: false,
+            })
+            .collect(),
+    };
+    let shared = SharedReplication {
+        throttle: None,
+        host_name: String::new(),
+    };
+    open_group(&config, &shared)
+}
+
+/// Ring of a failed-over group: its writes since the failover, until replication is
+/// reversed (past that, a dirty map, then a comparison).
+const FAILED_OVER_RING: u64 = 256 << 20;
+
 /// What every replicating group of the daemon shares.
-struct SharedReplication {
+pub(crate) struct SharedReplication {
     throttle: Option<Arc<Throttle>>,
     host_name: String,
 }
@@ -434,7 +484,7 @@ fn replica_sink(
 
 /// Opens a group's images and tracker, recovering after a crash. Returns the group
 /// and the devices to export, in disk order.
-fn open_group(
+pub(crate) fn open_group(
     config: &GroupConfig,
     shared: &SharedReplication,
 ) -> Result<(RunningGroup, Vec<Arc<dyn BlockDevice>>), PrimaryError> {
@@ -538,10 +588,22 @@ fn open_group(
                     },
                     _ => RetryPolicy::default(),
                 };
+                let app_consistent =
+                    config
+                        .app_consistent
+                        .as_ref()
+                        .map(|app| shipper::AppConsistentOptions {
+                            every: app.every.0,
+                            freeze_command: app.freeze_command.clone(),
+                            thaw_command: app.thaw_command.clone(),
+                            timeout: app.timeout.0,
+                            state_path: Some(shipper::freeze::state_path_for_ring(&config.ring)),
+                        });
                 let options = ShipperOptions {
                     interval: config.interval.0,
                     retry,
                     replication,
+                    app_consistent,
                 };
                 Some(
                     Shipper::spawn(group.clone(), images, config.block_size.0, options, sink)
@@ -874,6 +936,34 @@ fn render_metrics(daemon: &Daemon) -> String {
                 &labels,
                 as_f64(status.missed_last_hour),
             );
+            if let Some(app) = &status.app_consistent {
+                text.counter(
+                    "blkrep_app_consistent_points_total",
+                    "Application-consistent points made since start",
+                    &labels,
+                    as_f64(app.points),
+                );
+                text.counter(
+                    "blkrep_freeze_failures_total",
+                    "Freeze commands that failed since start (their cycles are crash-consistent)",
+                    &labels,
+                    as_f64(app.freeze_failures),
+                );
+                text.counter(
+                    "blkrep_thaw_failures_total",
+                    "Thaw commands that failed since start (a guest may have stayed frozen)",
+                    &labels,
+                    as_f64(app.thaw_failures),
+                );
+                if let Some(at) = app.last_unix {
+                    text.gauge(
+                        "blkrep_app_consistent_last_point_timestamp_seconds",
+                        "When the newest application-consistent cycle closed",
+                        &labels,
+                        as_f64(at),
+                    );
+                }
+            }
             if let Some(resync) = &status.resync {
                 text.gauge(
                     "blkrep_replication_copy_done_bytes",

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::freeze::AppConsistentOptions;
 use crate::LocalCopySink;
 use std::os::unix::fs::FileExt;
 use tracker::{Change, DiskSpec, GroupConfig, TrackingMode};
@@ -13,6 +14,7 @@ fn options() -> ShipperOptions {
         interval: Duration::from_secs(3600),
         retry: RetryPolicy::default(),
         replication: None,
+        app_consistent: None,
     }
 }
 
@@ -349,5 +351,211 @@ fn an_interrupted_resync_resumes_at_the_missing_chunk() {
     );
     // Every byte applied once, except the chunk lost in flight (never applied).
     assert_eq!(applied.load(std::sync::atomic::Ordering::SeqCst), SIZE);
+    shipper.stop();
+}
+
+/// A local copy that records every transfer it is offered.
+struct RecordingSink {
+    inner: LocalCopySink,
+    kinds: Arc<Mutex<Vec<TransferKind>>>,
+}
+
+impl CycleSink for RecordingSink {
+    fn describe(&self) -> String {
+        "recording".into()
+    }
+    fn begin(
+        &mut self,
+        id: u64,
+        kind: TransferKind,
+        bytes: u64,
+    ) -> Result<crate::Resume, SinkError> {
+        self.kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(kind);
+        self.inner.begin(id, kind, bytes)
+    }
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
+        self.inner.apply(change)
+    }
+    fn commit(&mut self) -> Result<(), SinkError> {
+        self.inner.commit()
+    }
+}
+
+/// A `sh -c` command that appends `PHASE CYCLE GROUP DISKS` to `log`, then runs `then`.
+fn recording_command(log: &std::path::Path, then: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            r#"echo "$BLKREP_PHASE $BLKREP_CYCLE $BLKREP_GROUP $BLKREP_DISKS" >> '{}'; {then}"#,
+            log.display()
+        ),
+    ]
+}
+
+/// The deltas offered, as (cycle, app_consistent).
+fn deltas(kinds: &Mutex<Vec<TransferKind>>) -> Vec<(u64, bool)> {
+    kinds
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|kind| match *kind {
+            TransferKind::Delta {
+                cycle,
+                app_consistent,
+                ..
+            } => Some((cycle, app_consistent)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn app_shipper(
+    fixture: &Fixture,
+    app: AppConsistentOptions,
+) -> (Shipper, Arc<Mutex<Vec<TransferKind>>>) {
+    let kinds = Arc::new(Mutex::new(Vec::new()));
+    let sink = RecordingSink {
+        inner: LocalCopySink::open(&fixture.copies, &[("disk0".into(), SIZE)]).unwrap(),
+        kinds: Arc::clone(&kinds),
+    };
+    let shipper = Shipper::spawn(
+        fixture.group.clone(),
+        vec![fixture.image_path.clone()],
+        4096,
+        ShipperOptions {
+            app_consistent: Some(app),
+            ..options()
+        },
+        Box::new(sink),
+    )
+    .unwrap();
+    (shipper, kinds)
+}
+
+/// The first cycle is a point: frozen before it closes, thawed after, flagged in its
+/// transfer. The next cycle, within `every`, is not; nor after a restart.
+#[test]
+fn an_application_consistent_point_freezes_closes_and_thaws() {
+    let fixture = Fixture::new();
+    let log = fixture.dir.path().join("hooks.log");
+    let state = fixture.dir.path().join("g.ring.app-consistent.json");
+    let app = AppConsistentOptions {
+        every: Duration::from_secs(3600),
+        freeze_command: recording_command(&log, "true"),
+        thaw_command: recording_command(&log, "true"),
+        timeout: Duration::from_secs(10),
+        state_path: Some(state),
+    };
+    let (shipper, kinds) = app_shipper(&fixture, app.clone());
+    let disk = fixture.group.disk(0).unwrap();
+    write(&disk, &fixture.image, 0, &[5; 4096]);
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 1);
+    write(&disk, &fixture.image, 8192, &[6; 4096]);
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 2);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "freeze 1 g disk0\nthaw 1 g disk0\n"
+    );
+    assert_eq!(deltas(&kinds), [(1, true), (2, false)]);
+    let report = shipper.status().app_consistent.unwrap();
+    assert_eq!(
+        (report.points, report.points_delivered, report.last_cycle),
+        (1, 1, Some(1))
+    );
+    assert_eq!(report.last_delivered_cycle, Some(1));
+    assert_eq!((report.freeze_failures, report.thaw_failures), (0, 0));
+    assert_eq!(report.every_secs, 3600);
+    // Due half an interval (30 minutes here) before the hour is up.
+    assert!(report
+        .next_due_unix
+        .is_some_and(|due| (unix_now() + 1790..=unix_now() + 1800).contains(&due)));
+    assert_eq!(report.last_failure, None);
+    shipper.stop();
+
+    // A restart remembers the attempt: no freeze at its first cycle.
+    let (shipper, kinds) = app_shipper(&fixture, app);
+    assert!(shipper
+        .status()
+        .app_consistent
+        .unwrap()
+        .last_attempt_unix
+        .is_some());
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 3);
+    assert_eq!(deltas(&kinds), [(3, false)]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2);
+    assert_eq!(
+        std::fs::read(fixture.copies.join("disk0.img")).unwrap(),
+        std::fs::read(&fixture.image_path).unwrap()
+    );
+    shipper.stop();
+}
+
+/// A failing freeze: the cycle still closes and ships, crash-consistent; the thaw still
+/// runs. A failing thaw is counted apart.
+#[test]
+fn a_failed_freeze_still_ships_and_thaws() {
+    let fixture = Fixture::new();
+    let log = fixture.dir.path().join("hooks.log");
+    let app = AppConsistentOptions {
+        every: Duration::from_secs(3600),
+        freeze_command: recording_command(&log, "echo 'agent not responding' >&2; exit 1"),
+        thaw_command: recording_command(&log, "exit 2"),
+        timeout: Duration::from_secs(10),
+        state_path: None,
+    };
+    let (shipper, kinds) = app_shipper(&fixture, app);
+    write(
+        &fixture.group.disk(0).unwrap(),
+        &fixture.image,
+        0,
+        &[9; 4096],
+    );
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "freeze 1 g disk0\nthaw 1 g disk0\n"
+    );
+    assert_eq!(deltas(&kinds), [(1, false)]);
+    let status = shipper.status();
+    assert_eq!(status.cycles_delivered, 1);
+    let report = status.app_consistent.unwrap();
+    assert_eq!((report.points, report.points_delivered), (0, 0));
+    assert_eq!((report.freeze_failures, report.thaw_failures), (1, 1));
+    let failure = report.last_failure.unwrap();
+    for expected in ["exit status: 1", "agent not responding", "exit status: 2"] {
+        assert!(failure.contains(expected), "{expected}: {failure}");
+    }
+    assert_eq!(
+        std::fs::read(fixture.copies.join("disk0.img")).unwrap(),
+        std::fs::read(&fixture.image_path).unwrap()
+    );
+    shipper.stop();
+}
+
+/// A freeze command that cannot start froze nothing: no thaw runs.
+#[test]
+fn a_freeze_that_never_started_needs_no_thaw() {
+    let fixture = Fixture::new();
+    let log = fixture.dir.path().join("hooks.log");
+    let app = AppConsistentOptions {
+        every: Duration::from_secs(3600),
+        freeze_command: vec!["/nonexistent/freeze".into()],
+        thaw_command: recording_command(&log, "true"),
+        timeout: Duration::from_secs(10),
+        state_path: None,
+    };
+    let (shipper, kinds) = app_shipper(&fixture, app);
+    assert_eq!(shipper.close_now(Duration::from_secs(10)).unwrap(), 1);
+    assert!(!log.exists());
+    assert_eq!(deltas(&kinds), [(1, false)]);
+    let report = shipper.status().app_consistent.unwrap();
+    assert_eq!((report.freeze_failures, report.thaw_failures), (1, 0));
+    assert!(report
+        .last_failure
+        .is_some_and(|f| f.contains("Cannot start `/nonexistent/freeze`")));
     shipper.stop();
 }
