@@ -125,6 +125,7 @@ if (( with_fuzz )); then
     fi
 fi
 
+"$(dirname "$0")/guest-kit.sh" >&2 || die "scripts/guest-kit.sh failed: no guest-boot kit (QEMU, kernel, initramfs) for tests/guest_boot.rs"
 py=$(nbd_python) || die "no python3 can 'import nbd' even after installing python3-libnbd"
 
 log "qemu-nbd: $(qemu-nbd --version | head -n1)"
