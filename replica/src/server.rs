@@ -331,6 +331,30 @@ impl ServerHandle {
     }
 }
 
+/// A replica failed over to: what the daemon needs to serve its disks.
+#[derive(Debug, Clone)]
+pub struct FailedOver {
+    /// The replica afterwards.
+    pub info: ReplicaInfo,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its disks: name and image, in group order.
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+fn failed_over(dir: &Path, replica: &Replica) -> FailedOver {
+    FailedOver {
+        info: replica.info(),
+        dir: dir.to_path_buf(),
+        disks: replica
+            .state()
+            .disks
+            .iter()
+            .map(|disk| (disk.name.clone(), replica.disk_path(&disk.name)))
+            .collect(),
+    }
+}
+
 /// Where a replica keeps a test's overlays.
 const TEST_DIR: &str = "test";
 /// How long a failover waits for received transfers to be applied.
@@ -405,15 +429,15 @@ impl ServerHandle {
 
     /// Fails replica `name` over to `point` (the latest if `None`), waiting for the
     /// transfers received to be applied first (they are part of the latest point).
-    /// Returns the replica and the paths of its disks, in group order.
+    /// Returns the replica, its directory and its disks (name, path), in group order.
     pub fn fail_over(
         &self,
         name: &str,
         trust_group: Option<&str>,
         point: Option<u64>,
-    ) -> Result<(ReplicaInfo, Vec<PathBuf>), AdminError> {
+    ) -> Result<FailedOver, AdminError> {
         let (dir, replica) = self.one_replica(name, trust_group)?;
-        let _ = self.context.apply.send(dir);
+        let _ = self.context.apply.send(dir.clone());
         let deadline = std::time::Instant::now() + FAILOVER_WAIT;
         let failover = loop {
             match lock(&replica).fail_over(point, false) {
@@ -423,15 +447,24 @@ impl ServerHandle {
                 other => break other?,
             }
         };
-        let replica = lock(&replica);
         warn!(replica = %name, cycle = failover.stamp.cycle, "Failed over: the replica's disks are now the live copy and its former primary is fenced off");
-        let disks = replica
-            .state()
-            .disks
+        let guard = lock(&replica);
+        Ok(failed_over(&dir, &guard))
+    }
+
+    /// The replicas failed over to (served as live disks by the daemon).
+    pub fn failed_over(&self) -> Vec<FailedOver> {
+        self.loaded()
             .iter()
-            .map(|disk| replica.disk_path(&disk.name))
-            .collect();
-        Ok((replica.info(), disks))
+            .filter_map(|(dir, replica)| {
+                let replica = lock(replica);
+                replica
+                    .state()
+                    .failover
+                    .is_some()
+                    .then(|| failed_over(dir, &replica))
+            })
+            .collect()
     }
 
     /// Completes the failover of replica `name`: the other recovery points go.
@@ -445,6 +478,11 @@ impl ServerHandle {
         replica.complete_failover()?;
         info!(replica = %name, "Failover completed; the other recovery points are deleted");
         Ok(replica.info())
+    }
+
+    /// The directory of replica `name` (of `trust_group`, when given), if it exists.
+    pub fn replica_dir(&self, name: &str, trust_group: Option<&str>) -> Option<PathBuf> {
+        self.one_replica(name, trust_group).ok().map(|(dir, _)| dir)
     }
 
     /// Replica `name` (of `trust_group`, when given).

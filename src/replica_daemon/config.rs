@@ -38,6 +38,20 @@ struct RawConfig {
     authorization: Vec<RawAuthorization>,
     #[serde(default)]
     nbd: RawNbd,
+    failover: Option<RawFailover>,
+}
+
+/// What runs after a failover.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    hook: Vec<String>,
+    #[serde(default = "default_hook_timeout")]
+    hook_timeout: crate::config::Interval,
+}
+
+fn default_hook_timeout() -> crate::config::Interval {
+    crate::config::Interval(std::time::Duration::from_secs(300))
 }
 
 /// Where the disks of a test failover are served.
@@ -111,6 +125,17 @@ pub struct ReplicaConfig {
     pub nbd_unix_socket: PathBuf,
     /// TCP address serving them too.
     pub nbd_tcp: Option<SocketAddr>,
+    /// Runs after each failover, with the point's metadata in its environment.
+    pub failover_hook: Option<FailoverHook>,
+}
+
+/// A command run after a failover (program and arguments, no shell).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverHook {
+    /// The command.
+    pub command: Vec<String>,
+    /// How long it may run before it is killed.
+    pub timeout: std::time::Duration,
 }
 
 impl ReplicaConfig {
@@ -268,7 +293,20 @@ impl RawConfig {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
         };
+        let failover_hook = self.failover.as_ref().map(|failover| FailoverHook {
+            command: failover.hook.clone(),
+            timeout: failover.hook_timeout.0,
+        });
+        if let Some(hook) = &failover_hook {
+            if hook.command.first().is_none_or(String::is_empty) {
+                problems.push("[failover] hook is empty: give a program and its arguments, e.g. [\"/etc/blkrep/after-failover\"]".into());
+            }
+            if hook.timeout.is_zero() {
+                problems.push("[failover] hook_timeout must be more than zero".into());
+            }
+        }
         Some(ReplicaConfig {
+            failover_hook,
             nbd_unix_socket: self.nbd.unix_socket,
             nbd_tcp: nbd_tcp?,
             listen: listen?,

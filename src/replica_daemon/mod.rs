@@ -12,24 +12,25 @@
 
 pub mod config;
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use nix::sys::signal::{SigSet, Signal};
-use replica::server::{ReplicaServer, ServerError, ServerHandle, Transport};
+use replica::server::{FailedOver, ReplicaServer, ServerError, ServerHandle, Transport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wire::api::ReplicaInfo;
 
 use crate::control::{self, ControlError};
 use crate::metrics::{MetricsError, MetricsText};
-use config::ReplicaConfig;
+use config::{FailoverHook, ReplicaConfig};
 
 /// How long a status request may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -603,14 +604,19 @@ fn serve(
         }
         None => None,
     };
-    spawn_control(
-        control,
-        Control {
-            server: server.handle(),
-            nbd: Arc::clone(&nbd),
-            nbd_socket: config.nbd_unix_socket.clone(),
-        },
-    )?;
+    let control_state = Control {
+        server: server.handle(),
+        nbd: Arc::clone(&nbd),
+        nbd_socket: config.nbd_unix_socket.clone(),
+        live: Arc::default(),
+        hook: config.failover_hook.clone(),
+    };
+    for failed in server.handle().failed_over() {
+        if let Err(error) = control_state.serve_live(&failed) {
+            error!(replica = %failed.info.name, %error, "Cannot serve the failed-over disks");
+        }
+    }
+    spawn_control(control, control_state.clone())?;
     let metrics_addr = metrics
         .as_ref()
         .map_or_else(|| "off".to_string(), |m| m.local_addr().to_string());
@@ -626,6 +632,7 @@ fn serve(
     info!(?signal, "Shutting down");
     drop(metrics);
     nbd.shutdown();
+    control_state.close_live();
     let _ = std::fs::remove_file(&config.nbd_unix_socket);
     server.shutdown();
     info!("Replica server stopped");
@@ -651,9 +658,102 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
 #[derive(Clone)]
 struct Control {
     server: ServerHandle,
-    /// Serves test failover disks.
+    /// Serves test failover disks and failed-over disks.
     nbd: Arc<nbd_shim::Server>,
     nbd_socket: PathBuf,
+    /// Replicas failed over to, served as live disks, by replica directory.
+    live: Arc<Mutex<HashMap<PathBuf, LiveGroup>>>,
+    hook: Option<FailoverHook>,
+}
+
+/// A replica failed over to, served as its group's live disks with tracking on.
+struct LiveGroup {
+    group: crate::primary::RunningGroup,
+    exports: Vec<String>,
+}
+
+/// The NBD export of disk `disk` of a failed-over group `name`.
+fn live_export(name: &str, disk: &str) -> String {
+    format!("{name}/{disk}")
+}
+
+impl Control {
+    /// Serves the disks of a replica failed over to, with tracking (ring
+    /// `<replica>/live.ring`).
+    fn serve_live(&self, failed: &FailedOver) -> Result<Vec<String>, String> {
+        let name = &failed.info.name;
+        let ring = failed.dir.join(LIVE_RING);
+        let (group, devices) = crate::primary::serve_failed_over(name, &failed.disks, &ring)
+            .map_err(|error| wire::error_chain(&error))?;
+        let mut exports: Vec<String> = Vec::new();
+        for ((disk, _), device) in failed.disks.iter().zip(devices) {
+            let export = live_export(name, disk);
+            let description = format!("blkrep group {name} (failed over)");
+            if let Err(error) = self.nbd.add_export(&export, Some(description), device) {
+                for added in &exports {
+                    self.nbd.remove_export(added.as_str());
+                }
+                group.close();
+                return Err(format!(
+                    "Cannot serve {export}: {}",
+                    wire::error_chain(&error)
+                ));
+            }
+            exports.push(export);
+        }
+        info!(replica = %name, exports = ?exports, "Serving the failed-over disks as the group's live disks");
+        lock(&self.live).insert(
+            failed.dir.clone(),
+            LiveGroup {
+                group,
+                exports: exports.clone(),
+            },
+        );
+        Ok(exports)
+    }
+
+    /// Stops serving a failed-over replica (to change its point): refused while
+    /// clients are connected. Its ring stays until the new point is in place.
+    fn unserve_live(&self, dir: &Path, name: &str) -> Result<(), String> {
+        let mut live = lock(&self.live);
+        let Some(serving) = live.get(dir) else {
+            return Ok(());
+        };
+        let connected: u64 = serving
+            .exports
+            .iter()
+            .filter_map(|export| self.nbd.export_stats(export))
+            .map(|stats| stats.connections)
+            .sum();
+        if connected > 0 {
+            return Err(format!(
+                "{connected} NBD client(s) use the failed-over disks of {name}: shut the VM down before choosing another point (its writes since the failover are discarded)"
+            ));
+        }
+        if let Some(serving) = live.remove(dir) {
+            for export in &serving.exports {
+                self.nbd.remove_export(export);
+            }
+            serving.group.close();
+        }
+        Ok(())
+    }
+
+    /// Stops every live group (daemon shutdown, after the NBD server stopped).
+    fn close_live(&self) {
+        for (_, serving) in lock(&self.live).drain() {
+            serving.group.close();
+        }
+    }
+}
+
+/// The ring of a failed-over replica's live disks.
+const LIVE_RING: &str = "live.ring";
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Removes a unix socket left by a daemon that did not stop cleanly; fails if one
@@ -786,18 +886,121 @@ fn start_test(
     Ok(serde_json::json!({ "replica": info, "nbd_socket": control.nbd_socket }))
 }
 
-/// Fails over to a replica and serves its disks.
+/// Fails over to a replica, serves its disks and runs the failover hook.
 fn fail_over(
     control: &Control,
     name: &str,
     trust_group: Option<&str>,
     point: Option<u64>,
 ) -> Result<Value, String> {
-    let (info, _disks) = control
+    let error_text = |error: &replica::server::AdminError| wire::error_chain(error);
+    let before = control
         .server
-        .fail_over(name, trust_group, point)
-        .map_err(|error| wire::error_chain(&error))?;
-    Ok(serde_json::json!({ "replica": info, "nbd_socket": control.nbd_socket }))
+        .replica(name, trust_group)
+        .map_err(|e| error_text(&e))?;
+    if before.failover.as_ref().is_some_and(|f| f.completed) {
+        return Err(format!(
+            "The failover of {name} was completed: its disks are live and no other point is kept"
+        ));
+    }
+    let serving = match control.server.replica_dir(name, trust_group) {
+        Some(dir) if before.failover.is_some() => {
+            control.unserve_live(&dir, name)?;
+            Some(dir)
+        }
+        _ => None,
+    };
+    let failed = match control.server.fail_over(name, trust_group, point) {
+        Ok(failed) => failed,
+        Err(error) => {
+            // The disks were not changed: serve them again as they were.
+            if let Some(dir) = serving {
+                if let Some(current) = control
+                    .server
+                    .failed_over()
+                    .into_iter()
+                    .find(|f| f.dir == dir)
+                {
+                    control.serve_live(&current)?;
+                }
+            }
+            return Err(error_text(&error));
+        }
+    };
+    if let Some(dir) = &serving {
+        // The writes that ring tracked were undone by the new point.
+        let _ = std::fs::remove_file(dir.join(LIVE_RING));
+    }
+    let exports = control.serve_live(&failed)?;
+    let hook = control
+        .hook
+        .as_ref()
+        .map(|hook| run_failover_hook(hook, &failed, &exports, &control.nbd_socket));
+    Ok(serde_json::json!({
+        "replica": failed.info,
+        "nbd_socket": control.nbd_socket,
+        "exports": exports,
+        "hook": hook,
+    }))
+}
+
+/// Runs the failover hook with the point's metadata in its environment. Returns
+/// its outcome for the answer (a failed hook does not undo the failover).
+fn run_failover_hook(
+    hook: &FailoverHook,
+    failed: &FailedOver,
+    exports: &[String],
+    nbd_socket: &Path,
+) -> String {
+    let Some(failover) = &failed.info.failover else {
+        return "not run: no failover recorded".into();
+    };
+    let uris: Vec<String> = exports
+        .iter()
+        .map(|export| format!("nbd+unix:///{export}?socket={}", nbd_socket.display()))
+        .collect();
+    let images: Vec<String> = failed
+        .disks
+        .iter()
+        .map(|(_, path)| path.display().to_string())
+        .collect();
+    let names: Vec<&str> = failed.disks.iter().map(|(name, _)| name.as_str()).collect();
+    let cycle = failover.cycle.to_string();
+    let time_ms = failover.time_unix_ms.to_string();
+    let time = format_ms(failover.time_unix_ms);
+    let kind = point_kind(failover.app_consistent);
+    let (disks, uris, images) = (names.join(","), uris.join(" "), images.join(","));
+    let env = [
+        ("BLKREP_GROUP", failed.info.name.as_str()),
+        ("BLKREP_TRUST_GROUP", failed.info.trust_group.as_str()),
+        (
+            "BLKREP_FAILOVER",
+            if failover.planned {
+                "planned"
+            } else {
+                "unplanned"
+            },
+        ),
+        ("BLKREP_POINT_CYCLE", cycle.as_str()),
+        ("BLKREP_POINT_TIME", time.as_str()),
+        ("BLKREP_POINT_TIME_MS", time_ms.as_str()),
+        ("BLKREP_POINT_KIND", kind),
+        ("BLKREP_DISKS", disks.as_str()),
+        ("BLKREP_DISK_IMAGES", images.as_str()),
+        ("BLKREP_NBD_URIS", uris.as_str()),
+    ];
+    let command = shipper::freeze::display_command(&hook.command);
+    match shipper::freeze::run_command(&hook.command, &env, hook.timeout) {
+        Ok(()) => {
+            info!(replica = %failed.info.name, %command, "Failover hook ran");
+            format!("{command}: succeeded")
+        }
+        Err(error) => {
+            let message = wire::error_chain(&error);
+            warn!(replica = %failed.info.name, %command, error = %message, "Failover hook failed; the failover stands");
+            format!("{command}: FAILED: {message}")
+        }
+    }
 }
 
 /// Stops a test failover: its exports go, then its overlays and temporary point.
@@ -947,6 +1150,21 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
         ));
         if info.awaiting_import {
             out.push_str("  waiting for its initial copy: run `blkrep replica import DIR` with the exported directory\n");
+        }
+        if let Some(failover) = &info.failover {
+            let age = Duration::from_secs(now_unix.saturating_sub(failover.at_unix));
+            out.push_str(&format!(
+                "  FAILED OVER {} ago to cycle {} ({}); live disks served as {}/<disk>; former primary fenced off{}\n",
+                humantime::format_duration(age),
+                failover.cycle,
+                point_kind(failover.app_consistent),
+                info.name,
+                if failover.completed {
+                    String::new()
+                } else {
+                    format!("; complete with `blkrep replica complete-failover --name {}`", info.name)
+                }
+            ));
         }
         let kept = info.recovery_points.iter().filter(|p| !p.latest).count();
         if info.recovery.points > 0 || kept > 0 {
@@ -1169,6 +1387,8 @@ mod tests {
                 server: server.handle(),
                 nbd: Arc::new(nbd_shim::Server::new(nbd_shim::ServerConfig::default())),
                 nbd_socket: dir.path().join("run/nbd.sock"),
+                live: Arc::default(),
+                hook: None,
             },
         )
         .unwrap();

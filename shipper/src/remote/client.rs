@@ -141,7 +141,10 @@ impl ClientError {
                 | (None, 401 | 403) => FailureClass::Authentication,
                 (
                     Some(
-                        ErrorCode::NotFound | ErrorCode::ChainBroken | ErrorCode::OtherRelationship,
+                        ErrorCode::NotFound
+                        | ErrorCode::ChainBroken
+                        | ErrorCode::OtherRelationship
+                        | ErrorCode::Superseded,
                     ),
                     _,
                 )
@@ -688,6 +691,10 @@ mod tests {
         );
         assert_eq!(
             refused(409, Some(ErrorCode::ChainBroken)).class(),
+            FailureClass::Unrecoverable
+        );
+        assert_eq!(
+            refused(409, Some(ErrorCode::Superseded)).class(),
             FailureClass::Unrecoverable
         );
         assert_eq!(

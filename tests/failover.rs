@@ -1,0 +1,233 @@
+//! Unplanned failover end to end: a real primary and replica daemon, an ordered
+//! writer on the primary while cycles close every second, the primary SIGKILLed
+//! mid-workload, then a failover on the replica to the latest point and to earlier
+//! ones: every time, the disks hold exactly the effect of a prefix of the writes
+//! acknowledged by the primary (one instant across both disks). The returning old
+//! primary is fenced off and cannot overwrite the new live disks.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
+use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use common::*;
+use serde_json::Value;
+
+/// Runs `blkrep replica ARGS --config <replica's>`.
+fn replica_cmd(replica: &Replica, args: &[&str]) -> Output {
+    run(
+        Command::new(BIN)
+            .arg("replica")
+            .args(args)
+            .arg("--config")
+            .arg(replica.config()),
+        LONG,
+    )
+}
+
+fn replica_disks(replica: &Replica) -> Vec<Vec<u8>> {
+    ["disk0", "disk1"]
+        .iter()
+        .map(|disk| read_file(&replica.disk("dc1", "vm1", disk)))
+        .collect()
+}
+
+#[test]
+fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let hook_log = dir.path().join("hook.log");
+    let hook = dir.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "echo \"$BLKREP_FAILOVER $BLKREP_GROUP $BLKREP_POINT_CYCLE $BLKREP_POINT_KIND $BLKREP_NBD_URIS\" >> {}\n",
+            hook_log.display()
+        ),
+    )
+    .expect("write hook");
+    let extra = format!(
+        "reserve = \"0\"\n[failover]\nhook = [\"sh\", {:?}]",
+        hook.display().to_string()
+    );
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), &extra);
+    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![
+            DiskSpec::new("disk0", ORDERED_REGION),
+            DiskSpec::new("disk1", ORDERED_REGION),
+        ],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .interval("1s")
+    .ring_size("64MiB")]));
+    let first = p.cycles_close("vm1");
+    replica.wait_applied("vm1", first, LONG);
+    replica_cmd(
+        &replica,
+        &[
+            "recovery",
+            "--name",
+            "vm1",
+            "--points",
+            "6",
+            "--spacing",
+            "1s",
+        ],
+    )
+    .assert_ok();
+
+    let shared = Arc::new(OrderedShared::default());
+    shared.may_fail.store(true, Ordering::SeqCst);
+    let writer = ordered_writer(p.nbd_sock(), Arc::clone(&shared), 17);
+    // Several cycles applied with writes in each, and points kept.
+    let deadline = Instant::now() + LONG;
+    loop {
+        let info = replica.info("vm1").expect("vm1");
+        let points = info["recovery_points"].as_array().map_or(0, Vec::len);
+        if points >= 4 && shared.acked.load(Ordering::SeqCst) > 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no points: {info:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p.kill();
+    let written = writer.join().expect("writer");
+    let writes = shared.writes.lock().expect("writes").clone();
+    let acked = shared.acked.load(Ordering::SeqCst);
+    assert!(written >= acked.saturating_sub(1), "{written} {acked}");
+
+    // The primary is gone: fail over to the latest point.
+    let out = replica_cmd(&replica, &["failover", "--name", "vm1"]).assert_ok();
+    assert!(
+        out.stdout.contains("nbd+unix:///vm1/disk0"),
+        "{}",
+        out.all()
+    );
+    let latest = ordered_prefix(&replica_disks(&replica), &writes)
+        .unwrap_or_else(|e| panic!("the latest point is no state the primary had: {e}"));
+    assert!(latest > 0 && latest <= writes.len() as u64, "{latest}");
+    let hooked = std::fs::read_to_string(&hook_log).expect("hook ran");
+    assert!(
+        hooked.starts_with("unplanned vm1 ") && hooked.contains("crash-consistent"),
+        "{hooked}"
+    );
+
+    // An earlier point: a shorter prefix, on both disks at once.
+    let points: Vec<Value> = replica_cmd(&replica, &["points", "--name", "vm1", "--json"])
+        .assert_ok()
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let earlier = points
+        .iter()
+        .find(|p| p["latest"] == false)
+        .expect("an earlier point");
+    let earlier_id = earlier["id"].as_u64().expect("id").to_string();
+    replica_cmd(
+        &replica,
+        &["failover", "--name", "vm1", "--point", &earlier_id],
+    )
+    .assert_ok();
+    let older = ordered_prefix(&replica_disks(&replica), &writes)
+        .unwrap_or_else(|e| panic!("the earlier point is no state the primary had: {e}"));
+    assert!(older < latest, "earlier point {older}, latest {latest}");
+    let status = replica_cmd(&replica, &["status"]).assert_ok();
+    assert!(status.stdout.contains("FAILED OVER"), "{}", status.all());
+
+    // Back to the latest state before the failover (kept as a point): the same
+    // prefix as before.
+    let points: Vec<Value> = replica_cmd(&replica, &["points", "--name", "vm1", "--json"])
+        .assert_ok()
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let newest = points
+        .iter()
+        .filter(|p| p["latest"] == false)
+        .max_by_key(|p| p["cycle"].as_u64())
+        .expect("points");
+    let newest_id = newest["id"].as_u64().expect("id").to_string();
+    replica_cmd(
+        &replica,
+        &["failover", "--name", "vm1", "--point", &newest_id],
+    )
+    .assert_ok();
+    assert_eq!(
+        ordered_prefix(&replica_disks(&replica), &writes),
+        Ok(latest)
+    );
+    replica_cmd(&replica, &["complete-failover", "--name", "vm1"]).assert_ok();
+    let refused = replica_cmd(
+        &replica,
+        &["failover", "--name", "vm1", "--point", &earlier_id],
+    );
+    assert!(!refused.success(), "{}", refused.all());
+
+    // The new live disks take writes through the replica daemon.
+    let live = format!(
+        "nbd+unix:///vm1/disk1?socket={}",
+        replica.nbd_socket().display()
+    );
+    run_ok(
+        Command::new(require_tool("qemu-io")).args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 8M 64k",
+            &live,
+        ]),
+        LONG,
+    );
+    let after_write = replica_disks(&replica);
+    assert!(after_write[1][8 << 20..(8 << 20) + 65536]
+        .iter()
+        .all(|b| *b == 0x5a));
+
+    // The old primary returns: it is refused as superseded and stops shipping; the
+    // live disks are untouched.
+    p.restart();
+    let deadline = Instant::now() + LONG;
+    let consumer = loop {
+        let consumer = p.group_status("vm1")["consumer"].clone();
+        if consumer["state"] == "suspended" {
+            break consumer;
+        }
+        assert!(Instant::now() < deadline, "not suspended: {consumer:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let reason = consumer["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+        + consumer["suspended_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("superseded"), "{consumer:#}");
+    assert!(
+        replica_disks(&replica) == after_write,
+        "the live disks changed"
+    );
+    // Even asked to delete the replica, it cannot.
+    let removed = run(
+        Command::new(BIN)
+            .args(["replication", "--config"])
+            .arg(p.config())
+            .args(["remove", "--group", "vm1", "--delete-replica"]),
+        LONG,
+    );
+    assert!(
+        replica.storage("dc1").join("vm1/replica.json").exists(),
+        "{}",
+        removed.all()
+    );
+}
