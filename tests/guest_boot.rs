@@ -303,3 +303,54 @@ fn a_guest_writes_an_ext4_file_system_through_the_primary_and_a_second_guest_rea
     p.terminate();
     host_check_image(&p.image(DISK), &token, &logs);
 }
+
+/// The disaster: a guest writes through a replicating primary, the primary dies, the
+/// replica is failed over, and a guest booted from the replica's live disks finds
+/// every file.
+#[test]
+fn a_guest_boots_from_the_failed_over_replica_and_finds_its_files() {
+    use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+    let kit = GuestKit::build();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut p = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        GROUP,
+        vec![DiskSpec::new(DISK, DISK_SIZE)],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .ring_size("64MiB")]));
+    run_ok(
+        Command::new(e2fs_tool("mkfs.ext4"))
+            .args(["-F", "-q", "-L", "blkrep-guest"])
+            .arg(p.image(DISK)),
+        LONG,
+    );
+    p.restart();
+    let logs = p.layout.root.clone();
+    let token = fresh_token();
+    guest_write_files(&kit, &p.uri(DISK), &token, &logs);
+    let cycle = p.cycles_close(GROUP);
+    replica.wait_applied(GROUP, cycle, LONG);
+    p.kill();
+
+    let failover = run_ok(
+        Command::new(BIN)
+            .args(["replica", "failover", "--name", GROUP, "--config"])
+            .arg(replica.config()),
+        LONG,
+    );
+    let live = format!(
+        "nbd+unix:///{GROUP}/{DISK}?socket={}",
+        replica.nbd_socket().display()
+    );
+    assert!(failover.stdout.contains(&live), "{}", failover.all());
+    guest_check_files(&kit, &live, &token, &logs);
+
+    replica.terminate();
+    host_check_image(&replica.disk("dc1", GROUP, DISK), &token, &logs);
+}
