@@ -304,6 +304,27 @@ pub struct ReplicaConsumer {
     /// Start the initial replication at this time (RFC 3339, e.g.
     /// `2026-11-24T02:00:00Z`) instead of at once.
     pub start_at: Option<String>,
+    /// Additional recovery points the replica keeps besides the latest (0 to 24);
+    /// unset leaves the replica's own setting.
+    pub recovery_points: Option<u32>,
+    /// Least time between two of them.
+    #[serde(default = "default_recovery_point_spacing")]
+    pub recovery_point_spacing: Interval,
+}
+
+fn default_recovery_point_spacing() -> Interval {
+    Interval(Duration::from_secs(3600))
+}
+
+impl ReplicaConsumer {
+    /// The recovery history to ask the replica for, if configured.
+    pub fn recovery(&self) -> Option<wire::api::RecoveryPolicy> {
+        self.recovery_points
+            .map(|points| wire::api::RecoveryPolicy {
+                points,
+                spacing_secs: self.recovery_point_spacing.0.as_secs().max(1),
+            })
+    }
 }
 
 fn default_compression_level() -> u32 {
@@ -363,6 +384,12 @@ impl ReplicaConsumer {
             problems.push(format!(
                 "{at}: bandwidth_limit must be at least 4KiB (per second)"
             ));
+        }
+        if let Some(problem) = self.recovery().and_then(|policy| policy.problem()) {
+            problems.push(format!("{at}: {problem}"));
+        }
+        if self.recovery_point_spacing.0 < Duration::from_secs(1) {
+            problems.push(format!("{at}: recovery_point_spacing must be at least 1s"));
         }
         if let Some(start) = &self.start_at {
             if humantime::parse_rfc3339_weak(start).is_err() {

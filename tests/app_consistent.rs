@@ -44,7 +44,11 @@ fn primary(certs: &LabCerts, replica: &Replica, script: &Path, every: &str) -> P
     let script = script.display().to_string();
     let consumer = format!(
         "{}\n[group.app_consistent]\nevery = {every:?}\nfreeze_command = [\"sh\", {script:?}]\nthaw_command = [\"sh\", {script:?}]\ntimeout = \"20s\"\n",
-        certs.consumer(&replica.url(REPLICA_HOST), PRIMARY_HOST, "")
+        certs.consumer(
+            &replica.url(REPLICA_HOST),
+            PRIMARY_HOST,
+            "recovery_points = 4\nrecovery_point_spacing = \"1h\""
+        )
     );
     Primary::start(Spec::new(vec![GroupSpec::new(
         "vm1",
@@ -183,6 +187,24 @@ fn points_are_frozen_thawed_and_flagged_every_few_cycles() {
     for point in [last_point, last_delivered_point] {
         assert!(cycles.contains(&point), "{point} not frozen: {cycles:?}");
     }
+    // The replica keeps the recovery history the primary asks for; with points an
+    // hour apart, the application-consistent cycles are the points it keeps.
+    let info = replica.info("vm1").expect("vm1");
+    assert_eq!(info["recovery"]["points"], 4, "{info:#}");
+    let app_points: Vec<u64> = info["recovery_points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter(|p| p["app_consistent"] == true)
+        .filter_map(|p| p["cycle"].as_u64())
+        .collect();
+    assert!(app_points.len() >= 2, "{info:#}");
+    for point in &app_points {
+        assert!(
+            cycles.contains(point),
+            "{point} is not a frozen cycle: {cycles:?}"
+        );
+    }
     let log_text = p.log();
     assert!(
         log_text.contains("Application-consistent point made"),
@@ -236,6 +258,13 @@ fn a_failing_freeze_is_counted_still_thaws_and_replication_carries_on() {
         write_close_and_compare(&p, &replica, round);
     }
     p.terminate();
+    let info = replica.info("vm1").expect("vm1");
+    assert!(
+        info["recovery_points"]
+            .as_array()
+            .is_some_and(|points| points.iter().all(|p| p["app_consistent"] == false)),
+        "a failed freeze made an application-consistent point: {info:#}"
+    );
     // Every failed freeze was still followed by its thaw.
     let cycles = frozen_cycles(&log);
     assert!(cycles.len() >= 2, "{cycles:?}");

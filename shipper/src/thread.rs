@@ -306,6 +306,9 @@ pub struct ReplicationSetup {
     pub initial: InitialMethod,
     /// DEFLATE level of exported chunks, `None` for none.
     pub compression: Option<u32>,
+    /// Recovery history to ask the replica for (sent when replication is enabled and
+    /// once after each start, so a changed setting reaches an existing replica).
+    pub recovery: Option<wire::api::RecoveryPolicy>,
 }
 
 /// How a shipper runs.
@@ -403,6 +406,8 @@ struct Worker {
     app_consistent: BTreeSet<u64>,
     started_unix: u64,
     buffer: Vec<u8>,
+    /// The configured recovery history reached the replica since this start.
+    recovery_sent: bool,
     /// The replica's error code of the latest failed attempt.
     last_code: Option<ErrorCode>,
 }
@@ -466,6 +471,7 @@ impl Shipper {
             app_consistent: BTreeSet::new(),
             started_unix: unix_now(),
             buffer: Vec::new(),
+            recovery_sent: false,
             last_code: None,
         };
         worker.update_status();
@@ -968,9 +974,6 @@ impl Worker {
         let Some(relationship) = &self.relationship else {
             return Ok(());
         };
-        if relationship.state.enabled {
-            return Ok(());
-        }
         let disks = disk_infos(&relationship.setup, &self.group);
         let request = EnableRequest {
             name: self.group.name().to_string(),
@@ -978,9 +981,18 @@ impl Worker {
             primary_host: relationship.setup.primary_host.clone(),
             relationship: relationship.state.id,
             initial: relationship.setup.initial,
-            recovery: None,
+            recovery: relationship.setup.recovery,
         };
+        if relationship.state.enabled {
+            if request.recovery.is_some() && !self.recovery_sent {
+                // Enabling again is idempotent and carries the configured history.
+                self.sink.enable(&request)?;
+                self.recovery_sent = true;
+            }
+            return Ok(());
+        }
         self.sink.enable(&request)?;
+        self.recovery_sent = true;
         // A resync in progress belonged to the replica before this one.
         self.resync = None;
         self.group

@@ -478,6 +478,7 @@ fn replica_sink(
         start_after_unix,
         initial: replica.initial_replication,
         compression: replica.compression.then_some(replica.compression_level),
+        recovery: replica.recovery(),
     };
     Ok((Box::new(sink), setup))
 }
