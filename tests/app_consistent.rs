@@ -10,12 +10,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::nbd::Conn;
 use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::*;
-use serde_json::Value;
 
 /// Writes the hook script into `dir`: it appends `PHASE CYCLE GROUP DISKS` to the
 /// returned log, and with `fail_freeze` fails the freeze (exit 1, a line on stderr).
@@ -59,27 +58,6 @@ fn primary(certs: &LabCerts, replica: &Replica, script: &Path, every: &str) -> P
     )
     .consumer(Consumer::Raw(consumer))
     .interval("1s")]))
-}
-
-fn consumer_status(p: &Primary) -> Value {
-    p.group_status("vm1")["consumer"].clone()
-}
-
-/// Waits until `check` holds for the consumer status; returns it.
-fn wait_consumer(p: &Primary, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let status = consumer_status(p);
-        if check(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen in {LONG:?}: {status:#}\n{}",
-            tail(&p.log(), 40)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn nbd_write(p: &Primary, disk: &str, offset: u64, byte: u8) {
@@ -142,7 +120,7 @@ fn points_are_frozen_thawed_and_flagged_every_few_cycles() {
 
     // The first cycle (after the initial replication) is a point, then about every
     // third; each is delivered flagged.
-    let status = wait_consumer(&p, "three points delivered", |s| {
+    let status = p.wait_consumer("vm1", "three points delivered", LONG, |s| {
         s["app_consistent"]["points_delivered"].as_u64() >= Some(3)
     });
     let app = &status["app_consistent"];
@@ -223,7 +201,7 @@ fn a_failing_freeze_is_counted_still_thaws_and_replication_carries_on() {
     let (script, log) = hook_script(dir.path(), true);
     let mut p = primary(&certs, &replica, &script, "2s");
 
-    let status = wait_consumer(&p, "two failed freezes", |s| {
+    let status = p.wait_consumer("vm1", "two failed freezes", LONG, |s| {
         s["app_consistent"]["freeze_failures"].as_u64() >= Some(2)
     });
     let app = &status["app_consistent"];

@@ -18,18 +18,6 @@ use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::*;
 use serde_json::Value;
 
-/// Runs `blkrep replica ARGS --config <replica's>`.
-fn replica_cmd(replica: &Replica, args: &[&str]) -> Output {
-    run(
-        Command::new(BIN)
-            .arg("replica")
-            .args(args)
-            .arg("--config")
-            .arg(replica.config()),
-        LONG,
-    )
-}
-
 fn replica_disks(replica: &Replica) -> Vec<Vec<u8>> {
     ["disk0", "disk1"]
         .iter()
@@ -72,9 +60,8 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     .ring_size("64MiB")]));
     let first = p.cycles_close("vm1");
     replica.wait_applied("vm1", first, LONG);
-    replica_cmd(
-        &replica,
-        &[
+    replica
+        .cli(&[
             "recovery",
             "--name",
             "vm1",
@@ -82,9 +69,8 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
             "6",
             "--spacing",
             "1s",
-        ],
-    )
-    .assert_ok();
+        ])
+        .assert_ok();
 
     let shared = Arc::new(OrderedShared::default());
     shared.may_fail.store(true, Ordering::SeqCst);
@@ -107,7 +93,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     assert!(written >= acked.saturating_sub(1), "{written} {acked}");
 
     // The primary is gone: fail over to the latest point.
-    let out = replica_cmd(&replica, &["failover", "--name", "vm1"]).assert_ok();
+    let out = replica.cli(&["failover", "--name", "vm1"]).assert_ok();
     assert!(
         out.stdout.contains("nbd+unix:///vm1/disk0"),
         "{}",
@@ -123,56 +109,41 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     );
 
     // An earlier point: a shorter prefix, on both disks at once.
-    let points: Vec<Value> = replica_cmd(&replica, &["points", "--name", "vm1", "--json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let points: Vec<Value> = replica.points("vm1");
     let earlier = points
         .iter()
         .find(|p| p["latest"] == false)
         .expect("an earlier point");
     let earlier_id = earlier["id"].as_u64().expect("id").to_string();
-    replica_cmd(
-        &replica,
-        &["failover", "--name", "vm1", "--point", &earlier_id],
-    )
-    .assert_ok();
+    replica
+        .cli(&["failover", "--name", "vm1", "--point", &earlier_id])
+        .assert_ok();
     let older = ordered_prefix(&replica_disks(&replica), &writes)
         .unwrap_or_else(|e| panic!("the earlier point is no state the primary had: {e}"));
     assert!(older < latest, "earlier point {older}, latest {latest}");
-    let status = replica_cmd(&replica, &["status"]).assert_ok();
+    let status = replica.cli(&["status"]).assert_ok();
     assert!(status.stdout.contains("FAILED OVER"), "{}", status.all());
 
     // Back to the latest state before the failover (kept as a point): the same
     // prefix as before.
-    let points: Vec<Value> = replica_cmd(&replica, &["points", "--name", "vm1", "--json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let points: Vec<Value> = replica.points("vm1");
     let newest = points
         .iter()
         .filter(|p| p["latest"] == false)
         .max_by_key(|p| p["cycle"].as_u64())
         .expect("points");
     let newest_id = newest["id"].as_u64().expect("id").to_string();
-    replica_cmd(
-        &replica,
-        &["failover", "--name", "vm1", "--point", &newest_id],
-    )
-    .assert_ok();
+    replica
+        .cli(&["failover", "--name", "vm1", "--point", &newest_id])
+        .assert_ok();
     assert_eq!(
         ordered_prefix(&replica_disks(&replica), &writes),
         Ok(latest)
     );
-    replica_cmd(&replica, &["complete-failover", "--name", "vm1"]).assert_ok();
-    let refused = replica_cmd(
-        &replica,
-        &["failover", "--name", "vm1", "--point", &earlier_id],
-    );
+    replica
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
     assert!(!refused.success(), "{}", refused.all());
 
     // The new live disks take writes through the replica daemon.

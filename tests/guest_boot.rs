@@ -256,6 +256,16 @@ fn host_check_image(image: &Path, token: &str, scratch: &Path) {
 
 /// Letters and digits only (the kernel command line and the init script take it
 /// as is), different on every run so nothing stale can pass.
+/// Makes `image` an empty ext4 file system.
+fn mkfs(image: &Path) {
+    run_ok(
+        Command::new(e2fs_tool("mkfs.ext4"))
+            .args(["-F", "-q", "-L", "blkrep-guest"])
+            .arg(image),
+        LONG,
+    );
+}
+
 fn fresh_token() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -274,12 +284,7 @@ fn a_guest_writes_an_ext4_file_system_through_the_primary_and_a_second_guest_rea
     )
     .tracking(true)]));
     // Formatted before the daemon starts: the local copy starts from it.
-    run_ok(
-        Command::new(e2fs_tool("mkfs.ext4"))
-            .args(["-F", "-q", "-L", "blkrep-guest"])
-            .arg(p.image(DISK)),
-        LONG,
-    );
+    mkfs(&p.image(DISK));
     p.restart();
     let logs = p.layout.root.clone();
     let drive = p.uri(DISK);
@@ -324,12 +329,7 @@ fn a_guest_boots_from_the_failed_over_replica_and_finds_its_files() {
         "",
     )))
     .ring_size("64MiB")]));
-    run_ok(
-        Command::new(e2fs_tool("mkfs.ext4"))
-            .args(["-F", "-q", "-L", "blkrep-guest"])
-            .arg(p.image(DISK)),
-        LONG,
-    );
+    mkfs(&p.image(DISK));
     p.restart();
     let logs = p.layout.root.clone();
     let token = fresh_token();

@@ -70,28 +70,6 @@ fn consumer_status(p: &Primary) -> Value {
     p.group_status("vm1")["consumer"].clone()
 }
 
-/// Waits until `check` holds for the consumer status; returns it.
-fn wait_consumer(
-    p: &Primary,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let status = consumer_status(p);
-        if check(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen in {timeout:?}: {status:#}\n{}",
-            tail(&p.log(), 40)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
     let (_dir, certs, replica) = lab();
@@ -294,7 +272,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
         "{}",
         refused.all()
     );
-    wait_consumer(&p, "waiting for the export", LONG, |s| {
+    p.wait_consumer("vm1", "waiting for the export", LONG, |s| {
         s["state"] == "awaiting_export"
     });
 
@@ -324,7 +302,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
         "{}",
         waiting.all()
     );
-    let status = wait_consumer(&p, "waiting for the import", LONG, |s| {
+    let status = p.wait_consumer("vm1", "waiting for the import", LONG, |s| {
         s["state"] == "awaiting_import"
     });
     assert!(
@@ -517,7 +495,7 @@ fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
             "{what}: the cycle shipped\n{}",
             close.report()
         );
-        let status = wait_consumer(&p, what, SHORT, |s| s["state"] == "suspended");
+        let status = p.wait_consumer("vm1", what, SHORT, |s| s["state"] == "suspended");
         assert_eq!(status["health"], "Critical", "{what}: {status:#}");
         assert_eq!(
             status["failure_class"], "authentication",
@@ -571,11 +549,11 @@ fn connection_resets_mid_transfer_resume_without_resending_chunks() {
         first.report()
     );
     proxy.reset_after_upstream_bytes(9 * MIB + 777);
-    let status = wait_consumer(&p, "two failures", LONG, |s| {
+    let status = p.wait_consumer("vm1", "two failures", LONG, |s| {
         s["failures"].as_u64() >= Some(2)
     });
     assert_eq!(status["failure_class"], "network", "{status:#}");
-    let cycle = wait_consumer(&p, "recovery", LONG, |s| {
+    let cycle = p.wait_consumer("vm1", "recovery", LONG, |s| {
         s["last_delivered"].as_u64().is_some() && s["last_error"].is_null()
     })["last_delivered"]
         .as_u64()
@@ -651,14 +629,14 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     p.restart();
     let replication = |args: &[&str]| replication(&p, args);
     // Cycles every second ship by themselves after the initial replication.
-    let delivered = wait_consumer(&p, "automatic cycles", LONG, |s| {
+    let delivered = p.wait_consumer("vm1", "automatic cycles", LONG, |s| {
         s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"
     });
     assert_eq!(delivered["health"], "Normal", "{delivered:#}");
 
     let paused = replication(&["pause", "--group", "vm1"]);
     assert!(paused.success(), "{}", paused.report());
-    let status = wait_consumer(&p, "pause", SHORT, |s| s["state"] == "paused");
+    let status = p.wait_consumer("vm1", "pause", SHORT, |s| s["state"] == "paused");
     assert_eq!(status["health"], "Warning", "{status:#}");
     qemu_io_write(&p, "disk0", 0x61, MIB, 256 * KIB);
     let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
@@ -704,5 +682,5 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     let removed = replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
     assert!(removed.success(), "{}", removed.report());
     assert!(replica.info("vm1").is_none(), "the replica was not deleted");
-    wait_consumer(&p, "removal", SHORT, |s| s["state"] == "removed");
+    p.wait_consumer("vm1", "removal", SHORT, |s| s["state"] == "removed");
 }

@@ -22,18 +22,6 @@ fn qemu_io(uri: &str, command: &str) -> Output {
     )
 }
 
-/// Runs `blkrep replica ARGS --config <replica's>`.
-fn replica_cmd(replica: &Replica, args: &[&str]) -> Output {
-    run(
-        Command::new(BIN)
-            .arg("replica")
-            .args(args)
-            .arg("--config")
-            .arg(replica.config()),
-        LONG,
-    )
-}
-
 /// Reads a whole NBD export with nbdcopy into `to`.
 fn copy_export(uri: &str, to: &Path) {
     let nbdcopy = require_tool("nbdcopy");
@@ -48,12 +36,6 @@ fn test_uri(replica: &Replica, disk: &str) -> String {
         "nbd+unix:///test/vm1/{disk}?socket={}",
         replica.nbd_socket().display()
     )
-}
-
-/// The replica's recovery points.
-fn points(replica: &Replica) -> Vec<Value> {
-    let out = replica_cmd(replica, &["points", "--name", "vm1", "--json"]).assert_ok();
-    out.json().as_array().cloned().unwrap_or_default()
 }
 
 #[test]
@@ -78,9 +60,8 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
     replica.wait_applied("vm1", first, LONG);
 
     // Every cycle becomes a point (spacing 1 s, cycles 1.1 s apart).
-    let set = replica_cmd(
-        &replica,
-        &[
+    let set = replica
+        .cli(&[
             "recovery",
             "--name",
             "vm1",
@@ -88,9 +69,8 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
             "3",
             "--spacing",
             "1s",
-        ],
-    )
-    .assert_ok();
+        ])
+        .assert_ok();
     assert!(
         set.stdout.contains("3 additional point(s) kept"),
         "{}",
@@ -115,7 +95,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
             ),
         );
     }
-    let listed = points(&replica);
+    let listed = replica.points("vm1");
     let cycles: Vec<u64> = listed.iter().filter_map(|p| p["cycle"].as_u64()).collect();
     let latest_cycle = *states.keys().last().expect("cycles");
     assert_eq!(
@@ -128,7 +108,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         listed.last().map(|p| p["latest"].clone()),
         Some(Value::Bool(true))
     );
-    let text = replica_cmd(&replica, &["points", "--name", "vm1"]).assert_ok();
+    let text = replica.cli(&["points", "--name", "vm1"]).assert_ok();
     assert!(text.stdout.contains("latest"), "{}", text.all());
     assert!(text.stdout.contains("crash-consistent"), "{}", text.all());
 
@@ -138,18 +118,16 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         oldest["id"].as_u64().expect("id"),
         oldest["cycle"].as_u64().expect("cycle"),
     );
-    let started = replica_cmd(
-        &replica,
-        &[
+    let started = replica
+        .cli(&[
             "test-failover",
             "start",
             "--name",
             "vm1",
             "--point",
             &point_id.to_string(),
-        ],
-    )
-    .assert_ok();
+        ])
+        .assert_ok();
     assert!(
         started.stdout.contains(&test_uri(&replica, "disk0")),
         "{}",
@@ -192,7 +170,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
     for disk in ["disk0", "disk1"] {
         assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
     }
-    let status = replica_cmd(&replica, &["status"]).assert_ok();
+    let status = replica.cli(&["status"]).assert_ok();
     assert!(
         status.stdout.contains("TEST FAILOVER in progress"),
         "{}",
@@ -214,13 +192,15 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         .spawn()
         .expect("spawn python");
     wait_for_line(&mut holder, "connected");
-    let refused = replica_cmd(&replica, &["test-failover", "stop", "--name", "vm1"]);
+    let refused = replica.cli(&["test-failover", "stop", "--name", "vm1"]);
     assert!(!refused.success(), "{}", refused.all());
     assert!(refused.all().contains("--force"), "{}", refused.all());
     let _ = holder.kill();
     let _ = holder.wait();
     wait_until("the client's connection to close", SHORT, || {
-        replica_cmd(&replica, &["test-failover", "stop", "--name", "vm1"]).success()
+        replica
+            .cli(&["test-failover", "stop", "--name", "vm1"])
+            .success()
     });
     let gone = run(
         Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", "read 0 4k", &test0]),
@@ -234,7 +214,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         !replica.storage("dc1").join("vm1/test").exists(),
         "the overlays are deleted"
     );
-    let status = replica_cmd(&replica, &["status"]).assert_ok();
+    let status = replica.cli(&["status"]).assert_ok();
     assert!(
         status.stdout.contains("last test failover"),
         "{}",
@@ -246,7 +226,9 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         read_file(&replica.disk("dc1", "vm1", "disk0")),
         read_file(&replica.disk("dc1", "vm1", "disk1")),
     );
-    replica_cmd(&replica, &["test-failover", "start", "--name", "vm1"]).assert_ok();
+    replica
+        .cli(&["test-failover", "start", "--name", "vm1"])
+        .assert_ok();
     qemu_io(&p.uri("disk0"), "write -P 0x99 0 4M");
     qemu_io(&p.uri("disk1"), "write -z 0 8M");
     let cycle = p.cycles_close("vm1");
@@ -268,15 +250,16 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         &latest_state.1,
         "disk1 at the latest point",
     );
-    replica_cmd(&replica, &["test-failover", "stop", "--name", "vm1"]).assert_ok();
+    replica
+        .cli(&["test-failover", "stop", "--name", "vm1"])
+        .assert_ok();
     // The temporary point is gone; the kept points still read as they were.
-    let after = points(&replica);
+    let after = replica.points("vm1");
     assert_eq!(after.len(), 4, "{after:#?}");
-    assert!(
-        replica_cmd(&replica, &["test-failover", "stop", "--name", "vm1"])
-            .all()
-            .contains("No test failover")
-    );
+    assert!(replica
+        .cli(&["test-failover", "stop", "--name", "vm1"])
+        .all()
+        .contains("No test failover"));
 }
 
 /// Waits until `child` prints `line` on stdout.

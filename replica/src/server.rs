@@ -253,16 +253,10 @@ impl ServerHandle {
             .iter()
             .map(|disk| test_export(name, &disk.name))
             .collect();
-        let deadline = std::time::Instant::now() + TEST_WAIT;
-        let test = loop {
-            match lock(&replica).begin_test(point, exports.clone()) {
-                // Between two applies the disks hold the latest point.
-                Err(StoreError::Busy(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                other => break other?,
-            }
-        };
+        // Between two applies the disks hold the latest point.
+        let test = while_busy(TEST_WAIT, || {
+            lock(&replica).begin_test(point, exports.clone())
+        })?;
         let mut replica = lock(&replica);
         let disks: Vec<(PathBuf, u64)> = replica
             .state()
@@ -355,6 +349,23 @@ fn failed_over(dir: &Path, replica: &Replica) -> FailedOver {
     }
 }
 
+/// Calls `attempt` until it is not [`StoreError::Busy`] (the replica is between two
+/// steps of an apply), for at most `wait`.
+fn while_busy<T>(
+    wait: Duration,
+    mut attempt: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match attempt() {
+            Err(StoreError::Busy(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Where a replica keeps a test's overlays.
 const TEST_DIR: &str = "test";
 /// How long a failover waits for received transfers to be applied.
@@ -438,15 +449,7 @@ impl ServerHandle {
     ) -> Result<FailedOver, AdminError> {
         let (dir, replica) = self.one_replica(name, trust_group)?;
         let _ = self.context.apply.send(dir.clone());
-        let deadline = std::time::Instant::now() + FAILOVER_WAIT;
-        let failover = loop {
-            match lock(&replica).fail_over(point, false) {
-                Err(StoreError::Busy(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                other => break other?,
-            }
-        };
+        let failover = while_busy(FAILOVER_WAIT, || lock(&replica).fail_over(point, false))?;
         warn!(replica = %name, cycle = failover.stamp.cycle, "Failed over: the replica's disks are now the live copy and its former primary is fenced off");
         let guard = lock(&replica);
         Ok(failed_over(&dir, &guard))

@@ -179,6 +179,33 @@ pub struct OneReplica {
     trust_group: Option<String>,
 }
 
+impl OneReplica {
+    /// Sends the request `make` builds from the replica's name and trust group to
+    /// the daemon; returns the name and the answer.
+    fn call(
+        self,
+        timeout: Duration,
+        make: impl FnOnce(String, Option<String>) -> Request,
+    ) -> anyhow::Result<(String, Value)> {
+        let socket = control_socket(self.socket, self.config)?;
+        let value = call(&socket, &make(self.name.clone(), self.trust_group), timeout)?;
+        Ok((self.name, value))
+    }
+}
+
+/// The replica an answer carries.
+fn replica_in(value: &Value) -> anyhow::Result<ReplicaInfo> {
+    serde_json::from_value(value.clone()).context("Unreadable answer")
+}
+
+/// Prints NBD URIs of `exports` on the socket the answer `value` names.
+fn print_exports<'a>(exports: impl Iterator<Item = &'a str>, value: &Value) {
+    let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
+    for export in exports {
+        println!("  nbd+unix:///{export}?socket={nbd_socket}");
+    }
+}
+
 /// A control request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -311,19 +338,12 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         }
         ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
             let paused = pausing;
-            let OneReplica {
-                config,
-                socket,
-                name,
-                trust_group,
-            } = target;
-            let socket = control_socket(socket, config)?;
-            let request = Request::SetPaused {
-                name: name.clone(),
-                trust_group,
-                paused,
-            };
-            call(&socket, &request, STATUS_TIMEOUT)?;
+            let (name, _) =
+                target.call(STATUS_TIMEOUT, |name, trust_group| Request::SetPaused {
+                    name,
+                    trust_group,
+                    paused,
+                })?;
             println!(
                 "Replication into {name} {}",
                 if paused {
@@ -349,15 +369,12 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             );
         }
         ReplicaCommand::Failover { target, point } => {
-            let socket = control_socket(target.socket, target.config)?;
-            let request = Request::Failover {
-                name: target.name.clone(),
-                trust_group: target.trust_group,
+            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Failover {
+                name,
+                trust_group,
                 point,
-            };
-            let value = call(&socket, &request, TEST_TIMEOUT)?;
-            let info: ReplicaInfo =
-                serde_json::from_value(value["replica"].clone()).context("Unreadable answer")?;
+            })?;
+            let info = replica_in(&value["replica"])?;
             if let Some(failover) = &info.failover {
                 println!(
                     "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
@@ -369,41 +386,32 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 );
             }
             if let Some(exports) = value["exports"].as_array() {
-                let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
                 println!("Its disks:");
-                for export in exports.iter().filter_map(Value::as_str) {
-                    println!("  nbd+unix:///{export}?socket={nbd_socket}");
-                }
+                print_exports(exports.iter().filter_map(Value::as_str), &value);
             }
         }
         ReplicaCommand::CompleteFailover(target) => {
-            let socket = control_socket(target.socket, target.config)?;
-            let request = Request::CompleteFailover {
-                name: target.name.clone(),
-                trust_group: target.trust_group,
-            };
-            call(&socket, &request, TEST_TIMEOUT)?;
-            println!(
-                "Failover of {} completed; the other recovery points are deleted",
-                target.name
-            );
+            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| {
+                Request::CompleteFailover { name, trust_group }
+            })?;
+            println!("Failover of {name} completed; the other recovery points are deleted");
         }
         ReplicaCommand::Recovery {
             target,
             points,
             spacing,
         } => {
-            let socket = control_socket(target.socket, target.config)?;
-            let request = Request::SetRecovery {
-                name: target.name.clone(),
-                trust_group: target.trust_group,
-                policy: wire::api::RecoveryPolicy {
-                    points,
-                    spacing_secs: spacing.as_secs(),
-                },
+            let policy = wire::api::RecoveryPolicy {
+                points,
+                spacing_secs: spacing.as_secs(),
             };
-            let value = call(&socket, &request, TEST_TIMEOUT)?;
-            let info: ReplicaInfo = serde_json::from_value(value).context("Unreadable answer")?;
+            let (_, value) =
+                target.call(TEST_TIMEOUT, |name, trust_group| Request::SetRecovery {
+                    name,
+                    trust_group,
+                    policy,
+                })?;
+            let info = replica_in(&value)?;
             print!("{}", render_points(&info, unix_now()));
         }
         ReplicaCommand::Points { target, json } => {
@@ -419,16 +427,12 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             }
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Start { target, point }) => {
-            let socket = control_socket(target.socket, target.config)?;
-            let request = Request::StartTest {
-                name: target.name.clone(),
-                trust_group: target.trust_group,
+            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StartTest {
+                name,
+                trust_group,
                 point,
-            };
-            let value = call(&socket, &request, TEST_TIMEOUT)?;
-            let info: ReplicaInfo =
-                serde_json::from_value(value["replica"].clone()).context("Unreadable answer")?;
-            let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
+            })?;
+            let info = replica_in(&value["replica"])?;
             if let Some(test) = &info.test_failover {
                 println!(
                     "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
@@ -437,23 +441,16 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                     format_ms(test.time_unix_ms),
                     point_kind(test.app_consistent)
                 );
-                for export in &test.exports {
-                    println!("  nbd+unix:///{export}?socket={nbd_socket}");
-                }
+                print_exports(test.exports.iter().map(String::as_str), &value);
             }
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Stop { target, force }) => {
-            let socket = control_socket(target.socket, target.config)?;
-            let request = Request::StopTest {
-                name: target.name.clone(),
-                trust_group: target.trust_group,
+            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StopTest {
+                name,
+                trust_group,
                 force,
-            };
-            call(&socket, &request, TEST_TIMEOUT)?;
-            println!(
-                "Test failover of {} stopped; its writes are discarded",
-                target.name
-            );
+            })?;
+            println!("Test failover of {name} stopped; its writes are discarded");
         }
         ReplicaCommand::Status {
             config,

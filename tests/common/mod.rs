@@ -823,6 +823,29 @@ impl Primary {
             .clone()
     }
 
+    /// Waits until `check` holds for group `g`'s consumer status; returns it.
+    pub fn wait_consumer(
+        &self,
+        g: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.group_status(g)["consumer"].clone();
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen in {timeout:?}: {status:#}\n{}",
+                tail(&self.log(), 40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The status object of disk `d` in group `g`.
     pub fn disk_status(&self, g: &str, d: &str) -> Value {
         let gs = self.group_status(g);

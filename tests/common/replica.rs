@@ -157,6 +157,28 @@ impl Replica {
     pub fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.port)
     }
+    /// Runs `blkrep replica ARGS --config <this replica's>`.
+    pub fn cli(&self, args: &[&str]) -> super::Output {
+        run(
+            Command::new(BIN)
+                .arg("replica")
+                .args(args)
+                .arg("--config")
+                .arg(self.config()),
+            super::LONG,
+        )
+    }
+
+    /// The recovery points of replica `name`, oldest first, the latest last.
+    pub fn points(&self, name: &str) -> Vec<Value> {
+        self.cli(&["points", "--name", name, "--json"])
+            .assert_ok()
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The unix socket serving test failover disks.
     pub fn nbd_socket(&self) -> PathBuf {
         self.root.join("replica-nbd.sock")

@@ -358,6 +358,24 @@ fn stamped(cycle: u64, secs: u64, app_consistent: bool) -> TransferKind {
     }
 }
 
+/// A replica keeping `points` points `spacing_secs` apart, its initial copy received.
+fn keeping_points(path: &Path, points: u32, spacing_secs: u64) -> Replica {
+    let mut replica = Replica::create(path, state(), 0).unwrap();
+    replica
+        .set_recovery(RecoveryPolicy {
+            points,
+            spacing_secs,
+        })
+        .unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 8192])],
+    );
+    replica
+}
+
 /// Disk `disk` as recovery point `id` has it.
 fn point_disk(replica: &Replica, id: u64, disk: usize) -> Vec<u8> {
     let name = &replica.state().disks[disk].name;
@@ -376,19 +394,7 @@ fn point_disk(replica: &Replica, id: u64, disk: usize) -> Vec<u8> {
 fn points_are_spaced_aged_out_and_keep_their_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm1");
-    let mut replica = Replica::create(&path, state(), 0).unwrap();
-    replica
-        .set_recovery(RecoveryPolicy {
-            points: 2,
-            spacing_secs: 60,
-        })
-        .unwrap();
-    send(
-        &mut replica,
-        1,
-        resync(1, 0, true),
-        &[write(0, 0, &[1u8; 8192])],
-    );
+    let mut replica = keeping_points(&path, 2, 60);
     apply_all(&mut replica);
     // (cycle, seconds, app-consistent): points at 0, 61, 62 (app), 130, 200.
     let deltas = [
@@ -492,19 +498,7 @@ fn points_are_spaced_aged_out_and_keep_their_state() {
 fn a_resync_keeps_the_last_consistent_state_as_a_point() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm1");
-    let mut replica = Replica::create(&path, state(), 0).unwrap();
-    replica
-        .set_recovery(RecoveryPolicy {
-            points: 4,
-            spacing_secs: 3600,
-        })
-        .unwrap();
-    send(
-        &mut replica,
-        1,
-        resync(1, 0, true),
-        &[write(0, 0, &[1u8; 8192])],
-    );
+    let mut replica = keeping_points(&path, 4, 3600);
     send(
         &mut replica,
         2,
@@ -544,19 +538,7 @@ fn a_resync_keeps_the_last_consistent_state_as_a_point() {
 fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm1");
-    let mut replica = Replica::create(&path, state(), 0).unwrap();
-    replica
-        .set_recovery(RecoveryPolicy {
-            points: 8,
-            spacing_secs: 1,
-        })
-        .unwrap();
-    send(
-        &mut replica,
-        1,
-        resync(1, 0, true),
-        &[write(0, 0, &[1u8; 8192])],
-    );
+    let mut replica = keeping_points(&path, 8, 1);
     let mut states = BTreeMap::new();
     for cycle in 1..=4u64 {
         let byte = cycle as u8 * 16;
