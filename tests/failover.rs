@@ -166,39 +166,59 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         .iter()
         .all(|b| *b == 0x5a));
 
-    // The old primary returns: it is refused as superseded and stops shipping; the
-    // live disks are untouched.
+    // The old primary returns: it is refused as superseded and stops shipping for
+    // good, saying so; the live disks are untouched.
     p.restart();
-    let deadline = Instant::now() + LONG;
-    let consumer = loop {
-        let consumer = p.group_status("vm1")["consumer"].clone();
-        if consumer["state"] == "suspended" {
-            break consumer;
-        }
-        assert!(Instant::now() < deadline, "not suspended: {consumer:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let reason = consumer["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-        + consumer["suspended_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("superseded"), "{consumer:#}");
+    let consumer = p.wait_consumer("vm1", "superseded", LONG, |s| s["state"] == "superseded");
+    assert_eq!(consumer["health"], "Critical", "{consumer:#}");
+    assert!(
+        consumer["health_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("superseded")),
+        "{consumer:#}"
+    );
     assert!(
         replica_disks(&replica) == after_write,
         "the live disks changed"
     );
-    // Even asked to delete the replica, it cannot.
-    let removed = run(
-        Command::new(BIN)
-            .args(["replication", "--config"])
-            .arg(p.config())
-            .args(["remove", "--group", "vm1", "--delete-replica"]),
-        LONG,
-    );
+    let replication = |args: &[&str]| {
+        run(
+            Command::new(BIN)
+                .args(["replication", "--config"])
+                .arg(p.config())
+                .args(args),
+            LONG,
+        )
+    };
+    // Resuming is refused, naming what the administrator can do.
+    let resumed = replication(&["resume", "--group", "vm1"]);
+    assert!(!resumed.success(), "{}", resumed.all());
     assert!(
-        replica.storage("dc1").join("vm1/replica.json").exists(),
+        resumed
+            .all()
+            .contains("blkrep replication remove --group vm1"),
         "{}",
-        removed.all()
+        resumed.all()
+    );
+    // Neither deleting the replica nor a new relationship over it touches the live
+    // disks.
+    let removed = replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
+    assert!(!removed.success(), "{}", removed.all());
+    assert!(removed.all().contains("live copy"), "{}", removed.all());
+    replication(&["remove", "--group", "vm1"]).assert_ok();
+    replication(&["enable", "--group", "vm1"]).assert_ok();
+    let consumer = p.wait_consumer("vm1", "the new relationship refused", LONG, |s| {
+        s["state"] == "suspended" || s["state"] == "superseded"
+    });
+    let said = consumer["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+        + consumer["health_reason"].as_str().unwrap_or_default();
+    assert!(said.contains("live copy"), "{consumer:#}");
+    assert!(replica.storage("dc1").join("vm1/replica.json").exists());
+    assert!(
+        replica_disks(&replica) == after_write,
+        "the live disks changed"
     );
 }

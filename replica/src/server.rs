@@ -1282,6 +1282,15 @@ fn enable_replica(
         if replica.is_unclaimed() {
             return claim_existing_copy(replica, peer, &enable);
         }
+        if state.failover.is_some() {
+            return Err(refuse(
+                ErrorCode::Superseded,
+                format!(
+                    "Replica {} was failed over to and is the group's live copy: no primary can replicate into it or replace it",
+                    state.name
+                ),
+            ));
+        }
         if state.relationship != enable.relationship || state.disks != enable.disks {
             return Err(refuse(
                 ErrorCode::OtherRelationship,

@@ -129,6 +129,9 @@ pub enum ReplicationState {
     Paused,
     /// Stopped after a failure that needs an administrator.
     Suspended,
+    /// The replica was failed over to: it is the group's live copy and this primary
+    /// must not ship to it again.
+    Superseded,
     /// The initial copy goes by external media and waits to be exported.
     AwaitingExport,
     /// The initial copy was exported; the replica waits for it to be imported.
@@ -559,6 +562,13 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// Why a superseded group does not ship, and what the administrator can do.
+fn superseded_message(group: &str, reason: &str) -> String {
+    format!(
+        "Group {group} is superseded: its replica was failed over to and is the live copy ({reason}). These disks are no longer the group's live disks and are never shipped over it; keep them aside, and stop replicating them with `blkrep replication remove --group {group}`"
+    )
+}
+
 /// Milliseconds since the epoch.
 fn unix_now_ms() -> u64 {
     SystemTime::now()
@@ -626,6 +636,7 @@ fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, Shippe
 enum Gate {
     Open,
     Paused,
+    Superseded(String),
     Suspended(String),
     Removed,
     NotBefore(u64),
@@ -686,6 +697,8 @@ impl Worker {
         let state = &relationship.state;
         if state.removed {
             Gate::Removed
+        } else if let Some(reason) = &state.superseded {
+            Gate::Superseded(reason.clone())
         } else if let Some(reason) = &state.suspended {
             Gate::Suspended(reason.clone())
         } else if state.paused {
@@ -701,7 +714,7 @@ impl Worker {
     fn tick(&mut self) {
         match self.gate() {
             Gate::Removed => self.drop_cycles(),
-            Gate::Paused | Gate::Suspended(_) | Gate::NotBefore(_) => {}
+            Gate::Paused | Gate::Suspended(_) | Gate::Superseded(_) | Gate::NotBefore(_) => {}
             Gate::Open if self.retry_at.is_some() => {
                 // Backing off after network failures: this interval's cycle is missed.
                 self.history.record(unix_now(), false);
@@ -717,6 +730,7 @@ impl Worker {
         match self.gate() {
             Gate::Open => self.attempt().map_err(|error| error_chain(&error)),
             Gate::Paused => Err("Replication is paused; resume it first".into()),
+            Gate::Superseded(reason) => Err(superseded_message(self.group.name(), &reason)),
             Gate::Suspended(reason) => Err(format!(
                 "Replication is suspended ({reason}); fix the cause, then resume it"
             )),
@@ -776,6 +790,17 @@ impl Worker {
 
     fn sink_failed(&mut self, class: FailureClass, code: Option<ErrorCode>, message: &str) {
         let group = self.group.name().to_string();
+        if code == Some(ErrorCode::Superseded) {
+            self.retry_at = None;
+            if let Some(relationship) = &mut self.relationship {
+                relationship.state.superseded = Some(message.to_string());
+                if let Err(error) = relationship.save() {
+                    error!(%group, error = %error_chain(&error), "Cannot record that this primary is superseded");
+                }
+            }
+            error!(%group, error = %message, "This primary is SUPERSEDED: its replica was failed over to and is the group's live copy; shipping stops for good and these disks are no longer the live ones");
+            return;
+        }
         match class {
             FailureClass::Network => {
                 self.network_failures += 1;
@@ -1445,6 +1470,9 @@ impl Worker {
                 format!("Replication of group {name} paused; writes are tracked until it resumes")
             }
             AdminAction::Resume => {
+                if let Some(reason) = &state.superseded {
+                    return Err(ShipperError::Refused(superseded_message(name, reason)));
+                }
                 if state.removed {
                     return Err(ShipperError::Refused(format!(
                         "Replication of group {name} is removed; enable it instead"
@@ -1519,6 +1547,7 @@ impl Worker {
         let state = match self.gate() {
             Gate::Removed => ReplicationState::Removed,
             Gate::Suspended(_) => ReplicationState::Suspended,
+            Gate::Superseded(_) => ReplicationState::Superseded,
             Gate::Paused => ReplicationState::Paused,
             Gate::NotBefore(_) => ReplicationState::WaitingToStart,
             Gate::Open if self.awaits_export() => ReplicationState::AwaitingExport,
@@ -1543,6 +1572,7 @@ impl Worker {
         };
         let suspended = match self.gate() {
             Gate::Suspended(reason) => Some(reason),
+            Gate::Superseded(reason) => Some(format!("superseded by a failover: {reason}")),
             _ => None,
         };
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);

@@ -58,6 +58,10 @@ pub struct Relationship {
     /// What `resume` repairs after the suspension (`reenable`, `resync`).
     #[serde(default)]
     pub repair_on_resume: Option<String>,
+    /// The replica was failed over to and refused this primary as superseded: the
+    /// replica's message. Nothing ships again for this relationship.
+    #[serde(default)]
+    pub superseded: Option<String>,
     /// Removed by an administrator: nothing is shipped until replication is enabled
     /// again.
     pub removed: bool,
@@ -99,6 +103,7 @@ impl Relationship {
             paused: false,
             suspended: None,
             repair_on_resume: None,
+            superseded: None,
             removed: false,
             start_after_unix: None,
             enabled_unix: crate::thread::unix_now(),
