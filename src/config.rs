@@ -340,7 +340,8 @@ fn default_retry_scale() -> f64 {
 }
 
 impl ReplicaConsumer {
-    fn problems(&self, at: &str) -> Vec<String> {
+    /// What is wrong with the options, each naming `at` (where they are written).
+    pub(crate) fn problems(&self, at: &str) -> Vec<String> {
         let mut problems = Vec::new();
         let https = self.url.starts_with("https://");
         let tls_files = [&self.ca, &self.cert, &self.key];

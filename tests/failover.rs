@@ -222,3 +222,149 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         "the live disks changed"
     );
 }
+
+/// Bytes of 4 KiB blocks that differ between two images of the same size.
+fn differing_bytes(a: &[u8], b: &[u8]) -> u64 {
+    assert_eq!(a.len(), b.len());
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.len() as u64)
+        .sum()
+}
+
+#[test]
+fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    // Site B's replica server, and site A's primary replicating to it.
+    let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![
+            DiskSpec::new("disk0", 32 * MIB).init(Init::Random(5)),
+            DiskSpec::new("disk1", 16 * MIB).init(Init::Random(6)),
+        ],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica_b.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .ring_size("64MiB")]));
+    let qemu_io = |uri: &str, command: &str| {
+        run_ok(
+            Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", command, uri]),
+            LONG,
+        );
+    };
+    let cycle = p.cycles_close("vm1");
+    replica_b.wait_applied("vm1", cycle, LONG);
+    qemu_io(&p.uri("disk0"), "write -P 0x11 4M 1M");
+    let cycle = p.cycles_close("vm1");
+    replica_b.wait_applied("vm1", cycle, LONG);
+    // Writes that never ship: site A is lost right after them.
+    qemu_io(&p.uri("disk0"), "write -P 0x22 20M 768k");
+    qemu_io(&p.uri("disk1"), "write -P 0x23 0 256k");
+    p.kill();
+
+    replica_b.cli(&["failover", "--name", "vm1"]).assert_ok();
+    replica_b
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let live = |disk: &str| {
+        format!(
+            "nbd+unix:///vm1/{disk}?socket={}",
+            replica_b.nbd_socket().display()
+        )
+    };
+    // The group runs at site B now.
+    qemu_io(&live("disk1"), "write -P 0x33 8M 512k");
+
+    // Site A comes back: its replica server gets the old primary's disks as an
+    // existing copy, and site B replicates back to it.
+    let replica_a = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let b_disks = replica_disks(&replica_b);
+    let a_disks: Vec<Vec<u8>> = ["disk0", "disk1"]
+        .iter()
+        .map(|disk| read_file(&p.image(disk)))
+        .collect();
+    let difference: u64 = a_disks
+        .iter()
+        .zip(&b_disks)
+        .map(|(a, b)| differing_bytes(a, b))
+        .sum();
+    assert!(difference >= 1536 * KIB, "{difference}");
+    let mut seed = Command::new(BIN);
+    seed.args(["replica", "seed", "--config"])
+        .arg(replica_a.config())
+        .args(["--trust-group", "dc1", "--name", "vm1", "--move"]);
+    for disk in ["disk0", "disk1"] {
+        seed.arg("--disk")
+            .arg(format!("{disk}={}", p.image(disk).display()));
+    }
+    run_ok(&mut seed, LONG);
+    let (ca, cert, key) = (
+        certs.ca().display().to_string(),
+        certs.cert(PRIMARY_HOST).display().to_string(),
+        certs.key(PRIMARY_HOST).display().to_string(),
+    );
+    let url = replica_a.url(REPLICA_HOST);
+    replica_b
+        .cli(&[
+            "reverse",
+            "--name",
+            "vm1",
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--interval",
+            "1s",
+        ])
+        .assert_ok();
+    // Consistent once a cycle after the comparison's copy is applied.
+    let deadline = Instant::now() + LONG;
+    let info = loop {
+        let info = replica_a.info("vm1").expect("vm1 at site A");
+        if info["consistent"] == true && info["pending_transfers"] == 0 {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site A never consistent: {info:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(
+            &replica_b.disk("dc1", "vm1", disk),
+            &replica_a.disk("dc1", "vm1", disk),
+            disk,
+        );
+    }
+    // Only the blocks that differed crossed: not the 48 MiB of the disks.
+    let applied = info["applied_bytes"].as_u64().expect("applied_bytes");
+    assert!(
+        applied <= difference && applied >= difference / 2,
+        "{applied} bytes applied at site A for {difference} bytes of difference"
+    );
+    eprintln!("reverse replication: {applied} bytes applied for {difference} bytes of difference");
+    let status = replica_b.cli(&["status"]).assert_ok();
+    assert!(
+        status.stdout.contains("live group vm1") && status.stdout.contains("replicating back"),
+        "{}",
+        status.all()
+    );
+    // Later writes at site B replicate as deltas.
+    qemu_io(&live("disk0"), "write -P 0x44 1M 64k");
+    let deadline = Instant::now() + LONG;
+    while read_file(&replica_a.disk("dc1", "vm1", "disk0"))[MIB as usize] != 0x44 {
+        assert!(Instant::now() < deadline, "the delta never reached site A");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -150,6 +150,62 @@ impl RunningGroup {
             .collect()
     }
 
+    /// Starts replicating a running group (a failed-over replica's live disks
+    /// replicated back, once): a shipper over its tracker, to the replica server
+    /// `replica` describes, a cycle every `interval`.
+    pub(crate) fn start_replication(
+        &mut self,
+        replica: &ReplicaConsumer,
+        interval: Duration,
+    ) -> Result<(), PrimaryError> {
+        let name = self.config.name.clone();
+        let failed = |reason: String| PrimaryError::Replication {
+            group: name.clone(),
+            reason,
+        };
+        let Some(tracker) = &self.tracker else {
+            return Err(failed("its writes are not tracked".into()));
+        };
+        if self.shipper.is_some() {
+            return Err(failed("it replicates already".into()));
+        }
+        let mut config = self.config.clone();
+        config.interval = crate::config::Interval(interval);
+        config.consumer = Some(ConsumerConfig::Replica(Box::new(replica.clone())));
+        let shared = SharedReplication {
+            throttle: None,
+            host_name: host_name(None),
+        };
+        let (sink, setup) = replica_sink(&config, replica, &shared, false)?;
+        let options = ShipperOptions {
+            interval,
+            retry: RetryPolicy {
+                scale: replica.retry_scale,
+            },
+            replication: Some(setup),
+            app_consistent: None,
+        };
+        let images = config.disks.iter().map(|d| d.image.clone()).collect();
+        let shipper = Shipper::spawn(tracker.clone(), images, config.block_size.0, options, sink)
+            .map_err(|source| PrimaryError::Shipper {
+            group: name.clone(),
+            source,
+        })?;
+        self.shipper = Some(shipper);
+        self.config = config;
+        Ok(())
+    }
+
+    /// The group's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The shipper's status, if the group replicates.
+    pub(crate) fn replication_status(&self) -> Option<shipper::ShipperStatus> {
+        self.shipper.as_ref().map(Shipper::status)
+    }
+
     /// Stops the group's shipper, if it has one.
     pub(crate) fn stop_shipper(&self) {
         if let Some(shipper) = &self.shipper {
@@ -206,12 +262,7 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
         .replication
         .bandwidth_limit
         .map(|limit| Arc::new(Throttle::new(limit.0)));
-    let host_name = config.replication.host_name.clone().unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|name| name.into_string().ok())
-            .unwrap_or_else(|| "primary".into())
-    });
+    let host_name = host_name(config.replication.host_name.clone());
     let shared = SharedReplication {
         throttle: daemon_throttle,
         host_name,
@@ -390,6 +441,16 @@ pub(crate) fn serve_failed_over(
 /// Ring of a failed-over group: its writes since the failover, until replication is
 /// reversed (past that, a dirty map, then a comparison).
 const FAILED_OVER_RING: u64 = 256 << 20;
+
+/// The host name the replica records: the configured one, or the system's.
+fn host_name(configured: Option<String>) -> String {
+    configured.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "primary".into())
+    })
+}
 
 /// What every replicating group of the daemon shares.
 pub(crate) struct SharedReplication {

@@ -103,6 +103,29 @@ pub enum ReplicaCommand {
     /// Complete a failover: the point chosen stays, the other recovery points are
     /// deleted.
     CompleteFailover(OneReplica),
+    /// Reverse replication: replicate a failed-over group's live disks back to the
+    /// replica server at the old site, where the old primary's disks were placed as an
+    /// existing copy (`blkrep replica seed` there); blocks are compared and only those
+    /// that differ are sent.
+    Reverse {
+        #[command(flatten)]
+        target: OneReplica,
+        /// The replica server to replicate to (`https://host:port`).
+        #[arg(long)]
+        url: String,
+        /// CA certificate(s) that sign that server's certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// This host's client certificate, which that server authorises.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Replication interval.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Set how many additional recovery points a replica keeps, and how far apart.
     Recovery {
         #[command(flatten)]
@@ -233,6 +256,17 @@ pub enum Request {
         /// Its trust group, when several have that name.
         trust_group: Option<String>,
     },
+    /// Replicate a failed-over group back.
+    Reverse {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Where to.
+        target: ReverseTarget,
+    },
+    /// The failed-over groups served as live disks, and their replication.
+    Live,
     /// Set a replica's recovery history.
     SetRecovery {
         /// The replica.
@@ -396,6 +430,35 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             })?;
             println!("Failover of {name} completed; the other recovery points are deleted");
         }
+        ReplicaCommand::Reverse {
+            target,
+            url,
+            ca,
+            cert,
+            key,
+            interval,
+        } => {
+            let absolute = |path: PathBuf| {
+                std::path::absolute(&path)
+                    .with_context(|| format!("Cannot resolve {}", path.display()))
+            };
+            let reverse = ReverseTarget {
+                url,
+                ca: absolute(ca)?,
+                cert: absolute(cert)?,
+                key: absolute(key)?,
+                interval_secs: interval.as_secs().max(1),
+            };
+            let url = reverse.url.clone();
+            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Reverse {
+                name,
+                trust_group,
+                target: reverse,
+            })?;
+            println!(
+                "Group {name} replicates back to {url}: blocks are compared with the existing copy there and only those that differ are sent (`blkrep replica status` follows it)"
+            );
+        }
         ReplicaCommand::Recovery {
             target,
             points,
@@ -465,6 +528,8 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 let replicas: Vec<ReplicaInfo> =
                     serde_json::from_value(value).context("Unreadable status report")?;
                 print!("{}", render_status(&replicas, unix_now()));
+                let live = call(&socket, &Request::Live, STATUS_TIMEOUT)?;
+                print!("{}", render_live(&live));
             }
         }
         ReplicaCommand::Seed {
@@ -611,6 +676,16 @@ fn serve(
     for failed in server.handle().failed_over() {
         if let Err(error) = control_state.serve_live(&failed) {
             error!(replica = %failed.info.name, %error, "Cannot serve the failed-over disks");
+            continue;
+        }
+        let Ok(text) = std::fs::read(failed.dir.join(REVERSE_FILE)) else {
+            continue;
+        };
+        let resumed = serde_json::from_slice::<ReverseTarget>(&text)
+            .map_err(|error| error.to_string())
+            .and_then(|target| control_state.reverse(&failed.dir, &failed.info.name, &target));
+        if let Err(error) = resumed {
+            error!(replica = %failed.info.name, %error, "Cannot resume replicating the live disks back");
         }
     }
     spawn_control(control, control_state.clone())?;
@@ -736,9 +811,53 @@ impl Control {
         Ok(())
     }
 
+    /// Starts replicating the live group of the replica in `dir` to `target`, and
+    /// records it so a restarted daemon carries on.
+    fn reverse(&self, dir: &Path, name: &str, target: &ReverseTarget) -> Result<(), String> {
+        let consumer = target.consumer()?;
+        let problems = consumer.problems("reverse");
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let mut live = lock(&self.live);
+        let serving = live
+            .get_mut(dir)
+            .ok_or_else(|| format!("The live disks of {name} are not served"))?;
+        serving
+            .group
+            .start_replication(&consumer, Duration::from_secs(target.interval_secs))
+            .map_err(|error| wire::error_chain(&error))?;
+        let path = dir.join(REVERSE_FILE);
+        let text = serde_json::to_vec_pretty(target).map_err(|error| error.to_string())?;
+        std::fs::write(&path, text)
+            .map_err(|error| format!("Cannot record {}: {error}", path.display()))?;
+        info!(replica = %name, url = %target.url, "Replicating the live disks back");
+        Ok(())
+    }
+
+    /// Each live group: its exports and replication status.
+    fn live_status(&self) -> Value {
+        let live = lock(&self.live);
+        let groups: Vec<Value> = live
+            .values()
+            .map(|serving| {
+                serde_json::json!({
+                    "name": serving.group.name(),
+                    "exports": serving.exports,
+                    "replication": serving.group.replication_status(),
+                })
+            })
+            .collect();
+        Value::Array(groups)
+    }
+
     /// Stops every live group (daemon shutdown, after the NBD server stopped).
     fn close_live(&self) {
-        for (_, serving) in lock(&self.live).drain() {
+        let live: Vec<LiveGroup> = lock(&self.live).drain().map(|(_, s)| s).collect();
+        for serving in &live {
+            serving.group.stop_shipper();
+        }
+        for serving in live {
             serving.group.close();
         }
     }
@@ -746,6 +865,38 @@ impl Control {
 
 /// The ring of a failed-over replica's live disks.
 const LIVE_RING: &str = "live.ring";
+/// Where a failed-over replica's live disks replicate back to ([`ReverseTarget`]).
+const REVERSE_FILE: &str = "reverse.json";
+
+/// Where a failed-over group's live disks replicate back to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReverseTarget {
+    /// The replica server at the old site.
+    pub url: String,
+    /// CA certificate(s) of that server.
+    pub ca: PathBuf,
+    /// This host's client certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// Replication interval, in seconds.
+    pub interval_secs: u64,
+}
+
+impl ReverseTarget {
+    /// The consumer options: the old primary's disks are an existing copy there.
+    fn consumer(&self) -> Result<crate::config::ReplicaConsumer, String> {
+        let mut table = toml::Table::new();
+        table.insert("url".into(), self.url.clone().into());
+        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            table.insert(key.into(), path.display().to_string().into());
+        }
+        table.insert("initial_replication".into(), "existing".into());
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|error| format!("Invalid reverse replication target: {error}"))
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -808,6 +959,27 @@ fn serve_control(stream: &UnixStream, control: &Control) -> std::io::Result<()> 
             trust_group,
             point,
         } => fail_over(control, &name, trust_group.as_deref(), point),
+        Request::Reverse {
+            name,
+            trust_group,
+            target,
+        } => {
+            let dir = control
+                .server
+                .replica_dir(&name, trust_group.as_deref())
+                .ok_or_else(|| format!("No replica named {name}"))?;
+            let info = server
+                .replica(&name, trust_group.as_deref())
+                .map_err(|error| wire::error_chain(&error))?;
+            match &info.failover {
+                Some(failover) if failover.completed => {}
+                Some(_) => return Err(format!("Complete the failover of {name} first (`blkrep replica complete-failover --name {name}`): replicating back fixes its point")),
+                None => return Err(format!("Replica {name} was not failed over: it is a replica, not a live copy to replicate")),
+            }
+            control.reverse(&dir, &name, &target)?;
+            Ok(Value::Null)
+        }
+        Request::Live => Ok(control.live_status()),
         Request::CompleteFailover { name, trust_group } => {
             let info = server
                 .complete_failover(&name, trust_group.as_deref())
@@ -1183,6 +1355,40 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             out.push_str(&format!(
                 "  last test failover: {} ago\n",
                 humantime::format_duration(age)
+            ));
+        }
+    }
+    out
+}
+
+/// The failed-over groups served as live disks, one line each (and their
+/// replication back, if any).
+fn render_live(live: &Value) -> String {
+    let mut out = String::new();
+    for group in live.as_array().map_or(&[][..], Vec::as_slice) {
+        let exports: Vec<&str> = group["exports"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "live group {}: disks {}",
+            group["name"].as_str().unwrap_or("?"),
+            exports.join(", ")
+        ));
+        let replication = &group["replication"];
+        if replication.is_null() {
+            out.push_str("; not replicated back (`blkrep replica reverse`)\n");
+        } else {
+            out.push_str(&format!(
+                "; replicating back: {}, health {}{}\n",
+                replication["state"].as_str().unwrap_or("?"),
+                replication["health"].as_str().unwrap_or("?"),
+                replication["last_error"]
+                    .as_str()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
             ));
         }
     }
