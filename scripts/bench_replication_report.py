@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def cmd_cycle(args) -> int:
 
     events = log_events(args.replica_log)
     applied = [ts for ts, f in events if f.get("message") == "Transfer applied"
-               and f"Delta {{ cycle: {cycle} }}" == str(f.get("kind"))]
+               and re.match(rf"Delta {{ cycle: {cycle}[ ,]", str(f.get("kind")))]
     if not applied:
         raise BenchError(f"no 'Transfer applied' line for cycle {cycle} in {args.replica_log}")
     t_applied = applied[-1]

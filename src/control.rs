@@ -59,6 +59,11 @@ pub enum ReplicationAction {
         /// Not before this time (seconds since the epoch).
         start_after_unix: Option<u64>,
     },
+    /// Planned failover to the replica.
+    Failover {
+        /// Even while NBD clients are connected.
+        force: bool,
+    },
     /// Write the initial copy to a directory, for external media.
     Export {
         /// The directory (the group's export goes to DIR/<group>).

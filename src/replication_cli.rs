@@ -70,6 +70,17 @@ pub enum ReplicationCommand {
         #[arg(long)]
         to: std::path::PathBuf,
     },
+    /// Planned failover: refuse the group's writes, ship every change, compare every
+    /// block with the replica, and hand the group over to it (the replica then serves
+    /// the live disks). No acknowledged write is lost.
+    Failover {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// Go ahead although NBD clients are connected (their writes fail from now on).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show the group's replication; --watch follows an initial replication or resync
     /// with a progress bar until it ends.
     Status {
@@ -103,6 +114,9 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
         ReplicationCommand::Pause { group } => (group, ReplicationAction::Pause),
         ReplicationCommand::Resume { group } => (group, ReplicationAction::Resume),
         ReplicationCommand::Resync { group } => (group, ReplicationAction::Resync),
+        ReplicationCommand::Failover { group, force } => {
+            (group, ReplicationAction::Failover { force })
+        }
         ReplicationCommand::Export { group, to } => {
             let dir = std::path::absolute(&to)
                 .with_context(|| format!("Cannot resolve {}", to.display()))?;
@@ -120,7 +134,9 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
         }
     };
     let timeout = match action {
-        ReplicationAction::Export { .. } => control::EXPORT_TIMEOUT,
+        ReplicationAction::Export { .. } | ReplicationAction::Failover { .. } => {
+            control::EXPORT_TIMEOUT
+        }
         _ => ADMIN_TIMEOUT,
     };
     let value = control::call(

@@ -368,3 +368,155 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![
+            DiskSpec::new("disk0", ORDERED_REGION),
+            DiskSpec::new("disk1", ORDERED_REGION),
+        ],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica_b.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .interval("1s")
+    .ring_size("64MiB")]));
+    let first = p.cycles_close("vm1");
+    replica_b.wait_applied("vm1", first, LONG);
+    let replication = |p: &Primary, args: &[&str]| {
+        run(
+            Command::new(BIN)
+                .args(["replication", "--config"])
+                .arg(p.config())
+                .args(args),
+            LONG,
+        )
+    };
+
+    // A verifying writer keeps writing: the failover is refused while it is connected.
+    let shared = Arc::new(OrderedShared::default());
+    let writer = ordered_writer(p.nbd_sock(), Arc::clone(&shared), 29);
+    while shared.acked.load(Ordering::SeqCst) < 500 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = replication(&p, &["failover", "--group", "vm1"]);
+    assert!(!refused.success(), "{}", refused.all());
+    assert!(refused.all().contains("--force"), "{}", refused.all());
+    std::thread::sleep(Duration::from_millis(500));
+    shared.stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer");
+    let writes = shared.writes.lock().expect("writes").clone();
+    assert_eq!(shared.acked.load(Ordering::SeqCst), written);
+
+    replication(&p, &["failover", "--group", "vm1"]).assert_ok();
+    // The new primary's disks equal the old primary's, byte for byte, and hold every
+    // acknowledged write.
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(&p.image(disk), &replica_b.disk("dc1", "vm1", disk), disk);
+    }
+    assert_eq!(
+        ordered_prefix(&replica_disks(&replica_b), &writes),
+        Ok(written)
+    );
+    // The old primary refuses writes and ships no more; the replica serves the disks.
+    let write_old = run(
+        Command::new(require_tool("qemu-io")).args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 4k",
+            &p.uri("disk0"),
+        ]),
+        LONG,
+    );
+    assert!(!write_old.success(), "{}", write_old.all());
+    let consumer = p.wait_consumer("vm1", "superseded", LONG, |s| s["state"] == "superseded");
+    assert!(
+        consumer["health_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("planned failover")),
+        "{consumer:#}"
+    );
+    let info = replica_b.info("vm1").expect("vm1");
+    assert_eq!(info["failover"]["planned"], true, "{info:#}");
+    let live = format!(
+        "nbd+unix:///vm1/disk0?socket={}",
+        replica_b.nbd_socket().display()
+    );
+    run_ok(
+        Command::new(require_tool("qemu-io")).args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x66 2M 512k",
+            &live,
+        ]),
+        LONG,
+    );
+
+    // Replication reversed towards the old site: only the new writes cross.
+    p.terminate();
+    let replica_a = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut seed = Command::new(BIN);
+    seed.args(["replica", "seed", "--config"])
+        .arg(replica_a.config())
+        .args(["--trust-group", "dc1", "--name", "vm1", "--move"]);
+    for disk in ["disk0", "disk1"] {
+        seed.arg("--disk")
+            .arg(format!("{disk}={}", p.image(disk).display()));
+    }
+    run_ok(&mut seed, LONG);
+    replica_b
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let (ca, cert, key) = (
+        certs.ca().display().to_string(),
+        certs.cert(PRIMARY_HOST).display().to_string(),
+        certs.key(PRIMARY_HOST).display().to_string(),
+    );
+    let url = replica_a.url(REPLICA_HOST);
+    replica_b
+        .cli(&[
+            "reverse",
+            "--name",
+            "vm1",
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--interval",
+            "1s",
+        ])
+        .assert_ok();
+    let deadline = Instant::now() + LONG;
+    let info = loop {
+        let info = replica_a.info("vm1").expect("vm1 at site A");
+        if info["consistent"] == true && info["pending_transfers"] == 0 {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site A never consistent: {info:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(
+            &replica_b.disk("dc1", "vm1", disk),
+            &replica_a.disk("dc1", "vm1", disk),
+            disk,
+        );
+    }
+    assert_eq!(info["applied_bytes"], 512 * KIB, "{info:#}");
+}

@@ -196,7 +196,12 @@ struct Context {
     settings: ServerSettings,
     replicas: Mutex<HashMap<PathBuf, Arc<Mutex<Replica>>>>,
     apply: Sender<PathBuf>,
+    /// Told of each planned failover a primary asked for.
+    failover_listener: Mutex<Option<FailoverListener>>,
 }
+
+/// What is told of a planned failover (the daemon serves the live disks).
+pub type FailoverListener = Arc<dyn Fn(FailedOver) + Send + Sync>;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -488,6 +493,11 @@ impl ServerHandle {
         self.one_replica(name, trust_group).ok().map(|(dir, _)| dir)
     }
 
+    /// Sets who is told of planned failovers primaries ask for.
+    pub fn on_failover(&self, listener: FailoverListener) {
+        *lock(&self.context.failover_listener) = Some(listener);
+    }
+
     /// Replica `name` (of `trust_group`, when given).
     pub fn replica(
         &self,
@@ -605,6 +615,7 @@ impl ReplicaServer {
             settings: settings.clone(),
             replicas: Mutex::new(HashMap::new()),
             apply: apply.clone(),
+            failover_listener: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -1119,6 +1130,15 @@ async fn route(
                     let context = Arc::clone(context);
                     blocking(move || remove_replica(&context, &dir, &replica)).await
                 }
+                (Method::POST, ["failover"]) => {
+                    let relationship = relationship(&request)?;
+                    let asked: wire::api::FailoverRequest = json_body(request).await?;
+                    let context = Arc::clone(context);
+                    blocking(move || {
+                        planned_failover(&context, &dir, &replica, relationship, asked.cycle)
+                    })
+                    .await
+                }
                 (Method::POST, ["hashes"]) => {
                     let relationship = relationship(&request)?;
                     let asked: HashRequest = json_body(request).await?;
@@ -1183,6 +1203,58 @@ async fn route(
         }
         _ => Err(refuse(ErrorCode::NotFound, "No such endpoint")),
     }
+}
+
+/// A planned failover its primary asked for: once the last cycle is applied, the
+/// replica becomes the live copy (and its primary is refused from then on).
+fn planned_failover(
+    context: &Context,
+    dir: &Path,
+    replica: &Mutex<Replica>,
+    relationship: u64,
+    cycle: u64,
+) -> Result<Answer, Refusal> {
+    let deadline = std::time::Instant::now() + HASH_WAIT;
+    loop {
+        {
+            let replica = lock(replica);
+            replica
+                .check_relationship(relationship)
+                .map_err(|e| store_refusal(&e))?;
+            let state = replica.state();
+            if state.last_received_cycle != Some(cycle) {
+                return Err(refuse(
+                    ErrorCode::Conflict,
+                    format!(
+                        "Cycle {cycle} is not the last one received (that is {:?}): ship every change first",
+                        state.last_received_cycle
+                    ),
+                ));
+            }
+            if state.queue.is_empty() && state.last_applied_cycle == Some(cycle) {
+                break;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(refuse(
+                ErrorCode::Busy,
+                "Received transfers are still being applied; ask again later",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failed = {
+        let mut guard = lock(replica);
+        let failover = guard.fail_over(None, true).map_err(|e| store_refusal(&e))?;
+        warn!(replica = %guard.state().name, cycle = failover.stamp.cycle, "Planned failover: the replica is now the live copy");
+        failed_over(dir, &guard)
+    };
+    let info = failed.info.clone();
+    let listener = lock(&context.failover_listener).clone();
+    if let Some(listener) = listener {
+        listener(failed);
+    }
+    Ok(json(StatusCode::OK, &info))
 }
 
 /// How long a hash request waits for received transfers to be applied.

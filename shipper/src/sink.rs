@@ -33,6 +33,9 @@ pub enum SinkError {
     /// An export's manifest cannot be read.
     #[error("Export")]
     Media(#[from] wire::media::MediaError),
+    /// The consumer cannot take the group over (a local copy).
+    #[error("{0} cannot be failed over to")]
+    NoFailover(String),
     /// The replica server failed or refused.
     #[error("Replica server {url}")]
     Remote {
@@ -53,7 +56,8 @@ impl SinkError {
             SinkError::Apply(_)
             | SinkError::Copy { .. }
             | SinkError::Hash(_)
-            | SinkError::Media(_) => FailureClass::NextInterval,
+            | SinkError::Media(_)
+            | SinkError::NoFailover(_) => FailureClass::NextInterval,
         }
     }
 }
@@ -114,6 +118,11 @@ pub trait CycleSink: Send {
     /// Deletes the consumer's side of the relationship.
     fn remove(&mut self, _name: &str) -> Result<(), SinkError> {
         Ok(())
+    }
+    /// Planned failover: the consumer, which applied every cycle up to `cycle`
+    /// (the last), becomes the group's live copy.
+    fn fail_over(&mut self, _cycle: u64) -> Result<(), SinkError> {
+        Err(SinkError::NoFailover(self.describe()))
     }
     /// Bytes sent over the network so far (after compression).
     fn bytes_sent(&self) -> u64 {

@@ -274,6 +274,9 @@ pub enum AdminAction {
     },
     /// Copy every block again.
     Resync,
+    /// Planned failover, once the group's writes are fenced off: ship every change,
+    /// compare both sides' blocks, and hand the group over to the replica.
+    PlannedFailover,
     /// Write the initial copy to `dir`/<group> for external media (a group with
     /// `initial_replication = "media"`).
     Export {
@@ -1175,6 +1178,71 @@ impl Worker {
         }
     }
 
+    /// Planned failover (the group's writes are fenced off): ships every change,
+    /// checks that every block of the replica equals the image's, and has the replica
+    /// take over; this primary is then superseded.
+    fn planned_failover(&mut self) -> Result<String, ShipperError> {
+        let name = self.group.name().to_string();
+        match self.gate() {
+            Gate::Open => {}
+            Gate::Superseded(reason) => {
+                return Err(ShipperError::Refused(superseded_message(&name, &reason)))
+            }
+            _ => {
+                return Err(ShipperError::Refused(format!(
+                    "Replication of group {name} is not running (paused, suspended, removed or not started): resume it first"
+                )))
+            }
+        }
+        if self.resync.is_some() || self.group.resync_reason().is_some() {
+            return Err(ShipperError::Refused(format!(
+                "Group {name} is resynchronising: the replica is not consistent until that ends; fail over once it is replicating"
+            )));
+        }
+        let cycle = self.ship()?;
+        if self.resync.is_some() || self.group.resync_reason().is_some() {
+            return Err(ShipperError::Refused(format!(
+                "Group {name} needed a resync while shipping its last changes; fail over once it is replicating"
+            )));
+        }
+        // Every block of every disk, compared.
+        let sizes = self.group.disk_sizes();
+        let maps = sizes
+            .iter()
+            .map(|size| {
+                let blocks = usize::try_from(size.div_ceil(self.block_size)).unwrap_or(usize::MAX);
+                tracker::DirtyBits::repeat(true, blocks)
+            })
+            .collect();
+        let mut maps = ResyncMaps::new(maps, self.block_size, sizes);
+        let stats =
+            compare::narrow(&mut maps, &self.images, self.sink.as_mut())?.ok_or_else(|| {
+                ShipperError::Refused(format!(
+                    "{} cannot compare blocks, so it cannot be failed over to",
+                    self.sink.describe()
+                ))
+            })?;
+        if stats.differing_bytes > 0 {
+            return Err(ShipperError::Refused(format!(
+                "After shipping every change up to cycle {cycle}, the replica differs from the images in {} bytes; failover refused (resync, then try again)",
+                stats.differing_bytes
+            )));
+        }
+        info!(group = %name, cycle, bytes = stats.marked_bytes, hashes = stats.hashes, "Replica equals the images; handing the group over");
+        self.sink.fail_over(cycle)?;
+        let reason = format!("planned failover at cycle {cycle}");
+        if let Some(relationship) = &mut self.relationship {
+            relationship.state.superseded = Some(reason);
+            relationship.state.fenced = true;
+            relationship.save()?;
+        }
+        warn!(group = %name, cycle, "Planned failover done: the replica is the live copy; this primary no longer ships and its disks refuse writes");
+        Ok(format!(
+            "Group {name} failed over to its replica at cycle {cycle}: every block compared equal ({} bytes); the replica serves the live disks, and these refuse writes",
+            stats.marked_bytes
+        ))
+    }
+
     /// After a daemon crash mid-copy: the copy of the current chain continues with the
     /// batch the relationship record names, from where the tracker says it started
     /// (the log holds every write since the copy began). `None` when there is no such
@@ -1434,6 +1502,7 @@ impl Worker {
         let name = self.group.name().to_string();
         let message = match action {
             AdminAction::Export { dir } => self.export_initial_copy(&dir)?,
+            AdminAction::PlannedFailover => self.planned_failover()?,
             AdminAction::Resync => {
                 self.hand_back_resync();
                 self.group.request_full_resync(ResyncReason::Requested)?;
@@ -1530,7 +1599,7 @@ impl Worker {
                     None => format!("Replication of group {name} enabled; the initial replication starts now"),
                 }
             }
-            AdminAction::Resync | AdminAction::Export { .. } => {
+            AdminAction::Resync | AdminAction::Export { .. } | AdminAction::PlannedFailover => {
                 return Err(ShipperError::Refused(
                     "A resync is not a relationship change".into(),
                 ))

@@ -138,6 +138,8 @@ struct RunningDisk {
 pub(crate) struct RunningGroup {
     config: GroupConfig,
     tracker: Option<Group>,
+    /// Refuses the group's writes during a planned failover.
+    fence: Arc<tracked_disk::WriteFence>,
     shipper: Option<Shipper>,
     disks: Vec<RunningDisk>,
 }
@@ -568,6 +570,17 @@ pub(crate) fn open_group(
         });
     }
     let mut devices: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let fence = Arc::new(tracked_disk::WriteFence::default());
+    if let Some(ConsumerConfig::Replica(_)) = &config.consumer {
+        let record = Relationship::load(&Relationship::path_for_ring(&config.ring))
+            .ok()
+            .flatten();
+        if record.is_some_and(|r| r.fenced) {
+            // A planned failover handed the group over: these disks stay read-only.
+            fence.raise(Duration::ZERO);
+            warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
+        }
+    }
     let (tracker, shipper) = if config.tracking {
         let fresh = !config.ring.exists();
         if let (true, Some(ConsumerConfig::LocalCopy { dir })) = (fresh, &config.consumer) {
@@ -681,10 +694,12 @@ pub(crate) fn open_group(
                 continue;
             };
             let device =
-                TrackedDisk::new(image, disk_tracker).map_err(|source| PrimaryError::Image {
-                    disk: config.disks[index].name.clone(),
-                    path: config.disks[index].image.clone(),
-                    source,
+                TrackedDisk::new(image, disk_tracker, Arc::clone(&fence)).map_err(|source| {
+                    PrimaryError::Image {
+                        disk: config.disks[index].name.clone(),
+                        path: config.disks[index].image.clone(),
+                        source,
+                    }
                 })?;
             devices.push(Arc::new(device) as Arc<dyn BlockDevice>);
         }
@@ -702,6 +717,7 @@ pub(crate) fn open_group(
         RunningGroup {
             config: config.clone(),
             tracker,
+            fence,
             shipper,
             disks,
         },
@@ -794,6 +810,10 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
                 .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "cycle": cycle }))
         }
+        Request::Replication {
+            group,
+            action: control::ReplicationAction::Failover { force },
+        } => planned_failover(daemon, group, *force),
         Request::Replication { group, action } => {
             let shipper = shipper_of(daemon, group)?;
             let action = match action {
@@ -809,6 +829,7 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
                 control::ReplicationAction::Export { dir } => {
                     AdminAction::Export { dir: dir.clone() }
                 }
+                control::ReplicationAction::Failover { .. } => AdminAction::PlannedFailover,
             };
             let timeout = match action {
                 AdminAction::Export { .. } => control::EXPORT_TIMEOUT,
@@ -818,6 +839,57 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
                 .admin(action, timeout)
                 .map_err(|error| shipper::error_chain(&error))?;
             Ok(serde_json::json!({ "message": message }))
+        }
+    }
+}
+
+/// How long writes in flight may take to finish once a planned failover fences them.
+const FENCE_WAIT: Duration = Duration::from_secs(30);
+
+/// Planned failover of `group`: refuses while clients are connected (unless
+/// `force`), fences the group's writes, then has its shipper ship everything, compare
+/// every block and hand the group over. If that fails, writes are accepted again.
+fn planned_failover(
+    daemon: &Daemon,
+    group: &str,
+    force: bool,
+) -> Result<serde_json::Value, String> {
+    let shipper = shipper_of(daemon, group)?;
+    let running = daemon
+        .groups
+        .iter()
+        .find(|g| g.config.name == group)
+        .ok_or_else(|| format!("No group named {group:?}"))?;
+    let connected: Vec<String> = running
+        .disks
+        .iter()
+        .filter_map(|disk| {
+            let connections = daemon.server.export_stats(&disk.name)?.connections;
+            (connections > 0).then(|| format!("{} ({connections})", disk.name))
+        })
+        .collect();
+    if !connected.is_empty() && !force {
+        return Err(format!(
+            "NBD clients are still connected to {}: shut the VM down first, or pass --force (their writes fail from now on)",
+            connected.join(", ")
+        ));
+    }
+    if !running.fence.raise(FENCE_WAIT) {
+        running.fence.lower();
+        return Err(format!(
+            "Writes to group {group} did not finish within {FENCE_WAIT:?}; nothing was changed"
+        ));
+    }
+    info!(%group, "Planned failover: writes are refused from now on");
+    match shipper.admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT) {
+        Ok(message) => Ok(serde_json::json!({ "message": message })),
+        Err(error) => {
+            running.fence.lower();
+            warn!(%group, "Planned failover failed; writes are accepted again");
+            Err(format!(
+                "{} (the failover did not happen; writes are accepted again)",
+                shipper::error_chain(&error)
+            ))
         }
     }
 }

@@ -3,10 +3,17 @@
 //! Each write, trim and write-zeroes follows the tracker's write protocol (see
 //! `tracker::group`): log, write the image, release the log guard, then the server
 //! replies. FLUSH and FUA sync the ring and the image together.
+//!
+//! A [`WriteFence`] shared by a group's disks refuses writes from the moment it is
+//! raised (a planned failover), and its raiser waits for the writes already past it,
+//! so the cycle closed after that holds every write ever acknowledged.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nbd_shim::backend::{BlockSizeLimits, ImageFile};
 use nbd_shim::{BlockDevice, Extent, ZeroMode};
@@ -15,6 +22,55 @@ use tracker::{DiskTracker, Group, TrackerError};
 /// The name of the tracker's dirty-map context.
 pub const DIRTY_CONTEXT: &str = "x-blkrep:dirty";
 
+/// Refuses a group's writes once raised; see the module doc.
+#[derive(Debug, Default)]
+pub struct WriteFence {
+    raised: AtomicBool,
+    in_flight: AtomicU64,
+}
+
+/// A write past the fence; it leaves when dropped.
+struct Passage<'a>(&'a WriteFence);
+
+impl Drop for Passage<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl WriteFence {
+    /// Lets a write pass, or refuses it (`EROFS`, which NBD clients see as `EPERM`).
+    fn pass(&self) -> io::Result<Passage<'_>> {
+        // SeqCst on both sides: a write that counted itself before the fence rose
+        // is waited for, one that counts itself after sees it raised.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let passage = Passage(self);
+        if self.raised.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(passage)
+    }
+
+    /// Refuses writes from now on and waits (at most `timeout`) for those in flight
+    /// to finish. Returns whether they did.
+    pub fn raise(&self, timeout: Duration) -> bool {
+        self.raised.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Accepts writes again.
+    pub fn lower(&self) {
+        self.raised.store(false, Ordering::SeqCst);
+    }
+}
+
 /// An image served with tracking.
 pub struct TrackedDisk {
     image: ImageFile,
@@ -22,6 +78,7 @@ pub struct TrackedDisk {
     image_sync: File,
     tracker: DiskTracker,
     group: Group,
+    fence: Arc<WriteFence>,
 }
 
 impl std::fmt::Debug for TrackedDisk {
@@ -40,8 +97,9 @@ fn tracker_error(error: TrackerError) -> io::Error {
 }
 
 impl TrackedDisk {
-    /// Serves `image` with writes logged by `tracker`.
-    pub fn new(image: ImageFile, tracker: DiskTracker) -> io::Result<Self> {
+    /// Serves `image` with writes logged by `tracker`, refused while `fence` is
+    /// raised.
+    pub fn new(image: ImageFile, tracker: DiskTracker, fence: Arc<WriteFence>) -> io::Result<Self> {
         let image_sync = File::open(image.path())?;
         let group = tracker.group();
         Ok(Self {
@@ -49,6 +107,7 @@ impl TrackedDisk {
             image_sync,
             tracker,
             group,
+            fence,
         })
     }
 
@@ -95,6 +154,7 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let _passage = self.fence.pass()?;
         let guard = self.tracker.log_write(offset, buf).map_err(tracker_error)?;
         match self.image.write_at(buf, offset, false) {
             Ok(()) => drop(guard),
@@ -110,6 +170,7 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        let _passage = self.fence.pass()?;
         let guard = self
             .tracker
             .log_zero(offset, len, false)
@@ -133,6 +194,7 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let _passage = self.fence.pass()?;
         let guard = self
             .tracker
             .log_zero(offset, len, true)

@@ -688,6 +688,19 @@ fn serve(
             error!(replica = %failed.info.name, %error, "Cannot resume replicating the live disks back");
         }
     }
+    let on_failover = control_state.clone();
+    server.handle().on_failover(Arc::new(move |failed: FailedOver| {
+        match on_failover.serve_live(&failed) {
+            Ok(exports) => {
+                if let Some(hook) = &on_failover.hook {
+                    run_failover_hook(hook, &failed, &exports, &on_failover.nbd_socket);
+                }
+            }
+            Err(error) => {
+                error!(replica = %failed.info.name, %error, "Cannot serve the disks after a planned failover");
+            }
+        }
+    }));
     spawn_control(control, control_state.clone())?;
     let metrics_addr = metrics
         .as_ref()

@@ -13,6 +13,9 @@
 //!   any data: which chunks of this transfer the replica already holds.
 //! - `POST /v1/replicas/{name}/transfers/{id}/commit`: [`CommitRequest`] →
 //!   [`ReplicaInfo`]; answered once the transfer is durable on the replica.
+//! - `POST /v1/replicas/{name}/failover`: [`FailoverRequest`] → [`ReplicaInfo`];
+//!   planned failover, once the replica applied that last cycle: the replica becomes
+//!   the live copy and refuses its primary from then on.
 //! - `POST /v1/replicas/{name}/hashes`: [`HashRequest`] → [`HashAnswer`]; BLAKE3
 //!   hashes of ranges of a replica disk, for a comparison with the primary's (an
 //!   existing copy as the initial replication, a resync). Answered once every
@@ -254,6 +257,14 @@ pub struct TransferAnswer {
     /// primary that lost its own account (it restarted) continues from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<Position>,
+}
+
+/// Planned failover: the primary shipped every change up to `cycle`, refuses writes,
+/// and hands the group over to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    /// The last cycle, which the replica must have applied.
+    pub cycle: u64,
 }
 
 /// Ends a transfer.

@@ -20,8 +20,8 @@ use hyper::Method;
 use replica::compare::Hash;
 use tracker::Change;
 use wire::api::{
-    ByteRange, CommitRequest, EnableRequest, HashAnswer, HashRequest, ReplicaInfo, TransferAnswer,
-    TransferKind, TransferOffer,
+    ByteRange, CommitRequest, EnableRequest, FailoverRequest, HashAnswer, HashRequest, ReplicaInfo,
+    TransferAnswer, TransferKind, TransferOffer,
 };
 use wire::chunk::{ChunkEncoder, RawChunk};
 
@@ -206,6 +206,15 @@ impl CycleSink for RemoteSink {
                 ),
             })),
         }
+    }
+
+    fn fail_over(&mut self, cycle: u64) -> Result<(), SinkError> {
+        let path = format!("/replicas/{}/failover", self.name);
+        let request = FailoverRequest { cycle };
+        self.client
+            .control::<FailoverRequest, serde_json::Value>(Method::POST, &path, Some(&request))
+            .map_err(|error| self.remote(error))?;
+        Ok(())
     }
 
     fn resume_at(&mut self, index: u32) {

@@ -62,6 +62,9 @@ pub struct Relationship {
     /// replica's message. Nothing ships again for this relationship.
     #[serde(default)]
     pub superseded: Option<String>,
+    /// A planned failover handed the group over: its disks refuse writes.
+    #[serde(default)]
+    pub fenced: bool,
     /// Removed by an administrator: nothing is shipped until replication is enabled
     /// again.
     pub removed: bool,
@@ -104,6 +107,7 @@ impl Relationship {
             suspended: None,
             repair_on_resume: None,
             superseded: None,
+            fenced: false,
             removed: false,
             start_after_unix: None,
             enabled_unix: crate::thread::unix_now(),
