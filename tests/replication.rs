@@ -684,3 +684,44 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     assert!(replica.info("vm1").is_none(), "the replica was not deleted");
     p.wait_consumer("vm1", "removal", SHORT, |s| s["state"] == "removed");
 }
+
+/// A ring overflow's resync compares block hashes first: blocks written again with
+/// what the replica holds already are not sent.
+#[test]
+fn an_overflow_resync_sends_only_the_blocks_that_differ() {
+    let (_dir, certs, replica) = lab();
+    let p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 32 * MIB).init(Init::Random(41))],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .ring_size("8MiB")]));
+    close_and_compare(&p, &replica, &["disk0"]);
+    replication(&p, &["pause", "--group", "vm1"]).assert_ok();
+    // 12 MiB written back unchanged (the replica has them) and 2 MiB of new data: more
+    // than the ring holds.
+    let unchanged = read_range(&p.image("disk0"), 16 * MIB, (12 * MIB) as usize);
+    let mut conn = nbd::Conn::connect_unix(&p.nbd_sock(), "disk0").expect("connect");
+    for (index, piece) in unchanged.chunks(MIB as usize).enumerate() {
+        conn.write(16 * MIB + index as u64 * MIB, piece, false)
+            .expect("write");
+    }
+    conn.write(2 * MIB, &vec![0x5a; (2 * MIB) as usize], true)
+        .expect("write");
+    conn.disconnect();
+    let status = p.group_status("vm1");
+    assert_eq!(status["resync_required"], true, "{status:#}");
+    replication(&p, &["resume", "--group", "vm1"]).assert_ok();
+    let info = close_and_compare(&p, &replica, &["disk0"]);
+    assert_eq!(info["consistent"], true, "{info:#}");
+    let comparison = &p.group_status("vm1")["consumer"]["last_comparison"];
+    assert!(
+        comparison["marked_bytes"].as_u64() >= Some(14 * MIB),
+        "{comparison:#}"
+    );
+    assert_eq!(comparison["differing_bytes"], 2 * MIB, "{comparison:#}");
+}

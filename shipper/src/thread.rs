@@ -1131,16 +1131,20 @@ impl Worker {
         ))
     }
 
-    /// Whether a resync for `reason` compares blocks before copying: an initial
-    /// replication from an existing copy, and a resync an administrator asked for.
+    /// Whether a resync for `reason` compares block hashes before copying, so only
+    /// differing blocks are copied (equal regions cost one hash): every resync but a
+    /// first copy into an empty replica, where nothing can be equal.
     fn compares(&self, reason: ResyncReason) -> bool {
         match reason {
-            ResyncReason::Requested => true,
             ResyncReason::InitialReplication => self
                 .relationship
                 .as_ref()
                 .is_some_and(|r| r.setup.initial == InitialMethod::Existing),
-            _ => false,
+            ResyncReason::Requested
+            | ResyncReason::RingOverflow
+            | ResyncReason::UncleanHostShutdown
+            | ResyncReason::ImageWriteError
+            | ResyncReason::DirtyMapLost => true,
         }
     }
 
