@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
-use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::*;
 use serde_json::Value;
 
@@ -295,58 +295,7 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
         .map(|(a, b)| differing_bytes(a, b))
         .sum();
     assert!(difference >= 1536 * KIB, "{difference}");
-    let mut seed = Command::new(BIN);
-    seed.args(["replica", "seed", "--config"])
-        .arg(replica_a.config())
-        .args(["--trust-group", "dc1", "--name", "vm1", "--move"]);
-    for disk in ["disk0", "disk1"] {
-        seed.arg("--disk")
-            .arg(format!("{disk}={}", p.image(disk).display()));
-    }
-    run_ok(&mut seed, LONG);
-    let (ca, cert, key) = (
-        certs.ca().display().to_string(),
-        certs.cert(PRIMARY_HOST).display().to_string(),
-        certs.key(PRIMARY_HOST).display().to_string(),
-    );
-    let url = replica_a.url(REPLICA_HOST);
-    replica_b
-        .cli(&[
-            "reverse",
-            "--name",
-            "vm1",
-            "--url",
-            &url,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--interval",
-            "1s",
-        ])
-        .assert_ok();
-    // Consistent once a cycle after the comparison's copy is applied.
-    let deadline = Instant::now() + LONG;
-    let info = loop {
-        let info = replica_a.info("vm1").expect("vm1 at site A");
-        if info["consistent"] == true && info["pending_transfers"] == 0 {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "site A never consistent: {info:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for disk in ["disk0", "disk1"] {
-        assert_files_equal(
-            &replica_b.disk("dc1", "vm1", disk),
-            &replica_a.disk("dc1", "vm1", disk),
-            disk,
-        );
-    }
+    let info = reverse_to(&certs, &replica_b, &replica_a, &p);
     // Only the blocks that differed crossed: not the 48 MiB of the disks.
     let applied = info["applied_bytes"].as_u64().expect("applied_bytes");
     assert!(
@@ -464,6 +413,18 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     // Replication reversed towards the old site: only the new writes cross.
     p.terminate();
     let replica_a = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    replica_b
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let info = reverse_to(&certs, &replica_b, &replica_a, &p);
+    assert_eq!(info["applied_bytes"], 512 * KIB, "{info:#}");
+}
+
+/// Reverse replication from site B's failed-over `replica_b` to site A: the old
+/// primary `p`'s images (stopped) become an existing copy on `replica_a`, site B
+/// replicates back to it, and once it is consistent both sides' disks are equal.
+/// Returns site A's replica.
+fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Primary) -> Value {
     let mut seed = Command::new(BIN);
     seed.args(["replica", "seed", "--config"])
         .arg(replica_a.config())
@@ -473,9 +434,6 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
             .arg(format!("{disk}={}", p.image(disk).display()));
     }
     run_ok(&mut seed, LONG);
-    replica_b
-        .cli(&["complete-failover", "--name", "vm1"])
-        .assert_ok();
     let (ca, cert, key) = (
         certs.ca().display().to_string(),
         certs.cert(PRIMARY_HOST).display().to_string(),
@@ -499,6 +457,7 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
             "1s",
         ])
         .assert_ok();
+    // Consistent once a cycle after the comparison's copy is applied.
     let deadline = Instant::now() + LONG;
     let info = loop {
         let info = replica_a.info("vm1").expect("vm1 at site A");
@@ -518,5 +477,5 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
             disk,
         );
     }
-    assert_eq!(info["applied_bytes"], 512 * KIB, "{info:#}");
+    info
 }
