@@ -140,11 +140,6 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         ordered_prefix(&replica_disks(&replica), &writes),
         Ok(latest)
     );
-    replica
-        .cli(&["complete-failover", "--name", "vm1"])
-        .assert_ok();
-    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
-    assert!(!refused.success(), "{}", refused.all());
 
     // The new live disks take writes through the replica daemon.
     let live = format!(
@@ -165,6 +160,20 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     assert!(after_write[1][8 << 20..(8 << 20) + 65536]
         .iter()
         .all(|b| *b == 0x5a));
+    // Once written, the live disks keep their point: the failover can only be
+    // completed.
+    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
+    assert!(
+        !refused.success() && refused.all().contains("complete-failover"),
+        "{}",
+        refused.all()
+    );
+    assert!(replica_disks(&replica) == after_write);
+    replica
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
+    assert!(!refused.success(), "{}", refused.all());
 
     // The old primary returns: it is refused as superseded and stops shipping for
     // good, saying so; the live disks are untouched.

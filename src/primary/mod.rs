@@ -198,6 +198,20 @@ impl RunningGroup {
         Ok(())
     }
 
+    /// Whether anything was written since the ring was created: logged records not
+    /// yet acknowledged, dirty blocks, or marks for a resync.
+    pub(crate) fn was_written(&self) -> bool {
+        self.tracker.as_ref().is_some_and(|tracker| {
+            let status = tracker.status();
+            status.ring_used > 0
+                || status.resync.is_some()
+                || status
+                    .disks
+                    .iter()
+                    .any(|d| d.dirty_bytes > 0 || d.resync_bytes > 0)
+        })
+    }
+
     /// The group's name.
     pub(crate) fn name(&self) -> &str {
         &self.config.name

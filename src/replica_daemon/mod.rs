@@ -812,7 +812,14 @@ impl Control {
             .sum();
         if connected > 0 {
             return Err(format!(
-                "{connected} NBD client(s) use the failed-over disks of {name}: shut the VM down before choosing another point (its writes since the failover are discarded)"
+                "{connected} NBD client(s) use the failed-over disks of {name}: shut the VM down before choosing another point"
+            ));
+        }
+        if serving.group.was_written() {
+            // The recovery points describe the disks as they were at the failover:
+            // another point over these writes would mix them in.
+            return Err(format!(
+                "The failed-over disks of {name} were written since the failover, so no other point can be chosen any more; complete the failover (`blkrep replica complete-failover --name {name}`)"
             ));
         }
         if let Some(serving) = live.remove(dir) {
