@@ -6,13 +6,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use wire::api::{
-    valid_name, CommitRequest, EnableRequest, ErrorBody, HashAnswer, HashRequest, ReplicaInfo,
-    TransferAnswer, TransferOffer,
+    valid_name, CommitRequest, EnableRequest, ErrorBody, FailoverRequest, HashAnswer,
+    HashRequest, ReplicaInfo, TransferAnswer, TransferOffer,
 };
 use wire::media::Manifest;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(enable) = serde_json::from_slice::<EnableRequest>(data) {
+        // A recovery policy a primary asks for is judged before it is kept.
+        let _ = enable.recovery.map(|policy| policy.problem());
         let _ = valid_name(&enable.name);
         for disk in &enable.disks {
             let _ = valid_name(&disk.name);
@@ -31,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = serde_json::from_slice::<TransferOffer>(data);
     let _ = serde_json::from_slice::<CommitRequest>(data);
+    let _ = serde_json::from_slice::<FailoverRequest>(data);
     let _ = serde_json::from_slice::<TransferAnswer>(data);
     let _ = serde_json::from_slice::<ReplicaInfo>(data);
     let _ = serde_json::from_slice::<HashAnswer>(data);
