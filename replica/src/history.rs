@@ -44,6 +44,8 @@ use crate::copy::{next_data, next_hole};
 pub const UNDO_BLOCK: u64 = 4096;
 /// Largest record: captures of longer runs are split.
 const MAX_RECORD: u64 = 4 << 20;
+/// Runs up to this long are read without asking where their holes are.
+const SMALL_GAP: u64 = 256 << 10;
 
 /// `BRUNDO` and a format version.
 const SEGMENT_MAGIC: [u8; 8] = *b"BRUNDO\x00\x01";
@@ -136,6 +138,8 @@ struct Segment {
     len: u64,
     /// Per disk: held runs by start offset; runs never overlap.
     held: Vec<BTreeMap<u64, Held>>,
+    /// A record being appended.
+    scratch: Vec<u8>,
 }
 
 impl Segment {
@@ -167,6 +171,7 @@ impl Segment {
             file,
             len: SEGMENT_HEADER_LEN,
             held: vec![BTreeMap::new(); disks],
+            scratch: Vec::new(),
         })
     }
 
@@ -194,6 +199,7 @@ impl Segment {
             file,
             len: SEGMENT_HEADER_LEN,
             held: vec![BTreeMap::new(); disks],
+            scratch: Vec::new(),
         };
         let mut data = Vec::new();
         loop {
@@ -316,10 +322,11 @@ impl Segment {
         }
         record[28..32].copy_from_slice(&crc.to_le_bytes());
         let data_at = self.len + RECORD_HEADER_LEN as u64;
-        let written = self
-            .file
-            .write_all_at(&record, self.len)
-            .and_then(|()| data.map_or(Ok(()), |data| self.file.write_all_at(data, data_at)));
+        // One write for header and data.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&record);
+        self.scratch.extend_from_slice(data.unwrap_or_default());
+        let written = self.file.write_all_at(&self.scratch, self.len);
         if let Err(source) = written {
             // Leave no partial record behind (a full disk, typically).
             let _ = self.file.set_len(self.len);
@@ -519,6 +526,22 @@ impl History {
         let mut captured = 0;
         let mut buffer = Vec::new();
         for (gap_start, gap_end) in segment.gaps(disk, start, end) {
+            if gap_end - gap_start <= SMALL_GAP {
+                // Reading a small run costs less than asking where its holes are; a
+                // run that reads as zeroes is kept as a hole all the same.
+                buffer.resize(usize::try_from(gap_end - gap_start).unwrap_or(0), 0);
+                image
+                    .file()
+                    .read_exact_at(&mut buffer, gap_start)
+                    .map_err(io_error("read", image.path()))?;
+                if buffer.iter().all(|b| *b == 0) {
+                    segment.append(disk, gap_start, gap_end - gap_start, None)?;
+                } else {
+                    segment.append(disk, gap_start, gap_end - gap_start, Some(&buffer))?;
+                    captured += gap_end - gap_start;
+                }
+                continue;
+            }
             let mut at = gap_start;
             while at < gap_end {
                 // Records start on block boundaries: a hole counts from the block
