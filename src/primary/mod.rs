@@ -138,8 +138,6 @@ struct RunningDisk {
 pub(crate) struct RunningGroup {
     config: GroupConfig,
     tracker: Option<Group>,
-    /// Refuses the group's writes during a planned failover.
-    fence: Arc<tracked_disk::WriteFence>,
     shipper: Option<Shipper>,
     disks: Vec<RunningDisk>,
 }
@@ -584,17 +582,6 @@ pub(crate) fn open_group(
         });
     }
     let mut devices: Vec<Arc<dyn BlockDevice>> = Vec::new();
-    let fence = Arc::new(tracked_disk::WriteFence::default());
-    if let Some(ConsumerConfig::Replica(_)) = &config.consumer {
-        let record = Relationship::load(&Relationship::path_for_ring(&config.ring))
-            .ok()
-            .flatten();
-        if record.is_some_and(|r| r.fenced) {
-            // A planned failover handed the group over: these disks stay read-only.
-            fence.raise(Duration::ZERO);
-            warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
-        }
-    }
     let (tracker, shipper) = if config.tracking {
         let fresh = !config.ring.exists();
         if let (true, Some(ConsumerConfig::LocalCopy { dir })) = (fresh, &config.consumer) {
@@ -631,6 +618,14 @@ pub(crate) fn open_group(
         }
         if report.needs_replay() {
             replay(&group, config, &sizes)?;
+        }
+        let record = Relationship::load(&Relationship::path_for_ring(&config.ring))
+            .ok()
+            .flatten();
+        if record.is_some_and(|r| r.fenced) {
+            // A planned failover handed the group over: these disks stay read-only.
+            group.refuse_writes(true);
+            warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
         }
         let fresh_ring = report.previous == PreviousShutdown::Created;
         let shipper = match &config.consumer {
@@ -708,12 +703,10 @@ pub(crate) fn open_group(
                 continue;
             };
             let device =
-                TrackedDisk::new(image, disk_tracker, Arc::clone(&fence)).map_err(|source| {
-                    PrimaryError::Image {
-                        disk: config.disks[index].name.clone(),
-                        path: config.disks[index].image.clone(),
-                        source,
-                    }
+                TrackedDisk::new(image, disk_tracker).map_err(|source| PrimaryError::Image {
+                    disk: config.disks[index].name.clone(),
+                    path: config.disks[index].image.clone(),
+                    source,
                 })?;
             devices.push(Arc::new(device) as Arc<dyn BlockDevice>);
         }
@@ -731,7 +724,6 @@ pub(crate) fn open_group(
         RunningGroup {
             config: config.clone(),
             tracker,
-            fence,
             shipper,
             disks,
         },
@@ -857,9 +849,6 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
     }
 }
 
-/// How long writes in flight may take to finish once a planned failover fences them.
-const FENCE_WAIT: Duration = Duration::from_secs(30);
-
 /// Planned failover of `group`: refuses while clients are connected (unless
 /// `force`), fences the group's writes, then has its shipper ship everything, compare
 /// every block and hand the group over. If that fails, writes are accepted again.
@@ -888,17 +877,15 @@ fn planned_failover(
             connected.join(", ")
         ));
     }
-    if !running.fence.raise(FENCE_WAIT) {
-        running.fence.lower();
-        return Err(format!(
-            "Writes to group {group} did not finish within {FENCE_WAIT:?}; nothing was changed"
-        ));
-    }
+    let Some(tracker) = &running.tracker else {
+        return Err(format!("Group {group} is not tracked"));
+    };
+    tracker.refuse_writes(true);
     info!(%group, "Planned failover: writes are refused from now on");
     match shipper.admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT) {
         Ok(message) => Ok(serde_json::json!({ "message": message })),
         Err(error) => {
-            running.fence.lower();
+            tracker.refuse_writes(false);
             warn!(%group, "Planned failover failed; writes are accepted again");
             Err(format!(
                 "{} (the failover did not happen; writes are accepted again)",

@@ -4,16 +4,12 @@
 //! `tracker::group`): log, write the image, release the log guard, then the server
 //! replies. FLUSH and FUA sync the ring and the image together.
 //!
-//! A [`WriteFence`] shared by a group's disks refuses writes from the moment it is
-//! raised (a planned failover), and its raiser waits for the writes already past it,
-//! so the cycle closed after that holds every write ever acknowledged.
+//! Writes the group refuses ([`Group::refuse_writes`], a planned failover) fail with
+//! `EROFS`, which NBD clients see as `EPERM`.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use nbd_shim::backend::{BlockSizeLimits, ImageFile};
 use nbd_shim::{BlockDevice, Extent, ZeroMode};
@@ -22,55 +18,6 @@ use tracker::{DiskTracker, Group, TrackerError};
 /// The name of the tracker's dirty-map context.
 pub const DIRTY_CONTEXT: &str = "x-blkrep:dirty";
 
-/// Refuses a group's writes once raised; see the module doc.
-#[derive(Debug, Default)]
-pub struct WriteFence {
-    raised: AtomicBool,
-    in_flight: AtomicU64,
-}
-
-/// A write past the fence; it leaves when dropped.
-struct Passage<'a>(&'a WriteFence);
-
-impl Drop for Passage<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl WriteFence {
-    /// Lets a write pass, or refuses it (`EROFS`, which NBD clients see as `EPERM`).
-    fn pass(&self) -> io::Result<Passage<'_>> {
-        // SeqCst on both sides: a write that counted itself before the fence rose
-        // is waited for, one that counts itself after sees it raised.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let passage = Passage(self);
-        if self.raised.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
-        Ok(passage)
-    }
-
-    /// Refuses writes from now on and waits (at most `timeout`) for those in flight
-    /// to finish. Returns whether they did.
-    pub fn raise(&self, timeout: Duration) -> bool {
-        self.raised.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        while self.in_flight.load(Ordering::SeqCst) > 0 {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
-    }
-
-    /// Accepts writes again.
-    pub fn lower(&self) {
-        self.raised.store(false, Ordering::SeqCst);
-    }
-}
-
 /// An image served with tracking.
 pub struct TrackedDisk {
     image: ImageFile,
@@ -78,7 +25,6 @@ pub struct TrackedDisk {
     image_sync: File,
     tracker: DiskTracker,
     group: Group,
-    fence: Arc<WriteFence>,
 }
 
 impl std::fmt::Debug for TrackedDisk {
@@ -92,14 +38,14 @@ impl std::fmt::Debug for TrackedDisk {
 fn tracker_error(error: TrackerError) -> io::Error {
     match error {
         TrackerError::OutOfRange => io::Error::from_raw_os_error(libc::EINVAL),
+        TrackerError::WritesRefused => io::Error::from_raw_os_error(libc::EROFS),
         other => io::Error::other(other),
     }
 }
 
 impl TrackedDisk {
-    /// Serves `image` with writes logged by `tracker`, refused while `fence` is
-    /// raised.
-    pub fn new(image: ImageFile, tracker: DiskTracker, fence: Arc<WriteFence>) -> io::Result<Self> {
+    /// Serves `image` with writes logged by `tracker`.
+    pub fn new(image: ImageFile, tracker: DiskTracker) -> io::Result<Self> {
         let image_sync = File::open(image.path())?;
         let group = tracker.group();
         Ok(Self {
@@ -107,7 +53,6 @@ impl TrackedDisk {
             image_sync,
             tracker,
             group,
-            fence,
         })
     }
 
@@ -154,7 +99,6 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let _passage = self.fence.pass()?;
         let guard = self.tracker.log_write(offset, buf).map_err(tracker_error)?;
         match self.image.write_at(buf, offset, false) {
             Ok(()) => drop(guard),
@@ -170,7 +114,6 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
-        let _passage = self.fence.pass()?;
         let guard = self
             .tracker
             .log_zero(offset, len, false)
@@ -194,7 +137,6 @@ impl BlockDevice for TrackedDisk {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        let _passage = self.fence.pass()?;
         let guard = self
             .tracker
             .log_zero(offset, len, true)

@@ -212,6 +212,8 @@ struct State {
     /// resync maps hold every block from there on, and the log every write since the
     /// copy began, until the consumer takes them with [`Group::resume_copy`].
     resumable_copy: Option<(usize, u64)>,
+    /// Writes are refused ([`Group::refuse_writes`]).
+    writes_refused: bool,
 }
 
 struct DiskState {
@@ -498,6 +500,7 @@ impl Group {
             records_logged: 0,
             broken: false,
             resumable_copy: None,
+            writes_refused: false,
         };
         let shared = Arc::new(Shared {
             name: config.name.clone(),
@@ -601,6 +604,14 @@ impl Group {
         Ok(self
             .shared
             .view(head, head_seq, tail, next_seq, cycle, true))
+    }
+
+    /// Refuses every write, trim and write-zeroes from now on with
+    /// [`TrackerError::WritesRefused`] (or accepts them again). Admission is decided
+    /// under the group lock, so every write admitted before is in the open cycle: the
+    /// next cycle closed holds every write the group will ever have acknowledged.
+    pub fn refuse_writes(&self, refuse: bool) {
+        lock(&self.shared.state).writes_refused = refuse;
     }
 
     /// Closes the open cycle now. Returns the closed cycle's number. Never waits for
@@ -1530,6 +1541,9 @@ impl DiskTracker {
                 .iter()
                 .any(|other| other.start < range.end && range.start < other.end)
         });
+        if state.writes_refused {
+            return Err(TrackerError::WritesRefused);
+        }
         disk.open_bits.set_range(offset, len);
         // A write is logged whole or not at all: every piece must fit, with the
         // padding at the ring's end, before any is reserved.

@@ -75,4 +75,7 @@ pub enum TrackerError {
     /// Recovery views replay the log; they cannot be acknowledged.
     #[error("A recovery view cannot be acknowledged")]
     RecoveryViewAck,
+    /// The group refuses writes ([`Group::refuse_writes`]).
+    #[error("Writes to this group are refused")]
+    WritesRefused,
 }

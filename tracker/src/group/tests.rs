@@ -562,3 +562,30 @@ fn a_copy_that_overflowed_copies_everything_again() {
     let maps = group.resume_copy().unwrap();
     assert!(maps[0].all());
 }
+
+/// Writes refused after `refuse_writes` leave no trace; those admitted before are in
+/// the next cycle closed, even while still in flight when the refusal came.
+#[test]
+fn refused_writes_leave_no_trace_and_admitted_ones_are_in_the_next_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    let in_flight = disk.log_write(0, &[7; 4096]).unwrap();
+    group.refuse_writes(true);
+    assert!(matches!(
+        disk.log_write(8192, &[8; 4096]),
+        Err(TrackerError::WritesRefused)
+    ));
+    assert!(matches!(
+        disk.log_zero(16384, 4096, true),
+        Err(TrackerError::WritesRefused)
+    ));
+    drop(in_flight);
+    assert_eq!(group.status().disks[0].dirty_bytes, 4096);
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let changes: Vec<(u64, u64)> = cycle.changes().map(|c| (c.offset, c.length)).collect();
+    assert_eq!(changes, vec![(0, 4096)]);
+    group.refuse_writes(false);
+    drop(disk.log_write(8192, &[8; 4096]).unwrap());
+}
