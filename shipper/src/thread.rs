@@ -16,7 +16,7 @@
 //! freeze and thaw commands ([`crate::freeze`]); its transfer says whether the freeze
 //! succeeded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -404,12 +404,10 @@ struct Worker {
     network_failures: u32,
     retry_at: Option<Instant>,
     history: CycleHistory,
-    /// Close times of cycles closed by this process, in milliseconds since the epoch.
-    close_times: BTreeMap<u64, u64>,
+    /// What cycles closed by this process and not yet delivered say of their point.
+    closed: BTreeMap<u64, Closed>,
     /// The application-consistent points' schedule and commands.
     app: Option<AppConsistent>,
-    /// Cycles closed by this process after a successful freeze (not yet delivered).
-    app_consistent: BTreeSet<u64>,
     started_unix: u64,
     buffer: Vec<u8>,
     /// The configured recovery history reached the replica since this start.
@@ -472,9 +470,8 @@ impl Shipper {
             network_failures: 0,
             retry_at: None,
             history: CycleHistory::default(),
-            close_times: BTreeMap::new(),
+            closed: BTreeMap::new(),
             app,
-            app_consistent: BTreeSet::new(),
             started_unix: unix_now(),
             buffer: Vec::new(),
             recovery_sent: false,
@@ -636,6 +633,15 @@ fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, Shippe
 }
 
 /// What stops an attempt before it starts.
+/// What a cycle closed by this process says of its point.
+#[derive(Debug, Clone, Copy)]
+struct Closed {
+    /// When it closed, in milliseconds since the epoch.
+    unix_ms: u64,
+    /// Closed between a successful freeze and its thaw.
+    app_consistent: bool,
+}
+
 enum Gate {
     Open,
     Paused,
@@ -911,7 +917,13 @@ impl Worker {
             return self.close_frozen(now_ms);
         }
         let cycle = self.group.close_cycle()?;
-        self.close_times.insert(cycle, unix_now_ms());
+        self.closed.insert(
+            cycle,
+            Closed {
+                unix_ms: unix_now_ms(),
+                app_consistent: false,
+            },
+        );
         Ok(cycle)
     }
 
@@ -957,7 +969,6 @@ impl Worker {
         let cycle = point.cycle;
         let point_made = frozen.is_ok() && closed.is_ok();
         if point_made {
-            self.app_consistent.insert(cycle);
             info!(group = %name, cycle, held_ms, "Application-consistent point made");
         }
         let freeze_failure = frozen.err().map(|error| {
@@ -993,7 +1004,13 @@ impl Worker {
         };
         drop(status);
         let cycle = closed?;
-        self.close_times.insert(cycle, closed_ms);
+        self.closed.insert(
+            cycle,
+            Closed {
+                unix_ms: closed_ms,
+                app_consistent: point_made,
+            },
+        );
         Ok(cycle)
     }
 
@@ -1002,6 +1019,10 @@ impl Worker {
         let Some(relationship) = &self.relationship else {
             return Ok(());
         };
+        let resend_recovery = relationship.setup.recovery.is_some() && !self.recovery_sent;
+        if relationship.state.enabled && !resend_recovery {
+            return Ok(());
+        }
         let disks = disk_infos(&relationship.setup, &self.group);
         let request = EnableRequest {
             name: self.group.name().to_string(),
@@ -1012,11 +1033,9 @@ impl Worker {
             recovery: relationship.setup.recovery,
         };
         if relationship.state.enabled {
-            if request.recovery.is_some() && !self.recovery_sent {
-                // Enabling again is idempotent and carries the configured history.
-                self.sink.enable(&request)?;
-                self.recovery_sent = true;
-            }
+            // Enabling again is idempotent and carries the configured history.
+            self.sink.enable(&request)?;
+            self.recovery_sent = true;
             return Ok(());
         }
         self.sink.enable(&request)?;
@@ -1456,16 +1475,16 @@ impl Worker {
             // Writes split across chunks add a header per chunk.
             let headers = changes + stats.data_bytes / u64::from(MAX_CHUNK_RAW) + 1;
             let bytes = stats.data_bytes + headers * RECORD_HEADER_LEN as u64;
-            // A cycle closed before a restart has no recorded time: it was closed
-            // before this process started.
-            let closed_unix_ms = self
-                .close_times
-                .get(&id)
-                .copied()
-                .unwrap_or(self.started_unix.saturating_mul(1000));
-            // Flags of cycles closed before a restart are lost: they ship as
-            // crash-consistent, never claiming more than is known.
-            let app_consistent = self.app_consistent.contains(&id);
+            // A cycle closed before a restart has no record: it was closed before this
+            // process started, and ships crash-consistent, never claiming more than
+            // is known.
+            let Closed {
+                unix_ms: closed_unix_ms,
+                app_consistent,
+            } = self.closed.get(&id).copied().unwrap_or(Closed {
+                unix_ms: self.started_unix.saturating_mul(1000),
+                app_consistent: false,
+            });
             let kind = TransferKind::Delta {
                 cycle: id,
                 closed_unix_ms,
@@ -1480,8 +1499,7 @@ impl Worker {
             }
             cycle.acknowledge()?;
             let closed_unix = closed_unix_ms / 1000;
-            self.close_times = self.close_times.split_off(&(id + 1));
-            self.app_consistent = self.app_consistent.split_off(&(id + 1));
+            self.closed = self.closed.split_off(&(id + 1));
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(report) = status.app_consistent.as_mut().filter(|_| app_consistent) {
                 report.points_delivered += 1;
