@@ -165,14 +165,19 @@ impl Segment {
         file.write_all_at(&header, 0)
             .and_then(|()| file.sync_all())
             .map_err(io_error("write", path))?;
-        Ok(Segment {
+        Ok(Self::empty(point, path, file, disks))
+    }
+
+    /// A segment of `file` that holds nothing yet (past its header).
+    fn empty(point: u64, path: &Path, file: File, disks: usize) -> Self {
+        Segment {
             point,
             path: path.to_path_buf(),
             file,
             len: SEGMENT_HEADER_LEN,
             held: vec![BTreeMap::new(); disks],
             scratch: Vec::new(),
-        })
+        }
     }
 
     /// Opens a segment, rebuilds its index and cuts a torn tail.
@@ -193,14 +198,7 @@ impl Segment {
         if header != Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX)) {
             return Err(corrupt("header of another point or format"));
         }
-        let mut segment = Segment {
-            point,
-            path: path.to_path_buf(),
-            file,
-            len: SEGMENT_HEADER_LEN,
-            held: vec![BTreeMap::new(); disks],
-            scratch: Vec::new(),
-        };
+        let mut segment = Self::empty(point, path, file, disks);
         let mut data = Vec::new();
         loop {
             let mut record = [0u8; RECORD_HEADER_LEN];

@@ -226,7 +226,7 @@ impl ServerHandle {
     /// Every replica that loads, with its directory.
     fn loaded(&self) -> Vec<(PathBuf, Arc<Mutex<Replica>>)> {
         let mut out = Vec::new();
-        for (storage, _) in ServerHandle::storages(self) {
+        for storage in self.storages() {
             let Ok(dirs) = std::fs::read_dir(storage) else {
                 continue;
             };
@@ -252,16 +252,8 @@ impl ServerHandle {
         point: Option<u64>,
     ) -> Result<(ReplicaInfo, Vec<Arc<nbd_shim::backend::Overlay>>), AdminError> {
         let (dir, replica) = self.one_replica(name, trust_group)?;
-        let exports: Vec<String> = lock(&replica)
-            .state()
-            .disks
-            .iter()
-            .map(|disk| test_export(name, &disk.name))
-            .collect();
         // Between two applies the disks hold the latest point.
-        let test = while_busy(TEST_WAIT, || {
-            lock(&replica).begin_test(point, exports.clone())
-        })?;
+        let test = while_busy(TEST_WAIT, || lock(&replica).begin_test(point))?;
         let mut replica = lock(&replica);
         let disks: Vec<(PathBuf, u64)> = replica
             .state()
@@ -277,7 +269,7 @@ impl ServerHandle {
         );
         match overlays {
             Ok(overlays) => {
-                info!(replica = %name, cycle = test.stamp.cycle, exports = ?test.exports, "Test failover started");
+                info!(replica = %name, cycle = test.stamp.cycle, "Test failover started");
                 Ok((replica.info(), overlays))
             }
             Err(error) => {
@@ -378,19 +370,13 @@ const FAILOVER_WAIT: Duration = Duration::from_secs(600);
 /// How long starting a test waits for an apply in progress to end.
 const TEST_WAIT: Duration = Duration::from_secs(60);
 
-/// The NBD export name of disk `disk` of replica `name` during a test failover.
-pub fn test_export(name: &str, disk: &str) -> String {
-    format!("test/{name}/{disk}")
-}
-
 impl ServerHandle {
-    /// The directories of every storage (each once, however many entries name it), with
-    /// the trust group of the first entry naming it.
-    fn storages(&self) -> Vec<(&Path, &str)> {
-        let mut out: Vec<(&Path, &str)> = Vec::new();
+    /// The directories of every storage (each once, however many entries name it).
+    fn storages(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
         for entry in &self.context.settings.authorization {
-            if !out.iter().any(|(storage, _)| *storage == entry.storage) {
-                out.push((&entry.storage, &entry.trust_group));
+            if !out.contains(&entry.storage.as_path()) {
+                out.push(&entry.storage);
             }
         }
         out
@@ -488,25 +474,20 @@ impl ServerHandle {
         Ok(replica.info())
     }
 
-    /// The directory of replica `name` (of `trust_group`, when given), if it exists.
-    pub fn replica_dir(&self, name: &str, trust_group: Option<&str>) -> Option<PathBuf> {
-        self.one_replica(name, trust_group).ok().map(|(dir, _)| dir)
-    }
-
     /// Sets who is told of planned failovers primaries ask for.
     pub fn on_failover(&self, listener: FailoverListener) {
         *lock(&self.context.failover_listener) = Some(listener);
     }
 
-    /// Replica `name` (of `trust_group`, when given).
+    /// Replica `name` (of `trust_group`, when given), and its directory.
     pub fn replica(
         &self,
         name: &str,
         trust_group: Option<&str>,
-    ) -> Result<ReplicaInfo, AdminError> {
-        let (_, replica) = self.one_replica(name, trust_group)?;
+    ) -> Result<(PathBuf, ReplicaInfo), AdminError> {
+        let (dir, replica) = self.one_replica(name, trust_group)?;
         let info = lock(&replica).info();
-        Ok(info)
+        Ok((dir, info))
     }
 
     /// Pauses (or resumes) replication into replica `name` on this side: transfers
@@ -1214,25 +1195,49 @@ fn planned_failover(
     relationship: u64,
     cycle: u64,
 ) -> Result<Answer, Refusal> {
-    let deadline = std::time::Instant::now() + HASH_WAIT;
+    let failed = once_applied(replica, relationship, |replica| {
+        let last = replica.state().last_received_cycle;
+        if last != Some(cycle) {
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!(
+                    "Cycle {cycle} is not the last one received (that is {last:?}): ship every change first"
+                ),
+            ));
+        }
+        let failover = replica
+            .fail_over(None, true)
+            .map_err(|e| store_refusal(&e))?;
+        warn!(replica = %replica.state().name, cycle = failover.stamp.cycle, "Planned failover: the replica is now the live copy");
+        Ok(failed_over(dir, replica))
+    })?;
+    let info = failed.info.clone();
+    let listener = lock(&context.failover_listener).clone();
+    if let Some(listener) = listener {
+        listener(failed);
+    }
+    Ok(json(StatusCode::OK, &info))
+}
+
+/// How long a request waits for received transfers to be applied.
+const APPLIED_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `then` on `replica` (which `relationship` must own) under its lock once every
+/// received transfer is applied, waiting at most [`APPLIED_WAIT`] for that.
+fn once_applied<T>(
+    replica: &Mutex<Replica>,
+    relationship: u64,
+    mut then: impl FnMut(&mut Replica) -> Result<T, Refusal>,
+) -> Result<T, Refusal> {
+    let deadline = std::time::Instant::now() + APPLIED_WAIT;
     loop {
         {
-            let replica = lock(replica);
+            let mut replica = lock(replica);
             replica
                 .check_relationship(relationship)
                 .map_err(|e| store_refusal(&e))?;
-            let state = replica.state();
-            if state.last_received_cycle != Some(cycle) {
-                return Err(refuse(
-                    ErrorCode::Conflict,
-                    format!(
-                        "Cycle {cycle} is not the last one received (that is {:?}): ship every change first",
-                        state.last_received_cycle
-                    ),
-                ));
-            }
-            if state.queue.is_empty() && state.last_applied_cycle == Some(cycle) {
-                break;
+            if replica.state().queue.is_empty() {
+                return then(&mut replica);
             }
         }
         if std::time::Instant::now() >= deadline {
@@ -1243,22 +1248,7 @@ fn planned_failover(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let failed = {
-        let mut guard = lock(replica);
-        let failover = guard.fail_over(None, true).map_err(|e| store_refusal(&e))?;
-        warn!(replica = %guard.state().name, cycle = failover.stamp.cycle, "Planned failover: the replica is now the live copy");
-        failed_over(dir, &guard)
-    };
-    let info = failed.info.clone();
-    let listener = lock(&context.failover_listener).clone();
-    if let Some(listener) = listener {
-        listener(failed);
-    }
-    Ok(json(StatusCode::OK, &info))
 }
-
-/// How long a hash request waits for received transfers to be applied.
-const HASH_WAIT: Duration = Duration::from_secs(60);
 
 /// Hashes ranges of a replica disk once every received transfer is applied (the
 /// hashes then describe what the next transfers build on). The replica is not locked
@@ -1268,29 +1258,13 @@ fn hash_replica_disk(
     relationship: u64,
     asked: &HashRequest,
 ) -> Result<Answer, Refusal> {
-    let deadline = std::time::Instant::now() + HASH_WAIT;
-    let (path, size) = loop {
-        {
-            let replica = lock(replica);
-            replica
-                .check_relationship(relationship)
-                .map_err(|e| store_refusal(&e))?;
-            let disk = usize::try_from(asked.disk)
-                .ok()
-                .and_then(|index| replica.state().disks.get(index))
-                .ok_or_else(|| refuse(ErrorCode::BadRequest, "No such disk"))?;
-            if replica.state().queue.is_empty() {
-                break (replica.disk_path(&disk.name), disk.size);
-            }
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(refuse(
-                ErrorCode::Busy,
-                "Received transfers are still being applied; ask again later",
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (path, size) = once_applied(replica, relationship, |replica| {
+        let disk = usize::try_from(asked.disk)
+            .ok()
+            .and_then(|index| replica.state().disks.get(index))
+            .ok_or_else(|| refuse(ErrorCode::BadRequest, "No such disk"))?;
+        Ok((replica.disk_path(&disk.name), disk.size))
+    })?;
     compare::check_ranges(&asked.ranges, size)
         .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
     let image = std::fs::File::open(&path).map_err(|e| {

@@ -239,8 +239,6 @@ pub struct TestFailover {
     pub stamp: PointStamp,
     /// When the test started (seconds since the epoch).
     pub started_unix: u64,
-    /// NBD export names, one per disk in group order.
-    pub exports: Vec<String>,
 }
 
 /// What a delta says of the state it completes.
@@ -603,7 +601,11 @@ impl Replica {
                 time_unix_ms: test.stamp.closed_unix_ms,
                 app_consistent: test.stamp.app_consistent,
                 started_unix: test.started_unix,
-                exports: test.exports.clone(),
+                exports: s
+                    .disks
+                    .iter()
+                    .map(|disk| crate::test_failover::test_export(&s.name, &disk.name))
+                    .collect(),
             }),
             last_test_unix: s.last_test_unix,
             failover: s.failover.map(|f| wire::api::FailoverInfo {
@@ -1086,15 +1088,26 @@ impl Replica {
         Ok(())
     }
 
+    /// The additional point `id` (as [`Replica::recovery_points`] lists it).
+    fn kept_point(&self, id: u64) -> Result<RecoveryPoint, StoreError> {
+        let name = &self.state.name;
+        self.state
+            .points
+            .iter()
+            .find(|p| p.id == id && !p.temporary)
+            .copied()
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "Replica {name} has no recovery point {id}; list them with `blkrep replica points --name {name}`"
+                ))
+            })
+    }
+
     /// Starts a test failover of point `point` (the latest if `None`; its id in
-    /// [`Replica::recovery_points`] otherwise), served as `exports`. The latest is kept
+    /// [`Replica::recovery_points`] otherwise). The latest is kept
     /// as a temporary point until the test ends, so replication goes on underneath.
     /// Fails while the disks are mid-apply ([`StoreError::Busy`]): try again.
-    pub fn begin_test(
-        &mut self,
-        point: Option<u64>,
-        exports: Vec<String>,
-    ) -> Result<TestFailover, StoreError> {
+    pub fn begin_test(&mut self, point: Option<u64>) -> Result<TestFailover, StoreError> {
         let name = self.state.name.clone();
         if let Some(test) = &self.state.test {
             return Err(StoreError::Conflict(format!(
@@ -1109,16 +1122,7 @@ impl Replica {
         }
         let (point, stamp) = match point.filter(|id| *id != 0) {
             Some(id) => {
-                let found = self
-                    .state
-                    .points
-                    .iter()
-                    .find(|p| p.id == id && !p.temporary)
-                    .ok_or_else(|| {
-                        StoreError::Conflict(format!(
-                            "Replica {name} has no recovery point {id}; list them with `blkrep replica points --name {name}`"
-                        ))
-                    })?;
+                let found = self.kept_point(id)?;
                 (found.id, found.stamp)
             }
             None => {
@@ -1139,7 +1143,6 @@ impl Replica {
             point,
             stamp,
             started_unix: now_unix(),
-            exports,
         };
         self.state.test = Some(test.clone());
         self.state.last_test_unix = Some(test.started_unix);
@@ -1339,16 +1342,7 @@ impl Replica {
             )));
         }
         let target = match point.filter(|id| *id != 0) {
-            Some(id) => *self
-                .state
-                .points
-                .iter()
-                .find(|p| p.id == id && !p.temporary)
-                .ok_or_else(|| {
-                    StoreError::Conflict(format!(
-                        "Replica {name} has no recovery point {id}; list them with `blkrep replica points --name {name}`"
-                    ))
-                })?,
+            Some(id) => self.kept_point(id)?,
             None => {
                 let latest = self.state.latest.ok_or_else(|| {
                     StoreError::Conflict(format!(

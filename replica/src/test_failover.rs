@@ -15,6 +15,11 @@ use nbd_shim::backend::{Extent, Overlay, OverlayBase};
 
 use crate::history::History;
 
+/// The NBD export name of disk `disk` of replica `name` during a test failover.
+pub fn test_export(name: &str, disk: &str) -> String {
+    format!("test/{name}/{disk}")
+}
+
 /// Overlay block size: the unit a partial write copies from the point.
 const OVERLAY_BLOCK: u32 = 4096;
 

@@ -984,11 +984,7 @@ fn serve_control(stream: &UnixStream, control: &Control) -> std::io::Result<()> 
             trust_group,
             target,
         } => {
-            let dir = control
-                .server
-                .replica_dir(&name, trust_group.as_deref())
-                .ok_or_else(|| format!("No replica named {name}"))?;
-            let info = server
+            let (dir, info) = server
                 .replica(&name, trust_group.as_deref())
                 .map_err(|error| wire::error_chain(&error))?;
             match &info.failover {
@@ -1083,17 +1079,14 @@ fn fail_over(
     point: Option<u64>,
 ) -> Result<Value, String> {
     let error_text = |error: &replica::server::AdminError| wire::error_chain(error);
-    let before = control
+    let (dir, before) = control
         .server
         .replica(name, trust_group)
         .map_err(|e| error_text(&e))?;
-    if before.failover.as_ref().is_some_and(|f| f.completed) {
-        return Err(format!(
-            "The failover of {name} was completed: its disks are live and no other point is kept"
-        ));
-    }
-    let serving = match control.server.replica_dir(name, trust_group) {
-        Some(dir) if before.failover.is_some() => {
+    // Choosing another point before completion: the live disks stop being served
+    // first (a completed failover is refused by the replica itself).
+    let serving = match before.failover {
+        Some(failover) if !failover.completed => {
             control.unserve_live(&dir, name)?;
             Some(dir)
         }
@@ -1199,7 +1192,7 @@ fn stop_test(
     trust_group: Option<&str>,
     force: bool,
 ) -> Result<Value, String> {
-    let info = control
+    let (_, info) = control
         .server
         .replica(name, trust_group)
         .map_err(|error| wire::error_chain(&error))?;
