@@ -44,20 +44,15 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         hook.display().to_string()
     );
     let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), &extra);
-    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
-        "vm1",
+    let mut p = vm1_replicating_to(
+        &certs,
+        &replica,
         vec![
             DiskSpec::new("disk0", ORDERED_REGION),
             DiskSpec::new("disk1", ORDERED_REGION),
         ],
-    )
-    .consumer(Consumer::Raw(certs.consumer(
-        &replica.url(REPLICA_HOST),
-        PRIMARY_HOST,
-        "",
-    )))
-    .interval("1s")
-    .ring_size("64MiB")]));
+        Some("1s"),
+    );
     let first = p.cycles_close("vm1");
     replica.wait_applied("vm1", first, LONG);
     replica
@@ -248,19 +243,15 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
     let certs = lab_certs(dir.path());
     // Site B's replica server, and site A's primary replicating to it.
     let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
-    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
-        "vm1",
+    let mut p = vm1_replicating_to(
+        &certs,
+        &replica_b,
         vec![
             DiskSpec::new("disk0", 32 * MIB).init(Init::Random(5)),
             DiskSpec::new("disk1", 16 * MIB).init(Init::Random(6)),
         ],
-    )
-    .consumer(Consumer::Raw(certs.consumer(
-        &replica_b.url(REPLICA_HOST),
-        PRIMARY_HOST,
-        "",
-    )))
-    .ring_size("64MiB")]));
+        None,
+    );
     let qemu_io = |uri: &str, command: &str| {
         run_ok(
             Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", command, uri]),
@@ -332,20 +323,15 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = lab_certs(dir.path());
     let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
-    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
-        "vm1",
+    let mut p = vm1_replicating_to(
+        &certs,
+        &replica_b,
         vec![
             DiskSpec::new("disk0", ORDERED_REGION),
             DiskSpec::new("disk1", ORDERED_REGION),
         ],
-    )
-    .consumer(Consumer::Raw(certs.consumer(
-        &replica_b.url(REPLICA_HOST),
-        PRIMARY_HOST,
-        "",
-    )))
-    .interval("1s")
-    .ring_size("64MiB")]));
+        Some("1s"),
+    );
     let first = p.cycles_close("vm1");
     replica_b.wait_applied("vm1", first, LONG);
     let replication = |p: &Primary, args: &[&str]| {
@@ -487,4 +473,25 @@ fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Pr
         );
     }
     info
+}
+
+/// A primary with group vm1 of `disks` (a 64 MiB ring) replicating to `replica`, a
+/// cycle every `interval` (by hand only, if none).
+fn vm1_replicating_to(
+    certs: &LabCerts,
+    replica: &Replica,
+    disks: Vec<DiskSpec>,
+    interval: Option<&str>,
+) -> Primary {
+    let mut group = GroupSpec::new("vm1", disks)
+        .consumer(Consumer::Raw(certs.consumer(
+            &replica.url(REPLICA_HOST),
+            PRIMARY_HOST,
+            "",
+        )))
+        .ring_size("64MiB");
+    if let Some(interval) = interval {
+        group = group.interval(interval);
+    }
+    Primary::start(Spec::new(vec![group]))
 }
