@@ -725,3 +725,59 @@ fn an_overflow_resync_sends_only_the_blocks_that_differ() {
     );
     assert_eq!(comparison["differing_bytes"], 2 * MIB, "{comparison:#}");
 }
+
+/// Rewrites the boot id in a ring's superblocks, so the next start takes the stop
+/// for a host crash (the page cache of this test's "host" kept everything, which
+/// only makes the resync find fewer differences, never more).
+fn pretend_host_crash(ring: &std::path::Path) {
+    use tracker::superblock::{Superblock, SUPERBLOCK_LEN};
+    let mut bytes = std::fs::read(ring).expect("ring");
+    for at in [0, SUPERBLOCK_LEN] {
+        if let Ok(mut superblock) = Superblock::decode(&bytes[at..at + SUPERBLOCK_LEN]) {
+            superblock.boot_id = [0x5a; 16];
+            bytes[at..at + SUPERBLOCK_LEN].copy_from_slice(&superblock.encode().expect("encode"));
+        }
+    }
+    std::fs::write(ring, &bytes).expect("ring");
+}
+
+/// After an unclean host shutdown the resync covers only the extents written
+/// recently (the activity log), not the whole disk, and sends only what differs.
+#[test]
+fn a_host_crash_resyncs_only_the_recently_written_extents() {
+    const EXTENT: u64 = 64 * MIB;
+    let (_dir, certs, replica) = lab();
+    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 4 * EXTENT)],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))]));
+    close_and_compare(&p, &replica, &["disk0"]);
+    let mut conn = nbd::Conn::connect_unix(&p.nbd_sock(), "disk0").expect("connect");
+    // Shipped, and flushed: still listed, since nothing needed its slot.
+    conn.write(EXTENT + 4096, &[0x11; 8192], true)
+        .expect("write");
+    let shipped = p.cycles_close("vm1");
+    replica.wait_applied("vm1", shipped, LONG);
+    // Not shipped when the host goes down.
+    conn.write(3 * EXTENT + MIB, &vec![0x22; MIB as usize], false)
+        .expect("write");
+    p.kill();
+    pretend_host_crash(&p.layout.ring("vm1"));
+    p.restart();
+    assert!(
+        p.log()
+            .contains("the resync covers the recently written extents"),
+        "{}",
+        tail(&p.log(), 30)
+    );
+    let info = close_and_compare(&p, &replica, &["disk0"]);
+    assert_eq!(info["consistent"], true, "{info:#}");
+    let comparison = &p.group_status("vm1")["consumer"]["last_comparison"];
+    assert_eq!(comparison["marked_bytes"], 2 * EXTENT, "{comparison:#}");
+    assert_eq!(comparison["differing_bytes"], MIB, "{comparison:#}");
+}

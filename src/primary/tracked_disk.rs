@@ -4,16 +4,15 @@
 //! `tracker::group`): log, write the image, release the log guard, then the server
 //! replies. FLUSH and FUA sync the ring and the image together.
 //!
-//! Writes the group refuses ([`Group::refuse_writes`], a planned failover) fail with
+//! Writes the group refuses ([`tracker::Group::refuse_writes`], a planned failover) fail with
 //! `EROFS`, which NBD clients see as `EPERM`.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
 use nbd_shim::backend::{BlockSizeLimits, ImageFile};
 use nbd_shim::{BlockDevice, Extent, ZeroMode};
-use tracker::{DiskTracker, Group, TrackerError};
+use tracker::{DiskTracker, TrackerError};
 
 /// The name of the tracker's dirty-map context.
 pub const DIRTY_CONTEXT: &str = "x-blkrep:dirty";
@@ -21,10 +20,7 @@ pub const DIRTY_CONTEXT: &str = "x-blkrep:dirty";
 /// An image served with tracking.
 pub struct TrackedDisk {
     image: ImageFile,
-    /// A second descriptor of the image, for syncing it beside the ring.
-    image_sync: File,
     tracker: DiskTracker,
-    group: Group,
 }
 
 impl std::fmt::Debug for TrackedDisk {
@@ -46,20 +42,13 @@ fn tracker_error(error: TrackerError) -> io::Error {
 impl TrackedDisk {
     /// Serves `image` with writes logged by `tracker`.
     pub fn new(image: ImageFile, tracker: DiskTracker) -> io::Result<Self> {
-        let image_sync = File::open(image.path())?;
-        let group = tracker.group();
-        Ok(Self {
-            image,
-            image_sync,
-            tracker,
-            group,
-        })
+        // A second descriptor of the image, for syncing it beside the ring.
+        tracker.attach_image(File::open(image.path())?);
+        Ok(Self { image, tracker })
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.group
-            .sync(&[self.image_sync.as_raw_fd()])
-            .map_err(tracker_error)
+        self.tracker.sync().map_err(tracker_error)
     }
 }
 

@@ -26,8 +26,12 @@
 //! and the given image files durable together (FLUSH, FUA). After a daemon crash the
 //! page cache holds everything that was written; after a host crash or power loss,
 //! unsynced writes may be missing from both image and log, and since the image may hold
-//! writes the log lost, the group marks itself for a resync of the whole dirty map
-//! (it knows it shut down uncleanly from the clean flag and the boot id).
+//! writes the log lost, the group marks itself for a resync (it knows it shut down
+//! uncleanly from the clean flag and the boot id). The resync covers what the log
+//! still holds and the extents of the activity log ([`crate::activity`]), which lists
+//! every extent that may hold a write not yet durable: a write into an extent not
+//! listed waits for the list to be persisted first. Disk syncs go through
+//! [`DiskTracker::sync`] so the tracker knows which writes are durable.
 //!
 //! Overflow: when the ring has no room (the consumer is behind or gone), writes never
 //! fail or wait: the group switches to dirty-map tracking, marks itself as needing a
@@ -39,12 +43,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
+use crate::activity::{self, ActivityLog, Admission};
 use crate::bitmap::{AtomicBitmap, DirtyBits};
 use crate::cycle::{ClosedCycle, CycleStats, ExtentMap, Source};
 use crate::durability::Durability;
@@ -52,8 +57,8 @@ use crate::record::{
     commit_crc, record_len, stored_commit_crc, RecordHeader, RecordKind, COMMIT_CRC_AT, HEADER_LEN,
 };
 use crate::superblock::{
-    current_boot_id, DiskRecord, ResyncReason, Superblock, SuperblockError, DATA_START, MAX_DISKS,
-    MAX_DISK_NAME, SUPERBLOCK_LEN,
+    current_boot_id, ActivityRecord, DiskRecord, ResyncReason, Superblock, SuperblockError,
+    DATA_START, MAX_DISKS, MAX_DISK_NAME, SUPERBLOCK_LEN,
 };
 use crate::TrackerError;
 
@@ -214,6 +219,8 @@ struct State {
     resumable_copy: Option<(usize, u64)>,
     /// Writes are refused ([`Group::refuse_writes`]).
     writes_refused: bool,
+    /// Extents that may hold writes not yet durable.
+    activity: ActivityLog,
 }
 
 struct DiskState {
@@ -223,6 +230,9 @@ struct DiskState {
     open_bits: AtomicBitmap,
     /// Blocks that must be resynchronised.
     resync_bits: AtomicBitmap,
+    /// A descriptor of the image, for syncing it beside the ring
+    /// ([`DiskTracker::attach_image`]).
+    image: OnceLock<File>,
 }
 
 /// State shared by the group handle, its disk trackers and its closed cycles.
@@ -281,7 +291,17 @@ pub struct LogGuard {
     /// A write tracked by dirty map only: it still holds its range (so a later
     /// logged write to the same blocks waits for its image write) and is counted (so
     /// a resync waits for it before reading the images).
-    unlogged: Option<(usize, Range)>,
+    unlogged: Option<(usize, Range, Coverage)>,
+}
+
+/// How the activity log covers an admitted operation until it finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coverage {
+    /// Its extents are listed and hold it.
+    Extents,
+    /// Not covered (too wide, or no room): the activity log is marked incomplete
+    /// until the write is durable.
+    Uncovered,
 }
 
 /// The records of one logged operation, and the range it holds.
@@ -291,6 +311,7 @@ struct Held {
     cycle: u64,
     kind: RecordKind,
     range: Range,
+    coverage: Coverage,
     first: Slot,
     /// Further records of a write split at [`MAX_RECORD_PAYLOAD`]; empty (and so
     /// not allocated) for most writes.
@@ -415,6 +436,7 @@ impl Group {
                 size: d.size,
                 open_bits: AtomicBitmap::new(d.size, block_shift),
                 resync_bits: AtomicBitmap::new(d.size, block_shift),
+                image: OnceLock::new(),
             })
             .collect();
         let superblock = if created {
@@ -430,6 +452,7 @@ impl Group {
                 boot_id,
                 block_shift,
                 disks: disks.clone(),
+                activity: ActivityRecord::default(),
             }
         } else {
             // SAFETY: the mapping is at least DATA_START bytes long (file_len checked
@@ -481,7 +504,21 @@ impl Group {
         } else {
             PreviousShutdown::HostCrash
         };
+        // After a clean stop everything was synced; after a crash the extents listed
+        // stay listed until their disks are synced again.
+        let inherited = match previous {
+            PreviousShutdown::Created | PreviousShutdown::Clean => ActivityRecord {
+                valid: true,
+                extent_shift: activity::EXTENT_SHIFT,
+                whole_disks: 0,
+                extents: Vec::new(),
+            },
+            PreviousShutdown::DaemonCrash | PreviousShutdown::HostCrash => {
+                superblock.activity.clone()
+            }
+        };
         let state = State {
+            activity: ActivityLog::new(config.disks.len(), &inherited),
             head: superblock.head_pos,
             head_seq: superblock.head_seq,
             tail: superblock.head_pos,
@@ -1213,7 +1250,9 @@ impl Shared {
         // crash.
         state.superblock.copy_position = None;
         state.resumable_copy = None;
-        if let Err(error) = self.write_superblock(state, false) {
+        // Synchronously: writes from now on are covered by the resync map alone, which
+        // a host crash loses, so the reason to resync everything must be on disk.
+        if let Err(error) = self.write_superblock(state, true) {
             warn!(group = %self.name, %error, "Could not record the overflow in the superblock");
         }
     }
@@ -1268,8 +1307,113 @@ impl Shared {
         state
     }
 
+    /// Lists the extents of `range` on `disk` in the activity log before a write
+    /// is admitted, persisting the list when it grew. May drop the lock (to sync a
+    /// disk so an extent can leave the list, or to wait for a slot).
+    fn enter_activity<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        disk: usize,
+        range: Range,
+    ) -> Result<(MutexGuard<'a, State>, Coverage), TrackerError> {
+        loop {
+            match state.activity.admit(disk, range.start, range.end) {
+                Admission::Active => return Ok((state, Coverage::Extents)),
+                Admission::TooWide => return self.enter_uncovered(state, disk),
+                Admission::Added => {
+                    if let Err(error) = self.write_superblock(&mut state, true) {
+                        state.activity.release(disk, range.start, range.end);
+                        return Err(error);
+                    }
+                    return Ok((state, Coverage::Extents));
+                }
+                Admission::Wait => {
+                    state.waiters += 1;
+                    state = self
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state.waiters -= 1;
+                }
+                Admission::SyncDisk(victim) => {
+                    if self
+                        .disks
+                        .get(victim)
+                        .is_none_or(|d| d.image.get().is_none())
+                    {
+                        // Nothing to sync that would make the extent durable.
+                        return self.enter_uncovered(state, disk);
+                    }
+                    drop(state);
+                    let synced = self.sync_disk(victim);
+                    state = lock(&self.state);
+                    match synced {
+                        Ok(true) => {}
+                        failed => {
+                            if let Err(error) = &failed {
+                                warn!(group = %self.name, %error, "Could not sync a disk to make room in the activity log");
+                            }
+                            return self.enter_uncovered(state, disk);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Admits a write the activity log cannot list: until it is durable, a host
+    /// crash resynchronises the whole disk.
+    fn enter_uncovered<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        disk: usize,
+    ) -> Result<(MutexGuard<'a, State>, Coverage), TrackerError> {
+        if state.activity.admit_uncovered(disk) {
+            if let Err(error) = self.write_superblock(&mut state, true) {
+                state.activity.release_uncovered(disk);
+                return Err(error);
+            }
+        }
+        Ok((state, Coverage::Uncovered))
+    }
+
+    fn leave_activity(state: &mut State, disk: usize, range: Range, coverage: Coverage) {
+        match coverage {
+            Coverage::Extents => state.activity.release(disk, range.start, range.end),
+            Coverage::Uncovered => state.activity.release_uncovered(disk),
+        }
+    }
+
+    /// Makes the ring and `disk`'s image durable together; the activity log learns
+    /// which of the disk's writes are durable. Returns whether the image was synced
+    /// (false if none is attached: then only the ring was).
+    fn sync_disk(&self, disk: usize) -> Result<bool, TrackerError> {
+        let started = lock(&self.state).activity.begin_sync();
+        let image = self.disks.get(disk).and_then(|disk| disk.image.get());
+        let mut fds = vec![self.sync_file.as_raw_fd()];
+        fds.extend(image.map(AsRawFd::as_raw_fd));
+        self.durability
+            .datasync(&fds)
+            .map_err(|source| TrackerError::Io {
+                what: "sync ring and image",
+                path: self.ring_path.clone(),
+                source,
+            })?;
+        if image.is_none() {
+            return Ok(false);
+        }
+        let mut state = lock(&self.state);
+        if state.activity.synced(disk, started) {
+            if let Err(error) = self.write_superblock(&mut state, false) {
+                warn!(group = %self.name, %error, "Could not record the complete activity log");
+            }
+        }
+        Ok(true)
+    }
+
     fn finish(&self, held: &Held) {
         let mut state = lock(&self.state);
+        Self::leave_activity(&mut state, held.disk, held.range, held.coverage);
         if let Some(ranges) = state.ranges.get_mut(held.disk) {
             if let Some(index) = ranges.iter().position(|range| *range == held.range) {
                 ranges.swap_remove(index);
@@ -1291,8 +1435,9 @@ impl Shared {
         }
     }
 
-    fn finish_unlogged(&self, disk: usize, range: Range) {
+    fn finish_unlogged(&self, disk: usize, range: Range, coverage: Coverage) {
         let mut state = lock(&self.state);
+        Self::leave_activity(&mut state, disk, range, coverage);
         if let Some(ranges) = state.ranges.get_mut(disk) {
             if let Some(index) = ranges.iter().position(|held| *held == range) {
                 ranges.swap_remove(index);
@@ -1336,6 +1481,7 @@ impl Shared {
         if state.resync.is_some() {
             state.superblock.resync = state.resync;
         }
+        state.superblock.activity = state.activity.record();
         let bytes = state
             .superblock
             .encode()
@@ -1427,14 +1573,38 @@ impl Shared {
                 }
             }
         } else if previous == PreviousShutdown::HostCrash {
-            warn!(
-                group = %self.name,
-                "The host shut down uncleanly: writes since the last flush may be missing from the log; resync required"
-            );
             state.mode = TrackingMode::DirtyMap;
             state.resync = Some(ResyncReason::UncleanHostShutdown);
-            for disk in &self.disks {
-                disk.resync_bits.set_all();
+            // Writes that may be missing from the log lie in the activity log's
+            // extents; what the log kept is marked below.
+            let mut active = 0u64;
+            let mut whole = false;
+            for (index, disk) in self.disks.iter().enumerate() {
+                match activity::crash_ranges(&state.superblock.activity, index, disk.size) {
+                    Some(ranges) => {
+                        for (start, len) in ranges {
+                            disk.resync_bits.set_range(start, len);
+                            active += len;
+                        }
+                    }
+                    None => {
+                        disk.resync_bits.set_all();
+                        whole = true;
+                    }
+                }
+            }
+            if whole {
+                warn!(
+                    group = %self.name,
+                    active_mib = active >> 20,
+                    "The host shut down uncleanly with writes the activity log could not list: whole disks are marked for resync"
+                );
+            } else {
+                warn!(
+                    group = %self.name,
+                    active_mib = active >> 20,
+                    "The host shut down uncleanly: writes since the last flush may be missing from the log; the resync covers the recently written extents and the unshipped log"
+                );
             }
         }
         if state.mode == TrackingMode::DirtyMap {
@@ -1492,6 +1662,19 @@ fn write_file_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl DiskTracker {
+    /// Gives the tracker a descriptor of the disk's image (read-only is enough), so
+    /// [`DiskTracker::sync`] makes it durable beside the ring, and the activity log can
+    /// sync it when it needs room. The first one attached stays.
+    pub fn attach_image(&self, image: File) {
+        let _ = self.shared.disks[self.disk].image.set(image);
+    }
+
+    /// Makes the ring and the attached image durable together (FLUSH, FUA): every
+    /// write to this disk completed before the call is then on stable storage.
+    pub fn sync(&self) -> Result<(), TrackerError> {
+        self.shared.sync_disk(self.disk).map(drop)
+    }
+
     /// Logs a write of `data` at `offset` (step 1 of the write protocol).
     pub fn log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
         let len = u64::try_from(data.len()).map_err(|_| TrackerError::OutOfRange)?;
@@ -1535,13 +1718,14 @@ impl DiskTracker {
         } else {
             1
         };
-        let mut state = lock(&shared.state);
+        let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
         state = shared.wait_while(state, |state| {
             state.ranges[self.disk]
                 .iter()
                 .any(|other| other.start < range.end && range.start < other.end)
         });
         if state.writes_refused {
+            Shared::leave_activity(&mut state, self.disk, range, coverage);
             return Err(TrackerError::WritesRefused);
         }
         disk.open_bits.set_range(offset, len);
@@ -1577,7 +1761,10 @@ impl DiskTracker {
                 start: piece_start,
                 end: piece_end,
             };
-            let Some(slot) = shared.reserve(&mut state, self.disk, kind, piece, payload_len)?
+            let reserved = shared.reserve(&mut state, self.disk, kind, piece, payload_len);
+            let Some(slot) = reserved.inspect_err(|_| {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+            })?
             else {
                 // Only the first reservation can fail: room for all was checked.
                 disk.resync_bits.set_range(offset, len);
@@ -1586,7 +1773,7 @@ impl DiskTracker {
                 return Ok(LogGuard {
                     shared: Arc::clone(shared),
                     held: None,
-                    unlogged: Some((self.disk, range)),
+                    unlogged: Some((self.disk, range, coverage)),
                 });
             };
             match first {
@@ -1596,6 +1783,8 @@ impl DiskTracker {
             piece_start = piece_end;
         }
         let Some(first) = first else {
+            // Unreachable (len > 0 gives a first piece), but the admission is given back.
+            Shared::leave_activity(&mut state, self.disk, range, coverage);
             return Ok(LogGuard {
                 shared: Arc::clone(shared),
                 held: None,
@@ -1615,6 +1804,7 @@ impl DiskTracker {
             cycle: first.cycle,
             kind,
             range,
+            coverage,
             first,
             rest,
         };
@@ -1733,7 +1923,7 @@ impl LogGuard {
                 state.mode = TrackingMode::DirtyMap;
                 // Recorded now, so a crash before the next superblock write still
                 // resyncs the range rather than ship around it.
-                if let Err(error) = shared.write_superblock(&mut state, false) {
+                if let Err(error) = shared.write_superblock(&mut state, true) {
                     warn!(group = %shared.name, %error, "Could not record the resync in the superblock");
                 }
             }
@@ -1754,8 +1944,8 @@ impl Drop for LogGuard {
         if let Some(held) = self.held.take() {
             self.shared.finish(&held);
         }
-        if let Some((disk, range)) = self.unlogged.take() {
-            self.shared.finish_unlogged(disk, range);
+        if let Some((disk, range, coverage)) = self.unlogged.take() {
+            self.shared.finish_unlogged(disk, range, coverage);
         }
     }
 }

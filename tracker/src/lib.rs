@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub mod activity;
 pub mod bitmap;
 pub mod cycle;
 pub mod durability;

@@ -17,14 +17,23 @@ pub const DATA_START: u64 = 2 * SUPERBLOCK_LEN as u64;
 pub const MAX_DISK_NAME: usize = 63;
 /// Most disks in one group.
 pub const MAX_DISKS: usize = 32;
+/// Most extents the activity log records.
+pub const MAX_ACTIVE_EXTENTS: usize = 192;
 
 const MAGIC: &[u8; 8] = b"BLKRING1";
 const VERSION: u32 = 1;
 const FLAG_CLEAN: u32 = 1;
 /// A resync copy is running with logging on: every write since it began is in the log.
 const FLAG_COPY_LOGGED: u32 = 2;
+/// The activity log is kept (rings written before it existed lack this flag).
+const FLAG_ACTIVITY: u32 = 4;
 const DISKS_AT: usize = 96;
 const DISK_ENTRY: usize = 8 + 1 + MAX_DISK_NAME;
+/// Activity log: extent shift (u32), count (u32), whole disks (u32 bitmask), 4 bytes
+/// reserved, then one u64 key per extent.
+const ACTIVITY_AT: usize = DISKS_AT + MAX_DISKS * DISK_ENTRY;
+const ACTIVE_EXTENTS_AT: usize = ACTIVITY_AT + 16;
+const _: () = assert!(ACTIVE_EXTENTS_AT + MAX_ACTIVE_EXTENTS * 8 <= CRC_AT);
 const CRC_AT: usize = SUPERBLOCK_LEN - 4;
 
 /// Why a group must be resynchronised instead of shipped from its log.
@@ -83,6 +92,22 @@ pub struct DiskRecord {
     pub size: u64,
 }
 
+/// The activity log as persisted (see `crate::activity`): the extents that may hold
+/// writes not yet durable in log and image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActivityRecord {
+    /// Whether the ring keeps an activity log; rings written before it existed do
+    /// not, and a host crash resynchronises their whole disks.
+    pub valid: bool,
+    /// Extent size as a shift.
+    pub extent_shift: u32,
+    /// Disks (bit per index) with writes the extents do not cover: a host crash
+    /// resynchronises them whole.
+    pub whole_disks: u32,
+    /// Extent keys: disk index in the top 16 bits, extent index below.
+    pub extents: Vec<u64>,
+}
+
 /// The decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -110,6 +135,8 @@ pub struct Superblock {
     pub block_shift: u32,
     /// The disks of the group, in index order.
     pub disks: Vec<DiskRecord>,
+    /// The activity log.
+    pub activity: ActivityRecord,
 }
 
 /// Why a superblock cannot be used.
@@ -126,6 +153,9 @@ pub enum SuperblockError {
         "A group records at most {MAX_DISKS} disks with names of at most {MAX_DISK_NAME} bytes"
     )]
     TooManyDisks,
+    /// More active extents than the superblock holds.
+    #[error("The activity log holds at most {MAX_ACTIVE_EXTENTS} extents")]
+    TooManyExtents,
 }
 
 impl Superblock {
@@ -134,12 +164,20 @@ impl Superblock {
         if self.disks.len() > MAX_DISKS || self.disks.iter().any(|d| d.name.len() > MAX_DISK_NAME) {
             return Err(SuperblockError::TooManyDisks);
         }
+        if self.activity.extents.len() > MAX_ACTIVE_EXTENTS {
+            return Err(SuperblockError::TooManyExtents);
+        }
         let mut out = [0u8; SUPERBLOCK_LEN];
         out[0..8].copy_from_slice(MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
         let flags = if self.clean { FLAG_CLEAN } else { 0 }
             | if self.copy_position.is_some() {
                 FLAG_COPY_LOGGED
+            } else {
+                0
+            }
+            | if self.activity.valid {
+                FLAG_ACTIVITY
             } else {
                 0
             };
@@ -162,6 +200,17 @@ impl Superblock {
             out[at..at + 8].copy_from_slice(&disk.size.to_le_bytes());
             out[at + 8] = u8::try_from(disk.name.len()).unwrap_or(0);
             out[at + 9..at + 9 + disk.name.len()].copy_from_slice(disk.name.as_bytes());
+        }
+        out[ACTIVITY_AT..ACTIVITY_AT + 4]
+            .copy_from_slice(&self.activity.extent_shift.to_le_bytes());
+        // Bounded by MAX_ACTIVE_EXTENTS above.
+        let count = u32::try_from(self.activity.extents.len()).unwrap_or(0);
+        out[ACTIVITY_AT + 4..ACTIVITY_AT + 8].copy_from_slice(&count.to_le_bytes());
+        out[ACTIVITY_AT + 8..ACTIVITY_AT + 12]
+            .copy_from_slice(&self.activity.whole_disks.to_le_bytes());
+        for (index, extent) in self.activity.extents.iter().enumerate() {
+            let at = ACTIVE_EXTENTS_AT + index * 8;
+            out[at..at + 8].copy_from_slice(&extent.to_le_bytes());
         }
         let crc = crc32c::crc32c(&out[..CRC_AT]);
         out[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
@@ -194,6 +243,19 @@ impl Superblock {
         }
         let mut boot_id = [0u8; 16];
         boot_id.copy_from_slice(&bytes[60..76]);
+        let extent_count = usize::try_from(u32_at(bytes, ACTIVITY_AT + 4))
+            .map_err(|_| SuperblockError::Damaged)?;
+        if extent_count > MAX_ACTIVE_EXTENTS {
+            return Err(SuperblockError::Damaged);
+        }
+        let activity = ActivityRecord {
+            valid: u32_at(bytes, 12) & FLAG_ACTIVITY != 0,
+            extent_shift: u32_at(bytes, ACTIVITY_AT),
+            whole_disks: u32_at(bytes, ACTIVITY_AT + 8),
+            extents: (0..extent_count)
+                .map(|index| u64_at(bytes, ACTIVE_EXTENTS_AT + index * 8))
+                .collect(),
+        };
         Ok(Self {
             generation: u64_at(bytes, 16),
             clean: u32_at(bytes, 12) & FLAG_CLEAN != 0,
@@ -207,6 +269,7 @@ impl Superblock {
             boot_id,
             block_shift: u32_at(bytes, 76),
             disks,
+            activity,
         })
     }
 
@@ -271,6 +334,12 @@ mod tests {
                     size: 7,
                 },
             ],
+            activity: ActivityRecord {
+                valid: true,
+                extent_shift: 26,
+                whole_disks: 0b10,
+                extents: vec![3, (1 << 48) | 9],
+            },
         }
     }
 
@@ -281,6 +350,7 @@ mod tests {
         b.generation = 6;
         b.clean = false;
         b.copy_position = None;
+        b.activity = ActivityRecord::default();
         let (ea, eb) = (a.encode().unwrap(), b.encode().unwrap());
         assert_eq!(Superblock::decode(&ea).unwrap(), a);
         assert_eq!(Superblock::decode_pair(&ea, &eb).unwrap(), b);

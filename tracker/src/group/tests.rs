@@ -589,3 +589,144 @@ fn refused_writes_leave_no_trace_and_admitted_ones_are_in_the_next_cycle() {
     group.refuse_writes(false);
     drop(disk.log_write(8192, &[8; 4096]).unwrap());
 }
+
+/// Rewrites the ring's boot id, so the next open sees a host crash.
+fn fake_host_crash(ring: &Path) {
+    let mut bytes = std::fs::read(ring).unwrap();
+    for slot in 0..2 {
+        let at = slot * SUPERBLOCK_LEN;
+        if let Ok(mut superblock) = Superblock::decode(&bytes[at..at + SUPERBLOCK_LEN]) {
+            superblock.boot_id = [0xa5; 16];
+            bytes[at..at + SUPERBLOCK_LEN].copy_from_slice(&superblock.encode().unwrap());
+        }
+    }
+    std::fs::write(ring, &bytes).unwrap();
+}
+
+/// Two disks of `size` bytes, with images attached (sparse files) if `attach`.
+fn open_disks(dir: &Path, size: u64, attach: bool) -> (GroupConfig, Group) {
+    let mut cfg = config(dir, MIN_RING_SIZE, 2);
+    for disk in &mut cfg.disks {
+        disk.size = size;
+    }
+    let (group, _) = Group::open(&cfg).unwrap();
+    for index in (0..2).filter(|_| attach) {
+        let image = dir.join(format!("disk{index}.img"));
+        let file = File::create(&image).unwrap();
+        file.set_len(size).unwrap();
+        group.disk(index).unwrap().attach_image(file);
+    }
+    (cfg, group)
+}
+
+fn resync_bytes(group: &Group) -> Vec<u64> {
+    group
+        .status()
+        .disks
+        .iter()
+        .map(|disk| disk.resync_bytes)
+        .collect()
+}
+
+const EXTENT: u64 = 1 << activity::EXTENT_SHIFT;
+
+/// After a host crash only the extents written since their disk's last sync (and
+/// whatever the log kept) are resynchronised, not the whole disks.
+#[test]
+fn a_host_crash_resyncs_only_the_active_extents() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, group) = open_disks(dir.path(), 1 << 30, true);
+    let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+    drop(d0.log_write(0, &[1; 4096]).unwrap());
+    // Across an extent boundary: both extents.
+    drop(d0.log_write(8 * EXTENT - 512, &[2; 1024]).unwrap());
+    drop(d1.log_write(15 * EXTENT + 4096, &[3; 4096]).unwrap());
+    d0.sync().unwrap();
+    // The log holds these records; they are marked anyway.
+    let cycle = group.close_cycle().unwrap();
+    group.take_closed().unwrap().unwrap().acknowledge().unwrap();
+    assert_eq!(cycle, 1);
+    drop((group, d0, d1));
+    fake_host_crash(&cfg.ring_path);
+
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::HostCrash);
+    assert!(report.resync_pending && !report.needs_replay());
+    assert_eq!(
+        group.resync_reason(),
+        Some(ResyncReason::UncleanHostShutdown)
+    );
+    // Synced extents stay listed until they must make room.
+    assert_eq!(resync_bytes(&group), vec![3 * EXTENT, EXTENT]);
+    let maps = group.begin_resync().unwrap();
+    let marked: Vec<usize> = maps[0].iter_ones().map(|block| block >> 14).collect();
+    assert_eq!(marked.first(), Some(&0));
+    assert!(marked.iter().all(|extent| [0, 7, 8].contains(extent)));
+}
+
+/// A write the activity log cannot list (a trim of a whole disk) marks its disk for
+/// a whole resync, until it is durable.
+#[test]
+fn a_wide_trim_marks_its_disk_whole_until_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, group) = open_disks(dir.path(), 1 << 30, true);
+    let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+    drop(d0.log_write(0, &[1; 4096]).unwrap());
+    drop(d1.log_zero(0, 1 << 30, true).unwrap());
+    // Shipped: the log no longer marks the trim's range.
+    group.close_cycle().unwrap();
+    group.take_closed().unwrap().unwrap().acknowledge().unwrap();
+    drop((group, d0, d1));
+    let crashed = dir.path().join("crashed.ring");
+    std::fs::copy(&cfg.ring_path, &crashed).unwrap();
+    fake_host_crash(&crashed);
+    let crashed_cfg = GroupConfig {
+        ring_path: crashed,
+        ..cfg.clone()
+    };
+    let (crashed_group, _) = Group::open(&crashed_cfg).unwrap();
+    assert_eq!(resync_bytes(&crashed_group), vec![EXTENT, 1 << 30]);
+
+    // Reopened after a daemon crash, the mark stays until disk 1 is synced.
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.previous, PreviousShutdown::DaemonCrash);
+    let d1 = group.disk(1).unwrap();
+    d1.attach_image(File::open(dir.path().join("disk1.img")).unwrap());
+    d1.sync().unwrap();
+    drop((group, d1));
+    fake_host_crash(&cfg.ring_path);
+    let (group, _) = Group::open(&cfg).unwrap();
+    assert_eq!(resync_bytes(&group), vec![EXTENT, 0]);
+}
+
+/// When every slot holds an extent written since its disk's last sync, a write to a
+/// new extent syncs that disk to make room; without an image to sync, it goes on
+/// and the disk is marked whole.
+#[test]
+fn a_full_activity_log_syncs_to_make_room() {
+    let slots = u64::try_from(activity::SLOTS).unwrap();
+    let size = (slots + 8) * EXTENT;
+    for attach in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, group) = open_disks(dir.path(), size, attach);
+        let d0 = group.disk(0).unwrap();
+        for extent in 0..=slots {
+            drop(d0.log_write(extent * EXTENT, &[7; 4096]).unwrap());
+        }
+        drop((group, d0));
+        fake_host_crash(&cfg.ring_path);
+        let (group, _) = Group::open(&cfg).unwrap();
+        let expected = if attach {
+            // The first extent made room after a sync; the log's record marks one
+            // 4 KiB block in it.
+            slots * EXTENT + 4096
+        } else {
+            size
+        };
+        assert_eq!(
+            resync_bytes(&group),
+            vec![expected, 0],
+            "attached: {attach}"
+        );
+    }
+}
