@@ -205,7 +205,11 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
     );
     if let Some(relationship) = text("relationship") {
         let state = text("state").unwrap_or_default().replace('_', " ");
-        let _ = writeln!(out, "  replication: {state} (relationship {relationship})");
+        let epoch = number("epoch").unwrap_or(wire::api::FIRST_EPOCH);
+        let _ = writeln!(
+            out,
+            "  replication: {state} (relationship {relationship}, epoch {epoch})"
+        );
     }
     if let Some(health) = text("health") {
         match text("health_reason") {
@@ -348,6 +352,7 @@ mod tests {
         let consumer = serde_json::json!({
             "consumer": "replica https://replica:8443",
             "relationship": "abc",
+            "epoch": 3,
             "state": "awaiting_import",
             "health": "Warning",
             "health_reason": "3 of 10 cycles missed in the last hour",
@@ -358,7 +363,7 @@ mod tests {
         let mut out = String::new();
         render_consumer(&mut out, &consumer, 5 << 20);
         for line in [
-            "  replication: awaiting import (relationship abc)",
+            "  replication: awaiting import (relationship abc, epoch 3)",
             "  health:    Warning - 3 of 10 cycles missed in the last hour",
             "  last error: Replica server https://replica:8443: busy",
         ] {

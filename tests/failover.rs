@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
 use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn replica_disks(replica: &Replica) -> Vec<Vec<u8>> {
     ["disk0", "disk1"]
@@ -178,8 +178,22 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     assert!(
         consumer["health_reason"]
             .as_str()
-            .is_some_and(|r| r.contains("superseded")),
+            .is_some_and(|r| r.contains("superseded") && r.contains("live copy at epoch 2")),
         "{consumer:#}"
+    );
+    // Both sides say which role and epoch they hold.
+    assert_eq!(consumer["epoch"], 1, "{consumer:#}");
+    let info = replica.info("vm1").expect("vm1");
+    assert_eq!(
+        (&info["role"], &info["epoch"]),
+        (&json!("primary"), &json!(2)),
+        "{info:#}"
+    );
+    let status = replica.cli(&["status"]).assert_ok();
+    assert!(
+        status.stdout.contains("vm1: primary at epoch 2"),
+        "{}",
+        status.all()
     );
     assert!(
         replica_disks(&replica) == after_write,
@@ -472,6 +486,12 @@ fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Pr
             disk,
         );
     }
+    // Replication back runs at the epoch of the failover that made site B primary.
+    assert_eq!(
+        (&info["role"], &info["epoch"]),
+        (&json!("replica"), &json!(2)),
+        "{info:#}"
+    );
     info
 }
 

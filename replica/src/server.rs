@@ -42,8 +42,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use wire::api::{
     valid_name, CommitRequest, DiskInfo, EnableRequest, ErrorBody, ErrorCode, HashAnswer,
-    HashRequest, InitialMethod, ReplicaInfo, TransferOffer, API_PREFIX, IDENTITY_HEADER,
-    MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
+    HashRequest, InitialMethod, ReplicaInfo, TransferOffer, API_PREFIX, EPOCH_HEADER, FIRST_EPOCH,
+    IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
 };
 use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 use wire::error_chain;
@@ -51,7 +51,7 @@ use wire::tls::{certificate_names, NamePattern};
 
 use crate::apply::ReplicaDisk;
 use crate::compare;
-use crate::store::{apply_transfer, Replica, ReplicaState, StoreError};
+use crate::store::{apply_transfer, Claim, Replica, ReplicaState, StoreError};
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1056,8 +1056,9 @@ async fn respond(context: &Arc<Context>, auth: &Auth, request: Request<Incoming>
     }
 }
 
-fn relationship(request: &Request<Incoming>) -> Result<u64, Refusal> {
-    request
+/// Who the request speaks for: its relationship and failover epoch headers.
+fn claim(request: &Request<Incoming>) -> Result<Claim, Refusal> {
+    let relationship = request
         .headers()
         .get(RELATIONSHIP_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -1067,7 +1068,29 @@ fn relationship(request: &Request<Incoming>) -> Result<u64, Refusal> {
                 ErrorCode::BadRequest,
                 format!("Missing or invalid {RELATIONSHIP_HEADER} header"),
             )
-        })
+        })?;
+    Ok(Claim {
+        relationship,
+        epoch: epoch(request)?,
+    })
+}
+
+/// The failover epoch the request speaks for; absent means the first.
+fn epoch(request: &Request<Incoming>) -> Result<u64, Refusal> {
+    match request.headers().get(EPOCH_HEADER) {
+        None => Ok(FIRST_EPOCH),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|epoch| *epoch >= FIRST_EPOCH)
+            .ok_or_else(|| {
+                refuse(
+                    ErrorCode::BadRequest,
+                    format!("Invalid {EPOCH_HEADER} header"),
+                )
+            }),
+    }
 }
 
 fn parse_id(text: &str) -> Result<u64, Refusal> {
@@ -1088,9 +1111,10 @@ async fn route(
     match (method, segments.as_slice()) {
         (Method::GET, ["echo"]) => Ok(json(StatusCode::OK, &serde_json::json!({}))),
         (Method::POST, ["replicas"]) => {
+            let epoch = epoch(&request)?;
             let enable: EnableRequest = json_body(request).await?;
             let (context, peer) = (Arc::clone(context), peer.clone());
-            blocking(move || enable_replica(&context, &peer, enable)).await
+            blocking(move || enable_replica(&context, &peer, enable, epoch)).await
         }
         (method, ["replicas", name, tail @ ..]) => {
             if !valid_name(name) {
@@ -1104,35 +1128,33 @@ async fn route(
             match (method, tail) {
                 (Method::GET, []) => Ok(json(StatusCode::OK, &lock(&replica).info())),
                 (Method::DELETE, []) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     lock(&replica)
-                        .check_relationship(relationship)
+                        .check_relationship(claim)
                         .map_err(|e| store_refusal(&e))?;
                     let context = Arc::clone(context);
                     blocking(move || remove_replica(&context, &dir, &replica)).await
                 }
                 (Method::POST, ["failover"]) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     let asked: wire::api::FailoverRequest = json_body(request).await?;
                     let context = Arc::clone(context);
-                    blocking(move || {
-                        planned_failover(&context, &dir, &replica, relationship, asked.cycle)
-                    })
-                    .await
+                    blocking(move || planned_failover(&context, &dir, &replica, claim, asked.cycle))
+                        .await
                 }
                 (Method::POST, ["hashes"]) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     let asked: HashRequest = json_body(request).await?;
-                    blocking(move || hash_replica_disk(&replica, relationship, &asked)).await
+                    blocking(move || hash_replica_disk(&replica, claim, &asked)).await
                 }
                 (Method::POST, ["transfers"]) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     let offer: TransferOffer = json_body(request).await?;
                     blocking(move || {
                         let mut replica = lock(&replica);
                         if replica.state().awaiting_import {
                             replica
-                                .check_relationship(relationship)
+                                .check_relationship(claim)
                                 .map_err(|e| store_refusal(&e))?;
                             return Err(refuse(
                                 ErrorCode::Busy,
@@ -1140,14 +1162,14 @@ async fn route(
                             ));
                         }
                         let answer = replica
-                            .offer(relationship, &offer)
+                            .offer(claim, &offer)
                             .map_err(|e| store_refusal(&e))?;
                         Ok(json(StatusCode::OK, &answer))
                     })
                     .await
                 }
                 (Method::PUT, ["transfers", id, "chunks", index]) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     let id = parse_id(id)?;
                     let index: u32 = index
                         .parse()
@@ -1155,7 +1177,7 @@ async fn route(
                     let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
                     blocking(move || {
                         let stored = lock(&replica)
-                            .put_chunk(relationship, id, index, &frame)
+                            .put_chunk(claim, id, index, &frame)
                             .map_err(|e| store_refusal(&e))?;
                         Ok(json(
                             StatusCode::OK,
@@ -1165,14 +1187,14 @@ async fn route(
                     .await
                 }
                 (Method::POST, ["transfers", id, "commit"]) => {
-                    let relationship = relationship(&request)?;
+                    let claim = claim(&request)?;
                     let id = parse_id(id)?;
                     let commit: CommitRequest = json_body(request).await?;
                     let apply = context.apply.clone();
                     blocking(move || {
                         let mut replica = lock(&replica);
                         replica
-                            .commit(relationship, id, commit.chunks)
+                            .commit(claim, id, commit.chunks)
                             .map_err(|e| store_refusal(&e))?;
                         let _ = apply.send(dir);
                         Ok(json(StatusCode::OK, &replica.info()))
@@ -1192,10 +1214,10 @@ fn planned_failover(
     context: &Context,
     dir: &Path,
     replica: &Mutex<Replica>,
-    relationship: u64,
+    claim: Claim,
     cycle: u64,
 ) -> Result<Answer, Refusal> {
-    let failed = once_applied(replica, relationship, |replica| {
+    let failed = once_applied(replica, claim, |replica| {
         let last = replica.state().last_received_cycle;
         if last != Some(cycle) {
             return Err(refuse(
@@ -1222,11 +1244,11 @@ fn planned_failover(
 /// How long a request waits for received transfers to be applied.
 const APPLIED_WAIT: Duration = Duration::from_secs(60);
 
-/// Runs `then` on `replica` (which `relationship` must own) under its lock once every
+/// Runs `then` on `replica` (which `claim` must own) under its lock once every
 /// received transfer is applied, waiting at most [`APPLIED_WAIT`] for that.
 fn once_applied<T>(
     replica: &Mutex<Replica>,
-    relationship: u64,
+    claim: Claim,
     mut then: impl FnMut(&mut Replica) -> Result<T, Refusal>,
 ) -> Result<T, Refusal> {
     let deadline = std::time::Instant::now() + APPLIED_WAIT;
@@ -1234,7 +1256,7 @@ fn once_applied<T>(
         {
             let mut replica = lock(replica);
             replica
-                .check_relationship(relationship)
+                .check_relationship(claim)
                 .map_err(|e| store_refusal(&e))?;
             if replica.state().queue.is_empty() {
                 return then(&mut replica);
@@ -1255,10 +1277,10 @@ fn once_applied<T>(
 /// while hashing.
 fn hash_replica_disk(
     replica: &Mutex<Replica>,
-    relationship: u64,
+    claim: Claim,
     asked: &HashRequest,
 ) -> Result<Answer, Refusal> {
-    let (path, size) = once_applied(replica, relationship, |replica| {
+    let (path, size) = once_applied(replica, claim, |replica| {
         let disk = usize::try_from(asked.disk)
             .ok()
             .and_then(|index| replica.state().disks.get(index))
@@ -1304,7 +1326,12 @@ fn enable_replica(
     context: &Context,
     peer: &Peer,
     enable: EnableRequest,
+    epoch: u64,
 ) -> Result<Answer, Refusal> {
+    let claim = Claim {
+        relationship: enable.relationship,
+        epoch,
+    };
     if !valid_name(&enable.name) {
         return Err(refuse(ErrorCode::BadRequest, "Invalid replica name"));
     }
@@ -1326,7 +1353,7 @@ fn enable_replica(
             ));
         }
         if replica.is_unclaimed() {
-            return claim_existing_copy(replica, peer, &enable);
+            return claim_existing_copy(replica, peer, &enable, claim);
         }
         if state.failover.is_some() {
             return Err(refuse(
@@ -1346,6 +1373,9 @@ fn enable_replica(
                 ),
             ));
         }
+        replica
+            .check_relationship(claim)
+            .map_err(|e| store_refusal(&e))?;
         let mut replica = replica;
         if let Some(policy) = enable.recovery.filter(|p| *p != replica.state().recovery) {
             replica
@@ -1374,7 +1404,7 @@ fn enable_replica(
     let mut state = ReplicaState::new(
         enable.name.clone(),
         peer.trust_group.clone(),
-        enable.relationship,
+        claim,
         enable.primary_host,
         peer.identity.clone(),
         enable.disks,
@@ -1402,6 +1432,7 @@ fn claim_existing_copy(
     mut replica: std::sync::MutexGuard<'_, Replica>,
     peer: &Peer,
     enable: &EnableRequest,
+    claim: Claim,
 ) -> Result<Answer, Refusal> {
     let state = replica.state();
     if enable.initial != InitialMethod::Existing {
@@ -1432,7 +1463,7 @@ fn claim_existing_copy(
         ));
     }
     replica
-        .claim(enable.relationship, &enable.primary_host, &peer.identity)
+        .claim(claim, &enable.primary_host, &peer.identity)
         .map_err(|e| store_refusal(&e))?;
     info!(replica = %enable.name, identity = %peer.identity, "Existing copy claimed; blocks are compared before any is sent");
     Ok(json(StatusCode::OK, &replica.info()))

@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracker::ChangeData;
 use wire::api::{
-    DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, TestFailoverInfo,
-    TransferAnswer, TransferKind, TransferOffer,
+    DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, Role, TestFailoverInfo,
+    TransferAnswer, TransferKind, TransferOffer, FIRST_EPOCH,
 };
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
@@ -140,6 +140,19 @@ pub struct Queued {
     pub kind: TransferKind,
 }
 
+/// Who a request speaks for: a relationship, at a failover epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The relationship id.
+    pub relationship: u64,
+    /// The failover epoch.
+    pub epoch: u64,
+}
+
+fn first_epoch() -> u64 {
+    FIRST_EPOCH
+}
+
 /// What `replica.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaState {
@@ -150,6 +163,10 @@ pub struct ReplicaState {
     /// The relationship: set by the primary when it enabled replication; offers for
     /// another relationship are refused.
     pub relationship: u64,
+    /// The failover epoch: the primary's when it enabled replication, raised by each
+    /// failover; requests of an older epoch are refused.
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
     /// Host name the primary gave.
     pub primary_host: String,
     /// Identity (certificate name) of the primary that enabled it.
@@ -283,7 +300,7 @@ impl ReplicaState {
     pub fn new(
         name: String,
         trust_group: String,
-        relationship: u64,
+        claim: Claim,
         primary_host: String,
         enabled_by: String,
         disks: Vec<DiskInfo>,
@@ -291,7 +308,8 @@ impl ReplicaState {
         ReplicaState {
             name,
             trust_group,
-            relationship,
+            relationship: claim.relationship,
+            epoch: claim.epoch,
             primary_host,
             enabled_by,
             disks,
@@ -462,7 +480,11 @@ impl Replica {
         let mut state = ReplicaState::new(
             name.to_string(),
             trust_group.to_string(),
-            UNCLAIMED,
+            // Its epoch is the claiming primary's.
+            Claim {
+                relationship: UNCLAIMED,
+                epoch: FIRST_EPOCH,
+            },
             String::new(),
             "an existing copy (blkrep replica seed)".into(),
             disks,
@@ -488,34 +510,44 @@ impl Replica {
         self.state.relationship == UNCLAIMED
     }
 
-    /// Gives an unclaimed replica (an existing copy) to `relationship`.
+    /// Gives an unclaimed replica (an existing copy) to `claim`'s relationship, at
+    /// its epoch.
     pub fn claim(
         &mut self,
-        relationship: u64,
+        claim: Claim,
         primary_host: &str,
         identity: &str,
     ) -> Result<(), StoreError> {
-        if !self.is_unclaimed() || relationship == UNCLAIMED {
+        if !self.is_unclaimed() || claim.relationship == UNCLAIMED {
             return Err(StoreError::OtherRelationship(format!(
                 "replica {} is not an unclaimed existing copy",
                 self.state.name
             )));
         }
-        self.state.relationship = relationship;
+        self.state.relationship = claim.relationship;
+        self.state.epoch = self.state.epoch.max(claim.epoch);
         self.state.primary_host = primary_host.to_string();
         self.state.enabled_by = identity.to_string();
         self.save()
     }
 
-    /// Fails unless `relationship` owns the replica (and the replica was not failed
-    /// over to, which supersedes its primary).
-    pub fn check_relationship(&self, relationship: u64) -> Result<(), StoreError> {
+    /// Fails unless `claim`'s relationship owns the replica at its epoch (a failover
+    /// raises the epoch, which supersedes the primary).
+    pub fn check_relationship(&self, claim: Claim) -> Result<(), StoreError> {
+        let epoch = self.state.epoch;
         if let Some(failover) = &self.state.failover {
             return Err(StoreError::Superseded(format!(
-                "replica {} was failed over to at {} (to cycle {}) and is now the live copy: this primary is superseded and must stop writing to its disks; to replicate back, reverse replication from the new primary",
+                "replica {} was failed over to at {} (to cycle {}) and is now the live copy at epoch {epoch}: this primary (epoch {}) is superseded and must stop writing to its disks; to replicate back, reverse replication from the new primary",
                 self.state.name,
                 failover.at_unix,
-                failover.stamp.cycle
+                failover.stamp.cycle,
+                claim.epoch,
+            )));
+        }
+        if claim.epoch < epoch {
+            return Err(StoreError::Superseded(format!(
+                "replica {} is at epoch {epoch}: a failover since superseded this primary (epoch {}); it must stop writing to its disks",
+                self.state.name, claim.epoch
             )));
         }
         if self.is_unclaimed() {
@@ -524,10 +556,16 @@ impl Replica {
                 self.state.name
             )));
         }
-        if relationship != self.state.relationship {
+        if claim.relationship != self.state.relationship {
             return Err(StoreError::OtherRelationship(format!(
                 "replica {} belongs to another replication relationship (enabled by {} from {}); remove it on the replica first",
                 self.state.name, self.state.enabled_by, self.state.primary_host
+            )));
+        }
+        if claim.epoch > epoch {
+            return Err(StoreError::OtherRelationship(format!(
+                "replica {} is at epoch {epoch}, older than its primary's {}: it is not the copy this relationship left (restored from a backup?); remove it on the replica and enable replication again",
+                self.state.name, claim.epoch
             )));
         }
         Ok(())
@@ -608,6 +646,12 @@ impl Replica {
                     .collect(),
             }),
             last_test_unix: s.last_test_unix,
+            role: if s.failover.is_some() {
+                Role::Primary
+            } else {
+                Role::Replica
+            },
+            epoch: s.epoch,
             failover: s.failover.map(|f| wire::api::FailoverInfo {
                 at_unix: f.at_unix,
                 cycle: f.stamp.cycle,
@@ -726,10 +770,10 @@ impl Replica {
     /// the transfer being received, says how many chunks are stored.
     pub fn offer(
         &mut self,
-        relationship: u64,
+        claim: Claim,
         offer: &TransferOffer,
     ) -> Result<TransferAnswer, StoreError> {
-        self.check_relationship(relationship)?;
+        self.check_relationship(claim)?;
         if self.is_committed(offer.id) {
             return Ok(match offer.kind {
                 TransferKind::Resync { .. } => TransferAnswer {
@@ -837,12 +881,12 @@ impl Replica {
     /// Stores chunk `index` of transfer `id` durably, after checking it completely.
     pub fn put_chunk(
         &mut self,
-        relationship: u64,
+        claim: Claim,
         id: u64,
         index: u32,
         frame: &[u8],
     ) -> Result<u32, StoreError> {
-        self.check_relationship(relationship)?;
+        self.check_relationship(claim)?;
         let Some(receiving) = self.state.receiving.filter(|r| r.id == id) else {
             return Err(StoreError::Conflict(format!(
                 "transfer {id:#x} was not offered (or was abandoned)"
@@ -913,8 +957,8 @@ impl Replica {
     }
 
     /// Ends transfer `id` of `chunks` chunks: it becomes durable and queued for apply.
-    pub fn commit(&mut self, relationship: u64, id: u64, chunks: u32) -> Result<(), StoreError> {
-        self.check_relationship(relationship)?;
+    pub fn commit(&mut self, claim: Claim, id: u64, chunks: u32) -> Result<(), StoreError> {
+        self.check_relationship(claim)?;
         if self.is_committed(id) {
             return Ok(());
         }
@@ -1271,7 +1315,12 @@ impl Replica {
                 manifest.name, state.name
             )));
         }
-        self.check_relationship(manifest.relationship)?;
+        // The export was made by the primary that owns the replica, at its epoch.
+        let claim = Claim {
+            relationship: manifest.relationship,
+            epoch: self.state.epoch,
+        };
+        self.check_relationship(claim)?;
         if !manifest.complete {
             return Err(StoreError::Conflict(
                 "the export is incomplete: its last transfer is missing (run the export again to finish it)".into(),
@@ -1285,7 +1334,7 @@ impl Replica {
                 kind: transfer.kind,
                 bytes: transfer.bytes,
             };
-            let answer = self.offer(manifest.relationship, &offer)?;
+            let answer = self.offer(claim, &offer)?;
             if answer.committed {
                 continue;
             }
@@ -1294,11 +1343,11 @@ impl Replica {
             let mut index = 0u32;
             while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", &path))? {
                 if index >= answer.have_chunks {
-                    self.put_chunk(manifest.relationship, transfer.id, index, &frame)?;
+                    self.put_chunk(claim, transfer.id, index, &frame)?;
                 }
                 index += 1;
             }
-            self.commit(manifest.relationship, transfer.id, transfer.chunks)?;
+            self.commit(claim, transfer.id, transfer.chunks)?;
             imported += 1;
         }
         self.state.awaiting_import = false;
@@ -1367,6 +1416,9 @@ impl Replica {
             completed: false,
         };
         let current = self.state.latest;
+        if self.state.failover.is_none() {
+            self.state.epoch += 1;
+        }
         self.state.failover = Some(failover);
         self.save()?;
         if current != Some(target.stamp) {

@@ -513,6 +513,18 @@ fn existing_copies_are_claimed_hashed_and_deleted_only_by_their_relationship() {
             .send_json(&outside),
     );
     assert_eq!(code, 400);
+    // Claimed at the first epoch (no header): a later epoch is not this copy's
+    // primary, and an epoch that is not a number is refused before anything else.
+    for (epoch, expected) in [("2", 409), ("x", 400), ("0", 400), ("1", 200)] {
+        let (code, body) = status_of(
+            agent
+                .post(&lab.url("/replicas/vm1/hashes"))
+                .set(RELATIONSHIP_HEADER, "abc")
+                .set(EPOCH_HEADER, epoch)
+                .send_json(&ask),
+        );
+        assert_eq!(code, expected, "epoch {epoch}: {body}");
+    }
     // Deleting needs the relationship that owns the replica.
     let (code, _) = status_of(
         agent

@@ -91,8 +91,9 @@ pub trait CycleSink: Send {
     fn enable(&mut self, _request: &EnableRequest) -> Result<(), SinkError> {
         Ok(())
     }
-    /// The relationship every later request belongs to (replica consumers).
-    fn set_relationship(&mut self, _id: u64) {}
+    /// The relationship every later request belongs to, and its failover epoch
+    /// (replica consumers).
+    fn set_relationship(&mut self, _id: u64, _epoch: u64) {}
     /// Announces a transfer of at most `bytes` record bytes.
     fn begin(&mut self, _id: u64, _kind: TransferKind, _bytes: u64) -> Result<Resume, SinkError> {
         Ok(Resume::default())

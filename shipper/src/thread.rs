@@ -181,6 +181,10 @@ pub struct ShipperStatus {
     pub health_reason: Option<String>,
     /// The relationship id (hex), for a replica consumer.
     pub relationship: Option<String>,
+    /// The relationship's failover epoch, for a replica consumer: 1, raised by each
+    /// failover (a group serving a failed-over replica's disks replicates at its
+    /// replica's epoch).
+    pub epoch: Option<u64>,
     /// Cycles delivered and acknowledged since start.
     pub cycles_delivered: u64,
     /// The newest acknowledged cycle.
@@ -315,6 +319,9 @@ pub struct ReplicationSetup {
     /// Recovery history to ask the replica for (sent when replication is enabled and
     /// once after each start, so a changed setting reaches an existing replica).
     pub recovery: Option<wire::api::RecoveryPolicy>,
+    /// The failover epoch this group replicates at: [`wire::api::FIRST_EPOCH`], or a
+    /// failed-over replica's epoch for the group serving its disks.
+    pub epoch: u64,
 }
 
 /// How a shipper runs.
@@ -454,7 +461,7 @@ impl Shipper {
         }));
         let mut sink = sink;
         if let Some(relationship) = &relationship {
-            sink.set_relationship(relationship.state.id);
+            sink.set_relationship(relationship.state.id, relationship.state.epoch);
         }
         let (commands, receiver) = bounded(16);
         let mut worker = Worker {
@@ -611,7 +618,7 @@ fn resync_id(chain: u32, batch: u32) -> u64 {
 
 fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, ShipperError> {
     let path = setup.relationship_path.clone();
-    let state = match Relationship::load(&path)? {
+    let mut state = match Relationship::load(&path)? {
         Some(state) if state.replica_url == setup.replica_url => state,
         Some(old) => {
             warn!(old = %old.replica_url, new = %setup.replica_url, "The replica server changed: replication is enabled afresh with a full initial replication");
@@ -623,6 +630,7 @@ fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, Shippe
             fresh
         }
     };
+    state.epoch = state.epoch.max(setup.epoch);
     let mut file = RelationshipFile { path, state, setup };
     if file.setup.fresh_ring && file.state.enabled {
         info!("The ring is new: the replica is brought up to date with a full initial replication");
@@ -1295,7 +1303,7 @@ impl Worker {
         }
         let start = Cursor { disk, offset };
         let remaining_bytes = maps.bytes_from(start);
-        info!(group = %self.group.name(), %reason, epoch = chain, batch = copy.batch, remaining = remaining_bytes, "Resync copy resumes after the daemon stopped uncleanly");
+        info!(group = %self.group.name(), %reason, chain, batch = copy.batch, remaining = remaining_bytes, "Resync copy resumes after the daemon stopped uncleanly");
         Ok(Some(ResyncProgress {
             reason,
             epoch: chain,
@@ -1613,8 +1621,10 @@ impl Worker {
                     )));
                 }
                 *state = Relationship::new(&relationship.setup.replica_url);
+                relationship.state.epoch = relationship.setup.epoch;
                 relationship.state.start_after_unix = start_after_unix;
-                self.sink.set_relationship(relationship.state.id);
+                self.sink
+                    .set_relationship(relationship.state.id, relationship.state.epoch);
                 self.retry_at = Some(Instant::now());
                 match start_after_unix {
                     Some(at) => format!("Replication of group {name} enabled; the initial replication starts at {at} (seconds since the epoch)"),
@@ -1693,6 +1703,7 @@ impl Worker {
             .relationship
             .as_ref()
             .map(|r| format!("{:x}", r.state.id));
+        status.epoch = self.relationship.as_ref().map(|r| r.state.epoch);
         status.next_retry_unix = self
             .retry_at
             .map(|at| now + at.saturating_duration_since(Instant::now()).as_secs());

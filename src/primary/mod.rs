@@ -152,11 +152,12 @@ impl RunningGroup {
 
     /// Starts replicating a running group (a failed-over replica's live disks
     /// replicated back, once): a shipper over its tracker, to the replica server
-    /// `replica` describes, a cycle every `interval`.
+    /// `replica` describes, a cycle every `interval`, at failover epoch `epoch`.
     pub(crate) fn start_replication(
         &mut self,
         replica: &ReplicaConsumer,
         interval: Duration,
+        epoch: u64,
     ) -> Result<(), PrimaryError> {
         let name = self.config.name.clone();
         let failed = |reason: String| PrimaryError::Replication {
@@ -176,7 +177,7 @@ impl RunningGroup {
             throttle: None,
             host_name: host_name(None),
         };
-        let (sink, setup) = replica_sink(&config, replica, &shared, false)?;
+        let (sink, setup) = replica_sink(&config, replica, &shared, false, epoch)?;
         let options = ShipperOptions {
             interval,
             retry: RetryPolicy {
@@ -479,6 +480,7 @@ fn replica_sink(
     replica: &ReplicaConsumer,
     shared: &SharedReplication,
     fresh_ring: bool,
+    epoch: u64,
 ) -> Result<(Box<dyn CycleSink>, ReplicationSetup), PrimaryError> {
     let failed = |reason: String| PrimaryError::Replication {
         group: config.name.clone(),
@@ -554,6 +556,7 @@ fn replica_sink(
         initial: replica.initial_replication,
         compression: replica.compression.then_some(replica.compression_level),
         recovery: replica.recovery(),
+        epoch,
     };
     Ok((Box::new(sink), setup))
 }
@@ -635,7 +638,13 @@ pub(crate) fn open_group(
                 let sink: Box<dyn CycleSink> = match consumer {
                     ConsumerConfig::Discard => Box::new(DiscardSink::default()),
                     ConsumerConfig::Replica(replica) => {
-                        let (sink, setup) = replica_sink(config, replica, shared, fresh_ring)?;
+                        let (sink, setup) = replica_sink(
+                            config,
+                            replica,
+                            shared,
+                            fresh_ring,
+                            wire::api::FIRST_EPOCH,
+                        )?;
                         replication = Some(setup);
                         sink
                     }

@@ -683,7 +683,7 @@ fn serve(
         };
         let resumed = serde_json::from_slice::<ReverseTarget>(&text)
             .map_err(|error| error.to_string())
-            .and_then(|target| control_state.reverse(&failed.dir, &failed.info.name, &target));
+            .and_then(|target| control_state.reverse(&failed.dir, &failed.info, &target));
         if let Err(error) = resumed {
             error!(replica = %failed.info.name, %error, "Cannot resume replicating the live disks back");
         }
@@ -831,9 +831,15 @@ impl Control {
         Ok(())
     }
 
-    /// Starts replicating the live group of the replica in `dir` to `target`, and
-    /// records it so a restarted daemon carries on.
-    fn reverse(&self, dir: &Path, name: &str, target: &ReverseTarget) -> Result<(), String> {
+    /// Starts replicating the live group of the replica in `dir` to `target`, at the
+    /// replica's failover epoch, and records it so a restarted daemon carries on.
+    fn reverse(
+        &self,
+        dir: &Path,
+        info: &ReplicaInfo,
+        target: &ReverseTarget,
+    ) -> Result<(), String> {
+        let name = &info.name;
         let consumer = target.consumer()?;
         let problems = consumer.problems("reverse");
         if !problems.is_empty() {
@@ -845,7 +851,11 @@ impl Control {
             .ok_or_else(|| format!("The live disks of {name} are not served"))?;
         serving
             .group
-            .start_replication(&consumer, Duration::from_secs(target.interval_secs))
+            .start_replication(
+                &consumer,
+                Duration::from_secs(target.interval_secs),
+                info.epoch,
+            )
             .map_err(|error| wire::error_chain(&error))?;
         let path = dir.join(REVERSE_FILE);
         let text = serde_json::to_vec_pretty(target).map_err(|error| error.to_string())?;
@@ -992,7 +1002,7 @@ fn serve_control(stream: &UnixStream, control: &Control) -> std::io::Result<()> 
                 Some(_) => return Err(format!("Complete the failover of {name} first (`blkrep replica complete-failover --name {name}`): replicating back fixes its point")),
                 None => return Err(format!("Replica {name} was not failed over: it is a replica, not a live copy to replicate")),
             }
-            control.reverse(&dir, &name, &target)?;
+            control.reverse(&dir, &info, &target)?;
             Ok(Value::Null)
         }
         Request::Live => Ok(control.live_status()),
@@ -1322,9 +1332,14 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             (Some(cycle), None) => format!("cycle {cycle}"),
             (None, _) => "none".into(),
         };
+        let role = match info.role {
+            wire::api::Role::Replica => "replica",
+            wire::api::Role::Primary => "primary",
+        };
         out.push_str(&format!(
-            "{}: trust group {}, consistent {}, last applied {applied}, pending transfers {}, paused {}\n",
+            "{}: {role} at epoch {}, trust group {}, consistent {}, last applied {applied}, pending transfers {}, paused {}\n",
             info.name,
+            info.epoch,
             info.trust_group,
             yes_no(info.consistent),
             info.pending_transfers,
@@ -1513,6 +1528,8 @@ mod tests {
             test_failover: None,
             last_test_unix: None,
             failover: None,
+            role: wire::api::Role::Replica,
+            epoch: wire::api::FIRST_EPOCH,
         }
     }
 
@@ -1523,11 +1540,13 @@ mod tests {
         fresh.last_applied_cycle = None;
         fresh.last_applied_unix = None;
         fresh.paused = true;
+        fresh.role = wire::api::Role::Primary;
+        fresh.epoch = 2;
         let text = render_status(&[fresh, info("vm1", "dc1")], 1_000 + 3_725);
         assert_eq!(
             text,
-            "vm1: trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, paused no\n\
-             vm2: trust group dc1, consistent no, last applied none, pending transfers 1, paused yes\n"
+            "vm1: replica at epoch 1, trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, paused no\n\
+             vm2: primary at epoch 2, trust group dc1, consistent no, last applied none, pending transfers 1, paused yes\n"
         );
         assert_eq!(render_status(&[], 0), "No replicas\n");
     }
@@ -1579,7 +1598,10 @@ mod tests {
         let state = replica::store::ReplicaState::new(
             "vm1".into(),
             "dc1".into(),
-            7,
+            replica::store::Claim {
+                relationship: 7,
+                epoch: wire::api::FIRST_EPOCH,
+            },
             "host1".into(),
             "host1.example.com".into(),
             vec![DiskInfo {

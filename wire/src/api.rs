@@ -32,6 +32,27 @@ use serde::{Deserialize, Serialize};
 pub const API_PREFIX: &str = "/v1";
 /// Header naming the replication relationship (hex) on every request about one replica.
 pub const RELATIONSHIP_HEADER: &str = "x-blkrep-relationship";
+/// Header carrying the failover epoch the sender speaks for (decimal; absent means
+/// [`FIRST_EPOCH`]). Every failover raises the replica's epoch, and a replica refuses
+/// any request of an older epoch: a former primary can never write to it again.
+pub const EPOCH_HEADER: &str = "x-blkrep-epoch";
+/// The epoch of a relationship that never failed over.
+pub const FIRST_EPOCH: u64 = 1;
+
+fn first_epoch() -> u64 {
+    FIRST_EPOCH
+}
+
+/// What a side of a relationship is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Receives and applies cycles.
+    #[default]
+    Replica,
+    /// Serves the live disks (a replica after its failover).
+    Primary,
+}
 /// Lab mode only (plain HTTP): the identity the primary claims, matched against the
 /// authorisation entries as a certificate DNS name would be.
 pub const IDENTITY_HEADER: &str = "x-blkrep-identity";
@@ -328,6 +349,12 @@ pub struct ReplicaInfo {
     /// Set once the replica was failed over to.
     #[serde(default)]
     pub failover: Option<FailoverInfo>,
+    /// Its role: `primary` once failed over to.
+    #[serde(default)]
+    pub role: Role,
+    /// The failover epoch (see [`EPOCH_HEADER`]).
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
 }
 
 /// A failover to a replica.

@@ -8,12 +8,17 @@ use wire::chunk::{ChunkEncoder, RawChunk};
 use super::*;
 
 const MIB: u64 = 1 << 20;
+/// The relationship the tests' replicas belong to, at the first epoch.
+const OWNER: Claim = Claim {
+    relationship: 42,
+    epoch: FIRST_EPOCH,
+};
 
 fn state() -> ReplicaState {
     ReplicaState::new(
         "vm1".into(),
         "dc1".into(),
-        42,
+        OWNER,
         "primary".into(),
         "primary.example.com".into(),
         vec![
@@ -57,14 +62,14 @@ fn write(disk: usize, offset: u64, data: &[u8]) -> Change<'_> {
 /// Offers, sends and commits a transfer.
 fn send(replica: &mut Replica, id: u64, kind: TransferKind, changes: &[Change<'_>]) {
     let answer = replica
-        .offer(42, &TransferOffer { id, kind, bytes: 1 })
+        .offer(OWNER, &TransferOffer { id, kind, bytes: 1 })
         .unwrap();
     assert!(!answer.committed);
     let frames = frames(id, changes);
     for (i, frame) in frames.iter().enumerate().skip(answer.have_chunks as usize) {
-        replica.put_chunk(42, id, i as u32, frame).unwrap();
+        replica.put_chunk(OWNER, id, i as u32, frame).unwrap();
     }
-    replica.commit(42, id, frames.len() as u32).unwrap();
+    replica.commit(OWNER, id, frames.len() as u32).unwrap();
 }
 
 fn resync(epoch: u64, batch: u32, last: bool) -> TransferKind {
@@ -89,7 +94,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
 
     // Delta before the initial copy: the chain has no start.
     let early = replica.offer(
-        42,
+        OWNER,
         &TransferOffer {
             id: 1,
             kind: TransferKind::delta(1),
@@ -129,7 +134,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
     // The chain: 6 is next; 5 again is a retry; 8 breaks it.
     let retry = replica
         .offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 5,
                 kind: TransferKind::delta(5),
@@ -139,7 +144,7 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
         .unwrap();
     assert!(retry.committed);
     let gap = replica.offer(
-        42,
+        OWNER,
         &TransferOffer {
             id: 8,
             kind: TransferKind::delta(8),
@@ -149,15 +154,25 @@ fn initial_copy_then_deltas_make_the_replica_consistent() {
     assert!(matches!(gap, Err(StoreError::ChainBroken(_))));
     send(&mut replica, 6, TransferKind::delta(6), &[]);
     // A stranger's relationship is refused.
+    let offer = TransferOffer {
+        id: 7,
+        kind: TransferKind::delta(7),
+        bytes: 0,
+    };
     let other = replica.offer(
-        7,
-        &TransferOffer {
-            id: 7,
-            kind: TransferKind::delta(7),
-            bytes: 0,
+        Claim {
+            relationship: 7,
+            ..OWNER
         },
+        &offer,
     );
     assert!(matches!(other, Err(StoreError::OtherRelationship(_))));
+    // The owner from a later epoch than the replica's: not the copy it left.
+    let newer = replica.offer(Claim { epoch: 2, ..OWNER }, &offer);
+    assert!(
+        matches!(&newer, Err(StoreError::OtherRelationship(m)) if m.contains("epoch 1, older than its primary's 2")),
+        "{newer:?}"
+    );
 }
 
 #[test]
@@ -172,7 +187,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
     let kind = resync(1, 0, true);
     replica
         .offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 77,
                 kind,
@@ -180,20 +195,20 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
             },
         )
         .unwrap();
-    replica.put_chunk(42, 77, 0, &all[0]).unwrap();
-    replica.put_chunk(42, 77, 1, &all[1]).unwrap();
+    replica.put_chunk(OWNER, 77, 0, &all[0]).unwrap();
+    replica.put_chunk(OWNER, 77, 1, &all[1]).unwrap();
     // A chunk the primary gave up on that arrives late is already stored.
-    assert_eq!(replica.put_chunk(42, 77, 1, &all[1]).unwrap(), 2);
+    assert_eq!(replica.put_chunk(OWNER, 77, 1, &all[1]).unwrap(), 2);
     // Out of order and corrupt chunks are refused and store nothing.
     assert!(matches!(
-        replica.put_chunk(42, 77, 3, &all[2]),
+        replica.put_chunk(OWNER, 77, 3, &all[2]),
         Err(StoreError::Conflict(_))
     ));
     let mut bad = all[2].clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     assert!(matches!(
-        replica.put_chunk(42, 77, 2, &bad),
+        replica.put_chunk(OWNER, 77, 2, &bad),
         Err(StoreError::Chunk(_))
     ));
     let offer = TransferOffer {
@@ -202,7 +217,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
         bytes: 1,
     };
     // A retry learns where the stored data ends: inside the split write.
-    let before = replica.offer(42, &offer).unwrap();
+    let before = replica.offer(OWNER, &offer).unwrap();
     assert_eq!(before.have_chunks, 2);
     let stored = before.resume_from.unwrap();
     assert_eq!(stored.disk, 0);
@@ -215,10 +230,10 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
         kind: resync(1, 0, false),
         ..offer
     };
-    assert_eq!(replica.offer(42, &other).unwrap().have_chunks, 0);
-    replica.offer(42, &offer).unwrap();
-    replica.put_chunk(42, 77, 0, &all[0]).unwrap();
-    replica.put_chunk(42, 77, 1, &all[1]).unwrap();
+    assert_eq!(replica.offer(OWNER, &other).unwrap().have_chunks, 0);
+    replica.offer(OWNER, &offer).unwrap();
+    replica.put_chunk(OWNER, 77, 0, &all[0]).unwrap();
+    replica.put_chunk(OWNER, 77, 1, &all[1]).unwrap();
     // A crash left half a frame behind.
     let part = path.join("incoming").join(format!("{:016x}.part", 77));
     let mut file = OpenOptions::new().append(true).open(&part).unwrap();
@@ -228,7 +243,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
     let mut replica = Replica::open(&path, 0).unwrap();
     let answer = replica
         .offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 77,
                 kind,
@@ -239,11 +254,11 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
     assert_eq!(answer.have_chunks, 2);
     assert_eq!(answer.resume_from, Some(stored));
     for (i, frame) in all.iter().enumerate().skip(2) {
-        replica.put_chunk(42, 77, i as u32, frame).unwrap();
+        replica.put_chunk(OWNER, 77, i as u32, frame).unwrap();
     }
-    replica.commit(42, 77, all.len() as u32).unwrap();
+    replica.commit(OWNER, 77, all.len() as u32).unwrap();
     // Offered again after the commit: the whole batch is there.
-    let again = replica.offer(42, &offer).unwrap();
+    let again = replica.offer(OWNER, &offer).unwrap();
     assert!(again.committed);
     assert_eq!(
         again.resume_from,
@@ -311,7 +326,7 @@ fn changes_outside_the_disks_are_refused_on_receipt() {
     let mut replica = Replica::create(&dir.path().join("vm1"), state(), 0).unwrap();
     replica
         .offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 1,
                 kind: resync(1, 0, true),
@@ -321,12 +336,12 @@ fn changes_outside_the_disks_are_refused_on_receipt() {
         .unwrap();
     let beyond = frames(1, &[write(1, 4 * MIB - 2, b"abc")]);
     assert!(matches!(
-        replica.put_chunk(42, 1, 0, &beyond[0]),
+        replica.put_chunk(OWNER, 1, 0, &beyond[0]),
         Err(StoreError::Apply(_))
     ));
     let no_disk = frames(1, &[write(2, 0, b"abc")]);
     assert!(matches!(
-        replica.put_chunk(42, 1, 0, &no_disk[0]),
+        replica.put_chunk(OWNER, 1, 0, &no_disk[0]),
         Err(StoreError::Apply(_))
     ));
     assert_eq!(replica.part_chunks, 0);
@@ -341,11 +356,11 @@ fn a_full_replica_refuses_transfers_it_cannot_hold() {
         kind: resync(1, 0, true),
         bytes: 1,
     };
-    let refused = replica.offer(42, &offer).unwrap_err();
+    let refused = replica.offer(OWNER, &offer).unwrap_err();
     assert!(refused.is_no_space(), "{refused}");
     replica.set_paused(true).unwrap();
     assert!(matches!(
-        replica.offer(42, &offer),
+        replica.offer(OWNER, &offer),
         Err(StoreError::Paused(_))
     ));
 }
@@ -577,13 +592,21 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
     states.insert(5, (disk(&replica, "a"), disk(&replica, "b")));
 
     let to_two = point_of(&replica, 2);
+    assert_eq!(
+        (replica.info().epoch, replica.info().role),
+        (1, Role::Replica)
+    );
     let failover = replica.fail_over(Some(to_two), false).unwrap();
     assert_eq!(failover.stamp.cycle, 2);
+    assert_eq!(
+        (replica.info().epoch, replica.info().role),
+        (2, Role::Primary)
+    );
     assert!(disk(&replica, "a") == states[&2].0 && disk(&replica, "b") == states[&2].1);
     // The former primary is refused, and told why.
     let refused = replica
         .offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 99,
                 kind: stamped(6, 60, false),
@@ -593,6 +616,12 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
         .unwrap_err();
     assert!(matches!(refused, StoreError::Superseded(_)), "{refused}");
     assert!(refused.to_string().contains("superseded"), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("live copy at epoch 2: this primary (epoch 1)"),
+        "{refused}"
+    );
 
     // Until completed another point may be chosen, later or earlier.
     let to_four = point_of(&replica, 4);
@@ -601,6 +630,8 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
     let to_one = point_of(&replica, 1);
     replica.fail_over(Some(to_one), false).unwrap();
     assert!(disk(&replica, "a") == states[&1].0);
+    // Changing the point is the same failover: one epoch.
+    assert_eq!(replica.info().epoch, 2);
     let latest_before = replica
         .recovery_points()
         .iter()
@@ -623,7 +654,7 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
     let mut replica = Replica::open(&path, 0).unwrap();
     assert!(matches!(
         replica.offer(
-            42,
+            OWNER,
             &TransferOffer {
                 id: 98,
                 kind: stamped(6, 60, false),

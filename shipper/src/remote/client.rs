@@ -30,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use wire::api::{
-    ErrorBody, ErrorCode, API_PREFIX, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER,
-    RELATIONSHIP_HEADER,
+    ErrorBody, ErrorCode, API_PREFIX, EPOCH_HEADER, FIRST_EPOCH, IDENTITY_HEADER, MAX_JSON_BODY,
+    PSK_HEADER, RELATIONSHIP_HEADER,
 };
 
 /// Default timeout of a control request, and of a chunk upload.
@@ -308,6 +308,7 @@ pub struct ReplicaClient {
     endpoint: Endpoint,
     settings: ClientSettings,
     relationship: u64,
+    epoch: u64,
     data: Option<DataConnection>,
 }
 
@@ -354,13 +355,15 @@ impl ReplicaClient {
             endpoint,
             settings,
             relationship,
+            epoch: FIRST_EPOCH,
             data: None,
         })
     }
 
-    /// Sends `relationship` with every later request.
-    pub fn set_relationship(&mut self, relationship: u64) {
+    /// Sends `relationship` at failover epoch `epoch` with every later request.
+    pub fn set_relationship(&mut self, relationship: u64, epoch: u64) {
         self.relationship = relationship;
+        self.epoch = epoch;
     }
 
     /// The replica server's address, for status and logs.
@@ -502,7 +505,8 @@ impl ReplicaClient {
             .header(HOST, self.endpoint.authority())
             .header(CONTENT_TYPE, content_type)
             .header(CONTENT_LENGTH, body.len())
-            .header(RELATIONSHIP_HEADER, format!("{:x}", self.relationship));
+            .header(RELATIONSHIP_HEADER, format!("{:x}", self.relationship))
+            .header(EPOCH_HEADER, self.epoch);
         if let Credentials::PlainWithPsk { identity, psk } = &self.settings.credentials {
             builder = builder
                 .header(IDENTITY_HEADER, identity.as_str())

@@ -150,8 +150,8 @@ impl CycleSink for RemoteSink {
             .map_err(|error| self.remote(error))
     }
 
-    fn set_relationship(&mut self, id: u64) {
-        self.client.set_relationship(id);
+    fn set_relationship(&mut self, id: u64, epoch: u64) {
+        self.client.set_relationship(id, epoch);
     }
 
     fn begin(&mut self, id: u64, kind: TransferKind, bytes: u64) -> Result<Resume, SinkError> {

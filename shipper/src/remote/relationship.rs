@@ -65,6 +65,9 @@ pub struct Relationship {
     /// A planned failover handed the group over: its disks refuse writes.
     #[serde(default)]
     pub fenced: bool,
+    /// The failover epoch it speaks for (see [`wire::api::EPOCH_HEADER`]).
+    #[serde(default = "first_epoch")]
+    pub epoch: u64,
     /// Removed by an administrator: nothing is shipped until replication is enabled
     /// again.
     pub removed: bool,
@@ -95,6 +98,10 @@ pub struct CopyProgress {
     pub total_bytes: u64,
 }
 
+fn first_epoch() -> u64 {
+    wire::api::FIRST_EPOCH
+}
+
 impl Relationship {
     /// A new relationship with `url`: random id, nothing done yet.
     pub fn new(url: &str) -> Self {
@@ -108,6 +115,7 @@ impl Relationship {
             repair_on_resume: None,
             superseded: None,
             fenced: false,
+            epoch: wire::api::FIRST_EPOCH,
             removed: false,
             start_after_unix: None,
             enabled_unix: crate::thread::unix_now(),
