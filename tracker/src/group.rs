@@ -1297,13 +1297,19 @@ impl Shared {
         mut blocked: impl FnMut(&State) -> bool,
     ) -> MutexGuard<'a, State> {
         while blocked(&state) {
-            state.waiters += 1;
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiters -= 1;
+            state = self.wait_once(state);
         }
+        state
+    }
+
+    /// Waits once on the group's condition variable (see [`Shared::wait_while`]).
+    fn wait_once<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.waiters += 1;
+        state = self
+            .changed
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.waiters -= 1;
         state
     }
 
@@ -1327,14 +1333,7 @@ impl Shared {
                     }
                     return Ok((state, Coverage::Extents));
                 }
-                Admission::Wait => {
-                    state.waiters += 1;
-                    state = self
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    state.waiters -= 1;
-                }
+                Admission::Wait => state = self.wait_once(state),
                 Admission::SyncDisk(victim) => {
                     if self
                         .disks

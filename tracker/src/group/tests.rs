@@ -630,6 +630,13 @@ fn resync_bytes(group: &Group) -> Vec<u64> {
 
 const EXTENT: u64 = 1 << activity::EXTENT_SHIFT;
 
+/// Closes, takes and acknowledges the open cycle, as a consumer shipping it would.
+fn ship_open_cycle(group: &Group) -> u64 {
+    let cycle = group.close_cycle().unwrap();
+    group.take_closed().unwrap().unwrap().acknowledge().unwrap();
+    cycle
+}
+
 /// After a host crash only the extents written since their disk's last sync (and
 /// whatever the log kept) are resynchronised, not the whole disks.
 #[test]
@@ -642,10 +649,8 @@ fn a_host_crash_resyncs_only_the_active_extents() {
     drop(d0.log_write(8 * EXTENT - 512, &[2; 1024]).unwrap());
     drop(d1.log_write(15 * EXTENT + 4096, &[3; 4096]).unwrap());
     d0.sync().unwrap();
-    // The log holds these records; they are marked anyway.
-    let cycle = group.close_cycle().unwrap();
-    group.take_closed().unwrap().unwrap().acknowledge().unwrap();
-    assert_eq!(cycle, 1);
+    // Shipped: only the activity log marks these extents now.
+    assert_eq!(ship_open_cycle(&group), 1);
     drop((group, d0, d1));
     fake_host_crash(&cfg.ring_path);
 
@@ -674,8 +679,7 @@ fn a_wide_trim_marks_its_disk_whole_until_synced() {
     drop(d0.log_write(0, &[1; 4096]).unwrap());
     drop(d1.log_zero(0, 1 << 30, true).unwrap());
     // Shipped: the log no longer marks the trim's range.
-    group.close_cycle().unwrap();
-    group.take_closed().unwrap().unwrap().acknowledge().unwrap();
+    ship_open_cycle(&group);
     drop((group, d0, d1));
     let crashed = dir.path().join("crashed.ring");
     std::fs::copy(&cfg.ring_path, &crashed).unwrap();
