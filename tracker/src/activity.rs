@@ -167,56 +167,52 @@ impl ActivityLog {
         if span.end() - span.start() >= MAX_SPAN {
             return Admission::TooWide;
         }
-        self.tick += 1;
-        // The common case, without allocating: every extent is listed already.
-        if span
-            .clone()
-            .all(|extent| self.index.contains_key(&key(disk, extent)))
-        {
-            self.hold(disk, span);
-            return Admission::Active;
-        }
-        let missing: Vec<u64> = span
-            .clone()
-            .map(|extent| key(disk, extent))
-            .filter(|k| !self.index.contains_key(k))
-            .collect();
-        // The write's own listed extents are not evicted to make room for the others.
-        let mut victims: Vec<usize> = span
-            .clone()
-            .filter_map(|extent| self.index.get(&key(disk, extent)).copied())
-            .collect();
-        let own = victims.len();
-        for _ in &missing {
-            match self.victim(&victims) {
-                Some(slot) => victims.push(slot),
-                None => return self.blocked(&victims),
+        // One lookup per extent (at most MAX_SPAN of them): the write path runs this.
+        const SPAN: usize = MAX_SPAN as usize;
+        let mut slots = [0usize; SPAN];
+        let mut listed = 0;
+        let mut missing = [0u64; SPAN];
+        let mut missing_count = 0;
+        for extent in span {
+            let extent_key = key(disk, extent);
+            match self.index.get(&extent_key) {
+                Some(&slot) => {
+                    slots[listed] = slot;
+                    listed += 1;
+                }
+                None => {
+                    missing[missing_count] = extent_key;
+                    missing_count += 1;
+                }
             }
         }
-        for (extent_key, slot) in missing.iter().zip(&victims[own..]) {
+        // The write's own listed extents are not evicted to make room for the others.
+        for index in listed..listed + missing_count {
+            match self.victim(&slots[..index]) {
+                Some(slot) => slots[index] = slot,
+                None => return self.blocked(&slots[..index]),
+            }
+        }
+        for (extent_key, slot) in missing[..missing_count].iter().zip(&slots[listed..]) {
             if let Some(old) = self.slots[*slot].key.take() {
                 self.index.remove(&old);
             }
             self.slots[*slot] = SlotState {
                 key: Some(*extent_key),
-                inflight: 0,
-                finished_at: 0,
-                last_used: 0,
+                ..SlotState::default()
             };
             self.index.insert(*extent_key, *slot);
         }
-        self.hold(disk, span);
-        Admission::Added
-    }
-
-    /// Counts a write in flight in each (listed) extent of `span`.
-    fn hold(&mut self, disk: usize, span: std::ops::RangeInclusive<u64>) {
-        for extent in span {
-            if let Some(&slot) = self.index.get(&key(disk, extent)) {
-                let state = &mut self.slots[slot];
-                state.inflight += 1;
-                state.last_used = self.tick;
-            }
+        self.tick += 1;
+        for &slot in &slots[..listed + missing_count] {
+            let state = &mut self.slots[slot];
+            state.inflight += 1;
+            state.last_used = self.tick;
+        }
+        if missing_count == 0 {
+            Admission::Active
+        } else {
+            Admission::Added
         }
     }
 

@@ -716,8 +716,9 @@ impl Group {
         )))
     }
 
-    /// Makes the ring and `image_fds` durable together.
-    pub fn sync(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
+    /// Makes the ring and `image_fds` durable together (disks sync through
+    /// [`DiskTracker::sync`], which tells the activity log).
+    fn sync(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
         let mut fds = Vec::with_capacity(image_fds.len() + 1);
         fds.push(self.shared.sync_file.as_raw_fd());
         fds.extend_from_slice(image_fds);
@@ -1389,10 +1390,13 @@ impl Shared {
     fn sync_disk(&self, disk: usize) -> Result<bool, TrackerError> {
         let started = lock(&self.state).activity.begin_sync();
         let image = self.disks.get(disk).and_then(|disk| disk.image.get());
-        let mut fds = vec![self.sync_file.as_raw_fd()];
-        fds.extend(image.map(AsRawFd::as_raw_fd));
+        let fds = [
+            self.sync_file.as_raw_fd(),
+            image.map_or(-1, AsRawFd::as_raw_fd),
+        ];
+        let fds = if image.is_some() { &fds[..] } else { &fds[..1] };
         self.durability
-            .datasync(&fds)
+            .datasync(fds)
             .map_err(|source| TrackerError::Io {
                 what: "sync ring and image",
                 path: self.ring_path.clone(),
