@@ -30,6 +30,9 @@ pub const EXTENT_SHIFT: u32 = 26;
 pub const SLOTS: usize = MAX_ACTIVE_EXTENTS;
 /// Widest operation entered in the table, in extents.
 pub const MAX_SPAN: u64 = 4;
+/// [`MAX_SPAN`] as an array length.
+const SPAN: usize = 4;
+const _: () = assert!(MAX_SPAN == 4);
 
 /// Bits of a key holding the extent index; the disk index sits above (see
 /// [`ActivityRecord::extents`]).
@@ -168,7 +171,6 @@ impl ActivityLog {
             return Admission::TooWide;
         }
         // One lookup per extent (at most MAX_SPAN of them): the write path runs this.
-        const SPAN: usize = MAX_SPAN as usize;
         let mut slots = [0usize; SPAN];
         let mut listed = 0;
         let mut missing = [0u64; SPAN];
