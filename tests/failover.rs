@@ -44,17 +44,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         hook.display().to_string()
     );
     let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), &extra);
-    let mut p = vm1_replicating_to(
-        &certs,
-        &replica,
-        vec![
-            DiskSpec::new("disk0", ORDERED_REGION),
-            DiskSpec::new("disk1", ORDERED_REGION),
-        ],
-        Some("1s"),
-    );
-    let first = p.cycles_close("vm1");
-    replica.wait_applied("vm1", first, LONG);
+    let mut p = vm1_replicating_to(&certs, &replica, two_ordered_disks(), Some("1s"));
     replica
         .cli(&[
             "recovery",
@@ -199,15 +189,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         replica_disks(&replica) == after_write,
         "the live disks changed"
     );
-    let replication = |args: &[&str]| {
-        run(
-            Command::new(BIN)
-                .args(["replication", "--config"])
-                .arg(p.config())
-                .args(args),
-            LONG,
-        )
-    };
+    let replication = |args: &[&str]| p.replication(args);
     // Resuming is refused, naming what the administrator can do.
     let resumed = replication(&["resume", "--group", "vm1"]);
     assert!(!resumed.success(), "{}", resumed.all());
@@ -272,8 +254,6 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
             LONG,
         );
     };
-    let cycle = p.cycles_close("vm1");
-    replica_b.wait_applied("vm1", cycle, LONG);
     qemu_io(&p.uri("disk0"), "write -P 0x11 4M 1M");
     let cycle = p.cycles_close("vm1");
     replica_b.wait_applied("vm1", cycle, LONG);
@@ -337,26 +317,7 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = lab_certs(dir.path());
     let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
-    let mut p = vm1_replicating_to(
-        &certs,
-        &replica_b,
-        vec![
-            DiskSpec::new("disk0", ORDERED_REGION),
-            DiskSpec::new("disk1", ORDERED_REGION),
-        ],
-        Some("1s"),
-    );
-    let first = p.cycles_close("vm1");
-    replica_b.wait_applied("vm1", first, LONG);
-    let replication = |p: &Primary, args: &[&str]| {
-        run(
-            Command::new(BIN)
-                .args(["replication", "--config"])
-                .arg(p.config())
-                .args(args),
-            LONG,
-        )
-    };
+    let mut p = vm1_replicating_to(&certs, &replica_b, two_ordered_disks(), Some("1s"));
 
     // A verifying writer keeps writing: the failover is refused while it is connected.
     let shared = Arc::new(OrderedShared::default());
@@ -364,7 +325,7 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     while shared.acked.load(Ordering::SeqCst) < 500 {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let refused = replication(&p, &["failover", "--group", "vm1"]);
+    let refused = p.replication(&["failover", "--group", "vm1"]);
     assert!(!refused.success(), "{}", refused.all());
     assert!(refused.all().contains("--force"), "{}", refused.all());
     std::thread::sleep(Duration::from_millis(500));
@@ -373,7 +334,7 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     let writes = shared.writes.lock().expect("writes").clone();
     assert_eq!(shared.acked.load(Ordering::SeqCst), written);
 
-    replication(&p, &["failover", "--group", "vm1"]).assert_ok();
+    p.replication(&["failover", "--group", "vm1"]).assert_ok();
     // The new primary's disks equal the old primary's, byte for byte, and hold every
     // acknowledged write.
     for disk in ["disk0", "disk1"] {
@@ -495,8 +456,17 @@ fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Pr
     info
 }
 
+/// Two disks the ordered writer fills.
+fn two_ordered_disks() -> Vec<DiskSpec> {
+    vec![
+        DiskSpec::new("disk0", ORDERED_REGION),
+        DiskSpec::new("disk1", ORDERED_REGION),
+    ]
+}
+
 /// A primary with group vm1 of `disks` (a 64 MiB ring) replicating to `replica`, a
-/// cycle every `interval` (by hand only, if none).
+/// cycle every `interval` (by hand only, if none), once its initial replication is
+/// applied.
 fn vm1_replicating_to(
     certs: &LabCerts,
     replica: &Replica,
@@ -513,5 +483,8 @@ fn vm1_replicating_to(
     if let Some(interval) = interval {
         group = group.interval(interval);
     }
-    Primary::start(Spec::new(vec![group]))
+    let p = Primary::start(Spec::new(vec![group]));
+    let initial = p.cycles_close("vm1");
+    replica.wait_applied("vm1", initial, LONG);
+    p
 }

@@ -37,17 +37,6 @@ fn qemu_io_write(p: &Primary, disk: &str, pattern: u8, offset: u64, len: u64) {
     );
 }
 
-/// Runs `blkrep replication ARGS` against `p`.
-fn replication(p: &Primary, args: &[&str]) -> Output {
-    run(
-        Command::new(BIN)
-            .args(["replication", "--config"])
-            .arg(p.config())
-            .args(args),
-        LONG,
-    )
-}
-
 /// A lab CA and a replica server authorising dc1, with no reserve.
 fn lab() -> (tempfile::TempDir, LabCerts, Replica) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -264,7 +253,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
             "compression = false\ninitial_replication = \"media\"",
         ),
     );
-    let replication = |args: &[&str]| replication(&p, args);
+    let replication = |args: &[&str]| p.replication(args);
     // Nothing ships before the export.
     let refused = run(&mut p.cycles_close_cmd("vm1"), LONG);
     assert!(
@@ -627,7 +616,7 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     .expect("config");
     let mut p = p;
     p.restart();
-    let replication = |args: &[&str]| replication(&p, args);
+    let replication = |args: &[&str]| p.replication(args);
     // Cycles every second ship by themselves after the initial replication.
     let delivered = p.wait_consumer("vm1", "automatic cycles", LONG, |s| {
         s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"
@@ -701,7 +690,7 @@ fn an_overflow_resync_sends_only_the_blocks_that_differ() {
     )))
     .ring_size("8MiB")]));
     close_and_compare(&p, &replica, &["disk0"]);
-    replication(&p, &["pause", "--group", "vm1"]).assert_ok();
+    p.replication(&["pause", "--group", "vm1"]).assert_ok();
     // 12 MiB written back unchanged (the replica has them) and 2 MiB of new data: more
     // than the ring holds.
     let unchanged = read_range(&p.image("disk0"), 16 * MIB, (12 * MIB) as usize);
@@ -715,7 +704,7 @@ fn an_overflow_resync_sends_only_the_blocks_that_differ() {
     conn.disconnect();
     let status = p.group_status("vm1");
     assert_eq!(status["resync_required"], true, "{status:#}");
-    replication(&p, &["resume", "--group", "vm1"]).assert_ok();
+    p.replication(&["resume", "--group", "vm1"]).assert_ok();
     let info = close_and_compare(&p, &replica, &["disk0"]);
     assert_eq!(info["consistent"], true, "{info:#}");
     let comparison = &p.group_status("vm1")["consumer"]["last_comparison"];

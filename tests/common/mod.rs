@@ -858,6 +858,17 @@ impl Primary {
             .clone()
     }
 
+    /// Runs `blkrep replication --config FILE ARGS` (unchecked).
+    pub fn replication(&self, args: &[&str]) -> Output {
+        run(
+            Command::new(BIN)
+                .args(["replication", "--config"])
+                .arg(self.config())
+                .args(args),
+            LONG,
+        )
+    }
+
     /// `blkrep cycles close --config FILE --group G` (unchecked).
     pub fn cycles_close_cmd(&self, g: &str) -> Command {
         let mut c = Command::new(BIN);
