@@ -511,7 +511,7 @@ impl Replica {
     }
 
     /// Gives an unclaimed replica (an existing copy) to `claim`'s relationship, at
-    /// its epoch.
+    /// its epoch; a claim of an older epoch than the copy's is superseded.
     pub fn claim(
         &mut self,
         claim: Claim,
@@ -522,6 +522,12 @@ impl Replica {
             return Err(StoreError::OtherRelationship(format!(
                 "replica {} is not an unclaimed existing copy",
                 self.state.name
+            )));
+        }
+        if claim.epoch < self.state.epoch {
+            return Err(StoreError::Superseded(format!(
+                "the existing copy {} is at epoch {}: a failover since superseded this primary (epoch {}); it must stop writing to its disks",
+                self.state.name, self.state.epoch, claim.epoch
             )));
         }
         self.state.relationship = claim.relationship;
@@ -652,6 +658,7 @@ impl Replica {
                 Role::Replica
             },
             epoch: s.epoch,
+            unclaimed: self.is_unclaimed(),
             failover: s.failover.map(|f| wire::api::FailoverInfo {
                 at_unix: f.at_unix,
                 cycle: f.stamp.cycle,
@@ -1458,6 +1465,41 @@ impl Replica {
         self.save()?;
         self.history.clear()?;
         Ok(failover)
+    }
+
+    /// Failback: a planned failover handed this failed-over replica's live disks over
+    /// to the replica it replicated to, after every block compared equal. The disks
+    /// become an existing copy no relationship has claimed, at least at `epoch` (the
+    /// new primary's), so replication the other way claims them and sends only what
+    /// differs, and nothing of an older epoch (this side's former live group) can.
+    /// Recovery points go: they describe states from before the failover. The
+    /// recovery policy and the time of the last test stay.
+    pub fn hand_back(&mut self, epoch: u64) -> Result<(), StoreError> {
+        let name = self.state.name.clone();
+        if self.state.failover.is_none() {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} was not failed over, so it has no live disks to hand back"
+            )));
+        }
+        let previous = &self.state;
+        let mut state = ReplicaState::new(
+            name,
+            previous.trust_group.clone(),
+            Claim {
+                relationship: UNCLAIMED,
+                epoch: epoch.max(previous.epoch + 1),
+            },
+            String::new(),
+            "the live disks handed back by a planned failover".into(),
+            previous.disks.clone(),
+        );
+        state.created_unix = previous.created_unix;
+        state.recovery = previous.recovery;
+        state.last_test_unix = previous.last_test_unix;
+        self.state = state;
+        self.save()?;
+        self.history.clear()?;
+        Ok(())
     }
 
     /// Pauses or resumes replication on the replica side.

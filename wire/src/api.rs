@@ -355,6 +355,11 @@ pub struct ReplicaInfo {
     /// The failover epoch (see [`EPOCH_HEADER`]).
     #[serde(default = "first_epoch")]
     pub epoch: u64,
+    /// An existing copy no relationship has claimed yet (seeded, or live disks a
+    /// failback handed over): the next primary of the trust group that replicates
+    /// this group with an existing copy claims it.
+    #[serde(default)]
+    pub unclaimed: bool,
 }
 
 /// A failover to a replica.

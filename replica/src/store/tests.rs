@@ -664,3 +664,70 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
         Err(StoreError::Superseded(_))
     ));
 }
+
+#[test]
+fn handing_back_makes_the_live_disks_a_copy_only_a_newer_epoch_can_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 8, 1);
+    for cycle in 1..=3u64 {
+        send(
+            &mut replica,
+            10 + cycle,
+            stamped(cycle, cycle * 10, false),
+            &[write(0, cycle * 4096, &[cycle as u8; 4096])],
+        );
+        apply_all(&mut replica);
+    }
+    assert!(matches!(replica.hand_back(3), Err(StoreError::Conflict(_))));
+    replica.fail_over(None, true).unwrap();
+    assert!(!replica.state().points.is_empty());
+    let disks = (disk(&replica, "a"), disk(&replica, "b"));
+
+    replica.hand_back(3).unwrap();
+    let info = replica.info();
+    assert_eq!((info.role, info.epoch), (Role::Replica, 3));
+    assert!(replica.is_unclaimed() && !info.consistent && info.failover.is_none());
+    assert!(
+        info.recovery_points.is_empty(),
+        "{:?}",
+        info.recovery_points
+    );
+    assert_eq!(info.recovery.points, 8, "the policy stays");
+    assert_eq!(fs::read_dir(path.join("history")).unwrap().count(), 0);
+    assert!((disk(&replica, "a"), disk(&replica, "b")) == disks);
+    // Never below the epoch after this side's own failover.
+    drop(replica);
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.info().epoch, 3);
+
+    // The live group this side had (epoch 2) cannot claim it; the new primary can.
+    let old = replica.claim(
+        Claim {
+            relationship: 7,
+            epoch: 2,
+        },
+        "b",
+        "b",
+    );
+    assert!(
+        matches!(&old, Err(StoreError::Superseded(m)) if m.contains("epoch 3")),
+        "{old:?}"
+    );
+    replica
+        .claim(
+            Claim {
+                relationship: 8,
+                epoch: 3,
+            },
+            "a",
+            "a",
+        )
+        .unwrap();
+    replica
+        .check_relationship(Claim {
+            relationship: 8,
+            epoch: 3,
+        })
+        .unwrap();
+}
