@@ -4,6 +4,11 @@
 //! ones: every time, the disks hold exactly the effect of a prefix of the writes
 //! acknowledged by the primary (one instant across both disks). The returning old
 //! primary is fenced off and cannot overwrite the new live disks.
+//!
+//! Planned failover and failback: site A's primary hands the group to site B, B
+//! replicates back to A's old disks (only new writes cross), then a planned failover
+//! of B's live disks hands it back to A, whose replication to B's old disks again
+//! sends only new writes.
 #![allow(clippy::cast_possible_truncation)]
 
 mod common;
@@ -248,12 +253,6 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
         ],
         None,
     );
-    let qemu_io = |uri: &str, command: &str| {
-        run_ok(
-            Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", command, uri]),
-            LONG,
-        );
-    };
     qemu_io(&p.uri("disk0"), "write -P 0x11 4M 1M");
     let cycle = p.cycles_close("vm1");
     replica_b.wait_applied("vm1", cycle, LONG);
@@ -266,12 +265,7 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
     replica_b
         .cli(&["complete-failover", "--name", "vm1"])
         .assert_ok();
-    let live = |disk: &str| {
-        format!(
-            "nbd+unix:///vm1/{disk}?socket={}",
-            replica_b.nbd_socket().display()
-        )
-    };
+    let live = |disk: &str| live_uri(&replica_b, disk);
     // The group runs at site B now.
     qemu_io(&live("disk1"), "write -P 0x33 8M 512k");
 
@@ -313,7 +307,7 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
 }
 
 #[test]
-fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_writes() {
+fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_only_new_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = lab_certs(dir.path());
     let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
@@ -365,20 +359,7 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
     );
     let info = replica_b.info("vm1").expect("vm1");
     assert_eq!(info["failover"]["planned"], true, "{info:#}");
-    let live = format!(
-        "nbd+unix:///vm1/disk0?socket={}",
-        replica_b.nbd_socket().display()
-    );
-    run_ok(
-        Command::new(require_tool("qemu-io")).args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x66 2M 512k",
-            &live,
-        ]),
-        LONG,
-    );
+    qemu_io(&live_uri(&replica_b, "disk0"), "write -P 0x66 2M 512k");
 
     // Replication reversed towards the old site: only the new writes cross.
     p.terminate();
@@ -388,6 +369,101 @@ fn planned_failover_loses_no_acknowledged_write_and_reverse_ships_only_new_write
         .assert_ok();
     let info = reverse_to(&certs, &replica_b, &replica_a, &p);
     assert_eq!(info["applied_bytes"], 512 * KIB, "{info:#}");
+
+    // Failback: a planned failover from site B's live disks back to site A. Refused
+    // while a client is connected, and the message names the option that proceeds.
+    let live_b = |disk: &str| live_uri(&replica_b, disk);
+    qemu_io(&live_b("disk1"), "write -P 0x77 6M 256k");
+    let client = nbd::Conn::connect_unix(&replica_b.nbd_socket(), "vm1/disk0")
+        .expect("connect to site B's live disk");
+    let refused = replica_b.cli(&["planned-failover", "--name", "vm1"]);
+    assert!(
+        !refused.success() && refused.all().contains("--force"),
+        "{}",
+        refused.all()
+    );
+    drop(client);
+    // Still the live copy: the refusal changed nothing.
+    qemu_io(&live_b("disk0"), "write -P 0x78 9M 128k");
+    let out = replica_b
+        .cli(&["planned-failover", "--name", "vm1"])
+        .assert_ok();
+    assert!(out.stdout.contains("epoch 3"), "{}", out.all());
+    // Site A holds every write site B acknowledged, byte for byte, and serves them.
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(
+            &replica_b.disk("dc1", "vm1", disk),
+            &replica_a.disk("dc1", "vm1", disk),
+            disk,
+        );
+    }
+    let a = replica_a.info("vm1").expect("vm1 at site A");
+    assert_eq!(
+        (&a["role"], &a["epoch"], &a["failover"]["planned"]),
+        (&json!("primary"), &json!(3), &json!(true)),
+        "{a:#}"
+    );
+    // Site B no longer serves the disks: they wait as an existing copy at epoch 3.
+    let b = replica_b.info("vm1").expect("vm1 at site B");
+    assert_eq!(
+        (&b["role"], &b["epoch"], &b["consistent"]),
+        (&json!("replica"), &json!(3), &json!(false)),
+        "{b:#}"
+    );
+    let status = replica_b.cli(&["status"]).assert_ok();
+    assert!(
+        status
+            .stdout
+            .contains("an existing copy no primary has claimed")
+            && !status.stdout.contains("live group vm1"),
+        "{}",
+        status.all()
+    );
+    let gone = run(
+        Command::new(require_tool("qemu-io")).args([
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4k",
+            &live_b("disk0"),
+        ]),
+        LONG,
+    );
+    assert!(!gone.success(), "{}", gone.all());
+    // A second failback finds nothing to hand over.
+    let again = replica_b.cli(&["planned-failover", "--name", "vm1"]);
+    assert!(
+        !again.success() && again.all().contains("was not failed over"),
+        "{}",
+        again.all()
+    );
+
+    // The group runs at site A again; replicating to site B sends only new writes.
+    qemu_io(&live_uri(&replica_a, "disk1"), "write -P 0x79 3M 384k");
+    replica_a
+        .cli(&["complete-failover", "--name", "vm1"])
+        .assert_ok();
+    let info = reverse(&certs, &replica_a, &replica_b);
+    assert_eq!(
+        (&info["applied_bytes"], &info["epoch"]),
+        (&json!(384 * KIB), &json!(3)),
+        "{info:#}"
+    );
+}
+
+/// The NBD URI of failed-over disk `disk` of vm1 served by `replica`.
+fn live_uri(replica: &Replica, disk: &str) -> String {
+    format!(
+        "nbd+unix:///vm1/{disk}?socket={}",
+        replica.nbd_socket().display()
+    )
+}
+
+fn qemu_io(uri: &str, command: &str) {
+    run_ok(
+        Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", command, uri]),
+        LONG,
+    );
 }
 
 /// Reverse replication from site B's failed-over `replica_b` to site A: the old
@@ -404,55 +480,61 @@ fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Pr
             .arg(format!("{disk}={}", p.image(disk).display()));
     }
     run_ok(&mut seed, LONG);
-    let (ca, cert, key) = (
-        certs.ca().display().to_string(),
-        certs.cert(PRIMARY_HOST).display().to_string(),
-        certs.key(PRIMARY_HOST).display().to_string(),
-    );
-    let url = replica_a.url(REPLICA_HOST);
-    replica_b
-        .cli(&[
-            "reverse",
-            "--name",
-            "vm1",
-            "--url",
-            &url,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--interval",
-            "1s",
-        ])
-        .assert_ok();
-    // Consistent once a cycle after the comparison's copy is applied.
-    let deadline = Instant::now() + LONG;
-    let info = loop {
-        let info = replica_a.info("vm1").expect("vm1 at site A");
-        if info["consistent"] == true && info["pending_transfers"] == 0 {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "site A never consistent: {info:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    for disk in ["disk0", "disk1"] {
-        assert_files_equal(
-            &replica_b.disk("dc1", "vm1", disk),
-            &replica_a.disk("dc1", "vm1", disk),
-            disk,
-        );
-    }
+    let info = reverse(certs, replica_b, replica_a);
     // Replication back runs at the epoch of the failover that made site B primary.
     assert_eq!(
         (&info["role"], &info["epoch"]),
         (&json!("replica"), &json!(2)),
         "{info:#}"
     );
+    info
+}
+
+/// Replication from `from`'s failed-over vm1 to the existing copy on `to`: once `to`
+/// is consistent both sides' disks are equal. Returns `to`'s replica.
+fn reverse(certs: &LabCerts, from: &Replica, to: &Replica) -> Value {
+    let (ca, cert, key) = (
+        certs.ca().display().to_string(),
+        certs.cert(PRIMARY_HOST).display().to_string(),
+        certs.key(PRIMARY_HOST).display().to_string(),
+    );
+    let url = to.url(REPLICA_HOST);
+    from.cli(&[
+        "reverse",
+        "--name",
+        "vm1",
+        "--url",
+        &url,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--interval",
+        "1s",
+    ])
+    .assert_ok();
+    // Consistent once a cycle after the comparison's copy is applied.
+    let deadline = Instant::now() + LONG;
+    let info = loop {
+        let info = to.info("vm1").expect("vm1 at the target");
+        if info["consistent"] == true && info["pending_transfers"] == 0 {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target never consistent: {info:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for disk in ["disk0", "disk1"] {
+        assert_files_equal(
+            &from.disk("dc1", "vm1", disk),
+            &to.disk("dc1", "vm1", disk),
+            disk,
+        );
+    }
     info
 }
 

@@ -216,9 +216,63 @@ impl RunningGroup {
         &self.config.name
     }
 
+    /// The replica server the group replicates to, if any.
+    pub(crate) fn replica_url(&self) -> Option<String> {
+        match &self.config.consumer {
+            Some(ConsumerConfig::Replica(replica)) => Some(replica.url.clone()),
+            _ => None,
+        }
+    }
+
     /// The shipper's status, if the group replicates.
     pub(crate) fn replication_status(&self) -> Option<shipper::ShipperStatus> {
         self.shipper.as_ref().map(Shipper::status)
+    }
+
+    /// Planned failover: refuses while NBD clients are connected to `exports` (the
+    /// group's disks on `server`) unless `force`, fences the group's writes, then has
+    /// its shipper ship everything, compare every block and hand the group over to
+    /// the replica. If that fails, writes are accepted again. Returns what happened.
+    pub(crate) fn planned_failover(
+        &self,
+        server: &Server,
+        exports: &[String],
+        force: bool,
+    ) -> Result<String, String> {
+        let group = &self.config.name;
+        let Some(shipper) = &self.shipper else {
+            return Err(format!(
+                "Group {group} does not replicate, so there is no replica to fail over to"
+            ));
+        };
+        let Some(tracker) = &self.tracker else {
+            return Err(format!("Group {group} is not tracked"));
+        };
+        let connected: Vec<String> = exports
+            .iter()
+            .filter_map(|export| {
+                let connections = server.export_stats(export)?.connections;
+                (connections > 0).then(|| format!("{export} ({connections})"))
+            })
+            .collect();
+        if !connected.is_empty() && !force {
+            return Err(format!(
+                "NBD clients are still connected to {}: shut the VM down first, or pass --force (their writes fail from now on)",
+                connected.join(", ")
+            ));
+        }
+        tracker.refuse_writes(true);
+        info!(%group, "Planned failover: writes are refused from now on");
+        shipper
+            .admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT)
+            .map_err(|error| {
+                tracker.refuse_writes(false);
+                warn!(%group, "Planned failover failed; writes are accepted again");
+                format!(
+                    "{} (the failover did not happen; writes are accepted again)",
+                    shipper::error_chain(&error)
+                )
+            })
     }
 
     /// Stops the group's shipper, if it has one.
@@ -858,50 +912,21 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
     }
 }
 
-/// Planned failover of `group`: refuses while clients are connected (unless
-/// `force`), fences the group's writes, then has its shipper ship everything, compare
-/// every block and hand the group over. If that fails, writes are accepted again.
+/// Planned failover of `group` (see [`RunningGroup::planned_failover`]); its exports
+/// are its disks' names.
 fn planned_failover(
     daemon: &Daemon,
     group: &str,
     force: bool,
 ) -> Result<serde_json::Value, String> {
-    let shipper = shipper_of(daemon, group)?;
     let running = daemon
         .groups
         .iter()
         .find(|g| g.config.name == group)
         .ok_or_else(|| format!("No group named {group:?}"))?;
-    let connected: Vec<String> = running
-        .disks
-        .iter()
-        .filter_map(|disk| {
-            let connections = daemon.server.export_stats(&disk.name)?.connections;
-            (connections > 0).then(|| format!("{} ({connections})", disk.name))
-        })
-        .collect();
-    if !connected.is_empty() && !force {
-        return Err(format!(
-            "NBD clients are still connected to {}: shut the VM down first, or pass --force (their writes fail from now on)",
-            connected.join(", ")
-        ));
-    }
-    let Some(tracker) = &running.tracker else {
-        return Err(format!("Group {group} is not tracked"));
-    };
-    tracker.refuse_writes(true);
-    info!(%group, "Planned failover: writes are refused from now on");
-    match shipper.admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT) {
-        Ok(message) => Ok(serde_json::json!({ "message": message })),
-        Err(error) => {
-            tracker.refuse_writes(false);
-            warn!(%group, "Planned failover failed; writes are accepted again");
-            Err(format!(
-                "{} (the failover did not happen; writes are accepted again)",
-                shipper::error_chain(&error)
-            ))
-        }
-    }
+    let exports: Vec<String> = running.disks.iter().map(|d| d.name.clone()).collect();
+    let message = running.planned_failover(&daemon.server, &exports, force)?;
+    Ok(serde_json::json!({ "message": message }))
 }
 
 fn status(daemon: &Daemon) -> StatusReport {

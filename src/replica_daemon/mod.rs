@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -39,6 +39,8 @@ const IMPORT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// How long starting or stopping a test failover may take (it waits for an apply, and
 /// merges the test's undo data).
 const TEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a planned failover may take: it compares every block of both sides.
+const PLANNED_FAILOVER_TIMEOUT: Duration = control::EXPORT_TIMEOUT;
 
 /// `blkrep replica ...`
 #[derive(Debug, clap::Subcommand)]
@@ -103,6 +105,18 @@ pub enum ReplicaCommand {
     /// Complete a failover: the point chosen stays, the other recovery points are
     /// deleted.
     CompleteFailover(OneReplica),
+    /// Failback: planned failover of a failed-over group's live disks to the replica
+    /// server they replicate back to (`reverse`). Refuses while NBD clients are
+    /// connected (unless --force), then refuses writes, ships every change, compares
+    /// every block of both sides and hands the group over; these disks then wait as
+    /// an existing copy for replication from the new primary, so no full copy is sent.
+    PlannedFailover {
+        #[command(flatten)]
+        target: OneReplica,
+        /// Go ahead while NBD clients are connected (their writes fail from then on).
+        #[arg(long)]
+        force: bool,
+    },
     /// Reverse replication: replicate a failed-over group's live disks back to the
     /// replica server at the old site, where the old primary's disks were placed as an
     /// existing copy (`blkrep replica seed` there); blocks are compared and only those
@@ -255,6 +269,15 @@ pub enum Request {
         name: String,
         /// Its trust group, when several have that name.
         trust_group: Option<String>,
+    },
+    /// Planned failover of a failed-over group's live disks (failback).
+    PlannedFailover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Even while clients are connected.
+        force: bool,
     },
     /// Replicate a failed-over group back.
     Reverse {
@@ -423,6 +446,21 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 println!("Its disks:");
                 print_exports(exports.iter().filter_map(Value::as_str), &value);
             }
+        }
+        ReplicaCommand::PlannedFailover { target, force } => {
+            let (name, value) = target.call(PLANNED_FAILOVER_TIMEOUT, |name, trust_group| {
+                Request::PlannedFailover {
+                    name,
+                    trust_group,
+                    force,
+                }
+            })?;
+            let info = replica_in(&value["replica"])?;
+            println!(
+                "Group {name} failed over to {}: every block compared equal, and that side serves the live disks now at epoch {}. These disks stopped being served; they wait as an existing copy, so replication back from there (`blkrep replica reverse --name {name} ...` on that side) sends only what differs.",
+                value["url"].as_str().unwrap_or("its replica"),
+                info.epoch
+            );
         }
         ReplicaCommand::CompleteFailover(target) => {
             let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| {
@@ -673,7 +711,24 @@ fn serve(
         live: Arc::default(),
         hook: config.failover_hook.clone(),
     };
+    for info in server.handle().replicas() {
+        // A failback interrupted after the copy was made: its live files are stale.
+        if info.failover.is_none() {
+            if let Ok((dir, _)) = server.handle().replica(&info.name, Some(&info.trust_group)) {
+                if dir.join(LIVE_RING).exists() {
+                    remove_live_files(&dir);
+                }
+            }
+        }
+    }
     for failed in server.handle().failed_over() {
+        if handed_over(&failed.dir) {
+            // A failback interrupted before its disks became the existing copy.
+            if let Err(error) = control_state.hand_back(&failed.dir, &failed.info) {
+                error!(replica = %failed.info.name, %error, "Cannot finish the failback");
+            }
+            continue;
+        }
         if let Err(error) = control_state.serve_live(&failed) {
             error!(replica = %failed.info.name, %error, "Cannot serve the failed-over disks");
             continue;
@@ -753,8 +808,16 @@ struct Control {
 
 /// A replica failed over to, served as its group's live disks with tracking on.
 struct LiveGroup {
-    group: crate::primary::RunningGroup,
+    /// Written only to start replicating back; a planned failover holds it for
+    /// reading, so status stays answered meanwhile.
+    group: Arc<RwLock<crate::primary::RunningGroup>>,
     exports: Vec<String>,
+}
+
+impl LiveGroup {
+    fn group(&self) -> std::sync::RwLockReadGuard<'_, crate::primary::RunningGroup> {
+        self.group.read().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The NBD export of disk `disk` of a failed-over group `name`.
@@ -790,7 +853,7 @@ impl Control {
         lock(&self.live).insert(
             failed.dir.clone(),
             LiveGroup {
-                group,
+                group: Arc::new(RwLock::new(group)),
                 exports: exports.clone(),
             },
         );
@@ -815,7 +878,7 @@ impl Control {
                 "{connected} NBD client(s) use the failed-over disks of {name}: shut the VM down before choosing another point"
             ));
         }
-        if serving.group.was_written() {
+        if serving.group().was_written() {
             // The recovery points describe the disks as they were at the failover:
             // another point over these writes would mix them in.
             return Err(format!(
@@ -826,7 +889,7 @@ impl Control {
             for export in &serving.exports {
                 self.nbd.remove_export(export);
             }
-            serving.group.close();
+            serving.group().close();
         }
         Ok(())
     }
@@ -851,6 +914,8 @@ impl Control {
             .ok_or_else(|| format!("The live disks of {name} are not served"))?;
         serving
             .group
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
             .start_replication(
                 &consumer,
                 Duration::from_secs(target.interval_secs),
@@ -871,10 +936,11 @@ impl Control {
         let groups: Vec<Value> = live
             .values()
             .map(|serving| {
+                let group = serving.group();
                 serde_json::json!({
-                    "name": serving.group.name(),
+                    "name": group.name(),
                     "exports": serving.exports,
-                    "replication": serving.group.replication_status(),
+                    "replication": group.replication_status(),
                 })
             })
             .collect();
@@ -885,12 +951,104 @@ impl Control {
     fn close_live(&self) {
         let live: Vec<LiveGroup> = lock(&self.live).drain().map(|(_, s)| s).collect();
         for serving in &live {
-            serving.group.stop_shipper();
+            serving.group().stop_shipper();
         }
         for serving in live {
-            serving.group.close();
+            serving.group().close();
         }
     }
+
+    /// Failback: a planned failover of the live disks of the failed-over replica
+    /// `name` to the replica server they replicate to (see
+    /// [`crate::primary::RunningGroup::planned_failover`]). Once that side is the
+    /// primary, these disks stop being served and become an existing copy it can
+    /// claim to replicate back.
+    fn planned_failover(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        force: bool,
+    ) -> Result<Value, String> {
+        let (dir, info) = self
+            .server
+            .replica(name, trust_group)
+            .map_err(|error| wire::error_chain(&error))?;
+        if info.failover.is_none() {
+            return Err(format!(
+                "Replica {name} was not failed over, so it serves no live disks: a planned failover to it starts on its primary (`blkrep replication failover --group {name}`)"
+            ));
+        }
+        let (group, exports) = {
+            let live = lock(&self.live);
+            let serving = live
+                .get(&dir)
+                .ok_or_else(|| format!("The live disks of {name} are not served"))?;
+            (Arc::clone(&serving.group), serving.exports.clone())
+        };
+        let url = {
+            let group = group.read().unwrap_or_else(PoisonError::into_inner);
+            if group.replication_status().is_none() {
+                return Err(format!(
+                    "The live disks of {name} do not replicate anywhere: reverse replication first (`blkrep replica reverse --name {name} ...`), then fail over to that side"
+                ));
+            }
+            group.planned_failover(&self.nbd, &exports, force)?;
+            group.replica_url().unwrap_or_default()
+        };
+        let info = self.hand_back(&dir, &info)?;
+        Ok(serde_json::json!({ "replica": info, "url": url }))
+    }
+
+    /// After a planned failover handed the live disks of the replica in `dir` over:
+    /// stops serving them and makes them an existing copy at the epoch after
+    /// `info`'s. Also finishes one a daemon crash interrupted.
+    fn hand_back(&self, dir: &Path, info: &ReplicaInfo) -> Result<ReplicaInfo, String> {
+        if let Some(serving) = lock(&self.live).remove(dir) {
+            for export in &serving.exports {
+                self.nbd.remove_export(export);
+            }
+            let group = serving.group();
+            group.stop_shipper();
+            group.close();
+        }
+        let handed = self
+            .server
+            .hand_back(&info.name, Some(&info.trust_group), info.epoch + 1)
+            .map_err(|error| wire::error_chain(&error))?;
+        remove_live_files(dir);
+        warn!(replica = %info.name, epoch = handed.epoch, "Failback done: the other side is the primary; these disks wait as an existing copy for replication back");
+        Ok(handed)
+    }
+}
+
+/// Removes the ring of a replica's former live disks and what lies beside it: once
+/// its failover is handed back, a later failover starts afresh.
+fn remove_live_files(dir: &Path) {
+    let ring = dir.join(LIVE_RING);
+    for path in [
+        shipper::remote::Relationship::path_for_ring(&ring),
+        shipper::freeze::state_path_for_ring(&ring),
+        dir.join(REVERSE_FILE),
+        ring,
+    ] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                warn!(path = %path.display(), %error, "Cannot remove a file of the former live disks")
+            }
+        }
+    }
+}
+
+/// Whether the live disks of the failed-over replica in `dir` were handed over by a
+/// planned failover: their relationship record says so.
+fn handed_over(dir: &Path) -> bool {
+    let record = shipper::remote::Relationship::path_for_ring(&dir.join(LIVE_RING));
+    shipper::remote::Relationship::load(&record)
+        .ok()
+        .flatten()
+        .is_some_and(|relationship| relationship.fenced)
 }
 
 /// The ring of a failed-over replica's live disks.
@@ -929,9 +1087,7 @@ impl ReverseTarget {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Removes a unix socket left by a daemon that did not stop cleanly; fails if one
@@ -1006,6 +1162,11 @@ fn serve_control(stream: &UnixStream, control: &Control) -> std::io::Result<()> 
             Ok(Value::Null)
         }
         Request::Live => Ok(control.live_status()),
+        Request::PlannedFailover {
+            name,
+            trust_group,
+            force,
+        } => control.planned_failover(&name, trust_group.as_deref(), force),
         Request::CompleteFailover { name, trust_group } => {
             let info = server
                 .complete_failover(&name, trust_group.as_deref())
@@ -1345,6 +1506,9 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             info.pending_transfers,
             yes_no(info.paused),
         ));
+        if info.unclaimed {
+            out.push_str("  an existing copy no primary has claimed: replicating this group with initial_replication = \"existing\" (or `blkrep replica reverse` from a failed-over site) claims it and sends only differing blocks\n");
+        }
         if info.awaiting_import {
             out.push_str("  waiting for its initial copy: run `blkrep replica import DIR` with the exported directory\n");
         }
@@ -1530,6 +1694,7 @@ mod tests {
             failover: None,
             role: wire::api::Role::Replica,
             epoch: wire::api::FIRST_EPOCH,
+            unclaimed: false,
         }
     }
 
