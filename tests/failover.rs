@@ -283,7 +283,20 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
         .map(|(a, b)| differing_bytes(a, b))
         .sum();
     assert!(difference >= 1536 * KIB, "{difference}");
-    let info = reverse_to(&certs, &replica_b, &replica_a, &p);
+    // The old primary never learned of the failover (it was killed): seeding from it
+    // is refused, and the message names the option that proceeds.
+    let refused = run(&mut seed_from(&replica_a, &p), LONG);
+    assert!(
+        !refused.success() && refused.all().contains("--force"),
+        "{}",
+        refused.all()
+    );
+    assert!(replica_a.info("vm1").is_none());
+    // Copied, not moved: the old primary's images, unshipped writes included, stay.
+    let info = reverse_to(&certs, &replica_b, &replica_a, &p, &["--force"]);
+    for (disk, before) in ["disk0", "disk1"].iter().zip(&a_disks) {
+        assert!(read_file(&p.image(disk)) == *before, "{disk} changed");
+    }
     // Only the blocks that differed crossed: not the 48 MiB of the disks.
     let applied = info["applied_bytes"].as_u64().expect("applied_bytes");
     assert!(
@@ -361,13 +374,21 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     assert_eq!(info["failover"]["planned"], true, "{info:#}");
     qemu_io(&live_uri(&replica_b, "disk0"), "write -P 0x66 2M 512k");
 
-    // Replication reversed towards the old site: only the new writes cross.
-    p.terminate();
+    // Replication reversed towards the old site: only the new writes cross. Its
+    // images cannot move while the old primary runs.
     let replica_a = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let running = run(seed_from(&replica_a, &p).arg("--move"), LONG);
+    assert!(
+        !running.success() && running.all().contains("stop it"),
+        "{}",
+        running.all()
+    );
+    p.terminate();
     replica_b
         .cli(&["complete-failover", "--name", "vm1"])
         .assert_ok();
-    let info = reverse_to(&certs, &replica_b, &replica_a, &p);
+    let info = reverse_to(&certs, &replica_b, &replica_a, &p, &["--move"]);
+    assert!(!p.image("disk0").exists(), "the images moved");
     assert_eq!(info["applied_bytes"], 512 * KIB, "{info:#}");
 
     // Failback: a planned failover from site B's live disks back to site A. Refused
@@ -467,19 +488,17 @@ fn qemu_io(uri: &str, command: &str) {
 }
 
 /// Reverse replication from site B's failed-over `replica_b` to site A: the old
-/// primary `p`'s images (stopped) become an existing copy on `replica_a`, site B
-/// replicates back to it, and once it is consistent both sides' disks are equal.
-/// Returns site A's replica.
-fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Primary) -> Value {
-    let mut seed = Command::new(BIN);
-    seed.args(["replica", "seed", "--config"])
-        .arg(replica_a.config())
-        .args(["--trust-group", "dc1", "--name", "vm1", "--move"]);
-    for disk in ["disk0", "disk1"] {
-        seed.arg("--disk")
-            .arg(format!("{disk}={}", p.image(disk).display()));
-    }
-    run_ok(&mut seed, LONG);
+/// primary `p`'s images (stopped) become an existing copy on `replica_a` in one step
+/// (`seed --from-primary`, with `extra` arguments), site B replicates back to it, and
+/// once it is consistent both sides' disks are equal. Returns site A's replica.
+fn reverse_to(
+    certs: &LabCerts,
+    replica_b: &Replica,
+    replica_a: &Replica,
+    p: &Primary,
+    extra: &[&str],
+) -> Value {
+    run_ok(seed_from(replica_a, p).args(extra), LONG);
     let info = reverse(certs, replica_b, replica_a);
     // Replication back runs at the epoch of the failover that made site B primary.
     assert_eq!(
@@ -488,6 +507,16 @@ fn reverse_to(certs: &LabCerts, replica_b: &Replica, replica_a: &Replica, p: &Pr
         "{info:#}"
     );
     info
+}
+
+/// `blkrep replica seed` of vm1 on `replica` from primary `p`'s configuration.
+fn seed_from(replica: &Replica, p: &Primary) -> Command {
+    let mut seed = Command::new(BIN);
+    seed.args(["replica", "seed", "--config"])
+        .arg(replica.config())
+        .args(["--trust-group", "dc1", "--name", "vm1", "--from-primary"])
+        .arg(p.config());
+    seed
 }
 
 /// Replication from `from`'s failed-over vm1 to the existing copy on `to`: once `to`

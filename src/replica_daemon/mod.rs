@@ -169,8 +169,23 @@ pub enum ReplicaCommand {
         #[arg(long)]
         name: String,
         /// A disk of the group, in group order: `NAME=IMAGE` (raw image).
-        #[arg(long = "disk", required = true, value_name = "NAME=IMAGE")]
+        #[arg(
+            long = "disk",
+            value_name = "NAME=IMAGE",
+            required_unless_present = "from_primary",
+            conflicts_with = "from_primary"
+        )]
         disks: Vec<String>,
+        /// Reverse replication in one step: take the disks of group `--name` from this
+        /// primary configuration (the old primary on this host). Refused unless the
+        /// group's replication record says it was failed over (superseded), unless
+        /// --force.
+        #[arg(long, value_name = "PRIMARY_CONFIG")]
+        from_primary: Option<PathBuf>,
+        /// With --from-primary: seed even though the record does not say the group
+        /// was failed over.
+        #[arg(long, requires = "from_primary")]
+        force: bool,
         /// Move the images into the storage (same filesystem) instead of copying them.
         #[arg(long = "move")]
         move_images: bool,
@@ -575,17 +590,87 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             trust_group,
             name,
             disks,
+            from_primary,
+            force,
             move_images,
         } => {
             let config = ReplicaConfig::load(&config)?;
-            let dir = seed(&config, &trust_group, &name, &disks, move_images)?;
+            let images = match &from_primary {
+                Some(primary) => old_primary_disks(primary, &name, force, move_images)?,
+                None => disk_args(&disks)?,
+            };
+            let dir = seed(&config, &trust_group, &name, &images, move_images)?;
             println!(
-                "Existing copy of {name} placed in {}; enable replication on the primary with initial_replication = \"existing\" to claim it",
+                "Existing copy of {name} placed in {}; enable replication on the primary with initial_replication = \"existing\" (or `blkrep replica reverse` on a failed-over site) to claim it",
                 dir.display()
             );
+            if from_primary.is_some() {
+                println!(
+                    "{}",
+                    if move_images {
+                        "The old primary's images moved there: remove the group from that primary's configuration"
+                    } else {
+                        "The old primary's images stay where they are, as they were (kept aside)"
+                    }
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// The disks (name and image, in group order) of group `name` of the primary
+/// configured by `config`, for `blkrep replica seed --from-primary`: refused unless
+/// the group's replication record says it was failed over (or `force`), and, to move
+/// the images, while that primary daemon runs.
+fn old_primary_disks(
+    config: &Path,
+    name: &str,
+    force: bool,
+    move_images: bool,
+) -> Result<Vec<(String, PathBuf)>, DaemonError> {
+    let primary = crate::config::PrimaryConfig::load(config)
+        .map_err(|error| DaemonError::Seed(wire::error_chain(&error)))?;
+    let group = primary
+        .groups
+        .iter()
+        .find(|group| group.name == name)
+        .ok_or_else(|| {
+            DaemonError::Seed(format!("{} has no group named {name}", config.display()))
+        })?;
+    let record = shipper::remote::Relationship::path_for_ring(&group.ring);
+    let failed_over = shipper::remote::Relationship::load(&record)
+        .map_err(|error| DaemonError::Seed(wire::error_chain(&error)))?
+        .is_some_and(|relationship| relationship.fenced || relationship.superseded.is_some());
+    if !failed_over && !force {
+        return Err(DaemonError::Seed(format!(
+            "Group {name}'s replication record ({}) does not say it was failed over, so its disks may be the live copy. If its replica was failed over while this primary was down, start the primary once (it learns it is superseded and says so), or pass --force to seed from its images anyway (they are copied, not changed, unless --move)",
+            record.display()
+        )));
+    }
+    if move_images && UnixStream::connect(&primary.control_socket).is_ok() {
+        return Err(DaemonError::Seed(format!(
+            "The primary daemon runs (it answers on {}) and holds the images of {name} open: stop it before moving them, or seed without --move (a copy)",
+            primary.control_socket.display()
+        )));
+    }
+    Ok(group
+        .disks
+        .iter()
+        .map(|disk| (disk.name.clone(), disk.image.clone()))
+        .collect())
+}
+
+/// The `--disk NAME=IMAGE` arguments of `blkrep replica seed`.
+fn disk_args(disks: &[String]) -> Result<Vec<(String, PathBuf)>, DaemonError> {
+    disks
+        .iter()
+        .map(|disk| {
+            disk.split_once('=')
+                .map(|(name, image)| (name.to_string(), PathBuf::from(image)))
+                .ok_or_else(|| DaemonError::Seed(format!("--disk {disk:?} is not NAME=IMAGE")))
+        })
+        .collect()
 }
 
 /// `blkrep replica seed`: makes the images an unclaimed replica in the trust group's
@@ -595,7 +680,7 @@ fn seed(
     config: &ReplicaConfig,
     trust_group: &str,
     name: &str,
-    disks: &[String],
+    images: &[(String, PathBuf)],
     move_images: bool,
 ) -> Result<PathBuf, DaemonError> {
     if !wire::api::valid_name(name) {
@@ -623,25 +708,16 @@ fn seed(
             )))
         }
     };
-    let mut images = Vec::new();
-    for disk in disks {
-        let Some((disk_name, image)) = disk.split_once('=') else {
-            return Err(DaemonError::Seed(format!(
-                "--disk {disk:?} is not NAME=IMAGE"
-            )));
-        };
-        if !wire::api::valid_name(disk_name) {
-            return Err(DaemonError::Seed(format!(
-                "{disk_name:?} is not a valid disk name"
-            )));
-        }
-        images.push((disk_name.to_string(), PathBuf::from(image)));
+    if let Some((disk, _)) = images.iter().find(|(disk, _)| !wire::api::valid_name(disk)) {
+        return Err(DaemonError::Seed(format!(
+            "{disk:?} is not a valid disk name"
+        )));
     }
     std::fs::create_dir_all(storage).map_err(|e| {
         DaemonError::Seed(format!("Cannot create storage {}: {e}", storage.display()))
     })?;
     let dir = storage.join(name);
-    replica::store::Replica::seed(&dir, name, trust_group, &images, move_images)?;
+    replica::store::Replica::seed(&dir, name, trust_group, images, move_images)?;
     Ok(dir)
 }
 
