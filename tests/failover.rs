@@ -243,7 +243,12 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = lab_certs(dir.path());
     // Site B's replica server, and site A's primary replicating to it.
-    let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let replica_b = Replica::start(
+        &certs,
+        REPLICA_HOST,
+        &dc1(),
+        "reserve = \"0\"\n[failover]\nlive_ring_size = \"24MiB\"",
+    );
     let mut p = vm1_replicating_to(
         &certs,
         &replica_b,
@@ -266,6 +271,10 @@ fn reverse_replication_after_an_unplanned_failover_sends_only_the_difference() {
         .cli(&["complete-failover", "--name", "vm1"])
         .assert_ok();
     let live = |disk: &str| live_uri(&replica_b, disk);
+    // The live disks' ring has the configured size (two 4 KiB superblocks first).
+    let ring = replica_b.storage("dc1").join("vm1").join("live.ring");
+    let ring_len = std::fs::metadata(&ring).expect("live ring").len();
+    assert_eq!(ring_len, 24 * MIB + 8 * KIB, "{}", ring.display());
     // The group runs at site B now.
     qemu_io(&live("disk1"), "write -P 0x33 8M 512k");
 

@@ -473,18 +473,20 @@ pub fn replay(group: &Group, config: &GroupConfig, sizes: &[u64]) -> Result<(), 
 }
 
 /// Serves the disks of a replica that was failed over to as group `name`'s live
-/// disks: images `disks` (name, path) tracked with the ring at `ring` (created if
-/// missing, recovered after a crash), with no consumer until replication is reversed.
-/// Returns the group and its devices, in disk order.
+/// disks: images `disks` (name, path) tracked with the ring at `ring` (created of
+/// `ring_size` bytes if missing, else recovered after a crash at the size it has),
+/// with no consumer until replication is reversed. Returns the group and its devices,
+/// in disk order.
 pub(crate) fn serve_failed_over(
     name: &str,
     disks: &[(String, PathBuf)],
     ring: &Path,
+    ring_size: u64,
 ) -> Result<(RunningGroup, Vec<Arc<dyn BlockDevice>>), PrimaryError> {
     let config = GroupConfig {
         name: name.to_string(),
         ring: ring.to_path_buf(),
-        ring_size: crate::config::ByteSize(FAILED_OVER_RING),
+        ring_size: crate::config::ByteSize(existing_ring_size(ring).unwrap_or(ring_size)),
         block_size: crate::config::ByteSize(4096),
         interval: crate::config::Interval(Duration::from_secs(300)),
         tracking: true,
@@ -507,9 +509,20 @@ pub(crate) fn serve_failed_over(
     open_group(&config, &shared)
 }
 
-/// Ring of a failed-over group: its writes since the failover, until replication is
-/// reversed (past that, a dirty map, then a comparison).
-const FAILED_OVER_RING: u64 = 256 << 20;
+/// The size of the ring at `path`, if one is there (a changed setting applies to
+/// rings created afterwards).
+fn existing_ring_size(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut superblocks = vec![0u8; 2 * tracker::superblock::SUPERBLOCK_LEN];
+    File::open(path)
+        .ok()?
+        .read_exact_at(&mut superblocks, 0)
+        .ok()?;
+    let (first, second) = superblocks.split_at(tracker::superblock::SUPERBLOCK_LEN);
+    tracker::superblock::Superblock::decode_pair(first, second)
+        .ok()
+        .map(|superblock| superblock.ring_size)
+}
 
 /// The host name the replica records: the configured one, or the system's.
 fn host_name(configured: Option<String>) -> String {

@@ -45,10 +45,21 @@ struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFailover {
-    hook: Vec<String>,
+    hook: Option<Vec<String>>,
     #[serde(default = "default_hook_timeout")]
     hook_timeout: crate::config::Interval,
+    #[serde(default = "default_live_ring_size")]
+    live_ring_size: ByteSize,
 }
+
+fn default_live_ring_size() -> ByteSize {
+    ByteSize(DEFAULT_LIVE_RING_SIZE)
+}
+
+/// The log ring of a failed-over group's live disks, unless configured: the writes
+/// it holds since the failover ship as deltas once replication is reversed; past
+/// that, the disks are tracked by dirty maps and their marked blocks compared.
+pub const DEFAULT_LIVE_RING_SIZE: u64 = 256 << 20;
 
 fn default_hook_timeout() -> crate::config::Interval {
     crate::config::Interval(std::time::Duration::from_secs(300))
@@ -127,6 +138,8 @@ pub struct ReplicaConfig {
     pub nbd_tcp: Option<SocketAddr>,
     /// Runs after each failover, with the point's metadata in its environment.
     pub failover_hook: Option<FailoverHook>,
+    /// Size of the log ring created for a failed-over group's live disks.
+    pub live_ring_size: u64,
 }
 
 /// A command run after a failover (program and arguments, no shell).
@@ -293,10 +306,22 @@ impl RawConfig {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
         };
-        let failover_hook = self.failover.as_ref().map(|failover| FailoverHook {
-            command: failover.hook.clone(),
-            timeout: failover.hook_timeout.0,
+        let failover_hook = self.failover.as_ref().and_then(|failover| {
+            Some(FailoverHook {
+                command: failover.hook.clone()?,
+                timeout: failover.hook_timeout.0,
+            })
         });
+        let live_ring_size = self
+            .failover
+            .as_ref()
+            .map_or(DEFAULT_LIVE_RING_SIZE, |failover| failover.live_ring_size.0);
+        if live_ring_size < tracker::group::MIN_RING_SIZE || live_ring_size % 4096 != 0 {
+            problems.push(format!(
+                "[failover] live_ring_size must be a multiple of 4KiB and at least {}MiB",
+                tracker::group::MIN_RING_SIZE >> 20
+            ));
+        }
         if let Some(hook) = &failover_hook {
             if hook.command.first().is_none_or(String::is_empty) {
                 problems.push("[failover] hook is empty: give a program and its arguments, e.g. [\"/etc/blkrep/after-failover\"]".into());
@@ -307,6 +332,7 @@ impl RawConfig {
         }
         Some(ReplicaConfig {
             failover_hook,
+            live_ring_size,
             nbd_unix_socket: self.nbd.unix_socket,
             nbd_tcp: nbd_tcp?,
             listen: listen?,
@@ -508,6 +534,32 @@ trust_group = "lab"
         assert_eq!(
             control_socket(&path).unwrap(),
             Path::new(DEFAULT_CONTROL_SOCKET)
+        );
+    }
+
+    #[test]
+    fn failover_section_has_a_hook_and_a_live_ring_size_each_optional() {
+        let files = Files::new();
+        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let config = parse(&base).unwrap();
+        assert_eq!(
+            (config.failover_hook, config.live_ring_size),
+            (None, DEFAULT_LIVE_RING_SIZE)
+        );
+        let config = parse(&format!("{base}\n[failover]\nlive_ring_size = \"1GiB\"\n")).unwrap();
+        assert_eq!(
+            (config.failover_hook, config.live_ring_size),
+            (None, 1 << 30)
+        );
+        let config = parse(&format!("{base}\n[failover]\nhook = [\"/bin/true\"]\n")).unwrap();
+        assert_eq!(
+            (config.failover_hook.unwrap().command, config.live_ring_size),
+            (vec!["/bin/true".to_string()], DEFAULT_LIVE_RING_SIZE)
+        );
+        let error = problems(&format!("{base}\n[failover]\nlive_ring_size = \"1MiB\"\n"));
+        assert!(
+            error.contains("live_ring_size must be a multiple of 4KiB and at least 4MiB"),
+            "{error}"
         );
     }
 

@@ -786,6 +786,7 @@ fn serve(
         nbd_socket: config.nbd_unix_socket.clone(),
         live: Arc::default(),
         hook: config.failover_hook.clone(),
+        live_ring_size: config.live_ring_size,
     };
     for info in server.handle().replicas() {
         // A failback interrupted after the copy was made: its live files are stale.
@@ -880,6 +881,8 @@ struct Control {
     /// Replicas failed over to, served as live disks, by replica directory.
     live: Arc<Mutex<HashMap<PathBuf, LiveGroup>>>,
     hook: Option<FailoverHook>,
+    /// Size of the ring created for live disks.
+    live_ring_size: u64,
 }
 
 /// A replica failed over to, served as its group's live disks with tracking on.
@@ -907,8 +910,9 @@ impl Control {
     fn serve_live(&self, failed: &FailedOver) -> Result<Vec<String>, String> {
         let name = &failed.info.name;
         let ring = failed.dir.join(LIVE_RING);
-        let (group, devices) = crate::primary::serve_failed_over(name, &failed.disks, &ring)
-            .map_err(|error| wire::error_chain(&error))?;
+        let (group, devices) =
+            crate::primary::serve_failed_over(name, &failed.disks, &ring, self.live_ring_size)
+                .map_err(|error| wire::error_chain(&error))?;
         let mut exports: Vec<String> = Vec::new();
         for ((disk, _), device) in failed.disks.iter().zip(devices) {
             let export = live_export(name, disk);
@@ -1868,6 +1872,7 @@ mod tests {
                 nbd_socket: dir.path().join("run/nbd.sock"),
                 live: Arc::default(),
                 hook: None,
+                live_ring_size: config::DEFAULT_LIVE_RING_SIZE,
             },
         )
         .unwrap();
