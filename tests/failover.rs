@@ -351,6 +351,13 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     assert_eq!(shared.acked.load(Ordering::SeqCst), written);
 
     p.replication(&["failover", "--group", "vm1"]).assert_ok();
+    // A second planned failover is refused, and leaves the disks refusing writes.
+    let again = p.replication(&["failover", "--group", "vm1", "--force"]);
+    assert!(
+        !again.success() && again.all().contains("handed over to its replica"),
+        "{}",
+        again.all()
+    );
     // The new primary's disks equal the old primary's, byte for byte, and hold every
     // acknowledged write.
     for disk in ["disk0", "disk1"] {

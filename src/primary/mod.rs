@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nbd_shim::backend::{ImageFile, ImageFileOptions};
@@ -140,6 +140,10 @@ pub(crate) struct RunningGroup {
     tracker: Option<Group>,
     shipper: Option<Shipper>,
     disks: Vec<RunningDisk>,
+    /// A planned failover handed the group over (its writes stay refused). Held for
+    /// the whole of a planned failover, so a second one waits and is refused rather
+    /// than accept writes again when it fails.
+    handed_over: Mutex<bool>,
 }
 
 impl RunningGroup {
@@ -248,6 +252,15 @@ impl RunningGroup {
         let Some(tracker) = &self.tracker else {
             return Err(format!("Group {group} is not tracked"));
         };
+        let mut handed_over = self
+            .handed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *handed_over {
+            return Err(format!(
+                "Group {group} was handed over to its replica by a planned failover already"
+            ));
+        }
         let connected: Vec<String> = exports
             .iter()
             .filter_map(|export| {
@@ -263,7 +276,7 @@ impl RunningGroup {
         }
         tracker.refuse_writes(true);
         info!(%group, "Planned failover: writes are refused from now on");
-        shipper
+        let message = shipper
             .admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT)
             .map_err(|error| {
                 tracker.refuse_writes(false);
@@ -272,7 +285,9 @@ impl RunningGroup {
                     "{} (the failover did not happen; writes are accepted again)",
                     shipper::error_chain(&error)
                 )
-            })
+            })?;
+        *handed_over = true;
+        Ok(message)
     }
 
     /// Stops the group's shipper, if it has one.
@@ -652,6 +667,7 @@ pub(crate) fn open_group(
         });
     }
     let mut devices: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut handed_over = false;
     let (tracker, shipper) = if config.tracking {
         let fresh = !config.ring.exists();
         if let (true, Some(ConsumerConfig::LocalCopy { dir })) = (fresh, &config.consumer) {
@@ -692,7 +708,8 @@ pub(crate) fn open_group(
         let record = Relationship::load(&Relationship::path_for_ring(&config.ring))
             .ok()
             .flatten();
-        if record.is_some_and(|r| r.fenced) {
+        handed_over = record.as_ref().is_some_and(|r| r.fenced);
+        if handed_over {
             // A planned failover handed the group over: these disks stay read-only.
             group.refuse_writes(true);
             warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
@@ -802,6 +819,7 @@ pub(crate) fn open_group(
             tracker,
             shipper,
             disks,
+            handed_over: Mutex::new(handed_over),
         },
         devices,
     ))

@@ -1094,7 +1094,12 @@ impl Control {
         let handed = self
             .server
             .hand_back(&info.name, Some(&info.trust_group), info.epoch + 1)
-            .map_err(|error| wire::error_chain(&error))?;
+            .map_err(|error| {
+                format!(
+                    "The group was handed over, but its disks are not yet the existing copy ({}); restarting the replica daemon finishes that",
+                    wire::error_chain(&error)
+                )
+            })?;
         remove_live_files(dir);
         warn!(replica = %info.name, epoch = handed.epoch, "Failback done: the other side is the primary; these disks wait as an existing copy for replication back");
         Ok(handed)
