@@ -149,10 +149,6 @@ pub struct Claim {
     pub epoch: u64,
 }
 
-fn first_epoch() -> u64 {
-    FIRST_EPOCH
-}
-
 /// What `replica.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaState {
@@ -165,7 +161,7 @@ pub struct ReplicaState {
     pub relationship: u64,
     /// The failover epoch: the primary's when it enabled replication, raised by each
     /// failover; requests of an older epoch are refused.
-    #[serde(default = "first_epoch")]
+    #[serde(default = "wire::api::first_epoch")]
     pub epoch: u64,
     /// Host name the primary gave.
     pub primary_host: String,

@@ -39,7 +39,8 @@ pub const EPOCH_HEADER: &str = "x-blkrep-epoch";
 /// The epoch of a relationship that never failed over.
 pub const FIRST_EPOCH: u64 = 1;
 
-fn first_epoch() -> u64 {
+/// [`FIRST_EPOCH`], as a serde default for records written before epochs existed.
+pub fn first_epoch() -> u64 {
     FIRST_EPOCH
 }
 

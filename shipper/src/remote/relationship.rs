@@ -66,7 +66,7 @@ pub struct Relationship {
     #[serde(default)]
     pub fenced: bool,
     /// The failover epoch it speaks for (see [`wire::api::EPOCH_HEADER`]).
-    #[serde(default = "first_epoch")]
+    #[serde(default = "wire::api::first_epoch")]
     pub epoch: u64,
     /// Removed by an administrator: nothing is shipped until replication is enabled
     /// again.
@@ -96,10 +96,6 @@ pub struct CopyProgress {
     pub last: bool,
     /// Bytes the copy had to send when it began (for progress).
     pub total_bytes: u64,
-}
-
-fn first_epoch() -> u64 {
-    wire::api::FIRST_EPOCH
 }
 
 impl Relationship {
