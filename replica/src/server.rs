@@ -475,18 +475,18 @@ impl ServerHandle {
     }
 
     /// Failback: the live disks of the failed-over replica `name` were handed over
-    /// by a planned failover to the replica they replicated to, which is now primary
-    /// at `epoch`; they become an existing copy for replication back (see
+    /// by a planned failover to the replica they replicated to, which is now the
+    /// primary; they become an existing copy for replication back (see
     /// [`Replica::hand_back`]).
     pub fn hand_back(
         &self,
         name: &str,
         trust_group: Option<&str>,
-        epoch: u64,
     ) -> Result<ReplicaInfo, AdminError> {
         let (_, replica) = self.one_replica(name, trust_group)?;
         let mut replica = lock(&replica);
-        replica.hand_back(epoch)?;
+        replica.hand_back()?;
+        let epoch = replica.state().epoch;
         info!(replica = %name, epoch, "The live disks were handed over; they wait as an existing copy for replication back");
         Ok(replica.info())
     }

@@ -335,6 +335,30 @@ impl ReplicaState {
     }
 }
 
+impl ReplicaState {
+    /// The state of an existing copy no relationship has claimed yet, at `epoch`;
+    /// `origin` says where it came from.
+    pub fn unclaimed(
+        name: String,
+        trust_group: String,
+        epoch: u64,
+        origin: &str,
+        disks: Vec<DiskInfo>,
+    ) -> Self {
+        Self::new(
+            name,
+            trust_group,
+            Claim {
+                relationship: UNCLAIMED,
+                epoch,
+            },
+            String::new(),
+            origin.to_string(),
+            disks,
+        )
+    }
+}
+
 /// The answer to an offer of a transfer committed before.
 const ALREADY_COMMITTED: TransferAnswer = TransferAnswer {
     have_chunks: 0,
@@ -473,19 +497,14 @@ impl Replica {
         let parent = dir.parent().unwrap_or(Path::new("."));
         let building = parent.join(format!(".seeding-{name}"));
         let _ = fs::remove_dir_all(&building);
-        let mut state = ReplicaState::new(
+        // Its epoch is the claiming primary's.
+        let state = ReplicaState::unclaimed(
             name.to_string(),
             trust_group.to_string(),
-            // Its epoch is the claiming primary's.
-            Claim {
-                relationship: UNCLAIMED,
-                epoch: FIRST_EPOCH,
-            },
-            String::new(),
-            "an existing copy (blkrep replica seed)".into(),
+            FIRST_EPOCH,
+            "an existing copy (blkrep replica seed)",
             disks,
         );
-        state.created_unix = now_unix();
         let replica = Self::create(&building, state, 0)?;
         for (disk, image) in images {
             let target = replica.disk_path(disk);
@@ -1465,12 +1484,13 @@ impl Replica {
 
     /// Failback: a planned failover handed this failed-over replica's live disks over
     /// to the replica it replicated to, after every block compared equal. The disks
-    /// become an existing copy no relationship has claimed, at least at `epoch` (the
-    /// new primary's), so replication the other way claims them and sends only what
-    /// differs, and nothing of an older epoch (this side's former live group) can.
-    /// Recovery points go: they describe states from before the failover. The
-    /// recovery policy and the time of the last test stay.
-    pub fn hand_back(&mut self, epoch: u64) -> Result<(), StoreError> {
+    /// become an existing copy no relationship has claimed, at the epoch after this
+    /// one (the new primary's: its failover raised the epoch this side replicated at
+    /// once), so replication the other way claims them and sends only what differs,
+    /// and nothing of an older epoch (this side's former live group) can. Recovery
+    /// points go: they describe states from before the failover. The recovery policy
+    /// and the time of the last test stay.
+    pub fn hand_back(&mut self) -> Result<(), StoreError> {
         let name = self.state.name.clone();
         if self.state.failover.is_none() {
             return Err(StoreError::Conflict(format!(
@@ -1478,15 +1498,11 @@ impl Replica {
             )));
         }
         let previous = &self.state;
-        let mut state = ReplicaState::new(
+        let mut state = ReplicaState::unclaimed(
             name,
             previous.trust_group.clone(),
-            Claim {
-                relationship: UNCLAIMED,
-                epoch: epoch.max(previous.epoch + 1),
-            },
-            String::new(),
-            "the live disks handed back by a planned failover".into(),
+            previous.epoch + 1,
+            "the live disks handed back by a planned failover",
             previous.disks.clone(),
         );
         state.created_unix = previous.created_unix;

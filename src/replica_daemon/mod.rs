@@ -1080,8 +1080,8 @@ impl Control {
     }
 
     /// After a planned failover handed the live disks of the replica in `dir` over:
-    /// stops serving them and makes them an existing copy at the epoch after
-    /// `info`'s. Also finishes one a daemon crash interrupted.
+    /// stops serving them and makes them an existing copy at the next epoch. Also
+    /// finishes one a daemon crash interrupted.
     fn hand_back(&self, dir: &Path, info: &ReplicaInfo) -> Result<ReplicaInfo, String> {
         if let Some(serving) = lock(&self.live).remove(dir) {
             for export in &serving.exports {
@@ -1093,7 +1093,7 @@ impl Control {
         }
         let handed = self
             .server
-            .hand_back(&info.name, Some(&info.trust_group), info.epoch + 1)
+            .hand_back(&info.name, Some(&info.trust_group))
             .map_err(|error| {
                 format!(
                     "The group was handed over, but its disks are not yet the existing copy ({}); restarting the replica daemon finishes that",

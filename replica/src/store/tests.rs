@@ -679,12 +679,12 @@ fn handing_back_makes_the_live_disks_a_copy_only_a_newer_epoch_can_claim() {
         );
         apply_all(&mut replica);
     }
-    assert!(matches!(replica.hand_back(3), Err(StoreError::Conflict(_))));
+    assert!(matches!(replica.hand_back(), Err(StoreError::Conflict(_))));
     replica.fail_over(None, true).unwrap();
     assert!(!replica.state().points.is_empty());
     let disks = (disk(&replica, "a"), disk(&replica, "b"));
 
-    replica.hand_back(3).unwrap();
+    replica.hand_back().unwrap();
     let info = replica.info();
     assert_eq!((info.role, info.epoch), (Role::Replica, 3));
     assert!(replica.is_unclaimed() && !info.consistent && info.failover.is_none());
