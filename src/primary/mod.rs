@@ -501,7 +501,7 @@ pub(crate) fn serve_failed_over(
     let config = GroupConfig {
         name: name.to_string(),
         ring: ring.to_path_buf(),
-        ring_size: crate::config::ByteSize(existing_ring_size(ring).unwrap_or(ring_size)),
+        ring_size: crate::config::ByteSize(Group::existing_ring_size(ring).unwrap_or(ring_size)),
         block_size: crate::config::ByteSize(4096),
         interval: crate::config::Interval(Duration::from_secs(300)),
         tracking: true,
@@ -522,21 +522,6 @@ pub(crate) fn serve_failed_over(
         host_name: String::new(),
     };
     open_group(&config, &shared)
-}
-
-/// The size of the ring at `path`, if one is there (a changed setting applies to
-/// rings created afterwards).
-fn existing_ring_size(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut superblocks = vec![0u8; 2 * tracker::superblock::SUPERBLOCK_LEN];
-    File::open(path)
-        .ok()?
-        .read_exact_at(&mut superblocks, 0)
-        .ok()?;
-    let (first, second) = superblocks.split_at(tracker::superblock::SUPERBLOCK_LEN);
-    tracker::superblock::Superblock::decode_pair(first, second)
-        .ok()
-        .map(|superblock| superblock.ring_size)
 }
 
 /// The host name the replica records: the configured one, or the system's.
@@ -705,9 +690,7 @@ pub(crate) fn open_group(
         if report.needs_replay() {
             replay(&group, config, &sizes)?;
         }
-        let record = Relationship::load(&Relationship::path_for_ring(&config.ring))
-            .ok()
-            .flatten();
+        let record = Relationship::load_for_ring(&config.ring).ok().flatten();
         handed_over = record.as_ref().is_some_and(|r| r.fenced);
         if handed_over {
             // A planned failover handed the group over: these disks stay read-only.

@@ -638,14 +638,13 @@ fn old_primary_disks(
         .ok_or_else(|| {
             DaemonError::Seed(format!("{} has no group named {name}", config.display()))
         })?;
-    let record = shipper::remote::Relationship::path_for_ring(&group.ring);
-    let failed_over = shipper::remote::Relationship::load(&record)
+    let failed_over = shipper::remote::Relationship::load_for_ring(&group.ring)
         .map_err(|error| DaemonError::Seed(wire::error_chain(&error)))?
         .is_some_and(|relationship| relationship.fenced || relationship.superseded.is_some());
     if !failed_over && !force {
         return Err(DaemonError::Seed(format!(
             "Group {name}'s replication record ({}) does not say it was failed over, so its disks may be the live copy. If its replica was failed over while this primary was down, start the primary once (it learns it is superseded and says so), or pass --force to seed from its images anyway (they are copied, not changed, unless --move)",
-            record.display()
+            shipper::remote::Relationship::path_for_ring(&group.ring).display()
         )));
     }
     if move_images && UnixStream::connect(&primary.control_socket).is_ok() {
@@ -1129,8 +1128,7 @@ fn remove_live_files(dir: &Path) {
 /// Whether the live disks of the failed-over replica in `dir` were handed over by a
 /// planned failover: their relationship record says so.
 fn handed_over(dir: &Path) -> bool {
-    let record = shipper::remote::Relationship::path_for_ring(&dir.join(LIVE_RING));
-    shipper::remote::Relationship::load(&record)
+    shipper::remote::Relationship::load_for_ring(&dir.join(LIVE_RING))
         .ok()
         .flatten()
         .is_some_and(|relationship| relationship.fenced)

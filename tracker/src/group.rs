@@ -359,6 +359,22 @@ fn usize_of(value: u64) -> usize {
 }
 
 impl Group {
+    /// The ring size recorded in the ring file at `path`, if it holds a valid ring:
+    /// [`Group::open`] refuses a configuration of another size, so a caller whose
+    /// setting may have changed since the ring was made opens it at this one.
+    pub fn existing_ring_size(path: &Path) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut superblocks = [0u8; 2 * SUPERBLOCK_LEN];
+        File::open(path)
+            .ok()?
+            .read_exact_at(&mut superblocks, 0)
+            .ok()?;
+        let (first, second) = superblocks.split_at(SUPERBLOCK_LEN);
+        Superblock::decode_pair(first, second)
+            .ok()
+            .map(|superblock| superblock.ring_size)
+    }
+
     /// Opens (or creates) the group's ring, recovering after a crash.
     ///
     /// After a crash, call [`Group::recovery_view`] and apply it to the images before

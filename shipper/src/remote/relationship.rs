@@ -127,6 +127,11 @@ impl Relationship {
         PathBuf::from(name)
     }
 
+    /// Reads the record of the group whose ring is `ring`; `None` if there is none.
+    pub fn load_for_ring(ring: &Path) -> Result<Option<Self>, RelationshipError> {
+        Self::load(&Self::path_for_ring(ring))
+    }
+
     /// Reads the record; `None` if there is none.
     pub fn load(path: &Path) -> Result<Option<Self>, RelationshipError> {
         let bytes = match std::fs::read(path) {
