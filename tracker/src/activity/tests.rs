@@ -64,20 +64,33 @@ fn a_full_table_evicts_only_synced_extents() {
     assert!(!log.record().extents.contains(&key(0, 0)));
 }
 
+/// The first byte of each of the first [`SLOTS`] extents of disk 0.
+fn every_slot() -> impl Iterator<Item = (u64, u64)> {
+    (0..u64::try_from(SLOTS).unwrap()).map(|extent| (extent * EXTENT, extent * EXTENT + 1))
+}
+
+/// Admits a write into each of [`every_slot`]; returns the admissions.
+fn admit_every_slot(log: &mut ActivityLog) -> Vec<Admission> {
+    every_slot()
+        .map(|(start, end)| log.admit(0, start, end))
+        .collect()
+}
+
+fn release_every_slot(log: &mut ActivityLog) {
+    for (start, end) in every_slot() {
+        log.release(0, start, end);
+    }
+}
+
 #[test]
 fn a_write_finishing_during_a_sync_is_not_durable_by_it() {
     let mut log = ActivityLog::new(1, &empty());
     let slots = u64::try_from(SLOTS).unwrap();
-    for extent in 0..slots {
-        assert_eq!(
-            log.admit(0, extent * EXTENT, extent * EXTENT + 1),
-            Admission::Added
-        );
+    for admission in admit_every_slot(&mut log) {
+        assert_eq!(admission, Admission::Added);
     }
     let started = log.begin_sync();
-    for extent in 0..slots {
-        log.release(0, extent * EXTENT, extent * EXTENT + 1);
-    }
+    release_every_slot(&mut log);
     log.synced(0, started);
     let beyond = slots * EXTENT;
     assert_eq!(log.admit(0, beyond, beyond + 1), Admission::SyncDisk(0));
@@ -87,9 +100,7 @@ fn a_write_finishing_during_a_sync_is_not_durable_by_it() {
 fn writes_in_flight_everywhere_make_the_writer_wait() {
     let mut log = ActivityLog::new(1, &empty());
     let slots = u64::try_from(SLOTS).unwrap();
-    for extent in 0..slots {
-        log.admit(0, extent * EXTENT, extent * EXTENT + 1);
-    }
+    admit_every_slot(&mut log);
     assert_eq!(
         log.admit(0, slots * EXTENT, slots * EXTENT + 1),
         Admission::Wait
@@ -119,10 +130,8 @@ fn uncovered_writes_mark_their_disk_whole_until_synced() {
 fn inherited_extents_stay_until_their_disk_is_synced() {
     let mut first = ActivityLog::new(1, &empty());
     let slots = u64::try_from(SLOTS).unwrap();
-    for extent in 0..slots {
-        first.admit(0, extent * EXTENT, extent * EXTENT + 1);
-        first.release(0, extent * EXTENT, extent * EXTENT + 1);
-    }
+    admit_every_slot(&mut first);
+    release_every_slot(&mut first);
     let record = first.record();
     let mut log = ActivityLog::new(1, &record);
     assert_eq!(log.record().extents, record.extents);
