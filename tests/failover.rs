@@ -194,9 +194,8 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         replica_disks(&replica) == after_write,
         "the live disks changed"
     );
-    let replication = |args: &[&str]| p.replication(args);
     // Resuming is refused, naming what the administrator can do.
-    let resumed = replication(&["resume", "--group", "vm1"]);
+    let resumed = p.replication(&["resume", "--group", "vm1"]);
     assert!(!resumed.success(), "{}", resumed.all());
     assert!(
         resumed
@@ -207,11 +206,11 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     );
     // Neither deleting the replica nor a new relationship over it touches the live
     // disks.
-    let removed = replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
+    let removed = p.replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
     assert!(!removed.success(), "{}", removed.all());
     assert!(removed.all().contains("live copy"), "{}", removed.all());
-    replication(&["remove", "--group", "vm1"]).assert_ok();
-    replication(&["enable", "--group", "vm1"]).assert_ok();
+    p.replication(&["remove", "--group", "vm1"]).assert_ok();
+    p.replication(&["enable", "--group", "vm1"]).assert_ok();
     let consumer = p.wait_consumer("vm1", "the new relationship refused", LONG, |s| {
         s["state"] == "suspended" || s["state"] == "superseded"
     });

@@ -253,7 +253,6 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
             "compression = false\ninitial_replication = \"media\"",
         ),
     );
-    let replication = |args: &[&str]| p.replication(args);
     // Nothing ships before the export.
     let refused = run(&mut p.cycles_close_cmd("vm1"), LONG);
     assert!(
@@ -266,7 +265,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
     });
 
     let media = dir.path().join("usb");
-    let exported = replication(&[
+    let exported = p.replication(&[
         "export",
         "--group",
         "vm1",
@@ -299,7 +298,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
         "{status:#}"
     );
     // A second export is refused: the copy is on its way.
-    let again = replication(&[
+    let again = p.replication(&[
         "export",
         "--group",
         "vm1",
@@ -616,14 +615,13 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     .expect("config");
     let mut p = p;
     p.restart();
-    let replication = |args: &[&str]| p.replication(args);
     // Cycles every second ship by themselves after the initial replication.
     let delivered = p.wait_consumer("vm1", "automatic cycles", LONG, |s| {
         s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"
     });
     assert_eq!(delivered["health"], "Normal", "{delivered:#}");
 
-    let paused = replication(&["pause", "--group", "vm1"]);
+    let paused = p.replication(&["pause", "--group", "vm1"]);
     assert!(paused.success(), "{}", paused.report());
     let status = p.wait_consumer("vm1", "pause", SHORT, |s| s["state"] == "paused");
     assert_eq!(status["health"], "Warning", "{status:#}");
@@ -636,7 +634,7 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     );
     let before = replica.info("vm1").expect("replica")["last_applied_cycle"].as_u64();
 
-    let resumed = replication(&["resume", "--group", "vm1"]);
+    let resumed = p.replication(&["resume", "--group", "vm1"]);
     assert!(resumed.success(), "{}", resumed.report());
     let cycle = p.cycles_close("vm1");
     assert!(Some(cycle) > before);
@@ -662,13 +660,13 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     }
 
     // Removing with the replica's deletion needs confirmation.
-    let refused = replication(&["remove", "--group", "vm1", "--delete-replica"]);
+    let refused = p.replication(&["remove", "--group", "vm1", "--delete-replica"]);
     assert!(
         !refused.success() && refused.all().contains("--yes"),
         "{}",
         refused.report()
     );
-    let removed = replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
+    let removed = p.replication(&["remove", "--group", "vm1", "--delete-replica", "--yes"]);
     assert!(removed.success(), "{}", removed.report());
     assert!(replica.info("vm1").is_none(), "the replica was not deleted");
     p.wait_consumer("vm1", "removal", SHORT, |s| s["state"] == "removed");
