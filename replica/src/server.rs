@@ -422,10 +422,24 @@ impl ServerHandle {
         trust_group: Option<&str>,
         policy: wire::api::RecoveryPolicy,
     ) -> Result<ReplicaInfo, AdminError> {
+        self.administer(name, trust_group, |replica| {
+            replica.set_recovery(policy)?;
+            info!(replica = %name, points = policy.points, spacing_secs = policy.spacing_secs, "Recovery history set");
+            Ok(())
+        })
+    }
+
+    /// Runs `act` on replica `name` (of `trust_group`, when given) under its lock;
+    /// returns the replica afterwards.
+    fn administer(
+        &self,
+        name: &str,
+        trust_group: Option<&str>,
+        act: impl FnOnce(&mut Replica) -> Result<(), StoreError>,
+    ) -> Result<ReplicaInfo, AdminError> {
         let (_, replica) = self.one_replica(name, trust_group)?;
         let mut replica = lock(&replica);
-        replica.set_recovery(policy)?;
-        info!(replica = %name, points = policy.points, spacing_secs = policy.spacing_secs, "Recovery history set");
+        act(&mut replica)?;
         Ok(replica.info())
     }
 
@@ -467,11 +481,11 @@ impl ServerHandle {
         name: &str,
         trust_group: Option<&str>,
     ) -> Result<ReplicaInfo, AdminError> {
-        let (_, replica) = self.one_replica(name, trust_group)?;
-        let mut replica = lock(&replica);
-        replica.complete_failover()?;
-        info!(replica = %name, "Failover completed; the other recovery points are deleted");
-        Ok(replica.info())
+        self.administer(name, trust_group, |replica| {
+            replica.complete_failover()?;
+            info!(replica = %name, "Failover completed; the other recovery points are deleted");
+            Ok(())
+        })
     }
 
     /// Failback: the live disks of the failed-over replica `name` were handed over
@@ -483,12 +497,12 @@ impl ServerHandle {
         name: &str,
         trust_group: Option<&str>,
     ) -> Result<ReplicaInfo, AdminError> {
-        let (_, replica) = self.one_replica(name, trust_group)?;
-        let mut replica = lock(&replica);
-        replica.hand_back()?;
-        let epoch = replica.state().epoch;
-        info!(replica = %name, epoch, "The live disks were handed over; they wait as an existing copy for replication back");
-        Ok(replica.info())
+        self.administer(name, trust_group, |replica| {
+            replica.hand_back()?;
+            let epoch = replica.state().epoch;
+            info!(replica = %name, epoch, "The live disks were handed over; they wait as an existing copy for replication back");
+            Ok(())
+        })
     }
 
     /// Sets who is told of planned failovers primaries ask for.
@@ -516,11 +530,11 @@ impl ServerHandle {
         trust_group: Option<&str>,
         paused: bool,
     ) -> Result<ReplicaInfo, AdminError> {
-        let (_, replica) = self.one_replica(name, trust_group)?;
-        let mut replica = lock(&replica);
-        replica.set_paused(paused)?;
-        info!(replica = %name, paused, "Replication paused or resumed on the replica side");
-        Ok(replica.info())
+        self.administer(name, trust_group, |replica| {
+            replica.set_paused(paused)?;
+            info!(replica = %name, paused, "Replication paused or resumed on the replica side");
+            Ok(())
+        })
     }
 
     /// Imports the initial copy exported to `dir` (external media) into its replica,
