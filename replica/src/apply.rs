@@ -185,6 +185,17 @@ impl ReplicaDisk {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Whether the open file is still the one at its path (same device and inode): a
+    /// disk deleted or replaced since it was opened must not receive changes meant for
+    /// whatever is at the path now.
+    pub fn is_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {

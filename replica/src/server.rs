@@ -27,13 +27,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use thiserror::Error;
@@ -41,15 +40,13 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 use wire::api::{
-    valid_name, CommitRequest, DiskInfo, EnableRequest, ErrorBody, ErrorCode, HashAnswer,
-    HashRequest, InitialMethod, ReplicaInfo, TransferOffer, API_PREFIX, EPOCH_HEADER, FIRST_EPOCH,
-    IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER, RELATIONSHIP_HEADER,
+    valid_name, CommitRequest, DiskInfo, EnableRequest, ErrorCode, HashAnswer, HashRequest,
+    InitialMethod, ReplicaInfo, TransferOffer, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER,
 };
 use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 use wire::error_chain;
-use wire::tls::{certificate_names, NamePattern};
+use wire::tls::certificate_names;
 
-use crate::apply::ReplicaDisk;
 use crate::compare;
 use crate::store::{apply_transfer, Claim, Replica, ReplicaState, StoreError};
 
@@ -58,8 +55,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request's headers may take to arrive once it started; idle keep-alive
 /// connections are closed by the primary's echo schedule, not here.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
-/// Pause before an applier retries a replica whose apply failed.
-const APPLY_RETRY: Duration = Duration::from_secs(5);
 /// Shortest pre-shared key lab mode accepts.
 pub const MIN_PSK_LEN: usize = 16;
 
@@ -78,9 +73,12 @@ pub enum ServerError {
     /// The runtime or a thread could not start.
     #[error("Cannot start the server's threads")]
     Threads(#[source] std::io::Error),
-    /// Lab mode's pre-shared key is too short to resist guessing.
-    #[error("The pre-shared key must be at least {MIN_PSK_LEN} bytes long")]
-    WeakKey,
+    /// Lab mode would listen beyond this machine without being told it may.
+    #[error("Plain HTTP on {0} would carry keys and data unencrypted beyond this machine; listen on loopback, use TLS, or allow it explicitly")]
+    PlainHttpExposed(SocketAddr),
+    /// The authorisation entries, taken together, are unsafe.
+    #[error("Invalid authorisation entries: {0}")]
+    Authorization(String),
     /// A storage directory is unusable.
     #[error("Cannot use storage directory {path}")]
     Storage {
@@ -92,17 +90,6 @@ pub enum ServerError {
     },
 }
 
-/// One authorisation entry: which primaries, where their replicas live, their tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthEntry {
-    /// Allowed primary identities; `None` allows any authenticated primary.
-    pub primary: Option<NamePattern>,
-    /// Where their replicas are stored.
-    pub storage: PathBuf,
-    /// Their trust group.
-    pub trust_group: String,
-}
-
 /// How primaries connect and prove who they are.
 #[derive(Clone)]
 pub enum Transport {
@@ -110,11 +97,12 @@ pub enum Transport {
     /// this configuration; a certificate's DNS names are the primary's identity.
     Tls(Arc<rustls::ServerConfig>),
     /// Lab mode, for isolated networks only: plain HTTP, nothing encrypted. Every request
-    /// carries `psk` in [`PSK_HEADER`] and the primary's claimed name in
-    /// [`IDENTITY_HEADER`].
+    /// carries the primary's claimed name in [`IDENTITY_HEADER`] and the key of the
+    /// authorisation entry allowing that name ([`AuthEntry::psk`]) in [`PSK_HEADER`].
     PlainWithPsk {
-        /// The pre-shared key, at least [`MIN_PSK_LEN`] bytes.
-        psk: String,
+        /// Whether listening on an address other than loopback is allowed (the key
+        /// and everything replicated then cross a network unencrypted).
+        allow_non_loopback: bool,
     },
 }
 
@@ -122,10 +110,9 @@ impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Transport::Tls(config) => f.debug_tuple("Tls").field(config).finish(),
-            // The key stays out of logs and panic messages.
-            Transport::PlainWithPsk { .. } => f
+            Transport::PlainWithPsk { allow_non_loopback } => f
                 .debug_struct("PlainWithPsk")
-                .field("psk", &"<redacted>")
+                .field("allow_non_loopback", allow_non_loopback)
                 .finish(),
         }
     }
@@ -142,15 +129,12 @@ pub struct ServerSettings {
     pub authorization: Vec<AuthEntry>,
     /// Free space each storage keeps in reserve.
     pub reserve: u64,
+    /// The largest replica disk accepted, in bytes.
+    pub max_disk_size: u64,
 }
 
-/// An authenticated, authorised peer.
-#[derive(Debug, Clone)]
-struct Peer {
-    identity: String,
-    storage: PathBuf,
-    trust_group: String,
-}
+/// The largest replica disk accepted unless configured: 64 TiB, the largest VHDX.
+pub const DEFAULT_MAX_DISK_SIZE: u64 = 64 << 40;
 
 /// How the requests of one connection are authenticated.
 #[derive(Debug, Clone)]
@@ -166,16 +150,15 @@ enum Auth {
 enum Acceptor {
     /// With a TLS handshake.
     Tls(TlsAcceptor),
-    /// Lab mode: plain HTTP; requests must carry this key.
-    Plain { psk: Arc<str> },
+    /// Lab mode: plain HTTP; each request carries its identity and key.
+    Plain,
 }
 
-/// A plain-HTTP connection: where from, the key its requests must carry, and what was
-/// last logged about it (so a connection logs its primary once, not every request).
+/// A plain-HTTP connection: where from, and what was last logged about it (so a
+/// connection logs its primary once, not every request).
 #[derive(Debug)]
 struct PlainConnection {
     remote: SocketAddr,
-    psk: Arc<str>,
     logged: Mutex<Option<String>>,
 }
 
@@ -192,10 +175,19 @@ impl PlainConnection {
     }
 }
 
+pub mod api;
+mod applier;
+mod authorization;
+
+use api::{refuse, ApiCall, Refusal, ReplicaCall};
+use applier::{Applier, ApplyRequests, Outcome};
+use authorization::{authorise, Peer, PlainRefusal};
+pub use authorization::{problems as authorization_problems, resolve, AuthEntry, PreSharedKey};
+
 struct Context {
     settings: ServerSettings,
     replicas: Mutex<HashMap<PathBuf, Arc<Mutex<Replica>>>>,
-    apply: Sender<PathBuf>,
+    apply: ApplyRequests,
     /// Told of each planned failover a primary asked for.
     failover_listener: Mutex<Option<FailoverListener>>,
 }
@@ -453,7 +445,7 @@ impl ServerHandle {
         point: Option<u64>,
     ) -> Result<FailedOver, AdminError> {
         let (dir, replica) = self.one_replica(name, trust_group)?;
-        let _ = self.context.apply.send(dir.clone());
+        self.context.apply.request(&dir);
         let failover = while_busy(FAILOVER_WAIT, || lock(&replica).fail_over(point, false))?;
         warn!(replica = %name, cycle = failover.stamp.cycle, "Failed over: the replica's disks are now the live copy and its former primary is fenced off");
         let guard = lock(&replica);
@@ -570,7 +562,7 @@ impl ServerHandle {
             )));
         };
         let imported = lock(&replica).import(dir, &manifest)?;
-        let _ = self.context.apply.send(replica_dir);
+        self.context.apply.request(&replica_dir);
         info!(replica = %manifest.name, transfers = imported, "Initial copy imported from external media");
         let info = lock(&replica).info();
         Ok((info, imported))
@@ -597,7 +589,7 @@ pub struct ReplicaServer {
     local_addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    applier: Option<std::thread::JoinHandle<()>>,
+    applier: Option<Applier>,
     context: Arc<Context>,
 }
 
@@ -611,18 +603,26 @@ impl ReplicaServer {
     /// Opens the storages, applies whatever was received before a restart, and starts
     /// serving.
     pub fn start(settings: ServerSettings) -> Result<Self, ServerError> {
-        if let Transport::PlainWithPsk { psk } = &settings.transport {
-            if psk.len() < MIN_PSK_LEN {
-                return Err(ServerError::WeakKey);
+        let plain = match settings.transport {
+            Transport::PlainWithPsk { allow_non_loopback } => {
+                if !allow_non_loopback && !settings.listen.ip().is_loopback() {
+                    return Err(ServerError::PlainHttpExposed(settings.listen));
+                }
+                true
             }
-        }
+            Transport::Tls(_) => false,
+        };
         for entry in &settings.authorization {
             std::fs::create_dir_all(&entry.storage).map_err(|source| ServerError::Storage {
                 path: entry.storage.clone(),
                 source,
             })?;
         }
-        let (apply, apply_queue) = crossbeam_channel::unbounded();
+        let problems = authorization::problems(&settings.authorization, plain);
+        if !problems.is_empty() {
+            return Err(ServerError::Authorization(problems.join("; ")));
+        }
+        let apply = ApplyRequests::new();
         let context = Arc::new(Context {
             settings: settings.clone(),
             replicas: Mutex::new(HashMap::new()),
@@ -649,9 +649,7 @@ impl ReplicaServer {
             })?;
         let applier = {
             let context = Arc::clone(&context);
-            std::thread::Builder::new()
-                .name("replica-apply".into())
-                .spawn(move || applier(&context, &apply_queue))
+            Applier::start(&apply, Arc::new(move |dir: &Path| apply_all(&context, dir)))
                 .map_err(ServerError::Threads)?
         };
         // Transfers received before a restart are applied first.
@@ -659,7 +657,7 @@ impl ReplicaServer {
             if let Ok(dirs) = std::fs::read_dir(&entry.storage) {
                 for dir in dirs.flatten() {
                     if Replica::exists(&dir.path()) {
-                        let _ = apply.send(dir.path());
+                        apply.request(&dir.path());
                     }
                 }
             }
@@ -670,11 +668,9 @@ impl ReplicaServer {
                 info!(%local_addr, "Replica server listening (HTTPS, client certificates required)");
                 Acceptor::Tls(TlsAcceptor::from(Arc::clone(config)))
             }
-            Transport::PlainWithPsk { psk } => {
+            Transport::PlainWithPsk { .. } => {
                 warn!(%local_addr, "Replica server listening on PLAIN HTTP: replicated data, keys and identities cross the network UNENCRYPTED and anyone who sees the traffic can impersonate a primary; for isolated labs only, never in production");
-                Acceptor::Plain {
-                    psk: Arc::from(psk.as_str()),
-                }
+                Acceptor::Plain
             }
         };
         runtime.spawn(accept_loop(
@@ -718,10 +714,8 @@ impl ReplicaServer {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(10));
         }
-        // An empty path is the applier's stop mark (the context keeps the queue open).
-        let _ = self.context.apply.send(PathBuf::new());
-        if let Some(applier) = self.applier.take() {
-            let _ = applier.join();
+        if let Some(mut applier) = self.applier.take() {
+            applier.stop();
         }
     }
 }
@@ -743,42 +737,41 @@ fn load(context: &Context, dir: &Path) -> Result<Arc<Mutex<Replica>>, StoreError
     Ok(replica)
 }
 
-fn applier(context: &Context, queue: &Receiver<PathBuf>) {
-    let mut disks: HashMap<PathBuf, Vec<ReplicaDisk>> = HashMap::new();
-    while let Ok(dir) = queue.recv() {
-        if dir.as_os_str().is_empty() {
-            break;
-        }
-        if let Err(error) = apply_all(context, &dir, &mut disks) {
-            warn!(replica = %dir.display(), error = %error_chain(&error), "Applying a received transfer failed; retrying");
-            disks.remove(&dir);
-            std::thread::sleep(APPLY_RETRY);
-            let _ = context.apply.send(dir);
+/// Applies every committed transfer of the replica in `dir`, into the files that are
+/// its disks now (see [`Replica::disks_for_apply`]).
+fn apply_all(context: &Context, dir: &Path) -> Outcome {
+    if !Replica::exists(dir) {
+        return Outcome::Gone;
+    }
+    let replica = match load(context, dir) {
+        Ok(replica) => replica,
+        Err(error) => return Outcome::Failed(error),
+    };
+    match apply_queued(&replica, dir) {
+        Ok(()) => Outcome::Done,
+        Err(StoreError::Removed(_)) => Outcome::Gone,
+        Err(error) => {
+            // The next try opens the disks afresh.
+            lock(&replica).forget_disks();
+            Outcome::Failed(error)
         }
     }
 }
 
-fn apply_all(
-    context: &Context,
-    dir: &Path,
-    disks: &mut HashMap<PathBuf, Vec<ReplicaDisk>>,
-) -> Result<(), StoreError> {
-    let replica = load(context, dir)?;
+fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> {
     loop {
-        let Some((next, path)) = lock(&replica).begin_apply()? else {
-            return Ok(());
+        let (next, path, disks, history) = {
+            let mut replica = lock(replica);
+            let Some((next, path)) = replica.begin_apply()? else {
+                return Ok(());
+            };
+            (next, path, replica.disks_for_apply()?, replica.history())
         };
-        if !disks.contains_key(dir) {
-            let opened = lock(&replica).open_disks()?;
-            disks.insert(dir.to_path_buf(), opened);
-        }
-        let opened = disks.get(dir).map_or(&[][..], Vec::as_slice);
-        let history = lock(&replica).history();
         let started = std::time::Instant::now();
-        let bytes = apply_transfer(&path, next.id, opened, &history)?;
+        let bytes = apply_transfer(&path, next.id, &disks, &history)?;
         let took = started.elapsed();
         {
-            let mut replica = lock(&replica);
+            let mut replica = lock(replica);
             replica.note_apply(bytes, took);
             replica.finish_apply(next)?;
         }
@@ -823,10 +816,9 @@ async fn serve_connection(
 ) -> Result<(), String> {
     let acceptor = match acceptor {
         Acceptor::Tls(acceptor) => acceptor,
-        Acceptor::Plain { psk } => {
+        Acceptor::Plain => {
             let connection = Arc::new(PlainConnection {
                 remote,
-                psk,
                 logged: Mutex::new(None),
             });
             let auth = Auth::PerRequest(connection);
@@ -871,55 +863,6 @@ where
         .map_err(|e| e.to_string())
 }
 
-/// Whether two keys are equal, in time that depends only on their lengths (a key's
-/// length is no secret worth hiding; its bytes are).
-fn same_key(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)))
-            == 0
-}
-
-/// Lab mode: the identity a request proves with the pre-shared key, lower-cased like a
-/// certificate's names.
-fn authenticate_plain(psk: &str, request: &Request<Incoming>) -> Result<String, Refusal> {
-    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
-    if !header(PSK_HEADER).is_some_and(|given| same_key(given, psk.as_bytes())) {
-        return Err(refuse(
-            ErrorCode::Unauthenticated,
-            format!("Missing or wrong pre-shared key ({PSK_HEADER} header)"),
-        ));
-    }
-    let identity = header(IDENTITY_HEADER)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(|v| v.trim().to_ascii_lowercase())
-        // A claimed name is held to what a certificate's DNS name could be.
-        .filter(|v| !v.starts_with('*') && NamePattern::parse(v).is_ok());
-    identity.ok_or_else(|| {
-        refuse(
-            ErrorCode::Unauthenticated,
-            format!("Missing or invalid {IDENTITY_HEADER} header (the primary's DNS name)"),
-        )
-    })
-}
-
-/// The first entry allowing one of `names`.
-fn authorise(entries: &[AuthEntry], names: &[String]) -> Option<Peer> {
-    entries.iter().find_map(|entry| {
-        let identity = match &entry.primary {
-            None => names.first()?.clone(),
-            Some(pattern) => names.iter().find(|n| pattern.matches(n))?.clone(),
-        };
-        Some(Peer {
-            identity,
-            storage: entry.storage.clone(),
-            trust_group: entry.trust_group.clone(),
-        })
-    })
-}
-
 type Answer = Response<Full<Bytes>>;
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
@@ -932,23 +875,12 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
     response
 }
 
-/// A refused request: becomes an error answer.
-#[derive(Debug)]
-struct Refusal(ErrorBody);
-
 impl Refusal {
     fn answer(&self) -> Answer {
         let status =
             StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         json(status, &self.0)
     }
-}
-
-fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
-    Refusal(ErrorBody {
-        code,
-        message: message.into(),
-    })
 }
 
 fn store_refusal(error: &StoreError) -> Refusal {
@@ -962,6 +894,7 @@ fn store_refusal(error: &StoreError) -> Refusal {
         StoreError::Paused(_) => ErrorCode::Paused,
         StoreError::Busy(_) => ErrorCode::Busy,
         StoreError::Superseded(_) => ErrorCode::Superseded,
+        StoreError::Removed(_) => ErrorCode::NotFound,
         StoreError::Io { .. }
         | StoreError::CorruptState { .. }
         | StoreError::NoSpace { .. }
@@ -1029,28 +962,39 @@ fn peer_of(
         Auth::PerRequest(connection) => connection,
     };
     let remote = connection.remote;
-    let identity = match authenticate_plain(&connection.psk, request) {
-        Ok(identity) => identity,
-        Err(refusal) => {
-            if connection.first_time(String::new()) {
-                warn!(%remote, "Refusing requests without the right pre-shared key");
+    let header = |name: &str| request.headers().get(name).map(|v| v.as_bytes());
+    let identity = header(IDENTITY_HEADER)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let authenticated = authorization::authenticate_plain(
+        &context.settings.authorization,
+        identity.as_deref(),
+        header(PSK_HEADER),
+    );
+    let peer = match authenticated {
+        Ok(peer) => peer,
+        Err(refused) => {
+            let claimed = identity.unwrap_or_default();
+            if connection.first_time(format!("refused {claimed}")) {
+                warn!(%remote, identity = %claimed, reason = ?refused, "Refusing a plain-HTTP request: no valid name, or not the key of the entry allowing it");
             }
-            return Err(refusal);
+            return Err(refuse(
+                ErrorCode::Unauthenticated,
+                match refused {
+                    PlainRefusal::NoIdentity => format!(
+                        "Missing or invalid {IDENTITY_HEADER} header (the primary's DNS name)"
+                    ),
+                    PlainRefusal::WrongKey | PlainRefusal::NotAuthorised => format!(
+                        "Missing or wrong pre-shared key ({PSK_HEADER} header) for this primary's name"
+                    ),
+                },
+            ));
         }
     };
-    let peer = authorise(
-        &context.settings.authorization,
-        std::slice::from_ref(&identity),
-    );
-    if connection.first_time(identity.clone()) {
-        match &peer {
-            Some(peer) => {
-                info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected (plain HTTP, pre-shared key)")
-            }
-            None => warn!(%remote, %identity, "Refusing a primary no authorisation entry allows"),
-        }
+    if connection.first_time(peer.identity.clone()) {
+        info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected (plain HTTP, pre-shared key)");
     }
-    Ok(peer)
+    Ok(Some(peer))
 }
 
 async fn handle(context: &Arc<Context>, auth: &Auth, mut request: Request<Incoming>) -> Answer {
@@ -1087,155 +1031,91 @@ async fn respond(context: &Arc<Context>, auth: &Auth, request: Request<Incoming>
     }
 }
 
-/// Who the request speaks for: its relationship and failover epoch headers.
-fn claim(request: &Request<Incoming>) -> Result<Claim, Refusal> {
-    let relationship = request
-        .headers()
-        .get(RELATIONSHIP_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .ok_or_else(|| {
-            refuse(
-                ErrorCode::BadRequest,
-                format!("Missing or invalid {RELATIONSHIP_HEADER} header"),
-            )
-        })?;
-    Ok(Claim {
-        relationship,
-        epoch: epoch(request)?,
-    })
-}
-
-/// The failover epoch the request speaks for; absent means the first.
-fn epoch(request: &Request<Incoming>) -> Result<u64, Refusal> {
-    match request.headers().get(EPOCH_HEADER) {
-        None => Ok(FIRST_EPOCH),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|epoch| *epoch >= FIRST_EPOCH)
-            .ok_or_else(|| {
-                refuse(
-                    ErrorCode::BadRequest,
-                    format!("Invalid {EPOCH_HEADER} header"),
-                )
-            }),
-    }
-}
-
-fn parse_id(text: &str) -> Result<u64, Refusal> {
-    u64::from_str_radix(text, 16).map_err(|_| refuse(ErrorCode::BadRequest, "Invalid transfer id"))
-}
-
 async fn route(
     context: &Arc<Context>,
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<Answer, Refusal> {
-    let path = request.uri().path().to_owned();
-    let Some(rest) = path.strip_prefix(API_PREFIX) else {
-        return Err(refuse(ErrorCode::NotFound, "No such endpoint"));
-    };
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let method = request.method().clone();
-    match (method, segments.as_slice()) {
-        (Method::GET, ["echo"]) => Ok(json(StatusCode::OK, &serde_json::json!({}))),
-        (Method::POST, ["replicas"]) => {
-            let epoch = epoch(&request)?;
+    let call = api::parse(request.method(), request.uri().path(), request.headers())?;
+    let (name, call) = match call {
+        ApiCall::Echo => return Ok(json(StatusCode::OK, &serde_json::json!({}))),
+        ApiCall::Enable { epoch } => {
             let enable: EnableRequest = json_body(request).await?;
+            api::check_enable(&enable, context.settings.max_disk_size)?;
             let (context, peer) = (Arc::clone(context), peer.clone());
-            blocking(move || enable_replica(&context, &peer, enable, epoch)).await
+            return blocking(move || enable_replica(&context, &peer, enable, epoch)).await;
         }
-        (method, ["replicas", name, tail @ ..]) => {
-            if !valid_name(name) {
-                return Err(refuse(ErrorCode::BadRequest, "Invalid replica name"));
-            }
-            let dir = peer.storage.join(name);
-            let replica = {
-                let (context, peer, dir) = (Arc::clone(context), peer.clone(), dir.clone());
-                blocking(move || find(&context, &peer, &dir)).await?
-            };
-            match (method, tail) {
-                (Method::GET, []) => Ok(json(StatusCode::OK, &lock(&replica).info())),
-                (Method::DELETE, []) => {
-                    let claim = claim(&request)?;
-                    lock(&replica)
+        ApiCall::Replica { name, call } => (name, call),
+    };
+    let dir = peer.storage.join(name);
+    let replica = {
+        let (context, peer, dir) = (Arc::clone(context), peer.clone(), dir.clone());
+        blocking(move || find(&context, &peer, &dir)).await?
+    };
+    match call {
+        ReplicaCall::Info => Ok(json(StatusCode::OK, &lock(&replica).info())),
+        ReplicaCall::Remove(claim) => {
+            lock(&replica)
+                .check_relationship(claim)
+                .map_err(|e| store_refusal(&e))?;
+            let context = Arc::clone(context);
+            blocking(move || remove_replica(&context, &dir, &replica)).await
+        }
+        ReplicaCall::PlannedFailover(claim) => {
+            let asked: wire::api::FailoverRequest = json_body(request).await?;
+            let context = Arc::clone(context);
+            blocking(move || planned_failover(&context, &dir, &replica, claim, asked.cycle)).await
+        }
+        ReplicaCall::Hashes(claim) => {
+            let asked: HashRequest = json_body(request).await?;
+            blocking(move || hash_replica_disk(&replica, claim, &asked)).await
+        }
+        ReplicaCall::Offer(claim) => {
+            let offer: TransferOffer = json_body(request).await?;
+            blocking(move || {
+                let mut replica = lock(&replica);
+                if replica.state().awaiting_import {
+                    replica
                         .check_relationship(claim)
                         .map_err(|e| store_refusal(&e))?;
-                    let context = Arc::clone(context);
-                    blocking(move || remove_replica(&context, &dir, &replica)).await
+                    return Err(refuse(
+                        ErrorCode::Busy,
+                        format!("Replica {} waits for its initial copy to be imported from external media (`blkrep replica import` on the replica server)", replica.state().name),
+                    ));
                 }
-                (Method::POST, ["failover"]) => {
-                    let claim = claim(&request)?;
-                    let asked: wire::api::FailoverRequest = json_body(request).await?;
-                    let context = Arc::clone(context);
-                    blocking(move || planned_failover(&context, &dir, &replica, claim, asked.cycle))
-                        .await
-                }
-                (Method::POST, ["hashes"]) => {
-                    let claim = claim(&request)?;
-                    let asked: HashRequest = json_body(request).await?;
-                    blocking(move || hash_replica_disk(&replica, claim, &asked)).await
-                }
-                (Method::POST, ["transfers"]) => {
-                    let claim = claim(&request)?;
-                    let offer: TransferOffer = json_body(request).await?;
-                    blocking(move || {
-                        let mut replica = lock(&replica);
-                        if replica.state().awaiting_import {
-                            replica
-                                .check_relationship(claim)
-                                .map_err(|e| store_refusal(&e))?;
-                            return Err(refuse(
-                                ErrorCode::Busy,
-                                format!("Replica {} waits for its initial copy to be imported from external media (`blkrep replica import` on the replica server)", replica.state().name),
-                            ));
-                        }
-                        let answer = replica
-                            .offer(claim, &offer)
-                            .map_err(|e| store_refusal(&e))?;
-                        Ok(json(StatusCode::OK, &answer))
-                    })
-                    .await
-                }
-                (Method::PUT, ["transfers", id, "chunks", index]) => {
-                    let claim = claim(&request)?;
-                    let id = parse_id(id)?;
-                    let index: u32 = index
-                        .parse()
-                        .map_err(|_| refuse(ErrorCode::BadRequest, "Invalid chunk index"))?;
-                    let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
-                    blocking(move || {
-                        let stored = lock(&replica)
-                            .put_chunk(claim, id, index, &frame)
-                            .map_err(|e| store_refusal(&e))?;
-                        Ok(json(
-                            StatusCode::OK,
-                            &serde_json::json!({ "have_chunks": stored }),
-                        ))
-                    })
-                    .await
-                }
-                (Method::POST, ["transfers", id, "commit"]) => {
-                    let claim = claim(&request)?;
-                    let id = parse_id(id)?;
-                    let commit: CommitRequest = json_body(request).await?;
-                    let apply = context.apply.clone();
-                    blocking(move || {
-                        let mut replica = lock(&replica);
-                        replica
-                            .commit(claim, id, commit.chunks)
-                            .map_err(|e| store_refusal(&e))?;
-                        let _ = apply.send(dir);
-                        Ok(json(StatusCode::OK, &replica.info()))
-                    })
-                    .await
-                }
-                _ => Err(refuse(ErrorCode::NotFound, "No such endpoint")),
-            }
+                let answer = replica
+                    .offer(claim, &offer)
+                    .map_err(|e| store_refusal(&e))?;
+                Ok(json(StatusCode::OK, &answer))
+            })
+            .await
         }
-        _ => Err(refuse(ErrorCode::NotFound, "No such endpoint")),
+        ReplicaCall::PutChunk { claim, id, index } => {
+            let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
+            blocking(move || {
+                let stored = lock(&replica)
+                    .put_chunk(claim, id, index, &frame)
+                    .map_err(|e| store_refusal(&e))?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "have_chunks": stored }),
+                ))
+            })
+            .await
+        }
+        ReplicaCall::Commit { claim, id } => {
+            let commit: CommitRequest = json_body(request).await?;
+            let apply = context.apply.clone();
+            blocking(move || {
+                let mut replica = lock(&replica);
+                replica
+                    .commit(claim, id, commit.chunks)
+                    .map_err(|e| store_refusal(&e))?;
+                apply.request(&dir);
+                Ok(json(StatusCode::OK, &replica.info()))
+            })
+            .await
+        }
     }
 }
 
@@ -1363,15 +1243,6 @@ fn enable_replica(
         relationship: enable.relationship,
         epoch,
     };
-    if !valid_name(&enable.name) {
-        return Err(refuse(ErrorCode::BadRequest, "Invalid replica name"));
-    }
-    if enable.disks.is_empty()
-        || enable.disks.len() > usize::from(u16::MAX)
-        || enable.disks.iter().any(|d| !valid_name(&d.name))
-    {
-        return Err(refuse(ErrorCode::BadRequest, "Invalid disk list"));
-    }
     let dir = peer.storage.join(&enable.name);
     if Replica::exists(&dir) {
         let replica = load(context, &dir).map_err(|e| store_refusal(&e))?;
@@ -1432,6 +1303,21 @@ fn enable_replica(
             format!("{free} bytes free, {needed} kept in reserve"),
         ));
     }
+    if let Some(quota) = peer.quota {
+        let asked = enable
+            .disks
+            .iter()
+            .fold(0u64, |sum, d| sum.saturating_add(d.size));
+        let used = provisioned(context, &peer.storage);
+        if used.saturating_add(asked) > quota {
+            return Err(refuse(
+                ErrorCode::InsufficientStorage,
+                format!(
+                    "The quota of this primary's storage is {quota} bytes of disks; its replicas have {used} and these disks need {asked} more"
+                ),
+            ));
+        }
+    }
     let mut state = ReplicaState::new(
         enable.name.clone(),
         peer.trust_group.clone(),
@@ -1442,19 +1328,34 @@ fn enable_replica(
     );
     state.awaiting_import = enable.initial == InitialMethod::Media;
     if let Some(policy) = enable.recovery {
-        if let Some(problem) = policy.problem() {
-            return Err(refuse(ErrorCode::BadRequest, problem));
-        }
         state.recovery = policy;
     }
-    let replica = Replica::create(&dir, state, context.settings.reserve).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&dir);
-        store_refusal(&e)
-    })?;
+    let replica =
+        Replica::create(&dir, state, context.settings.reserve).map_err(|e| store_refusal(&e))?;
     info!(replica = %enable.name, identity = %peer.identity, trust_group = %peer.trust_group, "Replica created");
     let info = replica.info();
     lock(&context.replicas).insert(dir, Arc::new(Mutex::new(replica)));
     Ok(json(StatusCode::CREATED, &info))
+}
+
+/// The disk sizes of every replica in `storage`, added up.
+fn provisioned(context: &Context, storage: &Path) -> u64 {
+    let Ok(dirs) = std::fs::read_dir(storage) else {
+        return 0;
+    };
+    dirs.flatten()
+        .filter(|dir| Replica::exists(&dir.path()))
+        .filter_map(|dir| load(context, &dir.path()).ok())
+        .flat_map(|replica| {
+            let sizes: Vec<u64> = lock(&replica)
+                .state()
+                .disks
+                .iter()
+                .map(|d| d.size)
+                .collect();
+            sizes
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Gives a seeded existing copy to the enabling primary, if it asked for one and the
@@ -1505,14 +1406,11 @@ fn remove_replica(
     dir: &Path,
     replica: &Arc<Mutex<Replica>>,
 ) -> Result<Answer, Refusal> {
-    let guard = lock(replica);
+    let mut guard = lock(replica);
+    // Out of the map first: whoever looks the name up from now on gets a new
+    // replica or none, never this one.
     lock(&context.replicas).remove(dir);
-    std::fs::remove_dir_all(dir).map_err(|e| {
-        refuse(
-            ErrorCode::Internal,
-            format!("Cannot remove {}: {e}", dir.display()),
-        )
-    })?;
+    guard.remove().map_err(|e| store_refusal(&e))?;
     info!(replica = %guard.state().name, "Replica removed");
     Ok(json(StatusCode::OK, &serde_json::json!({})))
 }

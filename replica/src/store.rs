@@ -36,7 +36,7 @@ use thiserror::Error;
 use tracker::ChangeData;
 use wire::api::{
     DiskInfo, Position, RecoveryPointInfo, RecoveryPolicy, ReplicaInfo, Role, TestFailoverInfo,
-    TransferAnswer, TransferKind, TransferOffer, FIRST_EPOCH,
+    TransferAnswer, TransferKind, TransferOffer, FIRST_EPOCH, MAX_EPOCH,
 };
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
@@ -99,6 +99,10 @@ pub enum StoreError {
     /// The recovery history failed.
     #[error("Recovery history")]
     History(#[from] HistoryError),
+    /// The replica was deleted; whoever still holds it must touch nothing at its old
+    /// path, where a new replica of the same name may live.
+    #[error("Replica {0} was removed")]
+    Removed(String),
     /// Not enough free space.
     #[error("Not enough free space for replica {name}: {needed} bytes needed, {free} free")]
     NoSpace {
@@ -187,6 +191,11 @@ pub struct ReplicaState {
     pub resync_next_batch: u32,
     /// The transfer being received.
     pub receiving: Option<Queued>,
+    /// The record bytes its offer announced: the chunks stored may not decode to
+    /// more (the free-space check was made for this much). `None` for a transfer
+    /// offered before the bound was kept.
+    #[serde(default)]
+    pub receiving_bytes: Option<u64>,
     /// Committed transfers, oldest first, not applied yet.
     pub queue: VecDeque<Queued>,
     /// Ids of the latest committed transfers.
@@ -318,6 +327,7 @@ impl ReplicaState {
             resync_epoch: None,
             resync_next_batch: 0,
             receiving: None,
+            receiving_bytes: None,
             queue: VecDeque::new(),
             recent_commits: VecDeque::new(),
             paused: false,
@@ -372,15 +382,22 @@ const ALREADY_COMMITTED: TransferAnswer = TransferAnswer {
 pub struct Replica {
     dir: PathBuf,
     state: ReplicaState,
-    /// Chunks stored in the `.part` file of `state.receiving`, and its length.
+    /// Chunks stored in the `.part` file of `state.receiving`, its length, and the
+    /// record bytes those chunks decode to.
     part_chunks: u32,
     part_len: u64,
+    part_raw: u64,
     /// Where the last record stored in the `.part` file ends.
     part_end: Option<Position>,
     /// Free space kept in reserve, in bytes.
     reserve: u64,
     /// Undo data of the additional recovery points.
     history: Arc<History>,
+    /// The disks opened for applying, kept from one transfer to the next; each use
+    /// checks they are still the files at their paths.
+    apply_disks: Option<Arc<[ReplicaDisk]>>,
+    /// Set by [`Replica::remove`]: every later operation is refused.
+    removed: bool,
 }
 
 fn now_unix() -> u64 {
@@ -414,6 +431,14 @@ fn open_history(dir: &Path, state: &mut ReplicaState) -> Result<(Arc<History>, b
     Ok((Arc::new(history), state.points.len() != before))
 }
 
+/// The epoch after `epoch`, as a failover raises it.
+fn next_epoch(epoch: u64) -> Result<u64, StoreError> {
+    epoch
+        .checked_add(1)
+        .filter(|next| *next <= MAX_EPOCH)
+        .ok_or_else(|| StoreError::Conflict(format!("The failover epoch {epoch} is the last one")))
+}
+
 /// Free bytes on the filesystem holding `path`.
 pub fn free_space(path: &Path) -> Result<u64, StoreError> {
     let stat = nix::sys::statvfs::statvfs(path)
@@ -427,12 +452,31 @@ impl Replica {
         dir.join("replica.json").exists()
     }
 
-    /// Creates a replica in `dir` (which must not hold one): the disks as sparse files
-    /// and the state.
+    /// Creates a replica in the new directory `dir`, which must not exist (only its
+    /// parent): the disks as sparse files and the state. Whatever exists at `dir` is
+    /// someone else's and is refused, never reused; if creating fails, only what this
+    /// call created is removed.
     pub fn create(dir: &Path, state: ReplicaState, reserve: u64) -> Result<Self, StoreError> {
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Conflict(format!(
+                    "{} exists already and is not a replica; a new replica needs a new directory",
+                    dir.display()
+                )));
+            }
+            Err(error) => return Err(StoreError::io("create", dir)(error)),
+        }
+        Self::fill(dir, state, reserve).inspect_err(|_| {
+            let _ = fs::remove_dir_all(dir);
+        })
+    }
+
+    /// Fills the new directory of [`Replica::create`].
+    fn fill(dir: &Path, state: ReplicaState, reserve: u64) -> Result<Self, StoreError> {
         for sub in ["disks", "incoming", "received"] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(StoreError::io("create", &path))?;
+            fs::create_dir(&path).map_err(StoreError::io("create", &path))?;
         }
         for disk in &state.disks {
             let path = dir.join("disks").join(format!("{}.img", disk.name));
@@ -453,9 +497,12 @@ impl Replica {
             state,
             part_chunks: 0,
             part_len: 0,
+            part_raw: 0,
             part_end: None,
             reserve,
             history,
+            apply_disks: None,
+            removed: false,
         };
         replica.save()?;
         if let Some(parent) = dir.parent() {
@@ -545,6 +592,22 @@ impl Replica {
                 self.state.name, self.state.epoch, claim.epoch
             )));
         }
+        // A handed-back copy knows its epoch: a claim can be at most one failover
+        // ahead of it. A seeded copy is at the first epoch and takes the claimer's.
+        let seeded = self.state.epoch == FIRST_EPOCH;
+        if claim.epoch > MAX_EPOCH
+            || (!seeded
+                && self
+                    .state
+                    .epoch
+                    .checked_add(1)
+                    .is_none_or(|next| claim.epoch > next))
+        {
+            return Err(StoreError::OtherRelationship(format!(
+                "the existing copy {} is at epoch {}; a primary at epoch {} cannot claim it",
+                self.state.name, self.state.epoch, claim.epoch
+            )));
+        }
         self.state.relationship = claim.relationship;
         self.state.epoch = self.state.epoch.max(claim.epoch);
         self.state.primary_host = primary_host.to_string();
@@ -555,6 +618,7 @@ impl Replica {
     /// Fails unless `claim`'s relationship owns the replica at its epoch (a failover
     /// raises the epoch, which supersedes the primary).
     pub fn check_relationship(&self, claim: Claim) -> Result<(), StoreError> {
+        self.check_present()?;
         let epoch = self.state.epoch;
         if let Some(failover) = &self.state.failover {
             return Err(StoreError::Superseded(format!(
@@ -607,9 +671,12 @@ impl Replica {
             state,
             part_chunks: 0,
             part_len: 0,
+            part_raw: 0,
             part_end: None,
             reserve,
             history,
+            apply_disks: None,
+            removed: false,
         };
         if lost_points {
             replica.save()?;
@@ -693,8 +760,52 @@ impl Replica {
         self.dir.join("received").join(format!("{id:016x}.xfer"))
     }
 
+    /// Fails once the replica was removed.
+    fn check_present(&self) -> Result<(), StoreError> {
+        if self.removed {
+            return Err(StoreError::Removed(self.state.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Deletes the replica: its directory and everything in it. Whoever still holds
+    /// this object (a request, the applier) is refused from now on, so nothing is
+    /// written at the old path, where a new replica of the same name may be created.
+    pub fn remove(&mut self) -> Result<(), StoreError> {
+        self.check_present()?;
+        self.removed = true;
+        self.apply_disks = None;
+        fs::remove_dir_all(&self.dir).map_err(StoreError::io("remove", &self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// The disks to apply the next transfer to: the ones opened before if they are
+    /// still the files at the replica's disk paths, else opened anew.
+    pub fn disks_for_apply(&mut self) -> Result<Arc<[ReplicaDisk]>, StoreError> {
+        self.check_present()?;
+        if let Some(disks) = &self.apply_disks {
+            if disks.iter().all(ReplicaDisk::is_at_path) {
+                return Ok(Arc::clone(disks));
+            }
+            tracing::warn!(replica = %self.state.name, "A replica disk was replaced since it was opened; opening the files now at its paths");
+        }
+        let disks: Arc<[ReplicaDisk]> = self.open_disks()?.into();
+        self.apply_disks = Some(Arc::clone(&disks));
+        Ok(disks)
+    }
+
+    /// Closes the disks kept open for applying (after an error: the next apply opens
+    /// them again).
+    pub fn forget_disks(&mut self) {
+        self.apply_disks = None;
+    }
+
     /// Writes the state atomically.
     fn save(&mut self) -> Result<(), StoreError> {
+        self.check_present()?;
         let path = self.dir.join("replica.json");
         let tmp = self.dir.join("replica.json.tmp");
         let bytes =
@@ -721,11 +832,12 @@ impl Replica {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.part_chunks = 0;
                 self.part_len = 0;
+                self.part_raw = 0;
                 return Ok(());
             }
             Err(e) => return Err(StoreError::io("open", &path)(e)),
         };
-        let (mut chunks, mut len, mut end) = (0u32, 0u64, None);
+        let (mut chunks, mut len, mut raw, mut end) = (0u32, 0u64, 0u64, None);
         let (mut frame, mut scratch) = (Vec::new(), Vec::new());
         while let Ok(true) = read_frame(&mut file, &mut frame) {
             let Ok(checked) = CheckedFrame::check(&frame) else {
@@ -752,12 +864,14 @@ impl Replica {
             end = frame_end;
             chunks += 1;
             len += frame.len() as u64;
+            raw += u64::from(checked.header.raw_len);
         }
         file.set_len(len)
             .and_then(|()| file.sync_all())
             .map_err(StoreError::io("truncate", &path))?;
         self.part_chunks = chunks;
         self.part_len = len;
+        self.part_raw = raw;
         self.part_end = end;
         Ok(())
     }
@@ -884,8 +998,10 @@ impl Replica {
             id: offer.id,
             kind: offer.kind,
         });
+        self.state.receiving_bytes = Some(offer.bytes);
         self.part_chunks = 0;
         self.part_len = 0;
+        self.part_raw = 0;
         self.part_end = None;
         self.save()?;
         Ok(TransferAnswer {
@@ -934,6 +1050,25 @@ impl Replica {
             }
             .into());
         }
+        // The offer's size is what the space check allowed for: a primary may not
+        // send more than it announced.
+        let raw = self.part_raw + u64::from(checked.header.raw_len);
+        if let Some(offered) = self.state.receiving_bytes.filter(|offered| raw > *offered) {
+            return Err(StoreError::Conflict(format!(
+                "transfer {id:#x} was offered with {offered} bytes; chunk {index} brings it to {raw}"
+            )));
+        }
+        // Other replicas share the storage: the reserve is checked again for each
+        // chunk, not just at the offer.
+        let needed = self.reserve.saturating_add(frame.len() as u64);
+        let free = free_space(&self.dir)?;
+        if free < needed {
+            return Err(StoreError::NoSpace {
+                name: self.state.name.clone(),
+                needed,
+                free,
+            });
+        }
         let mut scratch = Vec::new();
         let mut end = self.part_end;
         for change in checked.records(&mut scratch)? {
@@ -974,6 +1109,7 @@ impl Replica {
         }
         self.part_chunks += 1;
         self.part_len += frame.len() as u64;
+        self.part_raw = raw;
         self.part_end = end;
         Ok(self.part_chunks)
     }
@@ -1001,6 +1137,7 @@ impl Replica {
         sync_dir(&self.dir.join("incoming"))?;
         let state = &mut self.state;
         state.receiving = None;
+        state.receiving_bytes = None;
         state.queue.push_back(receiving);
         state.recent_commits.push_back(id);
         while state.recent_commits.len() > RECENT_COMMITS {
@@ -1025,6 +1162,7 @@ impl Replica {
         }
         self.part_chunks = 0;
         self.part_len = 0;
+        self.part_raw = 0;
         self.part_end = None;
         self.save()
     }
@@ -1045,6 +1183,7 @@ impl Replica {
     /// is marked inconsistent until [`Replica::finish_apply`]. The file is applied with
     /// [`apply_transfer`] without holding the replica (receiving goes on meanwhile).
     pub fn begin_apply(&mut self) -> Result<Option<(Queued, PathBuf)>, StoreError> {
+        self.check_present()?;
         let Some(next) = self.state.queue.front().copied() else {
             return Ok(None);
         };
@@ -1439,7 +1578,7 @@ impl Replica {
         };
         let current = self.state.latest;
         if self.state.failover.is_none() {
-            self.state.epoch += 1;
+            self.state.epoch = next_epoch(self.state.epoch)?;
         }
         self.state.failover = Some(failover);
         self.save()?;
@@ -1501,7 +1640,7 @@ impl Replica {
         let mut state = ReplicaState::unclaimed(
             name,
             previous.trust_group.clone(),
-            previous.epoch + 1,
+            next_epoch(previous.epoch)?,
             "the live disks handed back by a planned failover",
             previous.disks.clone(),
         );

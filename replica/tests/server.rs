@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use replica::server::{AuthEntry, ReplicaServer, ServerError, ServerSettings, Transport};
+use replica::server::{
+    AuthEntry, PreSharedKey, ReplicaServer, ServerError, ServerSettings, Transport,
+    DEFAULT_MAX_DISK_SIZE,
+};
 use replica::store::Replica;
 use tracker::{Change, ChangeData};
 use wire::api::*;
-use wire::chunk::{ChunkEncoder, RawChunk};
+use wire::chunk::{ChunkEncoder, RawChunk, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 use wire::lab_ca::{create_ca, issue_host, PemPair};
 use wire::tls::{client_config, server_config, NamePattern, TlsFiles};
 
@@ -34,8 +37,10 @@ struct Lab {
     server: ReplicaServer,
 }
 
-/// Lab mode's key.
+/// Lab mode's key of dc1's entry.
 const PSK: &str = "lab-key-0123456789abcdef";
+/// Lab mode's key of dc2's entry.
+const PSK2: &str = "dc2-key-0123456789abcdef";
 
 fn url(scheme: &str, server: &ReplicaServer, path: &str) -> String {
     format!(
@@ -46,25 +51,32 @@ fn url(scheme: &str, server: &ReplicaServer, path: &str) -> String {
 
 /// Two tenants: dc1 and dc2, each with its storage under `dir`.
 fn settings(dir: &Path, transport: Transport) -> ServerSettings {
-    let entry = |pattern: &str, storage: &str, group: &str| AuthEntry {
+    let entry = |pattern: &str, storage: &str, group: &str, key: &str| AuthEntry {
         primary: Some(NamePattern::parse(pattern).unwrap()),
         storage: dir.join(storage),
         trust_group: group.into(),
+        quota: None,
+        psk: PreSharedKey::new(key.into()),
     };
     ServerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         transport,
         authorization: vec![
-            entry("*.dc1.example.com", "store1", "dc1"),
-            entry("*.dc2.example.com", "store2", "dc2"),
+            entry("*.dc1.example.com", "store1", "dc1", PSK),
+            entry("*.dc2.example.com", "store2", "dc2", PSK2),
         ],
         reserve: 0,
+        max_disk_size: DEFAULT_MAX_DISK_SIZE,
     }
 }
 
 impl Lab {
     fn start() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
+        Lab::start_with(tempfile::tempdir().unwrap(), |_| {})
+    }
+
+    /// A lab whose settings `adjust` changes first.
+    fn start_with(dir: tempfile::TempDir, adjust: impl FnOnce(&mut ServerSettings)) -> Lab {
         let ca = create_ca("test CA").unwrap();
         let ca_path = write_pair(dir.path(), "ca", &ca).0;
         let host = issue_host(&ca, &["replica.example.com".into(), "127.0.0.1".into()]).unwrap();
@@ -75,7 +87,9 @@ impl Lab {
             ca: ca_path.clone(),
         })
         .unwrap();
-        let server = ReplicaServer::start(settings(dir.path(), Transport::Tls(tls))).unwrap();
+        let mut settings = settings(dir.path(), Transport::Tls(tls));
+        adjust(&mut settings);
+        let server = ReplicaServer::start(settings).unwrap();
         Lab {
             dir,
             ca,
@@ -142,15 +156,18 @@ fn send_transfer(
     kind: TransferKind,
     changes: &[Change<'_>],
 ) {
-    let offer = TransferOffer { id, kind, bytes: 1 };
-    let answer: TransferAnswer = agent
-        .post(&lab.url("/replicas/vm1/transfers"))
-        .set(RELATIONSHIP_HEADER, "abc")
-        .send_json(offer)
-        .unwrap()
-        .into_json()
-        .unwrap();
-    assert!(!answer.committed);
+    send_transfer_to(lab, agent, "vm1", id, kind, changes);
+}
+
+/// The record bytes `changes` make at most, as the shipper offers them.
+fn offered_bytes(changes: &[Change<'_>]) -> u64 {
+    let data: u64 = changes.iter().map(|c| c.length).sum();
+    let headers = changes.len() as u64 + data / u64::from(MAX_CHUNK_RAW) + 1;
+    data + headers * RECORD_HEADER_LEN as u64
+}
+
+/// Chunk frames carrying `changes` as transfer `id`.
+fn frames_of(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     let mut encoder = ChunkEncoder::new(id);
     let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
@@ -163,15 +180,41 @@ fn send_transfer(
         encoder.push(change, &mut emit).unwrap();
     }
     encoder.finish(&mut emit).unwrap();
+    frames
+}
+
+/// Offers, uploads and commits transfer `id` of `changes` to replica `name`.
+fn send_transfer_to(
+    lab: &Lab,
+    agent: &ureq::Agent,
+    name: &str,
+    id: u64,
+    kind: TransferKind,
+    changes: &[Change<'_>],
+) {
+    let offer = TransferOffer {
+        id,
+        kind,
+        bytes: offered_bytes(changes),
+    };
+    let answer: TransferAnswer = agent
+        .post(&lab.url(&format!("/replicas/{name}/transfers")))
+        .set(RELATIONSHIP_HEADER, "abc")
+        .send_json(offer)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert!(!answer.committed);
+    let frames = frames_of(id, changes);
     for (index, frame) in frames.iter().enumerate() {
         agent
-            .put(&lab.url(&format!("/replicas/vm1/transfers/{id:x}/chunks/{index}")))
+            .put(&lab.url(&format!("/replicas/{name}/transfers/{id:x}/chunks/{index}")))
             .set(RELATIONSHIP_HEADER, "abc")
             .send_bytes(frame)
             .unwrap();
     }
     agent
-        .post(&lab.url(&format!("/replicas/vm1/transfers/{id:x}/commit")))
+        .post(&lab.url(&format!("/replicas/{name}/transfers/{id:x}/commit")))
         .set(RELATIONSHIP_HEADER, "abc")
         .send_json(CommitRequest {
             chunks: frames.len() as u32,
@@ -328,7 +371,9 @@ struct PlainLab {
 impl PlainLab {
     fn start() -> PlainLab {
         let dir = tempfile::tempdir().unwrap();
-        let transport = Transport::PlainWithPsk { psk: PSK.into() };
+        let transport = Transport::PlainWithPsk {
+            allow_non_loopback: false,
+        };
         let server = ReplicaServer::start(settings(dir.path(), transport)).unwrap();
         PlainLab { dir, server }
     }
@@ -360,16 +405,26 @@ fn lab_mode_authenticates_each_request_with_the_key() {
         ("vm1", "dc1")
     );
     assert!(lab.dir.path().join("store1/vm1/replica.json").exists());
-    // Another tenant's identity, same key: dc1's replica does not exist for it.
-    let (code, _) = status_of(
-        plain(
-            agent.get(&lab.url("/replicas/vm1")),
-            Some(PSK),
-            Some("host2.dc2.example.com"),
-        )
-        .call(),
-    );
+    // dc2's own key: dc1's replica does not exist for it.
+    let dc2 = Some("host2.dc2.example.com");
+    let (code, _) = status_of(plain(agent.get(&lab.url("/replicas/vm1")), Some(PSK2), dc2).call());
     assert_eq!(code, 404);
+    // dc1's key cannot speak for a dc2 name: it can neither see nor delete dc2's
+    // replica (a single shared key once let it).
+    let (code, body) = status_of(
+        plain(agent.post(&lab.url("/replicas")), Some(PSK2), dc2).send_json(enable_request("vm9")),
+    );
+    assert_eq!(code, 201, "{body}");
+    for request in [
+        agent.get(&lab.url("/replicas/vm9")),
+        agent
+            .delete(&lab.url("/replicas/vm9"))
+            .set(RELATIONSHIP_HEADER, "abc"),
+    ] {
+        let (code, body) = status_of(plain(request, Some(PSK), dc2).call());
+        assert_eq!(code, 401, "{body}");
+    }
+    assert!(lab.dir.path().join("store2/vm9/replica.json").exists());
 
     for (psk, identity, expected) in [
         (Some("lab-key-0123456789abcdeF"), identity, 401),
@@ -379,8 +434,10 @@ fn lab_mode_authenticates_each_request_with_the_key() {
         (Some(PSK), None, 401),
         (Some(PSK), Some(""), 401),
         (Some(PSK), Some("*.dc1.example.com"), 401),
-        (Some(PSK), Some("host1.elsewhere.example.com"), 403),
-        (Some(PSK), Some("dc1.example.com"), 403),
+        (Some(PSK2), identity, 401),
+        // Names no entry allows prove nothing, whatever the key.
+        (Some(PSK), Some("host1.elsewhere.example.com"), 401),
+        (Some(PSK), Some("dc1.example.com"), 401),
     ] {
         let (code, body) = status_of(
             plain(agent.post(&lab.url("/replicas")), psk, identity)
@@ -403,7 +460,7 @@ fn lab_mode_authenticates_each_request_with_the_key() {
         other => panic!("{other:?}"),
     }
     assert!(!lab.dir.path().join("store1/vm2").exists());
-    assert_eq!(lab.server.replicas().len(), 1);
+    assert_eq!(lab.server.replicas().len(), 2);
 
     // TLS clients get nowhere with a plain-HTTP server.
     let tls_url = url("https", &lab.server, "/echo");
@@ -412,14 +469,30 @@ fn lab_mode_authenticates_each_request_with_the_key() {
 }
 
 #[test]
-fn lab_mode_refuses_a_short_key() {
+fn lab_mode_refuses_short_or_missing_keys_and_other_networks() {
     let dir = tempfile::tempdir().unwrap();
-    let transport = Transport::PlainWithPsk {
-        psk: "too-short".into(),
+    assert!(PreSharedKey::new("too-short".into()).is_none());
+    let lab = Transport::PlainWithPsk {
+        allow_non_loopback: false,
     };
-    let error = ReplicaServer::start(settings(dir.path(), transport)).unwrap_err();
-    assert!(matches!(error, ServerError::WeakKey), "{error}");
-    let printed = format!("{:?}", Transport::PlainWithPsk { psk: PSK.into() });
+    let mut keyless = settings(dir.path(), lab.clone());
+    keyless.authorization[1].psk = None;
+    let error = ReplicaServer::start(keyless).unwrap_err();
+    assert!(matches!(error, ServerError::Authorization(_)), "{error}");
+    assert!(error.to_string().contains("no psk_file"), "{error}");
+    let mut exposed = settings(dir.path(), lab);
+    exposed.listen = "0.0.0.0:0".parse().unwrap();
+    let error = ReplicaServer::start(exposed).unwrap_err();
+    assert!(matches!(error, ServerError::PlainHttpExposed(_)), "{error}");
+    let printed = format!(
+        "{:?}",
+        settings(
+            dir.path(),
+            Transport::PlainWithPsk {
+                allow_non_loopback: true
+            }
+        )
+    );
     assert!(!printed.contains(PSK), "{printed}");
 }
 
@@ -541,4 +614,249 @@ fn existing_copies_are_claimed_hashed_and_deleted_only_by_their_relationship() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(!lab.dir.path().join("store1/vm1").exists());
+}
+
+/// Waits until replica `name` has applied cycle `cycle`; returns how long that took.
+fn wait_applied(lab: &Lab, agent: &ureq::Agent, name: &str, cycle: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let info: ReplicaInfo = agent
+            .get(&lab.url(&format!("/replicas/{name}")))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if info.consistent && info.last_applied_cycle == Some(cycle) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{name} did not apply cycle {cycle}: {info:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The initial copy of a 4 MiB disk filled with `fill`, then cycle 1 writing `tag`
+/// at 1 MiB, to replica `name`.
+fn replicate(lab: &Lab, agent: &ureq::Agent, name: &str, fill: u8, tag: &[u8]) {
+    let data = vec![fill; 4 * MIB as usize];
+    let resync = TransferKind::Resync {
+        epoch: 1,
+        batch: 0,
+        last: true,
+    };
+    let whole = Change {
+        disk: 0,
+        offset: 0,
+        length: data.len() as u64,
+        data: ChangeData::Write(&data),
+    };
+    send_transfer_to(lab, agent, name, 1, resync, &[whole]);
+    let tagged = Change {
+        disk: 0,
+        offset: MIB,
+        length: tag.len() as u64,
+        data: ChangeData::Write(tag),
+    };
+    send_transfer_to(lab, agent, name, 2, TransferKind::delta(1), &[tagged]);
+}
+
+/// Deleting a replica and enabling it again with the same name and disks (`remove
+/// --delete-replica`, then `enable`) applies into the new replica's disks, not into
+/// the deleted files a cache kept open.
+#[test]
+fn a_replica_deleted_and_enabled_again_is_applied_into_its_new_disks() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    replicate(&lab, &dc1, "vm1", 0x11, b"first life");
+    wait_applied(&lab, &dc1, "vm1", 1);
+    let (code, body) = status_of(
+        dc1.delete(&lab.url("/replicas/vm1"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .call(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!lab.dir.path().join("store1/vm1").exists());
+
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    replicate(&lab, &dc1, "vm1", 0x22, b"second life");
+    wait_applied(&lab, &dc1, "vm1", 1);
+    let disk = std::fs::read(lab.dir.path().join("store1/vm1/disks/disk0.img")).unwrap();
+    assert_eq!(&disk[MIB as usize..MIB as usize + 11], b"second life");
+    assert!(disk[..MIB as usize].iter().all(|&b| b == 0x22));
+}
+
+/// A directory that is not a replica is never taken over nor removed by an enable,
+/// and one request names each disk once.
+#[test]
+fn an_enable_creates_a_fresh_directory_and_removes_only_its_own() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    let foreign = lab.dir.path().join("store1/vm1");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.me"), b"someone's data").unwrap();
+    let (code, body) = enable(&lab, &dc1, "vm1");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("is not a replica"), "{body}");
+    assert_eq!(
+        std::fs::read(foreign.join("keep.me")).unwrap(),
+        b"someone's data"
+    );
+
+    let mut twice = enable_request("vm2");
+    twice.disks.push(twice.disks[0].clone());
+    let (code, body) = status_of(dc1.post(&lab.url("/replicas")).send_json(twice));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("appears twice"), "{body}");
+    assert!(!lab.dir.path().join("store1/vm2").exists());
+}
+
+/// Storage directories inside one another, or one storage for two trust groups, are
+/// refused before anything is served: a replica of one tenant could otherwise be
+/// another tenant's whole storage.
+#[test]
+fn overlapping_storages_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = || Transport::PlainWithPsk {
+        allow_non_loopback: false,
+    };
+    let mut nested = settings(dir.path(), transport());
+    nested.authorization[1].storage = dir.path().join("store1/dc2");
+    let error = ReplicaServer::start(nested).unwrap_err();
+    assert!(error.to_string().contains("overlap"), "{error}");
+    let mut shared = settings(dir.path(), transport());
+    shared.authorization[1].storage = dir.path().join("store1");
+    let error = ReplicaServer::start(shared).unwrap_err();
+    assert!(error.to_string().contains("share storage"), "{error}");
+}
+
+/// Replicas whose apply fails (a disk that cannot be opened) are retried each on its
+/// own schedule; another tenant's transfers are applied at once.
+#[test]
+fn failing_replicas_never_delay_another_tenants_apply() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    for name in ["broken1", "broken2", "broken3"] {
+        assert_eq!(enable(&lab, &dc1, name).0, 201);
+        // The disk becomes a directory: every apply fails to open it.
+        let disk = lab
+            .dir
+            .path()
+            .join(format!("store1/{name}/disks/disk0.img"));
+        std::fs::remove_file(&disk).unwrap();
+        std::fs::create_dir(&disk).unwrap();
+        replicate(&lab, &dc1, name, 0x33, b"never applied");
+    }
+    // Let the broken replicas fail and start backing off.
+    std::thread::sleep(Duration::from_millis(500));
+    let dc2 = lab.client("host1.dc2.example.com", None);
+    assert_eq!(enable(&lab, &dc2, "vm1").0, 201);
+    let healthy = Instant::now();
+    replicate(&lab, &dc2, "vm1", 0x44, b"applied");
+    let waited = wait_applied(&lab, &dc2, "vm1", 1);
+    assert!(
+        healthy.elapsed() < Duration::from_secs(3),
+        "dc2's transfers took {:?} to be applied ({waited:?} after the commit) behind failing replicas",
+        healthy.elapsed()
+    );
+    // Removing a failing replica removes it for good.
+    let (code, body) = status_of(
+        dc1.delete(&lab.url("/replicas/broken1"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .call(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!lab.dir.path().join("store1/broken1").exists());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!lab.dir.path().join("store1/broken1").exists());
+}
+
+/// The primary's word on sizes is checked: a transfer brings no more than it offered,
+/// disks are at most the configured size, and an entry's quota bounds its replicas.
+#[test]
+fn sizes_a_primary_claims_are_enforced() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    let offer = TransferOffer {
+        id: 1,
+        kind: TransferKind::Resync {
+            epoch: 1,
+            batch: 0,
+            last: true,
+        },
+        bytes: 1,
+    };
+    let (code, body) = status_of(
+        dc1.post(&lab.url("/replicas/vm1/transfers"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_json(offer),
+    );
+    assert_eq!(code, 200, "{body}");
+    let data = vec![7u8; 40 << 10];
+    let frames = frames_of(
+        1,
+        &[Change {
+            disk: 0,
+            offset: 0,
+            length: data.len() as u64,
+            data: ChangeData::Write(&data),
+        }],
+    );
+    let (code, body) = status_of(
+        dc1.put(&lab.url("/replicas/vm1/transfers/1/chunks/0"))
+            .set(RELATIONSHIP_HEADER, "abc")
+            .send_bytes(&frames[0]),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("offered with 1 bytes"), "{body}");
+    let part = lab
+        .dir
+        .path()
+        .join("store1/vm1/incoming/0000000000000001.part");
+    assert_eq!(std::fs::metadata(part).unwrap().len(), 0);
+    drop(lab);
+
+    // A server taking disks of at most 4 MiB, and 6 MiB of disks in dc1's storage.
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start_with(dir, |settings| {
+        settings.max_disk_size = 4 * MIB;
+        settings.authorization[0].quota = Some(6 * MIB);
+    });
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    let mut large = enable_request("large");
+    large.disks[0].size = 4 * MIB + 1;
+    let (code, body) = status_of(dc1.post(&lab.url("/replicas")).send_json(large));
+    assert_eq!(code, 507, "{body}");
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    let (code, body) = enable(&lab, &dc1, "vm2");
+    assert_eq!(code, 507, "{body}");
+    assert!(body.contains("quota"), "{body}");
+    assert!(!lab.dir.path().join("store1/vm2").exists());
+    // Another tenant's storage has no quota.
+    let dc2 = lab.client("host1.dc2.example.com", None);
+    assert_eq!(enable(&lab, &dc2, "vm2").0, 201);
+}
+
+/// Epochs are bounded: a request naming an epoch beyond the last is refused before
+/// anything is created.
+#[test]
+fn epochs_beyond_the_last_are_refused() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    let (code, body) = status_of(
+        dc1.post(&lab.url("/replicas"))
+            .set(EPOCH_HEADER, &u64::MAX.to_string())
+            .send_json(enable_request("vm1")),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(!lab.dir.path().join("store1/vm1").exists());
+    let (code, body) = status_of(
+        dc1.post(&lab.url("/replicas"))
+            .set(EPOCH_HEADER, &MAX_EPOCH.to_string())
+            .send_json(enable_request("vm1")),
+    );
+    assert_eq!(code, 201, "{body}");
 }

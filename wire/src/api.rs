@@ -39,6 +39,11 @@ pub const EPOCH_HEADER: &str = "x-blkrep-epoch";
 /// The epoch of a relationship that never failed over.
 pub const FIRST_EPOCH: u64 = 1;
 
+/// The highest failover epoch: a request naming a later one is refused, and a
+/// failover that would pass it fails. Four billion failovers is no real limit; the
+/// bound keeps every `epoch + 1` far from overflowing.
+pub const MAX_EPOCH: u64 = 0xFFFF_FFFF;
+
 /// [`FIRST_EPOCH`], as a serde default for records written before epochs existed.
 pub fn first_epoch() -> u64 {
     FIRST_EPOCH

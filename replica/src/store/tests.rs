@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 
 use tracker::{Change, ChangeData};
-use wire::chunk::{ChunkEncoder, RawChunk};
+use wire::chunk::{CheckedFrame, ChunkEncoder, RawChunk};
 
 use super::*;
 
 const MIB: u64 = 1 << 20;
+/// What tests offer when the size is not the point: more than any of them sends.
+const OFFERED: u64 = 64 * MIB;
 /// The relationship the tests' replicas belong to, at the first epoch.
 const OWNER: Claim = Claim {
     relationship: 42,
@@ -61,8 +63,12 @@ fn write(disk: usize, offset: u64, data: &[u8]) -> Change<'_> {
 
 /// Offers, sends and commits a transfer.
 fn send(replica: &mut Replica, id: u64, kind: TransferKind, changes: &[Change<'_>]) {
+    let bytes = frames(id, changes)
+        .iter()
+        .map(|frame| u64::from(CheckedFrame::check(frame).unwrap().header.raw_len))
+        .sum();
     let answer = replica
-        .offer(OWNER, &TransferOffer { id, kind, bytes: 1 })
+        .offer(OWNER, &TransferOffer { id, kind, bytes })
         .unwrap();
     assert!(!answer.committed);
     let frames = frames(id, changes);
@@ -191,7 +197,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
             &TransferOffer {
                 id: 77,
                 kind,
-                bytes: 1,
+                bytes: OFFERED,
             },
         )
         .unwrap();
@@ -214,7 +220,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
     let offer = TransferOffer {
         id: 77,
         kind,
-        bytes: 1,
+        bytes: OFFERED,
     };
     // A retry learns where the stored data ends: inside the split write.
     let before = replica.offer(OWNER, &offer).unwrap();
@@ -247,7 +253,7 @@ fn an_interrupted_transfer_resumes_after_its_last_valid_chunk() {
             &TransferOffer {
                 id: 77,
                 kind,
-                bytes: 1,
+                bytes: OFFERED,
             },
         )
         .unwrap();
@@ -330,7 +336,7 @@ fn changes_outside_the_disks_are_refused_on_receipt() {
             &TransferOffer {
                 id: 1,
                 kind: resync(1, 0, true),
-                bytes: 1,
+                bytes: OFFERED,
             },
         )
         .unwrap();
@@ -354,7 +360,7 @@ fn a_full_replica_refuses_transfers_it_cannot_hold() {
     let offer = TransferOffer {
         id: 1,
         kind: resync(1, 0, true),
-        bytes: 1,
+        bytes: OFFERED,
     };
     let refused = replica.offer(OWNER, &offer).unwrap_err();
     assert!(refused.is_no_space(), "{refused}");
@@ -610,7 +616,7 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
             &TransferOffer {
                 id: 99,
                 kind: stamped(6, 60, false),
-                bytes: 1,
+                bytes: OFFERED,
             },
         )
         .unwrap_err();
@@ -658,7 +664,7 @@ fn failover_fences_the_primary_and_rolls_back_to_the_point_chosen() {
             &TransferOffer {
                 id: 98,
                 kind: stamped(6, 60, false),
-                bytes: 1
+                bytes: OFFERED
             }
         ),
         Err(StoreError::Superseded(_))
@@ -730,4 +736,68 @@ fn handing_back_makes_the_live_disks_a_copy_only_a_newer_epoch_can_claim() {
             epoch: 3,
         })
         .unwrap();
+}
+
+#[test]
+fn epochs_never_wrap_and_a_claim_is_at_most_one_failover_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 0, 1);
+    send(&mut replica, 2, stamped(1, 10, false), &[write(0, 0, b"x")]);
+    apply_all(&mut replica);
+    replica.fail_over(None, true).unwrap();
+    replica.hand_back().unwrap();
+    assert_eq!(replica.info().epoch, 3);
+    let claim = |epoch| Claim {
+        relationship: 9,
+        epoch,
+    };
+    for too_far in [5, MAX_EPOCH + 1, u64::MAX] {
+        let refused = replica.claim(claim(too_far), "a", "a");
+        assert!(
+            matches!(&refused, Err(StoreError::OtherRelationship(m)) if m.contains("cannot claim")),
+            "{too_far}: {refused:?}"
+        );
+    }
+    replica.claim(claim(4), "a", "a").unwrap();
+    assert_eq!(replica.info().epoch, 4);
+
+    // A replica at the last epoch cannot fail over again rather than wrap to 0.
+    let last = dir.path().join("last");
+    let mut state = state();
+    state.epoch = MAX_EPOCH;
+    let mut replica = Replica::create(&last, state, 0).unwrap();
+    let at_last = Claim {
+        relationship: OWNER.relationship,
+        epoch: MAX_EPOCH,
+    };
+    replica
+        .offer(
+            at_last,
+            &TransferOffer {
+                id: 1,
+                kind: resync(1, 0, true),
+                bytes: OFFERED,
+            },
+        )
+        .unwrap();
+    let frames = frames(1, &[write(0, 0, b"x")]);
+    replica.put_chunk(at_last, 1, 0, &frames[0]).unwrap();
+    replica.commit(at_last, 1, 1).unwrap();
+    let delta = TransferOffer {
+        id: 2,
+        kind: stamped(1, 10, false),
+        bytes: OFFERED,
+    };
+    replica.offer(at_last, &delta).unwrap();
+    let frames = self::frames(2, &[write(0, 0, b"y")]);
+    replica.put_chunk(at_last, 2, 0, &frames[0]).unwrap();
+    replica.commit(at_last, 2, 1).unwrap();
+    apply_all(&mut replica);
+    let refused = replica.fail_over(None, false);
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("is the last one")),
+        "{refused:?}"
+    );
+    assert_eq!(replica.info().epoch, MAX_EPOCH);
 }
