@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use replica::server::{AuthEntry, ServerSettings, Transport, MIN_PSK_LEN};
+use replica::server::{
+    authorization_problems, AuthEntry, PreSharedKey, ServerSettings, Transport,
+    DEFAULT_MAX_DISK_SIZE, MIN_PSK_LEN,
+};
 use serde::Deserialize;
 use wire::api::valid_name;
 use wire::error_chain;
@@ -30,6 +33,8 @@ struct RawConfig {
     metrics: Option<String>,
     #[serde(default = "default_reserve")]
     reserve: ByteSize,
+    #[serde(default = "default_max_disk_size")]
+    max_disk_size: ByteSize,
     #[serde(default = "default_control_socket")]
     control_socket: PathBuf,
     tls: Option<RawTls>,
@@ -91,6 +96,10 @@ fn default_reserve() -> ByteSize {
     ByteSize(DEFAULT_RESERVE)
 }
 
+fn default_max_disk_size() -> ByteSize {
+    ByteSize(DEFAULT_MAX_DISK_SIZE)
+}
+
 fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
@@ -106,7 +115,10 @@ struct RawTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlainHttp {
-    psk_file: PathBuf,
+    /// Where the single key of earlier versions was: now each entry has its own.
+    psk_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_non_loopback: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +127,8 @@ struct RawAuthorization {
     primary: Option<String>,
     storage: PathBuf,
     trust_group: String,
+    quota: Option<ByteSize>,
+    psk_file: Option<PathBuf>,
 }
 
 /// A valid replica configuration.
@@ -126,6 +140,8 @@ pub struct ReplicaConfig {
     pub metrics: Option<SocketAddr>,
     /// Free space kept in reserve on each storage, in bytes.
     pub reserve: u64,
+    /// The largest replica disk accepted, in bytes.
+    pub max_disk_size: u64,
     /// Unix socket of the control API (`blkrep replica status`).
     pub control_socket: PathBuf,
     /// TLS, or lab mode's plain HTTP with its key read from the file.
@@ -140,6 +156,9 @@ pub struct ReplicaConfig {
     pub failover_hook: Option<FailoverHook>,
     /// Size of the log ring created for a failed-over group's live disks.
     pub live_ring_size: u64,
+    /// What is allowed but probably not meant (printed by `--check` and logged at
+    /// start).
+    pub warnings: Vec<String>,
 }
 
 /// A command run after a failover (program and arguments, no shell).
@@ -179,6 +198,7 @@ impl ReplicaConfig {
             transport: self.transport.clone(),
             authorization: self.authorization.clone(),
             reserve: self.reserve,
+            max_disk_size: self.max_disk_size,
         }
     }
 }
@@ -213,22 +233,28 @@ fn address(what: &str, text: &str, problems: &mut Vec<String>) -> Option<SocketA
     parsed.ok()
 }
 
-/// Lab mode's key: the file's content without surrounding whitespace.
-fn read_psk(path: &Path, problems: &mut Vec<String>) -> Option<String> {
-    let at = format!("[plain_http] psk_file {}", path.display());
+/// A problem if the key file at `path` (`at` names it) can be read by anyone but
+/// its owner.
+fn private_key_problem(at: &str, path: &Path) -> Option<String> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
-        Err(error) => {
-            problems.push(format!("{at}: {error}"));
-            return None;
-        }
+        Err(error) => return Some(format!("{at}: {error}")),
     };
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        problems.push(format!(
+    (mode & 0o077 != 0).then(|| {
+        format!(
             "{at} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
             path.display()
-        ));
+        )
+    })
+}
+
+/// A lab-mode key (`at` names its setting): the file's content without surrounding
+/// whitespace.
+fn read_psk(at: &str, path: &Path, problems: &mut Vec<String>) -> Option<PreSharedKey> {
+    let at = format!("{at} {}", path.display());
+    if let Some(problem) = private_key_problem(&at, path) {
+        problems.push(problem);
         return None;
     }
     let text = match std::fs::read_to_string(path) {
@@ -245,14 +271,14 @@ fn read_psk(path: &Path, problems: &mut Vec<String>) -> Option<String> {
         ));
         return None;
     }
-    if psk.len() < MIN_PSK_LEN {
+    let key = PreSharedKey::new(psk.to_owned());
+    if key.is_none() {
         problems.push(format!(
             "{at}: the key has {} bytes; it needs at least {MIN_PSK_LEN} (e.g. `openssl rand -hex 32`)",
             psk.len()
         ));
-        return None;
     }
-    Some(psk.to_owned())
+    key
 }
 
 impl RawConfig {
@@ -284,6 +310,11 @@ impl RawConfig {
                 None
             }
             (Some(tls), None) => {
+                if let Some(problem) =
+                    private_key_problem(&format!("[tls] key {}", tls.key.display()), &tls.key)
+                {
+                    problems.push(problem);
+                }
                 let files = TlsFiles {
                     cert: tls.cert.clone(),
                     key: tls.key.clone(),
@@ -298,10 +329,23 @@ impl RawConfig {
                 }
             }
             (None, Some(plain)) => {
-                read_psk(&plain.psk_file, problems).map(|psk| Transport::PlainWithPsk { psk })
+                if plain.psk_file.is_some() {
+                    problems.push("[plain_http] psk_file: lab mode now has a key per authorization entry, bound to its primary names; move psk_file into each [[authorization]] entry (with a key of its own)".into());
+                }
+                if let Some(listen) = listen.filter(|l| !l.ip().is_loopback()) {
+                    if !plain.allow_non_loopback {
+                        problems.push(format!(
+                            "listen = {listen} is not a loopback address: plain HTTP would carry keys and replicated data unencrypted over the network; use [tls], listen on 127.0.0.1, or (isolated labs only) set allow_non_loopback = true in [plain_http]"
+                        ));
+                    }
+                }
+                Some(Transport::PlainWithPsk {
+                    allow_non_loopback: plain.allow_non_loopback,
+                })
             }
         };
-        let authorization = self.authorization(problems);
+        let mut warnings = Vec::new();
+        let authorization = self.authorization(self.plain_http.is_some(), problems, &mut warnings);
         let nbd_tcp = match &self.nbd.tcp {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
@@ -338,13 +382,20 @@ impl RawConfig {
             listen: listen?,
             metrics: metrics?,
             reserve: self.reserve.0,
+            max_disk_size: self.max_disk_size.0,
+            warnings,
             control_socket: self.control_socket,
             transport: transport?,
             authorization,
         })
     }
 
-    fn authorization(&self, problems: &mut Vec<String>) -> Vec<AuthEntry> {
+    fn authorization(
+        &self,
+        plain: bool,
+        problems: &mut Vec<String>,
+        warnings: &mut Vec<String>,
+    ) -> Vec<AuthEntry> {
         if self.authorization.is_empty() {
             problems.push(
                 "no [[authorization]] entry: no primary could replicate here; add one with primary, storage and trust_group".into(),
@@ -377,6 +428,15 @@ impl RawConfig {
                             "{at}: [[authorization]] {} already has this primary, so this entry would never be used",
                             same + 1
                         ));
+                    } else if let Some(wider) = entries.iter().position(|e| {
+                        e.primary
+                            .as_ref()
+                            .is_some_and(|earlier| earlier.covers(&pattern))
+                    }) {
+                        warnings.push(format!(
+                            "{at}: [[authorization]] {} comes first and allows every name this entry allows, so this entry is never used; put the narrower entry first",
+                            wider + 1
+                        ));
                     }
                     Some(pattern)
                 }
@@ -394,12 +454,39 @@ impl RawConfig {
             if raw.storage.as_os_str().is_empty() {
                 problems.push(format!("{at}: storage is empty"));
             }
+            if raw.quota.is_some_and(|quota| quota.0 == 0) {
+                problems.push(format!("{at}: quota must be more than zero"));
+            }
+            if plain && raw.primary.is_none() {
+                problems.push(format!(
+                    "{at}: in lab mode each key is bound to the primary names of its entry, so every entry names its primary"
+                ));
+            }
+            if plain && raw.psk_file.is_none() {
+                problems.push(format!(
+                    "{at}: in lab mode every entry needs psk_file, a key of its own (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+            let psk = match &raw.psk_file {
+                Some(path) if plain => read_psk(&format!("{at} psk_file"), path, problems),
+                Some(_) => {
+                    problems.push(format!(
+                        "{at}: psk_file is for the plain-HTTP lab mode only; with [tls] a primary proves its name with its certificate"
+                    ));
+                    None
+                }
+                None => None,
+            };
             entries.push(AuthEntry {
                 primary,
                 storage: raw.storage.clone(),
                 trust_group: raw.trust_group.clone(),
+                quota: raw.quota.map(|quota| quota.0),
+                psk,
             });
         }
+        // Lab mode's own rules are checked above, with the file's names.
+        problems.extend(authorization_problems(&entries, false));
         entries
     }
 }
@@ -426,9 +513,10 @@ mod tests {
             let host = issue_host(&ca, &["replica.example.com".into()]).unwrap();
             std::fs::write(dir.path().join("ca.pem"), &ca.cert).unwrap();
             std::fs::write(dir.path().join("replica.pem"), &host.cert).unwrap();
-            std::fs::write(dir.path().join("replica.key"), &host.key).unwrap();
             let files = Files { dir };
-            files.write_psk("psk", "0123456789abcdef0123\n", 0o600);
+            files.write_private("replica.key", &host.key, 0o600);
+            files.write_private("psk", "0123456789abcdef0123\n", 0o600);
+            files.write_private("psk2", "fedcba9876543210fedcba\n", 0o600);
             files
         }
 
@@ -436,7 +524,7 @@ mod tests {
             self.dir.path().join(name)
         }
 
-        fn write_psk(&self, name: &str, text: &str, mode: u32) {
+        fn write_private(&self, name: &str, text: &str, mode: u32) {
             let path = self.path(name);
             let _ = std::fs::remove_file(&path);
             let mut file = OpenOptions::new()
@@ -459,8 +547,13 @@ mod tests {
             )
         }
 
+        /// Lab mode with two entries, dc1's key in file `name`.
         fn plain(&self, name: &str) -> String {
-            format!("[plain_http]\npsk_file = {:?}\n", self.path(name))
+            format!(
+                "[plain_http]\n[[authorization]]\nprimary = \"*.dc1.example.com\"\nstorage = \"/var/lib/blkrep/dc1\"\ntrust_group = \"dc1\"\npsk_file = {:?}\n\n[[authorization]]\nprimary = \"lab.example.com\"\nstorage = \"/var/lib/blkrep/lab\"\ntrust_group = \"lab\"\npsk_file = {:?}\n",
+                self.path(name),
+                self.path("psk2")
+            )
         }
     }
 
@@ -519,15 +612,25 @@ trust_group = "lab"
     #[test]
     fn defaults_and_lab_mode() {
         let files = Files::new();
-        let text = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let text = format!("listen = \"127.0.0.1:8443\"\n{}", files.plain("psk"));
         let config = parse(&text).unwrap();
         assert_eq!(config.metrics, None);
         assert_eq!(config.reserve, DEFAULT_RESERVE);
+        assert_eq!(config.max_disk_size, DEFAULT_MAX_DISK_SIZE);
         assert_eq!(config.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         match &config.transport {
-            Transport::PlainWithPsk { psk } => assert_eq!(psk, "0123456789abcdef0123"),
+            Transport::PlainWithPsk { allow_non_loopback } => assert!(!allow_non_loopback),
             other => panic!("{other:?}"),
         }
+        // Each entry has its own key.
+        let keys: Vec<_> = config.authorization.iter().map(|e| e.psk.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                PreSharedKey::new("0123456789abcdef0123".into()),
+                PreSharedKey::new("fedcba9876543210fedcba".into())
+            ]
+        );
         assert!(!format!("{config:?}").contains("0123456789abcdef"));
         let path = files.path("r.toml");
         std::fs::write(&path, &text).unwrap();
@@ -540,7 +643,7 @@ trust_group = "lab"
     #[test]
     fn failover_section_has_a_hook_and_a_live_ring_size_each_optional() {
         let files = Files::new();
-        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.tls());
         let config = parse(&base).unwrap();
         assert_eq!(
             (config.failover_hook, config.live_ring_size),
@@ -613,11 +716,7 @@ trust_group = "ok"
     fn transport_problems() {
         let files = Files::new();
         let listen = "listen = \"127.0.0.1:8443\"\n";
-        let both = problems(&format!(
-            "{listen}{}{}{ENTRIES}",
-            files.tls(),
-            files.plain("psk")
-        ));
+        let both = problems(&format!("{listen}{}{}", files.tls(), files.plain("psk")));
         assert!(
             both.contains("both [tls] and [plain_http] are set"),
             "{both}"
@@ -625,26 +724,26 @@ trust_group = "ok"
         let neither = problems(&format!("{listen}{ENTRIES}"));
         assert!(neither.contains("no transport: add [tls]"), "{neither}");
 
-        files.write_psk("open", "0123456789abcdef0123", 0o640);
-        let open = problems(&format!("{listen}{}{ENTRIES}", files.plain("open")));
+        files.write_private("open", "0123456789abcdef0123", 0o640);
+        let open = problems(&format!("{listen}{}", files.plain("open")));
         assert!(
             open.contains("is open to group or others (mode 0640)"),
             "{open}"
         );
         assert!(open.contains("chmod 600"), "{open}");
-        files.write_psk("short", "  0123456789\n", 0o600);
-        let short = problems(&format!("{listen}{}{ENTRIES}", files.plain("short")));
+        files.write_private("short", "  0123456789\n", 0o600);
+        let short = problems(&format!("{listen}{}", files.plain("short")));
         assert!(
             short.contains("the key has 10 bytes; it needs at least 16"),
             "{short}"
         );
-        files.write_psk("spaced", "0123456789 abcdef0123", 0o600);
-        let spaced = problems(&format!("{listen}{}{ENTRIES}", files.plain("spaced")));
+        files.write_private("spaced", "0123456789 abcdef0123", 0o600);
+        let spaced = problems(&format!("{listen}{}", files.plain("spaced")));
         assert!(
             spaced.contains("printable ASCII without spaces"),
             "{spaced}"
         );
-        let missing = problems(&format!("{listen}{}{ENTRIES}", files.plain("nonexistent")));
+        let missing = problems(&format!("{listen}{}", files.plain("nonexistent")));
         assert!(missing.contains("nonexistent: No such file"), "{missing}");
 
         // A key that is not the certificate's.
@@ -655,6 +754,123 @@ trust_group = "ok"
         std::fs::remove_file(files.path("ca.pem")).unwrap();
         let no_ca = problems(&format!("{listen}{}{ENTRIES}", files.tls()));
         assert!(no_ca.contains("client CA"), "{no_ca}");
+    }
+
+    #[test]
+    fn lab_mode_has_a_key_per_entry_and_stays_on_loopback() {
+        let files = Files::new();
+        let lab = files.plain("psk");
+        let exposed = problems(&format!("listen = \"0.0.0.0:8443\"\n{lab}"));
+        assert!(exposed.contains("is not a loopback address"), "{exposed}");
+        let allowed = lab.replace(
+            "[plain_http]\n",
+            "[plain_http]\nallow_non_loopback = true\n",
+        );
+        let config = parse(&format!("listen = \"0.0.0.0:8443\"\n{allowed}")).unwrap();
+        assert!(matches!(
+            config.transport,
+            Transport::PlainWithPsk {
+                allow_non_loopback: true
+            }
+        ));
+        let global = problems(&format!(
+            "listen = \"127.0.0.1:8443\"\n{}",
+            lab.replace(
+                "[plain_http]\n",
+                &format!("[plain_http]\npsk_file = {:?}\n", files.path("psk"))
+            )
+        ));
+        assert!(
+            global.contains("move psk_file into each [[authorization]] entry"),
+            "{global}"
+        );
+        let keyless = problems(&format!(
+            "listen = \"127.0.0.1:8443\"\n[plain_http]\n{ENTRIES}"
+        ));
+        assert!(keyless.contains("every entry needs psk_file"), "{keyless}");
+        assert!(
+            keyless.contains("every entry names its primary"),
+            "{keyless}"
+        );
+        let with_tls = problems(&format!(
+            "listen = \"127.0.0.1:8443\"\n{}{ENTRIES}psk_file = \"/k\"\n",
+            files.tls()
+        ));
+        assert!(
+            with_tls.contains("psk_file is for the plain-HTTP lab mode only"),
+            "{with_tls}"
+        );
+    }
+
+    #[test]
+    fn tenants_get_separate_storages_and_quotas() {
+        let files = Files::new();
+        let entry = |primary: &str, storage: &str, group: &str| {
+            format!("[[authorization]]\nprimary = {primary:?}\nstorage = {storage:?}\ntrust_group = {group:?}\n")
+        };
+        let head = format!("listen = \"127.0.0.1:8443\"\n{}", files.tls());
+        let nested = problems(&format!(
+            "{head}{}{}",
+            entry("a.dc1.example.com", "/srv/s", "dc1"),
+            entry("a.dc2.example.com", "/srv/s/dc2", "dc2")
+        ));
+        assert!(nested.contains("overlap"), "{nested}");
+        let shared = problems(&format!(
+            "{head}{}{}",
+            entry("a.dc1.example.com", "/srv/s", "dc1"),
+            entry("a.dc2.example.com", "/srv/s/", "dc2")
+        ));
+        assert!(shared.contains("share storage"), "{shared}");
+        let config = parse(&format!(
+            "max_disk_size = \"1TiB\"\n{head}{}quota = \"4TiB\"\n{}",
+            entry("a.dc1.example.com", "/srv/dc1", "dc1"),
+            entry("b.dc1.example.com", "/srv/dc1", "dc1")
+        ))
+        .unwrap();
+        assert_eq!(config.max_disk_size, 1 << 40);
+        assert_eq!(config.authorization[0].quota, Some(4 << 40));
+        assert_eq!(config.authorization[1].quota, None);
+        let zero = problems(&format!(
+            "{head}{}quota = 0\n",
+            entry("a.dc1.example.com", "/srv/dc1", "dc1")
+        ));
+        assert!(zero.contains("quota must be more than zero"), "{zero}");
+    }
+
+    #[test]
+    fn warns_of_an_entry_a_wildcard_before_it_shadows() {
+        let files = Files::new();
+        let text = format!(
+            "listen = \"127.0.0.1:8443\"\n{}[[authorization]]\nprimary = \"*.dc1.example.com\"\nstorage = \"/srv/dc1\"\ntrust_group = \"dc1\"\n[[authorization]]\nprimary = \"db.dc1.example.com\"\nstorage = \"/srv/db\"\ntrust_group = \"db\"\n",
+            files.tls()
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].contains("[[authorization]] 1 comes first and allows every name"),
+            "{:?}",
+            config.warnings
+        );
+        let ordered = text
+            .replace("*.dc1.example.com", "TMP")
+            .replace("db.dc1.example.com", "*.dc1.example.com")
+            .replace("TMP", "db.dc1.example.com");
+        assert!(parse(&ordered).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn a_tls_key_others_can_read_is_refused() {
+        let files = Files::new();
+        let key = std::fs::read_to_string(files.path("replica.key")).unwrap();
+        files.write_private("replica.key", &key, 0o644);
+        let open = problems(&format!(
+            "listen = \"127.0.0.1:8443\"\n{}{ENTRIES}",
+            files.tls()
+        ));
+        assert!(
+            open.contains("[tls] key") && open.contains("is open to group or others (mode 0644)"),
+            "{open}"
+        );
     }
 
     #[test]

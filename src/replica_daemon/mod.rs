@@ -388,6 +388,9 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         ReplicaCommand::Run { config, check } => {
             let config = ReplicaConfig::load(&config)?;
             if check {
+                for warning in &config.warnings {
+                    println!("Warning: {warning}");
+                }
                 let transport = match config.transport {
                     Transport::Tls(_) => "HTTPS with client certificates",
                     Transport::PlainWithPsk { .. } => {
@@ -406,6 +409,9 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 return Ok(());
             }
             init_logging();
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             run(&config)?;
         }
         ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
@@ -1833,14 +1839,17 @@ mod tests {
         let mut server = ReplicaServer::start(replica::server::ServerSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             transport: Transport::PlainWithPsk {
-                psk: "0123456789abcdef".into(),
+                allow_non_loopback: false,
             },
             authorization: vec![replica::server::AuthEntry {
-                primary: None,
+                primary: Some(wire::tls::NamePattern::parse("primary.example.com").unwrap()),
                 storage: storage.clone(),
                 trust_group: "dc1".into(),
+                quota: None,
+                psk: replica::server::PreSharedKey::new("0123456789abcdef".into()),
             }],
             reserve: 0,
+            max_disk_size: replica::server::DEFAULT_MAX_DISK_SIZE,
         })
         .unwrap();
         let state = replica::store::ReplicaState::new(
