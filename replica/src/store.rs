@@ -1421,6 +1421,8 @@ impl Replica {
     /// Last step of applying `applied` (the transfer [`Replica::begin_apply`] returned,
     /// applied and synced): records it and deletes its file.
     pub fn finish_apply(&mut self, applied: Queued) -> Result<(), StoreError> {
+        // Points are taken below: no history file may be made at a removed path.
+        self.check_present()?;
         if self.state.queue.front() != Some(&applied) {
             return Err(StoreError::Conflict(format!(
                 "transfer {:#x} is not the next to apply",

@@ -180,6 +180,11 @@ impl NamePattern {
         Ok(NamePattern { wildcard, name })
     }
 
+    /// Whether every name `other` matches, this matches too.
+    pub fn covers(&self, other: &NamePattern) -> bool {
+        self == other || (!other.wildcard && self.matches(&other.name))
+    }
+
     /// Whether `name` (a certificate's DNS name) matches.
     pub fn matches(&self, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
