@@ -13,7 +13,7 @@ use wire::api::valid_name;
 use wire::error_chain;
 use wire::tls::{server_config, NamePattern, TlsFiles};
 
-use crate::config::{ByteSize, ConfigError};
+use crate::config::{ByteSize, ConfigError, NbdAccess, NbdAccessFields, NbdTlsMode};
 
 /// Default control socket of the replica daemon.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
@@ -72,6 +72,13 @@ struct RawNbd {
     #[serde(default = "default_nbd_socket")]
     unix_socket: PathBuf,
     tcp: Option<String>,
+    #[serde(default)]
+    tls: NbdTlsMode,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
 }
 
 impl Default for RawNbd {
@@ -79,6 +86,26 @@ impl Default for RawNbd {
         RawNbd {
             unix_socket: default_nbd_socket(),
             tcp: None,
+            tls: NbdTlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            socket_mode: None,
+            socket_group: None,
+        }
+    }
+}
+
+impl RawNbd {
+    fn fields(&self) -> NbdAccessFields<'_> {
+        NbdAccessFields {
+            tcp: self.tcp.as_deref(),
+            tls: self.tls,
+            tls_cert: self.tls_cert.as_deref(),
+            tls_key: self.tls_key.as_deref(),
+            tls_ca: self.tls_ca.as_deref(),
+            socket_mode: self.socket_mode.as_deref(),
+            socket_group: self.socket_group.as_deref(),
         }
     }
 }
@@ -136,6 +163,8 @@ pub struct ReplicaConfig {
     pub nbd_unix_socket: PathBuf,
     /// TCP address serving them too.
     pub nbd_tcp: Option<SocketAddr>,
+    /// TLS of the TCP listener, mode and group of the unix socket.
+    pub nbd_access: NbdAccess,
     /// Runs after each failover, with the point's metadata in its environment.
     pub failover_hook: Option<FailoverHook>,
     /// Size of the log ring created for a failed-over group's live disks.
@@ -306,6 +335,7 @@ impl RawConfig {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
         };
+        let nbd_access = self.nbd.fields().validate(problems);
         let failover_hook = self.failover.as_ref().and_then(|failover| {
             Some(FailoverHook {
                 command: failover.hook.clone()?,
@@ -335,6 +365,7 @@ impl RawConfig {
             live_ring_size,
             nbd_unix_socket: self.nbd.unix_socket,
             nbd_tcp: nbd_tcp?,
+            nbd_access: nbd_access?,
             listen: listen?,
             metrics: metrics?,
             reserve: self.reserve.0,
@@ -693,5 +724,43 @@ trust_group = "ok"
             files.tls()
         ));
         assert!(same.contains("metrics needs its own port"), "{same}");
+    }
+
+    #[test]
+    fn nbd_listener_tls_and_socket_access() {
+        let files = Files::new();
+        let key = files.path("replica.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = format!("listen = \"127.0.0.1:8443\"\n{}{ENTRIES}", files.tls());
+        let nbd = format!(
+            "\n[nbd]\ntcp = \"0.0.0.0:10810\"\ntls = \"require\"\ntls_cert = {:?}\ntls_key = {key:?}\ntls_ca = {:?}\nsocket_mode = \"0660\"\n",
+            files.path("replica.pem"),
+            files.path("ca.pem")
+        );
+        let config = parse(&format!("{base}{nbd}")).unwrap();
+        assert!(matches!(
+            config.nbd_access.tls,
+            nbd_shim::TlsPolicy::Required(_)
+        ));
+        assert_eq!(config.nbd_access.socket.mode, 0o660);
+        assert!(config.nbd_access.warnings.is_empty());
+
+        let open = parse(&format!("{base}\n[nbd]\ntcp = \"0.0.0.0:10810\"\n")).unwrap();
+        assert_eq!(
+            open.nbd_access.warnings.len(),
+            1,
+            "{:?}",
+            open.nbd_access.warnings
+        );
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = problems(&format!("{base}{}", nbd.replace("0660", "rw")));
+        for expected in [
+            "[nbd] tls_key",
+            "is open to group or others (mode 0644)",
+            "[nbd] socket_mode = \"rw\" is not an octal mode",
+        ] {
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 }
