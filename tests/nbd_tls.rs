@@ -6,7 +6,7 @@
 //! names from a directory: ca-cert.pem, client-cert.pem, client-key.pem. The server's
 //! certificate carries the IP address 127.0.0.1, which both check against the host
 //! they dialled.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
 
