@@ -137,8 +137,9 @@ fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
-/// Where NBD clients connect.
-#[derive(Debug, Clone, Deserialize)]
+/// Where NBD clients connect, and who may. The replica daemon's `[nbd]` is the same
+/// section (its unix socket has a default there).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NbdConfig {
     /// A unix socket path.
@@ -158,23 +159,10 @@ pub struct NbdConfig {
     pub socket_mode: Option<String>,
     /// Group given the unix socket file (e.g. `libvirt-qemu`).
     pub socket_group: Option<String>,
-    /// The validated TLS and socket settings, filled in by [`PrimaryConfig::parse`].
+    /// The validated TLS and socket settings, filled in by [`PrimaryConfig::parse`]
+    /// (the replica keeps its own copy in its validated configuration).
     #[serde(skip)]
     pub access: NbdAccess,
-}
-
-impl NbdConfig {
-    fn fields(&self) -> NbdAccessFields<'_> {
-        NbdAccessFields {
-            tcp: self.tcp.as_deref(),
-            tls: self.tls,
-            tls_cert: self.tls_cert.as_deref(),
-            tls_key: self.tls_key.as_deref(),
-            tls_ca: self.tls_ca.as_deref(),
-            socket_mode: self.socket_mode.as_deref(),
-            socket_group: self.socket_group.as_deref(),
-        }
-    }
 }
 
 /// `tls` of an `[nbd]` section.
@@ -190,25 +178,6 @@ pub enum NbdTlsMode {
     Require,
 }
 
-/// The `[nbd]` settings both daemons share besides where they listen, as written.
-#[derive(Debug, Clone, Copy)]
-pub struct NbdAccessFields<'a> {
-    /// `tcp`, which TLS applies to.
-    pub tcp: Option<&'a str>,
-    /// `tls`.
-    pub tls: NbdTlsMode,
-    /// `tls_cert`.
-    pub tls_cert: Option<&'a Path>,
-    /// `tls_key`.
-    pub tls_key: Option<&'a Path>,
-    /// `tls_ca`.
-    pub tls_ca: Option<&'a Path>,
-    /// `socket_mode`.
-    pub socket_mode: Option<&'a str>,
-    /// `socket_group`.
-    pub socket_group: Option<&'a str>,
-}
-
 /// Validated `[nbd]` TLS and socket settings.
 #[derive(Debug, Clone, Default)]
 pub struct NbdAccess {
@@ -220,16 +189,16 @@ pub struct NbdAccess {
     pub warnings: Vec<String>,
 }
 
-impl NbdAccessFields<'_> {
-    /// Checks the fields as a whole (every problem goes to `problems`) and loads the
+impl NbdConfig {
+    /// Checks the TLS and socket settings as a whole (every problem goes to `problems`) and loads the
     /// TLS material, so a key that does not match its certificate is caught here.
-    pub fn validate(&self, problems: &mut Vec<String>) -> Option<NbdAccess> {
+    pub fn validate_access(&self, problems: &mut Vec<String>) -> Option<NbdAccess> {
         let before = problems.len();
         let mut warnings = Vec::new();
         let tls_files = [
-            ("tls_cert", self.tls_cert),
-            ("tls_key", self.tls_key),
-            ("tls_ca", self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_ca", &self.tls_ca),
         ];
         let tls = match self.tls {
             NbdTlsMode::Off => {
@@ -242,19 +211,20 @@ impl NbdAccessFields<'_> {
                 }
                 let loopback = self
                     .tcp
+                    .as_deref()
                     .and_then(|tcp| tcp.parse::<std::net::SocketAddr>().ok())
                     .is_none_or(|address| address.ip().is_loopback());
                 if !loopback {
                     warnings.push(format!(
                         "[nbd] tcp = {:?} is not a loopback address and tls = \"off\": disk data and writes cross the network unencrypted and unauthenticated; set tls = \"require\" with tls_cert, tls_key and tls_ca",
-                        self.tcp.unwrap_or_default()
+                        self.tcp.as_deref().unwrap_or_default()
                     ));
                 }
                 Some(nbd_shim::TlsPolicy::Off)
             }
             mode => self.tls_policy(mode == NbdTlsMode::Require, problems),
         };
-        let mode = match self.socket_mode {
+        let mode = match self.socket_mode.as_deref() {
             None => Some(nbd_shim::SocketAccess::default().mode),
             Some(text) => {
                 let parsed = u32::from_str_radix(text.trim_start_matches("0o"), 8)
@@ -268,17 +238,18 @@ impl NbdAccessFields<'_> {
                 parsed
             }
         };
-        let group = self
-            .socket_group
-            .and_then(|name| match nix::unistd::Group::from_name(name) {
-                Ok(Some(group)) => Some(group.gid.as_raw()),
-                Ok(None) => {
-                    problems.push(format!("[nbd] socket_group = {name:?}: no such group"));
-                    None
-                }
-                Err(errno) => {
-                    problems.push(format!("[nbd] socket_group = {name:?}: {errno}"));
-                    None
+        let group =
+            self.socket_group.as_deref().and_then(|name| {
+                match nix::unistd::Group::from_name(name) {
+                    Ok(Some(group)) => Some(group.gid.as_raw()),
+                    Ok(None) => {
+                        problems.push(format!("[nbd] socket_group = {name:?}: no such group"));
+                        None
+                    }
+                    Err(errno) => {
+                        problems.push(format!("[nbd] socket_group = {name:?}: {errno}"));
+                        None
+                    }
                 }
             });
         if problems.len() > before {
@@ -299,7 +270,7 @@ impl NbdAccessFields<'_> {
         if self.tcp.is_none() {
             problems.push("[nbd] tls applies to the tcp listener; set tcp".into());
         }
-        let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) else {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             problems.push(
                 "[nbd] tls needs tls_cert and tls_key (and tls_ca to require client certificates)"
                     .into(),
@@ -324,7 +295,7 @@ impl NbdAccessFields<'_> {
                 return None;
             }
         }
-        match wire::tls::server_config_with_optional_client_ca(cert, key, self.tls_ca) {
+        match wire::tls::server_config_with_optional_client_ca(cert, key, self.tls_ca.as_deref()) {
             Ok(config) if required => Some(nbd_shim::TlsPolicy::Required(config)),
             Ok(config) => Some(nbd_shim::TlsPolicy::Optional(config)),
             Err(error) => {
@@ -632,7 +603,7 @@ impl PrimaryConfig {
             message: error.to_string(),
         })?;
         let mut problems = config.problems();
-        if let Some(access) = config.nbd.fields().validate(&mut problems) {
+        if let Some(access) = config.nbd.validate_access(&mut problems) {
             config.nbd.access = access;
         }
         if problems.is_empty() {

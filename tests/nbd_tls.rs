@@ -1,4 +1,5 @@
-//! NBD over TLS (NBD_OPT_STARTTLS) on the primary's TCP listener, driven by QEMU's and
+//! NBD over TLS (NBD_OPT_STARTTLS) on the primary's (and the replica daemon's) TCP
+//! listener, driven by QEMU's and
 //! libnbd's own TLS clients with `blkrep cert` certificates, and the unix socket's
 //! configured mode and group.
 //!
@@ -19,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::nbd::{IHAVEOPT, NBD_MAGIC};
-use common::replica::LabCerts;
+use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::{
     free_port, require_python_libnbd, require_tool, run, Output, Primary, Spec, MIB, PYTHON, SHORT,
 };
@@ -351,4 +352,47 @@ fn check_warns_about_plaintext_tcp_off_loopback() {
         "{}",
         out.report()
     );
+}
+
+/// The replica daemon serves test-failover and failed-over disks from the same kind of
+/// `[nbd]` section: its TCP listener requires TLS and its socket gets its mode too.
+#[test]
+fn replica_daemon_nbd_listener_requires_tls_and_sets_socket_mode() {
+    let dir = tempfile::Builder::new()
+        .prefix("blkrep-t")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let certs = lab_certs(&dir.path().join("certs"));
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "");
+    let port = free_port();
+    replica.restart_with_nbd_settings(&format!(
+        "tcp = \"127.0.0.1:{port}\"\ntls = \"require\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\nsocket_mode = \"0660\"",
+        certs.cert(REPLICA_HOST),
+        certs.key(REPLICA_HOST),
+        certs.ca()
+    ));
+    let meta = fs::metadata(replica.nbd_socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let mut socket = plain_connect(port);
+    let (reply, _) = plain_option(&mut socket, NBD_OPT_LIST, &[]);
+    assert_eq!(reply, NBD_REP_ERR_TLS_REQD);
+
+    let client = dir.path().join("client");
+    fs::create_dir_all(&client).unwrap();
+    fs::copy(certs.ca(), client.join("ca-cert.pem")).unwrap();
+    fs::copy(certs.cert(PRIMARY_HOST), client.join("client-cert.pem")).unwrap();
+    fs::copy(certs.key(PRIMARY_HOST), client.join("client-key.pem")).unwrap();
+    // No disk is failed over yet: the list is empty, but it comes over TLS.
+    let listed = run(
+        Command::new(require_tool("nbdinfo")).args([
+            "--list",
+            &format!(
+                "nbds://127.0.0.1:{port}/?tls-certificates={}",
+                client.display()
+            ),
+        ]),
+        SHORT,
+    );
+    assert!(listed.success(), "{}\n{}", listed.report(), replica.log());
 }

@@ -13,7 +13,7 @@ use wire::api::valid_name;
 use wire::error_chain;
 use wire::tls::{server_config, NamePattern, TlsFiles};
 
-use crate::config::{ByteSize, ConfigError, NbdAccess, NbdAccessFields, NbdTlsMode};
+use crate::config::{ByteSize, ConfigError, NbdAccess, NbdConfig};
 
 /// Default control socket of the replica daemon.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
@@ -36,8 +36,10 @@ struct RawConfig {
     plain_http: Option<RawPlainHttp>,
     #[serde(default)]
     authorization: Vec<RawAuthorization>,
+    /// Where the disks of a test failover or failover are served: the primary's
+    /// `[nbd]` section, with a default unix socket.
     #[serde(default)]
-    nbd: RawNbd,
+    nbd: NbdConfig,
     failover: Option<RawFailover>,
 }
 
@@ -63,51 +65,6 @@ pub const DEFAULT_LIVE_RING_SIZE: u64 = 256 << 20;
 
 fn default_hook_timeout() -> crate::config::Interval {
     crate::config::Interval(std::time::Duration::from_secs(300))
-}
-
-/// Where the disks of a test failover are served.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNbd {
-    #[serde(default = "default_nbd_socket")]
-    unix_socket: PathBuf,
-    tcp: Option<String>,
-    #[serde(default)]
-    tls: NbdTlsMode,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_ca: Option<PathBuf>,
-    socket_mode: Option<String>,
-    socket_group: Option<String>,
-}
-
-impl Default for RawNbd {
-    fn default() -> Self {
-        RawNbd {
-            unix_socket: default_nbd_socket(),
-            tcp: None,
-            tls: NbdTlsMode::Off,
-            tls_cert: None,
-            tls_key: None,
-            tls_ca: None,
-            socket_mode: None,
-            socket_group: None,
-        }
-    }
-}
-
-impl RawNbd {
-    fn fields(&self) -> NbdAccessFields<'_> {
-        NbdAccessFields {
-            tcp: self.tcp.as_deref(),
-            tls: self.tls,
-            tls_cert: self.tls_cert.as_deref(),
-            tls_key: self.tls_key.as_deref(),
-            tls_ca: self.tls_ca.as_deref(),
-            socket_mode: self.socket_mode.as_deref(),
-            socket_group: self.socket_group.as_deref(),
-        }
-    }
 }
 
 fn default_nbd_socket() -> PathBuf {
@@ -335,7 +292,7 @@ impl RawConfig {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
         };
-        let nbd_access = self.nbd.fields().validate(problems);
+        let nbd_access = self.nbd.validate_access(problems);
         let failover_hook = self.failover.as_ref().and_then(|failover| {
             Some(FailoverHook {
                 command: failover.hook.clone()?,
@@ -363,7 +320,7 @@ impl RawConfig {
         Some(ReplicaConfig {
             failover_hook,
             live_ring_size,
-            nbd_unix_socket: self.nbd.unix_socket,
+            nbd_unix_socket: self.nbd.unix_socket.unwrap_or_else(default_nbd_socket),
             nbd_tcp: nbd_tcp?,
             nbd_access: nbd_access?,
             listen: listen?,
