@@ -205,9 +205,11 @@ impl Negotiation {
         })
     }
 
-    /// Records that TLS is now up and forgets what was negotiated in plaintext
-    /// (structured replies, metadata contexts): a man in the middle could have sent
-    /// those options, and only what the client asks under TLS counts.
+    /// Records that TLS is now up and forgets what was negotiated in plaintext: "When
+    /// this command succeeds, the server MUST NOT preserve any negotiation state (such
+    /// as a request for `NBD_OPT_STRUCTURED_REPLY`, or metadata contexts from
+    /// `NBD_OPT_SET_META_CONTEXT`) issued before this command", since a man in the
+    /// middle could have sent those.
     pub(crate) fn tls_started(&mut self) {
         self.tls_active = true;
         self.state.structured = false;

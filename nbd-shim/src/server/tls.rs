@@ -218,6 +218,14 @@ pub(crate) fn pump<S: Read + Write + AsFd>(
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(err) => return Err(err.into()),
             }
+            let broken = fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
+            if broken && !socket_events.contains(PollFlags::POLLIN) {
+                // poll reports these whatever was asked; without reading there is no EOF
+                // to see, so stop here rather than spin.
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
             let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
             (ready(&fds[0]), ready(&fds[1]))
         };
@@ -346,8 +354,19 @@ mod tests {
         use crate::proto::request::RequestHeader;
         use crate::server::{Server, ServerConfig};
 
-        /// A server with one 1 MiB export "disk" on a TLS-required TCP listener.
+        /// A server with one 1 MiB export "disk" on a TCP listener requiring TLS.
         fn serve() -> (
+            Server,
+            std::net::SocketAddr,
+            rustls::pki_types::CertificateDer<'static>,
+            tempfile::NamedTempFile,
+        ) {
+            serve_with(TlsPolicy::Required)
+        }
+
+        fn serve_with(
+            policy: fn(Arc<rustls::ServerConfig>) -> TlsPolicy,
+        ) -> (
             Server,
             std::net::SocketAddr,
             rustls::pki_types::CertificateDer<'static>,
@@ -363,7 +382,7 @@ mod tests {
             let device = ImageFile::open(image.path(), ImageFileOptions::default()).unwrap();
             server.add_export("disk", None, Arc::new(device)).unwrap();
             let addr = server
-                .listen_tcp_tls("127.0.0.1:0", TlsPolicy::Required(config))
+                .listen_tcp_tls("127.0.0.1:0", policy(config))
                 .unwrap();
             (server, addr, cert, image)
         }
@@ -382,6 +401,13 @@ mod tests {
         /// Reads option replies up to and including the first that is not
         /// NBD_REP_INFO/SERVER; returns their types.
         fn read_replies(stream: &mut impl Read) -> Vec<u32> {
+            read_replies_with_data(stream)
+                .into_iter()
+                .map(|(reply, _)| reply)
+                .collect()
+        }
+
+        fn read_replies_with_data(stream: &mut impl Read) -> Vec<(u32, Vec<u8>)> {
             let mut types = Vec::new();
             loop {
                 let mut header = [0u8; 20];
@@ -390,7 +416,7 @@ mod tests {
                 let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
                 let mut data = vec![0u8; usize::try_from(len).unwrap()];
                 stream.read_exact(&mut data).unwrap();
-                types.push(reply);
+                types.push((reply, data));
                 if reply != NBD_REP_INFO && reply != NBD_REP_SERVER {
                     return types;
                 }
@@ -486,6 +512,38 @@ mod tests {
             let _ = tls.read_to_end(&mut rest);
             assert!(rest.is_empty());
             wait_for_no_connections(&server);
+        }
+
+        /// Structured replies asked for in plaintext do not survive the upgrade.
+        #[test]
+        fn plaintext_negotiation_is_forgotten_at_the_upgrade() {
+            let (_server, addr, cert, _image) = serve_with(TlsPolicy::Optional);
+            let mut socket = TcpStream::connect(addr).unwrap();
+            let mut greeting = [0u8; GREETING_LEN];
+            socket.read_exact(&mut greeting).unwrap();
+            socket.write_all(&3u32.to_be_bytes()).unwrap();
+            send_option(&mut socket, &ClientOption::StructuredReply);
+            assert_eq!(read_replies(&mut socket), [NBD_REP_ACK]);
+            send_option(&mut socket, &ClientOption::StartTls);
+            assert_eq!(read_replies(&mut socket), [NBD_REP_ACK]);
+            let mut tls = rustls::StreamOwned::new(client(&cert), socket);
+            send_option(
+                &mut tls,
+                &ClientOption::Go(InfoRequest {
+                    name: "disk".into(),
+                    requests: vec![],
+                }),
+            );
+            let replies = read_replies_with_data(&mut tls);
+            let (_, export) = &replies[0];
+            // NBD_INFO_EXPORT: type, size, transmission flags.
+            let flags = u16::from_be_bytes([export[10], export[11]]);
+            assert_eq!(
+                flags & NBD_FLAG_SEND_DF,
+                0,
+                "structured replies leaked through"
+            );
+            assert_eq!(replies.last().unwrap().0, NBD_REP_ACK);
         }
 
         #[test]
