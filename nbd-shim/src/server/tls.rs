@@ -426,12 +426,19 @@ mod tests {
         /// Connects, sends the client flags and NBD_OPT_STARTTLS; returns the socket
         /// after the server acknowledged.
         fn start_tls(addr: std::net::SocketAddr) -> TcpStream {
+            start_tls_after(addr, &[])
+        }
+
+        /// [`start_tls`] after sending `plaintext` options, each acknowledged.
+        fn start_tls_after(addr: std::net::SocketAddr, plaintext: &[ClientOption]) -> TcpStream {
             let mut socket = TcpStream::connect(addr).unwrap();
             let mut greeting = [0u8; GREETING_LEN];
             socket.read_exact(&mut greeting).unwrap();
             socket.write_all(&3u32.to_be_bytes()).unwrap();
-            send_option(&mut socket, &ClientOption::StartTls);
-            assert_eq!(read_replies(&mut socket), [NBD_REP_ACK]);
+            for option in plaintext.iter().chain([&ClientOption::StartTls]) {
+                send_option(&mut socket, option);
+                assert_eq!(read_replies(&mut socket), [NBD_REP_ACK], "{option:?}");
+            }
             socket
         }
 
@@ -471,18 +478,19 @@ mod tests {
             .encode()
         }
 
+        fn go_disk() -> ClientOption {
+            ClientOption::Go(InfoRequest {
+                name: "disk".into(),
+                requests: vec![],
+            })
+        }
+
         #[test]
         fn writes_and_reads_cross_the_pump_and_the_connection_ends_cleanly() {
             let (server, addr, cert, image) = serve();
             let socket = start_tls(addr);
             let mut tls = rustls::StreamOwned::new(client(&cert), socket);
-            send_option(
-                &mut tls,
-                &ClientOption::Go(InfoRequest {
-                    name: "disk".into(),
-                    requests: vec![],
-                }),
-            );
+            send_option(&mut tls, &go_disk());
             assert_eq!(read_replies(&mut tls).last(), Some(&NBD_REP_ACK));
             // Larger than a TLS record and than the pump's chunk, so both directions
             // take several turns.
@@ -518,22 +526,9 @@ mod tests {
         #[test]
         fn plaintext_negotiation_is_forgotten_at_the_upgrade() {
             let (_server, addr, cert, _image) = serve_with(TlsPolicy::Optional);
-            let mut socket = TcpStream::connect(addr).unwrap();
-            let mut greeting = [0u8; GREETING_LEN];
-            socket.read_exact(&mut greeting).unwrap();
-            socket.write_all(&3u32.to_be_bytes()).unwrap();
-            send_option(&mut socket, &ClientOption::StructuredReply);
-            assert_eq!(read_replies(&mut socket), [NBD_REP_ACK]);
-            send_option(&mut socket, &ClientOption::StartTls);
-            assert_eq!(read_replies(&mut socket), [NBD_REP_ACK]);
+            let socket = start_tls_after(addr, &[ClientOption::StructuredReply]);
             let mut tls = rustls::StreamOwned::new(client(&cert), socket);
-            send_option(
-                &mut tls,
-                &ClientOption::Go(InfoRequest {
-                    name: "disk".into(),
-                    requests: vec![],
-                }),
-            );
+            send_option(&mut tls, &go_disk());
             let replies = read_replies_with_data(&mut tls);
             let (_, export) = &replies[0];
             // NBD_INFO_EXPORT: type, size, transmission flags.
