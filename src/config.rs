@@ -137,14 +137,173 @@ fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
-/// Where NBD clients connect.
-#[derive(Debug, Clone, Deserialize)]
+/// Where NBD clients connect, and who may. The replica daemon's `[nbd]` is the same
+/// section (its unix socket has a default there).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NbdConfig {
     /// A unix socket path.
     pub unix_socket: Option<PathBuf>,
     /// A TCP address, e.g. `127.0.0.1:10809`.
     pub tcp: Option<String>,
+    /// TLS on the TCP listener.
+    #[serde(default)]
+    pub tls: NbdTlsMode,
+    /// The listener's certificate (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM), private to the daemon's user.
+    pub tls_key: Option<PathBuf>,
+    /// CA that must have signed every client's certificate; none asks for no certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// Mode of the unix socket file, in octal (`"0660"`); default `"0600"`.
+    pub socket_mode: Option<String>,
+    /// Group given the unix socket file (e.g. `libvirt-qemu`).
+    pub socket_group: Option<String>,
+    /// The validated TLS and socket settings, filled in by [`PrimaryConfig::parse`]
+    /// (the replica keeps its own copy in its validated configuration).
+    #[serde(skip)]
+    pub access: NbdAccess,
+}
+
+/// `tls` of an `[nbd]` section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTlsMode {
+    /// Plaintext only (clients asking for TLS are refused).
+    #[default]
+    Off,
+    /// Clients may upgrade to TLS; plaintext clients are served too.
+    On,
+    /// Clients must upgrade before any export is listed or opened.
+    Require,
+}
+
+/// Validated `[nbd]` TLS and socket settings.
+#[derive(Debug, Clone, Default)]
+pub struct NbdAccess {
+    /// What the TCP listener does with NBD_OPT_STARTTLS.
+    pub tls: nbd_shim::TlsPolicy,
+    /// Mode and group of the unix socket.
+    pub socket: nbd_shim::SocketAccess,
+    /// Valid but risky choices, for the log and `--check`.
+    pub warnings: Vec<String>,
+}
+
+impl NbdConfig {
+    /// Checks the TLS and socket settings as a whole (every problem goes to `problems`) and loads the
+    /// TLS material, so a key that does not match its certificate is caught here.
+    pub fn validate_access(&self, problems: &mut Vec<String>) -> Option<NbdAccess> {
+        let before = problems.len();
+        let mut warnings = Vec::new();
+        let tls_files = [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_ca", &self.tls_ca),
+        ];
+        let tls = match self.tls {
+            NbdTlsMode::Off => {
+                for (name, file) in tls_files {
+                    if file.is_some() {
+                        problems.push(format!(
+                            "[nbd] {name} is set but tls = \"off\"; set tls = \"require\" (or \"on\") or remove it"
+                        ));
+                    }
+                }
+                let loopback = self
+                    .tcp
+                    .as_deref()
+                    .and_then(|tcp| tcp.parse::<std::net::SocketAddr>().ok())
+                    .is_none_or(|address| address.ip().is_loopback());
+                if !loopback {
+                    warnings.push(format!(
+                        "[nbd] tcp = {:?} is not a loopback address and tls = \"off\": disk data and writes cross the network unencrypted and unauthenticated; set tls = \"require\" with tls_cert, tls_key and tls_ca",
+                        self.tcp.as_deref().unwrap_or_default()
+                    ));
+                }
+                Some(nbd_shim::TlsPolicy::Off)
+            }
+            mode => self.tls_policy(mode == NbdTlsMode::Require, problems),
+        };
+        let mode = match self.socket_mode.as_deref() {
+            None => Some(nbd_shim::SocketAccess::default().mode),
+            Some(text) => {
+                let parsed = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|mode| *mode <= 0o777);
+                if parsed.is_none() {
+                    problems.push(format!(
+                        "[nbd] socket_mode = {text:?} is not an octal mode like \"0600\" or \"0660\""
+                    ));
+                }
+                parsed
+            }
+        };
+        let group =
+            self.socket_group.as_deref().and_then(|name| {
+                match nix::unistd::Group::from_name(name) {
+                    Ok(Some(group)) => Some(group.gid.as_raw()),
+                    Ok(None) => {
+                        problems.push(format!("[nbd] socket_group = {name:?}: no such group"));
+                        None
+                    }
+                    Err(errno) => {
+                        problems.push(format!("[nbd] socket_group = {name:?}: {errno}"));
+                        None
+                    }
+                }
+            });
+        if problems.len() > before {
+            return None;
+        }
+        Some(NbdAccess {
+            tls: tls?,
+            socket: nbd_shim::SocketAccess { mode: mode?, group },
+            warnings,
+        })
+    }
+
+    fn tls_policy(
+        &self,
+        required: bool,
+        problems: &mut Vec<String>,
+    ) -> Option<nbd_shim::TlsPolicy> {
+        if self.tcp.is_none() {
+            problems.push("[nbd] tls applies to the tcp listener; set tcp".into());
+        }
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            problems.push(
+                "[nbd] tls needs tls_cert and tls_key (and tls_ca to require client certificates)"
+                    .into(),
+            );
+            return None;
+        };
+        match std::fs::metadata(key) {
+            Ok(meta) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    problems.push(format!(
+                        "[nbd] tls_key {} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
+                        key.display(),
+                        key.display()
+                    ));
+                    return None;
+                }
+            }
+            Err(error) => {
+                problems.push(format!("[nbd] tls_key {}: {error}", key.display()));
+                return None;
+            }
+        }
+        match wire::tls::server_config_with_optional_client_ca(cert, key, self.tls_ca.as_deref()) {
+            Ok(config) if required => Some(nbd_shim::TlsPolicy::Required(config)),
+            Ok(config) => Some(nbd_shim::TlsPolicy::Optional(config)),
+            Err(error) => {
+                problems.push(format!("[nbd] TLS: {}", wire::error_chain(&error)));
+                None
+            }
+        }
+    }
 }
 
 /// One group: a VM whose disks close cycles together.
@@ -439,11 +598,14 @@ impl PrimaryConfig {
 
     /// Parses and validates configuration text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+        let mut config: Self = toml::from_str(text).map_err(|error| ConfigError::Syntax {
             path: path.into(),
             message: error.to_string(),
         })?;
-        let problems = config.problems();
+        let mut problems = config.problems();
+        if let Some(access) = config.nbd.validate_access(&mut problems) {
+            config.nbd.access = access;
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -689,6 +851,118 @@ image = "{}"
             error.to_string().contains("unknown field `freeze`"),
             "{error}"
         );
+    }
+
+    /// A lab CA and a certificate for 127.0.0.1 in `dir`, the key with `key_mode`.
+    fn nbd_tls_files(dir: &Path, key_mode: u32) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = wire::lab_ca::create_ca("nbd test CA").unwrap();
+        let host = wire::lab_ca::issue_host(&ca, &["127.0.0.1".to_owned()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert).unwrap();
+        std::fs::write(dir.join("cert.pem"), &host.cert).unwrap();
+        std::fs::write(dir.join("key.pem"), &host.key).unwrap();
+        std::fs::set_permissions(
+            dir.join("key.pem"),
+            std::fs::Permissions::from_mode(key_mode),
+        )
+        .unwrap();
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("ca.pem")
+        )
+    }
+
+    fn with_nbd(image: &Path, nbd: &str) -> String {
+        sample(image, "").replace(
+            "unix_socket = \"/tmp/nbd.sock\"\n",
+            &format!("unix_socket = \"/tmp/nbd.sock\"\n{nbd}"),
+        )
+    }
+
+    #[test]
+    fn nbd_tls_and_socket_access_are_validated_as_a_whole() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = nbd_tls_files(dir.path(), 0o600);
+        let good = format!(
+            "tcp = \"0.0.0.0:10809\"\ntls = \"require\"\n{files}socket_mode = \"0660\"\nsocket_group = \"root\"\n"
+        );
+        let config = PrimaryConfig::parse(&with_nbd(image.path(), &good), Path::new("x")).unwrap();
+        assert!(matches!(
+            config.nbd.access.tls,
+            nbd_shim::TlsPolicy::Required(_)
+        ));
+        assert_eq!(config.nbd.access.socket.mode, 0o660);
+        assert_eq!(config.nbd.access.socket.group, Some(0));
+        assert!(config.nbd.access.warnings.is_empty());
+        let on = good.replace("\"require\"", "\"on\"");
+        let config = PrimaryConfig::parse(&with_nbd(image.path(), &on), Path::new("x")).unwrap();
+        assert!(matches!(
+            config.nbd.access.tls,
+            nbd_shim::TlsPolicy::Optional(_)
+        ));
+
+        // Defaults: no TLS, 0600, no group; a loopback listener draws no warning.
+        let plain = "tcp = \"127.0.0.1:10809\"\n";
+        let config = PrimaryConfig::parse(&with_nbd(image.path(), plain), Path::new("x")).unwrap();
+        assert!(matches!(config.nbd.access.tls, nbd_shim::TlsPolicy::Off));
+        assert_eq!(config.nbd.access.socket, nbd_shim::SocketAccess::default());
+        assert!(config.nbd.access.warnings.is_empty());
+        let open = "tcp = \"0.0.0.0:10809\"\n";
+        let config = PrimaryConfig::parse(&with_nbd(image.path(), open), Path::new("x")).unwrap();
+        assert!(
+            config.nbd.access.warnings[0].contains("unencrypted and unauthenticated"),
+            "{:?}",
+            config.nbd.access.warnings
+        );
+
+        let other_dir = tempfile::tempdir().unwrap();
+        nbd_tls_files(other_dir.path(), 0o600);
+        let mismatched = format!(
+            "tcp = \"127.0.0.1:1\"\ntls = \"require\"\n{}",
+            files.replace(
+                &dir.path().join("key.pem").display().to_string(),
+                &other_dir.path().join("key.pem").display().to_string()
+            )
+        );
+        let error = PrimaryConfig::parse(&with_nbd(image.path(), &mismatched), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("[nbd] TLS: "), "{error}");
+
+        let readable = tempfile::tempdir().unwrap();
+        let readable_files = nbd_tls_files(readable.path(), 0o640);
+        let bad = format!(
+            "tls = \"on\"\n{readable_files}socket_mode = \"0999\"\nsocket_group = \"no-such-group-blkrep\"\n"
+        );
+        let error = PrimaryConfig::parse(&with_nbd(image.path(), &bad), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "[nbd] tls applies to the tcp listener; set tcp",
+            "is open to group or others (mode 0640)",
+            "socket_mode = \"0999\" is not an octal mode",
+            "socket_group = \"no-such-group-blkrep\": no such group",
+        ] {
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
+        let stray = "tcp = \"127.0.0.1:1\"\ntls = \"require\"\ntls_ca = \"/x\"\n";
+        let error = PrimaryConfig::parse(&with_nbd(image.path(), stray), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("tls needs tls_cert and tls_key"), "{error}");
+        let off = format!("tcp = \"127.0.0.1:1\"\n{files}");
+        let error = PrimaryConfig::parse(&with_nbd(image.path(), &off), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tls_cert is set but tls = \"off\""),
+            "{error}"
+        );
+        let typo = "tls = \"maybe\"\n";
+        assert!(PrimaryConfig::parse(&with_nbd(image.path(), typo), Path::new("x")).is_err());
     }
 
     #[test]

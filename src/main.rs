@@ -179,6 +179,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             if check {
                 println!("Configuration is valid: {} group(s)", config.groups.len());
+                for warning in &config.nbd.access.warnings {
+                    println!("Warning: {warning}");
+                }
                 return Ok(());
             }
             init_logging(cli.log_format);

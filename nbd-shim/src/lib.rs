@@ -5,8 +5,8 @@
 //!   option and request parsing, reply encoding. Pure code over byte slices, no I/O.
 //! - [`backend`]: the [`BlockDevice`] trait an export is served from, and
 //!   [`backend::ImageFile`], a raw image file or block device.
-//! - [`server`]: listeners (unix and TCP), the export registry, the handshake and the
-//!   transmission loop of each connection.
+//! - [`server`]: listeners (unix and TCP, the latter optionally with TLS), the export
+//!   registry, the handshake and the transmission loop of each connection.
 //!
 //! Contracts:
 //! - Every request is parsed and validated against the export before any I/O or
@@ -23,4 +23,4 @@ pub mod server;
 mod test_support;
 
 pub use backend::{BlockDevice, Extent, ZeroMode};
-pub use server::{ExportStats, Server, ServerConfig, ServerError};
+pub use server::{ExportStats, Server, ServerConfig, ServerError, SocketAccess, TlsPolicy};

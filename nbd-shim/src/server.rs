@@ -1,7 +1,8 @@
 //! The NBD server: export registry, listeners, connections, shutdown.
 //!
 //! Threads: one accept thread per listener ([`Server::listen_unix`],
-//! [`Server::listen_tcp`]) and one thread per connection. A connection thread runs the
+//! [`Server::listen_tcp`]) and one thread per connection, plus, for a connection that
+//! upgraded to TLS, one thread moving its bytes through rustls (see [`TlsPolicy`]). A connection thread runs the
 //! handshake, then the transmission loop: requests that complete quickly (reads and
 //! writes of buffered images, block status) run on the connection thread in arrival
 //! order, their replies batched into one write whenever no further complete request is
@@ -47,9 +48,11 @@ mod buffers;
 mod export;
 mod handshake;
 mod listener;
+mod tls;
 mod transmission;
 
 pub use handshake::{HandshakeError, Negotiated, MAX_OPTION_DATA, MAX_OPTION_SKIP};
+pub use tls::TlsPolicy;
 pub use transmission::TransmissionError;
 
 use export::{Export, ExportTable};
@@ -121,6 +124,42 @@ pub struct ExportStats {
     /// Connections lost mid-request or to a socket error (a client hanging up between
     /// requests is a normal close, not counted here).
     pub dropped_connections: u64,
+}
+
+/// Mode and group of a unix socket listener's file ([`Server::listen_unix_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (e.g. `0o660`); only the lowest nine are used.
+    pub mode: u32,
+    /// Group id given to the file, if any.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Only the daemon's user may connect.
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    fn apply(self, path: &Path) -> Result<(), ServerError> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(gid) = self.group {
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(
+                |errno| ServerError::Io {
+                    context: format!("Giving {} to group {gid}", path.display()),
+                    source: errno.into(),
+                },
+            )?;
+        }
+        // chmod after chown: chown may clear bits, and the umask does not apply here.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode & 0o777))
+            .map_err(io_err(format!("Setting the mode of {}", path.display())))
+    }
 }
 
 /// Errors of the server API.
@@ -338,10 +377,25 @@ impl Server {
     /// Listens on a unix socket at `path` and accepts connections on a new thread.
     ///
     /// A stale socket file (nothing accepting on it) is replaced; a live one, or a path
-    /// that is not a socket, is an error. The socket file is removed at shutdown.
+    /// that is not a socket, is an error. The socket file is removed at shutdown. Its
+    /// mode is what the process umask leaves; [`Server::listen_unix_with`] sets it.
     pub fn listen_unix(&self, path: impl AsRef<Path>) -> Result<(), ServerError> {
+        self.bind_unix(path.as_ref(), None)
+    }
+
+    /// Like [`Server::listen_unix`], and gives the socket file `access`'s mode and group
+    /// right after binding, before any connection is accepted (connecting needs write
+    /// permission on the file, so the mode decides who may use the disks).
+    pub fn listen_unix_with(
+        &self,
+        path: impl AsRef<Path>,
+        access: SocketAccess,
+    ) -> Result<(), ServerError> {
+        self.bind_unix(path.as_ref(), Some(access))
+    }
+
+    fn bind_unix(&self, path: &Path, access: Option<SocketAccess>) -> Result<(), ServerError> {
         self.check_running()?;
-        let path = path.as_ref();
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             let stale = meta.file_type().is_socket()
                 && UnixStream::connect(path)
@@ -362,6 +416,9 @@ impl Server {
             "Reading the metadata of {}",
             path.display()
         )))?;
+        if let Some(access) = access {
+            access.apply(path)?;
+        }
         self.spawn_accept(
             Listener::Unix {
                 listener,
@@ -375,6 +432,15 @@ impl Server {
     /// Listens on TCP `addr` (port 0 picks one) and accepts connections on a new thread.
     /// Returns the bound address. Connections get `TCP_NODELAY` and keep-alive.
     pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr, ServerError> {
+        self.listen_tcp_tls(addr, TlsPolicy::Off)
+    }
+
+    /// Like [`Server::listen_tcp`], with NBD_OPT_STARTTLS handled as `tls` says.
+    pub fn listen_tcp_tls(
+        &self,
+        addr: impl ToSocketAddrs,
+        tls: TlsPolicy,
+    ) -> Result<SocketAddr, ServerError> {
         self.check_running()?;
         let listener = TcpListener::bind(addr).map_err(io_err("Binding the TCP listener"))?;
         listener
@@ -383,7 +449,7 @@ impl Server {
         let local = listener
             .local_addr()
             .map_err(io_err("Reading the bound address"))?;
-        self.spawn_accept(Listener::Tcp(listener), "tcp")?;
+        self.spawn_accept(Listener::Tcp { listener, tls }, "tcp")?;
         Ok(local)
     }
 
@@ -394,9 +460,31 @@ impl Server {
         &self,
         stream: &mut S,
     ) -> Result<Option<Negotiated>, HandshakeError> {
-        match handshake::negotiate(stream, &self.inner)? {
+        self.negotiate_tls(stream, &TlsPolicy::Off)
+    }
+
+    /// [`Server::negotiate`] as a TCP listener with `tls` would run it: after
+    /// `NBD_OPT_STARTTLS` the TLS handshake and the remaining options run over `stream`
+    /// through rustls.
+    pub fn negotiate_tls<S: Read + Write>(
+        &self,
+        stream: &mut S,
+        tls: &TlsPolicy,
+    ) -> Result<Option<Negotiated>, HandshakeError> {
+        let mut negotiation = handshake::Negotiation::start(stream, &self.inner, tls.mode())?;
+        let outcome = match (negotiation.options(stream, &self.inner)?, tls.config()) {
+            (handshake::Outcome::StartTls, Some(config)) => {
+                let connection = tls::accept(stream, config, None).map_err(HandshakeError::Tls)?;
+                negotiation.tls_started();
+                let mut encrypted = rustls::StreamOwned::new(connection, stream);
+                negotiation.options(&mut encrypted, &self.inner)?
+            }
+            (outcome, _) => outcome,
+        };
+        match outcome {
             handshake::Outcome::Transmission(session) => Ok(Some(session.summary())),
-            handshake::Outcome::Aborted => Ok(None),
+            // The gate refuses a second STARTTLS, and STARTTLS without a configuration.
+            handshake::Outcome::Aborted | handshake::Outcome::StartTls => Ok(None),
         }
     }
 
@@ -410,7 +498,8 @@ impl Server {
                 listener::serve_session(&self.inner, stream, None, &session)?;
                 Ok(())
             }
-            handshake::Outcome::Aborted => Ok(()),
+            // Without TLS the gate refuses STARTTLS.
+            handshake::Outcome::Aborted | handshake::Outcome::StartTls => Ok(()),
         }
     }
 

@@ -59,3 +59,27 @@ impl BlockDevice for NullDevice {
         self.contexts.clone()
     }
 }
+
+/// A TLS server configuration for tests (a self-signed certificate for 127.0.0.1, no
+/// client authentication) and that certificate, for the client to trust.
+pub(crate) fn tls_config() -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    use std::sync::Arc;
+    let key = rcgen::KeyPair::generate().expect("key pair");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("certificate parameters")
+        .self_signed(&key)
+        .expect("self-signed certificate");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .expect("server configuration");
+    (Arc::new(config), cert.der().clone())
+}

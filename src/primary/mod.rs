@@ -363,12 +363,15 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
     for (name, group, device) in exports {
         server.add_export(&name, Some(format!("blkrep group {group}")), device)?;
     }
+    for warning in &config.nbd.access.warnings {
+        tracing::warn!("{warning}");
+    }
     if let Some(path) = &config.nbd.unix_socket {
         remove_stale_socket(path)?;
-        server.listen_unix(path)?;
+        server.listen_unix_with(path, config.nbd.access.socket)?;
     }
     if let Some(address) = &config.nbd.tcp {
-        server.listen_tcp(address.as_str())?;
+        server.listen_tcp_tls(address.as_str(), config.nbd.access.tls.clone())?;
     }
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)

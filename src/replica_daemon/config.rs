@@ -16,7 +16,7 @@ use wire::api::valid_name;
 use wire::error_chain;
 use wire::tls::{server_config, NamePattern, TlsFiles};
 
-use crate::config::{ByteSize, ConfigError};
+use crate::config::{ByteSize, ConfigError, NbdAccess, NbdConfig};
 
 /// Default control socket of the replica daemon.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
@@ -41,8 +41,10 @@ struct RawConfig {
     plain_http: Option<RawPlainHttp>,
     #[serde(default)]
     authorization: Vec<RawAuthorization>,
+    /// Where the disks of a test failover or failover are served: the primary's
+    /// `[nbd]` section, with a default unix socket.
     #[serde(default)]
-    nbd: RawNbd,
+    nbd: NbdConfig,
     failover: Option<RawFailover>,
 }
 
@@ -68,24 +70,6 @@ pub const DEFAULT_LIVE_RING_SIZE: u64 = 256 << 20;
 
 fn default_hook_timeout() -> crate::config::Interval {
     crate::config::Interval(std::time::Duration::from_secs(300))
-}
-
-/// Where the disks of a test failover are served.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNbd {
-    #[serde(default = "default_nbd_socket")]
-    unix_socket: PathBuf,
-    tcp: Option<String>,
-}
-
-impl Default for RawNbd {
-    fn default() -> Self {
-        RawNbd {
-            unix_socket: default_nbd_socket(),
-            tcp: None,
-        }
-    }
 }
 
 fn default_nbd_socket() -> PathBuf {
@@ -152,6 +136,8 @@ pub struct ReplicaConfig {
     pub nbd_unix_socket: PathBuf,
     /// TCP address serving them too.
     pub nbd_tcp: Option<SocketAddr>,
+    /// TLS of the TCP listener, mode and group of the unix socket.
+    pub nbd_access: NbdAccess,
     /// Runs after each failover, with the point's metadata in its environment.
     pub failover_hook: Option<FailoverHook>,
     /// Size of the log ring created for a failed-over group's live disks.
@@ -350,6 +336,7 @@ impl RawConfig {
             Some(text) => address("[nbd] tcp", text, problems).map(Some),
             None => Some(None),
         };
+        let nbd_access = self.nbd.validate_access(problems);
         let failover_hook = self.failover.as_ref().and_then(|failover| {
             Some(FailoverHook {
                 command: failover.hook.clone()?,
@@ -377,8 +364,9 @@ impl RawConfig {
         Some(ReplicaConfig {
             failover_hook,
             live_ring_size,
-            nbd_unix_socket: self.nbd.unix_socket,
+            nbd_unix_socket: self.nbd.unix_socket.unwrap_or_else(default_nbd_socket),
             nbd_tcp: nbd_tcp?,
+            nbd_access: nbd_access?,
             listen: listen?,
             metrics: metrics?,
             reserve: self.reserve.0,
@@ -909,5 +897,43 @@ trust_group = "ok"
             files.tls()
         ));
         assert!(same.contains("metrics needs its own port"), "{same}");
+    }
+
+    #[test]
+    fn nbd_listener_tls_and_socket_access() {
+        let files = Files::new();
+        let key = files.path("replica.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = format!("listen = \"127.0.0.1:8443\"\n{}{ENTRIES}", files.tls());
+        let nbd = format!(
+            "\n[nbd]\ntcp = \"0.0.0.0:10810\"\ntls = \"require\"\ntls_cert = {:?}\ntls_key = {key:?}\ntls_ca = {:?}\nsocket_mode = \"0660\"\n",
+            files.path("replica.pem"),
+            files.path("ca.pem")
+        );
+        let config = parse(&format!("{base}{nbd}")).unwrap();
+        assert!(matches!(
+            config.nbd_access.tls,
+            nbd_shim::TlsPolicy::Required(_)
+        ));
+        assert_eq!(config.nbd_access.socket.mode, 0o660);
+        assert!(config.nbd_access.warnings.is_empty());
+
+        let open = parse(&format!("{base}\n[nbd]\ntcp = \"0.0.0.0:10810\"\n")).unwrap();
+        assert_eq!(
+            open.nbd_access.warnings.len(),
+            1,
+            "{:?}",
+            open.nbd_access.warnings
+        );
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = problems(&format!("{base}{}", nbd.replace("0660", "rw")));
+        for expected in [
+            "[nbd] tls_key",
+            "is open to group or others (mode 0644)",
+            "[nbd] socket_mode = \"rw\" is not an octal mode",
+        ] {
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 }

@@ -406,6 +406,9 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                         "ies"
                     }
                 );
+                for warning in &config.nbd_access.warnings {
+                    println!("Warning: {warning}");
+                }
                 return Ok(());
             }
             init_logging();
@@ -771,9 +774,12 @@ fn serve(
     server.handle().end_stale_tests();
     let nbd = Arc::new(nbd_shim::Server::new(nbd_shim::ServerConfig::default()));
     remove_stale_socket(&config.nbd_unix_socket)?;
-    nbd.listen_unix(&config.nbd_unix_socket)?;
+    for warning in &config.nbd_access.warnings {
+        tracing::warn!("{warning}");
+    }
+    nbd.listen_unix_with(&config.nbd_unix_socket, config.nbd_access.socket)?;
     if let Some(address) = config.nbd_tcp {
-        nbd.listen_tcp(address)?;
+        nbd.listen_tcp_tls(address, config.nbd_access.tls.clone())?;
     }
     let metrics = match config.metrics {
         Some(listen) => {

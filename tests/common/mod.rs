@@ -981,3 +981,13 @@ pub fn assert_group_shape(g: &Value) {
         }
     }
 }
+
+impl Primary {
+    /// Adds `lines` to the `[nbd]` section of the configuration (for settings the
+    /// fixture's readiness probe need not know, such as TLS on the TCP listener).
+    pub fn add_nbd_settings(&self, lines: &str) {
+        let text = fs::read_to_string(self.config()).expect("read config");
+        let text = text.replacen("\n[nbd]\n", &format!("\n[nbd]\n{lines}\n"), 1);
+        fs::write(self.config(), text).expect("write config");
+    }
+}

@@ -323,3 +323,14 @@ impl Drop for Replica {
         self.terminate();
     }
 }
+
+impl Replica {
+    /// Stops the daemon, adds `lines` to its `[nbd]` section and starts it again.
+    pub fn restart_with_nbd_settings(&mut self, lines: &str) {
+        self.terminate();
+        let text = fs::read_to_string(self.config()).expect("read replica config");
+        let text = text.replacen("[nbd]\n", &format!("[nbd]\n{lines}\n"), 1);
+        fs::write(self.config(), text).expect("write replica config");
+        self.spawn();
+    }
+}

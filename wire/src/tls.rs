@@ -106,6 +106,32 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// A TLS server configuration for another protocol on the same PEM files (the NBD
+/// listeners): `cert` and `key` offered, and client certificates required and verified
+/// against `client_ca` when one is given, not asked for otherwise.
+pub fn server_config_with_optional_client_ca(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(ca, "client CA")?),
+                provider,
+            )
+            .build()?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let config =
+        builder.with_single_cert(load_certs(cert, "certificate chain")?, load_key(key)?)?;
+    Ok(Arc::new(config))
+}
+
 /// The primary's configuration: the replica's certificate verified against
 /// `files.ca`, this side's certificate offered for client authentication.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {

@@ -82,7 +82,9 @@ pub const NBD_OPT_ABORT: u32 = 2;
 /// "`NBD_OPT_LIST` (3) Return zero or more `NBD_REP_SERVER` replies, one for each export,
 /// followed by `NBD_REP_ACK`"
 pub const NBD_OPT_LIST: u32 = 3;
-/// "`NBD_OPT_STARTTLS` (5) The client wishes to initiate TLS."
+/// "`NBD_OPT_STARTTLS` (5) The client wishes to initiate TLS." "The client MUST NOT send
+/// any additional data with the option"; after the server's `NBD_REP_ACK` "all further
+/// data MUST be sent and received over TLS" (see `server::tls` for the three modes).
 pub const NBD_OPT_STARTTLS: u32 = 5;
 /// "`NBD_OPT_INFO` (6)": details about an export without entering transmission.
 pub const NBD_OPT_INFO: u32 = 6;
@@ -125,7 +127,9 @@ pub const NBD_REP_ERR_INVALID: u32 = NBD_REP_FLAG_ERROR | 3;
 /// platform on which the server is running"
 pub const NBD_REP_ERR_PLATFORM: u32 = NBD_REP_FLAG_ERROR | 4;
 /// "`NBD_REP_ERR_TLS_REQD` (2^31 + 5) The server is unwilling to continue negotiation unless
-/// TLS is initiated first."
+/// TLS is initiated first." Sent in FORCEDTLS mode for every option but `NBD_OPT_STARTTLS`
+/// and `NBD_OPT_ABORT`; "The server MUST NOT send `NBD_REP_ERR_TLS_REQD` in reply to any
+/// option if TLS has already been initiated."
 pub const NBD_REP_ERR_TLS_REQD: u32 = NBD_REP_FLAG_ERROR | 5;
 /// "`NBD_REP_ERR_UNKNOWN` (2^31 + 6) The requested export is not available."
 pub const NBD_REP_ERR_UNKNOWN: u32 = NBD_REP_FLAG_ERROR | 6;

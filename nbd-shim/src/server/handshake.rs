@@ -9,12 +9,21 @@
 //! ends the connection.
 //!
 //! Each option's replies are built in memory and sent with one write.
+//!
+//! TLS ([`super::tls`]): before any option is handled, [`super::tls::gate`] decides
+//! from the listener's [`TlsMode`] whether TLS must come first. `NBD_OPT_STARTTLS` that
+//! the gate lets through is acknowledged and ends [`Negotiation::options`] with
+//! [`Outcome::StartTls`]; the caller runs the TLS handshake, calls
+//! [`Negotiation::tls_started`], and goes on with the same negotiation over the
+//! encrypted stream. Everything negotiated in plaintext before that is forgotten, so a
+//! man in the middle cannot inject options into the protected session.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::export::{ContextSource, Export, ExportTable};
+use super::tls::{gate, Gate, TlsMode};
 use super::Inner;
 use crate::proto::option::*;
 use crate::proto::*;
@@ -48,6 +57,14 @@ pub enum HandshakeError {
     /// during shutdown).
     #[error("Refused NBD_OPT_EXPORT_NAME: {0}")]
     ExportNameRefused(&'static str),
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a listener that requires TLS: "as this
+    /// request cannot error, it MUST terminate the session".
+    #[error("Client asked for export {0:?} with NBD_OPT_EXPORT_NAME before starting TLS, which this listener requires")]
+    TlsRequired(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (bad or missing client
+    /// certificate, garbage instead of a TLS record, a cut connection).
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     /// Option data too large to even skip.
     #[error("Option {option} carries {length} bytes of data, more than {MAX_OPTION_SKIP}")]
     OptionTooLarge {
@@ -75,6 +92,9 @@ pub(crate) enum Outcome {
     Transmission(Session),
     /// The client sent `NBD_OPT_ABORT`.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: "the server MUST be prepared for a TLS
+    /// handshake, and all further data MUST be sent and received over TLS".
+    StartTls,
 }
 
 /// What a handshake agreed on, as reported by [`crate::Server::negotiate`].
@@ -142,27 +162,86 @@ fn send(stream: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     stream.flush()
 }
 
-/// Runs the handshake on `stream` against the server's exports.
+/// A handshake in progress: the greeting is sent and the client flags read.
+pub(crate) struct Negotiation {
+    state: State,
+    tls: TlsMode,
+    tls_active: bool,
+}
+
+impl Negotiation {
+    /// Greets the client and reads its flags. `tls` is the listener's mode; "the server
+    /// MUST operate in NOTLS mode unless ... the client replied with
+    /// NBD_FLAG_C_FIXED_NEWSTYLE", so an optional upgrade is not offered to such a client
+    /// (a required one still refuses everything).
+    pub(crate) fn start<S: Read + Write>(
+        stream: &mut S,
+        inner: &Inner,
+        tls: TlsMode,
+    ) -> Result<Self, HandshakeError> {
+        send(stream, &greeting(HANDSHAKE_FLAGS))?;
+        let mut raw_flags = [0u8; 4];
+        stream.read_exact(&mut raw_flags)?;
+        let client = ClientFlags::parse(u32::from_be_bytes(raw_flags), HANDSHAKE_FLAGS)
+            .map_err(HandshakeError::Protocol)?;
+        if !client.fixed_newstyle {
+            tracing::debug!(
+                "client did not set NBD_FLAG_C_FIXED_NEWSTYLE; answering in fixed newstyle anyway"
+            );
+        }
+        let tls = match tls {
+            TlsMode::Optional if !client.fixed_newstyle => TlsMode::Off,
+            other => other,
+        };
+        Ok(Negotiation {
+            state: State {
+                table: inner.export_table(),
+                structured: false,
+                meta: None,
+                no_zeroes: client.no_zeroes,
+            },
+            tls,
+            tls_active: false,
+        })
+    }
+
+    /// Records that TLS is now up and forgets what was negotiated in plaintext: "When
+    /// this command succeeds, the server MUST NOT preserve any negotiation state (such
+    /// as a request for `NBD_OPT_STRUCTURED_REPLY`, or metadata contexts from
+    /// `NBD_OPT_SET_META_CONTEXT`) issued before this command", since a man in the
+    /// middle could have sent those.
+    pub(crate) fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.state.structured = false;
+        self.state.meta = None;
+    }
+
+    /// Answers options on `stream` until the client enters transmission, aborts, or
+    /// starts TLS.
+    pub(crate) fn options<S: Read + Write>(
+        &mut self,
+        stream: &mut S,
+        inner: &Inner,
+    ) -> Result<Outcome, HandshakeError> {
+        negotiate_options(stream, inner, &mut self.state, self.tls, self.tls_active)
+    }
+}
+
+/// Runs the whole handshake on `stream` against the server's exports, without TLS.
 pub(crate) fn negotiate<S: Read + Write>(
     stream: &mut S,
     inner: &Inner,
 ) -> Result<Outcome, HandshakeError> {
-    send(stream, &greeting(HANDSHAKE_FLAGS))?;
-    let mut raw_flags = [0u8; 4];
-    stream.read_exact(&mut raw_flags)?;
-    let client = ClientFlags::parse(u32::from_be_bytes(raw_flags), HANDSHAKE_FLAGS)
-        .map_err(HandshakeError::Protocol)?;
-    if !client.fixed_newstyle {
-        tracing::debug!(
-            "client did not set NBD_FLAG_C_FIXED_NEWSTYLE; answering in fixed newstyle anyway"
-        );
-    }
-    let mut state = State {
-        table: inner.export_table(),
-        structured: false,
-        meta: None,
-        no_zeroes: client.no_zeroes,
-    };
+    Negotiation::start(stream, inner, TlsMode::Off)?.options(stream, inner)
+}
+
+fn negotiate_options<S: Read + Write>(
+    stream: &mut S,
+    inner: &Inner,
+    state: &mut State,
+    tls: TlsMode,
+    tls_active: bool,
+) -> Result<Outcome, HandshakeError> {
     let mut data = Vec::new();
     let mut replies = Vec::new();
     loop {
@@ -225,6 +304,20 @@ pub(crate) fn negotiate<S: Read + Write>(
             continue;
         }
 
+        match gate(tls, tls_active, option) {
+            Gate::Proceed => {}
+            Gate::Refuse(reply, message) => {
+                put_option_error(&mut replies, option, reply, message);
+                send(stream, &replies)?;
+                continue;
+            }
+            Gate::Close => {
+                return Err(HandshakeError::TlsRequired(
+                    String::from_utf8_lossy(&data).into_owned(),
+                ));
+            }
+        }
+
         let parsed = match parse_option(option, &data) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -273,12 +366,10 @@ pub(crate) fn negotiate<S: Read + Write>(
                 put_ack(&mut replies, option);
             }
             ClientOption::StartTls => {
-                put_option_error(
-                    &mut replies,
-                    option,
-                    NBD_REP_ERR_UNSUP,
-                    "TLS is not supported by this server",
-                );
+                // Only reached when the gate allows an upgrade.
+                put_ack(&mut replies, option);
+                send(stream, &replies)?;
+                return Ok(Outcome::StartTls);
             }
             ClientOption::Info(ref info) | ClientOption::Go(ref info) => {
                 let go = matches!(parsed, ClientOption::Go(_));
@@ -558,7 +649,9 @@ mod tests {
         assert!(result.unwrap().is_some());
         let r = replies(&output);
         assert_eq!((r[0].0, r[0].1), (4, NBD_REP_ERR_UNSUP));
-        assert_eq!((r[1].0, r[1].1), (NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP));
+        // NOTLS: "MUST respond with NBD_REP_ERR_POLICY (if it does not support TLS for
+        // policy reasons)".
+        assert_eq!((r[1].0, r[1].1), (NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY));
         assert_eq!((r[2].0, r[2].1), (11, NBD_REP_ERR_UNSUP));
         assert_eq!(r.last().unwrap().1, NBD_REP_ACK);
     }
@@ -765,6 +858,78 @@ mod tests {
             1
         );
         assert_eq!(r.last().unwrap().1, NBD_REP_ACK);
+    }
+
+    #[test]
+    fn required_tls_refuses_every_option_but_starttls_and_abort() {
+        let s = server();
+        let tls = crate::TlsPolicy::Required(crate::test_support::tls_config().0);
+        let options = [
+            ClientOption::List,
+            go("disk", &[]),
+            ClientOption::Info(InfoRequest {
+                name: "disk".into(),
+                requests: vec![],
+            }),
+            ClientOption::StructuredReply,
+            meta(false, "disk", &[]),
+            ClientOption::Abort,
+        ];
+        let mut duplex = Duplex {
+            input: io::Cursor::new(client(1, &options)),
+            output: Vec::new(),
+        };
+        assert!(s.negotiate_tls(&mut duplex, &tls).unwrap().is_none());
+        let r = replies(&duplex.output);
+        let kinds: Vec<_> = r.iter().map(|(_, t, _)| *t).collect();
+        assert_eq!(
+            kinds,
+            [
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ACK
+            ]
+        );
+        // No export name crosses the wire in plaintext.
+        assert!(!duplex.output.windows(4).any(|w| w == b"disk"));
+
+        let (result, output) = {
+            let mut duplex = Duplex {
+                input: io::Cursor::new(client(1, &[ClientOption::ExportName("disk".into())])),
+                output: Vec::new(),
+            };
+            (s.negotiate_tls(&mut duplex, &tls), duplex.output)
+        };
+        assert!(matches!(result, Err(HandshakeError::TlsRequired(_))));
+        assert_eq!(output.len(), GREETING_LEN);
+    }
+
+    #[test]
+    fn optional_tls_serves_plaintext_and_garbage_after_starttls_ends_the_session() {
+        let s = server();
+        let tls = crate::TlsPolicy::Optional(crate::test_support::tls_config().0);
+        let mut duplex = Duplex {
+            input: io::Cursor::new(client(1, &[ClientOption::List, go("disk", &[])])),
+            output: Vec::new(),
+        };
+        assert_eq!(
+            s.negotiate_tls(&mut duplex, &tls).unwrap().unwrap().export,
+            "disk"
+        );
+
+        let mut input = client(1, &[ClientOption::StartTls]);
+        input.extend_from_slice(b"this is not a TLS ClientHello at all");
+        let mut duplex = Duplex {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        let result = s.negotiate_tls(&mut duplex, &tls);
+        assert!(matches!(result, Err(HandshakeError::Tls(_))), "{result:?}");
+        let r = replies(&duplex.output);
+        assert_eq!((r[0].0, r[0].1), (NBD_OPT_STARTTLS, NBD_REP_ACK));
     }
 
     #[test]

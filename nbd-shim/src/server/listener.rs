@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::handshake::{self, Outcome};
+use super::handshake::{self, Negotiation, Outcome};
+use super::tls::{self, TlsPolicy};
 use super::transmission::{self, Ending, TransmissionError};
 use super::{ConnEntry, Inner};
 
@@ -79,23 +80,33 @@ pub(crate) enum Listener {
         /// (device, inode) of the socket file we created, so we only unlink our own.
         identity: (u64, u64),
     },
-    Tcp(TcpListener),
+    Tcp {
+        listener: TcpListener,
+        tls: TlsPolicy,
+    },
 }
 
 impl Listener {
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Listener::Unix { listener, .. } => listener.as_fd(),
-            Listener::Tcp(listener) => listener.as_fd(),
+            Listener::Tcp { listener, .. } => listener.as_fd(),
         }
     }
 
     fn describe(&self) -> String {
         match self {
             Listener::Unix { path, .. } => format!("unix:{}", path.display()),
-            Listener::Tcp(listener) => listener
-                .local_addr()
-                .map_or_else(|_| "tcp:?".to_owned(), |a| format!("tcp:{a}")),
+            Listener::Tcp { listener, tls } => {
+                let tls = match tls {
+                    TlsPolicy::Off => "",
+                    TlsPolicy::Optional(_) => " (TLS optional)",
+                    TlsPolicy::Required(_) => " (TLS required)",
+                };
+                listener
+                    .local_addr()
+                    .map_or_else(|_| format!("tcp:?{tls}"), |a| format!("tcp:{a}{tls}"))
+            }
         }
     }
 
@@ -149,9 +160,9 @@ pub(crate) fn accept_loop(inner: Arc<Inner>, listener: Listener) {
                         );
                 (Conn::Unix(s), peer)
             }),
-            Listener::Tcp(listener) => listener
+            Listener::Tcp { listener, tls } => listener
                 .accept()
-                .map(|(s, addr)| (Conn::Tcp(s), addr.to_string())),
+                .map(|(s, addr)| (Conn::Tcp(s, tls.clone()), addr.to_string())),
         };
         match accepted {
             Ok((conn, peer)) => {
@@ -180,18 +191,18 @@ pub(crate) fn accept_loop(inner: Arc<Inner>, listener: Listener) {
 
 enum Conn {
     Unix(UnixStream),
-    Tcp(TcpStream),
+    Tcp(TcpStream, TlsPolicy),
 }
 
 fn spawn_connection(inner: &Arc<Inner>, conn: Conn, peer: String) {
     let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let prepared = match conn {
         Conn::Unix(s) => prepare(s).map(|(h, s)| (h, Conn::Unix(s))),
-        Conn::Tcp(s) => {
+        Conn::Tcp(s, tls) => {
             // "both the client and server SHOULD disable Nagle's algorithm"
             let _ = s.set_nodelay(true);
             let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::KeepAlive, &true);
-            prepare(s).map(|(h, s)| (h, Conn::Tcp(s)))
+            prepare(s).map(|(h, s)| (h, Conn::Tcp(s, tls)))
         }
     };
     let (handle, conn) = match prepared {
@@ -209,8 +220,8 @@ fn spawn_connection(inner: &Arc<Inner>, conn: Conn, peer: String) {
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
             match conn {
-                Conn::Unix(s) => run_connection(&thread_inner, id, s, &peer),
-                Conn::Tcp(s) => run_connection(&thread_inner, id, s, &peer),
+                Conn::Unix(s) => run_connection(&thread_inner, id, s, &peer, &TlsPolicy::Off),
+                Conn::Tcp(s, tls) => run_connection(&thread_inner, id, s, &peer, &tls),
             }
             let mut registry = thread_inner.lock_connections();
             registry.remove(&id);
@@ -228,11 +239,17 @@ fn spawn_connection(inner: &Arc<Inner>, conn: Conn, peer: String) {
 
 fn prepare<S: Transport>(s: S) -> io::Result<(ShutdownHandle, S)> {
     // An accepted socket must block even if the listener does not.
-    let raw = s.as_fd().as_raw_fd();
-    let flags = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFL)?;
-    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    set_blocking(s.as_fd().as_raw_fd(), true)?;
     Ok((s.shutdown_handle()?, s))
+}
+
+/// Clears or sets `O_NONBLOCK` on `fd`.
+pub(crate) fn set_blocking(fd: std::os::fd::RawFd, blocking: bool) -> io::Result<()> {
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let mut flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+    flags.set(nix::fcntl::OFlag::O_NONBLOCK, !blocking);
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 /// Stream wrapper that enforces an overall handshake deadline on top of the socket
@@ -264,24 +281,62 @@ impl<S: Write> Write for Deadline<'_, S> {
 }
 
 /// Handshake then transmission on one socket; logs and counts how it ended.
-pub(crate) fn run_connection<S: Transport>(inner: &Inner, id: u64, mut stream: S, peer: &str) {
+pub(crate) fn run_connection<S: Transport>(
+    inner: &Inner,
+    id: u64,
+    mut stream: S,
+    peer: &str,
+    tls: &TlsPolicy,
+) {
     let span = tracing::info_span!("nbd_conn", id, peer);
     let _entered = span.enter();
     let timeout = inner.config.handshake_timeout;
     if let Err(err) = stream.set_timeouts(timeout) {
         tracing::warn!(%err, "could not set handshake timeouts");
     }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let started = {
+        let mut guarded = Deadline {
+            stream: &mut stream,
+            deadline,
+        };
+        Negotiation::start(&mut guarded, inner, tls.mode())
+    };
+    match started {
+        Ok(negotiation) => proceed(inner, id, stream, negotiation, deadline, tls),
+        Err(err) => tracing::debug!(%err, "handshake failed"),
+    }
+}
+
+/// Options, then transmission, on `stream`; after `NBD_OPT_STARTTLS` the rest runs over
+/// TLS through [`serve_over_tls`].
+fn proceed<S: Transport>(
+    inner: &Inner,
+    id: u64,
+    mut stream: S,
+    mut negotiation: Negotiation,
+    deadline: Option<Instant>,
+    tls: &TlsPolicy,
+) {
     let outcome = {
         let mut guarded = Deadline {
             stream: &mut stream,
-            deadline: timeout.map(|t| Instant::now() + t),
+            deadline,
         };
-        handshake::negotiate(&mut guarded, inner)
+        negotiation.options(&mut guarded, inner)
     };
     let session = match outcome {
         Ok(Outcome::Transmission(session)) => session,
         Ok(Outcome::Aborted) => {
             tracing::debug!("client aborted the handshake");
+            return;
+        }
+        Ok(Outcome::StartTls) => {
+            match tls.config() {
+                Some(config) => serve_over_tls(inner, id, stream, negotiation, deadline, config),
+                // The gate refuses STARTTLS on listeners without TLS.
+                None => tracing::error!("STARTTLS acknowledged on a listener without TLS"),
+            }
             return;
         }
         Err(err) => {
@@ -302,6 +357,68 @@ pub(crate) fn run_connection<S: Transport>(inner: &Inner, id: u64, mut stream: S
     };
     let writer = writer.as_ref().map(|w| w as &Mutex<dyn Write + Send>);
     let _ = serve_session(inner, &mut stream, writer, &session);
+}
+
+/// The TLS handshake on `socket`, then the rest of the connection over one end of a
+/// socketpair whose other end [`tls::pump`] joins to `socket`.
+fn serve_over_tls<S: Transport>(
+    inner: &Inner,
+    id: u64,
+    mut socket: S,
+    mut negotiation: Negotiation,
+    deadline: Option<Instant>,
+    config: &Arc<rustls::ServerConfig>,
+) {
+    let accepted = {
+        let mut guarded = Deadline {
+            stream: &mut socket,
+            deadline,
+        };
+        tls::accept(&mut guarded, config, deadline)
+    };
+    let connection = match accepted {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::warn!(%err, "TLS handshake failed; closing the connection");
+            return;
+        }
+    };
+    tracing::info!(
+        version = ?connection.protocol_version(),
+        client_certificate = connection.peer_certificates().is_some(),
+        "TLS established"
+    );
+    if let Err(err) = socket.set_timeouts(None) {
+        tracing::warn!(%err, "could not clear handshake timeouts");
+    }
+    let (plain, pump_end) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::warn!(%err, "could not create the TLS socketpair");
+            return;
+        }
+    };
+    if let Err(err) = plain.set_timeouts(inner.config.handshake_timeout) {
+        tracing::warn!(%err, "could not set handshake timeouts");
+    }
+    negotiation.tls_started();
+    let span = tracing::Span::current();
+    thread::scope(|scope| {
+        let pump = thread::Builder::new()
+            .name(format!("nbd-tls-{id}"))
+            .spawn_scoped(scope, move || {
+                let _entered = span.enter();
+                match tls::pump(socket, connection, pump_end) {
+                    Ok(()) => tracing::debug!("TLS connection closed"),
+                    Err(err) => tracing::info!(%err, "TLS connection ended"),
+                }
+            });
+        match pump {
+            // Dropping `plain` at the end of proceed() is what ends the pump.
+            Ok(_) => proceed(inner, id, plain, negotiation, deadline, &TlsPolicy::Off),
+            Err(err) => tracing::warn!(%err, "could not spawn the TLS pump thread"),
+        }
+    });
 }
 
 /// Transmission with accounting; shared by socket threads and [`crate::Server::serve_stream`].
