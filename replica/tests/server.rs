@@ -59,6 +59,7 @@ fn settings(dir: &Path, transport: Transport) -> ServerSettings {
             entry("*.dc2.example.com", "store2", "dc2"),
         ],
         reserve: 0,
+        limits: replica::limits::Limits::default(),
     }
 }
 
