@@ -4,6 +4,7 @@
 //! cut by the body timeout; uploads beyond a primary's limit are answered Busy without
 //! their body being read; a certificate naming its primary only in its common name is
 //! refused; and everything the daemons create is private (0600 files, 0700 dirs).
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 
@@ -42,6 +43,20 @@ fn replica(certs: &LabCerts) -> Replica {
         BODY.as_secs()
     );
     with_open_files_limit(256, || Replica::start(certs, REPLICA_HOST, &dc1(), &extra))
+}
+
+/// This test's turn, and a lab CA with a replica daemon of small limits.
+fn lab() -> (
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    LabCerts,
+    Replica,
+) {
+    let serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let replica = replica(&certs);
+    (serial, dir, certs, replica)
 }
 
 /// A primary replicating group vm1 to `replica`, its first cycle applied.
@@ -155,10 +170,7 @@ fn upload_head(length: usize) -> Vec<u8> {
 
 #[test]
 fn stalled_uploads_are_cut_and_uploads_beyond_a_primarys_limit_are_busy_unread() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = lab_certs(dir.path());
-    let replica = replica(&certs);
+    let (_serial, _dir, certs, replica) = lab();
     let p = replicating_primary(&certs, &replica);
     let (cert, key) = primary_cert(&certs);
     let ca = certs.ca();
@@ -300,10 +312,7 @@ fn echo(port: u16, cert: ClientCert<'_>) -> String {
 
 #[test]
 fn a_certificate_naming_its_primary_only_in_the_common_name_is_refused() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = lab_certs(dir.path());
-    let replica = replica(&certs);
+    let (_serial, _dir, certs, replica) = lab();
     let ca = certs.ca();
     // The CN matches *.dc1.test, the only SAN is an IP address.
     let (cert, key) = issue_with_openssl(&certs, "cn-only.dc1.test", "IP:127.0.0.1");
@@ -357,10 +366,7 @@ fn assert_private_tree(root: &Path) -> usize {
 
 #[test]
 fn everything_the_daemons_create_is_private() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = lab_certs(dir.path());
-    let replica = replica(&certs);
+    let (_serial, _dir, certs, replica) = lab();
     let p = replicating_primary(&certs, &replica);
 
     let checked = assert_private_tree(&replica.storage("dc1"));

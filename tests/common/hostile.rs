@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// A `sockaddr_in` for `address`.
 fn sockaddr(address: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
         sin_port: address.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from(*address.ip()).to_be(),
@@ -31,7 +31,7 @@ pub fn idle_connection(source: Ipv4Addr, port: u16) -> TcpStream {
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is a socket this function owns; the stream closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).expect("fits");
     let local = sockaddr(SocketAddrV4::new(source, 0));
     // SAFETY: `local` is a valid sockaddr_in of `len` bytes, only read.
     let bound = unsafe { libc::bind(fd, std::ptr::addr_of!(local).cast(), len) };
