@@ -139,6 +139,7 @@ impl Drop for ConnectionPlace {
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
     let active = Arc::new(AtomicUsize::new(0));
+    let refusals = replica::limits::RefusalLog::new(Duration::from_secs(10));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -146,10 +147,13 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
         match stream {
             Ok(stream) => {
                 let Some(place) = ConnectionPlace::take(&active) else {
-                    warn!(
-                        limit = MAX_CONNECTIONS,
-                        "Closing a metrics connection: too many are open"
-                    );
+                    if let Some(refused) = refusals.note() {
+                        warn!(
+                            limit = MAX_CONNECTIONS,
+                            refused,
+                            "Closing new metrics connections: too many are open; this count since the last such line"
+                        );
+                    }
                     continue;
                 };
                 let render = Arc::clone(render);
