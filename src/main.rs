@@ -7,6 +7,7 @@ mod cert;
 mod config;
 mod control;
 mod cycles;
+mod daemon_setup;
 mod metrics;
 mod primary;
 mod replica_daemon;
@@ -227,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Ca { dir, name },
         } => {
+            daemon_setup::private_files();
             let cert = cert::create_lab_ca(&dir, &name)?;
             println!(
                 "CA certificate: {} (its key beside it: keep it off the hosts)",
@@ -236,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Issue { dir, names },
         } => {
+            daemon_setup::private_files();
             let (cert, key) = cert::issue(&dir, &names)?;
             println!("Certificate: {}\nKey: {}", cert.display(), key.display());
         }

@@ -2,10 +2,14 @@
 //! exposition format (version 0.0.4), rendered afresh by the caller's function on every
 //! scrape.
 //!
-//! One thread serves one connection at a time over a std `TcpListener`: scrapes are
-//! rare and small. A request may be at most [`MAX_REQUEST`] bytes and must arrive within
-//! [`READ_TIMEOUT`]; anything else gets an error status and the connection is closed.
-//! Nothing a client sends can panic the thread. Dropping the [`MetricsServer`] stops it.
+//! One thread accepts over a std `TcpListener` and gives each connection a thread of its
+//! own, at most [`MAX_CONNECTIONS`] at once (more are closed as they arrive), so a
+//! client that sends slowly or not at all delays no other scrape. A request may be at
+//! most [`MAX_REQUEST`] bytes and must arrive within [`READ_TIMEOUT`]; anything else
+//! gets an error status and the connection is closed; writing the answer and taking
+//! what the client still sends are bounded by timeouts too, so every connection thread
+//! ends within seconds. Nothing a client sends can panic a thread. Dropping the
+//! [`MetricsServer`] stops accepting.
 //!
 //! [`MetricsText`] builds the text: each metric's `HELP` and `TYPE` once, its samples
 //! grouped after them however the caller interleaves them, label values escaped.
@@ -14,7 +18,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,8 +28,12 @@ use tracing::{info, warn};
 
 /// Longest request accepted (request line and headers).
 pub const MAX_REQUEST: usize = 8 * 1024;
-/// How long a whole request may take to arrive.
+/// How long a whole request may take to arrive, and the answer to be written.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client's leftover input is taken after the answer, at most.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -109,15 +117,56 @@ impl Drop for MetricsServer {
     }
 }
 
+/// A place among the [`MAX_CONNECTIONS`] served at once, given back when dropped.
+struct ConnectionPlace(Arc<AtomicUsize>);
+
+impl ConnectionPlace {
+    fn take(active: &Arc<AtomicUsize>) -> Option<Self> {
+        active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionPlace(Arc::clone(active)))
+    }
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let refusals = replica::limits::RefusalLog::new(Duration::from_secs(10));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         match stream {
             Ok(stream) => {
-                if let Err(error) = answer(stream, render) {
-                    info!(%error, "Metrics request failed");
+                let Some(place) = ConnectionPlace::take(&active) else {
+                    if let Some(refused) = refusals.note() {
+                        warn!(
+                            limit = MAX_CONNECTIONS,
+                            refused,
+                            "Closing new metrics connections: too many are open; this count since the last such line"
+                        );
+                    }
+                    continue;
+                };
+                let render = Arc::clone(render);
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        let _place = place;
+                        if let Err(error) = answer(stream, &render) {
+                            info!(%error, "Metrics request failed");
+                        }
+                    });
+                if let Err(error) = spawned {
+                    warn!(%error, "Cannot start a metrics connection thread");
                 }
             }
             Err(error) => {
@@ -218,8 +267,20 @@ fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     let _ = stream.shutdown(Shutdown::Write);
     // Closing with unread input would reset the connection and could destroy the
     // answer before the client reads it: take what the client still sends, briefly.
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let _ = std::io::copy(&mut (&stream).take(1 << 20), &mut std::io::sink());
+    let deadline = Instant::now() + DRAIN_TIME;
+    let mut buf = [0u8; 4096];
+    let mut taken = 0;
+    while taken < 1 << 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => taken += n,
+        }
+    }
     Ok(())
 }
 
@@ -456,5 +517,42 @@ mod tests {
 
         drop(server);
         assert!(TcpStream::connect(addr).is_err(), "still listening");
+    }
+
+    #[test]
+    fn a_silent_client_delays_no_scrape_and_is_closed_after_the_timeout() {
+        let render: Render = Arc::new(|| "blkrep_test_up 1\n".into());
+        let server = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let addr = server.local_addr();
+        let mut silent = TcpStream::connect(addr).unwrap();
+        let mut half = TcpStream::connect(addr).unwrap();
+        half.write_all(b"GET /metr").unwrap();
+        // Both are accepted before the scrape.
+        std::thread::sleep(Duration::from_millis(200));
+
+        let started = Instant::now();
+        let scrape = request(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(scrape.contains("blkrep_test_up 1"), "{scrape}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the scrape waited {:?} behind silent clients",
+            started.elapsed()
+        );
+
+        for stream in [&mut silent, &mut half] {
+            stream
+                .set_read_timeout(Some(READ_TIMEOUT + Duration::from_secs(10)))
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= READ_TIMEOUT - Duration::from_millis(500)
+                && waited < READ_TIMEOUT + Duration::from_secs(3),
+            "closed after {waited:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod apply;
 pub mod compare;
 pub mod copy;
 pub mod history;
+pub mod limits;
 pub mod server;
 pub mod store;
 pub mod test_failover;

@@ -48,13 +48,15 @@ use wire::error_chain;
 use wire::tls::certificate_names;
 
 use crate::compare;
+use crate::limits::{LimitReached, Limits, RefusalLog, Slot, Slots};
 use crate::store::{apply_transfer, Claim, Replica, ReplicaState, StoreError};
 
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a request's headers may take to arrive once it started; idle keep-alive
-/// connections are closed by the primary's echo schedule, not here.
+/// How long a connection may wait for its next request's headers (hyper's timer runs
+/// from the moment it waits): the primary's echo every 90 s keeps its data connection
+/// open; the first request is held to [`Limits::handshake_timeout`] instead.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+/// At most one warning about refused connections per this period.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Shortest pre-shared key lab mode accepts.
 pub const MIN_PSK_LEN: usize = 16;
 
@@ -131,6 +133,8 @@ pub struct ServerSettings {
     pub reserve: u64,
     /// The largest replica disk accepted, in bytes.
     pub max_disk_size: u64,
+    /// What peers may hold of the server.
+    pub limits: Limits,
 }
 
 /// The largest replica disk accepted unless configured: 64 TiB, the largest VHDX.
@@ -190,6 +194,8 @@ struct Context {
     apply: ApplyRequests,
     /// Told of each planned failover a primary asked for.
     failover_listener: Mutex<Option<FailoverListener>>,
+    /// Chunk uploads in progress, per primary identity.
+    uploads: Arc<Slots<String>>,
 }
 
 /// What is told of a planned failover (the daemon serves the live disks).
@@ -628,6 +634,7 @@ impl ReplicaServer {
             replicas: Mutex::new(HashMap::new()),
             apply: apply.clone(),
             failover_listener: Mutex::new(None),
+            uploads: Slots::new(usize::MAX, settings.limits.max_uploads_per_primary),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -785,6 +792,9 @@ async fn accept_loop(
     context: Arc<Context>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let limits = context.settings.limits;
+    let connections = Slots::new(limits.max_connections, limits.max_connections_per_address);
+    let refusals = RefusalLog::new(REFUSAL_LOG_PERIOD);
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => return,
@@ -798,9 +808,28 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Counted before any TLS work, so a flood costs an accept and a close.
+        let slot = match connections.take(remote.ip().to_canonical()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                drop(stream);
+                if let Some(refused) = refusals.note() {
+                    let (limit, value) = match full {
+                        LimitReached::Total => ("max_connections", limits.max_connections),
+                        LimitReached::Key => (
+                            "max_connections_per_address",
+                            limits.max_connections_per_address,
+                        ),
+                    };
+                    warn!(%remote, refused, limit, value, "Closing new connections over a connection limit ([limits] in the configuration); this count since the last such line");
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (acceptor, context) = (acceptor.clone(), Arc::clone(&context));
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(error) = serve_connection(stream, remote, acceptor, context).await {
                 info!(%remote, %error, "Connection ended");
             }
@@ -814,6 +843,8 @@ async fn serve_connection(
     acceptor: Acceptor,
     context: Arc<Context>,
 ) -> Result<(), String> {
+    let limits = context.settings.limits;
+    let first_request_by = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = match acceptor {
         Acceptor::Tls(acceptor) => acceptor,
         Acceptor::Plain => {
@@ -822,12 +853,12 @@ async fn serve_connection(
                 logged: Mutex::new(None),
             });
             let auth = Auth::PerRequest(connection);
-            return serve_http(TokioIo::new(stream), auth, context).await;
+            return serve_http(TokioIo::new(stream), auth, context, first_request_by).await;
         }
     };
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    let tls = tokio::time::timeout_at(first_request_by, acceptor.accept(stream))
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|_| format!("TLS handshake not done in {:?}", limits.handshake_timeout))?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let names = tls
         .get_ref()
@@ -841,26 +872,56 @@ async fn serve_connection(
         Some(peer) => {
             info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected")
         }
+        None if names.is_empty() => {
+            warn!(%remote, "Refusing a client certificate without a DNS name among its subject alternative names: a primary's identity is its DNS names only (never its common name or IP addresses)")
+        }
         None => warn!(%remote, ?names, "Refusing a primary no authorisation entry allows"),
     }
-    serve_http(TokioIo::new(tls), Auth::Connection(peer), context).await
+    serve_http(
+        TokioIo::new(tls),
+        Auth::Connection(peer),
+        context,
+        first_request_by,
+    )
+    .await
 }
 
-async fn serve_http<I>(io: I, auth: Auth, context: Arc<Context>) -> Result<(), String>
+/// Serves HTTP/1.1 on a connection whose first request's headers must arrive by
+/// `first_request_by`.
+async fn serve_http<I>(
+    io: I,
+    auth: Auth,
+    context: Arc<Context>,
+    first_request_by: tokio::time::Instant,
+) -> Result<(), String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| {
-        let (context, auth) = (Arc::clone(&context), auth.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(&context, &auth, request).await) }
-    });
-    http1::Builder::new()
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let body_timeout = BodyTimeout(context.settings.limits.body_timeout);
+    let service = {
+        let first_request = Arc::clone(&first_request);
+        service_fn(move |mut request: Request<Incoming>| {
+            first_request.notify_one();
+            request.extensions_mut().insert(body_timeout);
+            let (context, auth) = (Arc::clone(&context), auth.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(&context, &auth, request).await) }
+        })
+    };
+    let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(io, service)
-        .await
-        .map_err(|e| e.to_string())
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    let started = tokio::select! {
+        served = &mut connection => return served.map_err(|e| e.to_string()),
+        started = tokio::time::timeout_at(first_request_by, first_request.notified()) => started,
+    };
+    if started.is_err() {
+        return Err("No request in time after connecting".into());
+    }
+    connection.await.map_err(|e| e.to_string())
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -910,8 +971,19 @@ fn store_refusal(error: &StoreError) -> Refusal {
 #[derive(Debug, Clone)]
 struct UnreadBody(Arc<AtomicBool>);
 
+/// How long a request's body may go without a byte arriving (a request extension).
+#[derive(Debug, Clone, Copy)]
+struct BodyTimeout(Duration);
+
+/// Reads a whole body of at most `limit` bytes; a body that stalls for the connection's
+/// [`BodyTimeout`] is refused (and, unread, closes the connection).
 async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
     let unread = request.extensions().get::<UnreadBody>().cloned();
+    let BodyTimeout(idle) = request
+        .extensions()
+        .get::<BodyTimeout>()
+        .copied()
+        .unwrap_or(BodyTimeout(crate::limits::DEFAULT_BODY_TIMEOUT));
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -923,15 +995,49 @@ async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal
             format!("Body larger than {limit} bytes"),
         ));
     }
-    let bytes = Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .map_err(|e| refuse(ErrorCode::BadRequest, format!("Cannot read the body: {e}")))?;
+    let mut incoming = Limited::new(request.into_body(), limit);
+    let mut bytes = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(idle, incoming.frame())
+            .await
+            .map_err(|_| {
+                refuse(
+                    ErrorCode::BadRequest,
+                    format!("The body stalled: no byte for {idle:?}"),
+                )
+            })?;
+        let Some(frame) = frame else { break };
+        let frame = frame
+            .map_err(|e| refuse(ErrorCode::BadRequest, format!("Cannot read the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
     if let Some(UnreadBody(unread)) = unread {
         unread.store(false, Ordering::Relaxed);
     }
-    Ok(bytes)
+    Ok(Bytes::from(bytes))
+}
+
+/// A chunk upload's frame, and its place among the peer's uploads in progress (held
+/// until the frame is stored). Over the limit the upload is refused as busy before any
+/// of its body is read, so a primary's uploads hold a bounded amount of memory.
+async fn chunk_body(
+    context: &Context,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<(Bytes, Slot<String>), Refusal> {
+    let upload = context.uploads.take(peer.identity.clone()).map_err(|_| {
+        refuse(
+            ErrorCode::Busy,
+            format!(
+                "{} chunk uploads of {} are in progress already; retry later",
+                context.settings.limits.max_uploads_per_primary, peer.identity
+            ),
+        )
+    })?;
+    let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
+    Ok((frame, upload))
 }
 
 async fn json_body<T: serde::de::DeserializeOwned>(
@@ -1091,7 +1197,7 @@ async fn route(
             .await
         }
         ReplicaCall::PutChunk { claim, id, index } => {
-            let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
+            let (frame, _upload) = chunk_body(context, peer, request).await?;
             blocking(move || {
                 let stored = lock(&replica)
                     .put_chunk(claim, id, index, &frame)

@@ -67,6 +67,7 @@ fn settings(dir: &Path, transport: Transport) -> ServerSettings {
         ],
         reserve: 0,
         max_disk_size: DEFAULT_MAX_DISK_SIZE,
+        limits: replica::limits::Limits::default(),
     }
 }
 

@@ -335,6 +335,7 @@ fn stop_signals() -> SigSet {
 
 /// Runs the primary until SIGTERM or SIGINT.
 pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
+    crate::daemon_setup::harden_process();
     let signals = stop_signals();
     signals
         .thread_block()

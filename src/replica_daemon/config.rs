@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use replica::limits::Limits;
 use replica::server::{
     authorization_problems, AuthEntry, PreSharedKey, ServerSettings, Transport,
     DEFAULT_MAX_DISK_SIZE, MIN_PSK_LEN,
@@ -46,6 +47,68 @@ struct RawConfig {
     #[serde(default)]
     nbd: NbdConfig,
     failover: Option<RawFailover>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// What peers may hold of the server; every field defaults to
+/// [`replica::limits::Limits::default`]'s.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    max_uploads_per_primary: Option<usize>,
+    handshake_timeout: Option<crate::config::Interval>,
+    body_timeout: Option<crate::config::Interval>,
+}
+
+impl RawLimits {
+    fn validate(&self, problems: &mut Vec<String>) -> Limits {
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .unwrap_or(defaults.max_connections_per_address),
+            max_uploads_per_primary: self
+                .max_uploads_per_primary
+                .unwrap_or(defaults.max_uploads_per_primary),
+            handshake_timeout: self
+                .handshake_timeout
+                .map_or(defaults.handshake_timeout, |interval| interval.0),
+            body_timeout: self
+                .body_timeout
+                .map_or(defaults.body_timeout, |interval| interval.0),
+        };
+        for (name, value) in [
+            ("max_connections", limits.max_connections),
+            (
+                "max_connections_per_address",
+                limits.max_connections_per_address,
+            ),
+            ("max_uploads_per_primary", limits.max_uploads_per_primary),
+        ] {
+            if value == 0 {
+                problems.push(format!("[limits] {name} must be at least 1"));
+            }
+        }
+        if limits.max_connections_per_address > limits.max_connections {
+            problems.push(format!(
+                "[limits] max_connections_per_address ({}) is more than max_connections ({})",
+                limits.max_connections_per_address, limits.max_connections
+            ));
+        }
+        for (name, value) in [
+            ("handshake_timeout", limits.handshake_timeout),
+            ("body_timeout", limits.body_timeout),
+        ] {
+            if value < std::time::Duration::from_secs(1) {
+                problems.push(format!("[limits] {name} must be at least 1s"));
+            }
+        }
+        limits
+    }
 }
 
 /// What runs after a failover.
@@ -145,6 +208,8 @@ pub struct ReplicaConfig {
     /// What is allowed but probably not meant (printed by `--check` and logged at
     /// start).
     pub warnings: Vec<String>,
+    /// What peers may hold of the server.
+    pub limits: Limits,
 }
 
 /// A command run after a failover (program and arguments, no shell).
@@ -185,6 +250,7 @@ impl ReplicaConfig {
             authorization: self.authorization.clone(),
             reserve: self.reserve,
             max_disk_size: self.max_disk_size,
+            limits: self.limits,
         }
     }
 }
@@ -361,7 +427,9 @@ impl RawConfig {
                 problems.push("[failover] hook_timeout must be more than zero".into());
             }
         }
+        let limits = self.limits.validate(problems);
         Some(ReplicaConfig {
+            limits,
             failover_hook,
             live_ring_size,
             nbd_unix_socket: self.nbd.unix_socket.unwrap_or_else(default_nbd_socket),
@@ -652,6 +720,50 @@ trust_group = "lab"
             error.contains("live_ring_size must be a multiple of 4KiB and at least 4MiB"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn limits_default_and_are_checked() {
+        let files = Files::new();
+        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let config = parse(&base).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.settings().limits, Limits::default());
+        let config = parse(&format!(
+            "{base}\n[limits]\nmax_connections = 100\nmax_connections_per_address = 10\nmax_uploads_per_primary = 2\nhandshake_timeout = \"3s\"\nbody_timeout = \"1m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_connections: 100,
+                max_connections_per_address: 10,
+                max_uploads_per_primary: 2,
+                handshake_timeout: std::time::Duration::from_secs(3),
+                body_timeout: std::time::Duration::from_secs(60),
+            }
+        );
+        let partial = parse(&format!("{base}\n[limits]\nmax_uploads_per_primary = 4\n")).unwrap();
+        assert_eq!(partial.limits.max_uploads_per_primary, 4);
+        assert_eq!(
+            partial.limits.max_connections,
+            Limits::default().max_connections
+        );
+        let error = problems(&format!(
+            "{base}\n[limits]\nmax_connections = 10\nmax_connections_per_address = 20\nmax_uploads_per_primary = 0\nbody_timeout = \"0s\"\n"
+        ));
+        for expected in [
+            "[limits] max_connections_per_address (20) is more than max_connections (10)",
+            "[limits] max_uploads_per_primary must be at least 1",
+            "[limits] body_timeout must be at least 1s",
+        ] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+        let unknown = parse(&format!("{base}\n[limits]\nmax_conections = 1\n")).unwrap_err();
+        assert!(unknown.contains("max_conections"), "{unknown}");
     }
 
     #[test]

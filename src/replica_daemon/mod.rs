@@ -603,6 +603,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             force,
             move_images,
         } => {
+            crate::daemon_setup::private_files();
             let config = ReplicaConfig::load(&config)?;
             let images = match &from_primary {
                 Some(primary) => old_primary_disks(primary, &name, force, move_images)?,
@@ -755,6 +756,7 @@ fn stop_signals() -> SigSet {
 
 /// Runs the replica daemon until SIGTERM or SIGINT.
 pub fn run(config: &ReplicaConfig) -> Result<(), DaemonError> {
+    crate::daemon_setup::harden_process();
     let signals = stop_signals();
     signals
         .thread_block()
@@ -1856,6 +1858,7 @@ mod tests {
             }],
             reserve: 0,
             max_disk_size: replica::server::DEFAULT_MAX_DISK_SIZE,
+            limits: replica::limits::Limits::default(),
         })
         .unwrap();
         let state = replica::store::ReplicaState::new(

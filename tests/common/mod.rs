@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod hostile;
 pub mod nbd;
 pub mod ordered;
 pub mod replica;

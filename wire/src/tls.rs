@@ -145,31 +145,27 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The DNS names a (verified) certificate vouches for: its subject alternative names,
-/// or its common name when it has none. Lower-cased.
+/// The DNS names a (verified) certificate vouches for: the DNS names among its
+/// subject alternative names, lower-cased; nothing else. Its common name is never an
+/// identity (a CA may put any text there, and a certificate naming only IP addresses
+/// would otherwise be admitted by its CN), nor are IP addresses. An empty list means
+/// the certificate identifies no primary.
 pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return Vec::new();
     };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
-                names.push(dns.to_ascii_lowercase());
-            }
-        }
-    }
-    if names.is_empty() {
-        names.extend(
-            parsed
-                .subject()
-                .iter_common_name()
-                .filter_map(|cn| cn.as_str().ok())
-                .map(str::to_ascii_lowercase),
-        );
-    }
-    names
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// An allowed primary identity: a DNS name, or `*.` and a suffix, where `*` stands for
@@ -281,5 +277,43 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         let names = certificate_names(cert.der());
         assert_eq!(names, vec!["host1.dc1.example.com", "alias.example.com"]);
+    }
+
+    /// A certificate with common name `cn` and subject alternative names `sans`.
+    fn certificate(cn: &str, sans: Vec<rcgen::SanType>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_common_name_and_ip_addresses_are_no_identity() {
+        let cn = "host1.dc1.example.com";
+        let ip_only = certificate(cn, vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())]);
+        assert_eq!(certificate_names(&ip_only), Vec::<String>::new());
+        let no_san = certificate(cn, Vec::new());
+        assert_eq!(certificate_names(&no_san), Vec::<String>::new());
+        let dns_and_ip = certificate(
+            "other.example.com",
+            vec![
+                rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+                rcgen::SanType::DnsName("Host1.DC1.example.com".try_into().unwrap()),
+            ],
+        );
+        assert_eq!(certificate_names(&dns_and_ip), vec![cn]);
+    }
+
+    #[test]
+    fn the_lab_ca_issues_dns_names_as_dns_sans() {
+        let ca = crate::lab_ca::create_ca("test CA").unwrap();
+        let host =
+            crate::lab_ca::issue_host(&ca, &["primary.dc1.example.com".into(), "192.0.2.7".into()])
+                .unwrap();
+        let der = CertificateDer::from_pem_slice(host.cert.as_bytes()).unwrap();
+        assert_eq!(certificate_names(&der), vec!["primary.dc1.example.com"]);
     }
 }
