@@ -11,6 +11,7 @@
 pub mod fault_proxy;
 pub mod nbd;
 pub mod ordered;
+pub mod power_loss;
 pub mod replica;
 pub mod writer;
 
