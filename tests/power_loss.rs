@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
 use common::power_loss::{
-    check_after_power_loss, fuse_available, place_primary_on, pretend_host_crash, read_prefix,
-    seed, FlushingWriter, PowerLossDir,
+    check_after_power_loss, fuse_available, place_primary_on, place_replica_storage_on,
+    pretend_host_crash, read_prefix, seed, FlushingWriter, PowerLossDir,
 };
 use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::{assert_bytes_equal, tail, Consumer, DiskSpec, GroupSpec, Primary, Spec, LONG, MIB};
@@ -169,5 +170,165 @@ fn primary_power_loss_keeps_flushed_writes_and_resyncs_only_the_active_extents()
         dir.dropped.files,
         resync_marked,
         resync_differing
+    );
+}
+
+const REPLICA_CRASHES: u32 = 20;
+
+/// Reads the replica's two disks when no transfer is applied meanwhile (nothing
+/// pending and the same applied cycle before and after the read).
+fn quiescent_replica_disks(replica: &Replica) -> (u64, Vec<Vec<u8>>) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let before = replica.info("vm1").expect("vm1");
+        let data: Vec<Vec<u8>> = ["disk0", "disk1"]
+            .iter()
+            .map(|d| read_prefix(&replica.disk("dc1", "vm1", d), ORDERED_REGION))
+            .collect();
+        let after = replica.info("vm1").expect("vm1");
+        let applied = before["last_applied_cycle"].as_u64();
+        if before["pending_transfers"] == 0
+            && after["pending_transfers"] == 0
+            && applied == after["last_applied_cycle"].as_u64()
+        {
+            return (applied.unwrap_or(0), data);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never settled: {after:#}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix() {
+    if !fuse_available() {
+        return;
+    }
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let lab = tempfile::tempdir().unwrap();
+    let certs = lab_certs(lab.path());
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut dir = PowerLossDir::mount_in(&replica.root);
+    place_replica_storage_on(&mut replica, "dc1", &dir);
+    // Cycles every second; retries after 0.6 s instead of a minute; points kept.
+    let consumer = certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "retry_scale = 0.01\nrecovery_points = 4\nrecovery_point_spacing = \"2s\"\n",
+    );
+    let mut p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![
+            DiskSpec::new("disk0", ORDERED_REGION),
+            DiskSpec::new("disk1", ORDERED_REGION),
+        ],
+    )
+    .consumer(Consumer::Raw(consumer))
+    .interval("1s")]));
+    let first = p.cycles_close("vm1");
+    replica.wait_applied("vm1", first, LONG);
+
+    let shared = Arc::new(OrderedShared::default());
+    let writer = ordered_writer(p.nbd_sock(), shared.clone(), rng.gen());
+    let mut prefix = 0;
+    let mut cut_while_applying = 0;
+    let started = Instant::now();
+    for crash in 1..=REPLICA_CRASHES {
+        thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
+        // Acknowledged to the primary before the cut: made durable by the replica.
+        let acked = p.group_status("vm1")["cycle"]["last_acked"]
+            .as_u64()
+            .unwrap();
+        if replica
+            .info("vm1")
+            .is_some_and(|i| i["pending_transfers"] != 0)
+        {
+            cut_while_applying += 1;
+        }
+        dir.cut();
+        replica.kill();
+        dir.remount();
+        replica.spawn();
+        let info = replica.info("vm1").expect("vm1 after the restart");
+        let received = info["last_received_cycle"].as_u64().unwrap_or(0);
+        assert!(
+            received >= acked,
+            "crash {crash}: the primary saw cycle {acked} acknowledged, the replica kept only \
+             {received}: {info:#}"
+        );
+        replica.wait_applied("vm1", acked + 1, LONG);
+        let (applied, data) = quiescent_replica_disks(&replica);
+        let writes = shared.writes.lock().unwrap().clone();
+        let m = ordered_prefix(&data, &writes).unwrap_or_else(|e| {
+            panic!(
+                "crash {crash}: the replica after cycle {applied} is no state the primary had: {e}"
+            )
+        });
+        assert!(
+            m >= prefix,
+            "crash {crash}: the replica went back from write {prefix} to {m}"
+        );
+        prefix = m;
+    }
+    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().unwrap();
+    let consumer = p.group_status("vm1")["consumer"].clone();
+    assert_ne!(consumer["health"], "Critical", "{consumer:#}");
+    let last = p.cycles_close("vm1");
+    replica.wait_applied("vm1", last, LONG);
+    for disk in ["disk0", "disk1"] {
+        assert_bytes_equal(
+            &common::read_file(&p.image(disk)),
+            &common::read_file(&replica.disk("dc1", "vm1", disk)),
+            &format!("{disk}: replica vs primary after {REPLICA_CRASHES} replica power cuts"),
+        );
+    }
+    let writes = shared.writes.lock().unwrap().clone();
+
+    // The latest point (the disks as they are) holds every write; every earlier
+    // point is a prefix of the write order, older points shorter ones.
+    p.kill();
+    let latest: Vec<Vec<u8>> = ["disk0", "disk1"]
+        .iter()
+        .map(|d| read_prefix(&replica.disk("dc1", "vm1", d), ORDERED_REGION))
+        .collect();
+    assert_eq!(ordered_prefix(&latest, &writes), Ok(written));
+    let earlier: Vec<_> = replica
+        .points("vm1")
+        .into_iter()
+        .filter(|point| point["latest"] == false)
+        .collect();
+    assert!(!earlier.is_empty(), "no earlier recovery point kept");
+    let mut by_cycle: Vec<(u64, u64)> = Vec::new();
+    for point in &earlier {
+        let id = point["id"].as_u64().expect("point id").to_string();
+        replica
+            .cli(&["failover", "--name", "vm1", "--point", &id])
+            .assert_ok();
+        let data: Vec<Vec<u8>> = ["disk0", "disk1"]
+            .iter()
+            .map(|d| read_prefix(&replica.disk("dc1", "vm1", d), ORDERED_REGION))
+            .collect();
+        let m = ordered_prefix(&data, &writes)
+            .unwrap_or_else(|e| panic!("recovery point {point} is no state the primary had: {e}"));
+        by_cycle.push((point["cycle"].as_u64().unwrap_or(0), m));
+    }
+    by_cycle.sort_unstable();
+    by_cycle.push((last, written));
+    assert!(
+        by_cycle.windows(2).all(|w| w[0].1 <= w[1].1),
+        "older points must hold shorter prefixes: {by_cycle:?}"
+    );
+    println!(
+        "replica power loss: {} crashes in {:.0?} ({cut_while_applying} with committed transfers \
+         being applied, the rest receiving or idle); {written} ordered writes; powerloss-fs \
+         dropped {} bytes in {} files; points (cycle, prefix): {by_cycle:?}",
+        dir.cuts,
+        started.elapsed(),
+        dir.dropped.bytes,
+        dir.dropped.files
     );
 }

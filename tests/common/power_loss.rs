@@ -331,3 +331,23 @@ pub fn read_prefix(path: &Path, len: u64) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     bytes
 }
+
+/// Moves a running replica's storage for trust group `trust_group` onto `dir`: stops
+/// it, moves the storage directory into the backing directory, leaves a symlink to
+/// the mount in its place (so the fixture's paths read through the mount), restarts.
+pub fn place_replica_storage_on(
+    replica: &mut super::replica::Replica,
+    trust_group: &str,
+    dir: &PowerLossDir,
+) {
+    replica.terminate();
+    let storage = replica.storage(trust_group);
+    let name = storage.file_name().expect("storage dir name").to_owned();
+    if storage.exists() {
+        fs::rename(&storage, dir.backing.join(&name)).expect("move storage");
+    } else {
+        fs::create_dir(dir.backing.join(&name)).expect("mkdir storage");
+    }
+    std::os::unix::fs::symlink(dir.mnt.join(&name), &storage).expect("symlink storage");
+    replica.spawn();
+}
