@@ -17,8 +17,9 @@ use common::power_loss::{
     check_after_power_loss, fuse_available, place_primary_on, place_replica_storage_on,
     pretend_host_crash, read_prefix, seed, FlushingWriter, PowerLossDir,
 };
-use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use common::{assert_bytes_equal, tail, Consumer, DiskSpec, GroupSpec, Primary, Spec, LONG, MIB};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// The activity log's extent (tracker/src/activity.rs).
@@ -30,15 +31,22 @@ const DISK: u64 = 2 * EXTENT;
 const FLUSH_EVERY: usize = 8;
 const PRIMARY_CRASHES: u32 = 20;
 
-#[test]
-fn primary_power_loss_keeps_flushed_writes_and_resyncs_only_the_active_extents() {
+/// The seeded RNG and a lab CA, or None (after saying why) without FUSE.
+fn lab() -> Option<(StdRng, tempfile::TempDir, LabCerts)> {
     if !fuse_available() {
-        return;
+        return None;
     }
-    let seed = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let rng = StdRng::seed_from_u64(seed());
     let lab = tempfile::tempdir().unwrap();
     let certs = lab_certs(lab.path());
+    Some((rng, lab, certs))
+}
+
+#[test]
+fn primary_power_loss_keeps_flushed_writes_and_resyncs_only_the_active_extents() {
+    let Some((mut rng, _lab, certs)) = lab() else {
+        return;
+    };
     let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
     let mut p = Primary::prepare(Spec::new(vec![GroupSpec::new(
         "vm1",
@@ -203,13 +211,9 @@ fn quiescent_replica_disks(replica: &Replica) -> (u64, Vec<Vec<u8>>) {
 
 #[test]
 fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix() {
-    if !fuse_available() {
+    let Some((mut rng, _lab, certs)) = lab() else {
         return;
-    }
-    let seed = seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let lab = tempfile::tempdir().unwrap();
-    let certs = lab_certs(lab.path());
+    };
     let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
     let mut dir = PowerLossDir::mount_in(&replica.root);
     place_replica_storage_on(&mut replica, "dc1", &dir);

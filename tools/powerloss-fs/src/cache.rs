@@ -64,18 +64,13 @@ impl FileCache {
             return Ok(Vec::new());
         }
         let mut out = vec![0u8; to_usize(end - offset)];
-        let mut at = offset;
-        while at < end {
-            let index = at / PAGE;
-            let in_page = to_usize(at % PAGE);
-            let step = (PAGE - at % PAGE).min(end - at);
-            let dest = &mut out[to_usize(at - offset)..][..to_usize(step)];
-            match self.pages.get(&index) {
-                Some(Page::Data(page)) => dest.copy_from_slice(&page[in_page..][..dest.len()]),
+        for span in spans(offset, end) {
+            let dest = &mut out[to_usize(span.at - offset)..][..span.len];
+            match self.pages.get(&span.index) {
+                Some(Page::Data(page)) => dest.copy_from_slice(&page[span.in_page..][..span.len]),
                 Some(Page::Zero) => dest.fill(0),
-                None => self.read_backing(backing, at, dest)?,
+                None => self.read_backing(backing, span.at, dest)?,
             }
-            at += step;
         }
         Ok(out)
     }
@@ -83,15 +78,10 @@ impl FileCache {
     /// Writes `data` at `offset` into the cache, extending the size if needed.
     pub fn write(&mut self, backing: &File, offset: u64, data: &[u8]) -> io::Result<()> {
         let end = offset + data.len() as u64;
-        let mut at = offset;
-        while at < end {
-            let index = at / PAGE;
-            let in_page = to_usize(at % PAGE);
-            let step = (PAGE - at % PAGE).min(end - at);
-            let page = self.page_mut(backing, index)?;
-            page[in_page..][..to_usize(step)]
-                .copy_from_slice(&data[to_usize(at - offset)..][..to_usize(step)]);
-            at += step;
+        for span in spans(offset, end) {
+            let page = self.page_mut(backing, span.index)?;
+            page[span.in_page..][..span.len]
+                .copy_from_slice(&data[to_usize(span.at - offset)..][..span.len]);
         }
         self.size = self.size.max(end);
         Ok(())
@@ -99,18 +89,12 @@ impl FileCache {
 
     /// Makes `offset..offset+len` read as zeroes (whole pages become zero pages).
     pub fn zero(&mut self, backing: &File, offset: u64, len: u64) -> io::Result<()> {
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let index = at / PAGE;
-            let step = (PAGE - at % PAGE).min(end - at);
-            if step == PAGE {
-                self.pages.insert(index, Page::Zero);
+        for span in spans(offset, offset + len) {
+            if span.len == PAGE_LEN {
+                self.pages.insert(span.index, Page::Zero);
             } else {
-                let in_page = to_usize(at % PAGE);
-                self.page_mut(backing, index)?[in_page..][..to_usize(step)].fill(0);
+                self.page_mut(backing, span.index)?[span.in_page..][..span.len].fill(0);
             }
-            at += step;
         }
         Ok(())
     }
@@ -186,6 +170,34 @@ impl FileCache {
         }
         Ok(())
     }
+}
+
+/// The part of one page a byte range covers.
+struct Span {
+    /// Offset in the file.
+    at: u64,
+    index: u64,
+    in_page: usize,
+    len: usize,
+}
+
+/// The pieces of `start..end`, page by page.
+fn spans(start: u64, end: u64) -> impl Iterator<Item = Span> {
+    let mut at = start;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let step = (PAGE - at % PAGE).min(end - at);
+        let span = Span {
+            at,
+            index: at / PAGE,
+            in_page: to_usize(at % PAGE),
+            len: to_usize(step),
+        };
+        at += step;
+        Some(span)
+    })
 }
 
 fn to_usize(n: u64) -> usize {

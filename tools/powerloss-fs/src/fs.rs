@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions, Permissions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirEntryExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -327,6 +327,40 @@ impl PowerLossFs {
         Ok(attr(ino, &st, size))
     }
 
+    /// Runs a metadata operation in `parent`'s backing directory.
+    fn in_dir<T>(
+        &self,
+        parent: INodeNo,
+        op: impl FnOnce(RawFd) -> nix::Result<T>,
+    ) -> Result<T, Errno> {
+        let dir = self.path_fd(parent)?;
+        op(dir.as_raw_fd()).map_err(errno)
+    }
+
+    /// Makes entry `name` in `parent` with `op`, then answers with its lookup.
+    fn make_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        op: impl FnOnce(RawFd) -> nix::Result<()>,
+        reply: ReplyEntry,
+    ) {
+        alive!(self, reply);
+        tri!(self.in_dir(parent, op), reply);
+        let attr = tri!(self.lookup_node(parent, name), reply);
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    /// Unlinks `name` from `parent` (a directory with `RemoveDir`).
+    fn remove(&self, parent: INodeNo, name: &OsStr, flags: UnlinkatFlags, reply: ReplyEmpty) {
+        alive!(self, reply);
+        tri!(
+            self.in_dir(parent, |dir| nix::unistd::unlinkat(Some(dir), name, flags)),
+            reply
+        );
+        reply.ok();
+    }
+
     /// Runs `op` on node `ino`'s cache (made on first use), unless the power was cut
     /// meanwhile.
     fn with_file<T>(
@@ -478,41 +512,17 @@ impl Filesystem for PowerLossFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        alive!(self, reply);
-        let dir = tri!(self.path_fd(parent), reply);
-        tri!(
-            nix::sys::stat::mkdirat(
-                Some(dir.as_raw_fd()),
-                name,
-                Mode::from_bits_truncate(mode & !umask)
-            )
-            .map_err(errno),
-            reply
-        );
-        let attr = tri!(self.lookup_node(parent, name), reply);
-        reply.entry(&TTL, &attr, Generation(0));
+        let mode = Mode::from_bits_truncate(mode & !umask);
+        let op = |dir| nix::sys::stat::mkdirat(Some(dir), name, mode);
+        self.make_entry(parent, name, op, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        alive!(self, reply);
-        let dir = tri!(self.path_fd(parent), reply);
-        tri!(
-            nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
-                .map_err(errno),
-            reply
-        );
-        reply.ok();
+        self.remove(parent, name, UnlinkatFlags::NoRemoveDir, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        alive!(self, reply);
-        let dir = tri!(self.path_fd(parent), reply);
-        tri!(
-            nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
-                .map_err(errno),
-            reply
-        );
-        reply.ok();
+        self.remove(parent, name, UnlinkatFlags::RemoveDir, reply);
     }
 
     fn symlink(
@@ -523,14 +533,8 @@ impl Filesystem for PowerLossFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        alive!(self, reply);
-        let dir = tri!(self.path_fd(parent), reply);
-        tri!(
-            nix::unistd::symlinkat(target, Some(dir.as_raw_fd()), link_name).map_err(errno),
-            reply
-        );
-        let attr = tri!(self.lookup_node(parent, link_name), reply);
-        reply.entry(&TTL, &attr, Generation(0));
+        let op = |dir| nix::unistd::symlinkat(target, Some(dir), link_name);
+        self.make_entry(parent, link_name, op, reply);
     }
 
     fn rename(
@@ -569,21 +573,13 @@ impl Filesystem for PowerLossFs {
         reply: ReplyEntry,
     ) {
         alive!(self, reply);
-        let fd = tri!(self.path_fd(ino), reply);
-        let dir = tri!(self.path_fd(newparent), reply);
-        tri!(
-            nix::unistd::linkat(
-                None,
-                &proc_path(&fd),
-                Some(dir.as_raw_fd()),
-                &Path::new(newname).to_path_buf(),
-                AtFlags::AT_SYMLINK_FOLLOW,
-            )
-            .map_err(errno),
-            reply
-        );
-        let attr = tri!(self.lookup_node(newparent, newname), reply);
-        reply.entry(&TTL, &attr, Generation(0));
+        let source = proc_path(&tri!(self.path_fd(ino), reply));
+        let target = PathBuf::from(newname);
+        let op = |dir| {
+            let follow = AtFlags::AT_SYMLINK_FOLLOW;
+            nix::unistd::linkat(None, &source, Some(dir), &target, follow)
+        };
+        self.make_entry(newparent, newname, op, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -679,17 +675,7 @@ impl Filesystem for PowerLossFs {
         for entry in entries {
             let entry = tri!(entry.map_err(errno), reply);
             let kind = tri!(entry.file_type().map_err(errno), reply);
-            let kind = if kind.is_dir() {
-                FileType::Directory
-            } else if kind.is_symlink() {
-                FileType::Symlink
-            } else if kind.is_socket() {
-                FileType::Socket
-            } else if kind.is_fifo() {
-                FileType::NamedPipe
-            } else {
-                FileType::RegularFile
-            };
+            let kind = FileType::from_std(kind).unwrap_or(FileType::RegularFile);
             listing.push((INodeNo(entry.ino()), kind, entry.file_name()));
         }
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
