@@ -66,7 +66,8 @@ fi
 #   fio             scripts/bench-fio.sh (nbd ioengine)
 #   util-linux      fallocate, findmnt (essential on Debian; listed for safety)
 #   coreutils       stat, mktemp, timeout (same)
-wanted=(libnbd-bin python3-libnbd python3 fio util-linux coreutils)
+#   fuse3           fusermount3, for tools/powerloss-fs (tests/power_loss.rs)
+wanted=(libnbd-bin python3-libnbd python3 fio util-linux coreutils fuse3)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then
@@ -105,7 +106,7 @@ else
 fi
 
 # Check what was asked for is now usable.
-for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate; do
+for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate fusermount3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool still not on PATH after install"
 done
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then

@@ -12,6 +12,7 @@ pub mod fault_proxy;
 pub mod hostile;
 pub mod nbd;
 pub mod ordered;
+pub mod power_loss;
 pub mod replica;
 pub mod writer;
 
