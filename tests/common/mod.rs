@@ -12,6 +12,7 @@ pub mod fault_proxy;
 pub mod nbd;
 pub mod ordered;
 pub mod replica;
+pub mod soak;
 pub mod writer;
 
 use std::fmt::Write as _;
