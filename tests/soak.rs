@@ -40,6 +40,7 @@ use common::soak::{machine_description, ReconnectingOrderedWriter, Samples, Stat
 use common::writer::{self, pattern, RoundLog, ThreadCfg, Writers};
 use common::*;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -443,7 +444,12 @@ impl Soak {
     }
 
     fn link_fault(&mut self) {
-        match self.rng.gen_range(0..4) {
+        // Each kind once first, then at random.
+        let kind = match self.counts.link_faults() {
+            n @ 0..4 => (n + self.settings.seed) % 4,
+            _ => self.rng.gen_range(0..4),
+        };
+        match kind {
             0 => {
                 self.proxy.reset_all();
                 self.counts.link_resets += 1;
@@ -711,8 +717,10 @@ impl Soak {
     fn run(&mut self) {
         let total = Duration::from_secs_f64(self.settings.minutes * 60.0);
         let mut next_planned = (total / 2).min(FIRST_PLANNED);
-        // Even a short run tests a failover at least once.
-        let first_test = total / 4;
+        // The first events are one of each kind, in a seeded order, so that even a
+        // short run has each at least once; then they come at random.
+        let mut first_events: Vec<u32> = vec![0, 2, 4, 7];
+        first_events.shuffle(&mut self.rng);
         while self.started.elapsed() < total {
             self.check_ordered_writers();
             let now = self.started.elapsed();
@@ -728,11 +736,10 @@ impl Soak {
             if self.started.elapsed() >= total || self.started.elapsed() >= next_planned {
                 continue;
             }
-            if self.counts.test_failovers == 0 && self.started.elapsed() >= first_test {
-                self.test_failover();
-                continue;
-            }
-            match self.rng.gen_range(0..9) {
+            let event = first_events
+                .pop()
+                .unwrap_or_else(|| self.rng.gen_range(0..9));
+            match event {
                 0 | 1 => self.kill_primary(),
                 2 | 3 => self.kill_replica(),
                 4..=6 => self.link_fault(),
@@ -746,11 +753,15 @@ impl Soak {
     /// Every recovery point of the ordered groups, kept while the writers still write
     /// (replication into each is paused while its points are read, so none is merged
     /// away meanwhile), must hold a prefix of the ordered writes.
+    ///
+    /// A pause refuses new transfers only: one offered before it still arrives and is
+    /// applied, so the points are listed once nothing was applied for a while.
     fn check_points(&mut self) {
         let mut points_checked = 0;
         let mut prefixes = Vec::new();
         for g in ORDERED_GROUPS {
             self.replica_b.cli(&["pause", "--name", g]).assert_ok();
+            self.wait_quiet(g);
             for point in self.replica_b.points(g) {
                 let prefix = self
                     .check_point(g, &point, |s| s.ordered_writes(g), false)
@@ -766,6 +777,28 @@ impl Soak {
             prefixes.join(", ")
         ));
         self.event(&format!("{points_checked} recovery points checked"));
+    }
+
+    /// Waits until replica `g` applied nothing for three seconds and holds nothing
+    /// pending.
+    fn wait_quiet(&self, g: &str) {
+        let deadline = Instant::now() + LONG;
+        let mut last = None;
+        let mut since = Instant::now();
+        loop {
+            let info = self.replica_b.info(g).expect("replica info");
+            let applied = info["last_applied_cycle"].as_u64();
+            if applied != last {
+                (last, since) = (applied, Instant::now());
+            } else if info["pending_transfers"] == 0 && since.elapsed() >= Duration::from_secs(3) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {g} still applies transfers {LONG:?} after its pause: {info:#}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Stops the writers, lets replication catch up, and checks that every replica
@@ -953,7 +986,7 @@ impl Soak {
         row("test failovers", c.test_failovers.to_string());
         row(
             "planned failovers",
-            format!("{} (and {} failbacks)", c.planned_failovers, c.failbacks),
+            format!("{}, failbacks: {}", c.planned_failovers, c.failbacks),
         );
         row(
             "bytes written",
