@@ -659,28 +659,8 @@ impl Soak {
         let g = FAILOVER_GROUP;
         let from = self.replica(live);
         from.cli(&["complete-failover", "--name", g]).assert_ok();
-        let (ca, cert, key) = (
-            self.certs.ca().display().to_string(),
-            self.certs.cert(PRIMARY_HOST).display().to_string(),
-            self.certs.key(PRIMARY_HOST).display().to_string(),
-        );
-        let url = self.replica(to).url(REPLICA_HOST);
-        from.cli(&[
-            "reverse",
-            "--name",
-            g,
-            "--url",
-            &url,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--interval",
-            "1s",
-        ])
-        .assert_ok();
+        from.start_reverse(&self.certs, g, self.replica(to), "1s")
+            .assert_ok();
         self.wait_reverse_caught_up(live, to, "replication back");
     }
 
@@ -688,26 +668,23 @@ impl Soak {
     /// `live`'s (no writer may run).
     fn wait_reverse_caught_up(&self, live: Site, to: Site, what: &str) {
         let g = FAILOVER_GROUP;
-        let deadline = Instant::now() + LONG;
-        loop {
+        wait_for(&format!("{what} of {g} from {live:?} to {to:?}"), || {
             let info = self.replica(to).info(g);
             let settled = info
                 .as_ref()
                 .is_some_and(|i| i["consistent"] == true && i["pending_transfers"] == 0);
-            if settled
-                && disk_names(g).iter().all(|d| {
+            let equal = || {
+                disk_names(g).iter().all(|d| {
                     read_file(&self.replica(live).disk(TRUST_GROUP, g, d))
                         == read_file(&self.replica(to).disk(TRUST_GROUP, g, d))
                 })
-            {
-                return;
+            };
+            if settled && equal() {
+                Ok(())
+            } else {
+                Err(format!("{info:#?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what} of {g} from {live:?} to {to:?} did not catch up in {LONG:?}: {info:#?}"
-            );
-            thread::sleep(Duration::from_millis(300));
-        }
+        });
     }
 
     // -----------------------------------------------------------------------
@@ -782,23 +759,18 @@ impl Soak {
     /// Waits until replica `g` applied nothing for three seconds and holds nothing
     /// pending.
     fn wait_quiet(&self, g: &str) {
-        let deadline = Instant::now() + LONG;
         let mut last = None;
         let mut since = Instant::now();
-        loop {
+        wait_for(&format!("replica {g} to apply its last transfer"), || {
             let info = self.replica_b.info(g).expect("replica info");
             let applied = info["last_applied_cycle"].as_u64();
             if applied != last {
                 (last, since) = (applied, Instant::now());
             } else if info["pending_transfers"] == 0 && since.elapsed() >= Duration::from_secs(3) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "replica {g} still applies transfers {LONG:?} after its pause: {info:#}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+            Err(format!("{info:#}"))
+        });
     }
 
     /// Stops the writers, lets replication catch up, and checks that every replica
@@ -1067,6 +1039,23 @@ impl Drop for Soak {
             self.write_report(false);
         }
         self.keep_logs();
+    }
+}
+
+/// Polls `check` (Err: the state so far) until it is Ok; fails the run naming `what`
+/// and the last state after `LONG`.
+fn wait_for(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let state = match check() {
+            Ok(()) => return,
+            Err(state) => state,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "waited {LONG:?} in vain for {what}: {state}"
+        );
+        thread::sleep(Duration::from_millis(250));
     }
 }
 
