@@ -127,7 +127,7 @@ impl Settings {
 #[derive(Debug)]
 struct VerifyingGroup {
     name: &'static str,
-    /// Indices of its disks in the writers' disk numbering.
+    /// Its first disk's index in the writers' disk numbering (the second follows).
     first_disk: usize,
     site: Site,
     writers: Option<Writers>,
@@ -136,7 +136,6 @@ struct VerifyingGroup {
     /// shifting each round's clock keeps the oracle's order across rounds.
     clock_base: u64,
     bytes: u64,
-    rounds: u64,
 }
 
 impl VerifyingGroup {
@@ -252,7 +251,6 @@ impl Soak {
                 log: RoundLog::default(),
                 clock_base: 0,
                 bytes: 0,
-                rounds: 0,
             })
             .collect();
         let mut soak = Soak {
@@ -380,20 +378,17 @@ impl Soak {
             Arc::clone(&self.seqs),
             self.settings.seed ^ (self.rounds << 8),
         ));
-        group.rounds += 1;
     }
 
-    fn check_ordered_writers(&self) {
-        for (g, writer) in &self.ordered {
+    /// Fails the run if an ordered writer gave up (its daemon stayed unreachable).
+    fn check_ordered_writers(&mut self) {
+        for (g, writer) in &mut self.ordered {
             if writer
                 .as_ref()
                 .is_some_and(ReconnectingOrderedWriter::has_failed)
             {
-                let writer = writer.as_ref().expect("checked");
-                panic!(
-                    "the ordered writer of {g} gave up after write {}; see its error at the end",
-                    writer.acked()
-                );
+                let failed = writer.take().expect("checked").finish();
+                panic!("the ordered writer of {g} gave up: {failed:?}");
             }
         }
     }
