@@ -37,9 +37,18 @@ seed=""
 report=""
 while (($#)); do
     case $1 in
-    --minutes) minutes=${2:-}; shift 2 ;;
-    --seed) seed=${2:-}; shift 2 ;;
-    --report) report=${2:-}; shift 2 ;;
+    --minutes | --seed | --report)
+        if (($# < 2)); then
+            echo "soak.sh: $1 needs a value" >&2
+            exit 2
+        fi
+        case $1 in
+        --minutes) minutes=$2 ;;
+        --seed) seed=$2 ;;
+        --report) report=$2 ;;
+        esac
+        shift 2
+        ;;
     -h | --help) usage; exit 0 ;;
     *) echo "soak.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
