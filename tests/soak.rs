@@ -174,6 +174,8 @@ struct Counts {
     link_cuts: u64,
     test_failovers: u64,
     planned_failovers: u64,
+    /// Planned failovers that a fault interrupted, which did not happen.
+    planned_failovers_interrupted: u64,
     failbacks: u64,
 }
 
@@ -594,7 +596,7 @@ impl Soak {
         let g = FAILOVER_GROUP;
         self.event(&format!("planned failover of {g} from {from:?} to B"));
         if from == Site::Primary {
-            self.p.replication(&["failover", "--group", g]).assert_ok();
+            self.planned_failover_from_primary();
             for d in disk_names(g) {
                 assert_files_equal(
                     &self.p.image(&d),
@@ -630,6 +632,30 @@ impl Soak {
         self.event(&format!(
             "{g} runs at site A, replicating to B; writers reconnected"
         ));
+    }
+
+    /// `blkrep replication failover` of the failover group on the primary. A link
+    /// fault (a cut armed earlier, say) may break its shipping: then the failover does
+    /// not happen, the group takes writes again, and it is tried again.
+    fn planned_failover_from_primary(&mut self) {
+        for _ in 0..5 {
+            let out = self.p.replication(&["failover", "--group", FAILOVER_GROUP]);
+            if out.success() {
+                return;
+            }
+            assert!(
+                out.all().contains("the failover did not happen"),
+                "the planned failover failed without saying it did not happen\n{}",
+                out.report()
+            );
+            self.counts.planned_failovers_interrupted += 1;
+            self.event(&format!(
+                "the planned failover was interrupted and did not happen: {}",
+                out.stderr.trim()
+            ));
+            thread::sleep(Duration::from_secs(1));
+        }
+        panic!("the planned failover of {FAILOVER_GROUP} failed five times over");
     }
 
     /// `blkrep replica planned-failover` of the failover group from `from`'s live
@@ -953,7 +979,10 @@ impl Soak {
         row("test failovers", c.test_failovers.to_string());
         row(
             "planned failovers",
-            format!("{}, failbacks: {}", c.planned_failovers, c.failbacks),
+            format!(
+                "{}, failbacks: {} (interrupted by link faults and tried again: {})",
+                c.planned_failovers, c.failbacks, c.planned_failovers_interrupted
+            ),
         );
         row(
             "bytes written",
