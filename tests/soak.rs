@@ -174,7 +174,8 @@ struct Counts {
     link_cuts: u64,
     test_failovers: u64,
     planned_failovers: u64,
-    /// Planned failovers that a fault interrupted, which did not happen.
+    /// Planned failover attempts a link fault interrupted (tried again unless the
+    /// replica had taken over).
     planned_failovers_interrupted: u64,
     failbacks: u64,
 }
@@ -998,7 +999,7 @@ impl Soak {
         row(
             "planned failovers",
             format!(
-                "{}, failbacks: {} (interrupted by link faults and tried again: {})",
+                "{}, failbacks: {} (attempts a link fault interrupted: {})",
                 c.planned_failovers, c.failbacks, c.planned_failovers_interrupted
             ),
         );
