@@ -64,6 +64,7 @@ if (( ! quick )); then
     step "main job (scripts/demo.sh)" scripts/demo.sh
     step "benchmarks, short mode" scripts/bench-fio.sh --short
     step "replication benchmarks, short mode" scripts/bench-replication.sh --short
+    step "soak, 2 minutes" scripts/soak.sh --minutes 2
 fi
 
 echo

@@ -1260,7 +1260,19 @@ impl Worker {
             )));
         }
         info!(group = %name, cycle, bytes = stats.marked_bytes, hashes = stats.hashes, "Replica equals the images; handing the group over");
-        self.sink.fail_over(cycle)?;
+        // Fenced on disk before the request goes out: the replica may take over even
+        // if its answer is lost, and then these disks must never take writes again.
+        self.record_fenced(true)?;
+        if let Err(error) = self.sink.fail_over(cycle) {
+            let unknown =
+                matches!(&error, SinkError::Remote { source, .. } if source.outcome_unknown());
+            if unknown {
+                error!(group = %name, cycle, error = %error_chain(&error), "The replica's answer to the hand-over was lost: it may be the live copy now, so these disks stay fenced");
+            } else {
+                self.record_fenced(false)?;
+            }
+            return Err(error.into());
+        }
         let reason = format!("planned failover at cycle {cycle}");
         if let Some(relationship) = &mut self.relationship {
             relationship.state.superseded = Some(reason);
@@ -1272,6 +1284,16 @@ impl Worker {
             "Group {name} failed over to its replica at cycle {cycle}: every block compared equal ({} bytes); the replica serves the live disks, and these refuse writes",
             stats.marked_bytes
         ))
+    }
+
+    /// Records whether a planned failover fenced the group's disks (they refuse writes,
+    /// also after a restart).
+    fn record_fenced(&mut self, fenced: bool) -> Result<(), ShipperError> {
+        if let Some(relationship) = &mut self.relationship {
+            relationship.state.fenced = fenced;
+            relationship.save()?;
+        }
+        Ok(())
     }
 
     /// After a daemon crash mid-copy: the copy of the current chain continues with the

@@ -279,6 +279,19 @@ impl RunningGroup {
         let message = shipper
             .admin(AdminAction::PlannedFailover, control::EXPORT_TIMEOUT)
             .map_err(|error| {
+                // The shipper fences the disks on record before it asks the replica to
+                // take over; then, or while it may still ask, writes stay refused.
+                let fenced = Relationship::load_for_ring(&self.config.ring)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|record| record.fenced);
+                if fenced || matches!(error, shipper::ShipperError::Timeout) {
+                    warn!(%group, "Planned failover interrupted; the replica may have taken over, so writes stay refused");
+                    return format!(
+                        "{} (the replica may have taken the group over: these disks keep refusing writes; `blkrep replication status --group {group}` says superseded if it did; otherwise try again)",
+                        shipper::error_chain(&error)
+                    );
+                }
                 tracker.refuse_writes(false);
                 warn!(%group, "Planned failover failed; writes are accepted again");
                 format!(

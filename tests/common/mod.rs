@@ -14,6 +14,7 @@ pub mod nbd;
 pub mod ordered;
 pub mod power_loss;
 pub mod replica;
+pub mod soak;
 pub mod writer;
 
 use std::fmt::Write as _;

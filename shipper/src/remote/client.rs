@@ -117,6 +117,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// True if the request may have reached the replica and been carried out although
+    /// no answer says so (the exchange broke, timed out or its answer was unreadable).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Http(_) | ClientError::Timeout(_) | ClientError::BadAnswer { .. }
+        )
+    }
+
     /// The replica's error code, when it refused.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
