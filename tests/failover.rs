@@ -537,28 +537,7 @@ fn seed_from(replica: &Replica, p: &Primary) -> Command {
 /// Replication from `from`'s failed-over vm1 to the existing copy on `to`: once `to`
 /// is consistent both sides' disks are equal. Returns `to`'s replica.
 fn reverse(certs: &LabCerts, from: &Replica, to: &Replica) -> Value {
-    let (ca, cert, key) = (
-        certs.ca().display().to_string(),
-        certs.cert(PRIMARY_HOST).display().to_string(),
-        certs.key(PRIMARY_HOST).display().to_string(),
-    );
-    let url = to.url(REPLICA_HOST);
-    from.cli(&[
-        "reverse",
-        "--name",
-        "vm1",
-        "--url",
-        &url,
-        "--ca",
-        &ca,
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-        "--interval",
-        "1s",
-    ])
-    .assert_ok();
+    from.start_reverse(certs, "vm1", to, "1s").assert_ok();
     // Consistent once a cycle after the comparison's copy is applied.
     let deadline = Instant::now() + LONG;
     let info = loop {

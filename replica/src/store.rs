@@ -977,15 +977,7 @@ impl Replica {
         // The transfer's file, and as much again at worst for the blocks its apply
         // allocates in the replica disks (writes into holes): a committed transfer must
         // be appliable, or the replica would sit half-applied until space is freed.
-        let needed = offer.bytes.saturating_mul(2).saturating_add(self.reserve);
-        let free = free_space(&self.dir)?;
-        if free < needed {
-            return Err(StoreError::NoSpace {
-                name: self.state.name.clone(),
-                needed,
-                free,
-            });
-        }
+        self.ensure_free(offer.bytes.saturating_mul(2))?;
         // A new transfer abandons an unfinished one.
         if let Some(old) = self.state.receiving.take() {
             let _ = fs::remove_file(self.part_path(old.id));
@@ -1009,6 +1001,20 @@ impl Replica {
             committed: false,
             resume_from: None,
         })
+    }
+
+    /// Fails unless `bytes` more fit on the storage with the reserve left free.
+    fn ensure_free(&self, bytes: u64) -> Result<(), StoreError> {
+        let needed = bytes.saturating_add(self.reserve);
+        let free = free_space(&self.dir)?;
+        if free < needed {
+            return Err(StoreError::NoSpace {
+                name: self.state.name.clone(),
+                needed,
+                free,
+            });
+        }
+        Ok(())
     }
 
     /// Whether transfer `id` was committed (and is queued or applied).
@@ -1060,15 +1066,7 @@ impl Replica {
         }
         // Other replicas share the storage: the reserve is checked again for each
         // chunk, not just at the offer.
-        let needed = self.reserve.saturating_add(frame.len() as u64);
-        let free = free_space(&self.dir)?;
-        if free < needed {
-            return Err(StoreError::NoSpace {
-                name: self.state.name.clone(),
-                needed,
-                free,
-            });
-        }
+        self.ensure_free(frame.len() as u64)?;
         let mut scratch = Vec::new();
         let mut end = self.part_end;
         for change in checked.records(&mut scratch)? {

@@ -47,6 +47,23 @@ pub struct OrderedShared {
 
 /// Writes k = 1, 2, ... one at a time over one connection per disk; each 16-byte unit
 /// of write k holds `[k, offset]` (`common::writer::pattern`). Returns the count.
+/// The next write of an ordered writer: 1 to 4 blocks on either
+/// disk, in the hot blocks half of the time.
+pub fn draw_ordered_write(rng: &mut StdRng) -> OrderedWrite {
+    let disk = rng.gen_range(0..2usize);
+    let blocks = rng.gen_range(1..=4u64);
+    let limit = if rng.gen_bool(0.5) {
+        HOT_BLOCKS
+    } else {
+        ORDERED_BLOCKS
+    };
+    OrderedWrite {
+        disk,
+        block: rng.gen_range(0..=limit - blocks),
+        blocks,
+    }
+}
+
 pub fn ordered_writer(sock: PathBuf, sh: Arc<OrderedShared>, seed: u64) -> JoinHandle<u64> {
     thread::Builder::new()
         .name("ordered-writer".into())
@@ -60,19 +77,13 @@ pub fn ordered_writer(sock: PathBuf, sh: Arc<OrderedShared>, seed: u64) -> JoinH
             let mut k = 0u64;
             while !sh.stop.load(Ordering::SeqCst) {
                 k += 1;
-                let disk = rng.gen_range(0..2usize);
-                let blocks = rng.gen_range(1..=4u64);
-                let limit = if rng.gen_bool(0.5) {
-                    HOT_BLOCKS
-                } else {
-                    ORDERED_BLOCKS
-                };
-                let block = rng.gen_range(0..=limit - blocks);
-                sh.writes.lock().expect("writes").push(OrderedWrite {
+                let write = draw_ordered_write(&mut rng);
+                let OrderedWrite {
                     disk,
                     block,
                     blocks,
-                });
+                } = write;
+                sh.writes.lock().expect("writes").push(write);
                 sh.issued.store(k, Ordering::SeqCst);
                 let off = block * BLOCK;
                 let data = pattern(k, off, (blocks * BLOCK) as usize);

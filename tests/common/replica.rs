@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
 
-use super::{free_port, pid, run, BIN, SHORT};
+use super::{free_port, pid, run, Output, BIN, SHORT};
 
 /// A lab CA and host certificates, made by `blkrep cert`.
 #[derive(Debug)]
@@ -158,7 +158,7 @@ impl Replica {
         format!("https://{host}:{}", self.port)
     }
     /// Runs `blkrep replica ARGS --config <this replica's>`.
-    pub fn cli(&self, args: &[&str]) -> super::Output {
+    pub fn cli(&self, args: &[&str]) -> Output {
         run(
             Command::new(BIN)
                 .arg("replica")
@@ -332,5 +332,39 @@ impl Replica {
         let text = text.replacen("[nbd]\n", &format!("[nbd]\n{lines}\n"), 1);
         fs::write(self.config(), text).expect("write replica config");
         self.spawn();
+    }
+}
+
+impl Replica {
+    /// `blkrep replica reverse` of failed-over group `name`: replicates its live disks
+    /// back to `to` every `interval`, as the lab primary (`certs`) (unchecked).
+    pub fn start_reverse(
+        &self,
+        certs: &LabCerts,
+        name: &str,
+        to: &Replica,
+        interval: &str,
+    ) -> Output {
+        let (ca, cert, key) = (
+            certs.ca().display().to_string(),
+            certs.cert(PRIMARY_HOST).display().to_string(),
+            certs.key(PRIMARY_HOST).display().to_string(),
+        );
+        let url = to.url(REPLICA_HOST);
+        self.cli(&[
+            "reverse",
+            "--name",
+            name,
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--interval",
+            interval,
+        ])
     }
 }

@@ -17,14 +17,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde_json::Value;
 
 use super::nbd::Conn;
-use super::ordered::{OrderedWrite, HOT_BLOCKS, ORDERED_BLOCKS};
-use super::replica::{LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use super::ordered::{draw_ordered_write, OrderedWrite};
 use super::writer::{pattern, BLOCK};
-use super::{run_with_timeout, Output, BIN, SHORT};
+use super::{run_with_timeout, BIN, SHORT};
 
 /// How long a reconnecting writer keeps retrying one write before it reports the
 /// daemon as gone for good (a restart takes a few seconds; a failover stops writers).
@@ -137,57 +136,6 @@ impl ReconnectingOrderedWriter {
         let mut writes = writes.lock().expect("writes").clone();
         writes.truncate(usize::try_from(acked.load(Ordering::SeqCst)).expect("count fits usize"));
         Ok(writes)
-    }
-}
-
-/// An ordered write as `ordered::ordered_writer` draws them: 1 to 4 blocks on either
-/// disk, in the hot blocks half of the time.
-pub fn draw_ordered_write(rng: &mut StdRng) -> OrderedWrite {
-    let disk = rng.gen_range(0..2usize);
-    let blocks = rng.gen_range(1..=4u64);
-    let limit = if rng.gen_bool(0.5) {
-        HOT_BLOCKS
-    } else {
-        ORDERED_BLOCKS
-    };
-    OrderedWrite {
-        disk,
-        block: rng.gen_range(0..=limit - blocks),
-        blocks,
-    }
-}
-
-impl Replica {
-    /// `blkrep replica reverse` of failed-over group `name`: replicates its live disks
-    /// back to `to` every `interval`, as the lab primary (`certs`) (unchecked).
-    pub fn start_reverse(
-        &self,
-        certs: &LabCerts,
-        name: &str,
-        to: &Replica,
-        interval: &str,
-    ) -> Output {
-        let (ca, cert, key) = (
-            certs.ca().display().to_string(),
-            certs.cert(PRIMARY_HOST).display().to_string(),
-            certs.key(PRIMARY_HOST).display().to_string(),
-        );
-        let url = to.url(REPLICA_HOST);
-        self.cli(&[
-            "reverse",
-            "--name",
-            name,
-            "--url",
-            &url,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--interval",
-            interval,
-        ])
     }
 }
 
