@@ -593,3 +593,76 @@ fn vm1_replicating_to(
     replica.wait_applied("vm1", initial, LONG);
     p
 }
+
+/// A planned failover whose hand-over answer was lost leaves the disks fenced on
+/// record but not handed over: after a restart they still refuse writes (the replica
+/// may have taken over), and running the failover again finishes it instead of being
+/// refused as done.
+#[test]
+fn a_hand_over_whose_answer_was_lost_keeps_writes_refused_and_can_be_finished() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let replica_b = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut p = vm1_replicating_to(
+        &certs,
+        &replica_b,
+        vec![DiskSpec::new("disk0", 8 * MIB).init(Init::Random(3))],
+        Some("1s"),
+    );
+    qemu_io(&p.uri("disk0"), "write -P 0x5a 1M 64k");
+    p.terminate();
+    // What the shipper records before the hand-over request goes out.
+    let record_path = record_of(&p.layout.ring("vm1"));
+    let mut record: Value =
+        serde_json::from_slice(&std::fs::read(&record_path).expect("record")).expect("json");
+    record["fenced"] = json!(true);
+    std::fs::write(&record_path, serde_json::to_vec(&record).expect("json")).expect("write");
+    p.restart();
+    assert!(
+        p.log().contains("interrupted before the replica answered"),
+        "{}",
+        tail(&p.log(), 20)
+    );
+    let write = |p: &Primary| {
+        run(
+            Command::new(require_tool("qemu-io")).args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 1 0 4k",
+                &p.uri("disk0"),
+            ]),
+            LONG,
+        )
+    };
+    let refused = write(&p);
+    assert!(!refused.success(), "{}", refused.all());
+    // The replica never took over: the failover runs again and hands the group over.
+    p.replication(&["failover", "--group", "vm1"]).assert_ok();
+    assert_files_equal(
+        &p.image("disk0"),
+        &replica_b.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+    assert_eq!(
+        replica_b.info("vm1").expect("vm1")["failover"]["planned"],
+        true
+    );
+    // Handed over for good: after another restart a second failover is refused.
+    p.terminate();
+    p.restart();
+    assert!(!write(&p).success());
+    let again = p.replication(&["failover", "--group", "vm1", "--force"]);
+    assert!(
+        !again.success() && again.all().contains("handed over to its replica"),
+        "{}",
+        again.all()
+    );
+}
+
+/// The replication record of the group whose ring is `ring`.
+fn record_of(ring: &std::path::Path) -> std::path::PathBuf {
+    let mut name = ring.as_os_str().to_os_string();
+    name.push(".replication.json");
+    name.into()
+}

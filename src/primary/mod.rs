@@ -708,11 +708,15 @@ pub(crate) fn open_group(
             replay(&group, config, &sizes)?;
         }
         let record = Relationship::load_for_ring(&config.ring).ok().flatten();
-        handed_over = record.as_ref().is_some_and(|r| r.fenced);
-        if handed_over {
-            // A planned failover handed the group over: these disks stay read-only.
+        handed_over = record.as_ref().is_some_and(Relationship::handed_over);
+        if record.as_ref().is_some_and(|r| r.fenced) {
             group.refuse_writes(true);
-            warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
+            if handed_over {
+                // A planned failover handed the group over: these disks stay read-only.
+                warn!(group = %config.name, "A planned failover handed this group over to its replica: its disks refuse writes");
+            } else {
+                warn!(group = %config.name, "A planned failover was interrupted before the replica answered, so it may have taken the group over: the disks refuse writes until `blkrep replication failover` is run again (it finishes the failover, or learns that the replica took over)");
+            }
         }
         let fresh_ring = report.previous == PreviousShutdown::Created;
         let shipper = match &config.consumer {

@@ -1145,7 +1145,8 @@ fn handed_over(dir: &Path) -> bool {
     shipper::remote::Relationship::load_for_ring(&dir.join(LIVE_RING))
         .ok()
         .flatten()
-        .is_some_and(|relationship| relationship.fenced)
+        .as_ref()
+        .is_some_and(shipper::remote::Relationship::handed_over)
 }
 
 /// The ring of a failed-over replica's live disks.

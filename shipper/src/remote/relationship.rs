@@ -62,7 +62,9 @@ pub struct Relationship {
     /// replica's message. Nothing ships again for this relationship.
     #[serde(default)]
     pub superseded: Option<String>,
-    /// A planned failover handed the group over: its disks refuse writes.
+    /// A planned failover fenced the group's disks: they refuse writes. Set before the
+    /// hand-over request goes out, so it is also set when the request's answer was
+    /// lost; [`Relationship::handed_over`] tells the two apart.
     #[serde(default)]
     pub fenced: bool,
     /// The failover epoch it speaks for (see [`wire::api::EPOCH_HEADER`]).
@@ -99,6 +101,13 @@ pub struct CopyProgress {
 }
 
 impl Relationship {
+    /// Whether a planned failover handed the group over, as the replica answered: the
+    /// disks are fenced and this side knows itself superseded. Fenced without that, the
+    /// hand-over's outcome is unknown (its answer was lost) until it is tried again.
+    pub fn handed_over(&self) -> bool {
+        self.fenced && self.superseded.is_some()
+    }
+
     /// A new relationship with `url`: random id, nothing done yet.
     pub fn new(url: &str) -> Self {
         Relationship {
