@@ -725,7 +725,7 @@ trust_group = "lab"
     #[test]
     fn limits_default_and_are_checked() {
         let files = Files::new();
-        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.plain("psk"));
+        let base = format!("listen = \"[::]:8443\"\n{}{ENTRIES}", files.tls());
         let config = parse(&base).unwrap();
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.settings().limits, Limits::default());
