@@ -240,16 +240,25 @@ fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix
     let mut prefix = 0;
     let mut cut_while_applying = 0;
     let started = Instant::now();
+    let applying = |replica: &Replica| {
+        replica
+            .info("vm1")
+            .is_some_and(|i| i["pending_transfers"] != 0)
+    };
     for crash in 1..=REPLICA_CRASHES {
         thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
         // Acknowledged to the primary before the cut: made durable by the replica.
         let acked = p.group_status("vm1")["cycle"]["last_acked"]
             .as_u64()
             .unwrap();
-        if replica
-            .info("vm1")
-            .is_some_and(|i| i["pending_transfers"] != 0)
-        {
+        // Every other cut waits (a while) for a committed transfer being applied,
+        // while the replica disks hold unsynced writes, and falls right after.
+        let deadline = Instant::now() + Duration::from_secs(if crash % 2 == 0 { 3 } else { 0 });
+        let mut seen_applying = applying(&replica);
+        while !seen_applying && Instant::now() < deadline {
+            seen_applying = applying(&replica);
+        }
+        if seen_applying {
             cut_while_applying += 1;
         }
         dir.cut();
