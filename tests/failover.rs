@@ -368,13 +368,7 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     );
     // The old primary refuses writes and ships no more; the replica serves the disks.
     let write_old = run(
-        Command::new(require_tool("qemu-io")).args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 1 0 4k",
-            &p.uri("disk0"),
-        ]),
+        &mut qemu_io_command(&p.uri("disk0"), "write -P 1 0 4k"),
         LONG,
     );
     assert!(!write_old.success(), "{}", write_old.all());
@@ -496,10 +490,14 @@ fn live_uri(replica: &Replica, disk: &str) -> String {
 }
 
 fn qemu_io(uri: &str, command: &str) {
-    run_ok(
-        Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", command, uri]),
-        LONG,
-    );
+    run_ok(&mut qemu_io_command(uri, command), LONG);
+}
+
+/// qemu-io running `command` on `uri`.
+fn qemu_io_command(uri: &str, command: &str) -> Command {
+    let mut qemu_io = Command::new(require_tool("qemu-io"));
+    qemu_io.args(["-f", "raw", "-c", command, uri]);
+    qemu_io
 }
 
 /// Reverse replication from site B's failed-over `replica_b` to site A: the old
@@ -625,13 +623,7 @@ fn a_hand_over_whose_answer_was_lost_keeps_writes_refused_and_can_be_finished() 
     );
     let write = |p: &Primary| {
         run(
-            Command::new(require_tool("qemu-io")).args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 1 0 4k",
-                &p.uri("disk0"),
-            ]),
+            &mut qemu_io_command(&p.uri("disk0"), "write -P 1 0 4k"),
             LONG,
         )
     };
