@@ -277,23 +277,10 @@ impl NbdConfig {
             );
             return None;
         };
-        match std::fs::metadata(key) {
-            Ok(meta) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    problems.push(format!(
-                        "[nbd] tls_key {} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
-                        key.display(),
-                        key.display()
-                    ));
-                    return None;
-                }
-            }
-            Err(error) => {
-                problems.push(format!("[nbd] tls_key {}: {error}", key.display()));
-                return None;
-            }
+        if let Some(problem) = private_key_problem(&format!("[nbd] tls_key {}", key.display()), key)
+        {
+            problems.push(problem);
+            return None;
         }
         match wire::tls::server_config_with_optional_client_ca(cert, key, self.tls_ca.as_deref()) {
             Ok(config) if required => Some(nbd_shim::TlsPolicy::Required(config)),
@@ -730,6 +717,22 @@ impl PrimaryConfig {
     pub fn group(&self, name: &str) -> Option<&GroupConfig> {
         self.groups.iter().find(|group| group.name == name)
     }
+}
+
+/// A problem if the key file at `path` (`at` names it) can be read by anyone but
+/// its owner.
+pub(crate) fn private_key_problem(at: &str, path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(error) => return Some(format!("{at}: {error}")),
+    };
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{at} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! that does not match its certificate or a key file others can read.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use replica::limits::Limits;
@@ -17,7 +16,7 @@ use wire::api::valid_name;
 use wire::error_chain;
 use wire::tls::{server_config, NamePattern, TlsFiles};
 
-use crate::config::{ByteSize, ConfigError, NbdAccess, NbdConfig};
+use crate::config::{private_key_problem, ByteSize, ConfigError, NbdAccess, NbdConfig};
 
 /// Default control socket of the replica daemon.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blkrep/replica.sock";
@@ -285,22 +284,6 @@ fn address(what: &str, text: &str, problems: &mut Vec<String>) -> Option<SocketA
     parsed.ok()
 }
 
-/// A problem if the key file at `path` (`at` names it) can be read by anyone but
-/// its owner.
-fn private_key_problem(at: &str, path: &Path) -> Option<String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(error) => return Some(format!("{at}: {error}")),
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then(|| {
-        format!(
-            "{at} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
-            path.display()
-        )
-    })
-}
-
 /// A lab-mode key (`at` names its setting): the file's content without surrounding
 /// whitespace.
 fn read_psk(at: &str, path: &Path, problems: &mut Vec<String>) -> Option<PreSharedKey> {
@@ -553,6 +536,7 @@ mod tests {
     use std::fs::OpenOptions;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
     use wire::lab_ca::{create_ca, issue_host};
