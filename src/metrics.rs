@@ -289,6 +289,7 @@ fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
 enum Kind {
     Gauge,
     Counter,
+    Histogram,
 }
 
 #[derive(Debug)]
@@ -324,6 +325,51 @@ impl MetricsText {
         self.sample(Kind::Counter, name, help, labels, value);
     }
 
+    /// The samples of histogram `name`: `buckets` are `(upper bound, observations at
+    /// or below it)`, cumulative and ascending; `count` and `sum` cover every
+    /// observation, the `+Inf` bucket's count included.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        count: u64,
+        sum: f64,
+    ) {
+        let bucket_name = format!("{name}_bucket");
+        let infinity = [(f64::INFINITY, count)];
+        for (bound, observations) in buckets.iter().chain(&infinity) {
+            let le = format_value(*bound);
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample_of(
+                Kind::Histogram,
+                name,
+                help,
+                &bucket_name,
+                &with_le,
+                count_f64(*observations),
+            );
+        }
+        self.sample_of(
+            Kind::Histogram,
+            name,
+            help,
+            &format!("{name}_sum"),
+            labels,
+            sum,
+        );
+        self.sample_of(
+            Kind::Histogram,
+            name,
+            help,
+            &format!("{name}_count"),
+            labels,
+            count_f64(count),
+        );
+    }
+
     /// The page: every metric's help and type, then its samples in the order given.
     pub fn finish(self) -> String {
         let mut out = String::new();
@@ -331,6 +377,7 @@ impl MetricsText {
             let kind = match family.kind {
                 Kind::Gauge => "gauge",
                 Kind::Counter => "counter",
+                Kind::Histogram => "histogram",
             };
             let _ = writeln!(out, "# HELP {} {}", family.name, escape_help(&family.help));
             let _ = writeln!(out, "# TYPE {} {kind}", family.name);
@@ -341,6 +388,20 @@ impl MetricsText {
 
     /// Adds a sample; a metric's first sample sets its help and kind.
     fn sample(&mut self, kind: Kind, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.sample_of(kind, name, help, name, labels, value);
+    }
+
+    /// Adds a sample named `sample` to the family `name` (they differ for a
+    /// histogram's `_bucket`, `_sum` and `_count` series).
+    fn sample_of(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        help: &str,
+        sample: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
         let at = match self.index.get(name) {
             Some(&at) => at,
             None => {
@@ -355,7 +416,7 @@ impl MetricsText {
             }
         };
         let samples = &mut self.families[at].samples;
-        samples.push_str(name);
+        samples.push_str(sample);
         if !labels.is_empty() {
             samples.push('{');
             for (i, (label, value)) in labels.iter().enumerate() {
@@ -368,6 +429,12 @@ impl MetricsText {
         }
         let _ = writeln!(samples, " {}", format_value(value));
     }
+}
+
+/// A count as a sample value: exact up to 2^53, beyond which only low digits go.
+#[allow(clippy::cast_precision_loss)]
+fn count_f64(count: u64) -> f64 {
+    count as f64
 }
 
 /// A label value as the format wants it: `\`, `"` and line feeds escaped.
@@ -436,6 +503,29 @@ mod tests {
              # HELP blkrep_x_up Up.\n\
              # TYPE blkrep_x_up gauge\n\
              blkrep_x_up 1\n"
+        );
+    }
+
+    #[test]
+    fn histograms_have_cumulative_buckets_an_infinite_one_a_sum_and_a_count() {
+        let mut text = MetricsText::new();
+        text.histogram(
+            "blkrep_x_seconds",
+            "Seconds.",
+            &[("group", "vm1")],
+            &[(0.5, 1), (1.0, 3)],
+            4,
+            7.25,
+        );
+        assert_eq!(
+            text.finish(),
+            "# HELP blkrep_x_seconds Seconds.\n\
+             # TYPE blkrep_x_seconds histogram\n\
+             blkrep_x_seconds_bucket{group=\"vm1\",le=\"0.5\"} 1\n\
+             blkrep_x_seconds_bucket{group=\"vm1\",le=\"1\"} 3\n\
+             blkrep_x_seconds_bucket{group=\"vm1\",le=\"+Inf\"} 4\n\
+             blkrep_x_seconds_sum{group=\"vm1\"} 7.25\n\
+             blkrep_x_seconds_count{group=\"vm1\"} 4\n"
         );
     }
 

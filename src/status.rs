@@ -176,6 +176,15 @@ pub fn human_duration(secs: u64) -> String {
     }
 }
 
+/// A lag for people: tenths of a second below a minute, where short intervals live.
+pub fn human_lag(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{}.{}s", ms / 1000, ms % 1000 / 100)
+    } else {
+        human_duration(ms / 1000)
+    }
+}
+
 /// A 30-character progress bar with the percentage.
 pub fn progress_bar(done: u64, total: u64) -> String {
     const WIDTH: u64 = 30;
@@ -221,11 +230,10 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
             }
         }
     }
-    let last = match (number("last_delivered"), number("lag_secs")) {
-        (Some(cycle), Some(lag)) => {
-            format!("cycle {cycle}, replica {} behind", human_duration(lag))
-        }
-        (None, Some(lag)) => format!("none yet ({} since start)", human_duration(lag)),
+    let lag = number("lag_ms").map(human_lag);
+    let last = match (number("last_delivered"), lag) {
+        (Some(cycle), Some(lag)) => format!("cycle {cycle}, replica {lag} behind"),
+        (None, Some(lag)) => format!("none yet ({lag} since start)"),
         _ => "none yet".into(),
     };
     let _ = writeln!(out, "  last delivered: {last}");
@@ -340,6 +348,9 @@ mod tests {
         assert_eq!(human_duration(42), "42s");
         assert_eq!(human_duration(303), "5m03s");
         assert_eq!(human_duration(3720), "1h02m");
+        assert_eq!(human_lag(1_349), "1.3s");
+        assert_eq!(human_lag(59_999), "59.9s");
+        assert_eq!(human_lag(61_000), "1m01s");
         assert_eq!(
             progress_bar(1, 2),
             format!("[{}{}]  50%", "#".repeat(15), "-".repeat(15))

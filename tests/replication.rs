@@ -102,6 +102,22 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
         "{status:#}"
     );
     assert!(status["lag_secs"].as_u64().is_some(), "{status:#}");
+    // Lag and close time in milliseconds; each delivery after the first records the
+    // recovery point achieved just before it.
+    let lag_ms = status["lag_ms"].as_u64().expect("lag_ms");
+    let closed_ms = status["last_delivered_close_unix_ms"]
+        .as_u64()
+        .expect("close time in ms");
+    assert!(
+        lag_ms < 60_000 && closed_ms > 1_600_000_000_000,
+        "{status:#}"
+    );
+    let peaks = status["rpo"]["count"].as_u64().unwrap_or(0);
+    assert!(peaks >= 2, "{status:#}");
+    assert!(
+        status["rpo"]["max_ms"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
     // The text status names state, health and lag.
     let text = run_ok(
         Command::new(BIN)
@@ -654,6 +670,10 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     for expected in [
         "blkrep_replication_health{group=\"vm1\"} 0",
         "blkrep_replication_cycles_delivered_total{group=\"vm1\"}",
+        "blkrep_replication_lag_seconds{group=\"vm1\"}",
+        "# TYPE blkrep_replication_rpo_seconds histogram",
+        "blkrep_replication_rpo_seconds_bucket{group=\"vm1\",le=\"+Inf\"}",
+        "blkrep_replication_rpo_seconds_count{group=\"vm1\"}",
         "blkrep_disk_written_bytes_total{group=\"vm1\",disk=\"disk0\"}",
     ] {
         assert!(body.contains(expected), "{expected}:\n{body}");

@@ -6,7 +6,8 @@
 //! reads the blocks a resync copies, after [`compare`] dropped those the consumer
 //! has already; [`remote`] sends transfers to a replica server
 //! over HTTPS; the local consumers live beside the [`CycleSink`] trait; [`schedule`]
-//! holds the retry table and the health rules; [`freeze`] runs the freeze and thaw
+//! holds the retry table and the health rules; [`rpo`] measures the achieved
+//! recovery point; [`freeze`] runs the freeze and thaw
 //! commands of application-consistent points.
 //!
 //! Ordering: cycles are delivered oldest first, each exactly once per success; after a
@@ -22,6 +23,7 @@ pub mod freeze;
 pub mod media;
 pub mod remote;
 pub mod resync;
+pub mod rpo;
 pub mod schedule;
 mod sink;
 pub mod thread;

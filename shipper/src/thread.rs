@@ -37,6 +37,7 @@ use crate::freeze::{AppConsistent, AppConsistentOptions, FreezeError, Phase, Poi
 use crate::media::MediaExport;
 use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
+use crate::rpo::RpoHistogram;
 use crate::schedule::{assess, CycleHistory, Health, RetryPolicy};
 use crate::sink::{CycleSink, SinkError};
 
@@ -193,8 +194,14 @@ pub struct ShipperStatus {
     pub last_success_unix: Option<u64>,
     /// When that cycle closed: the replica holds the primary's state of that instant.
     pub last_delivered_close_unix: Option<u64>,
+    /// The same, in milliseconds since the epoch.
+    pub last_delivered_close_unix_ms: Option<u64>,
     /// How far the replica is behind, in seconds (the achieved recovery point).
     pub lag_secs: Option<u64>,
+    /// The same, in milliseconds.
+    pub lag_ms: Option<u64>,
+    /// The achieved recovery point just before each delivery since start.
+    pub rpo: RpoHistogram,
     /// How long delivering the newest cycle took, in milliseconds.
     pub last_duration_ms: Option<u64>,
     /// Data bytes of the newest delivered cycle (after coalescing).
@@ -534,8 +541,10 @@ impl Shipper {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         // Lag grows between updates.
-        if let Some(closed) = status.last_delivered_close_unix {
-            status.lag_secs = Some(unix_now().saturating_sub(closed));
+        if let Some(closed_ms) = status.last_delivered_close_unix_ms {
+            let lag_ms = unix_now_ms().saturating_sub(closed_ms);
+            status.lag_ms = Some(lag_ms);
+            status.lag_secs = Some(lag_ms / 1000);
         }
         status
     }
@@ -1530,7 +1539,13 @@ impl Worker {
             cycle.acknowledge()?;
             let closed_unix = closed_unix_ms / 1000;
             self.closed = self.closed.split_off(&(id + 1));
+            let now_ms = unix_now_ms();
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(before_ms) = status.last_delivered_close_unix_ms {
+                status.rpo.observe(now_ms.saturating_sub(before_ms));
+            }
+            status.last_delivered_close_unix_ms = Some(closed_unix_ms);
+            status.lag_ms = Some(now_ms.saturating_sub(closed_unix_ms));
             if let Some(report) = status.app_consistent.as_mut().filter(|_| app_consistent) {
                 report.points_delivered += 1;
                 report.last_delivered_cycle = Some(id);
@@ -1699,10 +1714,11 @@ impl Worker {
             _ => None,
         };
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        let lag = status
-            .last_delivered_close_unix
-            .or(Some(self.started_unix))
-            .map(|closed| now.saturating_sub(closed));
+        let lag_ms = status
+            .last_delivered_close_unix_ms
+            .or(Some(self.started_unix.saturating_mul(1000)))
+            .map(|closed_ms| unix_now_ms().saturating_sub(closed_ms));
+        let lag = lag_ms.map(|ms| ms / 1000);
         let (health, reason) = match state {
             ReplicationState::Removed => (None, None),
             ReplicationState::Paused => (
@@ -1718,6 +1734,7 @@ impl Worker {
         status.health = health;
         status.health_reason = reason;
         status.lag_secs = lag;
+        status.lag_ms = lag_ms;
         status.cycles_last_hour = total;
         status.missed_last_hour = missed;
         status.network_bytes = self.sink.bytes_sent();

@@ -1094,14 +1094,27 @@ fn render_metrics(daemon: &Daemon) -> String {
                 &labels,
                 health,
             );
-            if let Some(lag) = status.lag_secs {
+            if let Some(lag_ms) = status.lag_ms {
                 text.gauge(
                     "blkrep_replication_lag_seconds",
                     "Age of the primary state the replica holds",
                     &labels,
-                    as_f64(lag),
+                    as_f64(lag_ms) / 1000.0,
                 );
             }
+            let rpo = status.rpo.cumulative();
+            let buckets: Vec<(f64, u64)> = rpo
+                .iter()
+                .map(|(bound_ms, count)| (as_f64(*bound_ms) / 1000.0, *count))
+                .collect();
+            text.histogram(
+                "blkrep_replication_rpo_seconds",
+                "Achieved recovery point just before each delivery: its time minus the close of the cycle delivered before",
+                &labels,
+                &buckets,
+                status.rpo.count,
+                as_f64(status.rpo.sum_ms) / 1000.0,
+            );
             if let Some(at) = status.last_success_unix {
                 text.gauge(
                     "blkrep_replication_last_success_timestamp_seconds",
