@@ -334,14 +334,19 @@ impl<'a> Iterator for Records<'a> {
 
 /// The record bytes of one chunk, ready to be framed. Framing (and compressing) is a
 /// separate step so a resumed transfer skips it for chunks the replica already has.
+///
+/// Buffer ownership: the records live in the encoder's buffer, after room for the
+/// frame header. [`RawChunk::frame_into`] copies them; [`RawChunk::into_owned`] takes
+/// the buffer itself, so a stored chunk is framed where it was encoded, without a
+/// copy, and the encoder starts a new buffer.
 #[derive(Debug)]
 pub struct RawChunk<'a> {
     /// Transfer id.
     pub transfer: u64,
     /// Index within the transfer.
     pub index: u32,
-    /// Record bytes.
-    pub records: &'a [u8],
+    /// Header room, then the record bytes.
+    buf: &'a mut Vec<u8>,
 }
 
 /// Bytes of a chunk compressed as a probe before the whole of it.
@@ -372,46 +377,111 @@ fn worth_compressing(records: &[u8], level: u32) -> bool {
         })
 }
 
+/// Appends `records` DEFLATE-compressed at `level` to `out`, when probes of them
+/// compress and the whole comes out smaller. Returns whether it did; on `false`,
+/// `out` is as it was.
+fn deflate_into(records: &[u8], level: u32, out: &mut Vec<u8>) -> bool {
+    if !worth_compressing(records, level) {
+        return false;
+    }
+    let start = out.len();
+    let mut encoder = DeflateEncoder::new(&mut *out, Compression::new(level.min(9)));
+    let compressed = encoder
+        .write_all(records)
+        .and_then(|()| encoder.finish())
+        .is_ok();
+    if compressed && out.len() - start < records.len() {
+        return true;
+    }
+    out.truncate(start);
+    false
+}
+
+/// Fills in the header of the frame `frame` (header, then `body_len` body bytes),
+/// CRC included.
+fn seal(frame: &mut [u8], transfer: u64, index: u32, raw_len: usize, deflate: bool) {
+    let body_len = frame.len() - CHUNK_HEADER_LEN;
+    let header = &mut frame[..CHUNK_HEADER_LEN];
+    header[..4].copy_from_slice(&CHUNK_MAGIC);
+    header[4] = CHUNK_VERSION;
+    header[5] = if deflate { FLAG_DEFLATE } else { 0 };
+    header[6..8].fill(0);
+    header[8..16].copy_from_slice(&transfer.to_le_bytes());
+    header[16..20].copy_from_slice(&index.to_le_bytes());
+    let raw = u32::try_from(raw_len).unwrap_or(u32::MAX);
+    header[20..24].copy_from_slice(&raw.to_le_bytes());
+    header[24..28].copy_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..28]), &frame[CHUNK_HEADER_LEN..]);
+    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
 impl RawChunk<'_> {
+    /// The record bytes.
+    pub fn records(&self) -> &[u8] {
+        &self.buf[CHUNK_HEADER_LEN..]
+    }
+
     /// Appends the framed chunk to `out`, compressed at `level` (0-9) or stored when
     /// `level` is `None`, when probes of it do not compress, or when compressing would
     /// not make it smaller.
     pub fn frame_into(&self, level: Option<u32>, out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + CHUNK_HEADER_LEN, 0);
-        let mut deflate = false;
-        if let Some(level) = level.filter(|&level| worth_compressing(self.records, level)) {
-            let mut encoder = DeflateEncoder::new(&mut *out, Compression::new(level.min(9)));
-            let compressed = encoder
-                .write_all(self.records)
-                .and_then(|()| encoder.finish())
-                .is_ok();
-            let body = out.len() - start - CHUNK_HEADER_LEN;
-            if compressed && body < self.records.len() {
-                deflate = true;
-            } else {
-                out.truncate(start + CHUNK_HEADER_LEN);
+        let deflate = level.is_some_and(|level| deflate_into(self.records(), level, out));
+        if !deflate {
+            out.extend_from_slice(self.records());
+        }
+        seal(
+            &mut out[start..],
+            self.transfer,
+            self.index,
+            self.records().len(),
+            deflate,
+        );
+    }
+
+    /// The chunk with its buffer, taken from the encoder (which starts a new one).
+    pub fn into_owned(self) -> OwnedChunk {
+        OwnedChunk {
+            transfer: self.transfer,
+            index: self.index,
+            buf: std::mem::take(self.buf),
+        }
+    }
+}
+
+/// A chunk that owns its buffer (header room, then the record bytes), to be framed
+/// elsewhere.
+#[derive(Debug)]
+pub struct OwnedChunk {
+    /// Transfer id.
+    pub transfer: u64,
+    /// Index within the transfer.
+    pub index: u32,
+    buf: Vec<u8>,
+}
+
+impl OwnedChunk {
+    /// The record bytes.
+    pub fn records(&self) -> &[u8] {
+        &self.buf[CHUNK_HEADER_LEN..]
+    }
+
+    /// The framed chunk, as [`RawChunk::frame_into`] makes it: in this chunk's own
+    /// buffer when it is stored (no copy), in a new one when it is compressed.
+    pub fn into_frame(self, level: Option<u32>) -> Vec<u8> {
+        let raw_len = self.buf.len() - CHUNK_HEADER_LEN;
+        if let Some(level) = level {
+            let mut compressed = Vec::with_capacity(CHUNK_HEADER_LEN + raw_len / 2);
+            compressed.resize(CHUNK_HEADER_LEN, 0);
+            if deflate_into(self.records(), level, &mut compressed) {
+                seal(&mut compressed, self.transfer, self.index, raw_len, true);
+                return compressed;
             }
         }
-        if !deflate {
-            out.extend_from_slice(self.records);
-        }
-        let body_len = out.len() - start - CHUNK_HEADER_LEN;
-        let header = &mut out[start..start + CHUNK_HEADER_LEN];
-        header[..4].copy_from_slice(&CHUNK_MAGIC);
-        header[4] = CHUNK_VERSION;
-        header[5] = if deflate { FLAG_DEFLATE } else { 0 };
-        header[6..8].fill(0);
-        header[8..16].copy_from_slice(&self.transfer.to_le_bytes());
-        header[16..20].copy_from_slice(&self.index.to_le_bytes());
-        let raw = u32::try_from(self.records.len()).unwrap_or(u32::MAX);
-        header[20..24].copy_from_slice(&raw.to_le_bytes());
-        header[24..28].copy_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
-        let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&header[..28]),
-            &out[start + CHUNK_HEADER_LEN..],
-        );
-        out[start + 28..start + 32].copy_from_slice(&crc.to_le_bytes());
+        let mut frame = self.buf;
+        seal(&mut frame, self.transfer, self.index, raw_len, false);
+        frame
     }
 }
 
@@ -420,7 +490,15 @@ impl RawChunk<'_> {
 pub struct ChunkEncoder {
     transfer: u64,
     next_index: u32,
-    records: Vec<u8>,
+    /// Room for a frame header, then the current chunk's records.
+    buf: Vec<u8>,
+}
+
+/// A buffer for one chunk: header room, and capacity for a full chunk.
+fn chunk_buffer() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(CHUNK_HEADER_LEN + MAX_CHUNK_RAW as usize);
+    buf.resize(CHUNK_HEADER_LEN, 0);
+    buf
 }
 
 impl ChunkEncoder {
@@ -429,7 +507,7 @@ impl ChunkEncoder {
         ChunkEncoder {
             transfer,
             next_index: 0,
-            records: Vec::with_capacity(MAX_CHUNK_RAW as usize),
+            buf: chunk_buffer(),
         }
     }
 
@@ -456,7 +534,7 @@ impl ChunkEncoder {
                     }
                     let take = bytes.len().min(self.room() - RECORD_HEADER_LEN);
                     self.put_header(KIND_WRITE, disk, offset, take as u64);
-                    self.records.extend_from_slice(&bytes[..take]);
+                    self.buf.extend_from_slice(&bytes[..take]);
                     offset += take as u64;
                     bytes = &bytes[take..];
                 }
@@ -496,7 +574,7 @@ impl ChunkEncoder {
 
     /// Record bytes the current chunk can still take.
     pub fn room(&self) -> usize {
-        MAX_CHUNK_RAW as usize - self.records.len()
+        CHUNK_HEADER_LEN + MAX_CHUNK_RAW as usize - self.buf.len()
     }
 
     /// Ends the current chunk here (if it holds anything), so the next change starts a
@@ -517,25 +595,30 @@ impl ChunkEncoder {
     }
 
     fn put_header(&mut self, kind: u8, disk: u16, offset: u64, length: u64) {
-        self.records.push(kind);
-        self.records.push(0);
-        self.records.extend_from_slice(&disk.to_le_bytes());
-        self.records.extend_from_slice(&0u32.to_le_bytes());
-        self.records.extend_from_slice(&offset.to_le_bytes());
-        self.records.extend_from_slice(&length.to_le_bytes());
+        self.buf.push(kind);
+        self.buf.push(0);
+        self.buf.extend_from_slice(&disk.to_le_bytes());
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.buf.extend_from_slice(&offset.to_le_bytes());
+        self.buf.extend_from_slice(&length.to_le_bytes());
     }
 
     fn flush<E>(&mut self, emit: &mut impl FnMut(RawChunk<'_>) -> Result<(), E>) -> Result<(), E> {
-        if self.records.is_empty() {
+        if self.buf.len() == CHUNK_HEADER_LEN {
             return Ok(());
         }
-        emit(RawChunk {
+        let emitted = emit(RawChunk {
             transfer: self.transfer,
             index: self.next_index,
-            records: &self.records,
-        })?;
+            buf: &mut self.buf,
+        });
+        if self.buf.capacity() == 0 {
+            // Taken by `into_owned`.
+            self.buf = chunk_buffer();
+        }
+        emitted?;
         self.next_index += 1;
-        self.records.clear();
+        self.buf.truncate(CHUNK_HEADER_LEN);
         Ok(())
     }
 }

@@ -49,9 +49,11 @@ fn encode(changes: &[Owned], transfer: u64, level: Option<u32>) -> Vec<Vec<u8>> 
     let mut encoder = ChunkEncoder::new(transfer);
     let mut frames = Vec::new();
     let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
-        assert!(raw.records.len() <= MAX_CHUNK_RAW as usize);
+        assert!(raw.records().len() <= MAX_CHUNK_RAW as usize);
         let mut frame = Vec::new();
         raw.frame_into(level, &mut frame);
+        // Framing in place (taking the encoder's buffer) gives the same bytes.
+        assert_eq!(raw.into_owned().into_frame(level), frame);
         frames.push(frame);
         Ok(())
     };
