@@ -427,9 +427,10 @@ pub struct ReplicaConsumer {
     pub psk_file: Option<PathBuf>,
     /// Lab mode: the identity the replica server authorises.
     pub identity: Option<String>,
-    /// Compress chunks (DEFLATE).
-    #[serde(default = "default_true")]
-    pub compression: bool,
+    /// Compress chunks (DEFLATE): `"auto"` (when the link is slower than the
+    /// compressor), `"on"` (`true`) or `"off"` (`false`).
+    #[serde(default)]
+    pub compression: CompressionSetting,
     /// DEFLATE level 1 (fastest) to 9 (smallest).
     #[serde(default = "default_compression_level")]
     pub compression_level: u32,
@@ -470,6 +471,58 @@ impl ReplicaConsumer {
                 points,
                 spacing_secs: self.recovery_point_spacing.0.as_secs().max(1),
             })
+    }
+}
+
+/// Whether a group's chunks are compressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "CompressionWord")]
+pub enum CompressionSetting {
+    /// While compressing makes the transfer faster, measured as it goes.
+    #[default]
+    Auto,
+    /// Always (chunks that do not compress are still sent stored).
+    On,
+    /// Never.
+    Off,
+}
+
+/// How `compression` may be written.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CompressionWord {
+    Flag(bool),
+    Word(String),
+}
+
+impl TryFrom<CompressionWord> for CompressionSetting {
+    type Error = String;
+
+    fn try_from(word: CompressionWord) -> Result<Self, String> {
+        match word {
+            CompressionWord::Flag(true) => Ok(Self::On),
+            CompressionWord::Flag(false) => Ok(Self::Off),
+            CompressionWord::Word(word) => match word.as_str() {
+                "auto" => Ok(Self::Auto),
+                "on" => Ok(Self::On),
+                "off" => Ok(Self::Off),
+                _ => Err(format!(
+                    "compression is \"auto\", \"on\" or \"off\", not {word:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl ReplicaConsumer {
+    /// How the shipping pipeline compresses this group's chunks.
+    pub fn compression(&self) -> shipper::pipeline::compress::Compression {
+        use shipper::pipeline::compress::Compression;
+        match self.compression {
+            CompressionSetting::Auto => Compression::Auto(self.compression_level),
+            CompressionSetting::On => Compression::On(self.compression_level),
+            CompressionSetting::Off => Compression::Off,
+        }
     }
 }
 
@@ -803,8 +856,31 @@ image = "{}"
         let Some(ConsumerConfig::Replica(replica)) = &config.groups[0].consumer else {
             panic!("not a replica consumer");
         };
-        assert!(replica.compression);
+        assert_eq!(replica.compression, CompressionSetting::Auto);
         assert_eq!(replica.bandwidth_limit, Some(ByteSize(10 << 20)));
+        // The older true/false still work; anything else is refused by name.
+        for (written, meant) in [
+            ("true", CompressionSetting::On),
+            ("false", CompressionSetting::Off),
+            ("\"off\"", CompressionSetting::Off),
+            ("\"auto\"", CompressionSetting::Auto),
+        ] {
+            let text = format!("{good}\ncompression = {written}");
+            let config =
+                PrimaryConfig::parse(&sample(image.path(), &text), Path::new("x")).unwrap();
+            let Some(ConsumerConfig::Replica(replica)) = &config.groups[0].consumer else {
+                panic!("not a replica consumer");
+            };
+            assert_eq!(replica.compression, meant, "{written}");
+        }
+        let text = format!("{good}\ncompression = \"zstd\"");
+        let error = PrimaryConfig::parse(&sample(image.path(), &text), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("compression is \"auto\", \"on\" or \"off\""),
+            "{error}"
+        );
         let bad = "[group.consumer]\ntype = \"replica\"\nurl = \"http://replica:8443\"\nca = \"/nonexistent/ca.pem\"\ncompression_level = 12\nretry_scale = 0.0\nstart_at = \"tomorrow\"";
         let error = PrimaryConfig::parse(&sample(image.path(), bad), Path::new("x"))
             .unwrap_err()

@@ -43,7 +43,6 @@ use wire::api::{
     valid_name, CommitRequest, DiskInfo, EnableRequest, ErrorCode, HashAnswer, HashRequest,
     InitialMethod, ReplicaInfo, TransferOffer, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER,
 };
-use wire::chunk::{CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 use wire::error_chain;
 use wire::tls::certificate_names;
 
@@ -182,6 +181,7 @@ impl PlainConnection {
 pub mod api;
 mod applier;
 mod authorization;
+mod upload;
 
 use api::{refuse, ApiCall, Refusal, ReplicaCall};
 use applier::{Applier, ApplyRequests, Outcome};
@@ -1019,15 +1019,11 @@ async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal
     Ok(Bytes::from(bytes))
 }
 
-/// A chunk upload's frame, and its place among the peer's uploads in progress (held
-/// until the frame is stored). Over the limit the upload is refused as busy before any
-/// of its body is read, so a primary's uploads hold a bounded amount of memory.
-async fn chunk_body(
-    context: &Context,
-    peer: &Peer,
-    request: Request<Incoming>,
-) -> Result<(Bytes, Slot<String>), Refusal> {
-    let upload = context.uploads.take(peer.identity.clone()).map_err(|_| {
+/// An upload's place among the peer's uploads in progress, held until it ends. Over
+/// the limit the upload is refused as busy before any of its body is read, so a
+/// primary's uploads hold a bounded amount of memory.
+fn upload_slot(context: &Context, peer: &Peer) -> Result<Slot<String>, Refusal> {
+    context.uploads.take(peer.identity.clone()).map_err(|_| {
         refuse(
             ErrorCode::Busy,
             format!(
@@ -1035,9 +1031,7 @@ async fn chunk_body(
                 context.settings.limits.max_uploads_per_primary, peer.identity
             ),
         )
-    })?;
-    let frame = body(request, CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize).await?;
-    Ok((frame, upload))
+    })
 }
 
 async fn json_body<T: serde::de::DeserializeOwned>(
@@ -1197,17 +1191,12 @@ async fn route(
             .await
         }
         ReplicaCall::PutChunk { claim, id, index } => {
-            let (frame, _upload) = chunk_body(context, peer, request).await?;
-            blocking(move || {
-                let stored = lock(&replica)
-                    .put_chunk(claim, id, index, &frame)
-                    .map_err(|e| store_refusal(&e))?;
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "have_chunks": stored }),
-                ))
-            })
-            .await
+            let _upload = upload_slot(context, peer)?;
+            let stored = upload::receive(&replica, claim, id, index, request).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "have_chunks": stored }),
+            ))
         }
         ReplicaCall::Commit { claim, id } => {
             let commit: CommitRequest = json_body(request).await?;

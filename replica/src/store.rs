@@ -6,11 +6,13 @@
 //!   the directory) after every step, so a crash leaves the old or the new state.
 //! - `disks/<disk>.img`: the replica disks, sparse files of the protected disks' sizes.
 //! - `incoming/<id>.part`: chunk frames of the transfer being received, back to back.
-//!   Each chunk is verified (checksum, records, ranges) and fsynced before it is
-//!   acknowledged; on restart the file is cut after its last valid chunk.
-//! - `received/<id>.xfer`: a committed transfer waiting to be applied. Commit renames
-//!   the `.part` and records it in the state in the same step; only then is the
-//!   transfer acknowledged as durable.
+//!   Each chunk is verified (checksum, records, ranges) before it is written; it is
+//!   not synced on its own. On restart the file is cut after its last valid chunk, so
+//!   a crash loses at most chunks the primary still holds (it frees nothing before
+//!   the commit) and the next offer's answer tells it where to resume.
+//! - `received/<id>.xfer`: a committed transfer waiting to be applied. Commit syncs
+//!   the `.part`, renames it and records it in the state in the same step; only then
+//!   is the transfer acknowledged as durable.
 //!
 //! Applying takes the oldest received transfer, writes its changes to the disks,
 //! fsyncs them, records the transfer as applied and deletes the file. A crash in
@@ -1022,7 +1024,8 @@ impl Replica {
         self.state.recent_commits.contains(&id) || self.state.queue.iter().any(|q| q.id == id)
     }
 
-    /// Stores chunk `index` of transfer `id` durably, after checking it completely.
+    /// Stores chunk `index` of transfer `id`, after checking it completely. Not
+    /// synced: [`Replica::commit`] makes the transfer durable.
     pub fn put_chunk(
         &mut self,
         claim: Claim,
@@ -1094,8 +1097,7 @@ impl Replica {
             .map_err(StoreError::io("open", &path))?;
         let written = file
             .seek(SeekFrom::Start(self.part_len))
-            .and_then(|_| file.write_all(frame))
-            .and_then(|()| file.sync_data());
+            .and_then(|_| file.write_all(frame));
         if let Err(source) = written {
             // Leave no partial frame behind (a full disk, typically).
             let _ = file.set_len(self.part_len);
@@ -1130,6 +1132,10 @@ impl Replica {
             )));
         }
         let (part, received) = (self.part_path(id), self.received_path(id));
+        // The chunks were written as they came; one sync makes them all durable.
+        File::open(&part)
+            .and_then(|file| file.sync_data())
+            .map_err(StoreError::io("sync", &part))?;
         fs::rename(&part, &received).map_err(StoreError::io("move", &part))?;
         sync_dir(&self.dir.join("received"))?;
         sync_dir(&self.dir.join("incoming"))?;

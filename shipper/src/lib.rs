@@ -5,7 +5,8 @@
 //! The shipping path: [`thread`] schedules cycles, resyncs and retries; [`resync`]
 //! reads the blocks a resync copies, after [`compare`] dropped those the consumer
 //! has already; [`remote`] sends transfers to a replica server
-//! over HTTPS; the local consumers live beside the [`CycleSink`] trait; [`schedule`]
+//! over HTTPS through the stages of the [`pipeline`]; the local consumers live
+//! beside the [`CycleSink`] trait; [`schedule`]
 //! holds the retry table and the health rules; [`rpo`] measures the achieved
 //! recovery point; [`freeze`] runs the freeze and thaw
 //! commands of application-consistent points.
@@ -21,6 +22,7 @@
 pub mod compare;
 pub mod freeze;
 pub mod media;
+pub mod pipeline;
 pub mod remote;
 pub mod resync;
 pub mod rpo;

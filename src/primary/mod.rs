@@ -620,7 +620,7 @@ fn replica_sink(
         client,
         &config.name,
         RemoteOptions {
-            compression: replica.compression.then_some(replica.compression_level),
+            compression: replica.compression(),
             throttles,
         },
     );
@@ -638,7 +638,8 @@ fn replica_sink(
         fresh_ring,
         start_after_unix,
         initial: replica.initial_replication,
-        compression: replica.compression.then_some(replica.compression_level),
+        // Media has no link to measure: compressed unless turned off.
+        compression: replica.compression().level(),
         recovery: replica.recovery(),
         epoch,
     };

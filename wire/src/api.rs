@@ -3,7 +3,7 @@
 //! Every request is authenticated (mutual TLS) and
 //! authorised against the server's list of allowed primaries; a primary sees only the
 //! replicas of its own trust group. Bodies are JSON except chunk uploads, which carry
-//! one frame of [`crate::chunk`].
+//! frames of [`crate::chunk`].
 //!
 //! Control requests (short connections, 120 s timeout, no retry of their own):
 //! - `POST /v1/replicas`: [`EnableRequest`] → [`ReplicaInfo`]; creates the replica
@@ -22,8 +22,11 @@
 //!   received transfer is applied, so the hashes describe what later batches build on.
 //!
 //! Data requests (one persistent connection, an echo every 90 s):
-//! - `PUT /v1/replicas/{name}/transfers/{id}/chunks/{index}`: a chunk frame; chunks
-//!   arrive in order, each stored durably before the next is accepted.
+//! - `PUT /v1/replicas/{name}/transfers/{id}/chunks/{index}`: the frames of chunks
+//!   `index`, `index + 1`, ... back to back, streamed (chunked) for as long as the
+//!   transfer lasts; each is checked and stored as it arrives → `{"have_chunks": n}`,
+//!   the chunks of the transfer the replica holds. Stored, not yet durable: the
+//!   commit makes the transfer durable.
 //! - `GET /v1/echo`: keep-alive.
 
 use serde::{Deserialize, Serialize};

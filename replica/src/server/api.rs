@@ -73,7 +73,8 @@ pub enum ReplicaCall {
     Hashes(Claim),
     /// Offer a transfer (body: `TransferOffer`).
     Offer(Claim),
-    /// Store chunk `index` of transfer `id` (body: the chunk's frame).
+    /// Store chunks `index`, `index + 1`, ... of transfer `id` (body: their frames,
+    /// back to back).
     PutChunk {
         /// Who speaks.
         claim: Claim,

@@ -4,8 +4,9 @@
 //! - control requests (enable, offer, commit, get) each open a short connection, wait
 //!   synchronously with a 120 s timeout, and never retry on their own: the shipper's
 //!   retry schedule decides;
-//! - chunk uploads share one persistent data connection, reopened when it breaks and
-//!   kept alive with `GET /v1/echo` when idle for 90 s.
+//! - a transfer's chunks go as one streamed upload (see [`crate::pipeline`]) on a
+//!   persistent data connection, reopened when it breaks and kept alive with
+//!   `GET /v1/echo` when idle for 90 s.
 //!
 //! Connections bind to a configured source address, so replication can use a dedicated
 //! network. Every request carries the relationship id; in the plain-HTTP lab mode also
@@ -16,6 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::pipeline::upload::{FrameSlot, LostFrame, UploadBody, QUEUE_FRAMES};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
@@ -34,7 +37,8 @@ use wire::api::{
     PSK_HEADER, RELATIONSHIP_HEADER,
 };
 
-/// Default timeout of a control request, and of a chunk upload.
+/// Default timeout of a control request; also the longest an upload may go without
+/// taking a frame, and wait for its answer once its body ended.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Timeout of a TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -305,9 +309,45 @@ impl Endpoint {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// The body of every request: JSON or a whole chunk, or a streamed upload.
+type RequestBody = BoxBody<Bytes, LostFrame>;
+
 struct DataConnection {
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<RequestBody>,
     last_used: Instant,
+}
+
+/// A streamed upload of frames in progress ([`ReplicaClient::start_upload`]).
+pub struct Upload {
+    what: String,
+    slots: Option<tokio::sync::mpsc::Sender<FrameSlot>>,
+    exchange: Option<tokio::task::JoinHandle<UploadEnd>>,
+    /// The exchange's end, when it ended while frames were being queued.
+    ended: Option<Result<UploadEnd, tokio::task::JoinError>>,
+}
+
+/// How an upload's exchange ended: the answer, and the connection to keep.
+type UploadEnd = (
+    Result<Answer, ClientError>,
+    Option<SendRequest<RequestBody>>,
+);
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Abandoned (the transfer failed on this side): stop sending at once, so no
+        // frame of it reaches the replica after a new offer.
+        if let Some(exchange) = self.exchange.take() {
+            exchange.abort();
+        }
+    }
 }
 
 /// A client of one replica server, for one relationship. Blocking: every call runs
@@ -355,7 +395,10 @@ impl ReplicaClient {
             }
             _ => {}
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // One worker thread drives uploads while the shipper thread encodes.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("replica-client")
             .enable_all()
             .build()
             .map_err(|error| format!("Cannot start the client's runtime: {error}"))?;
@@ -396,7 +439,14 @@ impl ReplicaClient {
             })?,
             None => Vec::new(),
         };
-        let request = self.request(method, path, "application/json", Bytes::from(bytes))?;
+        let length = bytes.len();
+        let request = self.request(
+            method,
+            path,
+            "application/json",
+            full(Bytes::from(bytes)),
+            Some(length),
+        )?;
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
@@ -413,32 +463,118 @@ impl ReplicaClient {
         decode(&what, answer)
     }
 
-    /// Uploads one chunk frame on the data connection. Returns when the replica
-    /// stored it durably.
-    pub fn put_chunk(
+    /// Starts uploading the frames of transfer `transfer` of replica `name` from chunk
+    /// `first` on, on the data connection: one streamed request whose body is what is
+    /// queued with [`ReplicaClient::push_frame`], until
+    /// [`ReplicaClient::finish_upload`]. `body` paces and measures it.
+    pub fn start_upload(
         &mut self,
         name: &str,
         transfer: u64,
-        index: u32,
-        frame: Bytes,
-    ) -> Result<(), ClientError> {
-        let path = format!("/replicas/{name}/transfers/{transfer:x}/chunks/{index}");
-        let what = format!("chunk {index} of transfer {transfer:#x}");
-        let request = self.request(Method::PUT, &path, "application/octet-stream", frame)?;
-        let answer = self.on_data_connection(request);
-        let answer = match answer {
-            Ok(answer) => answer,
-            Err(error) => {
-                // The connection's state is unknown: the next upload opens a new one.
-                self.data = None;
-                return Err(error);
+        first: u32,
+        body: impl FnOnce(tokio::sync::mpsc::Receiver<FrameSlot>) -> UploadBody,
+    ) -> Result<Upload, ClientError> {
+        let path = format!("/replicas/{name}/transfers/{transfer:x}/chunks/{first}");
+        let what = format!("chunks from {first} of transfer {transfer:#x}");
+        let (slots, queue) = tokio::sync::mpsc::channel(QUEUE_FRAMES);
+        let request = self.request(
+            Method::PUT,
+            &path,
+            "application/octet-stream",
+            body(queue).boxed(),
+            None,
+        )?;
+        let endpoint = self.endpoint.clone();
+        let credentials = self.settings.credentials.clone();
+        let source = self.settings.source_address;
+        let connection = self.data.take().map(|data| data.sender);
+        let exchange = self.runtime.spawn(async move {
+            let mut live = match connection {
+                Some(existing) if !existing.is_closed() => existing,
+                _ => match connect(&endpoint, &credentials, source).await {
+                    Ok(fresh) => fresh,
+                    Err(error) => return (Err(error), None),
+                },
+            };
+            match exchange(&mut live, request).await {
+                Ok(answer) => (Ok(answer), Some(live)),
+                Err(error) => (Err(error), None),
             }
+        });
+        Ok(Upload {
+            what,
+            slots: Some(slots),
+            exchange: Some(exchange),
+            ended: None,
+        })
+    }
+
+    /// Queues the next chunk's frame on `upload`, waiting while the queue is full (at
+    /// most the request timeout). An error means the upload stopped:
+    /// [`ReplicaClient::finish_upload`] says why.
+    pub fn push_frame(&self, upload: &mut Upload, slot: FrameSlot) -> Result<(), ClientError> {
+        let limit = self.settings.request_timeout;
+        let stopped = || ClientError::BadAnswer {
+            what: upload.what.clone(),
+            detail: "the upload stopped".into(),
         };
-        if answer.status.is_success() {
-            Ok(())
-        } else {
-            Err(refusal(&what, &answer))
+        let (Some(slots), Some(exchange)) = (upload.slots.as_ref(), upload.exchange.as_mut())
+        else {
+            return Err(stopped());
+        };
+        let (sent, ended) = self.runtime.block_on(async {
+            tokio::select! {
+                sent = slots.send(slot) => (sent.is_ok(), None),
+                // The replica answered (a refusal) or the connection broke.
+                ended = exchange => (false, Some(ended)),
+                () = tokio::time::sleep(limit) => (false, None),
+            }
+        });
+        if sent {
+            return Ok(());
         }
+        upload.slots = None;
+        match ended {
+            Some(ended) => {
+                upload.exchange = None;
+                upload.ended = Some(ended);
+                Err(stopped())
+            }
+            None => Err(ClientError::Timeout(limit)),
+        }
+    }
+
+    /// Ends `upload`'s body and waits for the replica's answer: how many chunks of the
+    /// transfer it holds. They are stored, not yet durable: the commit makes them so.
+    pub fn finish_upload(&mut self, mut upload: Upload) -> Result<u32, ClientError> {
+        upload.slots = None;
+        let limit = self.settings.request_timeout;
+        let ended = match (upload.ended.take(), upload.exchange.take()) {
+            (Some(ended), _) => Ok(ended),
+            (None, Some(exchange)) => self
+                .runtime
+                .block_on(async { tokio::time::timeout(limit, exchange).await }),
+            (None, None) => return Err(ClientError::Timeout(limit)),
+        };
+        let (answer, connection) = match ended {
+            Ok(Ok(end)) => end,
+            Ok(Err(join)) => (
+                Err(ClientError::BadAnswer {
+                    what: upload.what.clone(),
+                    detail: format!("the upload task failed: {join}"),
+                }),
+                None,
+            ),
+            Err(_) => (Err(ClientError::Timeout(limit)), None),
+        };
+        if let Some(sender) = connection {
+            self.data = Some(DataConnection {
+                sender,
+                last_used: Instant::now(),
+            });
+        }
+        let answer: UploadAnswer = decode(&upload.what, answer?)?;
+        Ok(answer.have_chunks)
     }
 
     /// Keeps the data connection alive: an echo when it has been idle for
@@ -451,8 +587,13 @@ impl ReplicaClient {
         if !idle {
             return;
         }
-        let Ok(request) = self.request(Method::GET, "/echo", "application/json", Bytes::new())
-        else {
+        let Ok(request) = self.request(
+            Method::GET,
+            "/echo",
+            "application/json",
+            full(Bytes::new()),
+            Some(0),
+        ) else {
             return;
         };
         if !self
@@ -468,7 +609,7 @@ impl ReplicaClient {
         self.data = None;
     }
 
-    fn on_data_connection(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+    fn on_data_connection(&mut self, request: Request<RequestBody>) -> Result<Answer, ClientError> {
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
@@ -501,32 +642,35 @@ impl ReplicaClient {
         answer
     }
 
+    /// A request with this client's headers; `length` is the body's, when known
+    /// (otherwise the body is sent chunked).
     fn request(
         &self,
         method: Method,
         path: &str,
         content_type: &str,
-        body: Bytes,
-    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        body: RequestBody,
+        length: Option<usize>,
+    ) -> Result<Request<RequestBody>, ClientError> {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{API_PREFIX}{path}"))
             .header(HOST, self.endpoint.authority())
             .header(CONTENT_TYPE, content_type)
-            .header(CONTENT_LENGTH, body.len())
             .header(RELATIONSHIP_HEADER, format!("{:x}", self.relationship))
             .header(EPOCH_HEADER, self.epoch);
+        if let Some(length) = length {
+            builder = builder.header(CONTENT_LENGTH, length);
+        }
         if let Credentials::PlainWithPsk { identity, psk } = &self.settings.credentials {
             builder = builder
                 .header(IDENTITY_HEADER, identity.as_str())
                 .header(PSK_HEADER, psk.as_str());
         }
-        builder
-            .body(Full::new(body))
-            .map_err(|error| ClientError::BadAnswer {
-                what: path.to_string(),
-                detail: format!("cannot build the request: {error}"),
-            })
+        builder.body(body).map_err(|error| ClientError::BadAnswer {
+            what: path.to_string(),
+            detail: format!("cannot build the request: {error}"),
+        })
     }
 }
 
@@ -534,7 +678,7 @@ async fn connect(
     endpoint: &Endpoint,
     credentials: &Credentials,
     source: Option<IpAddr>,
-) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+) -> Result<SendRequest<RequestBody>, ClientError> {
     let connecting = async {
         let addresses: Vec<SocketAddr> =
             tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
@@ -582,7 +726,10 @@ async fn connect(
             }
             Credentials::PlainWithPsk { .. } => Box::new(tcp),
         };
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // Frames are written from their own buffers, never copied into hyper's.
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .writev(true)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(ClientError::Http)?;
         tokio::spawn(async move {
@@ -609,9 +756,20 @@ async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Resul
     Ok(stream)
 }
 
+/// A whole body.
+fn full(bytes: Bytes) -> RequestBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// The answer to an upload.
+#[derive(Debug, serde::Deserialize)]
+struct UploadAnswer {
+    have_chunks: u32,
+}
+
 async fn exchange(
-    sender: &mut SendRequest<Full<Bytes>>,
-    request: Request<Full<Bytes>>,
+    sender: &mut SendRequest<RequestBody>,
+    request: Request<RequestBody>,
 ) -> Result<Answer, ClientError> {
     sender.ready().await.map_err(ClientError::Http)?;
     let response = sender

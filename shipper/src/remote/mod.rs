@@ -1,12 +1,13 @@
 //! Shipping to a replica server over the network.
 //!
-//! [`RemoteSink`] turns transfers into chunks ([`wire::chunk`]), compresses and
-//! uploads them, and commits; [`client`] speaks the HTTP API; [`relationship`] is the
-//! primary's durable record of the relationship; [`throttle`] limits bandwidth.
+//! [`RemoteSink`] turns transfers into chunks ([`wire::chunk`]), frames them and
+//! streams them through the [`crate::pipeline`], and commits; [`client`] speaks the
+//! HTTP API; [`relationship`] is the primary's durable record of the relationship;
+//! [`throttle`] limits bandwidth.
 //!
 //! Resuming: `begin` offers the transfer and learns how many chunks the replica holds;
 //! those chunks are encoded again (the records decide chunk boundaries) but neither
-//! framed, compressed nor sent, so an interrupted transfer costs at most the chunk in
+//! framed, compressed nor sent, so an interrupted transfer costs at most the chunks in
 //! flight.
 
 pub mod client;
@@ -15,7 +16,6 @@ pub mod throttle;
 
 use std::sync::Arc;
 
-use hyper::body::Bytes;
 use hyper::Method;
 use replica::compare::Hash;
 use tracker::Change;
@@ -25,20 +25,24 @@ use wire::api::{
 };
 use wire::chunk::{ChunkEncoder, RawChunk};
 
+use client::Upload;
+
 pub use client::{
     ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
 };
 pub use relationship::{CopyProgress, Relationship, RelationshipError};
 pub use throttle::Throttle;
 
+use crate::pipeline::compress::{AutoDecision, Compression, Framer};
+use crate::pipeline::upload::{LinkMeter, UploadBody};
 use crate::resync::Cursor;
 use crate::sink::{ChunkFraming, CycleSink, Emit, Resume, SinkError};
 
 /// How chunks are sent.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
-    /// DEFLATE level 0-9, or `None` to send chunks uncompressed.
-    pub compression: Option<u32>,
+    /// Whether chunks are compressed.
+    pub compression: Compression,
     /// Bandwidth limits that apply (the group's, the daemon's).
     pub throttles: Vec<Arc<Throttle>>,
 }
@@ -46,10 +50,18 @@ pub struct RemoteOptions {
 /// The transfer being sent.
 #[derive(Debug)]
 struct Sending {
-    id: u64,
     encoder: ChunkEncoder,
     /// Chunks below this index are on the replica already.
     skip_below: u32,
+    outgoing: Outgoing,
+}
+
+/// Where the transfer's frames go.
+#[derive(Debug)]
+struct Outgoing {
+    id: u64,
+    /// The upload of the chunks from `skip_below` on, once the first is framed.
+    upload: Option<Upload>,
 }
 
 /// Ships transfers to a replica server.
@@ -57,10 +69,10 @@ struct Sending {
 pub struct RemoteSink {
     client: ReplicaClient,
     name: String,
-    options: RemoteOptions,
+    throttles: Vec<Arc<Throttle>>,
+    framer: Framer,
+    meter: Arc<LinkMeter>,
     sending: Option<Sending>,
-    frame: Vec<u8>,
-    bytes_sent: u64,
 }
 
 impl RemoteSink {
@@ -69,11 +81,16 @@ impl RemoteSink {
         RemoteSink {
             client,
             name: name.to_string(),
-            options,
+            throttles: options.throttles,
+            framer: Framer::new(options.compression),
+            meter: Arc::default(),
             sending: None,
-            frame: Vec::new(),
-            bytes_sent: 0,
         }
+    }
+
+    /// What automatic compression decided last, with the figures it used.
+    pub fn compression(&self) -> (Compression, AutoDecision) {
+        (self.framer.mode(), self.framer.decision())
     }
 
     fn remote(&self, source: ClientError) -> SinkError {
@@ -91,21 +108,51 @@ impl RemoteSink {
             .map_err(|error| self.remote(error))
     }
 
-    fn send(&mut self, chunk: &RawChunk<'_>) -> Result<(), SinkError> {
-        self.frame.clear();
-        chunk.frame_into(self.options.compression, &mut self.frame);
-        for throttle in &self.options.throttles {
-            let wait = throttle.take(self.frame.len());
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
-            }
+    /// Frames `chunk` and queues it on the transfer's upload, starting the upload at
+    /// the transfer's first chunk to send.
+    fn send(&mut self, outgoing: &mut Outgoing, chunk: RawChunk<'_>) -> Result<(), SinkError> {
+        if outgoing.upload.is_none() {
+            let (throttles, meter) = (self.throttles.clone(), Arc::clone(&self.meter));
+            let upload = self
+                .client
+                .start_upload(&self.name, outgoing.id, chunk.index, |queue| {
+                    UploadBody::new(queue, throttles, meter)
+                })
+                .map_err(|error| self.remote(error))?;
+            outgoing.upload = Some(upload);
         }
-        let frame = Bytes::copy_from_slice(&self.frame);
-        let len = frame.len() as u64;
-        self.client
-            .put_chunk(&self.name, chunk.transfer, chunk.index, frame)
+        let slot = self.framer.frame(chunk.into_owned(), &self.meter);
+        let Some(upload) = outgoing.upload.as_mut() else {
+            return Ok(());
+        };
+        if let Err(error) = self.client.push_frame(upload, slot) {
+            // The exchange's own answer says best why it stopped.
+            let error = match outgoing.upload.take() {
+                Some(upload) => self.client.finish_upload(upload).err().unwrap_or(error),
+                None => error,
+            };
+            return Err(self.remote(error));
+        }
+        Ok(())
+    }
+
+    /// Ends the transfer's upload, if one started, and checks that the replica holds
+    /// every chunk encoded.
+    fn finish_upload(&mut self, sending: &mut Sending) -> Result<(), SinkError> {
+        let Some(upload) = sending.outgoing.upload.take() else {
+            return Ok(());
+        };
+        let have = self
+            .client
+            .finish_upload(upload)
             .map_err(|error| self.remote(error))?;
-        self.bytes_sent += len;
+        let sent = sending.encoder.chunks();
+        if have != sent {
+            return Err(self.remote(ClientError::BadAnswer {
+                what: format!("the upload of transfer {:#x}", sending.outgoing.id),
+                detail: format!("the replica holds {have} chunks of the {sent} sent"),
+            }));
+        }
         Ok(())
     }
 }
@@ -127,11 +174,12 @@ impl ChunkFraming for RemoteSink {
             }));
         };
         let skip_below = sending.skip_below;
+        let outgoing = &mut sending.outgoing;
         let result = step(&mut sending.encoder, &mut |chunk: RawChunk<'_>| {
             if chunk.index < skip_below {
                 return Ok(());
             }
-            self.send(&chunk)
+            self.send(outgoing, chunk)
         });
         self.sending = Some(sending);
         result
@@ -162,9 +210,9 @@ impl CycleSink for RemoteSink {
             .control(Method::POST, &path, Some(&offer))
             .map_err(|error| self.remote(error))?;
         self.sending = Some(Sending {
-            id,
             encoder: ChunkEncoder::new(id),
             skip_below: answer.have_chunks,
+            outgoing: Outgoing { id, upload: None },
         });
         Ok(Resume {
             have_chunks: answer.have_chunks,
@@ -219,7 +267,7 @@ impl CycleSink for RemoteSink {
 
     fn resume_at(&mut self, index: u32) {
         if let Some(sending) = &mut self.sending {
-            sending.encoder = ChunkEncoder::resume(sending.id, index);
+            sending.encoder = ChunkEncoder::resume(sending.outgoing.id, index);
         }
     }
 
@@ -237,10 +285,14 @@ impl CycleSink for RemoteSink {
 
     fn commit(&mut self) -> Result<(), SinkError> {
         self.with_encoder(|encoder, emit| encoder.cut(&mut &mut *emit))?;
-        let Some(sending) = self.sending.take() else {
+        let Some(mut sending) = self.sending.take() else {
             return Ok(());
         };
-        let path = format!("/replicas/{}/transfers/{:x}/commit", self.name, sending.id);
+        self.finish_upload(&mut sending)?;
+        let path = format!(
+            "/replicas/{}/transfers/{:x}/commit",
+            self.name, sending.outgoing.id
+        );
         let request = CommitRequest {
             chunks: sending.encoder.chunks(),
         };
@@ -268,6 +320,6 @@ impl CycleSink for RemoteSink {
     }
 
     fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.meter.total_bytes()
     }
 }

@@ -1,0 +1,308 @@
+//! The framing stage: seals chunks, and compresses them when that pays.
+//!
+//! Compression is worth its CPU only when the link is slower than the compressor.
+//! In [`Compression::Auto`] mode (the default) the [`Framer`] measures three things
+//! and decides per chunk:
+//! - the link: wire bytes per second the upload's connection takes
+//!   ([`LinkMeter`]);
+//! - the codec: bytes per second one compression worker turns out;
+//! - the ratio: compressed bytes over record bytes.
+//!
+//! It compresses while `min(codec × workers, link ÷ ratio)` (the rate of record bytes
+//! with compression) beats the link by [`AUTO_MARGIN`]. The link is measured either
+//! way; while it does not compress, one chunk in [`PROBE_EVERY`] is compressed all
+//! the same, so the codec's figures stay fresh.
+//!
+//! Compression runs on worker threads, so a group's encoder goes on encoding while
+//! earlier chunks compress; stored chunks are sealed on the encoder's thread, which
+//! only computes their CRC. Workers start on first use and stop when the framer is
+//! dropped.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{unbounded, Sender};
+use hyper::body::Bytes;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::warn;
+use wire::chunk::OwnedChunk;
+
+use super::upload::{as_f64, ready_slot, FrameSlot, LinkMeter};
+
+/// Compression must make a transfer this much faster (as a factor) to be used.
+pub const AUTO_MARGIN: f64 = 1.1;
+/// Every this many chunks, `auto` tries the road it is not taking.
+pub const PROBE_EVERY: u32 = 32;
+/// Most compression workers per group.
+const MAX_WORKERS: usize = 2;
+
+/// How chunks are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Never.
+    Off,
+    /// Always, with DEFLATE at this level (1-9), except chunks whose probes do not
+    /// compress.
+    On(u32),
+    /// When the link is slower than the compressor, at this level.
+    Auto(u32),
+}
+
+impl Compression {
+    /// The DEFLATE level, when compression may be used.
+    pub fn level(self) -> Option<u32> {
+        match self {
+            Compression::Off => None,
+            Compression::On(level) | Compression::Auto(level) => Some(level),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::On(level) => write!(f, "DEFLATE level {level}"),
+            Compression::Auto(level) => write!(f, "auto (DEFLATE level {level})"),
+        }
+    }
+}
+
+/// What the codec did lately.
+#[derive(Debug, Default, Clone, Copy)]
+struct CodecFigures {
+    /// Record bytes compressed, and the frame bytes they became.
+    raw: u64,
+    framed: u64,
+    /// Microseconds the workers spent on them.
+    micros: u64,
+}
+
+impl CodecFigures {
+    fn add(&mut self, raw: u64, framed: u64, micros: u64) {
+        self.raw = self.raw.saturating_add(raw);
+        self.framed = self.framed.saturating_add(framed);
+        self.micros = self.micros.saturating_add(micros);
+        // Follow data that changes: forget half of the past now and then.
+        if self.raw > 256 << 20 {
+            *self = CodecFigures {
+                raw: self.raw / 2,
+                framed: self.framed / 2,
+                micros: self.micros / 2,
+            };
+        }
+    }
+
+    /// Record bytes per second of one worker, and the ratio framed / record bytes.
+    fn rate_and_ratio(&self) -> Option<(f64, f64)> {
+        (self.raw > 0).then(|| {
+            (
+                as_f64(self.raw) * 1e6 / as_f64(self.micros.max(1)),
+                as_f64(self.framed) / as_f64(self.raw),
+            )
+        })
+    }
+}
+
+/// What `auto` decided last, for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct AutoDecision {
+    /// Whether chunks are being compressed.
+    pub compressing: bool,
+    /// Link: wire bytes per second, when measured.
+    pub link_bytes_per_sec: Option<u64>,
+    /// One worker's record bytes per second, when measured.
+    pub codec_bytes_per_sec: Option<u64>,
+    /// Compressed bytes over record bytes, in thousandths, when measured.
+    pub ratio_per_mille: Option<u64>,
+}
+
+struct Job {
+    chunk: OwnedChunk,
+    level: u32,
+    frame: oneshot::Sender<Bytes>,
+}
+
+/// Compression worker threads.
+struct Workers {
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Closing the queue ends each worker after its job.
+        self.jobs = None;
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Frames the chunks of one group's transfers.
+pub struct Framer {
+    mode: Compression,
+    figures: Arc<Mutex<CodecFigures>>,
+    workers: Option<Workers>,
+    worker_count: usize,
+    since_probe: u32,
+    decision: AutoDecision,
+}
+
+impl fmt::Debug for Framer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Framer")
+            .field("mode", &self.mode)
+            .field("decision", &self.decision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Framer {
+    /// A framer compressing as `mode` says.
+    pub fn new(mode: Compression) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Framer {
+            mode,
+            figures: Arc::default(),
+            workers: None,
+            worker_count: cores.clamp(1, MAX_WORKERS),
+            since_probe: 0,
+            decision: AutoDecision::default(),
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Compression {
+        self.mode
+    }
+
+    /// What `auto` decided last, with its figures.
+    pub fn decision(&self) -> AutoDecision {
+        self.decision
+    }
+
+    /// Frames `chunk`: sealed here, or compressed by a worker. The slot yields the
+    /// frame.
+    pub fn frame(&mut self, chunk: OwnedChunk, link: &LinkMeter) -> FrameSlot {
+        match self.level_for(link) {
+            None => ready_slot(Bytes::from(chunk.into_frame(None))),
+            Some(level) => self.compress(chunk, level),
+        }
+    }
+
+    /// The level to compress the next chunk at, or `None` to store it.
+    fn level_for(&mut self, link: &LinkMeter) -> Option<u32> {
+        let level = match self.mode {
+            Compression::Off => return None,
+            Compression::On(level) => {
+                self.decision.compressing = true;
+                return Some(level);
+            }
+            Compression::Auto(level) => level,
+        };
+        let codec = self
+            .figures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rate_and_ratio();
+        let link = link.bytes_per_sec();
+        let compressing = match (codec, link) {
+            // Learn what the codec does first, then what the link does without it.
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some((rate, ratio)), Some(link)) => {
+                let workers = as_f64(self.worker_count as u64);
+                let with = (rate * workers).min(link / ratio.max(0.01));
+                with > link * AUTO_MARGIN
+            }
+        };
+        self.decision = AutoDecision {
+            compressing,
+            link_bytes_per_sec: link.map(to_u64),
+            codec_bytes_per_sec: codec.map(|(rate, _)| to_u64(rate)),
+            ratio_per_mille: codec.map(|(_, ratio)| to_u64(ratio * 1000.0)),
+        };
+        // The link is measured whichever road is taken; the codec only when used.
+        self.since_probe += 1;
+        let probe = !compressing && self.since_probe >= PROBE_EVERY;
+        if probe || compressing {
+            self.since_probe = 0;
+        }
+        (compressing || probe).then_some(level)
+    }
+
+    fn compress(&mut self, chunk: OwnedChunk, level: u32) -> FrameSlot {
+        let (sender, slot) = oneshot::channel();
+        let job = Job {
+            chunk,
+            level,
+            frame: sender,
+        };
+        let job = match self.workers().and_then(|jobs| jobs.send(job).err()) {
+            None => return slot,
+            Some(refused) => refused.into_inner(),
+        };
+        // No worker could be started: compress here.
+        let Job { chunk, level, .. } = job;
+        ready_slot(Bytes::from(compress_measured(&self.figures, chunk, level)))
+    }
+
+    /// The workers' queue, starting them on first use; `None` if no thread starts.
+    fn workers(&mut self) -> Option<&Sender<Job>> {
+        if self.workers.is_none() {
+            let (jobs, queue) = unbounded::<Job>();
+            let mut threads = Vec::new();
+            for index in 0..self.worker_count {
+                let queue = queue.clone();
+                let figures = Arc::clone(&self.figures);
+                let started = std::thread::Builder::new()
+                    .name(format!("compress-{index}"))
+                    .spawn(move || {
+                        for job in queue {
+                            let frame = compress_measured(&figures, job.chunk, job.level);
+                            // The upload gave up on this chunk: nothing to do.
+                            let _ = job.frame.send(Bytes::from(frame));
+                        }
+                    });
+                match started {
+                    Ok(thread) => threads.push(thread),
+                    Err(error) => warn!(%error, "Cannot start a compression worker"),
+                }
+            }
+            if threads.is_empty() {
+                return None;
+            }
+            self.workers = Some(Workers {
+                jobs: Some(jobs),
+                threads,
+            });
+        }
+        self.workers
+            .as_ref()
+            .and_then(|workers| workers.jobs.as_ref())
+    }
+}
+
+/// Frames `chunk` compressed at `level` and adds what it took to `figures`.
+fn compress_measured(figures: &Mutex<CodecFigures>, chunk: OwnedChunk, level: u32) -> Vec<u8> {
+    let raw = chunk.records().len() as u64;
+    let started = Instant::now();
+    let frame = chunk.into_frame(Some(level));
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    figures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .add(raw, frame.len() as u64, micros);
+    frame
+}
+
+/// A non-negative rate as an integer, for status.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn to_u64(value: f64) -> u64 {
+    value.max(0.0).min(u64::MAX as f64) as u64
+}
