@@ -371,6 +371,61 @@ impl MetricsText {
 }
 
 /// A label value as the format wants it: `\`, `"` and line feeds escaped.
+/// A group's policy for a full ring and, under `throttle`, what slowing writers cost.
+pub fn ring_full_samples(
+    text: &mut MetricsText,
+    labels: &[(&str, &str)],
+    status: &tracker::GroupStatus,
+) {
+    let bound = match status.on_ring_full {
+        tracker::OnRingFull::Throttle { max_delay } => Some(max_delay),
+        tracker::OnRingFull::Bitmap => None,
+    };
+    text.gauge(
+        "blkrep_ring_full_throttle",
+        "1 if writers are throttled when the ring is full, 0 if the group falls back to dirty maps",
+        labels,
+        f64::from(u8::from(bound.is_some())),
+    );
+    let Some(max_delay) = bound else {
+        return;
+    };
+    let throttle = &status.throttle;
+    text.gauge(
+        "blkrep_throttle_bound_seconds",
+        "The most a write may be delayed waiting for ring space",
+        labels,
+        max_delay.as_secs_f64(),
+    );
+    // Exact up to 2^53 writes.
+    #[allow(clippy::cast_precision_loss)]
+    let (writes, expired) = (throttle.writes as f64, throttle.expired as f64);
+    text.counter(
+        "blkrep_throttled_writes_total",
+        "Writes delayed to keep the log since start",
+        labels,
+        writes,
+    );
+    text.counter(
+        "blkrep_throttle_delay_seconds_total",
+        "Delay added to throttled writes since start",
+        labels,
+        throttle.total_delay.as_secs_f64(),
+    );
+    text.gauge(
+        "blkrep_throttle_max_delay_seconds",
+        "The longest delay added to one write since start",
+        labels,
+        throttle.max_delay.as_secs_f64(),
+    );
+    text.counter(
+        "blkrep_throttle_expired_total",
+        "Times the delay bound passed with the ring still full, so the group fell back to dirty maps",
+        labels,
+        expired,
+    );
+}
+
 fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
