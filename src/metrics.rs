@@ -461,6 +461,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_throttle_figures_appear_only_under_throttle() {
+        let mut status = tracker::GroupStatus {
+            mode: tracker::TrackingMode::Logging,
+            resync: None,
+            open_cycle: 1,
+            last_closed: 0,
+            last_acked: 0,
+            ring_size: 4 << 20,
+            ring_used: 0,
+            records_logged: 0,
+            on_ring_full: tracker::OnRingFull::Bitmap,
+            throttle: tracker::ThrottleStats::default(),
+            disks: Vec::new(),
+        };
+        let labels = [("group", "vm1")];
+        let mut text = MetricsText::new();
+        ring_full_samples(&mut text, &labels, &status);
+        let page = text.finish();
+        assert!(
+            page.contains("blkrep_ring_full_throttle{group=\"vm1\"} 0\n"),
+            "{page}"
+        );
+        assert!(!page.contains("blkrep_throttled_writes_total"), "{page}");
+        status.on_ring_full = tracker::OnRingFull::Throttle {
+            max_delay: Duration::from_secs(2),
+        };
+        status.throttle = tracker::ThrottleStats {
+            writes: 7,
+            total_delay: Duration::from_millis(1500),
+            max_delay: Duration::from_millis(600),
+            expired: 1,
+        };
+        let mut text = MetricsText::new();
+        ring_full_samples(&mut text, &labels, &status);
+        let page = text.finish();
+        for line in [
+            "blkrep_ring_full_throttle{group=\"vm1\"} 1",
+            "blkrep_throttle_bound_seconds{group=\"vm1\"} 2",
+            "blkrep_throttled_writes_total{group=\"vm1\"} 7",
+            "blkrep_throttle_delay_seconds_total{group=\"vm1\"} 1.5",
+            "blkrep_throttle_max_delay_seconds{group=\"vm1\"} 0.6",
+            "blkrep_throttle_expired_total{group=\"vm1\"} 1",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "missing {line:?} in\n{page}"
+            );
+        }
+    }
+
+    #[test]
     fn groups_samples_under_one_help_and_type() {
         let mut text = MetricsText::new();
         for (name, value) in [("vm1", 1.0), ("vm2", 0.0)] {

@@ -206,6 +206,19 @@ fn throttle_keeps_the_log_and_the_recovery_point() {
         "lag reached {max_lag}s (bound {lag_bound}s)"
     );
 
+    let text = run_ok(
+        pair.primary
+            .cmd()
+            .args(["status", "--config"])
+            .arg(pair.primary.config()),
+        SHORT,
+    )
+    .all();
+    assert!(
+        text.contains("when full: throttle writers, at most 5000 ms a write;"),
+        "{text}"
+    );
+
     let consumer = pair.converge();
     assert_eq!(
         ms(&consumer["resyncs"]),
