@@ -772,6 +772,13 @@ fn throttle_pause_starts_at_the_high_water_mark_and_grows_to_its_ceiling() {
     }
 }
 
+/// A group of one disk with the smallest ring, its tracker, and the disk's image.
+fn smallest_group(dir: &Path) -> (Group, DiskTracker, Vec<u8>) {
+    let (group, _) = Group::open(&config(dir, MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    (group, disk, vec![0u8; usize_of(DISK)])
+}
+
 /// 64 KiB writes into a ring of `MIN_RING_SIZE` with no consumer, under the default
 /// policy, while the next one still fits; returns how many were written.
 fn fill_ring(group: &Group, disk: &DiskTracker, image: &mut [u8]) -> u64 {
@@ -788,9 +795,7 @@ fn fill_ring(group: &Group, disk: &DiskTracker, image: &mut [u8]) -> u64 {
 #[test]
 fn a_throttled_write_waits_for_the_acknowledgement_that_frees_room() {
     let dir = tempfile::tempdir().unwrap();
-    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
-    let disk = group.disk(0).unwrap();
-    let mut image = vec![0u8; usize_of(DISK)];
+    let (group, disk, mut image) = smallest_group(dir.path());
     fill_ring(&group, &disk, &mut image);
     // The writers left room to close the cycle that frees them.
     group.close_cycle().unwrap();
@@ -838,9 +843,7 @@ fn a_throttled_write_waits_for_the_acknowledgement_that_frees_room() {
 #[test]
 fn the_bound_expiring_falls_back_to_dirty_maps() {
     let dir = tempfile::tempdir().unwrap();
-    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
-    let disk = group.disk(0).unwrap();
-    let mut image = vec![0u8; usize_of(DISK)];
+    let (group, disk, mut image) = smallest_group(dir.path());
     let written = fill_ring(&group, &disk, &mut image);
     let bound = Duration::from_millis(400);
     group.set_on_ring_full(OnRingFull::Throttle { max_delay: bound });
@@ -883,9 +886,7 @@ fn the_bound_expiring_falls_back_to_dirty_maps() {
 #[test]
 fn writers_past_the_high_water_mark_are_paused_and_still_logged() {
     let dir = tempfile::tempdir().unwrap();
-    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 1)).unwrap();
-    let disk = group.disk(0).unwrap();
-    let mut image = vec![0u8; usize_of(DISK)];
+    let (group, disk, mut image) = smallest_group(dir.path());
     let bound = Duration::from_secs(2);
     group.set_on_ring_full(OnRingFull::Throttle { max_delay: bound });
     let chunk = vec![8u8; 65536];
