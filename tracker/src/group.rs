@@ -1384,7 +1384,7 @@ impl Shared {
                 group = %self.name,
                 ring_size = self.ring_size,
                 max_delay = %format_args!("{max_delay:?}"),
-                "Log ring full for longer than a write may be delayed: the throttle could not keep the log (the consumer is behind or gone); tracking by dirty map from now on, a resync is required"
+                "Log ring full: the throttle could not keep the log (the consumer freed no room within the bound, or a write is larger than the ring); tracking by dirty map from now on, a resync is required"
             ),
         }
         // Nothing else to do under the lock: what the log holds stays in the ring
@@ -1945,10 +1945,12 @@ impl DiskTracker {
             {
                 break;
             }
-            if let OnRingFull::Throttle { max_delay } = state.on_ring_full {
+            // A write larger than the whole ring would wait in vain.
+            if let (OnRingFull::Throttle { max_delay }, true) =
+                (state.on_ring_full, needed <= shared.ring_size)
+            {
                 let left = (arrived + max_delay).saturating_duration_since(Instant::now());
-                // A write larger than the whole ring would wait in vain.
-                if needed <= shared.ring_size && !left.is_zero() {
+                if !left.is_zero() {
                     // The lock is released while waiting: an overlapping write may
                     // have been admitted meanwhile, so the loop checks again.
                     let before = Instant::now();
