@@ -313,6 +313,12 @@ pub struct GroupConfig {
     /// Whether writes are tracked at all.
     #[serde(default = "default_true")]
     pub tracking: bool,
+    /// What happens when the log ring is full.
+    #[serde(default)]
+    pub on_ring_full: RingFullSetting,
+    /// With `on_ring_full = "throttle"`, the most a write is delayed waiting for ring
+    /// space ([`DEFAULT_THROTTLE_MAX_DELAY`] if unset).
+    pub throttle_max_delay: Option<Interval>,
     /// Who consumes closed cycles.
     pub consumer: Option<ConsumerConfig>,
     /// Application-consistent points (none without this section).
@@ -320,6 +326,66 @@ pub struct GroupConfig {
     /// The group's disks.
     #[serde(rename = "disk", default)]
     pub disks: Vec<DiskConfig>,
+}
+
+/// `on_ring_full`: what a group does when its log ring is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RingFullSetting {
+    /// Track by dirty map and resync (the recovery point is lost until the resync
+    /// ends); writes are never delayed.
+    #[default]
+    Bitmap,
+    /// Slow writers, at most `throttle_max_delay` per write, to keep the log.
+    Throttle,
+}
+
+/// The delay bound of `on_ring_full = "throttle"` when `throttle_max_delay` is unset.
+/// A burst that fills the ring before the first acknowledgement waits for the
+/// cycle holding it to ship, about `ring_size` / link bandwidth: 10 s covers a 1 GiB
+/// ring (the default) on a 100 MiB/s link, and stays well below guests' I/O timeouts.
+pub const DEFAULT_THROTTLE_MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// The largest `throttle_max_delay`: guests give up on an I/O after 30 s (Linux's
+/// SCSI default), so a write must never wait that long.
+pub const MAX_THROTTLE_MAX_DELAY: Duration = Duration::from_secs(20);
+
+impl GroupConfig {
+    /// The tracker's policy for a full ring.
+    pub fn on_ring_full(&self) -> tracker::OnRingFull {
+        match self.on_ring_full {
+            RingFullSetting::Bitmap => tracker::OnRingFull::Bitmap,
+            RingFullSetting::Throttle => tracker::OnRingFull::Throttle {
+                max_delay: self
+                    .throttle_max_delay
+                    .map_or(DEFAULT_THROTTLE_MAX_DELAY, |delay| delay.0),
+            },
+        }
+    }
+
+    fn ring_full_problems(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        match (self.on_ring_full, self.throttle_max_delay) {
+            (RingFullSetting::Bitmap, Some(_)) => problems.push(format!(
+                "{at}: throttle_max_delay applies only with on_ring_full = \"throttle\""
+            )),
+            (RingFullSetting::Throttle, Some(delay))
+                if delay.0.is_zero() || delay.0 > MAX_THROTTLE_MAX_DELAY =>
+            {
+                problems.push(format!(
+                    "{at}: throttle_max_delay must be above 0s and at most {} (guests time out I/O after 30s)",
+                    humantime::format_duration(MAX_THROTTLE_MAX_DELAY)
+                ));
+            }
+            _ => {}
+        }
+        if self.on_ring_full == RingFullSetting::Throttle && !self.tracking {
+            problems.push(format!(
+                "{at}: on_ring_full = \"throttle\" needs tracking = true"
+            ));
+        }
+        problems
+    }
 }
 
 fn default_ring_size() -> ByteSize {
@@ -725,6 +791,7 @@ impl PrimaryConfig {
                     tracker::superblock::MAX_DISKS
                 ));
             }
+            problems.extend(group.ring_full_problems(&at));
             if !group.tracking && group.consumer.is_some() {
                 problems.push(format!("{at}: a consumer needs tracking = true"));
             }
@@ -841,6 +908,54 @@ image = "{}"
             "/nonexistent/image",
         ] {
             assert!(error.contains(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn on_ring_full_defaults_to_bitmap_and_throttle_takes_a_bounded_delay() {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let parse =
+            |extra: &str| PrimaryConfig::parse(&sample(image.path(), extra), Path::new("p.toml"));
+        let config = parse("").unwrap();
+        assert_eq!(config.groups[0].on_ring_full(), tracker::OnRingFull::Bitmap);
+        let config = parse("on_ring_full = \"throttle\"").unwrap();
+        assert_eq!(
+            config.groups[0].on_ring_full(),
+            tracker::OnRingFull::Throttle {
+                max_delay: DEFAULT_THROTTLE_MAX_DELAY
+            }
+        );
+        let config = parse("on_ring_full = \"throttle\"\nthrottle_max_delay = \"500ms\"").unwrap();
+        assert_eq!(
+            config.groups[0].on_ring_full(),
+            tracker::OnRingFull::Throttle {
+                max_delay: Duration::from_millis(500)
+            }
+        );
+        for (extra, expected) in [
+            (
+                "on_ring_full = \"block\"",
+                "unknown variant `block`, expected `bitmap` or `throttle`",
+            ),
+            (
+                "throttle_max_delay = \"1s\"",
+                "throttle_max_delay applies only with on_ring_full = \"throttle\"",
+            ),
+            (
+                "on_ring_full = \"throttle\"\nthrottle_max_delay = \"0s\"",
+                "throttle_max_delay must be above 0s and at most 20s",
+            ),
+            (
+                "on_ring_full = \"throttle\"\nthrottle_max_delay = \"1m\"",
+                "throttle_max_delay must be above 0s and at most 20s",
+            ),
+            (
+                "on_ring_full = \"throttle\"\ntracking = false",
+                "on_ring_full = \"throttle\" needs tracking = true",
+            ),
+        ] {
+            let error = parse(extra).unwrap_err().to_string();
+            assert!(error.contains(expected), "{extra}: {error}");
         }
     }
 

@@ -438,6 +438,61 @@ fn count_f64(count: u64) -> f64 {
 }
 
 /// A label value as the format wants it: `\`, `"` and line feeds escaped.
+/// A group's policy for a full ring and, under `throttle`, what slowing writers cost.
+pub fn ring_full_samples(
+    text: &mut MetricsText,
+    labels: &[(&str, &str)],
+    status: &tracker::GroupStatus,
+) {
+    let bound = match status.on_ring_full {
+        tracker::OnRingFull::Throttle { max_delay } => Some(max_delay),
+        tracker::OnRingFull::Bitmap => None,
+    };
+    text.gauge(
+        "blkrep_ring_full_throttle",
+        "1 if writers are throttled when the ring is full, 0 if the group falls back to dirty maps",
+        labels,
+        f64::from(u8::from(bound.is_some())),
+    );
+    let Some(max_delay) = bound else {
+        return;
+    };
+    let throttle = &status.throttle;
+    text.gauge(
+        "blkrep_throttle_bound_seconds",
+        "The most a write may be delayed waiting for ring space",
+        labels,
+        max_delay.as_secs_f64(),
+    );
+    // Exact up to 2^53 writes.
+    #[allow(clippy::cast_precision_loss)]
+    let (writes, expired) = (throttle.writes as f64, throttle.expired as f64);
+    text.counter(
+        "blkrep_throttled_writes_total",
+        "Writes delayed to keep the log since start",
+        labels,
+        writes,
+    );
+    text.counter(
+        "blkrep_throttle_delay_seconds_total",
+        "Delay added to throttled writes since start",
+        labels,
+        throttle.total_delay.as_secs_f64(),
+    );
+    text.gauge(
+        "blkrep_throttle_max_delay_seconds",
+        "The longest delay added to one write since start",
+        labels,
+        throttle.max_delay.as_secs_f64(),
+    );
+    text.counter(
+        "blkrep_throttle_expired_total",
+        "Times the delay bound passed with the ring still full, so the group fell back to dirty maps",
+        labels,
+        expired,
+    );
+}
+
 fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
@@ -471,6 +526,57 @@ fn format_value(value: f64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_throttle_figures_appear_only_under_throttle() {
+        let mut status = tracker::GroupStatus {
+            mode: tracker::TrackingMode::Logging,
+            resync: None,
+            open_cycle: 1,
+            last_closed: 0,
+            last_acked: 0,
+            ring_size: 4 << 20,
+            ring_used: 0,
+            records_logged: 0,
+            on_ring_full: tracker::OnRingFull::Bitmap,
+            throttle: tracker::ThrottleStats::default(),
+            disks: Vec::new(),
+        };
+        let labels = [("group", "vm1")];
+        let mut text = MetricsText::new();
+        ring_full_samples(&mut text, &labels, &status);
+        let page = text.finish();
+        assert!(
+            page.contains("blkrep_ring_full_throttle{group=\"vm1\"} 0\n"),
+            "{page}"
+        );
+        assert!(!page.contains("blkrep_throttled_writes_total"), "{page}");
+        status.on_ring_full = tracker::OnRingFull::Throttle {
+            max_delay: Duration::from_secs(2),
+        };
+        status.throttle = tracker::ThrottleStats {
+            writes: 7,
+            total_delay: Duration::from_millis(1500),
+            max_delay: Duration::from_millis(600),
+            expired: 1,
+        };
+        let mut text = MetricsText::new();
+        ring_full_samples(&mut text, &labels, &status);
+        let page = text.finish();
+        for line in [
+            "blkrep_ring_full_throttle{group=\"vm1\"} 1",
+            "blkrep_throttle_bound_seconds{group=\"vm1\"} 2",
+            "blkrep_throttled_writes_total{group=\"vm1\"} 7",
+            "blkrep_throttle_delay_seconds_total{group=\"vm1\"} 1.5",
+            "blkrep_throttle_max_delay_seconds{group=\"vm1\"} 0.6",
+            "blkrep_throttle_expired_total{group=\"vm1\"} 1",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "missing {line:?} in\n{page}"
+            );
+        }
+    }
 
     #[test]
     fn groups_samples_under_one_help_and_type() {

@@ -62,6 +62,28 @@ pub struct RingReport {
     pub used: u64,
     /// Records logged since start.
     pub records_logged: u64,
+    /// What the group does when the ring is full: `bitmap` or `throttle`.
+    #[serde(default)]
+    pub on_full: String,
+    /// Writes slowed to keep the log (with `on_full = "throttle"`).
+    #[serde(default)]
+    pub throttle: Option<ThrottleReport>,
+}
+
+/// Writes slowed to keep a group's log, since the daemon started.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ThrottleReport {
+    /// The most a write may be delayed, in milliseconds.
+    pub bound_ms: u64,
+    /// Writes that were delayed.
+    pub writes: u64,
+    /// Delay added to them all, in milliseconds.
+    pub total_delay_ms: u64,
+    /// The longest delay added to one write, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Times the bound passed with the ring still full, so the group fell back to
+    /// dirty maps.
+    pub expired: u64,
 }
 
 /// One disk.
@@ -136,6 +158,7 @@ impl StatusReport {
                     human_bytes(group.ring.size),
                     group.ring.path
                 );
+                render_ring_full(&mut out, &group.ring);
             }
             match &group.consumer {
                 Some(consumer) => render_consumer(&mut out, consumer, group.ring.used),
@@ -164,6 +187,31 @@ impl StatusReport {
             }
         }
         out
+    }
+}
+
+/// What the group does when its ring is full, and what throttling cost its writers.
+fn render_ring_full(out: &mut String, ring: &RingReport) {
+    match &ring.throttle {
+        Some(throttle) => {
+            let _ = writeln!(
+                out,
+                "  when full: throttle writers, at most {} ms a write; {} delayed, {} ms in all, longest {} ms; bound passed {} time(s)",
+                throttle.bound_ms,
+                throttle.writes,
+                throttle.total_delay_ms,
+                throttle.max_delay_ms,
+                throttle.expired
+            );
+        }
+        None if !ring.on_full.is_empty() => {
+            let _ = writeln!(
+                out,
+                "  when full: {} (dirty maps, then a resync)",
+                ring.on_full
+            );
+        }
+        None => {}
     }
 }
 
@@ -356,6 +404,32 @@ mod tests {
             format!("[{}{}]  50%", "#".repeat(15), "-".repeat(15))
         );
         assert_eq!(progress_bar(0, 0), format!("[{}] 100%", "#".repeat(30)));
+    }
+
+    #[test]
+    fn the_ring_full_policy_shows_what_throttling_cost() {
+        let mut ring = RingReport {
+            on_full: "throttle".into(),
+            throttle: Some(ThrottleReport {
+                bound_ms: 2000,
+                writes: 12,
+                total_delay_ms: 3400,
+                max_delay_ms: 810,
+                expired: 0,
+            }),
+            ..RingReport::default()
+        };
+        let mut out = String::new();
+        render_ring_full(&mut out, &ring);
+        assert_eq!(
+            out,
+            "  when full: throttle writers, at most 2000 ms a write; 12 delayed, 3400 ms in all, longest 810 ms; bound passed 0 time(s)\n"
+        );
+        ring.on_full = "bitmap".into();
+        ring.throttle = None;
+        let mut out = String::new();
+        render_ring_full(&mut out, &ring);
+        assert_eq!(out, "  when full: bitmap (dirty maps, then a resync)\n");
     }
 
     #[test]

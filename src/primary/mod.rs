@@ -24,11 +24,13 @@ use shipper::{
 };
 use thiserror::Error;
 use tracing::{error, info, warn};
-use tracker::{DiskSpec, Group, PreviousShutdown, TrackingMode};
+use tracker::{DiskSpec, Group, OnRingFull, PreviousShutdown, TrackingMode};
 
 use crate::config::{ConsumerConfig, GroupConfig, PrimaryConfig, ReplicaConsumer};
 use crate::control::{self, Request};
-use crate::status::{CycleReport, DiskReport, GroupReport, RingReport, StatusReport};
+use crate::status::{
+    CycleReport, DiskReport, GroupReport, RingReport, StatusReport, ThrottleReport,
+};
 use tracked_disk::TrackedDisk;
 
 /// Errors of the primary daemon.
@@ -522,6 +524,8 @@ pub(crate) fn serve_failed_over(
         block_size: crate::config::ByteSize(4096),
         interval: crate::config::Interval(Duration::from_secs(300)),
         tracking: true,
+        on_ring_full: crate::config::RingFullSetting::Bitmap,
+        throttle_max_delay: None,
         consumer: None,
         app_consistent: None,
         disks: disks
@@ -708,6 +712,7 @@ pub(crate) fn open_group(
         if report.needs_replay() {
             replay(&group, config, &sizes)?;
         }
+        group.set_on_ring_full(config.on_ring_full());
         let record = Relationship::load_for_ring(&config.ring).ok().flatten();
         handed_over = record.as_ref().is_some_and(Relationship::handed_over);
         if record.as_ref().is_some_and(|r| r.fenced) {
@@ -1013,6 +1018,11 @@ fn status(daemon: &Daemon) -> StatusReport {
                         size: s.ring_size,
                         used: s.ring_used,
                         records_logged: s.records_logged,
+                        on_full: match s.on_ring_full {
+                            OnRingFull::Bitmap => "bitmap".into(),
+                            OnRingFull::Throttle { .. } => "throttle".into(),
+                        },
+                        throttle: throttle_report(s),
                     },
                 ),
             };
@@ -1039,6 +1049,21 @@ fn status(daemon: &Daemon) -> StatusReport {
         started_unix: daemon.started_unix,
         groups,
     }
+}
+
+/// The throttle figures of a group whose policy is [`OnRingFull::Throttle`].
+fn throttle_report(status: &tracker::GroupStatus) -> Option<ThrottleReport> {
+    let OnRingFull::Throttle { max_delay } = status.on_ring_full else {
+        return None;
+    };
+    let ms = |delay: Duration| u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    Some(ThrottleReport {
+        bound_ms: ms(max_delay),
+        writes: status.throttle.writes,
+        total_delay_ms: ms(status.throttle.total_delay),
+        max_delay_ms: ms(status.throttle.max_delay),
+        expired: status.throttle.expired,
+    })
 }
 
 /// The Prometheus text of the daemon: per group its ring and replication, per disk
@@ -1080,6 +1105,7 @@ fn render_metrics(daemon: &Daemon) -> String {
                 &labels,
                 as_f64(status.records_logged),
             );
+            crate::metrics::ring_full_samples(&mut text, &labels, &status);
         }
         if let Some(shipper) = &group.shipper {
             let status = shipper.status();

@@ -33,17 +33,30 @@
 //! listed waits for the list to be persisted first. Disk syncs go through
 //! [`DiskTracker::sync`] so the tracker knows which writes are durable.
 //!
-//! Overflow: when the ring has no room (the consumer is behind or gone), writes never
-//! fail or wait: the group switches to dirty-map tracking, marks itself as needing a
-//! resync, and says so in its status and logs.
+//! Overflow: what happens when the ring has no room (the consumer is behind or gone)
+//! is the group's [`OnRingFull`] policy. Writes never fail either way.
+//! - [`OnRingFull::Bitmap`] (the default): writes never wait; the group switches to
+//!   dirty-map tracking, marks itself as needing a resync, and says so in its status
+//!   and logs.
+//! - [`OnRingFull::Throttle`]: writers are slowed so the log, and with it the recovery
+//!   point, is kept. Past [`THROTTLE_HIGH_WATER_PERCENT`] of the ring a write first
+//!   sleeps, with no lock and no admission held, for a pause that grows with the fill
+//!   ([`throttle_pause`]), so writers settle at the rate acknowledgements free space
+//!   rather than run into a wall. A write that finds no room waits on the group's
+//!   condition variable, which acknowledging a cycle signals. Pause and wait together
+//!   never exceed the policy's `max_delay` per write: when it passes with still no
+//!   room, the group falls back to dirty maps as with `Bitmap`, so a dead consumer
+//!   never hangs a writer. Writers always leave room for a cycle-close record
+//!   ([`CLOSE_HEADROOM`]), so the consumer can close the cycle that frees them.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::fcntl::{Flock, FlockArg};
@@ -64,6 +77,84 @@ use crate::TrackerError;
 
 /// Smallest ring accepted.
 pub const MIN_RING_SIZE: u64 = 4 << 20;
+
+/// What a group does when its log ring has no room for a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRingFull {
+    /// Switch to dirty-map tracking at once; a resync follows (the recovery point is
+    /// lost until it ends). Writes are never delayed.
+    #[default]
+    Bitmap,
+    /// Slow writers so the log is kept; a write is delayed at most `max_delay`, after
+    /// which the group falls back to dirty maps as with `Bitmap`.
+    Throttle {
+        /// The most a write is delayed waiting for ring space.
+        max_delay: Duration,
+    },
+}
+
+/// Throttled writes since the group was opened ([`OnRingFull::Throttle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ThrottleStats {
+    /// Writes that were delayed.
+    pub writes: u64,
+    /// Delay added to them all.
+    pub total_delay: Duration,
+    /// The longest delay added to one write.
+    pub max_delay: Duration,
+    /// Writes that waited the whole bound without finding room, so the group fell
+    /// back to dirty maps.
+    pub expired: u64,
+}
+
+impl ThrottleStats {
+    fn record(&mut self, delay: Duration) {
+        self.writes += 1;
+        self.total_delay += delay;
+        self.max_delay = self.max_delay.max(delay);
+    }
+}
+
+/// Under [`OnRingFull::Throttle`], writes that would leave more than this share of the
+/// ring in use are paused.
+pub const THROTTLE_HIGH_WATER_PERCENT: u64 = 90;
+
+/// Ring space every write leaves free, so the consumer can always close the cycle
+/// (a close record, and the padding up to the ring's end before it).
+pub const CLOSE_HEADROOM: u64 = 2 * HEADER_LEN as u64;
+
+/// Ring bytes a write can use: the rest is kept for the padding before a record at
+/// the ring's end and for closing the cycle.
+pub fn usable_ring(ring_size: u64) -> u64 {
+    ring_size.saturating_sub(record_len(MAX_RECORD_PAYLOAD) + CLOSE_HEADROOM)
+}
+
+/// The pause of a write after which `used_after` ring bytes would be in use, in a ring
+/// of `ring_size` bytes, under [`OnRingFull::Throttle`] with `max_delay`: none up to
+/// the high-water mark ([`THROTTLE_HIGH_WATER_PERCENT`] of [`usable_ring`]), then
+/// growing with the square of how far past it the write goes, to
+/// [`MAX_THROTTLE_PAUSE`] (or a quarter of `max_delay` if less) where writes stop
+/// fitting. The gentle start leaves writers nearly unslowed at the mark; the steep end
+/// makes them meet the rate space is freed before the ring is full. A longer pause
+/// would pace no better than waiting for room, which ends the moment room is freed;
+/// the quarter leaves most of the bound for that wait.
+pub fn throttle_pause(used_after: u64, ring_size: u64, max_delay: Duration) -> Duration {
+    let usable = usable_ring(ring_size);
+    let high_water = usable / 100 * THROTTLE_HIGH_WATER_PERCENT;
+    if used_after <= high_water || usable <= high_water {
+        return Duration::ZERO;
+    }
+    // Exact enough: ring sizes are far below 2^52.
+    #[allow(clippy::cast_precision_loss)]
+    let pressure = ((used_after - high_water) as f64 / (usable - high_water) as f64).min(1.0);
+    MAX_THROTTLE_PAUSE
+        .min(max_delay / 4)
+        .mul_f64(pressure * pressure)
+}
+
+/// The longest pause [`throttle_pause`] gives a write (as Linux's dirty-page
+/// throttling, whose pauses stop at 200 ms).
+pub const MAX_THROTTLE_PAUSE: Duration = Duration::from_millis(100);
 
 /// A disk of a group, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +251,10 @@ pub struct GroupStatus {
     pub ring_used: u64,
     /// Records logged since the daemon started.
     pub records_logged: u64,
+    /// What the group does when the ring is full.
+    pub on_ring_full: OnRingFull,
+    /// Writes slowed to keep the log.
+    pub throttle: ThrottleStats,
     /// Per disk: bytes written in the open cycle, and bytes awaiting resync.
     pub disks: Vec<DiskStatus>,
 }
@@ -221,6 +316,8 @@ struct State {
     writes_refused: bool,
     /// Extents that may hold writes not yet durable.
     activity: ActivityLog,
+    on_ring_full: OnRingFull,
+    throttle: ThrottleStats,
 }
 
 struct DiskState {
@@ -249,6 +346,9 @@ pub(crate) struct Shared {
     ring_size: u64,
     state: Mutex<State>,
     changed: Condvar,
+    /// Whether the policy is [`OnRingFull::Throttle`] (a copy of the state's, read
+    /// without the lock).
+    throttling: AtomicBool,
     disks: Vec<DiskState>,
     durability: Durability,
 }
@@ -554,6 +654,8 @@ impl Group {
             broken: false,
             resumable_copy: None,
             writes_refused: false,
+            on_ring_full: OnRingFull::Bitmap,
+            throttle: ThrottleStats::default(),
         };
         let shared = Arc::new(Shared {
             name: config.name.clone(),
@@ -563,6 +665,7 @@ impl Group {
             ring_size: config.ring_size,
             state: Mutex::new(state),
             changed: Condvar::new(),
+            throttling: AtomicBool::new(false),
             disks: shared_disks,
             durability: Durability::new().map_err(io_error("set up io_uring"))?,
             sync_file: File::open(path).map_err(io_error("open ring"))?,
@@ -665,6 +768,18 @@ impl Group {
     /// next cycle closed holds every write the group will ever have acknowledged.
     pub fn refuse_writes(&self, refuse: bool) {
         lock(&self.shared.state).writes_refused = refuse;
+    }
+
+    /// Sets what the group does when its ring is full (from the next write on).
+    pub fn set_on_ring_full(&self, policy: OnRingFull) {
+        let mut state = lock(&self.shared.state);
+        state.on_ring_full = policy;
+        self.shared.throttling.store(
+            matches!(policy, OnRingFull::Throttle { .. }),
+            Ordering::Relaxed,
+        );
+        // Writers waiting for room under the old policy decide again.
+        self.shared.wake(&state);
     }
 
     /// Closes the open cycle now. Returns the closed cycle's number. Never waits for
@@ -794,6 +909,8 @@ impl Group {
             ring_size: self.shared.ring_size,
             ring_used: state.tail - state.head,
             records_logged: state.records_logged,
+            on_ring_full: state.on_ring_full,
+            throttle: state.throttle,
             disks,
         }
     }
@@ -844,6 +961,8 @@ impl Group {
         state.closed.clear();
         state.broken = false;
         state.mode = TrackingMode::Logging;
+        // The ring is empty again: throttled writers fit.
+        shared.wake(&state);
         // Writes that were tracked by map only may still be writing the images: the
         // copy must not read a block before its write landed.
         state = shared.wait_while(state, |state| state.unlogged > 0);
@@ -882,6 +1001,8 @@ impl Group {
         state.resync = Some(reason);
         state.superblock.copy_position = None;
         state.resumable_copy = None;
+        // Throttled writers stop waiting: they go by dirty map now.
+        self.shared.wake(&state);
         self.shared.write_superblock(&mut state, true)?;
         info!(group = %self.shared.name, %reason, "Full resync requested");
         Ok(())
@@ -1253,11 +1374,19 @@ impl Shared {
         if state.mode == TrackingMode::DirtyMap {
             return;
         }
-        warn!(
-            group = %self.name,
-            ring_size = self.ring_size,
-            "Log ring full: the consumer is behind or gone; tracking by dirty map from now on, a resync is required"
-        );
+        match state.on_ring_full {
+            OnRingFull::Bitmap => warn!(
+                group = %self.name,
+                ring_size = self.ring_size,
+                "Log ring full: the consumer is behind or gone; tracking by dirty map from now on, a resync is required"
+            ),
+            OnRingFull::Throttle { max_delay } => warn!(
+                group = %self.name,
+                ring_size = self.ring_size,
+                max_delay = %format_args!("{max_delay:?}"),
+                "Log ring full: the throttle could not keep the log (the consumer freed no room within the bound, or a write is larger than the ring); tracking by dirty map from now on, a resync is required"
+            ),
+        }
         // Nothing else to do under the lock: what the log holds stays in the ring
         // until a resync marks it (outside the lock), and writers from now on mark
         // the resync map themselves.
@@ -1272,6 +1401,8 @@ impl Shared {
         if let Err(error) = self.write_superblock(state, true) {
             warn!(group = %self.name, %error, "Could not record the overflow in the superblock");
         }
+        // Throttled writers stop waiting: they go by dirty map now.
+        self.wake(state);
     }
 
     /// Marks every record between head and tail in the resync maps.
@@ -1317,6 +1448,55 @@ impl Shared {
             state = self.wait_once(state);
         }
         state
+    }
+
+    /// Waits once on the group's condition variable, at most `timeout`.
+    fn wait_once_for<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        state.waiters += 1;
+        state = match self.changed.wait_timeout(state, timeout) {
+            Ok((state, _)) => state,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+        state.waiters -= 1;
+        state
+    }
+
+    /// Wakes every waiter on the group's condition variable, if there is one.
+    fn wake(&self, state: &State) {
+        if state.waiters > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Under [`OnRingFull::Throttle`], pauses a write that logs `logged` ring bytes
+    /// for [`throttle_pause`], holding no lock and no admission, so reads, syncs and
+    /// other writers go on. Returns how long it slept.
+    fn pace(&self, logged: u64) -> Duration {
+        // Checked without the lock: the default policy costs writers nothing.
+        if !self.throttling.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let pause = {
+            let state = lock(&self.state);
+            match state.on_ring_full {
+                OnRingFull::Throttle { max_delay }
+                    if state.mode == TrackingMode::Logging && !state.broken =>
+                {
+                    throttle_pause(state.tail - state.head + logged, self.ring_size, max_delay)
+                }
+                _ => Duration::ZERO,
+            }
+        };
+        if pause.is_zero() {
+            return pause;
+        }
+        let started = Instant::now();
+        std::thread::sleep(pause);
+        started.elapsed()
     }
 
     /// Waits once on the group's condition variable (see [`Shared::wait_while`]).
@@ -1449,9 +1629,7 @@ impl Shared {
         while state.inflight.front().is_some_and(|(_, count)| *count == 0) {
             state.inflight.pop_front();
         }
-        if state.waiters > 0 {
-            self.changed.notify_all();
-        }
+        self.wake(&state);
     }
 
     fn finish_unlogged(&self, disk: usize, range: Range, coverage: Coverage) {
@@ -1463,9 +1641,7 @@ impl Shared {
             }
         }
         state.unlogged = state.unlogged.saturating_sub(1);
-        if state.waiters > 0 {
-            self.changed.notify_all();
-        }
+        self.wake(&state);
     }
 
     pub(crate) fn acknowledge(
@@ -1484,6 +1660,8 @@ impl Shared {
             state.head_seq = end_seq;
         }
         state.acked_cycle = state.acked_cycle.max(cycle);
+        // Writers throttled for want of room may fit now.
+        self.wake(&state);
         self.write_superblock(&mut state, false)
     }
 
@@ -1737,30 +1915,58 @@ impl DiskTracker {
         } else {
             1
         };
-        let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
-        state = shared.wait_while(state, |state| {
-            state.ranges[self.disk]
-                .iter()
-                .any(|other| other.start < range.end && range.start < other.end)
-        });
-        if state.writes_refused {
-            Shared::leave_activity(&mut state, self.disk, range, coverage);
-            return Err(TrackerError::WritesRefused);
-        }
-        disk.open_bits.set_range(offset, len);
         // A write is logged whole or not at all: every piece must fit, with the
-        // padding at the ring's end, before any is reserved.
+        // padding at the ring's end and room to close the cycle, before any is
+        // reserved.
         let payload = if write {
             len.next_multiple_of(crate::record::RECORD_ALIGN)
         } else {
             0
         };
-        let needed = pieces * record_len(0) + payload + record_len(MAX_RECORD_PAYLOAD);
-        if state.mode == TrackingMode::Logging
-            && state.tail - state.head + needed > shared.ring_size
-        {
+        let logged = pieces * record_len(0) + payload;
+        let needed = logged + record_len(MAX_RECORD_PAYLOAD) + CLOSE_HEADROOM;
+        let arrived = Instant::now();
+        let paused = shared.pace(logged);
+        let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
+        let mut waited = Duration::ZERO;
+        loop {
+            state = shared.wait_while(state, |state| {
+                state.ranges[self.disk]
+                    .iter()
+                    .any(|other| other.start < range.end && range.start < other.end)
+            });
+            if state.writes_refused {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+                return Err(TrackerError::WritesRefused);
+            }
+            if state.mode != TrackingMode::Logging
+                || state.broken
+                || state.tail - state.head + needed <= shared.ring_size
+            {
+                break;
+            }
+            // A write larger than the whole ring would wait in vain.
+            if let (OnRingFull::Throttle { max_delay }, true) =
+                (state.on_ring_full, needed <= shared.ring_size)
+            {
+                let left = (arrived + max_delay).saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    // The lock is released while waiting: an overlapping write may
+                    // have been admitted meanwhile, so the loop checks again.
+                    let before = Instant::now();
+                    state = shared.wait_once_for(state, left);
+                    waited += before.elapsed();
+                    continue;
+                }
+                state.throttle.expired += 1;
+            }
             shared.overflow(&mut state);
+            break;
         }
+        if !(paused + waited).is_zero() {
+            state.throttle.record(paused + waited);
+        }
+        disk.open_bits.set_range(offset, len);
         let mut first = None;
         let mut rest = Vec::new();
         let mut piece_start = offset;

@@ -6,7 +6,8 @@
 //! sequence, so closing a cycle is one instant across all of them. A closed cycle reads
 //! back as coalesced changes ([`ClosedCycle`]); its ring space is freed only when the
 //! consumer acknowledges it. When the ring fills, the group falls back to dirty maps
-//! ([`bitmap`]) and needs a resync.
+//! ([`bitmap`]) and needs a resync, or, with [`OnRingFull::Throttle`], first slows its
+//! writers for a bounded time to keep the log.
 //!
 //! The write protocol, the ordering and durability guarantees, and crash recovery are
 //! described in [`group`].
@@ -28,8 +29,8 @@ pub mod superblock;
 pub use bitmap::{AtomicBitmap, DirtyBits};
 pub use cycle::{Change, ChangeData, ClosedCycle, CycleStats};
 pub use group::{
-    DiskSpec, DiskStatus, DiskTracker, Group, GroupConfig, GroupStatus, LogGuard, OpenReport,
-    PreviousShutdown, TrackingMode,
+    DiskSpec, DiskStatus, DiskTracker, Group, GroupConfig, GroupStatus, LogGuard, OnRingFull,
+    OpenReport, PreviousShutdown, ThrottleStats, TrackingMode,
 };
 pub use superblock::ResyncReason;
 

@@ -2,6 +2,7 @@ use super::*;
 use crate::cycle::ChangeData;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 const DISK: u64 = 1 << 20;
 
@@ -733,4 +734,192 @@ fn a_full_activity_log_syncs_to_make_room() {
             "attached: {attach}"
         );
     }
+}
+
+#[test]
+fn throttle_pause_starts_at_the_high_water_mark_and_grows_to_its_ceiling() {
+    let ring = 64 << 20;
+    let usable = usable_ring(ring);
+    let high_water = usable / 100 * THROTTLE_HIGH_WATER_PERCENT;
+    // A bound whose quarter is below the ceiling, so the quarter applies.
+    let bound = Duration::from_millis(200);
+    assert_eq!(throttle_pause(0, ring, bound), Duration::ZERO);
+    assert_eq!(throttle_pause(high_water, ring, bound), Duration::ZERO);
+    assert!(throttle_pause(high_water + 4096, ring, bound) > Duration::ZERO);
+    // Halfway from the mark to full: a quarter of the bound times (1/2)^2.
+    let halfway = high_water + (usable - high_water) / 2;
+    let pause = throttle_pause(halfway, ring, bound);
+    assert!(
+        pause.abs_diff(bound / 16) < Duration::from_micros(100),
+        "{pause:?}"
+    );
+    assert_eq!(throttle_pause(usable, ring, bound), bound / 4);
+    // Past full (the write will wait for room too): never more than the quarter.
+    assert_eq!(throttle_pause(ring * 2, ring, bound), bound / 4);
+    // A long bound leaves the pause at its ceiling: the rest is for waiting.
+    let long = Duration::from_secs(30);
+    assert_eq!(throttle_pause(usable, ring, long), MAX_THROTTLE_PAUSE);
+    let pause = throttle_pause(halfway, ring, long);
+    assert!(
+        pause.abs_diff(MAX_THROTTLE_PAUSE / 4) < Duration::from_micros(100),
+        "{pause:?}"
+    );
+    let mut previous = Duration::ZERO;
+    for used in (high_water..=usable).step_by(64 << 10) {
+        let pause = throttle_pause(used, ring, bound);
+        assert!(pause >= previous, "not monotonic at {used}");
+        previous = pause;
+    }
+}
+
+/// A group of one disk with the smallest ring, its tracker, and the disk's image.
+fn smallest_group(dir: &Path) -> (Group, DiskTracker, Vec<u8>) {
+    let (group, _) = Group::open(&config(dir, MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    (group, disk, vec![0u8; usize_of(DISK)])
+}
+
+/// 64 KiB writes into a ring of `MIN_RING_SIZE` with no consumer, under the default
+/// policy, while the next one still fits; returns how many were written.
+fn fill_ring(group: &Group, disk: &DiskTracker, image: &mut [u8]) -> u64 {
+    let chunk = vec![5u8; 65536];
+    let mut count = 0u64;
+    while group.status().ring_used + record_len(65536) <= usable_ring(MIN_RING_SIZE) {
+        write(disk, image, (count * 65536) % (DISK - 65536), &chunk);
+        count += 1;
+    }
+    assert_eq!(group.status().mode, TrackingMode::Logging);
+    count
+}
+
+#[test]
+fn a_throttled_write_waits_for_the_acknowledgement_that_frees_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, disk, mut image) = smallest_group(dir.path());
+    fill_ring(&group, &disk, &mut image);
+    // The writers left room to close the cycle that frees them.
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let bound = Duration::from_secs(20);
+    group.set_on_ring_full(OnRingFull::Throttle { max_delay: bound });
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let guard = disk.log_write(DISK - 65536, &[6u8; 65536]).unwrap();
+            let logged = guard.is_logged();
+            drop(guard);
+            done.send(started.elapsed()).unwrap();
+            logged
+        })
+    };
+    let held = Duration::from_millis(300);
+    assert!(
+        finished.recv_timeout(held).is_err(),
+        "the write did not wait for room"
+    );
+    // A read of the dirty map and a sync are not held up by the waiting writer.
+    assert!(!disk.dirty_extents(0, 65536).is_empty());
+    disk.sync().unwrap();
+    let acknowledged = Instant::now();
+    cycle.acknowledge().unwrap();
+    let delay = finished
+        .recv_timeout(bound)
+        .expect("the acknowledgement woke no writer");
+    // Woken by the acknowledgement, not by the bound.
+    assert!(acknowledged.elapsed() < Duration::from_secs(2));
+    assert!(writer.join().unwrap(), "the throttled write was not logged");
+    assert!(delay >= held && delay < bound, "{delay:?}");
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::Logging);
+    assert_eq!(status.resync, None);
+    assert_eq!(status.throttle.writes, 1);
+    assert_eq!(status.throttle.expired, 0);
+    assert!(status.throttle.max_delay >= held && status.throttle.max_delay <= delay);
+    assert_eq!(status.throttle.total_delay, status.throttle.max_delay);
+}
+
+#[test]
+fn the_bound_expiring_falls_back_to_dirty_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, disk, mut image) = smallest_group(dir.path());
+    let written = fill_ring(&group, &disk, &mut image);
+    let bound = Duration::from_millis(400);
+    group.set_on_ring_full(OnRingFull::Throttle { max_delay: bound });
+    // No consumer: nothing will ever free room.
+    let started = Instant::now();
+    let guard = disk.log_write(DISK - 65536, &[6u8; 65536]).unwrap();
+    let delay = started.elapsed();
+    assert!(!guard.is_logged(), "a write beyond a full ring was logged");
+    image[usize_of(DISK - 65536)..].fill(6);
+    drop(guard);
+    assert!(
+        delay >= bound && delay < bound * 5,
+        "delayed {delay:?} with a bound of {bound:?}"
+    );
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::DirtyMap);
+    assert_eq!(status.resync, Some(ResyncReason::RingOverflow));
+    assert_eq!((status.throttle.writes, status.throttle.expired), (1, 1));
+    // Further writes go by dirty map at once.
+    let started = Instant::now();
+    write(&disk, &mut image, 0, &[7u8; 4096]);
+    assert!(
+        started.elapsed() < bound,
+        "a write was delayed after the fallback"
+    );
+    assert_eq!(group.status().throttle.writes, 1);
+    // The resync map covers every write, logged or not.
+    assert!(written > 0);
+    let maps = group.begin_resync().unwrap();
+    for (block, data) in image.chunks(4096).enumerate() {
+        if data.iter().any(|byte| *byte != 0) {
+            assert!(
+                maps[0][block],
+                "written block {block} not marked for resync"
+            );
+        }
+    }
+}
+
+#[test]
+fn writers_past_the_high_water_mark_are_paused_and_still_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, disk, mut image) = smallest_group(dir.path());
+    let bound = Duration::from_secs(2);
+    group.set_on_ring_full(OnRingFull::Throttle { max_delay: bound });
+    let chunk = vec![8u8; 65536];
+    let high_water = usable_ring(MIN_RING_SIZE) / 100 * THROTTLE_HIGH_WATER_PERCENT;
+    let mut offset = 0;
+    // Below the mark: no pause.
+    while group.status().ring_used + record_len(65536) <= high_water {
+        write(&disk, &mut image, offset, &chunk);
+        offset = (offset + 65536) % (DISK - 65536);
+    }
+    assert_eq!(group.status().throttle.writes, 0);
+    let mut expected = Duration::ZERO;
+    for _ in 0..3 {
+        expected += throttle_pause(
+            group.status().ring_used + record_len(65536),
+            MIN_RING_SIZE,
+            bound,
+        );
+        write(&disk, &mut image, offset, &chunk);
+        offset = (offset + 65536) % (DISK - 65536);
+    }
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::Logging);
+    assert_eq!(status.throttle.writes, 3);
+    assert!(
+        status.throttle.total_delay >= expected && expected > Duration::ZERO,
+        "{:?} < {expected:?}",
+        status.throttle.total_delay
+    );
+    // Every write, paused or not, is in the cycle.
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut copy = vec![0u8; usize_of(DISK)];
+    apply(&cycle, std::slice::from_mut(&mut copy));
+    assert!(copy == image);
 }
