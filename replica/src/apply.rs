@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tracker::{Change, ChangeData, ClosedCycle};
 
+use crate::writeback::WritebackPacer;
+
 /// Errors applying changes.
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -66,6 +68,8 @@ pub struct ReplicaDisk {
     path: PathBuf,
     size: u64,
     block_device: bool,
+    /// Starts the device writing while changes are still being applied.
+    writeback: WritebackPacer,
 }
 
 const ZERO_CHUNK: usize = 1 << 20;
@@ -101,6 +105,7 @@ impl ReplicaDisk {
             path: path.to_path_buf(),
             size,
             block_device,
+            writeback: WritebackPacer::default(),
         })
     }
 
@@ -132,10 +137,13 @@ impl ReplicaDisk {
             });
         }
         match data {
-            ChangeData::Write(bytes) => self
-                .file
-                .write_all_at(bytes, offset)
-                .map_err(self.io_error("write")),
+            ChangeData::Write(bytes) => {
+                self.file
+                    .write_all_at(bytes, offset)
+                    .map_err(self.io_error("write"))?;
+                self.writeback.wrote(&self.file, length);
+                Ok(())
+            }
             ChangeData::Zero => self.zero(offset, length, false),
             ChangeData::Trim => self.zero(offset, length, true),
         }

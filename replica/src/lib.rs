@@ -3,7 +3,8 @@
 //! [`apply`] writes coalesced changes (from a closed cycle, or from the network) to
 //! replica disks; [`copy`] makes the sparse copy a local replica starts from.
 //! Applying is idempotent: a change says what its range holds, not how to get there,
-//! so re-applying a cycle after a crash gives the same disks.
+//! so re-applying a cycle after a crash gives the same disks. [`writeback`] starts
+//! the device writing early, so syncs find little left to do.
 #![warn(missing_docs)]
 
 pub mod apply;
@@ -14,5 +15,6 @@ pub mod limits;
 pub mod server;
 pub mod store;
 pub mod test_failover;
+pub mod writeback;
 
 pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

@@ -1098,6 +1098,10 @@ impl Replica {
         let written = file
             .seek(SeekFrom::Start(self.part_len))
             .and_then(|_| file.write_all(frame));
+        if written.is_ok() {
+            // The commit's sync then finds the chunks written already.
+            crate::writeback::start_writeback(&file, self.part_len, frame.len() as u64);
+        }
         if let Err(source) = written {
             // Leave no partial frame behind (a full disk, typically).
             let _ = file.set_len(self.part_len);
