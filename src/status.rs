@@ -233,6 +233,39 @@ pub fn human_lag(ms: u64) -> String {
     }
 }
 
+/// How a consumer compresses: the mode and, in `auto`, what it decided and why.
+fn compression_line(compression: &serde_json::Value) -> String {
+    let number = |key: &str| compression.get(key).and_then(serde_json::Value::as_u64);
+    let mode = compression
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .unwrap_or("?");
+    let level = number("level").map(|level| format!(", DEFLATE level {level}"));
+    let mut line = format!("{mode}{}", level.unwrap_or_default());
+    if mode == "auto" {
+        let doing = if compression.get("compressing") == Some(&serde_json::Value::Bool(true)) {
+            "compressing"
+        } else {
+            "sending raw"
+        };
+        let mut figures = Vec::new();
+        if let Some(link) = number("link_bytes_per_sec") {
+            figures.push(format!("link {}/s", human_bytes(link)));
+        }
+        if let Some(codec) = number("codec_bytes_per_sec") {
+            figures.push(format!("DEFLATE {}/s per worker", human_bytes(codec)));
+        }
+        if let Some(ratio) = number("ratio_per_mille") {
+            figures.push(format!("ratio {}.{:03}", ratio / 1000, ratio % 1000));
+        }
+        let _ = write!(line, ": {doing}");
+        if !figures.is_empty() {
+            let _ = write!(line, " ({})", figures.join(", "));
+        }
+    }
+    line
+}
+
 /// A 30-character progress bar with the percentage.
 pub fn progress_bar(done: u64, total: u64) -> String {
     const WIDTH: u64 = 30;
@@ -277,6 +310,9 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
                 let _ = writeln!(out, "  health:    {health}");
             }
         }
+    }
+    if let Some(compression) = consumer.get("compression").filter(|c| !c.is_null()) {
+        let _ = writeln!(out, "  compression: {}", compression_line(compression));
     }
     let lag = number("lag_ms").map(human_lag);
     let last = match (number("last_delivered"), lag) {
@@ -390,6 +426,23 @@ fn render_app_consistent(out: &mut String, app: &serde_json::Value, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_says_what_auto_decided_and_why() {
+        let auto = serde_json::json!({
+            "mode": "auto", "level": 1, "compressing": true,
+            "link_bytes_per_sec": 12_582_912, "codec_bytes_per_sec": 251_658_240,
+            "ratio_per_mille": 512
+        });
+        let line = compression_line(&auto);
+        assert!(
+            line.starts_with("auto, DEFLATE level 1: compressing (link "),
+            "{line}"
+        );
+        assert!(line.contains("per worker, ratio 0.512)"), "{line}");
+        let off = serde_json::json!({"mode": "off", "level": null, "compressing": false});
+        assert_eq!(compression_line(&off), "off");
+    }
 
     #[test]
     fn durations_and_bars_read_well() {

@@ -9,6 +9,7 @@ use tracker::{Change, ChangeData};
 use wire::api::{ByteRange, EnableRequest, TransferKind};
 use wire::chunk::{ChunkEncoder, RawChunk};
 
+use crate::pipeline::compress::CompressionStatus;
 use crate::remote::{ClientError, FailureClass};
 use crate::resync::Cursor;
 
@@ -125,9 +126,14 @@ pub trait CycleSink: Send {
     fn fail_over(&mut self, _cycle: u64) -> Result<(), SinkError> {
         Err(SinkError::NoFailover(self.describe()))
     }
-    /// Bytes sent over the network so far (after compression).
+    /// Bytes sent over the network so far (after compression), frames lost to an
+    /// interruption and sent again included.
     fn bytes_sent(&self) -> u64 {
         0
+    }
+    /// How the consumer compresses, for status (network consumers).
+    fn compression(&self) -> Option<CompressionStatus> {
+        None
     }
     /// BLAKE3 hashes of `ranges` of the consumer's copy of disk `disk` (see
     /// [`replica::compare`]), once everything committed is applied there; `None` when

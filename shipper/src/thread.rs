@@ -35,6 +35,7 @@ use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 use crate::compare::{self, CompareError};
 use crate::freeze::{AppConsistent, AppConsistentOptions, FreezeError, Phase, PointEnv};
 use crate::media::MediaExport;
+use crate::pipeline::compress::CompressionStatus;
 use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
 use crate::rpo::RpoHistogram;
@@ -212,8 +213,11 @@ pub struct ShipperStatus {
     pub avg_cycle_bytes: u64,
     /// Data bytes delivered since start.
     pub bytes_delivered: u64,
-    /// Bytes sent over the network since start (after compression).
+    /// Bytes sent over the network since start (after compression), frames lost to
+    /// an interruption and sent again included.
     pub network_bytes: u64,
+    /// How chunks are compressed (network consumers).
+    pub compression: Option<CompressionStatus>,
     /// Failed attempts since start.
     pub failures: u64,
     /// Intervals of the last hour, and how many of them missed their cycle.
@@ -1738,6 +1742,7 @@ impl Worker {
         status.cycles_last_hour = total;
         status.missed_last_hour = missed;
         status.network_bytes = self.sink.bytes_sent();
+        status.compression = self.sink.compression();
         status.relationship = self
             .relationship
             .as_ref()

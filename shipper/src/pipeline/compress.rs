@@ -108,6 +108,18 @@ impl CodecFigures {
     }
 }
 
+/// How a group's chunks are compressed, for status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompressionStatus {
+    /// `off`, `on` or `auto`.
+    pub mode: &'static str,
+    /// The DEFLATE level.
+    pub level: Option<u32>,
+    /// What compression decided last, with its figures.
+    #[serde(flatten)]
+    pub decision: AutoDecision,
+}
+
 /// What `auto` decided last, for status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct AutoDecision {
@@ -176,14 +188,17 @@ impl Framer {
         }
     }
 
-    /// The mode.
-    pub fn mode(&self) -> Compression {
-        self.mode
-    }
-
-    /// What `auto` decided last, with its figures.
-    pub fn decision(&self) -> AutoDecision {
-        self.decision
+    /// The mode, and what it decided last with its figures.
+    pub fn status(&self) -> CompressionStatus {
+        CompressionStatus {
+            mode: match self.mode {
+                Compression::Off => "off",
+                Compression::On(_) => "on",
+                Compression::Auto(_) => "auto",
+            },
+            level: self.mode.level(),
+            decision: self.decision,
+        }
     }
 
     /// Frames `chunk`: sealed here, or compressed by a worker. The slot yields the

@@ -33,7 +33,7 @@ pub use client::{
 pub use relationship::{CopyProgress, Relationship, RelationshipError};
 pub use throttle::Throttle;
 
-use crate::pipeline::compress::{AutoDecision, Compression, Framer};
+use crate::pipeline::compress::{Compression, CompressionStatus, Framer};
 use crate::pipeline::upload::{LinkMeter, UploadBody};
 use crate::resync::Cursor;
 use crate::sink::{ChunkFraming, CycleSink, Emit, Resume, SinkError};
@@ -86,11 +86,6 @@ impl RemoteSink {
             meter: Arc::default(),
             sending: None,
         }
-    }
-
-    /// What automatic compression decided last, with the figures it used.
-    pub fn compression(&self) -> (Compression, AutoDecision) {
-        (self.framer.mode(), self.framer.decision())
     }
 
     fn remote(&self, source: ClientError) -> SinkError {
@@ -321,5 +316,9 @@ impl CycleSink for RemoteSink {
 
     fn bytes_sent(&self) -> u64 {
         self.meter.total_bytes()
+    }
+
+    fn compression(&self) -> Option<CompressionStatus> {
+        Some(self.framer.status())
     }
 }
