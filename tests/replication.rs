@@ -118,14 +118,21 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
         status["rpo"]["max_ms"].as_u64().unwrap_or(0) > 0,
         "{status:#}"
     );
-    // The text status names state, health and lag.
+    // Compression is automatic unless configured otherwise.
+    assert_eq!(status["compression"]["mode"], "auto", "{status:#}");
+    // The text status names state, health, lag and compression.
     let text = run_ok(
         Command::new(BIN)
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,
     );
-    for expected in ["replication: replicating", "health:    Normal", "behind"] {
+    for expected in [
+        "replication: replicating",
+        "health:    Normal",
+        "behind",
+        "compression: auto",
+    ] {
         assert!(
             text.stdout.contains(expected),
             "{expected}:\n{}",
