@@ -133,6 +133,21 @@ def applied(replica: dict | None, cycle: int) -> bool:
         replica["last_applied_cycle"] >= cycle and replica.get("pending_transfers") == 0
 
 
+def wait_applied(blkrep: str, replica_config: Path, group: str, cycle: int,
+                 timeout: float) -> float:
+    """Polls `blkrep replica status` every 50 ms until the replica has applied
+    `cycle` with nothing pending; returns the time it saw that."""
+    replica_cmd = [blkrep, "replica", "status", "--config", str(replica_config), "--json"]
+    deadline = time.time() + timeout
+    while True:
+        r = replica_of(run_json(replica_cmd, 30), group)
+        if applied(r, cycle):
+            return time.time()
+        if time.time() > deadline:
+            raise ProbeError(f"the replica did not apply cycle {cycle} within {timeout:.0f} s: {r}")
+        time.sleep(0.05)
+
+
 def cmd_drain(args) -> int:
     since = args.since if args.since is not None else time.time()
     t0 = time.time()
@@ -141,18 +156,7 @@ def cmd_drain(args) -> int:
                       args.timeout + 15)
     t1 = time.time()
     cycle = int(answer["cycle"])
-    replica_cmd = [args.blkrep, "replica", "status", "--config", str(args.replica_config),
-                   "--json"]
-    deadline = t1 + args.timeout
-    while True:
-        r = replica_of(run_json(replica_cmd, 30), args.group)
-        if applied(r, cycle):
-            break
-        if time.time() > deadline:
-            raise ProbeError(f"the replica did not apply cycle {cycle} within "
-                             f"{args.timeout} s: {r}")
-        time.sleep(0.05)
-    t2 = time.time()
+    t2 = wait_applied(args.blkrep, args.replica_config, args.group, cycle, args.timeout)
     out = {"cycle": cycle, "close_s": t1 - t0, "drain_s": t2 - since}
     args.out.write_text(json.dumps(out) + "\n")
     return 0
