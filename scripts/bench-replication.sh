@@ -359,7 +359,7 @@ TOML
     sync
     run_child "$py" "$helper" cycle --blkrep "$blkrep" --primary-config "$d/primary.toml" \
         --replica-config "$d/replica.toml" --replica-log "$d/replica.log" \
-        --replica-pid "$replica_pid" --group bench --kind "$kind" --run "$run" \
+        --replica-pid "$replica_pid" --group bench --kind "$kind" --run "$run" --label "$label" \
         --size "$size_bytes" --fio-json "$d/fio.json" --out "$results/$kind-run$run.json" \
         || { tail -n 5 "$d/primary.log" "$d/replica.log" >&2; die "measuring the $kind cycle failed"; }
     local replica_disk="$d/replicas/bench/disks/disk0.img"

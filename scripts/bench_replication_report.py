@@ -130,11 +130,18 @@ def cmd_cycle(args) -> int:
     t2 = wait_applied(blkrep, args.replica_config, group, cycle, args.timeout)
     r_cpu2 = cpu_ticks(args.replica_pid)
 
-    events = log_events(args.replica_log)
-    applied = [ts for ts, f in events if f.get("message") == "Transfer applied"
-               and re.match(rf"Delta {{ cycle: {cycle}[ ,]", str(f.get("kind")))]
-    if not applied:
-        raise BenchError(f"no 'Transfer applied' line for cycle {cycle} in {args.replica_log}")
+    # The replica may log the apply a moment after its status shows it.
+    log_deadline = time.time() + 10
+    while True:
+        events = log_events(args.replica_log)
+        applied = [ts for ts, f in events if f.get("message") == "Transfer applied"
+                   and re.match(rf"Delta {{ cycle: {cycle}[ ,]", str(f.get("kind")))]
+        if applied:
+            break
+        if time.time() > log_deadline:
+            raise BenchError(f"no 'Transfer applied' line for cycle {cycle} in "
+                             f"{args.replica_log}")
+        time.sleep(0.05)
     t_applied = applied[-1]
     # The last control connection before the apply ended is the commit request: an
     # upper bound of the apply time (the replica makes the transfer durable first).
@@ -184,7 +191,8 @@ def cmd_cycle(args) -> int:
         raise BenchError(f"cycle {cycle} carried {data_bytes} bytes of changes, fewer than the "
                          f"{args.size} written: {json.dumps(c1)}")
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"bench-replication: {args.kind} run {args.run}: cycle {cycle} "
+    who = f" [{args.label}]" if args.label else ""
+    print(f"bench-replication: {args.kind}{who} run {args.run}: cycle {cycle} "
           f"{data_bytes / MIB:,.0f} MiB shipped in {ship_s:.2f} s "
           f"({out['ship_mibps']:,.1f} MiB/s, network/data {out['network_ratio']:.3f}), "
           f"applied {apply_s:.2f} s later ({out['apply_mibps']:,.1f} MiB/s)", file=sys.stderr)
@@ -550,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--group", required=True)
     c.add_argument("--kind", required=True, choices=sorted(KINDS))
     c.add_argument("--run", required=True, type=int)
+    c.add_argument("--label", default="", help="the blkrep binary's label, for the log")
     c.add_argument("--size", required=True, type=int, help="bytes written")
     c.add_argument("--fio-json", type=Path)
     c.add_argument("--timeout", type=int, default=900)
