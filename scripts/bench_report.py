@@ -376,6 +376,8 @@ def fmt_metric(key: str, v: float | None) -> str:
         return f"**{v:,.0f}**"
     if key == "drain_s":
         return f"{v:.2f}"
+    if key.startswith("lag_"):
+        return f"{v:,.0f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
