@@ -628,7 +628,12 @@ def render(args, data: dict, jobs: list[str], cols: Columns,
             f"**{lab}** = `{path}`" for lab, path in cols.binaries) + ".")
         out.append("")
     for col, why in sorted(skipped.items()):
-        title = cols.title(col) if col in cols.server else SERVERS.get(col, col)
+        if col in cols.server:
+            title = cols.title(col)
+        elif col in cols.server.values():  # every column of that server
+            title = SERVERS[col]
+        else:
+            continue  # a server this run did not ask for
         out.append(f"**{title} skipped:** {why}")
         out.append("")
 
