@@ -671,6 +671,8 @@ for ((r = 1; r <= runs; r++)); do
             fi
             if [[ "$srv" == replicated ]]; then
                 rm -rf "$replica_storage"
+                # Its `Transfer applied` lines give the replica's own lag.
+                cp "${logf%.log}.replica.log" "$json.replica-log" 2>/dev/null || true
             fi
         done
     done

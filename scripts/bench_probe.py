@@ -14,7 +14,8 @@ helpers their reports share. Standard library only.
 Lag: `lag_ms` (milliseconds, now minus the close time of the newest delivered
 cycle) where the primary reports it, else `lag_secs` (whole seconds, the same
 quantity truncated). Every sample says which it used; `lag_of_group` is the one
-place that chooses.
+place that chooses. `applied_lag_summary` gives the replica's own lag, exact to the
+millisecond, from its JSON log.
 
 Exit status: 0 on success; 1 on an error (a command failing, a timeout, malformed
 output).
@@ -23,8 +24,10 @@ output).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,7 +120,63 @@ def lag_summary(path: Path, skip_s: float = 0.0) -> dict | None:
     sources = sorted({s["source"] for s in kept if s.get("lag_ms") is not None})
     return {"p50_ms": percentile(lags, 50), "p99_ms": percentile(lags, 99),
             "max_ms": max(lags) if lags else None, "samples": len(lags),
-            "missed": len(kept) - len(lags), "source": ",".join(sources) or None}
+            "missed": len(kept) - len(lags), "source": ",".join(sources) or None,
+            "start": kept[0]["t"] if kept else None, "end": samples[-1]["t"]}
+
+
+def parse_ts(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def log_events(path: Path) -> list[tuple[float, dict]]:
+    """(unix time, fields) of every JSON line of a daemon's log (--log-format json)."""
+    out = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise ProbeError(f"cannot read {path}: {e}") from e
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            doc = json.loads(line)
+            out.append((parse_ts(doc["timestamp"]), doc.get("fields") or {}))
+        except (json.JSONDecodeError, KeyError, ValueError):
+            continue
+    return out
+
+
+def applied_lag_summary(replica_log: Path, start: float, end: float,
+                        hz: float = 10.0) -> dict | None:
+    """p50/p99/max (ms) of the replica's own lag between start and end: at every
+    1/hz s, now minus the close time of the newest cycle the replica had applied,
+    from its `Transfer applied` log lines (their time, and the cycle's
+    `closed_unix_ms`). Millisecond-exact whatever the primary's status reports,
+    and stricter than it (applied, not only stored). None without such lines."""
+    try:
+        events = log_events(replica_log)
+    except ProbeError:
+        return None
+    applies = []
+    for ts, fields in events:
+        m = re.search(r"closed_unix_ms: (\d+)", str(fields.get("kind")))
+        if fields.get("message") == "Transfer applied" and m:
+            applies.append((ts, int(m[1]) / 1000.0))
+    applies.sort()
+    lags, i, newest_close = [], 0, None
+    steps = int((end - start) * hz) + 1 if end > start else 0
+    for k in range(steps):
+        t = start + k / hz
+        while i < len(applies) and applies[i][0] <= t:
+            closed = applies[i][1]
+            newest_close = closed if newest_close is None else max(newest_close, closed)
+            i += 1
+        if newest_close is not None:
+            lags.append((t - newest_close) * 1000.0)
+    if not lags:
+        return None
+    return {"p50_ms": percentile(lags, 50), "p99_ms": percentile(lags, 99),
+            "max_ms": max(lags), "samples": len(lags)}
 
 
 def replica_of(replicas: object, name: str) -> dict | None:
