@@ -25,8 +25,8 @@
 #   --rate-64k MB        fio --rate of steady64k, MB/s (default 150)
 #   --rpo-rate MB        churn of the achieved-RPO scenario, MB/s (default 50)
 #   --rpo-runtime S      its length in seconds (default 60)
-#   --skip-write-path    only shipping, compression and apply (parts 1-3)
-#   --skip-shipping      only the write path under replication (part 4)
+#   --skip-shipping      no shipping, compression and apply (parts 1-3)
+#   --skip-write-path    no write path under replication (part 4)
 #   --skip-rpo           no achieved-RPO scenario (part 5)
 #   --out FILE           also write the Markdown report to FILE
 #   --json FILE          also write every number as JSON to FILE
