@@ -10,10 +10,22 @@
 #   --size SIZE              image size for fallocate, e.g. 4G, 256M (default 4G)
 #   --ring-size SIZE         blkrep ring_size for the tracked server (default 4GiB: two 1 s cycles at ~2 GB/s)
 #   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m,
-#                            seqwrite64k (default: the first four)
+#                            seqwrite64k,steady4k,steady64k (default: the first four); a
+#                            write job with "-refill" appended (randwrite4k-refill) writes
+#                            incompressible data (fio refill_buffers) instead of fio's
+#                            default buffers
 #   --servers LIST           comma list from: qemu,untracked,tracked,replicated
 #                            (default: qemu,untracked,tracked)
-#   --replica-interval I     interval of the replicated server (default 5s)
+#   --blkrep LABEL=PATH      a blkrep binary, with a label; repeat it to measure several
+#                            binaries interleaved in one run (--blkrep before=/tmp/blkrep-old
+#                            --blkrep after=target/release/blkrep): every blkrep server gets
+#                            one column per binary, and the report adds LABEL/first-label
+#                            ratios. Default: one unlabelled binary (BLKREP, see below)
+#   --replica-interval I     interval of the replicated server (default 1s)
+#   --rate-4k MB             fio --rate of steady4k, in MB/s (10^6 bytes/s; default 40)
+#   --rate-64k MB            fio --rate of steady64k, in MB/s (default 150)
+#   --lag-hz N               how often the replicated server's lag is sampled while fio
+#                            runs, per second (default 10)
 #   --out FILE               also write the report (machine info + table) to FILE
 #   --json FILE              also write the medians, ratios and status summaries as JSON
 #   --embed                  report for inclusion in another report: no machine table, a
@@ -39,11 +51,14 @@
 #   tracked    blkrep primary, tracking = true, a cycle closed every 1 s and
 #              consumed by the "discard" consumer; the ring file is new each run
 #   replicated blkrep primary, tracking = true, shipping every --replica-interval
-#              (5 s) over HTTPS with mutual TLS to a `blkrep replica run` daemon on
+#              (1 s) over HTTPS with mutual TLS to a `blkrep replica run` daemon on
 #              loopback (certificates from `blkrep cert`); ring and replica are new
 #              each run, and fio starts only after the initial replication of the
 #              whole image has been shipped and applied (not measured). The replica
-#              daemon runs on the same cores, so its CPU is reported too.
+#              daemon runs on the same cores, so its CPU is reported too. While fio
+#              runs, its lag is sampled (`blkrep status --json`); after fio, a cycle
+#              is closed and the time until the replica has applied everything (the
+#              drain) gives the protected writes per second: writes / (run + drain).
 # The image is written once in full before the first job, so reads hit data.
 set -euo pipefail
 
@@ -57,7 +72,12 @@ size=4G
 ring_size=4GiB
 jobs_csv=randwrite4k,randread4k,randwrite64k,seqwrite1m
 servers_csv=qemu,untracked,tracked
-replica_interval=5s
+replica_interval=1s
+rate_4k=40
+rate_64k=150
+lag_hz=10
+bin_labels=()
+bin_paths=()
 out=
 json_out=
 embed=0
@@ -84,6 +104,13 @@ while [[ $# -gt 0 ]]; do
         --jobs) need_arg "$@"; jobs_csv=$2; shift 2 ;;
         --servers) need_arg "$@"; servers_csv=$2; shift 2 ;;
         --replica-interval) need_arg "$@"; replica_interval=$2; shift 2 ;;
+        --blkrep)
+            need_arg "$@"
+            [[ "$2" == ?*=?* ]] || die "--blkrep needs LABEL=PATH"
+            bin_labels+=("${2%%=*}"); bin_paths+=("${2#*=}"); shift 2 ;;
+        --rate-4k) need_arg "$@"; rate_4k=$2; shift 2 ;;
+        --rate-64k) need_arg "$@"; rate_64k=$2; shift 2 ;;
+        --lag-hz) need_arg "$@"; lag_hz=$2; shift 2 ;;
         --out) need_arg "$@"; out=$2; shift 2 ;;
         --json) need_arg "$@"; json_out=$2; shift 2 ;;
         --embed) embed=1; shift ;;
@@ -108,26 +135,45 @@ fi
 [[ "$runtime" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
 [[ "$ramp" =~ ^[0-9]+$ ]] || die "--ramp must be a non-negative integer (seconds)"
 [[ "$start_timeout" =~ ^[1-9][0-9]*$ ]] || die "--start-timeout must be a positive integer"
+[[ "$rate_4k" =~ ^[1-9][0-9]*$ ]] || die "--rate-4k must be a positive integer (MB/s)"
+[[ "$rate_64k" =~ ^[1-9][0-9]*$ ]] || die "--rate-64k must be a positive integer (MB/s)"
+[[ "$lag_hz" =~ ^[1-9][0-9]*$ ]] || die "--lag-hz must be a positive integer"
+for l in "${bin_labels[@]}"; do
+    [[ "$l" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--blkrep label '$l': letters, digits, . _ - only"
+done
+[[ $(printf '%s\n' "${bin_labels[@]}" | sort | uniq -d) == "" ]] || die "--blkrep labels must differ"
 
 IFS=, read -r -a jobs <<<"$jobs_csv"
 IFS=, read -r -a servers <<<"$servers_csv"
 for j in "${jobs[@]}"; do
-    case "$j" in randwrite4k|randread4k|randwrite64k|seqwrite1m|seqwrite64k) ;; *) die "unknown job: $j" ;; esac
+    case "$j" in
+        randread4k) ;;
+        randwrite4k|randwrite64k|seqwrite1m|seqwrite64k|steady4k|steady64k) ;;
+        randwrite4k-refill|randwrite64k-refill|seqwrite1m-refill|seqwrite64k-refill) ;;
+        steady4k-refill|steady64k-refill) ;;
+        *) die "unknown job: $j" ;;
+    esac
 done
 want_replica=0
 for s in "${servers[@]}"; do
     case "$s" in qemu|untracked|tracked) ;; replicated) want_replica=1 ;; *) die "unknown server: $s" ;; esac
 done
 
-# fio arguments of each job (beyond the common ones).
+# fio arguments of each job (beyond the common ones). The steady jobs are rate
+# limited (fio --rate, bytes/s), so that they measure replication that keeps up.
 job_args() {
-    case "$1" in
+    case "${1%-refill}" in
         randwrite4k)  echo "--rw=randwrite --bs=4k --iodepth=32" ;;
         randread4k)   echo "--rw=randread --bs=4k --iodepth=32" ;;
         randwrite64k) echo "--rw=randwrite --bs=64k --iodepth=16" ;;
         seqwrite1m)   echo "--rw=write --bs=1M --iodepth=8" ;;
         seqwrite64k)  echo "--rw=write --bs=64k --iodepth=16" ;;
+        steady4k)     echo "--rw=randwrite --bs=4k --iodepth=32 --rate=$((rate_4k * 1000000))" ;;
+        steady64k)    echo "--rw=randwrite --bs=64k --iodepth=16 --rate=$((rate_64k * 1000000))" ;;
     esac
+    # Incompressible data: fresh random bytes for every write.
+    [[ "$1" == *-refill ]] && echo "--refill_buffers"
+    return 0
 }
 
 for tool in fio qemu-nbd nbdinfo fallocate python3; do
@@ -139,13 +185,15 @@ fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
 py=/usr/bin/python3
 [[ -x "$py" ]] || py=$(command -v python3)
 report_py="$script_dir/bench_report.py"
-[[ -f "$report_py" ]] || die "missing $report_py"
+probe_py="$script_dir/bench_probe.py"
+[[ -f "$report_py" && -f "$probe_py" ]] || die "missing $report_py or $probe_py"
 
 # ---- work dir and cleanup -------------------------------------------------
 work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-bench.XXXXXX")
 server_pid=
 replica_pid=
 fio_pid=
+lag_pid=
 start_failure=
 # SIGTERM process $1, KILL it after 5 s, reap it (cleanup only).
 terminate() {
@@ -158,10 +206,11 @@ terminate() {
 }
 cleanup() {
     local rc=$?
-    if [[ -n "$fio_pid" ]]; then
-        kill -TERM "$fio_pid" 2>/dev/null || true
-        wait "$fio_pid" 2>/dev/null || true
-    fi
+    for pid in "$fio_pid" "$lag_pid"; do
+        [[ -n "$pid" ]] || continue
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     # The replica first: a primary shipping to it then stops at once.
     terminate "$replica_pid"
     terminate "$server_pid"
@@ -203,7 +252,14 @@ blkrep_unavailable() {  # reason
 }
 
 blkrep=
-if (( want_blkrep )); then
+if (( want_blkrep && ${#bin_labels[@]} > 0 )); then
+    # Binaries given by label: each must be there (no build, no skipping).
+    for i in "${!bin_paths[@]}"; do
+        [[ -x "${bin_paths[i]}" ]] || die "--blkrep ${bin_labels[i]}=${bin_paths[i]}: not an executable"
+        [[ "${bin_paths[i]}" == /* ]] || bin_paths[i]="$PWD/${bin_paths[i]}"
+    done
+    blkrep=${bin_paths[0]}
+elif (( want_blkrep )); then
     if [[ -n "${BLKREP:-}" ]]; then
         blkrep=$BLKREP
         [[ -x "$blkrep" ]] || blkrep_unavailable "BLKREP=$BLKREP is not an executable"
@@ -218,7 +274,24 @@ if (( want_blkrep )); then
         fi
     fi
     [[ "$blkrep" == /* ]] || blkrep="$PWD/$blkrep"
+    bin_labels=("")
+    bin_paths=("$blkrep")
 fi
+
+# The report's columns: qemu, and every blkrep server once per binary, as
+# SERVER (one unlabelled binary) or SERVER@LABEL. Results go to results/JOB/COLUMN.
+columns=()
+declare -A column_server=() column_binary=()
+for s in "${servers[@]}"; do
+    if [[ "$s" == qemu ]]; then
+        columns+=(qemu); column_server[qemu]=qemu
+        continue
+    fi
+    for i in "${!bin_labels[@]}"; do
+        c=$s${bin_labels[i]:+@${bin_labels[i]}}
+        columns+=("$c"); column_server[$c]=$s; column_binary[$c]=${bin_paths[i]}
+    done
+done
 
 # ---- image ----------------------------------------------------------------
 log "work dir $work ($(findmnt -n -o FSTYPE --target "$work" 2>/dev/null || echo '?'))"
@@ -498,19 +571,21 @@ cpu_sample() {
 }
 
 # ---- the runs ---------------------------------------------------------------
-total=$(( runs * ${#jobs[@]} * ${#servers[@]} ))
+total=$(( runs * ${#jobs[@]} * ${#columns[@]} ))
 n=0
 errors=0
 for ((r = 1; r <= runs; r++)); do
     for job in "${jobs[@]}"; do
-        for srv in "${servers[@]}"; do
+        for col in "${columns[@]}"; do
             n=$((n + 1))
-            if [[ -n "${skipped[$srv]:-}" ]]; then
+            srv=${column_server[$col]}
+            if [[ -n "${skipped[$col]:-}${skipped[$srv]:-}" ]]; then
                 continue
             fi
-            tag="$job/$srv/run$r"
-            mkdir -p "$work/results/$job/$srv"
-            logf="$work/logs/$job-$srv-run$r.log"
+            [[ "$srv" == qemu ]] || blkrep=${column_binary[$col]}
+            tag="$job/$col/run$r"
+            mkdir -p "$work/results/$job/$col"
+            logf="$work/logs/$job-$col-run$r.log"
             log "[$n/$total] $tag"
             drop_caches
             if ! start_server "$srv" "$logf"; then
@@ -518,13 +593,13 @@ for ((r = 1; r <= runs; r++)); do
                     die "qemu-nbd $start_failure"
                 fi
                 if skip_allowed; then
-                    log "WARNING: blkrep ($srv) did not start; skipping its column"
-                    skipped[$srv]="\`$blkrep primary\` ($srv) $start_failure"
+                    log "WARNING: blkrep ($col) did not start; skipping its column"
+                    skipped[$col]="\`$blkrep primary\` ($srv) $start_failure"
                     continue
                 fi
-                die "blkrep primary ($srv) $start_failure (use --allow-missing-blkrep to skip it while developing this script)"
+                die "blkrep primary ($col) $start_failure (use --allow-missing-blkrep to skip it while developing this script)"
             fi
-            json="$work/results/$job/$srv/run$r.json"
+            json="$work/results/$job/$col/run$r.json"
             # The server's CPU time (all threads) around the fio run, for the
             # report's "server CPU" row.
             cpu_sample "$json.cpu0"
@@ -534,6 +609,10 @@ for ((r = 1; r <= runs; r++)); do
                 # report can tell what shipped while fio ran.
                 timeout 10 "$blkrep" status --config "$work/$srv.toml" --json \
                     >"$json.status0" 2>>"$logf" || rm -f "$json.status0"
+                # The lag the replica keeps while fio runs.
+                "$py" "$probe_py" lag --blkrep "$blkrep" --primary-config "$work/$srv.toml" \
+                    --group bench --hz "$lag_hz" --out "$json.lag" 2>>"$logf" &
+                lag_pid=$!
             fi
             # In the background, so that SIGINT/SIGTERM run the cleanup at once
             # (bash runs traps only after a foreground child exits).
@@ -543,16 +622,22 @@ for ((r = 1; r <= runs; r++)); do
                 --time_based --runtime="$runtime" --ramp_time="$ramp" \
                 --percentile_list=50:99:99.9 \
                 --output-format=json --output="$json" \
-                >"$work/logs/$job-$srv-run$r.fio.txt" 2>&1 &
+                >"$work/logs/$job-$col-run$r.fio.txt" 2>&1 &
             fio_pid=$!
             fio_rc=0
             wait "$fio_pid" || fio_rc=$?
             fio_pid=
+            fio_end=$(date +%s.%N)
+            if [[ -n "$lag_pid" ]]; then
+                kill -TERM "$lag_pid" 2>/dev/null || true
+                wait "$lag_pid" 2>/dev/null || true
+                lag_pid=
+            fi
             if (( fio_rc != 0 )); then
                 log "fio failed for $tag (status $fio_rc):"
-                tail -n 20 "$work/logs/$job-$srv-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
+                tail -n 20 "$work/logs/$job-$col-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
                 stop_server "$srv" || true
-                die "fio failed against $srv"
+                die "fio failed against $col"
             fi
             cpu_sample "$json.cpu1"
             [[ -n "$replica_pid" ]] && cpu_sample "$json.rcpu1" "$replica_pid"
@@ -567,6 +652,15 @@ for ((r = 1; r <= runs; r++)); do
             fi
             if [[ -n "$replica_pid" ]]; then
                 replica_status_json >"$json.replica" || rm -f "$json.replica"
+                # The drain: from fio's end until the replica has applied every
+                # write (a cycle closed now, shipped, stored and applied), for the
+                # protected writes per second. In the background, for the traps.
+                "$py" "$probe_py" drain --blkrep "$blkrep" --primary-config "$work/$srv.toml" \
+                    --replica-config "$work/replica.toml" --group bench --since "$fio_end" \
+                    --timeout "$initial_timeout" --out "$json.drain" 2>>"$logf" &
+                fio_pid=$!
+                wait "$fio_pid" || { log "WARNING: the drain failed for $tag: $(last_line "$logf")"; rm -f "$json.drain"; }
+                fio_pid=
             fi
             if ! stop_server "$srv"; then
                 tail -n 20 "$logf" | sed 's/^/    /' >&2
@@ -577,6 +671,8 @@ for ((r = 1; r <= runs; r++)); do
             fi
             if [[ "$srv" == replicated ]]; then
                 rm -rf "$replica_storage"
+                # Its `Transfer applied` lines give the replica's own lag.
+                cp "${logf%.log}.replica.log" "$json.replica-log" 2>/dev/null || true
             fi
         done
     done
@@ -589,8 +685,9 @@ report_args=(
     --results "$work/results" --jobs "$jobs_csv" --servers "$servers_csv"
     --image-dir "$work" --size "$size" --runs "$runs" --runtime "$runtime" --ramp "$ramp"
     --ring-size "$ring_size" --load-start "$load_start"
+    --rate-4k "$rate_4k" --rate-64k "$rate_64k" --lag-hz "$lag_hz"
 )
-[[ -n "$blkrep" ]] && report_args+=(--blkrep "$blkrep")
+for i in "${!bin_labels[@]}"; do report_args+=(--blkrep "${bin_labels[i]}=${bin_paths[i]}"); done
 [[ -n "$out" ]] && report_args+=(--out "$out")
 [[ -n "$json_out" ]] && report_args+=(--json "$json_out")
 (( embed )) && report_args+=(--embed)

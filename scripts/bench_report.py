@@ -1,11 +1,20 @@
 #!/usr/bin/env python3
 """Turn scripts/bench-fio.sh's fio JSON outputs into a Markdown report.
 
-Reads RESULTS/<job>/<server>/run<N>.json (fio --output-format=json with
+Reads RESULTS/<job>/<column>/run<N>.json (fio --output-format=json with
 --percentile_list=50:99:99.9), takes the median of each metric over the runs,
 computes blkrep/qemu-nbd and tracked/untracked ratios, checks the targets
 (PASS/MISS, never failing), adds machine information, prints the report and
 optionally writes it to --out. Standard library only.
+
+A column is a server: qemu, or a blkrep server (untracked, tracked, replicated)
+run with one binary. With one unlabelled binary its name is the server's; with
+binaries given as LABEL=PATH it is SERVER@LABEL, and ratios of every label to the
+first one are added (before/after from one run).
+
+The replicated server's runs also have a lag samples file (.lag, from
+bench_probe.py lag) and a drain file (.drain, from bench_probe.py drain): the
+protected writes per second are fio's writes / (measured run time + drain).
 
 Exit status: 0 with a report; 1 on missing or malformed fio output (an error,
 not a performance verdict).
@@ -23,21 +32,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_probe  # noqa: E402  (lag samples, /proc/PID/stat)
+
 JOBS = {
-    # name: (label, fio direction)
+    # name: (label, fio direction); a write job + "-refill" writes incompressible data
     "randwrite4k": ("4k randwrite QD32", "write"),
     "randread4k": ("4k randread QD32", "read"),
     "randwrite64k": ("64k randwrite QD16", "write"),
     "seqwrite1m": ("1M seq write QD8", "write"),
     "seqwrite64k": ("64k seq write QD16", "write"),
+    "steady4k": ("4k randwrite QD32 at {rate_4k} MB/s", "write"),
+    "steady64k": ("64k randwrite QD16 at {rate_64k} MB/s", "write"),
 }
+REFILL = "-refill"
 SERVERS = {
     "qemu": "qemu-nbd",
     "untracked": "blkrep untracked",
     "tracked": "blkrep tracked",
     "replicated": "blkrep replicated",
 }
-# (numerator, denominator) server pairs shown as ratio columns.
+# (numerator, denominator) server pairs shown as ratio columns, per binary.
 RATIOS = [("untracked", "qemu"), ("tracked", "qemu"), ("tracked", "untracked"),
           ("replicated", "qemu"), ("replicated", "tracked")]
 # metric key, row label, higher-is-better
@@ -48,10 +63,91 @@ METRICS = [
     ("p99", "p99 µs", False),
     ("p999", "p99.9 µs", False),
     ("cpu", "server CPU %", False),
-    # Only the replicated server has one (shown when some server has a value).
+    # Only the replicated server has these (a row is shown when some column has a value).
     ("rcpu", "replica CPU %", False),
+    ("protected", "**protected IOPS**", True),
+    ("drain_s", "drain s", False),
+    ("lag_p50", "lag p50 ms", False),
+    ("lag_p99", "lag p99 ms", False),
+    ("lag_max", "lag max ms", False),
+    ("alag_p50", "applied lag p50 ms", False),
+    ("alag_p99", "applied lag p99 ms", False),
+    ("alag_max", "applied lag max ms", False),
 ]
+# Metrics only some columns have; a ratio to a column without one divides by this
+# metric instead (protected IOPS of blkrep over qemu-nbd's plain IOPS).
+RATIO_FALLBACK = {"protected": "iops"}
+OPTIONAL_METRICS = {"rcpu", "protected", "drain_s", "lag_p50", "lag_p99", "lag_max",
+                    "alag_p50", "alag_p99", "alag_max"}
 PERCENTILES = {"p50": "50.000000", "p99": "99.000000", "p999": "99.900000"}
+
+
+def job_base(job: str) -> str:
+    return job[:-len(REFILL)] if job.endswith(REFILL) else job
+
+
+def job_direction(job: str) -> str:
+    return JOBS[job_base(job)][1]
+
+
+def job_label(job: str, args) -> str:
+    label = JOBS[job_base(job)][0].format(rate_4k=args.rate_4k, rate_64k=args.rate_64k)
+    if JOBS[job_base(job)][1] == "write":
+        label += ", incompressible" if job.endswith(REFILL) else ", fio buffers"
+    return label
+
+
+def valid_job(job: str) -> bool:
+    base = job_base(job)
+    return base in JOBS and (base == job or JOBS[base][1] == "write")
+
+
+class Columns:
+    """The report's columns: qemu, and each blkrep server once per binary."""
+
+    def __init__(self, servers: list[str], binaries: list[tuple[str, str]]):
+        self.binaries = binaries  # [(label, path)], label "" when unlabelled
+        self.labels = [label for label, _ in binaries]
+        self.ids: list[str] = []
+        self.server: dict[str, str] = {}
+        self.label: dict[str, str] = {}
+        for srv in servers:
+            for lab in ([""] if srv == "qemu" else self.labels):
+                col = srv + (f"@{lab}" if lab else "")
+                self.ids.append(col)
+                self.server[col], self.label[col] = srv, lab
+
+    def of(self, srv: str, lab: str) -> str | None:
+        col = srv + (f"@{lab}" if lab and srv != "qemu" else "")
+        return col if col in self.server else None
+
+    def title(self, col: str) -> str:
+        lab = self.label[col]
+        return SERVERS[self.server[col]] + (f" [{lab}]" if lab else "")
+
+    def ratio_pairs(self) -> list[tuple[str, str]]:
+        """(numerator, denominator) column pairs: the server pairs per binary,
+        then every labelled binary against the first one."""
+        pairs = []
+        for lab in self.labels:
+            for a, b in RATIOS:
+                ca, cb = self.of(a, lab), self.of(b, lab)
+                if ca and cb:
+                    pairs.append((ca, cb))
+        for lab in self.labels[1:]:
+            for srv in SERVERS:
+                ca, cb = self.of(srv, lab), self.of(srv, self.labels[0])
+                if srv != "qemu" and ca and cb:
+                    pairs.append((ca, cb))
+        return pairs
+
+    @staticmethod
+    def ratio_title(a: str, b: str) -> str:
+        sa, _, la = a.partition("@")
+        sb, _, lb = b.partition("@")
+        if sa == sb:  # one server, two binaries
+            return f"{sa}: {la}/{lb}"
+        return f"{a}/{b}"
 
 
 class ReportError(Exception):
@@ -80,11 +176,7 @@ def server_cpu_percent(json_path: Path, which: str = "cpu") -> float | None:
         try:
             line = Path(str(json_path) + suffix).read_text().strip()
             wall, _, stat = line.partition(" ")
-            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces.
-            fields = stat.rpartition(")")[2].split()
-            # fields[0] is field 3 (state); utime, stime are fields 14, 15.
-            ticks = int(fields[11]) + int(fields[12])
-            samples.append((float(wall), ticks))
+            samples.append((float(wall), bench_probe.stat_ticks(stat)))
         except (OSError, ValueError, IndexError):
             return None
     (w0, t0), (w1, t1) = samples
@@ -139,7 +231,15 @@ def replica_status(json_path: Path) -> dict | None:
     return None
 
 
-def parse_run(path: Path, direction: str) -> dict[str, float]:
+def drain(json_path: Path) -> dict | None:
+    """The replicated server's drain after fio (bench_probe.py drain); None if none."""
+    try:
+        return json.loads(Path(str(json_path) + ".drain").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def parse_run(path: Path, direction: str, ramp: float) -> dict[str, float]:
     doc = load_fio_json(path)
     jobs = doc.get("jobs") or []
     if len(jobs) != 1:
@@ -158,6 +258,24 @@ def parse_run(path: Path, direction: str) -> dict[str, float]:
                               "(run fio with --percentile_list=50:99:99.9)")
         out[key] = float(pct[name]) / 1e3  # ns -> µs
     out["cpu"] = server_cpu_percent(path)
+    # Protected writes per second: a write counts once the replica applied it.
+    out["protected"] = out["drain_s"] = None
+    dr = drain(path)
+    run_s = float(d.get("runtime") or 0) / 1000.0  # ms, the ramp excluded
+    if dr is not None and run_s > 0:
+        out["drain_s"] = float(dr["drain_s"])
+        out["protected"] = float(d["total_ios"]) / (run_s + out["drain_s"])
+    lag = bench_probe.lag_summary(Path(str(path) + ".lag"), skip_s=ramp)
+    out["lag"] = lag
+    # The replica's own lag over the same window, from its log (exact to the ms).
+    applied = None
+    if lag and lag["start"] is not None:
+        applied = bench_probe.applied_lag_summary(Path(str(path) + ".replica-log"),
+                                                  lag["start"], lag["end"])
+    out["applied_lag"] = applied
+    for key in ("p50", "p99", "max"):
+        out[f"lag_{key}"] = lag[f"{key}_ms"] if lag else None
+        out[f"alag_{key}"] = applied[f"{key}_ms"] if applied else None
     out["rcpu"] = server_cpu_percent(path, "rcpu")
     out["status"] = server_status(path)
     out["status0"] = server_status(path, ".status0")
@@ -165,27 +283,26 @@ def parse_run(path: Path, direction: str) -> dict[str, float]:
     return out
 
 
-def collect(results: Path, jobs: list[str], servers: list[str],
-            skipped: dict[str, str]) -> dict:
-    """data[job][server] = {"runs": [per-run dicts], "median": {...}} or None."""
+def collect(results: Path, jobs: list[str], cols: Columns,
+            skipped: dict[str, str], ramp: float) -> dict:
+    """data[job][column] = {"runs": [per-run dicts], "median": {...}} or None."""
     data: dict = {}
     for job in jobs:
-        _, direction = JOBS[job]
         data[job] = {}
-        for srv in servers:
-            d = results / job / srv
+        for col in cols.ids:
+            d = results / job / col
             files = sorted(d.glob("run*.json"), key=lambda p: int(p.stem[3:]))
             if not files:
-                if srv in skipped:
-                    data[job][srv] = None
+                if col in skipped or cols.server[col] in skipped:
+                    data[job][col] = None
                     continue
                 raise ReportError(f"no fio results in {d}")
-            runs = [parse_run(f, direction) for f in files]
+            runs = [parse_run(f, job_direction(job), ramp) for f in files]
             median = {}
             for k, _, _ in METRICS:
                 vals = [r[k] for r in runs if r.get(k) is not None]
                 median[k] = statistics.median(vals) if vals else None
-            data[job][srv] = {"runs": runs, "median": median}
+            data[job][col] = {"runs": runs, "median": median}
     return data
 
 
@@ -246,15 +363,29 @@ def machine_info(args) -> list[tuple[str, str]]:
         ("qemu-nbd", cmd_first_line(["qemu-nbd", "--version"])),
         ("blkrep commit", commit),
     ]
-    if args.blkrep:
+    binaries = args.blkrep if isinstance(args.blkrep, list) else \
+        [("", args.blkrep)] if args.blkrep else []
+    for label, path in binaries:
         try:
             mtime = datetime.datetime.fromtimestamp(
-                os.stat(args.blkrep).st_mtime, datetime.timezone.utc)
+                os.stat(path).st_mtime, datetime.timezone.utc)
             built = f" (modified {mtime:%Y-%m-%d %H:%M:%S} UTC)"
         except OSError:
             built = ""
-        info.append(("blkrep binary", args.blkrep + built))
+        info.append((f"blkrep binary{f' [{label}]' if label else ''}", path + built))
     return info
+
+
+def rpo_figures(entry: dict) -> tuple[float | None, float | None, str]:
+    """(p99, max, which lag) to check an achieved-RPO goal on, from a column's
+    medians and runs: the status lag where every run had `lag_ms`, else the
+    replica's applied lag (ms-exact, and never below the status lag), else the
+    status lag in whole seconds."""
+    m = entry["median"]
+    sources = {r["lag"]["source"] for r in entry["runs"] if r.get("lag")}
+    if sources == {"lag_ms"} or m["alag_p99"] is None:
+        return m["lag_p99"], m["lag_max"], f"status lag ({','.join(sorted(sources)) or '—'})"
+    return m["alag_p99"], m["alag_max"], "applied lag (replica log; status has whole seconds)"
 
 
 def fmt_metric(key: str, v: float | None) -> str:
@@ -264,28 +395,37 @@ def fmt_metric(key: str, v: float | None) -> str:
         return f"{v:,.0f}"
     if key in ("mbps", "cpu"):
         return f"{v:,.1f}"
+    if key == "protected":
+        return f"**{v:,.0f}**"
+    if key == "drain_s":
+        return f"{v:.2f}"
+    if key.startswith(("lag_", "alag_")):
+        return f"{v:,.0f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def ratio(data_job: dict, num: str, den: str, key: str) -> float | None:
     a, b = data_job.get(num), data_job.get(den)
-    if not a or not b or a["median"][key] is None or not b["median"][key]:
+    if not a or not b or a["median"][key] is None:
         return None
-    return a["median"][key] / b["median"][key]
+    den_value = b["median"][key]
+    if den_value is None and key in RATIO_FALLBACK:
+        den_value = b["median"][RATIO_FALLBACK[key]]
+    if not den_value:
+        return None
+    return a["median"][key] / den_value
 
 
 def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
-def targets(data: dict, jobs: list[str], servers: list[str]) -> list[str]:
-    """PASS/MISS lines of the targets whose servers took part in the run."""
+def targets(data: dict, jobs: list[str], cols: Columns, args) -> list[str]:
+    """PASS/MISS lines of the targets whose columns took part in the run, per binary."""
     lines = []
 
     def check(desc: str, r: float | None, op: str, limit: float,
-              aim: float | None = None, pair: tuple[str, str] = ("tracked", "qemu")) -> None:
-        if not all(s in servers for s in pair):
-            return
+              aim: float | None = None) -> None:
         if r is None:
             lines.append(f"- SKIP {desc}: no data")
             return
@@ -297,41 +437,72 @@ def targets(data: dict, jobs: list[str], servers: list[str]) -> list[str]:
             line += f" (aim {aim:.2f}×: {'PASS' if aim_ok else 'MISS'})"
         lines.append(line)
 
-    for job in jobs:
-        label = JOBS[job][0]
-        d = data[job]
-        check(f"{label}: tracked / qemu-nbd IOPS", ratio(d, "tracked", "qemu", "iops"),
-              ">=", 1.0, 1.2 if job == "randwrite4k" else None)
-    for job in jobs:
-        label = JOBS[job][0]
-        check(f"{label}: tracked / untracked IOPS",
-              ratio(data[job], "tracked", "untracked", "iops"), ">=", 0.9,
-              pair=("tracked", "untracked"))
-    for job in jobs:
-        label = JOBS[job][0]
-        check(f"{label}: tracked / untracked p99.9 latency",
-              ratio(data[job], "tracked", "untracked", "p999"), "<=", 1.2,
-              pair=("tracked", "untracked"))
-    for job in jobs:
-        label = JOBS[job][0]
-        check(f"{label}: replicated / qemu-nbd IOPS",
-              ratio(data[job], "replicated", "qemu", "iops"), ">=", 1.0,
-              1.2 if job == "randwrite4k" else None, pair=("replicated", "qemu"))
+    # (numerator server, denominator server, metric, what, op, limit, aim of 4k randwrite)
+    rules = [
+        ("tracked", "qemu", "iops", "IOPS", ">=", 1.0, 1.2),
+        ("tracked", "untracked", "iops", "IOPS", ">=", 0.9, None),
+        ("tracked", "untracked", "p999", "p99.9 latency", "<=", 1.2, None),
+        ("replicated", "qemu", "iops", "IOPS", ">=", 1.0, 1.2),
+        ("replicated", "qemu", "p999", "p99.9 latency", "<=", 1.0, None),
+    ]
+    for num, den, key, what, op, limit, aim in rules:
+        for lab in cols.labels:
+            a, b = cols.of(num, lab), cols.of(den, lab)
+            if not a or not b:
+                continue
+            for job in jobs:
+                if key == "p999" and job_direction(job) != "write":
+                    continue
+                if key == "iops" and job_base(job).startswith("steady"):
+                    continue  # fio's --rate sets the IOPS
+                check(f"{job_label(job, args)}: {cols.title(a)} / {cols.title(b)} {what}",
+                      ratio(data[job], a, b, key), op, limit,
+                      aim if job == "randwrite4k" else None)
+    # Issue 14: protected writes per second against qemu-nbd's plain IOPS.
+    protected_limits = {"randwrite4k": 1.0, "randwrite64k": 0.9}
+    for lab in cols.labels:
+        a, b = cols.of("replicated", lab), cols.of("qemu", "")
+        if not a or not b:
+            continue
+        for job in jobs:
+            limit = protected_limits.get(job_base(job))
+            if limit is not None:
+                check(f"{job_label(job, args)}: {cols.title(a)} protected IOPS / qemu-nbd IOPS",
+                      ratio(data[job], a, b, "protected"), ">=", limit)
+    # A rate-limited job measures replication that keeps up: at a 1 s interval the
+    # achieved RPO's p99 stays within 2 s (issue 14).
+    for lab in cols.labels:
+        a = cols.of("replicated", lab)
+        if not a:
+            continue
+        for job in jobs:
+            e = data[job].get(a)
+            if not job_base(job).startswith("steady") or not e:
+                continue
+            p99, _, which = rpo_figures(e)
+            desc = f"{job_label(job, args)}: {cols.title(a)} {which} p99"
+            if p99 is None:
+                lines.append(f"- SKIP {desc}: no lag samples")
+            else:
+                lines.append(f"- {'PASS' if p99 <= 2000 else 'MISS'} {desc}: "
+                             f"{p99:,.0f} ms ≤ 2,000 ms (interval {args.replica_interval})")
     return lines
 
 
-def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> list[str]:
+def tracking_section(data: dict, jobs: list[str], cols: Columns, args) -> list[str]:
     """What the blkrep servers reported about tracking, per job (medians over
     runs), plus warnings when the tracked server did not do its work."""
-    blk = [s for s in servers if s != "qemu"]
+    blk = [c for c in cols.ids if cols.server[c] != "qemu"]
     rows, warnings = [], []
     for job in jobs:
-        for srv in blk:
-            e = data[job].get(srv)
+        jl = job_label(job, args)
+        for col in blk:
+            srv = cols.server[col]
+            e = data[job].get(col)
             if not e:
                 continue
             sts = [r["status"] for r in e["runs"] if r.get("status")]
-            label = f"{JOBS[job][0]} | {SERVERS[srv]}"
+            label = f"{jl} | {cols.title(col)}"
             if not sts:
                 rows.append(f"| {label} | no status | | | | | | |")
                 continue
@@ -356,19 +527,22 @@ def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> l
                 if any(n <= 0 for n in delivered):
                     why = (" while fio ran (the shipper was still sending an earlier, larger "
                            "cycle, or the ring overflowed)") if srv == "replicated" else ""
-                    warnings.append(f"- WARNING {JOBS[job][0]}: a {srv} run delivered no "
+                    warnings.append(f"- WARNING {jl}: a {cols.title(col)} run delivered no "
                                     f"cycle to the consumer{why}; its numbers are not of "
                                     f"{srv[:-2]}ing alone")
                 if fails:
                     err = next((st["last_error"] for st in sts if st["last_error"]), "")
-                    warnings.append(f"- WARNING {JOBS[job][0]}: the {srv} consumer failed "
+                    warnings.append(f"- WARNING {jl}: the {cols.title(col)} consumer failed "
                                     f"{fails} time(s){': ' + err if err else ''}")
                 if resyncs or pending:
                     why = next((st["resync_reason"] for st in sts if st["resync_reason"]), "")
-                    warnings.append(f"- NOTE {JOBS[job][0]}: the {srv} server fell back to "
+                    warnings.append(f"- NOTE {jl}: {cols.title(col)} fell back to "
                                     f"resync ({resyncs} done{', one pending' if pending else ''}"
                                     f"): {why or 'reason no longer reported (usually the ring filled up)'}"
                                     f"; ring {args.ring_size}, so this column includes resync work")
+            if srv == "replicated" and any(r.get("drain_s") is None for r in e["runs"]):
+                warnings.append(f"- WARNING {jl}: a {cols.title(col)} run has no drain "
+                                "measurement (see its log), so no protected IOPS")
     if not rows:
         return []
     out = ["", "What blkrep reported at the end of each fio run (`blkrep status --json`; "
@@ -377,54 +551,60 @@ def tracking_section(data: dict, jobs: list[str], servers: list[str], args) -> l
            "records logged | consumer failures (sum) | resyncs (sum) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     out.extend(rows)
-    if "replicated" in blk:
+    if any(cols.server[c] == "replicated" for c in blk):
         out.append("")
         out.append("Counts of blkrep replicated include its initial replication of the whole "
                    "image (one resync and the cycles delivered meanwhile), shipped and applied "
                    "before fio started; the notes below count only what happened while fio ran.")
-        out.extend(replica_section(data, jobs))
+        out.extend(replica_section(data, jobs, cols, args))
     if warnings:
         out.append("")
         out.extend(warnings)
     return out
 
 
-def replica_section(data: dict, jobs: list[str]) -> list[str]:
+def replica_section(data: dict, jobs: list[str], cols: Columns, args) -> list[str]:
     """The replicated server's shipping while fio ran (status after fio minus status
     before it), and its replica at the end (medians over runs)."""
     rows = []
     for job in jobs:
-        e = data[job].get("replicated")
-        if not e:
-            continue
-        runs = [r for r in e["runs"] if r.get("status") and r.get("status0")]
-        if not runs:
-            continue
+        for col in cols.ids:
+            e = data[job].get(col)
+            if cols.server[col] != "replicated" or not e:
+                continue
+            runs = [r for r in e["runs"] if r.get("status") and r.get("status0")]
+            if not runs:
+                continue
 
-        def med(key: str) -> float:
-            return statistics.median(r["status"][key] - r["status0"][key] for r in runs)
+            def med(key: str) -> float:
+                return statistics.median(r["status"][key] - r["status0"][key] for r in runs)
 
-        data_b, net_b = med("bytes"), med("network_bytes")
-        reps = [r["replica"] for r in runs if r.get("replica")]
-        applied = ("—" if not reps else
-                   f"{statistics.median((x['last_applied_cycle'] or 0) for x in reps):.0f}")
-        pending = ("—" if not reps else
-                   f"{statistics.median(x['pending_transfers'] for x in reps):.0f}")
-        ratio_s = f"{net_b / data_b:.3f}" if data_b else "—"
-        rows.append(f"| {JOBS[job][0]} | {med('delivered'):.0f} | {data_b / 1e6:,.0f} | "
-                    f"{net_b / 1e6:,.0f} | {ratio_s} | {applied} | {pending} |")
+            data_b, net_b = med("bytes"), med("network_bytes")
+            reps = [r["replica"] for r in runs if r.get("replica")]
+            applied = ("—" if not reps else
+                       f"{statistics.median((x['last_applied_cycle'] or 0) for x in reps):.0f}")
+            pending = ("—" if not reps else
+                       f"{statistics.median(x['pending_transfers'] for x in reps):.0f}")
+            ratio_s = f"{net_b / data_b:.3f}" if data_b else "—"
+            lag_src = ",".join(sorted({r["lag"]["source"] for r in e["runs"]
+                                       if r.get("lag") and r["lag"]["source"]})) or "—"
+            rows.append(f"| {job_label(job, args)} | {cols.title(col)} | "
+                        f"{med('delivered'):.0f} | {data_b / 1e6:,.0f} | "
+                        f"{net_b / 1e6:,.0f} | {ratio_s} | {applied} | {pending} | {lag_src} |")
     if not rows:
         return []
     return ["", "blkrep replicated while fio ran (`blkrep status` after fio minus before it, "
             "medians over runs; MB sent = compressed chunk bytes, before TLS, resync copies "
-            "included; MB delivered counts cycles' change bytes only), and its replica when "
-            "fio ended:", "",
-            "| job | cycles delivered | MB delivered | MB sent (network) | sent / delivered | "
-            "replica's last applied cycle | replica's pending transfers |",
-            "|---|---:|---:|---:|---:|---:|---:|"] + rows
+            "included; MB delivered counts cycles' change bytes only), its replica when "
+            "fio ended, and the status field the lag rows come from (`lag_ms`, or `lag_secs` "
+            "in whole seconds from a blkrep that has no `lag_ms`):", "",
+            "| job | server | cycles delivered | MB delivered | MB sent (network) | "
+            "sent / delivered | replica's last applied cycle | replica's pending transfers | "
+            "lag from |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"] + rows
 
 
-def render(args, data: dict, jobs: list[str], servers: list[str],
+def render(args, data: dict, jobs: list[str], cols: Columns,
            skipped: dict[str, str]) -> str:
     out: list[str] = []
     if args.embed:
@@ -444,11 +624,14 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
         f"{args.runtime} s measured after {args.ramp} s ramp; fio nbd engine over a unix "
         f"socket, numjobs=1; raw image {args.size} (fallocate, written once in full), "
         f"the same file for every server; servers started fresh for each run in the order "
-        f"{', '.join(SERVERS[x] for x in args.servers.split(',') if x)}. MB/s = 10^6 bytes/s; latencies are fio completion "
-        f"latency (clat) in µs; server CPU % is the server process's user+system time (all "
-        f"threads) while fio ran, ramp included, in % of one core (the machine has "
-        f"{len(os.sched_getaffinity(0))} cores, shared with fio).")
+        f"{', '.join(cols.title(c) for c in cols.ids)}. MB/s = 10^6 bytes/s; latencies are "
+        f"fio completion latency (clat) in µs; server CPU % is the server process's "
+        f"user+system time (all threads) while fio ran, ramp included, in % of one core (the "
+        f"machine has {len(os.sched_getaffinity(0))} cores, shared with fio). Jobs marked "
+        f"\"fio buffers\" write fio's default buffers (they compress to about 0.8 with "
+        f"DEFLATE), \"incompressible\" ones fresh random data (fio `refill_buffers`).")
     out.append("")
+    servers = [s for s in SERVERS if any(cols.server[c] == s for c in cols.ids)]
     desc = {
         "qemu": "**qemu-nbd** = `qemu-nbd -t -f raw --cache=writeback --aio=io_uring`",
         "untracked": "**blkrep untracked** = `blkrep primary`, `tracking = false`",
@@ -456,49 +639,73 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
                    f"{args.ring_size}, `discard` consumer",
         "replicated": f"**blkrep replicated** = `tracking = true`, `interval = "
                       f"\"{args.replica_interval}\"`, ring {args.ring_size}, `replica` consumer "
-                      "shipping over HTTPS with mutual TLS (DEFLATE level 1) to a `blkrep replica "
+                      "shipping over HTTPS with mutual TLS to a `blkrep replica "
                       "run` daemon on loopback, itself started fresh for each run (empty storage) "
                       "and sharing the machine's cores; fio starts after the initial replication "
                       "of the whole image has been shipped and applied",
     }
     out.append("Servers: " + "; ".join(desc[s] for s in servers) + ".")
     out.append("")
-    for srv, why in sorted(skipped.items()):
-        out.append(f"**{SERVERS[srv]} skipped:** {why}")
+    if any(cols.labels):
+        out.append("blkrep binaries, each run for every blkrep server, interleaved: " + "; ".join(
+            f"**{lab}** = `{path}`" for lab, path in cols.binaries) + ".")
+        out.append("")
+    for col, why in sorted(skipped.items()):
+        if col in cols.server:
+            title = cols.title(col)
+        elif col in cols.server.values():  # every column of that server
+            title = SERVERS[col]
+        else:
+            continue  # a server this run did not ask for
+        out.append(f"**{title} skipped:** {why}")
         out.append("")
 
-    ratio_cols = [(a, b) for a, b in RATIOS if a in servers and b in servers]
-    head = ["job", "metric"] + [SERVERS[s] for s in servers] + \
-        [f"{a}/{'qemu' if b == 'qemu' else b}" for a, b in ratio_cols]
+    ratio_cols = cols.ratio_pairs()
+    head = ["job", "metric"] + [cols.title(c) for c in cols.ids] + \
+        [Columns.ratio_title(a, b) for a, b in ratio_cols]
     out.append("| " + " | ".join(head) + " |")
-    out.append("|---|---|" + "---:|" * (len(servers) + len(ratio_cols)))
+    out.append("|---|---|" + "---:|" * (len(cols.ids) + len(ratio_cols)))
     for job in jobs:
-        label = JOBS[job][0]
-        metrics = [m for m in METRICS if m[0] != "rcpu" or any(
-            data[job].get(srv) and data[job][srv]["median"].get("rcpu") is not None
-            for srv in servers)]
+        label = job_label(job, args)
+        metrics = [m for m in METRICS if m[0] not in OPTIONAL_METRICS or any(
+            data[job].get(c) and data[job][c]["median"].get(m[0]) is not None
+            for c in cols.ids)]
         for i, (key, mlabel, _) in enumerate(metrics):
             cells = [label if i == 0 else "", mlabel]
-            for srv in servers:
-                e = data[job].get(srv)
+            for col in cols.ids:
+                e = data[job].get(col)
                 cells.append(fmt_metric(key, e["median"][key] if e else None))
             for a, b in ratio_cols:
                 cells.append(fmt_ratio(ratio(data[job], a, b, key)))
             out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append("Ratios are of medians: above 1 is better for IOPS and MB/s, below 1 is "
-               "better for latency and server CPU.")
+               "better for latency, server CPU, drain and lag.")
+    if any(cols.server[c] == "replicated" for c in cols.ids):
+        out.append("")
+        out.append(
+            "blkrep replicated rows: **protected IOPS** = writes fio completed / (measured run "
+            "time + drain), counting a write only once the replica has applied it; its ratio "
+            "to qemu-nbd divides by qemu-nbd's plain IOPS. drain s = from fio's end until "
+            "`blkrep replica status` shows a cycle closed then (`blkrep cycles close`) applied "
+            "with no transfer pending. lag = the achieved recovery point, now minus the close "
+            f"time of the newest delivered cycle, sampled from `blkrep status --json` "
+            f"{args.lag_hz} times a second while fio ran (ramp excluded); with `lag_secs` "
+            "(whole seconds) its resolution is 1000 ms. applied lag = the replica's own: over "
+            "the same window, 10 times a second, now minus the close time of the newest cycle "
+            "it had applied, from its log's `Transfer applied` lines (`closed_unix_ms`), exact "
+            "to the ms and stricter (applied, not only stored).")
 
     if args.runs > 1:
         out.append("")
         out.append("Run-to-run spread of IOPS, (max − min) / median over the runs:")
         out.append("")
-        out.append("| job | " + " | ".join(SERVERS[s] for s in servers) + " |")
-        out.append("|---|" + "---:|" * len(servers))
+        out.append("| job | " + " | ".join(cols.title(c) for c in cols.ids) + " |")
+        out.append("|---|" + "---:|" * len(cols.ids))
         for job in jobs:
-            cells = [JOBS[job][0]]
-            for srv in servers:
-                e = data[job].get(srv)
+            cells = [job_label(job, args)]
+            for col in cols.ids:
+                e = data[job].get(col)
                 if not e:
                     cells.append("—")
                     continue
@@ -507,41 +714,39 @@ def render(args, data: dict, jobs: list[str], servers: list[str],
                 cells.append(f"{(max(v) - min(v)) / med * 100:.1f}% (n={len(v)})" if med else "—")
             out.append("| " + " | ".join(cells) + " |")
 
-    out.extend(tracking_section(data, jobs, servers, args))
+    out.extend(tracking_section(data, jobs, cols, args))
     out.append("")
     note = " (informational: --short never fails on numbers)" if args.short else \
         " (informational: the script never fails on numbers)"
     out.append(f"Targets{note}:")
     out.append("")
-    out.extend(targets(data, jobs, servers))
+    out.extend(targets(data, jobs, cols, args))
     out.append("")
     return "\n".join(out)
 
 
-def to_json(args, data: dict, jobs: list[str], servers: list[str],
+def to_json(args, data: dict, jobs: list[str], cols: Columns,
             skipped: dict[str, str]) -> dict:
-    """The report's numbers: per job and server the medians and every run, and the
+    """The report's numbers: per job and column the medians and every run, and the
     ratio columns."""
-    def clean(run: dict) -> dict:
-        return dict(run)
     out = {
         "settings": {"runs": args.runs, "runtime_s": args.runtime, "ramp_s": args.ramp,
                      "image_size": args.size, "ring_size": args.ring_size,
-                     "replica_interval": args.replica_interval if "replicated" in servers
-                     else None, "short": args.short},
+                     "replica_interval": args.replica_interval
+                     if any(cols.server[c] == "replicated" for c in cols.ids) else None,
+                     "rate_4k_mbps": args.rate_4k, "rate_64k_mbps": args.rate_64k,
+                     "binaries": dict(cols.binaries), "short": args.short},
         "machine": dict(machine_info(args)),
         "skipped": skipped,
         "jobs": {},
     }
     for job in jobs:
-        j = {"label": JOBS[job][0], "servers": {}, "ratios": {}}
-        for srv in servers:
-            e = data[job].get(srv)
-            j["servers"][srv] = None if not e else {
-                "median": e["median"], "runs": [clean(r) for r in e["runs"]]}
-        for a, b in RATIOS:
-            if a in servers and b in servers:
-                j["ratios"][f"{a}/{b}"] = {k: ratio(data[job], a, b, k) for k, _, _ in METRICS}
+        j = {"label": job_label(job, args), "servers": {}, "ratios": {}}
+        for col in cols.ids:
+            e = data[job].get(col)
+            j["servers"][col] = None if not e else {"median": e["median"], "runs": e["runs"]}
+        for a, b in cols.ratio_pairs():
+            j["ratios"][f"{a}/{b}"] = {k: ratio(data[job], a, b, k) for k, _, _ in METRICS}
         out["jobs"][job] = j
     return out
 
@@ -557,10 +762,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", required=True)
     ap.add_argument("--ramp", required=True)
     ap.add_argument("--ring-size", default="?")
-    ap.add_argument("--blkrep", default="")
+    ap.add_argument("--blkrep", action="append", default=[],
+                    help="[LABEL=]PATH of a blkrep binary, in column order; repeat for several")
     ap.add_argument("--load-start", default="?",
                     help="/proc/loadavg's first three fields when the benchmark started")
-    ap.add_argument("--replica-interval", default="5s")
+    ap.add_argument("--replica-interval", default="1s")
+    ap.add_argument("--rate-4k", default="40", help="MB/s of the steady4k job")
+    ap.add_argument("--rate-64k", default="150", help="MB/s of the steady64k job")
+    ap.add_argument("--lag-hz", default="10", help="lag samples per second")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path,
                     help="also write medians, ratios and status summaries as JSON")
@@ -568,29 +777,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="no machine table, a level-3 heading: for inclusion in another report")
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--skipped", action="append", default=[],
-                    help="SERVER=REASON: a server whose column has no data, and why")
+                    help="COLUMN=REASON: a column (or server) that has no data, and why")
     args = ap.parse_args(argv)
 
     jobs = [j for j in args.jobs.split(",") if j]
     wanted = [s for s in args.servers.split(",") if s]
     for j in jobs:
-        if j not in JOBS:
+        if not valid_job(j):
             ap.error(f"unknown job {j}")
     for s in wanted:
         if s not in SERVERS:
             ap.error(f"unknown server {s}")
-    servers = [s for s in SERVERS if s in wanted]  # canonical column order
+    binaries = []
+    for item in args.blkrep:
+        label, sep, path = item.partition("=")
+        binaries.append((label, path) if sep else ("", item))
+    if not binaries and any(s != "qemu" for s in wanted):
+        binaries = [("", "")]
+    args.blkrep = [b for b in binaries if b[1]]
+    cols = Columns([s for s in SERVERS if s in wanted], binaries)  # canonical order
     skipped = {}
     for item in args.skipped:
-        srv, _, why = item.partition("=")
-        skipped[srv] = why or "skipped"
+        col, _, why = item.partition("=")
+        skipped[col] = why or "skipped"
 
     try:
-        data = collect(args.results, jobs, servers, skipped)
+        data = collect(args.results, jobs, cols, skipped, float(args.ramp))
     except (ReportError, OSError) as e:
         print(f"bench_report: error: {e}", file=sys.stderr)
         return 1
-    text = render(args, data, jobs, servers, skipped)
+    text = render(args, data, jobs, cols, skipped)
     sys.stdout.write(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_report: report written to {args.out}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(to_json(args, data, jobs, servers, skipped),
+        args.json.write_text(json.dumps(to_json(args, data, jobs, cols, skipped),
                                         indent=2) + "\n")
         print(f"bench_report: JSON written to {args.json}", file=sys.stderr)
     return 0
