@@ -8,8 +8,9 @@
 #   --size SIZE          unique data written and shipped per measured cycle, also the
 #                        write-path image size: 1GiB, 512MiB, 128M... (default 1GiB)
 #   --kinds LIST         data kinds from: random,compressible,random-raw (random with
-#                        compression off),scattered (random in 4 KiB writes scattered
-#                        over a disk 4x SIZE) (default: all four)
+#                        compression off),compressible-auto (compressible with
+#                        compression = "auto"),scattered (random in 4 KiB writes
+#                        scattered over a disk 4x SIZE) (default: all five)
 #   --compress-pct P     fio buffer_compress_percentage of compressible data (default 50)
 #   --blkrep LABEL=PATH  a blkrep binary, with a label; repeat it to measure several
 #                        binaries interleaved in one run (--blkrep before=/tmp/blkrep-old
@@ -68,7 +69,7 @@ command_line="scripts/bench-replication.sh${*:+ $*}"
 
 runs=3
 size=1GiB
-kinds_csv=random,compressible,random-raw,scattered
+kinds_csv=random,compressible,random-raw,compressible-auto,scattered
 compress_pct=50
 runtime=20
 ramp=3
@@ -148,7 +149,7 @@ fi
 (( skip_write_path && skip_shipping && skip_rpo )) && die "--skip-write-path, --skip-shipping and --skip-rpo leave nothing to do"
 IFS=, read -r -a kinds <<<"$kinds_csv"
 for k in "${kinds[@]}"; do
-    case "$k" in random|compressible|random-raw|scattered) ;; *) die "unknown data kind: $k" ;; esac
+    case "$k" in random|compressible|random-raw|compressible-auto|scattered) ;; *) die "unknown data kind: $k" ;; esac
 done
 for l in "${bin_labels[@]}"; do
     [[ "$l" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--blkrep label '$l': letters, digits, . _ - only"
@@ -292,6 +293,7 @@ trust_group = "bench"
 TOML
     local compression=true
     [[ "$kind" == random-raw ]] && compression=false
+    [[ "$kind" == compressible-auto ]] && compression='"auto"'
     # Room for the whole cycle plus record headers.
     cat >"$d/primary.toml" <<TOML
 control_socket = "$d/primary.ctl"
@@ -348,7 +350,7 @@ TOML
         --out "$d/initial.json" || die "initial replication failed: $(last_line "$d/primary.log")"
 
     local fio_data=(--refill_buffers)
-    [[ "$kind" == compressible ]] &&
+    [[ "$kind" == compressible || "$kind" == compressible-auto ]] &&
         fio_data+=(--buffer_compress_percentage="$compress_pct" --buffer_compress_chunk=4k)
     local fio_pattern=(--rw=write --bs=1M --iodepth=8 --size="$size_bytes")
     [[ "$kind" == scattered ]] &&

@@ -39,7 +39,10 @@ KINDS = {
     "compressible": ("compressible", "fio `refill_buffers`, `buffer_compress_percentage={pct}`, "
                                      "`buffer_compress_chunk=4k`"),
     "random-raw": ("incompressible, compression off",
-                   "as incompressible, with `compression = false` in the consumer"),
+                   "as incompressible, with `compression = \"off\"` in the consumer"),
+    "compressible-auto": ("compressible, compression auto",
+                          "as compressible, with `compression = \"auto\"` (the default): "
+                          "DEFLATE only while the link is slower than the codec"),
     "scattered": ("scattered 4 KiB, incompressible",
                   "as incompressible, written as 4 KiB random writes (fio `randwrite`, QD32, "
                   "its random map: no block twice) over a disk 4 times the cycle's size"),
