@@ -47,6 +47,8 @@ mod tests;
 
 /// Data bytes of one resync batch (one transfer), before compression.
 pub const RESYNC_BATCH: u64 = 256 << 20;
+/// A resync sends a chunk at least this often, even a small one.
+const FRAME_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
 /// How often an idle shipper lets its consumer keep connections alive.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -1470,6 +1472,7 @@ impl Worker {
             return Ok(Cursor::default());
         };
         let mut sent = sent;
+        let mut framed_at = Instant::now();
         for (disk, run_start, run_end) in resync.maps.runs_from(from) {
             let Some((path, image)) = images.get(disk) else {
                 continue;
@@ -1482,8 +1485,14 @@ impl Worker {
                 run_end,
                 buffer,
                 &mut |change| {
-                    if sink.room() < ChunkEncoder::encoded_len(change) {
+                    // A chunk also ends when it has been filling for a while (long
+                    // runs of zeroes take many reads for few bytes), so the upload
+                    // never idles long enough for the replica to cut it.
+                    if sink.room() < ChunkEncoder::encoded_len(change)
+                        || framed_at.elapsed() >= FRAME_AT_LEAST_EVERY
+                    {
                         sink.cut()?;
+                        framed_at = Instant::now();
                     }
                     sink.apply(change)?;
                     if let ChangeData::Write(bytes) = change.data {
