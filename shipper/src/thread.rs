@@ -30,7 +30,7 @@ use thiserror::Error;
 use tracing::{debug, error, info, warn};
 use tracker::{ChangeData, Group, ResyncReason, TrackerError};
 use wire::api::{DiskInfo, EnableRequest, ErrorCode, InitialMethod, TransferKind};
-use wire::chunk::{ChunkEncoder, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
+use wire::chunk::{max_record_bytes, ChunkEncoder};
 
 use crate::compare::{self, CompareError};
 use crate::freeze::{AppConsistent, AppConsistentOptions, FreezeError, Phase, PointEnv};
@@ -1410,7 +1410,7 @@ impl Worker {
                 remaining.min(RESYNC_BATCH + READ_PIECE)
             };
             // At worst one record per 4 KiB grain.
-            let bytes = bound + (bound / 4096 + 2) * RECORD_HEADER_LEN as u64;
+            let bytes = max_record_bytes(bound / 4096 + 2, bound);
             self.record_copy_position(batch, last)?;
             let answer = self.sink.begin(id, kind, bytes)?;
             let have = answer.have_chunks;
@@ -1524,9 +1524,7 @@ impl Worker {
             let changes: u64 = (0..cycle.disk_count())
                 .map(|disk| cycle.change_count(disk) as u64)
                 .sum();
-            // Writes split across chunks add a header per chunk.
-            let headers = changes + stats.data_bytes / u64::from(MAX_CHUNK_RAW) + 1;
-            let bytes = stats.data_bytes + headers * RECORD_HEADER_LEN as u64;
+            let bytes = max_record_bytes(changes, stats.data_bytes);
             // A cycle closed before a restart has no record: it was closed before this
             // process started, and ships crash-consistent, never claiming more than
             // is known.

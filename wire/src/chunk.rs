@@ -485,6 +485,21 @@ impl OwnedChunk {
     }
 }
 
+/// The most record bytes `changes` changes holding `data_bytes` bytes of write data
+/// take once a [`ChunkEncoder`] packed them: a header per change, and one more for
+/// each write split across a chunk's end. What a transfer offers the replica, which
+/// refuses chunks beyond it.
+///
+/// Splits happen only at the end of a chunk filled to within a header of
+/// [`MAX_CHUNK_RAW`]; with `t` the total and `f` such chunks, `f · (MAX − 24) ≤ t ≤
+/// unsplit + 24 · f`, so `f ≤ unsplit / (MAX − 48)`.
+pub fn max_record_bytes(changes: u64, data_bytes: u64) -> u64 {
+    let header = RECORD_HEADER_LEN as u64;
+    let unsplit = data_bytes.saturating_add(changes.saturating_mul(header));
+    let splits = unsplit / (u64::from(MAX_CHUNK_RAW) - 2 * header);
+    unsplit.saturating_add(splits.saturating_add(1).saturating_mul(header))
+}
+
 /// Packs changes into chunks of at most [`MAX_CHUNK_RAW`] record bytes.
 #[derive(Debug)]
 pub struct ChunkEncoder {

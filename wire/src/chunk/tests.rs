@@ -114,6 +114,36 @@ proptest! {
     }
 
     #[test]
+    fn a_transfer_never_exceeds_its_record_bound(
+        sizes in prop::collection::vec(prop_oneof![1usize..9000, 4096usize..4097, 0usize..1], 1..1500)
+    ) {
+        // Writes of many sizes (4 KiB ones most often, the shape of scattered
+        // cycles) and zero ranges (size 0 here), across many chunk boundaries.
+        let changes: Vec<Owned> = sizes.iter().enumerate().map(|(i, &size)| {
+            let offset = (i as u64) << 20;
+            if size == 0 {
+                Owned::Zero(0, offset, 4096)
+            } else {
+                Owned::Write(0, offset, vec![1; size])
+            }
+        }).collect();
+        let data: u64 = sizes.iter().map(|&size| size as u64).sum();
+        let mut encoder = ChunkEncoder::new(1);
+        let mut total = 0u64;
+        let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
+            total += raw.records().len() as u64;
+            Ok(())
+        };
+        for change in &changes {
+            encoder.push(&change.as_change(), &mut emit).unwrap();
+        }
+        encoder.finish(&mut emit).unwrap();
+        prop_assert!(total <= max_record_bytes(changes.len() as u64, data),
+            "{} record bytes for {} changes of {} data bytes: bound {}",
+            total, changes.len(), data, max_record_bytes(changes.len() as u64, data));
+    }
+
+    #[test]
     fn any_bytes_parse_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         if let Ok(frame) = CheckedFrame::check(&bytes) {
             let mut scratch = Vec::new();
@@ -133,6 +163,39 @@ proptest! {
         frame[at] ^= flip;
         prop_assert!(CheckedFrame::check(&frame).is_err());
     }
+}
+
+#[test]
+fn the_record_bound_holds_for_a_scattered_cycle() {
+    // The shape that broke the old estimate (a header per change and per 2 MiB of
+    // data): 94,718 scattered 4 KiB writes, a split at every chunk's end, whose
+    // headers need chunks the estimate did not count.
+    let changes = 94_718u64;
+    let mut encoder = ChunkEncoder::new(1);
+    let mut total = 0u64;
+    let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
+        total += raw.records().len() as u64;
+        Ok(())
+    };
+    let data = vec![7u8; 4096];
+    for i in 0..changes {
+        let change = Change {
+            disk: 0,
+            offset: i * 8192,
+            length: 4096,
+            data: ChangeData::Write(&data),
+        };
+        encoder.push(&change, &mut emit).unwrap();
+    }
+    encoder.finish(&mut emit).unwrap();
+    let bound = max_record_bytes(changes, changes * 4096);
+    let old_estimate =
+        changes * 4096 + (changes + changes * 4096 / u64::from(MAX_CHUNK_RAW) + 1) * 24;
+    assert!(total <= bound, "{total} > {bound}");
+    assert!(
+        total > old_estimate,
+        "the old estimate held after all: {total} <= {old_estimate}"
+    );
 }
 
 #[test]
