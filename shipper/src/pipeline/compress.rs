@@ -8,8 +8,11 @@
 //! - the codec: bytes per second one compression worker turns out;
 //! - the ratio: compressed bytes over record bytes.
 //!
-//! It compresses while `min(codec × workers, link ÷ ratio)` (the rate of record bytes
-//! with compression) beats the link by [`AUTO_MARGIN`]. The link is measured either
+//! It compresses while `min(codec, link ÷ ratio)` (the rate of record bytes with
+//! compression) beats the link by [`AUTO_MARGIN`]. The codec counts as one worker,
+//! however many run: they share the host's cores with its VMs, and where the "link"
+//! is really the CPU (a replica on the same host, a saturated machine), compressing
+//! would only take more of it. The link is measured either
 //! way; while it does not compress, one chunk in [`PROBE_EVERY`] is compressed all
 //! the same, so the codec's figures stay fresh.
 //!
@@ -231,8 +234,7 @@ impl Framer {
             (None, _) => true,
             (Some(_), None) => false,
             (Some((rate, ratio)), Some(link)) => {
-                let workers = as_f64(self.worker_count as u64);
-                let with = (rate * workers).min(link / ratio.max(0.01));
+                let with = rate.min(link / ratio.max(0.01));
                 with > link * AUTO_MARGIN
             }
         };
@@ -320,4 +322,105 @@ fn compress_measured(figures: &Mutex<CodecFigures>, chunk: OwnedChunk, level: u3
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn to_u64(value: f64) -> u64 {
     value.max(0.0).min(u64::MAX as f64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A framer whose codec did `rate` MiB/s at `ratio`, and a link that took
+    /// `link` MiB/s.
+    fn measured(mode: Compression, rate: u64, ratio: f64, link: u64) -> (Framer, LinkMeter) {
+        let framer = Framer::new(mode);
+        let raw = 64u64 << 20;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let framed = (as_f64(raw) * ratio) as u64;
+        framer
+            .figures
+            .lock()
+            .expect("figures")
+            .add(raw, framed, 64 * 1_000_000 / rate);
+        let meter = LinkMeter::default();
+        meter.record(link << 20, Duration::from_secs(1));
+        (framer, meter)
+    }
+
+    fn compressed_of(framer: &mut Framer, meter: &LinkMeter, chunks: u32) -> u32 {
+        (0..chunks)
+            .filter(|_| framer.level_for(meter).is_some())
+            .count()
+            .try_into()
+            .expect("count")
+    }
+
+    #[test]
+    fn auto_compresses_a_slow_link_and_not_a_fast_one() {
+        // 1 Gb/s-ish link, DEFLATE at 200 MiB/s halving the data: compress.
+        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.5, 100);
+        assert_eq!(compressed_of(&mut framer, &meter, 64), 64);
+        assert!(framer.status().decision.compressing);
+        // A link faster than the codec: send raw, but keep probing the codec.
+        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.5, 800);
+        assert_eq!(compressed_of(&mut framer, &meter, 64), 64 / PROBE_EVERY);
+        assert!(!framer.status().decision.compressing);
+        // Data that does not compress is not worth it on any link.
+        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.99, 20);
+        assert_eq!(compressed_of(&mut framer, &meter, 32), 1);
+    }
+
+    #[test]
+    fn auto_learns_the_codec_first_then_the_link() {
+        let mut framer = Framer::new(Compression::Auto(1));
+        let meter = LinkMeter::default();
+        // Nothing known: compress to learn what the codec does.
+        assert_eq!(framer.level_for(&meter), Some(1));
+        framer
+            .figures
+            .lock()
+            .expect("figures")
+            .add(1 << 20, 1 << 19, 5_000);
+        // The codec known, the link not: send raw to learn it.
+        assert_eq!(framer.level_for(&meter), None);
+    }
+
+    #[test]
+    fn on_and_off_do_what_they_say() {
+        let (mut on, meter) = measured(Compression::On(6), 10, 0.99, 10_000);
+        assert_eq!(compressed_of(&mut on, &meter, 10), 10);
+        let (mut off, meter) = measured(Compression::Off, 1_000, 0.1, 1);
+        assert_eq!(compressed_of(&mut off, &meter, 10), 0);
+    }
+
+    #[test]
+    fn workers_frame_chunks_into_valid_frames() {
+        let mut framer = Framer::new(Compression::On(1));
+        let meter = LinkMeter::default();
+        let mut encoder = wire::chunk::ChunkEncoder::new(5);
+        let mut slots = Vec::new();
+        let data = vec![b'x'; 3 << 20];
+        let change = tracker::Change {
+            disk: 0,
+            offset: 0,
+            length: data.len() as u64,
+            data: tracker::ChangeData::Write(&data),
+        };
+        let mut emit = |raw: wire::chunk::RawChunk<'_>| -> Result<(), ()> {
+            slots.push(framer.frame(raw.into_owned(), &meter));
+            Ok(())
+        };
+        encoder.push(&change, &mut emit).expect("push");
+        encoder.finish(&mut emit).expect("finish");
+        assert_eq!(slots.len(), 2);
+        for (index, slot) in slots.into_iter().enumerate() {
+            let frame = slot.blocking_recv().expect("framed");
+            let checked = wire::chunk::CheckedFrame::check(&frame).expect("valid");
+            checked
+                .header
+                .expect(5, u32::try_from(index).expect("index"))
+                .expect("in order");
+            assert!(checked.header.deflate, "repeated bytes compress");
+        }
+    }
 }

@@ -55,7 +55,7 @@ pub struct LinkMeter {
 }
 
 impl LinkMeter {
-    fn record(&self, bytes: u64, took: Duration) {
+    pub(crate) fn record(&self, bytes: u64, took: Duration) {
         self.total.fetch_add(bytes, Ordering::Relaxed);
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let mut window = self
