@@ -975,15 +975,22 @@ struct UnreadBody(Arc<AtomicBool>);
 #[derive(Debug, Clone, Copy)]
 struct BodyTimeout(Duration);
 
-/// Reads a whole body of at most `limit` bytes; a body that stalls for the connection's
-/// [`BodyTimeout`] is refused (and, unread, closes the connection).
-async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+/// What a body reader needs from its request's extensions: the flag to clear once the
+/// body is read, and how long the body may stall.
+fn body_extensions(request: &Request<Incoming>) -> (Option<UnreadBody>, Duration) {
     let unread = request.extensions().get::<UnreadBody>().cloned();
     let BodyTimeout(idle) = request
         .extensions()
         .get::<BodyTimeout>()
         .copied()
         .unwrap_or(BodyTimeout(crate::limits::DEFAULT_BODY_TIMEOUT));
+    (unread, idle)
+}
+
+/// Reads a whole body of at most `limit` bytes; a body that stalls for the connection's
+/// [`BodyTimeout`] is refused (and, unread, closes the connection).
+async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+    let (unread, idle) = body_extensions(&request);
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)

@@ -24,7 +24,7 @@ use hyper::Request;
 use wire::api::ErrorCode;
 use wire::chunk::{ChunkHeader, CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 
-use super::{lock, refuse, store_refusal, BodyTimeout, Refusal, UnreadBody};
+use super::{body_extensions, lock, refuse, store_refusal, Refusal, UnreadBody};
 use crate::store::{Claim, Replica, StoreError};
 
 /// Cuts a request body into chunk frames.
@@ -40,12 +40,7 @@ pub(super) struct FrameReader {
 impl FrameReader {
     /// A reader of `request`'s body.
     pub(super) fn new(request: Request<Incoming>) -> (Self, Option<UnreadBody>) {
-        let unread = request.extensions().get::<UnreadBody>().cloned();
-        let BodyTimeout(idle) = request
-            .extensions()
-            .get::<BodyTimeout>()
-            .copied()
-            .unwrap_or(BodyTimeout(crate::limits::DEFAULT_BODY_TIMEOUT));
+        let (unread, idle) = body_extensions(&request);
         let reader = FrameReader {
             body: request.into_body(),
             idle,

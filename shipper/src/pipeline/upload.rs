@@ -193,12 +193,16 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    #[test]
-    fn frames_leave_in_queue_order_whenever_they_are_framed() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
+            .expect("runtime")
+    }
+
+    #[test]
+    fn frames_leave_in_queue_order_whenever_they_are_framed() {
+        let runtime = runtime();
         let (queue, slots) = mpsc::channel(QUEUE_FRAMES);
         let meter = Arc::new(LinkMeter::default());
         let body = UploadBody::new(slots, Vec::new(), Arc::clone(&meter));
@@ -223,10 +227,7 @@ mod tests {
 
     #[test]
     fn a_frame_that_never_comes_fails_the_body() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = runtime();
         let (queue, slots) = mpsc::channel(QUEUE_FRAMES);
         let body = UploadBody::new(slots, Vec::new(), Arc::default());
         let (worker, slot) = oneshot::channel::<Bytes>();
@@ -239,10 +240,7 @@ mod tests {
 
     #[test]
     fn a_bandwidth_limit_spaces_the_frames() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = runtime();
         let (queue, slots) = mpsc::channel(QUEUE_FRAMES);
         // 1 MB/s: the second 200 kB frame waits for the first one's debt.
         let throttle = Arc::new(Throttle::new(1_000_000));
