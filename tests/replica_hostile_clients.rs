@@ -160,6 +160,21 @@ fn idle_connections_from_one_address_neither_starve_a_primary_nor_outlive_the_ha
     assert!(log.contains("Process limits set"), "{log}");
 }
 
+/// The start of a chunk frame that declares `body` bytes of stored records: a header
+/// a replica accepts before it reads the body (the CRC, over the whole frame, is
+/// checked once the body is there).
+fn frame_start(body: u32) -> Vec<u8> {
+    let mut header = Vec::with_capacity(wire::chunk::CHUNK_HEADER_LEN);
+    header.extend_from_slice(&wire::chunk::CHUNK_MAGIC);
+    header.extend_from_slice(&[wire::chunk::CHUNK_VERSION, 0, 0, 0]);
+    header.extend_from_slice(&1u64.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&body.to_le_bytes());
+    header.extend_from_slice(&body.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header
+}
+
 /// A chunk upload's head declaring `length` bytes of body.
 fn upload_head(length: usize) -> Vec<u8> {
     format!(
@@ -181,13 +196,27 @@ fn stalled_uploads_are_cut_and_uploads_beyond_a_primarys_limit_are_busy_unread()
     };
     let length = 1 << 20;
 
-    // As many uploads as the primary may have, each stalled after 1000 bytes.
+    // Bytes that are not a chunk frame are refused as soon as a header's worth came:
+    // the body is cut into frames as it arrives.
+    let mut garbage = TlsClient::connect(replica.port, client);
+    let mut request = upload_head(length);
+    request.extend_from_slice(&[0x55; 1000]);
+    garbage.send(&request);
+    let answer = garbage
+        .answer_within(Duration::from_secs(2))
+        .expect("garbage in an upload's body was not refused at once");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("magic"), "{answer}");
+
+    // As many uploads as the primary may have, each stalled inside its first frame
+    // (a valid header declaring 1 MiB, then 1000 bytes of it).
     let started = Instant::now();
     let mut stalled: Vec<TlsClient> = (0..UPLOADS)
         .map(|_| TlsClient::connect(replica.port, client))
         .collect();
     for upload in &mut stalled {
         let mut request = upload_head(length);
+        request.extend_from_slice(&frame_start(1 << 20));
         request.extend_from_slice(&[0x55; 1000]);
         upload.send(&request);
     }
