@@ -73,6 +73,9 @@ pub struct ReplicaDisk {
 }
 
 const ZERO_CHUNK: usize = 1 << 20;
+/// Writes at least this large start writeback as they are applied
+/// ([`crate::writeback`]).
+const EARLY_WRITEBACK_MIN: u64 = 64 << 10;
 
 impl ReplicaDisk {
     /// Opens an existing replica disk and checks its size.
@@ -141,7 +144,12 @@ impl ReplicaDisk {
                 self.file
                     .write_all_at(bytes, offset)
                     .map_err(self.io_error("write"))?;
-                self.writeback.wrote(&self.file, length);
+                // Small scattered writes are left to the final sync, which sends
+                // them to the device sorted and in one batch; started early, they
+                // would go as many small random batches.
+                if length >= EARLY_WRITEBACK_MIN {
+                    self.writeback.wrote(&self.file, length);
+                }
                 Ok(())
             }
             ChangeData::Zero => self.zero(offset, length, false),
