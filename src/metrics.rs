@@ -433,21 +433,17 @@ impl MetricsText {
 
 /// A count as a sample value: exact up to 2^53, beyond which only low digits go.
 #[allow(clippy::cast_precision_loss)]
-fn count_f64(count: u64) -> f64 {
+pub fn count_f64(count: u64) -> f64 {
     count as f64
 }
 
-/// A label value as the format wants it: `\`, `"` and line feeds escaped.
 /// A group's policy for a full ring and, under `throttle`, what slowing writers cost.
 pub fn ring_full_samples(
     text: &mut MetricsText,
     labels: &[(&str, &str)],
     status: &tracker::GroupStatus,
 ) {
-    let bound = match status.on_ring_full {
-        tracker::OnRingFull::Throttle { max_delay } => Some(max_delay),
-        tracker::OnRingFull::Bitmap => None,
-    };
+    let bound = status.on_ring_full.max_delay();
     text.gauge(
         "blkrep_ring_full_throttle",
         "1 if writers are throttled when the ring is full, 0 if the group falls back to dirty maps",
@@ -464,9 +460,7 @@ pub fn ring_full_samples(
         labels,
         max_delay.as_secs_f64(),
     );
-    // Exact up to 2^53 writes.
-    #[allow(clippy::cast_precision_loss)]
-    let (writes, expired) = (throttle.writes as f64, throttle.expired as f64);
+    let (writes, expired) = (count_f64(throttle.writes), count_f64(throttle.expired));
     text.counter(
         "blkrep_throttled_writes_total",
         "Writes delayed to keep the log since start",
@@ -493,6 +487,7 @@ pub fn ring_full_samples(
     );
 }
 
+/// A label value as the format wants it: `\`, `"` and line feeds escaped.
 fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {

@@ -24,7 +24,7 @@ use shipper::{
 };
 use thiserror::Error;
 use tracing::{error, info, warn};
-use tracker::{DiskSpec, Group, OnRingFull, PreviousShutdown, TrackingMode};
+use tracker::{DiskSpec, Group, PreviousShutdown, TrackingMode};
 
 use crate::config::{ConsumerConfig, GroupConfig, PrimaryConfig, ReplicaConsumer};
 use crate::control::{self, Request};
@@ -1018,9 +1018,10 @@ fn status(daemon: &Daemon) -> StatusReport {
                         size: s.ring_size,
                         used: s.ring_used,
                         records_logged: s.records_logged,
-                        on_full: match s.on_ring_full {
-                            OnRingFull::Bitmap => "bitmap".into(),
-                            OnRingFull::Throttle { .. } => "throttle".into(),
+                        on_full: if s.on_ring_full.max_delay().is_some() {
+                            "throttle".into()
+                        } else {
+                            "bitmap".into()
                         },
                         throttle: throttle_report(s),
                     },
@@ -1051,11 +1052,9 @@ fn status(daemon: &Daemon) -> StatusReport {
     }
 }
 
-/// The throttle figures of a group whose policy is [`OnRingFull::Throttle`].
+/// The throttle figures of a group whose policy is [`tracker::OnRingFull::Throttle`].
 fn throttle_report(status: &tracker::GroupStatus) -> Option<ThrottleReport> {
-    let OnRingFull::Throttle { max_delay } = status.on_ring_full else {
-        return None;
-    };
+    let max_delay = status.on_ring_full.max_delay()?;
     let ms = |delay: Duration| u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
     Some(ThrottleReport {
         bound_ms: ms(max_delay),
@@ -1070,12 +1069,7 @@ fn throttle_report(status: &tracker::GroupStatus) -> Option<ThrottleReport> {
 /// its NBD traffic.
 fn render_metrics(daemon: &Daemon) -> String {
     let mut text = crate::metrics::MetricsText::new();
-    let as_f64 = |value: u64| {
-        // Exact up to 2^53; metrics beyond that lose only low digits.
-        #[allow(clippy::cast_precision_loss)]
-        let value = value as f64;
-        value
-    };
+    let as_f64 = crate::metrics::count_f64;
     for group in &daemon.groups {
         let name = group.config.name.as_str();
         let labels = [("group", name)];

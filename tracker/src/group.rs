@@ -39,15 +39,15 @@
 //!   dirty-map tracking, marks itself as needing a resync, and says so in its status
 //!   and logs.
 //! - [`OnRingFull::Throttle`]: writers are slowed so the log, and with it the recovery
-//!   point, is kept. Past [`THROTTLE_HIGH_WATER_PERCENT`] of the ring a write first
+//!   point, is kept. Past `THROTTLE_HIGH_WATER_PERCENT` of the ring a write first
 //!   sleeps, with no lock and no admission held, for a pause that grows with the fill
-//!   ([`throttle_pause`]), so writers settle at the rate acknowledgements free space
+//!   (`throttle_pause`), so writers settle at the rate acknowledgements free space
 //!   rather than run into a wall. A write that finds no room waits on the group's
 //!   condition variable, which acknowledging a cycle signals. Pause and wait together
 //!   never exceed the policy's `max_delay` per write: when it passes with still no
 //!   room, the group falls back to dirty maps as with `Bitmap`, so a dead consumer
 //!   never hangs a writer. Writers always leave room for a cycle-close record
-//!   ([`CLOSE_HEADROOM`]), so the consumer can close the cycle that frees them.
+//!   (`CLOSE_HEADROOM`), so the consumer can close the cycle that frees them.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -93,6 +93,16 @@ pub enum OnRingFull {
     },
 }
 
+impl OnRingFull {
+    /// The delay bound, under [`OnRingFull::Throttle`].
+    pub fn max_delay(self) -> Option<Duration> {
+        match self {
+            OnRingFull::Bitmap => None,
+            OnRingFull::Throttle { max_delay } => Some(max_delay),
+        }
+    }
+}
+
 /// Throttled writes since the group was opened ([`OnRingFull::Throttle`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ThrottleStats {
@@ -117,15 +127,15 @@ impl ThrottleStats {
 
 /// Under [`OnRingFull::Throttle`], writes that would leave more than this share of the
 /// ring in use are paused.
-pub const THROTTLE_HIGH_WATER_PERCENT: u64 = 90;
+const THROTTLE_HIGH_WATER_PERCENT: u64 = 90;
 
 /// Ring space every write leaves free, so the consumer can always close the cycle
 /// (a close record, and the padding up to the ring's end before it).
-pub const CLOSE_HEADROOM: u64 = 2 * HEADER_LEN as u64;
+const CLOSE_HEADROOM: u64 = 2 * HEADER_LEN as u64;
 
 /// Ring bytes a write can use: the rest is kept for the padding before a record at
 /// the ring's end and for closing the cycle.
-pub fn usable_ring(ring_size: u64) -> u64 {
+fn usable_ring(ring_size: u64) -> u64 {
     ring_size.saturating_sub(record_len(MAX_RECORD_PAYLOAD) + CLOSE_HEADROOM)
 }
 
@@ -138,7 +148,7 @@ pub fn usable_ring(ring_size: u64) -> u64 {
 /// makes them meet the rate space is freed before the ring is full. A longer pause
 /// would pace no better than waiting for room, which ends the moment room is freed;
 /// the quarter leaves most of the bound for that wait.
-pub fn throttle_pause(used_after: u64, ring_size: u64, max_delay: Duration) -> Duration {
+fn throttle_pause(used_after: u64, ring_size: u64, max_delay: Duration) -> Duration {
     let usable = usable_ring(ring_size);
     let high_water = usable / 100 * THROTTLE_HIGH_WATER_PERCENT;
     if used_after <= high_water || usable <= high_water {
@@ -154,7 +164,7 @@ pub fn throttle_pause(used_after: u64, ring_size: u64, max_delay: Duration) -> D
 
 /// The longest pause [`throttle_pause`] gives a write (as Linux's dirty-page
 /// throttling, whose pauses stop at 200 ms).
-pub const MAX_THROTTLE_PAUSE: Duration = Duration::from_millis(100);
+const MAX_THROTTLE_PAUSE: Duration = Duration::from_millis(100);
 
 /// A disk of a group, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -931,8 +941,10 @@ impl Group {
             }
             // Stop logging: from now on nothing is reserved, so the old log's headers
             // (written only under the lock) stay as they are while they are read below
-            // without it. Writers meanwhile mark the resync map.
+            // without it. Writers meanwhile mark the resync map; throttled ones stop
+            // waiting for room.
             state.mode = TrackingMode::DirtyMap;
+            shared.wake(&state);
             state = shared.wait_while(state, |state| {
                 state.inflight.iter().any(|(_, count)| *count > 0)
             });
@@ -961,8 +973,6 @@ impl Group {
         state.closed.clear();
         state.broken = false;
         state.mode = TrackingMode::Logging;
-        // The ring is empty again: throttled writers fit.
-        shared.wake(&state);
         // Writes that were tracked by map only may still be writing the images: the
         // copy must not read a block before its write landed.
         state = shared.wait_while(state, |state| state.unlogged > 0);
@@ -1383,7 +1393,7 @@ impl Shared {
             OnRingFull::Throttle { max_delay } => warn!(
                 group = %self.name,
                 ring_size = self.ring_size,
-                max_delay = %format_args!("{max_delay:?}"),
+                max_delay = ?max_delay,
                 "Log ring full: the throttle could not keep the log (the consumer freed no room within the bound, or a write is larger than the ring); tracking by dirty map from now on, a resync is required"
             ),
         }
@@ -1445,23 +1455,8 @@ impl Shared {
         mut blocked: impl FnMut(&State) -> bool,
     ) -> MutexGuard<'a, State> {
         while blocked(&state) {
-            state = self.wait_once(state);
+            state = self.wait_once(state, None);
         }
-        state
-    }
-
-    /// Waits once on the group's condition variable, at most `timeout`.
-    fn wait_once_for<'a>(
-        &self,
-        mut state: MutexGuard<'a, State>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, State> {
-        state.waiters += 1;
-        state = match self.changed.wait_timeout(state, timeout) {
-            Ok((state, _)) => state,
-            Err(poisoned) => poisoned.into_inner().0,
-        };
-        state.waiters -= 1;
         state
     }
 
@@ -1474,12 +1469,15 @@ impl Shared {
 
     /// Under [`OnRingFull::Throttle`], pauses a write that logs `logged` ring bytes
     /// for [`throttle_pause`], holding no lock and no admission, so reads, syncs and
-    /// other writers go on. Returns how long it slept.
-    fn pace(&self, logged: u64) -> Duration {
-        // Checked without the lock: the default policy costs writers nothing.
+    /// other writers go on. Returns when the write arrived (throttling only) and how
+    /// long it slept.
+    fn pace(&self, logged: u64) -> (Option<Instant>, Duration) {
+        // Checked without the lock: the default policy costs writers nothing, not
+        // even a clock read.
         if !self.throttling.load(Ordering::Relaxed) {
-            return Duration::ZERO;
+            return (None, Duration::ZERO);
         }
+        let arrived = Instant::now();
         let pause = {
             let state = lock(&self.state);
             match state.on_ring_full {
@@ -1492,20 +1490,33 @@ impl Shared {
             }
         };
         if pause.is_zero() {
-            return pause;
+            return (Some(arrived), Duration::ZERO);
         }
         let started = Instant::now();
         std::thread::sleep(pause);
-        started.elapsed()
+        (Some(arrived), started.elapsed())
     }
 
-    /// Waits once on the group's condition variable (see [`Shared::wait_while`]).
-    fn wait_once<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    /// Waits once on the group's condition variable (see [`Shared::wait_while`]), at
+    /// most `timeout` if one is given.
+    fn wait_once<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
         state.waiters += 1;
-        state = self
-            .changed
-            .wait(state)
-            .unwrap_or_else(PoisonError::into_inner);
+        state = match timeout {
+            None => self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(timeout) => {
+                self.changed
+                    .wait_timeout(state, timeout)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        };
         state.waiters -= 1;
         state
     }
@@ -1530,7 +1541,7 @@ impl Shared {
                     }
                     return Ok((state, Coverage::Extents));
                 }
-                Admission::Wait => state = self.wait_once(state),
+                Admission::Wait => state = self.wait_once(state, None),
                 Admission::SyncDisk(victim) => {
                     if self
                         .disks
@@ -1924,9 +1935,10 @@ impl DiskTracker {
             0
         };
         let logged = pieces * record_len(0) + payload;
-        let needed = logged + record_len(MAX_RECORD_PAYLOAD) + CLOSE_HEADROOM;
-        let arrived = Instant::now();
-        let paused = shared.pace(logged);
+        let usable = usable_ring(shared.ring_size);
+        // A write larger than the whole ring would wait in vain.
+        let can_fit = logged <= usable;
+        let (mut arrived, paused) = shared.pace(logged);
         let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
         let mut waited = Duration::ZERO;
         loop {
@@ -1941,21 +1953,20 @@ impl DiskTracker {
             }
             if state.mode != TrackingMode::Logging
                 || state.broken
-                || state.tail - state.head + needed <= shared.ring_size
+                || state.tail - state.head + logged <= usable
             {
                 break;
             }
-            // A write larger than the whole ring would wait in vain.
-            if let (OnRingFull::Throttle { max_delay }, true) =
-                (state.on_ring_full, needed <= shared.ring_size)
-            {
-                let left = (arrived + max_delay).saturating_duration_since(Instant::now());
+            if let (OnRingFull::Throttle { max_delay }, true) = (state.on_ring_full, can_fit) {
+                // Set by `pace` unless the policy changed since.
+                let arrived = *arrived.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                let left = (arrived + max_delay).saturating_duration_since(now);
                 if !left.is_zero() {
                     // The lock is released while waiting: an overlapping write may
                     // have been admitted meanwhile, so the loop checks again.
-                    let before = Instant::now();
-                    state = shared.wait_once_for(state, left);
-                    waited += before.elapsed();
+                    state = shared.wait_once(state, Some(left));
+                    waited += now.elapsed();
                     continue;
                 }
                 state.throttle.expired += 1;
