@@ -43,8 +43,7 @@ pub const PROBE_EVERY: u32 = 32;
 const MAX_WORKERS: usize = 2;
 
 /// How chunks are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// Never.
     Off,
@@ -61,16 +60,6 @@ impl Compression {
         match self {
             Compression::Off => None,
             Compression::On(level) | Compression::Auto(level) => Some(level),
-        }
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Compression::Off => f.write_str("off"),
-            Compression::On(level) => write!(f, "DEFLATE level {level}"),
-            Compression::Auto(level) => write!(f, "auto (DEFLATE level {level})"),
         }
     }
 }

@@ -321,13 +321,14 @@ struct DataConnection {
 pub struct Upload {
     what: String,
     slots: Option<tokio::sync::mpsc::Sender<FrameSlot>>,
-    exchange: Option<tokio::task::JoinHandle<UploadEnd>>,
+    exchange: Option<tokio::task::JoinHandle<ExchangeEnd>>,
     /// The exchange's end, when it ended while frames were being queued.
-    ended: Option<Result<UploadEnd, tokio::task::JoinError>>,
+    ended: Option<Result<ExchangeEnd, tokio::task::JoinError>>,
 }
 
-/// How an upload's exchange ended: the answer, and the connection to keep.
-type UploadEnd = (
+/// How an exchange on the data connection ended: the answer, and the connection to
+/// keep for the next one (none after a failure: its state is unknown).
+type ExchangeEnd = (
     Result<Answer, ClientError>,
     Option<SendRequest<RequestBody>>,
 );
@@ -484,23 +485,8 @@ impl ReplicaClient {
             body(queue).boxed(),
             None,
         )?;
-        let endpoint = self.endpoint.clone();
-        let credentials = self.settings.credentials.clone();
-        let source = self.settings.source_address;
-        let connection = self.data.take().map(|data| data.sender);
-        let exchange = self.runtime.spawn(async move {
-            let mut live = match connection {
-                Some(existing) if !existing.is_closed() => existing,
-                _ => match connect(&endpoint, &credentials, source).await {
-                    Ok(fresh) => fresh,
-                    Err(error) => return (Err(error), None),
-                },
-            };
-            match exchange(&mut live, request).await {
-                Ok(answer) => (Ok(answer), Some(live)),
-                Err(error) => (Err(error), None),
-            }
-        });
+        let work = self.data_exchange(request);
+        let exchange = self.runtime.spawn(work);
         Ok(Upload {
             what,
             slots: Some(slots),
@@ -567,12 +553,7 @@ impl ReplicaClient {
             ),
             Err(_) => (Err(ClientError::Timeout(limit)), None),
         };
-        if let Some(sender) = connection {
-            self.data = Some(DataConnection {
-                sender,
-                last_used: Instant::now(),
-            });
-        }
+        self.keep_connection(connection);
         let answer: UploadAnswer = decode(&upload.what, answer?)?;
         Ok(answer.have_chunks)
     }
@@ -610,36 +591,52 @@ impl ReplicaClient {
     }
 
     fn on_data_connection(&mut self, request: Request<RequestBody>) -> Result<Answer, ClientError> {
+        let limit = self.settings.request_timeout;
+        let work = self.data_exchange(request);
+        let (answer, connection) = self.runtime.block_on(async move {
+            tokio::time::timeout(limit, work)
+                .await
+                .unwrap_or_else(|_| (Err(ClientError::Timeout(limit)), None))
+        });
+        self.keep_connection(connection);
+        answer
+    }
+
+    /// Sends `request` on the data connection, reopened if it was closed: run it to
+    /// completion ([`ReplicaClient::on_data_connection`]) or beside the caller (an
+    /// upload), then hand the connection it ends with to
+    /// [`ReplicaClient::keep_connection`].
+    fn data_exchange(
+        &mut self,
+        request: Request<RequestBody>,
+    ) -> impl std::future::Future<Output = ExchangeEnd> + Send + 'static {
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
-        let limit = self.settings.request_timeout;
-        let mut sender = match self.data.take() {
-            Some(data) => Some(data.sender),
-            None => None,
-        };
-        let (answer, sender) = self.runtime.block_on(async move {
-            let work = async {
-                let mut live = match sender.take() {
-                    Some(existing) if !existing.is_closed() => existing,
-                    _ => connect(&endpoint, &credentials, source).await?,
-                };
-                let answer = exchange(&mut live, request).await?;
-                Ok::<_, ClientError>((answer, live))
+        let connection = self.data.take().map(|data| data.sender);
+        async move {
+            let mut live = match connection {
+                Some(existing) if !existing.is_closed() => existing,
+                _ => match connect(&endpoint, &credentials, source).await {
+                    Ok(fresh) => fresh,
+                    Err(error) => return (Err(error), None),
+                },
             };
-            match tokio::time::timeout(limit, work).await {
-                Ok(Ok((answer, live))) => (Ok(answer), Some(live)),
-                Ok(Err(error)) => (Err(error), None),
-                Err(_) => (Err(ClientError::Timeout(limit)), None),
+            match exchange(&mut live, request).await {
+                Ok(answer) => (Ok(answer), Some(live)),
+                Err(error) => (Err(error), None),
             }
-        });
-        if let Some(sender) = sender {
+        }
+    }
+
+    /// Keeps the connection an exchange ended with as the data connection.
+    fn keep_connection(&mut self, connection: Option<SendRequest<RequestBody>>) {
+        if let Some(sender) = connection {
             self.data = Some(DataConnection {
                 sender,
                 last_used: Instant::now(),
             });
         }
-        answer
     }
 
     /// A request with this client's headers; `length` is the body's, when known

@@ -106,29 +106,29 @@ impl RemoteSink {
     /// Frames `chunk` and queues it on the transfer's upload, starting the upload at
     /// the transfer's first chunk to send.
     fn send(&mut self, outgoing: &mut Outgoing, chunk: RawChunk<'_>) -> Result<(), SinkError> {
-        if outgoing.upload.is_none() {
-            let (throttles, meter) = (self.throttles.clone(), Arc::clone(&self.meter));
-            let upload = self
-                .client
-                .start_upload(&self.name, outgoing.id, chunk.index, |queue| {
-                    UploadBody::new(queue, throttles, meter)
-                })
-                .map_err(|error| self.remote(error))?;
-            outgoing.upload = Some(upload);
-        }
-        let slot = self.framer.frame(chunk.into_owned(), &self.meter);
-        let Some(upload) = outgoing.upload.as_mut() else {
-            return Ok(());
+        let mut upload = match outgoing.upload.take() {
+            Some(upload) => upload,
+            None => {
+                let (throttles, meter) = (self.throttles.clone(), Arc::clone(&self.meter));
+                self.client
+                    .start_upload(&self.name, outgoing.id, chunk.index, |queue| {
+                        UploadBody::new(queue, throttles, meter)
+                    })
+                    .map_err(|error| self.remote(error))?
+            }
         };
-        if let Err(error) = self.client.push_frame(upload, slot) {
-            // The exchange's own answer says best why it stopped.
-            let error = match outgoing.upload.take() {
-                Some(upload) => self.client.finish_upload(upload).err().unwrap_or(error),
-                None => error,
-            };
-            return Err(self.remote(error));
+        let slot = self.framer.frame(chunk.into_owned(), &self.meter);
+        match self.client.push_frame(&mut upload, slot) {
+            Ok(()) => {
+                outgoing.upload = Some(upload);
+                Ok(())
+            }
+            Err(error) => {
+                // The exchange's own answer says best why it stopped.
+                let error = self.client.finish_upload(upload).err().unwrap_or(error);
+                Err(self.remote(error))
+            }
         }
-        Ok(())
     }
 
     /// Ends the transfer's upload, if one started, and checks that the replica holds
