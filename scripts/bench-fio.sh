@@ -442,26 +442,13 @@ start_replica() {
 # (`blkrep cycles close` runs it and the first delta, and returns when the replica
 # holds them durably), then waits until the replica has applied everything.
 initial_replication() {
-    local out cycle applied deadline
-    if ! out=$(timeout $((initial_timeout + 10)) "$blkrep" cycles close --config "$work/replicated.toml" \
-            --group bench --timeout "${initial_timeout}s" 2>&1); then
-        start_failure="initial replication failed: $(echo "$out" | tail -n 1 | cut -c1-200)"
+    local err
+    if ! err=$("$py" "$probe_py" drain --blkrep "$blkrep" --primary-config "$work/replicated.toml" \
+            --replica-config "$work/replica.toml" --group bench --timeout "$initial_timeout" \
+            --out "$work/initial-replication.json" 2>&1 >/dev/null); then
+        start_failure="initial replication failed: $(echo "$err" | tail -n 1 | cut -c1-200)"
         return 1
     fi
-    cycle=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cycle"])') || {
-        start_failure="unexpected answer from blkrep cycles close: $out"; return 1; }
-    deadline=$((SECONDS + initial_timeout))
-    while (( SECONDS < deadline )); do
-        applied=$(replica_status_json | python3 -c '
-import json, sys
-r = [x for x in json.load(sys.stdin) if x["name"] == "bench"]
-ok = r and r[0]["pending_transfers"] == 0 and r[0]["last_applied_cycle"] is not None
-print(r[0]["last_applied_cycle"] if ok else -1)' 2>/dev/null || echo -1)
-        (( applied >= cycle )) && return 0
-        sleep 0.2
-    done
-    start_failure="the replica did not apply the initial replication within ${initial_timeout}s"
-    return 1
 }
 
 # Start server $1; logs to $2. Sets server_pid. Returns 1 if it did not become

@@ -34,7 +34,7 @@
 #   --short              CI smoke mode: 1 run, 128 MiB, random, compressible and
 #                        scattered, write path randwrite4k and steady4k-refill 5 s after
 #                        1 s ramp with a 1 GiB ring, RPO scenario 10 s; fails only on
-#                        errors, never on the numbers (about 2 minutes with blkrep built)
+#                        errors, never on the numbers (about 1-2 minutes with blkrep built)
 #   --keep               keep the work directory
 #   -h, --help           this text
 #

@@ -207,14 +207,19 @@ def wait_applied(blkrep: str, replica_config: Path, group: str, cycle: int,
         time.sleep(0.05)
 
 
+def close_cycle(blkrep: str, primary_config: Path, group: str, timeout: float) -> int:
+    """`blkrep cycles close`: returns the cycle closed, once the replica holds it
+    durably."""
+    answer = run_json([blkrep, "cycles", "close", "--config", str(primary_config),
+                       "--group", group, "--timeout", f"{timeout}s"], timeout + 15)
+    return int(answer["cycle"])
+
+
 def cmd_drain(args) -> int:
     since = args.since if args.since is not None else time.time()
     t0 = time.time()
-    answer = run_json([args.blkrep, "cycles", "close", "--config", str(args.primary_config),
-                       "--group", args.group, "--timeout", f"{args.timeout}s"],
-                      args.timeout + 15)
+    cycle = close_cycle(args.blkrep, args.primary_config, args.group, args.timeout)
     t1 = time.time()
-    cycle = int(answer["cycle"])
     t2 = wait_applied(args.blkrep, args.replica_config, args.group, cycle, args.timeout)
     out = {"cycle": cycle, "close_s": t1 - t0, "drain_s": t2 - since}
     args.out.write_text(json.dumps(out) + "\n")

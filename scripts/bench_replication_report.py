@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402  (the fio report's machine table, shared)
-from bench_probe import (CLK_TCK, ProbeError, cpu_ticks, group_status,  # noqa: E402
+from bench_probe import (CLK_TCK, ProbeError, close_cycle, cpu_ticks, group_status,  # noqa: E402
                          log_events, run_json, wait_applied)
 
 MIB = 1 << 20
@@ -97,12 +97,10 @@ def cmd_cycle(args) -> int:
         write_chars(primary_pid)
 
     t0 = time.time()
-    answer = run_json([blkrep, "cycles", "close", "--config", str(args.primary_config),
-                       "--group", group, "--timeout", f"{args.timeout}s"], args.timeout + 15)
+    cycle = close_cycle(blkrep, args.primary_config, group, args.timeout)
     t1 = time.time()
     p_cpu1, r_cpu1, wchar1 = cpu_ticks(primary_pid), cpu_ticks(args.replica_pid), \
         write_chars(primary_pid)
-    cycle = int(answer["cycle"])
     after = run_json(status_cmd, 30)
     c1 = consumer(after, group)
 
@@ -230,10 +228,6 @@ def spread(runs: list[dict], key: str, digits: int = 1) -> str:
 
 def quotient(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def fmt_ratio(r: float | None) -> str:
-    return "—" if r is None else f"{r:.2f}×"
 
 
 def verdict(ok: bool) -> str:
@@ -371,7 +365,7 @@ def shipping_section(args, kinds: list[str], binaries: list[tuple[str, str]],
                 a, b = sca[key], seq[key]
                 out.append("| " + (f"{lab} | " if labelled else "") +
                            f"{what} | {'—' if b is None else f'{b:,.1f}'} | "
-                           f"{'—' if a is None else f'{a:,.1f}'} | {fmt_ratio(quotient(a, b))} |")
+                           f"{'—' if a is None else f'{a:,.1f}'} | {bench_report.fmt_ratio(quotient(a, b))} |")
     if len(binaries) > 1:
         first = binaries[0][0]
         out.append("")
@@ -383,7 +377,7 @@ def shipping_section(args, kinds: list[str], binaries: list[tuple[str, str]],
         for kind in kinds:
             for lab, _ in binaries[1:]:
                 cells = [KINDS[kind][0], f"{lab}/{first}"] + [
-                    fmt_ratio(quotient(shipping[lab][kind]["median"][k],
+                    bench_report.fmt_ratio(quotient(shipping[lab][kind]["median"][k],
                                        shipping[first][kind]["median"][k]))
                     for k, _, _ in BINARY_COMPARISON]
                 out.append("| " + " | ".join(cells) + " |")
@@ -431,15 +425,13 @@ def rpo_section(args, rpo: dict) -> tuple[list[str], dict]:
         lags = [r["lag"] for r in e["runs"] if r.get("lag")]
         samples = sum(x["samples"] for x in lags)
         missed = sum(x["missed"] for x in lags)
-        source = ",".join(sorted({x["source"] for x in lags if x["source"]})) or "—"
-
-        def num(v: float | None, digits: int = 0) -> str:
-            return "—" if v is None else f"{v:,.{digits}f}"
-
+        source = ",".join(sorted(bench_report.lag_sources(e))) or "—"
+        num = {key: bench_report.fmt_metric(key, m[key]) for key in
+               ("lag_p50", "lag_p99", "lag_max", "alag_p50", "alag_p99", "alag_max", "drain_s")}
         out.append(f"| {lab or 'blkrep'} | {m['iops']:,.0f} | {m['mbps']:,.1f} | "
-                   f"{num(m['lag_p50'])} | **{num(m['lag_p99'])}** | **{num(m['lag_max'])}** | "
-                   f"{samples} ({missed}) | {source} | {num(m['alag_p50'])} / "
-                   f"{num(m['alag_p99'])} / {num(m['alag_max'])} | {num(m['drain_s'], 2)} |")
+                   f"{num['lag_p50']} | **{num['lag_p99']}** | **{num['lag_max']}** | "
+                   f"{samples} ({missed}) | {source} | {num['alag_p50']} / "
+                   f"{num['alag_p99']} / {num['alag_max']} | {num['drain_s']} |")
         summary[lab or "blkrep"] = {"lag_p50_ms": m["lag_p50"], "lag_p99_ms": m["lag_p99"],
                                     "lag_max_ms": m["lag_max"], "source": source,
                                     "applied_lag_p50_ms": m["alag_p50"],

@@ -363,9 +363,7 @@ def machine_info(args) -> list[tuple[str, str]]:
         ("qemu-nbd", cmd_first_line(["qemu-nbd", "--version"])),
         ("blkrep commit", commit),
     ]
-    binaries = args.blkrep if isinstance(args.blkrep, list) else \
-        [("", args.blkrep)] if args.blkrep else []
-    for label, path in binaries:
+    for label, path in args.blkrep:
         try:
             mtime = datetime.datetime.fromtimestamp(
                 os.stat(path).st_mtime, datetime.timezone.utc)
@@ -382,10 +380,16 @@ def rpo_figures(entry: dict) -> tuple[float | None, float | None, str]:
     replica's applied lag (ms-exact, and never below the status lag), else the
     status lag in whole seconds."""
     m = entry["median"]
-    sources = {r["lag"]["source"] for r in entry["runs"] if r.get("lag")}
+    sources = lag_sources(entry)
     if sources == {"lag_ms"} or m["alag_p99"] is None:
         return m["lag_p99"], m["lag_max"], f"status lag ({','.join(sorted(sources)) or '—'})"
     return m["alag_p99"], m["alag_max"], "applied lag (replica log; status has whole seconds)"
+
+
+def lag_sources(entry: dict) -> set[str]:
+    """The status fields a column's lag samples came from (`lag_ms`, `lag_secs`);
+    runs whose samples all failed have none."""
+    return {r["lag"]["source"] for r in entry["runs"] if r.get("lag") and r["lag"]["source"]}
 
 
 def fmt_metric(key: str, v: float | None) -> str:
@@ -586,8 +590,7 @@ def replica_section(data: dict, jobs: list[str], cols: Columns, args) -> list[st
             pending = ("—" if not reps else
                        f"{statistics.median(x['pending_transfers'] for x in reps):.0f}")
             ratio_s = f"{net_b / data_b:.3f}" if data_b else "—"
-            lag_src = ",".join(sorted({r["lag"]["source"] for r in e["runs"]
-                                       if r.get("lag") and r["lag"]["source"]})) or "—"
+            lag_src = ",".join(sorted(lag_sources(e))) or "—"
             rows.append(f"| {job_label(job, args)} | {cols.title(col)} | "
                         f"{med('delivered'):.0f} | {data_b / 1e6:,.0f} | "
                         f"{net_b / 1e6:,.0f} | {ratio_s} | {applied} | {pending} | {lag_src} |")
