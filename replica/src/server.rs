@@ -775,14 +775,25 @@ fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> 
             (next, path, replica.disks_for_apply()?, replica.history())
         };
         let started = std::time::Instant::now();
-        let bytes = apply_transfer(&path, next.id, &disks, &history)?;
+        let applied = apply_transfer(&path, next.id, &disks, &history)?;
         let took = started.elapsed();
         {
             let mut replica = lock(replica);
-            replica.note_apply(bytes, took);
+            replica.note_apply(applied.written, took);
             replica.finish_apply(next)?;
         }
-        info!(replica = %dir.display(), transfer = next.id, kind = ?next.kind, bytes, apply_ms = took.as_millis(), "Transfer applied");
+        info!(
+            replica = %dir.display(),
+            transfer = next.id,
+            kind = ?next.kind,
+            bytes = applied.written,
+            apply_ms = took.as_millis(),
+            capture_ms = applied.capture.as_millis(),
+            history_sync_ms = applied.history_sync.as_millis(),
+            write_ms = applied.write.as_millis(),
+            disk_sync_ms = applied.disk_sync.as_millis(),
+            "Transfer applied"
+        );
     }
 }
 

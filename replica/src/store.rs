@@ -32,6 +32,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -1180,9 +1181,9 @@ impl Replica {
         let Some((next, path)) = self.begin_apply()? else {
             return Ok(None);
         };
-        let started = std::time::Instant::now();
-        let bytes = apply_transfer(&path, next.id, disks, &self.history)?;
-        self.note_apply(bytes, started.elapsed());
+        let started = Instant::now();
+        let applied = apply_transfer(&path, next.id, disks, &self.history)?;
+        self.note_apply(applied.written, started.elapsed());
         self.finish_apply(next)?;
         Ok(Some(next))
     }
@@ -1528,7 +1529,7 @@ impl Replica {
 
     /// Counts an applied transfer of `bytes` data bytes that took `took` (saved with
     /// the next [`Replica::finish_apply`]).
-    pub fn note_apply(&mut self, bytes: u64, took: std::time::Duration) {
+    pub fn note_apply(&mut self, bytes: u64, took: Duration) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let applied = &mut self.state.applied;
         applied.transfers += 1;
@@ -1670,35 +1671,60 @@ impl Replica {
     }
 }
 
+/// What applying one transfer took, phase by phase (the log line of each apply shows
+/// it, so an admin can tell a slow disk from a slow history).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppliedTransfer {
+    /// Data bytes written to the disks.
+    pub written: u64,
+    /// Reading what the changes overwrite into the recovery history.
+    pub capture: Duration,
+    /// Making that undo data durable.
+    pub history_sync: Duration,
+    /// Writing the changes to the disks.
+    pub write: Duration,
+    /// Making the disks durable.
+    pub disk_sync: Duration,
+}
+
 /// Applies every change of the received transfer file `path` (transfer `id`) to
-/// `disks` and syncs them. Returns the data bytes written. With recovery points kept,
-/// what the changes overwrite is first captured in `history` and synced.
+/// `disks` and syncs them. With recovery points kept, what the changes overwrite is
+/// first captured in `history` and synced.
 pub fn apply_transfer(
     path: &Path,
     id: u64,
     disks: &[ReplicaDisk],
     history: &History,
-) -> Result<u64, StoreError> {
+) -> Result<AppliedTransfer, StoreError> {
     let _guard = history.apply_guard();
+    let mut applied = AppliedTransfer::default();
+    let mut phase = Instant::now();
+    let mut lap = |took: &mut Duration| {
+        *took = phase.elapsed();
+        phase = Instant::now();
+    };
     if history.is_active() {
         for_each_change(path, id, |change| {
             history.capture(disks, change.disk, change.offset, change.length)?;
             Ok(())
         })?;
+        lap(&mut applied.capture);
         history.sync()?;
+        lap(&mut applied.history_sync);
     }
-    let mut written = 0u64;
     for_each_change(path, id, |change| {
         apply_change(disks, change)?;
         if let ChangeData::Write(bytes) = change.data {
-            written += bytes.len() as u64;
+            applied.written += bytes.len() as u64;
         }
         Ok(())
     })?;
+    lap(&mut applied.write);
     for disk in disks {
         disk.sync()?;
     }
-    Ok(written)
+    lap(&mut applied.disk_sync);
+    Ok(applied)
 }
 
 /// Calls `each` with every change of the transfer file `path` (transfer `id`), in order.
