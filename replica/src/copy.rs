@@ -43,6 +43,102 @@ pub fn sparse_copy(source: &Path, target: &Path) -> io::Result<u64> {
     Ok(copied)
 }
 
+/// Largest folio the page cache builds for a file (a PMD on x86-64): cached ranges are
+/// dropped in whole, aligned units of this size.
+const LARGEST_FOLIO: u64 = 2 << 20;
+
+/// Drops the page cache behind a pass that reads a disk once (a resync, an initial
+/// copy, a comparison), as the pass goes.
+///
+/// Such a pass would otherwise push the host's useful cache out for data read once,
+/// and leave the image cached in the large folios that big sequential reads get.
+/// Pages are dropped only once the pass is past a whole [`LARGEST_FOLIO`] (the kernel
+/// drops only folios entirely inside the range it is given, and readahead has already
+/// cached a little beyond the read). Dirty pages stay (the kernel only starts their
+/// writeback). Advice only: a failure changes nothing that is correct, so it is ignored.
+#[derive(Debug, Clone, Copy)]
+pub struct DropBehind {
+    from: u64,
+}
+
+impl DropBehind {
+    /// A pass that starts reading at `offset`.
+    pub fn new(offset: u64) -> Self {
+        Self {
+            from: offset - offset % LARGEST_FOLIO,
+        }
+    }
+
+    /// The pass has read everything below `offset`.
+    pub fn passed(&mut self, file: &File, offset: u64) {
+        let to = offset - offset % LARGEST_FOLIO;
+        if to > self.from {
+            drop_cached(file, self.from, to - self.from);
+            self.from = to;
+        }
+    }
+
+    /// The pass ended at `offset`: the rest of its last unit goes too.
+    pub fn finish(mut self, file: &File, offset: u64) {
+        self.passed(file, offset.saturating_add(LARGEST_FOLIO - 1));
+    }
+}
+
+/// Drops the clean page-cache pages of `offset..offset + length` (whole folios only).
+/// Advice only: a failure is ignored.
+pub fn drop_cached(file: &File, offset: u64, length: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    if let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) {
+        let _ = posix_fadvise(
+            file.as_raw_fd(),
+            offset,
+            length,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// How many bytes of `file` the page cache holds (`mincore` over a mapping of it), for
+/// tests and diagnostics of [`drop_cached`].
+pub fn cached_bytes(file: &File) -> io::Result<u64> {
+    let length = usize::try_from(file.metadata()?.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if length == 0 {
+        return Ok(0);
+    }
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|page| usize::try_from(page).ok())
+        .unwrap_or(4096);
+    // SAFETY: a new shared read-only mapping of the open file; it is never read
+    // through (mincore only asks the kernel about it) and is unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            length,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mut resident = vec![0u8; length.div_ceil(page)];
+    // SAFETY: `map` spans `length` bytes; `resident` has one byte per page of it.
+    let result = unsafe { libc::mincore(map, length, resident.as_mut_ptr()) };
+    let error = io::Error::last_os_error();
+    // SAFETY: unmaps the mapping made above, which nothing else knows of.
+    unsafe { libc::munmap(map, length) };
+    if result != 0 {
+        return Err(error);
+    }
+    let pages = resident.iter().filter(|state| **state & 1 == 1).count();
+    Ok(pages as u64 * page as u64)
+}
+
 /// Where the next allocated byte at or after `offset` is, if the filesystem knows
 /// (`None`: no data up to the end). Filesystems and devices without `SEEK_DATA` report
 /// everything as data, so nothing is ever skipped by mistake.
@@ -108,6 +204,35 @@ fn copy_range(input: &File, output: &File, offset: u64, length: u64) -> io::Resu
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// Whether the page cache of `dir`'s filesystem can drop pages (tmpfs cannot).
+    fn drops_pages(dir: &Path) -> bool {
+        nix::sys::statfs::statfs(dir)
+            .is_ok_and(|fs| fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC)
+    }
+
+    #[test]
+    fn a_pass_drops_what_it_read_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        if !drops_pages(dir.path()) {
+            eprintln!("the temporary directory is on tmpfs; skipping");
+            return;
+        }
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![5u8; 9 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let mut buffer = vec![0u8; 9 << 20];
+        file.read_exact_at(&mut buffer, 0).unwrap();
+        assert!(cached_bytes(&file).unwrap() >= 8 << 20);
+        // Read up to 5 MiB: everything below 4 MiB goes, nothing above it.
+        let mut behind = DropBehind::new(1000);
+        behind.passed(&file, 5 << 20);
+        let cached = cached_bytes(&file).unwrap();
+        assert!((4 << 20..=5 << 20).contains(&cached), "{cached}");
+        behind.finish(&file, 9 << 20);
+        assert_eq!(cached_bytes(&file).unwrap(), 0);
+    }
 
     #[test]
     fn copies_data_and_keeps_holes() {

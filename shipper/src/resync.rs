@@ -15,7 +15,7 @@ use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use replica::copy::{next_data, next_hole};
+use replica::copy::{next_data, next_hole, DropBehind};
 use tracker::{Change, ChangeData, DirtyBits};
 
 /// Largest read, and largest write record, of a resync: two records with their
@@ -176,6 +176,8 @@ pub fn read_range<E: From<ReadError>>(
     buffer: &mut Vec<u8>,
     visit: &mut impl FnMut(&Change<'_>) -> Result<ControlFlow<()>, E>,
 ) -> Result<ControlFlow<u64, u64>, E> {
+    // What was read is not kept in the page cache (see `DropBehind`).
+    let mut behind = DropBehind::new(start);
     let mut at = start;
     while at < end {
         let piece_end = end.min(at + READ_PIECE);
@@ -201,6 +203,7 @@ pub fn read_range<E: From<ReadError>>(
                 path: path.to_path_buf(),
                 source,
             })?;
+        behind.passed(image, data_end);
         // Split into runs of zero and non-zero grains (grains aligned on the disk).
         let mut run_start = at;
         let mut run_zero: Option<bool> = None;
@@ -225,6 +228,7 @@ pub fn read_range<E: From<ReadError>>(
             return Ok(ControlFlow::Break(at));
         }
     }
+    behind.finish(image, at);
     Ok(ControlFlow::Continue(at))
 }
 
@@ -257,6 +261,7 @@ fn emit_run<E>(
 mod tests {
     use super::*;
     use bitvec::prelude::*;
+    use replica::copy::cached_bytes;
 
     fn maps() -> ResyncMaps {
         // Disk 0: 10 blocks of 4 KiB, blocks 1-3 and 7 marked; disk 1: 2.5 blocks, all.
@@ -294,6 +299,33 @@ mod tests {
         assert_eq!(remaining[1].count_ones(), 3);
         let none = maps.remaining(Cursor { disk: 2, offset: 0 });
         assert!(none.iter().all(|bits| bits.not_any()));
+    }
+
+    /// A resync reads a whole disk once: what it read must not stay in the page cache.
+    #[test]
+    fn what_a_resync_read_leaves_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let on_tmpfs = nix::sys::statfs::statfs(dir.path())
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if on_tmpfs {
+            eprintln!("the temporary directory is on tmpfs, which keeps its pages; skipping");
+            return;
+        }
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![3u8; 6 << 20]).expect("write");
+        let file = File::open(&path).expect("open");
+        file.sync_all().expect("sync");
+        assert!(cached_bytes(&file).expect("mincore") > 0);
+        let mut buffer = Vec::new();
+        let mut data = 0;
+        let reached =
+            read_range::<ReadError>(&file, &path, 0, 0, 6 << 20, &mut buffer, &mut |change| {
+                data += change.length;
+                Ok(ControlFlow::Continue(()))
+            })
+            .expect("read");
+        assert_eq!((reached, data), (ControlFlow::Continue(6 << 20), 6 << 20));
+        assert_eq!(cached_bytes(&file).expect("mincore"), 0);
     }
 
     #[test]
