@@ -10,7 +10,9 @@
 #   --kinds LIST         data kinds from: random,compressible,random-raw (random with
 #                        compression off),compressible-auto (compressible with
 #                        compression = "auto"),scattered (random in 4 KiB writes
-#                        scattered over a disk 4x SIZE) (default: all five)
+#                        scattered over a disk 4x SIZE),random-point (random with a
+#                        recovery point kept on the replica before the cycle, so its
+#                        apply captures undo data) (default: all six)
 #   --compress-pct P     fio buffer_compress_percentage of compressible data (default 50)
 #   --blkrep LABEL=PATH  a blkrep binary, with a label; repeat it to measure several
 #                        binaries interleaved in one run (--blkrep before=/tmp/blkrep-old
@@ -69,7 +71,7 @@ command_line="scripts/bench-replication.sh${*:+ $*}"
 
 runs=3
 size=1GiB
-kinds_csv=random,compressible,random-raw,compressible-auto,scattered
+kinds_csv=random,compressible,random-raw,compressible-auto,scattered,random-point
 compress_pct=50
 runtime=20
 ramp=3
@@ -149,7 +151,7 @@ fi
 (( skip_write_path && skip_shipping && skip_rpo )) && die "--skip-write-path, --skip-shipping and --skip-rpo leave nothing to do"
 IFS=, read -r -a kinds <<<"$kinds_csv"
 for k in "${kinds[@]}"; do
-    case "$k" in random|compressible|random-raw|compressible-auto|scattered) ;; *) die "unknown data kind: $k" ;; esac
+    case "$k" in random|compressible|random-raw|compressible-auto|scattered|random-point) ;; *) die "unknown data kind: $k" ;; esac
 done
 for l in "${bin_labels[@]}"; do
     [[ "$l" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--blkrep label '$l': letters, digits, . _ - only"
@@ -294,6 +296,10 @@ TOML
     local compression=true
     [[ "$kind" == random-raw ]] && compression=false
     [[ "$kind" == compressible-auto ]] && compression='"auto"'
+    # random-point: the replica keeps one point besides the latest, at least 1 s
+    # apart, so the measured cycle overwrites blocks first changed since a point.
+    local points=""
+    [[ "$kind" == random-point ]] && points=$'recovery_points = 1\nrecovery_point_spacing = "1s"'
     # Room for the whole cycle plus record headers.
     cat >"$d/primary.toml" <<TOML
 control_socket = "$d/primary.ctl"
@@ -311,6 +317,7 @@ ca = "$work/pki/ca.pem"
 cert = "$work/pki/primary.bench.lab.pem"
 key = "$work/pki/primary.bench.lab.key"
 compression = $compression
+$points
 [[group.disk]]
 name = "disk0"
 image = "$d/disk0.img"
