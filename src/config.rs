@@ -277,8 +277,7 @@ impl NbdConfig {
             );
             return None;
         };
-        if let Some(problem) = private_key_problem(&format!("[nbd] tls_key {}", key.display()), key)
-        {
+        if let Some(problem) = private_key_problem("[nbd] tls_key", key) {
             problems.push(problem);
             return None;
         }
@@ -628,14 +627,14 @@ impl ReplicaConsumer {
         } else {
             problems.push(format!("{at}: url {:?} must start with https://", self.url));
         }
-        for file in tls_files
-            .into_iter()
-            .flatten()
-            .chain(self.psk_file.as_ref())
-        {
+        for file in tls_files.into_iter().flatten() {
             if !file.is_file() {
                 problems.push(format!("{at}: {} is not a readable file", file.display()));
             }
+        }
+        // The replica reads its keys under the same rules (`crate::key_files`).
+        if let Some(Err(error)) = self.psk_file.as_deref().map(crate::key_files::read_psk) {
+            problems.push(format!("{at} psk_file: {}", wire::error_chain(&error)));
         }
         if !(1..=9).contains(&self.compression_level) {
             problems.push(format!("{at}: compression_level is 1 to 9"));
@@ -839,20 +838,12 @@ impl PrimaryConfig {
     }
 }
 
-/// A problem if the key file at `path` (`at` names it) can be read by anyone but
-/// its owner.
+/// A problem if the key file at `path` (`at` names it) cannot be read, or can be read
+/// by anyone but its owner.
 pub(crate) fn private_key_problem(at: &str, path: &Path) -> Option<String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(error) => return Some(format!("{at}: {error}")),
-    };
-    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-    (mode & 0o077 != 0).then(|| {
-        format!(
-            "{at} is open to group or others (mode {mode:04o}); the key must be private to the daemon's user: chmod 600 {}",
-            path.display()
-        )
-    })
+    crate::key_files::check_private(path)
+        .err()
+        .map(|error| format!("{at}: {}", wire::error_chain(&error)))
 }
 
 #[cfg(test)]
@@ -1009,6 +1000,36 @@ image = "{}"
         ] {
             assert!(error.contains(expected), "{expected}: {error}");
         }
+    }
+
+    /// The primary reads its lab-mode key under the replica's rules.
+    #[test]
+    fn a_lab_key_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let image = tempfile::NamedTempFile::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("lab.psk");
+        let consumer = format!(
+            "[group.consumer]\ntype = \"replica\"\nurl = \"http://replica:8080\"\nidentity = \"vm-host\"\npsk_file = {key:?}"
+        );
+        let check = |text: &str, mode: u32| {
+            std::fs::write(&key, text).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            PrimaryConfig::parse(&sample(image.path(), &consumer), Path::new("x"))
+                .err()
+                .map(|error| error.to_string())
+        };
+        assert_eq!(check("0123456789abcdef0123\n", 0o600), None);
+        let open = check("0123456789abcdef0123\n", 0o644).unwrap();
+        assert!(
+            open.contains("is open to group or others (mode 0644)"),
+            "{open}"
+        );
+        let short = check("0123456789\n", 0o600).unwrap();
+        assert!(
+            short.contains("has 10 bytes; it needs at least 16"),
+            "{short}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod cycles;
 mod daemon_setup;
+mod key_files;
 mod metrics;
 mod primary;
 mod replica_daemon;

@@ -576,16 +576,8 @@ fn replica_sink(
     };
     let credentials = match (&replica.psk_file, &replica.ca, &replica.cert, &replica.key) {
         (Some(psk_file), ..) => {
-            let psk = std::fs::read_to_string(psk_file)
-                .map_err(|error| failed(format!("cannot read {}: {error}", psk_file.display())))?
-                .trim()
-                .to_string();
-            if psk.len() < 16 {
-                return Err(failed(format!(
-                    "the pre-shared key in {} must be at least 16 characters",
-                    psk_file.display()
-                )));
-            }
+            let psk = crate::key_files::read_psk(psk_file)
+                .map_err(|error| failed(wire::error_chain(&error)))?;
             warn!(group = %config.name, url = %replica.url, "Replication uses plain HTTP with a pre-shared key: traffic is NOT encrypted; for isolated labs only");
             Credentials::PlainWithPsk {
                 identity: replica.identity.clone().unwrap_or_default(),

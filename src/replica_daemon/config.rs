@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use replica::limits::Limits;
 use replica::server::{
     authorization_problems, AuthEntry, PreSharedKey, ServerSettings, Transport,
-    DEFAULT_MAX_DISK_SIZE, MIN_PSK_LEN,
+    DEFAULT_MAX_DISK_SIZE,
 };
 use serde::Deserialize;
 use wire::api::valid_name;
@@ -284,36 +284,14 @@ fn address(what: &str, text: &str, problems: &mut Vec<String>) -> Option<SocketA
     parsed.ok()
 }
 
-/// A lab-mode key (`at` names its setting): the file's content without surrounding
-/// whitespace.
+/// A lab-mode key (`at` names its setting), read under the primary's rules
+/// ([`crate::key_files::read_psk`]).
 fn read_psk(at: &str, path: &Path, problems: &mut Vec<String>) -> Option<PreSharedKey> {
-    let at = format!("{at} {}", path.display());
-    if let Some(problem) = private_key_problem(&at, path) {
-        problems.push(problem);
-        return None;
-    }
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(error) => {
-            problems.push(format!("{at}: {error}"));
-            return None;
-        }
-    };
-    let psk = text.trim();
-    if !psk.bytes().all(|b| b.is_ascii_graphic()) {
-        problems.push(format!(
-            "{at}: the key must be printable ASCII without spaces (it travels in an HTTP header)"
-        ));
-        return None;
-    }
-    let key = PreSharedKey::new(psk.to_owned());
-    if key.is_none() {
-        problems.push(format!(
-            "{at}: the key has {} bytes; it needs at least {MIN_PSK_LEN} (e.g. `openssl rand -hex 32`)",
-            psk.len()
-        ));
-    }
-    key
+    let key = crate::key_files::read_psk(path)
+        .map_err(|error| problems.push(format!("{at}: {}", error_chain(&error))))
+        .ok()?;
+    // `read_psk` enforced the minimum length `new` checks.
+    PreSharedKey::new(key)
 }
 
 impl RawConfig {
@@ -345,9 +323,7 @@ impl RawConfig {
                 None
             }
             (Some(tls), None) => {
-                if let Some(problem) =
-                    private_key_problem(&format!("[tls] key {}", tls.key.display()), &tls.key)
-                {
+                if let Some(problem) = private_key_problem("[tls] key", &tls.key) {
                     problems.push(problem);
                 }
                 let files = TlsFiles {
@@ -818,7 +794,7 @@ trust_group = "ok"
         files.write_private("short", "  0123456789\n", 0o600);
         let short = problems(&format!("{listen}{}", files.plain("short")));
         assert!(
-            short.contains("the key has 10 bytes; it needs at least 16"),
+            short.contains("/short has 10 bytes; it needs at least 16"),
             "{short}"
         );
         files.write_private("spaced", "0123456789 abcdef0123", 0o600);
