@@ -47,8 +47,8 @@ pub fn sparse_copy(source: &Path, target: &Path) -> io::Result<u64> {
 /// dropped in whole, aligned units of this size.
 const LARGEST_FOLIO: u64 = 2 << 20;
 
-/// Drops the page cache behind a pass that reads a disk once (a resync, an initial
-/// copy, a comparison), as the pass goes.
+/// Drops the page cache behind a pass that reads a disk once (a resync or an initial
+/// copy), as the pass goes.
 ///
 /// Such a pass would otherwise push the host's useful cache out for data read once,
 /// and leave the image cached in the large folios that big sequential reads get.
@@ -86,7 +86,7 @@ impl DropBehind {
 
 /// Drops the clean page-cache pages of `offset..offset + length` (whole folios only).
 /// Advice only: a failure is ignored.
-pub fn drop_cached(file: &File, offset: u64, length: u64) {
+fn drop_cached(file: &File, offset: u64, length: u64) {
     use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
     if let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) {
         let _ = posix_fadvise(
@@ -99,7 +99,7 @@ pub fn drop_cached(file: &File, offset: u64, length: u64) {
 }
 
 /// How many bytes of `file` the page cache holds (`mincore` over a mapping of it), for
-/// tests and diagnostics of [`drop_cached`].
+/// tests and diagnostics of [`DropBehind`].
 pub fn cached_bytes(file: &File) -> io::Result<u64> {
     let length = usize::try_from(file.metadata()?.len())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
