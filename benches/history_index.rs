@@ -11,9 +11,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use image_ops::ReplicaDisk;
 use rand::{Rng, SeedableRng};
 use replica::history::{History, UNDO_BLOCK};
-use replica::ReplicaDisk;
 
 /// Counts the bytes live on the heap.
 struct Counting;

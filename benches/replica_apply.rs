@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use image_ops::ReplicaDisk;
 use rand::{Rng, SeedableRng};
 use replica::history::History;
 use replica::store::apply_transfer;
-use replica::ReplicaDisk;
 use tracker::{Change, ChangeData};
 use wire::chunk::{ChunkEncoder, RawChunk};
 

@@ -36,8 +36,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 
 use thiserror::Error;
 
-use crate::apply::ReplicaDisk;
-use crate::copy::{next_data, next_hole};
+use image_ops::apply::ReplicaDisk;
+use image_ops::copy::{next_data, next_hole};
 
 /// Unit of undo data: a capture saves whole blocks of this size (the last block of a
 /// disk may be shorter).
@@ -84,7 +84,7 @@ pub enum HistoryError {
     NoSuchPoint(u64),
     /// Writing a replica disk failed.
     #[error("Cannot write a point's state to the replica disk")]
-    Apply(#[from] crate::apply::ApplyError),
+    Apply(#[from] image_ops::ApplyError),
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HistoryError {

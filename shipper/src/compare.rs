@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use replica::compare::{hash_ranges, CompareError as HashError};
+use image_ops::hash::{hash_ranges, HashError};
 use thiserror::Error;
 use wire::api::{ByteRange, MAX_HASH_BYTES, MAX_HASH_RANGES};
 

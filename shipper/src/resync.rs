@@ -15,7 +15,7 @@ use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use replica::copy::{next_data, next_hole, DropBehind};
+use image_ops::copy::{next_data, next_hole, DropBehind};
 use tracker::{Change, ChangeData, DirtyBits};
 
 /// Largest read, and largest write record, of a resync: two records with their
@@ -261,7 +261,7 @@ fn emit_run<E>(
 mod tests {
     use super::*;
     use bitvec::prelude::*;
-    use replica::copy::cached_bytes;
+    use image_ops::copy::cached_bytes;
 
     fn maps() -> ResyncMaps {
         // Disk 0: 10 blocks of 4 KiB, blocks 1-3 and 7 marked; disk 1: 2.5 blocks, all.

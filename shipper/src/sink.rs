@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use replica::compare::{CompareError, Hash};
-use replica::{ApplyError, ReplicaDisk};
+use image_ops::hash::{Hash, HashError};
+use image_ops::{ApplyError, ReplicaDisk};
 use thiserror::Error;
 use tracker::{Change, ChangeData};
 use wire::api::{ByteRange, EnableRequest, TransferKind};
@@ -30,7 +30,7 @@ pub enum SinkError {
     },
     /// Hashing the local copy failed.
     #[error("Cannot hash the local copy")]
-    Hash(#[from] CompareError),
+    Hash(#[from] HashError),
     /// An export's manifest cannot be read.
     #[error("Export")]
     Media(#[from] wire::media::MediaError),
@@ -136,7 +136,7 @@ pub trait CycleSink: Send {
         None
     }
     /// BLAKE3 hashes of `ranges` of the consumer's copy of disk `disk` (see
-    /// [`replica::compare`]), once everything committed is applied there; `None` when
+    /// [`image_ops::hash`]), once everything committed is applied there; `None` when
     /// the consumer cannot compare, and every block is sent.
     fn hashes(
         &mut self,
@@ -205,7 +205,7 @@ impl LocalCopySink {
         for (name, image) in disks {
             let target = Self::copy_path(dir, name);
             if !target.exists() {
-                replica::copy::sparse_copy(image, &target).map_err(|source| SinkError::Copy {
+                image_ops::copy::sparse_copy(image, &target).map_err(|source| SinkError::Copy {
                     path: target,
                     source,
                 })?;
@@ -233,7 +233,7 @@ impl CycleSink for LocalCopySink {
     }
 
     fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
-        replica::apply::apply_change(&self.disks, change)?;
+        image_ops::apply::apply_change(&self.disks, change)?;
         Ok(())
     }
 
@@ -250,9 +250,9 @@ impl CycleSink for LocalCopySink {
         ranges: &[ByteRange],
     ) -> Result<Option<Vec<Hash>>, SinkError> {
         let Some(copy) = self.disks.get(disk) else {
-            return Err(CompareError::Invalid(format!("no disk {disk}")).into());
+            return Err(HashError::Invalid(format!("no disk {disk}")).into());
         };
-        Ok(Some(replica::compare::hash_ranges(
+        Ok(Some(image_ops::hash::hash_ranges(
             copy.file(),
             copy.size(),
             ranges,

@@ -63,7 +63,7 @@ pub enum PrimaryError {
         group: String,
         /// The cause.
         #[source]
-        source: replica::ApplyError,
+        source: image_ops::ApplyError,
     },
     /// The consumer cannot start.
     #[error("Cannot start the consumer of group {group}")]
@@ -498,10 +498,10 @@ pub fn replay(group: &Group, config: &GroupConfig, sizes: &[u64]) -> Result<(), 
         .disks
         .iter()
         .zip(sizes)
-        .map(|(disk, size)| replica::ReplicaDisk::open(&disk.image, *size))
+        .map(|(disk, size)| image_ops::ReplicaDisk::open(&disk.image, *size))
         .collect::<Result<Vec<_>, _>>()
         .map_err(replay_error)?;
-    let stats = replica::apply::apply_cycle(&disks, &view).map_err(replay_error)?;
+    let stats = image_ops::apply::apply_cycle(&disks, &view).map_err(replay_error)?;
     info!(group = %config.name, changes = stats.changes, bytes = stats.written, "Replayed the log onto the images");
     Ok(())
 }

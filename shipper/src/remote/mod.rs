@@ -17,7 +17,7 @@ pub mod throttle;
 use std::sync::Arc;
 
 use hyper::Method;
-use replica::compare::Hash;
+use image_ops::hash::Hash;
 use tracker::Change;
 use wire::api::{
     ByteRange, CommitRequest, EnableRequest, FailoverRequest, HashAnswer, HashRequest, ReplicaInfo,
@@ -236,7 +236,7 @@ impl CycleSink for RemoteSink {
         let hashes: Option<Vec<Hash>> = answer
             .hashes
             .iter()
-            .map(|text| replica::compare::from_hex(text))
+            .map(|text| image_ops::hash::from_hex(text))
             .collect();
         match hashes {
             Some(hashes) if hashes.len() == ranges.len() => Ok(Some(hashes)),

@@ -21,7 +21,7 @@ const READ_BUFFER: usize = 1 << 20;
 
 /// Errors of a hash request.
 #[derive(Debug, Error)]
-pub enum CompareError {
+pub enum HashError {
     /// The request asks for too much, or for ranges outside the disk.
     #[error("Invalid hash request: {0}")]
     Invalid(String),
@@ -31,9 +31,9 @@ pub enum CompareError {
 }
 
 /// Checks ranges against a disk of `size` bytes and the per-request limits.
-pub fn check_ranges(ranges: &[ByteRange], size: u64) -> Result<(), CompareError> {
+pub fn check_ranges(ranges: &[ByteRange], size: u64) -> Result<(), HashError> {
     if ranges.is_empty() || ranges.len() > MAX_HASH_RANGES {
-        return Err(CompareError::Invalid(format!(
+        return Err(HashError::Invalid(format!(
             "1 to {MAX_HASH_RANGES} ranges per request, not {}",
             ranges.len()
         )));
@@ -45,7 +45,7 @@ pub fn check_ranges(ranges: &[ByteRange], size: u64) -> Result<(), CompareError>
             .checked_add(range.length)
             .is_some_and(|end| end <= size);
         if range.length == 0 || !inside {
-            return Err(CompareError::Invalid(format!(
+            return Err(HashError::Invalid(format!(
                 "range {}+{} is empty or outside the {size}-byte disk",
                 range.offset, range.length
             )));
@@ -53,7 +53,7 @@ pub fn check_ranges(ranges: &[ByteRange], size: u64) -> Result<(), CompareError>
         total = total.saturating_add(range.length);
     }
     if total > MAX_HASH_BYTES {
-        return Err(CompareError::Invalid(format!(
+        return Err(HashError::Invalid(format!(
             "{total} bytes asked; at most {MAX_HASH_BYTES} per request"
         )));
     }
@@ -61,11 +61,7 @@ pub fn check_ranges(ranges: &[ByteRange], size: u64) -> Result<(), CompareError>
 }
 
 /// Hashes each range of `image` (of `size` bytes), after checking the ranges.
-pub fn hash_ranges(
-    image: &File,
-    size: u64,
-    ranges: &[ByteRange],
-) -> Result<Vec<Hash>, CompareError> {
+pub fn hash_ranges(image: &File, size: u64, ranges: &[ByteRange]) -> Result<Vec<Hash>, HashError> {
     check_ranges(ranges, size)?;
     let mut buffer = vec![0u8; READ_BUFFER];
     ranges
@@ -93,7 +89,7 @@ pub fn from_hex(text: &str) -> Option<Hash> {
         .map(|hash| *hash.as_bytes())
 }
 
-fn hash_range(image: &File, start: u64, end: u64, buffer: &mut [u8]) -> Result<Hash, CompareError> {
+fn hash_range(image: &File, start: u64, end: u64, buffer: &mut [u8]) -> Result<Hash, HashError> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut hasher = blake3::Hasher::new();
     let mut at = start;
