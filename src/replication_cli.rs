@@ -100,14 +100,11 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
         ReplicationCommand::Enable { group, at } => {
             let start_after_unix = match at {
                 None => None,
-                Some(text) => Some(
-                    humantime::parse_rfc3339_weak(&text)
-                        .with_context(|| {
-                            format!("{text:?} is not a time like 2026-11-24T02:00:00Z")
-                        })?
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |since| since.as_secs()),
-                ),
+                Some(text) => Some(base::time::unix_secs_of(
+                    humantime::parse_rfc3339_weak(&text).with_context(|| {
+                        format!("{text:?} is not a time like 2026-11-24T02:00:00Z")
+                    })?,
+                )),
             };
             (group, ReplicationAction::Enable { start_after_unix })
         }

@@ -340,7 +340,7 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
         human_bytes(number("network_bytes").unwrap_or(0)),
     );
     if let Some(app) = consumer.get("app_consistent").filter(|a| !a.is_null()) {
-        render_app_consistent(out, app, unix_now());
+        render_app_consistent(out, app, base::time::unix_secs());
     }
     if let Some(resync) = consumer.get("resync").filter(|r| !r.is_null()) {
         let field = |key: &str| {
@@ -375,7 +375,7 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
     if let Some(error) = text("last_error") {
         let _ = writeln!(out, "  last error: {error}");
         if let Some(at) = number("next_retry_unix") {
-            let now = unix_now();
+            let now = base::time::unix_secs();
             let _ = writeln!(
                 out,
                 "  next retry in {}",
@@ -383,12 +383,6 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
             );
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The application-consistent points of a shipper's status.

@@ -11,8 +11,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+
+use base::sync::lock;
+use std::time::{Duration, UNIX_EPOCH};
 
 use nbd_shim::backend::{ImageFile, ImageFileOptions};
 use nbd_shim::{BlockDevice, Server, ServerConfig};
@@ -254,10 +256,7 @@ impl RunningGroup {
         let Some(tracker) = &self.tracker else {
             return Err(format!("Group {group} is not tracked"));
         };
-        let mut handed_over = self
-            .handed_over
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut handed_over = lock(&self.handed_over);
         if *handed_over {
             return Err(format!(
                 "Group {group} was handed over to its replica by a planned failover already"
@@ -389,9 +388,7 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
     if let Some(address) = &config.nbd.tcp {
         server.listen_tcp_tls(address.as_str(), config.nbd.access.tls.clone())?;
     }
-    let started_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let started_unix = base::time::unix_secs();
     let daemon = Arc::new(Daemon {
         groups,
         server,

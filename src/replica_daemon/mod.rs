@@ -16,8 +16,11 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+
+use base::sync::{lock, read, write};
+use base::time::unix_secs;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use nix::sys::signal::{SigSet, Signal};
@@ -537,7 +540,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                     policy,
                 })?;
             let info = replica_in(&value)?;
-            print!("{}", render_points(&info, unix_now()));
+            print!("{}", render_points(&info, unix_secs()));
         }
         ReplicaCommand::Points { target, json } => {
             let socket = control_socket(target.socket, target.config)?;
@@ -548,7 +551,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             if json {
                 println!("{}", serde_json::to_string_pretty(&info.recovery_points)?);
             } else {
-                print!("{}", render_points(info, unix_now()));
+                print!("{}", render_points(info, unix_secs()));
             }
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Start { target, point }) => {
@@ -589,7 +592,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             } else {
                 let replicas: Vec<ReplicaInfo> =
                     serde_json::from_value(value).context("Unreadable status report")?;
-                print!("{}", render_status(&replicas, unix_now()));
+                print!("{}", render_status(&replicas, unix_secs()));
                 let live = call(&socket, &Request::Live, STATUS_TIMEOUT)?;
                 print!("{}", render_live(&live));
             }
@@ -737,12 +740,6 @@ fn control_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::R
         (None, Some(config)) => config::control_socket(&config)?,
         (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
     })
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Signals that stop the daemon. Blocked in every thread (set before any is spawned)
@@ -908,7 +905,7 @@ struct LiveGroup {
 
 impl LiveGroup {
     fn group(&self) -> std::sync::RwLockReadGuard<'_, crate::primary::RunningGroup> {
-        self.group.read().unwrap_or_else(PoisonError::into_inner)
+        read(&self.group)
     }
 }
 
@@ -1005,10 +1002,7 @@ impl Control {
         let serving = live
             .get_mut(dir)
             .ok_or_else(|| format!("The live disks of {name} are not served"))?;
-        serving
-            .group
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        write(&serving.group)
             .start_replication(
                 &consumer,
                 Duration::from_secs(target.interval_secs),
@@ -1079,7 +1073,7 @@ impl Control {
             (Arc::clone(&serving.group), serving.exports.clone())
         };
         let url = {
-            let group = group.read().unwrap_or_else(PoisonError::into_inner);
+            let group = read(&group);
             if group.replication_status().is_none() {
                 return Err(format!(
                     "The live disks of {name} do not replicate anywhere: reverse replication first (`blkrep replica reverse --name {name} ...`), then fail over to that side"
@@ -1182,10 +1176,6 @@ impl ReverseTarget {
             .try_into()
             .map_err(|error| format!("Invalid reverse replication target: {error}"))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Removes a unix socket left by a daemon that did not stop cleanly; fails if one
