@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use wire::lab_ca::{create_ca, issue_host, PemPair};
+use lab_ca::{create_ca, issue_host, PemPair};
 
 /// The CA's files in `dir`.
 fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {

@@ -1071,8 +1071,8 @@ image = "{}"
     /// A lab CA and a certificate for 127.0.0.1 in `dir`, the key with `key_mode`.
     fn nbd_tls_files(dir: &Path, key_mode: u32) -> String {
         use std::os::unix::fs::PermissionsExt;
-        let ca = wire::lab_ca::create_ca("nbd test CA").unwrap();
-        let host = wire::lab_ca::issue_host(&ca, &["127.0.0.1".to_owned()]).unwrap();
+        let ca = lab_ca::create_ca("nbd test CA").unwrap();
+        let host = lab_ca::issue_host(&ca, &["127.0.0.1".to_owned()]).unwrap();
         std::fs::write(dir.join("ca.pem"), &ca.cert).unwrap();
         std::fs::write(dir.join("cert.pem"), &host.cert).unwrap();
         std::fs::write(dir.join("key.pem"), &host.key).unwrap();

@@ -31,8 +31,8 @@ fn policies() -> &'static [TlsPolicy; 3] {
     POLICIES.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("nbd-shim-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ca = wire::lab_ca::create_ca("fuzz CA").unwrap();
-        let host = wire::lab_ca::issue_host(&ca, &["127.0.0.1".to_owned()]).unwrap();
+        let ca = lab_ca::create_ca("fuzz CA").unwrap();
+        let host = lab_ca::issue_host(&ca, &["127.0.0.1".to_owned()]).unwrap();
         let (ca_path, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&ca_path, &ca.cert).unwrap();
         std::fs::write(&cert, &host.cert).unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lab_ca::{create_ca, issue_host, PemPair};
 use replica::server::{
     AuthEntry, PreSharedKey, ReplicaServer, ServerError, ServerSettings, Transport,
     DEFAULT_MAX_DISK_SIZE,
@@ -15,7 +16,6 @@ use replica::store::Replica;
 use tracker::{Change, ChangeData};
 use wire::api::*;
 use wire::chunk::{ChunkEncoder, RawChunk, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
-use wire::lab_ca::{create_ca, issue_host, PemPair};
 use wire::tls::{client_config, server_config, NamePattern, TlsFiles};
 
 const MIB: u64 = 1 << 20;

@@ -515,7 +515,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use wire::lab_ca::{create_ca, issue_host};
+    use lab_ca::{create_ca, issue_host};
 
     /// A directory with a lab CA, a replica certificate and a private key file.
     struct Files {

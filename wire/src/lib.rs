@@ -5,7 +5,6 @@
 
 pub mod api;
 pub mod chunk;
-pub mod lab_ca;
 pub mod media;
 pub mod tls;
 

@@ -309,10 +309,9 @@ mod tests {
 
     #[test]
     fn the_lab_ca_issues_dns_names_as_dns_sans() {
-        let ca = crate::lab_ca::create_ca("test CA").unwrap();
-        let host =
-            crate::lab_ca::issue_host(&ca, &["primary.dc1.example.com".into(), "192.0.2.7".into()])
-                .unwrap();
+        let ca = lab_ca::create_ca("test CA").unwrap();
+        let host = lab_ca::issue_host(&ca, &["primary.dc1.example.com".into(), "192.0.2.7".into()])
+            .unwrap();
         let der = CertificateDer::from_pem_slice(host.cert.as_bytes()).unwrap();
         assert_eq!(certificate_names(&der), vec!["primary.dc1.example.com"]);
     }

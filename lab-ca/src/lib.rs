@@ -2,6 +2,7 @@
 //! signs, each good for both ends of a replication (server and client
 //! authentication), since a host that is a replica today is a primary after a failover.
 //! Production sites use their own PKI; these are plain PEM files either way.
+#![warn(missing_docs)]
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
