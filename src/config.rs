@@ -391,12 +391,20 @@ fn default_ring_size() -> ByteSize {
     ByteSize(1 << 30)
 }
 
+/// A group's dirty-map block size unless configured (and that of a failed-over
+/// group's live disks on the replica).
+pub const DEFAULT_BLOCK_SIZE: u64 = 4096;
+
+/// A group's replication interval unless configured (and that of a failed-over
+/// group's live disks until replication is reversed with its own).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+
 fn default_block_size() -> ByteSize {
-    ByteSize(4096)
+    ByteSize(DEFAULT_BLOCK_SIZE)
 }
 
 fn default_interval() -> Interval {
-    Interval(Duration::from_secs(300))
+    Interval(DEFAULT_INTERVAL)
 }
 
 fn default_true() -> bool {

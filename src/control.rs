@@ -14,6 +14,9 @@ use thiserror::Error;
 /// The command that runs the primary daemon, for errors when it is not running.
 pub const PRIMARY: &str = "blkrep primary";
 
+/// The command that runs the replica daemon, for errors when it is not running.
+pub const REPLICA: &str = "blkrep replica run";
+
 /// Longest request line accepted.
 pub const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -23,6 +26,11 @@ pub const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     /// The daemon's status.
     Status,
+    /// One group's [`crate::status::GroupReport`].
+    GroupStatus {
+        /// The group.
+        group: String,
+    },
     /// Close the group's cycle now and wait until its consumer acknowledged it.
     CloseCycle {
         /// The group.
@@ -71,6 +79,20 @@ pub enum ReplicationAction {
     },
 }
 
+/// The answer to [`Request::CloseCycle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleClosed {
+    /// The cycle closed and acknowledged.
+    pub cycle: u64,
+}
+
+/// The answer to [`Request::Replication`]: what happened, for the administrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionDone {
+    /// What happened.
+    pub message: String,
+}
+
 /// How long an export may take: it writes every allocated block of the group.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -110,6 +132,19 @@ pub enum ControlError {
     /// The daemon refused.
     #[error("{0}")]
     Refused(String),
+}
+
+/// Sends one request to the daemon run by `command` and decodes its answer as `T`,
+/// the response type of that request.
+pub fn call_typed<R: Serialize, T: DeserializeOwned>(
+    socket: &Path,
+    command: &'static str,
+    request: &R,
+    timeout: Duration,
+) -> Result<T, ControlError> {
+    Ok(serde_json::from_value(call(
+        socket, command, request, timeout,
+    )?)?)
 }
 
 /// Sends one request to the daemon run by `command` (for the error when it is not

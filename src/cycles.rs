@@ -10,7 +10,7 @@ use thiserror::Error;
 use tracker::{Group, TrackerError};
 
 use crate::config::GroupConfig;
-use crate::primary::{self, PrimaryError};
+use crate::groups::{self, GroupError};
 
 /// Errors of the offline apply.
 #[derive(Debug, Error)]
@@ -34,7 +34,7 @@ pub enum CyclesError {
     },
     /// Opening, recovering or replaying failed.
     #[error(transparent)]
-    Primary(#[from] PrimaryError),
+    Group(#[from] GroupError),
     /// The copies cannot be opened.
     #[error("Cannot open the copies in {dir}")]
     Copies {
@@ -92,21 +92,21 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
                 },
             )
             .map(|image| nbd_shim::BlockDevice::size(&image))
-            .map_err(|source| PrimaryError::Image {
+            .map_err(|source| GroupError::Image {
                 disk: disk.name.clone(),
                 path: disk.image.clone(),
                 source,
             })
         })
         .collect::<Result<Vec<u64>, _>>()?;
-    let (group, report) = match Group::open(&primary::tracker_config(config, &sizes)) {
+    let (group, report) = match Group::open(&groups::tracker_config(config, &sizes)) {
         Err(TrackerError::RingInUse(_)) => {
             return Err(CyclesError::InUse {
                 group: config.name.clone(),
             })
         }
         Err(source) => {
-            return Err(PrimaryError::Tracker {
+            return Err(GroupError::Tracker {
                 group: config.name.clone(),
                 source,
             }
@@ -116,7 +116,7 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
     };
     let replayed = report.needs_replay();
     if replayed {
-        primary::replay(&group, config, &sizes)?;
+        groups::replay(&group, config, &sizes)?;
     }
     let named: Vec<(String, u64)> = config
         .disks

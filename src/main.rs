@@ -7,7 +7,8 @@ mod cert;
 mod config;
 mod control;
 mod cycles;
-mod daemon_setup;
+mod daemon;
+mod groups;
 mod key_files;
 mod metrics;
 mod primary;
@@ -24,7 +25,7 @@ use clap::{Parser, Subcommand};
 use shipper::error_chain;
 
 use crate::config::PrimaryConfig;
-use crate::control::Request;
+use crate::control::{CycleClosed, Request};
 use crate::status::StatusReport;
 
 /// Asynchronous disaster-recovery replication of virtual disks.
@@ -116,7 +117,8 @@ struct Target {
     /// The primary's configuration (its control socket is read from it).
     #[arg(long, short, conflicts_with = "socket")]
     config: Option<PathBuf>,
-    /// The primary's control socket.
+    /// The daemon's control socket: the primary's, or a replica daemon's for the
+    /// live group of a replica failed over to (which it replicates back).
     #[arg(long)]
     socket: Option<PathBuf>,
 }
@@ -218,18 +220,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group,
                 timeout_secs: timeout.as_secs().max(1),
             };
-            let value = control::call(
+            let closed: CycleClosed = control::call_typed(
                 &socket,
                 control::PRIMARY,
                 &request,
                 timeout + Duration::from_secs(5),
             )?;
-            println!("{value}");
+            println!("{}", serde_json::to_string(&closed)?);
         }
         Command::Cert {
             command: CertCommand::Ca { dir, name },
         } => {
-            daemon_setup::private_files();
+            daemon::process::private_files();
             let cert = cert::create_lab_ca(&dir, &name)?;
             println!(
                 "CA certificate: {} (its key beside it: keep it off the hosts)",
@@ -239,7 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Issue { dir, names },
         } => {
-            daemon_setup::private_files();
+            daemon::process::private_files();
             let (cert, key) = cert::issue(&dir, &names)?;
             println!("Certificate: {}\nKey: {}", cert.display(), key.display());
         }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 
-use crate::control::{self, ReplicationAction, Request};
-use crate::status::{human_bytes, human_duration, progress_bar, StatusReport};
+use crate::control::{self, ActionDone, ReplicationAction, Request};
+use crate::status::{human_bytes, human_duration, progress_bar, GroupReport};
 
 /// How long an administrative request may take (a remove may wait for the replica
 /// server's answer, 120 s at most).
@@ -136,30 +136,24 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
         }
         _ => ADMIN_TIMEOUT,
     };
-    let value = control::call(
+    let done: ActionDone = control::call_typed(
         socket,
         control::PRIMARY,
         &Request::Replication { group, action },
         timeout,
     )?;
-    println!("{}", value["message"].as_str().unwrap_or("Done"));
+    println!("{}", done.message);
     Ok(())
 }
 
 fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
-        let value = control::call(
-            socket,
-            control::PRIMARY,
-            &Request::Status,
-            Duration::from_secs(30),
-        )?;
-        let report: StatusReport =
-            serde_json::from_value(value).context("Unreadable status report")?;
-        let Some(found) = report.groups.iter().find(|g| g.name == group) else {
-            bail!("No group named {group:?}");
+        let request = Request::GroupStatus {
+            group: group.to_string(),
         };
+        let found: GroupReport =
+            control::call_typed(socket, control::PRIMARY, &request, Duration::from_secs(30))?;
         let Some(consumer) = &found.consumer else {
             bail!("Group {group:?} has no consumer");
         };

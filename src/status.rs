@@ -134,59 +134,67 @@ impl StatusReport {
         let _ = writeln!(out, "blkrep primary (pid {})", self.pid);
         for group in &self.groups {
             let _ = writeln!(out, "\ngroup {}", group.name);
-            let state = match (&group.resync_reason, group.tracking.as_str()) {
-                (Some(reason), _) => format!("{} - RESYNC REQUIRED: {reason}", group.tracking),
-                (None, tracking) => tracking.to_string(),
-            };
-            let _ = writeln!(out, "  tracking:  {state}");
-            let _ = writeln!(out, "  interval:  {}s", group.interval_secs);
-            let _ = writeln!(
-                out,
-                "  cycles:    open {}, last closed {}, last acknowledged {}",
-                group.cycle.open, group.cycle.last_closed, group.cycle.last_acked
-            );
-            if group.tracking != "off" {
-                let percent = if group.ring.size == 0 {
-                    0.0
-                } else {
-                    group.ring.used as f64 * 100.0 / group.ring.size as f64
-                };
-                let _ = writeln!(
-                    out,
-                    "  ring:      {} of {} used ({percent:.1}%), {}",
-                    human_bytes(group.ring.used),
-                    human_bytes(group.ring.size),
-                    group.ring.path
-                );
-                render_ring_full(&mut out, &group.ring);
-            }
-            match &group.consumer {
-                Some(consumer) => render_consumer(&mut out, consumer, group.ring.used),
-                None => {
-                    let _ = writeln!(out, "  consumer:  none");
-                }
-            }
-            for disk in &group.disks {
-                let _ = writeln!(
-                    out,
-                    "  disk {:<12} {:>10}  dirty {:>10}  connections {}{}  {}",
-                    disk.name,
-                    human_bytes(disk.size),
-                    human_bytes(disk.dirty_bytes),
-                    disk.connections,
-                    if disk.read_only { "  read-only" } else { "" },
-                    disk.image
-                );
-                if disk.resync_bytes > 0 {
-                    let _ = writeln!(
-                        out,
-                        "       awaiting resync: {}",
-                        human_bytes(disk.resync_bytes)
-                    );
-                }
-            }
+            group.render_into(&mut out);
         }
         out
+    }
+}
+
+impl GroupReport {
+    /// The group's lines of the status text (after its `group NAME` line): the same
+    /// on the primary and for a replica daemon's live groups.
+    pub fn render_into(&self, out: &mut String) {
+        let state = match (&self.resync_reason, self.tracking.as_str()) {
+            (Some(reason), _) => format!("{} - RESYNC REQUIRED: {reason}", self.tracking),
+            (None, tracking) => tracking.to_string(),
+        };
+        let _ = writeln!(out, "  tracking:  {state}");
+        let _ = writeln!(out, "  interval:  {}s", self.interval_secs);
+        let _ = writeln!(
+            out,
+            "  cycles:    open {}, last closed {}, last acknowledged {}",
+            self.cycle.open, self.cycle.last_closed, self.cycle.last_acked
+        );
+        if self.tracking != "off" {
+            let percent = if self.ring.size == 0 {
+                0.0
+            } else {
+                self.ring.used as f64 * 100.0 / self.ring.size as f64
+            };
+            let _ = writeln!(
+                out,
+                "  ring:      {} of {} used ({percent:.1}%), {}",
+                human_bytes(self.ring.used),
+                human_bytes(self.ring.size),
+                self.ring.path
+            );
+            render_ring_full(out, &self.ring);
+        }
+        match &self.consumer {
+            Some(consumer) => render_consumer(out, consumer, self.ring.used),
+            None => {
+                let _ = writeln!(out, "  consumer:  none");
+            }
+        }
+        for disk in &self.disks {
+            let _ = writeln!(
+                out,
+                "  disk {:<12} {:>10}  dirty {:>10}  connections {}{}  {}",
+                disk.name,
+                human_bytes(disk.size),
+                human_bytes(disk.dirty_bytes),
+                disk.connections,
+                if disk.read_only { "  read-only" } else { "" },
+                disk.image
+            );
+            if disk.resync_bytes > 0 {
+                let _ = writeln!(
+                    out,
+                    "       awaiting resync: {}",
+                    human_bytes(disk.resync_bytes)
+                );
+            }
+        }
     }
 }
 

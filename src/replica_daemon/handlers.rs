@@ -1,0 +1,102 @@
+//! How the replica daemon answers each control request.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::failover::{fail_over, start_test, stop_test};
+use super::protocol::Request;
+use super::Daemon;
+use crate::control;
+
+pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::Result<()> {
+    let server = &control.server;
+    control::answer(stream, |request: Request| match request {
+        Request::StartTest {
+            name,
+            trust_group,
+            point,
+        } => start_test(control, &name, trust_group.as_deref(), point),
+        Request::Failover {
+            name,
+            trust_group,
+            point,
+        } => fail_over(control, &name, trust_group.as_deref(), point),
+        Request::Reverse {
+            name,
+            trust_group,
+            target,
+        } => {
+            let (dir, info) = server
+                .replica(&name, trust_group.as_deref())
+                .map_err(|error| wire::error_chain(&error))?;
+            match &info.failover {
+                Some(failover) if failover.completed => {}
+                Some(_) => return Err(format!("Complete the failover of {name} first (`blkrep replica complete-failover --name {name}`): replicating back fixes its point")),
+                None => return Err(format!("Replica {name} was not failed over: it is a replica, not a live copy to replicate")),
+            }
+            control.reverse(&dir, &info, &target)?;
+            Ok(Value::Null)
+        }
+        Request::Live => serde_json::to_value(control.live_status()).map_err(|e| e.to_string()),
+        Request::GroupStatus { group } => serde_json::to_value(control.live_group_report(&group)?)
+            .map_err(|error| error.to_string()),
+        Request::CloseCycle {
+            group,
+            timeout_secs,
+        } => serde_json::to_value(
+            control.close_live_cycle(&group, Duration::from_secs(timeout_secs))?,
+        )
+        .map_err(|error| error.to_string()),
+        Request::Replication { group, action } => {
+            serde_json::to_value(control.live_replication(&group, &action)?)
+                .map_err(|error| error.to_string())
+        }
+        Request::PlannedFailover {
+            name,
+            trust_group,
+            force,
+        } => control.planned_failover(&name, trust_group.as_deref(), force),
+        Request::CompleteFailover { name, trust_group } => {
+            let info = server
+                .complete_failover(&name, trust_group.as_deref())
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
+        }
+        Request::SetRecovery {
+            name,
+            trust_group,
+            policy,
+        } => {
+            let info = server
+                .set_recovery(&name, trust_group.as_deref(), policy)
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
+        }
+        Request::StopTest {
+            name,
+            trust_group,
+            force,
+        } => stop_test(control, &name, trust_group.as_deref(), force),
+        Request::Status => {
+            serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
+        }
+        Request::SetPaused {
+            name,
+            trust_group,
+            paused,
+        } => {
+            let info = server
+                .set_paused(&name, trust_group.as_deref(), paused)
+                .map_err(|error| wire::error_chain(&error))?;
+            serde_json::to_value(info).map_err(|error| error.to_string())
+        }
+        Request::Import { dir } => {
+            let (info, imported) = server
+                .import(&dir)
+                .map_err(|error| wire::error_chain(&error))?;
+            Ok(serde_json::json!({ "replica": info, "imported": imported }))
+        }
+    })
+}

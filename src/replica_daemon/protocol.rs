@@ -1,0 +1,124 @@
+//! The replica daemon's control requests, shared by the daemon and the commands
+//! that talk to it. Group-level requests (`close_cycle`, `replication`) have the same
+//! shape as the primary's ([`crate::control::Request`]), so `blkrep cycles close` and
+//! `blkrep replication ...` work on a failed-over group's live disks here too.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::live::ReverseTarget;
+use crate::control::{self, ControlError, ReplicationAction};
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Every replica's [`ReplicaInfo`].
+    Status,
+    /// Import an initial copy from external media.
+    Import {
+        /// The export directory (DIR/<group> of `blkrep replication export`).
+        dir: PathBuf,
+    },
+    /// Fail over to a replica.
+    Failover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The point; the latest if none.
+        point: Option<u64>,
+    },
+    /// Complete a failover.
+    CompleteFailover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+    },
+    /// Planned failover of a failed-over group's live disks (failback).
+    PlannedFailover {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Even while clients are connected.
+        force: bool,
+    },
+    /// Replicate a failed-over group back.
+    Reverse {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Where to.
+        target: ReverseTarget,
+    },
+    /// The failed-over groups served as live disks: a [`super::live::LiveGroupReport`]
+    /// each.
+    Live,
+    /// One live group's [`crate::status::GroupReport`] (as on the primary).
+    GroupStatus {
+        /// The group (the replica's name).
+        group: String,
+    },
+    /// Close the cycle of a live group now and wait until the replica server it
+    /// replicates back to acknowledged it (as on the primary).
+    CloseCycle {
+        /// The group (the replica's name).
+        group: String,
+        /// How long to wait for delivery.
+        timeout_secs: u64,
+    },
+    /// Change a live group's replication back (as on the primary).
+    Replication {
+        /// The group (the replica's name).
+        group: String,
+        /// What to do.
+        action: ReplicationAction,
+    },
+    /// Set a replica's recovery history.
+    SetRecovery {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The history to keep.
+        policy: wire::api::RecoveryPolicy,
+    },
+    /// Start a test failover.
+    StartTest {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// The point; the latest if none.
+        point: Option<u64>,
+    },
+    /// Stop a test failover.
+    StopTest {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Even while clients are connected.
+        force: bool,
+    },
+    /// Pause or resume replication into a replica.
+    SetPaused {
+        /// The replica.
+        name: String,
+        /// Its trust group, when several have that name.
+        trust_group: Option<String>,
+        /// Pause (true) or resume (false).
+        paused: bool,
+    },
+}
+
+/// Sends one request to the replica daemon at `socket` and returns the result.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, ControlError> {
+    control::call(socket, control::REPLICA, request, timeout)
+}
