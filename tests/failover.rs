@@ -348,6 +348,12 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     let written = writer.join().expect("writer");
     let writes = shared.writes.lock().expect("writes").clone();
     assert_eq!(shared.acked.load(Ordering::SeqCst), written);
+    // The server counts the writer's connection until its thread saw the close.
+    let deadline = Instant::now() + SHORT;
+    while p.disk_status("vm1", "disk0")["connections"] != 0 {
+        assert!(Instant::now() < deadline, "the writer's connection stays counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     p.replication(&["failover", "--group", "vm1"]).assert_ok();
     // A second planned failover is refused, and leaves the disks refusing writes.
