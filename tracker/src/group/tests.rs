@@ -1,4 +1,5 @@
 use super::*;
+use crate::activity;
 use crate::cycle::ChangeData;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::AtomicBool;
