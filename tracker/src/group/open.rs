@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use memmap2::MmapOptions;
+use memmap2::{MmapOptions, MmapRaw};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
@@ -111,225 +111,37 @@ impl Group {
             .collect();
         let path = &config.ring_path;
         let file_len = DATA_START + config.ring_size;
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| TrackerError::Io {
-                what: "open ring",
-                path: path.clone(),
-                source,
-            })?;
-        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| TrackerError::RingInUse(path.clone()))?;
-        let io_error = |what: &'static str| {
-            let path = path.clone();
-            move |source: std::io::Error| TrackerError::Io { what, path, source }
-        };
-        let actual_len = file.metadata().map_err(io_error("stat ring"))?.len();
+        let (file, created) = open_ring_file(config, file_len)?;
         let boot_id = current_boot_id();
-        let created = !existed || actual_len == 0;
-        if created {
-            nix::fcntl::fallocate(
-                file.as_raw_fd(),
-                nix::fcntl::FallocateFlags::empty(),
-                0,
-                i64::try_from(file_len)
-                    .map_err(|_| TrackerError::Config("ring size too large".into()))?,
-            )
-            .map_err(|errno| io_error("preallocate ring")(errno.into()))?;
-        } else if actual_len != file_len {
-            return Err(TrackerError::RingMismatch {
-                path: path.clone(),
-                detail: format!(
-                    "it holds {} bytes of records but the configuration asks for {}",
-                    actual_len.saturating_sub(DATA_START),
-                    config.ring_size
-                ),
-            });
-        }
         let map = MmapOptions::new()
             .len(usize_of(file_len))
             .populate()
             .map_raw(&*file)
-            .map_err(io_error("map ring"))?;
-        // SAFETY: the mapping is at least DATA_START bytes long (file_len checked above)
-        // and nothing writes it before the group is constructed.
+            .map_err(io_error("map ring", path))?;
+        // SAFETY: the mapping is at least DATA_START bytes long (file_len, which
+        // `open_ring_file` checked) and nothing writes it before the group is constructed.
         let superblocks = unsafe { std::slice::from_raw_parts(map.as_ptr(), usize_of(DATA_START)) };
         // A crash between preallocating and the first superblock write leaves a ring of
         // zeroes: it never held a record, so it is started afresh.
         let created = created || superblocks.iter().all(|byte| *byte == 0);
-        let shared_disks: Vec<DiskState> = config
-            .disks
-            .iter()
-            .map(|d| DiskState {
-                name: d.name.clone(),
-                size: d.size,
-                open_bits: AtomicBitmap::new(d.size, block_shift),
-                resync_bits: AtomicBitmap::new(d.size, block_shift),
-                image: OnceLock::new(),
-            })
-            .collect();
         let superblock = if created {
-            Superblock {
-                generation: 0,
-                clean: false,
-                ring_size: config.ring_size,
-                head_pos: 0,
-                head_seq: 1,
-                acked_cycle: 0,
-                resync: None,
-                copy_position: None,
-                boot_id,
-                block_shift,
-                disks: disks.clone(),
-                activity: ActivityRecord::default(),
-            }
+            new_superblock(config, block_shift, disks, boot_id)
         } else {
-            // SAFETY: the mapping is at least DATA_START bytes long (file_len checked
-            // above) and nothing writes it before the group is constructed.
+            // SAFETY: the mapping is at least DATA_START bytes long (file_len, which
+            // `open_ring_file` checked) and nothing writes it before the group is
+            // constructed.
             let (first, second) = unsafe {
                 (
                     std::slice::from_raw_parts(map.as_ptr(), SUPERBLOCK_LEN),
                     std::slice::from_raw_parts(map.as_ptr().add(SUPERBLOCK_LEN), SUPERBLOCK_LEN),
                 )
             };
-            let superblock =
-                Superblock::decode_pair(first, second).map_err(|error| match error {
-                    SuperblockError::NotARing => TrackerError::RingMismatch {
-                        path: path.clone(),
-                        detail: "it is not a blkrep ring".into(),
-                    },
-                    other => TrackerError::Superblock(other),
-                })?;
-            if superblock.disks != disks
-                || superblock.block_shift != block_shift
-                || superblock.ring_size != config.ring_size
-            {
-                return Err(TrackerError::RingMismatch {
-                    path: path.clone(),
-                    detail: format!(
-                        "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {}",
-                        superblock
-                            .disks
-                            .iter()
-                            .map(|d| format!("{} ({} bytes)", d.name, d.size))
-                            .collect::<Vec<_>>(),
-                        1u64 << superblock.block_shift.min(63),
-                        disks
-                            .iter()
-                            .map(|d| format!("{} ({} bytes)", d.name, d.size))
-                            .collect::<Vec<_>>(),
-                        config.block_size
-                    ),
-                });
-            }
-            superblock
+            read_superblock(first, second, config, &disks, block_shift)?
         };
-        let previous = if created {
-            PreviousShutdown::Created
-        } else if superblock.clean {
-            PreviousShutdown::Clean
-        } else if superblock.boot_id == boot_id {
-            PreviousShutdown::DaemonCrash
-        } else {
-            PreviousShutdown::HostCrash
-        };
-        // After a clean stop everything was synced; after a crash the extents listed
-        // stay listed until their disks are synced again.
-        let inherited = match previous {
-            PreviousShutdown::Created | PreviousShutdown::Clean => ActivityRecord {
-                valid: true,
-                extent_shift: activity::EXTENT_SHIFT,
-                whole_disks: 0,
-                extents: Vec::new(),
-            },
-            PreviousShutdown::DaemonCrash | PreviousShutdown::HostCrash => {
-                superblock.activity.clone()
-            }
-        };
-        let state = State {
-            activity: ActivityLog::new(config.disks.len(), &inherited),
-            head: superblock.head_pos,
-            head_seq: superblock.head_seq,
-            tail: superblock.head_pos,
-            next_seq: superblock.head_seq,
-            open_cycle: superblock.acked_cycle + 1,
-            acked_cycle: superblock.acked_cycle,
-            closed: VecDeque::new(),
-            inflight: VecDeque::new(),
-            ranges: vec![Vec::new(); config.disks.len()],
-            waiters: 0,
-            unlogged: 0,
-            mode: TrackingMode::Logging,
-            resync: superblock.resync,
-            superblock,
-            consumer_busy: false,
-            records_logged: 0,
-            broken: false,
-            resumable_copy: None,
-            writes_refused: false,
-            on_ring_full: OnRingFull::Bitmap,
-            throttle: ThrottleStats::default(),
-        };
-        let shared = Arc::new(Shared {
-            name: config.name.clone(),
-            ring_path: path.clone(),
-            _lock: file,
-            map,
-            ring_size: config.ring_size,
-            state: Mutex::new(state),
-            changed: Condvar::new(),
-            throttling: AtomicBool::new(false),
-            disks: shared_disks,
-            durability: Durability::new().map_err(io_error("set up io_uring"))?,
-            sync_file: File::open(path).map_err(io_error("open ring"))?,
-        });
-        let mut report = OpenReport {
-            previous,
-            records: 0,
-            uncommitted: 0,
-            ring_used: 0,
-            resync_pending: false,
-        };
-        {
-            let mut state = lock(&shared.state);
-            let scan = shared.scan(state.head, state.head_seq);
-            state.tail = scan.tail;
-            state.next_seq = scan.next_seq;
-            state.closed = scan.closed;
-            let last_cycle = scan
-                .max_cycle
-                .max(state.closed.back().map_or(0, |mark| mark.cycle + 1));
-            state.open_cycle = state.open_cycle.max(last_cycle);
-            report.records = scan.committed;
-            report.uncommitted = scan.uncommitted;
-            report.ring_used = state.tail - state.head;
-            // The open cycle's dirty map is what its logged records cover.
-            let open_cycle = state.open_cycle;
-            shared.for_each_record(state.head, state.tail, |header| {
-                if header.cycle >= open_cycle {
-                    if let Some(disk) = shared.disks.get(usize::from(header.disk)) {
-                        disk.open_bits.set_range(header.offset, header.length);
-                    }
-                }
-            });
-            shared.restore_resync(&mut state, previous)?;
-            report.resync_pending = state.resync.is_some() && state.resumable_copy.is_none();
-            if previous == PreviousShutdown::HostCrash {
-                // Writeback may have lost a header while later records reached the
-                // disk; the scan stopped there. Numbering new records far past anything
-                // the ring can hold keeps those stale records from ever matching.
-                state.next_seq += shared.ring_size / HEADER_LEN as u64 + 1;
-            }
-            state.superblock.clean = false;
-            state.superblock.boot_id = boot_id;
-            shared.write_superblock(&mut state, true)?;
-        }
+        let previous = previous_shutdown(created, &superblock, boot_id);
+        let state = State::opened(superblock, previous, config.disks.len());
+        let shared = Shared::new(config, block_shift, file, map, state)?;
+        let report = shared.recover(previous, boot_id)?;
         info!(
             group = %config.name,
             ring = %path.display(),
@@ -425,7 +237,272 @@ fn validate(config: &GroupConfig) -> Result<(), TrackerError> {
     Ok(())
 }
 
+/// The error of `what` failing on the ring file at `path`.
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TrackerError {
+    let path = path.to_path_buf();
+    move |source: std::io::Error| TrackerError::Io { what, path, source }
+}
+
+/// Opens and locks the ring file, `file_len` bytes long: preallocates it if it is new
+/// (then returns `true`), or checks its length if it is not.
+fn open_ring_file(
+    config: &GroupConfig,
+    file_len: u64,
+) -> Result<(Flock<File>, bool), TrackerError> {
+    let path = &config.ring_path;
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| TrackerError::Io {
+            what: "open ring",
+            path: path.clone(),
+            source,
+        })?;
+    let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| TrackerError::RingInUse(path.clone()))?;
+    let actual_len = file.metadata().map_err(io_error("stat ring", path))?.len();
+    let created = !existed || actual_len == 0;
+    if created {
+        nix::fcntl::fallocate(
+            file.as_raw_fd(),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            i64::try_from(file_len)
+                .map_err(|_| TrackerError::Config("ring size too large".into()))?,
+        )
+        .map_err(|errno| io_error("preallocate ring", path)(errno.into()))?;
+    } else if actual_len != file_len {
+        return Err(TrackerError::RingMismatch {
+            path: path.clone(),
+            detail: format!(
+                "it holds {} bytes of records but the configuration asks for {}",
+                actual_len.saturating_sub(DATA_START),
+                config.ring_size
+            ),
+        });
+    }
+    Ok((file, created))
+}
+
+/// The superblock of a ring created now.
+fn new_superblock(
+    config: &GroupConfig,
+    block_shift: u32,
+    disks: Vec<DiskRecord>,
+    boot_id: [u8; 16],
+) -> Superblock {
+    Superblock {
+        generation: 0,
+        clean: false,
+        ring_size: config.ring_size,
+        head_pos: 0,
+        head_seq: 1,
+        acked_cycle: 0,
+        resync: None,
+        copy_position: None,
+        boot_id,
+        block_shift,
+        disks,
+        activity: ActivityRecord::default(),
+    }
+}
+
+/// Decodes the ring's superblock pair and checks that it tracks the configured disks
+/// at the configured block and ring sizes.
+fn read_superblock(
+    first: &[u8],
+    second: &[u8],
+    config: &GroupConfig,
+    disks: &[DiskRecord],
+    block_shift: u32,
+) -> Result<Superblock, TrackerError> {
+    let path = &config.ring_path;
+    let superblock = Superblock::decode_pair(first, second).map_err(|error| match error {
+        SuperblockError::NotARing => TrackerError::RingMismatch {
+            path: path.clone(),
+            detail: "it is not a blkrep ring".into(),
+        },
+        other => TrackerError::Superblock(other),
+    })?;
+    if superblock.disks != disks
+        || superblock.block_shift != block_shift
+        || superblock.ring_size != config.ring_size
+    {
+        return Err(TrackerError::RingMismatch {
+            path: path.clone(),
+            detail: format!(
+                "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {}",
+                superblock
+                    .disks
+                    .iter()
+                    .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                    .collect::<Vec<_>>(),
+                1u64 << superblock.block_shift.min(63),
+                disks
+                    .iter()
+                    .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                    .collect::<Vec<_>>(),
+                config.block_size
+            ),
+        });
+    }
+    Ok(superblock)
+}
+
+/// How the previous run ended: from whether the ring was created now, its clean flag,
+/// and whether it was last used on this boot.
+fn previous_shutdown(
+    created: bool,
+    superblock: &Superblock,
+    boot_id: [u8; 16],
+) -> PreviousShutdown {
+    if created {
+        PreviousShutdown::Created
+    } else if superblock.clean {
+        PreviousShutdown::Clean
+    } else if superblock.boot_id == boot_id {
+        PreviousShutdown::DaemonCrash
+    } else {
+        PreviousShutdown::HostCrash
+    }
+}
+
+impl State {
+    /// The state of a group just opened, from its superblock: the ring empty at the
+    /// head until [`Shared::recover`] finds its tail.
+    fn opened(superblock: Superblock, previous: PreviousShutdown, disks: usize) -> Self {
+        // After a clean stop everything was synced; after a crash the extents listed
+        // stay listed until their disks are synced again.
+        let inherited = match previous {
+            PreviousShutdown::Created | PreviousShutdown::Clean => ActivityRecord {
+                valid: true,
+                extent_shift: activity::EXTENT_SHIFT,
+                whole_disks: 0,
+                extents: Vec::new(),
+            },
+            PreviousShutdown::DaemonCrash | PreviousShutdown::HostCrash => {
+                superblock.activity.clone()
+            }
+        };
+        State {
+            activity: ActivityLog::new(disks, &inherited),
+            head: superblock.head_pos,
+            head_seq: superblock.head_seq,
+            tail: superblock.head_pos,
+            next_seq: superblock.head_seq,
+            open_cycle: superblock.acked_cycle + 1,
+            acked_cycle: superblock.acked_cycle,
+            closed: VecDeque::new(),
+            inflight: VecDeque::new(),
+            ranges: vec![Vec::new(); disks],
+            waiters: 0,
+            unlogged: 0,
+            mode: TrackingMode::Logging,
+            resync: superblock.resync,
+            superblock,
+            consumer_busy: false,
+            records_logged: 0,
+            broken: false,
+            resumable_copy: None,
+            writes_refused: false,
+            on_ring_full: OnRingFull::Bitmap,
+            throttle: ThrottleStats::default(),
+        }
+    }
+}
+
 impl Shared {
+    /// The shared state of a group opened with `config`: its locked ring `file`, the
+    /// ring's `map`, the `state` read from it, and empty dirty maps at `block_shift`.
+    fn new(
+        config: &GroupConfig,
+        block_shift: u32,
+        file: Flock<File>,
+        map: MmapRaw,
+        state: State,
+    ) -> Result<Arc<Self>, TrackerError> {
+        let path = &config.ring_path;
+        let disks: Vec<DiskState> = config
+            .disks
+            .iter()
+            .map(|d| DiskState {
+                name: d.name.clone(),
+                size: d.size,
+                open_bits: AtomicBitmap::new(d.size, block_shift),
+                resync_bits: AtomicBitmap::new(d.size, block_shift),
+                image: OnceLock::new(),
+            })
+            .collect();
+        Ok(Arc::new(Shared {
+            name: config.name.clone(),
+            ring_path: path.clone(),
+            _lock: file,
+            map,
+            ring_size: config.ring_size,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            throttling: AtomicBool::new(false),
+            disks,
+            durability: Durability::new().map_err(io_error("set up io_uring", path))?,
+            sync_file: File::open(path).map_err(io_error("open ring", path))?,
+        }))
+    }
+
+    /// Recovers after opening: finds the ring's tail and closed cycles, rebuilds the
+    /// open cycle's dirty map and the resync state, and marks the ring in use (not
+    /// clean, on this boot).
+    fn recover(
+        &self,
+        previous: PreviousShutdown,
+        boot_id: [u8; 16],
+    ) -> Result<OpenReport, TrackerError> {
+        let mut report = OpenReport {
+            previous,
+            records: 0,
+            uncommitted: 0,
+            ring_used: 0,
+            resync_pending: false,
+        };
+        let mut state = lock(&self.state);
+        let scan = self.scan(state.head, state.head_seq);
+        state.tail = scan.tail;
+        state.next_seq = scan.next_seq;
+        state.closed = scan.closed;
+        let last_cycle = scan
+            .max_cycle
+            .max(state.closed.back().map_or(0, |mark| mark.cycle + 1));
+        state.open_cycle = state.open_cycle.max(last_cycle);
+        report.records = scan.committed;
+        report.uncommitted = scan.uncommitted;
+        report.ring_used = state.tail - state.head;
+        // The open cycle's dirty map is what its logged records cover.
+        let open_cycle = state.open_cycle;
+        self.for_each_record(state.head, state.tail, |header| {
+            if header.cycle >= open_cycle {
+                if let Some(disk) = self.disks.get(usize::from(header.disk)) {
+                    disk.open_bits.set_range(header.offset, header.length);
+                }
+            }
+        });
+        self.restore_resync(&mut state, previous)?;
+        report.resync_pending = state.resync.is_some() && state.resumable_copy.is_none();
+        if previous == PreviousShutdown::HostCrash {
+            // Writeback may have lost a header while later records reached the
+            // disk; the scan stopped there. Numbering new records far past anything
+            // the ring can hold keeps those stale records from ever matching.
+            state.next_seq += self.ring_size / HEADER_LEN as u64 + 1;
+        }
+        state.superblock.clean = false;
+        state.superblock.boot_id = boot_id;
+        self.write_superblock(&mut state, true)?;
+        Ok(report)
+    }
+
     /// Puts the resync state back after opening: the saved dirty map after a clean
     /// shutdown in dirty-map mode, every block when that map or the log can't be trusted.
     fn restore_resync(
