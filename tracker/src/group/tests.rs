@@ -2,6 +2,7 @@ use super::*;
 use crate::activity;
 use crate::cycle::ChangeData;
 use rand::{Rng, SeedableRng};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
