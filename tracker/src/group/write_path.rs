@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use super::activity_gate::Coverage;
 use super::{
-    lock, usable_ring, usize_of, Coverage, DiskTracker, OnRingFull, Range, Shared, Slot,
-    TrackingMode,
+    lock, usable_ring, usize_of, DiskTracker, OnRingFull, Range, Shared, Slot, TrackingMode,
 };
 use crate::record::{record_len, RecordKind};
 use crate::superblock::ResyncReason;
