@@ -1,3 +1,6 @@
+use super::ring_full::{
+    throttle_pause, usable_ring, MAX_THROTTLE_PAUSE, THROTTLE_HIGH_WATER_PERCENT,
+};
 use super::*;
 use crate::activity;
 use crate::cycle::ChangeData;

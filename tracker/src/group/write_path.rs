@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::activity_gate::Coverage;
-use super::{
-    lock, usable_ring, usize_of, DiskTracker, OnRingFull, Range, Shared, Slot, TrackingMode,
-};
+use super::ring_full::usable_ring;
+use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, Slot, TrackingMode};
 use crate::record::{record_len, RecordKind};
 use crate::superblock::ResyncReason;
 use crate::TrackerError;
