@@ -176,7 +176,7 @@ impl Group {
     }
 
     /// Makes the ring and `image_fds` durable together (disks sync through
-    /// [`DiskTracker::sync`], which tells the activity log).
+    /// [`DiskTracker::sync`](super::DiskTracker::sync), which tells the activity log).
     fn sync(&self, image_fds: &[RawFd]) -> Result<(), TrackerError> {
         let mut fds = Vec::with_capacity(image_fds.len() + 1);
         fds.push(self.shared.sync_file.as_raw_fd());

@@ -3,10 +3,13 @@ use super::ring_full::{
 };
 use super::*;
 use crate::activity;
-use crate::cycle::ChangeData;
+use crate::cycle::{ChangeData, ClosedCycle};
+use crate::record::{record_len, COMMIT_CRC_AT};
+use crate::superblock::{DATA_START, SUPERBLOCK_LEN};
+use crate::TrackerError;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const DISK: u64 = 1 << 20;

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::activity_gate::Coverage;
+use super::ring::Slot;
 use super::ring_full::usable_ring;
-use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, Slot, TrackingMode};
+use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, TrackingMode};
 use crate::record::{record_len, RecordKind};
 use crate::superblock::ResyncReason;
 use crate::TrackerError;
