@@ -36,6 +36,13 @@
 //! Overflow: what happens when the ring has no room (the consumer is behind or gone)
 //! is the group's [`OnRingFull`] policy (module `ring_full`). Writes never fail either
 //! way.
+//!
+//! # Layers
+//! This module holds the group's state and the lock over it; each layer is a module:
+//! `open` (opening, crash recovery, clean shutdown), `ring` (records and the
+//! superblock), `ring_full` (the policy when the ring is full), `activity_gate` (the
+//! activity log's admission of writes, disk syncs), `write_path` (logging a write and
+//! its [`LogGuard`]) and `resync` (dirty-map resynchronisation).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -275,9 +282,10 @@ impl Group {
     }
 
     /// Refuses every write, trim and write-zeroes from now on with
-    /// [`TrackerError::WritesRefused`](crate::TrackerError::WritesRefused) (or accepts them again). Admission is decided
-    /// under the group lock, so every write admitted before is in the open cycle: the
-    /// next cycle closed holds every write the group will ever have acknowledged.
+    /// [`TrackerError::WritesRefused`](crate::TrackerError::WritesRefused) (or accepts
+    /// them again). Admission is decided under the group lock, so every write admitted
+    /// before is in the open cycle: the next cycle closed holds every write the group
+    /// will ever have acknowledged.
     pub fn refuse_writes(&self, refuse: bool) {
         lock(&self.shared.state).writes_refused = refuse;
     }

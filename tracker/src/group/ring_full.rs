@@ -1,5 +1,5 @@
-//! What happens when the ring has no room for a write (the consumer is behind or gone)
-//! is the group's [`OnRingFull`] policy. Writes never fail either way.
+//! Overflow: what happens when the ring has no room for a write (the consumer is
+//! behind or gone) is the group's [`OnRingFull`] policy. Writes never fail either way.
 //! - [`OnRingFull::Bitmap`] (the default): writes never wait; the group switches to
 //!   dirty-map tracking, marks itself as needing a resync, and says so in its status
 //!   and logs.
