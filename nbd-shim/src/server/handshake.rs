@@ -235,6 +235,8 @@ pub(crate) fn negotiate<S: Read + Write>(
     Negotiation::start(stream, inner, TlsMode::Off)?.options(stream, inner)
 }
 
+/// Answers options until the client enters transmission, aborts, or starts TLS. Each
+/// option is read whole (or skipped when too large), screened, parsed and answered.
 fn negotiate_options<S: Read + Write>(
     stream: &mut S,
     inner: &Inner,
@@ -252,35 +254,7 @@ fn negotiate_options<S: Read + Write>(
         replies.clear();
 
         if header.length > MAX_OPTION_DATA {
-            if option == NBD_OPT_EXPORT_NAME {
-                return Err(HandshakeError::ExportNameRefused("option data too large"));
-            }
-            if header.length > MAX_OPTION_SKIP {
-                return Err(HandshakeError::OptionTooLarge {
-                    option,
-                    length: header.length,
-                });
-            }
-            io::copy(
-                &mut Read::by_ref(stream).take(u64::from(header.length)),
-                &mut io::sink(),
-            )
-            .and_then(|n| {
-                if n == u64::from(header.length) {
-                    Ok(())
-                } else {
-                    Err(io::ErrorKind::UnexpectedEof.into())
-                }
-            })?;
-            if option == NBD_OPT_SET_META_CONTEXT {
-                state.meta = None;
-            }
-            put_option_error(
-                &mut replies,
-                option,
-                NBD_REP_ERR_TOO_BIG,
-                "Option data is too large",
-            );
+            skip_oversized_option(stream, state, option, header.length, &mut replies)?;
             send(stream, &replies)?;
             continue;
         }
@@ -288,178 +262,277 @@ fn negotiate_options<S: Read + Write>(
         data.resize(usize::try_from(header.length).unwrap_or(0), 0);
         stream.read_exact(&mut data)?;
 
-        if inner.shutting_down.load(Ordering::Acquire) && option != NBD_OPT_ABORT {
-            if option == NBD_OPT_EXPORT_NAME {
-                return Err(HandshakeError::ExportNameRefused(
-                    "the server is shutting down",
-                ));
-            }
-            put_option_error(
-                &mut replies,
-                option,
-                NBD_REP_ERR_SHUTDOWN,
-                "The server is shutting down",
-            );
+        if refuse_option(inner, tls, tls_active, option, &data, &mut replies)? {
             send(stream, &replies)?;
             continue;
         }
-
-        match gate(tls, tls_active, option) {
-            Gate::Proceed => {}
-            Gate::Refuse(reply, message) => {
-                put_option_error(&mut replies, option, reply, message);
-                send(stream, &replies)?;
-                continue;
-            }
-            Gate::Close => {
-                return Err(HandshakeError::TlsRequired(
-                    String::from_utf8_lossy(&data).into_owned(),
-                ));
-            }
-        }
-
-        let parsed = match parse_option(option, &data) {
-            Ok(parsed) => parsed,
-            Err(err) => {
-                if option == NBD_OPT_EXPORT_NAME {
-                    return Err(HandshakeError::ExportNameRefused("invalid export name"));
-                }
-                if option == NBD_OPT_SET_META_CONTEXT {
-                    // "Issuing this command replaces all previously-set metadata contexts
-                    // (including when this command fails)"
-                    state.meta = None;
-                }
-                tracing::debug!(option, %err, "malformed option");
-                put_option_error(&mut replies, option, NBD_REP_ERR_INVALID, &err.to_string());
-                send(stream, &replies)?;
-                continue;
-            }
+        let Some(parsed) = parse_or_refuse(state, option, &data, &mut replies)? else {
+            send(stream, &replies)?;
+            continue;
         };
         tracing::trace!(?parsed, "option");
 
-        match parsed {
-            ClientOption::ExportName(name) => {
-                let Some(export) = state.table.resolve(&name) else {
-                    return Err(HandshakeError::UnknownExport(name));
-                };
-                let session = state.enter(export);
-                let (reply, len) =
-                    export_name_reply(session.size, session.transmission_flags, state.no_zeroes);
-                send(stream, &reply[..len])?;
-                return Ok(Outcome::Transmission(session));
-            }
-            ClientOption::Abort => {
-                put_ack(&mut replies, option);
-                // The client may already have closed: a failed ACK changes nothing.
-                let _ = send(stream, &replies);
-                return Ok(Outcome::Aborted);
-            }
-            ClientOption::List => {
-                for export in state.table.by_name.values() {
-                    put_rep_server(
-                        &mut replies,
-                        option,
-                        &export.name,
-                        export.description.as_deref(),
-                    );
-                }
-                put_ack(&mut replies, option);
-            }
-            ClientOption::StartTls => {
-                // Only reached when the gate allows an upgrade.
-                put_ack(&mut replies, option);
-                send(stream, &replies)?;
-                return Ok(Outcome::StartTls);
-            }
-            ClientOption::Info(ref info) | ClientOption::Go(ref info) => {
-                let go = matches!(parsed, ClientOption::Go(_));
-                match state.table.resolve(&info.name) {
-                    None => {
-                        let message = format!("No export named {:?}", info.name);
-                        put_option_error(&mut replies, option, NBD_REP_ERR_UNKNOWN, &message);
-                    }
-                    Some(export) => {
-                        let flags = export.transmission_flags(state.structured);
-                        put_info_export(&mut replies, option, export.dev.size(), flags);
-                        // Always sent: the spec says a server with non-default constraints
-                        // SHOULD advertise them, and clients ignore what they did not ask.
-                        put_info_block_size(&mut replies, option, export.limits);
-                        if info.wants(NBD_INFO_NAME) {
-                            put_info_name(&mut replies, option, &export.name);
-                        }
-                        if let (true, Some(description)) =
-                            (info.wants(NBD_INFO_DESCRIPTION), &export.description)
-                        {
-                            put_info_description(&mut replies, option, description);
-                        }
-                        if go && export.limits.minimum > 1 && !info.wants(NBD_INFO_BLOCK_SIZE) {
-                            // Unaligned requests would fail; refuse up front as the spec
-                            // allows ("via an error reply of NBD_REP_ERR_BLOCK_SIZE_REQD").
-                            put_option_error(
-                                &mut replies,
-                                option,
-                                NBD_REP_ERR_BLOCK_SIZE_REQD,
-                                "This export needs aligned requests: ask for NBD_INFO_BLOCK_SIZE",
-                            );
-                        } else {
-                            put_ack(&mut replies, option);
-                            if go {
-                                send(stream, &replies)?;
-                                return Ok(Outcome::Transmission(state.enter(export)));
-                            }
-                        }
-                    }
-                }
-            }
-            ClientOption::StructuredReply => {
-                state.structured = true;
-                put_ack(&mut replies, option);
-            }
-            ClientOption::ListMetaContext(ref request)
-            | ClientOption::SetMetaContext(ref request) => {
-                let set = matches!(parsed, ClientOption::SetMetaContext(_));
-                if set {
-                    state.meta = None;
-                }
-                if set && !state.structured {
-                    // "This option MUST NOT be requested unless structured replies have
-                    // been negotiated first. ... a server SHOULD send NBD_REP_ERR_INVALID."
-                    put_option_error(
-                        &mut replies,
-                        option,
-                        NBD_REP_ERR_INVALID,
-                        "Negotiate structured replies first",
-                    );
-                } else if let Some(export) = state.table.resolve(&request.export) {
-                    if set {
-                        let ids = export.select_contexts(&request.queries);
-                        for &id in &ids {
-                            if let Some(context) = export.context(id) {
-                                put_meta_context(&mut replies, option, id, &context.name);
-                            }
-                        }
-                        state.meta = Some((Arc::clone(&export), ids));
-                    } else {
-                        for id in export.list_contexts(&request.queries) {
-                            if let Some(context) = export.context(id) {
-                                // "The metadata context ID in these replies is reserved and
-                                // SHOULD be set to zero"
-                                put_meta_context(&mut replies, option, 0, &context.name);
-                            }
-                        }
-                    }
-                    put_ack(&mut replies, option);
-                } else {
-                    let message = format!("No export named {:?}", request.export);
-                    put_option_error(&mut replies, option, NBD_REP_ERR_UNKNOWN, &message);
-                }
-            }
-            ClientOption::Unsupported(code) => {
-                let message = format!("Option {code} is not supported");
-                put_option_error(&mut replies, option, NBD_REP_ERR_UNSUP, &message);
-            }
+        if let Some(outcome) = answer_option(stream, state, option, parsed, &mut replies)? {
+            return Ok(outcome);
         }
         send(stream, &replies)?;
+    }
+}
+
+/// Skips the data of an option larger than [`MAX_OPTION_DATA`] and puts its error reply
+/// in `replies`. Such an `NBD_OPT_EXPORT_NAME`, or data too large even to skip, ends
+/// the handshake.
+fn skip_oversized_option(
+    stream: &mut impl Read,
+    state: &mut State,
+    option: u32,
+    length: u32,
+    replies: &mut Vec<u8>,
+) -> Result<(), HandshakeError> {
+    if option == NBD_OPT_EXPORT_NAME {
+        return Err(HandshakeError::ExportNameRefused("option data too large"));
+    }
+    if length > MAX_OPTION_SKIP {
+        return Err(HandshakeError::OptionTooLarge { option, length });
+    }
+    io::copy(
+        &mut Read::by_ref(stream).take(u64::from(length)),
+        &mut io::sink(),
+    )
+    .and_then(|n| {
+        if n == u64::from(length) {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::UnexpectedEof.into())
+        }
+    })?;
+    if option == NBD_OPT_SET_META_CONTEXT {
+        state.meta = None;
+    }
+    put_option_error(
+        replies,
+        option,
+        NBD_REP_ERR_TOO_BIG,
+        "Option data is too large",
+    );
+    Ok(())
+}
+
+/// Whether an option read whole is refused before it is parsed (the server is shutting
+/// down, or TLS must come first): then its error reply is in `replies`. Such an
+/// `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error, ends the handshake.
+fn refuse_option(
+    inner: &Inner,
+    tls: TlsMode,
+    tls_active: bool,
+    option: u32,
+    data: &[u8],
+    replies: &mut Vec<u8>,
+) -> Result<bool, HandshakeError> {
+    if inner.shutting_down.load(Ordering::Acquire) && option != NBD_OPT_ABORT {
+        if option == NBD_OPT_EXPORT_NAME {
+            return Err(HandshakeError::ExportNameRefused(
+                "the server is shutting down",
+            ));
+        }
+        put_option_error(
+            replies,
+            option,
+            NBD_REP_ERR_SHUTDOWN,
+            "The server is shutting down",
+        );
+        return Ok(true);
+    }
+
+    match gate(tls, tls_active, option) {
+        Gate::Proceed => Ok(false),
+        Gate::Refuse(reply, message) => {
+            put_option_error(replies, option, reply, message);
+            Ok(true)
+        }
+        Gate::Close => Err(HandshakeError::TlsRequired(
+            String::from_utf8_lossy(data).into_owned(),
+        )),
+    }
+}
+
+/// Parses an option's data; a malformed option gets its error reply in `replies`
+/// (`None`), except `NBD_OPT_EXPORT_NAME`, which ends the handshake.
+fn parse_or_refuse(
+    state: &mut State,
+    option: u32,
+    data: &[u8],
+    replies: &mut Vec<u8>,
+) -> Result<Option<ClientOption>, HandshakeError> {
+    match parse_option(option, data) {
+        Ok(parsed) => Ok(Some(parsed)),
+        Err(err) => {
+            if option == NBD_OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameRefused("invalid export name"));
+            }
+            if option == NBD_OPT_SET_META_CONTEXT {
+                // "Issuing this command replaces all previously-set metadata contexts
+                // (including when this command fails)"
+                state.meta = None;
+            }
+            tracing::debug!(option, %err, "malformed option");
+            put_option_error(replies, option, NBD_REP_ERR_INVALID, &err.to_string());
+            Ok(None)
+        }
+    }
+}
+
+/// Answers a parsed option. Returns the outcome when it ends the handshake (its
+/// replies already sent); otherwise its replies are in `replies`, to be sent.
+fn answer_option(
+    stream: &mut impl Write,
+    state: &mut State,
+    option: u32,
+    parsed: ClientOption,
+    replies: &mut Vec<u8>,
+) -> Result<Option<Outcome>, HandshakeError> {
+    match parsed {
+        ClientOption::ExportName(name) => {
+            let Some(export) = state.table.resolve(&name) else {
+                return Err(HandshakeError::UnknownExport(name));
+            };
+            let session = state.enter(export);
+            let (reply, len) =
+                export_name_reply(session.size, session.transmission_flags, state.no_zeroes);
+            send(stream, &reply[..len])?;
+            return Ok(Some(Outcome::Transmission(session)));
+        }
+        ClientOption::Abort => {
+            put_ack(replies, option);
+            // The client may already have closed: a failed ACK changes nothing.
+            let _ = send(stream, replies);
+            return Ok(Some(Outcome::Aborted));
+        }
+        ClientOption::List => {
+            for export in state.table.by_name.values() {
+                put_rep_server(replies, option, &export.name, export.description.as_deref());
+            }
+            put_ack(replies, option);
+        }
+        ClientOption::StartTls => {
+            // Only reached when the gate allows an upgrade.
+            put_ack(replies, option);
+            send(stream, replies)?;
+            return Ok(Some(Outcome::StartTls));
+        }
+        ClientOption::Info(ref info) | ClientOption::Go(ref info) => {
+            let go = matches!(parsed, ClientOption::Go(_));
+            if let Some(export) = answer_info(state, option, info, go, replies) {
+                send(stream, replies)?;
+                return Ok(Some(Outcome::Transmission(state.enter(export))));
+            }
+        }
+        ClientOption::StructuredReply => {
+            state.structured = true;
+            put_ack(replies, option);
+        }
+        ClientOption::ListMetaContext(ref request) | ClientOption::SetMetaContext(ref request) => {
+            let set = matches!(parsed, ClientOption::SetMetaContext(_));
+            answer_meta_context(state, option, request, set, replies);
+        }
+        ClientOption::Unsupported(code) => {
+            let message = format!("Option {code} is not supported");
+            put_option_error(replies, option, NBD_REP_ERR_UNSUP, &message);
+        }
+    }
+    Ok(None)
+}
+
+/// Puts the replies to `NBD_OPT_INFO` or, with `go`, `NBD_OPT_GO` in `replies`.
+/// Returns the export to enter when `NBD_OPT_GO` was acknowledged.
+fn answer_info(
+    state: &State,
+    option: u32,
+    info: &InfoRequest,
+    go: bool,
+    replies: &mut Vec<u8>,
+) -> Option<Arc<Export>> {
+    match state.table.resolve(&info.name) {
+        None => {
+            let message = format!("No export named {:?}", info.name);
+            put_option_error(replies, option, NBD_REP_ERR_UNKNOWN, &message);
+            None
+        }
+        Some(export) => {
+            let flags = export.transmission_flags(state.structured);
+            put_info_export(replies, option, export.dev.size(), flags);
+            // Always sent: the spec says a server with non-default constraints
+            // SHOULD advertise them, and clients ignore what they did not ask.
+            put_info_block_size(replies, option, export.limits);
+            if info.wants(NBD_INFO_NAME) {
+                put_info_name(replies, option, &export.name);
+            }
+            if let (true, Some(description)) =
+                (info.wants(NBD_INFO_DESCRIPTION), &export.description)
+            {
+                put_info_description(replies, option, description);
+            }
+            if go && export.limits.minimum > 1 && !info.wants(NBD_INFO_BLOCK_SIZE) {
+                // Unaligned requests would fail; refuse up front as the spec
+                // allows ("via an error reply of NBD_REP_ERR_BLOCK_SIZE_REQD").
+                put_option_error(
+                    replies,
+                    option,
+                    NBD_REP_ERR_BLOCK_SIZE_REQD,
+                    "This export needs aligned requests: ask for NBD_INFO_BLOCK_SIZE",
+                );
+                None
+            } else {
+                put_ack(replies, option);
+                go.then_some(export)
+            }
+        }
+    }
+}
+
+/// Puts the replies to `NBD_OPT_LIST_META_CONTEXT` or, with `set`,
+/// `NBD_OPT_SET_META_CONTEXT` in `replies`; setting replaces the contexts chosen.
+fn answer_meta_context(
+    state: &mut State,
+    option: u32,
+    request: &MetaContextRequest,
+    set: bool,
+    replies: &mut Vec<u8>,
+) {
+    if set {
+        state.meta = None;
+    }
+    if set && !state.structured {
+        // "This option MUST NOT be requested unless structured replies have
+        // been negotiated first. ... a server SHOULD send NBD_REP_ERR_INVALID."
+        put_option_error(
+            replies,
+            option,
+            NBD_REP_ERR_INVALID,
+            "Negotiate structured replies first",
+        );
+    } else if let Some(export) = state.table.resolve(&request.export) {
+        if set {
+            let ids = export.select_contexts(&request.queries);
+            for &id in &ids {
+                if let Some(context) = export.context(id) {
+                    put_meta_context(replies, option, id, &context.name);
+                }
+            }
+            state.meta = Some((Arc::clone(&export), ids));
+        } else {
+            for id in export.list_contexts(&request.queries) {
+                if let Some(context) = export.context(id) {
+                    // "The metadata context ID in these replies is reserved and
+                    // SHOULD be set to zero"
+                    put_meta_context(replies, option, 0, &context.name);
+                }
+            }
+        }
+        put_ack(replies, option);
+    } else {
+        let message = format!("No export named {:?}", request.export);
+        put_option_error(replies, option, NBD_REP_ERR_UNKNOWN, &message);
     }
 }
 

@@ -1,7 +1,15 @@
+use super::ring_full::{
+    throttle_pause, usable_ring, MAX_THROTTLE_PAUSE, THROTTLE_HIGH_WATER_PERCENT,
+};
 use super::*;
-use crate::cycle::ChangeData;
+use crate::activity;
+use crate::cycle::{ChangeData, ClosedCycle};
+use crate::record::{record_len, COMMIT_CRC_AT};
+use crate::superblock::{DATA_START, SUPERBLOCK_LEN};
+use crate::TrackerError;
 use rand::{Rng, SeedableRng};
-use std::sync::atomic::AtomicBool;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const DISK: u64 = 1 << 20;

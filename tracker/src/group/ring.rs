@@ -1,0 +1,472 @@
+//! The log ring: a preallocated, mapped file holding two superblock copies and the
+//! record area. Records are reserved at the tail under the group lock, committed
+//! without it (the payload, then its commit CRC), read back as closed cycles, and freed
+//! when the consumer acknowledges them. Ring positions only grow: a record's place in
+//! the file is its position modulo the ring size, and no record wraps past the end (a
+//! pad record fills the gap). The superblock records the head, the acknowledged cycle,
+//! the resync state and the activity log.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::{lock, usize_of, Group, Range, Shared, State, TrackingMode};
+use crate::cycle::{ClosedCycle, CycleStats, ExtentMap, Source};
+use crate::record::{
+    commit_crc, record_len, stored_commit_crc, RecordHeader, RecordKind, COMMIT_CRC_AT, HEADER_LEN,
+};
+use crate::superblock::{ResyncReason, Superblock, DATA_START, SUPERBLOCK_LEN};
+use crate::TrackerError;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CloseMark {
+    pub(super) cycle: u64,
+    pub(super) end_pos: u64,
+    pub(super) end_seq: u64,
+}
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    pub(super) cycle: u64,
+    pub(super) seq: u64,
+    /// Offset of the record header in the ring file.
+    pub(super) file_offset: u64,
+    /// Disk offset of the record's range.
+    pub(super) offset: u64,
+    pub(super) payload_len: u32,
+}
+
+impl Group {
+    /// Closes the open cycle now. Returns the closed cycle's number. Never waits for
+    /// writers; [`Group::take_closed`] does.
+    pub fn close_cycle(&self) -> Result<u64, TrackerError> {
+        let mut state = lock(&self.shared.state);
+        if let Some(reason) = state.resync {
+            return Err(TrackerError::ResyncRequired(reason));
+        }
+        let cycle = state.open_cycle;
+        let slot = self.shared.reserve(
+            &mut state,
+            usize::MAX,
+            RecordKind::CycleClose,
+            Range { start: 0, end: 0 },
+            0,
+        )?;
+        let Some(slot) = slot else {
+            // The close marker itself did not fit: the ring overflowed.
+            return Err(TrackerError::ResyncRequired(ResyncReason::RingOverflow));
+        };
+        self.shared.commit(&slot, &[]);
+        let mark = CloseMark {
+            cycle,
+            end_pos: state.tail,
+            end_seq: state.next_seq,
+        };
+        state.closed.push_back(mark);
+        state.open_cycle += 1;
+        for disk in &self.shared.disks {
+            // The open map restarts with the new cycle; the closed cycle's blocks are in
+            // its records.
+            drop(disk.open_bits.take());
+        }
+        Ok(cycle)
+    }
+
+    /// The oldest closed, unacknowledged cycle, once every write in it has completed.
+    /// Includes all earlier unacknowledged cycles. `None` if no cycle is closed.
+    pub fn take_closed(&self) -> Result<Option<ClosedCycle>, TrackerError> {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.consumer_busy {
+            return Err(TrackerError::ConsumerBusy);
+        }
+        let Some(mark) = state.closed.front().copied() else {
+            return Ok(None);
+        };
+        state = shared.wait_while(state, |state| {
+            state
+                .inflight
+                .iter()
+                .any(|(cycle, count)| *cycle <= mark.cycle && *count > 0)
+        });
+        state.consumer_busy = true;
+        let (head, head_seq) = (state.head, state.head_seq);
+        drop(state);
+        Ok(Some(shared.view(
+            head,
+            head_seq,
+            mark.end_pos,
+            mark.end_seq,
+            mark.cycle,
+            false,
+        )))
+    }
+}
+
+pub(super) struct Scan {
+    pub(super) tail: u64,
+    pub(super) next_seq: u64,
+    pub(super) closed: VecDeque<CloseMark>,
+    pub(super) max_cycle: u64,
+    pub(super) committed: u64,
+    pub(super) uncommitted: u64,
+}
+
+impl Shared {
+    fn header_bytes(&self, pos: u64) -> &[u8] {
+        let phys = pos % self.ring_size;
+        self.ring_bytes(DATA_START + phys, HEADER_LEN as u64)
+    }
+
+    /// Bytes of the ring file's mapping.
+    pub(crate) fn ring_bytes(&self, file_offset: u64, len: u64) -> &[u8] {
+        assert!(
+            file_offset + len <= DATA_START + self.ring_size,
+            "ring access out of bounds"
+        );
+        // SAFETY: the range is inside the mapping (asserted). Callers only read records
+        // that are committed and not yet acknowledged, which no writer modifies: space
+        // is reserved only at the tail and reused only after acknowledgement.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(usize_of(file_offset)), usize_of(len))
+        }
+    }
+
+    /// Walks the ring from `pos`, following consecutive sequence numbers.
+    pub(super) fn scan(&self, mut pos: u64, mut seq: u64) -> Scan {
+        let limit = pos + self.ring_size;
+        let mut scan = Scan {
+            tail: pos,
+            next_seq: seq,
+            closed: VecDeque::new(),
+            max_cycle: 0,
+            committed: 0,
+            uncommitted: 0,
+        };
+        loop {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+            }
+            if pos + HEADER_LEN as u64 > limit {
+                break;
+            }
+            let phys = pos % self.ring_size;
+            let bytes = self.header_bytes(pos);
+            let Ok(header) = RecordHeader::decode(bytes) else {
+                break;
+            };
+            let len = header.ring_len();
+            if header.seq != seq || phys + len > self.ring_size || pos + len > limit {
+                break;
+            }
+            match header.kind {
+                RecordKind::Pad => {}
+                RecordKind::CycleClose => {
+                    scan.closed.push_back(CloseMark {
+                        cycle: header.cycle,
+                        end_pos: pos + len,
+                        end_seq: seq + 1,
+                    });
+                    scan.max_cycle = scan.max_cycle.max(header.cycle);
+                }
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim => {
+                    if self.is_committed(pos, &header) {
+                        scan.committed += 1;
+                    } else {
+                        scan.uncommitted += 1;
+                    }
+                    scan.max_cycle = scan.max_cycle.max(header.cycle);
+                }
+            }
+            pos += len;
+            seq += 1;
+            scan.tail = pos;
+            scan.next_seq = seq;
+        }
+        scan
+    }
+
+    fn is_committed(&self, pos: u64, header: &RecordHeader) -> bool {
+        let payload = self.ring_bytes(
+            DATA_START + pos % self.ring_size + HEADER_LEN as u64,
+            u64::from(header.payload_len),
+        );
+        stored_commit_crc(self.header_bytes(pos)) == commit_crc(header.seq, payload)
+    }
+
+    /// A coalesced view of the committed records in `head..end_pos`.
+    pub(super) fn view(
+        self: &Arc<Self>,
+        head: u64,
+        head_seq: u64,
+        end_pos: u64,
+        end_seq: u64,
+        cycle: u64,
+        recovery: bool,
+    ) -> ClosedCycle {
+        let mut disks = vec![ExtentMap::default(); self.disks.len()];
+        let mut stats = CycleStats::default();
+        let mut pos = head;
+        let mut seq = head_seq;
+        while pos < end_pos && seq < end_seq {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+                continue;
+            }
+            let Ok(header) = RecordHeader::decode(self.header_bytes(pos)) else {
+                warn!(group = %self.name, pos, "Ring record unreadable inside a closed cycle; stopping the read");
+                break;
+            };
+            let len = header.ring_len();
+            if matches!(
+                header.kind,
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+            ) {
+                let disk = usize::from(header.disk);
+                // After the cycle drained, every record is committed or was cancelled
+                // (commit CRC 0); the payload CRC was checked when the record was
+                // written or, after a crash, by the recovery scan.
+                let committed = if recovery {
+                    self.is_committed(pos, &header)
+                } else {
+                    stored_commit_crc(self.header_bytes(pos)) != 0
+                };
+                if disk >= disks.len() || !committed {
+                    stats.skipped += 1;
+                } else {
+                    stats.records += 1;
+                    let (start, end) = (header.offset, header.offset + header.length);
+                    let source = match header.kind {
+                        RecordKind::Write => {
+                            stats.logged_bytes += header.length;
+                            Source::Data {
+                                file_offset: DATA_START + phys + HEADER_LEN as u64,
+                            }
+                        }
+                        RecordKind::Zero => Source::Zero,
+                        _ => Source::Trim,
+                    };
+                    disks[disk].insert(start, end, source);
+                }
+            }
+            pos += len;
+            seq += 1;
+        }
+        for map in &disks {
+            for (start, end, source) in map.iter() {
+                match source {
+                    Source::Data { .. } => stats.data_bytes += end - start,
+                    Source::Zero | Source::Trim => stats.zeroed_bytes += end - start,
+                }
+            }
+        }
+        ClosedCycle {
+            shared: Arc::clone(self),
+            cycle,
+            end_pos,
+            end_seq,
+            disks,
+            stats,
+            recovery,
+        }
+    }
+
+    /// Reserves ring space for a record and writes its header (uncommitted). `None`
+    /// when the ring is full: the caller has switched the group to dirty-map tracking.
+    pub(super) fn reserve(
+        &self,
+        state: &mut State,
+        disk: usize,
+        kind: RecordKind,
+        range: Range,
+        payload_len: u32,
+    ) -> Result<Option<Slot>, TrackerError> {
+        if state.mode == TrackingMode::DirtyMap || state.broken {
+            return Ok(None);
+        }
+        let len = record_len(payload_len);
+        let phys = state.tail % self.ring_size;
+        let to_end = self.ring_size - phys;
+        let pad = if len > to_end { to_end } else { 0 };
+        if state.tail - state.head + pad + len > self.ring_size {
+            self.overflow(state);
+            return Ok(None);
+        }
+        if pad > 0 {
+            if pad >= HEADER_LEN as u64 {
+                let header = RecordHeader {
+                    kind: RecordKind::Pad,
+                    disk: 0,
+                    seq: state.next_seq,
+                    cycle: state.open_cycle,
+                    offset: 0,
+                    length: pad,
+                    payload_len: 0,
+                };
+                self.write_header(state.tail, &header);
+                state.next_seq += 1;
+            }
+            state.tail += pad;
+        }
+        let header = RecordHeader {
+            kind,
+            disk: u16::try_from(disk).unwrap_or(u16::MAX),
+            seq: state.next_seq,
+            cycle: state.open_cycle,
+            offset: range.start,
+            length: range.end - range.start,
+            payload_len,
+        };
+        let file_offset = DATA_START + state.tail % self.ring_size;
+        self.write_header(state.tail, &header);
+        let slot = Slot {
+            cycle: header.cycle,
+            seq: header.seq,
+            file_offset,
+            offset: range.start,
+            payload_len,
+        };
+        state.tail += len;
+        state.next_seq += 1;
+        Ok(Some(slot))
+    }
+
+    fn write_header(&self, pos: u64, header: &RecordHeader) {
+        let mut bytes = [0u8; HEADER_LEN];
+        header.encode(&mut bytes);
+        let at = DATA_START + pos % self.ring_size;
+        debug_assert!(at + HEADER_LEN as u64 <= DATA_START + self.ring_size);
+        // SAFETY: the header lies inside the mapping (reserve keeps every record before
+        // the ring's end), in space just reserved under the group lock, which nobody
+        // else reads or writes until it is committed and its cycle closed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(usize_of(at)),
+                HEADER_LEN,
+            );
+        }
+    }
+
+    /// Copies the payload into the slot and stores the commit CRC.
+    pub(super) fn commit(&self, slot: &Slot, payload: &[u8]) {
+        debug_assert_eq!(payload.len(), usize_of(u64::from(slot.payload_len)));
+        let payload_at = slot.file_offset + HEADER_LEN as u64;
+        // SAFETY: the slot's header and payload space was reserved for this writer alone
+        // (see `reserve`); it lies inside the mapping; `payload` is a separate buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.map.as_mut_ptr().add(usize_of(payload_at)),
+                payload.len(),
+            );
+        }
+        self.store_commit(slot, commit_crc(slot.seq, payload));
+    }
+
+    pub(super) fn store_commit(&self, slot: &Slot, crc: u32) {
+        let at = usize_of(slot.file_offset) + COMMIT_CRC_AT;
+        // SAFETY: `at` is 4-byte aligned (records are 8-aligned, the field is at 48)
+        // and inside this writer's reserved header. Readers synchronise through the
+        // group lock, or read it after a crash; the atomic store keeps it untorn.
+        let cell = unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(at).cast::<u32>()) };
+        cell.store(crc.to_le(), Ordering::Release);
+    }
+
+    /// Calls `visit` with the header of every write, zero and trim record in
+    /// `head..tail`, committed or not (headers only; payloads may be in flight).
+    pub(super) fn for_each_record(
+        &self,
+        head: u64,
+        tail: u64,
+        mut visit: impl FnMut(&RecordHeader),
+    ) {
+        let mut pos = head;
+        while pos < tail {
+            let phys = pos % self.ring_size;
+            if self.ring_size - phys < HEADER_LEN as u64 {
+                pos += self.ring_size - phys;
+                continue;
+            }
+            let Ok(header) = RecordHeader::decode(self.header_bytes(pos)) else {
+                break;
+            };
+            if matches!(
+                header.kind,
+                RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+            ) {
+                visit(&header);
+            }
+            pos += header.ring_len();
+        }
+    }
+
+    pub(crate) fn acknowledge(
+        &self,
+        cycle: u64,
+        end_pos: u64,
+        end_seq: u64,
+    ) -> Result<(), TrackerError> {
+        let mut state = lock(&self.state);
+        while state.closed.front().is_some_and(|mark| mark.cycle <= cycle) {
+            state.closed.pop_front();
+        }
+        // A resync may have moved the head past this cycle meanwhile.
+        if end_pos > state.head && end_pos <= state.tail {
+            state.head = end_pos;
+            state.head_seq = end_seq;
+        }
+        state.acked_cycle = state.acked_cycle.max(cycle);
+        // Writers throttled for want of room may fit now.
+        self.wake(&state);
+        self.write_superblock(&mut state, false)
+    }
+
+    pub(crate) fn release_consumer(&self) {
+        let mut state = lock(&self.state);
+        state.consumer_busy = false;
+    }
+
+    pub(super) fn write_superblock(
+        &self,
+        state: &mut State,
+        synchronous: bool,
+    ) -> Result<(), TrackerError> {
+        state.superblock.generation += 1;
+        state.superblock.head_pos = state.head;
+        state.superblock.head_seq = state.head_seq;
+        state.superblock.acked_cycle = state.acked_cycle;
+        if state.resync.is_some() {
+            state.superblock.resync = state.resync;
+        }
+        state.superblock.activity = state.activity.record();
+        let bytes = state
+            .superblock
+            .encode()
+            .map_err(TrackerError::Superblock)?;
+        let slot = Superblock::slot_for(state.superblock.generation);
+        let at = slot * SUPERBLOCK_LEN;
+        // SAFETY: both superblock copies lie in the first DATA_START bytes of the mapping,
+        // which only this function writes, under the group lock.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(at),
+                SUPERBLOCK_LEN,
+            );
+        }
+        let flushed = if synchronous {
+            self.map.flush_range(at, SUPERBLOCK_LEN)
+        } else {
+            self.map.flush_async_range(at, SUPERBLOCK_LEN)
+        };
+        flushed.map_err(|source| TrackerError::Io {
+            what: "write superblock",
+            path: self.ring_path.clone(),
+            source,
+        })
+    }
+}

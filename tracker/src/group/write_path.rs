@@ -1,0 +1,355 @@
+//! The disk write path: [`DiskTracker::log_write`] and [`DiskTracker::log_zero`] log
+//! an operation before the image is written (step 1 of the write protocol), and its
+//! [`LogGuard`] releases it once the image write is done (step 3), or reports that the
+//! image write failed.
+//!
+//! Under the group lock a write waits for overlapping writes of its disk, finds ring
+//! room (or falls back to the dirty map) and reserves its records; it then copies its
+//! payload from the caller's buffer into the ring without the lock. The guard keeps no
+//! buffer: it holds the write's range and records, so overlapping writes and readers
+//! of its cycle wait until it is dropped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::activity_gate::Coverage;
+use super::ring::Slot;
+use super::ring_full::usable_ring;
+use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, TrackingMode};
+use crate::record::{record_len, RecordKind};
+use crate::superblock::ResyncReason;
+use crate::TrackerError;
+
+/// Holds a logged write's range until the image write is done. Drop it after the image
+/// write succeeded; call [`LogGuard::image_failed`] if it did not.
+#[must_use = "the guard must live until the image write has completed"]
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    held: Option<Held>,
+    /// A write tracked by dirty map only: it still holds its range (so a later
+    /// logged write to the same blocks waits for its image write) and is counted (so
+    /// a resync waits for it before reading the images).
+    unlogged: Option<(usize, Range, Coverage)>,
+}
+/// The records of one logged operation, and the range it holds.
+#[derive(Debug)]
+struct Held {
+    disk: usize,
+    cycle: u64,
+    kind: RecordKind,
+    range: Range,
+    coverage: Coverage,
+    first: Slot,
+    /// Further records of a write split at [`MAX_RECORD_PAYLOAD`]; empty (and so
+    /// not allocated) for most writes.
+    rest: Vec<Slot>,
+}
+
+impl Held {
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+}
+
+/// Largest payload of one record: larger writes are split into several records,
+/// reserved together, so any write that fits the ring's free space is logged.
+pub const MAX_RECORD_PAYLOAD: u32 = 1 << 20;
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogGuard")
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+impl Shared {
+    fn finish(&self, held: &Held) {
+        let mut state = lock(&self.state);
+        Self::leave_activity(&mut state, held.disk, held.range, held.coverage);
+        if let Some(ranges) = state.ranges.get_mut(held.disk) {
+            if let Some(index) = ranges.iter().position(|range| *range == held.range) {
+                ranges.swap_remove(index);
+            }
+        }
+        let records = u32::try_from(1 + held.rest.len()).unwrap_or(u32::MAX);
+        if let Some(entry) = state
+            .inflight
+            .iter_mut()
+            .find(|(cycle, _)| *cycle == held.cycle)
+        {
+            entry.1 = entry.1.saturating_sub(records);
+        }
+        while state.inflight.front().is_some_and(|(_, count)| *count == 0) {
+            state.inflight.pop_front();
+        }
+        self.wake(&state);
+    }
+
+    fn finish_unlogged(&self, disk: usize, range: Range, coverage: Coverage) {
+        let mut state = lock(&self.state);
+        Self::leave_activity(&mut state, disk, range, coverage);
+        if let Some(ranges) = state.ranges.get_mut(disk) {
+            if let Some(index) = ranges.iter().position(|held| *held == range) {
+                ranges.swap_remove(index);
+            }
+        }
+        state.unlogged = state.unlogged.saturating_sub(1);
+        self.wake(&state);
+    }
+}
+
+impl DiskTracker {
+    /// Logs a write of `data` at `offset` (step 1 of the write protocol).
+    pub fn log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
+        let len = u64::try_from(data.len()).map_err(|_| TrackerError::OutOfRange)?;
+        self.log(RecordKind::Write, offset, len, data)
+    }
+
+    /// Logs a write-zeroes (`trim = false`) or a trim of `len` bytes at `offset`.
+    pub fn log_zero(&self, offset: u64, len: u64, trim: bool) -> Result<LogGuard, TrackerError> {
+        let kind = if trim {
+            RecordKind::Trim
+        } else {
+            RecordKind::Zero
+        };
+        self.log(kind, offset, len, &[])
+    }
+
+    fn log(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<LogGuard, TrackerError> {
+        let shared = &self.shared;
+        let disk = &shared.disks[self.disk];
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= disk.size)
+            .ok_or(TrackerError::OutOfRange)?;
+        if len == 0 {
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                held: None,
+                unlogged: None,
+            });
+        }
+        let range = Range { start: offset, end };
+        let write = kind == RecordKind::Write;
+        let pieces = if write {
+            len.div_ceil(u64::from(MAX_RECORD_PAYLOAD))
+        } else {
+            1
+        };
+        // A write is logged whole or not at all: every piece must fit, with the
+        // padding at the ring's end and room to close the cycle, before any is
+        // reserved.
+        let payload = if write {
+            len.next_multiple_of(crate::record::RECORD_ALIGN)
+        } else {
+            0
+        };
+        let logged = pieces * record_len(0) + payload;
+        let usable = usable_ring(shared.ring_size);
+        // A write larger than the whole ring would wait in vain.
+        let can_fit = logged <= usable;
+        let (mut arrived, paused) = shared.pace(logged);
+        let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
+        let mut waited = Duration::ZERO;
+        loop {
+            state = shared.wait_while(state, |state| {
+                state.ranges[self.disk]
+                    .iter()
+                    .any(|other| other.start < range.end && range.start < other.end)
+            });
+            if state.writes_refused {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+                return Err(TrackerError::WritesRefused);
+            }
+            if state.mode != TrackingMode::Logging
+                || state.broken
+                || state.tail - state.head + logged <= usable
+            {
+                break;
+            }
+            if let (OnRingFull::Throttle { max_delay }, true) = (state.on_ring_full, can_fit) {
+                // Set by `pace` unless the policy changed since.
+                let arrived = *arrived.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                let left = (arrived + max_delay).saturating_duration_since(now);
+                if !left.is_zero() {
+                    // The lock is released while waiting: an overlapping write may
+                    // have been admitted meanwhile, so the loop checks again.
+                    state = shared.wait_once(state, Some(left));
+                    waited += now.elapsed();
+                    continue;
+                }
+                state.throttle.expired += 1;
+            }
+            shared.overflow(&mut state);
+            break;
+        }
+        if !(paused + waited).is_zero() {
+            state.throttle.record(paused + waited);
+        }
+        disk.open_bits.set_range(offset, len);
+        let mut first = None;
+        let mut rest = Vec::new();
+        let mut piece_start = offset;
+        while piece_start < end {
+            let piece_end = if write {
+                end.min(piece_start + u64::from(MAX_RECORD_PAYLOAD))
+            } else {
+                end
+            };
+            // At most MAX_RECORD_PAYLOAD for writes; other kinds carry no payload.
+            let payload_len = if write {
+                u32::try_from(piece_end - piece_start).unwrap_or(0)
+            } else {
+                0
+            };
+            let piece = Range {
+                start: piece_start,
+                end: piece_end,
+            };
+            let reserved = shared.reserve(&mut state, self.disk, kind, piece, payload_len);
+            let Some(slot) = reserved.inspect_err(|_| {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+            })?
+            else {
+                // Only the first reservation can fail: room for all was checked.
+                disk.resync_bits.set_range(offset, len);
+                state.ranges[self.disk].push(range);
+                state.unlogged += 1;
+                return Ok(LogGuard {
+                    shared: Arc::clone(shared),
+                    held: None,
+                    unlogged: Some((self.disk, range, coverage)),
+                });
+            };
+            match first {
+                None => first = Some(slot),
+                Some(_) => rest.push(slot),
+            }
+            piece_start = piece_end;
+        }
+        let Some(first) = first else {
+            // Unreachable (len > 0 gives a first piece), but the admission is given back.
+            Shared::leave_activity(&mut state, self.disk, range, coverage);
+            return Ok(LogGuard {
+                shared: Arc::clone(shared),
+                held: None,
+                unlogged: None,
+            });
+        };
+        state.ranges[self.disk].push(range);
+        let records = u32::try_from(pieces).unwrap_or(u32::MAX);
+        match state.inflight.back_mut() {
+            Some((cycle, count)) if *cycle == first.cycle => *count += records,
+            _ => state.inflight.push_back((first.cycle, records)),
+        }
+        state.records_logged += pieces;
+        drop(state);
+        let held = Held {
+            disk: self.disk,
+            cycle: first.cycle,
+            kind,
+            range,
+            coverage,
+            first,
+            rest,
+        };
+        for slot in held.slots() {
+            shared.commit(slot, piece_of(data, offset, slot));
+        }
+        Ok(LogGuard {
+            shared: Arc::clone(shared),
+            held: Some(held),
+            unlogged: None,
+        })
+    }
+}
+
+impl LogGuard {
+    /// Whether the write was logged (false while tracking by dirty map).
+    pub fn is_logged(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Withdraws the records: the image refused the operation without changing
+    /// anything (e.g. WRITE_ZEROES with FAST_ZERO that cannot be fast).
+    pub fn cancel(mut self) {
+        if let Some(held) = self.held.take() {
+            for slot in held.slots() {
+                self.shared.store_commit(slot, 0);
+            }
+            self.shared.finish(&held);
+        }
+    }
+
+    /// Reports that the image write failed after logging. For a write, `read_back`
+    /// fills the record's payload with what the image now holds (it may be partly
+    /// written), so log and image still agree. If that fails too, or for zeroes and
+    /// trims, the record is cancelled and the range marked for resync.
+    pub fn image_failed(mut self, read_back: impl FnOnce(&mut [u8]) -> std::io::Result<()>) {
+        let Some(held) = self.held.take() else { return };
+        let shared = Arc::clone(&self.shared);
+        let mut recovered = false;
+        if held.kind == RecordKind::Write {
+            // The error path: a buffer for the whole range, then back into the records.
+            let mut image = vec![0u8; usize_of(held.range.end - held.range.start)];
+            if read_back(&mut image).is_ok() {
+                for slot in held.slots() {
+                    // Uncommit first: a crash mid-copy must not leave a valid-looking
+                    // commit CRC over a half-rewritten payload.
+                    shared.store_commit(slot, 0);
+                    shared.commit(slot, piece_of(&image, held.range.start, slot));
+                }
+                recovered = true;
+            }
+        }
+        if !recovered {
+            for slot in held.slots() {
+                shared.store_commit(slot, 0);
+            }
+            if let Some(disk) = shared.disks.get(held.disk) {
+                disk.resync_bits
+                    .set_range(held.range.start, held.range.end - held.range.start);
+            }
+            let mut state = lock(&shared.state);
+            if state.resync.is_none() {
+                warn!(group = %shared.name, "An image write failed after logging; the range is marked for resync");
+                state.resync = Some(ResyncReason::ImageWriteError);
+                state.mode = TrackingMode::DirtyMap;
+                // Recorded now, so a crash before the next superblock write still
+                // resyncs the range rather than ship around it.
+                if let Err(error) = shared.write_superblock(&mut state, true) {
+                    warn!(group = %shared.name, %error, "Could not record the resync in the superblock");
+                }
+            }
+        }
+        shared.finish(&held);
+    }
+}
+
+/// The part of `data` (which starts at disk offset `start`) that `slot` records.
+fn piece_of<'a>(data: &'a [u8], start: u64, slot: &Slot) -> &'a [u8] {
+    let at = usize_of(slot.offset - start);
+    let len = usize_of(u64::from(slot.payload_len));
+    &data[at.min(data.len())..(at + len).min(data.len())]
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.shared.finish(&held);
+        }
+        if let Some((disk, range, coverage)) = self.unlogged.take() {
+            self.shared.finish_unlogged(disk, range, coverage);
+        }
+    }
+}
