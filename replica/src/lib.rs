@@ -10,11 +10,11 @@
 pub mod apply;
 pub mod compare;
 pub mod copy;
+pub mod failover_drill;
 pub mod history;
 pub mod limits;
 pub mod server;
 pub mod store;
-pub mod test_failover;
 pub mod writeback;
 
 pub use apply::{ApplyError, ApplyStats, ReplicaDisk};

@@ -242,7 +242,7 @@ impl ServerHandle {
 
     /// Starts a test failover of replica `name` at `point` (the latest if `None`):
     /// returns the replica and one writable device per disk, in group order, to serve
-    /// as the replica's `exports` (see [`crate::test_failover`]).
+    /// as the replica's `exports` (see [`crate::failover_drill`]).
     pub fn start_test(
         &self,
         name: &str,
@@ -259,7 +259,7 @@ impl ServerHandle {
             .iter()
             .map(|disk| (replica.disk_path(&disk.name), disk.size))
             .collect();
-        let overlays = crate::test_failover::overlays(
+        let overlays = crate::failover_drill::overlays(
             &replica.history(),
             test.point,
             &disks,

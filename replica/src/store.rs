@@ -733,7 +733,7 @@ impl Replica {
                 exports: s
                     .disks
                     .iter()
-                    .map(|disk| crate::test_failover::test_export(&s.name, &disk.name))
+                    .map(|disk| crate::failover_drill::test_export(&s.name, &disk.name))
                     .collect(),
             }),
             last_test_unix: s.last_test_unix,
