@@ -61,7 +61,7 @@ pub const MIN_PSK_LEN: usize = 16;
 
 /// Errors starting the server.
 #[derive(Debug, Error)]
-pub enum ServerError {
+pub enum ReplicaServerError {
     /// Binding or setting up the listener failed.
     #[error("Cannot listen on {addr}")]
     Listen {
@@ -608,25 +608,27 @@ impl std::fmt::Debug for Context {
 impl ReplicaServer {
     /// Opens the storages, applies whatever was received before a restart, and starts
     /// serving.
-    pub fn start(settings: ServerSettings) -> Result<Self, ServerError> {
+    pub fn start(settings: ServerSettings) -> Result<Self, ReplicaServerError> {
         let plain = match settings.transport {
             Transport::PlainWithPsk { allow_non_loopback } => {
                 if !allow_non_loopback && !settings.listen.ip().is_loopback() {
-                    return Err(ServerError::PlainHttpExposed(settings.listen));
+                    return Err(ReplicaServerError::PlainHttpExposed(settings.listen));
                 }
                 true
             }
             Transport::Tls(_) => false,
         };
         for entry in &settings.authorization {
-            std::fs::create_dir_all(&entry.storage).map_err(|source| ServerError::Storage {
-                path: entry.storage.clone(),
-                source,
+            std::fs::create_dir_all(&entry.storage).map_err(|source| {
+                ReplicaServerError::Storage {
+                    path: entry.storage.clone(),
+                    source,
+                }
             })?;
         }
         let problems = authorization::problems(&settings.authorization, plain);
         if !problems.is_empty() {
-            return Err(ServerError::Authorization(problems.join("; ")));
+            return Err(ReplicaServerError::Authorization(problems.join("; ")));
         }
         let apply = ApplyRequests::new();
         let context = Arc::new(Context {
@@ -641,23 +643,23 @@ impl ReplicaServer {
             .thread_name("replica-http")
             .enable_all()
             .build()
-            .map_err(ServerError::Threads)?;
+            .map_err(ReplicaServerError::Threads)?;
         let listener = runtime
             .block_on(TcpListener::bind(settings.listen))
-            .map_err(|source| ServerError::Listen {
+            .map_err(|source| ReplicaServerError::Listen {
                 addr: settings.listen,
                 source,
             })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| ServerError::Listen {
+            .map_err(|source| ReplicaServerError::Listen {
                 addr: settings.listen,
                 source,
             })?;
         let applier = {
             let context = Arc::clone(&context);
             Applier::start(&apply, Arc::new(move |dir: &Path| apply_all(&context, dir)))
-                .map_err(ServerError::Threads)?
+                .map_err(ReplicaServerError::Threads)?
         };
         // Transfers received before a restart are applied first.
         for entry in &settings.authorization {

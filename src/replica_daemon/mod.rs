@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use nix::sys::signal::{SigSet, Signal};
-use replica::server::{FailedOver, ReplicaServer, ServerError, ServerHandle, Transport};
+use replica::server::{FailedOver, ReplicaServer, ReplicaServerError, ServerHandle, Transport};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
@@ -348,7 +348,7 @@ pub enum Request {
 pub enum DaemonError {
     /// The replica server cannot start.
     #[error("Cannot start the replica server")]
-    Server(#[from] ServerError),
+    Server(#[from] ReplicaServerError),
     /// The metrics endpoint cannot start.
     #[error("Cannot start the metrics endpoint")]
     Metrics(#[from] MetricsError),
