@@ -351,7 +351,10 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     // The server counts the writer's connection until its thread saw the close.
     let deadline = Instant::now() + SHORT;
     while p.disk_status("vm1", "disk0")["connections"] != 0 {
-        assert!(Instant::now() < deadline, "the writer's connection stays counted");
+        assert!(
+            Instant::now() < deadline,
+            "the writer's connection stays counted"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 

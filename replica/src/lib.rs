@@ -1,19 +1,15 @@
 //! replica: the side that receives changes.
 //!
-//! [`apply`] writes coalesced changes (from a closed cycle, or from the network) to
-//! replica disks; [`copy`] makes the sparse copy a local replica starts from.
-//! Applying is idempotent: a change says what its range holds, not how to get there,
-//! so re-applying a cycle after a crash gives the same disks. [`writeback`] starts
-//! the device writing early, so syncs find little left to do.
+//! [`server`] is the replica server primaries send to over HTTPS with mutual TLS: it
+//! authorises each primary, stores what it sends ([`store`]: offers, chunks, commits,
+//! recovery points, failover) and applies it to the replica disks with the image
+//! operations of `image_ops`. [`history`] keeps the undo data behind recovery points;
+//! [`failover_drill`] runs a test failover on overlays; [`limits`] bounds what a
+//! primary may make the server hold.
 #![warn(missing_docs)]
 
+pub mod failover_drill;
 pub mod history;
 pub mod limits;
 pub mod server;
 pub mod store;
-pub mod test_failover;
-
-// The image operations moved to the `image-ops` crate (issue 15); these paths keep
-// the modules being split at the same time compiling until they import it directly.
-pub(crate) use image_ops::hash as compare;
-pub(crate) use image_ops::{apply, copy, writeback};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lab_ca::{create_ca, issue_host, PemPair};
 use replica::server::{
-    AuthEntry, PreSharedKey, ReplicaServer, ServerError, ServerSettings, Transport,
+    AuthEntry, PreSharedKey, ReplicaServer, ReplicaServerError, ServerSettings, Transport,
     DEFAULT_MAX_DISK_SIZE,
 };
 use replica::store::Replica;
@@ -479,12 +479,18 @@ fn lab_mode_refuses_short_or_missing_keys_and_other_networks() {
     let mut keyless = settings(dir.path(), lab.clone());
     keyless.authorization[1].psk = None;
     let error = ReplicaServer::start(keyless).unwrap_err();
-    assert!(matches!(error, ServerError::Authorization(_)), "{error}");
+    assert!(
+        matches!(error, ReplicaServerError::Authorization(_)),
+        "{error}"
+    );
     assert!(error.to_string().contains("no psk_file"), "{error}");
     let mut exposed = settings(dir.path(), lab);
     exposed.listen = "0.0.0.0:0".parse().unwrap();
     let error = ReplicaServer::start(exposed).unwrap_err();
-    assert!(matches!(error, ServerError::PlainHttpExposed(_)), "{error}");
+    assert!(
+        matches!(error, ReplicaServerError::PlainHttpExposed(_)),
+        "{error}"
+    );
     let printed = format!(
         "{:?}",
         settings(

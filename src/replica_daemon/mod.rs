@@ -30,7 +30,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use replica::server::{FailedOver, ReplicaServer, ServerError, ServerHandle};
+use replica::server::{FailedOver, ReplicaServer, ReplicaServerError, ServerHandle};
 use thiserror::Error;
 use tracing::info;
 
@@ -47,7 +47,7 @@ pub use cli::{main, ReplicaCommand};
 pub enum DaemonError {
     /// The replica server cannot start.
     #[error("Cannot start the replica server")]
-    Server(#[from] ServerError),
+    Server(#[from] ReplicaServerError),
     /// The metrics endpoint cannot start.
     #[error("Cannot start the metrics endpoint")]
     Metrics(#[from] MetricsError),

@@ -24,7 +24,9 @@ use hyper::Request;
 use wire::api::ErrorCode;
 use wire::chunk::{ChunkHeader, CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 
-use super::{body_extensions, lock, refuse, store_refusal, Refusal, UnreadBody};
+use super::api::{refuse, Refusal};
+use super::http::{body_extensions, store_refusal, UnreadBody};
+use super::lock;
 use crate::store::{Claim, Replica, StoreError};
 
 /// Cuts a request body into chunk frames.

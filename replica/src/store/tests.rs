@@ -1,8 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
 
 use tracker::{Change, ChangeData};
+use wire::api::{DiskInfo, RecoveryPolicy, TransferKind, TransferOffer};
 use wire::chunk::{CheckedFrame, ChunkEncoder, RawChunk};
 
 use super::*;

@@ -251,11 +251,9 @@ impl std::fmt::Debug for DiskTracker {
     }
 }
 
-fn lock(mutex: &Mutex<State>) -> MutexGuard<'_, State> {
-    // A panicking writer leaves the ring state consistent (every update is completed
-    // before the guard drops), so poisoning is not a reason to stop tracking.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
+// A panicking writer leaves the ring state consistent (every update is completed
+// before the guard drops), so poisoning is not a reason to stop tracking.
+use base::sync::lock;
 
 fn usize_of(value: u64) -> usize {
     // The ring is mapped, so every offset into it fits in usize.

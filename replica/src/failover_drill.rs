@@ -1,4 +1,5 @@
-//! Test failover: a recovery point served as writable disks while replication goes on.
+//! The test-failover drill (Hyper-V's "Test Failover"): a recovery point served as
+//! writable disks while replication goes on.
 //!
 //! Each disk of the point is a [`PointView`] (the point's state, read through the undo
 //! history, frozen however the replica disk changes underneath) under a throwaway
