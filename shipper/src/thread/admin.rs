@@ -10,7 +10,7 @@ use tracker::ResyncReason;
 
 use crate::remote::Relationship;
 
-use super::superseded_message;
+use super::failover::superseded_message;
 use super::{ShipperError, Worker};
 
 /// What an administrator can ask of a replicating group.
