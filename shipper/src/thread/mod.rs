@@ -28,24 +28,26 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use thiserror::Error;
 use tracing::{debug, error, info, warn};
 use tracker::{ChangeData, Group, ResyncReason, TrackerError};
-use wire::api::{DiskInfo, EnableRequest, ErrorCode, InitialMethod, TransferKind};
+use wire::api::{ErrorCode, InitialMethod, TransferKind};
 use wire::chunk::{max_record_bytes, ChunkEncoder};
 
 use crate::compare::{self, CompareError};
 use crate::freeze::{AppConsistent, AppConsistentOptions, FreezeError, Phase, PointEnv};
 use crate::media::MediaExport;
-use crate::remote::{CopyProgress, FailureClass, Relationship, RelationshipError};
+use crate::remote::{CopyProgress, FailureClass, RelationshipError};
 use crate::resync::{read_range, Cursor, ReadError, ResyncMaps, READ_PIECE};
 use crate::schedule::{CycleHistory, RetryPolicy};
 use crate::sink::{CycleSink, SinkError};
 
 mod admin;
 mod failover;
+mod relationship;
 mod status;
 
 pub use admin::AdminAction;
 use admin::Repair;
 use failover::superseded_message;
+use relationship::{disk_infos, load_relationship, RelationshipFile};
 pub use status::{
     AppConsistentReport, ComparisonReport, ReplicationState, ResyncReport, ShipperStatus,
 };
@@ -214,18 +216,6 @@ impl ResyncProgress {
             total_bytes: self.total_bytes,
             done_bytes: self.total_bytes.saturating_sub(self.remaining_bytes),
         }
-    }
-}
-
-struct RelationshipFile {
-    path: PathBuf,
-    state: Relationship,
-    setup: ReplicationSetup,
-}
-
-impl RelationshipFile {
-    fn save(&self) -> Result<(), RelationshipError> {
-        self.state.save(&self.path)
     }
 }
 
@@ -416,19 +406,6 @@ fn unix_now_ms() -> u64 {
 pub use wire::error_chain;
 
 /// A random chain number (31 bits, never 0).
-/// The group's disks as the replica API describes them.
-fn disk_infos(setup: &ReplicationSetup, group: &Group) -> Vec<DiskInfo> {
-    setup
-        .disk_names
-        .iter()
-        .zip(group.disk_sizes())
-        .map(|(name, size)| DiskInfo {
-            name: name.clone(),
-            size,
-        })
-        .collect()
-}
-
 fn new_chain() -> u32 {
     (rand::random::<u32>() & 0x7fff_ffff).max(1)
 }
@@ -442,30 +419,6 @@ fn delta_id(chain: u32, cycle: u64) -> u64 {
 /// The id of batch `batch` of the resync that starts `chain`.
 fn resync_id(chain: u32, batch: u32) -> u64 {
     (1 << 63) | (u64::from(chain & 0x7fff_ffff) << 32) | u64::from(batch)
-}
-
-fn load_relationship(setup: ReplicationSetup) -> Result<RelationshipFile, ShipperError> {
-    let path = setup.relationship_path.clone();
-    let mut state = match Relationship::load(&path)? {
-        Some(state) if state.replica_url == setup.replica_url => state,
-        Some(old) => {
-            warn!(old = %old.replica_url, new = %setup.replica_url, "The replica server changed: replication is enabled afresh with a full initial replication");
-            Relationship::new(&setup.replica_url)
-        }
-        None => {
-            let mut fresh = Relationship::new(&setup.replica_url);
-            fresh.start_after_unix = setup.start_after_unix;
-            fresh
-        }
-    };
-    state.epoch = state.epoch.max(setup.epoch);
-    let mut file = RelationshipFile { path, state, setup };
-    if file.setup.fresh_ring && file.state.enabled {
-        info!("The ring is new: the replica is brought up to date with a full initial replication");
-        file.state.enabled = false;
-    }
-    file.save()?;
-    Ok(file)
 }
 
 /// What stops an attempt before it starts.
@@ -848,44 +801,6 @@ impl Worker {
             },
         );
         Ok(cycle)
-    }
-
-    /// Creates the replica on first use, then has every block copied.
-    fn ensure_enabled(&mut self) -> Result<(), ShipperError> {
-        let Some(relationship) = &self.relationship else {
-            return Ok(());
-        };
-        let resend_recovery = relationship.setup.recovery.is_some() && !self.recovery_sent;
-        if relationship.state.enabled && !resend_recovery {
-            return Ok(());
-        }
-        let disks = disk_infos(&relationship.setup, &self.group);
-        let request = EnableRequest {
-            name: self.group.name().to_string(),
-            disks,
-            primary_host: relationship.setup.primary_host.clone(),
-            relationship: relationship.state.id,
-            initial: relationship.setup.initial,
-            recovery: relationship.setup.recovery,
-        };
-        if relationship.state.enabled {
-            // Enabling again is idempotent and carries the configured history.
-            self.sink.enable(&request)?;
-            self.recovery_sent = true;
-            return Ok(());
-        }
-        self.sink.enable(&request)?;
-        self.recovery_sent = true;
-        // A resync in progress belonged to the replica before this one.
-        self.resync = None;
-        self.group
-            .request_full_resync(ResyncReason::InitialReplication)?;
-        if let Some(relationship) = &mut self.relationship {
-            relationship.state.enabled = true;
-            relationship.save()?;
-            info!(group = %self.group.name(), replica = %relationship.state.replica_url, relationship = %format!("{:x}", relationship.state.id), "Replication enabled; the initial replication starts");
-        }
-        Ok(())
     }
 
     fn start_resync(&mut self) -> Result<(), ShipperError> {
