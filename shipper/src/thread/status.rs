@@ -13,8 +13,8 @@ use crate::remote::FailureClass;
 use crate::rpo::RpoHistogram;
 use crate::schedule::{assess, Health};
 
+use super::copy::ResyncProgress;
 use super::Gate;
-use super::ResyncProgress;
 use super::{unix_now, unix_now_ms, Worker};
 
 /// Where replication stands.
