@@ -9,7 +9,7 @@ use crate::compare;
 use crate::resync::ResyncMaps;
 use crate::sink::SinkError;
 
-use super::Gate;
+use super::worker::Gate;
 use super::{ShipperError, Worker};
 
 /// Why a superseded group does not ship, and what the administrator can do.

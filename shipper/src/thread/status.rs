@@ -14,7 +14,7 @@ use crate::rpo::RpoHistogram;
 use crate::schedule::{assess, Health};
 
 use super::copy::ResyncProgress;
-use super::Gate;
+use super::worker::Gate;
 use super::{unix_now, unix_now_ms, Worker};
 
 /// Where replication stands.
