@@ -2,9 +2,10 @@
 
 use super::*;
 use crate::freeze::AppConsistentOptions;
+use crate::resync::Cursor;
 use crate::LocalCopySink;
 use std::os::unix::fs::FileExt;
-use tracker::{Change, DiskSpec, GroupConfig, TrackingMode};
+use tracker::{Change, ChangeData, DiskSpec, GroupConfig, ResyncReason, TrackingMode};
 use wire::api::TransferKind;
 
 const SIZE: u64 = 8 << 20;

@@ -1,0 +1,379 @@
+//! The shipper thread of a group.
+//!
+//! Every interval the thread closes the group's cycle and delivers everything closed,
+//! oldest first, as transfers to its consumer; a cycle's ring space is freed only
+//! once the consumer committed it. A group that needs a resync (initial replication,
+//! ring overflow, unclean shutdown, an administrator's request) is copied in batches
+//! first; the cycle after the last batch makes the copy consistent.
+//!
+//! Administrative state (paused, suspended, removed) lives in the relationship
+//! record, so it survives restarts.
+//!
+//! This module holds the handle ([`Shipper`]) and the thread's state; each job of the
+//! thread has its own module: `worker` runs the loop and gates attempts, `cycles`
+//! closes and delivers cycles and applies the retry table, `copy` copies a resync in
+//! batches, `relationship` keeps the relationship record and enables the replica,
+//! `failover` hands the group over to its replica, `admin` carries out an
+//! administrator's requests, and `status` is what the thread reports.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use thiserror::Error;
+use tracker::{Group, TrackerError};
+use wire::api::{ErrorCode, InitialMethod};
+
+use crate::compare::CompareError;
+use crate::freeze::{AppConsistent, AppConsistentOptions};
+use crate::remote::{FailureClass, RelationshipError};
+use crate::resync::ReadError;
+use crate::schedule::{CycleHistory, RetryPolicy};
+use crate::sink::{CycleSink, SinkError};
+
+mod admin;
+mod copy;
+mod cycles;
+mod failover;
+mod relationship;
+mod status;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+pub use admin::AdminAction;
+pub use copy::RESYNC_BATCH;
+pub use status::{
+    AppConsistentReport, ComparisonReport, ReplicationState, ResyncReport, ShipperStatus,
+};
+
+use copy::ResyncProgress;
+use cycles::Closed;
+use relationship::{load_relationship, RelationshipFile};
+
+/// Errors of a shipping attempt.
+#[derive(Debug, Error)]
+pub enum ShipperError {
+    /// The tracker refused (ring, resync state).
+    #[error("Tracker")]
+    Tracker(#[from] TrackerError),
+    /// The consumer failed.
+    #[error("Consumer")]
+    Sink(#[from] SinkError),
+    /// Reading an image during a resync failed.
+    #[error(transparent)]
+    Image(#[from] ReadError),
+    /// Comparing the images with the consumer's copy failed.
+    #[error("Block comparison")]
+    Compare(#[from] CompareError),
+    /// The relationship record cannot be written.
+    #[error("Relationship record")]
+    Relationship(#[from] RelationshipError),
+    /// The replica holds chunks of a resync batch this process did not produce.
+    #[error("The replica holds {have} chunks of resync batch {batch}, which this primary cannot continue; the resync starts again")]
+    ResyncLost {
+        /// The batch.
+        batch: u32,
+        /// Chunks the replica has.
+        have: u32,
+    },
+    /// The request is not possible in the current state.
+    #[error("{0}")]
+    Refused(String),
+    /// The attempt made on request failed (the message holds the whole chain).
+    #[error("{0}")]
+    Failed(String),
+    /// The shipper thread has stopped.
+    #[error("The shipper has stopped")]
+    Stopped,
+    /// No answer in time.
+    #[error("Timed out waiting for the shipper")]
+    Timeout,
+}
+
+impl ShipperError {
+    /// How the schedule reacts.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ShipperError::Sink(error) | ShipperError::Compare(CompareError::Sink(error)) => {
+                error.class()
+            }
+            _ => FailureClass::NextInterval,
+        }
+    }
+
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ShipperError::Sink(SinkError::Remote { source, .. })
+            | ShipperError::Compare(CompareError::Sink(SinkError::Remote { source, .. })) => {
+                source.code()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the handle asks of the thread.
+enum Command {
+    CloseNow(Sender<Result<u64, String>>),
+    Admin(AdminAction, Sender<Result<String, String>>),
+    Stop,
+}
+
+/// What a replica consumer needs beyond the sink.
+#[derive(Debug, Clone)]
+pub struct ReplicationSetup {
+    /// The relationship record.
+    pub relationship_path: PathBuf,
+    /// The configured replica server.
+    pub replica_url: String,
+    /// This host's name, for the replica's records.
+    pub primary_host: String,
+    /// The disks' names, in group order.
+    pub disk_names: Vec<String>,
+    /// The ring was just created: the replica (if any) holds nothing this ring
+    /// describes, so the initial replication runs again.
+    pub fresh_ring: bool,
+    /// A new relationship's initial replication starts at this time (seconds since
+    /// the epoch), not at once.
+    pub start_after_unix: Option<u64>,
+    /// Where the initial copy comes from.
+    pub initial: InitialMethod,
+    /// DEFLATE level of exported chunks, `None` for none.
+    pub compression: Option<u32>,
+    /// Recovery history to ask the replica for (sent when replication is enabled and
+    /// once after each start, so a changed setting reaches an existing replica).
+    pub recovery: Option<wire::api::RecoveryPolicy>,
+    /// The failover epoch this group replicates at: [`wire::api::FIRST_EPOCH`], or a
+    /// failed-over replica's epoch for the group serving its disks.
+    pub epoch: u64,
+}
+
+/// How a shipper runs.
+#[derive(Debug, Clone)]
+pub struct ShipperOptions {
+    /// Replication interval.
+    pub interval: Duration,
+    /// Retry table.
+    pub retry: RetryPolicy,
+    /// Set for a replica consumer.
+    pub replication: Option<ReplicationSetup>,
+    /// Set for a group that makes application-consistent points.
+    pub app_consistent: Option<AppConsistentOptions>,
+}
+
+/// The running shipper of one group.
+#[derive(Debug)]
+pub struct Shipper {
+    commands: Sender<Command>,
+    status: Arc<Mutex<ShipperStatus>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The thread's state; each job's module adds its methods.
+struct Worker {
+    group: Group,
+    images: Vec<(PathBuf, File)>,
+    block_size: u64,
+    sink: Box<dyn CycleSink>,
+    status: Arc<Mutex<ShipperStatus>>,
+    retry: RetryPolicy,
+    relationship: Option<RelationshipFile>,
+    /// The chain of a consumer without a relationship record.
+    local_chain: u32,
+    resync: Option<ResyncProgress>,
+    /// Consecutive network failures, and when the next retry is due.
+    network_failures: u32,
+    retry_at: Option<Instant>,
+    history: CycleHistory,
+    /// What cycles closed by this process and not yet delivered say of their point.
+    closed: BTreeMap<u64, Closed>,
+    /// The application-consistent points' schedule and commands.
+    app: Option<AppConsistent>,
+    started_unix: u64,
+    buffer: Vec<u8>,
+    /// The configured recovery history reached the replica since this start.
+    recovery_sent: bool,
+    /// The replica's error code of the latest failed attempt.
+    last_code: Option<ErrorCode>,
+}
+
+impl Shipper {
+    /// Starts the shipper of `group`: every interval it closes a cycle and delivers
+    /// everything closed to `sink`. `images` are the disks' images in group order,
+    /// read during a resync; `block_size` is the dirty-map granularity.
+    pub fn spawn(
+        group: Group,
+        images: Vec<PathBuf>,
+        block_size: u64,
+        options: ShipperOptions,
+        sink: Box<dyn CycleSink>,
+    ) -> Result<Self, ShipperError> {
+        let opened = images
+            .into_iter()
+            .map(|path| match File::open(&path) {
+                Ok(file) => Ok((path, file)),
+                Err(source) => Err(ReadError { path, source }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let relationship = match options.replication.clone() {
+            None => None,
+            Some(setup) => Some(load_relationship(setup)?),
+        };
+        let app = options
+            .app_consistent
+            .map(|app| AppConsistent::new(app, options.interval));
+        let status = Arc::new(Mutex::new(ShipperStatus {
+            consumer: sink.describe(),
+            interval_secs: options.interval.as_secs_f64(),
+            app_consistent: app.as_ref().map(|app| AppConsistentReport {
+                every_secs: app.options().every.as_secs(),
+                last_attempt_unix: app.last_attempt_ms().map(|ms| ms / 1000),
+                next_due_unix: app.due_at_ms().map(|ms| ms / 1000),
+                ..AppConsistentReport::default()
+            }),
+            ..ShipperStatus::default()
+        }));
+        let mut sink = sink;
+        if let Some(relationship) = &relationship {
+            sink.set_relationship(relationship.state.id, relationship.state.epoch);
+        }
+        let (commands, receiver) = bounded(16);
+        let mut worker = Worker {
+            group,
+            images: opened,
+            block_size,
+            sink,
+            status: Arc::clone(&status),
+            retry: options.retry,
+            relationship,
+            local_chain: new_chain(),
+            resync: None,
+            network_failures: 0,
+            retry_at: None,
+            history: CycleHistory::default(),
+            closed: BTreeMap::new(),
+            app,
+            started_unix: unix_now(),
+            buffer: Vec::new(),
+            recovery_sent: false,
+            last_code: None,
+        };
+        worker.update_status();
+        let name = format!("ship-{}", worker.group.name());
+        let interval = options.interval;
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker.run(&receiver, interval))
+            .map_err(|error| ShipperError::Failed(format!("Cannot start the shipper: {error}")))?;
+        Ok(Self {
+            commands,
+            status,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Closes a cycle now and waits until it is delivered. Returns its number.
+    pub fn close_now(&self, timeout: Duration) -> Result<u64, ShipperError> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::CloseNow(reply))
+            .map_err(|_| ShipperError::Stopped)?;
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(cycle)) => Ok(cycle),
+            Ok(Err(message)) => Err(ShipperError::Failed(message)),
+            Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
+        }
+    }
+
+    /// Carries out an administrator's request; returns what was done, for people.
+    pub fn admin(&self, action: AdminAction, timeout: Duration) -> Result<String, ShipperError> {
+        let (reply, answer) = bounded(1);
+        self.commands
+            .send(Command::Admin(action, reply))
+            .map_err(|_| ShipperError::Stopped)?;
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(message)) => Err(ShipperError::Refused(message)),
+            Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
+        }
+    }
+
+    /// A copy of the current status.
+    pub fn status(&self) -> ShipperStatus {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // Lag grows between updates.
+        if let Some(closed_ms) = status.last_delivered_close_unix_ms {
+            let lag_ms = unix_now_ms().saturating_sub(closed_ms);
+            status.lag_ms = Some(lag_ms);
+            status.lag_secs = Some(lag_ms / 1000);
+        }
+        status
+    }
+
+    /// Stops the thread after its current delivery and waits for it. A resync copy in
+    /// progress hands what is left back to the tracker, so a clean shutdown saves it.
+    /// Later calls to [`Shipper::close_now`] fail with [`ShipperError::Stopped`].
+    pub fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Milliseconds since the epoch.
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+pub use wire::error_chain;
+
+/// A random chain number (31 bits, never 0).
+fn new_chain() -> u32 {
+    (rand::random::<u32>() & 0x7fff_ffff).max(1)
+}
+
+/// The id of the transfer of delta `cycle` in `chain`. Ids of different chains never
+/// collide, so a replica never takes a cycle of an older chain for a newer one.
+fn delta_id(chain: u32, cycle: u64) -> u64 {
+    (u64::from(chain & 0x7fff_ffff) << 32) | (cycle & 0xffff_ffff)
+}
+
+/// The id of batch `batch` of the resync that starts `chain`.
+fn resync_id(chain: u32, batch: u32) -> u64 {
+    (1 << 63) | (u64::from(chain & 0x7fff_ffff) << 32) | u64::from(batch)
+}
