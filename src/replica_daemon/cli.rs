@@ -253,36 +253,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
     let pausing = matches!(command, ReplicaCommand::Pause { .. });
     match command {
         ReplicaCommand::Run { config, check } => {
-            let config = ReplicaConfig::load(&config)?;
-            if check {
-                for warning in &config.warnings {
-                    println!("Warning: {warning}");
-                }
-                let transport = match config.transport {
-                    Transport::Tls(_) => "HTTPS with client certificates",
-                    Transport::PlainWithPsk { .. } => {
-                        "PLAIN HTTP with a pre-shared key (isolated labs only)"
-                    }
-                };
-                println!(
-                    "Configuration is valid: {} authorization entr{}, {transport}",
-                    config.authorization.len(),
-                    if config.authorization.len() == 1 {
-                        "y"
-                    } else {
-                        "ies"
-                    }
-                );
-                for warning in &config.nbd_access.warnings {
-                    println!("Warning: {warning}");
-                }
-                return Ok(());
-            }
-            init_logging();
-            for warning in &config.warnings {
-                tracing::warn!("{warning}");
-            }
-            run(&config)?;
+            run_daemon(&config, check, init_logging)?;
         }
         ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
             let paused = pausing;
@@ -317,26 +288,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             );
         }
         ReplicaCommand::Failover { target, point } => {
-            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Failover {
-                name,
-                trust_group,
-                point,
-            })?;
-            let info = replica_in(&value["replica"])?;
-            if let Some(failover) = &info.failover {
-                println!(
-                    "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
-                    info.name,
-                    failover.cycle,
-                    format_ms(failover.time_unix_ms),
-                    point_kind(failover.app_consistent),
-                    info.name
-                );
-            }
-            if let Some(exports) = value["exports"].as_array() {
-                println!("Its disks:");
-                print_exports(exports.iter().filter_map(Value::as_str), &value);
-            }
+            failover(target, point)?;
         }
         ReplicaCommand::PlannedFailover { target, force } => {
             let (name, value) = target.call(PLANNED_FAILOVER_TIMEOUT, |name, trust_group| {
@@ -419,22 +371,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             }
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Start { target, point }) => {
-            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StartTest {
-                name,
-                trust_group,
-                point,
-            })?;
-            let info = replica_in(&value["replica"])?;
-            if let Some(test) = &info.test_failover {
-                println!(
-                    "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
-                    info.name,
-                    test.cycle,
-                    format_ms(test.time_unix_ms),
-                    point_kind(test.app_consistent)
-                );
-                print_exports(test.exports.iter().map(String::as_str), &value);
-            }
+            start_test(target, point)?;
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Stop { target, force }) => {
             let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StopTest {
@@ -449,19 +386,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             socket,
             json,
         } => {
-            let socket = control_socket(socket, config)?;
-            let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                let replicas: Vec<ReplicaInfo> =
-                    serde_json::from_value(value).context("Unreadable status report")?;
-                print!("{}", render_status(&replicas, unix_secs()));
-                let live = call(&socket, &Request::Live, STATUS_TIMEOUT)?;
-                let live: Vec<super::live::LiveGroupReport> =
-                    serde_json::from_value(live).context("Unreadable live groups")?;
-                print!("{}", render_live(&live));
-            }
+            status(config, socket, json)?;
         }
         ReplicaCommand::Seed {
             config,
@@ -494,6 +419,105 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// `blkrep replica run`: checks the configuration, or runs the daemon.
+fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow::Result<()> {
+    let config = ReplicaConfig::load(&config)?;
+    if check {
+        for warning in &config.warnings {
+            println!("Warning: {warning}");
+        }
+        let transport = match config.transport {
+            Transport::Tls(_) => "HTTPS with client certificates",
+            Transport::PlainWithPsk { .. } => {
+                "PLAIN HTTP with a pre-shared key (isolated labs only)"
+            }
+        };
+        println!(
+            "Configuration is valid: {} authorization entr{}, {transport}",
+            config.authorization.len(),
+            if config.authorization.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            }
+        );
+        for warning in &config.nbd_access.warnings {
+            println!("Warning: {warning}");
+        }
+        return Ok(());
+    }
+    init_logging();
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    run(&config)?;
+    Ok(())
+}
+
+/// `blkrep replica failover`.
+fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
+    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Failover {
+        name,
+        trust_group,
+        point,
+    })?;
+    let info = replica_in(&value["replica"])?;
+    if let Some(failover) = &info.failover {
+        println!(
+            "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
+            info.name,
+            failover.cycle,
+            format_ms(failover.time_unix_ms),
+            point_kind(failover.app_consistent),
+            info.name
+        );
+    }
+    if let Some(exports) = value["exports"].as_array() {
+        println!("Its disks:");
+        print_exports(exports.iter().filter_map(Value::as_str), &value);
+    }
+    Ok(())
+}
+
+/// `blkrep replica test-failover start`.
+fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
+    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StartTest {
+        name,
+        trust_group,
+        point,
+    })?;
+    let info = replica_in(&value["replica"])?;
+    if let Some(test) = &info.test_failover {
+        println!(
+            "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
+            info.name,
+            test.cycle,
+            format_ms(test.time_unix_ms),
+            point_kind(test.app_consistent)
+        );
+        print_exports(test.exports.iter().map(String::as_str), &value);
+    }
+    Ok(())
+}
+
+/// `blkrep replica status`: every replica, then the live groups.
+fn status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let socket = control_socket(socket, config)?;
+    let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let replicas: Vec<ReplicaInfo> =
+            serde_json::from_value(value).context("Unreadable status report")?;
+        print!("{}", render_status(&replicas, unix_secs()));
+        let live = call(&socket, &Request::Live, STATUS_TIMEOUT)?;
+        let live: Vec<super::live::LiveGroupReport> =
+            serde_json::from_value(live).context("Unreadable live groups")?;
+        print!("{}", render_live(&live));
     }
     Ok(())
 }
