@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use nbd_shim::Server;
-use shipper::{AdminAction, Shipper};
+use shipper::{AdminAction, Shipper, ShipperError};
+use thiserror::Error;
 
 use super::RunningGroup;
 use crate::control::{self, ActionDone, CycleClosed, ReplicationAction};
@@ -16,22 +17,40 @@ use crate::control::{self, ActionDone, CycleClosed, ReplicationAction};
 /// How long an administrative action other than an export or a failover may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(150);
 
+/// Why a group command did not happen. Typed until the control socket, which
+/// answers it as text once (with its chain).
+#[derive(Debug, Error)]
+pub enum CommandError {
+    /// The group has no shipper to ask.
+    #[error("Group {0:?} has no consumer running; configure [group.consumer]")]
+    NoConsumer(String),
+    /// The shipper refused or failed.
+    #[error(transparent)]
+    Shipper(#[from] ShipperError),
+    /// The planned failover did not happen (the message says what state the disks
+    /// are left in).
+    #[error("{0}")]
+    Failover(String),
+}
+
+impl CommandError {
+    /// The error and its causes as one line, for the control socket.
+    pub fn to_text(&self) -> String {
+        shipper::error_chain(self)
+    }
+}
+
 /// The group's shipper, or why there is none.
-fn shipper_of(group: &RunningGroup) -> Result<&Shipper, String> {
-    group.shipper().ok_or_else(|| {
-        format!(
-            "Group {:?} has no consumer running; configure [group.consumer]",
-            group.name()
-        )
-    })
+fn shipper_of(group: &RunningGroup) -> Result<&Shipper, CommandError> {
+    group
+        .shipper()
+        .ok_or_else(|| CommandError::NoConsumer(group.name().to_string()))
 }
 
 /// Closes the group's cycle now and waits up to `timeout` until its consumer
 /// acknowledged it.
-pub fn close_cycle(group: &RunningGroup, timeout: Duration) -> Result<CycleClosed, String> {
-    let cycle = shipper_of(group)?
-        .close_now(timeout)
-        .map_err(|error| shipper::error_chain(&error))?;
+pub fn close_cycle(group: &RunningGroup, timeout: Duration) -> Result<CycleClosed, CommandError> {
+    let cycle = shipper_of(group)?.close_now(timeout)?;
     Ok(CycleClosed { cycle })
 }
 
@@ -40,9 +59,11 @@ pub fn replication(
     group: &RunningGroup,
     server: &Server,
     action: &ReplicationAction,
-) -> Result<ActionDone, String> {
+) -> Result<ActionDone, CommandError> {
     if let ReplicationAction::Failover { force } = action {
-        let message = group.planned_failover(server, *force)?;
+        let message = group
+            .planned_failover(server, *force)
+            .map_err(CommandError::Failover)?;
         return Ok(ActionDone { message });
     }
     let shipper = shipper_of(group)?;
@@ -63,8 +84,6 @@ pub fn replication(
         AdminAction::Export { .. } => control::EXPORT_TIMEOUT,
         _ => ADMIN_TIMEOUT,
     };
-    let message = shipper
-        .admin(action, timeout)
-        .map_err(|error| shipper::error_chain(&error))?;
+    let message = shipper.admin(action, timeout)?;
     Ok(ActionDone { message })
 }

@@ -160,12 +160,13 @@ fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, Strin
         Request::CloseCycle {
             group,
             timeout_secs,
-        } => serde_json::to_value(groups::control::close_cycle(
-            daemon.group(group)?,
-            Duration::from_secs(*timeout_secs),
-        )?),
+        } => serde_json::to_value(
+            groups::control::close_cycle(daemon.group(group)?, Duration::from_secs(*timeout_secs))
+                .map_err(|error| error.to_text())?,
+        ),
         Request::Replication { group, action } => serde_json::to_value(
-            groups::control::replication(daemon.group(group)?, &daemon.server, action)?,
+            groups::control::replication(daemon.group(group)?, &daemon.server, action)
+                .map_err(|error| error.to_text())?,
         ),
     };
     answer.map_err(|error| error.to_string())

@@ -425,7 +425,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
 
 /// `blkrep replica run`: checks the configuration, or runs the daemon.
 fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow::Result<()> {
-    let config = ReplicaConfig::load(&config)?;
+    let config = ReplicaConfig::load(config)?;
     if check {
         for warning in &config.warnings {
             println!("Warning: {warning}");

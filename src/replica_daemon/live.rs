@@ -258,7 +258,7 @@ impl Daemon {
     ) -> Result<CycleClosed, String> {
         let group = self.live_group(name)?;
         let group = read(&group);
-        groups::control::close_cycle(&group, timeout)
+        groups::control::close_cycle(&group, timeout).map_err(|error| error.to_text())
     }
 
     /// Changes the replication back of live group `name`, as `blkrep replication`
@@ -280,7 +280,7 @@ impl Daemon {
         }
         let group = self.live_group(name)?;
         let group = read(&group);
-        groups::control::replication(&group, &self.nbd, action)
+        groups::control::replication(&group, &self.nbd, action).map_err(|error| error.to_text())
     }
 
     /// Stops every live group (daemon shutdown, after the NBD server stopped).

@@ -10,7 +10,7 @@ use tracker::ResyncReason;
 
 use crate::remote::Relationship;
 
-use super::failover::superseded_message;
+use super::{not_now, Refusal};
 use super::{ShipperError, Worker};
 
 /// What an administrator can ask of a replicating group.
@@ -69,7 +69,7 @@ impl Worker {
         action: AdminAction,
     ) -> Result<String, ShipperError> {
         let Some(relationship) = &mut self.relationship else {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "Group {name} does not replicate to a replica server"
             )));
         };
@@ -77,19 +77,20 @@ impl Worker {
         let message = match action {
             AdminAction::Pause => {
                 if state.removed {
-                    return Err(ShipperError::Refused(format!(
-                        "Replication of group {name} is removed"
-                    )));
+                    return Err(not_now(format!("Replication of group {name} is removed")));
                 }
                 state.paused = true;
                 format!("Replication of group {name} paused; writes are tracked until it resumes")
             }
             AdminAction::Resume => {
                 if let Some(reason) = &state.superseded {
-                    return Err(ShipperError::Refused(superseded_message(name, reason)));
+                    return Err(ShipperError::Refused(Refusal::Superseded {
+                        group: name.to_string(),
+                        reason: reason.clone(),
+                    }));
                 }
                 if state.removed {
-                    return Err(ShipperError::Refused(format!(
+                    return Err(not_now(format!(
                         "Replication of group {name} is removed; enable it instead"
                     )));
                 }
@@ -131,7 +132,7 @@ impl Worker {
             }
             AdminAction::Enable { start_after_unix } => {
                 if !state.removed {
-                    return Err(ShipperError::Refused(format!(
+                    return Err(not_now(format!(
                         "Replication of group {name} is already enabled (relationship {:x}); remove it first to start afresh",
                         state.id
                     )));
@@ -148,9 +149,7 @@ impl Worker {
                 }
             }
             AdminAction::Resync | AdminAction::Export { .. } | AdminAction::PlannedFailover => {
-                return Err(ShipperError::Refused(
-                    "A resync is not a relationship change".into(),
-                ))
+                return Err(not_now("A resync is not a relationship change"))
             }
         };
         relationship.save()?;

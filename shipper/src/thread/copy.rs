@@ -18,6 +18,7 @@ use crate::media::MediaExport;
 use crate::remote::CopyProgress;
 use crate::resync::{read_range, Cursor, ResyncMaps, READ_PIECE};
 
+use super::not_now;
 use super::relationship::disk_infos;
 use super::{new_chain, resync_id, ComparisonReport, ResyncReport, ShipperError, Worker};
 
@@ -122,7 +123,7 @@ impl Worker {
     ) -> Result<String, ShipperError> {
         let name = self.group.name().to_string();
         if !self.awaits_export() {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "Group {name} has no initial copy to export: it needs initial_replication = \"media\" and an initial replication not yet exported"
             )));
         }

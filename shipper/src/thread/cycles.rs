@@ -22,6 +22,7 @@ use crate::freeze::{FreezeError, Phase, PointEnv};
 use crate::remote::FailureClass;
 
 use super::admin::Repair;
+use super::not_now;
 use super::{delta_id, unix_now, unix_now_ms, ShipperError, Worker};
 
 /// What a cycle closed by this process says of its point.
@@ -137,7 +138,7 @@ impl Worker {
     fn ship_once(&mut self) -> Result<u64, ShipperError> {
         self.ensure_enabled()?;
         if self.awaits_export() {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "The initial copy goes by external media: export it with `blkrep replication export --group {} --to DIR`",
                 self.group.name()
             )));
@@ -210,9 +211,7 @@ impl Worker {
             .collect::<Vec<_>>()
             .join(",");
         let Some(app) = &mut self.app else {
-            return Err(ShipperError::Refused(
-                "No application-consistent points are configured".into(),
-            ));
+            return Err(not_now("No application-consistent points are configured"));
         };
         if let Err(error) = app.record_attempt(now_ms) {
             warn!(group = %name, error = %error_chain(&error), "Cannot record the application-consistent point's time; after a restart the next one may come early");

@@ -10,6 +10,7 @@ use crate::resync::ResyncMaps;
 use crate::sink::SinkError;
 
 use super::worker::Gate;
+use super::{not_now, Refusal};
 use super::{ShipperError, Worker};
 
 /// Why a superseded group does not ship, and what the administrator can do.
@@ -28,22 +29,25 @@ impl Worker {
         match self.gate() {
             Gate::Open => {}
             Gate::Superseded(reason) => {
-                return Err(ShipperError::Refused(superseded_message(&name, &reason)))
+                return Err(ShipperError::Refused(Refusal::Superseded {
+ group: name.to_string(),
+ reason: reason.clone(),
+ }))
             }
             _ => {
-                return Err(ShipperError::Refused(format!(
+                return Err(not_now(format!(
                     "Replication of group {name} is not running (paused, suspended, removed or not started): resume it first"
                 )))
             }
         }
         if self.resync.is_some() || self.group.resync_reason().is_some() {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "Group {name} is resynchronising: the replica is not consistent until that ends; fail over once it is replicating"
             )));
         }
         let cycle = self.ship()?;
         if self.resync.is_some() || self.group.resync_reason().is_some() {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "Group {name} needed a resync while shipping its last changes; fail over once it is replicating"
             )));
         }
@@ -59,13 +63,13 @@ impl Worker {
         let mut maps = ResyncMaps::new(maps, self.block_size, sizes);
         let stats =
             compare::narrow(&mut maps, &self.images, self.sink.as_mut())?.ok_or_else(|| {
-                ShipperError::Refused(format!(
+                not_now(format!(
                     "{} cannot compare blocks, so it cannot be failed over to",
                     self.sink.describe()
                 ))
             })?;
         if stats.differing_bytes > 0 {
-            return Err(ShipperError::Refused(format!(
+            return Err(not_now(format!(
                 "After shipping every change up to cycle {cycle}, the replica differs from the images in {} bytes; failover refused (resync, then try again)",
                 stats.differing_bytes
             )));

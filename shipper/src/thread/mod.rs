@@ -83,11 +83,11 @@ pub enum ShipperError {
         have: u32,
     },
     /// The request is not possible in the current state.
-    #[error("{0}")]
-    Refused(String),
-    /// The attempt made on request failed (the message holds the whole chain).
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The shipper thread cannot start.
+    #[error("Cannot start the shipper")]
+    Spawn(#[source] std::io::Error),
     /// The shipper thread has stopped.
     #[error("The shipper has stopped")]
     Stopped,
@@ -118,10 +118,45 @@ impl ShipperError {
     }
 }
 
+/// Why the shipper does not do what was asked, in its current state. Typed until
+/// the control socket or the log line turns it into text.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// Replication is paused.
+    #[error("Replication is paused; resume it first")]
+    Paused,
+    /// Replication is suspended until its cause is fixed and it is resumed.
+    #[error("Replication is suspended ({0}); fix the cause, then resume it")]
+    Suspended(String),
+    /// The group's replica was failed over to: these disks are no longer the live
+    /// ones.
+    #[error("{}", failover::superseded_message(group, reason))]
+    Superseded {
+        /// The group.
+        group: String,
+        /// What the replica said.
+        reason: String,
+    },
+    /// Replication is removed.
+    #[error("Replication is removed; enable it first")]
+    Removed,
+    /// The initial replication is scheduled for later (seconds since the epoch).
+    #[error("The initial replication is scheduled to start at {0} (seconds since the epoch)")]
+    NotBefore(u64),
+    /// Another request the current state does not allow; the message says why.
+    #[error("{0}")]
+    NotNow(String),
+}
+
+/// A [`Refusal::NotNow`] saying `why`.
+fn not_now(why: impl Into<String>) -> ShipperError {
+    Refusal::NotNow(why.into()).into()
+}
+
 /// What the handle asks of the thread.
 enum Command {
-    CloseNow(Sender<Result<u64, String>>),
-    Admin(AdminAction, Sender<Result<String, String>>),
+    CloseNow(Sender<Result<u64, ShipperError>>),
+    Admin(AdminAction, Sender<Result<String, ShipperError>>),
     Stop,
 }
 
@@ -270,7 +305,7 @@ impl Shipper {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || worker.run(&receiver, interval))
-            .map_err(|error| ShipperError::Failed(format!("Cannot start the shipper: {error}")))?;
+            .map_err(ShipperError::Spawn)?;
         Ok(Self {
             commands,
             status,
@@ -286,7 +321,7 @@ impl Shipper {
             .map_err(|_| ShipperError::Stopped)?;
         match answer.recv_timeout(timeout) {
             Ok(Ok(cycle)) => Ok(cycle),
-            Ok(Err(message)) => Err(ShipperError::Failed(message)),
+            Ok(Err(error)) => Err(error),
             Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
         }
@@ -300,7 +335,7 @@ impl Shipper {
             .map_err(|_| ShipperError::Stopped)?;
         match answer.recv_timeout(timeout) {
             Ok(Ok(message)) => Ok(message),
-            Ok(Err(message)) => Err(ShipperError::Refused(message)),
+            Ok(Err(error)) => Err(error),
             Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
         }

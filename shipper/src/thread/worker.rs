@@ -7,8 +7,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tracing::debug;
 use wire::error_chain;
 
-use super::failover::superseded_message;
 use super::{unix_now, Command, Worker};
+use super::{Refusal, ShipperError};
 
 /// How often an idle shipper lets its consumer keep connections alive.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ impl Worker {
                     let _ = reply.send(result);
                 }
                 Ok(Command::Admin(action, reply)) => {
-                    let result = self.admin(action).map_err(|error| error_chain(&error));
+                    let result = self.admin(action);
                     self.update_status();
                     let _ = reply.send(result);
                 }
@@ -107,19 +107,19 @@ impl Worker {
     }
 
     /// An administrator's "close a cycle now": tried even while backing off.
-    fn attempt_now(&mut self) -> Result<u64, String> {
-        match self.gate() {
-            Gate::Open => self.attempt().map_err(|error| error_chain(&error)),
-            Gate::Paused => Err("Replication is paused; resume it first".into()),
-            Gate::Superseded(reason) => Err(superseded_message(self.group.name(), &reason)),
-            Gate::Suspended(reason) => Err(format!(
-                "Replication is suspended ({reason}); fix the cause, then resume it"
-            )),
-            Gate::Removed => Err("Replication is removed; enable it first".into()),
-            Gate::NotBefore(at) => Err(format!(
-                "The initial replication is scheduled to start at {at} (seconds since the epoch)"
-            )),
-        }
+    fn attempt_now(&mut self) -> Result<u64, ShipperError> {
+        let refusal = match self.gate() {
+            Gate::Open => return self.attempt(),
+            Gate::Paused => Refusal::Paused,
+            Gate::Superseded(reason) => Refusal::Superseded {
+                group: self.group.name().to_string(),
+                reason,
+            },
+            Gate::Suspended(reason) => Refusal::Suspended(reason),
+            Gate::Removed => Refusal::Removed,
+            Gate::NotBefore(at) => Refusal::NotBefore(at),
+        };
+        Err(refusal.into())
     }
 
     /// Removed: cycles are acknowledged unshipped so the ring never fills.
