@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tracker::record::{RecordHeader, RecordKind, HEADER_LEN};
-use tracker::{AtomicBitmap, DiskSpec, Group, GroupConfig};
+use tracker::{AtomicBitmap, DiskSpec, Group, TrackerConfig};
 
 fn record_encoding(c: &mut Criterion) {
     let header = RecordHeader {
@@ -65,7 +65,7 @@ fn logged_write(c: &mut Criterion) {
 
 fn logged_write_over(c: &mut Criterion, disk_size: u64, name: &str) {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let (group, _) = Group::open(&GroupConfig {
+    let (group, _) = Group::open(&TrackerConfig {
         name: "bench".into(),
         ring_path: dir.path().join("bench.ring"),
         ring_size: 256 << 20,

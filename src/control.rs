@@ -1,6 +1,11 @@
-//! The primary's control API: a unix socket speaking one JSON request line and one
-//! JSON response line per connection. Only local users with access to the socket (it
-//! is created mode 0600) can use it.
+//! The control protocol of both daemons: a unix socket speaking one JSON request line
+//! and one JSON response line per connection, in the [`Response`] envelope. Only
+//! local users with access to the socket (it is created mode 0600) can use it.
+//!
+//! This module holds the envelope, the client side ([`call`], [`call_typed`]), the
+//! primary's requests ([`ControlRequest`]) and the typed answers of the group
+//! requests both daemons take ([`CycleClosed`], [`ActionDone`]); the replica
+//! daemon's own requests are in `replica_daemon::protocol`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -20,10 +25,11 @@ pub const REPLICA: &str = "blkrep replica run";
 /// Longest request line accepted.
 pub const MAX_REQUEST: u64 = 64 * 1024;
 
-/// A control request.
+/// A request on the primary's control socket; its group requests (`group_status`,
+/// `close_cycle`, `replication`) have the same shape on the replica daemon's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
+pub enum ControlRequest {
     /// The daemon's status.
     Status,
     /// One group's [`crate::status::GroupReport`].
@@ -74,19 +80,19 @@ pub enum ReplicationAction {
     },
     /// Write the initial copy to a directory, for external media.
     Export {
-        /// The directory (the group's export goes to DIR/<group>).
+        /// The directory (the group's export goes to `DIR/<group>`).
         dir: std::path::PathBuf,
     },
 }
 
-/// The answer to [`Request::CloseCycle`].
+/// The answer to [`ControlRequest::CloseCycle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CycleClosed {
     /// The cycle closed and acknowledged.
     pub cycle: u64,
 }
 
-/// The answer to [`Request::Replication`]: what happened, for the administrator.
+/// The answer to [`ControlRequest::Replication`]: what happened, for the administrator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionDone {
     /// What happened.

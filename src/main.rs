@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use shipper::error_chain;
 
 use crate::config::PrimaryConfig;
-use crate::control::{CycleClosed, Request};
+use crate::control::{ControlRequest, CycleClosed};
 use crate::status::StatusReport;
 
 /// Asynchronous disaster-recovery replication of virtual disks.
@@ -196,7 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let value = control::call(
                 &socket,
                 control::PRIMARY,
-                &Request::Status,
+                &ControlRequest::Status,
                 Duration::from_secs(30),
             )?;
             if json {
@@ -216,7 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let socket = control_socket(&target)?;
-            let request = Request::CloseCycle {
+            let request = ControlRequest::CloseCycle {
                 group,
                 timeout_secs: timeout.as_secs().max(1),
             };

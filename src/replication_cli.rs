@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 
-use crate::control::{self, ActionDone, ReplicationAction, Request};
+use crate::control::{self, ActionDone, ControlRequest, ReplicationAction};
 use crate::status::{human_bytes, human_duration, progress_bar, GroupReport};
 
 /// How long an administrative request may take (a remove may wait for the replica
@@ -139,7 +139,7 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
     let done: ActionDone = control::call_typed(
         socket,
         control::PRIMARY,
-        &Request::Replication { group, action },
+        &ControlRequest::Replication { group, action },
         timeout,
     )?;
     println!("{}", done.message);
@@ -149,7 +149,7 @@ pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
 fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
-        let request = Request::GroupStatus {
+        let request = ControlRequest::GroupStatus {
             group: group.to_string(),
         };
         let found: GroupReport =

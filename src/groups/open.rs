@@ -364,8 +364,8 @@ fn tracked_devices(
 }
 
 /// The tracker configuration of a group whose images are open.
-pub fn tracker_config(config: &GroupConfig, sizes: &[u64]) -> tracker::GroupConfig {
-    tracker::GroupConfig {
+pub fn tracker_config(config: &GroupConfig, sizes: &[u64]) -> tracker::TrackerConfig {
+    tracker::TrackerConfig {
         name: config.name.clone(),
         ring_path: config.ring.clone(),
         ring_size: config.ring_size.0,

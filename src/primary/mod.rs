@@ -14,7 +14,7 @@ use thiserror::Error;
 use tracing::info;
 
 use crate::config::PrimaryConfig;
-use crate::control::{self, Request};
+use crate::control::{self, ControlRequest};
 use crate::daemon::control_socket::{self, SocketError};
 use crate::daemon::StopSignals;
 use crate::groups::open::ExportNaming;
@@ -104,7 +104,9 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
     });
     let answering = Arc::clone(&daemon);
     control_socket::spawn(control, move |stream: &UnixStream| {
-        control::answer(stream, |request: Request| handle(&request, &answering))
+        control::answer(stream, |request: ControlRequest| {
+            handle(&request, &answering)
+        })
     })?;
     let metrics = match &config.metrics {
         None => None,
@@ -150,21 +152,20 @@ fn shutdown(daemon: &Daemon) {
     }
 }
 
-fn handle(request: &Request, daemon: &Daemon) -> Result<serde_json::Value, String> {
+fn handle(request: &ControlRequest, daemon: &Daemon) -> Result<serde_json::Value, String> {
     let answer = match request {
-        Request::Status => serde_json::to_value(status(daemon)),
-        Request::GroupStatus { group } => serde_json::to_value(groups::report::group_report(
-            daemon.group(group)?,
-            &daemon.server,
-        )),
-        Request::CloseCycle {
+        ControlRequest::Status => serde_json::to_value(status(daemon)),
+        ControlRequest::GroupStatus { group } => serde_json::to_value(
+            groups::report::group_report(daemon.group(group)?, &daemon.server),
+        ),
+        ControlRequest::CloseCycle {
             group,
             timeout_secs,
         } => serde_json::to_value(
             groups::control::close_cycle(daemon.group(group)?, Duration::from_secs(*timeout_secs))
                 .map_err(|error| error.to_text())?,
         ),
-        Request::Replication { group, action } => serde_json::to_value(
+        ControlRequest::Replication { group, action } => serde_json::to_value(
             groups::control::replication(daemon.group(group)?, &daemon.server, action)
                 .map_err(|error| error.to_text())?,
         ),

@@ -16,7 +16,7 @@ use wire::api::ReplicaInfo;
 use anyhow::Context as _;
 
 use super::config::{self, ReplicaConfig};
-use super::protocol::{call, Request};
+use super::protocol::{call, ReplicaRequest};
 use super::render::{render_live, render_points, render_status};
 use super::DaemonError;
 use crate::control;
@@ -227,7 +227,7 @@ impl OneReplica {
     fn call(
         self,
         timeout: Duration,
-        make: impl FnOnce(String, Option<String>) -> Request,
+        make: impl FnOnce(String, Option<String>) -> ReplicaRequest,
     ) -> anyhow::Result<(String, Value)> {
         let socket = control_socket(self.socket, self.config)?;
         let value = call(&socket, &make(self.name.clone(), self.trust_group), timeout)?;
@@ -257,12 +257,13 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         }
         ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
             let paused = pausing;
-            let (name, _) =
-                target.call(STATUS_TIMEOUT, |name, trust_group| Request::SetPaused {
+            let (name, _) = target.call(STATUS_TIMEOUT, |name, trust_group| {
+                ReplicaRequest::SetPaused {
                     name,
                     trust_group,
                     paused,
-                })?;
+                }
+            })?;
             println!(
                 "Replication into {name} {}",
                 if paused {
@@ -280,7 +281,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             let socket = control_socket(socket, config)?;
             let dir = std::path::absolute(&dir)
                 .with_context(|| format!("Cannot resolve {}", dir.display()))?;
-            let value = call(&socket, &Request::Import { dir }, IMPORT_TIMEOUT)?;
+            let value = call(&socket, &ReplicaRequest::Import { dir }, IMPORT_TIMEOUT)?;
             println!(
                 "Imported {} transfer(s) into replica {}; cycles from the primary are accepted again",
                 value["imported"],
@@ -292,7 +293,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         }
         ReplicaCommand::PlannedFailover { target, force } => {
             let (name, value) = target.call(PLANNED_FAILOVER_TIMEOUT, |name, trust_group| {
-                Request::PlannedFailover {
+                ReplicaRequest::PlannedFailover {
                     name,
                     trust_group,
                     force,
@@ -307,7 +308,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         }
         ReplicaCommand::CompleteFailover(target) => {
             let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| {
-                Request::CompleteFailover { name, trust_group }
+                ReplicaRequest::CompleteFailover { name, trust_group }
             })?;
             println!("Failover of {name} completed; the other recovery points are deleted");
         }
@@ -331,11 +332,12 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 interval_secs: interval.as_secs().max(1),
             };
             let url = reverse.url.clone();
-            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Reverse {
-                name,
-                trust_group,
-                target: reverse,
-            })?;
+            let (name, _) =
+                target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Reverse {
+                    name,
+                    trust_group,
+                    target: reverse,
+                })?;
             println!(
                 "Group {name} replicates back to {url}: blocks are compared with the existing copy there and only those that differ are sent (`blkrep replica status` follows it)"
             );
@@ -349,18 +351,19 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 points,
                 spacing_secs: spacing.as_secs(),
             };
-            let (_, value) =
-                target.call(TEST_TIMEOUT, |name, trust_group| Request::SetRecovery {
+            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| {
+                ReplicaRequest::SetRecovery {
                     name,
                     trust_group,
                     policy,
-                })?;
+                }
+            })?;
             let info = replica_in(&value)?;
             print!("{}", render_points(&info, unix_secs()));
         }
         ReplicaCommand::Points { target, json } => {
             let socket = control_socket(target.socket, target.config)?;
-            let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
+            let value = call(&socket, &ReplicaRequest::Status, STATUS_TIMEOUT)?;
             let replicas: Vec<ReplicaInfo> =
                 serde_json::from_value(value).context("Unreadable status report")?;
             let info = pick(&replicas, &target.name, target.trust_group.as_deref())?;
@@ -374,11 +377,12 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             start_test(target, point)?;
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Stop { target, force }) => {
-            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StopTest {
-                name,
-                trust_group,
-                force,
-            })?;
+            let (name, _) =
+                target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::StopTest {
+                    name,
+                    trust_group,
+                    force,
+                })?;
             println!("Test failover of {name} stopped; its writes are discarded");
         }
         ReplicaCommand::Status {
@@ -460,7 +464,7 @@ fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow
 
 /// `blkrep replica failover`.
 fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
-    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::Failover {
+    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Failover {
         name,
         trust_group,
         point,
@@ -485,10 +489,12 @@ fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
 
 /// `blkrep replica test-failover start`.
 fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
-    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| Request::StartTest {
-        name,
-        trust_group,
-        point,
+    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| {
+        ReplicaRequest::StartTest {
+            name,
+            trust_group,
+            point,
+        }
     })?;
     let info = replica_in(&value["replica"])?;
     if let Some(test) = &info.test_failover {
@@ -507,14 +513,14 @@ fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
 /// `blkrep replica status`: every replica, then the live groups.
 fn status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let socket = control_socket(socket, config)?;
-    let value = call(&socket, &Request::Status, STATUS_TIMEOUT)?;
+    let value = call(&socket, &ReplicaRequest::Status, STATUS_TIMEOUT)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let replicas: Vec<ReplicaInfo> =
             serde_json::from_value(value).context("Unreadable status report")?;
         print!("{}", render_status(&replicas, unix_secs()));
-        let live = call(&socket, &Request::Live, STATUS_TIMEOUT)?;
+        let live = call(&socket, &ReplicaRequest::Live, STATUS_TIMEOUT)?;
         let live: Vec<super::live::LiveGroupReport> =
             serde_json::from_value(live).context("Unreadable live groups")?;
         print!("{}", render_live(&live));

@@ -6,24 +6,24 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::failover::{fail_over, start_test, stop_test};
-use super::protocol::Request;
+use super::protocol::ReplicaRequest;
 use super::Daemon;
 use crate::control;
 
 pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::Result<()> {
     let server = &control.server;
-    control::answer(stream, |request: Request| match request {
-        Request::StartTest {
+    control::answer(stream, |request: ReplicaRequest| match request {
+        ReplicaRequest::StartTest {
             name,
             trust_group,
             point,
         } => start_test(control, &name, trust_group.as_deref(), point),
-        Request::Failover {
+        ReplicaRequest::Failover {
             name,
             trust_group,
             point,
         } => fail_over(control, &name, trust_group.as_deref(), point),
-        Request::Reverse {
+        ReplicaRequest::Reverse {
             name,
             trust_group,
             target,
@@ -39,32 +39,36 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
             control.reverse(&dir, &info, &target)?;
             Ok(Value::Null)
         }
-        Request::Live => serde_json::to_value(control.live_status()).map_err(|e| e.to_string()),
-        Request::GroupStatus { group } => serde_json::to_value(control.live_group_report(&group)?)
-            .map_err(|error| error.to_string()),
-        Request::CloseCycle {
+        ReplicaRequest::Live => {
+            serde_json::to_value(control.live_status()).map_err(|e| e.to_string())
+        }
+        ReplicaRequest::GroupStatus { group } => {
+            serde_json::to_value(control.live_group_report(&group)?)
+                .map_err(|error| error.to_string())
+        }
+        ReplicaRequest::CloseCycle {
             group,
             timeout_secs,
         } => serde_json::to_value(
             control.close_live_cycle(&group, Duration::from_secs(timeout_secs))?,
         )
         .map_err(|error| error.to_string()),
-        Request::Replication { group, action } => {
+        ReplicaRequest::Replication { group, action } => {
             serde_json::to_value(control.live_replication(&group, &action)?)
                 .map_err(|error| error.to_string())
         }
-        Request::PlannedFailover {
+        ReplicaRequest::PlannedFailover {
             name,
             trust_group,
             force,
         } => control.planned_failover(&name, trust_group.as_deref(), force),
-        Request::CompleteFailover { name, trust_group } => {
+        ReplicaRequest::CompleteFailover { name, trust_group } => {
             let info = server
                 .complete_failover(&name, trust_group.as_deref())
                 .map_err(|error| wire::error_chain(&error))?;
             serde_json::to_value(info).map_err(|error| error.to_string())
         }
-        Request::SetRecovery {
+        ReplicaRequest::SetRecovery {
             name,
             trust_group,
             policy,
@@ -74,15 +78,15 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
                 .map_err(|error| wire::error_chain(&error))?;
             serde_json::to_value(info).map_err(|error| error.to_string())
         }
-        Request::StopTest {
+        ReplicaRequest::StopTest {
             name,
             trust_group,
             force,
         } => stop_test(control, &name, trust_group.as_deref(), force),
-        Request::Status => {
+        ReplicaRequest::Status => {
             serde_json::to_value(server.replicas()).map_err(|error| error.to_string())
         }
-        Request::SetPaused {
+        ReplicaRequest::SetPaused {
             name,
             trust_group,
             paused,
@@ -92,7 +96,7 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
                 .map_err(|error| wire::error_chain(&error))?;
             serde_json::to_value(info).map_err(|error| error.to_string())
         }
-        Request::Import { dir } => {
+        ReplicaRequest::Import { dir } => {
             let (info, imported) = server
                 .import(&dir)
                 .map_err(|error| wire::error_chain(&error))?;

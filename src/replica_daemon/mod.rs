@@ -173,7 +173,7 @@ fn render_metrics(daemon: &Daemon) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use protocol::{call, Request};
+    use protocol::{call, ReplicaRequest};
     use replica::server::Transport;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::PermissionsExt;
@@ -238,7 +238,7 @@ mod tests {
             handlers::serve_control(stream, &answering)
         })
         .unwrap();
-        let value = call(&socket, &Request::Status, Duration::from_secs(10)).unwrap();
+        let value = call(&socket, &ReplicaRequest::Status, Duration::from_secs(10)).unwrap();
         let replicas: Vec<ReplicaInfo> = serde_json::from_value(value).unwrap();
         assert_eq!(replicas.len(), 1);
         assert_eq!(
@@ -260,7 +260,7 @@ mod tests {
         server.shutdown();
         let error = call(
             &dir.path().join("none"),
-            &Request::Status,
+            &ReplicaRequest::Status,
             Duration::from_secs(1),
         )
         .unwrap_err()

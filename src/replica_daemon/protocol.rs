@@ -1,6 +1,6 @@
 //! The replica daemon's control requests, shared by the daemon and the commands
 //! that talk to it. Group-level requests (`close_cycle`, `replication`) have the same
-//! shape as the primary's ([`crate::control::Request`]), so `blkrep cycles close` and
+//! shape as the primary's ([`crate::control::ControlRequest`]), so `blkrep cycles close` and
 //! `blkrep replication ...` work on a failed-over group's live disks here too.
 
 use std::path::{Path, PathBuf};
@@ -12,15 +12,15 @@ use serde_json::Value;
 use super::live::ReverseTarget;
 use crate::control::{self, ControlError, ReplicationAction};
 
-/// A control request.
+/// A request on the replica daemon's control socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// Every replica's [`ReplicaInfo`].
+pub enum ReplicaRequest {
+    /// Every replica's [`wire::api::ReplicaInfo`].
     Status,
     /// Import an initial copy from external media.
     Import {
-        /// The export directory (DIR/<group> of `blkrep replication export`).
+        /// The export directory (`DIR/<group>` of `blkrep replication export`).
         dir: PathBuf,
     },
     /// Fail over to a replica.
@@ -119,6 +119,10 @@ pub enum Request {
 }
 
 /// Sends one request to the replica daemon at `socket` and returns the result.
-pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Value, ControlError> {
+pub fn call(
+    socket: &Path,
+    request: &ReplicaRequest,
+    timeout: Duration,
+) -> Result<Value, ControlError> {
     control::call(socket, control::REPLICA, request, timeout)
 }

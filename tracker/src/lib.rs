@@ -29,8 +29,8 @@ pub mod superblock;
 pub use bitmap::{AtomicBitmap, DirtyBits};
 pub use cycle::{Change, ChangeData, ClosedCycle, CycleStats};
 pub use group::{
-    DiskSpec, DiskStatus, DiskTracker, Group, GroupConfig, GroupStatus, LogGuard, OnRingFull,
-    OpenReport, PreviousShutdown, ThrottleStats, TrackingMode,
+    DiskSpec, DiskStatus, DiskTracker, Group, GroupStatus, LogGuard, OnRingFull, OpenReport,
+    PreviousShutdown, ThrottleStats, TrackerConfig, TrackingMode,
 };
 pub use superblock::ResyncReason;
 

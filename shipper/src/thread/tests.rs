@@ -5,7 +5,7 @@ use crate::freeze::AppConsistentOptions;
 use crate::resync::Cursor;
 use crate::LocalCopySink;
 use std::os::unix::fs::FileExt;
-use tracker::{Change, ChangeData, DiskSpec, GroupConfig, ResyncReason, TrackingMode};
+use tracker::{Change, ChangeData, DiskSpec, ResyncReason, TrackerConfig, TrackingMode};
 use wire::api::TransferKind;
 
 const SIZE: u64 = 8 << 20;
@@ -47,7 +47,7 @@ impl Fixture {
             .open(&image_path)
             .unwrap();
         image.set_len(SIZE).unwrap();
-        let (group, _) = Group::open(&GroupConfig {
+        let (group, _) = Group::open(&TrackerConfig {
             name: "g".into(),
             ring_path: dir.path().join("g.ring"),
             ring_size: tracker::group::MIN_RING_SIZE,

@@ -86,7 +86,7 @@ pub struct DiskSpec {
 
 /// What a group needs to open.
 #[derive(Debug, Clone)]
-pub struct GroupConfig {
+pub struct TrackerConfig {
     /// Group name, for logs.
     pub name: String,
     /// The ring file; created and preallocated if missing.

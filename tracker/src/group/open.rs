@@ -20,7 +20,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
 use super::{
-    lock, usize_of, DiskState, Group, GroupConfig, OnRingFull, Shared, State, ThrottleStats,
+    lock, usize_of, DiskState, Group, OnRingFull, Shared, State, ThrottleStats, TrackerConfig,
     TrackingMode, MIN_RING_SIZE,
 };
 use crate::activity::{self, ActivityLog};
@@ -98,7 +98,7 @@ impl Group {
     ///
     /// After a crash, call [`Group::recovery_view`] and apply it to the images before
     /// serving, when [`OpenReport::needs_replay`] says so.
-    pub fn open(config: &GroupConfig) -> Result<(Self, OpenReport), TrackerError> {
+    pub fn open(config: &TrackerConfig) -> Result<(Self, OpenReport), TrackerError> {
         validate(config)?;
         let block_shift = config.block_size.trailing_zeros();
         let disks: Vec<DiskRecord> = config
@@ -204,7 +204,7 @@ impl Group {
     }
 }
 
-fn validate(config: &GroupConfig) -> Result<(), TrackerError> {
+fn validate(config: &TrackerConfig) -> Result<(), TrackerError> {
     if config.ring_size < MIN_RING_SIZE || config.ring_size % 4096 != 0 {
         return Err(TrackerError::Config(format!(
             "ring size must be a multiple of 4 KiB and at least {} MiB",
@@ -246,7 +246,7 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> T
 /// Opens and locks the ring file, `file_len` bytes long: preallocates it if it is new
 /// (then returns `true`), or checks its length if it is not.
 fn open_ring_file(
-    config: &GroupConfig,
+    config: &TrackerConfig,
     file_len: u64,
 ) -> Result<(Flock<File>, bool), TrackerError> {
     let path = &config.ring_path;
@@ -291,7 +291,7 @@ fn open_ring_file(
 
 /// The superblock of a ring created now.
 fn new_superblock(
-    config: &GroupConfig,
+    config: &TrackerConfig,
     block_shift: u32,
     disks: Vec<DiskRecord>,
     boot_id: [u8; 16],
@@ -317,7 +317,7 @@ fn new_superblock(
 fn read_superblock(
     first: &[u8],
     second: &[u8],
-    config: &GroupConfig,
+    config: &TrackerConfig,
     disks: &[DiskRecord],
     block_shift: u32,
 ) -> Result<Superblock, TrackerError> {
@@ -420,7 +420,7 @@ impl Shared {
     /// The shared state of a group opened with `config`: its locked ring `file`, the
     /// ring's `map`, the `state` read from it, and empty dirty maps at `block_shift`.
     fn new(
-        config: &GroupConfig,
+        config: &TrackerConfig,
         block_shift: u32,
         file: Flock<File>,
         map: MmapRaw,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 const DISK: u64 = 1 << 20;
 
-fn config(dir: &Path, ring_size: u64, disks: usize) -> GroupConfig {
-    GroupConfig {
+fn config(dir: &Path, ring_size: u64, disks: usize) -> TrackerConfig {
+    TrackerConfig {
         name: "test".into(),
         ring_path: dir.join("test.ring"),
         ring_size,
@@ -613,7 +613,7 @@ fn fake_host_crash(ring: &Path) {
 }
 
 /// Two disks of `size` bytes, with images attached (sparse files) if `attach`.
-fn open_disks(dir: &Path, size: u64, attach: bool) -> (GroupConfig, Group) {
+fn open_disks(dir: &Path, size: u64, attach: bool) -> (TrackerConfig, Group) {
     let mut cfg = config(dir, MIN_RING_SIZE, 2);
     for disk in &mut cfg.disks {
         disk.size = size;
@@ -693,7 +693,7 @@ fn a_wide_trim_marks_its_disk_whole_until_synced() {
     let crashed = dir.path().join("crashed.ring");
     std::fs::copy(&cfg.ring_path, &crashed).unwrap();
     fake_host_crash(&crashed);
-    let crashed_cfg = GroupConfig {
+    let crashed_cfg = TrackerConfig {
         ring_path: crashed,
         ..cfg.clone()
     };
