@@ -27,8 +27,7 @@
 //! ([`History::apply_guard`]) is held for a whole transfer, so a point taken by another
 //! thread never starts between a transfer's capture and its writes.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -39,6 +38,10 @@ use thiserror::Error;
 use image_ops::apply::ReplicaDisk;
 use image_ops::copy::{next_data, next_hole};
 
+mod segment;
+
+use segment::{Held, Segment};
+
 /// Unit of undo data: a capture saves whole blocks of this size (the last block of a
 /// disk may be shorter).
 pub const UNDO_BLOCK: u64 = 4096;
@@ -46,16 +49,6 @@ pub const UNDO_BLOCK: u64 = 4096;
 const MAX_RECORD: u64 = 4 << 20;
 /// Runs up to this long are read without asking where their holes are.
 const SMALL_GAP: u64 = 256 << 10;
-
-/// `BRUNDO` and a format version.
-const SEGMENT_MAGIC: [u8; 8] = *b"BRUNDO\x00\x01";
-const SEGMENT_HEADER: usize = 32;
-const SEGMENT_HEADER_LEN: u64 = SEGMENT_HEADER as u64;
-/// "UNDO", little-endian, starts every record.
-const RECORD_MAGIC: u32 = 0x4f44_4e55;
-const RECORD_HEADER_LEN: usize = 32;
-/// Record flag: the range read as zeroes (a hole); no data follows.
-const FLAG_ZERO: u32 = 1;
 
 /// Errors of the recovery history.
 #[derive(Debug, Error)]
@@ -92,15 +85,6 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Histor
     move |source| HistoryError::Io { what, path, source }
 }
 
-/// A block-aligned run a segment holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
-    length: u64,
-    /// Where the run's bytes start in the segment file (unused for zero runs).
-    data_at: u64,
-    zero: bool,
-}
-
 /// Where a piece of a point's state comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -126,262 +110,6 @@ pub struct Piece {
     pub length: u64,
     /// Where they are.
     pub source: Source,
-}
-
-/// One point's undo segment.
-#[derive(Debug)]
-struct Segment {
-    point: u64,
-    path: PathBuf,
-    file: File,
-    /// Bytes of valid records (the next record's offset).
-    len: u64,
-    /// Per disk: held runs by start offset; runs never overlap.
-    held: Vec<BTreeMap<u64, Held>>,
-    /// A record being appended.
-    scratch: Vec<u8>,
-}
-
-impl Segment {
-    fn header(point: u64, disks: u32) -> [u8; SEGMENT_HEADER] {
-        let mut header = [0u8; SEGMENT_HEADER];
-        header[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        header[8..16].copy_from_slice(&point.to_le_bytes());
-        header[16..20].copy_from_slice(&disks.to_le_bytes());
-        let crc = crc32c::crc32c(&header[0..20]);
-        header[20..24].copy_from_slice(&crc.to_le_bytes());
-        header
-    }
-
-    fn create(path: &Path, point: u64, disks: usize) -> Result<Self, HistoryError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(io_error("create", path))?;
-        let header = Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX));
-        file.write_all_at(&header, 0)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error("write", path))?;
-        Ok(Self::empty(point, path, file, disks))
-    }
-
-    /// A segment of `file` that holds nothing yet (past its header).
-    fn empty(point: u64, path: &Path, file: File, disks: usize) -> Self {
-        Segment {
-            point,
-            path: path.to_path_buf(),
-            file,
-            len: SEGMENT_HEADER_LEN,
-            held: vec![BTreeMap::new(); disks],
-            scratch: Vec::new(),
-        }
-    }
-
-    /// Opens a segment, rebuilds its index and cuts a torn tail.
-    fn open(path: &Path, point: u64, disks: usize) -> Result<Self, HistoryError> {
-        let corrupt = |reason: &str| HistoryError::Corrupt {
-            path: path.to_path_buf(),
-            reason: reason.to_string(),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_error("open", path))?;
-        let size = file.metadata().map_err(io_error("stat", path))?.len();
-        let mut header = [0u8; SEGMENT_HEADER];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|_| corrupt("no header"))?;
-        if header != Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX)) {
-            return Err(corrupt("header of another point or format"));
-        }
-        let mut segment = Self::empty(point, path, file, disks);
-        let mut data = Vec::new();
-        loop {
-            let mut record = [0u8; RECORD_HEADER_LEN];
-            if segment.len + RECORD_HEADER_LEN as u64 > size
-                || segment
-                    .file
-                    .read_exact_at(&mut record, segment.len)
-                    .is_err()
-            {
-                break;
-            }
-            let Some((disk, offset, length, zero, crc)) = parse_record(&record) else {
-                break;
-            };
-            let data_len = if zero { 0 } else { length };
-            let data_at = segment.len + RECORD_HEADER_LEN as u64;
-            if disk >= disks || data_at + data_len > size {
-                break;
-            }
-            let Ok(data_len_usize) = usize::try_from(data_len) else {
-                break;
-            };
-            data.resize(data_len_usize, 0);
-            if segment.file.read_exact_at(&mut data, data_at).is_err() {
-                break;
-            }
-            let mut check = crc32c::crc32c(&record[0..28]);
-            check = crc32c::crc32c_append(check, &data);
-            if check != crc {
-                break;
-            }
-            segment.insert(
-                disk,
-                offset,
-                Held {
-                    length,
-                    data_at,
-                    zero,
-                },
-            );
-            segment.len = data_at + data_len;
-        }
-        if segment.len < size {
-            tracing::info!(path = %path.display(), kept = segment.len, size, "Cutting the torn tail of an undo segment");
-            segment
-                .file
-                .set_len(segment.len)
-                .and_then(|()| segment.file.sync_all())
-                .map_err(io_error("truncate", path))?;
-        }
-        Ok(segment)
-    }
-
-    /// Records a run in the index. A run that overlaps one already held (a record
-    /// appended twice by a merge cut short) keeps the older one.
-    fn insert(&mut self, disk: usize, offset: u64, held: Held) {
-        let gaps = self.gaps(disk, offset, offset + held.length);
-        for (start, end) in gaps {
-            let skip = start - offset;
-            self.held[disk].insert(
-                start,
-                Held {
-                    length: end - start,
-                    data_at: if held.zero { 0 } else { held.data_at + skip },
-                    zero: held.zero,
-                },
-            );
-        }
-    }
-
-    /// The run holding `offset` in `disk`, if any, as (start, run).
-    fn holding(&self, disk: usize, offset: u64) -> Option<(u64, Held)> {
-        let (start, held) = self.held.get(disk)?.range(..=offset).next_back()?;
-        (offset < start + held.length).then_some((*start, *held))
-    }
-
-    /// Where the next held run after `offset` starts (at most `end`).
-    fn next_held(&self, disk: usize, offset: u64, end: u64) -> u64 {
-        self.held
-            .get(disk)
-            .and_then(|map| map.range(offset..end).next().map(|(start, _)| *start))
-            .unwrap_or(end)
-    }
-
-    /// The ranges of `start..end` the segment does not hold, in order.
-    fn gaps(&self, disk: usize, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut gaps = Vec::new();
-        let mut at = start;
-        while at < end {
-            if let Some((run_start, held)) = self.holding(disk, at) {
-                at = (run_start + held.length).min(end);
-                continue;
-            }
-            let next = self.next_held(disk, at, end);
-            gaps.push((at, next));
-            at = next;
-        }
-        gaps
-    }
-
-    /// Appends one record.
-    fn append(
-        &mut self,
-        disk: usize,
-        offset: u64,
-        length: u64,
-        data: Option<&[u8]>,
-    ) -> Result<(), HistoryError> {
-        let mut record = [0u8; RECORD_HEADER_LEN];
-        record[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        record[4..8].copy_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
-        record[8..16].copy_from_slice(&offset.to_le_bytes());
-        record[16..24].copy_from_slice(&length.to_le_bytes());
-        let flags = if data.is_none() { FLAG_ZERO } else { 0 };
-        record[24..28].copy_from_slice(&flags.to_le_bytes());
-        let mut crc = crc32c::crc32c(&record[0..28]);
-        if let Some(data) = data {
-            crc = crc32c::crc32c_append(crc, data);
-        }
-        record[28..32].copy_from_slice(&crc.to_le_bytes());
-        let data_at = self.len + RECORD_HEADER_LEN as u64;
-        // One write for header and data.
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&record);
-        self.scratch.extend_from_slice(data.unwrap_or_default());
-        let written = self.file.write_all_at(&self.scratch, self.len);
-        if let Err(source) = written {
-            // Leave no partial record behind (a full disk, typically).
-            let _ = self.file.set_len(self.len);
-            return Err(HistoryError::Io {
-                what: "append to",
-                path: self.path.clone(),
-                source,
-            });
-        }
-        self.len = data_at + data.map_or(0, |d| d.len() as u64);
-        self.insert(
-            disk,
-            offset,
-            Held {
-                length,
-                data_at,
-                zero: data.is_none(),
-            },
-        );
-        Ok(())
-    }
-
-    /// Reads `buf.len()` bytes of a held run at `at` in the file.
-    fn read(&self, buf: &mut [u8], at: u64) -> Result<(), HistoryError> {
-        self.file
-            .read_exact_at(buf, at)
-            .map_err(io_error("read", &self.path))
-    }
-}
-
-/// Parses a record header: (disk, offset, length, zero, crc).
-fn parse_record(record: &[u8; RECORD_HEADER_LEN]) -> Option<(usize, u64, u64, bool, u32)> {
-    let u32_at = |at: usize| {
-        let mut bytes = [0u8; 4];
-        bytes.copy_from_slice(&record[at..at + 4]);
-        u32::from_le_bytes(bytes)
-    };
-    let u64_at = |at: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&record[at..at + 8]);
-        u64::from_le_bytes(bytes)
-    };
-    if u32_at(0) != RECORD_MAGIC {
-        return None;
-    }
-    let (offset, length, flags) = (u64_at(8), u64_at(16), u32_at(24));
-    if length == 0 || length > MAX_RECORD || offset % UNDO_BLOCK != 0 || flags & !FLAG_ZERO != 0 {
-        return None;
-    }
-    offset.checked_add(length)?;
-    Some((
-        usize::try_from(u32_at(4)).ok()?,
-        offset,
-        length,
-        flags & FLAG_ZERO != 0,
-        u32_at(28),
-    ))
 }
 
 /// The undo segments of one replica, oldest point first.

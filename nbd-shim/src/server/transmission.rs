@@ -6,11 +6,11 @@
 //!   zeroing, block status) run right there; their replies are appended to the output
 //!   buffer, which is sent with one write just before the thread would block on `read`.
 //! - Requests that wait (FLUSH, CACHE, anything with FUA, and every read and write of a
-//!   device that [waits on I/O](BlockDevice::waits_on_device)) become jobs for the
-//!   connection's workers: up to [`ServerConfig::parallel_requests`] scoped threads,
-//!   started as concurrency needs them. A worker runs the job and sends its reply through
-//!   the shared writer as soon as it is done, so replies go out of order (the spec allows
-//!   it; clients match them by cookie).
+//!   device that [waits on I/O](crate::backend::BlockDevice::waits_on_device)) become
+//!   jobs for the connection's workers: up to [`ServerConfig::parallel_requests`] scoped
+//!   threads, started as concurrency needs them. A worker runs the job and sends its reply
+//!   through the shared writer as soon as it is done, so replies go out of order (the spec
+//!   allows it; clients match them by cookie).
 //!
 //! Ordering and durability: a reply is sent only after its request completed on the
 //! device (with FUA: after it is durable). A FLUSH covers every write answered before it
@@ -40,24 +40,19 @@ use std::thread;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::buffers::{OutBuf, RecvBuf};
-use super::export::ContextSource;
 use super::handshake::Session;
 use super::ServerConfig;
-use crate::backend::{BlockDevice, ZeroMode};
-use crate::proto::reply::*;
 use crate::proto::request::*;
 use crate::proto::*;
 
-/// Hole chunks smaller than this are sent as data: a chunk per tiny hole costs more than
-/// the zeroes.
-const MIN_HOLE_CHUNK: u64 = 64 << 10;
+mod executor;
+
+use executor::Executor;
+
 /// Payload buffers up to this size are kept for reuse by the next parallel write.
 const MAX_SPARE_BUFFER: usize = 4 << 20;
 /// At most this many are kept.
 const MAX_SPARE_BUFFERS: usize = 8;
-/// Most block-status descriptors per chunk (the spec's limit is 2^20; this bounds the
-/// reply to 512 KiB).
-const MAX_DESCRIPTORS: usize = 1 << 16;
 
 /// How a connection's transmission phase ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,256 +85,8 @@ struct BatchStats {
     bytes_written: u64,
 }
 
-/// Executes validated requests and encodes their replies.
-struct Executor<'a> {
-    dev: &'a dyn BlockDevice,
-    session: &'a Session,
-    out: OutBuf,
-    stats: BatchStats,
-    sparse_read_threshold: Option<u32>,
-}
-
 fn len_usize(len: u32) -> usize {
     usize::try_from(len).unwrap_or(usize::MAX)
-}
-
-impl<'a> Executor<'a> {
-    fn new(session: &'a Session, config: &ServerConfig) -> Self {
-        Executor {
-            dev: session.export.dev.as_ref(),
-            session,
-            out: OutBuf::new(64 << 10),
-            stats: BatchStats::default(),
-            sparse_read_threshold: config.sparse_read_threshold,
-        }
-    }
-
-    fn reply_ok(&mut self, cookie: u64) {
-        put_simple_reply(&mut self.out, cookie, 0);
-    }
-
-    /// Structured replies carry a message; without them only the errno goes out.
-    fn reply_error(&mut self, cookie: u64, errno: Errno, message: &str) {
-        self.stats.errors += 1;
-        if self.session.structured {
-            put_error(&mut self.out, cookie, errno, message);
-        } else {
-            put_simple_reply(&mut self.out, cookie, errno.code());
-        }
-    }
-
-    fn reply_io(&mut self, request: &Request, result: io::Result<()>) {
-        match result {
-            Ok(()) => self.reply_ok(request.cookie),
-            Err(err) => self.reply_device_error(request, &err),
-        }
-    }
-
-    fn reply_device_error(&mut self, request: &Request, err: &io::Error) {
-        let errno = Errno::from_io_error(err);
-        let command = request.op.command();
-        if errno == Errno::Io {
-            tracing::warn!(%command, offset = request.offset, length = request.length, %err, "device I/O error");
-        } else {
-            tracing::debug!(%command, offset = request.offset, length = request.length, %err, %errno, "device error");
-        }
-        let message = format!(
-            "{command} at {}+{} failed: {err}",
-            request.offset, request.length
-        );
-        self.reply_error(request.cookie, errno, &message);
-    }
-
-    fn execute(&mut self, request: &Request, payload: &[u8]) {
-        self.stats.requests += 1;
-        let (offset, length) = (request.offset, u64::from(request.length));
-        match request.op {
-            Op::Read { df } => self.read(request, df),
-            Op::Write { fua } => {
-                let result = if payload.is_empty() {
-                    Ok(())
-                } else {
-                    self.dev.write_at(payload, offset, fua)
-                };
-                if result.is_ok() {
-                    self.stats.bytes_written += u64::from(request.length);
-                }
-                self.reply_io(request, result);
-            }
-            Op::Flush => {
-                let result = self.dev.flush();
-                self.reply_io(request, result);
-            }
-            Op::Trim { fua } => {
-                let result = if length == 0 {
-                    Ok(())
-                } else {
-                    self.dev.trim(offset, length, fua)
-                };
-                self.reply_io(request, result);
-            }
-            Op::Cache => {
-                let result = if length == 0 {
-                    Ok(())
-                } else {
-                    self.dev.cache(offset, length)
-                };
-                self.reply_io(request, result);
-            }
-            Op::WriteZeroes { fua, no_hole, fast } => {
-                let mode = ZeroMode {
-                    may_trim: !no_hole,
-                    fast_only: fast,
-                };
-                let result = if length == 0 {
-                    Ok(())
-                } else {
-                    self.dev.write_zeroes(offset, length, mode, fua)
-                };
-                self.reply_io(request, result);
-            }
-            Op::BlockStatus { req_one } => self.block_status(request, req_one),
-            // Handled by the loop before execution; nothing to answer.
-            Op::Disc => {}
-        }
-    }
-
-    fn read(&mut self, request: &Request, df: bool) {
-        let start = self.out.len();
-        let len = len_usize(request.length);
-        if !self.session.structured {
-            put_simple_reply(&mut self.out, request.cookie, 0);
-            let result = self.dev.read_at(self.out.tail(len), request.offset);
-            match result {
-                Ok(()) => {
-                    self.out.commit(len);
-                    self.stats.bytes_read += u64::from(request.length);
-                }
-                Err(err) => {
-                    // Nothing was sent yet: replace the header with an error reply.
-                    self.out.truncate(start);
-                    self.reply_device_error(request, &err);
-                }
-            }
-            return;
-        }
-        if request.length == 0 {
-            put_none(&mut self.out, request.cookie);
-            return;
-        }
-        let sparse = !df
-            && self
-                .sparse_read_threshold
-                .is_some_and(|t| request.length >= t);
-        let segments = if sparse {
-            self.read_segments(request)
-        } else {
-            None
-        };
-        let segments = segments.unwrap_or_else(|| vec![(request.offset, request.length, false)]);
-        let last = segments.len().saturating_sub(1);
-        for (i, &(offset, length, hole)) in segments.iter().enumerate() {
-            // Everything is read before anything is sent, so the last content chunk can
-            // carry DONE: no error can be found while transmitting it.
-            let done = i == last;
-            if hole {
-                put_offset_hole(&mut self.out, request.cookie, offset, length, done);
-                continue;
-            }
-            put_offset_data_header(&mut self.out, request.cookie, offset, length, done);
-            let n = len_usize(length);
-            if let Err(err) = self.dev.read_at(self.out.tail(n), offset) {
-                self.out.truncate(start);
-                self.reply_device_error(request, &err);
-                return;
-            }
-            self.out.commit(n);
-        }
-        self.stats.bytes_read += u64::from(request.length);
-    }
-
-    /// Splits a large read into data and hole segments from `allocation()`; `None` when
-    /// there is no hole worth a chunk (or allocation failed: then a plain read is right).
-    fn read_segments(&self, request: &Request) -> Option<Vec<(u64, u32, bool)>> {
-        let extents = self
-            .dev
-            .allocation(request.offset, u64::from(request.length))
-            .ok()?;
-        let end = request.offset + u64::from(request.length);
-        let mut segments: Vec<(u64, u32, bool)> = Vec::new();
-        let mut at = request.offset;
-        for extent in extents {
-            if at >= end || extent.length == 0 {
-                break;
-            }
-            let piece = extent.length.min(end - at);
-            let zero = extent.flags & NBD_STATE_ZERO != 0 && piece >= MIN_HOLE_CHUNK;
-            // piece ≤ request length, a u32.
-            let piece32 = u32::try_from(piece).ok()?;
-            match segments.last_mut() {
-                Some((_, len, was_zero)) if *was_zero == zero => *len += piece32,
-                _ => segments.push((at, piece32, zero)),
-            }
-            at += piece;
-        }
-        if at < end {
-            // Whatever allocation() did not cover is read as data.
-            let rest = u32::try_from(end - at).ok()?;
-            match segments.last_mut() {
-                Some((_, len, false)) => *len += rest,
-                _ => segments.push((at, rest, false)),
-            }
-        }
-        segments.iter().any(|s| s.2).then_some(segments)
-    }
-
-    fn block_status(&mut self, request: &Request, req_one: bool) {
-        let (offset, length) = (request.offset, u64::from(request.length));
-        let alignment = self.session.export.limits.minimum;
-        let mut chunks = Vec::with_capacity(self.session.contexts.len());
-        for &(id, source) in &self.session.contexts {
-            let extents = match source {
-                ContextSource::Allocation => match self.dev.allocation(offset, length) {
-                    Ok(extents) => extents,
-                    Err(err) => {
-                        // "a server MAY reply with a single block status descriptor with
-                        // *length* matching the requested length": status 0 (allocated,
-                        // contents unknown) is always safe for base:allocation.
-                        tracing::debug!(%err, "allocation() failed; reporting the range as allocated");
-                        Vec::new()
-                    }
-                },
-                ContextSource::Backend(index) => {
-                    match self.dev.context_extents(index, offset, length) {
-                        Ok(extents) => extents,
-                        Err(err) => return self.reply_device_error(request, &err),
-                    }
-                }
-            };
-            let mut descriptors = descriptors_for(
-                &extents,
-                request.length,
-                alignment,
-                req_one,
-                MAX_DESCRIPTORS,
-            );
-            if descriptors.is_empty() {
-                if source != ContextSource::Allocation {
-                    let err = io::Error::other("The backend returned no extents");
-                    return self.reply_device_error(request, &err);
-                }
-                descriptors.push(Descriptor {
-                    length: request.length,
-                    flags: 0,
-                });
-            }
-            chunks.push((id, descriptors));
-        }
-        let last = chunks.len().saturating_sub(1);
-        for (i, (id, descriptors)) in chunks.iter().enumerate() {
-            put_block_status(&mut self.out, request.cookie, *id, descriptors, i == last);
-        }
-    }
 }
 
 /// Where replies go: the connection's own stream (every request runs on the connection

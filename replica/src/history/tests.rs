@@ -1,10 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
+use std::fs::OpenOptions;
 
 use proptest::prelude::*;
 use tracker::ChangeData;
 
+use super::segment::{parse_record, RECORD_HEADER_LEN, RECORD_MAGIC};
 use super::*;
 
 /// Disk sizes: the second is not a multiple of the undo block.

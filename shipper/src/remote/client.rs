@@ -28,13 +28,12 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use wire::api::{
-    ErrorBody, ErrorCode, API_PREFIX, EPOCH_HEADER, FIRST_EPOCH, IDENTITY_HEADER, MAX_JSON_BODY,
-    PSK_HEADER, RELATIONSHIP_HEADER,
+    ErrorBody, API_PREFIX, EPOCH_HEADER, FIRST_EPOCH, IDENTITY_HEADER, MAX_JSON_BODY, PSK_HEADER,
+    RELATIONSHIP_HEADER,
 };
 
 /// Default timeout of a control request; also the longest an upload may go without
@@ -45,170 +44,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle data connection is kept alive with an echo this often.
 pub const ECHO_INTERVAL: Duration = Duration::from_secs(90);
 
-/// How the shipper reacts to a failure (the retry table of Hyper-V Replica).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureClass {
-    /// The network or the replica server failed: retry at 1, 2, 4, 8, 10 minutes, then
-    /// every 30 minutes.
-    Network,
-    /// The replica is paused, short of space, or busy with a conflicting request (or
-    /// a local step failed): retry every interval.
-    NextInterval,
-    /// Authentication or authorisation failed: no retry; Critical.
-    Authentication,
-    /// The replica is gone or its chain is broken: suspended, Critical, until an
-    /// administrator acts.
-    Unrecoverable,
-}
+mod error;
 
-/// Errors talking to the replica server.
-#[derive(Debug, Error)]
-pub enum ClientError {
-    /// The host name does not resolve.
-    #[error("Cannot resolve {host}")]
-    Resolve {
-        /// Host name.
-        host: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// No TCP connection.
-    #[error("Cannot connect to {addr}")]
-    Connect {
-        /// Address tried last.
-        addr: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TLS handshake or the peer's certificate failed.
-    #[error("TLS with {addr} failed")]
-    Tls {
-        /// The replica's address.
-        addr: String,
-        /// The cause (holds the rustls error).
-        #[source]
-        source: std::io::Error,
-    },
-    /// The HTTP exchange broke.
-    #[error("HTTP exchange with the replica failed")]
-    Http(#[source] hyper::Error),
-    /// No answer in time.
-    #[error("The replica did not answer within {} s", .0.as_secs())]
-    Timeout(Duration),
-    /// The replica refused the request.
-    #[error("The replica refused {what} ({status}): {message}")]
-    Refused {
-        /// The request.
-        what: String,
-        /// HTTP status.
-        status: u16,
-        /// Error code from the body, when it had one.
-        code: Option<ErrorCode>,
-        /// Message from the body.
-        message: String,
-    },
-    /// The answer is not what the API says.
-    #[error("Unreadable answer from the replica to {what}: {detail}")]
-    BadAnswer {
-        /// The request.
-        what: String,
-        /// What is wrong.
-        detail: String,
-    },
-}
-
-impl ClientError {
-    /// True if the request may have reached the replica and been carried out although
-    /// no answer says so (the exchange broke, timed out or its answer was unreadable).
-    pub fn outcome_unknown(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Http(_) | ClientError::Timeout(_) | ClientError::BadAnswer { .. }
-        )
-    }
-
-    /// The replica's error code, when it refused.
-    pub fn code(&self) -> Option<ErrorCode> {
-        match self {
-            ClientError::Refused { code, .. } => *code,
-            _ => None,
-        }
-    }
-
-    /// How the shipper reacts.
-    pub fn class(&self) -> FailureClass {
-        match self {
-            ClientError::Tls { source, .. } if is_certificate_problem(source) => {
-                FailureClass::Authentication
-            }
-            // With TLS 1.3 the replica's verdict on our certificate arrives after the
-            // handshake, as an alert on the first read.
-            ClientError::Http(error) if has_certificate_problem(error) => {
-                FailureClass::Authentication
-            }
-            ClientError::Refused { status, code, .. } => match (code, status) {
-                (Some(ErrorCode::Unauthenticated | ErrorCode::Forbidden), _)
-                | (None, 401 | 403) => FailureClass::Authentication,
-                (
-                    Some(
-                        ErrorCode::NotFound
-                        | ErrorCode::ChainBroken
-                        | ErrorCode::OtherRelationship
-                        | ErrorCode::Superseded,
-                    ),
-                    _,
-                )
-                | (None, 404) => FailureClass::Unrecoverable,
-                (
-                    Some(
-                        ErrorCode::Paused
-                        | ErrorCode::Busy
-                        | ErrorCode::InsufficientStorage
-                        | ErrorCode::Conflict,
-                    ),
-                    _,
-                )
-                | (None, 423 | 503 | 507) => FailureClass::NextInterval,
-                _ => FailureClass::Network,
-            },
-            _ => FailureClass::Network,
-        }
-    }
-}
-
-fn has_certificate_problem(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(is_certificate_problem)
-        {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
-
-/// Whether a TLS failure is about certificates or credentials (permanent until an
-/// administrator fixes them) rather than a broken connection.
-fn is_certificate_problem(error: &std::io::Error) -> bool {
-    let Some(inner) = error.get_ref() else {
-        return false;
-    };
-    match inner.downcast_ref::<rustls::Error>() {
-        Some(
-            rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::AlertReceived(_)
-            | rustls::Error::PeerIncompatible(_),
-        ) => true,
-        Some(_) | None => false,
-    }
-}
+pub use error::{ClientError, FailureClass};
 
 /// How the primary proves who it is.
 #[derive(Clone)]
@@ -817,84 +655,4 @@ fn decode<A: DeserializeOwned>(what: &str, answer: Answer) -> Result<A, ClientEr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints_parse_with_default_port_and_reject_paths() {
-        assert_eq!(
-            Endpoint::parse("https://replica.dc2.example.com").ok(),
-            Some(Endpoint {
-                tls: true,
-                host: "replica.dc2.example.com".into(),
-                port: 8443
-            })
-        );
-        let v6 = Endpoint::parse("http://[::1]:9000").ok();
-        assert_eq!(
-            v6.as_ref().map(|e| e.authority()),
-            Some("[::1]:9000".into())
-        );
-        assert!(Endpoint::parse("ftp://x").is_err());
-        assert!(Endpoint::parse("https://x/v1").is_err());
-        assert!(Endpoint::parse("replica:8443").is_err());
-    }
-
-    #[test]
-    fn refusals_map_to_the_retry_table() {
-        let refused = |status, code| ClientError::Refused {
-            what: "x".into(),
-            status,
-            code,
-            message: String::new(),
-        };
-        assert_eq!(
-            refused(403, Some(ErrorCode::Forbidden)).class(),
-            FailureClass::Authentication
-        );
-        assert_eq!(refused(401, None).class(), FailureClass::Authentication);
-        assert_eq!(
-            refused(404, Some(ErrorCode::NotFound)).class(),
-            FailureClass::Unrecoverable
-        );
-        assert_eq!(
-            refused(409, Some(ErrorCode::ChainBroken)).class(),
-            FailureClass::Unrecoverable
-        );
-        assert_eq!(
-            refused(409, Some(ErrorCode::Superseded)).class(),
-            FailureClass::Unrecoverable
-        );
-        assert_eq!(
-            refused(423, Some(ErrorCode::Paused)).class(),
-            FailureClass::NextInterval
-        );
-        assert_eq!(
-            refused(507, Some(ErrorCode::InsufficientStorage)).class(),
-            FailureClass::NextInterval
-        );
-        assert_eq!(
-            refused(500, Some(ErrorCode::Internal)).class(),
-            FailureClass::Network
-        );
-        assert_eq!(refused(502, None).class(), FailureClass::Network);
-        assert_eq!(
-            ClientError::Timeout(REQUEST_TIMEOUT).class(),
-            FailureClass::Network
-        );
-        let alert = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
-        );
-        let tls = ClientError::Tls {
-            addr: "x".into(),
-            source: alert,
-        };
-        assert_eq!(tls.class(), FailureClass::Authentication);
-        let reset = ClientError::Tls {
-            addr: "x".into(),
-            source: std::io::ErrorKind::ConnectionReset.into(),
-        };
-        assert_eq!(reset.class(), FailureClass::Network);
-    }
-}
+mod tests;
