@@ -303,7 +303,8 @@ impl RawConfig {
             None => Some(None),
         };
         if let (Some(listen), Some(Some(metrics))) = (listen, metrics) {
-            if listen == metrics {
+            // Port 0 asks the kernel for a free port: two of them never collide.
+            if listen == metrics && listen.port() != 0 {
                 problems.push(format!(
                     "metrics and listen are both {listen}; metrics needs its own port"
                 ));
