@@ -6,15 +6,13 @@
 // The shared harness (tests/common) casts freely.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::nbd::Conn;
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
+use testkit::nbd::Conn;
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 /// Writes the hook script into `dir`: it appends `PHASE CYCLE GROUP DISKS` to the
 /// returned log, and with `fail_freeze` fails the freeze (exit 1, a line on stderr).
@@ -144,7 +142,7 @@ fn points_are_frozen_thawed_and_flagged_every_few_cycles() {
     let last_delivered_point = app["last_delivered_cycle"].as_u64().expect("delivered");
 
     let text = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,
@@ -220,7 +218,7 @@ fn a_failing_freeze_is_counted_still_thaws_and_replication_carries_on() {
     assert!(status["cycles_delivered"].as_u64() >= Some(2), "{status:#}");
 
     let text = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,

@@ -2,8 +2,6 @@
 //! clean shutdown on SIGTERM/SIGINT, and the offline/online split of `cycles`.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::fs;
 use std::process::Command;
 use std::sync::atomic::AtomicU64;
@@ -11,16 +9,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::nbd::Conn;
-use common::writer::{self, ThreadCfg, Writers};
-use common::{
-    assert_files_equal, assert_group_shape, read_file, run, run_ok, run_with_timeout, Consumer,
-    DiskSpec, GroupSpec, Primary, Spec, BIN, KIB, MIB, SHORT,
-};
 use nix::sys::signal::Signal;
+use testkit::nbd::Conn;
+use testkit::writer::{self, ThreadCfg, Writers};
+use testkit::{
+    assert_files_equal, assert_group_shape, bin, read_file, run, run_ok, run_with_timeout,
+    Consumer, DiskSpec, GroupSpec, Primary, Spec, KIB, MIB, SHORT,
+};
 
 fn blkrep(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.args(args);
     c
 }
@@ -132,7 +130,7 @@ fn config_errors_are_reported() {
         let cfg = root.join(format!("bad-{}.toml", what.replace(' ', "-")));
         fs::write(&cfg, &text).unwrap();
         let r = run_with_timeout(
-            Command::new(BIN).arg("primary").arg("--config").arg(&cfg),
+            Command::new(bin()).arg("primary").arg("--config").arg(&cfg),
             Duration::from_secs(15),
         );
         let o = match r {
@@ -176,7 +174,7 @@ fn config_errors_are_reported() {
     }
     let missing_cfg = root.join("no-such-config.toml");
     let o = run(
-        Command::new(BIN)
+        Command::new(bin())
             .arg("primary")
             .arg("--config")
             .arg(&missing_cfg),
@@ -214,7 +212,7 @@ fn status_json_fields() {
     }
     // Same answer through --socket.
     let o = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--json", "--socket"])
             .arg(p.layout.ctl()),
         SHORT,
@@ -227,7 +225,7 @@ fn status_json_fields() {
     );
     // Human-readable form exists.
     let o = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,
@@ -358,7 +356,7 @@ fn stop_and_check_clean(sig: Signal) {
     assert!(
         st.success(),
         "blkrep primary exited with {st} after {sig}\n{}",
-        common::tail(&p.log(), 100)
+        testkit::tail(&p.log(), 100)
     );
     let log = w.finish();
     println!(
@@ -455,7 +453,7 @@ fn offline_apply_refuses_while_daemon_runs() {
         o.report()
     );
     let o = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,

@@ -4,15 +4,13 @@
 //! image, so every client's writes are also checked to have been tracked.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::process::Command;
 
-use common::{
+use serde_json::Value;
+use testkit::{
     assert_files_equal, pseudo_random, read_file, read_range, require_tool, run, run_ok, DiskSpec,
     GroupSpec, Init, Primary, Spec, KIB, LONG, MIB, SHORT,
 };
-use serde_json::Value;
 
 /// Closes vm1's cycle and checks the local copy of every vm1 disk equals its image.
 fn close_and_compare(p: &Primary) {
@@ -27,7 +25,7 @@ fn close_and_compare(p: &Primary) {
     }
 }
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> common::Output {
+fn qemu_io(uri: &str, cmds: &[&str]) -> testkit::Output {
     require_tool("qemu-io");
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);

@@ -3,14 +3,12 @@
 //! check that
 //!   (a) the images are readable,
 //!   (b) every acknowledged write is there (allowing, per sector, any write that
-//!       was in flight at the kill; see tests/common/writer.rs for the oracle),
+//!       was in flight at the kill; see testkit/src/writer.rs for the oracle),
 //!   (c) the local copy equals the image byte for byte,
 //! then restart on the same ring and go on. Some rounds close a cycle while writing
 //! (so there are acknowledged cycles), some kill the daemon while a close is being
 //! applied.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
-
-mod common;
 
 use std::process::Stdio;
 use std::sync::atomic::AtomicU64;
@@ -18,10 +16,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::nbd::Conn;
-use common::writer::{self, ThreadCfg, Writers};
-use common::{assert_bytes_equal, read_file, DiskSpec, GroupSpec, Primary, Spec, MIB};
 use rand::{Rng, SeedableRng};
+use testkit::nbd::Conn;
+use testkit::writer::{self, ThreadCfg, Writers};
+use testkit::{assert_bytes_equal, read_file, DiskSpec, GroupSpec, Primary, Spec, MIB};
 
 const ROUNDS: usize = 10;
 
@@ -254,7 +252,7 @@ fn sigkill_under_load_then_offline_apply() {
     c.disconnect();
     p.cycles_close("vm1");
     for (name, _) in disks {
-        common::assert_files_equal(
+        testkit::assert_files_equal(
             &p.copy_image("vm1", name),
             &p.image(name),
             "copy after the final close",
@@ -341,7 +339,7 @@ fn sigkill_then_restart_recovers_without_offline_apply() {
         }
         p.cycles_close("vm1");
         for (name, _) in disks {
-            common::assert_files_equal(
+            testkit::assert_files_equal(
                 &p.copy_image("vm1", name),
                 &p.image(name),
                 &format!("round {round}: copy after restart (no offline apply) and a close"),

@@ -8,15 +8,13 @@
 //! close must give m = N and copies equal to the images.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::nbd::Conn;
-use common::{assert_files_equal, read_file, DiskSpec, GroupSpec, Primary, Spec, MIB};
+use testkit::nbd::Conn;
+use testkit::{assert_files_equal, read_file, DiskSpec, GroupSpec, Primary, Spec, MIB};
 
 const SLOT: u64 = 4096;
 const DISK_SIZE: u64 = 64 * MIB;

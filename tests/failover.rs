@@ -11,17 +11,15 @@
 //! sends only new writes.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
 use serde_json::{json, Value};
+use testkit::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 fn replica_disks(replica: &Replica) -> Vec<Vec<u8>> {
     ["disk0", "disk1"]
@@ -524,7 +522,7 @@ fn reverse_to(
 
 /// `blkrep replica seed` of vm1 on `replica` from primary `p`'s configuration.
 fn seed_from(replica: &Replica, p: &Primary) -> Command {
-    let mut seed = Command::new(BIN);
+    let mut seed = Command::new(bin());
     seed.args(["replica", "seed", "--config"])
         .arg(replica.config())
         .args(["--trust-group", "dc1", "--name", "vm1", "--from-primary"])

@@ -1,9 +1,7 @@
 //! Self-tests of the fault-injecting TCP proxy used by the whole-system tests
-//! (`common::fault_proxy`), against tiny in-process echo and sink servers.
+//! (`testkit::fault_proxy`), against tiny in-process echo and sink servers.
 // As in every test crate: the shared helpers in `common` cast u64 sizes to usize.
 #![allow(clippy::cast_possible_truncation)]
-
-mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::FaultProxy;
+use testkit::fault_proxy::FaultProxy;
 
 const WAIT: Duration = Duration::from_secs(2);
 

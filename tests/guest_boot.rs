@@ -5,14 +5,12 @@
 //! checking the image file with e2fsprogs once the daemon has stopped.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use testkit::*;
 
 const GROUP: &str = "vm1";
 const DISK: &str = "disk0";
@@ -314,7 +312,7 @@ fn a_guest_writes_an_ext4_file_system_through_the_primary_and_a_second_guest_rea
 /// every file.
 #[test]
 fn a_guest_boots_from_the_failed_over_replica_and_finds_its_files() {
-    use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+    use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
     let kit = GuestKit::build();
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = lab_certs(dir.path());
@@ -339,7 +337,7 @@ fn a_guest_boots_from_the_failed_over_replica_and_finds_its_files() {
     p.kill();
 
     let failover = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["replica", "failover", "--name", GROUP, "--config"])
             .arg(replica.config()),
         LONG,

@@ -3,14 +3,12 @@
 //! socket and over TCP; plus a few raw-protocol probes no stock client sends.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::nbd::{self, Conn};
-use common::{DiskSpec, GroupSpec, Init, Primary, Spec, MIB, PYTHON};
+use testkit::nbd::{self, Conn};
+use testkit::{DiskSpec, GroupSpec, Init, Primary, Spec, MIB, PYTHON};
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/nbd_conformance.py")
@@ -36,8 +34,8 @@ fn spec() -> Spec {
 }
 
 fn run_script(uri: &dyn Fn(&str) -> String) {
-    common::require_python_libnbd();
-    let o = common::run(
+    testkit::require_python_libnbd();
+    let o = testkit::run(
         Command::new(PYTHON)
             .arg(script())
             .args(["--uri", &uri("disk0")])
@@ -164,7 +162,7 @@ fn raw_protocol_edges() {
         other => panic!("write to read-only export: expected EPERM, got {other:?}"),
     }
     assert_eq!(r.read(0, 4096).unwrap(), before);
-    let img = common::read_range(&p.image("ro0"), 0, 4096);
+    let img = testkit::read_range(&p.image("ro0"), 0, 4096);
     assert_eq!(img, before, "ro0 export does not serve its image");
     r.disconnect();
 

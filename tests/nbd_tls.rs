@@ -9,8 +9,6 @@
 //! they dialled.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::nbd::{IHAVEOPT, NBD_MAGIC};
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::{
+use testkit::nbd::{IHAVEOPT, NBD_MAGIC};
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::{
     free_port, require_python_libnbd, require_tool, run, Output, Primary, Spec, MIB, PYTHON, SHORT,
 };
 
@@ -136,7 +134,7 @@ fn qemu_writes_and_reads_back_over_tls() {
         read.report()
     );
     // The bytes reached the image through the daemon.
-    let image = common::read_range(&setup.primary.image("disk0"), MIB, 2 * MIB as usize);
+    let image = testkit::read_range(&setup.primary.image("disk0"), MIB, 2 * MIB as usize);
     assert!(image.iter().all(|&b| b == 0xab));
 
     // qemu-img copies the whole export out over TLS.
@@ -157,7 +155,7 @@ fn qemu_writes_and_reads_back_over_tls() {
         SHORT,
     );
     assert!(converted.success(), "{}", converted.report());
-    common::assert_files_equal(
+    testkit::assert_files_equal(
         &copy,
         &setup.primary.image("disk0"),
         "qemu-img copy over TLS",
@@ -285,12 +283,12 @@ fn clients_without_a_certificate_from_the_ca_are_refused() {
     assert!(!refused.success(), "{}", refused.report());
     let written = setup.qemu_io(&other_ca, "write -P 0xcd 0 64k");
     assert!(!written.success(), "{}", written.report());
-    let image = common::read_range(&setup.primary.image("disk0"), 0, 65536);
+    let image = testkit::read_range(&setup.primary.image("disk0"), 0, 65536);
     assert!(image.iter().all(|&b| b == 0));
     assert!(
         setup.primary.log().contains("TLS handshake failed"),
         "{}",
-        common::tail(&setup.primary.log(), 30)
+        testkit::tail(&setup.primary.log(), 30)
     );
 }
 
@@ -307,7 +305,7 @@ fn optional_tls_serves_plain_and_tls_clients() {
     assert!(tls.stdout.contains("disk0"), "{}", tls.report());
     let written = setup.qemu_io(&dir, "write -P 0x5a 0 1M");
     assert!(written.success(), "{}", written.report());
-    let image = common::read_range(&setup.primary.image("disk0"), 0, MIB as usize);
+    let image = testkit::read_range(&setup.primary.image("disk0"), 0, MIB as usize);
     assert!(image.iter().all(|&b| b == 0x5a));
 }
 

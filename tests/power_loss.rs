@@ -5,22 +5,20 @@
 //! ring's boot id (a power loss is a new boot), remount, restart, check.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
-use common::power_loss::{
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use testkit::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
+use testkit::power_loss::{
     check_after_power_loss, fuse_available, place_primary_on, place_replica_storage_on,
     pretend_host_crash, read_prefix, seed, FlushingWriter, PowerLossDir,
 };
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::{assert_bytes_equal, tail, Consumer, DiskSpec, GroupSpec, Primary, Spec, LONG, MIB};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::{assert_bytes_equal, tail, Consumer, DiskSpec, GroupSpec, Primary, Spec, LONG, MIB};
 
 /// The activity log's extent (tracker/src/activity.rs).
 const EXTENT: u64 = 64 * MIB;
@@ -120,7 +118,7 @@ fn primary_power_loss_keeps_flushed_writes_and_resyncs_only_the_active_extents()
             tail(&since_start, 30)
         );
         let group = p.group_status("vm1");
-        common::assert_group_shape(&group);
+        testkit::assert_group_shape(&group);
         assert_eq!(group["resync_required"], true, "crash {crash}: {group:#}");
         assert!(
             group["resync_reason"]
@@ -162,8 +160,8 @@ fn primary_power_loss_keeps_flushed_writes_and_resyncs_only_the_active_extents()
         "no cut dropped anything: the test did not exercise a power loss"
     );
     assert_bytes_equal(
-        &common::read_file(&image),
-        &common::read_file(&replica_disk),
+        &testkit::read_file(&image),
+        &testkit::read_file(&replica_disk),
         "replica vs primary, whole disk",
     );
     println!(
@@ -294,8 +292,8 @@ fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix
     replica.wait_applied("vm1", last, LONG);
     for disk in ["disk0", "disk1"] {
         assert_bytes_equal(
-            &common::read_file(&p.image(disk)),
-            &common::read_file(&replica.disk("dc1", "vm1", disk)),
+            &testkit::read_file(&p.image(disk)),
+            &testkit::read_file(&replica.disk("dc1", "vm1", disk)),
             &format!("{disk}: replica vs primary after {REPLICA_CRASHES} replica power cuts"),
         );
     }

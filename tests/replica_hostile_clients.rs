@@ -6,19 +6,17 @@
 //! refused; and everything the daemons create is private (0600 files, 0700 dirs).
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::hostile::{
+use testkit::hostile::{
     closed_by_server, idle_connection, with_open_files_limit, ClientCert, TlsClient,
 };
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 const PER_ADDRESS: usize = 16;
 const HANDSHAKE: Duration = Duration::from_secs(2);

@@ -4,17 +4,15 @@
 //! images after every applied cycle.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::FaultProxy;
-use common::replica::{
+use serde_json::Value;
+use testkit::fault_proxy::FaultProxy;
+use testkit::replica::{
     dc1, lab_certs as certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST, ROGUE_HOST,
 };
-use common::*;
-use serde_json::Value;
+use testkit::*;
 
 /// A primary with group vm1 of the given disks, replicating with `consumer` lines.
 fn primary(disks: Vec<DiskSpec>, consumer: String) -> Primary {
@@ -122,7 +120,7 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
     assert_eq!(status["compression"]["mode"], "auto", "{status:#}");
     // The text status names state, health, lag and compression.
     let text = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--config"])
             .arg(p.config()),
         SHORT,
@@ -331,7 +329,7 @@ fn an_initial_copy_exported_to_media_and_imported_crosses_no_network() {
     assert!(!again.success(), "{}", again.all());
 
     let imported = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["replica", "import", "--config"])
             .arg(replica.config())
             .arg(media.join("vm1")),
@@ -366,7 +364,7 @@ fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
     replica.wait_applied("vm1", p.cycles_close("vm1"), LONG);
     let replica_cmd = |verb: &str| {
         run(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(["replica", verb, "--config"])
                 .arg(replica.config())
                 .args(["--name", "vm1"]),
@@ -376,7 +374,7 @@ fn a_replica_paused_on_its_side_refuses_cycles_until_resumed() {
     let paused = replica_cmd("pause");
     assert!(paused.success(), "{}", paused.all());
     let status = run_ok(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["replica", "status", "--config"])
             .arg(replica.config()),
         LONG,

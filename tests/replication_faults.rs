@@ -1,6 +1,6 @@
 //! Faults on the replication link, with real daemons: a `blkrep primary` and a
 //! `blkrep replica` as separate processes on loopback with mutual TLS (certificates
-//! from `blkrep cert`), and the fault-injecting TCP proxy (`common::fault_proxy`)
+//! from `blkrep cert`), and the fault-injecting TCP proxy (`testkit::fault_proxy`)
 //! between them: the primary's consumer url points at the proxy, the proxy at the
 //! replica.
 //!
@@ -13,18 +13,16 @@
 //! interruption: transfers resume at the first chunk the replica lacks.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::fs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::fault_proxy::FaultProxy;
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
 use serde_json::Value;
+use testkit::fault_proxy::FaultProxy;
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 const GROUP: &str = "vm1";
 const TRUST_GROUP: &str = "dc1";

@@ -24,8 +24,6 @@
 //!   made-up states (gaps across disks, stale, torn and misplaced blocks).
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -35,14 +33,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::nbd::Conn;
-use common::ordered::*;
-use common::replica::{dc1, lab_certs as certs, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::writer::{pattern, BLOCK};
-use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use testkit::nbd::Conn;
+use testkit::ordered::*;
+use testkit::replica::{dc1, lab_certs as certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::writer::{pattern, BLOCK};
+use testkit::*;
 
 /// The last lines of both daemons' logs, for assertion messages.
 fn logs(p: &Primary, replica: &Replica) -> String {

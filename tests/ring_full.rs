@@ -13,17 +13,15 @@
 //!   converges (today's behaviour).
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
 use serde_json::Value;
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 const DISK_SIZE: u64 = 16 * MIB;
 const RING: &str = "4MiB";

@@ -4,11 +4,9 @@
 //! the next close still brings the copy up to date.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::process::Command;
 
-use common::{
+use testkit::{
     assert_files_equal, read_range, require_tool, run, run_ok, DiskSpec, GroupSpec, Primary, Spec,
     LONG, MIB, SHORT,
 };

@@ -21,8 +21,6 @@
 //! there at the end, passed or failed), BLKREP_SOAK_COMMIT (named in the report).
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
-mod common;
-
 use std::fmt::Write as _;
 use std::fs;
 use std::net::SocketAddr;
@@ -32,17 +30,17 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::fault_proxy::FaultProxy;
-use common::nbd::Conn;
-use common::ordered::{ordered_prefix, OrderedWrite, ORDERED_REGION};
-use common::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::soak::{machine_description, ReconnectingOrderedWriter, Samples, StatusSampler};
-use common::writer::{self, pattern, RoundLog, ThreadCfg, Writers};
-use common::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use testkit::fault_proxy::FaultProxy;
+use testkit::nbd::Conn;
+use testkit::ordered::{ordered_prefix, OrderedWrite, ORDERED_REGION};
+use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::soak::{machine_description, ReconnectingOrderedWriter, Samples, StatusSampler};
+use testkit::writer::{self, pattern, RoundLog, ThreadCfg, Writers};
+use testkit::*;
 
 const TRUST_GROUP: &str = "dc1";
 /// Groups written by ordered writers; their recovery points are prefix-checked.
@@ -608,7 +606,7 @@ impl Soak {
             // The original site's replica server takes the old primary's disks as the
             // existing copy replication comes back to (copied: the primary runs on).
             run_ok(
-                std::process::Command::new(BIN)
+                std::process::Command::new(bin())
                     .args(["replica", "seed", "--config"])
                     .arg(self.replica_a.config())
                     .args(["--trust-group", TRUST_GROUP, "--name", g, "--from-primary"])

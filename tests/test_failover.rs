@@ -3,16 +3,14 @@
 //! served as writable NBD exports by the replica daemon while replication goes on.
 #![allow(clippy::cast_possible_truncation)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
-use common::*;
 use serde_json::Value;
+use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
 
 fn qemu_io(uri: &str, command: &str) -> Output {
     let qemu_io = require_tool("qemu-io");

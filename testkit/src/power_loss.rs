@@ -21,9 +21,9 @@ use powerloss_fs::{Dropped, Mounted};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::nbd::Conn;
-use super::writer::{describe_sector, pattern, BLOCK, SECTOR};
-use super::Primary;
+use crate::nbd::Conn;
+use crate::writer::{describe_sector, pattern, BLOCK, SECTOR};
+use crate::Primary;
 
 /// The seed of a randomised test: `BLKREP_TEST_SEED`, else the clock. Printed so a
 /// failure can be replayed.
@@ -55,10 +55,14 @@ pub fn fuse_available() -> bool {
 /// A backing directory and its power-loss mount, cut and remounted by the test.
 #[derive(Debug)]
 pub struct PowerLossDir {
+    /// Where the files really are (what survives a cut).
     pub backing: PathBuf,
+    /// The powerloss-fs mount over it, which the daemon uses.
     pub mnt: PathBuf,
     fs: Option<Mounted>,
+    /// Power cuts so far.
     pub cuts: u32,
+    /// What all cuts so far dropped.
     pub dropped: Dropped,
 }
 
@@ -160,9 +164,13 @@ pub fn pretend_host_crash(ring: &Path) {
 /// One write of a [`FlushingWriter`].
 #[derive(Debug, Clone, Copy)]
 pub struct FlushedWrite {
+    /// Its sequence number (the pattern's tag).
     pub seq: u64,
+    /// Its offset in bytes.
     pub off: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// Whether the server acknowledged it.
     pub acked: bool,
 }
 
@@ -170,12 +178,16 @@ pub struct FlushedWrite {
 /// were made durable by a completed FLUSH.
 #[derive(Debug, Default)]
 pub struct FlushLog {
+    /// Every write, in the order sent.
     pub writes: Vec<FlushedWrite>,
+    /// How many of the first writes a completed FLUSH made durable.
     pub durable: usize,
+    /// FLUSHes completed.
     pub flushes: u64,
 }
 
 impl FlushLog {
+    /// How many writes were acknowledged.
     pub fn acked(&self) -> usize {
         self.writes.iter().filter(|w| w.acked).count()
     }
@@ -196,6 +208,8 @@ pub struct FlushingWriter {
 }
 
 impl FlushingWriter {
+    /// Connects to `export` on `sock` and starts writing; sequence numbers come from
+    /// `seqs` (unique across rounds), `seed` makes the run reproducible.
     pub fn start(
         sock: &Path,
         export: &str,
@@ -256,6 +270,7 @@ impl FlushingWriter {
         FlushingWriter { shared, handle }
     }
 
+    /// How many writes were acknowledged so far.
     pub fn acked_so_far(&self) -> usize {
         self.shared.log.lock().expect("log").acked()
     }
@@ -336,7 +351,7 @@ pub fn read_prefix(path: &Path, len: u64) -> Vec<u8> {
 /// it, moves the storage directory into the backing directory, leaves a symlink to
 /// the mount in its place (so the fixture's paths read through the mount), restarts.
 pub fn place_replica_storage_on(
-    replica: &mut super::replica::Replica,
+    replica: &mut crate::replica::Replica,
     trust_group: &str,
     dir: &PowerLossDir,
 ) {

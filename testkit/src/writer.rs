@@ -15,6 +15,8 @@
 //! so they are always candidates. The content from before the round is a candidate
 //! only if no acknowledged write covers the sector. A sector may be torn between
 //! candidates of the same block, so each sector is judged on its own.
+// Offsets, blocks and sequence numbers of test disks (a few hundred MiB) fit usize.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,21 +26,33 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::nbd::Conn;
+use crate::nbd::Conn;
 
+/// Writes are aligned to 4 KiB blocks.
 pub const BLOCK: u64 = 4096;
+/// Images are judged per 512-byte sector.
 pub const SECTOR: usize = 512;
 
+/// One request of a writer thread, recorded before it is sent.
 #[derive(Debug, Clone)]
 pub struct WriteRec {
+    /// Its sequence number (the pattern's tag).
     pub seq: u64,
+    /// The disk (index into the test's disks).
     pub disk: usize,
+    /// The writer thread (connection) that sent it.
     pub conn: usize,
+    /// Its offset in bytes.
     pub off: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// A WRITE_ZEROES rather than a data write.
     pub zero: bool,
+    /// Sent with FUA.
     pub fua: bool,
+    /// The logical clock when it was sent.
     pub issue: u64,
+    /// The logical clock when its reply arrived, if it did.
     pub ack: Option<u64>,
 }
 
@@ -112,13 +126,16 @@ pub struct Writers {
 /// What a round of writing did.
 #[derive(Debug, Default)]
 pub struct RoundLog {
+    /// Every request, in the order sent.
     pub writes: Vec<WriteRec>,
 }
 
 impl RoundLog {
+    /// Requests acknowledged.
     pub fn acked(&self) -> usize {
         self.writes.iter().filter(|w| w.ack.is_some()).count()
     }
+    /// Requests sent and never acknowledged.
     pub fn unacked(&self) -> usize {
         self.writes.len() - self.acked()
     }
@@ -156,10 +173,12 @@ impl Writers {
         self.shared.expect_loss.store(true, Ordering::SeqCst);
     }
 
+    /// Bytes acknowledged so far.
     pub fn bytes_written(&self) -> u64 {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
+    /// Requests acknowledged so far.
     pub fn acked_so_far(&self) -> usize {
         self.shared
             .recs

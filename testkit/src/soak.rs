@@ -20,10 +20,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use super::nbd::Conn;
-use super::ordered::{draw_ordered_write, OrderedWrite};
-use super::writer::{pattern, BLOCK};
-use super::{run_with_timeout, BIN, SHORT};
+use crate::nbd::Conn;
+use crate::ordered::{draw_ordered_write, OrderedWrite};
+use crate::writer::{pattern, BLOCK};
+use crate::{bin, run_with_timeout, SHORT};
 
 /// How long a reconnecting writer keeps retrying one write before it reports the
 /// daemon as gone for good (a restart takes a few seconds; a failover stops writers).
@@ -220,8 +220,11 @@ impl Session {
 /// restart starts its counters at zero).
 #[derive(Debug, Clone, Default)]
 pub struct GroupCounters {
+    /// Cycles delivered to the replica.
     pub cycles_delivered: u64,
+    /// Bytes of those cycles.
     pub bytes_delivered: u64,
+    /// Bytes sent on the network for them.
     pub network_bytes: u64,
     last: [u64; 3],
 }
@@ -244,12 +247,14 @@ impl GroupCounters {
 /// What the sampler saw.
 #[derive(Debug, Clone, Default)]
 pub struct Samples {
+    /// Samples taken.
     pub taken: u64,
     /// Samples that found the daemon down (killed, restarting).
     pub missed: u64,
     /// The highest lag (recovery point objective) any group showed, which group, and
     /// how far into the run.
     pub max_lag: Option<(u64, String, Duration)>,
+    /// Each group's counters.
     pub groups: BTreeMap<String, GroupCounters>,
 }
 
@@ -262,6 +267,7 @@ pub struct StatusSampler {
 }
 
 impl StatusSampler {
+    /// Starts sampling the primary of the configuration file `config`.
     pub fn start(config: &Path) -> Self {
         let samples = Arc::new(Mutex::new(Samples::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -301,6 +307,7 @@ impl StatusSampler {
         self.samples.lock().expect("samples").clone()
     }
 
+    /// Stops sampling and returns what was seen.
     pub fn finish(self) -> Samples {
         let StatusSampler {
             samples,
@@ -316,7 +323,7 @@ impl StatusSampler {
 
 fn sample_status(config: &Path) -> Option<Value> {
     let out = run_with_timeout(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["status", "--json", "--config"])
             .arg(config),
         SHORT,

@@ -85,8 +85,11 @@ pub fn with_open_files_limit<T>(soft: u64, f: impl FnOnce() -> T) -> T {
 /// Where a mutual-TLS client's certificate, key and CA are.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientCert<'a> {
+    /// The client's certificate.
     pub cert: &'a Path,
+    /// The client's private key.
     pub key: &'a Path,
+    /// The CA the server's certificate is checked against.
     pub ca: &'a Path,
 }
 
@@ -102,7 +105,7 @@ pub struct TlsClient {
 impl TlsClient {
     /// Connects to `127.0.0.1:port` with `cert`.
     pub fn connect(port: u16, cert: ClientCert<'_>) -> TlsClient {
-        let mut child = Command::new(super::require_tool("openssl"))
+        let mut child = Command::new(crate::require_tool("openssl"))
             .args(["s_client", "-quiet", "-connect"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("-cert")

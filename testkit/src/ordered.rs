@@ -2,6 +2,8 @@
 //! acknowledged, each block it writes tagged with k, spread over two disks; a state of
 //! the disks is one the primary had if it holds exactly the effect of writes 1..m for
 //! some m.
+// Offsets, blocks and sequence numbers of test disks (a few hundred MiB) fit usize.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,12 +14,13 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::nbd::Conn;
-use super::writer::{describe_sector, pattern, BLOCK};
-use super::MIB;
+use crate::nbd::Conn;
+use crate::writer::{describe_sector, pattern, BLOCK};
+use crate::MIB;
 
 /// Bytes of each disk the ordered writer owns (fio and qemu-io write beyond).
 pub const ORDERED_REGION: u64 = 16 * MIB;
+/// 4 KiB blocks of each disk the ordered writer owns.
 pub const ORDERED_BLOCKS: u64 = ORDERED_REGION / BLOCK;
 /// Half the writes land in the first blocks, so writes overwrite each other often.
 pub const HOT_BLOCKS: u64 = 256;
@@ -27,26 +30,30 @@ pub const ORDERED_RATE: f64 = 700.0;
 /// Write k (1-based) of the ordered writer.
 #[derive(Debug, Clone, Copy)]
 pub struct OrderedWrite {
+    /// The disk it goes to: 0 or 1.
     pub disk: usize,
+    /// Its first 4 KiB block.
     pub block: u64,
+    /// How many blocks it writes.
     pub blocks: u64,
 }
 
+/// What the ordered writer and the test share: the writes and how far they got.
 #[derive(Debug, Default)]
 pub struct OrderedShared {
     /// Write k at index k-1, recorded before it is sent.
     pub writes: Mutex<Vec<OrderedWrite>>,
     /// The newest write sent, and the newest acknowledged.
     pub issued: AtomicU64,
+    /// The newest write acknowledged.
     pub acked: AtomicU64,
+    /// Set to stop the writer after its current write.
     pub stop: Arc<AtomicBool>,
     /// The daemon may die under the writer: a failed write ends it instead of failing
     /// the test.
     pub may_fail: AtomicBool,
 }
 
-/// Writes k = 1, 2, ... one at a time over one connection per disk; each 16-byte unit
-/// of write k holds `[k, offset]` (`common::writer::pattern`). Returns the count.
 /// The next write of an ordered writer: 1 to 4 blocks on either
 /// disk, in the hot blocks half of the time.
 pub fn draw_ordered_write(rng: &mut StdRng) -> OrderedWrite {
@@ -64,6 +71,8 @@ pub fn draw_ordered_write(rng: &mut StdRng) -> OrderedWrite {
     }
 }
 
+/// Writes k = 1, 2, ... one at a time over one connection per disk; each 16-byte unit
+/// of write k holds `[k, offset]` ([`crate::writer::pattern`]). Returns the count.
 pub fn ordered_writer(sock: PathBuf, sh: Arc<OrderedShared>, seed: u64) -> JoinHandle<u64> {
     thread::Builder::new()
         .name("ordered-writer".into())

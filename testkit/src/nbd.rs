@@ -12,45 +12,79 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// The greeting's magic, "NBDMAGIC".
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// The newstyle magic, "IHAVEOPT", in the greeting and before every option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// The magic of an option reply.
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// The magic of a transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// The magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
+/// Handshake flag (and client flag): fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+/// Handshake flag (and client flag): no 124 zero bytes after NBD_OPT_EXPORT_NAME.
 pub const FLAG_NO_ZEROES: u16 = 2;
 
+/// NBD_OPT_EXPORT_NAME.
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// NBD_OPT_ABORT.
 pub const OPT_ABORT: u32 = 2;
+/// NBD_OPT_GO.
 pub const OPT_GO: u32 = 7;
+/// NBD_REP_ACK.
 pub const REP_ACK: u32 = 1;
+/// NBD_REP_INFO.
 pub const REP_INFO: u32 = 3;
+/// NBD_INFO_EXPORT.
 pub const INFO_EXPORT: u16 = 0;
+/// NBD_INFO_BLOCK_SIZE.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
+/// NBD_CMD_READ.
 pub const CMD_READ: u16 = 0;
+/// NBD_CMD_WRITE.
 pub const CMD_WRITE: u16 = 1;
+/// NBD_CMD_DISC.
 pub const CMD_DISC: u16 = 2;
+/// NBD_CMD_FLUSH.
 pub const CMD_FLUSH: u16 = 3;
+/// NBD_CMD_TRIM.
 pub const CMD_TRIM: u16 = 4;
+/// NBD_CMD_WRITE_ZEROES.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// NBD_CMD_FLAG_FUA.
 pub const CMD_FLAG_FUA: u16 = 1;
+/// NBD_CMD_FLAG_NO_HOLE.
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
 
+/// Transmission flag NBD_FLAG_READ_ONLY.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag NBD_FLAG_SEND_FLUSH.
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag NBD_FLAG_SEND_FUA.
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+/// Transmission flag NBD_FLAG_SEND_TRIM.
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag NBD_FLAG_SEND_WRITE_ZEROES.
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag NBD_FLAG_CAN_MULTI_CONN.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
+/// NBD errno EPERM.
 pub const EPERM: u32 = 1;
+/// NBD errno EIO.
 pub const EIO: u32 = 5;
+/// NBD errno EINVAL.
 pub const EINVAL: u32 = 22;
+/// NBD errno ENOSPC.
 pub const ENOSPC: u32 = 28;
+/// NBD errno EOVERFLOW.
 pub const EOVERFLOW: u32 = 75;
 
+/// Why a request failed.
 #[derive(Debug)]
 pub enum Error {
     /// The server answered with this NBD errno; the connection stays usable.
@@ -74,6 +108,7 @@ impl From<io::Error> for Error {
     }
 }
 
+/// The result of a request.
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug)]
@@ -111,8 +146,11 @@ fn proto_err(msg: String) -> io::Error {
 #[derive(Debug)]
 pub struct Conn {
     s: Stream,
+    /// The export's name.
     pub export: String,
+    /// The export's size in bytes.
     pub size: u64,
+    /// The transmission flags the server sent.
     pub tflags: u16,
     /// NBD_INFO_BLOCK_SIZE (minimum, preferred, maximum) if the server sent it.
     pub block_size: Option<(u32, u32, u32)>,
@@ -122,6 +160,7 @@ pub struct Conn {
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Conn {
+    /// Enters transmission on `export` over the unix socket `path` with NBD_OPT_GO.
     pub fn connect_unix(path: &Path, export: &str) -> io::Result<Conn> {
         let s = UnixStream::connect(path)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -174,6 +213,7 @@ impl Conn {
         })
     }
 
+    /// Enters transmission on `export` over TCP to `addr` with NBD_OPT_GO.
     pub fn connect_tcp(addr: &str, export: &str) -> io::Result<Conn> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
@@ -340,16 +380,19 @@ impl Conn {
         Ok(data)
     }
 
+    /// NBD_CMD_READ of `len` bytes at `offset`.
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>> {
         self.raw(0, CMD_READ, offset, len, &[])
     }
 
+    /// NBD_CMD_WRITE of `data` at `offset`, with FUA if asked.
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         let len = u32::try_from(data.len()).expect("write length fits u32");
         self.raw(flags, CMD_WRITE, offset, len, data).map(|_| ())
     }
 
+    /// NBD_CMD_WRITE_ZEROES (NO_HOLE unless `may_trim`, FUA if asked).
     pub fn write_zeroes(&mut self, offset: u64, len: u32, may_trim: bool, fua: bool) -> Result<()> {
         let mut flags = if fua { CMD_FLAG_FUA } else { 0 };
         if !may_trim {
@@ -359,10 +402,12 @@ impl Conn {
             .map(|_| ())
     }
 
+    /// NBD_CMD_TRIM.
     pub fn trim(&mut self, offset: u64, len: u32) -> Result<()> {
         self.raw(0, CMD_TRIM, offset, len, &[]).map(|_| ())
     }
 
+    /// NBD_CMD_FLUSH.
     pub fn flush(&mut self) -> Result<()> {
         self.raw(0, CMD_FLUSH, 0, 0, &[]).map(|_| ())
     }

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
 
-use super::{free_port, pid, run, Output, BIN, SHORT};
+use crate::command::{pid, run, tail, Output};
+use crate::{bin, free_port, LONG, SHORT};
 
 /// A lab CA and host certificates, made by `blkrep cert`.
 #[derive(Debug)]
 pub struct LabCerts {
+    /// The directory holding the CA and every certificate and key.
     pub dir: PathBuf,
 }
 
@@ -24,12 +26,12 @@ impl LabCerts {
     pub fn create(dir: &Path, hosts: &[&[&str]]) -> LabCerts {
         fs::create_dir_all(dir).expect("mkdir certs");
         let o = run(
-            Command::new(BIN).args(["cert", "ca", "--dir"]).arg(dir),
+            Command::new(bin()).args(["cert", "ca", "--dir"]).arg(dir),
             SHORT,
         );
         assert!(o.success(), "blkrep cert ca failed\n{}", o.report());
         for names in hosts {
-            let mut cmd = Command::new(BIN);
+            let mut cmd = Command::new(bin());
             cmd.args(["cert", "issue", "--dir"]).arg(dir);
             for name in *names {
                 cmd.args(["--name", name]);
@@ -41,12 +43,15 @@ impl LabCerts {
             dir: dir.to_path_buf(),
         }
     }
+    /// The CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    /// The certificate of `host` (its first name).
     pub fn cert(&self, host: &str) -> PathBuf {
         self.dir.join(format!("{host}.pem"))
     }
+    /// The private key of `host` (its first name).
     pub fn key(&self, host: &str) -> PathBuf {
         self.dir.join(format!("{host}.key"))
     }
@@ -65,7 +70,9 @@ impl LabCerts {
 /// One `[[authorization]]` entry.
 #[derive(Debug, Clone)]
 pub struct Auth {
+    /// The `primary` pattern, if any.
     pub primary: Option<String>,
+    /// The trust group (its storage is the temp dir's `storage-GROUP`).
     pub trust_group: String,
 }
 
@@ -96,7 +103,9 @@ pub fn lab_certs(dir: &Path) -> LabCerts {
 #[derive(Debug)]
 pub struct Replica {
     _dir: tempfile::TempDir,
+    /// Its temp dir: configuration, log, sockets and storages.
     pub root: PathBuf,
+    /// The port of its replica API on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
     starts: u32,
@@ -154,18 +163,19 @@ impl Replica {
         replica
     }
 
+    /// `https://HOST:PORT`, its API as a primary names it.
     pub fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.port)
     }
     /// Runs `blkrep replica ARGS --config <this replica's>`.
     pub fn cli(&self, args: &[&str]) -> Output {
         run(
-            Command::new(BIN)
+            Command::new(bin())
                 .arg("replica")
                 .args(args)
                 .arg("--config")
                 .arg(self.config()),
-            super::LONG,
+            LONG,
         )
     }
 
@@ -183,9 +193,11 @@ impl Replica {
     pub fn nbd_socket(&self) -> PathBuf {
         self.root.join("replica-nbd.sock")
     }
+    /// Its configuration file.
     pub fn config(&self) -> PathBuf {
         self.root.join("replica.toml")
     }
+    /// The daemon's log over all its runs.
     pub fn log(&self) -> String {
         fs::read_to_string(self.root.join("replica.log")).unwrap_or_default()
     }
@@ -197,10 +209,13 @@ impl Replica {
             .join("disks")
             .join(format!("{disk}.img"))
     }
+    /// The storage directory of `trust_group`.
     pub fn storage(&self, trust_group: &str) -> PathBuf {
         self.root.join(format!("storage-{trust_group}"))
     }
 
+    /// Starts the daemon (again) with its configuration; returns once its control
+    /// API answers.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "replica already running");
         self.starts += 1;
@@ -213,7 +228,7 @@ impl Replica {
             &mut log,
             format_args!("======== harness: start #{} ========\n", self.starts),
         );
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["replica", "run", "--config"])
             .arg(self.config())
             .env("RUST_BACKTRACE", "1")
@@ -222,7 +237,7 @@ impl Replica {
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin().display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -267,7 +282,7 @@ impl Replica {
 
     fn try_status(&self) -> Option<Value> {
         let o = run(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(["replica", "status", "--json", "--config"])
                 .arg(self.config()),
             SHORT,
@@ -318,7 +333,7 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- replica log ----\n{}", super::tail(&self.log(), 60));
+            eprintln!("---- replica log ----\n{}", tail(&self.log(), 60));
         }
         self.terminate();
     }
