@@ -144,8 +144,8 @@ pub fn place_primary_on(p: &Primary, dir: &PowerLossDir) {
 
 /// Rewrites a ring's boot id (in both superblock copies) so the next start sees a
 /// host crash, as after a real power loss; `ring` is the file in the backing
-/// directory, written while nothing has it mounted. (The same as `tests/replication.rs`
-/// does for a ring on normal disk.)
+/// directory, written while nothing has it mounted. (The same as
+/// `tests/system/replication.rs` does for a ring on normal disk.)
 pub fn pretend_host_crash(ring: &Path) {
     use tracker::superblock::{Superblock, SUPERBLOCK_LEN};
     let mut bytes = fs::read(ring).expect("ring");

@@ -1,4 +1,4 @@
-//! Helpers of the soak run (`tests/soak.rs`): an ordered writer that survives its
+//! Helpers of the soak run (`tests/system/soak.rs`): an ordered writer that survives its
 //! daemon being killed, a sampler of the primary's `blkrep status --json`, and the
 //! description of the machine a run is reported for.
 //!

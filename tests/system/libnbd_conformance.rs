@@ -1,7 +1,7 @@
 //! NBD protocol conformance of blkrep's exports, driven by libnbd
 //! (tests/python/nbd_conformance.py, run with /usr/bin/python3), over the unix
 //! socket and over TCP; plus a few raw-protocol probes no stock client sends.
-#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::Command;

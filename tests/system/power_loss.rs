@@ -3,7 +3,7 @@
 //! everything not yet fsynced in memory and drops it when the test cuts the power.
 //! Each crash: cut the power (the filesystem first), SIGKILL the daemon, rewrite the
 //! ring's boot id (a power loss is a new boot), remount, restart, check.
-#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

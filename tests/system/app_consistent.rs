@@ -3,8 +3,6 @@
 //! freeze and a thaw command (a shell script recording what it ran for) around the
 //! cycles that are points. The primary's status says which cycles were points; the
 //! replica's disks are compared with the primary's images.
-// The shared harness (tests/common) casts freely.
-#![allow(clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

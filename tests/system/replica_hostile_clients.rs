@@ -4,7 +4,6 @@
 //! cut by the body timeout; uploads beyond a primary's limit are answered Busy without
 //! their body being read; a certificate naming its primary only in its common name is
 //! refused; and everything the daemons create is private (0600 files, 0700 dirs).
-#![allow(clippy::cast_possible_truncation)]
 
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::PermissionsExt;

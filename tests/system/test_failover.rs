@@ -1,7 +1,6 @@
 //! Recovery points and test failover end to end: a real primary and replica daemon,
 //! qemu-io writing on the primary, recovery points kept on the replica, and a point
 //! served as writable NBD exports by the replica daemon while replication goes on.
-#![allow(clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,7 +1,5 @@
 //! Self-tests of the fault-injecting TCP proxy used by the whole-system tests
 //! (`testkit::fault_proxy`), against tiny in-process echo and sink servers.
-// As in every test crate: the shared helpers in `common` cast u64 sizes to usize.
-#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
