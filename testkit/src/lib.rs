@@ -7,9 +7,13 @@
 //! Every external command runs with a timeout; a hung client or daemon fails the
 //! test with its output instead of hanging CI. On a panic the daemon's log is
 //! printed (set `BLKREP_TEST_KEEP=1` to also keep the temp dir).
+//!
+//! Daemons listen on port 0 and the harness learns the bound address from what they
+//! report ([`daemon_log`]), so tests running in parallel never race for a port.
 #![warn(missing_docs)]
 
 pub mod command;
+pub mod daemon_log;
 pub mod fault_proxy;
 pub mod hostile;
 pub mod nbd;
@@ -23,7 +27,6 @@ pub mod writer;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -186,10 +189,4 @@ pub fn assert_bytes_equal(a: &[u8], b: &[u8], what: &str) {
         &a[s..e],
         &b[s..e]
     );
-}
-
-/// A free TCP port on 127.0.0.1 (bound then released; the daemon binds it next).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
 }

@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -15,8 +16,13 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::command::{pid, run, tail, Output};
+use crate::daemon_log::{reported_address, wait_reported_address, Reported, NBD_TCP, START_MARKER};
 use crate::spec::{Layout, Spec};
-use crate::{bin, free_port, nbd, LONG, SHORT};
+use crate::{bin, nbd, LONG, SHORT};
+
+/// The NBD `tcp` line of a new primary's configuration (a spec with TCP): a port the
+/// kernel picks. The first start replaces it with the port the daemon reports.
+const TCP_ANY_PORT: &str = "tcp = \"127.0.0.1:0\"";
 
 /// A running (or stopped) `blkrep primary` in its own temp dir.
 #[derive(Debug)]
@@ -26,7 +32,8 @@ pub struct Primary {
     pub layout: Layout,
     /// What it was made from.
     pub spec: Spec,
-    /// The port of its NBD TCP listener, if the spec has one.
+    /// The port of its NBD TCP listener, if the spec has one, once known: the first
+    /// start picks it, every later start keeps it.
     pub tcp_port: Option<u16>,
     child: Option<Child>,
     starts: u32,
@@ -50,14 +57,17 @@ impl Primary {
         let layout = Layout {
             root: dir.path().to_path_buf(),
         };
-        let tcp_port = spec.tcp.then(free_port);
         layout.write_images(&spec);
-        fs::write(layout.config(), layout.config_text(&spec, tcp_port)).expect("write config");
+        fs::write(
+            layout.config(),
+            layout.config_text(&spec, spec.tcp.then_some(0)),
+        )
+        .expect("write config");
         Primary {
             dir: Some(dir),
             layout,
             spec,
-            tcp_port,
+            tcp_port: None,
             child: None,
             starts: 0,
         }
@@ -127,7 +137,7 @@ impl Primary {
             .append(true)
             .open(self.layout.log())
             .expect("open daemon log");
-        let _ = writeln!(log, "======== harness: start #{} ========", self.starts);
+        let _ = writeln!(log, "{START_MARKER}{} ========", self.starts);
         let child = Command::new(bin())
             .arg("primary")
             .arg("--config")
@@ -167,6 +177,9 @@ impl Primary {
             if Instant::now() >= deadline {
                 panic!("blkrep primary not ready after {timeout:?}: {last_err}");
             }
+            if self.spec.tcp && self.tcp_port.is_none() {
+                self.keep_reported_tcp_port();
+            }
             match self.probe_ready() {
                 Ok(()) => return,
                 Err(e) => last_err = e,
@@ -192,6 +205,9 @@ impl Primary {
         if !o.success() {
             return Err(format!("`blkrep status` failed:\n{}", o.report()));
         }
+        if self.spec.tcp && self.tcp_port.is_none() {
+            return Err("the NBD TCP listener's address is not logged yet".into());
+        }
         for d in self.spec.disks() {
             if self.spec.unix {
                 nbd::Conn::connect_unix(&self.nbd_sock(), &d.name)
@@ -207,6 +223,28 @@ impl Primary {
             }
         }
         Ok(())
+    }
+
+    /// Once the first start logged the NBD TCP listener's address, learns its port and
+    /// names it in the configuration, so every later start listens on it again.
+    fn keep_reported_tcp_port(&mut self) {
+        let Some(address) = reported_address(&self.log(), NBD_TCP) else {
+            return;
+        };
+        let text = fs::read_to_string(self.config()).expect("read config");
+        assert!(
+            text.contains(TCP_ANY_PORT),
+            "config has no `{TCP_ANY_PORT}`:\n{text}"
+        );
+        let pinned = format!("tcp = \"127.0.0.1:{}\"", address.port());
+        fs::write(self.config(), text.replacen(TCP_ANY_PORT, &pinned, 1)).expect("write config");
+        self.tcp_port = Some(address.port());
+    }
+
+    /// The address the running daemon reports for `what` (it binds port 0 where a
+    /// test's configuration says so); waits for the report.
+    pub fn reported_address(&self, what: Reported) -> SocketAddr {
+        wait_reported_address("blkrep primary", what, || self.log())
     }
 
     /// SIGKILL and reap.

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +13,12 @@ use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
 
 use crate::command::{pid, run, tail, Output};
-use crate::{bin, free_port, LONG, SHORT};
+use crate::daemon_log::{wait_reported_address, Reported, REPLICA_API, START_MARKER};
+use crate::{bin, LONG, SHORT};
+
+/// The `listen` line of a new replica's configuration: a port the kernel picks. The
+/// first start replaces it with the port the daemon reports.
+const LISTEN_ANY_PORT: &str = "listen = \"127.0.0.1:0\"";
 
 /// A lab CA and host certificates, made by `blkrep cert`.
 #[derive(Debug)]
@@ -105,7 +111,8 @@ pub struct Replica {
     _dir: tempfile::TempDir,
     /// Its temp dir: configuration, log, sockets and storages.
     pub root: PathBuf,
-    /// The port of its replica API on 127.0.0.1.
+    /// The port of its replica API on 127.0.0.1 (picked at its first start, kept for
+    /// every later one).
     pub port: u16,
     child: Option<Child>,
     starts: u32,
@@ -121,9 +128,8 @@ impl Replica {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let root = dir.path().to_path_buf();
-        let port = free_port();
         let mut text = String::new();
-        let _ = writeln!(text, "listen = \"127.0.0.1:{port}\"");
+        let _ = writeln!(text, "{LISTEN_ANY_PORT}");
         let _ = writeln!(
             text,
             "control_socket = {:?}",
@@ -155,7 +161,7 @@ impl Replica {
         let mut replica = Replica {
             _dir: dir,
             root,
-            port,
+            port: 0,
             child: None,
             starts: 0,
         };
@@ -226,7 +232,7 @@ impl Replica {
             .expect("open replica log");
         let _ = std::io::Write::write_fmt(
             &mut log,
-            format_args!("======== harness: start #{} ========\n", self.starts),
+            format_args!("{START_MARKER}{} ========\n", self.starts),
         );
         let child = Command::new(bin())
             .args(["replica", "run", "--config"])
@@ -253,7 +259,7 @@ impl Replica {
                 );
             }
             if self.try_status().is_some() {
-                return;
+                break;
             }
             assert!(
                 Instant::now() < deadline,
@@ -262,6 +268,30 @@ impl Replica {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        if self.port == 0 {
+            self.keep_reported_port();
+        }
+    }
+
+    /// Learns the port the first start picked and names it in the configuration, so
+    /// every later start (after a kill, or with new settings) listens on it again:
+    /// primaries' configurations name it.
+    fn keep_reported_port(&mut self) {
+        self.port = self.reported_address(REPLICA_API).port();
+        let text = fs::read_to_string(self.config()).expect("read replica config");
+        assert!(
+            text.contains(LISTEN_ANY_PORT),
+            "replica config has no `{LISTEN_ANY_PORT}`:\n{text}"
+        );
+        let pinned = format!("listen = \"127.0.0.1:{}\"", self.port);
+        fs::write(self.config(), text.replacen(LISTEN_ANY_PORT, &pinned, 1))
+            .expect("write replica config");
+    }
+
+    /// The address the running daemon reports for `what` (it binds port 0 where a
+    /// test's configuration says so); waits for the report.
+    pub fn reported_address(&self, what: Reported) -> SocketAddr {
+        wait_reported_address("blkrep replica", what, || self.log())
     }
 
     /// SIGKILL, no cleanup.

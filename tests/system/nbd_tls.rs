@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use testkit::daemon_log::NBD_TCP;
 use testkit::nbd::{IHAVEOPT, NBD_MAGIC};
 use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use testkit::{
-    free_port, require_python_libnbd, require_tool, run, Output, Primary, Spec, MIB, PYTHON, SHORT,
+    require_python_libnbd, require_tool, run, Output, Primary, Spec, MIB, PYTHON, SHORT,
 };
 
 const NBD_OPT_EXPORT_NAME: u32 = 1;
@@ -43,9 +44,8 @@ fn start(tls: &str, client_ca: bool) -> Setup {
         &primary.layout.root.join("certs"),
         &[&["127.0.0.1"], &["client.example.com"]],
     );
-    let port = free_port();
     let mut nbd = format!(
-        "tcp = \"127.0.0.1:{port}\"\ntls = {tls:?}\ntls_cert = {:?}\ntls_key = {:?}\n",
+        "tcp = \"127.0.0.1:0\"\ntls = {tls:?}\ntls_cert = {:?}\ntls_key = {:?}\n",
         certs.cert("127.0.0.1"),
         certs.key("127.0.0.1"),
     );
@@ -54,6 +54,7 @@ fn start(tls: &str, client_ca: bool) -> Setup {
     }
     primary.add_nbd_settings(&nbd);
     primary.restart();
+    let port = primary.reported_address(NBD_TCP).port();
     Setup {
         primary,
         port,
@@ -331,7 +332,8 @@ fn unix_socket_gets_the_configured_mode_and_group() {
 #[test]
 fn check_warns_about_plaintext_tcp_off_loopback() {
     let primary = Primary::prepare(Spec::single(MIB));
-    primary.add_nbd_settings(&format!("tcp = \"0.0.0.0:{}\"", free_port()));
+    // Only checked, never bound.
+    primary.add_nbd_settings("tcp = \"0.0.0.0:0\"");
     let out = run(
         primary
             .cmd()
@@ -362,13 +364,13 @@ fn replica_daemon_nbd_listener_requires_tls_and_sets_socket_mode() {
         .unwrap();
     let certs = lab_certs(&dir.path().join("certs"));
     let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "");
-    let port = free_port();
     replica.restart_with_nbd_settings(&format!(
-        "tcp = \"127.0.0.1:{port}\"\ntls = \"require\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\nsocket_mode = \"0660\"",
+        "tcp = \"127.0.0.1:0\"\ntls = \"require\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\nsocket_mode = \"0660\"",
         certs.cert(REPLICA_HOST),
         certs.key(REPLICA_HOST),
         certs.ca()
     ));
+    let port = replica.reported_address(NBD_TCP).port();
     let meta = fs::metadata(replica.nbd_socket()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::daemon_log::METRICS;
 use testkit::fault_proxy::FaultProxy;
 use testkit::replica::{
     dc1, lab_certs as certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST, ROGUE_HOST,
@@ -615,7 +616,6 @@ fn a_full_replica_refuses_cycles_cleanly_and_replication_resumes_after_space_is_
 #[test]
 fn pause_resume_and_automatic_cycles_with_metrics() {
     let (_dir, certs, replica) = lab();
-    let metrics_port = free_port();
     let mut spec = Spec::new(vec![GroupSpec::new(
         "vm1",
         vec![DiskSpec::new("disk0", 8 * MIB).init(Init::Random(9))],
@@ -629,13 +629,10 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     spec.unix = true;
     let p = Primary::prepare(spec);
     let config = std::fs::read_to_string(p.config()).expect("config");
-    std::fs::write(
-        p.config(),
-        format!("metrics = \"127.0.0.1:{metrics_port}\"\n{config}"),
-    )
-    .expect("config");
+    std::fs::write(p.config(), format!("metrics = \"127.0.0.1:0\"\n{config}")).expect("config");
     let mut p = p;
     p.restart();
+    let metrics = p.reported_address(METRICS);
     // Cycles every second ship by themselves after the initial replication.
     let delivered = p.wait_consumer("vm1", "automatic cycles", LONG, |s| {
         s["cycles_delivered"].as_u64() >= Some(3) && s["state"] == "replicating"
@@ -667,8 +664,7 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     );
 
     // Prometheus text over HTTP.
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");
+    let mut stream = std::net::TcpStream::connect(metrics).expect("metrics endpoint");
     std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
     let mut body = String::new();
     std::io::Read::read_to_string(&mut stream, &mut body).expect("answer");
