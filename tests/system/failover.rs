@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testkit::ordered::{ordered_prefix, ordered_writer, OrderedShared, ORDERED_REGION};
+use testkit::ordered::{
+    ordered_prefix, ordered_writer, OrderedShared, OrderedWrite, ORDERED_REGION,
+};
 use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
 use testkit::*;
 
@@ -60,6 +62,16 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         ])
         .assert_ok();
 
+    let writes = write_until_points_then_kill(&mut p, &replica);
+    let latest = fail_over_to_the_latest_point(&replica, &writes, &hook_log);
+    let earlier_id = fail_over_to_earlier_points(&replica, &writes, latest);
+    let after_write = write_to_the_live_disks(&replica, &earlier_id);
+    the_returning_primary_is_fenced_off(&mut p, &replica, &after_write);
+}
+
+/// An ordered writer on the primary until several cycles are applied with writes in
+/// each and points kept; then the primary is SIGKILLed. Returns the writes.
+fn write_until_points_then_kill(p: &mut Primary, replica: &Replica) -> Vec<OrderedWrite> {
     let shared = Arc::new(OrderedShared::default());
     shared.may_fail.store(true, Ordering::SeqCst);
     let writer = ordered_writer(p.nbd_sock(), Arc::clone(&shared), 17);
@@ -79,23 +91,37 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     let writes = shared.writes.lock().expect("writes").clone();
     let acked = shared.acked.load(Ordering::SeqCst);
     assert!(written >= acked.saturating_sub(1), "{written} {acked}");
+    writes
+}
 
-    // The primary is gone: fail over to the latest point.
+/// The primary is gone: fail over to the latest point, a prefix of the writes; the
+/// hook ran. Returns the prefix's length.
+fn fail_over_to_the_latest_point(
+    replica: &Replica,
+    writes: &[OrderedWrite],
+    hook_log: &std::path::Path,
+) -> u64 {
     let out = replica.cli(&["failover", "--name", "vm1"]).assert_ok();
     assert!(
         out.stdout.contains("nbd+unix:///vm1/disk0"),
         "{}",
         out.all()
     );
-    let latest = ordered_prefix(&replica_disks(&replica), &writes)
+    let latest = ordered_prefix(&replica_disks(replica), writes)
         .unwrap_or_else(|e| panic!("the latest point is no state the primary had: {e}"));
     assert!(latest > 0 && latest <= writes.len() as u64, "{latest}");
-    let hooked = std::fs::read_to_string(&hook_log).expect("hook ran");
+    let hooked = std::fs::read_to_string(hook_log).expect("hook ran");
     assert!(
         hooked.starts_with("unplanned vm1 ") && hooked.contains("crash-consistent"),
         "{hooked}"
     );
+    latest
+}
 
+/// An earlier point gives a shorter prefix, on both disks at once; the latest state
+/// before the failover, kept as a point, gives the same prefix as before. Returns the
+/// earlier point's id.
+fn fail_over_to_earlier_points(replica: &Replica, writes: &[OrderedWrite], latest: u64) -> String {
     // An earlier point: a shorter prefix, on both disks at once.
     let points: Vec<Value> = replica.points("vm1");
     let earlier = points
@@ -106,7 +132,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     replica
         .cli(&["failover", "--name", "vm1", "--point", &earlier_id])
         .assert_ok();
-    let older = ordered_prefix(&replica_disks(&replica), &writes)
+    let older = ordered_prefix(&replica_disks(replica), writes)
         .unwrap_or_else(|e| panic!("the earlier point is no state the primary had: {e}"));
     assert!(older < latest, "earlier point {older}, latest {latest}");
     let status = replica.cli(&["status"]).assert_ok();
@@ -124,11 +150,13 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     replica
         .cli(&["failover", "--name", "vm1", "--point", &newest_id])
         .assert_ok();
-    assert_eq!(
-        ordered_prefix(&replica_disks(&replica), &writes),
-        Ok(latest)
-    );
+    assert_eq!(ordered_prefix(&replica_disks(replica), writes), Ok(latest));
+    earlier_id
+}
 
+/// The new live disks take writes through the replica daemon; once written, they
+/// keep their point and the failover can only be completed. Returns the disks.
+fn write_to_the_live_disks(replica: &Replica, earlier_id: &str) -> Vec<Vec<u8>> {
     // The new live disks take writes through the replica daemon.
     let live = format!(
         "nbd+unix:///vm1/disk1?socket={}",
@@ -144,25 +172,34 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         ]),
         LONG,
     );
-    let after_write = replica_disks(&replica);
+    let after_write = replica_disks(replica);
     assert!(after_write[1][8 << 20..(8 << 20) + 65536]
         .iter()
         .all(|b| *b == 0x5a));
     // Once written, the live disks keep their point: the failover can only be
     // completed.
-    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
+    let refused = replica.cli(&["failover", "--name", "vm1", "--point", earlier_id]);
     assert!(
         !refused.success() && refused.all().contains("complete-failover"),
         "{}",
         refused.all()
     );
-    assert!(replica_disks(&replica) == after_write);
+    assert!(replica_disks(replica) == after_write);
     replica
         .cli(&["complete-failover", "--name", "vm1"])
         .assert_ok();
-    let refused = replica.cli(&["failover", "--name", "vm1", "--point", &earlier_id]);
+    let refused = replica.cli(&["failover", "--name", "vm1", "--point", earlier_id]);
     assert!(!refused.success(), "{}", refused.all());
+    after_write
+}
 
+/// The old primary returns: it is refused as superseded and stops shipping for good,
+/// saying so; the live disks (`after_write`) are untouched, whatever it is asked.
+fn the_returning_primary_is_fenced_off(
+    p: &mut Primary,
+    replica: &Replica,
+    after_write: &[Vec<u8>],
+) {
     // The old primary returns: it is refused as superseded and stops shipping for
     // good, saying so; the live disks are untouched.
     p.restart();
@@ -189,7 +226,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         status.all()
     );
     assert!(
-        replica_disks(&replica) == after_write,
+        replica_disks(replica) == after_write,
         "the live disks changed"
     );
     // Resuming is refused, naming what the administrator can do.
@@ -220,7 +257,7 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     assert!(said.contains("live copy"), "{consumer:#}");
     assert!(replica.storage("dc1").join("vm1/replica.json").exists());
     assert!(
-        replica_disks(&replica) == after_write,
+        replica_disks(replica) == after_write,
         "the live disks changed"
     );
 }

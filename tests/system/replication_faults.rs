@@ -560,153 +560,24 @@ fn replica_killed_mid_apply_restarts_and_converges() {
         }
         let previous = history.at(closed_before).to_vec();
         history.states.push((closed_before, rig.images()));
-        let base_up = rig.proxy.upstream_bytes();
-        let base_frames = num(&rig.consumer(), "network_bytes");
-        // For a kill mid-receive: what the primary had sent and the replica stored
-        // when it died. The rest is what a resume may send again.
-        let mut resume_from = None;
-        let what = match kill_at {
+        let base = Base {
+            up: rig.proxy.upstream_bytes(),
+            frames: num(&rig.consumer(), "network_bytes"),
+        };
+        let killed = match kill_at {
             KillAt::Receiving(after) => {
-                let close = rig.close_in_background();
-                let at = rig.wait_upstream(base_up + after, LONG);
-                rig.replica.kill();
-                let state = rig.replica_state().expect("replica state");
-                let receiving = !state["receiving"].is_null();
-                if receiving {
-                    mid_receive += 1;
-                }
-                let out = rig.join_close(close);
-                // The close failed with the transfer, so nothing more is in flight.
-                let sent = num(&rig.consumer(), "network_bytes") - base_frames;
-                let stored = rig.part_bytes();
-                resume_from = Some((sent, stored));
-                rig.replica.spawn();
-                format!(
-                    "killed after {} upstream ({} sent, {} stored, receiving: {receiving}); the close {}",
-                    mib(at - base_up),
-                    mib(sent),
-                    mib(stored),
-                    if out.success() { "succeeded" } else { "failed" }
-                )
+                let killed = kill_mid_receive(&mut rig, &base, after);
+                mid_receive += usize::from(killed.landed);
+                killed
             }
             KillAt::Applying(delay) => {
-                // Returns once the replica holds the cycle durably; it applies next.
-                let cycle = rig.p.cycles_close(GROUP);
-                let began = rig.poll(
-                    "the replica starting to apply",
-                    LONG,
-                    Duration::from_micros(300),
-                    || {
-                        let state = rig.replica_state()?;
-                        let queued = state["queue"].as_array().is_some_and(|q| !q.is_empty());
-                        if !queued {
-                            Some(false)
-                        } else if state["consistent"] == false {
-                            Some(true)
-                        } else {
-                            None
-                        }
-                    },
-                );
-                thread::sleep(delay);
-                rig.replica.kill();
-                let state = rig.replica_state().expect("replica state");
-                let queued = state["queue"].as_array().is_some_and(|q| !q.is_empty());
-                let during = queued && state["consistent"] == false;
-                if during {
-                    mid_apply += 1;
-                }
-                let disks = rig.replica_disks();
-                let new = history.at(cycle);
-                let shape = if disks == new {
-                    "all new"
-                } else if disks == previous {
-                    "all old"
-                } else {
-                    "half applied"
-                };
-                rig.replica.spawn();
-                format!(
-                    "cycle {cycle}: killed {delay:?} after the apply began (seen: {began}); mid-apply: {during}; disks {shape}"
-                )
+                let killed = kill_mid_apply(&mut rig, &history, &previous, delay);
+                mid_apply += usize::from(killed.landed);
+                killed
             }
         };
-        // After the restart, until convergence: every consistent claim is true.
-        let mut claims = 0;
-        let converged = rig.poll(
-            "convergence after the replica's restart",
-            LONG,
-            Duration::from_millis(100),
-            || {
-                if check_consistency_claim(&rig, &history).is_some() {
-                    claims += 1;
-                }
-                let s = rig.consumer();
-                let delivered = s["last_delivered"].as_u64()?;
-                if !s["last_error"].is_null() || delivered <= closed_before {
-                    return None;
-                }
-                let info = rig.replica.info(GROUP)?;
-                (info["last_applied_cycle"].as_u64() >= Some(delivered)
-                    && info["pending_transfers"] == 0)
-                    .then_some(info)
-            },
-        );
-        let cycle = converged["last_applied_cycle"].as_u64().expect("cycle");
-        assert_eq!(
-            converged["consistent"],
-            true,
-            "round {round}: converged but not consistent: {converged:#}{}",
-            rig.logs()
-        );
-        assert_eq!(
-            check_consistency_claim(&rig, &history),
-            Some(cycle),
-            "round {round}"
-        );
-        rig.assert_replica_equals(&rig.images(), &format!("round {round}: after convergence"));
-        // The cycle's frames: 48 MiB of incompressible data (sent raw) and a few
-        // headers per chunk. The primary counts the frames it handed to the network,
-        // those in flight when the replica died included. How much was in flight
-        // depends on the socket buffers of the primary, the proxy and the replica;
-        // what matters is that the whole chunks the replica stored before its death
-        // are not sent again: the resume sends at most the rest, plus the chunk it
-        // was cut inside.
-        let frames = 48 * MIB + 32 * KIB;
-        let counted = num(&rig.consumer(), "network_bytes") - base_frames;
-        let up = rig.proxy.upstream_bytes() - base_up;
-        report.push(format!(
-            "round {round}: {what}; {claims} consistent claims checked; cycle {cycle}; {} counted as sent, {} upstream",
-            mib(counted),
-            mib(up)
-        ));
-        assert!(
-            counted >= 48 * MIB,
-            "round {round}: the primary counts {counted} bytes of frames sent for 48 MiB of random data"
-        );
-        let allowed = match resume_from {
-            Some((sent, stored)) => {
-                let resent = counted - sent;
-                assert!(
-                    resent <= frames.saturating_sub(stored) + CHUNK_ON_WIRE,
-                    "round {round}: the resume sent {resent} bytes of frames; the replica had stored {stored} of {frames}{}",
-                    rig.logs()
-                );
-                counted
-            }
-            None => {
-                assert!(
-                    counted <= frames,
-                    "round {round}: the primary counts {counted} bytes of frames for {frames} with no interruption"
-                );
-                frames
-            }
-        };
-        assert!(
-            up < allowed + protocol_overhead(frames),
-            "round {round}: {up} bytes went upstream for {counted} bytes of frames sent (at most {allowed} and the protocol's overhead){}",
-            rig.logs()
-        );
+        let (cycle, claims) = converge_checking_claims(&rig, &history, closed_before, round);
+        check_round_traffic(&rig, round, &base, &killed, (claims, cycle), &mut report);
         // Only the newest state can still be reported.
         history.states.drain(..history.states.len() - 1);
     }
@@ -720,6 +591,201 @@ fn replica_killed_mid_apply_restarts_and_converges() {
         mid_apply >= 1,
         "no kill landed while the replica was applying:\n{}",
         report.join("\n")
+    );
+}
+
+/// The counters of traffic at a round's start.
+struct Base {
+    /// Bytes that had crossed the proxy towards the replica.
+    up: u64,
+    /// Bytes of frames the primary counted as sent.
+    frames: u64,
+}
+
+/// What a round's kill did.
+struct Killed {
+    /// For the report.
+    what: String,
+    /// The kill landed while the replica was receiving (or applying) the cycle.
+    landed: bool,
+    /// For a kill mid-receive: what the primary had sent and the replica stored when
+    /// it died. The rest is what a resume may send again.
+    resume_from: Option<(u64, u64)>,
+}
+
+/// Closes the cycle in the background, SIGKILLs the replica once `after` bytes of it
+/// crossed the proxy, and starts it again.
+fn kill_mid_receive(rig: &mut Rig, base: &Base, after: u64) -> Killed {
+    let close = rig.close_in_background();
+    let at = rig.wait_upstream(base.up + after, LONG);
+    rig.replica.kill();
+    let state = rig.replica_state().expect("replica state");
+    let receiving = !state["receiving"].is_null();
+    let out = rig.join_close(close);
+    // The close failed with the transfer, so nothing more is in flight.
+    let sent = num(&rig.consumer(), "network_bytes") - base.frames;
+    let stored = rig.part_bytes();
+    rig.replica.spawn();
+    Killed {
+        what: format!(
+            "killed after {} upstream ({} sent, {} stored, receiving: {receiving}); the close {}",
+            mib(at - base.up),
+            mib(sent),
+            mib(stored),
+            if out.success() { "succeeded" } else { "failed" }
+        ),
+        landed: receiving,
+        resume_from: Some((sent, stored)),
+    }
+}
+
+/// Closes the cycle (the replica holds it durably), SIGKILLs the replica `delay`
+/// after it began applying, and starts it again.
+fn kill_mid_apply(
+    rig: &mut Rig,
+    history: &History,
+    previous: &[Vec<u8>],
+    delay: Duration,
+) -> Killed {
+    // Returns once the replica holds the cycle durably; it applies next.
+    let cycle = rig.p.cycles_close(GROUP);
+    let began = rig.poll(
+        "the replica starting to apply",
+        LONG,
+        Duration::from_micros(300),
+        || {
+            let state = rig.replica_state()?;
+            let queued = state["queue"].as_array().is_some_and(|q| !q.is_empty());
+            if !queued {
+                Some(false)
+            } else if state["consistent"] == false {
+                Some(true)
+            } else {
+                None
+            }
+        },
+    );
+    thread::sleep(delay);
+    rig.replica.kill();
+    let state = rig.replica_state().expect("replica state");
+    let queued = state["queue"].as_array().is_some_and(|q| !q.is_empty());
+    let during = queued && state["consistent"] == false;
+    let disks = rig.replica_disks();
+    let new = history.at(cycle);
+    let shape = if disks == new {
+        "all new"
+    } else if disks == previous {
+        "all old"
+    } else {
+        "half applied"
+    };
+    rig.replica.spawn();
+    Killed {
+        what: format!(
+            "cycle {cycle}: killed {delay:?} after the apply began (seen: {began}); mid-apply: {during}; disks {shape}"
+        ),
+        landed: during,
+        resume_from: None,
+    }
+}
+
+/// After the restart, until convergence: every consistent claim is true; then the
+/// replica is consistent and equals the images. Returns the cycle converged to and
+/// how many claims were checked.
+fn converge_checking_claims(
+    rig: &Rig,
+    history: &History,
+    closed_before: u64,
+    round: usize,
+) -> (u64, usize) {
+    let mut claims = 0;
+    let converged = rig.poll(
+        "convergence after the replica's restart",
+        LONG,
+        Duration::from_millis(100),
+        || {
+            if check_consistency_claim(rig, history).is_some() {
+                claims += 1;
+            }
+            let s = rig.consumer();
+            let delivered = s["last_delivered"].as_u64()?;
+            if !s["last_error"].is_null() || delivered <= closed_before {
+                return None;
+            }
+            let info = rig.replica.info(GROUP)?;
+            (info["last_applied_cycle"].as_u64() >= Some(delivered)
+                && info["pending_transfers"] == 0)
+                .then_some(info)
+        },
+    );
+    let cycle = converged["last_applied_cycle"].as_u64().expect("cycle");
+    assert_eq!(
+        converged["consistent"],
+        true,
+        "round {round}: converged but not consistent: {converged:#}{}",
+        rig.logs()
+    );
+    assert_eq!(
+        check_consistency_claim(rig, history),
+        Some(cycle),
+        "round {round}"
+    );
+    rig.assert_replica_equals(&rig.images(), &format!("round {round}: after convergence"));
+    (cycle, claims)
+}
+
+/// What the round's cycle cost on the wire: a resume after a kill mid-receive sends
+/// no whole chunk the replica had stored again.
+fn check_round_traffic(
+    rig: &Rig,
+    round: usize,
+    base: &Base,
+    killed: &Killed,
+    (claims, cycle): (usize, u64),
+    report: &mut Vec<String>,
+) {
+    // The cycle's frames: 48 MiB of incompressible data (sent raw) and a few
+    // headers per chunk. The primary counts the frames it handed to the network,
+    // those in flight when the replica died included. How much was in flight
+    // depends on the socket buffers of the primary, the proxy and the replica;
+    // what matters is that the whole chunks the replica stored before its death
+    // are not sent again: the resume sends at most the rest, plus the chunk it
+    // was cut inside.
+    let frames = 48 * MIB + 32 * KIB;
+    let counted = num(&rig.consumer(), "network_bytes") - base.frames;
+    let up = rig.proxy.upstream_bytes() - base.up;
+    report.push(format!(
+        "round {round}: {}; {claims} consistent claims checked; cycle {cycle}; {} counted as sent, {} upstream",
+        killed.what,
+        mib(counted),
+        mib(up)
+    ));
+    assert!(
+        counted >= 48 * MIB,
+        "round {round}: the primary counts {counted} bytes of frames sent for 48 MiB of random data"
+    );
+    let allowed = match killed.resume_from {
+        Some((sent, stored)) => {
+            let resent = counted - sent;
+            assert!(
+                resent <= frames.saturating_sub(stored) + CHUNK_ON_WIRE,
+                "round {round}: the resume sent {resent} bytes of frames; the replica had stored {stored} of {frames}{}",
+                rig.logs()
+            );
+            counted
+        }
+        None => {
+            assert!(
+                counted <= frames,
+                "round {round}: the primary counts {counted} bytes of frames for {frames} with no interruption"
+            );
+            frames
+        }
+    };
+    assert!(
+        up < allowed + protocol_overhead(frames),
+        "round {round}: {up} bytes went upstream for {counted} bytes of frames sent (at most {allowed} and the protocol's overhead){}",
+        rig.logs()
     );
 }
 

@@ -307,28 +307,7 @@ fn writers_during_one_second_cycles_every_applied_cycle_is_a_primary_state() {
     // Everything starts while the initial replication runs.
     let writer = ordered_writer(p.nbd_sock(), sh.clone(), 0x5eed);
     // fio: 16..24 MiB of both disks, random 4 KiB writes, 15 s.
-    let fio = {
-        let mut cmd = Command::new("fio");
-        cmd.args([
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=4",
-            "--offset=16M",
-            "--size=8M",
-            "--rate=512k",
-            "--time_based",
-            "--runtime=15",
-            "--output-format=json",
-            "--verify_state_save=0",
-            "--name=disk0",
-            &format!("--uri={}", p.uri("disk0")),
-            "--name=disk1",
-            &format!("--uri={}", p.uri("disk1")),
-        ])
-        .current_dir(&p.layout.root);
-        thread::spawn(move || run(&mut cmd, LONG))
-    };
+    let fio = start_fio(&p);
     // qemu-io: 24..32 MiB.
     let qemu = qemu_io_loop(&p, 24 * MIB, 8 * MIB, stop.clone());
 
@@ -337,86 +316,15 @@ fn writers_during_one_second_cycles_every_applied_cycle_is_a_primary_state() {
         replica.disk("dc1", "vm1", "disk0"),
         replica.disk("dc1", "vm1", "disk1"),
     ];
-    let mut checked: Vec<(u64, u64, u64, Option<u64>)> = Vec::new();
-    let mut last_m = 0;
-    loop {
-        let elapsed = t0.elapsed();
-        if elapsed >= Duration::from_secs(15) && checked.len() >= 8 {
-            break;
-        }
-        assert!(
-            elapsed < Duration::from_secs(60),
-            "only {} applied cycles could be checked in {elapsed:?} ({checked:?}); consumer: {:#}\n{}",
-            checked.len(),
-            consumer(&p),
-            logs(&p, &replica)
-        );
-        assert!(
-            !writer.is_finished(),
-            "the ordered writer stopped early\n{}",
-            logs(&p, &replica)
-        );
-        let newest = consistent_cycle(replica_info(&replica).as_ref());
-        if newest.is_none_or(|c| checked.last().is_some_and(|l| l.0 >= c)) {
-            thread::sleep(Duration::from_millis(30));
-            continue;
-        }
-        let (cycle, data) = stable_read(&replica, &disks, ORDERED_REGION as usize, LONG);
-        if checked.last().is_some_and(|l| l.0 >= cycle) {
-            continue;
-        }
-        let writes = sh.writes.lock().expect("writes").clone();
-        let issued_now = sh.issued.load(Ordering::SeqCst);
-        let m = ordered_prefix(&data, &writes).unwrap_or_else(|e| {
-            panic!(
-                "replica after cycle {cycle} ({:?} into the run): {e}\n{}",
-                t0.elapsed(),
-                logs(&p, &replica)
-            )
-        });
-        let (lower, upper) = cycle_bounds(&samples.lock().expect("samples"), cycle);
-        assert!(
-            m >= lower,
-            "replica after cycle {cycle}: only writes 1..={m} are there, but {lower} were acknowledged before the cycle closed\n{}",
-            logs(&p, &replica)
-        );
-        assert!(
-            m <= upper.unwrap_or(issued_now),
-            "replica after cycle {cycle}: writes 1..={m} are there, but only {upper:?} were issued before it closed\n{}",
-            logs(&p, &replica)
-        );
-        assert!(
-            m >= last_m,
-            "replica after cycle {cycle}: went back from {last_m} to {m} writes"
-        );
-        println!(
-            "{:>6.2}s cycle {cycle}: writes 1..={m} (acked before close >= {lower}, issued before close <= {upper:?}, issued now {issued_now})",
-            t0.elapsed().as_secs_f64()
-        );
-        last_m = m;
-        checked.push((cycle, m, lower, upper));
-    }
+    let checked =
+        check_applied_cycles_while_writing(&p, &replica, &disks, (&sh, &writer), &samples, t0);
     stop.store(true, Ordering::SeqCst);
     let n = writer
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
     let qemu_writes = qemu.join().expect("qemu-io loop panicked");
     let fio = fio.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-    assert!(fio.success(), "fio failed\n{}", fio.report());
-    let json = &fio.stdout[fio
-        .stdout
-        .find('{')
-        .unwrap_or_else(|| panic!("no JSON from fio\n{}", fio.report()))..];
-    let fio_json: Value =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}\n{}", fio.report()));
-    let fio_bytes: u64 = fio_json["jobs"]
-        .as_array()
-        .map(|jobs| {
-            jobs.iter()
-                .map(|j| j["write"]["io_bytes"].as_u64().unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0);
+    let fio_bytes = fio_bytes_written(&fio);
     let writing_time = t0.elapsed();
     println!(
         "ordered writer: {n} writes; fio: {fio_bytes} bytes; qemu-io: {qemu_writes} writes; {} cycles checked in {writing_time:?}",
@@ -440,34 +348,163 @@ fn writers_during_one_second_cycles_every_applied_cycle_is_a_primary_state() {
         "the checked cycles show only {distinct} different write counts: {checked:?}"
     );
 
+    check_the_final_cycle(&p, &replica, &disks, &sh, (disk_size, n));
+    poller_stop.store(true, Ordering::SeqCst);
+    poller.join().expect("poller panicked");
+}
+
+/// fio on both disks (16..24 MiB, random 4 KiB writes, 15 s), in a thread.
+fn start_fio(p: &Primary) -> JoinHandle<Output> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=4",
+        "--offset=16M",
+        "--size=8M",
+        "--rate=512k",
+        "--time_based",
+        "--runtime=15",
+        "--output-format=json",
+        "--verify_state_save=0",
+        "--name=disk0",
+        &format!("--uri={}", p.uri("disk0")),
+        "--name=disk1",
+        &format!("--uri={}", p.uri("disk1")),
+    ])
+    .current_dir(&p.layout.root);
+    thread::spawn(move || run(&mut cmd, LONG))
+}
+
+/// The bytes fio's JSON report says its jobs wrote (fio must have succeeded).
+fn fio_bytes_written(fio: &Output) -> u64 {
+    assert!(fio.success(), "fio failed\n{}", fio.report());
+    let json = &fio.stdout[fio
+        .stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from fio\n{}", fio.report()))..];
+    let fio_json: Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}\n{}", fio.report()));
+    fio_json["jobs"]
+        .as_array()
+        .map(|jobs| {
+            jobs.iter()
+                .map(|j| j["write"]["io_bytes"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Reads the replica's `disks` after every cycle it applies while the writers write
+/// (15 s at least, and 8 cycles), each time checking they hold writes 1..m of the
+/// ordered writer with m between the writes acknowledged before the cycle closed and
+/// those issued by then. Returns `(cycle, m, lower bound, upper bound)` of each.
+fn check_applied_cycles_while_writing(
+    p: &Primary,
+    replica: &Replica,
+    disks: &[PathBuf; 2],
+    (sh, writer): (&OrderedShared, &JoinHandle<u64>),
+    samples: &Mutex<Vec<Sample>>,
+    t0: Instant,
+) -> Vec<(u64, u64, u64, Option<u64>)> {
+    let mut checked: Vec<(u64, u64, u64, Option<u64>)> = Vec::new();
+    let mut last_m = 0;
+    loop {
+        let elapsed = t0.elapsed();
+        if elapsed >= Duration::from_secs(15) && checked.len() >= 8 {
+            break;
+        }
+        assert!(
+            elapsed < Duration::from_secs(60),
+            "only {} applied cycles could be checked in {elapsed:?} ({checked:?}); consumer: {:#}\n{}",
+            checked.len(),
+            consumer(p),
+            logs(p, replica)
+        );
+        assert!(
+            !writer.is_finished(),
+            "the ordered writer stopped early\n{}",
+            logs(p, replica)
+        );
+        let newest = consistent_cycle(replica_info(replica).as_ref());
+        if newest.is_none_or(|c| checked.last().is_some_and(|l| l.0 >= c)) {
+            thread::sleep(Duration::from_millis(30));
+            continue;
+        }
+        let (cycle, data) = stable_read(replica, disks, ORDERED_REGION as usize, LONG);
+        if checked.last().is_some_and(|l| l.0 >= cycle) {
+            continue;
+        }
+        let writes = sh.writes.lock().expect("writes").clone();
+        let issued_now = sh.issued.load(Ordering::SeqCst);
+        let m = ordered_prefix(&data, &writes).unwrap_or_else(|e| {
+            panic!(
+                "replica after cycle {cycle} ({:?} into the run): {e}\n{}",
+                t0.elapsed(),
+                logs(p, replica)
+            )
+        });
+        let (lower, upper) = cycle_bounds(&samples.lock().expect("samples"), cycle);
+        assert!(
+            m >= lower,
+            "replica after cycle {cycle}: only writes 1..={m} are there, but {lower} were acknowledged before the cycle closed\n{}",
+            logs(p, replica)
+        );
+        assert!(
+            m <= upper.unwrap_or(issued_now),
+            "replica after cycle {cycle}: writes 1..={m} are there, but only {upper:?} were issued before it closed\n{}",
+            logs(p, replica)
+        );
+        assert!(
+            m >= last_m,
+            "replica after cycle {cycle}: went back from {last_m} to {m} writes"
+        );
+        println!(
+            "{:>6.2}s cycle {cycle}: writes 1..={m} (acked before close >= {lower}, issued before close <= {upper:?}, issued now {issued_now})",
+            t0.elapsed().as_secs_f64()
+        );
+        last_m = m;
+        checked.push((cycle, m, lower, upper));
+    }
+    checked
+}
+
+/// Writers stopped: one more cycle, and the replica equals the primary, holding all
+/// `n` ordered writes; replication is healthy.
+fn check_the_final_cycle(
+    p: &Primary,
+    replica: &Replica,
+    disks: &[PathBuf; 2],
+    sh: &OrderedShared,
+    (disk_size, n): (u64, u64),
+) {
     // Writers stopped: one more cycle, and the replica equals the primary.
     let cycle = p.cycles_close("vm1");
     let info = replica.wait_applied("vm1", cycle, LONG);
     assert_eq!(info["consistent"], true, "{info}");
-    let (_, data) = stable_read(&replica, &disks, disk_size as usize, LONG);
+    let (_, data) = stable_read(replica, disks, disk_size as usize, LONG);
     let writes = sh.writes.lock().expect("writes").clone();
     let m = ordered_prefix(&data, &writes).unwrap_or_else(|e| {
         panic!(
             "replica after the final cycle {cycle}: {e}\n{}",
-            logs(&p, &replica)
+            logs(p, replica)
         )
     });
     assert_eq!(
         m, n,
         "the final cycle {cycle} holds {m} of {n} ordered writes"
     );
-    for (disk, replica_disk) in ["disk0", "disk1"].iter().zip(&disks) {
+    for (disk, replica_disk) in ["disk0", "disk1"].iter().zip(disks) {
         assert_files_equal(
             &p.image(disk),
             replica_disk,
             &format!("{disk} after the final cycle {cycle}"),
         );
     }
-    let status = consumer(&p);
+    let status = consumer(p);
     assert_eq!(status["state"], "replicating", "{status:#}");
     assert_eq!(status["health"], "Normal", "{status:#}");
-    poller_stop.store(true, Ordering::SeqCst);
-    poller.join().expect("poller panicked");
 }
 
 // ---------------------------------------------------------------------------
@@ -682,205 +719,256 @@ fn replica_disk_full_on_tmpfs_refuses_cycles_and_resumes() {
         "bandwidth_limit = \"2MiB\"\nretry_scale = 0.01",
     )))]));
     let replica_disk = replica.disk("dc1", "vm1", "disk0");
-    let whole = disk_size as usize;
-    let t0 = Instant::now();
-
-    // Initial replication, then an idle cycle: the replica equals the image.
-    let applied = wait_for(
-        "initial replication",
-        LONG,
-        || {
-            let s = consumer(&p);
-            let c = s["last_delivered"].as_u64()?;
-            (s["state"] == "replicating").then_some(c)
-        },
-        || format!("{:#}\n{}", consumer(&p), logs(&p, &replica)),
-    );
-    replica.wait_applied("vm1", applied, LONG);
-    let image_a = read_file(&p.image("disk0"));
-    let (cycle_a, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert_bytes_equal(&image_a, &data[0], &format!("replica at cycle {cycle_a}"));
-    println!(
-        "{:>6.2}s initial replication applied (cycle {cycle_a}), {} bytes free on the replica",
-        t0.elapsed().as_secs_f64(),
-        free_bytes(&storage)
-    );
-
-    // 1. Less free space than the delta needs: the replica refuses the offer.
-    let free = free_bytes(&storage);
-    fill(&filler, free.saturating_sub(4 * MIB));
-    nbd_write(&p, MIB, &pseudo_random(22, (6 * MIB) as usize));
-    let held = assert_refused_and_retried(&p, &replica, "6 MiB delta, 4 MiB free");
-    assert!(held >= cycle_a, "{held} < {cycle_a}");
-    let (cycle, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert_eq!(cycle, held);
-    assert_bytes_equal(
-        &image_a,
-        &data[0],
-        &format!("replica holding cycle {held} while full (primary image before the delta)"),
-    );
-    let incoming = transfer_files(&replica, "incoming");
-    assert!(
-        incoming.iter().all(|(_, len)| *len == 0),
-        "a refused offer left transfer data behind: {incoming:?}"
-    );
-    assert!(
-        transfer_files(&replica, "received").is_empty(),
-        "{:?}",
-        transfer_files(&replica, "received")
-    );
-    println!(
-        "{:>6.2}s refused at the offer while holding cycle {held}: {}",
-        t0.elapsed().as_secs_f64(),
-        consumer(&p)["last_error"]
-    );
-    std::fs::remove_file(&filler).expect("remove filler");
-    let cycle_b = wait_recovered(&p, &replica, held, "after the filler was deleted");
-    let image_b = read_file(&p.image("disk0"));
-    let (cycle, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert!(cycle >= cycle_b);
-    assert_bytes_equal(
-        &image_b,
-        &data[0],
-        &format!("replica at cycle {cycle} after space was freed"),
-    );
-    println!(
-        "{:>6.2}s resumed: cycle {cycle_b} applied, replica equals the image",
-        t0.elapsed().as_secs_f64()
-    );
-
-    // 2. The space goes while a transfer is half stored: a chunk hits ENOSPC.
-    // 8 MiB: four chunks, which the 2 MiB/s limit spaces a second apart.
-    nbd_write(&p, 0, &pseudo_random(23, (8 * MIB) as usize));
-    let deadline = Instant::now() + LONG;
-    let part = loop {
-        let part = transfer_files(&replica, "incoming")
-            .into_iter()
-            .find(|(_, len)| *len >= MIB);
-        if let Some(part) = part {
-            break part;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no transfer stored a chunk in {LONG:?}: {:#}\n{}",
-            consumer(&p),
-            logs(&p, &replica)
-        );
-        thread::sleep(Duration::from_millis(5));
+    let full = FullReplica {
+        p: &p,
+        replica: &replica,
+        storage: &storage,
+        filler: &filler,
+        replica_disk: &replica_disk,
+        whole: disk_size as usize,
+        t0: Instant::now(),
     };
-    let free = free_bytes(&storage);
-    fill(&filler, free.saturating_sub(MIB));
-    let now = transfer_files(&replica, "incoming");
-    assert!(
-        now.iter().any(|(name, len)| *name == part.0 && *len < 8 * MIB),
-        "the 8 MiB transfer was complete before the filler took the space (the test ran too slowly): {now:?}, {:?}",
-        replica_info(&replica)
-    );
-    let held = assert_refused_and_retried(&p, &replica, "chunk stored on a full disk");
-    assert!(held >= cycle_b, "{held} < {cycle_b}");
-    let (cycle, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert_eq!(cycle, held);
-    assert_bytes_equal(
-        &image_b,
-        &data[0],
-        &format!(
-            "replica holding cycle {held} after a chunk failed (primary image before the delta)"
-        ),
-    );
-    assert!(
-        transfer_files(&replica, "received").is_empty(),
-        "{:?}",
-        transfer_files(&replica, "received")
-    );
-    println!(
-        "{:>6.2}s ENOSPC mid-transfer ({part:?} stored when the disk filled), holding cycle {held}: {}",
-        t0.elapsed().as_secs_f64(),
-        consumer(&p)["last_error"]
-    );
-    std::fs::remove_file(&filler).expect("remove filler");
-    let cycle_c = wait_recovered(&p, &replica, held, "after the second filler was deleted");
-    let (cycle, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert!(cycle >= cycle_c);
-    assert_bytes_equal(
-        &read_file(&p.image("disk0")),
-        &data[0],
-        &format!("replica at cycle {cycle} after space was freed again"),
-    );
-    let status = consumer(&p);
-    assert_eq!(status["state"], "replicating", "{status:#}");
-    println!(
-        "{:>6.2}s resumed again: cycle {cycle_c} applied, replica equals the image",
-        t0.elapsed().as_secs_f64()
-    );
-
-    // 3. Room for the transfer but not for applying it: a trimmed range (a hole on the
-    //    replica again) is written anew. Whether the replica refuses such a cycle or
-    //    accepts it and cannot apply it yet, it must never show anything but a whole
-    //    cycle as consistent, and it must catch up once space is freed.
-    {
-        let mut conn = Conn::connect_unix(&p.nbd_sock(), "disk0").expect("connect disk0");
-        conn.trim(8 * MIB, (8 * MIB) as u32).expect("trim");
-        conn.disconnect();
-    }
-    let trimmed = p.cycles_close("vm1");
-    replica.wait_applied("vm1", trimmed, LONG);
-    let image_c = read_file(&p.image("disk0"));
-    let free = free_bytes(&storage);
-    fill(&filler, free.saturating_sub(8 * MIB));
-    let written = pseudo_random(24, (6 * MIB) as usize);
-    nbd_write(&p, 8 * MIB + 256 * KIB, &written);
-    let mut image_d = image_c.clone();
-    image_d[(8 * MIB + 256 * KIB) as usize..][..written.len()].copy_from_slice(&written);
-    let (mut inconsistent, mut checked_states) = (0u32, 0u32);
-    let window = Instant::now();
-    while window.elapsed() < Duration::from_secs(7) {
-        let status = consumer(&p);
-        assert!(
-            status["state"] != "suspended" && status["health"] != "Critical",
-            "a full replica suspended replication: {status:#}\n{}",
-            logs(&p, &replica)
-        );
-        match try_stable_read(&replica, std::slice::from_ref(&replica_disk), whole) {
-            Some((cycle, data)) => {
-                let (expected, which) = if cycle <= trimmed {
-                    (&image_c, "before")
-                } else {
-                    (&image_d, "after")
-                };
-                assert_bytes_equal(
-                    expected,
-                    &data[0],
-                    &format!("replica reporting cycle {cycle} as applied and consistent while full (primary image {which} the 6 MiB write)"),
-                );
-                checked_states += 1;
-            }
-            None => inconsistent += 1,
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    println!(
-        "{:>6.2}s 7 s with room for the transfer only: {checked_states} consistent states checked, {inconsistent} samples inconsistent; primary: {}",
-        t0.elapsed().as_secs_f64(),
-        consumer(&p)["last_error"]
-    );
-    std::fs::remove_file(&filler).expect("remove filler");
-    let cycle_d = p.cycles_close("vm1");
-    replica.wait_applied("vm1", cycle_d, LONG);
-    let (cycle, data) = stable_read(&replica, std::slice::from_ref(&replica_disk), whole, LONG);
-    assert!(cycle >= cycle_d);
-    assert_bytes_equal(
-        &image_d,
-        &data[0],
-        &format!("replica at cycle {cycle} after the third filler was deleted"),
-    );
-    assert_bytes_equal(&image_d, &read_file(&p.image("disk0")), "primary image");
-    println!(
-        "{:>6.2}s caught up: cycle {cycle} applied, replica equals the image",
-        t0.elapsed().as_secs_f64()
-    );
+    let (cycle_a, image_a) = full.initial_replication();
+    let (cycle_b, image_b) = full.refused_at_the_offer(cycle_a, &image_a);
+    full.enospc_mid_transfer(cycle_b, &image_b);
+    full.room_to_transfer_but_not_to_apply();
     drop(p);
     replica.terminate();
     drop(tmpfs);
+}
+
+/// What each step of the full-replica test works on.
+struct FullReplica<'a> {
+    p: &'a Primary,
+    replica: &'a Replica,
+    /// The replica's storage, a 48 MiB tmpfs.
+    storage: &'a Path,
+    /// A file in it that takes the free space.
+    filler: &'a Path,
+    /// The replica disk of disk0.
+    replica_disk: &'a PathBuf,
+    /// disk0's size.
+    whole: usize,
+    t0: Instant,
+}
+
+impl FullReplica<'_> {
+    /// Initial replication, then an idle cycle: the replica equals the image. Returns
+    /// the cycle and the image.
+    fn initial_replication(&self) -> (u64, Vec<u8>) {
+        let (p, replica, replica_disk, whole, t0) =
+            (self.p, self.replica, self.replica_disk, self.whole, self.t0);
+        let applied = wait_for(
+            "initial replication",
+            LONG,
+            || {
+                let s = consumer(p);
+                let c = s["last_delivered"].as_u64()?;
+                (s["state"] == "replicating").then_some(c)
+            },
+            || format!("{:#}\n{}", consumer(p), logs(p, replica)),
+        );
+        replica.wait_applied("vm1", applied, LONG);
+        let image_a = read_file(&p.image("disk0"));
+        let (cycle_a, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert_bytes_equal(&image_a, &data[0], &format!("replica at cycle {cycle_a}"));
+        println!(
+            "{:>6.2}s initial replication applied (cycle {cycle_a}), {} bytes free on the replica",
+            t0.elapsed().as_secs_f64(),
+            free_bytes(self.storage)
+        );
+        (cycle_a, image_a)
+    }
+
+    /// Step 1, less free space than the delta needs: the replica refuses the offer,
+    /// holding cycle `cycle_a` (`image_a`); it resumes once the filler is deleted.
+    /// Returns the cycle applied then and the image.
+    fn refused_at_the_offer(&self, cycle_a: u64, image_a: &[u8]) -> (u64, Vec<u8>) {
+        let (p, replica, replica_disk, whole, t0) =
+            (self.p, self.replica, self.replica_disk, self.whole, self.t0);
+        let free = free_bytes(self.storage);
+        fill(self.filler, free.saturating_sub(4 * MIB));
+        nbd_write(p, MIB, &pseudo_random(22, (6 * MIB) as usize));
+        let held = assert_refused_and_retried(p, replica, "6 MiB delta, 4 MiB free");
+        assert!(held >= cycle_a, "{held} < {cycle_a}");
+        let (cycle, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert_eq!(cycle, held);
+        assert_bytes_equal(
+            image_a,
+            &data[0],
+            &format!("replica holding cycle {held} while full (primary image before the delta)"),
+        );
+        let incoming = transfer_files(replica, "incoming");
+        assert!(
+            incoming.iter().all(|(_, len)| *len == 0),
+            "a refused offer left transfer data behind: {incoming:?}"
+        );
+        assert!(
+            transfer_files(replica, "received").is_empty(),
+            "{:?}",
+            transfer_files(replica, "received")
+        );
+        println!(
+            "{:>6.2}s refused at the offer while holding cycle {held}: {}",
+            t0.elapsed().as_secs_f64(),
+            consumer(p)["last_error"]
+        );
+        std::fs::remove_file(self.filler).expect("remove filler");
+        let cycle_b = wait_recovered(p, replica, held, "after the filler was deleted");
+        let image_b = read_file(&p.image("disk0"));
+        let (cycle, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert!(cycle >= cycle_b);
+        assert_bytes_equal(
+            &image_b,
+            &data[0],
+            &format!("replica at cycle {cycle} after space was freed"),
+        );
+        println!(
+            "{:>6.2}s resumed: cycle {cycle_b} applied, replica equals the image",
+            t0.elapsed().as_secs_f64()
+        );
+        (cycle_b, image_b)
+    }
+
+    /// Step 2, the space goes while a transfer is half stored: a chunk hits ENOSPC.
+    /// The replica holds cycle `cycle_b` (`image_b`), and resumes once the filler is
+    /// deleted.
+    fn enospc_mid_transfer(&self, cycle_b: u64, image_b: &[u8]) {
+        let (p, replica, replica_disk, whole, t0) =
+            (self.p, self.replica, self.replica_disk, self.whole, self.t0);
+        // 8 MiB: four chunks, which the 2 MiB/s limit spaces a second apart.
+        nbd_write(p, 0, &pseudo_random(23, (8 * MIB) as usize));
+        let deadline = Instant::now() + LONG;
+        let part = loop {
+            let part = transfer_files(replica, "incoming")
+                .into_iter()
+                .find(|(_, len)| *len >= MIB);
+            if let Some(part) = part {
+                break part;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no transfer stored a chunk in {LONG:?}: {:#}\n{}",
+                consumer(p),
+                logs(p, replica)
+            );
+            thread::sleep(Duration::from_millis(5));
+        };
+        let free = free_bytes(self.storage);
+        fill(self.filler, free.saturating_sub(MIB));
+        let now = transfer_files(replica, "incoming");
+        assert!(
+            now.iter().any(|(name, len)| *name == part.0 && *len < 8 * MIB),
+            "the 8 MiB transfer was complete before the filler took the space (the test ran too slowly): {now:?}, {:?}",
+            replica_info(replica)
+        );
+        let held = assert_refused_and_retried(p, replica, "chunk stored on a full disk");
+        assert!(held >= cycle_b, "{held} < {cycle_b}");
+        let (cycle, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert_eq!(cycle, held);
+        assert_bytes_equal(
+            image_b,
+            &data[0],
+            &format!(
+                "replica holding cycle {held} after a chunk failed (primary image before the delta)"
+            ),
+        );
+        assert!(
+            transfer_files(replica, "received").is_empty(),
+            "{:?}",
+            transfer_files(replica, "received")
+        );
+        println!(
+            "{:>6.2}s ENOSPC mid-transfer ({part:?} stored when the disk filled), holding cycle {held}: {}",
+            t0.elapsed().as_secs_f64(),
+            consumer(p)["last_error"]
+        );
+        std::fs::remove_file(self.filler).expect("remove filler");
+        let cycle_c = wait_recovered(p, replica, held, "after the second filler was deleted");
+        let (cycle, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert!(cycle >= cycle_c);
+        assert_bytes_equal(
+            &read_file(&p.image("disk0")),
+            &data[0],
+            &format!("replica at cycle {cycle} after space was freed again"),
+        );
+        let status = consumer(p);
+        assert_eq!(status["state"], "replicating", "{status:#}");
+        println!(
+            "{:>6.2}s resumed again: cycle {cycle_c} applied, replica equals the image",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+
+    /// Step 3, room for the transfer but not for applying it: a trimmed range (a hole
+    /// on the replica again) is written anew. Whether the replica refuses such a cycle
+    /// or accepts it and cannot apply it yet, it must never show anything but a whole
+    /// cycle as consistent, and it must catch up once space is freed.
+    fn room_to_transfer_but_not_to_apply(&self) {
+        let (p, replica, replica_disk, whole, t0) =
+            (self.p, self.replica, self.replica_disk, self.whole, self.t0);
+        {
+            let mut conn = Conn::connect_unix(&p.nbd_sock(), "disk0").expect("connect disk0");
+            conn.trim(8 * MIB, (8 * MIB) as u32).expect("trim");
+            conn.disconnect();
+        }
+        let trimmed = p.cycles_close("vm1");
+        replica.wait_applied("vm1", trimmed, LONG);
+        let image_c = read_file(&p.image("disk0"));
+        let free = free_bytes(self.storage);
+        fill(self.filler, free.saturating_sub(8 * MIB));
+        let written = pseudo_random(24, (6 * MIB) as usize);
+        nbd_write(p, 8 * MIB + 256 * KIB, &written);
+        let mut image_d = image_c.clone();
+        image_d[(8 * MIB + 256 * KIB) as usize..][..written.len()].copy_from_slice(&written);
+        let (mut inconsistent, mut checked_states) = (0u32, 0u32);
+        let window = Instant::now();
+        while window.elapsed() < Duration::from_secs(7) {
+            let status = consumer(p);
+            assert!(
+                status["state"] != "suspended" && status["health"] != "Critical",
+                "a full replica suspended replication: {status:#}\n{}",
+                logs(p, replica)
+            );
+            match try_stable_read(replica, std::slice::from_ref(replica_disk), whole) {
+                Some((cycle, data)) => {
+                    let (expected, which) = if cycle <= trimmed {
+                        (&image_c, "before")
+                    } else {
+                        (&image_d, "after")
+                    };
+                    assert_bytes_equal(
+                        expected,
+                        &data[0],
+                        &format!("replica reporting cycle {cycle} as applied and consistent while full (primary image {which} the 6 MiB write)"),
+                    );
+                    checked_states += 1;
+                }
+                None => inconsistent += 1,
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        println!(
+            "{:>6.2}s 7 s with room for the transfer only: {checked_states} consistent states checked, {inconsistent} samples inconsistent; primary: {}",
+            t0.elapsed().as_secs_f64(),
+            consumer(p)["last_error"]
+        );
+        std::fs::remove_file(self.filler).expect("remove filler");
+        let cycle_d = p.cycles_close("vm1");
+        replica.wait_applied("vm1", cycle_d, LONG);
+        let (cycle, data) = stable_read(replica, std::slice::from_ref(replica_disk), whole, LONG);
+        assert!(cycle >= cycle_d);
+        assert_bytes_equal(
+            &image_d,
+            &data[0],
+            &format!("replica at cycle {cycle} after the third filler was deleted"),
+        );
+        assert_bytes_equal(&image_d, &read_file(&p.image("disk0")), "primary image");
+        println!(
+            "{:>6.2}s caught up: cycle {cycle} applied, replica equals the image",
+            t0.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The prefix check itself: it accepts exactly the states writes 1..=m leave, and

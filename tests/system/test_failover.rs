@@ -73,7 +73,22 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         "{}",
         set.all()
     );
-    let mut states: BTreeMap<u64, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+    let states = five_cycles_each_a_point(&p, &replica);
+    let listed = check_the_points_listed(&replica, &states);
+    let work = dir.path().join("read");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let test0 = test_the_oldest_point(&p, &replica, &listed[0], &states, &work);
+    a_connected_client_holds_the_test(&replica, &test0);
+    test_the_latest_point(&p, &replica, &work);
+}
+
+/// The disks of the replica after each cycle.
+type States = BTreeMap<u64, (Vec<u8>, Vec<u8>)>;
+
+/// Five cycles 1.1 s apart with writes on both disks; returns the replica's disks
+/// after each.
+fn five_cycles_each_a_point(p: &Primary, replica: &Replica) -> States {
+    let mut states: States = BTreeMap::new();
     for round in 0..5u64 {
         std::thread::sleep(Duration::from_millis(1100));
         let uri0 = p.uri("disk0");
@@ -92,6 +107,11 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
             ),
         );
     }
+    states
+}
+
+/// Three additional points and the latest are kept, and listed; returns the list.
+fn check_the_points_listed(replica: &Replica, states: &States) -> Vec<Value> {
     let listed = replica.points("vm1");
     let cycles: Vec<u64> = listed.iter().filter_map(|p| p["cycle"].as_u64()).collect();
     let latest_cycle = *states.keys().last().expect("cycles");
@@ -108,9 +128,20 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
     let text = replica.cli(&["points", "--name", "vm1"]).assert_ok();
     assert!(text.stdout.contains("latest"), "{}", text.all());
     assert!(text.stdout.contains("crash-consistent"), "{}", text.all());
+    listed
+}
 
+/// A test failover of the oldest point kept: its disks read as they were at that
+/// point while replication goes on, and the test's writes stay in the test. Returns
+/// the URI of the test's disk0.
+fn test_the_oldest_point(
+    p: &Primary,
+    replica: &Replica,
+    oldest: &Value,
+    states: &States,
+    work: &Path,
+) -> String {
     // A test failover of the oldest point kept.
-    let oldest = &listed[0];
     let (point_id, point_cycle) = (
         oldest["id"].as_u64().expect("id"),
         oldest["cycle"].as_u64().expect("cycle"),
@@ -126,16 +157,14 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         ])
         .assert_ok();
     assert!(
-        started.stdout.contains(&test_uri(&replica, "disk0")),
+        started.stdout.contains(&test_uri(replica, "disk0")),
         "{}",
         started.all()
     );
-    let work = dir.path().join("read");
-    std::fs::create_dir_all(&work).expect("mkdir");
     let check_point = |what: &str| {
         for (index, disk) in ["disk0", "disk1"].iter().enumerate() {
             let copy = work.join(format!("{disk}.img"));
-            copy_export(&test_uri(&replica, disk), &copy);
+            copy_export(&test_uri(replica, disk), &copy);
             let expected = &states[&point_cycle];
             let expected = if index == 0 { &expected.0 } else { &expected.1 };
             assert_bytes_equal(&read_file(&copy), expected, &format!("{disk} {what}"));
@@ -154,7 +183,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
     check_point("after another cycle applied");
 
     // The test's writes stay in the test.
-    let test0 = test_uri(&replica, "disk0");
+    let test0 = test_uri(replica, "disk0");
     qemu_io(&test0, "write -P 0xee 0 3M");
     let read = qemu_io(&test0, "read -P 0xee 0 3M");
     assert!(
@@ -175,7 +204,12 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
     );
     let info = replica.info("vm1").expect("vm1");
     assert_eq!(info["test_failover"]["cycle"], point_cycle, "{info:#}");
+    test0
+}
 
+/// A connected client holds the test: stopping is refused unless forced; once the
+/// client is gone the test stops and leaves nothing behind.
+fn a_connected_client_holds_the_test(replica: &Replica, test0: &str) {
     // A connected client holds the test: stopping is refused unless forced.
     let python = require_tool(PYTHON);
     require_python_libnbd();
@@ -183,7 +217,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         .args([
             "-c",
             "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('connected', flush=True)\ntime.sleep(60)",
-            &test0,
+            test0,
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -200,7 +234,7 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
             .success()
     });
     let gone = run(
-        Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", "read 0 4k", &test0]),
+        Command::new(require_tool("qemu-io")).args(["-f", "raw", "-c", "read 0 4k", test0]),
         LONG,
     );
     assert!(!gone.success(), "the export is gone: {}", gone.all());
@@ -217,7 +251,11 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         "{}",
         status.all()
     );
+}
 
+/// A test of the latest point: replication applies underneath it; once stopped, the
+/// temporary point is gone and the kept points remain.
+fn test_the_latest_point(p: &Primary, replica: &Replica, work: &Path) {
     // A test of the latest point: replication applies underneath it.
     let latest_state = (
         read_file(&replica.disk("dc1", "vm1", "disk0")),
@@ -234,14 +272,14 @@ fn a_point_serves_as_writable_disks_while_replication_goes_on() {
         assert_files_equal(&p.image(disk), &replica.disk("dc1", "vm1", disk), disk);
     }
     let copy = work.join("latest0.img");
-    copy_export(&test_uri(&replica, "disk0"), &copy);
+    copy_export(&test_uri(replica, "disk0"), &copy);
     assert_bytes_equal(
         &read_file(&copy),
         &latest_state.0,
         "disk0 at the latest point",
     );
     let copy = work.join("latest1.img");
-    copy_export(&test_uri(&replica, "disk1"), &copy);
+    copy_export(&test_uri(replica, "disk1"), &copy);
     assert_bytes_equal(
         &read_file(&copy),
         &latest_state.1,
