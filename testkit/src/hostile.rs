@@ -62,7 +62,10 @@ pub fn closed_by_server(stream: &TcpStream) -> bool {
 }
 
 /// Runs `f` with this process's soft limit of open files set to `soft` (children
-/// spawned meanwhile inherit it), then restores the limit.
+/// spawned meanwhile inherit it), then restores the limit. The limit is the whole
+/// test process's: tests of other modules of the binary run meanwhile, so keep `f`
+/// short (a daemon's start) and `soft` above what they hold open (a few dozen files;
+/// the daemons they spawn raise their own limit).
 pub fn with_open_files_limit<T>(soft: u64, f: impl FnOnce() -> T) -> T {
     let mut old = libc::rlimit {
         rlim_cur: 0,
