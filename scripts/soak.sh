@@ -7,7 +7,8 @@
 # whole-system test binary `system`, using the harness crate testkit/.
 #
 # The test binary is a debug build: `cargo test --workspace --all-targets` (CI's
-# "cargo test" step) has built it already, so the 2-minute CI run starts at once,
+# "cargo test" step) has built it already, so the 2-minute CI run starts at once
+# (--workspace here too: the same features of every dependency, so the same binary),
 # whereas `cargo test --release --no-run --test ...` from cold (thin LTO, every
 # dependency) took 13.5 minutes on the shared 2-core machine, three times what the
 # whole soak step may take. Dependencies are optimised in debug builds too
@@ -79,7 +80,7 @@ profile_args=()
 [[ ${BLKREP_SOAK_PROFILE:-debug} == release ]] && profile_args=(--release)
 
 # A filter naming no test would pass without running anything: check it names the soak.
-listed=$(cargo test "${profile_args[@]}" --locked --test system -- soak::soak --exact --ignored --list)
+listed=$(cargo test "${profile_args[@]}" --locked --workspace --test system -- soak::soak --exact --ignored --list)
 if ! grep -qx 'soak::soak: test' <<<"$listed"; then
     echo "soak.sh: the system test binary has no ignored test soak::soak" >&2
     exit 1
@@ -88,7 +89,7 @@ fi
 status=0
 BLKREP_SOAK_MINUTES=$minutes BLKREP_SOAK_SEED=$seed BLKREP_SOAK_REPORT=$report \
     BLKREP_SOAK_LOGS=$logs BLKREP_SOAK_COMMIT=$commit \
-    cargo test "${profile_args[@]}" --locked --test system -- soak::soak --exact --ignored --nocapture --test-threads 1 ||
+    cargo test "${profile_args[@]}" --locked --workspace --test system -- soak::soak --exact --ignored --nocapture --test-threads 1 ||
     status=$?
 if ((status != 0)); then
     echo "soak.sh: FAILED (exit $status); both daemons' logs are in $logs" >&2
