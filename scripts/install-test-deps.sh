@@ -66,7 +66,7 @@ fi
 #   fio             scripts/bench-fio.sh (nbd ioengine)
 #   util-linux      fallocate, findmnt (essential on Debian; listed for safety)
 #   coreutils       stat, mktemp, timeout (same)
-#   fuse3           fusermount3, for tools/powerloss-fs (tests/power_loss.rs)
+#   fuse3           fusermount3, for tools/powerloss-fs (tests/system/power_loss.rs)
 wanted=(libnbd-bin python3-libnbd python3 fio util-linux coreutils fuse3)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
@@ -126,7 +126,7 @@ if (( with_fuzz )); then
     fi
 fi
 
-"$(dirname "$0")/guest-kit.sh" >&2 || die "scripts/guest-kit.sh failed: no guest-boot kit (QEMU, kernel, initramfs) for tests/guest_boot.rs"
+"$(dirname "$0")/guest-kit.sh" >&2 || die "scripts/guest-kit.sh failed: no guest-boot kit (QEMU, kernel, initramfs) for tests/system/guest_boot.rs"
 py=$(nbd_python) || die "no python3 can 'import nbd' even after installing python3-libnbd"
 
 log "qemu-nbd: $(qemu-nbd --version | head -n1)"

@@ -3,10 +3,12 @@
 # replica daemon behind the fault proxy, a second one for failback) under writers,
 # SIGKILLs of either daemon, link faults, test failovers and a planned failover and
 # failback, for N minutes; then every replica, recovery point and acknowledged write
-# is checked. The driver is tests/soak.rs (an ignored test using tests/common).
+# is checked. The driver is tests/system/soak.rs: the ignored test soak::soak of the
+# whole-system test binary `system`, using the harness crate testkit/.
 #
 # The test binary is a debug build: `cargo test --workspace --all-targets` (CI's
-# "cargo test" step) has built it already, so the 2-minute CI run starts at once,
+# "cargo test" step) has built it already, so the 2-minute CI run starts at once
+# (--workspace here too: the same features of every dependency, so the same binary),
 # whereas `cargo test --release --no-run --test ...` from cold (thin LTO, every
 # dependency) took 13.5 minutes on the shared 2-core machine, three times what the
 # whole soak step may take. Dependencies are optimised in debug builds too
@@ -77,10 +79,17 @@ logs="$here/target/soak-logs/$(date -u +%Y%m%dT%H%M%SZ)-$$"
 profile_args=()
 [[ ${BLKREP_SOAK_PROFILE:-debug} == release ]] && profile_args=(--release)
 
+# A filter naming no test would pass without running anything: check it names the soak.
+listed=$(cargo test "${profile_args[@]}" --locked --workspace --test system -- soak::soak --exact --ignored --list)
+if ! grep -qx 'soak::soak: test' <<<"$listed"; then
+    echo "soak.sh: the system test binary has no ignored test soak::soak" >&2
+    exit 1
+fi
+
 status=0
 BLKREP_SOAK_MINUTES=$minutes BLKREP_SOAK_SEED=$seed BLKREP_SOAK_REPORT=$report \
     BLKREP_SOAK_LOGS=$logs BLKREP_SOAK_COMMIT=$commit \
-    cargo test "${profile_args[@]}" --locked --test soak -- --ignored --nocapture --test-threads 1 ||
+    cargo test "${profile_args[@]}" --locked --workspace --test system -- soak::soak --exact --ignored --nocapture --test-threads 1 ||
     status=$?
 if ((status != 0)); then
     echo "soak.sh: FAILED (exit $status); both daemons' logs are in $logs" >&2

@@ -320,27 +320,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             key,
             interval,
         } => {
-            let absolute = |path: PathBuf| {
-                std::path::absolute(&path)
-                    .with_context(|| format!("Cannot resolve {}", path.display()))
-            };
-            let reverse = ReverseTarget {
-                url,
-                ca: absolute(ca)?,
-                cert: absolute(cert)?,
-                key: absolute(key)?,
-                interval_secs: interval.as_secs().max(1),
-            };
-            let url = reverse.url.clone();
-            let (name, _) =
-                target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Reverse {
-                    name,
-                    trust_group,
-                    target: reverse,
-                })?;
-            println!(
-                "Group {name} replicates back to {url}: blocks are compared with the existing copy there and only those that differ are sent (`blkrep replica status` follows it)"
-            );
+            reverse(target, url, ca, cert, key, interval)?;
         }
         ReplicaCommand::Recovery {
             target,
@@ -400,29 +380,15 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             from_primary,
             force,
             move_images,
-        } => {
-            crate::daemon::process::private_files();
-            let config = ReplicaConfig::load(&config)?;
-            let images = match &from_primary {
-                Some(primary) => old_primary_disks(primary, &name, force, move_images)?,
-                None => disk_args(&disks)?,
-            };
-            let dir = seed(&config, &trust_group, &name, &images, move_images)?;
-            println!(
-                "Existing copy of {name} placed in {}; enable replication on the primary with initial_replication = \"existing\" (or `blkrep replica reverse` on a failed-over site) to claim it",
-                dir.display()
-            );
-            if from_primary.is_some() {
-                println!(
-                    "{}",
-                    if move_images {
-                        "The old primary's images moved there: remove the group from that primary's configuration"
-                    } else {
-                        "The old primary's images stay where they are, as they were (kept aside)"
-                    }
-                );
-            }
-        }
+        } => seed_command(&SeedArgs {
+            config,
+            trust_group,
+            name,
+            disks,
+            from_primary,
+            force,
+            move_images,
+        })?,
     }
     Ok(())
 }
@@ -524,6 +490,84 @@ fn status(config: Option<PathBuf>, socket: Option<PathBuf>, json: bool) -> anyho
         let live: Vec<super::live::LiveGroupReport> =
             serde_json::from_value(live).context("Unreadable live groups")?;
         print!("{}", render_live(&live));
+    }
+    Ok(())
+}
+
+/// `blkrep replica reverse`.
+fn reverse(
+    target: OneReplica,
+    url: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let absolute = |path: PathBuf| {
+        std::path::absolute(&path).with_context(|| format!("Cannot resolve {}", path.display()))
+    };
+    let reverse = ReverseTarget {
+        url,
+        ca: absolute(ca)?,
+        cert: absolute(cert)?,
+        key: absolute(key)?,
+        interval_secs: interval.as_secs().max(1),
+    };
+    let url = reverse.url.clone();
+    let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Reverse {
+        name,
+        trust_group,
+        target: reverse,
+    })?;
+    println!(
+        "Group {name} replicates back to {url}: blocks are compared with the existing copy there and only those that differ are sent (`blkrep replica status` follows it)"
+    );
+    Ok(())
+}
+
+/// The arguments of `blkrep replica seed`.
+struct SeedArgs {
+    config: PathBuf,
+    trust_group: String,
+    name: String,
+    disks: Vec<String>,
+    from_primary: Option<PathBuf>,
+    force: bool,
+    move_images: bool,
+}
+
+/// `blkrep replica seed`.
+fn seed_command(args: &SeedArgs) -> anyhow::Result<()> {
+    let SeedArgs {
+        config,
+        trust_group,
+        name,
+        disks,
+        from_primary,
+        force,
+        move_images,
+    } = args;
+    let (force, move_images) = (*force, *move_images);
+    crate::daemon::process::private_files();
+    let config = ReplicaConfig::load(config)?;
+    let images = match &from_primary {
+        Some(primary) => old_primary_disks(primary, name, force, move_images)?,
+        None => disk_args(disks)?,
+    };
+    let dir = seed(&config, trust_group, name, &images, move_images)?;
+    println!(
+        "Existing copy of {name} placed in {}; enable replication on the primary with initial_replication = \"existing\" (or `blkrep replica reverse` on a failed-over site) to claim it",
+        dir.display()
+    );
+    if from_primary.is_some() {
+        println!(
+            "{}",
+            if move_images {
+                "The old primary's images moved there: remove the group from that primary's configuration"
+            } else {
+                "The old primary's images stay where they are, as they were (kept aside)"
+            }
+        );
     }
     Ok(())
 }

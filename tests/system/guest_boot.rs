@@ -1,0 +1,354 @@
+//! A real Linux guest on a blkrep export: Debian 12's kernel booted by QEMU under
+//! TCG from the kit `scripts/guest-kit.sh` builds, its initramfs
+//! (`tests/guest/init`) writing files to an ext4 file system through virtio-blk and
+//! a real `blkrep primary` over NBD, a second guest verifying them, and the host
+//! checking the image file with e2fsprogs once the daemon has stopped.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use testkit::*;
+
+const GROUP: &str = "vm1";
+const DISK: &str = "disk0";
+const DISK_SIZE: u64 = 64 * MIB;
+/// Size of the guest's /blkrep/data: big enough to span many ext4 extents and log
+/// records, small enough for a TCG guest to write in a few seconds.
+const DATA_KIB: u64 = 8192;
+/// One guest boot (about 10 s on 2 cores under TCG).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// The first kit build downloads about 85 MB and unpacks a kernel.
+const KIT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// What `scripts/guest-kit.sh` built.
+struct GuestKit {
+    dir: PathBuf,
+}
+
+impl GuestKit {
+    /// Runs the kit script (quick when the kit exists); its failure fails the test.
+    fn build() -> GuestKit {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-kit.sh");
+        let o = match run_with_timeout(&mut Command::new(&script), KIT_TIMEOUT) {
+            Ok(o) => o,
+            Err(o) => panic!(
+                "scripts/guest-kit.sh timed out after {KIT_TIMEOUT:?}\n{}",
+                o.report()
+            ),
+        };
+        assert!(
+            o.success(),
+            "scripts/guest-kit.sh failed: the guest-boot test needs its kit\n{}",
+            o.report()
+        );
+        let dir = o
+            .stdout
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("guest-kit: "))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                panic!(
+                    "scripts/guest-kit.sh did not end with `guest-kit: DIR`\n{}",
+                    o.report()
+                )
+            });
+        let kit = GuestKit { dir };
+        for p in [kit.qemu(), kit.kernel(), kit.initramfs()] {
+            assert!(
+                p.is_file(),
+                "the guest kit lacks {}\n{}",
+                p.display(),
+                o.report()
+            );
+        }
+        kit
+    }
+    fn qemu(&self) -> PathBuf {
+        self.dir.join("bin/qemu-system-x86_64")
+    }
+    fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs.img")
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum GuestMode {
+    /// Write /blkrep/{token,data,SHA256SUMS} and unmount.
+    Write,
+    /// Mount read-only and verify them.
+    Check,
+}
+
+impl GuestMode {
+    fn arg(self) -> &'static str {
+        match self {
+            GuestMode::Write => "write",
+            GuestMode::Check => "check",
+        }
+    }
+}
+
+/// Boots one guest on `drive` (what QEMU's `-drive file=` takes: an NBD URI of a
+/// primary's or a replica's export) and returns its serial console once it powered
+/// off. The console is kept in `log_dir`; a QEMU failure, a timeout or a guest that
+/// never reached its end marker fails the test with the console's tail.
+fn boot_guest(kit: &GuestKit, drive: &str, mode: GuestMode, token: &str, log_dir: &Path) -> String {
+    let console = log_dir.join(format!("guest-{}-{token}.log", mode.arg()));
+    let _ = fs::remove_file(&console);
+    let append = format!(
+        "console=ttyS0 panic=-1 blkrep.mode={} blkrep.token={token} blkrep.data_kib={DATA_KIB}",
+        mode.arg()
+    );
+    let mut cmd = Command::new(kit.qemu());
+    cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        // panic=-1 plus -no-reboot: a guest that panics exits QEMU at once.
+        .arg("-no-reboot")
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(kit.kernel())
+        .arg("-initrd")
+        .arg(kit.initramfs())
+        .args(["-append", &append])
+        .arg("-drive")
+        // A comma inside an option value is written twice.
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=none",
+            drive.replace(',', ",,")
+        ));
+    let result = run_with_timeout(&mut cmd, BOOT_TIMEOUT);
+    let log = fs::read_to_string(&console).unwrap_or_default();
+    let context = |o: &Output| {
+        format!(
+            "{}\n--- guest console ({}) ---\n{}",
+            o.report(),
+            console.display(),
+            tail(&log, 80)
+        )
+    };
+    match &result {
+        Err(o) => panic!(
+            "{} guest did not power off within {BOOT_TIMEOUT:?}\n{}",
+            mode.arg(),
+            context(o)
+        ),
+        Ok(o) if !o.success() => panic!("QEMU failed ({} guest)\n{}", mode.arg(), context(o)),
+        Ok(o) if !log.lines().any(|l| l.trim_end() == "BLKREP-GUEST-DONE") => panic!(
+            "{} guest powered off without BLKREP-GUEST-DONE\n{}",
+            mode.arg(),
+            context(o)
+        ),
+        Ok(_) => log,
+    }
+}
+
+/// The console line starting with `prefix`, or a failure quoting the console.
+fn console_line<'a>(console: &'a str, prefix: &str, what: &str) -> &'a str {
+    console
+        .lines()
+        .map(str::trim_end)
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no `{prefix}` line on the guest console\n{}",
+                tail(console, 80)
+            )
+        })
+}
+
+/// A write guest stores token `token`'s files on `drive`.
+fn guest_write_files(kit: &GuestKit, drive: &str, token: &str, log_dir: &Path) {
+    let console = boot_guest(kit, drive, GuestMode::Write, token, log_dir);
+    console_line(
+        &console,
+        &format!("BLKREP-WRITE-OK token={token} "),
+        "write guest",
+    );
+}
+
+/// A check guest finds token `token`'s files on `drive`, intact.
+fn guest_check_files(kit: &GuestKit, drive: &str, token: &str, log_dir: &Path) {
+    let console = boot_guest(kit, drive, GuestMode::Check, token, log_dir);
+    let line = console_line(&console, "BLKREP-CHECK-", "check guest");
+    assert_eq!(
+        line,
+        format!("BLKREP-CHECK-OK token={token}"),
+        "check guest\n{}",
+        tail(&console, 80)
+    );
+}
+
+/// The bytes of /blkrep/data as tests/guest/init generates them: 512-byte records
+/// "<token> <10-digit number>", dots, newline.
+fn expected_data(token: &str) -> Vec<u8> {
+    let records = DATA_KIB * 2;
+    let mut v = Vec::with_capacity((DATA_KIB * KIB) as usize);
+    for i in 0..records {
+        let head = format!("{token} {i:010}");
+        v.extend_from_slice(head.as_bytes());
+        v.resize(v.len() + 511 - head.len(), b'.');
+        v.push(b'\n');
+    }
+    v
+}
+
+/// e2fsprogs live in /usr/sbin, which a non-root PATH may lack.
+fn e2fs_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` not found (e2fsprogs); scripts/guest-kit.sh installs it")
+        })
+}
+
+/// From the host, on an image no one serves: the file system is clean and holds
+/// token `token`'s files byte for byte.
+fn host_check_image(image: &Path, token: &str, scratch: &Path) {
+    let fsck = run(
+        Command::new(e2fs_tool("e2fsck")).arg("-fn").arg(image),
+        LONG,
+    );
+    assert!(
+        fsck.success(),
+        "e2fsck -fn finds {} unclean\n{}",
+        image.display(),
+        fsck.report()
+    );
+    let debugfs = e2fs_tool("debugfs");
+    let cat = run_ok(
+        Command::new(&debugfs)
+            .args(["-R", "cat /blkrep/token"])
+            .arg(image),
+        LONG,
+    );
+    assert_eq!(
+        cat.stdout,
+        format!("{token}\n"),
+        "/blkrep/token on the image\n{}",
+        cat.report()
+    );
+    let dumped = scratch.join("data.dumped");
+    let _ = fs::remove_file(&dumped);
+    let dump = run_ok(
+        Command::new(&debugfs)
+            .arg("-R")
+            .arg(format!("dump /blkrep/data {}", dumped.display()))
+            .arg(image),
+        LONG,
+    );
+    let data = fs::read(&dumped)
+        .unwrap_or_else(|e| panic!("debugfs did not dump /blkrep/data ({e})\n{}", dump.report()));
+    assert_bytes_equal(&data, &expected_data(token), "/blkrep/data on the image");
+}
+
+/// Letters and digits only (the kernel command line and the init script take it
+/// as is), different on every run so nothing stale can pass.
+/// Makes `image` an empty ext4 file system.
+fn mkfs(image: &Path) {
+    run_ok(
+        Command::new(e2fs_tool("mkfs.ext4"))
+            .args(["-F", "-q", "-L", "blkrep-guest"])
+            .arg(image),
+        LONG,
+    );
+}
+
+fn fresh_token() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!("t{}x{nanos}", std::process::id())
+}
+
+#[test]
+fn a_guest_writes_an_ext4_file_system_through_the_primary_and_a_second_guest_reads_it() {
+    let kit = GuestKit::build();
+
+    let mut p = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        GROUP,
+        vec![DiskSpec::new(DISK, DISK_SIZE)],
+    )
+    .tracking(true)]));
+    // Formatted before the daemon starts: the local copy starts from it.
+    mkfs(&p.image(DISK));
+    p.restart();
+    let logs = p.layout.root.clone();
+    let drive = p.uri(DISK);
+    let token = fresh_token();
+
+    guest_write_files(&kit, &drive, &token, &logs);
+    let dirty = p.disk_status(GROUP, DISK)["dirty_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(dirty > 0, "the guest's writes left no dirty bytes tracked");
+    // What the tracker saw of a real guest's I/O reproduces the image exactly.
+    p.cycles_close(GROUP);
+    assert_files_equal(
+        &p.image(DISK),
+        &p.copy_image(GROUP, DISK),
+        "local copy after the write guest",
+    );
+
+    guest_check_files(&kit, &drive, &token, &logs);
+
+    p.terminate();
+    host_check_image(&p.image(DISK), &token, &logs);
+}
+
+/// The disaster: a guest writes through a replicating primary, the primary dies, the
+/// replica is failed over, and a guest booted from the replica's live disks finds
+/// every file.
+#[test]
+fn a_guest_boots_from_the_failed_over_replica_and_finds_its_files() {
+    use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+    let kit = GuestKit::build();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let mut p = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        GROUP,
+        vec![DiskSpec::new(DISK, DISK_SIZE)],
+    )
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "",
+    )))
+    .ring_size("64MiB")]));
+    mkfs(&p.image(DISK));
+    p.restart();
+    let logs = p.layout.root.clone();
+    let token = fresh_token();
+    guest_write_files(&kit, &p.uri(DISK), &token, &logs);
+    let cycle = p.cycles_close(GROUP);
+    replica.wait_applied(GROUP, cycle, LONG);
+    p.kill();
+
+    let failover = run_ok(
+        Command::new(bin())
+            .args(["replica", "failover", "--name", GROUP, "--config"])
+            .arg(replica.config()),
+        LONG,
+    );
+    let live = format!(
+        "nbd+unix:///{GROUP}/{DISK}?socket={}",
+        replica.nbd_socket().display()
+    );
+    assert!(failover.stdout.contains(&live), "{}", failover.all());
+    guest_check_files(&kit, &live, &token, &logs);
+
+    replica.terminate();
+    host_check_image(&replica.disk("dc1", GROUP, DISK), &token, &logs);
+}
