@@ -10,13 +10,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
 use wire::api::ReplicaInfo;
 
 use anyhow::Context as _;
 
 use super::config::{self, ReplicaConfig};
-use super::protocol::{call, ReplicaRequest};
+use super::protocol::{
+    call, call_typed, FailedOverTo, HandedBack, Imported, ReplicaRequest, TestStarted,
+};
 use super::render::{render_live, render_points, render_status};
 use super::DaemonError;
 use crate::control;
@@ -224,27 +225,21 @@ pub struct OneReplica {
 impl OneReplica {
     /// Sends the request `make` builds from the replica's name and trust group to
     /// the daemon; returns the name and the answer.
-    fn call(
+    fn call<T: serde::de::DeserializeOwned>(
         self,
         timeout: Duration,
         make: impl FnOnce(String, Option<String>) -> ReplicaRequest,
-    ) -> anyhow::Result<(String, Value)> {
+    ) -> anyhow::Result<(String, T)> {
         let socket = control_socket(self.socket, self.config)?;
-        let value = call(&socket, &make(self.name.clone(), self.trust_group), timeout)?;
-        Ok((self.name, value))
+        let answer = call_typed(&socket, &make(self.name.clone(), self.trust_group), timeout)?;
+        Ok((self.name, answer))
     }
 }
 
-/// The replica an answer carries.
-pub(super) fn replica_in(value: &Value) -> anyhow::Result<ReplicaInfo> {
-    serde_json::from_value(value.clone()).context("Unreadable answer")
-}
-
-/// Prints NBD URIs of `exports` on the socket the answer `value` names.
-pub(super) fn print_exports<'a>(exports: impl Iterator<Item = &'a str>, value: &Value) {
-    let nbd_socket = value["nbd_socket"].as_str().unwrap_or("?");
+/// Prints NBD URIs of `exports` on `nbd_socket`.
+pub(super) fn print_exports<'a>(exports: impl Iterator<Item = &'a str>, nbd_socket: &Path) {
     for export in exports {
-        println!("  nbd+unix:///{export}?socket={nbd_socket}");
+        println!("  nbd+unix:///{export}?socket={}", nbd_socket.display());
     }
 }
 
@@ -257,13 +252,14 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
         }
         ReplicaCommand::Pause(target) | ReplicaCommand::Resume(target) => {
             let paused = pausing;
-            let (name, _) = target.call(STATUS_TIMEOUT, |name, trust_group| {
-                ReplicaRequest::SetPaused {
-                    name,
-                    trust_group,
-                    paused,
-                }
-            })?;
+            let (name, _): (_, ReplicaInfo) =
+                target.call(STATUS_TIMEOUT, |name, trust_group| {
+                    ReplicaRequest::SetPaused {
+                        name,
+                        trust_group,
+                        paused,
+                    }
+                })?;
             println!(
                 "Replication into {name} {}",
                 if paused {
@@ -281,33 +277,32 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             let socket = control_socket(socket, config)?;
             let dir = std::path::absolute(&dir)
                 .with_context(|| format!("Cannot resolve {}", dir.display()))?;
-            let value = call(&socket, &ReplicaRequest::Import { dir }, IMPORT_TIMEOUT)?;
+            let done: Imported =
+                call_typed(&socket, &ReplicaRequest::Import { dir }, IMPORT_TIMEOUT)?;
             println!(
                 "Imported {} transfer(s) into replica {}; cycles from the primary are accepted again",
-                value["imported"],
-                value["replica"]["name"].as_str().unwrap_or("?")
+                done.imported, done.replica.name
             );
         }
         ReplicaCommand::Failover { target, point } => {
             failover(target, point)?;
         }
         ReplicaCommand::PlannedFailover { target, force } => {
-            let (name, value) = target.call(PLANNED_FAILOVER_TIMEOUT, |name, trust_group| {
-                ReplicaRequest::PlannedFailover {
-                    name,
-                    trust_group,
-                    force,
-                }
-            })?;
-            let info = replica_in(&value["replica"])?;
+            let (name, handed): (String, HandedBack) =
+                target.call(PLANNED_FAILOVER_TIMEOUT, |name, trust_group| {
+                    ReplicaRequest::PlannedFailover {
+                        name,
+                        trust_group,
+                        force,
+                    }
+                })?;
             println!(
                 "Group {name} failed over to {}: every block compared equal, and that side serves the live disks now at epoch {}. These disks stopped being served; they wait as an existing copy, so replication back from there (`blkrep replica reverse --name {name} ...` on that side) sends only what differs.",
-                value["url"].as_str().unwrap_or("its replica"),
-                info.epoch
+                handed.url, handed.replica.epoch
             );
         }
         ReplicaCommand::CompleteFailover(target) => {
-            let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| {
+            let (name, _): (_, ReplicaInfo) = target.call(TEST_TIMEOUT, |name, trust_group| {
                 ReplicaRequest::CompleteFailover { name, trust_group }
             })?;
             println!("Failover of {name} completed; the other recovery points are deleted");
@@ -331,21 +326,19 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
                 points,
                 spacing_secs: spacing.as_secs(),
             };
-            let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| {
+            let (_, info): (_, ReplicaInfo) = target.call(TEST_TIMEOUT, |name, trust_group| {
                 ReplicaRequest::SetRecovery {
                     name,
                     trust_group,
                     policy,
                 }
             })?;
-            let info = replica_in(&value)?;
             print!("{}", render_points(&info, unix_secs()));
         }
         ReplicaCommand::Points { target, json } => {
             let socket = control_socket(target.socket, target.config)?;
-            let value = call(&socket, &ReplicaRequest::Status, STATUS_TIMEOUT)?;
             let replicas: Vec<ReplicaInfo> =
-                serde_json::from_value(value).context("Unreadable status report")?;
+                call_typed(&socket, &ReplicaRequest::Status, STATUS_TIMEOUT)?;
             let info = pick(&replicas, &target.name, target.trust_group.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info.recovery_points)?);
@@ -357,7 +350,7 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
             start_test(target, point)?;
         }
         ReplicaCommand::TestFailover(TestFailoverCommand::Stop { target, force }) => {
-            let (name, _) =
+            let (name, _): (_, ReplicaInfo) =
                 target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::StopTest {
                     name,
                     trust_group,
@@ -430,12 +423,13 @@ fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow
 
 /// `blkrep replica failover`.
 fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
-    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Failover {
-        name,
-        trust_group,
-        point,
-    })?;
-    let info = replica_in(&value["replica"])?;
+    let (_, answer): (_, FailedOverTo) =
+        target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Failover {
+            name,
+            trust_group,
+            point,
+        })?;
+    let info = &answer.replica;
     if let Some(failover) = &info.failover {
         println!(
             "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
@@ -446,23 +440,24 @@ fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
             info.name
         );
     }
-    if let Some(exports) = value["exports"].as_array() {
-        println!("Its disks:");
-        print_exports(exports.iter().filter_map(Value::as_str), &value);
-    }
+    println!("Its disks:");
+    print_exports(
+        answer.exports.iter().map(String::as_str),
+        &answer.nbd_socket,
+    );
     Ok(())
 }
 
 /// `blkrep replica test-failover start`.
 fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
-    let (_, value) = target.call(TEST_TIMEOUT, |name, trust_group| {
+    let (_, answer): (_, TestStarted) = target.call(TEST_TIMEOUT, |name, trust_group| {
         ReplicaRequest::StartTest {
             name,
             trust_group,
             point,
         }
     })?;
-    let info = replica_in(&value["replica"])?;
+    let info = &answer.replica;
     if let Some(test) = &info.test_failover {
         println!(
             "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
@@ -471,7 +466,7 @@ fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
             format_ms(test.time_unix_ms),
             point_kind(test.app_consistent)
         );
-        print_exports(test.exports.iter().map(String::as_str), &value);
+        print_exports(test.exports.iter().map(String::as_str), &answer.nbd_socket);
     }
     Ok(())
 }
@@ -514,7 +509,7 @@ fn reverse(
         interval_secs: interval.as_secs().max(1),
     };
     let url = reverse.url.clone();
-    let (name, _) = target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Reverse {
+    let (name, ()) = target.call(TEST_TIMEOUT, |name, trust_group| ReplicaRequest::Reverse {
         name,
         trust_group,
         target: reverse,

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use wire::api::ReplicaInfo;
 
 use super::config::FailoverHook;
+use super::protocol::{FailedOverTo, TestStarted};
 use super::Daemon;
 
 /// Starts a test failover and serves its disks.
@@ -20,7 +21,7 @@ pub(super) fn start_test(
     name: &str,
     trust_group: Option<&str>,
     point: Option<u64>,
-) -> Result<Value, String> {
+) -> Result<TestStarted, String> {
     let (info, overlays) = control
         .server
         .start_test(name, trust_group, point)
@@ -43,7 +44,10 @@ pub(super) fn start_test(
             ));
         }
     }
-    Ok(serde_json::json!({ "replica": info, "nbd_socket": control.nbd_socket }))
+    Ok(TestStarted {
+        replica: info,
+        nbd_socket: control.nbd_socket.clone(),
+    })
 }
 
 /// Fails over to a replica, serves its disks and runs the failover hook.
@@ -52,7 +56,7 @@ pub(super) fn fail_over(
     name: &str,
     trust_group: Option<&str>,
     point: Option<u64>,
-) -> Result<Value, String> {
+) -> Result<FailedOverTo, String> {
     let error_text = |error: &replica::server::AdminError| wire::error_chain(error);
     let (dir, before) = control
         .server
@@ -93,12 +97,12 @@ pub(super) fn fail_over(
         .hook
         .as_ref()
         .map(|hook| run_failover_hook(hook, &failed, &exports, &control.nbd_socket));
-    Ok(serde_json::json!({
-        "replica": failed.info,
-        "nbd_socket": control.nbd_socket,
-        "exports": exports,
-        "hook": hook,
-    }))
+    Ok(FailedOverTo {
+        replica: failed.info,
+        nbd_socket: control.nbd_socket.clone(),
+        exports,
+        hook,
+    })
 }
 
 /// Runs the failover hook with the point's metadata in its environment. Returns

@@ -6,10 +6,17 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::failover::{fail_over, start_test, stop_test};
+use super::protocol::Imported;
 use super::protocol::ReplicaRequest;
 use super::Daemon;
 use crate::control;
 
+/// A typed answer as the JSON the control socket sends.
+fn to_json<T: serde::Serialize>(answer: T) -> Result<Value, String> {
+    serde_json::to_value(answer).map_err(|error| error.to_string())
+}
+
+/// Answers one request on the replica daemon's control socket.
 pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::Result<()> {
     let server = &control.server;
     control::answer(stream, |request: ReplicaRequest| match request {
@@ -17,12 +24,12 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
             name,
             trust_group,
             point,
-        } => start_test(control, &name, trust_group.as_deref(), point),
+        } => start_test(control, &name, trust_group.as_deref(), point).and_then(to_json),
         ReplicaRequest::Failover {
             name,
             trust_group,
             point,
-        } => fail_over(control, &name, trust_group.as_deref(), point),
+        } => fail_over(control, &name, trust_group.as_deref(), point).and_then(to_json),
         ReplicaRequest::Reverse {
             name,
             trust_group,
@@ -61,7 +68,9 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
             name,
             trust_group,
             force,
-        } => control.planned_failover(&name, trust_group.as_deref(), force),
+        } => control
+            .planned_failover(&name, trust_group.as_deref(), force)
+            .and_then(to_json),
         ReplicaRequest::CompleteFailover { name, trust_group } => {
             let info = server
                 .complete_failover(&name, trust_group.as_deref())
@@ -100,7 +109,10 @@ pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::R
             let (info, imported) = server
                 .import(&dir)
                 .map_err(|error| wire::error_chain(&error))?;
-            Ok(serde_json::json!({ "replica": info, "imported": imported }))
+            to_json(Imported {
+                replica: info,
+                imported,
+            })
         }
     })
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tracing::{error, info, warn};
 use wire::api::ReplicaInfo;
 
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::RwLockReadGuard;
 
 use super::failover::run_failover_hook;
+use super::protocol::HandedBack;
 use super::Daemon;
 use crate::control::{ActionDone, CycleClosed, ReplicationAction};
 use crate::groups::{self, RunningGroup};
@@ -270,11 +270,11 @@ impl Daemon {
         action: &ReplicationAction,
     ) -> Result<ActionDone, String> {
         if let ReplicationAction::Failover { force } = action {
-            let answer = self.planned_failover(name, None, *force)?;
-            let url = answer["url"].as_str().unwrap_or("the replica server");
+            let handed = self.planned_failover(name, None, *force)?;
             return Ok(ActionDone {
                 message: format!(
-                    "Failed back: {url} runs group {name} as its primary now; these disks wait as an existing copy for replication back"
+                    "Failed back: {} runs group {name} as its primary now; these disks wait as an existing copy for replication back",
+                    handed.url
                 ),
             });
         }
@@ -304,7 +304,7 @@ impl Daemon {
         name: &str,
         trust_group: Option<&str>,
         force: bool,
-    ) -> Result<Value, String> {
+    ) -> Result<HandedBack, String> {
         let (dir, info) = self
             .server
             .replica(name, trust_group)
@@ -332,7 +332,7 @@ impl Daemon {
             group.replica_url().unwrap_or_default()
         };
         let info = self.hand_back(&dir, &info)?;
-        Ok(serde_json::json!({ "replica": info, "url": url }))
+        Ok(HandedBack { replica: info, url })
     }
 
     /// After a planned failover handed the live disks of the replica in `dir` over:

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use wire::api::ReplicaInfo;
+
 use super::live::ReverseTarget;
 use crate::control::{self, ControlError, ReplicationAction};
 
@@ -116,6 +118,56 @@ pub enum ReplicaRequest {
         /// Pause (true) or resume (false).
         paused: bool,
     },
+}
+
+/// The answer to [`ReplicaRequest::StartTest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TestStarted {
+    /// The replica, with its test failover (and the test's exports).
+    pub replica: ReplicaInfo,
+    /// The socket serving the exports.
+    pub nbd_socket: PathBuf,
+}
+
+/// The answer to [`ReplicaRequest::Failover`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedOverTo {
+    /// The replica, failed over to.
+    pub replica: ReplicaInfo,
+    /// The socket serving its disks as the group's live disks.
+    pub nbd_socket: PathBuf,
+    /// The exports of the live disks.
+    pub exports: Vec<String>,
+    /// What the failover hook did, if one is configured.
+    pub hook: Option<String>,
+}
+
+/// The answer to [`ReplicaRequest::PlannedFailover`] (a failback).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandedBack {
+    /// The replica, now an existing copy at the next epoch.
+    pub replica: ReplicaInfo,
+    /// The replica server that runs the group now.
+    pub url: String,
+}
+
+/// The answer to [`ReplicaRequest::Import`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Imported {
+    /// The replica the media filled.
+    pub replica: ReplicaInfo,
+    /// Transfers imported.
+    pub imported: u32,
+}
+
+/// Sends `request` to the replica daemon at `socket` and decodes the answer as `T`,
+/// that request's answer type.
+pub fn call_typed<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &ReplicaRequest,
+    timeout: Duration,
+) -> Result<T, ControlError> {
+    control::call_typed(socket, control::REPLICA, request, timeout)
 }
 
 /// Sends one request to the replica daemon at `socket` and returns the result.
