@@ -9,7 +9,9 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 
 use crate::control::{self, ActionDone, ControlRequest, ReplicationAction};
-use crate::status::{human_bytes, human_duration, progress_bar, GroupReport};
+use shipper::ReplicationState;
+
+use crate::status::{human_bytes, human_duration, progress_bar, state_name, GroupReport};
 
 /// How long an administrative request may take (a remove may wait for the replica
 /// server's answer, 120 s at most).
@@ -157,33 +159,24 @@ fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
         let Some(consumer) = &found.consumer else {
             bail!("Group {group:?} has no consumer");
         };
-        let field = |key: &str| consumer.get(key).and_then(|v| v.as_str()).unwrap_or("?");
-        let copy = consumer.get("resync").filter(|r| !r.is_null());
-        let line = match copy {
+        let state = consumer.state;
+        let words = state_name(state).replace('_', " ");
+        let line = match &consumer.resync {
             Some(resync) => {
-                let number = |key: &str| {
-                    resync
-                        .get(key)
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(0)
-                };
-                let (done, total) = (number("done_bytes"), number("total_bytes"));
+                let (done, total) = (resync.done_bytes, resync.total_bytes);
                 format!(
-                    "{group}: {} {} {} of {}",
-                    field("state").replace('_', " "),
+                    "{group}: {words} {} {} of {}",
                     progress_bar(done, total),
                     human_bytes(done),
                     human_bytes(total)
                 )
             }
             None => format!(
-                "{group}: {}, health {}, replica {} behind",
-                field("state").replace('_', " "),
-                field("health"),
+                "{group}: {words}, health {}, replica {} behind",
                 consumer
-                    .get("lag_secs")
-                    .and_then(serde_json::Value::as_u64)
-                    .map_or_else(|| "?".into(), human_duration)
+                    .health
+                    .map_or_else(|| "?".to_string(), |health| format!("{health:?}")),
+                consumer.lag_secs.map_or_else(|| "?".into(), human_duration)
             ),
         };
         let mut out = std::io::stdout().lock();
@@ -194,12 +187,16 @@ fn status(socket: &Path, group: &str, watch: bool) -> anyhow::Result<()> {
         }
         out.flush()?;
         // A copy waiting for external media does not move on by itself.
-        let waits_for_admin = matches!(field("state"), "awaiting_export" | "awaiting_import");
-        if !watch || waits_for_admin || copy.is_none() && field("state") != "initial_replication" {
+        let waits_for_admin = matches!(
+            state,
+            ReplicationState::AwaitingExport | ReplicationState::AwaitingImport
+        );
+        let copying = consumer.resync.is_some() || state == ReplicationState::InitialReplication;
+        if !watch || waits_for_admin || !copying {
             if watch && tty {
                 writeln!(out)?;
             }
-            if let Some(error) = consumer.get("last_error").and_then(|v| v.as_str()) {
+            if let Some(error) = &consumer.last_error {
                 writeln!(out, "last error: {error}")?;
             }
             return Ok(());

@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
+use shipper::pipeline::compress::{CompressionMode, CompressionStatus};
+use shipper::{AppConsistentReport, ReplicationState, ShipperStatus};
 
 /// The whole daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,7 +37,7 @@ pub struct GroupReport {
     /// Ring use.
     pub ring: RingReport,
     /// The consumer's status (shipper), if one is configured.
-    pub consumer: Option<serde_json::Value>,
+    pub consumer: Option<ShipperStatus>,
     /// Per disk.
     pub disks: Vec<DiskReport>,
 }
@@ -242,28 +244,27 @@ pub fn human_lag(ms: u64) -> String {
 }
 
 /// How a consumer compresses: the mode and, in `auto`, what it decided and why.
-fn compression_line(compression: &serde_json::Value) -> String {
-    let number = |key: &str| compression.get(key).and_then(serde_json::Value::as_u64);
-    let mode = compression
-        .get("mode")
-        .and_then(|m| m.as_str())
-        .unwrap_or("?");
-    let level = number("level").map(|level| format!(", DEFLATE level {level}"));
+fn compression_line(compression: &CompressionStatus) -> String {
+    let mode = compression.mode;
+    let level = compression
+        .level
+        .map(|level| format!(", DEFLATE level {level}"));
     let mut line = format!("{mode}{}", level.unwrap_or_default());
-    if mode == "auto" {
-        let doing = if compression.get("compressing") == Some(&serde_json::Value::Bool(true)) {
+    if mode == CompressionMode::Auto {
+        let decision = &compression.decision;
+        let doing = if decision.compressing {
             "compressing"
         } else {
             "sending raw"
         };
         let mut figures = Vec::new();
-        if let Some(link) = number("link_bytes_per_sec") {
+        if let Some(link) = decision.link_bytes_per_sec {
             figures.push(format!("link {}/s", human_bytes(link)));
         }
-        if let Some(codec) = number("codec_bytes_per_sec") {
+        if let Some(codec) = decision.codec_bytes_per_sec {
             figures.push(format!("DEFLATE {}/s per worker", human_bytes(codec)));
         }
-        if let Some(ratio) = number("ratio_per_mille") {
+        if let Some(ratio) = decision.ratio_per_mille {
             figures.push(format!("ratio {}.{:03}", ratio / 1000, ratio % 1000));
         }
         let _ = write!(line, ": {doing}");
@@ -288,42 +289,44 @@ pub fn progress_bar(done: u64, total: u64) -> String {
     )
 }
 
-fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64) {
-    let text = |key: &str| {
-        consumer
-            .get(key)
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-    };
-    let number = |key: &str| consumer.get(key).and_then(serde_json::Value::as_u64);
-    let _ = writeln!(
-        out,
-        "  consumer:  {}",
-        text("consumer").unwrap_or_else(|| "?".into())
-    );
-    if let Some(relationship) = text("relationship") {
-        let state = text("state").unwrap_or_default().replace('_', " ");
-        let epoch = number("epoch").unwrap_or(wire::api::FIRST_EPOCH);
+/// The name of a replication state as status JSON gives it (`initial_replication`).
+pub fn state_name(state: ReplicationState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The name of a replication state as words (`initial replication`).
+fn state_words(state: ReplicationState) -> String {
+    state_name(state).replace('_', " ")
+}
+
+fn render_consumer(out: &mut String, consumer: &ShipperStatus, pending: u64) {
+    let _ = writeln!(out, "  consumer:  {}", consumer.consumer);
+    if let Some(relationship) = &consumer.relationship {
+        let state = state_words(consumer.state);
+        let epoch = consumer.epoch.unwrap_or(wire::api::FIRST_EPOCH);
         let _ = writeln!(
             out,
             "  replication: {state} (relationship {relationship}, epoch {epoch})"
         );
     }
-    if let Some(health) = text("health") {
-        match text("health_reason") {
+    if let Some(health) = consumer.health {
+        match &consumer.health_reason {
             Some(reason) => {
-                let _ = writeln!(out, "  health:    {health} - {reason}");
+                let _ = writeln!(out, "  health:    {health:?} - {reason}");
             }
             None => {
-                let _ = writeln!(out, "  health:    {health}");
+                let _ = writeln!(out, "  health:    {health:?}");
             }
         }
     }
-    if let Some(compression) = consumer.get("compression").filter(|c| !c.is_null()) {
+    if let Some(compression) = &consumer.compression {
         let _ = writeln!(out, "  compression: {}", compression_line(compression));
     }
-    let lag = number("lag_ms").map(human_lag);
-    let last = match (number("last_delivered"), lag) {
+    let lag = consumer.lag_ms.map(human_lag);
+    let last = match (consumer.last_delivered, lag) {
         (Some(cycle), Some(lag)) => format!("cycle {cycle}, replica {lag} behind"),
         (None, Some(lag)) => format!("none yet ({lag} since start)"),
         _ => "none yet".into(),
@@ -332,57 +335,53 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
     let _ = writeln!(
         out,
         "  cycles:    {} delivered, {} failures; last hour {} of {} missed; pending {}",
-        number("cycles_delivered").unwrap_or(0),
-        number("failures").unwrap_or(0),
-        number("missed_last_hour").unwrap_or(0),
-        number("cycles_last_hour").unwrap_or(0),
+        consumer.cycles_delivered,
+        consumer.failures,
+        consumer.missed_last_hour,
+        consumer.cycles_last_hour,
         human_bytes(pending),
     );
     let _ = writeln!(
         out,
         "  sizes:     last {}, average {}, max {}; transfer {} ms; sent {}",
-        human_bytes(number("last_cycle_bytes").unwrap_or(0)),
-        human_bytes(number("avg_cycle_bytes").unwrap_or(0)),
-        human_bytes(number("max_cycle_bytes").unwrap_or(0)),
-        number("last_duration_ms").map_or_else(|| "-".into(), |ms| ms.to_string()),
-        human_bytes(number("network_bytes").unwrap_or(0)),
+        human_bytes(consumer.last_cycle_bytes),
+        human_bytes(consumer.avg_cycle_bytes),
+        human_bytes(consumer.max_cycle_bytes),
+        consumer
+            .last_duration_ms
+            .map_or_else(|| "-".into(), |ms| ms.to_string()),
+        human_bytes(consumer.network_bytes),
     );
-    if let Some(app) = consumer.get("app_consistent").filter(|a| !a.is_null()) {
+    if let Some(app) = &consumer.app_consistent {
         render_app_consistent(out, app, base::time::unix_secs());
     }
-    if let Some(resync) = consumer.get("resync").filter(|r| !r.is_null()) {
-        let field = |key: &str| {
-            resync
-                .get(key)
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0)
+    if let Some(resync) = &consumer.resync {
+        let (done, total) = (resync.done_bytes, resync.total_bytes);
+        let reason = if resync.reason.is_empty() {
+            "resync"
+        } else {
+            resync.reason.as_str()
         };
-        let (done, total) = (field("done_bytes"), field("total_bytes"));
         let _ = writeln!(
             out,
-            "  copy:      {} {} of {} ({})",
+            "  copy:      {} {} of {} ({reason})",
             progress_bar(done, total),
             human_bytes(done),
             human_bytes(total),
-            resync
-                .get("reason")
-                .and_then(|v| v.as_str())
-                .unwrap_or("resync")
         );
     }
-    if let Some(comparison) = consumer.get("last_comparison").filter(|c| !c.is_null()) {
-        let field = |key: &str| comparison.get(key).and_then(serde_json::Value::as_u64);
+    if let Some(comparison) = &consumer.last_comparison {
         let _ = writeln!(
             out,
             "  compared:  {} differed of {} ({} hashes)",
-            human_bytes(field("differing_bytes").unwrap_or(0)),
-            human_bytes(field("marked_bytes").unwrap_or(0)),
-            field("hashes").unwrap_or(0)
+            human_bytes(comparison.differing_bytes),
+            human_bytes(comparison.marked_bytes),
+            comparison.hashes
         );
     }
-    if let Some(error) = text("last_error") {
+    if let Some(error) = &consumer.last_error {
         let _ = writeln!(out, "  last error: {error}");
-        if let Some(at) = number("next_retry_unix") {
+        if let Some(at) = consumer.next_retry_unix {
             let now = base::time::unix_secs();
             let _ = writeln!(
                 out,
@@ -394,9 +393,8 @@ fn render_consumer(out: &mut String, consumer: &serde_json::Value, pending: u64)
 }
 
 /// The application-consistent points of a shipper's status.
-fn render_app_consistent(out: &mut String, app: &serde_json::Value, now: u64) {
-    let number = |key: &str| app.get(key).and_then(serde_json::Value::as_u64);
-    let last = match (number("last_cycle"), number("last_unix")) {
+fn render_app_consistent(out: &mut String, app: &AppConsistentReport, now: u64) {
+    let last = match (app.last_cycle, app.last_unix) {
         (Some(cycle), Some(at)) => format!(
             "last cycle {cycle} ({} ago)",
             human_duration(now.saturating_sub(at))
@@ -406,21 +404,20 @@ fn render_app_consistent(out: &mut String, app: &serde_json::Value, now: u64) {
     let _ = writeln!(
         out,
         "  app-consistent: every {}; {} point(s), {} delivered; {last}",
-        human_duration(number("every_secs").unwrap_or(0)),
-        number("points").unwrap_or(0),
-        number("points_delivered").unwrap_or(0),
+        human_duration(app.every_secs),
+        app.points,
+        app.points_delivered,
     );
-    let next = match number("next_due_unix") {
+    let next = match app.next_due_unix {
         Some(at) if at > now => format!("in {}", human_duration(at - now)),
         _ => "at the next cycle".into(),
     };
     let _ = writeln!(
         out,
         "                  next {next}; failures: {} freeze, {} thaw",
-        number("freeze_failures").unwrap_or(0),
-        number("thaw_failures").unwrap_or(0),
+        app.freeze_failures, app.thaw_failures,
     );
-    if let Some(failure) = app.get("last_failure").and_then(|v| v.as_str()) {
+    if let Some(failure) = &app.last_failure {
         let _ = writeln!(out, "  app-consistent failure: {failure}");
     }
 }
@@ -429,6 +426,11 @@ fn render_app_consistent(out: &mut String, app: &serde_json::Value, now: u64) {
 mod tests {
     use super::*;
 
+    /// A status part as the daemon sends it, read back as the CLI does.
+    fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+        serde_json::from_value(value).expect("a status part")
+    }
+
     #[test]
     fn compression_says_what_auto_decided_and_why() {
         let auto = serde_json::json!({
@@ -436,14 +438,14 @@ mod tests {
             "link_bytes_per_sec": 12_582_912, "codec_bytes_per_sec": 251_658_240,
             "ratio_per_mille": 512
         });
-        let line = compression_line(&auto);
+        let line = compression_line(&typed(auto));
         assert!(
             line.starts_with("auto, DEFLATE level 1: compressing (link "),
             "{line}"
         );
         assert!(line.contains("per worker, ratio 0.512)"), "{line}");
         let off = serde_json::json!({"mode": "off", "level": null, "compressing": false});
-        assert_eq!(compression_line(&off), "off");
+        assert_eq!(compression_line(&typed(off)), "off");
     }
 
     #[test]
@@ -501,7 +503,7 @@ mod tests {
             "last_error": "Replica server https://replica:8443: busy",
         });
         let mut out = String::new();
-        render_consumer(&mut out, &consumer, 5 << 20);
+        render_consumer(&mut out, &typed(consumer), 5 << 20);
         for line in [
             "  replication: awaiting import (relationship abc, epoch 3)",
             "  health:    Warning - 3 of 10 cycles missed in the last hour",
@@ -528,16 +530,24 @@ mod tests {
             },
         });
         let mut out = String::new();
-        render_app_consistent(&mut out, &consumer["app_consistent"], 1000 + 3720);
+        render_app_consistent(
+            &mut out,
+            &typed(consumer["app_consistent"].clone()),
+            1000 + 3720,
+        );
         assert_eq!(
             out,
             "  app-consistent: every 4h00m; 3 point(s), 2 delivered; last cycle 57 (1h02m ago)\n                  next in 2h55m; failures: 1 freeze, 0 thaw\n  app-consistent failure: Freeze of cycle 50: `virsh domfsfreeze vm1` failed (exit status: 1)\n"
         );
         let mut out = String::new();
-        render_consumer(&mut out, &consumer, 0);
+        render_consumer(&mut out, &typed(consumer), 0);
         assert!(out.contains("app-consistent: every 4h00m"), "{out}");
         let mut out = String::new();
-        render_app_consistent(&mut out, &serde_json::json!({ "every_secs": 7200 }), 5);
+        render_app_consistent(
+            &mut out,
+            &typed(serde_json::json!({ "every_secs": 7200 })),
+            5,
+        );
         assert!(
             out.contains("none yet") && out.contains("next at the next cycle"),
             "{out}"

@@ -7,7 +7,7 @@
 //! newest state just before the delivery, that is the delivery time minus the close
 //! time of the cycle delivered before it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Upper bounds of the histogram's buckets, in milliseconds (a last, unbounded bucket
 /// follows). Fine below a few seconds, where 1 s intervals live; coarse up to the
@@ -18,7 +18,8 @@ pub const RPO_BUCKETS_MS: [u64; 16] = [
 ];
 
 /// Achieved RPO peaks since start, by bucket.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RpoHistogram {
     /// Peaks at most `RPO_BUCKETS_MS[i]` and above the bound before it; the last
     /// entry counts the peaks above every bound.

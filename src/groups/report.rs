@@ -72,10 +72,7 @@ pub fn group_report(group: &RunningGroup, server: &Server) -> GroupReport {
         interval_secs: group.config.interval.0.as_secs_f64(),
         cycle,
         ring,
-        consumer: group
-            .shipper
-            .as_ref()
-            .and_then(|s| serde_json::to_value(s.status()).ok()),
+        consumer: group.shipper.as_ref().map(shipper::Shipper::status),
         disks,
     }
 }

@@ -165,14 +165,16 @@ pub(super) fn render_live(live: &[LiveGroupReport]) -> String {
         match &live.group.consumer {
             None => out.push_str("; not replicated back (`blkrep replica reverse`)\n"),
             Some(replication) => {
-                let field = |key: &str| replication[key].as_str().unwrap_or("?").to_string();
                 let _ = writeln!(
                     out,
                     "; replicating back: {}, health {}{}",
-                    field("state"),
-                    field("health"),
-                    replication["last_error"]
-                        .as_str()
+                    crate::status::state_name(replication.state),
+                    replication
+                        .health
+                        .map_or_else(|| "?".to_string(), |health| format!("{health:?}")),
+                    replication
+                        .last_error
+                        .as_ref()
                         .map(|error| format!(", last error: {error}"))
                         .unwrap_or_default()
                 );

@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Sender};
 use hyper::body::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::warn;
 use wire::chunk::OwnedChunk;
@@ -100,11 +100,35 @@ impl CodecFigures {
     }
 }
 
+/// The compression setting, for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressionMode {
+    /// Chunks are sent raw.
+    Off,
+    /// Every chunk is compressed.
+    On,
+    /// Chunks are compressed while the link is slower than the codec.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for CompressionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Auto => "auto",
+        })
+    }
+}
+
 /// How a group's chunks are compressed, for status.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CompressionStatus {
     /// `off`, `on` or `auto`.
-    pub mode: &'static str,
+    pub mode: CompressionMode,
     /// The DEFLATE level.
     pub level: Option<u32>,
     /// What compression decided last, with its figures.
@@ -113,7 +137,8 @@ pub struct CompressionStatus {
 }
 
 /// What `auto` decided last, for status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AutoDecision {
     /// Whether chunks are being compressed.
     pub compressing: bool,
@@ -184,9 +209,9 @@ impl Framer {
     pub fn status(&self) -> CompressionStatus {
         CompressionStatus {
             mode: match self.mode {
-                Compression::Off => "off",
-                Compression::On(_) => "on",
-                Compression::Auto(_) => "auto",
+                Compression::Off => CompressionMode::Off,
+                Compression::On(_) => CompressionMode::On,
+                Compression::Auto(_) => CompressionMode::Auto,
             },
             level: self.mode.level(),
             decision: self.decision,

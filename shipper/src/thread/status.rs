@@ -4,7 +4,7 @@
 use std::sync::PoisonError;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracker::ResyncReason;
 use wire::api::ErrorCode;
 
@@ -18,7 +18,7 @@ use super::worker::Gate;
 use super::{unix_now, unix_now_ms, Worker};
 
 /// Where replication stands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplicationState {
     /// Cycles ship every interval.
@@ -48,7 +48,8 @@ pub enum ReplicationState {
 }
 
 /// What a block comparison with the consumer's copy found.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ComparisonReport {
     /// Bytes compared.
     pub marked_bytes: u64,
@@ -59,7 +60,8 @@ pub struct ComparisonReport {
 }
 
 /// Progress of a resync or initial replication.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ResyncReport {
     /// Why it runs.
     pub reason: String,
@@ -74,7 +76,8 @@ pub struct ResyncReport {
 }
 
 /// What the shipper has done, for status.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ShipperStatus {
     /// The consumer.
     pub consumer: String,
@@ -146,7 +149,8 @@ pub struct ShipperStatus {
 }
 
 /// Application-consistent points since start, for status.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AppConsistentReport {
     /// Time between points, in seconds.
     pub every_secs: u64,

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wire::api::ErrorCode;
 
 /// How the shipper reacts to a failure (the retry table of Hyper-V Replica).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The network or the replica server failed: retry at 1, 2, 4, 8, 10 minutes, then
