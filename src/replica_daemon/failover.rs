@@ -7,11 +7,11 @@ use super::render::{format_ms, point_kind};
 use replica::server::FailedOver;
 use std::path::Path;
 
-use serde_json::Value;
 use tracing::{info, warn};
 use wire::api::ReplicaInfo;
 
 use super::config::FailoverHook;
+use super::live::ServeError;
 use super::protocol::{FailedOverTo, TestStarted};
 use super::Daemon;
 
@@ -21,11 +21,8 @@ pub(super) fn start_test(
     name: &str,
     trust_group: Option<&str>,
     point: Option<u64>,
-) -> Result<TestStarted, String> {
-    let (info, overlays) = control
-        .server
-        .start_test(name, trust_group, point)
-        .map_err(|error| wire::error_chain(&error))?;
+) -> Result<TestStarted, ServeError> {
+    let (info, overlays) = control.server.start_test(name, trust_group, point)?;
     let exports = info
         .test_failover
         .as_ref()
@@ -38,10 +35,10 @@ pub(super) fn start_test(
                 control.nbd.remove_export(added);
             }
             let _ = control.server.stop_test(name, trust_group);
-            return Err(format!(
-                "Cannot serve {export}: {}",
-                wire::error_chain(&error)
-            ));
+            return Err(ServeError::Export {
+                export: export.clone(),
+                source: error,
+            });
         }
     }
     Ok(TestStarted {
@@ -56,12 +53,8 @@ pub(super) fn fail_over(
     name: &str,
     trust_group: Option<&str>,
     point: Option<u64>,
-) -> Result<FailedOverTo, String> {
-    let error_text = |error: &replica::server::AdminError| wire::error_chain(error);
-    let (dir, before) = control
-        .server
-        .replica(name, trust_group)
-        .map_err(|e| error_text(&e))?;
+) -> Result<FailedOverTo, ServeError> {
+    let (dir, before) = control.server.replica(name, trust_group)?;
     // Choosing another point before completion: the live disks stop being served
     // first (a completed failover is refused by the replica itself).
     let serving = match before.failover {
@@ -85,7 +78,7 @@ pub(super) fn fail_over(
                     control.serve_live(&current)?;
                 }
             }
-            return Err(error_text(&error));
+            return Err(error.into());
         }
     };
     if let Some(dir) = &serving {
@@ -170,13 +163,12 @@ pub(super) fn stop_test(
     name: &str,
     trust_group: Option<&str>,
     force: bool,
-) -> Result<Value, String> {
-    let (_, info) = control
-        .server
-        .replica(name, trust_group)
-        .map_err(|error| wire::error_chain(&error))?;
+) -> Result<ReplicaInfo, ServeError> {
+    let (_, info) = control.server.replica(name, trust_group)?;
     let Some(test) = &info.test_failover else {
-        return Err(format!("No test failover of {name} is running"));
+        return Err(ServeError::Refused(format!(
+            "No test failover of {name} is running"
+        )));
     };
     let connected: u64 = test
         .exports
@@ -185,18 +177,14 @@ pub(super) fn stop_test(
         .map(|stats| stats.connections)
         .sum();
     if connected > 0 && !force {
-        return Err(format!(
+        return Err(ServeError::Refused(format!(
             "{connected} NBD client(s) are connected to the test's disks: shut the test VM down first, or pass --force to cut them off (the test's writes are discarded either way)"
-        ));
+        )));
     }
     for export in &test.exports {
         control.nbd.remove_export(export);
     }
-    let info = control
-        .server
-        .stop_test(name, trust_group)
-        .map_err(|error| wire::error_chain(&error))?;
-    serde_json::to_value(info).map_err(|error| error.to_string())
+    Ok(control.server.stop_test(name, trust_group)?)
 }
 
 /// The replica `name` (of `trust_group`) in a status report.

@@ -21,9 +21,56 @@ use super::failover::run_failover_hook;
 use super::protocol::HandedBack;
 use super::Daemon;
 use crate::control::{ActionDone, CycleClosed, ReplicationAction};
+use crate::groups::control::CommandError;
+use crate::groups::GroupError;
 use crate::groups::{self, RunningGroup};
 use crate::metrics::MetricsText;
 use crate::status::GroupReport;
+use replica::server::AdminError;
+use thiserror::Error;
+
+/// Why a request about a replica's served disks (its live group, a test failover,
+/// a failover) did not happen. Typed until the control socket answers it as text.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The replica server refused or failed.
+    #[error(transparent)]
+    Replica(#[from] AdminError),
+    /// The live group cannot be opened or replicated.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// A group command on the live group failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The NBD server refused an export.
+    #[error("Cannot serve {export}")]
+    Export {
+        /// The export.
+        export: String,
+        /// The cause.
+        #[source]
+        source: nbd_shim::server::ServerError,
+    },
+    /// The reverse replication target cannot be recorded.
+    #[error("Cannot record {}", path.display())]
+    Record {
+        /// The record.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not possible in the replica's state; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ServeError {
+    /// The error and its causes as one line, for the control socket.
+    pub fn to_text(&self) -> String {
+        wire::error_chain(self)
+    }
+}
 
 /// A replica failed over to, served as its group's live disks with tracking on.
 pub(super) struct LiveGroup {
@@ -51,6 +98,11 @@ pub struct LiveGroupReport {
     pub group: GroupReport,
     /// The exports of its disks on the daemon's NBD socket.
     pub exports: Vec<String>,
+}
+
+/// Refused: the replica's disks are not served as a live group.
+fn not_served(name: &str) -> ServeError {
+    ServeError::Refused(format!("The live disks of {name} are not served"))
 }
 
 impl Daemon {
@@ -84,7 +136,7 @@ impl Daemon {
                 continue;
             };
             let resumed = serde_json::from_slice::<ReverseTarget>(&text)
-                .map_err(|error| error.to_string())
+                .map_err(|error| ServeError::Refused(format!("Unreadable {REVERSE_FILE}: {error}")))
                 .and_then(|target| self.reverse(&failed.dir, &failed.info, &target));
             if let Err(error) = resumed {
                 error!(replica = %failed.info.name, %error, "Cannot resume replicating the live disks back");
@@ -109,12 +161,11 @@ impl Daemon {
 
     /// Serves the disks of a replica failed over to, with tracking (ring
     /// `<replica>/live.ring`).
-    pub(super) fn serve_live(&self, failed: &FailedOver) -> Result<Vec<String>, String> {
+    pub(super) fn serve_live(&self, failed: &FailedOver) -> Result<Vec<String>, ServeError> {
         let name = &failed.info.name;
         let ring = failed.dir.join(LIVE_RING);
         let (group, devices) =
-            groups::serve_failed_over(name, &failed.disks, &ring, self.live_ring_size)
-                .map_err(|error| wire::error_chain(&error))?;
+            groups::serve_failed_over(name, &failed.disks, &ring, self.live_ring_size)?;
         let mut exports: Vec<String> = Vec::new();
         for (export, device) in group.exports().zip(devices) {
             let export = export.to_string();
@@ -124,10 +175,10 @@ impl Daemon {
                     self.nbd.remove_export(added.as_str());
                 }
                 group.close();
-                return Err(format!(
-                    "Cannot serve {export}: {}",
-                    wire::error_chain(&error)
-                ));
+                return Err(ServeError::Export {
+                    export,
+                    source: error,
+                });
             }
             exports.push(export);
         }
@@ -143,7 +194,7 @@ impl Daemon {
 
     /// Stops serving a failed-over replica (to change its point): refused while
     /// clients are connected. Its ring stays until the new point is in place.
-    pub(super) fn unserve_live(&self, dir: &Path, name: &str) -> Result<(), String> {
+    pub(super) fn unserve_live(&self, dir: &Path, name: &str) -> Result<(), ServeError> {
         let mut live = lock(&self.live);
         let Some(serving) = live.get(dir) else {
             return Ok(());
@@ -155,16 +206,16 @@ impl Daemon {
             .map(|stats| stats.connections)
             .sum();
         if connected > 0 {
-            return Err(format!(
+            return Err(ServeError::Refused(format!(
                 "{connected} NBD client(s) use the failed-over disks of {name}: shut the VM down before choosing another point"
-            ));
+            )));
         }
         if serving.group().was_written() {
             // The recovery points describe the disks as they were at the failover:
             // another point over these writes would mix them in.
-            return Err(format!(
+            return Err(ServeError::Refused(format!(
                 "The failed-over disks of {name} were written since the failover, so no other point can be chosen any more; complete the failover (`blkrep replica complete-failover --name {name}`)"
-            ));
+            )));
         }
         if let Some(serving) = live.remove(dir) {
             for export in &serving.exports() {
@@ -182,28 +233,25 @@ impl Daemon {
         dir: &Path,
         info: &ReplicaInfo,
         target: &ReverseTarget,
-    ) -> Result<(), String> {
+    ) -> Result<(), ServeError> {
         let name = &info.name;
         let consumer = target.consumer()?;
         let problems = consumer.problems("reverse");
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            return Err(ServeError::Refused(problems.join("; ")));
         }
         let mut live = lock(&self.live);
-        let serving = live
-            .get_mut(dir)
-            .ok_or_else(|| format!("The live disks of {name} are not served"))?;
-        write(&serving.group)
-            .start_replication(
-                &consumer,
-                Duration::from_secs(target.interval_secs),
-                info.epoch,
-            )
-            .map_err(|error| wire::error_chain(&error))?;
+        let serving = live.get_mut(dir).ok_or_else(|| not_served(name))?;
+        write(&serving.group).start_replication(
+            &consumer,
+            Duration::from_secs(target.interval_secs),
+            info.epoch,
+        )?;
         let path = dir.join(REVERSE_FILE);
-        let text = serde_json::to_vec_pretty(target).map_err(|error| error.to_string())?;
-        std::fs::write(&path, text)
-            .map_err(|error| format!("Cannot record {}: {error}", path.display()))?;
+        let text = serde_json::to_vec_pretty(target).map_err(|error| {
+            ServeError::Refused(format!("Cannot encode the reverse target: {error}"))
+        })?;
+        std::fs::write(&path, text).map_err(|source| ServeError::Record { path, source })?;
         info!(replica = %name, url = %target.url, "Replicating the live disks back");
         Ok(())
     }
@@ -227,24 +275,24 @@ impl Daemon {
     }
 
     /// The live group named `name` (the replica's name).
-    fn live_group(&self, name: &str) -> Result<Arc<RwLock<RunningGroup>>, String> {
+    fn live_group(&self, name: &str) -> Result<Arc<RwLock<RunningGroup>>, ServeError> {
         let live = lock(&self.live);
         let mut named = live
             .values()
             .filter(|serving| serving.group().name() == name);
         match (named.next(), named.next()) {
             (Some(serving), None) => Ok(Arc::clone(&serving.group)),
-            (None, _) => Err(format!(
+            (None, _) => Err(ServeError::Refused(format!(
                 "No live group named {name:?}: only replicas failed over to are served as groups here"
-            )),
-            (Some(_), Some(_)) => Err(format!(
+            ))),
+            (Some(_), Some(_)) => Err(ServeError::Refused(format!(
                 "Several live groups are named {name:?} (from different trust groups); use `blkrep replica` commands with --trust-group"
-            )),
+            ))),
         }
     }
 
     /// The report of live group `name`.
-    pub(super) fn live_group_report(&self, name: &str) -> Result<GroupReport, String> {
+    pub(super) fn live_group_report(&self, name: &str) -> Result<GroupReport, ServeError> {
         let group = self.live_group(name)?;
         let group = read(&group);
         Ok(groups::report::group_report(&group, &self.nbd))
@@ -255,10 +303,10 @@ impl Daemon {
         &self,
         name: &str,
         timeout: Duration,
-    ) -> Result<CycleClosed, String> {
+    ) -> Result<CycleClosed, ServeError> {
         let group = self.live_group(name)?;
         let group = read(&group);
-        groups::control::close_cycle(&group, timeout).map_err(|error| error.to_text())
+        Ok(groups::control::close_cycle(&group, timeout)?)
     }
 
     /// Changes the replication back of live group `name`, as `blkrep replication`
@@ -268,7 +316,7 @@ impl Daemon {
         &self,
         name: &str,
         action: &ReplicationAction,
-    ) -> Result<ActionDone, String> {
+    ) -> Result<ActionDone, ServeError> {
         if let ReplicationAction::Failover { force } = action {
             let handed = self.planned_failover(name, None, *force)?;
             return Ok(ActionDone {
@@ -280,7 +328,7 @@ impl Daemon {
         }
         let group = self.live_group(name)?;
         let group = read(&group);
-        groups::control::replication(&group, &self.nbd, action).map_err(|error| error.to_text())
+        Ok(groups::control::replication(&group, &self.nbd, action)?)
     }
 
     /// Stops every live group (daemon shutdown, after the NBD server stopped).
@@ -304,31 +352,28 @@ impl Daemon {
         name: &str,
         trust_group: Option<&str>,
         force: bool,
-    ) -> Result<HandedBack, String> {
-        let (dir, info) = self
-            .server
-            .replica(name, trust_group)
-            .map_err(|error| wire::error_chain(&error))?;
+    ) -> Result<HandedBack, ServeError> {
+        let (dir, info) = self.server.replica(name, trust_group)?;
         if info.failover.is_none() {
-            return Err(format!(
+            return Err(ServeError::Refused(format!(
                 "Replica {name} was not failed over, so it serves no live disks: a planned failover to it starts on its primary (`blkrep replication failover --group {name}`)"
-            ));
+            )));
         }
         let group = {
             let live = lock(&self.live);
-            let serving = live
-                .get(&dir)
-                .ok_or_else(|| format!("The live disks of {name} are not served"))?;
+            let serving = live.get(&dir).ok_or_else(|| not_served(name))?;
             Arc::clone(&serving.group)
         };
         let url = {
             let group = read(&group);
             if group.replication_status().is_none() {
-                return Err(format!(
+                return Err(ServeError::Refused(format!(
                     "The live disks of {name} do not replicate anywhere: reverse replication first (`blkrep replica reverse --name {name} ...`), then fail over to that side"
-                ));
+                )));
             }
-            group.planned_failover(&self.nbd, force)?;
+            group
+                .planned_failover(&self.nbd, force)
+                .map_err(CommandError::Failover)?;
             group.replica_url().unwrap_or_default()
         };
         let info = self.hand_back(&dir, &info)?;
@@ -338,7 +383,11 @@ impl Daemon {
     /// After a planned failover handed the live disks of the replica in `dir` over:
     /// stops serving them and makes them an existing copy at the next epoch. Also
     /// finishes one a daemon crash interrupted.
-    pub(super) fn hand_back(&self, dir: &Path, info: &ReplicaInfo) -> Result<ReplicaInfo, String> {
+    pub(super) fn hand_back(
+        &self,
+        dir: &Path,
+        info: &ReplicaInfo,
+    ) -> Result<ReplicaInfo, ServeError> {
         if let Some(serving) = lock(&self.live).remove(dir) {
             for export in &serving.exports() {
                 self.nbd.remove_export(export);
@@ -351,10 +400,10 @@ impl Daemon {
             .server
             .hand_back(&info.name, Some(&info.trust_group))
             .map_err(|error| {
-                format!(
+                ServeError::Refused(format!(
                     "The group was handed over, but its disks are not yet the existing copy ({}); restarting the replica daemon finishes that",
                     wire::error_chain(&error)
-                )
+                ))
             })?;
         remove_live_files(dir);
         warn!(replica = %info.name, epoch = handed.epoch, "Failback done: the other side is the primary; these disks wait as an existing copy for replication back");
@@ -414,15 +463,15 @@ pub struct ReverseTarget {
 
 impl ReverseTarget {
     /// The consumer options: the old primary's disks are an existing copy there.
-    fn consumer(&self) -> Result<crate::config::ReplicaConsumer, String> {
+    fn consumer(&self) -> Result<crate::config::ReplicaConsumer, ServeError> {
         let mut table = toml::Table::new();
         table.insert("url".into(), self.url.clone().into());
         for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
             table.insert(key.into(), path.display().to_string().into());
         }
         table.insert("initial_replication".into(), "existing".into());
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|error| format!("Invalid reverse replication target: {error}"))
+        toml::Value::Table(table).try_into().map_err(|error| {
+            ServeError::Refused(format!("Invalid reverse replication target: {error}"))
+        })
     }
 }
