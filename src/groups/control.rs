@@ -21,6 +21,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(150);
 /// answers it as text once (with its chain).
 #[derive(Debug, Error)]
 pub enum CommandError {
+    /// The daemon runs no group of that name.
+    #[error("No group named {0:?}")]
+    NoGroup(String),
     /// The group has no shipper to ask.
     #[error("Group {0:?} has no consumer running; configure [group.consumer]")]
     NoConsumer(String),

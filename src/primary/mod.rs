@@ -17,6 +17,7 @@ use crate::config::PrimaryConfig;
 use crate::control::{self, ControlRequest};
 use crate::daemon::control_socket::{self, SocketError};
 use crate::daemon::StopSignals;
+use crate::groups::control::CommandError;
 use crate::groups::open::ExportNaming;
 use crate::groups::{self, GroupError, RunningGroup, SharedReplication};
 use crate::status::StatusReport;
@@ -53,11 +54,11 @@ struct Daemon {
 
 impl Daemon {
     /// The group named `name`.
-    fn group(&self, name: &str) -> Result<&RunningGroup, String> {
+    fn group(&self, name: &str) -> Result<&RunningGroup, CommandError> {
         self.groups
             .iter()
             .find(|group| group.name() == name)
-            .ok_or_else(|| format!("No group named {name:?}"))
+            .ok_or_else(|| CommandError::NoGroup(name.to_string()))
     }
 }
 
@@ -152,21 +153,31 @@ fn shutdown(daemon: &Daemon) {
     }
 }
 
+/// Answers one control request; errors become text here, once, with their causes.
 fn handle(request: &ControlRequest, daemon: &Daemon) -> Result<serde_json::Value, String> {
     let answer = match request {
         ControlRequest::Status => serde_json::to_value(status(daemon)),
-        ControlRequest::GroupStatus { group } => serde_json::to_value(
-            groups::report::group_report(daemon.group(group)?, &daemon.server),
-        ),
+        ControlRequest::GroupStatus { group } => {
+            serde_json::to_value(groups::report::group_report(
+                daemon.group(group).map_err(|error| error.to_text())?,
+                &daemon.server,
+            ))
+        }
         ControlRequest::CloseCycle {
             group,
             timeout_secs,
         } => serde_json::to_value(
-            groups::control::close_cycle(daemon.group(group)?, Duration::from_secs(*timeout_secs))
+            daemon
+                .group(group)
+                .and_then(|group| {
+                    groups::control::close_cycle(group, Duration::from_secs(*timeout_secs))
+                })
                 .map_err(|error| error.to_text())?,
         ),
         ControlRequest::Replication { group, action } => serde_json::to_value(
-            groups::control::replication(daemon.group(group)?, &daemon.server, action)
+            daemon
+                .group(group)
+                .and_then(|group| groups::control::replication(group, &daemon.server, action))
                 .map_err(|error| error.to_text())?,
         ),
     };
