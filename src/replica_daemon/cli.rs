@@ -421,6 +421,15 @@ fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow
     Ok(())
 }
 
+/// A recovery point as `cycle N (time, kind)`.
+fn point_text(cycle: u64, time_unix_ms: u64, app_consistent: bool) -> String {
+    format!(
+        "cycle {cycle} ({}, {})",
+        format_ms(time_unix_ms),
+        point_kind(app_consistent)
+    )
+}
+
 /// `blkrep replica failover`.
 fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
     let (_, answer): (_, FailedOverTo) =
@@ -432,11 +441,9 @@ fn failover(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
     let info = &answer.replica;
     if let Some(failover) = &info.failover {
         println!(
-            "Failed over to {} at cycle {} ({}, {}); its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
+            "Failed over to {} at {}; its former primary is fenced off. Complete with `blkrep replica complete-failover --name {}` once the point is right.",
             info.name,
-            failover.cycle,
-            format_ms(failover.time_unix_ms),
-            point_kind(failover.app_consistent),
+            point_text(failover.cycle, failover.time_unix_ms, failover.app_consistent),
             info.name
         );
     }
@@ -460,11 +467,9 @@ fn start_test(target: OneReplica, point: Option<u64>) -> anyhow::Result<()> {
     let info = &answer.replica;
     if let Some(test) = &info.test_failover {
         println!(
-            "Test failover of {} started at cycle {} ({}, {}); replication goes on. Its disks (writes are discarded when the test stops):",
+            "Test failover of {} started at {}; replication goes on. Its disks (writes are discarded when the test stops):",
             info.name,
-            test.cycle,
-            format_ms(test.time_unix_ms),
-            point_kind(test.app_consistent)
+            point_text(test.cycle, test.time_unix_ms, test.app_consistent)
         );
         print_exports(test.exports.iter().map(String::as_str), &answer.nbd_socket);
     }

@@ -567,7 +567,7 @@ fn reverse_to(
 }
 
 /// `blkrep replica seed` of vm1 on `replica` from primary `p`'s configuration.
-fn seed_from(replica: &Replica, p: &Primary) -> Command {
+pub(crate) fn seed_from(replica: &Replica, p: &Primary) -> Command {
     let mut seed = Command::new(bin());
     seed.args(["replica", "seed", "--config"])
         .arg(replica.config())

@@ -161,13 +161,10 @@ fn a_failed_over_group_has_the_status_metrics_and_commands_of_a_primary_group() 
         .cli(&["complete-failover", "--name", "vm1"])
         .assert_ok();
     let replica_a = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
-    let mut seed = Command::new(bin());
-    seed.args(["replica", "seed", "--config"])
-        .arg(replica_a.config())
-        .args(["--trust-group", "dc1", "--name", "vm1", "--from-primary"])
-        .arg(p.config())
-        .arg("--force");
-    run_ok(&mut seed, LONG);
+    run_ok(
+        crate::failover::seed_from(&replica_a, &p).arg("--force"),
+        LONG,
+    );
     replica_b
         .start_reverse(&certs, "vm1", &replica_a, "1s")
         .assert_ok();
