@@ -67,7 +67,7 @@ fn apply(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((WRITES * WRITE) as u64));
     let (none, _) = History::open(&dir.path().join("none"), vec![DISK], &[]).expect("history");
     group.bench_function("no recovery point kept", |b| {
-        b.iter(|| apply_transfer(&transfer_path, TRANSFER_ID, &disks, &none).expect("apply"))
+        b.iter(|| apply_transfer(&transfer_path, TRANSFER_ID, None, &disks, &none).expect("apply"))
     });
     let (kept, _) = History::open(&dir.path().join("kept"), vec![DISK], &[]).expect("history");
     let mut point = 0u64;
@@ -81,7 +81,7 @@ fn apply(c: &mut Criterion) {
                 point += 1;
                 kept.add_point(point).expect("point");
             },
-            |()| apply_transfer(&transfer_path, TRANSFER_ID, &disks, &kept).expect("apply"),
+            |()| apply_transfer(&transfer_path, TRANSFER_ID, None, &disks, &kept).expect("apply"),
             BatchSize::PerIteration,
         )
     });

@@ -413,3 +413,87 @@ impl Replica {
         ])
     }
 }
+
+/// The `.part` files in `incoming/` of the replica directory `replica_dir`, each with
+/// the bytes of chunk frames it holds for its own transfer, counted as the replica's
+/// recovery counts them: from the first frame, in order, each checked whole, up to the
+/// first that is not the next chunk of the file's transfer. The file's length can be
+/// more: a recycled file (`spare.part`) keeps an earlier transfer's frames past them.
+pub fn stored_chunks(replica_dir: &Path) -> Vec<(String, u64)> {
+    StoredChunks::default().read(replica_dir)
+}
+
+/// [`stored_chunks`] for polling: each frame is read and checked once, later calls
+/// go on from where the last one stopped.
+#[derive(Debug, Default)]
+pub struct StoredChunks {
+    /// Per `.part` file: bytes of checked frames, and the next chunk's index.
+    checked: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
+}
+
+impl StoredChunks {
+    /// Each `.part` file's name and stored bytes (see [`stored_chunks`]).
+    pub fn read(&self, replica_dir: &Path) -> Vec<(String, u64)> {
+        let Ok(dir) = fs::read_dir(replica_dir.join("incoming")) else {
+            return Vec::new();
+        };
+        let mut checked = self
+            .checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dir.flatten()
+            .map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let transfer = name
+                    .strip_suffix(".part")
+                    .and_then(|id| u64::from_str_radix(id, 16).ok());
+                let (Some(transfer), Ok(file)) = (transfer, fs::File::open(entry.path())) else {
+                    return (name, 0);
+                };
+                let len = file.metadata().map_or(0, |m| m.len());
+                // A file cut shorter (recovery) is read again from its start.
+                let from = checked
+                    .get(&name)
+                    .copied()
+                    .filter(|(at, _)| *at <= len)
+                    .unwrap_or_default();
+                let to = next_unchecked_frame(&file, transfer, from);
+                checked.insert(name.clone(), to);
+                (name, to.0)
+            })
+            .collect()
+    }
+}
+
+/// From `(at, index)`, the end of the whole, checked frames of chunks `index`,
+/// `index + 1`, ... of `transfer` in `file`, and the index after them.
+fn next_unchecked_frame(
+    file: &fs::File,
+    transfer: u64,
+    (mut at, mut index): (u64, u32),
+) -> (u64, u32) {
+    use std::os::unix::fs::FileExt;
+    use wire::chunk::{CheckedFrame, ChunkHeader, CHUNK_HEADER_LEN};
+    let mut frame = vec![0u8; CHUNK_HEADER_LEN];
+    loop {
+        frame.resize(CHUNK_HEADER_LEN, 0);
+        let Ok(header) = file
+            .read_exact_at(&mut frame, at)
+            .ok()
+            .and_then(|()| ChunkHeader::parse(&frame).ok())
+            .ok_or(())
+        else {
+            return (at, index);
+        };
+        frame.resize(header.frame_len(), 0);
+        let whole = file
+            .read_exact_at(&mut frame[CHUNK_HEADER_LEN..], at + CHUNK_HEADER_LEN as u64)
+            .is_ok()
+            && CheckedFrame::check(&frame).is_ok_and(|f| f.header.expect(transfer, index).is_ok());
+        if !whole {
+            return (at, index);
+        }
+        at += frame.len() as u64;
+        index += 1;
+    }
+}

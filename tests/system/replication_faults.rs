@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use testkit::fault_proxy::FaultProxy;
-use testkit::replica::{dc1, lab_certs, LabCerts, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::replica::{
+    dc1, lab_certs, LabCerts, Replica, StoredChunks, PRIMARY_HOST, REPLICA_HOST,
+};
 use testkit::*;
 
 const GROUP: &str = "vm1";
@@ -58,6 +60,8 @@ struct Rig {
     p: Primary,
     proxy: FaultProxy,
     replica: Replica,
+    /// What the replica stored of the transfer it receives, read as it grows.
+    stored: StoredChunks,
     _certs: LabCerts,
     _dir: tempfile::TempDir,
 }
@@ -83,6 +87,7 @@ impl Rig {
             p,
             proxy,
             replica,
+            stored: StoredChunks::default(),
             _certs: certs,
             _dir: dir,
         }
@@ -214,16 +219,14 @@ impl Rig {
         panic!("{} stays unreadable{}", path.display(), self.logs());
     }
 
-    /// Bytes of chunk frames the replica stored of the transfer it is receiving.
+    /// Bytes of chunk frames the replica stored of the transfer it is receiving (not
+    /// the file's length: a recycled `.part` file is longer).
     fn part_bytes(&self) -> u64 {
-        fs::read_dir(self.replica_dir().join("incoming"))
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.stored
+            .read(&self.replica_dir())
+            .iter()
+            .map(|(_, stored)| stored)
+            .sum()
     }
 
     /// Writes `len` bytes of pseudo-random (incompressible) data at `offset` of

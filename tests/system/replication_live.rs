@@ -38,7 +38,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use testkit::nbd::Conn;
 use testkit::ordered::*;
-use testkit::replica::{dc1, lab_certs as certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::replica::{
+    dc1, lab_certs as certs, stored_chunks, Replica, PRIMARY_HOST, REPLICA_HOST,
+};
 use testkit::writer::{pattern, BLOCK};
 use testkit::*;
 
@@ -578,7 +580,7 @@ fn nbd_write(p: &Primary, off: u64, data: &[u8]) {
     conn.disconnect();
 }
 
-/// Transfer files of the replica (`incoming` or `received`) and their sizes.
+/// Transfer files of the replica in `sub` (`received`) and their sizes.
 fn transfer_files(replica: &Replica, sub: &str) -> Vec<(String, u64)> {
     let dir = replica.storage("dc1").join("vm1").join(sub);
     std::fs::read_dir(&dir)
@@ -753,6 +755,14 @@ struct FullReplica<'a> {
 }
 
 impl FullReplica<'_> {
+    /// The free space, once the replica's spare transfer file is deleted: it is a
+    /// cache the replica drops itself when an offer finds too little space, so a
+    /// filler sized to the free space beside it would leave more room than meant.
+    fn free_without_spare(&self) -> u64 {
+        let _ = std::fs::remove_file(self.storage.join("vm1").join("spare.part"));
+        free_bytes(self.storage)
+    }
+
     /// Initial replication, then an idle cycle: the replica equals the image. Returns
     /// the cycle and the image.
     fn initial_replication(&self) -> (u64, Vec<u8>) {
@@ -786,7 +796,7 @@ impl FullReplica<'_> {
     fn refused_at_the_offer(&self, cycle_a: u64, image_a: &[u8]) -> (u64, Vec<u8>) {
         let (p, replica, replica_disk, whole, t0) =
             (self.p, self.replica, self.replica_disk, self.whole, self.t0);
-        let free = free_bytes(self.storage);
+        let free = self.free_without_spare();
         fill(self.filler, free.saturating_sub(4 * MIB));
         nbd_write(p, MIB, &pseudo_random(22, (6 * MIB) as usize));
         let held = assert_refused_and_retried(p, replica, "6 MiB delta, 4 MiB free");
@@ -798,7 +808,7 @@ impl FullReplica<'_> {
             &data[0],
             &format!("replica holding cycle {held} while full (primary image before the delta)"),
         );
-        let incoming = transfer_files(replica, "incoming");
+        let incoming = stored_chunks(&replica.storage("dc1").join("vm1"));
         assert!(
             incoming.iter().all(|(_, len)| *len == 0),
             "a refused offer left transfer data behind: {incoming:?}"
@@ -840,7 +850,7 @@ impl FullReplica<'_> {
         nbd_write(p, 0, &pseudo_random(23, (8 * MIB) as usize));
         let deadline = Instant::now() + LONG;
         let part = loop {
-            let part = transfer_files(replica, "incoming")
+            let part = stored_chunks(&replica.storage("dc1").join("vm1"))
                 .into_iter()
                 .find(|(_, len)| *len >= MIB);
             if let Some(part) = part {
@@ -854,9 +864,9 @@ impl FullReplica<'_> {
             );
             thread::sleep(Duration::from_millis(5));
         };
-        let free = free_bytes(self.storage);
+        let free = self.free_without_spare();
         fill(self.filler, free.saturating_sub(MIB));
-        let now = transfer_files(replica, "incoming");
+        let now = stored_chunks(&replica.storage("dc1").join("vm1"));
         assert!(
             now.iter().any(|(name, len)| *name == part.0 && *len < 8 * MIB),
             "the 8 MiB transfer was complete before the filler took the space (the test ran too slowly): {now:?}, {:?}",
@@ -915,7 +925,7 @@ impl FullReplica<'_> {
         let trimmed = p.cycles_close("vm1");
         replica.wait_applied("vm1", trimmed, LONG);
         let image_c = read_file(&p.image("disk0"));
-        let free = free_bytes(self.storage);
+        let free = self.free_without_spare();
         fill(self.filler, free.saturating_sub(8 * MIB));
         let written = pseudo_random(24, (6 * MIB) as usize);
         nbd_write(p, 8 * MIB + 256 * KIB, &written);

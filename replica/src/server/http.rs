@@ -250,6 +250,7 @@ pub(super) fn store_refusal(error: &StoreError) -> Refusal {
         StoreError::Removed(_) => ErrorCode::NotFound,
         StoreError::Io { .. }
         | StoreError::CorruptState { .. }
+        | StoreError::ShortTransfer { .. }
         | StoreError::NoSpace { .. }
         | StoreError::History(_) => {
             warn!(error = %message, "Replica store failed");

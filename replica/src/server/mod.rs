@@ -362,7 +362,7 @@ fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> 
             (next, path, replica.disks_for_apply()?, replica.history())
         };
         let started = std::time::Instant::now();
-        let applied = apply_transfer(&path, next.id, &disks, &history)?;
+        let applied = apply_transfer(&path, next.id, next.chunks, &disks, &history)?;
         let took = started.elapsed();
         {
             let mut replica = lock(replica);

@@ -1,9 +1,9 @@
 //! Applying received transfers, oldest first: the replica is marked inconsistent, the
 //! transfer's changes are written to the disks (what they overwrite captured first
 //! when recovery points are kept) and synced, then the transfer is recorded as applied
-//! and its file deleted.
+//! and its file kept as the spare for the next transfer (see `spare`).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ impl Replica {
             return Ok(None);
         };
         let started = Instant::now();
-        let applied = apply_transfer(&path, next.id, disks, &self.history)?;
+        let applied = apply_transfer(&path, next.id, next.chunks, disks, &self.history)?;
         self.note_apply(applied.written, started.elapsed());
         self.finish_apply(next)?;
         Ok(Some(next))
@@ -57,7 +57,7 @@ impl Replica {
     }
 
     /// Last step of applying `applied` (the transfer [`Replica::begin_apply`] returned,
-    /// applied and synced): records it and deletes its file.
+    /// applied and synced): records it and keeps its file as the spare.
     pub fn finish_apply(&mut self, applied: Queued) -> Result<(), StoreError> {
         // Points are taken below: no history file may be made at a removed path.
         self.check_present()?;
@@ -90,7 +90,7 @@ impl Replica {
             self.take_point(stamp, false)?;
         }
         self.save()?;
-        let _ = fs::remove_file(self.received_path(applied.id));
+        self.keep_as_spare(&self.received_path(applied.id));
         self.age_out()
     }
 
@@ -122,12 +122,14 @@ pub struct AppliedTransfer {
     pub disk_sync: Duration,
 }
 
-/// Applies every change of the received transfer file `path` (transfer `id`) to
-/// `disks` and syncs them. With recovery points kept, what the changes overwrite is
-/// first captured in `history` and synced.
+/// Applies every change of the received transfer file `path` (transfer `id`, of
+/// `chunks` chunks, or as many as the file holds when `None`) to `disks` and syncs
+/// them. With recovery points kept, what the changes overwrite is first captured in
+/// `history` and synced.
 pub fn apply_transfer(
     path: &Path,
     id: u64,
+    chunks: Option<u32>,
     disks: &[ReplicaDisk],
     history: &History,
 ) -> Result<AppliedTransfer, StoreError> {
@@ -139,7 +141,7 @@ pub fn apply_transfer(
         phase = Instant::now();
     };
     if history.is_active() {
-        for_each_change(path, id, |change| {
+        for_each_change(path, id, chunks, |change| {
             history.capture(disks, change.disk, change.offset, change.length)?;
             Ok(())
         })?;
@@ -147,7 +149,7 @@ pub fn apply_transfer(
         history.sync()?;
         lap(&mut applied.history_sync);
     }
-    for_each_change(path, id, |change| {
+    for_each_change(path, id, chunks, |change| {
         apply_change(disks, change)?;
         if let ChangeData::Write(bytes) = change.data {
             applied.written += bytes.len() as u64;
@@ -162,16 +164,28 @@ pub fn apply_transfer(
     Ok(applied)
 }
 
-/// Calls `each` with every change of the transfer file `path` (transfer `id`), in order.
+/// Calls `each` with every change of the transfer file `path` (transfer `id`, of
+/// `chunks` chunks, or as many as the file holds), in order.
 fn for_each_change(
     path: &Path,
     id: u64,
+    chunks: Option<u32>,
     mut each: impl FnMut(&tracker::Change<'_>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut file = File::open(path).map_err(StoreError::io("open", path))?;
     let (mut frame, mut scratch) = (Vec::new(), Vec::new());
     let mut index = 0u32;
-    while read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
+    while chunks.is_none_or(|chunks| index < chunks) {
+        if !read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
+            if let Some(chunks) = chunks {
+                return Err(StoreError::ShortTransfer {
+                    path: path.to_path_buf(),
+                    have: index,
+                    chunks,
+                });
+            }
+            break;
+        }
         let checked = CheckedFrame::check(&frame)?;
         checked.header.expect(id, index)?;
         for change in checked.records(&mut scratch)? {

@@ -14,8 +14,12 @@
 //!   the `.part`, renames it and records it in the state in the same step; only then
 //!   is the transfer acknowledged as durable.
 //!
+//! - `spare.part`: the file of the last applied transfer, which the next offer
+//!   recycles as its `.part` (overwriting pages and blocks is cheaper than new ones;
+//!   see `spare` for why stale frames in it are never taken for chunks).
+//!
 //! Applying takes the oldest received transfer, writes its changes to the disks,
-//! fsyncs them, records the transfer as applied and deletes the file. A crash in
+//! fsyncs them, records the transfer as applied and keeps the file as the spare. A crash in
 //! between re-applies the whole transfer on restart, which gives the same disks:
 //! changes say what a range holds, not how to get there. So the disks only ever show
 //! a half-applied transfer while it is being applied, and `consistent` stays false
@@ -49,6 +53,7 @@ mod applying;
 mod failover;
 mod points;
 mod receive;
+mod spare;
 mod state;
 
 pub use applying::{apply_transfer, AppliedTransfer};
@@ -78,6 +83,16 @@ pub enum StoreError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// A committed transfer's file ends before its last chunk.
+    #[error("Transfer file {path} holds {have} of its {chunks} chunks")]
+    ShortTransfer {
+        /// The file.
+        path: PathBuf,
+        /// Whole chunks it holds.
+        have: u32,
+        /// Chunks committed.
+        chunks: u32,
     },
     /// A received chunk is invalid.
     #[error("Invalid chunk")]

@@ -85,6 +85,7 @@ impl Replica {
         let retry = Queued {
             id: offer.id,
             kind: offer.kind,
+            chunks: None,
         };
         if self
             .state
@@ -100,18 +101,24 @@ impl Replica {
         // The transfer's file, and as much again at worst for the blocks its apply
         // allocates in the replica disks (writes into holes): a committed transfer must
         // be appliable, or the replica would sit half-applied until space is freed.
-        self.ensure_free(offer.bytes.saturating_mul(2))?;
+        // The spare goes first when space is short.
+        let need = offer.bytes.saturating_mul(2);
+        if let Err(short) = self.ensure_free(need) {
+            if !self.drop_spare() {
+                return Err(short);
+            }
+            self.ensure_free(need)?;
+        }
         // A new transfer abandons an unfinished one.
         if let Some(old) = self.state.receiving.take() {
             let _ = fs::remove_file(self.part_path(old.id));
         }
         let path = self.part_path(offer.id);
-        File::create(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(StoreError::io("create", &path))?;
+        self.create_part(&path, offer.id)?;
         self.state.receiving = Some(Queued {
             id: offer.id,
             kind: offer.kind,
+            chunks: None,
         });
         self.state.receiving_bytes = Some(offer.bytes);
         self.part_chunks = 0;
@@ -257,7 +264,9 @@ impl Replica {
             )));
         }
         let (part, received) = (self.part_path(id), self.received_path(id));
-        // The chunks were written as they came; one sync makes them all durable.
+        // The chunks were written as they came; one sync makes them all durable. A
+        // recycled file keeps its older bytes after them: the queue records how many
+        // chunks the transfer has (see `spare`).
         File::open(&part)
             .and_then(|file| file.sync_data())
             .map_err(StoreError::io("sync", &part))?;
@@ -267,7 +276,10 @@ impl Replica {
         let state = &mut self.state;
         state.receiving = None;
         state.receiving_bytes = None;
-        state.queue.push_back(receiving);
+        state.queue.push_back(Queued {
+            chunks: Some(chunks),
+            ..receiving
+        });
         state.recent_commits.push_back(id);
         while state.recent_commits.len() > RECENT_COMMITS {
             state.recent_commits.pop_front();

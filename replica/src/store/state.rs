@@ -25,6 +25,11 @@ pub struct Queued {
     pub id: u64,
     /// What it carries.
     pub kind: TransferKind,
+    /// Chunks of a committed transfer. Its file can hold more bytes after them (a
+    /// recycled file; see `spare`); `None` while it is received, and in states saved
+    /// before files were recycled, whose files hold exactly their chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u32>,
 }
 
 /// What `replica.json` holds.

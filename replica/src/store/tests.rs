@@ -805,3 +805,186 @@ fn epochs_never_wrap_and_a_claim_is_at_most_one_failover_ahead() {
     );
     assert_eq!(replica.info().epoch, MAX_EPOCH);
 }
+
+/// Bytes that do not compress (xorshift).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The `.part` file of the transfer being received.
+fn part_file(path: &Path, id: u64) -> PathBuf {
+    path.join("incoming").join(format!("{id:016x}.part"))
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().len()
+}
+
+#[test]
+fn an_applied_transfers_file_is_recycled_and_its_stale_frames_never_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    let old = noise(1, 6 * MIB as usize);
+    send(&mut replica, 100, resync(1, 0, true), &[write(0, 0, &old)]);
+    apply_all(&mut replica);
+    let spare = path.join("spare.part");
+    let spare_len = file_len(&spare);
+    assert!(
+        spare_len > 6 * MIB,
+        "the applied transfer's file is the spare"
+    );
+
+    // The next transfer is received into it: 5 MiB in three chunks, of which the
+    // first two arrive before a crash.
+    let new = noise(2, 5 * MIB as usize);
+    let changes = [write(0, MIB, &new)];
+    let all = frames(7, &changes);
+    assert!(all.len() >= 3);
+    let offer = TransferOffer {
+        id: 7,
+        kind: TransferKind::delta(7),
+        bytes: OFFERED,
+    };
+    replica.offer(OWNER, &offer).unwrap();
+    let part = part_file(&path, 7);
+    assert!(!spare.exists(), "the offer took the spare");
+    assert_eq!(file_len(&part), spare_len, "recycled, not created");
+    replica.put_chunk(OWNER, 7, 0, &all[0]).unwrap();
+    replica.put_chunk(OWNER, 7, 1, &all[1]).unwrap();
+    drop(replica);
+
+    // After the crash only the two new frames count; the old transfer's are cut.
+    let mut replica = Replica::open(&path, 0).unwrap();
+    let answer = replica.offer(OWNER, &offer).unwrap();
+    assert_eq!(answer.have_chunks, 2);
+    let stored = (all[0].len() + all[1].len()) as u64;
+    assert_eq!(file_len(&part), stored);
+    for (i, frame) in all.iter().enumerate().skip(2) {
+        replica.put_chunk(OWNER, 7, i as u32, frame).unwrap();
+    }
+    replica.commit(OWNER, 7, all.len() as u32).unwrap();
+    assert_eq!(
+        replica.state().queue.back().and_then(|q| q.chunks),
+        Some(all.len() as u32),
+        "the queue knows where the transfer ends"
+    );
+    apply_all(&mut replica);
+    let a = disk(&replica, "a");
+    assert_eq!(&a[..MIB as usize], &old[..MIB as usize]);
+    assert_eq!(&a[MIB as usize..6 * MIB as usize], &new[..]);
+
+    // A smaller transfer in the larger spare: committed, its file keeps the older
+    // frames after its own (the pages and blocks stay for the next transfer), and
+    // the apply stops at its last chunk.
+    let spare_len = file_len(&spare);
+    let small = frames(8, &[write(1, 0, b"small")]);
+    assert!(spare_len > 2 * small[0].len() as u64);
+    send(
+        &mut replica,
+        8,
+        TransferKind::delta(8),
+        &[write(1, 0, b"small")],
+    );
+    let received = path.join("received").join(format!("{:016x}.xfer", 8));
+    assert_eq!(file_len(&received), spare_len);
+    apply_all(&mut replica);
+    assert_eq!(&disk(&replica, "b")[..5], b"small");
+    assert_eq!(
+        &disk(&replica, "a")[MIB as usize..6 * MIB as usize],
+        &new[..]
+    );
+    assert_eq!(file_len(&spare), spare_len, "kept whole for the next one");
+
+    // A committed file that lost its end is an error, not a shorter transfer.
+    let three = &new[..3 * MIB as usize];
+    let first = frames(9, &[write(1, 0, three)])[0].len() as u64;
+    send(
+        &mut replica,
+        9,
+        TransferKind::delta(9),
+        &[write(1, 0, three)],
+    );
+    let received = path.join("received").join(format!("{:016x}.xfer", 9));
+    OpenOptions::new()
+        .write(true)
+        .open(&received)
+        .unwrap()
+        .set_len(first)
+        .unwrap();
+    let disks = replica.open_disks().unwrap();
+    let cut = replica.apply_next(&disks).unwrap_err();
+    assert!(
+        matches!(
+            cut,
+            StoreError::ShortTransfer {
+                have: 1,
+                chunks: 2,
+                ..
+            }
+        ),
+        "{cut}"
+    );
+}
+
+#[test]
+fn a_spare_holding_frames_of_the_offered_transfer_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    // Frames of transfer 9, as a spare would hold them had 9 been applied long ago.
+    let data = vec![3u8; 5 * MIB as usize];
+    let stale: Vec<u8> = frames(9, &[write(0, 0, &data)]).concat();
+    fs::write(path.join("spare.part"), &stale).unwrap();
+    let offer = TransferOffer {
+        id: 9,
+        kind: resync(1, 0, true),
+        bytes: OFFERED,
+    };
+    replica.offer(OWNER, &offer).unwrap();
+    assert_eq!(file_len(&part_file(&path, 9)), 0, "a new, empty file");
+    assert!(!path.join("spare.part").exists());
+    drop(replica);
+    // A crash before any chunk: nothing of the stale frames counts.
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.offer(OWNER, &offer).unwrap().have_chunks, 0);
+}
+
+#[test]
+fn a_spare_is_cut_to_its_limit_and_kept_only_with_room_to_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let long = |name: &str| {
+        let file = path.join(name);
+        File::create(&file)
+            .unwrap()
+            .set_len(spare::SPARE_MAX + MIB)
+            .unwrap();
+        file
+    };
+    // A reserve larger than the storage: no room for a spare.
+    let replica = Replica::create(&path, state(), u64::MAX / 2).unwrap();
+    let file = long("applied.xfer");
+    replica.keep_as_spare(&file);
+    assert!(!file.exists() && !path.join("spare.part").exists());
+    drop(replica);
+
+    let replica = Replica::open(&path, 0).unwrap();
+    let file = long("applied.xfer");
+    let roomy = free_space(&path).unwrap() >= spare::SPARE_MAX;
+    replica.keep_as_spare(&file);
+    assert!(!file.exists());
+    if roomy {
+        assert_eq!(file_len(&path.join("spare.part")), spare::SPARE_MAX);
+    } else {
+        assert!(!path.join("spare.part").exists());
+    }
+}
