@@ -8,6 +8,11 @@
 //! stored ([`Replica::put_chunk`]: checked whole, written, not synced) while the next
 //! one is read, so receiving and storing overlap.
 //!
+//! Buffer ownership: a frame's buffer goes to the task that stores it, which hands it
+//! back to the reader's [`FramePool`] once the frame is written; the next frames are
+//! read into it. A fresh 2 MiB allocation per frame would cost page faults and
+//! zeroing of new memory for every chunk.
+//!
 //! The answer, once the body ended, is how many chunks of the transfer the replica
 //! holds. Stored is not durable: the commit syncs the transfer before it answers, and
 //! after a crash the replica keeps the chunks that survived whole and says so in its
@@ -29,6 +34,30 @@ use super::http::{body_extensions, store_refusal, UnreadBody};
 use super::lock;
 use crate::store::{Claim, Replica, StoreError};
 
+/// Frame buffers stored and handed back, to be read into again.
+#[derive(Debug, Clone, Default)]
+pub(super) struct FramePool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers a pool keeps: one being read into, one being stored, and spares.
+const POOLED_FRAMES: usize = 4;
+
+impl FramePool {
+    /// An empty buffer with room for a whole frame.
+    fn take(&self) -> Vec<u8> {
+        let pooled = lock(&self.0).pop();
+        pooled.unwrap_or_else(|| Vec::with_capacity(CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize))
+    }
+
+    /// Hands `buffer` back for later frames.
+    fn give(&self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        let mut pool = lock(&self.0);
+        if pool.len() < POOLED_FRAMES {
+            pool.push(buffer);
+        }
+    }
+}
+
 /// Cuts a request body into chunk frames.
 #[derive(Debug)]
 pub(super) struct FrameReader {
@@ -37,17 +66,20 @@ pub(super) struct FrameReader {
     /// Bytes received and not yet handed out as a frame.
     pending: Vec<u8>,
     ended: bool,
+    pool: FramePool,
 }
 
 impl FrameReader {
     /// A reader of `request`'s body.
     pub(super) fn new(request: Request<Incoming>) -> (Self, Option<UnreadBody>) {
         let (unread, idle) = body_extensions(&request);
+        let pool = FramePool::default();
         let reader = FrameReader {
             body: request.into_body(),
             idle,
-            pending: Vec::new(),
+            pending: pool.take(),
             ended: false,
+            pool,
         };
         (reader, unread)
     }
@@ -68,8 +100,16 @@ impl FrameReader {
         if !self.fill(need).await? {
             return Err(truncated(self.pending.len(), need));
         }
-        let rest = self.pending.split_off(need);
-        Ok(Some(std::mem::replace(&mut self.pending, rest)))
+        // What came after the frame starts the next buffer.
+        let mut next = self.pool.take();
+        next.extend_from_slice(&self.pending[need..]);
+        self.pending.truncate(need);
+        Ok(Some(std::mem::replace(&mut self.pending, next)))
+    }
+
+    /// The pool to hand stored frames' buffers back to.
+    pub(super) fn pool(&self) -> FramePool {
+        self.pool.clone()
     }
 
     /// Reads until `need` bytes are pending; `false` if the body ends first.
@@ -135,12 +175,14 @@ pub(super) async fn receive(
             have = Some(joined(stored.await)?);
         }
         let Some(frame) = next? else { break };
-        let replica = Arc::clone(replica);
+        let (replica, pool) = (Arc::clone(replica), reader.pool());
         let at = index;
         storing = Some(tokio::task::spawn_blocking(move || {
-            lock(&replica)
+            let stored = lock(&replica)
                 .put_chunk(claim, id, at, &frame)
-                .map_err(|error| store_refusal(&error))
+                .map_err(|error| store_refusal(&error));
+            pool.give(frame);
+            stored
         }));
         index = index
             .checked_add(1)
@@ -159,4 +201,26 @@ fn joined(outcome: Result<Result<u32, Refusal>, tokio::task::JoinError>) -> Resu
             format!("Storing a chunk failed: {error}"),
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_hands_back_empty_whole_frame_buffers_and_keeps_a_few() {
+        let pool = FramePool::default();
+        let mut first = pool.take();
+        assert!(first.capacity() >= CHUNK_HEADER_LEN + MAX_CHUNK_BODY as usize);
+        first.extend_from_slice(b"frame bytes");
+        let address = first.as_ptr();
+        pool.give(first);
+        let again = pool.take();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), address, "the same allocation, reused");
+        for _ in 0..POOLED_FRAMES + 3 {
+            pool.give(Vec::with_capacity(16));
+        }
+        assert_eq!(lock(&pool.0).len(), POOLED_FRAMES);
+    }
 }
