@@ -352,15 +352,20 @@ fn num(v: &Value, key: &str) -> u64 {
 #[test]
 fn stall_mid_chunk_times_out_and_resumes() {
     let rig = Rig::start(
-        vec![DiskSpec::new("disk0", 32 * MIB)],
-        // Retries 1.2 s, then 2.4 s after a failure.
-        "request_timeout = \"2s\"\nretry_scale = 0.02",
+        vec![DiskSpec::new("disk0", 64 * MIB)],
+        // Retries 1.2 s, then 2.4 s after a failure. The link is slower than the
+        // replica stores, so what went upstream stays a few chunks ahead of what it
+        // stored: unlimited, loopback outruns a busy replica and the whole delta
+        // can sit in socket buffers before a stall is set up.
+        "request_timeout = \"2s\"\nretry_scale = 0.02\nbandwidth_limit = \"12MiB\"",
     );
     let first = rig.p.cycles_close(GROUP);
     rig.replica.wait_applied(GROUP, first, LONG);
 
-    // A delta of 24 MiB of random data: 12 chunks.
-    let data = 24 * MIB;
+    // A delta of 48 MiB of random data: 24 chunks, so that after the retry's burst
+    // (the limiter lets out what it saved while the link stalled) chunks remain to
+    // be sent when the second stall is set up at 14 MiB stored.
+    let data = 48 * MIB;
     rig.write_random("disk0", 1, 4 * MIB, data);
     let expected = rig.images();
     let before = rig.consumer();
