@@ -294,25 +294,20 @@ impl Segment {
 
     /// Reads `buf.len()` bytes of a held run at `at` in the file, or still staged.
     pub(super) fn read(&self, buf: &mut [u8], at: u64) -> Result<(), HistoryError> {
-        let base = self.staging.base();
-        let in_file = usize::try_from(base.saturating_sub(at))
+        let written = self.staging.written_below();
+        let in_file = usize::try_from(written.saturating_sub(at))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let (from_file, from_staging) = buf.split_at_mut(in_file);
         self.file
             .read_exact_at(from_file, at)
             .map_err(io_error("read", &self.path))?;
-        if !from_staging.is_empty() {
-            let start = usize::try_from(at + in_file as u64 - base).unwrap_or(usize::MAX);
-            let staged = start
-                .checked_add(from_staging.len())
-                .and_then(|end| self.staging.staged().get(start..end))
-                .ok_or_else(|| HistoryError::Io {
-                    what: "read",
-                    path: self.path.clone(),
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                })?;
-            from_staging.copy_from_slice(staged);
+        if !from_staging.is_empty() && !self.staging.read(from_staging, at + in_file as u64) {
+            return Err(HistoryError::Io {
+                what: "read",
+                path: self.path.clone(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
         }
         Ok(())
     }

@@ -5,18 +5,23 @@
 //! rest of a capture: every byte lands in a new page-cache page, and the sync before
 //! the transfer's first write then has all of it to write. So appends are staged in a
 //! block-aligned buffer and written with `O_DIRECT` in large block-aligned writes,
-//! straight to the device. The staged bytes past the last whole block are written
-//! through the page cache (one page, so the file still ends where its records do),
-//! and written again, completed, by the next direct write, which the kernel orders
-//! after that page's writeback.
+//! straight to the device. A full buffer is written by a thread of its own while the
+//! capture stages on in a second one (at most one write runs behind), so reading the
+//! disk and writing the segment overlap. The staged bytes past the last whole block
+//! are written through the page cache (one page, so the file still ends where its
+//! records do), and written again, completed, by the next direct write, which the
+//! kernel orders after that page's writeback.
 //!
 //! Contract:
-//! - The file holds every staged byte below [`Staging::base`]; bytes from there to
-//!   [`Staging::end`] are in the buffer, and in the file too only once
-//!   [`Staging::write_out`] returned since they were staged (durable once the caller's
-//!   `fdatasync` returns after that). The file never holds bytes past the staged end.
+//! - The file holds every staged byte below [`Staging::written_below`]; bytes from
+//!   there to [`Staging::end`] are in the buffers ([`Staging::read`]), and in the file
+//!   too only once [`Staging::write_out`] returned since they were staged (durable once
+//!   the caller's `fdatasync` returns after that). The file never holds bytes past the
+//!   staged end. Dropping the staging waits for the write running behind.
 //! - Rewriting the partial last block rewrites the bytes it held with the same values:
 //!   a write torn at any sector leaves them as they were.
+//! - A write behind that fails is written again by the next write (at once, on the
+//!   caller's thread), whose error is reported.
 //! - A filesystem that refuses `O_DIRECT` (EINVAL at open or at a write: ramfs, some
 //!   FUSE filesystems) gets the same writes through the page cache.
 
@@ -24,6 +29,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 /// Alignment of direct writes: offsets, lengths and the buffer's address. 4 KiB is
 /// the logical block size of every disk and filesystem block size in use here.
@@ -40,45 +47,86 @@ enum Direct {
     /// are never appended to again once opened).
     Unopened,
     /// Through this handle, opened with `O_DIRECT`.
-    Open(File),
+    Open(Arc<File>),
     /// Through the segment's own handle: the filesystem refused direct I/O.
     Refused,
 }
 
-/// The staging buffer of one segment file and its direct handle.
+/// A block-aligned buffer.
+#[derive(Debug)]
+struct Area {
+    memory: Vec<u8>,
+    /// Where the aligned bytes start in `memory`.
+    aligned: usize,
+    capacity: usize,
+}
+
+impl Area {
+    fn new(capacity: usize) -> Self {
+        let capacity = capacity.next_multiple_of(BLOCK);
+        let memory = vec![0u8; capacity + BLOCK];
+        let aligned = (BLOCK - memory.as_ptr().addr() % BLOCK) % BLOCK;
+        Area {
+            memory,
+            aligned,
+            capacity,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.memory[self.aligned..self.aligned + self.capacity]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.memory[self.aligned..self.aligned + self.capacity]
+    }
+}
+
+/// Whole blocks being written by a thread of their own.
+#[derive(Debug)]
+struct Behind {
+    /// File offset of the first block.
+    base: u64,
+    /// The blocks: the first `length` bytes, shared with the writing thread.
+    area: Arc<Area>,
+    length: usize,
+    /// The write; `None` if it failed or could not start (the next settle writes
+    /// the blocks).
+    job: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// The staging buffers of one segment file and its direct handle.
 #[derive(Debug)]
 pub(super) struct Staging {
     path: PathBuf,
     direct: Direct,
-    /// Holds the block-aligned staging area (a whole block while idle).
-    memory: Vec<u8>,
-    /// Where the staging area starts in `memory`.
-    aligned: usize,
-    /// Bytes of the staging area.
-    capacity: usize,
+    /// The bytes being staged (a whole block while idle).
+    area: Area,
     /// File offset of the staged bytes' first byte: a multiple of [`BLOCK`].
     base: u64,
     /// Bytes staged.
     filled: usize,
     /// Whether bytes were staged since the last [`Staging::write_out`].
     unwritten: bool,
+    /// The blocks before `base`, while they are written.
+    behind: Option<Behind>,
+    /// A buffer a finished write left, for the next.
+    spare: Option<Area>,
 }
 
 impl Staging {
     /// Staging for the segment file at `path`, empty, from the file's start.
     pub(super) fn new(path: &Path) -> Self {
-        let mut staging = Staging {
+        Staging {
             path: path.to_path_buf(),
             direct: Direct::Unopened,
-            memory: Vec::new(),
-            aligned: 0,
-            capacity: 0,
+            area: Area::new(BLOCK),
             base: 0,
             filled: 0,
             unwritten: false,
-        };
-        staging.reallocate(BLOCK);
-        staging
+            behind: None,
+            spare: None,
+        }
     }
 
     /// Stages from `end` of `file` on (where its valid bytes end): the partial block
@@ -88,8 +136,7 @@ impl Staging {
         self.filled = 0;
         self.unwritten = false;
         let partial = usize::try_from(end - self.base).unwrap_or(0);
-        let base = self.base;
-        file.read_exact_at(&mut self.area_mut()[..partial], base)?;
+        file.read_exact_at(&mut self.area.bytes_mut()[..partial], self.base)?;
         self.filled = partial;
         Ok(())
     }
@@ -104,9 +151,9 @@ impl Staging {
         }
     }
 
-    /// File offset of the first staged byte.
-    pub(super) fn base(&self) -> u64 {
-        self.base
+    /// File offset below which the file holds every byte.
+    pub(super) fn written_below(&self) -> u64 {
+        self.behind.as_ref().map_or(self.base, |behind| behind.base)
     }
 
     /// File offset just past the last staged byte.
@@ -114,34 +161,46 @@ impl Staging {
         self.base + self.filled as u64
     }
 
-    /// The staged bytes.
-    pub(super) fn staged(&self) -> &[u8] {
-        &self.memory[self.aligned..self.aligned + self.filled]
-    }
-
-    fn area_mut(&mut self) -> &mut [u8] {
-        &mut self.memory[self.aligned..self.aligned + self.capacity]
-    }
-
-    /// A staging area of at least `capacity` bytes holding what is staged.
-    fn reallocate(&mut self, capacity: usize) {
-        let capacity = capacity.next_multiple_of(BLOCK);
-        let mut memory = vec![0u8; capacity + BLOCK];
-        let aligned = (BLOCK - memory.as_ptr().addr() % BLOCK) % BLOCK;
-        memory[aligned..aligned + self.filled].copy_from_slice(self.staged());
-        (self.memory, self.aligned, self.capacity) = (memory, aligned, capacity);
+    /// Fills `buf` with the bytes from `at` (at least [`Staging::written_below`]), from
+    /// the buffers; `false` if they are not all staged.
+    pub(super) fn read(&self, buf: &mut [u8], at: u64) -> bool {
+        let pieces = [
+            Some((self.base, &self.area.bytes()[..self.filled])),
+            self.behind
+                .as_ref()
+                .map(|behind| (behind.base, &behind.area.bytes()[..behind.length])),
+        ];
+        let mut done = 0;
+        while done < buf.len() {
+            let offset = at + done as u64;
+            let Some(bytes) = pieces.iter().flatten().find_map(|(base, bytes)| {
+                let start = usize::try_from(offset.checked_sub(*base)?).ok()?;
+                bytes.get(start..).filter(|rest| !rest.is_empty())
+            }) else {
+                return false;
+            };
+            let step = bytes.len().min(buf.len() - done);
+            buf[done..done + step].copy_from_slice(&bytes[..step]);
+            done += step;
+        }
+        true
     }
 
     /// Room for `length` more bytes at the end: the returned slice, which
-    /// [`Staging::commit`] makes staged. Writes staged whole blocks to `file` first if
-    /// the buffer is full.
+    /// [`Staging::commit`] makes staged. Hands the staged whole blocks to a writing
+    /// thread first if the buffer is full.
     pub(super) fn reserve(&mut self, file: &File, length: usize) -> io::Result<&mut [u8]> {
-        if self.filled + length > self.capacity {
-            if self.capacity < STAGING.max(length + BLOCK) {
-                self.reallocate(STAGING.max(length + BLOCK));
+        if self.filled + length > self.area.capacity {
+            // Grown as needed (a small transfer stages little), up to the staging size.
+            let wanted = (self.filled + length)
+                .next_power_of_two()
+                .min(STAGING)
+                .max(length + BLOCK);
+            if self.area.capacity < wanted {
+                self.replace_area(Area::new(wanted));
             }
-            if self.filled + length > self.capacity {
-                self.write_whole_blocks(file)?;
+            if self.filled + length > self.area.capacity {
+                self.write_behind(file)?;
             }
         }
         Ok(self.room(length))
@@ -150,7 +209,7 @@ impl Staging {
     /// The room a [`Staging::reserve`] of at least `length` bytes made.
     pub(super) fn room(&mut self, length: usize) -> &mut [u8] {
         let filled = self.filled;
-        &mut self.area_mut()[filled..filled + length]
+        &mut self.area.bytes_mut()[filled..filled + length]
     }
 
     /// Stages the first `length` bytes of the last [`Staging::reserve`]d room.
@@ -159,62 +218,155 @@ impl Staging {
         self.unwritten = true;
     }
 
-    /// Writes the staged whole blocks and keeps the partial last one staged.
-    fn write_whole_blocks(&mut self, file: &File) -> io::Result<()> {
+    /// Makes `area` (at least as large as what is staged) the staging area, moving the
+    /// staged bytes there.
+    fn replace_area(&mut self, mut area: Area) {
+        area.bytes_mut()[..self.filled].copy_from_slice(&self.area.bytes()[..self.filled]);
+        self.area = area;
+    }
+
+    /// Starts writing the staged whole blocks on a thread of their own (at once
+    /// through the page cache), after the write behind finished; the partial last
+    /// block stays staged, in the other buffer.
+    fn write_behind(&mut self, file: &File) -> io::Result<()> {
         let whole = self.filled - self.filled % BLOCK;
         if whole == 0 {
             return Ok(());
         }
-        self.write_at(file, whole)?;
-        self.keep_partial_block();
+        self.settle(file)?;
+        let direct = match self.direct_handle()? {
+            Some(direct) => Arc::clone(direct),
+            None => {
+                write_blocks(
+                    &mut self.direct,
+                    file,
+                    &self.area.bytes()[..whole],
+                    self.base,
+                )?;
+                self.keep_partial_block();
+                return Ok(());
+            }
+        };
+        let next = match self.spare.take() {
+            Some(spare) if spare.capacity >= self.area.capacity => spare,
+            _ => Area::new(self.area.capacity),
+        };
+        let (base, partial) = (self.base, self.filled - whole);
+        let area = Arc::new(std::mem::replace(&mut self.area, next));
+        self.area.bytes_mut()[..partial].copy_from_slice(&area.bytes()[whole..whole + partial]);
+        // Without a thread (none could be started) the blocks are written by the next
+        // settle, as after a failed write.
+        let job = std::thread::Builder::new()
+            .name("undo-writer".into())
+            .spawn({
+                let area = Arc::clone(&area);
+                move || direct.write_all_at(&area.bytes()[..whole], base)
+            })
+            .ok();
+        self.behind = Some(Behind {
+            base,
+            area,
+            length: whole,
+            job,
+        });
+        self.base += whole as u64;
+        self.filled = partial;
+        Ok(())
+    }
+
+    /// Waits for the write behind; one that failed is written again, here.
+    fn settle(&mut self, file: &File) -> io::Result<()> {
+        let Some(behind) = self.behind.as_mut() else {
+            return Ok(());
+        };
+        let written = match behind.job.take() {
+            Some(job) => job
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("The undo writer panicked"))),
+            None => Err(io::Error::other("An earlier write failed")),
+        };
+        if written.is_err() {
+            let bytes = &behind.area.bytes()[..behind.length];
+            write_blocks(&mut self.direct, file, bytes, behind.base)?;
+        }
+        if let Some(behind) = self.behind.take() {
+            self.spare = Arc::into_inner(behind.area);
+        }
         Ok(())
     }
 
     /// Drops the staged whole blocks (written): the partial one moves to the front.
     fn keep_partial_block(&mut self) {
         let whole = self.filled - self.filled % BLOCK;
-        let (aligned, filled) = (self.aligned, self.filled);
-        self.memory
-            .copy_within(aligned + whole..aligned + filled, aligned);
+        self.area.bytes_mut().copy_within(whole..self.filled, 0);
         self.base += whole as u64;
         self.filled -= whole;
     }
 
     /// Writes everything staged to `file`: the whole blocks directly, the partial last
     /// block through the page cache (so the file ends where the records do), then
-    /// shrinks the buffer to that block: an idle segment holds no staging memory.
+    /// shrinks the buffers to that block: an idle segment holds no staging memory.
     pub(super) fn write_out(&mut self, file: &File) -> io::Result<()> {
+        self.settle(file)?;
         if self.unwritten {
-            self.write_whole_blocks(file)?;
-            file.write_all_at(self.staged(), self.base)?;
+            let whole = self.filled - self.filled % BLOCK;
+            if whole > 0 {
+                self.direct_handle()?;
+                write_blocks(
+                    &mut self.direct,
+                    file,
+                    &self.area.bytes()[..whole],
+                    self.base,
+                )?;
+                self.keep_partial_block();
+            }
+            file.write_all_at(&self.area.bytes()[..self.filled], self.base)?;
             self.unwritten = false;
         }
-        if self.capacity > BLOCK {
-            self.reallocate(BLOCK);
+        self.spare = None;
+        if self.area.capacity > BLOCK {
+            self.replace_area(Area::new(BLOCK));
         }
         Ok(())
     }
 
-    /// Writes the first `length` bytes of the staging area (whole blocks) at `base`.
-    fn write_at(&mut self, file: &File, length: usize) -> io::Result<()> {
+    /// The direct handle, opened on first use; `None` if direct writes are refused.
+    fn direct_handle(&mut self) -> io::Result<Option<&Arc<File>>> {
         if let Direct::Unopened = self.direct {
             self.direct = match open_direct(&self.path)? {
-                Some(direct) => Direct::Open(direct),
+                Some(direct) => Direct::Open(Arc::new(direct)),
                 None => Direct::Refused,
             };
         }
-        let bytes = &self.memory[self.aligned..self.aligned + length];
-        if let Direct::Open(direct) = &self.direct {
-            match direct.write_all_at(bytes, self.base) {
-                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(path = %self.path.display(), "Direct writes of undo data refused; writing through the page cache");
-                    self.direct = Direct::Refused;
-                }
-                written => return written,
-            }
-        }
-        file.write_all_at(bytes, self.base)
+        Ok(match &self.direct {
+            Direct::Open(direct) => Some(direct),
+            Direct::Unopened | Direct::Refused => None,
+        })
     }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // No write may reach the file after the segment is gone.
+        if let Some(job) = self.behind.take().and_then(|behind| behind.job) {
+            let _ = job.join();
+        }
+    }
+}
+
+/// Writes whole blocks `bytes` at `offset` (block-aligned), directly unless `direct`
+/// says refused; a direct write refused (EINVAL) makes it so and goes through `file`.
+fn write_blocks(direct: &mut Direct, file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+    if let Direct::Open(handle) = direct {
+        match handle.write_all_at(bytes, offset) {
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(error = %error, "Direct writes of undo data refused; writing through the page cache");
+                *direct = Direct::Refused;
+            }
+            written => return written,
+        }
+    }
+    file.write_all_at(bytes, offset)
 }
 
 /// `path` opened for direct writes, or `None` where the filesystem refuses them.
