@@ -234,18 +234,8 @@ impl Staging {
             return Ok(());
         }
         self.settle(file)?;
-        let direct = match self.direct_handle()? {
-            Some(direct) => Arc::clone(direct),
-            None => {
-                write_blocks(
-                    &mut self.direct,
-                    file,
-                    &self.area.bytes()[..whole],
-                    self.base,
-                )?;
-                self.keep_partial_block();
-                return Ok(());
-            }
+        let Some(direct) = self.direct_handle()?.map(Arc::clone) else {
+            return self.write_whole_blocks(file);
         };
         let next = match self.spare.take() {
             Some(spare) if spare.capacity >= self.area.capacity => spare,
@@ -295,6 +285,22 @@ impl Staging {
         Ok(())
     }
 
+    /// Writes the staged whole blocks here and now; the partial last one stays staged.
+    fn write_whole_blocks(&mut self, file: &File) -> io::Result<()> {
+        let whole = self.filled - self.filled % BLOCK;
+        if whole > 0 {
+            self.direct_handle()?;
+            write_blocks(
+                &mut self.direct,
+                file,
+                &self.area.bytes()[..whole],
+                self.base,
+            )?;
+            self.keep_partial_block();
+        }
+        Ok(())
+    }
+
     /// Drops the staged whole blocks (written): the partial one moves to the front.
     fn keep_partial_block(&mut self) {
         let whole = self.filled - self.filled % BLOCK;
@@ -309,17 +315,7 @@ impl Staging {
     pub(super) fn write_out(&mut self, file: &File) -> io::Result<()> {
         self.settle(file)?;
         if self.unwritten {
-            let whole = self.filled - self.filled % BLOCK;
-            if whole > 0 {
-                self.direct_handle()?;
-                write_blocks(
-                    &mut self.direct,
-                    file,
-                    &self.area.bytes()[..whole],
-                    self.base,
-                )?;
-                self.keep_partial_block();
-            }
+            self.write_whole_blocks(file)?;
             file.write_all_at(&self.area.bytes()[..self.filled], self.base)?;
             self.unwritten = false;
         }

@@ -261,13 +261,7 @@ fn a_crash_between_capture_and_sync_is_captured_again() {
         drop(guard);
         drop(history);
 
-        let (history, _) = History::open(&history_dir, vec![size], &[1]).unwrap();
-        let image = fs::File::open(&disk_path).unwrap();
-        let mut point = vec![0u8; size as usize];
-        history
-            .read()
-            .read_at(1, 0, (&image, &disk_path), &mut point, 0)
-            .unwrap();
+        let (history, point) = reopen_and_read_point(&history_dir, &disk_path, size);
         assert!(
             point == before,
             "point 1 after a cut to {kept_blocks:?} blocks"
@@ -276,6 +270,20 @@ fn a_crash_between_capture_and_sync_is_captured_again() {
         disks[0].apply(0, size, ChangeData::Write(&before)).unwrap();
         history.clear().unwrap();
     }
+}
+
+/// The history in `dir` with point 1, opened afresh, and disk 0 (at `disk_path`, of
+/// `size` bytes) as it was at that point.
+fn reopen_and_read_point(dir: &Path, disk_path: &Path, size: u64) -> (History, Vec<u8>) {
+    let (history, lost) = History::open(dir, vec![size], &[1]).unwrap();
+    assert!(lost.is_empty());
+    let image = fs::File::open(disk_path).unwrap();
+    let mut point = vec![0u8; size as usize];
+    history
+        .read()
+        .read_at(1, 0, (&image, disk_path), &mut point, 0)
+        .unwrap();
+    (history, point)
 }
 
 /// A history on `dir`, written in and read back through every kind of append, with
@@ -299,13 +307,7 @@ fn write_and_read_back(dir: &Path) -> Option<bool> {
     }
     let direct = history.read().segments[0].is_direct();
     drop(history);
-    let (history, _) = History::open(&history_dir, vec![size], &[1]).unwrap();
-    let image = fs::File::open(&disk_path).unwrap();
-    let mut point = vec![0u8; size as usize];
-    history
-        .read()
-        .read_at(1, 0, (&image, &disk_path), &mut point, 0)
-        .unwrap();
+    let (_, point) = reopen_and_read_point(&history_dir, &disk_path, size);
     let now = pattern(size, 5);
     // Captures cover whole blocks.
     let block = UNDO_BLOCK as usize;
