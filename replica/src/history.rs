@@ -14,11 +14,13 @@
 //! every remaining point's state.
 //!
 //! Durability: [`History::capture`] appends the undo data of the ranges a transfer is
-//! about to overwrite; [`History::sync`] makes it durable before the transfer's first
-//! write. Applying is idempotent, so after a crash the re-apply captures nothing new for
-//! blocks held already, and a block captured but not yet overwritten holds the same
-//! bytes in the segment as in the disk. Segment files are a header and checksummed
-//! records; a torn tail is cut when the segment is opened.
+//! about to overwrite (staged in memory, written to the segment file with `O_DIRECT`
+//! as the staging buffer fills); [`History::sync`] writes out the rest and makes it
+//! durable before the transfer's first write. Applying is idempotent, so after a crash
+//! the re-apply captures again what was not synced, and nothing new for blocks held
+//! already; a block captured but not yet overwritten holds the same bytes in the
+//! segment as in the disk. Segment files are a header and checksummed records; a torn
+//! tail (or the zero padding of a direct write) is cut when the segment is opened.
 //!
 //! Concurrency: the applier captures and applies while readers (a test failover's view
 //! of a point) read. A reader holds the index's read lock from lookup to the end of its
@@ -39,6 +41,7 @@ use image_ops::apply::ReplicaDisk;
 use image_ops::copy::{next_data, next_hole};
 
 mod segment;
+mod staging;
 
 use segment::{Held, Segment};
 
@@ -250,20 +253,18 @@ impl History {
             .saturating_mul(UNDO_BLOCK)
             .min(size);
         let mut captured = 0;
-        let mut buffer = Vec::new();
         for (gap_start, gap_end) in segment.gaps(disk, start, end) {
             if gap_end - gap_start <= SMALL_GAP {
                 // Reading a small run costs less than asking where its holes are; a
                 // run that reads as zeroes is kept as a hole all the same.
-                buffer.resize(usize::try_from(gap_end - gap_start).unwrap_or(0), 0);
+                let room = segment.stage(gap_end - gap_start)?;
                 image
                     .file()
-                    .read_exact_at(&mut buffer, gap_start)
+                    .read_exact_at(room, gap_start)
                     .map_err(io_error("read", image.path()))?;
-                if buffer.iter().all(|b| *b == 0) {
-                    segment.append(disk, gap_start, gap_end - gap_start, None)?;
-                } else {
-                    segment.append(disk, gap_start, gap_end - gap_start, Some(&buffer))?;
+                let zero = room.iter().all(|b| *b == 0);
+                segment.commit(disk, gap_start, gap_end - gap_start, zero);
+                if !zero {
                     captured += gap_end - gap_start;
                 }
                 continue;
@@ -289,12 +290,13 @@ impl History {
                     .saturating_mul(UNDO_BLOCK)
                     .min(gap_end);
                 for (piece_start, piece_len) in split(at, hole) {
-                    buffer.resize(usize::try_from(piece_len).unwrap_or(0), 0);
+                    // Read straight into the segment's staging buffer: no copy.
+                    let room = segment.stage(piece_len)?;
                     image
                         .file()
-                        .read_exact_at(&mut buffer, piece_start)
+                        .read_exact_at(room, piece_start)
                         .map_err(io_error("read", image.path()))?;
-                    segment.append(disk, piece_start, piece_len, Some(&buffer))?;
+                    segment.commit(disk, piece_start, piece_len, false);
                     captured += piece_len;
                 }
                 at = hole;
@@ -303,10 +305,13 @@ impl History {
         Ok(captured)
     }
 
-    /// Makes every capture durable.
+    /// Makes every capture durable. The write-out holds the index's write lock (it
+    /// moves staged records), the `fdatasync` only its read lock.
     pub fn sync(&self) -> Result<(), HistoryError> {
-        let segments = self.read();
-        if let Some(segment) = segments.segments.last() {
+        if let Some(segment) = self.write().last_mut() {
+            segment.write_out()?;
+        }
+        if let Some(segment) = self.read().segments.last() {
             segment
                 .file
                 .sync_data()
@@ -335,7 +340,6 @@ impl History {
         if index > 0 {
             let (older, rest) = segments.split_at_mut(index);
             let (previous, removed) = (&mut older[index - 1], &rest[0]);
-            let mut buffer = Vec::new();
             let mut appended = false;
             for disk in 0..removed.held.len() {
                 let runs: Vec<(u64, Held)> =
@@ -348,19 +352,16 @@ impl History {
                         if held.zero {
                             previous.append(disk, gap_start, length, None)?;
                         } else {
-                            buffer.resize(usize::try_from(length).unwrap_or(0), 0);
-                            removed.read(&mut buffer, held.data_at + (gap_start - run_start))?;
-                            previous.append(disk, gap_start, length, Some(&buffer))?;
+                            let room = previous.stage(length)?;
+                            removed.read(room, held.data_at + (gap_start - run_start))?;
+                            previous.commit(disk, gap_start, length, false);
                         }
                         appended = true;
                     }
                 }
             }
             if appended {
-                previous
-                    .file
-                    .sync_data()
-                    .map_err(io_error("sync", &previous.path))?;
+                previous.sync()?;
             }
         }
         Ok(())

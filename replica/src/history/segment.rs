@@ -6,12 +6,16 @@
 //! run, the run's bytes. Opening a segment rebuilds the index from its records and cuts
 //! a torn tail at the first record that does not check; of two overlapping runs the
 //! older is kept.
+//!
+//! Appends are staged ([`super::staging`]): a record is in the index at once, readable
+//! through [`Segment::read`], and in the file once [`Segment::write_out`] returns.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::staging::Staging;
 use super::{io_error, HistoryError, MAX_RECORD, UNDO_BLOCK};
 
 /// `BRUNDO` and a format version.
@@ -43,8 +47,8 @@ pub(super) struct Segment {
     pub(super) len: u64,
     /// Per disk: held runs by start offset; runs never overlap.
     pub(super) held: Vec<BTreeMap<u64, Held>>,
-    /// A record being appended.
-    scratch: Vec<u8>,
+    /// Records appended and not yet written out, and the partial last block.
+    staging: Staging,
 }
 
 impl Segment {
@@ -66,14 +70,21 @@ impl Segment {
             .truncate(true)
             .open(path)
             .map_err(io_error("create", path))?;
+        let mut segment = Self::empty(point, path, file, disks);
         let header = Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX));
-        file.write_all_at(&header, 0)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error("write", path))?;
-        Ok(Self::empty(point, path, file, disks))
+        segment
+            .staging
+            .reserve(&segment.file, SEGMENT_HEADER)
+            .map_err(io_error("write", path))?
+            .copy_from_slice(&header);
+        segment.staging.commit(SEGMENT_HEADER);
+        segment.write_out()?;
+        segment.file.sync_all().map_err(io_error("sync", path))?;
+        Ok(segment)
     }
 
-    /// A segment of `file` that holds nothing yet (past its header).
+    /// A segment of `file` that holds nothing yet: its header is [`Segment::len`]
+    /// bytes, staged from the file's start.
     fn empty(point: u64, path: &Path, file: File, disks: usize) -> Self {
         Segment {
             point,
@@ -81,8 +92,14 @@ impl Segment {
             file,
             len: SEGMENT_HEADER_LEN,
             held: vec![BTreeMap::new(); disks],
-            scratch: Vec::new(),
+            staging: Staging::new(path),
         }
+    }
+
+    /// Whether appends bypass the page cache (`None` before the first write).
+    #[cfg(test)]
+    pub(super) fn is_direct(&self) -> Option<bool> {
+        self.staging.is_direct()
     }
 
     /// Opens a segment, rebuilds its index and cuts a torn tail.
@@ -154,6 +171,10 @@ impl Segment {
                 .and_then(|()| segment.file.sync_all())
                 .map_err(io_error("truncate", path))?;
         }
+        segment
+            .staging
+            .resume(&segment.file, segment.len)
+            .map_err(io_error("read", path))?;
         Ok(segment)
     }
 
@@ -204,7 +225,47 @@ impl Segment {
         gaps
     }
 
-    /// Appends one record.
+    /// Room for the data of a record of `length` bytes (0 for a zero run), to fill
+    /// before [`Segment::commit`]: a capture reads the disk straight into it.
+    pub(super) fn stage(&mut self, length: u64) -> Result<&mut [u8], HistoryError> {
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        let room = self
+            .staging
+            .reserve(&self.file, RECORD_HEADER_LEN + length)
+            .map_err(io_error("append to", &self.path))?;
+        Ok(&mut room[RECORD_HEADER_LEN..])
+    }
+
+    /// Appends the record last [`Segment::stage`]d: `length` bytes of disk `disk` at
+    /// `offset`, a zero run if `zero`, else the bytes staged.
+    pub(super) fn commit(&mut self, disk: usize, offset: u64, length: u64, zero: bool) {
+        let data_len = if zero { 0 } else { length };
+        let room_len = RECORD_HEADER_LEN + usize::try_from(data_len).unwrap_or(0);
+        let (record, data) = self.staging.room(room_len).split_at_mut(RECORD_HEADER_LEN);
+        record[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        record[4..8].copy_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
+        record[8..16].copy_from_slice(&offset.to_le_bytes());
+        record[16..24].copy_from_slice(&length.to_le_bytes());
+        let flags = if zero { FLAG_ZERO } else { 0 };
+        record[24..28].copy_from_slice(&flags.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&record[0..28]), data);
+        record[28..32].copy_from_slice(&crc.to_le_bytes());
+        self.staging.commit(room_len);
+        let data_at = self.len + RECORD_HEADER_LEN as u64;
+        self.len = data_at + data_len;
+        debug_assert_eq!(self.len, self.staging.end());
+        self.insert(
+            disk,
+            offset,
+            Held {
+                length,
+                data_at,
+                zero,
+            },
+        );
+    }
+
+    /// Appends one record: `data`, or a zero run.
     pub(super) fn append(
         &mut self,
         disk: usize,
@@ -212,51 +273,43 @@ impl Segment {
         length: u64,
         data: Option<&[u8]>,
     ) -> Result<(), HistoryError> {
-        let mut record = [0u8; RECORD_HEADER_LEN];
-        record[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        record[4..8].copy_from_slice(&u32::try_from(disk).unwrap_or(u32::MAX).to_le_bytes());
-        record[8..16].copy_from_slice(&offset.to_le_bytes());
-        record[16..24].copy_from_slice(&length.to_le_bytes());
-        let flags = if data.is_none() { FLAG_ZERO } else { 0 };
-        record[24..28].copy_from_slice(&flags.to_le_bytes());
-        let mut crc = crc32c::crc32c(&record[0..28]);
-        if let Some(data) = data {
-            crc = crc32c::crc32c_append(crc, data);
-        }
-        record[28..32].copy_from_slice(&crc.to_le_bytes());
-        let data_at = self.len + RECORD_HEADER_LEN as u64;
-        // One write for header and data.
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&record);
-        self.scratch.extend_from_slice(data.unwrap_or_default());
-        let written = self.file.write_all_at(&self.scratch, self.len);
-        if let Err(source) = written {
-            // Leave no partial record behind (a full disk, typically).
-            let _ = self.file.set_len(self.len);
-            return Err(HistoryError::Io {
-                what: "append to",
-                path: self.path.clone(),
-                source,
-            });
-        }
-        self.len = data_at + data.map_or(0, |d| d.len() as u64);
-        self.insert(
-            disk,
-            offset,
-            Held {
-                length,
-                data_at,
-                zero: data.is_none(),
-            },
-        );
+        let room = self.stage(data.map_or(0, |d| d.len() as u64))?;
+        room.copy_from_slice(data.unwrap_or_default());
+        self.commit(disk, offset, length, data.is_none());
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes of a held run at `at` in the file.
+    /// Writes every appended record to the file (not yet durable: `fdatasync` next).
+    pub(super) fn write_out(&mut self) -> Result<(), HistoryError> {
+        self.staging
+            .write_out(&self.file)
+            .map_err(io_error("append to", &self.path))
+    }
+
+    /// Makes every appended record durable.
+    pub(super) fn sync(&mut self) -> Result<(), HistoryError> {
+        self.write_out()?;
+        self.file.sync_data().map_err(io_error("sync", &self.path))
+    }
+
+    /// Reads `buf.len()` bytes of a held run at `at` in the file, or still staged.
     pub(super) fn read(&self, buf: &mut [u8], at: u64) -> Result<(), HistoryError> {
+        let written = self.staging.written_below();
+        let in_file = usize::try_from(written.saturating_sub(at))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (from_file, from_staging) = buf.split_at_mut(in_file);
         self.file
-            .read_exact_at(buf, at)
-            .map_err(io_error("read", &self.path))
+            .read_exact_at(from_file, at)
+            .map_err(io_error("read", &self.path))?;
+        if !from_staging.is_empty() && !self.staging.read(from_staging, at + in_file as u64) {
+            return Err(HistoryError::Io {
+                what: "read",
+                path: self.path.clone(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        Ok(())
     }
 }
 
