@@ -12,19 +12,11 @@ use crate::replication::lab;
 /// `len` bytes of which every 4 KiB holds 2 KiB of noise and 2 KiB of zeros, as fio's
 /// `buffer_compress_percentage=50`: no codec makes it much smaller than half.
 fn half_compressible(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 4096 < 2048 {
-                x.to_le_bytes()[3]
-            } else {
-                0
-            }
-        })
-        .collect()
+    let mut data = pseudo_random(seed, len);
+    for block in data.chunks_mut(4096) {
+        block[2048..].fill(0);
+    }
+    data
 }
 
 fn number(value: &serde_json::Value, key: &str) -> u64 {

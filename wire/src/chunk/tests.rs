@@ -274,17 +274,22 @@ fn large_writes_are_split_across_full_chunks() {
     assert_eq!(decode(&frames, 9), changes);
 }
 
-#[test]
-fn compression_is_skipped_when_it_does_not_help() {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..4096)
+/// `len` pseudo-random bytes (xorshift from `seed`): nothing compresses them.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 24) as u8
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn compression_is_skipped_when_it_does_not_help() {
+    let noise = noise(4096, 0x9e37_79b9_7f4a_7c15);
     for codec in [DEFLATE_6, ZSTD_1] {
         let frames = encode(&[Owned::Write(0, 0, noise.clone())], 1, codec);
         let header = ChunkHeader::parse(&frames[0]).unwrap();
@@ -300,15 +305,7 @@ fn compression_is_skipped_when_it_does_not_help() {
 
 #[test]
 fn large_chunks_are_compressed_only_when_a_probe_shrinks() {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let noise: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
+    let noise = noise(1 << 20, 0x2545_f491_4f6c_dd1d);
     // Noise first, text after the middle: the middle probe finds it worth it.
     let mut mixed = noise.clone();
     for (i, byte) in mixed[500 << 10..].iter_mut().enumerate() {
@@ -433,19 +430,10 @@ fn both_codec_flags_at_once_are_refused() {
 #[test]
 fn both_codecs_round_trip_full_chunks_smaller_than_stored() {
     // Half noise, half zeros per 4 KiB, as fio's 50% compressible buffers.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..5 << 20)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 4096 < 2048 {
-                (x >> 24) as u8
-            } else {
-                0
-            }
-        })
-        .collect();
+    let mut data = noise(5 << 20, 0x9e37_79b9_7f4a_7c15);
+    for block in data.chunks_mut(4096) {
+        block[2048..].fill(0);
+    }
     let changes = vec![Owned::Write(0, 0, data)];
     for codec in [DEFLATE_1, ZSTD_1, Some(Codec::Zstd { level: -1 })] {
         let frames = encode(&changes, 4, codec);
