@@ -197,8 +197,9 @@ impl Drop for Workers {
 /// Frames the chunks of one group's transfers.
 pub struct Framer {
     mode: Compression,
-    /// What the replica announced for the transfer being sent.
-    replica_decodes_zstd: bool,
+    /// Whether the replica decodes zstd, as it said in its answer to the latest
+    /// offer; `None` before the first.
+    replica_decodes_zstd: Option<bool>,
     figures: Arc<Mutex<CodecFigures>>,
     workers: Option<Workers>,
     worker_count: usize,
@@ -221,7 +222,7 @@ impl Framer {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Framer {
             mode,
-            replica_decodes_zstd: false,
+            replica_decodes_zstd: None,
             figures: Arc::default(),
             workers: None,
             worker_count: cores.clamp(1, MAX_WORKERS),
@@ -232,7 +233,10 @@ impl Framer {
 
     /// The mode, the codec in use, and what it decided last with its figures.
     pub fn status(&self) -> CompressionStatus {
-        let codec = self.mode.codec_for(self.replica_decodes_zstd);
+        // Before any answer, the configured codec: nothing was refused yet.
+        let codec = self
+            .mode
+            .codec_for(self.replica_decodes_zstd.unwrap_or(true));
         CompressionStatus {
             mode: match self.mode {
                 Compression::Off => CompressionMode::Off,
@@ -249,11 +253,18 @@ impl Framer {
     /// Takes note of what the replica decodes, from its answer to a transfer's offer.
     /// A change of codec forgets the figures of the other one.
     pub fn negotiate(&mut self, replica_decodes_zstd: bool) {
-        let before = self.mode.codec_for(self.replica_decodes_zstd);
-        self.replica_decodes_zstd = replica_decodes_zstd;
+        let before = self.codec_in_use();
+        self.replica_decodes_zstd = Some(replica_decodes_zstd);
         if self.mode.codec_for(replica_decodes_zstd) != before {
             *self.figures.lock().unwrap_or_else(PoisonError::into_inner) = CodecFigures::default();
         }
+    }
+
+    /// The codec chunks are compressed with now: zstd only once the replica said it
+    /// decodes it.
+    fn codec_in_use(&self) -> Option<Codec> {
+        self.mode
+            .codec_for(self.replica_decodes_zstd.unwrap_or(false))
     }
 
     /// Frames `chunk`: sealed here, or compressed by a worker. The slot yields the
@@ -267,7 +278,7 @@ impl Framer {
 
     /// The codec to compress the next chunk with, or `None` to store it.
     fn codec_for(&mut self, link: &LinkMeter) -> Option<Codec> {
-        let codec = self.mode.codec_for(self.replica_decodes_zstd)?;
+        let codec = self.codec_in_use()?;
         if let Compression::On(_) = self.mode {
             self.decision.compressing = true;
             return Some(codec);
@@ -489,9 +500,12 @@ mod tests {
 
     #[test]
     fn workers_frame_chunks_into_valid_frames_with_the_negotiated_codec() {
-        // Until a replica announced zstd, its chunks go as DEFLATE.
+        // Until a replica announced zstd, its chunks go as DEFLATE; status shows the
+        // configured codec until the replica answers.
         let mut framer = Framer::new(Compression::On(ZSTD_1));
+        assert_eq!(framer.status().codec, Some(BodyCodec::Zstd));
         assert_eq!(frame_through(&mut framer), [BodyCodec::Deflate; 2]);
+        framer.negotiate(false);
         let status = framer.status();
         assert_eq!(status.codec, Some(BodyCodec::Deflate));
         assert!(status.zstd_not_decoded, "{status:?}");
