@@ -7,12 +7,14 @@
 #   --runs N             repetitions; the report shows medians (default 3)
 #   --size SIZE          unique data written and shipped per measured cycle, also the
 #                        write-path image size: 1GiB, 512MiB, 128M... (default 1GiB)
-#   --kinds LIST         data kinds from: random,compressible,random-raw (random with
+#   --kinds LIST         data kinds from: random,compressible (compression on, the
+#                        default codec: zstd),compressible-deflate (compressible with
+#                        compression_codec = "deflate"),random-raw (random with
 #                        compression off),compressible-auto (compressible with
 #                        compression = "auto"),scattered (random in 4 KiB writes
 #                        scattered over a disk 4x SIZE),random-point (random with a
 #                        recovery point kept on the replica before the cycle, so its
-#                        apply captures undo data) (default: all six)
+#                        apply captures undo data) (default: all seven)
 #   --compress-pct P     fio buffer_compress_percentage of compressible data (default 50)
 #   --blkrep LABEL=PATH  a blkrep binary, with a label; repeat it to measure several
 #                        binaries interleaved in one run (--blkrep before=/tmp/blkrep-old
@@ -71,7 +73,7 @@ command_line="scripts/bench-replication.sh${*:+ $*}"
 
 runs=3
 size=1GiB
-kinds_csv=random,compressible,random-raw,compressible-auto,scattered,random-point
+kinds_csv=random,compressible,compressible-deflate,random-raw,compressible-auto,scattered,random-point
 compress_pct=50
 runtime=20
 ramp=3
@@ -151,7 +153,7 @@ fi
 (( skip_write_path && skip_shipping && skip_rpo )) && die "--skip-write-path, --skip-shipping and --skip-rpo leave nothing to do"
 IFS=, read -r -a kinds <<<"$kinds_csv"
 for k in "${kinds[@]}"; do
-    case "$k" in random|compressible|random-raw|compressible-auto|scattered|random-point) ;; *) die "unknown data kind: $k" ;; esac
+    case "$k" in random|compressible|compressible-deflate|random-raw|compressible-auto|scattered|random-point) ;; *) die "unknown data kind: $k" ;; esac
 done
 for l in "${bin_labels[@]}"; do
     [[ "$l" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--blkrep label '$l': letters, digits, . _ - only"
@@ -296,6 +298,9 @@ TOML
     local compression=true
     [[ "$kind" == random-raw ]] && compression=false
     [[ "$kind" == compressible-auto ]] && compression='"auto"'
+    # The consumer's default codec (zstd) unless the kind names one.
+    local codec=""
+    [[ "$kind" == compressible-deflate ]] && codec='compression_codec = "deflate"'
     # random-point: the replica keeps one point besides the latest, at least 1 s
     # apart, so the measured cycle overwrites blocks first changed since a point.
     local points=""
@@ -317,6 +322,7 @@ ca = "$work/pki/ca.pem"
 cert = "$work/pki/primary.bench.lab.pem"
 key = "$work/pki/primary.bench.lab.key"
 compression = $compression
+$codec
 $points
 [[group.disk]]
 name = "disk0"
@@ -357,7 +363,7 @@ TOML
         --out "$d/initial.json" || die "initial replication failed: $(last_line "$d/primary.log")"
 
     local fio_data=(--refill_buffers)
-    [[ "$kind" == compressible || "$kind" == compressible-auto ]] &&
+    [[ "$kind" == compressible* ]] &&
         fio_data+=(--buffer_compress_percentage="$compress_pct" --buffer_compress_chunk=4k)
     local fio_pattern=(--rw=write --bs=1M --iodepth=8 --size="$size_bytes")
     [[ "$kind" == scattered ]] &&

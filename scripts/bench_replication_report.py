@@ -37,12 +37,17 @@ GIB = 1 << 30
 KINDS = {
     "random": ("incompressible", "fio `refill_buffers` (fresh pseudo-random data per write)"),
     "compressible": ("compressible", "fio `refill_buffers`, `buffer_compress_percentage={pct}`, "
-                                     "`buffer_compress_chunk=4k`"),
+                                     "`buffer_compress_chunk=4k`; compression on with the "
+                                     "default codec (zstd at its default level)"),
+    "compressible-deflate": ("compressible, DEFLATE",
+                             "as compressible, with `compression_codec = \"deflate\"` "
+                             "(level 1) in the consumer"),
     "random-raw": ("incompressible, compression off",
                    "as incompressible, with `compression = \"off\"` in the consumer"),
     "compressible-auto": ("compressible, compression auto",
                           "as compressible, with `compression = \"auto\"` (the default): "
-                          "DEFLATE only while the link is slower than the codec"),
+                          "the default codec (zstd) only while the link is slower than "
+                          "the codec"),
     "scattered": ("scattered 4 KiB, incompressible",
                   "as incompressible, written as 4 KiB random writes (fio `randwrite`, QD32, "
                   "its random map: no block twice) over a disk 4 times the cycle's size"),
@@ -270,9 +275,10 @@ def shipping_targets(shipping: dict, title: str) -> list[str]:
             lines.append(f"- {verdict(ok(v))} {title}{desc}: {v:,.2f} {limit}")
 
     check("incompressible ship MiB/s", med("random", "ship_mibps"), lambda v: v >= 500, "≥ 500")
-    check("compressible ship MiB/s", med("compressible", "ship_mibps"),
+    # The compressible goal is judged on the default codec (kind `compressible`).
+    check("compressible ship MiB/s (default codec)", med("compressible", "ship_mibps"),
           lambda v: v >= 400, "≥ 400")
-    check("compressible network / data", med("compressible", "network_ratio"),
+    check("compressible network / data (default codec)", med("compressible", "network_ratio"),
           lambda v: v <= 0.55, "≤ 0.55")
     check("apply MiB/s, no point kept (incompressible)",
           med("random", "apply_mibps"), lambda v: v >= 1024, "≥ 1024")

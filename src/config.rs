@@ -347,13 +347,17 @@ pub struct ReplicaConsumer {
     pub psk_file: Option<PathBuf>,
     /// Lab mode: the identity the replica server authorises.
     pub identity: Option<String>,
-    /// Compress chunks (DEFLATE): `"auto"` (when the link is slower than the
-    /// compressor), `"on"` (`true`) or `"off"` (`false`).
+    /// Compress chunks: `"auto"` (when the link is slower than the compressor),
+    /// `"on"` (`true`) or `"off"` (`false`).
     #[serde(default)]
     pub compression: CompressionSetting,
-    /// DEFLATE level 1 (fastest) to 9 (smallest).
-    #[serde(default = "default_compression_level")]
-    pub compression_level: u32,
+    /// The codec: `"zstd"` (used when the replica decodes it, DEFLATE otherwise) or
+    /// `"deflate"`.
+    #[serde(default)]
+    pub compression_codec: CompressionCodec,
+    /// The codec's level: zstd 1 to 19 or a fast level -1 to -7 (default
+    /// [`DEFAULT_ZSTD_LEVEL`]); DEFLATE 1 (fastest) to 9 (smallest) (default 1).
+    pub compression_level: Option<i32>,
     /// Multiplies the retry delays (1.0 = 1, 2, 4, 8, 10 then 30 minutes).
     #[serde(default = "default_retry_scale")]
     pub retry_scale: f64,
@@ -434,20 +438,65 @@ impl TryFrom<CompressionWord> for CompressionSetting {
     }
 }
 
-impl ReplicaConsumer {
-    /// How the shipping pipeline compresses this group's chunks.
-    pub fn compression(&self) -> shipper::pipeline::compress::Compression {
-        use shipper::pipeline::compress::Compression;
-        match self.compression {
-            CompressionSetting::Auto => Compression::Auto(self.compression_level),
-            CompressionSetting::On => Compression::On(self.compression_level),
-            CompressionSetting::Off => Compression::Off,
+/// Which codec compresses a group's chunks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionCodec {
+    /// zstd (RFC 8878), when the replica decodes it.
+    #[default]
+    Zstd,
+    /// DEFLATE (RFC 1951), which every replica decodes.
+    Deflate,
+}
+
+/// zstd's level unless configured. Measured on 64 MiB in 2 MiB blocks: on fio's
+/// 50%-compressible buffers -1 ran 1.8 times as fast as level 1 at the same ratio
+/// (0.504); on executables as fast, at 0.299 against 0.275. Replication shares the
+/// host's cores with its VMs, so the fast level.
+pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
+/// DEFLATE's level unless configured.
+pub const DEFAULT_DEFLATE_LEVEL: i32 = 1;
+
+impl CompressionCodec {
+    /// The levels it takes, for validation and its message.
+    pub fn levels(self) -> (&'static [std::ops::RangeInclusive<i32>], &'static str) {
+        match self {
+            Self::Zstd => (
+                &[-7..=-1, 1..=19],
+                "zstd levels are 1 to 19 and the fast levels -1 to -7",
+            ),
+            Self::Deflate => (&[1..=9], "DEFLATE levels are 1 to 9"),
         }
     }
 }
 
-fn default_compression_level() -> u32 {
-    1
+impl ReplicaConsumer {
+    /// The codec and its level; the level as configured, which validation checks.
+    pub fn codec(&self) -> wire::chunk::Codec {
+        use wire::chunk::Codec;
+        match self.compression_codec {
+            CompressionCodec::Zstd => Codec::Zstd {
+                level: self.compression_level.unwrap_or(DEFAULT_ZSTD_LEVEL),
+            },
+            CompressionCodec::Deflate => Codec::Deflate {
+                level: self
+                    .compression_level
+                    .unwrap_or(DEFAULT_DEFLATE_LEVEL)
+                    .clamp(1, 9)
+                    .unsigned_abs(),
+            },
+        }
+    }
+
+    /// How the shipping pipeline compresses this group's chunks.
+    pub fn compression(&self) -> shipper::pipeline::compress::Compression {
+        use shipper::pipeline::compress::Compression;
+        match self.compression {
+            CompressionSetting::Auto => Compression::Auto(self.codec()),
+            CompressionSetting::On => Compression::On(self.codec()),
+            CompressionSetting::Off => Compression::Off,
+        }
+    }
 }
 
 fn default_request_timeout() -> Interval {

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use shipper::pipeline::compress::{CompressionMode, CompressionStatus};
 use shipper::{AppConsistentReport, ReplicationState, ShipperStatus};
+use wire::chunk::BodyCodec;
 
 /// The whole daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,10 +247,18 @@ pub fn human_lag(ms: u64) -> String {
 /// How a consumer compresses: the mode and, in `auto`, what it decided and why.
 fn compression_line(compression: &CompressionStatus) -> String {
     let mode = compression.mode;
+    // Older daemons name no codec: theirs was DEFLATE.
+    let codec = match compression.codec.unwrap_or(BodyCodec::Deflate) {
+        BodyCodec::Zstd => "zstd",
+        BodyCodec::Deflate | BodyCodec::Stored => "DEFLATE",
+    };
     let level = compression
         .level
-        .map(|level| format!(", DEFLATE level {level}"));
+        .map(|level| format!(", {codec} level {level}"));
     let mut line = format!("{mode}{}", level.unwrap_or_default());
+    if compression.zstd_not_decoded {
+        line.push_str(" (the replica does not decode zstd)");
+    }
     if mode == CompressionMode::Auto {
         let decision = &compression.decision;
         let doing = if decision.compressing {
@@ -261,8 +270,8 @@ fn compression_line(compression: &CompressionStatus) -> String {
         if let Some(link) = decision.link_bytes_per_sec {
             figures.push(format!("link {}/s", human_bytes(link)));
         }
-        if let Some(codec) = decision.codec_bytes_per_sec {
-            figures.push(format!("DEFLATE {}/s per worker", human_bytes(codec)));
+        if let Some(rate) = decision.codec_bytes_per_sec {
+            figures.push(format!("{codec} {}/s per worker", human_bytes(rate)));
         }
         if let Some(ratio) = decision.ratio_per_mille {
             figures.push(format!("ratio {}.{:03}", ratio / 1000, ratio % 1000));
@@ -446,6 +455,22 @@ mod tests {
         assert!(line.contains("per worker, ratio 0.512)"), "{line}");
         let off = serde_json::json!({"mode": "off", "level": null, "compressing": false});
         assert_eq!(compression_line(&typed(off)), "off");
+        let zstd = serde_json::json!({
+            "mode": "auto", "codec": "zstd", "level": -1, "compressing": true,
+            "codec_bytes_per_sec": 524_288_000, "ratio_per_mille": 505
+        });
+        let line = compression_line(&typed(zstd));
+        assert!(
+            line.starts_with("auto, zstd level -1: compressing (zstd 500.0 MiB/s per worker"),
+            "{line}"
+        );
+        let fallback = serde_json::json!({
+            "mode": "on", "codec": "deflate", "level": 3, "zstd_not_decoded": true
+        });
+        assert_eq!(
+            compression_line(&typed(fallback)),
+            "on, DEFLATE level 3 (the replica does not decode zstd)"
+        );
     }
 
     #[test]

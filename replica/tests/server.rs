@@ -15,7 +15,7 @@ use replica::server::{
 use replica::store::Replica;
 use tracker::{Change, ChangeData};
 use wire::api::*;
-use wire::chunk::{ChunkEncoder, RawChunk, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
+use wire::chunk::{BodyCodec, ChunkEncoder, Codec, RawChunk, MAX_CHUNK_RAW, RECORD_HEADER_LEN};
 use wire::tls::{client_config, server_config, NamePattern, TlsFiles};
 
 const MIB: u64 = 1 << 20;
@@ -167,13 +167,13 @@ fn offered_bytes(changes: &[Change<'_>]) -> u64 {
     data + headers * RECORD_HEADER_LEN as u64
 }
 
-/// Chunk frames carrying `changes` as transfer `id`.
+/// Chunk frames carrying `changes` as transfer `id`, zstd-compressed where that pays.
 fn frames_of(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     let mut encoder = ChunkEncoder::new(id);
     let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
         let mut frame = Vec::new();
-        raw.frame_into(Some(6), &mut frame);
+        raw.frame_into(Some(Codec::Zstd { level: 3 }), &mut frame);
         frames.push(frame);
         Ok(())
     };
@@ -206,6 +206,8 @@ fn send_transfer_to(
         .into_json()
         .unwrap();
     assert!(!answer.committed);
+    // The server announces zstd, which these frames use.
+    assert!(answer.decodes(BodyCodec::Zstd), "{answer:?}");
     let frames = frames_of(id, changes);
     for (index, frame) in frames.iter().enumerate() {
         agent

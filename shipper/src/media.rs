@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tracker::Change;
 use wire::api::{DiskInfo, Position, TransferKind};
-use wire::chunk::{ChunkEncoder, RawChunk};
+use wire::chunk::{ChunkEncoder, Codec, RawChunk};
 use wire::media::{read_manifest, transfer_file, Manifest, MediaTransfer, FORMAT, MANIFEST_FILE};
 
 use crate::resync::Cursor;
@@ -35,7 +35,7 @@ struct Writing {
 pub struct MediaExport {
     dir: PathBuf,
     manifest: Manifest,
-    compression: Option<u32>,
+    compression: Option<Codec>,
     writing: Option<Writing>,
     frame: Vec<u8>,
 }
@@ -57,7 +57,7 @@ impl MediaExport {
         relationship: u64,
         primary_host: &str,
         disks: Vec<DiskInfo>,
-        compression: Option<u32>,
+        compression: Option<Codec>,
     ) -> Result<Self, SinkError> {
         fs::create_dir_all(dir).map_err(failed(dir))?;
         let path = dir.join(MANIFEST_FILE);
@@ -116,7 +116,7 @@ impl MediaExport {
 
     fn write_chunk(
         frame: &mut Vec<u8>,
-        compression: Option<u32>,
+        compression: Option<Codec>,
         writing: &mut Writing,
         chunk: &RawChunk<'_>,
     ) -> Result<(), SinkError> {

@@ -1,5 +1,7 @@
 use std::path::Path;
 
+use wire::chunk::Codec;
+
 use super::*;
 use proptest::prelude::*;
 
@@ -136,18 +138,84 @@ fn replica_consumers_need_credentials_that_exist() {
         error.contains("compression is \"auto\", \"on\" or \"off\""),
         "{error}"
     );
-    let bad = "[group.consumer]\ntype = \"replica\"\nurl = \"http://replica:8443\"\nca = \"/nonexistent/ca.pem\"\ncompression_level = 12\nretry_scale = 0.0\nstart_at = \"tomorrow\"";
+    let bad = "[group.consumer]\ntype = \"replica\"\nurl = \"http://replica:8443\"\nca = \"/nonexistent/ca.pem\"\ncompression_level = 0\nretry_scale = 0.0\nstart_at = \"tomorrow\"";
     let error = PrimaryConfig::parse(&sample(image.path(), bad), Path::new("x"))
         .unwrap_err()
         .to_string();
     for expected in [
         "needs psk_file and identity",
         "/nonexistent/ca.pem is not a readable file",
-        "compression_level is 1 to 9",
+        "compression_level 0: zstd levels are 1 to 19 and the fast levels -1 to -7",
         "retry_scale must be above 0",
         "start_at \"tomorrow\"",
     ] {
         assert!(error.contains(expected), "{expected}: {error}");
+    }
+}
+
+#[test]
+fn the_codec_defaults_to_zstd_and_each_codec_takes_its_own_levels() {
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let pem = tempfile::NamedTempFile::new().unwrap();
+    let pem = pem.path().display();
+    let consumer = format!(
+        "[group.consumer]\ntype = \"replica\"\nurl = \"https://replica:8443\"\nca = \"{pem}\"\ncert = \"{pem}\"\nkey = \"{pem}\"\n"
+    );
+    let codec_of = |extra: &str| {
+        let text = sample(image.path(), &format!("{consumer}{extra}"));
+        PrimaryConfig::parse(&text, Path::new("x")).map(|config| {
+            let Some(ConsumerConfig::Replica(replica)) = &config.groups[0].consumer else {
+                panic!("not a replica consumer");
+            };
+            replica.compression().codec()
+        })
+    };
+    let zstd = |level| Some(Codec::Zstd { level });
+    let deflate = |level| Some(Codec::Deflate { level });
+    assert_eq!(codec_of("").unwrap(), zstd(DEFAULT_ZSTD_LEVEL));
+    for (extra, meant) in [
+        ("compression_level = 19", zstd(19)),
+        ("compression_level = -7", zstd(-7)),
+        (
+            "compression_codec = \"zstd\"\ncompression_level = 3",
+            zstd(3),
+        ),
+        ("compression_codec = \"deflate\"", deflate(1)),
+        (
+            "compression_codec = \"deflate\"\ncompression_level = 9",
+            deflate(9),
+        ),
+        (
+            "compression = \"off\"\ncompression_codec = \"deflate\"",
+            None,
+        ),
+    ] {
+        assert_eq!(codec_of(extra).unwrap(), meant, "{extra}");
+    }
+    for (extra, expected) in [
+        (
+            "compression_level = 20",
+            "compression_level 20: zstd levels are 1 to 19",
+        ),
+        (
+            "compression_level = -8",
+            "compression_level -8: zstd levels",
+        ),
+        (
+            "compression_codec = \"deflate\"\ncompression_level = 12",
+            "compression_level 12: DEFLATE levels are 1 to 9",
+        ),
+        (
+            "compression_codec = \"deflate\"\ncompression_level = -1",
+            "compression_level -1: DEFLATE levels are 1 to 9",
+        ),
+        (
+            "compression_codec = \"lz4\"",
+            "unknown variant `lz4`, expected `zstd` or `deflate`",
+        ),
+    ] {
+        let error = codec_of(extra).unwrap_err().to_string();
+        assert!(error.contains(expected), "{extra}: {error}");
     }
 }
 

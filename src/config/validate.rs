@@ -206,8 +206,12 @@ impl ReplicaConsumer {
         if let Some(Err(error)) = self.psk_file.as_deref().map(crate::key_files::read_psk) {
             problems.push(format!("{at} psk_file: {}", wire::error_chain(&error)));
         }
-        if !(1..=9).contains(&self.compression_level) {
-            problems.push(format!("{at}: compression_level is 1 to 9"));
+        let (levels, said) = self.compression_codec.levels();
+        if let Some(level) = self
+            .compression_level
+            .filter(|level| !levels.iter().any(|range| range.contains(level)))
+        {
+            problems.push(format!("{at}: compression_level {level}: {said}"));
         }
         if !(self.retry_scale > 0.0 && self.retry_scale <= 100.0) {
             problems.push(format!("{at}: retry_scale must be above 0 and at most 100"));

@@ -199,8 +199,9 @@ pub(super) fn replica_sink(
         fresh_ring,
         start_after_unix,
         initial: replica.initial_replication,
-        // Media has no link to measure: compressed unless turned off.
-        compression: replica.compression().level(),
+        // Media has no link to measure: compressed unless turned off. Nor a replica
+        // to ask what it decodes: DEFLATE, which every replica imports.
+        compression: replica.compression().codec_for(false),
         recovery: replica.recovery(),
         epoch,
     };

@@ -7,6 +7,7 @@
 
 mod app_consistent;
 mod cli;
+mod compression;
 mod conformance_clients;
 mod crash_recovery;
 mod cycle_consistency;

@@ -37,7 +37,7 @@ fn qemu_io_write(p: &Primary, disk: &str, pattern: u8, offset: u64, len: u64) {
 }
 
 /// A lab CA and a replica server authorising dc1, with no reserve.
-fn lab() -> (tempfile::TempDir, LabCerts, Replica) {
+pub(crate) fn lab() -> (tempfile::TempDir, LabCerts, Replica) {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = certs(dir.path());
     let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
@@ -117,8 +117,10 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
         status["rpo"]["max_ms"].as_u64().unwrap_or(0) > 0,
         "{status:#}"
     );
-    // Compression is automatic unless configured otherwise.
+    // Compression is automatic unless configured otherwise, with zstd, which the
+    // replica announced it decodes.
     assert_eq!(status["compression"]["mode"], "auto", "{status:#}");
+    assert_eq!(status["compression"]["codec"], "zstd", "{status:#}");
     // The text status names state, health, lag and compression.
     let text = run_ok(
         Command::new(bin())
@@ -130,7 +132,7 @@ fn replicates_over_mutual_tls_and_every_applied_cycle_matches_the_primary() {
         "replication: replicating",
         "health:    Normal",
         "behind",
-        "compression: auto",
+        "compression: auto, zstd level",
     ] {
         assert!(
             text.stdout.contains(expected),

@@ -10,7 +10,8 @@
 //!   (or returns it if it exists with the same disks).
 //! - `GET /v1/replicas/{name}` → [`ReplicaInfo`]. `DELETE` removes it.
 //! - `POST /v1/replicas/{name}/transfers`: [`TransferOffer`] → [`TransferAnswer`]; before
-//!   any data: which chunks of this transfer the replica already holds.
+//!   any data: which chunks of this transfer the replica already holds, and which
+//!   compressed chunk bodies it decodes.
 //! - `POST /v1/replicas/{name}/transfers/{id}/commit`: [`CommitRequest`] →
 //!   [`ReplicaInfo`]; answered once the transfer is durable on the replica.
 //! - `POST /v1/replicas/{name}/failover`: [`FailoverRequest`] → [`ReplicaInfo`];
@@ -30,6 +31,8 @@
 //! - `GET /v1/echo`: keep-alive.
 
 use serde::{Deserialize, Serialize};
+
+use crate::chunk::{BodyCodec, DECODED_CODECS};
 
 /// Path prefix of every API request.
 pub const API_PREFIX: &str = "/v1";
@@ -276,7 +279,7 @@ pub struct Position {
 }
 
 /// The replica's answer to an offer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferAnswer {
     /// Chunks of this transfer already stored: send from this index on.
     pub have_chunks: u32,
@@ -287,6 +290,33 @@ pub struct TransferAnswer {
     /// primary that lost its own account (it restarted) continues from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<Position>,
+    /// The compressed chunk bodies the replica decodes, by name
+    /// ([`BodyCodec::name`]): what the primary may send in this transfer. Names it
+    /// does not know are ignored; older replicas leave the list out, and every
+    /// replica decodes DEFLATE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codecs: Vec<String>,
+}
+
+impl TransferAnswer {
+    /// The answer announcing every body codec this build decodes.
+    pub fn announcing_codecs(self) -> Self {
+        TransferAnswer {
+            codecs: DECODED_CODECS
+                .iter()
+                .map(|codec| codec.name().to_string())
+                .collect(),
+            ..self
+        }
+    }
+
+    /// Whether the replica decodes chunk bodies of `codec`.
+    pub fn decodes(&self, codec: BodyCodec) -> bool {
+        match codec {
+            BodyCodec::Stored | BodyCodec::Deflate => true,
+            BodyCodec::Zstd => self.codecs.iter().any(|name| name == codec.name()),
+        }
+    }
 }
 
 /// Planned failover: the primary shipped every change up to `cycle`, refuses writes,
@@ -467,6 +497,7 @@ pub struct ErrorBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -489,5 +520,42 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_announces_zstd_and_one_without_the_list_gets_deflate() {
+        let store = TransferAnswer {
+            have_chunks: 3,
+            committed: false,
+            resume_from: None,
+            codecs: Vec::new(),
+        };
+        let sent = serde_json::to_string(&store.clone().announcing_codecs()).unwrap();
+        let read: TransferAnswer = serde_json::from_str(&sent).unwrap();
+        assert!(read.decodes(BodyCodec::Zstd) && read.decodes(BodyCodec::Deflate));
+        assert_eq!(read.have_chunks, 3);
+        // An older replica's answer has no list: DEFLATE only.
+        let older: TransferAnswer =
+            serde_json::from_str(r#"{"have_chunks":0,"committed":false}"#).unwrap();
+        assert!(older.decodes(BodyCodec::Deflate) && !older.decodes(BodyCodec::Zstd));
+        // Names from later versions are ignored, not refused.
+        let later: TransferAnswer = serde_json::from_str(
+            r#"{"have_chunks":0,"committed":false,"codecs":["deflate","lz9"]}"#,
+        )
+        .unwrap();
+        assert!(!later.decodes(BodyCodec::Zstd));
+        // An older primary reads the new answer: the list is one field more.
+        #[derive(Deserialize)]
+        struct OlderAnswer {
+            have_chunks: u32,
+            committed: bool,
+        }
+        let older_reader: OlderAnswer = serde_json::from_str(&sent).unwrap();
+        assert_eq!(
+            (older_reader.have_chunks, older_reader.committed),
+            (3, false)
+        );
+        // Without codecs to announce, the field stays off the wire as before.
+        assert!(!serde_json::to_string(&store).unwrap().contains("codecs"));
     }
 }

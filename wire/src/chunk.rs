@@ -12,7 +12,7 @@
 //! |---:|---:|---|
 //! | 0 | 4 | magic `BRXC` |
 //! | 4 | 1 | version, 1 |
-//! | 5 | 1 | flags: bit 0 = body is a raw DEFLATE stream; other bits 0 |
+//! | 5 | 1 | flags: bit 0 = body is a raw DEFLATE stream (RFC 1951); bit 1 = body is one zstd frame (RFC 8878); never both; other bits 0 |
 //! | 6 | 2 | 0 |
 //! | 8 | 8 | transfer id |
 //! | 16 | 4 | chunk index |
@@ -32,17 +32,22 @@
 //! | 16 | 8 | length in bytes (> 0) |
 //! | 24 | length | data, for writes only |
 //!
+//! A compressed body must decompress to exactly the record bytes. A replica
+//! announces which compressed bodies it decodes ([`crate::api::TransferAnswer`]); a
+//! primary sends zstd only to one that announced it (older replicas know only
+//! DEFLATE).
+//!
 //! Decoding trusts nothing: the header is checked before the body is read, the body's
 //! size before anything is allocated, and decompression never produces more than the
-//! declared record bytes. Ranges are checked against the disks by the applier.
+//! declared record bytes ([`codec`]). Ranges are checked against the disks by the
+//! applier.
 
-use std::io::{Read, Write};
+pub mod codec;
 
-use flate2::read::DeflateDecoder;
-use flate2::write::DeflateEncoder;
-use flate2::Compression;
 use thiserror::Error;
 use tracker::{Change, ChangeData};
+
+pub use codec::{BodyCodec, Codec, DECODED_CODECS};
 
 /// Frame magic.
 pub const CHUNK_MAGIC: [u8; 4] = *b"BRXC";
@@ -52,13 +57,16 @@ pub const CHUNK_VERSION: u8 = 1;
 pub const CHUNK_HEADER_LEN: usize = 32;
 /// Most record bytes in one chunk: 2 MiB.
 pub const MAX_CHUNK_RAW: u32 = 2 << 20;
-/// Most body bytes: DEFLATE's worst case for 2 MiB is 5 bytes per 16 KiB stored block,
-/// well inside this.
+/// Most body bytes: a compressed body is smaller than its records, or not sent
+/// compressed; the margin is that of older primaries, whose DEFLATE could come out 5
+/// bytes per 16 KiB larger.
 pub const MAX_CHUNK_BODY: u32 = MAX_CHUNK_RAW + (64 << 10);
 /// Record header length.
 pub const RECORD_HEADER_LEN: usize = 24;
 /// Flag: the body is DEFLATE-compressed.
 pub const FLAG_DEFLATE: u8 = 1;
+/// Flag: the body is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 2;
 
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
@@ -129,8 +137,8 @@ pub struct ChunkHeader {
     pub transfer: u64,
     /// Index within the transfer.
     pub index: u32,
-    /// Whether the body is compressed.
-    pub deflate: bool,
+    /// What the body is.
+    pub codec: BodyCodec,
     /// Record bytes after decompression.
     pub raw_len: u32,
     /// Body bytes after the header.
@@ -168,15 +176,20 @@ impl ChunkHeader {
             return Err(ChunkError::Magic);
         }
         let (version, flags) = (bytes[4], bytes[5]);
-        if version != CHUNK_VERSION || flags & !FLAG_DEFLATE != 0 || le_u16(bytes, 6) != 0 {
+        let codec = match flags {
+            0 => BodyCodec::Stored,
+            FLAG_DEFLATE => BodyCodec::Deflate,
+            FLAG_ZSTD => BodyCodec::Zstd,
+            _ => return Err(ChunkError::Unsupported { version, flags }),
+        };
+        if version != CHUNK_VERSION || le_u16(bytes, 6) != 0 {
             return Err(ChunkError::Unsupported { version, flags });
         }
         let raw_len = le_u32(bytes, 20);
         let body_len = le_u32(bytes, 24);
-        let deflate = flags & FLAG_DEFLATE != 0;
         let sizes_ok = (1..=MAX_CHUNK_RAW).contains(&raw_len)
             && body_len <= MAX_CHUNK_BODY
-            && (deflate || body_len == raw_len);
+            && (codec != BodyCodec::Stored || body_len == raw_len);
         if !sizes_ok {
             return Err(ChunkError::Size {
                 raw: raw_len,
@@ -186,7 +199,7 @@ impl ChunkHeader {
         Ok(ChunkHeader {
             transfer: le_u64(bytes, 8),
             index: le_u32(bytes, 16),
-            deflate,
+            codec,
             raw_len,
             body_len,
             crc: le_u32(bytes, 28),
@@ -247,22 +260,15 @@ impl<'a> CheckedFrame<'a> {
     where
         'a: 's,
     {
-        let raw_len = self.header.raw_len as usize;
-        let raw: &'s [u8] = if self.header.deflate {
-            scratch.clear();
-            scratch.reserve(raw_len);
-            // One byte more than declared is read to detect a body that inflates further.
-            let limit = u64::from(self.header.raw_len) + 1;
-            DeflateDecoder::new(self.body)
-                .take(limit)
-                .read_to_end(scratch)
-                .map_err(|_| ChunkError::Decompress(self.header.raw_len))?;
-            if scratch.len() != raw_len {
-                return Err(ChunkError::Decompress(self.header.raw_len));
+        let header = &self.header;
+        let raw: &'s [u8] = match header.codec {
+            BodyCodec::Stored => self.body,
+            compressed => {
+                if !codec::decompress(compressed, self.body, header.raw_len, scratch) {
+                    return Err(ChunkError::Decompress(header.raw_len));
+                }
+                scratch
             }
-            scratch
-        } else {
-            self.body
         };
         Ok(Records { raw, at: 0 })
     }
@@ -349,62 +355,18 @@ pub struct RawChunk<'a> {
     buf: &'a mut Vec<u8>,
 }
 
-/// Bytes of a chunk compressed as a probe before the whole of it.
-const PROBE: usize = 64 << 10;
-/// A probe must shrink to this share (in percent) for the chunk to be compressed.
-const PROBE_WORTH: usize = 97;
-
-/// Whether compressing `records` at `level` is likely to pay: a probe at its start
-/// and one in its middle, and one of them must save 3%. Deflating data that does not
-/// compress (already compressed or encrypted guest data) costs more CPU than any other
-/// step of shipping, for nothing.
-fn worth_compressing(records: &[u8], level: u32) -> bool {
-    if records.len() <= 2 * PROBE {
-        return true;
-    }
-    let middle = records.len() / 2;
-    [&records[..PROBE], &records[middle..middle + PROBE]]
-        .into_iter()
-        .any(|probe| {
-            let mut encoder = DeflateEncoder::new(
-                Vec::with_capacity(probe.len()),
-                Compression::new(level.min(9)),
-            );
-            encoder
-                .write_all(probe)
-                .and_then(|()| encoder.finish())
-                .is_ok_and(|out| out.len() * 100 <= probe.len() * PROBE_WORTH)
-        })
-}
-
-/// Appends `records` DEFLATE-compressed at `level` to `out`, when probes of them
-/// compress and the whole comes out smaller. Returns whether it did; on `false`,
-/// `out` is as it was.
-fn deflate_into(records: &[u8], level: u32, out: &mut Vec<u8>) -> bool {
-    if !worth_compressing(records, level) {
-        return false;
-    }
-    let start = out.len();
-    let mut encoder = DeflateEncoder::new(&mut *out, Compression::new(level.min(9)));
-    let compressed = encoder
-        .write_all(records)
-        .and_then(|()| encoder.finish())
-        .is_ok();
-    if compressed && out.len() - start < records.len() {
-        return true;
-    }
-    out.truncate(start);
-    false
-}
-
 /// Fills in the header of the frame `frame` (header, then `body_len` body bytes),
 /// CRC included.
-fn seal(frame: &mut [u8], transfer: u64, index: u32, raw_len: usize, deflate: bool) {
+fn seal(frame: &mut [u8], transfer: u64, index: u32, raw_len: usize, codec: BodyCodec) {
     let body_len = frame.len() - CHUNK_HEADER_LEN;
     let header = &mut frame[..CHUNK_HEADER_LEN];
     header[..4].copy_from_slice(&CHUNK_MAGIC);
     header[4] = CHUNK_VERSION;
-    header[5] = if deflate { FLAG_DEFLATE } else { 0 };
+    header[5] = match codec {
+        BodyCodec::Stored => 0,
+        BodyCodec::Deflate => FLAG_DEFLATE,
+        BodyCodec::Zstd => FLAG_ZSTD,
+    };
     header[6..8].fill(0);
     header[8..16].copy_from_slice(&transfer.to_le_bytes());
     header[16..20].copy_from_slice(&index.to_le_bytes());
@@ -421,22 +383,25 @@ impl RawChunk<'_> {
         &self.buf[CHUNK_HEADER_LEN..]
     }
 
-    /// Appends the framed chunk to `out`, compressed at `level` (0-9) or stored when
-    /// `level` is `None`, when probes of it do not compress, or when compressing would
+    /// Appends the framed chunk to `out`, compressed with `codec`, or stored when
+    /// `codec` is `None`, when probes of it do not compress, or when compressing would
     /// not make it smaller.
-    pub fn frame_into(&self, level: Option<u32>, out: &mut Vec<u8>) {
+    pub fn frame_into(&self, codec: Option<Codec>, out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + CHUNK_HEADER_LEN, 0);
-        let deflate = level.is_some_and(|level| deflate_into(self.records(), level, out));
-        if !deflate {
-            out.extend_from_slice(self.records());
-        }
+        let body = match codec {
+            Some(codec) if codec::compress_into(self.records(), codec, out) => codec.body(),
+            _ => {
+                out.extend_from_slice(self.records());
+                BodyCodec::Stored
+            }
+        };
         seal(
             &mut out[start..],
             self.transfer,
             self.index,
             self.records().len(),
-            deflate,
+            body,
         );
     }
 
@@ -469,18 +434,20 @@ impl OwnedChunk {
 
     /// The framed chunk, as [`RawChunk::frame_into`] makes it: in this chunk's own
     /// buffer when it is stored (no copy), in a new one when it is compressed.
-    pub fn into_frame(self, level: Option<u32>) -> Vec<u8> {
+    pub fn into_frame(self, codec: Option<Codec>) -> Vec<u8> {
         let raw_len = self.buf.len() - CHUNK_HEADER_LEN;
-        if let Some(level) = level {
+        if let Some(codec) = codec {
             let mut compressed = Vec::with_capacity(CHUNK_HEADER_LEN + raw_len / 2);
             compressed.resize(CHUNK_HEADER_LEN, 0);
-            if deflate_into(self.records(), level, &mut compressed) {
-                seal(&mut compressed, self.transfer, self.index, raw_len, true);
+            if codec::compress_into(self.records(), codec, &mut compressed) {
+                let body = codec.body();
+                seal(&mut compressed, self.transfer, self.index, raw_len, body);
                 return compressed;
             }
         }
         let mut frame = self.buf;
-        seal(&mut frame, self.transfer, self.index, raw_len, false);
+        let stored = BodyCodec::Stored;
+        seal(&mut frame, self.transfer, self.index, raw_len, stored);
         frame
     }
 }

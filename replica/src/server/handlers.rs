@@ -94,7 +94,9 @@ pub(super) async fn route(
                 let answer = replica
                     .offer(claim, &offer)
                     .map_err(|e| store_refusal(&e))?;
-                Ok(json(StatusCode::OK, &answer))
+                // What this server decodes goes with every answer: the primary picks
+                // its codec per transfer.
+                Ok(json(StatusCode::OK, &answer.announcing_codecs()))
             })
             .await
         }

@@ -22,6 +22,7 @@ const ALREADY_COMMITTED: TransferAnswer = TransferAnswer {
     have_chunks: 0,
     committed: true,
     resume_from: None,
+    codecs: Vec::new(),
 };
 
 impl Replica {
@@ -96,6 +97,7 @@ impl Replica {
                 have_chunks: self.part_chunks,
                 committed: false,
                 resume_from: self.part_end,
+                codecs: Vec::new(),
             });
         }
         // The transfer's file, and as much again at worst for the blocks its apply
@@ -130,6 +132,7 @@ impl Replica {
             have_chunks: 0,
             committed: false,
             resume_from: None,
+            codecs: Vec::new(),
         })
     }
 

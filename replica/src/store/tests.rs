@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tracker::{Change, ChangeData};
 use wire::api::{DiskInfo, RecoveryPolicy, TransferKind, TransferOffer};
-use wire::chunk::{CheckedFrame, ChunkEncoder, RawChunk};
+use wire::chunk::{CheckedFrame, ChunkEncoder, Codec, RawChunk};
 
 use super::*;
 
@@ -45,7 +45,7 @@ fn frames(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
         let mut frame = Vec::new();
-        raw.frame_into(Some(1), &mut frame);
+        raw.frame_into(Some(Codec::Deflate { level: 1 }), &mut frame);
         out.push(frame);
         Ok(())
     };

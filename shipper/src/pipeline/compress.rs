@@ -16,6 +16,11 @@
 //! way; while it does not compress, one chunk in [`PROBE_EVERY`] is compressed all
 //! the same, so the codec's figures stay fresh.
 //!
+//! The codec is the group's (zstd unless configured otherwise) when the replica
+//! announced it decodes it in its answer to the transfer's offer
+//! ([`Framer::negotiate`]); otherwise DEFLATE, which every replica decodes, at the
+//! configured level within DEFLATE's 1-9. `auto` measures whichever is in use.
+//!
 //! Compression runs on worker threads, so a group's encoder goes on encoding while
 //! earlier chunks compress; stored chunks are sealed on the encoder's thread, which
 //! only computes their CRC. Workers start on first use and stop when the framer is
@@ -31,7 +36,7 @@ use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::warn;
-use wire::chunk::OwnedChunk;
+use wire::chunk::{BodyCodec, Codec, OwnedChunk};
 
 use super::upload::{as_f64, ready_slot, FrameSlot, LinkMeter};
 
@@ -47,19 +52,30 @@ const MAX_WORKERS: usize = 2;
 pub enum Compression {
     /// Never.
     Off,
-    /// Always, with DEFLATE at this level (1-9), except chunks whose probes do not
-    /// compress.
-    On(u32),
-    /// When the link is slower than the compressor, at this level.
-    Auto(u32),
+    /// Always, with this codec, except chunks whose probes do not compress.
+    On(Codec),
+    /// When the link is slower than the compressor, with this codec.
+    Auto(Codec),
 }
 
 impl Compression {
-    /// The DEFLATE level, when compression may be used.
-    pub fn level(self) -> Option<u32> {
+    /// The configured codec, when compression may be used.
+    pub fn codec(self) -> Option<Codec> {
         match self {
             Compression::Off => None,
-            Compression::On(level) | Compression::Auto(level) => Some(level),
+            Compression::On(codec) | Compression::Auto(codec) => Some(codec),
+        }
+    }
+
+    /// The codec, when compression may be used, for a replica that decodes zstd or
+    /// not: DEFLATE in place of zstd for one that does not, at the level nearest
+    /// the configured one.
+    pub fn codec_for(self, replica_decodes_zstd: bool) -> Option<Codec> {
+        match self.codec()? {
+            Codec::Zstd { level } if !replica_decodes_zstd => Some(Codec::Deflate {
+                level: level.clamp(1, 9).unsigned_abs(),
+            }),
+            codec => Some(codec),
         }
     }
 }
@@ -129,8 +145,14 @@ impl fmt::Display for CompressionMode {
 pub struct CompressionStatus {
     /// `off`, `on` or `auto`.
     pub mode: CompressionMode,
-    /// The DEFLATE level.
-    pub level: Option<u32>,
+    /// The codec chunks are compressed with (absent from older daemons, which knew
+    /// only DEFLATE).
+    pub codec: Option<BodyCodec>,
+    /// Its level.
+    pub level: Option<i32>,
+    /// The group is configured for zstd, but the replica did not announce it decodes
+    /// it: DEFLATE is used instead.
+    pub zstd_not_decoded: bool,
     /// What compression decided last, with its figures.
     #[serde(flatten)]
     pub decision: AutoDecision,
@@ -152,7 +174,7 @@ pub struct AutoDecision {
 
 struct Job {
     chunk: OwnedChunk,
-    level: u32,
+    codec: Codec,
     frame: oneshot::Sender<Bytes>,
 }
 
@@ -175,6 +197,9 @@ impl Drop for Workers {
 /// Frames the chunks of one group's transfers.
 pub struct Framer {
     mode: Compression,
+    /// Whether the replica decodes zstd, as it said in its answer to the latest
+    /// offer; `None` before the first.
+    replica_decodes_zstd: Option<bool>,
     figures: Arc<Mutex<CodecFigures>>,
     workers: Option<Workers>,
     worker_count: usize,
@@ -197,6 +222,7 @@ impl Framer {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Framer {
             mode,
+            replica_decodes_zstd: None,
             figures: Arc::default(),
             workers: None,
             worker_count: cores.clamp(1, MAX_WORKERS),
@@ -205,45 +231,65 @@ impl Framer {
         }
     }
 
-    /// The mode, and what it decided last with its figures.
+    /// The mode, the codec in use, and what it decided last with its figures.
     pub fn status(&self) -> CompressionStatus {
+        // Before any answer, the configured codec: nothing was refused yet.
+        let codec = self
+            .mode
+            .codec_for(self.replica_decodes_zstd.unwrap_or(true));
         CompressionStatus {
             mode: match self.mode {
                 Compression::Off => CompressionMode::Off,
                 Compression::On(_) => CompressionMode::On,
                 Compression::Auto(_) => CompressionMode::Auto,
             },
-            level: self.mode.level(),
+            codec: codec.map(Codec::body),
+            level: codec.map(Codec::level),
+            zstd_not_decoded: codec != self.mode.codec(),
             decision: self.decision,
         }
+    }
+
+    /// Takes note of what the replica decodes, from its answer to a transfer's offer.
+    /// A change of codec forgets the figures of the other one.
+    pub fn negotiate(&mut self, replica_decodes_zstd: bool) {
+        let before = self.codec_in_use();
+        self.replica_decodes_zstd = Some(replica_decodes_zstd);
+        if self.mode.codec_for(replica_decodes_zstd) != before {
+            *self.figures.lock().unwrap_or_else(PoisonError::into_inner) = CodecFigures::default();
+        }
+    }
+
+    /// The codec chunks are compressed with now: zstd only once the replica said it
+    /// decodes it.
+    fn codec_in_use(&self) -> Option<Codec> {
+        self.mode
+            .codec_for(self.replica_decodes_zstd.unwrap_or(false))
     }
 
     /// Frames `chunk`: sealed here, or compressed by a worker. The slot yields the
     /// frame.
     pub fn frame(&mut self, chunk: OwnedChunk, link: &LinkMeter) -> FrameSlot {
-        match self.level_for(link) {
+        match self.codec_for(link) {
             None => ready_slot(Bytes::from(chunk.into_frame(None))),
-            Some(level) => self.compress(chunk, level),
+            Some(codec) => self.compress(chunk, codec),
         }
     }
 
-    /// The level to compress the next chunk at, or `None` to store it.
-    fn level_for(&mut self, link: &LinkMeter) -> Option<u32> {
-        let level = match self.mode {
-            Compression::Off => return None,
-            Compression::On(level) => {
-                self.decision.compressing = true;
-                return Some(level);
-            }
-            Compression::Auto(level) => level,
-        };
-        let codec = self
+    /// The codec to compress the next chunk with, or `None` to store it.
+    fn codec_for(&mut self, link: &LinkMeter) -> Option<Codec> {
+        let codec = self.codec_in_use()?;
+        if let Compression::On(_) = self.mode {
+            self.decision.compressing = true;
+            return Some(codec);
+        }
+        let measured = self
             .figures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .rate_and_ratio();
         let link = link.bytes_per_sec();
-        let compressing = match (codec, link) {
+        let compressing = match (measured, link) {
             // Learn what the codec does first, then what the link does without it.
             (None, _) => true,
             (Some(_), None) => false,
@@ -255,8 +301,8 @@ impl Framer {
         self.decision = AutoDecision {
             compressing,
             link_bytes_per_sec: link.map(to_u64),
-            codec_bytes_per_sec: codec.map(|(rate, _)| to_u64(rate)),
-            ratio_per_mille: codec.map(|(_, ratio)| to_u64(ratio * 1000.0)),
+            codec_bytes_per_sec: measured.map(|(rate, _)| to_u64(rate)),
+            ratio_per_mille: measured.map(|(_, ratio)| to_u64(ratio * 1000.0)),
         };
         // The link is measured whichever road is taken; the codec only when used.
         self.since_probe += 1;
@@ -264,14 +310,14 @@ impl Framer {
         if probe || compressing {
             self.since_probe = 0;
         }
-        (compressing || probe).then_some(level)
+        (compressing || probe).then_some(codec)
     }
 
-    fn compress(&mut self, chunk: OwnedChunk, level: u32) -> FrameSlot {
+    fn compress(&mut self, chunk: OwnedChunk, codec: Codec) -> FrameSlot {
         let (sender, slot) = oneshot::channel();
         let job = Job {
             chunk,
-            level,
+            codec,
             frame: sender,
         };
         let job = match self.workers().and_then(|jobs| jobs.send(job).err()) {
@@ -279,8 +325,8 @@ impl Framer {
             Some(refused) => refused.into_inner(),
         };
         // No worker could be started: compress here.
-        let Job { chunk, level, .. } = job;
-        ready_slot(Bytes::from(compress_measured(&self.figures, chunk, level)))
+        let Job { chunk, codec, .. } = job;
+        ready_slot(Bytes::from(compress_measured(&self.figures, chunk, codec)))
     }
 
     /// The workers' queue, starting them on first use; `None` if no thread starts.
@@ -295,7 +341,7 @@ impl Framer {
                     .name(format!("compress-{index}"))
                     .spawn(move || {
                         for job in queue {
-                            let frame = compress_measured(&figures, job.chunk, job.level);
+                            let frame = compress_measured(&figures, job.chunk, job.codec);
                             // The upload gave up on this chunk: nothing to do.
                             let _ = job.frame.send(Bytes::from(frame));
                         }
@@ -319,11 +365,11 @@ impl Framer {
     }
 }
 
-/// Frames `chunk` compressed at `level` and adds what it took to `figures`.
-fn compress_measured(figures: &Mutex<CodecFigures>, chunk: OwnedChunk, level: u32) -> Vec<u8> {
+/// Frames `chunk` compressed with `codec` and adds what it took to `figures`.
+fn compress_measured(figures: &Mutex<CodecFigures>, chunk: OwnedChunk, codec: Codec) -> Vec<u8> {
     let raw = chunk.records().len() as u64;
     let started = Instant::now();
-    let frame = chunk.into_frame(Some(level));
+    let frame = chunk.into_frame(Some(codec));
     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     figures
         .lock()
@@ -344,6 +390,9 @@ mod tests {
 
     use super::*;
 
+    const DEFLATE_1: Codec = Codec::Deflate { level: 1 };
+    const ZSTD_1: Codec = Codec::Zstd { level: 1 };
+
     /// A framer whose codec did `rate` MiB/s at `ratio`, and a link that took
     /// `link` MiB/s.
     fn measured(mode: Compression, rate: u64, ratio: f64, link: u64) -> (Framer, LinkMeter) {
@@ -363,7 +412,7 @@ mod tests {
 
     fn compressed_of(framer: &mut Framer, meter: &LinkMeter, chunks: u32) -> u32 {
         (0..chunks)
-            .filter(|_| framer.level_for(meter).is_some())
+            .filter(|_| framer.codec_for(meter).is_some())
             .count()
             .try_into()
             .expect("count")
@@ -372,44 +421,49 @@ mod tests {
     #[test]
     fn auto_compresses_a_slow_link_and_not_a_fast_one() {
         // 1 Gb/s-ish link, DEFLATE at 200 MiB/s halving the data: compress.
-        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.5, 100);
+        let (mut framer, meter) = measured(Compression::Auto(DEFLATE_1), 200, 0.5, 100);
         assert_eq!(compressed_of(&mut framer, &meter, 64), 64);
         assert!(framer.status().decision.compressing);
         // A link faster than the codec: send raw, but keep probing the codec.
-        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.5, 800);
+        let (mut framer, meter) = measured(Compression::Auto(DEFLATE_1), 200, 0.5, 800);
         assert_eq!(compressed_of(&mut framer, &meter, 64), 64 / PROBE_EVERY);
         assert!(!framer.status().decision.compressing);
         // Data that does not compress is not worth it on any link.
-        let (mut framer, meter) = measured(Compression::Auto(1), 200, 0.99, 20);
+        let (mut framer, meter) = measured(Compression::Auto(DEFLATE_1), 200, 0.99, 20);
         assert_eq!(compressed_of(&mut framer, &meter, 32), 1);
     }
 
     #[test]
     fn auto_learns_the_codec_first_then_the_link() {
-        let mut framer = Framer::new(Compression::Auto(1));
+        let mut framer = Framer::new(Compression::Auto(DEFLATE_1));
         let meter = LinkMeter::default();
         // Nothing known: compress to learn what the codec does.
-        assert_eq!(framer.level_for(&meter), Some(1));
+        assert_eq!(framer.codec_for(&meter), Some(DEFLATE_1));
         framer
             .figures
             .lock()
             .expect("figures")
             .add(1 << 20, 1 << 19, 5_000);
         // The codec known, the link not: send raw to learn it.
-        assert_eq!(framer.level_for(&meter), None);
+        assert_eq!(framer.codec_for(&meter), None);
     }
 
     #[test]
     fn on_and_off_do_what_they_say() {
-        let (mut on, meter) = measured(Compression::On(6), 10, 0.99, 10_000);
+        let (mut on, meter) = measured(
+            Compression::On(Codec::Deflate { level: 6 }),
+            10,
+            0.99,
+            10_000,
+        );
         assert_eq!(compressed_of(&mut on, &meter, 10), 10);
         let (mut off, meter) = measured(Compression::Off, 1_000, 0.1, 1);
         assert_eq!(compressed_of(&mut off, &meter, 10), 0);
     }
 
-    #[test]
-    fn workers_frame_chunks_into_valid_frames() {
-        let mut framer = Framer::new(Compression::On(1));
+    /// Frames 3 MiB of compressible data in two chunks through `framer`'s workers
+    /// and returns each frame's body codec, checking the frames.
+    fn frame_through(framer: &mut Framer) -> Vec<BodyCodec> {
         let meter = LinkMeter::default();
         let mut encoder = wire::chunk::ChunkEncoder::new(5);
         let mut slots = Vec::new();
@@ -427,6 +481,8 @@ mod tests {
         encoder.push(&change, &mut emit).expect("push");
         encoder.finish(&mut emit).expect("finish");
         assert_eq!(slots.len(), 2);
+        let mut scratch = Vec::new();
+        let mut codecs = Vec::new();
         for (index, slot) in slots.into_iter().enumerate() {
             let frame = slot.blocking_recv().expect("framed");
             let checked = wire::chunk::CheckedFrame::check(&frame).expect("valid");
@@ -434,7 +490,60 @@ mod tests {
                 .header
                 .expect(5, u32::try_from(index).expect("index"))
                 .expect("in order");
-            assert!(checked.header.deflate, "repeated bytes compress");
+            let records = checked.records(&mut scratch).expect("decodes");
+            let written: u64 = records.map(|record| record.expect("a record").length).sum();
+            assert!(written > 0);
+            codecs.push(checked.header.codec);
         }
+        codecs
+    }
+
+    #[test]
+    fn workers_frame_chunks_into_valid_frames_with_the_negotiated_codec() {
+        // Until a replica announced zstd, its chunks go as DEFLATE; status shows the
+        // configured codec until the replica answers.
+        let mut framer = Framer::new(Compression::On(ZSTD_1));
+        assert_eq!(framer.status().codec, Some(BodyCodec::Zstd));
+        assert_eq!(frame_through(&mut framer), [BodyCodec::Deflate; 2]);
+        framer.negotiate(false);
+        let status = framer.status();
+        assert_eq!(status.codec, Some(BodyCodec::Deflate));
+        assert!(status.zstd_not_decoded, "{status:?}");
+        framer.negotiate(true);
+        assert_eq!(frame_through(&mut framer), [BodyCodec::Zstd; 2]);
+        let status = framer.status();
+        assert_eq!(
+            (status.codec, status.level),
+            (Some(BodyCodec::Zstd), Some(1))
+        );
+        assert!(!status.zstd_not_decoded, "{status:?}");
+        // A replica that stops announcing it (an older one in its place) gets DEFLATE.
+        framer.negotiate(false);
+        assert_eq!(frame_through(&mut framer), [BodyCodec::Deflate; 2]);
+        // Configured for DEFLATE, DEFLATE it is either way.
+        let mut framer = Framer::new(Compression::On(DEFLATE_1));
+        framer.negotiate(true);
+        assert_eq!(frame_through(&mut framer), [BodyCodec::Deflate; 2]);
+        assert!(!framer.status().zstd_not_decoded);
+    }
+
+    #[test]
+    fn a_zstd_level_falls_back_to_the_nearest_deflate_level() {
+        let fallback = |level| Compression::Auto(Codec::Zstd { level }).codec_for(false);
+        assert_eq!(fallback(3), Some(Codec::Deflate { level: 3 }));
+        assert_eq!(fallback(19), Some(Codec::Deflate { level: 9 }));
+        assert_eq!(fallback(-5), Some(DEFLATE_1));
+        assert_eq!(Compression::Off.codec_for(true), None);
+    }
+
+    #[test]
+    fn a_change_of_codec_forgets_the_old_codec_s_figures() {
+        // Figures of DEFLATE (in use until the replica announces zstd) that say: send raw.
+        let (mut framer, meter) = measured(Compression::Auto(ZSTD_1), 200, 0.5, 800);
+        assert_eq!(framer.codec_for(&meter), None);
+        framer.negotiate(true);
+        // zstd's figures are unknown: it is measured first.
+        assert_eq!(framer.codec_for(&meter), Some(ZSTD_1));
+        assert_eq!(framer.status().decision.codec_bytes_per_sec, None);
     }
 }

@@ -6,7 +6,7 @@
 //!    packed into chunk buffers ([`wire::chunk::ChunkEncoder`]). This is the one copy
 //!    of the data the primary makes.
 //! 2. **Frame** ([`compress`]): a chunk is sealed (header and CRC) in its own buffer,
-//!    or DEFLATE-compressed into a new one by a compression worker. Whether to
+//!    or compressed (zstd or DEFLATE) into a new one by a compression worker. Whether to
 //!    compress is decided per chunk by [`compress::Compression`]; in `auto` mode by
 //!    measuring whether it makes the transfer faster.
 //! 3. **Upload** ([`upload`]): the frames of a transfer go to the replica in chunk

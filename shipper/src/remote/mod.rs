@@ -5,6 +5,10 @@
 //! HTTP API; [`relationship`] is the primary's durable record of the relationship;
 //! [`throttle`] limits bandwidth.
 //!
+//! Codecs: the replica's answer to each offer says which compressed chunk bodies it
+//! decodes, and the transfer's chunks are compressed accordingly
+//! ([`Framer::negotiate`]).
+//!
 //! Resuming: `begin` offers the transfer and learns how many chunks the replica holds;
 //! those chunks are encoded again (the records decide chunk boundaries) but neither
 //! framed, compressed nor sent, so an interrupted transfer costs at most the chunks in
@@ -23,7 +27,7 @@ use wire::api::{
     ByteRange, CommitRequest, EnableRequest, FailoverRequest, HashAnswer, HashRequest, ReplicaInfo,
     TransferAnswer, TransferKind, TransferOffer,
 };
-use wire::chunk::{ChunkEncoder, RawChunk};
+use wire::chunk::{BodyCodec, ChunkEncoder, RawChunk};
 
 use client::Upload;
 
@@ -204,6 +208,7 @@ impl CycleSink for RemoteSink {
             .client
             .control(Method::POST, &path, Some(&offer))
             .map_err(|error| self.remote(error))?;
+        self.framer.negotiate(answer.decodes(BodyCodec::Zstd));
         self.sending = Some(Sending {
             encoder: ChunkEncoder::new(id),
             skip_below: answer.have_chunks,

@@ -179,8 +179,8 @@ pub struct ReplicationSetup {
     pub start_after_unix: Option<u64>,
     /// Where the initial copy comes from.
     pub initial: InitialMethod,
-    /// DEFLATE level of exported chunks, `None` for none.
-    pub compression: Option<u32>,
+    /// Codec of exported chunks, `None` for none.
+    pub compression: Option<wire::chunk::Codec>,
     /// Recovery history to ask the replica for (sent when replication is enabled and
     /// once after each start, so a changed setting reaches an existing replica).
     pub recovery: Option<wire::api::RecoveryPolicy>,

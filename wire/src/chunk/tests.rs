@@ -45,15 +45,19 @@ impl Owned {
     }
 }
 
-fn encode(changes: &[Owned], transfer: u64, level: Option<u32>) -> Vec<Vec<u8>> {
+const DEFLATE_6: Option<Codec> = Some(Codec::Deflate { level: 6 });
+const DEFLATE_1: Option<Codec> = Some(Codec::Deflate { level: 1 });
+const ZSTD_1: Option<Codec> = Some(Codec::Zstd { level: 1 });
+
+fn encode(changes: &[Owned], transfer: u64, codec: Option<Codec>) -> Vec<Vec<u8>> {
     let mut encoder = ChunkEncoder::new(transfer);
     let mut frames = Vec::new();
     let mut emit = |raw: RawChunk<'_>| -> Result<(), ()> {
         assert!(raw.records().len() <= MAX_CHUNK_RAW as usize);
         let mut frame = Vec::new();
-        raw.frame_into(level, &mut frame);
+        raw.frame_into(codec, &mut frame);
         // Framing in place (taking the encoder's buffer) gives the same bytes.
-        assert_eq!(raw.into_owned().into_frame(level), frame);
+        assert_eq!(raw.into_owned().into_frame(codec), frame);
         frames.push(frame);
         Ok(())
     };
@@ -100,16 +104,39 @@ fn change_strategy() -> impl Strategy<Value = Owned> {
     ]
 }
 
+/// No compression, or either codec at any level it takes.
+fn codec_strategy() -> impl Strategy<Value = Option<Codec>> {
+    prop_oneof![
+        Just(None),
+        (1u32..10).prop_map(|level| Some(Codec::Deflate { level })),
+        (-7i32..20).prop_map(|level| Some(Codec::Zstd { level })),
+    ]
+}
+
+/// A frame of `body` under a well-formed header with a correct CRC.
+fn frame_of(flags: u8, raw_len: u32, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8; CHUNK_HEADER_LEN];
+    frame[..4].copy_from_slice(&CHUNK_MAGIC);
+    frame[4] = CHUNK_VERSION;
+    frame[5] = flags;
+    frame[20..24].copy_from_slice(&raw_len.to_le_bytes());
+    frame[24..28].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(body);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..28]), &frame[CHUNK_HEADER_LEN..]);
+    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+    frame
+}
+
 proptest! {
     #[test]
     fn changes_round_trip(changes in prop::collection::vec(change_strategy(), 0..40),
-                          level in prop::option::of(0u32..10)) {
+                          codec in codec_strategy()) {
         // Adjacent writes would be joined by `decode`; space them out.
         let changes: Vec<Owned> = changes.into_iter().enumerate().map(|(i, c)| match c {
             Owned::Write(d, _, data) => Owned::Write(d, (i as u64) << 32, data),
             other => other,
         }).collect();
-        let frames = encode(&changes, 7, level);
+        let frames = encode(&changes, 7, codec);
         prop_assert_eq!(decode(&frames, 7), changes);
     }
 
@@ -156,8 +183,42 @@ proptest! {
     }
 
     #[test]
-    fn every_corrupted_byte_is_detected(at in 0usize..2000, flip in 1u8..=255) {
-        let frames = encode(&[Owned::Write(1, 4096, vec![0x5a; 1500]), Owned::Trim(0, 0, 1 << 20)], 3, Some(6));
+    fn headers_parse_to_their_codec_or_are_refused(
+        flags in any::<u8>(),
+        version in prop_oneof![Just(CHUNK_VERSION), any::<u8>()],
+        raw_len in prop_oneof![1u32..=MAX_CHUNK_RAW, any::<u32>()],
+        body_len in prop_oneof![1u32..=MAX_CHUNK_BODY, any::<u32>()],
+    ) {
+        let mut header = frame_of(flags, raw_len, &[]);
+        header[4] = version;
+        header[24..28].copy_from_slice(&body_len.to_le_bytes());
+        let codec = match flags {
+            0 => Some(BodyCodec::Stored),
+            FLAG_DEFLATE => Some(BodyCodec::Deflate),
+            FLAG_ZSTD => Some(BodyCodec::Zstd),
+            _ => None,
+        };
+        let sizes_ok = (1..=MAX_CHUNK_RAW).contains(&raw_len)
+            && body_len <= MAX_CHUNK_BODY
+            && (codec != Some(BodyCodec::Stored) || body_len == raw_len);
+        match ChunkHeader::parse(&header) {
+            Ok(parsed) => {
+                prop_assert_eq!(Some(parsed.codec), codec);
+                prop_assert!(version == CHUNK_VERSION && sizes_ok);
+                prop_assert_eq!((parsed.raw_len, parsed.body_len), (raw_len, body_len));
+            }
+            Err(ChunkError::Unsupported { .. }) => {
+                prop_assert!(codec.is_none() || version != CHUNK_VERSION);
+            }
+            Err(ChunkError::Size { .. }) => prop_assert!(!sizes_ok),
+            Err(other) => prop_assert!(false, "{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_corrupted_byte_is_detected(at in 0usize..2000, flip in 1u8..=255,
+                                        codec in codec_strategy()) {
+        let frames = encode(&[Owned::Write(1, 4096, vec![0x5a; 1500]), Owned::Trim(0, 0, 1 << 20)], 3, codec);
         let mut frame = frames[0].clone();
         let at = at % frame.len();
         frame[at] ^= flip;
@@ -213,61 +274,177 @@ fn large_writes_are_split_across_full_chunks() {
     assert_eq!(decode(&frames, 9), changes);
 }
 
-#[test]
-fn compression_is_skipped_when_it_does_not_help() {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..4096)
+/// `len` pseudo-random bytes (xorshift from `seed`): nothing compresses them.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 24) as u8
         })
-        .collect();
-    let frames = encode(&[Owned::Write(0, 0, noise)], 1, Some(6));
-    let header = ChunkHeader::parse(&frames[0]).unwrap();
-    assert!(!header.deflate);
-    let frames = encode(&[Owned::Write(0, 0, vec![0; 65536])], 1, Some(6));
-    let header = ChunkHeader::parse(&frames[0]).unwrap();
-    assert!(header.deflate && header.body_len < 1000);
+        .collect()
+}
+
+#[test]
+fn compression_is_skipped_when_it_does_not_help() {
+    let noise = noise(4096, 0x9e37_79b9_7f4a_7c15);
+    for codec in [DEFLATE_6, ZSTD_1] {
+        let frames = encode(&[Owned::Write(0, 0, noise.clone())], 1, codec);
+        let header = ChunkHeader::parse(&frames[0]).unwrap();
+        assert_eq!(header.codec, BodyCodec::Stored);
+        let frames = encode(&[Owned::Write(0, 0, vec![0; 65536])], 1, codec);
+        let header = ChunkHeader::parse(&frames[0]).unwrap();
+        assert!(
+            header.codec == codec.unwrap().body() && header.body_len < 1000,
+            "{header:?}"
+        );
+    }
 }
 
 #[test]
 fn large_chunks_are_compressed_only_when_a_probe_shrinks() {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let noise: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
-    let frames = encode(&[Owned::Write(0, 0, noise.clone())], 1, Some(1));
-    assert!(!ChunkHeader::parse(&frames[0]).unwrap().deflate);
+    let noise = noise(1 << 20, 0x2545_f491_4f6c_dd1d);
     // Noise first, text after the middle: the middle probe finds it worth it.
-    let mut mixed = noise;
+    let mut mixed = noise.clone();
     for (i, byte) in mixed[500 << 10..].iter_mut().enumerate() {
         *byte = b"blkrep replicates "[i % 18];
     }
-    let frames = encode(&[Owned::Write(0, 0, mixed)], 1, Some(1));
-    let header = ChunkHeader::parse(&frames[0]).unwrap();
-    assert!(header.deflate && header.body_len < 800 << 10, "{header:?}");
+    for codec in [DEFLATE_1, ZSTD_1] {
+        let frames = encode(&[Owned::Write(0, 0, noise.clone())], 1, codec);
+        assert_eq!(
+            ChunkHeader::parse(&frames[0]).unwrap().codec,
+            BodyCodec::Stored
+        );
+        let frames = encode(&[Owned::Write(0, 0, mixed.clone())], 1, codec);
+        let header = ChunkHeader::parse(&frames[0]).unwrap();
+        assert!(
+            header.codec == codec.unwrap().body() && header.body_len < 800 << 10,
+            "{header:?}"
+        );
+    }
 }
 
 #[test]
 fn a_body_that_inflates_beyond_its_declared_size_is_refused() {
-    let frames = encode(&[Owned::Write(0, 0, vec![0; 100_000])], 1, Some(6));
-    let mut frame = frames[0].clone();
-    // Declare fewer record bytes than the body inflates to, and fix the CRC.
-    frame[20..24].copy_from_slice(&1000u32.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..28]), &frame[CHUNK_HEADER_LEN..]);
-    frame[28..32].copy_from_slice(&crc.to_le_bytes());
+    for codec in [DEFLATE_6, ZSTD_1] {
+        let frames = encode(&[Owned::Write(0, 0, vec![0; 100_000])], 1, codec);
+        let body = &frames[0][CHUNK_HEADER_LEN..];
+        // Declare fewer record bytes than the body inflates to.
+        let flags = frames[0][5];
+        let frame = frame_of(flags, 1000, body);
+        let checked = CheckedFrame::check(&frame).unwrap();
+        let mut scratch = Vec::new();
+        assert_eq!(
+            checked.records(&mut scratch).unwrap_err(),
+            ChunkError::Decompress(1000),
+            "{codec:?}"
+        );
+        if codec == ZSTD_1 {
+            // Nothing was made room for beyond the declared bytes.
+            assert_eq!(scratch.capacity(), 1000);
+        }
+        // Declaring more than the body holds is refused too.
+        let frame = frame_of(flags, 100_024 + 1, body);
+        let checked = CheckedFrame::check(&frame).unwrap();
+        assert_eq!(
+            checked.records(&mut scratch).unwrap_err(),
+            ChunkError::Decompress(100_025)
+        );
+        // And the body decodes under its true size.
+        let frame = frame_of(flags, 100_024, body);
+        let checked = CheckedFrame::check(&frame).unwrap();
+        assert_eq!(checked.records(&mut scratch).unwrap().count(), 1);
+    }
+}
+
+#[test]
+fn a_zstd_frame_whose_header_claims_more_than_declared_allocates_nothing_more() {
+    // A frame declaring 2 MiB of content inside a chunk declaring 4 KiB.
+    let big = vec![0u8; MAX_CHUNK_RAW as usize];
+    let body = zstd::bulk::compress(&big, 1).unwrap();
+    let frame = frame_of(FLAG_ZSTD, 4096, &body);
     let checked = CheckedFrame::check(&frame).unwrap();
+    let mut scratch = Vec::new();
     assert_eq!(
-        checked.records(&mut Vec::new()).unwrap_err(),
-        ChunkError::Decompress(1000)
+        checked.records(&mut scratch).unwrap_err(),
+        ChunkError::Decompress(4096)
     );
+    assert_eq!(scratch.capacity(), 4096);
+}
+
+#[test]
+fn truncated_or_garbage_zstd_bodies_are_refused() {
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 97) as u8).collect();
+    let frames = encode(&[Owned::Write(0, 0, data)], 1, ZSTD_1);
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    assert_eq!(header.codec, BodyCodec::Zstd);
+    let body = &frames[0][CHUNK_HEADER_LEN..];
+    let raw_len = header.raw_len;
+    let mut garbage = body.to_vec();
+    let middle = garbage.len() / 2;
+    garbage[middle..].iter_mut().for_each(|byte| *byte = !*byte);
+    let bodies: [&[u8]; 5] = [
+        &body[..body.len() - 1],
+        &body[..body.len() / 2],
+        &body[..4],
+        &garbage,
+        b"not zstd at all",
+    ];
+    for bad in bodies {
+        let frame = frame_of(FLAG_ZSTD, raw_len, bad);
+        let checked = CheckedFrame::check(&frame).unwrap();
+        assert_eq!(
+            checked.records(&mut Vec::new()).unwrap_err(),
+            ChunkError::Decompress(raw_len),
+            "{} bytes",
+            bad.len()
+        );
+    }
+    // A DEFLATE body under the zstd flag is garbage to zstd.
+    let deflated = encode(&[Owned::Write(0, 0, vec![3; 10_000])], 1, DEFLATE_6);
+    let header = ChunkHeader::parse(&deflated[0]).unwrap();
+    let frame = frame_of(FLAG_ZSTD, header.raw_len, &deflated[0][CHUNK_HEADER_LEN..]);
+    assert!(CheckedFrame::check(&frame)
+        .unwrap()
+        .records(&mut Vec::new())
+        .is_err());
+}
+
+#[test]
+fn both_codec_flags_at_once_are_refused() {
+    let frames = encode(&[Owned::Write(0, 0, vec![0; 10_000])], 1, ZSTD_1);
+    let body = &frames[0][CHUNK_HEADER_LEN..];
+    let header = ChunkHeader::parse(&frames[0]).unwrap();
+    let frame = frame_of(FLAG_DEFLATE | FLAG_ZSTD, header.raw_len, body);
+    assert_eq!(
+        CheckedFrame::check(&frame).unwrap_err(),
+        ChunkError::Unsupported {
+            version: CHUNK_VERSION,
+            flags: 3
+        }
+    );
+}
+
+#[test]
+fn both_codecs_round_trip_full_chunks_smaller_than_stored() {
+    // Half noise, half zeros per 4 KiB, as fio's 50% compressible buffers.
+    let mut data = noise(5 << 20, 0x9e37_79b9_7f4a_7c15);
+    for block in data.chunks_mut(4096) {
+        block[2048..].fill(0);
+    }
+    let changes = vec![Owned::Write(0, 0, data)];
+    for codec in [DEFLATE_1, ZSTD_1, Some(Codec::Zstd { level: -1 })] {
+        let frames = encode(&changes, 4, codec);
+        let sent: usize = frames.iter().map(Vec::len).sum();
+        assert!(sent < 3 << 20, "{codec:?}: {sent} bytes");
+        for frame in &frames {
+            let header = ChunkHeader::parse(frame).unwrap();
+            assert_eq!(header.codec, codec.unwrap().body());
+        }
+        assert_eq!(decode(&frames, 4), changes, "{codec:?}");
+    }
 }
 
 #[test]
