@@ -806,17 +806,12 @@ fn epochs_never_wrap_and_a_claim_is_at_most_one_failover_ahead() {
     assert_eq!(replica.info().epoch, MAX_EPOCH);
 }
 
-/// Bytes that do not compress (xorshift).
+/// Bytes that do not compress.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    use rand::{RngCore, SeedableRng};
+    let mut bytes = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
 }
 
 /// The `.part` file of the transfer being received.
