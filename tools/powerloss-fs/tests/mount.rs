@@ -3,9 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use powerloss_fs::{Mounted, PAGE};
 
@@ -105,10 +109,53 @@ fn a_file_renamed_before_its_data_is_synced_is_empty_after_a_cut() {
     assert_eq!(fs::read(rig.at("careful")).unwrap(), b"state v2");
 }
 
+/// The filesystem served by the `powerloss-fs` binary, in a process of its own.
+///
+/// A test that faults pages of a mapped file in must not serve the mount itself: the
+/// faulting thread waits on the FUSE read while holding this process's memory map,
+/// and the server's threads, in the same process, wait for that map (for `munmap`
+/// and `mprotect` in their allocator) before they can answer. Seen as a hang under
+/// load.
+struct Served(Child);
+
+impl Served {
+    fn start(rig: &Rig) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_powerloss-fs"))
+            .args([&rig.backing, &rig.mnt])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert!(ready.starts_with("mounted "), "powerloss-fs said {ready:?}");
+        Served(child)
+    }
+
+    /// Cuts the power: the server drops what was not synced and exits.
+    fn power_cut(mut self) {
+        let pid = Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        kill(pid, Signal::SIGUSR1).unwrap();
+        assert!(self.0.wait().unwrap().success());
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // A test that failed before its power cut: unmount (SIGTERM) and reap.
+        if let Ok(None) = self.0.try_wait() {
+            let pid = Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
+            let _ = kill(pid, Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn mapped_writes_persist_only_through_msync() {
     let Some(rig) = Rig::new() else { return };
-    let fs = rig.mount();
+    let fs = Served::start(&rig);
     for name in ["msynced", "not-msynced"] {
         let file = create(&rig.at(name));
         file.set_len(4 * PAGE).unwrap();
