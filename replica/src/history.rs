@@ -278,7 +278,7 @@ impl History {
                 if data > at {
                     // A hole: nothing to read.
                     for piece in split(at, data) {
-                        segment.append(disk, piece.0, piece.1, None)?;
+                        segment.append_zero(disk, piece.0, piece.1)?;
                     }
                     at = data;
                     continue;
@@ -350,7 +350,7 @@ impl History {
                     {
                         let length = gap_end - gap_start;
                         if held.zero {
-                            previous.append(disk, gap_start, length, None)?;
+                            previous.append_zero(disk, gap_start, length)?;
                         } else {
                             let room = previous.stage(length)?;
                             removed.read(room, held.data_at + (gap_start - run_start))?;

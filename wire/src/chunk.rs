@@ -68,6 +68,24 @@ pub const FLAG_DEFLATE: u8 = 1;
 /// Flag: the body is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 2;
 
+impl BodyCodec {
+    /// The header's flags byte for a body of this codec.
+    pub fn flags(self) -> u8 {
+        match self {
+            Self::Stored => 0,
+            Self::Deflate => FLAG_DEFLATE,
+            Self::Zstd => FLAG_ZSTD,
+        }
+    }
+
+    /// The codec a header's flags byte names; `None` for unknown bits, or both.
+    pub fn from_flags(flags: u8) -> Option<Self> {
+        [Self::Stored, Self::Deflate, Self::Zstd]
+            .into_iter()
+            .find(|codec| codec.flags() == flags)
+    }
+}
+
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_TRIM: u8 = 3;
@@ -176,11 +194,8 @@ impl ChunkHeader {
             return Err(ChunkError::Magic);
         }
         let (version, flags) = (bytes[4], bytes[5]);
-        let codec = match flags {
-            0 => BodyCodec::Stored,
-            FLAG_DEFLATE => BodyCodec::Deflate,
-            FLAG_ZSTD => BodyCodec::Zstd,
-            _ => return Err(ChunkError::Unsupported { version, flags }),
+        let Some(codec) = BodyCodec::from_flags(flags) else {
+            return Err(ChunkError::Unsupported { version, flags });
         };
         if version != CHUNK_VERSION || le_u16(bytes, 6) != 0 {
             return Err(ChunkError::Unsupported { version, flags });
@@ -362,11 +377,7 @@ fn seal(frame: &mut [u8], transfer: u64, index: u32, raw_len: usize, codec: Body
     let header = &mut frame[..CHUNK_HEADER_LEN];
     header[..4].copy_from_slice(&CHUNK_MAGIC);
     header[4] = CHUNK_VERSION;
-    header[5] = match codec {
-        BodyCodec::Stored => 0,
-        BodyCodec::Deflate => FLAG_DEFLATE,
-        BodyCodec::Zstd => FLAG_ZSTD,
-    };
+    header[5] = codec.flags();
     header[6..8].fill(0);
     header[8..16].copy_from_slice(&transfer.to_le_bytes());
     header[16..20].copy_from_slice(&index.to_le_bytes());

@@ -265,17 +265,16 @@ impl Segment {
         );
     }
 
-    /// Appends one record: `data`, or a zero run.
-    pub(super) fn append(
+    /// Appends a zero run: `length` bytes of disk `disk` at `offset` that read as
+    /// zeroes (records with data are [`Segment::stage`]d and committed).
+    pub(super) fn append_zero(
         &mut self,
         disk: usize,
         offset: u64,
         length: u64,
-        data: Option<&[u8]>,
     ) -> Result<(), HistoryError> {
-        let room = self.stage(data.map_or(0, |d| d.len() as u64))?;
-        room.copy_from_slice(data.unwrap_or_default());
-        self.commit(disk, offset, length, data.is_none());
+        self.stage(0)?;
+        self.commit(disk, offset, length, true);
         Ok(())
     }
 

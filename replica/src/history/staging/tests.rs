@@ -30,7 +30,7 @@ fn append(segment: &mut Segment, record: &Record) {
             segment.stage(*length).unwrap().copy_from_slice(bytes);
             segment.commit(*disk, *offset, *length, false);
         }
-        None => segment.append(*disk, *offset, *length, None).unwrap(),
+        None => segment.append_zero(*disk, *offset, *length).unwrap(),
     }
 }
 
