@@ -53,8 +53,8 @@ struct Inner {
     up_bytes: AtomicU64,
     down_bytes: AtomicU64,
     accepted: AtomicU64,
-    /// Remaining client→upstream bytes before a one-shot reset, if armed.
-    reset_budget: Mutex<Option<u64>>,
+    /// Remaining client→upstream bytes before a one-shot fault, if armed.
+    budget: Mutex<Option<Budget>>,
     /// Open connections by id.
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     /// Pump threads (finished ones are pruned as new connections come in).
@@ -72,10 +72,26 @@ struct Conn {
     live: AtomicU8,
 }
 
+/// A one-shot fault armed to fire after a number of client→upstream bytes.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    remaining: u64,
+    then: Fault,
+}
+
+/// What an exhausted [`Budget`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Every open connection is reset.
+    Reset,
+    /// The proxy stalls, as by [`FaultProxy::stall`].
+    Stall,
+}
+
 /// Direction a pump copies in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
-    /// Client → upstream (counted in `upstream_bytes`, subject to the reset budget).
+    /// Client → upstream (counted in `upstream_bytes`, subject to the armed budget).
     Up,
     /// Upstream → client (counted in `downstream_bytes`).
     Down,
@@ -110,7 +126,7 @@ impl FaultProxy {
             up_bytes: AtomicU64::new(0),
             down_bytes: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
-            reset_budget: Mutex::new(None),
+            budget: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
             pumps: Mutex::new(Vec::new()),
         });
@@ -149,10 +165,31 @@ impl FaultProxy {
     /// A later call replaces a budget that has not fired yet.
     pub fn reset_after_upstream_bytes(&self, n: u64) {
         if n == 0 {
-            *lock(&self.inner.reset_budget) = None;
+            *lock(&self.inner.budget) = None;
             self.inner.reset_all();
         } else {
-            *lock(&self.inner.reset_budget) = Some(n);
+            *lock(&self.inner.budget) = Some(Budget {
+                remaining: n,
+                then: Fault::Reset,
+            });
+        }
+    }
+
+    /// Arms a one-shot stall: once `n` more bytes have been forwarded
+    /// client→upstream (counted across all connections from this call on), the proxy
+    /// stalls as by [`FaultProxy::stall`]`(true)`. The stall lands exactly there
+    /// whatever the peers' socket buffers hold: of the read that crosses the budget
+    /// the rest is held until the stall is lifted. `n == 0` stalls now. A later call
+    /// replaces a budget that has not fired yet.
+    pub fn stall_after_upstream_bytes(&self, n: u64) {
+        if n == 0 {
+            *lock(&self.inner.budget) = None;
+            self.stall(true);
+        } else {
+            *lock(&self.inner.budget) = Some(Budget {
+                remaining: n,
+                then: Fault::Stall,
+            });
         }
     }
 
@@ -165,6 +202,12 @@ impl FaultProxy {
     /// are accepted.
     pub fn stall(&self, on: bool) {
         self.inner.stall.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the proxy is stalled now (by [`FaultProxy::stall`] or an armed
+    /// budget that fired).
+    pub fn is_stalled(&self) -> bool {
+        self.inner.stalled()
     }
 
     /// While `on`, new connections are accepted and immediately closed without
@@ -203,7 +246,7 @@ impl fmt::Debug for FaultProxy {
             .field("upstream", &self.upstream)
             .field("stalled", &self.inner.stall.load(Ordering::SeqCst))
             .field("refusing", &self.inner.refuse.load(Ordering::SeqCst))
-            .field("reset_budget", &*lock(&self.inner.reset_budget))
+            .field("budget", &*lock(&self.inner.budget))
             .field("connections", &self.connections())
             .field("open_connections", &self.open_connections())
             .field("upstream_bytes", &self.upstream_bytes())
@@ -255,20 +298,23 @@ impl Inner {
         }
     }
 
-    /// Takes up to `n` bytes from the reset budget: returns how many of them may be
-    /// forwarded and whether the reset must fire once they have been.
-    fn take_budget(&self, n: usize) -> (usize, bool) {
-        let mut budget = lock(&self.reset_budget);
+    /// Takes up to `n` bytes from the armed budget: returns how many of them may be
+    /// forwarded and the fault that must fire once they have been.
+    fn take_budget(&self, n: usize) -> (usize, Option<Fault>) {
+        let mut budget = lock(&self.budget);
         match *budget {
-            None => (n, false),
-            Some(rem) => {
+            None => (n, None),
+            Some(Budget { remaining, then }) => {
                 let n64 = u64::try_from(n).unwrap_or(u64::MAX);
-                if n64 >= rem {
+                if n64 >= remaining {
                     *budget = None;
-                    (usize::try_from(rem).unwrap_or(n), true)
+                    (usize::try_from(remaining).unwrap_or(n), Some(then))
                 } else {
-                    *budget = Some(rem - n64);
-                    (n, false)
+                    *budget = Some(Budget {
+                        remaining: remaining - n64,
+                        then,
+                    });
+                    (n, None)
                 }
             }
         }
@@ -398,15 +444,23 @@ fn pump(inner: &Inner, conn: &Conn, dir: Dir) {
                 return;
             }
         };
-        let (len, cut) = if dir == Dir::Up {
+        let (len, fault) = if dir == Dir::Up {
             inner.take_budget(n)
         } else {
-            (n, false)
+            (n, None)
         };
-        let ok = forward(inner, conn, dst, &buf[..len], counter);
-        if cut {
-            inner.reset_all();
-            return;
+        let mut ok = forward(inner, conn, dst, &buf[..len], counter);
+        match fault {
+            Some(Fault::Reset) => {
+                inner.reset_all();
+                return;
+            }
+            Some(Fault::Stall) => {
+                inner.stall.store(true, Ordering::SeqCst);
+                // The rest of this read waits for the stall to be lifted.
+                ok = ok && forward(inner, conn, dst, &buf[len..n], counter);
+            }
+            None => {}
         }
         if !ok {
             conn.kill();

@@ -353,18 +353,15 @@ fn num(v: &Value, key: &str) -> u64 {
 fn stall_mid_chunk_times_out_and_resumes() {
     let rig = Rig::start(
         vec![DiskSpec::new("disk0", 64 * MIB)],
-        // Retries 1.2 s, then 2.4 s after a failure. The link is slower than the
-        // replica stores, so what went upstream stays a few chunks ahead of what it
-        // stored: unlimited, loopback outruns a busy replica and the whole delta
-        // can sit in socket buffers before a stall is set up.
+        // Retries 1.2 s, then 2.4 s after a failure. The limit keeps the retry's
+        // stream slow enough that the second stall is armed near its start.
         "request_timeout = \"2s\"\nretry_scale = 0.02\nbandwidth_limit = \"12MiB\"",
     );
     let first = rig.p.cycles_close(GROUP);
     rig.replica.wait_applied(GROUP, first, LONG);
 
-    // A delta of 48 MiB of random data: 24 chunks, so that after the retry's burst
-    // (the limiter lets out what it saved while the link stalled) chunks remain to
-    // be sent when the second stall is set up at 14 MiB stored.
+    // A delta of 48 MiB of random data: 24 chunks, enough that both stalls land
+    // mid-transfer however much the peers' socket buffers hold.
     let data = 48 * MIB;
     rig.write_random("disk0", 1, 4 * MIB, data);
     let expected = rig.images();
@@ -372,20 +369,34 @@ fn stall_mid_chunk_times_out_and_resumes() {
     let closed_before = rig.last_closed();
     let base_up = rig.proxy.upstream_bytes();
     let started = Instant::now();
-    let close = rig.close_in_background();
 
-    // Two stalls, each 1 MiB into the chunk that follows the one the replica just
-    // stored (the next chunk only goes out once the replica answered for the last).
-    // After the first the link comes back as it was, so the bytes it held (the rest of
-    // the chunk the primary gave up on) still reach the replica; after the second the
-    // connections die with the link, so the replica never gets that chunk whole and the
-    // primary sends it again.
+    // Two stalls, each placed by the proxy at an exact upstream byte, about 1 MiB
+    // into a chunk: the first 7 MiB into the transfer, the second 5 MiB into the
+    // retry's stream. After the first the link comes back as it was, so the bytes it
+    // held (the rest of the chunk the primary gave up on) still reach the replica;
+    // after the second the connections die with the link, so the replica never gets
+    // that chunk whole and the primary sends it again.
+    rig.proxy.stall_after_upstream_bytes(7 * MIB);
+    let close = rig.close_in_background();
     let mut report = Vec::new();
-    for (stored, cut) in [(6 * MIB, false), (14 * MIB, true)] {
-        rig.wait_part(stored, LONG);
-        let from = rig.proxy.upstream_bytes();
-        let at = rig.wait_upstream(from + MIB, LONG);
-        rig.proxy.stall(true);
+    let mut connections_after_first = 0;
+    for cut in [false, true] {
+        if cut {
+            rig.poll(
+                "the primary's retry to connect",
+                LONG,
+                Duration::from_micros(200),
+                || (rig.proxy.connections() > connections_after_first).then_some(()),
+            );
+            rig.proxy.stall_after_upstream_bytes(5 * MIB);
+        }
+        rig.poll(
+            "the proxy's armed stall to fire",
+            LONG,
+            Duration::from_micros(100),
+            || rig.proxy.is_stalled().then_some(()),
+        );
+        let at = rig.proxy.upstream_bytes();
         let stalled = Instant::now();
         let part_at_stall = rig.part_bytes();
         let failures = num(&rig.consumer(), "failures");
@@ -399,6 +410,7 @@ fn stall_mid_chunk_times_out_and_resumes() {
             rig.proxy.reset_all();
         }
         rig.proxy.stall(false);
+        connections_after_first = rig.proxy.connections();
         let error = status["last_error"]
             .as_str()
             .unwrap_or_default()
