@@ -5,6 +5,8 @@
 //!   option and request parsing, reply encoding. Pure code over byte slices, no I/O.
 //! - [`backend`]: the [`BlockDevice`] trait an export is served from, and
 //!   [`backend::ImageFile`], a raw image file or block device.
+//! - [`engine`]: the I/O engine, an io_uring with an in-flight table that owns every
+//!   buffer the kernel may touch; each connection reads through its own.
 //! - [`server`]: listeners (unix and TCP, the latter optionally with TLS), the export
 //!   registry, the handshake and the transmission loop of each connection.
 //!
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod engine;
 pub mod proto;
 pub mod server;
 #[cfg(test)]

@@ -495,7 +495,7 @@ impl Server {
     pub fn serve_stream<S: Read + Write>(&self, stream: &mut S) -> Result<(), ServerError> {
         match handshake::negotiate(stream, &self.inner)? {
             handshake::Outcome::Transmission(session) => {
-                listener::serve_session(&self.inner, stream, None, &session)?;
+                listener::serve_session(&self.inner, stream, None, None, &session)?;
                 Ok(())
             }
             // Without TLS the gate refuses STARTTLS.

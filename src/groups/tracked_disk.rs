@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io;
 
-use nbd_shim::backend::{BlockSizeLimits, ImageFile};
+use nbd_shim::backend::{BlockSizeLimits, ImageFile, ReadSource};
 use nbd_shim::{BlockDevice, Extent, ZeroMode};
 use tracker::{DiskTracker, TrackerError};
 
@@ -85,6 +85,10 @@ impl BlockDevice for TrackedDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.image.read_at(buf, offset)
+    }
+
+    fn read_source(&self, offset: u64, len: u64) -> Option<ReadSource<'_>> {
+        self.image.read_source(offset, len)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

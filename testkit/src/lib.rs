@@ -146,6 +146,33 @@ pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Writes back `p`'s dirty pages, drops it from the page cache
+/// (`posix_fadvise(DONTNEED)`) and returns how many of its bytes `fincore` still finds
+/// cached, so a test can check its reads really go to the disk.
+pub fn evict_from_page_cache(p: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    file.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", p.display()));
+    nix::fcntl::posix_fadvise(
+        file.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap_or_else(|e| panic!("posix_fadvise {}: {e}", p.display()));
+    let out = run_ok(
+        Command::new(require_tool("fincore"))
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(p),
+        SHORT,
+    );
+    out.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("fincore printed {:?}: {e}", out.stdout))
+}
+
 /// Asserts two files are byte-identical, naming the first difference.
 pub fn assert_files_equal(a: &Path, b: &Path, what: &str) {
     let da = read_file(a);

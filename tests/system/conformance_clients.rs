@@ -8,8 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 use testkit::{
-    assert_files_equal, pseudo_random, read_file, read_range, require_tool, run, run_ok, DiskSpec,
-    GroupSpec, Init, Primary, Spec, KIB, LONG, MIB, SHORT,
+    assert_files_equal, evict_from_page_cache, pseudo_random, read_file, read_range, require_tool,
+    run, run_ok, DiskSpec, GroupSpec, Init, Primary, Spec, KIB, LONG, MIB, SHORT,
 };
 
 /// Closes vm1's cycle and checks the local copy of every vm1 disk equals its image.
@@ -517,4 +517,116 @@ fn fio_nbd_engine_direct_with_flushes() {
     )]);
     let p = Primary::start(spec);
     fio_verify_with(&p, &p.uri("disk0"), &["--fsync=8"]);
+}
+
+/// Reads of an image that is not in the page cache run on the connection's I/O engine,
+/// many at once and answered out of order; reads of cached data are answered at once,
+/// and reads only partly cached go to the engine. Every byte read must be the image's,
+/// and the image must really have been out of the cache.
+#[test]
+fn cold_and_partly_cached_reads_at_depth_return_the_image() {
+    require_tool("nbdcopy");
+    require_tool("qemu-img");
+    let p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 64 * MIB).init(Init::Random(7))],
+    )]));
+    let image = p.image("disk0");
+    let expected = read_file(&image);
+    let cold = |what: &str| {
+        let resident = evict_from_page_cache(&image);
+        assert!(
+            resident < MIB,
+            "{what}: {resident} bytes of the image are still cached after eviction"
+        );
+    };
+
+    // nbdcopy: 4 connections, 64 requests in flight on each, 256 KiB reads.
+    cold("nbdcopy");
+    let out = p.layout.root.join("cold.raw");
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["--connections=4", "--requests=64"])
+            .arg(p.uri("disk0"))
+            .arg(&out),
+        LONG,
+    );
+    testkit::assert_bytes_equal(&read_file(&out), &expected, "nbdcopy of a cold image");
+
+    // Stripes of 1.5 MiB cached and 1.5 MiB not, so reads straddle both.
+    cold("qemu-img");
+    for stripe in (0..64 * MIB).step_by((3 * MIB) as usize) {
+        let len = (MIB + MIB / 2).min(64 * MIB - stripe);
+        read_range(&image, stripe, len as usize);
+    }
+    let out = p.layout.root.join("striped.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", "-m", "16"])
+            .arg(p.uri("disk0"))
+            .arg(&out),
+        LONG,
+    );
+    testkit::assert_bytes_equal(
+        &read_file(&out),
+        &expected,
+        "qemu-img of a partly cached image",
+    );
+}
+
+/// An O_DIRECT image served to four connections at once (CAN_MULTI_CONN): nbdcopy
+/// writes it and reads it back over four connections with many requests in flight,
+/// then four fio jobs write and verify their own quarter at depth 16 each. Every write
+/// is tracked.
+#[test]
+fn direct_image_with_four_connections() {
+    require_tool("nbdcopy");
+    require_tool("fio");
+    let p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 32 * MIB).direct()],
+    )]));
+    let src = source_file(&p, 11);
+    let connections = ["--connections=4", "--requests=32"];
+    run_ok(
+        Command::new("nbdcopy")
+            .args(connections)
+            .arg("--flush")
+            .arg(&src)
+            .arg(p.uri("disk0")),
+        LONG,
+    );
+    assert_files_equal(&src, &p.image("disk0"), "direct image after nbdcopy in");
+    let out = p.layout.root.join("out.raw");
+    run_ok(
+        Command::new("nbdcopy")
+            .args(connections)
+            .arg(p.uri("disk0"))
+            .arg(&out),
+        LONG,
+    );
+    assert_files_equal(&src, &out, "direct image read back over 4 connections");
+
+    let o = run(
+        Command::new("fio")
+            .args([
+                "--name=quarters",
+                "--ioengine=nbd",
+                &format!("--uri={}", p.uri("disk0")),
+                "--numjobs=4",
+                "--size=8M",
+                "--offset_increment=8M",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+            ])
+            .current_dir(&p.layout.root),
+        LONG,
+    );
+    assert!(o.success(), "fio with 4 connections failed\n{}", o.report());
+    close_and_compare(&p);
 }

@@ -356,7 +356,8 @@ fn proceed<S: Transport>(
         }
     };
     let writer = writer.as_ref().map(|w| w as &Mutex<dyn Write + Send>);
-    let _ = serve_session(inner, &mut stream, writer, &session);
+    let socket = stream.as_fd().as_raw_fd();
+    let _ = serve_session(inner, &mut stream, Some(socket), writer, &session);
 }
 
 /// The TLS handshake on `socket`, then the rest of the connection over one end of a
@@ -425,6 +426,7 @@ fn serve_over_tls<S: Transport>(
 pub(crate) fn serve_session<S: Read + Write>(
     inner: &Inner,
     stream: &mut S,
+    socket: Option<std::os::fd::RawFd>,
     writer: Option<&Mutex<dyn Write + Send + '_>>,
     session: &handshake::Session,
 ) -> Result<Ending, TransmissionError> {
@@ -433,7 +435,14 @@ pub(crate) fn serve_session<S: Read + Write>(
     counters.connections.fetch_add(1, Ordering::Relaxed);
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(export = %export.name, structured = session.structured, contexts = session.contexts.len(), "client connected");
-    let result = transmission::serve(stream, writer, session, &inner.config, &inner.shutting_down);
+    let result = transmission::serve(
+        stream,
+        socket,
+        writer,
+        session,
+        &inner.config,
+        &inner.shutting_down,
+    );
     counters.connections.fetch_sub(1, Ordering::Relaxed);
     match &result {
         Ok(Ending::Disconnect) => tracing::info!(export = %export.name, "client disconnected"),

@@ -2,12 +2,19 @@
 //!
 //! The connection thread reads as much as the socket gives into the receive buffer and
 //! parses and validates every complete request in it, in arrival order. Then:
-//! - Requests that complete quickly (reads and writes of a buffered image, trims,
-//!   zeroing, block status) run right there; their replies are appended to the output
-//!   buffer, which is sent with one write just before the thread would block on `read`.
-//! - Requests that wait (FLUSH, CACHE, anything with FUA, and every read and write of a
-//!   device that [waits on I/O](crate::backend::BlockDevice::waits_on_device)) become
-//!   jobs for the connection's workers: up to [`ServerConfig::parallel_requests`] scoped
+//! - Reads of a range the device serves from a file go to the connection's I/O engine
+//!   ([`reads`]): answered at once from the page cache when the data is there, otherwise
+//!   queued on an io_uring with the other reads of the batch and answered as they
+//!   complete. While reads are in flight the thread waits on the socket and the ring
+//!   together.
+//! - Other requests that complete quickly (writes of a buffered image, trims, zeroing,
+//!   block status, reads of other devices) run right there; their replies are appended
+//!   to the output buffer, which is sent with one write just before the thread would
+//!   block on `read`.
+//! - Requests that wait (FLUSH, CACHE, anything with FUA, and the writes and the reads
+//!   the engine does not take of a device that
+//!   [waits on I/O](crate::backend::BlockDevice::waits_on_device)) become jobs for the
+//!   connection's workers: up to [`ServerConfig::parallel_requests`] scoped
 //!   threads, started as concurrency needs them. A worker runs the job and sends its reply
 //!   through the shared writer as soon as it is done, so replies go out of order (the spec
 //!   allows it; clients match them by cookie).
@@ -33,11 +40,13 @@
 //! connection stays in sync and usable.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use crossbeam_channel::{Receiver, Sender};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::buffers::{OutBuf, RecvBuf};
 use super::handshake::Session;
@@ -46,8 +55,10 @@ use crate::proto::request::*;
 use crate::proto::*;
 
 mod executor;
+mod reads;
 
 use executor::Executor;
+use reads::EngineReads;
 
 /// Payload buffers up to this size are kept for reuse by the next parallel write.
 const MAX_SPARE_BUFFER: usize = 4 << 20;
@@ -298,11 +309,14 @@ fn run_job(job: Job, exec: &mut Executor<'_>, shared: &Shared<'_>) {
 /// Serves `session` on `stream` until the client disconnects, the stream fails, or
 /// `shutting_down` is set (then requests already received are answered first).
 ///
+/// With `socket`, the descriptor `stream` reads from (kept open by `stream` throughout),
+/// reads of files run on an I/O engine, many at once; without, one at a time.
 /// With `writer` (a second handle on the same stream) and
 /// [`ServerConfig::parallel_requests`] > 0, slow requests run on worker threads and are
 /// answered as they finish; without, every request runs in order on this thread.
 pub(crate) fn serve<S: Read + Write>(
     stream: &mut S,
+    socket: Option<RawFd>,
     writer: Option<&Mutex<dyn Write + Send + '_>>,
     session: &Session,
     config: &ServerConfig,
@@ -311,7 +325,7 @@ pub(crate) fn serve<S: Read + Write>(
     let writer = match writer {
         Some(writer) if config.parallel_requests > 0 => writer,
         _ => {
-            return Connection::new(session, config, Replies::Inline, None)
+            return Connection::new(session, config, socket, Replies::Inline, None)
                 .run(stream, shutting_down)
         }
     };
@@ -332,7 +346,7 @@ pub(crate) fn serve<S: Read + Write>(
             max_workers: config.parallel_requests,
             max_bytes: config.max_in_flight_bytes.max(1),
         };
-        Connection::new(session, config, Replies::Shared(writer), Some(pool))
+        Connection::new(session, config, socket, Replies::Shared(writer), Some(pool))
             .run(stream, shutting_down)
         // Dropping the pool closes the queue; the scope waits for the workers to finish
         // every job already received.
@@ -348,6 +362,11 @@ pub(crate) fn serve<S: Read + Write>(
 /// hands the slow ones to the pool.
 struct Connection<'a, 'scope, 'env> {
     exec: Executor<'a>,
+    dev: &'a dyn crate::backend::BlockDevice,
+    reads: EngineReads<'a>,
+    /// The socket's descriptor, to wait on beside the engine's; without it reads run
+    /// one at a time.
+    socket: Option<RawFd>,
     replies: Replies<'a>,
     pool: Option<Pool<'scope, 'env>>,
     recv: RecvBuf,
@@ -361,11 +380,15 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
     fn new(
         session: &'a Session,
         config: &'a ServerConfig,
+        socket: Option<RawFd>,
         replies: Replies<'a>,
         pool: Option<Pool<'scope, 'env>>,
     ) -> Self {
         Connection {
             exec: Executor::new(session, config),
+            dev: session.export.dev.as_ref(),
+            reads: EngineReads::new(config),
+            socket,
             replies,
             pool,
             recv: RecvBuf::new(config.recv_buffer_size.max(64 << 10)),
@@ -375,8 +398,18 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         }
     }
 
+    /// Sends the queued replies, with the engine's completed reads.
     fn send_queued(&mut self, stream: &mut impl Write) -> io::Result<()> {
-        self.replies.send(stream, &mut self.exec.out)
+        if !self.reads.has_ready() {
+            return self.replies.send(stream, &mut self.exec.out);
+        }
+        match self.replies {
+            Replies::Inline => self.reads.send_with(stream, &mut self.exec.out),
+            Replies::Shared(writer) => {
+                let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+                self.reads.send_with(&mut *writer, &mut self.exec.out)
+            }
+        }
     }
 
     fn run<S: Read + Write>(
@@ -384,7 +417,13 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         stream: &mut S,
         shutting_down: &AtomicBool,
     ) -> Result<Ending, TransmissionError> {
-        let result = self.run_loop(stream, shutting_down);
+        let mut result = self.run_loop(stream, shutting_down);
+        if result.is_ok() {
+            // Reads still in flight are answered before the connection closes.
+            if let Err(err) = self.reads.drain(&mut self.exec) {
+                result = Err(err.into());
+            }
+        }
         // Whatever was answered before an error (e.g. garbage) still goes out.
         let sent = self.send_queued(stream);
         publish(&self.exec.session.export, &mut self.exec.stats);
@@ -413,7 +452,10 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
                     return Ok(ending);
                 }
             }
-            // Nothing complete is left: send the replies before blocking.
+            // Nothing complete is left: start the reads queued, collect those done and
+            // send the replies before blocking.
+            self.reads.submit()?;
+            self.reads.reap(&mut self.exec, 0)?;
             self.send_queued(stream)?;
             publish(&self.exec.session.export, &mut self.exec.stats);
             if let Some(pool) = &self.pool {
@@ -429,6 +471,10 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
                 Err(_) => REQUEST_HEADER_LEN,
             };
             self.recv.make_room(needed);
+            if !self.wait_for_input()? {
+                // A read completed first: answer it.
+                continue;
+            }
             if self.recv.fill_from(stream)? == 0 {
                 if shutting_down.load(Ordering::Acquire) {
                     return Ok(Ending::Shutdown);
@@ -439,6 +485,29 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
                 return Ok(Ending::PeerClosed);
             }
         }
+    }
+
+    /// While reads are in flight, waits until either the client sent something (`true`)
+    /// or a read completed (`false`). Without reads in flight, the caller's `read` blocks.
+    fn wait_for_input(&self) -> io::Result<bool> {
+        let (Some(ring), Some(socket)) = (self.reads.poll_fd(), self.socket) else {
+            return Ok(true);
+        };
+        // SAFETY: `serve`'s caller keeps the socket open while the connection runs.
+        let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+        let mut fds = [
+            PollFd::new(socket, PollFlags::POLLIN),
+            PollFd::new(ring, PollFlags::POLLIN),
+        ];
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        // Any event on the socket (data, hang-up, error) is for `read` to report.
+        Ok(fds[0].revents().is_some_and(|events| !events.is_empty()))
     }
 
     /// Handles the first buffered request. `None`: no complete request is buffered;
@@ -482,6 +551,15 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         if have < total && total <= self.recv.capacity() {
             // Wait for the rest of the payload.
             return Ok(None);
+        }
+        if let Op::Read { df } = request.op {
+            if self.socket.is_some()
+                && !self.exec.reads_sparse(&request, df)
+                && self.reads.try_read(self.dev, &mut self.exec, &request)?
+            {
+                self.recv.consume(total);
+                return self.after_request(stream);
+            }
         }
         let to_pool = self
             .pool

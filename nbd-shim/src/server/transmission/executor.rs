@@ -67,7 +67,7 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn reply_device_error(&mut self, request: &Request, err: &io::Error) {
+    pub(super) fn reply_device_error(&mut self, request: &Request, err: &io::Error) {
         let errno = Errno::from_io_error(err);
         let command = request.op.command();
         if errno == Errno::Io {
@@ -188,6 +188,17 @@ impl<'a> Executor<'a> {
             self.out.commit(n);
         }
         self.stats.bytes_read += u64::from(request.length);
+    }
+
+    /// Whether `request`, a read, is answered with hole chunks: structured replies, no
+    /// `DF`, at least the sparse threshold long, and holes in its range.
+    pub(super) fn reads_sparse(&self, request: &Request, df: bool) -> bool {
+        self.session.structured
+            && !df
+            && self
+                .sparse_read_threshold
+                .is_some_and(|t| request.length >= t)
+            && self.read_segments(request).is_some()
     }
 
     /// Splits a large read into data and hole segments from `allocation()`; `None` when

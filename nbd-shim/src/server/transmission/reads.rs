@@ -1,0 +1,319 @@
+//! Reads through the connection's I/O engine, so a connection keeps as many reads in
+//! flight as its client sends.
+//!
+//! A read whose range the device can serve from a file ([`BlockDevice::read_source`])
+//! goes one of two ways:
+//! - **Cached** (buffered images): first `preadv2(RWF_NOWAIT)` straight into the output
+//!   buffer. Data in the page cache is answered right there, for one syscall; a read
+//!   that would wait on the device (`EAGAIN`, or only part of it cached) goes on.
+//! - **Engine**: the read is queued on the connection's [`IoEngine`] with a buffer of its
+//!   own. All reads queued while parsing one batch of requests are submitted together.
+//!   When one completes, its reply header is encoded and kept with its buffer until the
+//!   connection next sends, which writes them with the rest of its output in one
+//!   `writev`. Replies go out of order, which the spec allows (clients match cookies).
+//!
+//! Ownership: the engine's table owns a read's buffer until its completion; the
+//! [`ReadyReply`] list owns it until it is sent; then it is kept for reuse.
+//!
+//! Bounds: at most [`ServerConfig::max_in_flight_bytes`] of read buffers are in flight;
+//! a read that would exceed it, or find every engine slot taken, first waits for
+//! completions (the device, not the client, so it cannot deadlock).
+//!
+//! Ending: the connection waits for every read in flight and sends its reply before it
+//! closes; dropping the engine waits as well (see [`crate::engine`]).
+
+use std::io::{self, IoSlice, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::executor::Executor;
+use super::len_usize;
+use crate::backend::{BlockDevice, ReadSource};
+use crate::engine::{IoBuf, IoEngine};
+use crate::proto::reply::*;
+use crate::proto::request::Request;
+use crate::server::buffers::OutBuf;
+use crate::server::ServerConfig;
+
+/// Engine slots per connection: more reads than a client usually keeps in flight.
+const ENGINE_DEPTH: u32 = 128;
+/// Read buffers kept for reuse, and the largest kept.
+const MAX_SPARE_BUFFERS: usize = 64;
+const MAX_SPARE_BUFFER: usize = 4 << 20;
+
+/// A reply header (simple, or a structured `OFFSET_DATA` chunk header).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplyHead {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl ReplySink for ReplyHead {
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        self.bytes[self.len..end].copy_from_slice(bytes);
+        self.len = end;
+    }
+}
+
+impl ReplyHead {
+    fn for_read(request: &Request, structured: bool) -> Self {
+        let mut head = ReplyHead {
+            bytes: [0; 32],
+            len: 0,
+        };
+        if structured {
+            put_offset_data_header(
+                &mut head,
+                request.cookie,
+                request.offset,
+                request.length,
+                true,
+            );
+        } else {
+            put_simple_reply(&mut head, request.cookie, 0);
+        }
+        head
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// A completed read waiting to be sent.
+pub(super) type ReadyReply = (ReplyHead, IoBuf);
+
+/// The connection's engine reads.
+pub(super) struct EngineReads<'a> {
+    /// Set up at the first read that needs it; `None` after setting it up failed.
+    engine: Option<IoEngine<'a, Request>>,
+    setup_failed: bool,
+    ready: Vec<ReadyReply>,
+    spare: Vec<IoBuf>,
+    bytes_in_flight: usize,
+    max_bytes: usize,
+    /// Whether `RWF_NOWAIT` reads work here (cleared at the first `EOPNOTSUPP`).
+    nowait: bool,
+}
+
+impl<'a> EngineReads<'a> {
+    pub(super) fn new(config: &ServerConfig) -> Self {
+        EngineReads {
+            engine: None,
+            setup_failed: false,
+            ready: Vec::new(),
+            spare: Vec::new(),
+            bytes_in_flight: 0,
+            max_bytes: config.max_in_flight_bytes.max(1),
+            nowait: true,
+        }
+    }
+
+    /// Reads in flight.
+    pub(super) fn in_flight(&self) -> usize {
+        self.engine.as_ref().map_or(0, IoEngine::in_flight)
+    }
+
+    /// The engine's descriptor to poll beside the socket, while reads are in flight.
+    pub(super) fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.engine
+            .as_ref()
+            .filter(|engine| engine.in_flight() > 0)
+            .map(IoEngine::poll_fd)
+    }
+
+    /// Serves `request` (a validated read, not sparse) if the device can read its range
+    /// from a file. Returns `false` when the caller must run it the usual way.
+    pub(super) fn try_read(
+        &mut self,
+        dev: &'a dyn BlockDevice,
+        exec: &mut Executor<'_>,
+        request: &Request,
+    ) -> io::Result<bool> {
+        let len = len_usize(request.length);
+        if len == 0 {
+            return Ok(false);
+        }
+        let Some(source) = dev.read_source(request.offset, u64::from(request.length)) else {
+            return Ok(false);
+        };
+        let structured = exec.session.structured;
+        if !source.direct && self.nowait && self.read_cached(exec, request, source, structured) {
+            return Ok(true);
+        }
+        if self.engine.is_none() && !self.set_up() {
+            return Ok(false);
+        }
+        // Room: a slot, and the memory bound (one read alone may always go).
+        while self.in_flight() > 0
+            && (!self.engine.as_ref().is_some_and(IoEngine::has_room)
+                || self.bytes_in_flight.saturating_add(len) > self.max_bytes)
+        {
+            self.reap(exec, 1)?;
+        }
+        let Some(mut buf) = self.buffer(len) else {
+            return Ok(false);
+        };
+        buf.set_len(len);
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(false);
+        };
+        if let Err(full) = engine.read(source.fd, request.offset, buf, *request) {
+            // Cannot happen after the wait above; run it the usual way.
+            self.spare.push(full.buf);
+            return Ok(false);
+        }
+        exec.stats.requests += 1;
+        self.bytes_in_flight += len;
+        Ok(true)
+    }
+
+    /// Answers a read from the page cache without waiting; `false` if it would wait.
+    fn read_cached(
+        &mut self,
+        exec: &mut Executor<'_>,
+        request: &Request,
+        source: ReadSource<'_>,
+        structured: bool,
+    ) -> bool {
+        let len = len_usize(request.length);
+        let start = exec.out.len();
+        let head = ReplyHead::for_read(request, structured);
+        exec.out.put(head.as_slice());
+        let tail = exec.out.tail(len);
+        let iov = libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        };
+        let Ok(offset) = libc::off_t::try_from(request.offset) else {
+            exec.out.truncate(start);
+            return false;
+        };
+        // SAFETY: the iovec covers `tail`, memory this function borrows mutably for the
+        // call; the descriptor is the device's, open while the device is borrowed.
+        let n = unsafe { libc::preadv2(source.fd.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        if usize::try_from(n).is_ok_and(|n| n == len) {
+            exec.out.commit(len);
+            exec.stats.requests += 1;
+            exec.stats.bytes_read += u64::from(request.length);
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.nowait = false;
+        }
+        exec.out.truncate(start);
+        false
+    }
+
+    fn set_up(&mut self) -> bool {
+        if self.setup_failed {
+            return false;
+        }
+        match IoEngine::new(ENGINE_DEPTH) {
+            Ok(engine) => {
+                self.engine = Some(engine);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, "could not set up io_uring; reads run one at a time");
+                self.setup_failed = true;
+                false
+            }
+        }
+    }
+
+    /// A buffer of at least `len` bytes, reused when one is spare.
+    fn buffer(&mut self, len: usize) -> Option<IoBuf> {
+        match self.spare.iter().position(|buf| buf.capacity() >= len) {
+            Some(index) => Some(self.spare.swap_remove(index)),
+            None => IoBuf::new(len).ok(),
+        }
+    }
+
+    fn keep_spare(&mut self, buf: IoBuf) {
+        if buf.capacity() <= MAX_SPARE_BUFFER && self.spare.len() < MAX_SPARE_BUFFERS {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Hands the reads queued so far to the kernel.
+    pub(super) fn submit(&mut self) -> io::Result<()> {
+        match self.engine.as_mut() {
+            Some(engine) => engine.submit(),
+            None => Ok(()),
+        }
+    }
+
+    /// Collects finished reads, waiting until at least `wait_for` have finished:
+    /// successful ones join the ready replies, failed ones are answered in `exec.out`.
+    pub(super) fn reap(&mut self, exec: &mut Executor<'_>, wait_for: usize) -> io::Result<()> {
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(());
+        };
+        let (ready, spare, bytes) = (&mut self.ready, &mut self.spare, &mut self.bytes_in_flight);
+        let structured = exec.session.structured;
+        engine.complete(wait_for, |done| {
+            *bytes -= done.buf.len();
+            match done.result {
+                Ok(()) => {
+                    exec.stats.bytes_read += u64::from(done.tag.length);
+                    ready.push((ReplyHead::for_read(&done.tag, structured), done.buf));
+                }
+                Err(err) => {
+                    exec.reply_device_error(&done.tag, &err);
+                    spare.push(done.buf);
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Waits for every read in flight.
+    pub(super) fn drain(&mut self, exec: &mut Executor<'_>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            let all = self.in_flight();
+            self.reap(exec, all)?;
+        }
+        Ok(())
+    }
+
+    /// Whether completed reads wait to be sent.
+    pub(super) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Writes `out` and every ready read reply to `writer` (whole replies, one
+    /// `writev` where the socket takes it all), then empties both.
+    pub(super) fn send_with(&mut self, writer: &mut dyn Write, out: &mut OutBuf) -> io::Result<()> {
+        let mut slices = Vec::with_capacity(1 + 2 * self.ready.len());
+        if !out.is_empty() {
+            slices.push(IoSlice::new(out.as_slice()));
+        }
+        for (head, buf) in &self.ready {
+            slices.push(IoSlice::new(head.as_slice()));
+            slices.push(IoSlice::new(buf.as_slice()));
+        }
+        let result = write_all_vectored(writer, &mut slices);
+        drop(slices);
+        out.clear();
+        let ready = std::mem::take(&mut self.ready);
+        for (_, buf) in ready {
+            self.keep_spare(buf);
+        }
+        result
+    }
+}
+
+/// Writes every byte of `slices`, retrying on `EINTR`.
+fn write_all_vectored(writer: &mut dyn Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match writer.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
