@@ -581,7 +581,8 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         &mut self,
         stream: &mut impl Write,
     ) -> Result<Option<Option<Ending>>, TransmissionError> {
-        if self.exec.out.len() >= self.flush_threshold {
+        // Completed engine reads count too: they hold memory until sent.
+        if self.exec.out.len() + self.reads.ready_bytes() >= self.flush_threshold {
             self.send_queued(stream)?;
         }
         Ok(Some(None))

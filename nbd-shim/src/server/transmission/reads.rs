@@ -17,7 +17,9 @@
 //!
 //! Bounds: at most [`ServerConfig::max_in_flight_bytes`] of read buffers are in flight;
 //! a read that would exceed it, or find every engine slot taken, first waits for
-//! completions (the device, not the client, so it cannot deadlock).
+//! completions (the device, not the client, so it cannot deadlock). Completed reads
+//! count toward the connection's reply flush threshold, so they are sent (and their
+//! buffers freed) as the connection goes, however long the client's request burst.
 //!
 //! Ending: the connection waits for every read in flight and sends its reply before it
 //! closes; dropping the engine waits as well (see [`crate::engine`]).
@@ -89,6 +91,8 @@ pub(super) struct EngineReads<'a> {
     engine: Option<IoEngine<'a, Request>>,
     setup_failed: bool,
     ready: Vec<ReadyReply>,
+    /// Data bytes of the ready replies.
+    ready_bytes: usize,
     spare: Vec<IoBuf>,
     bytes_in_flight: usize,
     max_bytes: usize,
@@ -102,6 +106,7 @@ impl<'a> EngineReads<'a> {
             engine: None,
             setup_failed: false,
             ready: Vec::new(),
+            ready_bytes: 0,
             spare: Vec::new(),
             bytes_in_flight: 0,
             max_bytes: config.max_in_flight_bytes.max(1),
@@ -251,12 +256,14 @@ impl<'a> EngineReads<'a> {
             return Ok(());
         };
         let (ready, spare, bytes) = (&mut self.ready, &mut self.spare, &mut self.bytes_in_flight);
+        let ready_bytes = &mut self.ready_bytes;
         let structured = exec.session.structured;
         engine.complete(wait_for, |done| {
             *bytes -= done.buf.len();
             match done.result {
                 Ok(()) => {
                     exec.stats.bytes_read += u64::from(done.tag.length);
+                    *ready_bytes += done.buf.len();
                     ready.push((ReplyHead::for_read(&done.tag, structured), done.buf));
                 }
                 Err(err) => {
@@ -282,6 +289,11 @@ impl<'a> EngineReads<'a> {
         !self.ready.is_empty()
     }
 
+    /// Data bytes of the completed reads waiting to be sent.
+    pub(super) fn ready_bytes(&self) -> usize {
+        self.ready_bytes
+    }
+
     /// Writes `out` and every ready read reply to `writer` (whole replies, one
     /// `writev` where the socket takes it all), then empties both.
     pub(super) fn send_with(&mut self, writer: &mut dyn Write, out: &mut OutBuf) -> io::Result<()> {
@@ -296,6 +308,7 @@ impl<'a> EngineReads<'a> {
         let result = write_all_vectored(writer, &mut slices);
         drop(slices);
         out.clear();
+        self.ready_bytes = 0;
         let ready = std::mem::take(&mut self.ready);
         for (_, buf) in ready {
             self.keep_spare(buf);
