@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Write-path benchmark: fio's nbd engine against qemu-nbd and blkrep, on the
+# Benchmark of the NBD data path: fio's nbd engine against qemu-nbd and blkrep, on the
 # same raw image file, in the same run.
 #
 # Usage: scripts/bench-fio.sh [options]
@@ -9,13 +9,17 @@
 #   --ramp S                 fio ramp_time seconds, not measured (default 3)
 #   --size SIZE              image size for fallocate, e.g. 4G, 256M (default 4G)
 #   --ring-size SIZE         blkrep ring_size for the tracked server (default 4GiB: two 1 s cycles at ~2 GB/s)
-#   --jobs LIST              comma list from: randwrite4k,randread4k,randwrite64k,seqwrite1m,
-#                            seqwrite64k,steady4k,steady64k (default: the first four); a
-#                            write job with "-refill" appended (randwrite4k-refill) writes
-#                            incompressible data (fio refill_buffers) instead of fio's
-#                            default buffers
-#   --servers LIST           comma list from: qemu,untracked,tracked,replicated
-#                            (default: qemu,untracked,tracked)
+#   --jobs LIST              comma list of jobs (default: randwrite4k,randread4k,randwrite64k,
+#                            seqwrite1m); see "Jobs" below
+#   --servers LIST           comma list from: qemu,untracked,tracked,replicated,qemu-direct,
+#                            untracked-direct,tracked-direct (default: qemu,untracked,tracked)
+#   --cache hot|cold|both    page-cache state of the image for jobs that read (default hot):
+#                            hot = the whole image read into the page cache right before
+#                            fio; cold = `sync`, then posix_fadvise(POSIX_FADV_DONTNEED) on the
+#                            image right before fio, and no ramp (a ramp would warm it);
+#                            both = every read job twice, as "JOB" (hot) and "JOB:cold".
+#                            Either way the image's resident bytes (fincore) are logged before
+#                            and after fio and shown in the report. Write jobs are unaffected
 #   --blkrep LABEL=PATH      a blkrep binary, with a label; repeat it to measure several
 #                            binaries interleaved in one run (--blkrep before=/tmp/blkrep-old
 #                            --blkrep after=target/release/blkrep): every blkrep server gets
@@ -31,8 +35,10 @@
 #   --embed                  report for inclusion in another report: no machine table, a
 #                            level-3 heading (scripts/bench-replication.sh uses it)
 #   --json-dir DIR           keep every fio JSON output under DIR
-#   --short                  CI smoke mode: 1 run, 3 s per job, 1 s ramp, 256 MiB image;
-#                            fails only on errors, never on the numbers
+#   --short                  CI smoke mode: 1 run, 2 s per job, 1 s ramp, 256 MiB image, the
+#                            default jobs plus randwrite4k-qd8-fsync1 (unless --jobs), and
+#                            --cache cold (unless --cache); fails only on errors, never on
+#                            the numbers
 #   --allow-missing-blkrep   if blkrep cannot be built or started, skip its columns
 #                            (for developing this script only; default outside --short
 #                            is to skip with a warning, in --short it is an error)
@@ -44,9 +50,34 @@
 # `cargo build --release --bin blkrep` if missing); TMPDIR_BENCH=dir to hold the
 # work dir (default /var/tmp: not tmpfs, the same filesystem kind as real disks).
 #
+# Jobs (fio's nbd engine; each fio job opens its own NBD connection):
+#   randwrite4k          4k randwrite QD32          randread4k    4k randread QD32
+#   randwrite64k         64k randwrite QD16         seqread1m     1M seq read QD8
+#   seqwrite1m           1M seq write QD8           seqwrite64k   64k seq write QD16
+#   randwrite4k-qd1      4k randwrite QD1 (latency)
+#   randrw4k             4k random 70/30 read/write QD32 (--rwmixread=70); IOPS and
+#                        MB/s are reads + writes, latencies of both together
+#                        (fio unified_rw_reporting=both), read and write IOPS apart
+#   steady4k, steady64k  4k QD32 / 64k QD16 randwrite at --rate-4k / --rate-64k MB/s
+#   flush jobs (issue 17), 4k randwrite with fio --fsync=N (NBD_CMD_FLUSH after
+#   every N writes; the report shows the flushes fio really sent per write):
+#   randwrite4k-fsync8   QD32, fsync=8               randwrite4k-qd8-fsync1  QD8, fsync=1
+#   randwrite4k-qd1-fsync1  QD1, fsync=1
+# Suffixes: "-refill" on a write job (randwrite4k-refill) writes incompressible data
+# (fio refill_buffers) instead of fio's default buffers; then "-Nconn" on any job
+# (randread4k-4conn, seqwrite1m-4conn, randwrite4k-qd8-fsync1-4conn) runs it on N
+# connections at once (fio --numjobs=N --group_reporting, N <= 16): every connection
+# has the job's queue depth, and sequential jobs give each connection its own 1/N
+# of the image.
+# fio 3.33's nbd engine cannot send FUA (it writes with flags 0 and has no `fua`
+# option), so FUA writes are not measured here. Note that at a queue depth above 1
+# fio 3.33's nbd engine sends about one flush per write whatever --fsync=N says
+# (measured); the report's "flushes / write" row shows what was sent.
+#
 # Servers, each started fresh for every (run, job) and stopped with SIGTERM, in
-# the order qemu, untracked, tracked, so machine noise is spread over all three:
-#   qemu       qemu-nbd -t -f raw --cache=writeback --aio=io_uring
+# the order given by --servers, so machine noise is spread over all of them:
+#   qemu       qemu-nbd -t -f raw --cache=writeback --aio=io_uring --shared=N+8
+#              (N: the most connections of a job; 8 to spare)
 #   untracked  blkrep primary, tracking = false
 #   tracked    blkrep primary, tracking = true, a cycle closed every 1 s and
 #              consumed by the "discard" consumer; the ring file is new each run
@@ -59,6 +90,11 @@
 #              runs, its lag is sampled (`blkrep status --json`); after fio, a cycle
 #              is closed and the time until the replica has applied everything (the
 #              drain) gives the protected writes per second: writes / (run + drain).
+#   qemu-direct       qemu-nbd ... --cache=none --aio=io_uring (O_DIRECT image)
+#   untracked-direct  as untracked, with `direct = true` on the disk (O_DIRECT image)
+#   tracked-direct    as tracked, with `direct = true` on the disk
+# The report's ratios put each blkrep server against qemu-nbd with the same kind of
+# image: the -direct ones against qemu-direct, the others against qemu.
 # The image is written once in full before the first job, so reads hit data.
 set -euo pipefail
 
@@ -72,6 +108,7 @@ size=4G
 ring_size=4GiB
 jobs_csv=randwrite4k,randread4k,randwrite64k,seqwrite1m
 servers_csv=qemu,untracked,tracked
+cache=hot
 replica_interval=1s
 rate_4k=40
 rate_64k=150
@@ -87,7 +124,7 @@ allow_missing=0
 start_timeout=30
 initial_timeout=900
 keep=0
-runs_set=0 runtime_set=0 ramp_set=0 size_set=0
+runs_set=0 runtime_set=0 ramp_set=0 size_set=0 jobs_set=0 cache_set=0
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 log() { echo "bench-fio: $*" >&2; }
@@ -101,7 +138,8 @@ while [[ $# -gt 0 ]]; do
         --ramp) need_arg "$@"; ramp=$2; ramp_set=1; shift 2 ;;
         --size) need_arg "$@"; size=$2; size_set=1; shift 2 ;;
         --ring-size) need_arg "$@"; ring_size=$2; ring_size_set=1; shift 2 ;;
-        --jobs) need_arg "$@"; jobs_csv=$2; shift 2 ;;
+        --jobs) need_arg "$@"; jobs_csv=$2; jobs_set=1; shift 2 ;;
+        --cache) need_arg "$@"; cache=$2; cache_set=1; shift 2 ;;
         --servers) need_arg "$@"; servers_csv=$2; shift 2 ;;
         --replica-interval) need_arg "$@"; replica_interval=$2; shift 2 ;;
         --blkrep)
@@ -126,11 +164,17 @@ done
 
 if (( short )); then
     (( runs_set )) || runs=1
-    (( runtime_set )) || runtime=3
+    # 2 s: the same time in all as the four 3 s jobs before the cold read and the
+    # flush job joined (about 70 s on a busy 2-core machine).
+    (( runtime_set )) || runtime=2
     (( ramp_set )) || ramp=1
     (( size_set )) || size=256M
     (( ${ring_size_set:-0} )) || ring_size=1GiB
+    # One read job evicted from the page cache, and one flush job.
+    (( jobs_set )) || jobs_csv=$jobs_csv,randwrite4k-qd8-fsync1
+    (( cache_set )) || cache=cold
 fi
+[[ "$cache" =~ ^(hot|cold|both)$ ]] || die "--cache must be hot, cold or both"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
 [[ "$runtime" =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
 [[ "$ramp" =~ ^[0-9]+$ ]] || die "--ramp must be a non-negative integer (seconds)"
@@ -145,38 +189,88 @@ done
 
 IFS=, read -r -a jobs <<<"$jobs_csv"
 IFS=, read -r -a servers <<<"$servers_csv"
+
+# A job name is BASE[-refill][-Nconn]. These split it.
+job_conns() {  # the N of -Nconn, or 1
+    if [[ "$1" =~ -([0-9]+)conn$ ]]; then echo "${BASH_REMATCH[1]}"; else echo 1; fi
+}
+job_one_conn() {  # the name without -Nconn
+    if [[ "$1" =~ ^(.*)-[0-9]+conn$ ]]; then echo "${BASH_REMATCH[1]}"; else echo "$1"; fi
+}
+job_base() {  # the name without -Nconn and -refill
+    local j
+    j=$(job_one_conn "$1")
+    echo "${j%-refill}"
+}
+job_reads() {  # whether the job reads, so that the cache state matters
+    case "$(job_base "$1")" in randread4k|seqread1m|randrw4k) return 0 ;; *) return 1 ;; esac
+}
+max_conns=1
 for j in "${jobs[@]}"; do
-    case "$j" in
-        randread4k) ;;
+    case "$(job_base "$j")" in
+        randread4k|seqread1m|randrw4k) [[ "$(job_one_conn "$j")" != *-refill ]] || die "job $j: -refill is for write jobs" ;;
         randwrite4k|randwrite64k|seqwrite1m|seqwrite64k|steady4k|steady64k) ;;
-        randwrite4k-refill|randwrite64k-refill|seqwrite1m-refill|seqwrite64k-refill) ;;
-        steady4k-refill|steady64k-refill) ;;
-        *) die "unknown job: $j" ;;
+        randwrite4k-qd1|randwrite4k-fsync8|randwrite4k-qd8-fsync1|randwrite4k-qd1-fsync1) ;;
+        *) die "unknown job: $j (see --help)" ;;
     esac
+    n=$(job_conns "$j")
+    (( n >= 1 && n <= 16 )) || die "job $j: 1 to 16 connections"
+    (( n > max_conns )) && max_conns=$n
+done
+# What is measured: every job once, and a job that reads once per cache state,
+# as JOB (hot) and JOB:cold. Results go to results/CASE/COLUMN.
+cases=()
+for j in "${jobs[@]}"; do
+    if job_reads "$j"; then
+        [[ "$cache" == cold ]] || cases+=("$j")
+        [[ "$cache" == hot ]] || cases+=("$j:cold")
+    else
+        cases+=("$j")
+    fi
 done
 want_replica=0
 for s in "${servers[@]}"; do
-    case "$s" in qemu|untracked|tracked) ;; replicated) want_replica=1 ;; *) die "unknown server: $s" ;; esac
+    case "$s" in
+        qemu|untracked|tracked|qemu-direct|untracked-direct|tracked-direct) ;;
+        replicated) want_replica=1 ;;
+        *) die "unknown server: $s" ;;
+    esac
 done
+is_qemu() { [[ "$1" == qemu || "$1" == qemu-direct ]]; }
 
 # fio arguments of each job (beyond the common ones). The steady jobs are rate
 # limited (fio --rate, bytes/s), so that they measure replication that keeps up.
 job_args() {
-    case "${1%-refill}" in
+    local conns
+    conns=$(job_conns "$1")
+    case "$(job_base "$1")" in
         randwrite4k)  echo "--rw=randwrite --bs=4k --iodepth=32" ;;
         randread4k)   echo "--rw=randread --bs=4k --iodepth=32" ;;
         randwrite64k) echo "--rw=randwrite --bs=64k --iodepth=16" ;;
         seqwrite1m)   echo "--rw=write --bs=1M --iodepth=8" ;;
         seqwrite64k)  echo "--rw=write --bs=64k --iodepth=16" ;;
+        seqread1m)    echo "--rw=read --bs=1M --iodepth=8" ;;
+        randrw4k)     echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --unified_rw_reporting=both" ;;
+        randwrite4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+        randwrite4k-fsync8) echo "--rw=randwrite --bs=4k --iodepth=32 --fsync=8" ;;
+        randwrite4k-qd8-fsync1) echo "--rw=randwrite --bs=4k --iodepth=8 --fsync=1" ;;
+        randwrite4k-qd1-fsync1) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
         steady4k)     echo "--rw=randwrite --bs=4k --iodepth=32 --rate=$((rate_4k * 1000000))" ;;
         steady64k)    echo "--rw=randwrite --bs=64k --iodepth=16 --rate=$((rate_64k * 1000000))" ;;
     esac
     # Incompressible data: fresh random bytes for every write.
-    [[ "$1" == *-refill ]] && echo "--refill_buffers"
+    [[ "$(job_one_conn "$1")" == *-refill ]] && echo "--refill_buffers"
+    # N connections: fio's nbd engine opens one per fio job. Sequential jobs get a
+    # region each, so they do not all stream over the same blocks.
+    echo "--numjobs=$conns"
+    if (( conns > 1 )) && [[ "$(job_base "$1")" == seq* ]]; then
+        local share=$(( image_bytes / conns / 1048576 * 1048576 ))
+        echo "--size=$share --offset_increment=$share"
+    fi
     return 0
 }
 
-for tool in fio qemu-nbd nbdinfo fallocate python3; do
+for tool in fio qemu-nbd nbdinfo fallocate python3 fincore; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run scripts/install-test-deps.sh"
 done
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
@@ -236,7 +330,7 @@ uri="nbd+unix:///$export_name?socket=$sock"
 
 # ---- blkrep binary --------------------------------------------------------
 want_blkrep=0
-for s in "${servers[@]}"; do [[ "$s" == qemu ]] || want_blkrep=1; done
+for s in "${servers[@]}"; do is_qemu "$s" || want_blkrep=1; done
 
 # Servers that failed to start are skipped for the rest of the run (only when
 # skipping is allowed); reasons go to the report.
@@ -245,7 +339,7 @@ skip_allowed() { (( allow_missing )) || (( ! short )); }
 blkrep_unavailable() {  # reason
     if skip_allowed; then
         log "WARNING: $1; skipping the blkrep columns"
-        for s in untracked tracked replicated; do skipped[$s]=$1; done
+        for s in untracked tracked replicated untracked-direct tracked-direct; do skipped[$s]=$1; done
     else
         die "$1 (use --allow-missing-blkrep to skip blkrep while developing this script)"
     fi
@@ -283,8 +377,8 @@ fi
 columns=()
 declare -A column_server=() column_binary=()
 for s in "${servers[@]}"; do
-    if [[ "$s" == qemu ]]; then
-        columns+=(qemu); column_server[qemu]=qemu
+    if is_qemu "$s"; then
+        columns+=("$s"); column_server[$s]=$s
         continue
     fi
     for i in "${!bin_labels[@]}"; do
@@ -297,6 +391,7 @@ done
 log "work dir $work ($(findmnt -n -o FSTYPE --target "$work" 2>/dev/null || echo '?'))"
 log "image $size, preallocated and written once in full"
 fallocate -l "$size" "$image"
+image_bytes=$(stat -c %s "$image")
 # Precondition: write the whole image once, so that reads are of data rather
 # than of unwritten extents, and every server sees the same allocated file.
 # Buffered, so the image also starts out in the page cache for every server.
@@ -306,8 +401,8 @@ fio --name=precondition --filename="$image" --rw=write --bs=1M \
     || { cat "$work/logs/precondition.txt" >&2; die "preconditioning write failed"; }
 
 # ---- servers --------------------------------------------------------------
-write_blkrep_config() {  # tracking(true|false) file
-    local tracking=$1 conf=$2
+write_blkrep_config() {  # tracking(true|false) direct(true|false) file
+    local tracking=$1 direct=$2 conf=$3
     {
         echo "control_socket = \"$ctl\""
         echo
@@ -329,10 +424,13 @@ write_blkrep_config() {  # tracking(true|false) file
         echo "[[group.disk]]"
         echo "name = \"$export_name\""
         echo "image = \"$image\""
+        echo "direct = $direct"
     } >"$conf"
 }
-write_blkrep_config false "$work/untracked.toml"
-write_blkrep_config true "$work/tracked.toml"
+write_blkrep_config false false "$work/untracked.toml"
+write_blkrep_config true false "$work/tracked.toml"
+write_blkrep_config false true "$work/untracked-direct.toml"
+write_blkrep_config true true "$work/tracked-direct.toml"
 
 # ---- the replicated server's replica daemon ----------------------------------
 # A lab CA and certificates (`blkrep cert`) once; the configurations per run.
@@ -457,11 +555,15 @@ start_server() {
     local which=$1 logf=$2
     rm -f "$sock" "$ctl" "$ring" "$ring.replication.json"
     case "$which" in
-        qemu)
-            qemu-nbd -t -f raw --cache=writeback --aio=io_uring --shared=8 \
+        qemu|qemu-direct)
+            local qcache=writeback
+            [[ "$which" == qemu-direct ]] && qcache=none
+            # --shared: the most connections of a job (fio closes the one it sizes
+            # the export with; checked with --shared=4 and 4 jobs), and 8 to spare.
+            qemu-nbd -t -f raw --cache=$qcache --aio=io_uring --shared=$((max_conns + 8)) \
                 -k "$sock" -x "$export_name" "$image" >"$logf" 2>&1 &
             ;;
-        untracked|tracked)
+        untracked|tracked|untracked-direct|tracked-direct)
             NO_COLOR=1 "$blkrep" primary --config "$work/$which.toml" >"$logf" 2>&1 &
             ;;
         replicated)
@@ -557,27 +659,61 @@ cpu_sample() {
     echo "$now $stat" >"$1"
 }
 
+# Bytes of the image resident in the page cache.
+resident_bytes() {
+    fincore --bytes --noheadings --output RES "$image" | tr -d ' '
+}
+
+# Puts the image into page-cache state $1 (hot or cold) right before fio, and
+# records its resident bytes into $2. Cold: dirty pages written back first
+# (DONTNEED drops clean pages only), then every page of the image dropped.
+set_cache_state() {  # hot|cold file
+    if [[ "$1" == cold ]]; then
+        sync
+        "$py" -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.fdatasync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+os.close(fd)' "$image"
+    else
+        cat "$image" >/dev/null
+    fi
+    local res
+    res=$(resident_bytes)
+    echo "$res" >"$2"
+    log "  image $1: $((res / 1048576)) MiB of $((image_bytes / 1048576)) MiB in the page cache"
+    if [[ "$1" == cold ]] && (( res > image_bytes / 100 )); then
+        log "WARNING: eviction left $((res / 1048576)) MiB of the image cached"
+    fi
+}
+
 # ---- the runs ---------------------------------------------------------------
-total=$(( runs * ${#jobs[@]} * ${#columns[@]} ))
+total=$(( runs * ${#cases[@]} * ${#columns[@]} ))
 n=0
 errors=0
 for ((r = 1; r <= runs; r++)); do
-    for job in "${jobs[@]}"; do
+    for case_id in "${cases[@]}"; do
+        job=${case_id%:cold}
+        cache_state=
+        if job_reads "$job"; then
+            cache_state=hot
+            [[ "$case_id" == *:cold ]] && cache_state=cold
+        fi
         for col in "${columns[@]}"; do
             n=$((n + 1))
             srv=${column_server[$col]}
             if [[ -n "${skipped[$col]:-}${skipped[$srv]:-}" ]]; then
                 continue
             fi
-            [[ "$srv" == qemu ]] || blkrep=${column_binary[$col]}
-            tag="$job/$col/run$r"
-            mkdir -p "$work/results/$job/$col"
-            logf="$work/logs/$job-$col-run$r.log"
+            is_qemu "$srv" || blkrep=${column_binary[$col]}
+            tag="$case_id/$col/run$r"
+            mkdir -p "$work/results/$case_id/$col"
+            logf="$work/logs/$case_id-$col-run$r.log"
             log "[$n/$total] $tag"
             drop_caches
             if ! start_server "$srv" "$logf"; then
-                if [[ "$srv" == qemu ]]; then
-                    die "qemu-nbd $start_failure"
+                if is_qemu "$srv"; then
+                    die "qemu-nbd ($srv) $start_failure"
                 fi
                 if skip_allowed; then
                     log "WARNING: blkrep ($col) did not start; skipping its column"
@@ -586,7 +722,13 @@ for ((r = 1; r <= runs; r++)); do
                 fi
                 die "blkrep primary ($col) $start_failure (use --allow-missing-blkrep to skip it while developing this script)"
             fi
-            json="$work/results/$job/$col/run$r.json"
+            json="$work/results/$case_id/$col/run$r.json"
+            # A cold job has no ramp: fio's ramp would read the image back in.
+            job_ramp=$ramp
+            if [[ -n "$cache_state" ]]; then
+                set_cache_state "$cache_state" "$json.resident0"
+                [[ "$cache_state" == cold ]] && job_ramp=0
+            fi
             # The server's CPU time (all threads) around the fio run, for the
             # report's "server CPU" row.
             cpu_sample "$json.cpu0"
@@ -605,11 +747,11 @@ for ((r = 1; r <= runs; r++)); do
             # (bash runs traps only after a foreground child exits).
             # shellcheck disable=SC2046  # job_args is meant to split into words
             fio --name="$job" --ioengine=nbd --uri="$uri" \
-                $(job_args "$job") --numjobs=1 --group_reporting \
-                --time_based --runtime="$runtime" --ramp_time="$ramp" \
+                $(job_args "$job") --group_reporting \
+                --time_based --runtime="$runtime" --ramp_time="$job_ramp" \
                 --percentile_list=50:99:99.9 \
                 --output-format=json --output="$json" \
-                >"$work/logs/$job-$col-run$r.fio.txt" 2>&1 &
+                >"$work/logs/$case_id-$col-run$r.fio.txt" 2>&1 &
             fio_pid=$!
             fio_rc=0
             wait "$fio_pid" || fio_rc=$?
@@ -622,13 +764,14 @@ for ((r = 1; r <= runs; r++)); do
             fi
             if (( fio_rc != 0 )); then
                 log "fio failed for $tag (status $fio_rc):"
-                tail -n 20 "$work/logs/$job-$col-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
+                tail -n 20 "$work/logs/$case_id-$col-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
                 stop_server "$srv" || true
                 die "fio failed against $col"
             fi
             cpu_sample "$json.cpu1"
+            [[ -n "$cache_state" ]] && resident_bytes >"$json.resident1"
             [[ -n "$replica_pid" ]] && cpu_sample "$json.rcpu1" "$replica_pid"
-            if [[ "$srv" != qemu ]]; then
+            if ! is_qemu "$srv"; then
                 # What the server did (cycles closed and delivered, ring use),
                 # so the report can show the tracked column really tracked.
                 if ! timeout 10 "$blkrep" status --config "$work/$srv.toml" --json \
@@ -653,7 +796,7 @@ for ((r = 1; r <= runs; r++)); do
                 tail -n 20 "$logf" | sed 's/^/    /' >&2
                 errors=$((errors + 1))
             fi
-            if [[ "$srv" == tracked || "$srv" == replicated ]]; then
+            if [[ "$srv" == tracked* || "$srv" == replicated ]]; then
                 rm -f "$ring" "$ring.replication.json"
             fi
             if [[ "$srv" == replicated ]]; then
@@ -669,7 +812,7 @@ done
 skip_args=()
 for s in "${!skipped[@]}"; do skip_args+=(--skipped "$s=${skipped[$s]}"); done
 report_args=(
-    --results "$work/results" --jobs "$jobs_csv" --servers "$servers_csv"
+    --results "$work/results" --jobs "$(IFS=,; echo "${cases[*]}")" --servers "$servers_csv"
     --image-dir "$work" --size "$size" --runs "$runs" --runtime "$runtime" --ramp "$ramp"
     --ring-size "$ring_size" --load-start "$load_start"
     --rate-4k "$rate_4k" --rate-64k "$rate_64k" --lag-hz "$lag_hz"
