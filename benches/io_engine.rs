@@ -61,10 +61,11 @@ fn single_reads(c: &mut Criterion) {
 
 fn batched_reads(c: &mut Criterion) {
     const DEPTH: usize = 32;
+    const DEPTH_U32: u32 = 32;
     let file = cached_file();
     let mut group = c.benchmark_group("4 KiB cached reads, batches of 32");
     group.throughput(Throughput::Bytes((BLOCK * DEPTH) as u64));
-    let mut engine = IoEngine::new(DEPTH as u32).expect("io_uring");
+    let mut engine = IoEngine::new(DEPTH_U32).expect("io_uring");
     let mut spare: Vec<IoBuf> = (0..DEPTH)
         .map(|_| IoBuf::new(BLOCK).expect("buffer"))
         .collect();

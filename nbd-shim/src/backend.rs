@@ -47,17 +47,6 @@ pub struct BlockSizeLimits {
     pub maximum: u32,
 }
 
-/// A file that reads of a range may go to directly, through the connection's I/O
-/// engine, with the same result as [`BlockDevice::read_at`].
-#[derive(Debug, Clone, Copy)]
-pub struct ReadSource<'a> {
-    /// The descriptor, read at the export's offsets.
-    pub fd: BorrowedFd<'a>,
-    /// Whether it bypasses the page cache (`O_DIRECT`): memory must be aligned to
-    /// [`crate::engine::IoBuf::ALIGN`] and no read can be served from the cache.
-    pub direct: bool,
-}
-
 /// A disk served over NBD.
 pub trait BlockDevice: Send + Sync {
     /// Export size in bytes.
@@ -81,10 +70,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// Fills `buf` from `offset`. The range is within [`BlockDevice::size`].
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Where `len` bytes at `offset` (within [`BlockDevice::size`]) can be read straight
-    /// from a file, so that a connection keeps many reads in flight; `None` when only
-    /// [`BlockDevice::read_at`] can read them.
-    fn read_source(&self, offset: u64, len: u64) -> Option<ReadSource<'_>> {
+    /// A file `len` bytes at `offset` (within [`BlockDevice::size`]) can be read from
+    /// directly, at the export's offsets and with the same result as
+    /// [`BlockDevice::read_at`], so that a connection keeps many reads in flight; `None`
+    /// when only `read_at` can read them. The file may be open with `O_DIRECT`: read it
+    /// into memory aligned to [`crate::engine::IoBuf::ALIGN`].
+    fn read_source(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
         let _ = (offset, len);
         None
     }

@@ -9,8 +9,9 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::BorrowedFd;
 
-use nbd_shim::backend::{BlockSizeLimits, ImageFile, ReadSource};
+use nbd_shim::backend::{BlockSizeLimits, ImageFile};
 use nbd_shim::{BlockDevice, Extent, ZeroMode};
 use tracker::{DiskTracker, TrackerError};
 
@@ -87,7 +88,7 @@ impl BlockDevice for TrackedDisk {
         self.image.read_at(buf, offset)
     }
 
-    fn read_source(&self, offset: u64, len: u64) -> Option<ReadSource<'_>> {
+    fn read_source(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
         self.image.read_source(offset, len)
     }
 

@@ -34,7 +34,7 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ use nix::errno::Errno as NixErrno;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
-use super::{BlockDevice, BlockSizeLimits, Extent, ReadSource, ZeroMode};
+use super::{BlockDevice, BlockSizeLimits, Extent, ZeroMode};
 use crate::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 
 /// Largest request advertised: the spec's interoperable maximum, 2^25 bytes.
@@ -459,13 +459,10 @@ impl BlockDevice for ImageFile {
         }
     }
 
-    fn read_source(&self, offset: u64, len: u64) -> Option<ReadSource<'_>> {
+    fn read_source(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
         self.check_range(offset, len).ok()?;
-        let (file, direct) = self.descriptor_for(offset, usize::try_from(len).ok()?);
-        Some(ReadSource {
-            fd: file.as_fd(),
-            direct,
-        })
+        let (file, _) = self.descriptor_for(offset, usize::try_from(len).ok()?);
+        Some(file.as_fd())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

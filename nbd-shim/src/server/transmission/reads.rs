@@ -2,15 +2,15 @@
 //! flight as its client sends.
 //!
 //! A read whose range the device can serve from a file ([`BlockDevice::read_source`])
-//! goes one of two ways:
-//! - **Cached** (buffered images): first `preadv2(RWF_NOWAIT)` straight into the output
-//!   buffer. Data in the page cache is answered right there, for one syscall; a read
-//!   that would wait on the device (`EAGAIN`, or only part of it cached) goes on.
-//! - **Engine**: the read is queued on the connection's [`IoEngine`] with a buffer of its
-//!   own. All reads queued while parsing one batch of requests are submitted together.
-//!   When one completes, its reply header is encoded and kept with its buffer until the
-//!   connection next sends, which writes them with the rest of its output in one
-//!   `writev`. Replies go out of order, which the spec allows (clients match cookies).
+//! is queued on the connection's [`IoEngine`] with a buffer of its own, and all reads
+//! queued while parsing one batch of requests are submitted with one `io_uring_enter`.
+//! The kernel serves data in the page cache right there (the completion is ready when
+//! the submit returns) and hands the rest to its workers, so a connection has as many
+//! reads waiting on the disk as its client sent. (A `preadv2(RWF_NOWAIT)` probe before
+//! queueing was measured too: it adds a syscall per read and won nothing.) When a read
+//! completes, its reply header is encoded and kept with its buffer until the connection
+//! next sends, which writes them with the rest of its output in one `writev`. Replies
+//! go out of order, which the spec allows (clients match cookies).
 //!
 //! Ownership: the engine's table owns a read's buffer until its completion; the
 //! [`ReadyReply`] list owns it until it is sent; then it is kept for reuse.
@@ -25,11 +25,11 @@
 //! closes; dropping the engine waits as well (see [`crate::engine`]).
 
 use std::io::{self, IoSlice, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use super::executor::Executor;
 use super::len_usize;
-use crate::backend::{BlockDevice, ReadSource};
+use crate::backend::BlockDevice;
 use crate::engine::{IoBuf, IoEngine};
 use crate::proto::reply::*;
 use crate::proto::request::Request;
@@ -96,8 +96,6 @@ pub(super) struct EngineReads<'a> {
     spare: Vec<IoBuf>,
     bytes_in_flight: usize,
     max_bytes: usize,
-    /// Whether `RWF_NOWAIT` reads work here (cleared at the first `EOPNOTSUPP`).
-    nowait: bool,
 }
 
 impl<'a> EngineReads<'a> {
@@ -110,7 +108,6 @@ impl<'a> EngineReads<'a> {
             spare: Vec::new(),
             bytes_in_flight: 0,
             max_bytes: config.max_in_flight_bytes.max(1),
-            nowait: true,
         }
     }
 
@@ -139,13 +136,9 @@ impl<'a> EngineReads<'a> {
         if len == 0 {
             return Ok(false);
         }
-        let Some(source) = dev.read_source(request.offset, u64::from(request.length)) else {
+        let Some(fd) = dev.read_source(request.offset, u64::from(request.length)) else {
             return Ok(false);
         };
-        let structured = exec.session.structured;
-        if !source.direct && self.nowait && self.read_cached(exec, request, source, structured) {
-            return Ok(true);
-        }
         if self.engine.is_none() && !self.set_up() {
             return Ok(false);
         }
@@ -163,7 +156,7 @@ impl<'a> EngineReads<'a> {
         let Some(engine) = self.engine.as_mut() else {
             return Ok(false);
         };
-        if let Err(full) = engine.read(source.fd, request.offset, buf, *request) {
+        if let Err(full) = engine.read(fd, request.offset, buf, *request) {
             // Cannot happen after the wait above; run it the usual way.
             self.spare.push(full.buf);
             return Ok(false);
@@ -171,43 +164,6 @@ impl<'a> EngineReads<'a> {
         exec.stats.requests += 1;
         self.bytes_in_flight += len;
         Ok(true)
-    }
-
-    /// Answers a read from the page cache without waiting; `false` if it would wait.
-    fn read_cached(
-        &mut self,
-        exec: &mut Executor<'_>,
-        request: &Request,
-        source: ReadSource<'_>,
-        structured: bool,
-    ) -> bool {
-        let len = len_usize(request.length);
-        let start = exec.out.len();
-        let head = ReplyHead::for_read(request, structured);
-        exec.out.put(head.as_slice());
-        let tail = exec.out.tail(len);
-        let iov = libc::iovec {
-            iov_base: tail.as_mut_ptr().cast(),
-            iov_len: tail.len(),
-        };
-        let Ok(offset) = libc::off_t::try_from(request.offset) else {
-            exec.out.truncate(start);
-            return false;
-        };
-        // SAFETY: the iovec covers `tail`, memory this function borrows mutably for the
-        // call; the descriptor is the device's, open while the device is borrowed.
-        let n = unsafe { libc::preadv2(source.fd.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-        if usize::try_from(n).is_ok_and(|n| n == len) {
-            exec.out.commit(len);
-            exec.stats.requests += 1;
-            exec.stats.bytes_read += u64::from(request.length);
-            return true;
-        }
-        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
-            self.nowait = false;
-        }
-        exec.out.truncate(start);
-        false
     }
 
     fn set_up(&mut self) -> bool {
