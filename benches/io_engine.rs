@@ -26,6 +26,42 @@ fn offset_of(i: u64) -> u64 {
     (i.wrapping_mul(7919) % (FILE_SIZE / BLOCK) as u64) * BLOCK as u64
 }
 
+/// Which operation a benchmark runs.
+#[derive(Clone, Copy)]
+enum Op {
+    Read,
+    Write,
+}
+
+/// Benchmarks one 4 KiB operation submitted to the engine and waited for, again and
+/// again, at scattered offsets (`i` counts on from the caller's loop).
+fn engine_one_at_a_time(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    file: &std::fs::File,
+    op: Op,
+    i: &mut u64,
+) {
+    let mut engine = IoEngine::new(32).expect("io_uring");
+    let mut spare = Some(IoBuf::new(BLOCK).expect("buffer"));
+    group.bench_function("engine submit + complete", |b| {
+        b.iter(|| {
+            *i += 1;
+            let buf = spare.take().expect("buffer back");
+            let queued = match op {
+                Op::Read => engine.read(file.as_fd(), offset_of(*i), buf, ()),
+                Op::Write => engine.write(file.as_fd(), offset_of(*i), buf, ()),
+            };
+            queued.expect("room");
+            engine
+                .complete(1, |done| {
+                    done.result.expect("engine I/O");
+                    spare = Some(done.buf);
+                })
+                .expect("complete");
+        })
+    });
+}
+
 fn single_reads(c: &mut Criterion) {
     let file = cached_file();
     let mut group = c.benchmark_group("4 KiB cached read, one at a time");
@@ -39,23 +75,7 @@ fn single_reads(c: &mut Criterion) {
             black_box(&buf);
         })
     });
-    let mut engine = IoEngine::new(32).expect("io_uring");
-    let mut spare = Some(IoBuf::new(BLOCK).expect("buffer"));
-    group.bench_function("engine submit + complete", |b| {
-        b.iter(|| {
-            i += 1;
-            let buf = spare.take().expect("buffer back");
-            engine
-                .read(file.as_fd(), offset_of(i), buf, ())
-                .expect("room");
-            engine
-                .complete(1, |done| {
-                    done.result.expect("read");
-                    spare = Some(done.buf);
-                })
-                .expect("complete");
-        })
-    });
+    engine_one_at_a_time(&mut group, &file, Op::Read, &mut i);
     group.finish();
 }
 
@@ -101,23 +121,7 @@ fn single_writes(c: &mut Criterion) {
             file.write_all_at(&data, offset_of(i)).expect("pwrite");
         })
     });
-    let mut engine = IoEngine::new(32).expect("io_uring");
-    let mut spare = Some(IoBuf::new(BLOCK).expect("buffer"));
-    group.bench_function("engine submit + complete", |b| {
-        b.iter(|| {
-            i += 1;
-            let buf = spare.take().expect("buffer back");
-            engine
-                .write(file.as_fd(), offset_of(i), buf, ())
-                .expect("room");
-            engine
-                .complete(1, |done| {
-                    done.result.expect("write");
-                    spare = Some(done.buf);
-                })
-                .expect("complete");
-        })
-    });
+    engine_one_at_a_time(&mut group, &file, Op::Write, &mut i);
     group.finish();
 }
 

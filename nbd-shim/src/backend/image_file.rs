@@ -53,6 +53,13 @@ const PREFERRED: u32 = 4096;
 const FILE_DIRECT_ALIGNMENT: u32 = 4096;
 /// Sector size that block device zeroing and discard ioctls require.
 const SECTOR: u64 = 512;
+/// Reads up to this size go through a descriptor with readahead off. Many small reads in
+/// flight on io_uring look sequential to the kernel's readahead, which then reads the
+/// whole image for a random 4 KiB workload (measured with fio's io_uring engine on a
+/// file: 2 GiB cached for 0.8 GiB read, against exactly what was read with
+/// `POSIX_FADV_RANDOM`). A guest reads ahead in its own page cache anyway; its large
+/// reads keep the host's readahead.
+const SMALL_READ: u64 = 128 << 10;
 /// Size of the zero buffer used when zeroes have to be written.
 const ZERO_CHUNK: usize = 1 << 20;
 /// Most extents one `allocation` call reports; the client asks again for the rest.
@@ -84,6 +91,9 @@ pub struct ImageFile {
     /// Buffered descriptor for I/O that `O_DIRECT` cannot do (the unaligned tail);
     /// `None` in buffered mode.
     buffered_fallback: Option<File>,
+    /// Buffered mode: a read-only descriptor with readahead off
+    /// (`POSIX_FADV_RANDOM`), for small reads (see [`SMALL_READ`]).
+    random_reads: Option<File>,
     size: u64,
     block_device: bool,
     options: ImageFileOptions,
@@ -183,16 +193,40 @@ impl ImageFile {
         } else {
             None
         };
+        let random_reads = if options.direct {
+            None
+        } else {
+            Self::open_for_random_reads(&file)
+                .inspect_err(|err| {
+                    tracing::warn!(path = %path.display(), %err, "no descriptor for small reads; they keep the kernel's readahead");
+                })
+                .ok()
+        };
         tracing::debug!(path = %path.display(), size, block_device, ?options, "opened image");
         Ok(ImageFile {
             path: path.to_owned(),
             file,
             buffered_fallback,
+            random_reads,
             size,
             block_device,
             options,
             alignment,
         })
+    }
+
+    /// A second, read-only descriptor of `file`'s open file (not of the path, which could
+    /// have been replaced since) with readahead off.
+    fn open_for_random_reads(file: &File) -> io::Result<File> {
+        let same = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        posix_fadvise(
+            same.as_raw_fd(),
+            0,
+            0,
+            PosixFadviseAdvice::POSIX_FADV_RANDOM,
+        )
+        .map_err(nix_err)?;
+        Ok(same)
     }
 
     /// The path the image was opened from.
@@ -461,6 +495,11 @@ impl BlockDevice for ImageFile {
 
     fn read_source(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
         self.check_range(offset, len).ok()?;
+        if len <= SMALL_READ {
+            if let Some(file) = &self.random_reads {
+                return Some(file.as_fd());
+            }
+        }
         let (file, _) = self.descriptor_for(offset, usize::try_from(len).ok()?);
         Some(file.as_fd())
     }
@@ -608,6 +647,34 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(len).unwrap();
         file
+    }
+
+    #[test]
+    fn read_sources_read_the_image_small_reads_without_readahead() {
+        let tmp = image(4 * MIB);
+        let img = ImageFile::open(tmp.path(), ImageFileOptions::default()).unwrap();
+        img.write_at(b"small and large", MIB, false).unwrap();
+        let small = img.read_source(MIB, 4096).unwrap();
+        let large = img.read_source(MIB, MIB).unwrap();
+        assert_ne!(
+            small.as_raw_fd(),
+            large.as_raw_fd(),
+            "small reads get their own descriptor"
+        );
+        for fd in [small, large] {
+            let mut buf = [0u8; 15];
+            let file = File::from(fd.try_clone_to_owned().unwrap());
+            file.read_exact_at(&mut buf, MIB).unwrap();
+            assert_eq!(&buf, b"small and large");
+        }
+        assert!(img.read_source(4 * MIB - 1, 2).is_none(), "past the end");
+        let direct = ImageFileOptions {
+            direct: true,
+            ..ImageFileOptions::default()
+        };
+        if let Ok(img) = ImageFile::open(tmp.path(), direct) {
+            assert!(img.read_source(0, 4096).is_some());
+        }
     }
 
     #[test]
