@@ -3,10 +3,9 @@
 //! The connection thread reads as much as the socket gives into the receive buffer and
 //! parses and validates every complete request in it, in arrival order. Then:
 //! - Reads of a range the device serves from a file go to the connection's I/O engine
-//!   ([`reads`]): answered at once from the page cache when the data is there, otherwise
-//!   queued on an io_uring with the other reads of the batch and answered as they
-//!   complete. While reads are in flight the thread waits on the socket and the ring
-//!   together.
+//!   ([`reads`]): queued on its io_uring with the other reads of the batch, submitted
+//!   together (cached data completes during the submit) and answered as they complete.
+//!   While reads are in flight the thread waits on the socket and the ring together.
 //! - Other requests that complete quickly (writes of a buffered image, trims, zeroing,
 //!   block status, reads of other devices) run right there; their replies are appended
 //!   to the output buffer, which is sent with one write just before the thread would
