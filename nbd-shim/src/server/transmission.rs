@@ -59,7 +59,7 @@ mod reads;
 use executor::Executor;
 use reads::EngineReads;
 
-/// Payload buffers up to this size are kept for reuse by the next parallel write.
+/// Payload (and read) buffers up to this size are kept for reuse.
 const MAX_SPARE_BUFFER: usize = 4 << 20;
 /// At most this many are kept.
 const MAX_SPARE_BUFFERS: usize = 8;
@@ -399,7 +399,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
 
     /// Sends the queued replies, with the engine's completed reads.
     fn send_queued(&mut self, stream: &mut impl Write) -> io::Result<()> {
-        if !self.reads.has_ready() {
+        if self.reads.ready_bytes() == 0 {
             return self.replies.send(stream, &mut self.exec.out);
         }
         match self.replies {

@@ -28,7 +28,7 @@ use std::io::{self, IoSlice, Write};
 use std::os::fd::BorrowedFd;
 
 use super::executor::Executor;
-use super::len_usize;
+use super::{len_usize, MAX_SPARE_BUFFER};
 use crate::backend::BlockDevice;
 use crate::engine::{IoBuf, IoEngine};
 use crate::proto::reply::*;
@@ -38,9 +38,9 @@ use crate::server::ServerConfig;
 
 /// Engine slots per connection: more reads than a client usually keeps in flight.
 const ENGINE_DEPTH: u32 = 128;
-/// Read buffers kept for reuse, and the largest kept.
-const MAX_SPARE_BUFFERS: usize = 64;
-const MAX_SPARE_BUFFER: usize = 4 << 20;
+/// Read buffers kept for reuse (the largest kept is the write pool's,
+/// [`MAX_SPARE_BUFFER`]).
+const MAX_SPARE_READ_BUFFERS: usize = 64;
 
 /// A reply header (simple, or a structured `OFFSET_DATA` chunk header).
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +192,7 @@ impl<'a> EngineReads<'a> {
     }
 
     fn keep_spare(&mut self, buf: IoBuf) {
-        if buf.capacity() <= MAX_SPARE_BUFFER && self.spare.len() < MAX_SPARE_BUFFERS {
+        if buf.capacity() <= MAX_SPARE_BUFFER && self.spare.len() < MAX_SPARE_READ_BUFFERS {
             self.spare.push(buf);
         }
     }
@@ -240,12 +240,8 @@ impl<'a> EngineReads<'a> {
         Ok(())
     }
 
-    /// Whether completed reads wait to be sent.
-    pub(super) fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-    }
-
-    /// Data bytes of the completed reads waiting to be sent.
+    /// Data bytes of the completed reads waiting to be sent (0: none wait, since a read
+    /// of no bytes never goes to the engine).
     pub(super) fn ready_bytes(&self) -> usize {
         self.ready_bytes
     }
