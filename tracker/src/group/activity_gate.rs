@@ -98,31 +98,48 @@ impl Shared {
     /// Makes the ring and `disk`'s image durable together; the activity log learns
     /// which of the disk's writes are durable. Returns whether the image was synced
     /// (false if none is attached: then only the ring was).
+    ///
+    /// Concurrent callers, for this disk or others of the group, share syncs
+    /// ([`GroupCommit`](crate::durability::GroupCommit)): each returns after a sync
+    /// that started after its call covered the ring and its disk's image.
     fn sync_disk(&self, disk: usize) -> Result<bool, TrackerError> {
-        let started = lock(&self.state).activity.begin_sync();
-        let image = self.disks.get(disk).and_then(|disk| disk.image.get());
-        let fds = [
-            self.sync_file.as_raw_fd(),
-            image.map_or(-1, AsRawFd::as_raw_fd),
-        ];
-        let fds = if image.is_some() { &fds[..] } else { &fds[..1] };
-        self.durability
-            .datasync(fds)
+        self.group_commit
+            .sync(disk, |disks| self.sync_disks(disks))
             .map_err(|source| TrackerError::Io {
                 what: "sync ring and image",
                 path: self.ring_path.clone(),
                 source,
             })?;
-        if image.is_none() {
-            return Ok(false);
+        Ok(self
+            .disks
+            .get(disk)
+            .is_some_and(|state| state.image.get().is_some()))
+    }
+
+    /// One shared sync: the ring and the images of `disks`, in parallel.
+    fn sync_disks(&self, disks: &[usize]) -> std::io::Result<()> {
+        let started = lock(&self.state).activity.begin_sync();
+        let mut fds = Vec::with_capacity(disks.len() + 1);
+        fds.push(self.sync_file.as_raw_fd());
+        let mut synced = Vec::with_capacity(disks.len());
+        for &disk in disks {
+            if let Some(image) = self.disks.get(disk).and_then(|state| state.image.get()) {
+                fds.push(image.as_raw_fd());
+                synced.push(disk);
+            }
         }
+        self.durability.datasync(&fds)?;
         let mut state = lock(&self.state);
-        if state.activity.synced(disk, started) {
+        let mut changed = false;
+        for disk in synced {
+            changed |= state.activity.synced(disk, started);
+        }
+        if changed {
             if let Err(error) = self.write_superblock(&mut state, false) {
                 warn!(group = %self.name, %error, "Could not record the complete activity log");
             }
         }
-        Ok(true)
+        Ok(())
     }
 }
 

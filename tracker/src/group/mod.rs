@@ -56,7 +56,7 @@ use nix::fcntl::Flock;
 
 use crate::activity::ActivityLog;
 use crate::bitmap::AtomicBitmap;
-use crate::durability::Durability;
+use crate::durability::{Durability, GroupCommit};
 use crate::superblock::{ResyncReason, Superblock};
 
 mod activity_gate;
@@ -220,6 +220,8 @@ pub(crate) struct Shared {
     throttling: AtomicBool,
     disks: Vec<DiskState>,
     durability: Durability,
+    /// Joins concurrent FLUSH and FUA syncs of the group's disks.
+    group_commit: GroupCommit,
 }
 
 /// A group of disks sharing a log ring.

@@ -26,7 +26,7 @@ use super::{
 use crate::activity::{self, ActivityLog};
 use crate::bitmap::AtomicBitmap;
 use crate::cycle::ClosedCycle;
-use crate::durability::Durability;
+use crate::durability::{Durability, GroupCommit};
 use crate::record::HEADER_LEN;
 use crate::superblock::{
     current_boot_id, ActivityRecord, DiskRecord, ResyncReason, Superblock, SuperblockError,
@@ -449,6 +449,7 @@ impl Shared {
             throttling: AtomicBool::new(false),
             disks,
             durability: Durability::new().map_err(io_error("set up io_uring", path))?,
+            group_commit: GroupCommit::default(),
             sync_file: File::open(path).map_err(io_error("open ring", path))?,
         }))
     }
