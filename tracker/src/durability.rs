@@ -43,10 +43,7 @@ impl Durability {
 
     /// `fdatasync`s every fd; returns the first error after all have completed.
     pub fn datasync(&self, fds: &[RawFd]) -> io::Result<()> {
-        let mut ring = self
-            .ring
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         let mut first_error = None;
         for batch in fds.chunks(QUEUE_DEPTH as usize) {
             let mut submitted = 0usize;
@@ -161,7 +158,11 @@ impl GroupCommit {
     /// call. Runs the sync itself (`run`, given every item wanted) when none is
     /// running; otherwise waits for the running one to end and then either leads the
     /// next or finds it already done by another caller.
-    pub fn sync(&self, item: usize, run: impl FnOnce(&[usize]) -> io::Result<()>) -> io::Result<()> {
+    pub fn sync(
+        &self,
+        item: usize,
+        run: impl FnOnce(&[usize]) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut state = self.lock();
         // A sync running now may have passed this caller's writes: only the next counts.
         let wanted = state.started + 1;

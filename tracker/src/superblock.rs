@@ -54,6 +54,9 @@ pub enum ResyncReason {
     /// An administrator asked for a resync (for example after the replica's chain of
     /// cycles broke).
     Requested = 6,
+    /// A write to the log ring itself failed (an I/O error on the ring's disk), so the
+    /// log may miss writes that reached the image.
+    RingWriteError = 7,
 }
 
 impl std::fmt::Display for ResyncReason {
@@ -65,6 +68,7 @@ impl std::fmt::Display for ResyncReason {
             Self::DirtyMapLost => "the daemon stopped uncleanly while tracking by dirty map",
             Self::InitialReplication => "replication was enabled and needs its initial copy",
             Self::Requested => "an administrator requested it",
+            Self::RingWriteError => "a write to the log ring failed",
         })
     }
 }
@@ -78,6 +82,7 @@ impl ResyncReason {
             4 => Self::DirtyMapLost,
             5 => Self::InitialReplication,
             6 => Self::Requested,
+            7 => Self::RingWriteError,
             _ => return None,
         })
     }

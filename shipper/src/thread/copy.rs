@@ -181,6 +181,7 @@ impl Worker {
             | ResyncReason::RingOverflow
             | ResyncReason::UncleanHostShutdown
             | ResyncReason::ImageWriteError
+            | ResyncReason::RingWriteError
             | ResyncReason::DirtyMapLost => true,
         }
     }

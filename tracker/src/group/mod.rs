@@ -4,9 +4,11 @@
 //! # The write protocol
 //! For every write, trim and write-zeroes the caller (the NBD export):
 //! 1. calls [`DiskTracker::log_write`] / [`DiskTracker::log_zero`], which under the group
-//!    lock waits for overlapping in-flight writes of the same disk, reserves ring space,
-//!    writes the record header and marks the dirty map; then, without the lock, copies
-//!    the payload and commits the record;
+//!    lock waits for overlapping in-flight writes of the same disk, reserves ring space
+//!    and marks the dirty map. A record with a payload of up to 64 KiB (and every zero,
+//!    trim and close marker) is written whole there, header, commit CRC and payload in
+//!    one `pwritev`; a larger one gets its header there and, without the lock, its
+//!    payload and commit CRC in a second `pwritev`, so large writers copy in parallel;
 //! 2. writes the image;
 //! 3. drops the returned [`LogGuard`] (or reports an image failure through it);
 //! 4. acknowledges the client.
@@ -22,7 +24,11 @@
 //! cycle wait until its in-flight writes have completed. So every write acknowledged
 //! before the close is in the closed cycle and none issued after it is.
 //!
-//! Durability: the ring is a preallocated, mapped file. [`Group::sync`] makes the ring
+//! Durability: the ring is a preallocated file, written with `pwrite` and read back
+//! through a read-only mapping. Not written through the mapping: a store through a
+//! shared mapping dirties its whole page-cache folio (up to 2 MiB with the large folios
+//! of recent kernels), so a FLUSH after a 4 KiB record wrote back megabytes; `pwrite`
+//! dirties only the blocks it wrote. [`Group::sync`] makes the ring
 //! and the given image files durable together (FLUSH, FUA). After a daemon crash the
 //! page cache holds everything that was written; after a host crash or power loss,
 //! unsynced writes may be missing from both image and log, and since the image may hold
@@ -205,12 +211,17 @@ struct DiskState {
 pub(crate) struct Shared {
     name: String,
     ring_path: PathBuf,
-    /// Held for its exclusive lock: one daemon per ring.
-    _lock: Flock<File>,
+    /// The ring file, locked exclusively (one daemon per ring). Records and
+    /// superblocks are written through it with `pwrite`, never through the mapping.
+    file: Flock<File>,
+    /// The ring opened with `O_DSYNC`, for superblock writes that must be durable on
+    /// return: the kernel syncs just their range.
+    dsync_file: File,
     /// A second open of the ring, for syncs: an fsync in flight in io_uring keeps its
     /// file referenced past the daemon's death, and the exclusive lock belongs to the
     /// first open, which must be released the moment the daemon dies.
     sync_file: File,
+    /// A read-only mapping of the ring, for reading records back.
     map: MmapRaw,
     ring_size: u64,
     state: Mutex<State>,
@@ -258,7 +269,7 @@ impl std::fmt::Debug for DiskTracker {
 use base::sync::lock;
 
 fn usize_of(value: u64) -> usize {
-    // The ring is mapped, so every offset into it fits in usize.
+    // The ring is mapped whole, so every offset into it fits in usize.
     usize::try_from(value).unwrap_or(usize::MAX)
 }
 

@@ -115,9 +115,15 @@ impl Group {
         let boot_id = current_boot_id();
         let map = MmapOptions::new()
             .len(usize_of(file_len))
-            .populate()
-            .map_raw(&*file)
+            .map_raw_read_only(&*file)
             .map_err(io_error("map ring", path))?;
+        // No readahead on faults: it fills the page cache with large folios, and every
+        // `pwrite` into a large folio walks all of its blocks (2 MiB folios halved the
+        // rate of 4 KiB writes; benches/RESULTS.md, session 14). Readers of long
+        // stretches read ahead explicitly (`Shared::read_ahead`), in single pages.
+        if let Err(error) = map.advise(memmap2::Advice::Random) {
+            warn!(path = %path.display(), %error, "Could not advise random access on the ring mapping");
+        }
         // SAFETY: the mapping is at least DATA_START bytes long (file_len, which
         // `open_ring_file` checked) and nothing writes it before the group is constructed.
         let superblocks = unsafe { std::slice::from_raw_parts(map.as_ptr(), usize_of(DATA_START)) };
@@ -441,7 +447,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             name: config.name.clone(),
             ring_path: path.clone(),
-            _lock: file,
+            file,
             map,
             ring_size: config.ring_size,
             state: Mutex::new(state),
@@ -451,6 +457,11 @@ impl Shared {
             durability: Durability::new().map_err(io_error("set up io_uring", path))?,
             group_commit: GroupCommit::default(),
             sync_file: File::open(path).map_err(io_error("open ring", path))?,
+            dsync_file: OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(path)
+                .map_err(io_error("open ring", path))?,
         }))
     }
 

@@ -1,13 +1,16 @@
-//! The log ring: a preallocated, mapped file holding two superblock copies and the
-//! record area. Records are reserved at the tail under the group lock, committed
-//! without it (the payload, then its commit CRC), read back as closed cycles, and freed
-//! when the consumer acknowledges them. Ring positions only grow: a record's place in
-//! the file is its position modulo the ring size, and no record wraps past the end (a
-//! pad record fills the gap). The superblock records the head, the acknowledged cycle,
-//! the resync state and the activity log.
+//! The log ring: a preallocated file holding two superblock copies and the record
+//! area, written with `pwrite` and read through a read-only mapping. Records are
+//! reserved at the tail under the group lock (small ones written whole right there,
+//! large ones committed without it: the payload, then its commit CRC), read back as
+//! closed cycles, and freed when the consumer acknowledges them. Ring positions only
+//! grow: a record's place in the file is its position modulo the ring size, and no
+//! record wraps past the end (a pad record fills the gap). The superblock records the
+//! head, the acknowledged cycle, the resync state and the activity log.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use tracing::warn;
@@ -35,7 +38,27 @@ pub(super) struct Slot {
     /// Disk offset of the record's range.
     pub(super) offset: u64,
     pub(super) payload_len: u32,
+    /// Whether the record was written whole, commit CRC included, when reserved.
+    pub(super) committed: bool,
 }
+
+/// What [`Shared::reserve`] writes besides the header.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Contents<'a> {
+    /// This payload (empty for zeroes, trims and close markers) and the commit CRC,
+    /// with the header in one call: the record is complete when reserved.
+    Whole(&'a [u8]),
+    /// Room for a payload of this many bytes, written later by [`Shared::commit`]
+    /// without the group lock (large payloads, so writers copy in parallel).
+    Later(u32),
+}
+
+/// How far ahead of its position the recovery scan reads the ring in.
+const SCAN_READ_AHEAD: u64 = 16 << 20;
+
+/// Payloads up to this size are written with their header under the group lock, in
+/// one `pwritev`; larger ones are committed after the lock is released.
+pub(super) const WHOLE_PAYLOAD_MAX: usize = 64 << 10;
 
 impl Group {
     /// Closes the open cycle now. Returns the closed cycle's number. Never waits for
@@ -51,13 +74,14 @@ impl Group {
             usize::MAX,
             RecordKind::CycleClose,
             Range { start: 0, end: 0 },
-            0,
+            Contents::Whole(&[]),
         )?;
-        let Some(slot) = slot else {
-            // The close marker itself did not fit: the ring overflowed.
-            return Err(TrackerError::ResyncRequired(ResyncReason::RingOverflow));
-        };
-        self.shared.commit(&slot, &[]);
+        if slot.is_none() {
+            // The close marker itself did not fit (the ring overflowed) or could not be
+            // written.
+            let reason = state.resync.unwrap_or(ResyncReason::RingOverflow);
+            return Err(TrackerError::ResyncRequired(reason));
+        }
         let mark = CloseMark {
             cycle,
             end_pos: state.tail,
@@ -133,9 +157,28 @@ impl Shared {
         }
     }
 
+    /// Asks the kernel to read ring positions `from..to` into the page cache now. The
+    /// mapping is advised random (see `Group::open`), so its faults read one page at a
+    /// time; readers of a long stretch of records that may be cold (after a reboot,
+    /// or evicted) ask for it up front. Best effort, and cheap for cached pages.
+    pub(super) fn read_ahead(&self, from: u64, to: u64) {
+        let mut pos = from;
+        while pos < to {
+            let phys = pos % self.ring_size;
+            let len = (to - pos).min(self.ring_size - phys);
+            let _ = self.map.advise_range(
+                memmap2::Advice::WillNeed,
+                usize_of(DATA_START + phys),
+                usize_of(len),
+            );
+            pos += len;
+        }
+    }
+
     /// Walks the ring from `pos`, following consecutive sequence numbers.
     pub(super) fn scan(&self, mut pos: u64, mut seq: u64) -> Scan {
         let limit = pos + self.ring_size;
+        let mut read_to = pos;
         let mut scan = Scan {
             tail: pos,
             next_seq: seq,
@@ -151,6 +194,11 @@ impl Shared {
             }
             if pos + HEADER_LEN as u64 > limit {
                 break;
+            }
+            if pos >= read_to {
+                let next = (pos + SCAN_READ_AHEAD).min(limit);
+                self.read_ahead(pos, next);
+                read_to = next;
             }
             let phys = pos % self.ring_size;
             let bytes = self.header_bytes(pos);
@@ -208,6 +256,7 @@ impl Shared {
     ) -> ClosedCycle {
         let mut disks = vec![ExtentMap::default(); self.disks.len()];
         let mut stats = CycleStats::default();
+        self.read_ahead(head, end_pos);
         let mut pos = head;
         let mut seq = head_seq;
         while pos < end_pos && seq < end_seq {
@@ -275,15 +324,22 @@ impl Shared {
     }
 
     /// Reserves ring space for a record and writes its header (uncommitted). `None`
-    /// when the ring is full: the caller has switched the group to dirty-map tracking.
+    /// when the ring is full or its header could not be written: the group tracks by
+    /// dirty map from now on.
     pub(super) fn reserve(
         &self,
         state: &mut State,
         disk: usize,
         kind: RecordKind,
         range: Range,
-        payload_len: u32,
+        contents: Contents<'_>,
     ) -> Result<Option<Slot>, TrackerError> {
+        let payload_len = match contents {
+            Contents::Whole(payload) => {
+                u32::try_from(payload.len()).map_err(|_| TrackerError::OutOfRange)?
+            }
+            Contents::Later(len) => len,
+        };
         if state.mode == TrackingMode::DirtyMap || state.broken {
             return Ok(None);
         }
@@ -306,7 +362,10 @@ impl Shared {
                     length: pad,
                     payload_len: 0,
                 };
-                self.write_header(state.tail, &header);
+                if let Err(error) = self.write_header(state.tail, &header) {
+                    self.ring_write_failed(state, &error);
+                    return Ok(None);
+                }
                 state.next_seq += 1;
             }
             state.tail += pad;
@@ -321,59 +380,92 @@ impl Shared {
             payload_len,
         };
         let file_offset = DATA_START + state.tail % self.ring_size;
-        self.write_header(state.tail, &header);
+        let written = match contents {
+            Contents::Whole(payload) => self.write_whole(file_offset, &header, payload),
+            Contents::Later(_) => self.write_header(state.tail, &header),
+        };
+        if let Err(error) = written {
+            self.ring_write_failed(state, &error);
+            return Ok(None);
+        }
         let slot = Slot {
             cycle: header.cycle,
             seq: header.seq,
             file_offset,
             offset: range.start,
             payload_len,
+            committed: matches!(contents, Contents::Whole(_)),
         };
         state.tail += len;
         state.next_seq += 1;
         Ok(Some(slot))
     }
 
-    fn write_header(&self, pos: u64, header: &RecordHeader) {
+    /// Writes a record header (uncommitted) at ring position `pos`.
+    fn write_header(&self, pos: u64, header: &RecordHeader) -> io::Result<()> {
         let mut bytes = [0u8; HEADER_LEN];
         header.encode(&mut bytes);
         let at = DATA_START + pos % self.ring_size;
         debug_assert!(at + HEADER_LEN as u64 <= DATA_START + self.ring_size);
-        // SAFETY: the header lies inside the mapping (reserve keeps every record before
-        // the ring's end), in space just reserved under the group lock, which nobody
-        // else reads or writes until it is committed and its cycle closed.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(usize_of(at)),
-                HEADER_LEN,
-            );
-        }
+        self.file.write_all_at(&bytes, at)
     }
 
-    /// Copies the payload into the slot and stores the commit CRC.
-    pub(super) fn commit(&self, slot: &Slot, payload: &[u8]) {
+    /// Writes a whole record at `file_offset`: header, commit CRC and payload in one
+    /// call. Under the group lock, like every header, so the ring never has a gap
+    /// before a later record (a crash can only cut the last one short, and a short
+    /// record's CRC does not match).
+    fn write_whole(
+        &self,
+        file_offset: u64,
+        header: &RecordHeader,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut bytes = [0u8; HEADER_LEN];
+        header.encode(&mut bytes);
+        bytes[COMMIT_CRC_AT..COMMIT_CRC_AT + 4]
+            .copy_from_slice(&commit_crc(header.seq, payload).to_le_bytes());
+        write_all_vectored_at(
+            &self.file,
+            &mut [IoSlice::new(&bytes), IoSlice::new(payload)],
+            file_offset,
+        )
+    }
+
+    /// Writes the payload into the slot and its commit CRC, in one call: the CRC, the
+    /// reserved bytes after it and the payload are contiguous. The header's first
+    /// bytes, which concurrent scans read, are not rewritten. A write cut short (a
+    /// crash, an error) leaves a CRC that does not match, so the record reads as
+    /// uncommitted.
+    pub(super) fn commit(&self, slot: &Slot, payload: &[u8]) -> io::Result<()> {
         debug_assert_eq!(payload.len(), usize_of(u64::from(slot.payload_len)));
-        let payload_at = slot.file_offset + HEADER_LEN as u64;
-        // SAFETY: the slot's header and payload space was reserved for this writer alone
-        // (see `reserve`); it lies inside the mapping; `payload` is a separate buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                self.map.as_mut_ptr().add(usize_of(payload_at)),
-                payload.len(),
-            );
-        }
-        self.store_commit(slot, commit_crc(slot.seq, payload));
+        let mut tail = [0u8; HEADER_LEN - COMMIT_CRC_AT];
+        tail[..4].copy_from_slice(&commit_crc(slot.seq, payload).to_le_bytes());
+        write_all_vectored_at(
+            &self.file,
+            &mut [IoSlice::new(&tail), IoSlice::new(payload)],
+            slot.file_offset + COMMIT_CRC_AT as u64,
+        )
     }
 
-    pub(super) fn store_commit(&self, slot: &Slot, crc: u32) {
-        let at = usize_of(slot.file_offset) + COMMIT_CRC_AT;
-        // SAFETY: `at` is 4-byte aligned (records are 8-aligned, the field is at 48)
-        // and inside this writer's reserved header. Readers synchronise through the
-        // group lock, or read it after a crash; the atomic store keeps it untorn.
-        let cell = unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(at).cast::<u32>()) };
-        cell.store(crc.to_le(), Ordering::Release);
+    /// Overwrites the slot's commit CRC (0: the record is withdrawn).
+    pub(super) fn store_commit(&self, slot: &Slot, crc: u32) -> io::Result<()> {
+        self.file
+            .write_all_at(&crc.to_le_bytes(), slot.file_offset + COMMIT_CRC_AT as u64)
+    }
+
+    /// A write to the ring failed: from now on the group tracks by dirty map and needs
+    /// a resync, as after an overflow. The caller marks what the failed record covered.
+    pub(super) fn ring_write_failed(&self, state: &mut State, error: &io::Error) {
+        if state.resync.is_none() {
+            warn!(group = %self.name, %error, "A write to the log ring failed; tracking by dirty map from now on, a resync is required");
+            state.resync = Some(ResyncReason::RingWriteError);
+        }
+        state.mode = TrackingMode::DirtyMap;
+        state.superblock.copy_position = None;
+        state.resumable_copy = None;
+        if let Err(error) = self.write_superblock(state, true) {
+            warn!(group = %self.name, %error, "Could not record the ring failure in the superblock");
+        }
     }
 
     /// Calls `visit` with the header of every write, zero and trim record in
@@ -448,25 +540,41 @@ impl Shared {
             .encode()
             .map_err(TrackerError::Superblock)?;
         let slot = Superblock::slot_for(state.superblock.generation);
-        let at = slot * SUPERBLOCK_LEN;
-        // SAFETY: both superblock copies lie in the first DATA_START bytes of the mapping,
-        // which only this function writes, under the group lock.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(at),
-                SUPERBLOCK_LEN,
-            );
-        }
-        let flushed = if synchronous {
-            self.map.flush_range(at, SUPERBLOCK_LEN)
+        let at = (slot * SUPERBLOCK_LEN) as u64;
+        // Through the O_DSYNC descriptor when it must be durable on return: that syncs
+        // this range alone (and the metadata it needs), not the records' dirty pages.
+        let file = if synchronous {
+            &self.dsync_file
         } else {
-            self.map.flush_async_range(at, SUPERBLOCK_LEN)
+            &*self.file
         };
+        let flushed = file.write_all_at(&bytes, at);
         flushed.map_err(|source| TrackerError::Io {
             what: "write superblock",
             path: self.ring_path.clone(),
             source,
         })
     }
+}
+
+/// `pwritev` of all of `bufs` at `offset`, resuming after short writes.
+fn write_all_vectored_at(
+    file: &File,
+    mut bufs: &mut [IoSlice<'_>],
+    mut offset: u64,
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let at = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match nix::sys::uio::pwritev(file, bufs, at) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(written) => {
+                offset += written as u64;
+                IoSlice::advance_slices(&mut bufs, written);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::activity_gate::Coverage;
-use super::ring::Slot;
+use super::ring::{Contents, Slot, WHOLE_PAYLOAD_MAX};
 use super::ring_full::usable_ring;
 use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, TrackingMode};
 use crate::record::{record_len, RecordKind};
@@ -86,6 +86,35 @@ impl Shared {
             state.inflight.pop_front();
         }
         self.wake(&state);
+    }
+
+    /// Gives up on a logged operation's records: they are withdrawn (best effort)
+    /// and its range is marked for resync, with the group tracking by dirty map from
+    /// now on. `ring_error` is the failed ring write that made the records useless;
+    /// without, the image write failed after logging.
+    fn abandon(&self, held: &Held, ring_error: Option<&std::io::Error>) {
+        for slot in held.slots() {
+            // Best effort: a record left committed is harmless, the resync copies
+            // its range again from the image.
+            let _ = self.store_commit(slot, 0);
+        }
+        if let Some(disk) = self.disks.get(held.disk) {
+            disk.resync_bits
+                .set_range(held.range.start, held.range.end - held.range.start);
+        }
+        let mut state = lock(&self.state);
+        if let Some(error) = ring_error {
+            self.ring_write_failed(&mut state, error);
+        } else if state.resync.is_none() {
+            warn!(group = %self.name, "An image write failed after logging; the range is marked for resync");
+            state.resync = Some(ResyncReason::ImageWriteError);
+            state.mode = TrackingMode::DirtyMap;
+            // Recorded now, so a crash before the next superblock write still
+            // resyncs the range rather than ship around it.
+            if let Err(error) = self.write_superblock(&mut state, true) {
+                warn!(group = %self.name, %error, "Could not record the resync in the superblock");
+            }
+        }
     }
 
     fn finish_unlogged(&self, disk: usize, range: Range, coverage: Coverage) {
@@ -216,7 +245,14 @@ impl DiskTracker {
                 start: piece_start,
                 end: piece_end,
             };
-            let reserved = shared.reserve(&mut state, self.disk, kind, piece, payload_len);
+            let contents = if !write {
+                Contents::Whole(&[])
+            } else if usize_of(u64::from(payload_len)) <= WHOLE_PAYLOAD_MAX {
+                Contents::Whole(&data[usize_of(piece_start - offset)..usize_of(piece_end - offset)])
+            } else {
+                Contents::Later(payload_len)
+            };
+            let reserved = shared.reserve(&mut state, self.disk, kind, piece, contents);
             let Some(slot) = reserved.inspect_err(|_| {
                 Shared::leave_activity(&mut state, self.disk, range, coverage);
             })?
@@ -263,8 +299,13 @@ impl DiskTracker {
             first,
             rest,
         };
-        for slot in held.slots() {
-            shared.commit(slot, piece_of(data, offset, slot));
+        let committed = held
+            .slots()
+            .filter(|slot| !slot.committed)
+            .try_for_each(|slot| shared.commit(slot, piece_of(data, offset, slot)));
+        if let Err(error) = committed {
+            // The write still goes to the image: the resync map covers it instead.
+            shared.abandon(&held, Some(&error));
         }
         Ok(LogGuard {
             shared: Arc::clone(shared),
@@ -284,8 +325,11 @@ impl LogGuard {
     /// anything (e.g. WRITE_ZEROES with FAST_ZERO that cannot be fast).
     pub fn cancel(mut self) {
         if let Some(held) = self.held.take() {
-            for slot in held.slots() {
-                self.shared.store_commit(slot, 0);
+            let withdrawn = held
+                .slots()
+                .try_for_each(|slot| self.shared.store_commit(slot, 0));
+            if let Err(error) = withdrawn {
+                self.shared.abandon(&held, Some(&error));
             }
             self.shared.finish(&held);
         }
@@ -303,34 +347,18 @@ impl LogGuard {
             // The error path: a buffer for the whole range, then back into the records.
             let mut image = vec![0u8; usize_of(held.range.end - held.range.start)];
             if read_back(&mut image).is_ok() {
-                for slot in held.slots() {
-                    // Uncommit first: a crash mid-copy must not leave a valid-looking
-                    // commit CRC over a half-rewritten payload.
-                    shared.store_commit(slot, 0);
-                    shared.commit(slot, piece_of(&image, held.range.start, slot));
-                }
-                recovered = true;
+                // Uncommit first: a crash mid-copy must not leave a valid-looking
+                // commit CRC over a half-rewritten payload.
+                recovered = held.slots().all(|slot| {
+                    shared.store_commit(slot, 0).is_ok()
+                        && shared
+                            .commit(slot, piece_of(&image, held.range.start, slot))
+                            .is_ok()
+                });
             }
         }
         if !recovered {
-            for slot in held.slots() {
-                shared.store_commit(slot, 0);
-            }
-            if let Some(disk) = shared.disks.get(held.disk) {
-                disk.resync_bits
-                    .set_range(held.range.start, held.range.end - held.range.start);
-            }
-            let mut state = lock(&shared.state);
-            if state.resync.is_none() {
-                warn!(group = %shared.name, "An image write failed after logging; the range is marked for resync");
-                state.resync = Some(ResyncReason::ImageWriteError);
-                state.mode = TrackingMode::DirtyMap;
-                // Recorded now, so a crash before the next superblock write still
-                // resyncs the range rather than ship around it.
-                if let Err(error) = shared.write_superblock(&mut state, true) {
-                    warn!(group = %shared.name, %error, "Could not record the resync in the superblock");
-                }
-            }
+            shared.abandon(&held, None);
         }
         shared.finish(&held);
     }
