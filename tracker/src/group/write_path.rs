@@ -257,7 +257,10 @@ impl DiskTracker {
                 Shared::leave_activity(&mut state, self.disk, range, coverage);
             })?
             else {
-                // Only the first reservation can fail: room for all was checked.
+                // The ring is full (only possible for the first piece: room for all
+                // was checked) or a ring write failed. Either way the group now tracks
+                // by dirty map, and the resync covers the whole write, including any
+                // piece already reserved.
                 disk.resync_bits.set_range(offset, len);
                 state.ranges[self.disk].push(range);
                 state.unlogged += 1;
