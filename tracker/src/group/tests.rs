@@ -112,6 +112,42 @@ fn ring_wraps_over_many_cycles() {
     assert_eq!(group.status().mode, TrackingMode::Logging);
 }
 
+/// The ring on a filesystem whose power is then cut: every later ring write fails
+/// with EIO. Writes must go on (tracked by dirty map), and the group must ask for a
+/// resync covering them.
+#[test]
+fn a_failed_ring_write_falls_back_to_dirty_map_and_asks_for_resync() {
+    if let Some(reason) = powerloss_fs::unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let backing = tempfile::tempdir().unwrap();
+    let mountpoint = tempfile::tempdir().unwrap();
+    let mounted = powerloss_fs::Mounted::mount(backing.path(), mountpoint.path()).unwrap();
+    let (group, _) = Group::open(&config(mountpoint.path(), MIN_RING_SIZE, 1)).unwrap();
+    let disk = group.disk(0).unwrap();
+    let mut image = vec![0u8; usize_of(DISK)];
+    write(&disk, &mut image, 0, &[1; 4096]);
+    assert_eq!(group.status().mode, TrackingMode::Logging);
+    mounted.power_cut();
+    // A small write (written whole under the lock) and a large one (committed later).
+    let small = disk.log_write(8192, &[2; 4096]).unwrap();
+    assert!(!small.is_logged());
+    drop(small);
+    write(&disk, &mut image, 65536, &vec![3u8; 128 << 10]);
+    let status = group.status();
+    assert_eq!(status.mode, TrackingMode::DirtyMap);
+    assert_eq!(status.resync, Some(ResyncReason::RingWriteError));
+    assert!(matches!(
+        group.close_cycle(),
+        Err(TrackerError::ResyncRequired(ResyncReason::RingWriteError))
+    ));
+    // The writes after the failure are in the resync map (the ring's own records join
+    // it when the resync begins, which needs a working ring).
+    assert_eq!(status.disks[0].resync_bytes, 4096 + (128 << 10));
+    drop(group);
+}
+
 #[test]
 fn overflow_falls_back_to_dirty_map_and_resync_recovers() {
     let dir = tempfile::tempdir().unwrap();
