@@ -120,7 +120,9 @@ def run_one(args) -> dict:
             while in_flight and (cookie := h.aio_peek_command_completed()) > 0:
                 submitted_ns, is_write = in_flight.pop(cookie)
                 retire(h, cookie)
-                if is_write and measure_from <= now < stop_at:
+                if not is_write:
+                    continue  # a flush's completion frees no write slot
+                if measure_from <= now < stop_at:
                     samples.append(now - submitted_ns)
                 if now < stop_at:
                     submit()
