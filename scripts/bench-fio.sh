@@ -66,7 +66,7 @@
 #   randwrite4k-qd1-fsync1  QD1, fsync=1
 #   FUA jobs (issue 17), 4k randwrite with every write NBD_CMD_FLAG_FUA, sent by
 #   scripts/nbd_fua_bench.py (python3-libnbd) instead of fio, with the same ramp,
-#   runtime and percentiles; it writes one incompressible buffer:
+#   runtime and percentiles; its data is random, no two writes alike:
 #   randwrite4k-fua-qd1  QD1                         randwrite4k-fua-qd8     QD8
 # Suffixes: "-refill" on a write job (randwrite4k-refill) writes incompressible data
 # (fio refill_buffers) instead of fio's default buffers; then "-Nconn" on any job

@@ -96,7 +96,7 @@ def job_label(case: str, args) -> str:
     if job_conns(job) > 1:
         label += f", {job_conns(job)} connections"
     if job_fua(job):
-        label += ", incompressible"  # one random buffer, reused
+        label += ", incompressible"  # random data, no two writes alike
     elif JOBS[job_base(job)][1] == "write":
         label += ", incompressible" if job_one_conn(job).endswith(REFILL) else ", fio buffers"
     if cache:

@@ -656,10 +656,10 @@ def render(args, data: dict, jobs: list[str], cols: Columns,
             "FUA jobs: every write has NBD_CMD_FLAG_FUA, sent by `scripts/nbd_fua_bench.py` "
             "(python3-libnbd `aio_pwrite`, the job's queue depth kept in flight; fio's nbd "
             "engine cannot send FUA) instead of fio, with the same ramp and runtime. Latency "
-            "is from submission to the completion seen by the client's `poll`; it writes one "
-            "random (incompressible) buffer. On N connections, N client processes run at "
-            "once: IOPS and MB/s are their sums, each latency percentile the highest of the "
-            "N clients'.")
+            "is from submission to the completion seen by the client's `poll`; its data is "
+            "random (incompressible), no two writes alike. On N connections, N client "
+            "processes run at once: IOPS and MB/s are their sums, each latency percentile "
+            "the highest of the N clients'.")
         out.append("")
     servers = [s for s in SERVERS if any(cols.server[c] == s for c in cols.ids)]
     desc = {

@@ -11,7 +11,9 @@ connection (python3-libnbd aio_pwrite, polled with poll(-1)). --flush-every K
 also sends an NBD_CMD_FLUSH after every K writes (not counted as writes). Each
 write's latency is submit -> completion seen (time.perf_counter_ns). Writes that
 complete during the first --ramp seconds are not measured; --runtime seconds are.
-The data is one incompressible buffer (os.urandom) per process, reused.
+Each write's data is a window at a random byte offset in 16 MiB of os.urandom
+(shared, not copied): incompressible, and no two writes alike, so neither
+compression of a cycle's stream nor deduplication shrinks them.
 
 --connections C runs C client processes of this script in parallel, each with its
 own connection and --iodepth, and merges their results: IOPS and bytes/s summed,
@@ -40,6 +42,8 @@ import time
 
 import nbd
 
+# Random bytes the writes' data is taken from.
+POOL_BYTES = 16 << 20
 # fio's --percentile_list=50:99:99.9, as fio names them in its JSON.
 PERCENTILES = (50.0, 99.0, 99.9)
 
@@ -93,9 +97,11 @@ def run_one(args) -> dict:
     blocks = min(args.size, h.get_size()) // args.bs
     if blocks < 1:
         raise BenchError(f"The export is smaller than one {args.bs}-byte block")
-    buf = nbd.Buffer.from_bytearray(bytearray(os.urandom(args.bs)))
+    pool = memoryview(bytearray(os.urandom(max(POOL_BYTES, 2 * args.bs))))
     rng = random.Random()
-    in_flight: dict[int, tuple[int, bool]] = {}  # cookie -> (submit ns, is a write)
+    # cookie -> (submit ns, the write's buffer (kept until it completes) or None
+    # for a flush)
+    in_flight: dict[int, tuple[int, nbd.Buffer | None]] = {}
     samples: list[int] = []
     start = time.perf_counter_ns()
     measure_from = start + args.ramp * 10**9
@@ -104,12 +110,14 @@ def run_one(args) -> dict:
 
     def submit() -> None:
         nonlocal submitted
+        at = rng.randrange(len(pool) - args.bs)
+        buf = nbd.Buffer.from_buffer(pool[at:at + args.bs])
         off = rng.randrange(blocks) * args.bs
         cookie = h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA)
-        in_flight[cookie] = (time.perf_counter_ns(), True)
+        in_flight[cookie] = (time.perf_counter_ns(), buf)
         submitted += 1
         if args.flush_every and submitted % args.flush_every == 0:
-            in_flight[h.aio_flush()] = (time.perf_counter_ns(), False)
+            in_flight[h.aio_flush()] = (time.perf_counter_ns(), None)
 
     try:
         while len(in_flight) < args.iodepth:
@@ -118,9 +126,9 @@ def run_one(args) -> dict:
             h.poll(-1)
             now = time.perf_counter_ns()
             while in_flight and (cookie := h.aio_peek_command_completed()) > 0:
-                submitted_ns, is_write = in_flight.pop(cookie)
+                submitted_ns, buf = in_flight.pop(cookie)
                 retire(h, cookie)
-                if not is_write:
+                if buf is None:
                     continue  # a flush's completion frees no write slot
                 if measure_from <= now < stop_at:
                     samples.append(now - submitted_ns)
