@@ -37,9 +37,8 @@
 #   --json-dir DIR           keep every fio JSON output under DIR
 #   --short                  CI smoke mode: 1 run, 2 s per job, 1 s ramp, 256 MiB image, the
 #                            default jobs plus randwrite4k-qd8-fsync1 and randwrite4k-fua-qd8
-#                            (unless --jobs), and
-#                            --cache cold (unless --cache); fails only on errors, never on
-#                            the numbers
+#                            (unless --jobs), and --cache cold (unless --cache); fails only
+#                            on errors, never on the numbers
 #   --allow-missing-blkrep   if blkrep cannot be built or started, skip its columns
 #                            (for developing this script only; default outside --short
 #                            is to skip with a warning, in --short it is an error)
