@@ -36,9 +36,9 @@
 #                            level-3 heading (scripts/bench-replication.sh uses it)
 #   --json-dir DIR           keep every fio JSON output under DIR
 #   --short                  CI smoke mode: 1 run, 2 s per job, 1 s ramp, 256 MiB image, the
-#                            default jobs plus randwrite4k-qd8-fsync1 (unless --jobs), and
-#                            --cache cold (unless --cache); fails only on errors, never on
-#                            the numbers
+#                            default jobs plus randwrite4k-qd8-fsync1 and randwrite4k-fua-qd8
+#                            (unless --jobs), and --cache cold (unless --cache); fails only
+#                            on errors, never on the numbers
 #   --allow-missing-blkrep   if blkrep cannot be built or started, skip its columns
 #                            (for developing this script only; default outside --short
 #                            is to skip with a warning, in --short it is an error)
@@ -63,6 +63,10 @@
 #   every N writes; the report shows the flushes fio really sent per write):
 #   randwrite4k-fsync8   QD32, fsync=8               randwrite4k-qd8-fsync1  QD8, fsync=1
 #   randwrite4k-qd1-fsync1  QD1, fsync=1
+#   FUA jobs (issue 17), 4k randwrite with every write NBD_CMD_FLAG_FUA, sent by
+#   scripts/nbd_fua_bench.py (python3-libnbd) instead of fio, with the same ramp,
+#   runtime and percentiles; its data is random, no two writes alike:
+#   randwrite4k-fua-qd1  QD1                         randwrite4k-fua-qd8     QD8
 # Suffixes: "-refill" on a write job (randwrite4k-refill) writes incompressible data
 # (fio refill_buffers) instead of fio's default buffers; then "-Nconn" on any job
 # (randread4k-4conn, seqwrite1m-4conn, randwrite4k-qd8-fsync1-4conn) runs it on N
@@ -70,7 +74,9 @@
 # has the job's queue depth, and sequential jobs give each connection its own 1/N
 # of the image.
 # fio 3.33's nbd engine cannot send FUA (it writes with flags 0 and has no `fua`
-# option), so FUA writes are not measured here. Note that at a queue depth above 1
+# option), hence the python client for the FUA jobs; on N connections it runs N
+# client processes and sums their IOPS, and each latency percentile is the
+# highest of the N clients'. Note that at a queue depth above 1
 # fio 3.33's nbd engine sends about one flush per write whatever --fsync=N says
 # (measured); the report's "flushes / write" row shows what was sent.
 #
@@ -170,8 +176,8 @@ if (( short )); then
     (( ramp_set )) || ramp=1
     (( size_set )) || size=256M
     (( ${ring_size_set:-0} )) || ring_size=1GiB
-    # One read job evicted from the page cache, and one flush job.
-    (( jobs_set )) || jobs_csv=$jobs_csv,randwrite4k-qd8-fsync1
+    # One read job evicted from the page cache, one flush job and one FUA job.
+    (( jobs_set )) || jobs_csv=$jobs_csv,randwrite4k-qd8-fsync1,randwrite4k-fua-qd8
     (( cache_set )) || cache=cold
 fi
 [[ "$cache" =~ ^(hot|cold|both)$ ]] || die "--cache must be hot, cold or both"
@@ -202,15 +208,22 @@ job_base() {  # the name without -Nconn and -refill
     j=$(job_one_conn "$1")
     echo "${j%-refill}"
 }
+job_fua() {  # whether the job writes with FUA (scripts/nbd_fua_bench.py, not fio)
+    case "$(job_base "$1")" in randwrite4k-fua-*) return 0 ;; *) return 1 ;; esac
+}
 job_reads() {  # whether the job reads, so that the cache state matters
     case "$(job_base "$1")" in randread4k|seqread1m|randrw4k) return 0 ;; *) return 1 ;; esac
 }
 max_conns=1
+want_fua=0
 for j in "${jobs[@]}"; do
     case "$(job_base "$j")" in
         randread4k|seqread1m|randrw4k) [[ "$(job_one_conn "$j")" != *-refill ]] || die "job $j: -refill is for write jobs" ;;
         randwrite4k|randwrite64k|seqwrite1m|seqwrite64k|steady4k|steady64k) ;;
         randwrite4k-qd1|randwrite4k-fsync8|randwrite4k-qd8-fsync1|randwrite4k-qd1-fsync1) ;;
+        randwrite4k-fua-qd1|randwrite4k-fua-qd8)
+            [[ "$(job_one_conn "$j")" != *-refill ]] || die "job $j: FUA jobs always write incompressible data; no -refill"
+            want_fua=1 ;;
         *) die "unknown job: $j (see --help)" ;;
     esac
     n=$(job_conns "$j")
@@ -237,6 +250,14 @@ for s in "${servers[@]}"; do
     esac
 done
 is_qemu() { [[ "$1" == qemu || "$1" == qemu-direct ]]; }
+
+# The FUA client's queue depth of each FUA job.
+fua_iodepth() {
+    case "$(job_base "$1")" in
+        randwrite4k-fua-qd1) echo 1 ;;
+        randwrite4k-fua-qd8) echo 8 ;;
+    esac
+}
 
 # fio arguments of each job (beyond the common ones). The steady jobs are rate
 # limited (fio --rate, bytes/s), so that they measure replication that keeps up.
@@ -275,12 +296,17 @@ for tool in fio qemu-nbd nbdinfo fallocate python3 fincore; do
 done
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
 
-# Python for the report: any python3 (stdlib only); prefer the system one.
+# Python for the report: any python3 (stdlib only); prefer the system one, where
+# Debian's python3-libnbd is, which the FUA client needs.
 py=/usr/bin/python3
 [[ -x "$py" ]] || py=$(command -v python3)
 report_py="$script_dir/bench_report.py"
 probe_py="$script_dir/bench_probe.py"
-[[ -f "$report_py" && -f "$probe_py" ]] || die "missing $report_py or $probe_py"
+fua_py="$script_dir/nbd_fua_bench.py"
+[[ -f "$report_py" && -f "$probe_py" && -f "$fua_py" ]] || die "missing $report_py, $probe_py or $fua_py"
+if (( want_fua )); then
+    "$py" -c 'import nbd' 2>/dev/null || die "FUA jobs need $py with python3-libnbd; run scripts/install-test-deps.sh"
+fi
 
 # ---- work dir and cleanup -------------------------------------------------
 work=$(mktemp -d "${TMPDIR_BENCH:-/var/tmp}/blkrep-bench.XXXXXX")
@@ -744,14 +770,22 @@ for ((r = 1; r <= runs; r++)); do
                 lag_pid=$!
             fi
             # In the background, so that SIGINT/SIGTERM run the cleanup at once
-            # (bash runs traps only after a foreground child exits).
-            # shellcheck disable=SC2046  # job_args is meant to split into words
-            fio --name="$job" --ioengine=nbd --uri="$uri" \
-                $(job_args "$job") --group_reporting \
-                --time_based --runtime="$runtime" --ramp_time="$job_ramp" \
-                --percentile_list=50:99:99.9 \
-                --output-format=json --output="$json" \
-                >"$work/logs/$case_id-$col-run$r.fio.txt" 2>&1 &
+            # (bash runs traps only after a foreground child exits). FUA jobs:
+            # the python client, whose JSON reads like fio's.
+            if job_fua "$job"; then
+                "$py" "$fua_py" "$uri" --bs 4096 --iodepth "$(fua_iodepth "$job")" \
+                    --runtime "$runtime" --ramp "$job_ramp" --size "$image_bytes" \
+                    --connections "$(job_conns "$job")" --json "$json" \
+                    >"$work/logs/$case_id-$col-run$r.fio.txt" 2>&1 &
+            else
+                # shellcheck disable=SC2046  # job_args is meant to split into words
+                fio --name="$job" --ioengine=nbd --uri="$uri" \
+                    $(job_args "$job") --group_reporting \
+                    --time_based --runtime="$runtime" --ramp_time="$job_ramp" \
+                    --percentile_list=50:99:99.9 \
+                    --output-format=json --output="$json" \
+                    >"$work/logs/$case_id-$col-run$r.fio.txt" 2>&1 &
+            fi
             fio_pid=$!
             fio_rc=0
             wait "$fio_pid" || fio_rc=$?
@@ -763,10 +797,12 @@ for ((r = 1; r <= runs; r++)); do
                 lag_pid=
             fi
             if (( fio_rc != 0 )); then
-                log "fio failed for $tag (status $fio_rc):"
+                load=fio
+                job_fua "$job" && load=nbd_fua_bench.py
+                log "$load failed for $tag (status $fio_rc):"
                 tail -n 20 "$work/logs/$case_id-$col-run$r.fio.txt" "$json" 2>/dev/null | sed 's/^/    /' >&2
                 stop_server "$srv" || true
-                die "fio failed against $col"
+                die "$load failed against $col"
             fi
             cpu_sample "$json.cpu1"
             [[ -n "$cache_state" ]] && resident_bytes >"$json.resident1"

@@ -25,6 +25,9 @@ JOBS = {
     "randwrite4k-fsync8": ("4k randwrite QD32 fsync=8", "write"),
     "randwrite4k-qd8-fsync1": ("4k randwrite QD8 fsync=1", "write"),
     "randwrite4k-qd1-fsync1": ("4k randwrite QD1 fsync=1", "write"),
+    # Every write with NBD_CMD_FLAG_FUA, by scripts/nbd_fua_bench.py, not fio.
+    "randwrite4k-fua-qd1": ("4k FUA randwrite QD1", "write"),
+    "randwrite4k-fua-qd8": ("4k FUA randwrite QD8", "write"),
     "steady4k": ("4k randwrite QD32 at {rate_4k} MB/s", "write"),
     "steady64k": ("64k randwrite QD16 at {rate_64k} MB/s", "write"),
 }
@@ -82,12 +85,19 @@ def job_flushes(case: str) -> bool:
     return "fsync" in job_base(case)
 
 
+def job_fua(case: str) -> bool:
+    """Whether every write of the job has FUA (sent by nbd_fua_bench.py, not fio)."""
+    return "-fua-" in job_base(case)
+
+
 def job_label(case: str, args) -> str:
     job, cache = split_case(case)
     label = JOBS[job_base(job)][0].format(rate_4k=args.rate_4k, rate_64k=args.rate_64k)
     if job_conns(job) > 1:
         label += f", {job_conns(job)} connections"
-    if JOBS[job_base(job)][1] == "write":
+    if job_fua(job):
+        label += ", incompressible"  # random data, no two writes alike
+    elif JOBS[job_base(job)][1] == "write":
         label += ", incompressible" if job_one_conn(job).endswith(REFILL) else ", fio buffers"
     if cache:
         label += ", **cold**" if cache == "cold" else ", hot"
@@ -100,7 +110,8 @@ def valid_job(case: str) -> bool:
     if base not in JOBS or (case.endswith(COLD) and cache is None):
         return False
     plain = job_one_conn(job)
-    return base == plain or (plain == base + REFILL and JOBS[base][1] == "write")
+    return base == plain or (plain == base + REFILL and JOBS[base][1] == "write"
+                             and not job_fua(base))
 
 
 class Columns:

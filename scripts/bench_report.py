@@ -2,7 +2,8 @@
 """Turn scripts/bench-fio.sh's fio JSON outputs into a Markdown report.
 
 Reads RESULTS/<case>/<column>/run<N>.json (fio --output-format=json with
---percentile_list=50:99:99.9), takes the median of each metric over the runs,
+--percentile_list=50:99:99.9; FUA jobs: scripts/nbd_fua_bench.py's fio-like JSON
+of the same fields), takes the median of each metric over the runs,
 computes blkrep/qemu-nbd and tracked/untracked ratios, checks the targets
 (PASS/MISS, never failing), adds machine information, prints the report and
 optionally writes it to --out. Standard library only.
@@ -40,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_probe  # noqa: E402  (lag samples, /proc/PID/stat)
 from bench_cases import (QEMU_SERVERS, SERVERS, Columns, cache_section,  # noqa: E402
-                         job_base, job_conns, job_direction, job_flushes, job_label,
+                         job_base, job_conns, job_direction, job_flushes, job_fua, job_label,
                          scaling_section, split_case, valid_job)
 
 # metric key, row label, higher-is-better
@@ -422,7 +423,8 @@ def targets(data: dict, jobs: list[str], cols: Columns, args) -> list[str]:
         ("replicated", "qemu", "iops", "IOPS", ">=", 1.0, 1.2, "all"),
         ("replicated", "qemu", "p999", "p99.9 latency", "<=", 1.0, None, "write"),
         # Issue 16: 4k randwrite QD32 stays at 2x; tails no worse than qemu-nbd's;
-        # O_DIRECT images against qemu-nbd --cache=none. Issue 17: flush jobs' p99.
+        # O_DIRECT images against qemu-nbd --cache=none. Issue 17: the p99 of flush
+        # jobs and FUA jobs (whose IOPS the "all" rules check).
         ("tracked", "qemu", "iops", "IOPS (issue 16: keep 2×)", ">=", 2.0, None, "randwrite4k"),
         ("tracked", "qemu", "p999", "p99.9 latency", "<=", 1.0, None, "all"),
         ("tracked-direct", "qemu-direct", "iops", "IOPS", ">=", 1.0, None, "all"),
@@ -433,7 +435,7 @@ def targets(data: dict, jobs: list[str], cols: Columns, args) -> list[str]:
     in_scope = {
         "all": lambda job: True,
         "write": lambda job: job_direction(job) == "write",
-        "flush": job_flushes,
+        "flush": lambda job: job_flushes(job) or job_fua(job),
     }
     for num, den, key, what, op, limit, aim, scope in rules:
         for lab in cols.labels:
@@ -648,6 +650,16 @@ def render(args, data: dict, jobs: list[str], cols: Columns,
             "sends about one per write whatever N is: \"flushes / write\" shows what was sent. "
             "IOPS and latency rows are of the writes; flush p99 is fio's total latency of "
             "the flushes. fio's nbd engine cannot send FUA writes.")
+        out.append("")
+    if any(job_fua(j) for j in jobs):
+        out.append(
+            "FUA jobs: every write has NBD_CMD_FLAG_FUA, sent by `scripts/nbd_fua_bench.py` "
+            "(python3-libnbd `aio_pwrite`, the job's queue depth kept in flight; fio's nbd "
+            "engine cannot send FUA) instead of fio, with the same ramp and runtime. Latency "
+            "is from submission to the completion seen by the client's `poll`; its data is "
+            "random (incompressible), no two writes alike. On N connections, N client "
+            "processes run at once: IOPS and MB/s are their sums, each latency percentile "
+            "the highest of the N clients'.")
         out.append("")
     servers = [s for s in SERVERS if any(cols.server[c] == s for c in cols.ids)]
     desc = {
