@@ -27,8 +27,8 @@
 //! Durability: the ring is a preallocated file, written with `pwrite` and read back
 //! through a read-only mapping. Not written through the mapping: a store through a
 //! shared mapping dirties its whole page-cache folio (up to 2 MiB with the large folios
-//! of recent kernels), so a FLUSH after a 4 KiB record wrote back megabytes; `pwrite`
-//! dirties only the blocks it wrote. [`Group::sync`] makes the ring
+//! of recent kernels), where `pwrite` dirties only the blocks it wrote, and flushes
+//! after stores were measurably slower (benches/RESULTS.md, session 14). [`Group::sync`] makes the ring
 //! and the given image files durable together (FLUSH, FUA). After a daemon crash the
 //! page cache holds everything that was written; after a host crash or power loss,
 //! unsynced writes may be missing from both image and log, and since the image may hold
