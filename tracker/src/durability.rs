@@ -151,6 +151,14 @@ impl Failure {
             None => io::Error::new(self.kind, self.message.clone()),
         }
     }
+
+    /// `io::Error` is not `Clone`: the same errno, or the same kind and message.
+    fn copy(error: &io::Error) -> io::Error {
+        match error.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(error.kind(), error.to_string()),
+        }
+    }
 }
 
 impl GroupCommit {
@@ -206,14 +214,10 @@ impl GroupCommit {
             result: Some(Err(io::Error::other("The sync panicked"))),
         };
         let result = run(&items);
-        let reported = match &result {
+        ending.result = Some(match &result {
             Ok(()) => Ok(()),
-            Err(error) => Err(match error.raw_os_error() {
-                Some(code) => io::Error::from_raw_os_error(code),
-                None => io::Error::new(error.kind(), error.to_string()),
-            }),
-        };
-        ending.result = Some(reported);
+            Err(error) => Err(Failure::copy(error)),
+        });
         drop(ending);
         result
     }

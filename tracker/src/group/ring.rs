@@ -256,7 +256,11 @@ impl Shared {
     ) -> ClosedCycle {
         let mut disks = vec![ExtentMap::default(); self.disks.len()];
         let mut stats = CycleStats::default();
-        self.read_ahead(head, end_pos);
+        if recovery {
+            // After a crash the records may be cold; a live consumer's were just
+            // written and are cached, so walking the page cache for them is waste.
+            self.read_ahead(head, end_pos);
+        }
         let mut pos = head;
         let mut seq = head_seq;
         while pos < end_pos && seq < end_seq {
