@@ -56,7 +56,7 @@ pub struct LinkMeter {
 
 impl LinkMeter {
     pub(crate) fn record(&self, bytes: u64, took: Duration) {
-        self.total.fetch_add(bytes, Ordering::Relaxed);
+        self.count(bytes);
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let mut window = self
             .window
@@ -67,6 +67,12 @@ impl LinkMeter {
         if window.0 > METER_WINDOW {
             *window = (window.0 / 2, window.1 / 2);
         }
+    }
+
+    /// Counts `bytes` handed to the connection without timing them: a frame the
+    /// connection was still writing when the upload ended.
+    fn count(&self, bytes: u64) {
+        self.total.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Bytes per second the link took lately; `None` until enough went through.
@@ -188,6 +194,17 @@ impl UploadBody {
     }
 }
 
+impl Drop for UploadBody {
+    /// A request cut off mid-frame (the replica died, the link broke) never asks
+    /// for the next frame; the one it was writing still went, at least in part, onto
+    /// the network, and the byte count says so.
+    fn drop(&mut self) {
+        if let Some((bytes, _)) = self.yielded.take() {
+            self.meter.count(bytes);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +253,26 @@ mod tests {
             drop(worker);
             assert!(body.collect().await.is_err());
         });
+    }
+
+    #[test]
+    fn a_frame_cut_off_mid_write_is_counted_as_sent() {
+        let runtime = runtime();
+        let (queue, slots) = mpsc::channel(QUEUE_FRAMES);
+        let meter = Arc::new(LinkMeter::default());
+        let mut body = UploadBody::new(slots, Vec::new(), Arc::clone(&meter));
+        runtime.block_on(async {
+            queue
+                .send(ready_slot(Bytes::from_static(b"abcd")))
+                .await
+                .expect("queued");
+            // The connection takes one frame, then dies before asking for more.
+            let frame = body.frame().await.expect("a frame").expect("no error");
+            assert_eq!(frame.into_data().expect("data").len(), 4);
+        });
+        assert_eq!(meter.total_bytes(), 0, "not counted before the connection moves on");
+        drop(body);
+        assert_eq!(meter.total_bytes(), 4);
     }
 
     #[test]
