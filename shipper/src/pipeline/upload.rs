@@ -270,7 +270,11 @@ mod tests {
             let frame = body.frame().await.expect("a frame").expect("no error");
             assert_eq!(frame.into_data().expect("data").len(), 4);
         });
-        assert_eq!(meter.total_bytes(), 0, "not counted before the connection moves on");
+        assert_eq!(
+            meter.total_bytes(),
+            0,
+            "not counted before the connection moves on"
+        );
         drop(body);
         assert_eq!(meter.total_bytes(), 4);
     }
