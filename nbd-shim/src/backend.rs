@@ -47,6 +47,61 @@ pub struct BlockSizeLimits {
     pub maximum: u32,
 }
 
+/// A write begun with [`BlockDevice::begin_write`] whose data the caller writes to the
+/// device's file itself; [`PendingWrite::finish`] reports how that went.
+///
+/// Dropped without `finish`, it reports the write as failed: the device then reads
+/// back what its file holds instead of trusting the data (a tracked disk rewrites its
+/// log record from the image), which is right whatever happened to the write.
+#[derive(Default)]
+#[must_use = "finish it with the write's result once the data is written"]
+pub struct PendingWrite<'a> {
+    finish: Option<FinishWrite<'a>>,
+}
+
+/// What a device runs when a [`PendingWrite`] finishes.
+type FinishWrite<'a> = Box<dyn FnOnce(Result<(), &io::Error>) + 'a>;
+
+impl<'a> PendingWrite<'a> {
+    /// A pending write that runs `finish` with the write's result.
+    pub fn new(finish: impl FnOnce(Result<(), &io::Error>) + 'a) -> Self {
+        PendingWrite {
+            finish: Some(Box::new(finish)),
+        }
+    }
+
+    /// Whether the device keeps something for the write until it is finished (a
+    /// tracked disk's log guard, which other writes may wait for).
+    pub fn holds(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Reports that the data was written (`Ok`), or not, or only in part (`Err`).
+    pub fn finish(mut self, result: Result<(), &io::Error>) {
+        if let Some(finish) = self.finish.take() {
+            finish(result);
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingWrite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingWrite")
+            .field("finished", &self.finish.is_none())
+            .finish()
+    }
+}
+
+impl Drop for PendingWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish(Err(&io::Error::other(
+                "The write was abandoned before it completed",
+            )));
+        }
+    }
+}
+
 /// A disk served over NBD.
 pub trait BlockDevice: Send + Sync {
     /// Export size in bytes.
@@ -81,6 +136,30 @@ pub trait BlockDevice: Send + Sync {
     }
     /// Writes `buf` at `offset`; durable before returning when `fua`.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+    /// A file a write of `len` bytes at `offset` (within [`BlockDevice::size`]) can be
+    /// written to directly, at the export's offsets, so that a connection keeps many
+    /// writes in flight on its I/O engine; `None` when only `write_at` can write them.
+    /// The caller first calls [`BlockDevice::begin_write`], then writes the data to the
+    /// file from memory aligned to [`crate::engine::IoBuf::ALIGN`] (the file may be open
+    /// with `O_DIRECT`), then finishes the [`PendingWrite`] with the result. Offered
+    /// only by devices that [wait on the device](BlockDevice::waits_on_device).
+    fn write_target(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        let _ = (offset, len);
+        None
+    }
+    /// Prepares a write of `data` at `offset` to [`BlockDevice::write_target`]'s file
+    /// (a tracked disk logs it here). Without `may_wait`, fails with
+    /// [`io::ErrorKind::WouldBlock`] rather than wait for other writes in flight: the
+    /// caller may hold [`PendingWrite`]s of its own that those writes wait for.
+    fn begin_write(
+        &self,
+        data: &[u8],
+        offset: u64,
+        may_wait: bool,
+    ) -> io::Result<PendingWrite<'_>> {
+        let _ = (data, offset, may_wait);
+        Ok(PendingWrite::default())
+    }
     /// Makes `len` bytes at `offset` read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()>;
     /// Discards `len` bytes at `offset`; afterwards they read as zeroes.
@@ -105,5 +184,37 @@ pub trait BlockDevice: Send + Sync {
     fn context_extents(&self, index: usize, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let _ = (index, offset, len);
         Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn a_pending_write_reports_its_result_once() {
+        let seen = RefCell::new(Vec::new());
+        PendingWrite::new(|result| seen.borrow_mut().push(result.is_ok())).finish(Ok(()));
+        let err = io::Error::from_raw_os_error(libc::EIO);
+        PendingWrite::new(|result| seen.borrow_mut().push(result.is_ok())).finish(Err(&err));
+        assert_eq!(*seen.borrow(), [true, false]);
+    }
+
+    #[test]
+    fn a_pending_write_dropped_unfinished_reports_a_failure() {
+        let seen = RefCell::new(None);
+        drop(PendingWrite::new(|result| {
+            *seen.borrow_mut() = Some(result.map_err(io::Error::kind));
+        }));
+        assert_eq!(
+            *seen.borrow(),
+            Some(Err(io::ErrorKind::Other)),
+            "the device must trust its file, not the data"
+        );
+        // Nothing to report for a device that keeps nothing.
+        let nothing = PendingWrite::default();
+        assert!(!nothing.holds());
+        drop(nothing);
     }
 }

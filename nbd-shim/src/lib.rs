@@ -25,5 +25,5 @@ pub mod server;
 #[cfg(test)]
 mod test_support;
 
-pub use backend::{BlockDevice, Extent, ZeroMode};
+pub use backend::{BlockDevice, Extent, PendingWrite, ZeroMode};
 pub use server::{ExportStats, Server, ServerConfig, ServerError, SocketAccess, TlsPolicy};

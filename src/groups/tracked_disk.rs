@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 
 use nbd_shim::backend::{BlockSizeLimits, ImageFile};
-use nbd_shim::{BlockDevice, Extent, ZeroMode};
+use nbd_shim::{BlockDevice, Extent, PendingWrite, ZeroMode};
 use tracker::{DiskTracker, TrackerError};
 
 /// The name of the tracker's dirty-map context.
@@ -105,6 +105,32 @@ impl BlockDevice for TrackedDisk {
             self.sync()?;
         }
         Ok(())
+    }
+
+    fn write_target(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        self.image.write_target(offset, len)
+    }
+
+    fn begin_write(
+        &self,
+        data: &[u8],
+        offset: u64,
+        may_wait: bool,
+    ) -> io::Result<PendingWrite<'_>> {
+        let logged = if may_wait {
+            self.tracker.log_write(offset, data)
+        } else {
+            self.tracker.try_log_write(offset, data)
+        };
+        let guard = logged.map_err(|error| match error {
+            TrackerError::WouldWait => io::Error::from(io::ErrorKind::WouldBlock),
+            other => tracker_error(other),
+        })?;
+        // The same protocol as `write_at`: the guard lives until the image write is done.
+        Ok(PendingWrite::new(move |written| match written {
+            Ok(()) => drop(guard),
+            Err(_) => guard.image_failed(|record| self.image.read_at(record, offset)),
+        }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {

@@ -80,4 +80,7 @@ pub enum TrackerError {
     /// The group refuses writes ([`Group::refuse_writes`]).
     #[error("Writes to this group are refused")]
     WritesRefused,
+    /// [`DiskTracker::try_log_write`] would have had to wait for other writes.
+    #[error("The write would wait for writes in flight")]
+    WouldWait,
 }

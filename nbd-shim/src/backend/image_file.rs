@@ -510,6 +510,16 @@ impl BlockDevice for ImageFile {
         self.write_raw(buf, offset, fua)
     }
 
+    fn write_target(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        // Only an O_DIRECT image waits on the device; buffered writes are quicker inline.
+        if !self.options.direct || self.options.read_only {
+            return None;
+        }
+        self.check_range(offset, len).ok()?;
+        let (file, aligned_memory) = self.descriptor_for(offset, usize::try_from(len).ok()?);
+        aligned_memory.then(|| file.as_fd())
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;

@@ -228,6 +228,14 @@ impl Op {
             Op::BlockStatus { .. } => Command::BlockStatus,
         }
     }
+
+    /// Whether the op changes the export's data (write, trim, write-zeroes).
+    pub const fn changes_data(&self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
+        )
+    }
 }
 
 /// Why a request header could not be parsed or was refused.

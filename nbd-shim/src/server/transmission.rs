@@ -2,16 +2,18 @@
 //!
 //! The connection thread reads as much as the socket gives into the receive buffer and
 //! parses and validates every complete request in it, in arrival order. Then:
-//! - Reads of a range the device serves from a file go to the connection's I/O engine
-//!   ([`reads`]): queued on its io_uring with the other reads of the batch, submitted
-//!   together (cached data completes during the submit) and answered as they complete.
-//!   While reads are in flight the thread waits on the socket and the ring together.
+//! - Reads of a range the device serves from a file, and writes without FUA of a range
+//!   the device writes to a file directly (an `O_DIRECT` image), go to the connection's
+//!   I/O engine ([`engine_io`]): queued on its io_uring with the others of the batch,
+//!   submitted together (cached data completes during the submit) and answered as they
+//!   complete. While they are in flight the thread waits on the socket and the ring
+//!   together, and finishes its writes before anything that could wait for writes.
 //! - Other requests that complete quickly (writes of a buffered image, trims, zeroing,
 //!   block status, reads of other devices) run right there; their replies are appended
 //!   to the output buffer, which is sent with one write just before the thread would
 //!   block on `read`.
-//! - Requests that wait (FLUSH, CACHE, anything with FUA, and the writes and the reads
-//!   the engine does not take of a device that
+//! - Requests that wait (FLUSH, CACHE, anything with FUA, and the writes and reads the
+//!   engine does not take of a device that
 //!   [waits on I/O](crate::backend::BlockDevice::waits_on_device)) become jobs for the
 //!   connection's workers: up to [`ServerConfig::parallel_requests`] scoped
 //!   threads, started as concurrency needs them. A worker runs the job and sends its reply
@@ -50,14 +52,15 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::buffers::{OutBuf, RecvBuf};
 use super::handshake::Session;
 use super::ServerConfig;
+use crate::engine::IoBuf;
 use crate::proto::request::*;
 use crate::proto::*;
 
+mod engine_io;
 mod executor;
-mod reads;
 
+use engine_io::EngineIo;
 use executor::Executor;
-use reads::EngineReads;
 
 /// Payload (and read) buffers up to this size are kept for reuse.
 const MAX_SPARE_BUFFER: usize = 4 << 20;
@@ -362,7 +365,7 @@ pub(crate) fn serve<S: Read + Write>(
 struct Connection<'a, 'scope, 'env> {
     exec: Executor<'a>,
     dev: &'a dyn crate::backend::BlockDevice,
-    reads: EngineReads<'a>,
+    engine_io: EngineIo<'a>,
     /// The socket's descriptor, to wait on beside the engine's; without it reads run
     /// one at a time.
     socket: Option<RawFd>,
@@ -386,7 +389,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         Connection {
             exec: Executor::new(session, config),
             dev: session.export.dev.as_ref(),
-            reads: EngineReads::new(config),
+            engine_io: EngineIo::new(config),
             socket,
             replies,
             pool,
@@ -399,14 +402,14 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
 
     /// Sends the queued replies, with the engine's completed reads.
     fn send_queued(&mut self, stream: &mut impl Write) -> io::Result<()> {
-        if self.reads.ready_bytes() == 0 {
+        if self.engine_io.ready_bytes() == 0 {
             return self.replies.send(stream, &mut self.exec.out);
         }
         match self.replies {
-            Replies::Inline => self.reads.send_with(stream, &mut self.exec.out),
+            Replies::Inline => self.engine_io.send_with(stream, &mut self.exec.out),
             Replies::Shared(writer) => {
                 let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-                self.reads.send_with(&mut *writer, &mut self.exec.out)
+                self.engine_io.send_with(&mut *writer, &mut self.exec.out)
             }
         }
     }
@@ -417,9 +420,10 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         shutting_down: &AtomicBool,
     ) -> Result<Ending, TransmissionError> {
         let mut result = self.run_loop(stream, shutting_down);
-        if result.is_ok() {
-            // Reads still in flight are answered before the connection closes.
-            if let Err(err) = self.reads.drain(&mut self.exec) {
+        // Operations still in flight are answered before the connection closes; after
+        // an error too, so that every write is finished on its device.
+        if let Err(err) = self.engine_io.drain(&mut self.exec) {
+            if result.is_ok() {
                 result = Err(err.into());
             }
         }
@@ -453,8 +457,8 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             }
             // Nothing complete is left: start the reads queued, collect those done and
             // send the replies before blocking.
-            self.reads.submit()?;
-            self.reads.reap(&mut self.exec, 0)?;
+            self.engine_io.submit()?;
+            self.engine_io.reap(&mut self.exec, 0)?;
             self.send_queued(stream)?;
             publish(&self.exec.session.export, &mut self.exec.stats);
             if let Some(pool) = &self.pool {
@@ -489,7 +493,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
     /// While reads are in flight, waits until either the client sent something (`true`)
     /// or a read completed (`false`). Without reads in flight, the caller's `read` blocks.
     fn wait_for_input(&self) -> io::Result<bool> {
-        let (Some(ring), Some(socket)) = (self.reads.poll_fd(), self.socket) else {
+        let (Some(ring), Some(socket)) = (self.engine_io.poll_fd(), self.socket) else {
             return Ok(true);
         };
         // SAFETY: `serve`'s caller keeps the socket open while the connection runs.
@@ -534,6 +538,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
                 // Skip a refused write's payload to stay in sync.
                 self.recv.consume(have.min(total));
                 if have < total {
+                    self.engine_io.settle_writes(&mut self.exec)?;
                     self.recv
                         .skip_from(stream, u64::try_from(total - have).unwrap_or(u64::MAX))?;
                 }
@@ -554,9 +559,20 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         if let Op::Read { df } = request.op {
             if self.socket.is_some()
                 && !self.exec.reads_sparse(&request, df)
-                && self.reads.try_read(self.dev, &mut self.exec, &request)?
+                && self
+                    .engine_io
+                    .try_read(self.dev, &mut self.exec, &request)?
             {
                 self.recv.consume(total);
+                return self.after_request(stream);
+            }
+        }
+        if request.op == (Op::Write { fua: false }) && self.socket.is_some() && self.device_waits {
+            if let Some(buf) = self
+                .engine_io
+                .write_buffer(self.dev, &mut self.exec, &request)?
+            {
+                self.write_on_engine(stream, &request, buf, payload_len)?;
                 return self.after_request(stream);
             }
         }
@@ -564,6 +580,10 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             .pool
             .as_ref()
             .is_some_and(|pool| pool.takes(&request, self.device_waits));
+        if !to_pool && request.op.changes_data() {
+            // Inline, it may wait for other writes (see `engine_io`).
+            self.engine_io.settle_writes(&mut self.exec)?;
+        }
         if to_pool {
             self.submit(stream, request, payload_len)?;
         } else if have >= total {
@@ -581,10 +601,35 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         stream: &mut impl Write,
     ) -> Result<Option<Option<Ending>>, TransmissionError> {
         // Completed engine reads count too: they hold memory until sent.
-        if self.exec.out.len() + self.reads.ready_bytes() >= self.flush_threshold {
+        if self.exec.out.len() + self.engine_io.ready_bytes() >= self.flush_threshold {
             self.send_queued(stream)?;
         }
         Ok(Some(None))
+    }
+
+    /// Fills `buf` with the payload of `request` (the buffered part, then the rest from
+    /// the stream) and queues the write on the engine.
+    fn write_on_engine(
+        &mut self,
+        stream: &mut (impl Read + Write),
+        request: &Request,
+        mut buf: IoBuf,
+        payload_len: usize,
+    ) -> io::Result<()> {
+        let pending = self.recv.pending();
+        let buffered = pending.len().min(REQUEST_HEADER_LEN + payload_len) - REQUEST_HEADER_LEN;
+        let payload = buf.as_mut_slice();
+        payload[..buffered]
+            .copy_from_slice(&pending[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + buffered]);
+        self.recv.consume(REQUEST_HEADER_LEN + buffered);
+        if buffered < payload_len {
+            // About to block on the client: no write may be held meanwhile, and the
+            // client may be waiting for the replies queued.
+            self.engine_io.settle_writes(&mut self.exec)?;
+            self.send_queued(stream)?;
+            stream.read_exact(&mut buf.as_mut_slice()[buffered..payload_len])?;
+        }
+        self.engine_io.write(self.dev, &mut self.exec, request, buf)
     }
 
     /// Runs inline a write whose payload is larger than the receive buffer: gathers it in
@@ -621,8 +666,12 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         let Some(pool) = self.pool.as_ref() else {
             return Ok(());
         };
-        let (replies, out) = (self.replies, &mut self.exec.out);
-        pool.wait_for_room(payload_len, || replies.send(stream, out))?;
+        let (replies, engine_io, exec) = (self.replies, &mut self.engine_io, &mut self.exec);
+        // A full pool may wait for workers that wait for this connection's writes.
+        pool.wait_for_room(payload_len, || {
+            engine_io.settle_writes(exec)?;
+            replies.send(stream, &mut exec.out)
+        })?;
         let mut payload = match pool.payload_buffer(payload_len) {
             Ok(payload) => payload,
             Err(_) => return self.refuse_payload(stream, &request, payload_len),
@@ -637,6 +686,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         )?;
         let job = Job { request, payload };
         if let Some(job) = pool.submit(job) {
+            self.engine_io.settle_writes(&mut self.exec)?;
             self.exec.execute(&job.request, &job.payload);
         }
         Ok(())
@@ -656,6 +706,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             Errno::NoMem,
             "Cannot allocate the write buffer",
         );
+        self.engine_io.settle_writes(&mut self.exec)?;
         let total = REQUEST_HEADER_LEN + payload_len;
         let have = self.recv.pending_len().min(total);
         self.recv.consume(have);

@@ -10,7 +10,7 @@ use std::sync::MutexGuard;
 
 use tracing::warn;
 
-use super::{lock, DiskTracker, Range, Shared, State};
+use super::{lock, DiskTracker, Range, Shared, State, Waiting};
 use crate::activity::Admission;
 use crate::TrackerError;
 
@@ -27,12 +27,15 @@ pub(super) enum Coverage {
 impl Shared {
     /// Lists the extents of `range` on `disk` in the activity log before a write
     /// is admitted, persisting the list when it grew. May drop the lock (to sync a
-    /// disk so an extent can leave the list, or to wait for a slot).
+    /// disk so an extent can leave the list, or to wait for a slot; with
+    /// [`Waiting::Refused`], waiting for a slot fails with
+    /// [`TrackerError::WouldWait`] instead).
     pub(super) fn enter_activity<'a>(
         &'a self,
         mut state: MutexGuard<'a, State>,
         disk: usize,
         range: Range,
+        waiting: Waiting,
     ) -> Result<(MutexGuard<'a, State>, Coverage), TrackerError> {
         loop {
             match state.activity.admit(disk, range.start, range.end) {
@@ -44,6 +47,9 @@ impl Shared {
                         return Err(error);
                     }
                     return Ok((state, Coverage::Extents));
+                }
+                Admission::Wait if waiting == Waiting::Refused => {
+                    return Err(TrackerError::WouldWait)
                 }
                 Admission::Wait => state = self.wait_once(state, None),
                 Admission::SyncDisk(victim) => {

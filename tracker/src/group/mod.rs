@@ -154,6 +154,14 @@ pub struct DiskStatus {
     pub resync_bytes: u64,
 }
 
+/// Whether logging an operation may wait for other writes of the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Allowed,
+    /// Fail with [`TrackerError::WouldWait`] instead.
+    Refused,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Range {
     start: u64,

@@ -87,6 +87,45 @@ fn closed_cycle_coalesces_last_writer_wins() {
     );
 }
 
+/// `try_log_write` refuses to wait for an overlapping write in flight, gives back
+/// everything it took (the range logs normally once the other write is done), and
+/// logs a write that overlaps nothing at once.
+#[test]
+fn try_log_write_refuses_to_wait_for_an_overlapping_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (group, _) = Group::open(&config(dir.path(), MIN_RING_SIZE, 2)).unwrap();
+    let (d0, d1) = (group.disk(0).unwrap(), group.disk(1).unwrap());
+    let mut images = vec![vec![0u8; usize_of(DISK)]; 2];
+    let held = d0.log_write(8192, &[1; 8192]).unwrap();
+    images[0][8192..16384].fill(1);
+    assert!(matches!(
+        d0.try_log_write(12288, &[2; 8192]),
+        Err(TrackerError::WouldWait)
+    ));
+    // Beside it, and on another disk at the same offsets: no wait.
+    let beside = d0.try_log_write(16384, &[3; 4096]).unwrap();
+    images[0][16384..20480].fill(3);
+    let other = d1.try_log_write(8192, &[4; 8192]).unwrap();
+    images[1][8192..16384].fill(4);
+    drop((beside, other));
+    drop(held);
+    let now = d0.try_log_write(12288, &[2; 8192]).unwrap();
+    images[0][12288..20480].fill(2);
+    drop(now);
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!(
+        cycle.stats().records,
+        4,
+        "the refused attempt left no record"
+    );
+    let mut copies = vec![vec![0u8; usize_of(DISK)]; 2];
+    apply(&cycle, &mut copies);
+    assert_eq!(copies, images);
+    cycle.acknowledge().unwrap();
+    assert_eq!(group.status().disks[0].dirty_bytes, 0);
+}
+
 #[test]
 fn ring_wraps_over_many_cycles() {
     let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use tracing::warn;
 use super::activity_gate::Coverage;
 use super::ring::{Contents, Slot, WHOLE_PAYLOAD_MAX};
 use super::ring_full::usable_ring;
-use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, TrackingMode};
+use super::{lock, usize_of, DiskTracker, OnRingFull, Range, Shared, TrackingMode, Waiting};
 use crate::record::{record_len, RecordKind};
 use crate::superblock::ResyncReason;
 use crate::TrackerError;
@@ -134,7 +134,18 @@ impl DiskTracker {
     /// Logs a write of `data` at `offset` (step 1 of the write protocol).
     pub fn log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
         let len = u64::try_from(data.len()).map_err(|_| TrackerError::OutOfRange)?;
-        self.log(RecordKind::Write, offset, len, data)
+        self.log(RecordKind::Write, offset, len, data, Waiting::Allowed)
+    }
+
+    /// Logs a write like [`DiskTracker::log_write`], but fails with
+    /// [`TrackerError::WouldWait`] rather than wait for other writes to finish (an
+    /// overlapping write of the disk, a full activity log, a throttled ring). For a
+    /// thread that holds guards of writes still in flight: it must not wait for them
+    /// itself, nor for another thread that waits for them. After `WouldWait` it
+    /// finishes its own writes, then calls `log_write`.
+    pub fn try_log_write(&self, offset: u64, data: &[u8]) -> Result<LogGuard, TrackerError> {
+        let len = u64::try_from(data.len()).map_err(|_| TrackerError::OutOfRange)?;
+        self.log(RecordKind::Write, offset, len, data, Waiting::Refused)
     }
 
     /// Logs a write-zeroes (`trim = false`) or a trim of `len` bytes at `offset`.
@@ -144,7 +155,7 @@ impl DiskTracker {
         } else {
             RecordKind::Zero
         };
-        self.log(kind, offset, len, &[])
+        self.log(kind, offset, len, &[], Waiting::Allowed)
     }
 
     fn log(
@@ -153,6 +164,7 @@ impl DiskTracker {
         offset: u64,
         len: u64,
         data: &[u8],
+        waiting: Waiting,
     ) -> Result<LogGuard, TrackerError> {
         let shared = &self.shared;
         let disk = &shared.disks[self.disk];
@@ -183,45 +195,11 @@ impl DiskTracker {
             0
         };
         let logged = pieces * record_len(0) + payload;
-        let usable = usable_ring(shared.ring_size);
-        // A write larger than the whole ring would wait in vain.
-        let can_fit = logged <= usable;
-        let (mut arrived, paused) = shared.pace(logged);
-        let (mut state, coverage) = shared.enter_activity(lock(&shared.state), self.disk, range)?;
-        let mut waited = Duration::ZERO;
-        loop {
-            state = shared.wait_while(state, |state| {
-                state.ranges[self.disk]
-                    .iter()
-                    .any(|other| other.start < range.end && range.start < other.end)
-            });
-            if state.writes_refused {
-                Shared::leave_activity(&mut state, self.disk, range, coverage);
-                return Err(TrackerError::WritesRefused);
-            }
-            if state.mode != TrackingMode::Logging
-                || state.broken
-                || state.tail - state.head + logged <= usable
-            {
-                break;
-            }
-            if let (OnRingFull::Throttle { max_delay }, true) = (state.on_ring_full, can_fit) {
-                // Set by `pace` unless the policy changed since.
-                let arrived = *arrived.get_or_insert_with(Instant::now);
-                let now = Instant::now();
-                let left = (arrived + max_delay).saturating_duration_since(now);
-                if !left.is_zero() {
-                    // The lock is released while waiting: an overlapping write may
-                    // have been admitted meanwhile, so the loop checks again.
-                    state = shared.wait_once(state, Some(left));
-                    waited += now.elapsed();
-                    continue;
-                }
-                state.throttle.expired += 1;
-            }
-            shared.overflow(&mut state);
-            break;
-        }
+        let (arrived, paused) = shared.pace(logged);
+        let (state, coverage) =
+            shared.enter_activity(lock(&shared.state), self.disk, range, waiting)?;
+        let (mut state, waited) =
+            self.wait_for_room(state, range, coverage, logged, arrived, waiting)?;
         if !(paused + waited).is_zero() {
             state.throttle.record(paused + waited);
         }
@@ -315,6 +293,69 @@ impl DiskTracker {
             held: Some(held),
             unlogged: None,
         })
+    }
+
+    /// Waits until no overlapping write of the disk is in flight and the ring has room
+    /// for `logged` bytes (or the group stops logging, or a throttled ring overflows);
+    /// returns how long a throttled ring made it wait. With [`Waiting::Refused`] it
+    /// fails with [`TrackerError::WouldWait`] instead of waiting. On error the
+    /// activity admission of `range` is given back.
+    fn wait_for_room<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, super::State>,
+        range: Range,
+        coverage: Coverage,
+        logged: u64,
+        mut arrived: Option<Instant>,
+        waiting: Waiting,
+    ) -> Result<(std::sync::MutexGuard<'a, super::State>, Duration), TrackerError> {
+        let shared = &self.shared;
+        let usable = usable_ring(shared.ring_size);
+        // A write larger than the whole ring would wait in vain.
+        let can_fit = logged <= usable;
+        let mut waited = Duration::ZERO;
+        loop {
+            let overlaps = |state: &super::State| {
+                state.ranges[self.disk]
+                    .iter()
+                    .any(|other| other.start < range.end && range.start < other.end)
+            };
+            if waiting == Waiting::Refused && overlaps(&state) {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+                return Err(TrackerError::WouldWait);
+            }
+            state = shared.wait_while(state, overlaps);
+            if state.writes_refused {
+                Shared::leave_activity(&mut state, self.disk, range, coverage);
+                return Err(TrackerError::WritesRefused);
+            }
+            if state.mode != TrackingMode::Logging
+                || state.broken
+                || state.tail - state.head + logged <= usable
+            {
+                return Ok((state, waited));
+            }
+            if let (OnRingFull::Throttle { max_delay }, true) = (state.on_ring_full, can_fit) {
+                // Set by `pace` unless the policy changed since.
+                let arrived = *arrived.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                let left = (arrived + max_delay).saturating_duration_since(now);
+                if !left.is_zero() && waiting == Waiting::Refused {
+                    Shared::leave_activity(&mut state, self.disk, range, coverage);
+                    return Err(TrackerError::WouldWait);
+                }
+                if !left.is_zero() {
+                    // The lock is released while waiting: an overlapping write may
+                    // have been admitted meanwhile, so the loop checks again.
+                    state = shared.wait_once(state, Some(left));
+                    waited += now.elapsed();
+                    continue;
+                }
+                state.throttle.expired += 1;
+            }
+            shared.overflow(&mut state);
+            return Ok((state, waited));
+        }
     }
 }
 

@@ -19,16 +19,18 @@
 //! and queued on the engine like a read. Its reply goes out once the engine reports
 //! the data written and the device's [`PendingWrite`] was finished with that result.
 //!
-//! **Never wait while holding writes.** A begun write holds what the device keeps for
-//! it (a tracked disk's log guard, which overlapping writes and the cycle close wait
-//! for) until the connection reaps its completion. So, while writes are in flight, the
-//! connection thread never blocks on anything but the device or the socket-and-engine
-//! poll: it begins writes without waiting ([`BlockDevice::begin_write`] with
-//! `may_wait = false`), and before anything else that could wait (a request for the
-//! workers or run inline, the rest of a payload from the socket) it first finishes
-//! every write in flight ([`EngineIo::settle_writes`]), which only waits for the
-//! device. One exception remains: sending replies blocks while the client does not
-//! read them, and a client that stops reading holds its writes in flight meanwhile.
+//! **Never wait while holding writes.** A begun write may hold what the device keeps
+//! for it ([`PendingWrite::holds`]: a tracked disk's log guard, which overlapping
+//! writes, the workers' writes and the cycle close wait for) until the connection
+//! reaps its completion. So, while such writes are in flight, the connection thread
+//! blocks on nothing that could wait for them: it begins writes without waiting
+//! ([`BlockDevice::begin_write`] with `may_wait = false`), and before it runs a write,
+//! trim or zeroing inline, waits for a free worker, or waits for the rest of a payload
+//! from the socket, it finishes every write in flight ([`EngineIo::settle_writes`]),
+//! which only waits for the device. A FLUSH goes to a worker without settling: a sync
+//! waits for no write, and covers only writes answered before it arrived. One
+//! exception remains: sending replies blocks while the client does not read them, and
+//! a client that stops reading holds its writes in flight meanwhile.
 //!
 //! Ownership: the engine's table owns a buffer until its completion; then a read's
 //! [`ReadyReply`] owns it until it is sent; then it is kept for reuse.
@@ -123,6 +125,8 @@ pub(super) struct EngineIo<'a> {
     spare: Vec<IoBuf>,
     bytes_in_flight: usize,
     writes_in_flight: usize,
+    /// Writes in flight whose [`PendingWrite`] holds something.
+    writes_holding: usize,
     max_bytes: usize,
 }
 
@@ -136,6 +140,7 @@ impl<'a> EngineIo<'a> {
             spare: Vec::new(),
             bytes_in_flight: 0,
             writes_in_flight: 0,
+            writes_holding: 0,
             max_bytes: config.max_in_flight_bytes.max(1),
         }
     }
@@ -221,7 +226,7 @@ impl<'a> EngineIo<'a> {
     ) -> io::Result<()> {
         exec.stats.requests += 1;
         let (offset, len) = (request.offset, u64::from(request.length));
-        let begun = match dev.begin_write(buf.as_slice(), offset, self.writes_in_flight == 0) {
+        let begun = match dev.begin_write(buf.as_slice(), offset, self.writes_holding == 0) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 // It would wait for writes, maybe this connection's own: finish those
                 // first, then it may wait for the others'.
@@ -240,8 +245,7 @@ impl<'a> EngineIo<'a> {
         };
         // Checked before the buffer was handed out; the device may not change its mind,
         // but if it did, the write fails cleanly.
-        let (Some(fd), Some(engine)) = (dev.write_target(offset, len), self.engine.as_mut())
-        else {
+        let (Some(fd), Some(engine)) = (dev.write_target(offset, len), self.engine.as_mut()) else {
             let err = io::Error::other("The device has no file to write to");
             pending.finish(Err(&err));
             exec.reply_device_error(request, &err);
@@ -249,6 +253,7 @@ impl<'a> EngineIo<'a> {
             return Ok(());
         };
         let bytes = buf.len();
+        let holds = pending.holds();
         if let Err(full) = engine.write(fd, offset, buf, EngineOp::Write(*request, pending)) {
             // Cannot happen after `write_buffer` made room (nothing was queued since).
             let err = io::Error::other("No room for the write on the I/O engine");
@@ -261,13 +266,15 @@ impl<'a> EngineIo<'a> {
         }
         self.bytes_in_flight += bytes;
         self.writes_in_flight += 1;
+        self.writes_holding += usize::from(holds);
         Ok(())
     }
 
-    /// Waits until every write in flight has completed and is answered in `exec.out`:
-    /// before the connection thread does anything that could wait for other writes.
+    /// Waits until every write in flight has completed and is answered in `exec.out`,
+    /// if any of them holds something: before the connection thread does anything that
+    /// could wait for other writes.
     pub(super) fn settle_writes(&mut self, exec: &mut Executor<'_>) -> io::Result<()> {
-        if self.writes_in_flight == 0 {
+        if self.writes_holding == 0 {
             return Ok(());
         }
         self.submit()?;
@@ -339,6 +346,7 @@ impl<'a> EngineIo<'a> {
         };
         let (ready, spare, bytes) = (&mut self.ready, &mut self.spare, &mut self.bytes_in_flight);
         let (ready_bytes, writes) = (&mut self.ready_bytes, &mut self.writes_in_flight);
+        let holding = &mut self.writes_holding;
         let structured = exec.session.structured;
         engine.complete(wait_for, |done| {
             *bytes -= done.buf.len();
@@ -354,6 +362,7 @@ impl<'a> EngineIo<'a> {
                 }
                 (EngineOp::Write(request, pending), result) => {
                     *writes -= 1;
+                    *holding -= usize::from(pending.holds());
                     pending.finish(result.as_ref().map(|_| ()));
                     if result.is_ok() {
                         exec.stats.bytes_written += u64::from(request.length);

@@ -60,7 +60,7 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn reply_io(&mut self, request: &Request, result: io::Result<()>) {
+    pub(super) fn reply_io(&mut self, request: &Request, result: io::Result<()>) {
         match result {
             Ok(()) => self.reply_ok(request.cookie),
             Err(err) => self.reply_device_error(request, &err),
