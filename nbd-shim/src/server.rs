@@ -58,6 +58,10 @@ pub use transmission::TransmissionError;
 use export::{Export, ExportTable};
 use listener::{Listener, ShutdownHandle};
 
+/// How long [`Server::retire_export`] waits for connection threads to let go of the
+/// retired export.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// Tuning knobs; [`ServerConfig::default`] suits a VM disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -317,15 +321,38 @@ impl Server {
     /// Removes an export from new handshakes; connections using it keep it until they
     /// close. Returns whether it existed.
     pub fn remove_export(&self, name: &str) -> bool {
+        self.take_export(name).is_some()
+    }
+
+    /// Removes an export and closes its connections: each answers the requests it
+    /// already received, then closes; those still open after
+    /// [`ServerConfig::shutdown_grace`] are cut off. Returns when they are all closed,
+    /// with how many there were, or `None` if there was no such export. Other exports'
+    /// connections are not touched.
+    pub fn retire_export(&self, name: &str) -> Option<usize> {
+        let export = self.take_export(name)?;
+        let open = export.retire(self.inner.config.shutdown_grace);
+        // Its connections' threads let go of it right after they leave transmission;
+        // once they have, dropping it here releases the device (a caller may reopen
+        // what the device held). A handshake in progress may hold it a little longer.
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while Arc::strong_count(&export) > 1 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        tracing::info!(export = name, connections = open, "export removed");
+        Some(open)
+    }
+
+    fn take_export(&self, name: &str) -> Option<Arc<Export>> {
         let mut table = self
             .inner
             .exports
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let mut next = ExportTable::clone(&table);
-        let existed = next.by_name.remove(name).is_some();
+        let removed = next.by_name.remove(name);
         *table = Arc::new(next);
-        existed
+        removed
     }
 
     /// Names of the exports.

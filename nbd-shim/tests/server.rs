@@ -617,6 +617,46 @@ fn shutdown_answers_queued_requests_then_closes() {
     let _ = &mut idle;
 }
 
+/// Retiring one export closes its connections after answering what they sent, refuses
+/// new ones, and leaves the other exports' connections serving.
+#[test]
+fn retiring_an_export_closes_only_its_connections() {
+    let f = fixture();
+    let mut other = connect(&f.socket, "ro", true, &[]);
+    let mut idle = connect(&f.socket, "disk", true, &[]);
+    let mut busy = connect(&f.socket, "disk", true, &[]);
+    let cookies: Vec<_> = (0..16u64)
+        .map(|i| busy.send(NBD_CMD_WRITE, 0, i * 4096, 4096, &[5u8; 4096]))
+        .collect();
+    assert_eq!(f.server.retire_export("disk"), Some(2));
+    for &cookie in &cookies {
+        assert_eq!(busy.reply(cookie, None).error(), 0, "sent before: answered");
+    }
+    let mut rest = Vec::new();
+    busy.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    idle.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // The other export serves on, and sees the writes.
+    let read = other.read(0, 4096);
+    assert_eq!(read.data(0, 4096), vec![5u8; 4096]);
+    // The export is gone for new clients, and only once.
+    assert_eq!(f.server.export_names(), ["ro"]);
+    assert_eq!(f.server.retire_export("disk"), None);
+    let mut stream = UnixStream::connect(&f.socket).unwrap();
+    read_exact_vec(&mut stream, GREETING_LEN);
+    stream.write_all(&1u32.to_be_bytes()).unwrap();
+    send_option(
+        &mut stream,
+        &ClientOption::Go(InfoRequest {
+            name: "disk".into(),
+            requests: vec![],
+        }),
+    );
+    assert_eq!(read_option_reply(&mut stream).1, NBD_REP_ERR_UNKNOWN);
+    other.disconnect();
+}
+
 #[test]
 fn stale_socket_files_are_replaced_and_live_ones_refused() {
     let f = fixture();

@@ -1,10 +1,18 @@
 //! Exports: a named [`BlockDevice`] with its advertised limits, its catalogue of metadata
-//! contexts and its counters.
+//! contexts, its counters and its connections.
+//!
+//! Retiring an export ([`Export::retire`]) closes its connections the way a server
+//! shutdown does: the read side of each is shut, so the connection answers every
+//! request it already received, then sees end-of-stream and closes. A connection that
+//! reaches transmission after the export was retired is closed at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use super::listener::ShutdownHandle;
 use super::{ExportStats, ServerError};
 use crate::backend::{BlockDevice, BlockSizeLimits};
 use crate::proto::*;
@@ -68,6 +76,29 @@ pub(crate) struct Export {
     pub(crate) limits: BlockSizeLimits,
     pub(crate) contexts: Vec<MetaContext>,
     pub(crate) counters: ExportCounters,
+    sessions: Mutex<Sessions>,
+    /// Signalled when a connection leaves transmission.
+    session_ended: Condvar,
+}
+
+/// The connections in transmission on an export.
+#[derive(Default)]
+struct Sessions {
+    retired: bool,
+    handles: HashMap<u64, ShutdownHandle>,
+}
+
+/// A connection's place in its export's sessions; leaving transmission drops it.
+pub(crate) struct SessionEntry<'e> {
+    export: &'e Export,
+    id: u64,
+}
+
+impl Drop for SessionEntry<'_> {
+    fn drop(&mut self) {
+        self.export.lock_sessions().handles.remove(&self.id);
+        self.export.session_ended.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Export {
@@ -123,6 +154,67 @@ fn valid_context_name(name: &str) -> bool {
 }
 
 impl Export {
+    fn lock_sessions(&self) -> MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers connection `id` (closed through `handle`) as serving this export;
+    /// `None` once the export is retired: the connection must close.
+    pub(crate) fn enter(&self, id: u64, handle: ShutdownHandle) -> Option<SessionEntry<'_>> {
+        let mut sessions = self.lock_sessions();
+        if sessions.retired {
+            return None;
+        }
+        sessions.handles.insert(id, handle);
+        Some(SessionEntry { export: self, id })
+    }
+
+    /// Whether the export was retired.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.lock_sessions().retired
+    }
+
+    /// Closes the export's connections once they answered what they received, waiting
+    /// at most `grace` before cutting off the rest. Returns how many were open.
+    pub(crate) fn retire(&self, grace: Duration) -> usize {
+        let mut sessions = self.lock_sessions();
+        sessions.retired = true;
+        let open = sessions.handles.len();
+        for handle in sessions.handles.values() {
+            handle.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + grace;
+        while !sessions.handles.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    export = %self.name,
+                    connections = sessions.handles.len(),
+                    "cutting off connections of a removed export after the grace period"
+                );
+                for handle in sessions.handles.values() {
+                    handle.shutdown(Shutdown::Both);
+                }
+                // Cut off, they end at their next socket call.
+                let cut = Instant::now() + Duration::from_secs(5);
+                while !sessions.handles.is_empty() && Instant::now() < cut {
+                    sessions = self
+                        .session_ended
+                        .wait_timeout(sessions, Duration::from_millis(100))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                break;
+            }
+            sessions = self
+                .session_ended
+                .wait_timeout(sessions, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        open
+    }
+
     pub(crate) fn new(
         name: &str,
         description: Option<String>,
@@ -171,6 +263,8 @@ impl Export {
             });
         }
         Ok(Export {
+            sessions: Mutex::default(),
+            session_ended: Condvar::new(),
             name: name.to_owned(),
             description,
             dev,

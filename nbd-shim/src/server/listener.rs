@@ -344,6 +344,10 @@ fn proceed<S: Transport>(
             return;
         }
     };
+    // The handshake's snapshot of the export table would keep every export of that
+    // moment (and its device) alive as long as the connection: a removed export's
+    // device must go when its own connections end.
+    drop(negotiation);
     if let Err(err) = stream.set_timeouts(None) {
         tracing::warn!(%err, "could not clear handshake timeouts");
     }
@@ -357,6 +361,17 @@ fn proceed<S: Transport>(
     };
     let writer = writer.as_ref().map(|w| w as &Mutex<dyn Write + Send>);
     let socket = stream.as_fd().as_raw_fd();
+    let handle = match stream.shutdown_handle() {
+        Ok(handle) => handle,
+        Err(err) => {
+            tracing::warn!(%err, "could not set up the connection's shutdown handle");
+            return;
+        }
+    };
+    let Some(_entry) = session.export.enter(id, handle) else {
+        tracing::info!(export = %session.export.name, "export removed; closing the connection");
+        return;
+    };
     let _ = serve_session(inner, &mut stream, Some(socket), writer, &session);
 }
 
@@ -448,6 +463,9 @@ pub(crate) fn serve_session<S: Read + Write>(
         Ok(Ending::Disconnect) => tracing::info!(export = %export.name, "client disconnected"),
         Ok(Ending::Shutdown) => {
             tracing::debug!(export = %export.name, "connection closed for shutdown")
+        }
+        Ok(Ending::PeerClosed) if export.is_retired() => {
+            tracing::info!(export = %export.name, "connection closed: the export was removed");
         }
         Ok(Ending::PeerClosed) => {
             // Between requests: many clients (libnbd's close, fio) just hang up.
