@@ -130,7 +130,7 @@ pub struct PrimaryConfig {
 }
 
 /// Daemon-wide replication settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Bandwidth limit of all groups together, in bytes per second (`50MiB`).
@@ -196,7 +196,7 @@ pub struct NbdAccess {
 }
 
 /// One group: a VM whose disks close cycles together.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Group name.
@@ -293,7 +293,7 @@ fn default_true() -> bool {
 /// Application-consistent points of a group: every so often the cycle closes between
 /// a freeze and a thaw command (for QEMU guests, the guest agent's fsfreeze through
 /// `virsh domfsfreeze` / `virsh domfsthaw`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConsistentConfig {
     /// Time between points; at least the group's interval.
@@ -317,7 +317,7 @@ fn default_app_consistent_timeout() -> Interval {
 }
 
 /// A consumer of closed cycles.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ConsumerConfig {
     /// Apply each cycle to `DIR/<disk>.img`.
@@ -332,7 +332,7 @@ pub enum ConsumerConfig {
 }
 
 /// A replica server as the consumer of a group.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConsumer {
     /// `https://host:port` (`http://` only with `psk_file`).
@@ -508,7 +508,7 @@ fn default_retry_scale() -> f64 {
 }
 
 /// A protected disk.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Export name.

@@ -51,6 +51,44 @@ pub enum ControlRequest {
         /// What to do.
         action: ReplicationAction,
     },
+    /// Read the configuration file again and apply its groups (primary only): see
+    /// `primary::reload`. Answers a [`ReloadReport`].
+    Reload {
+        /// Delete the rings of the groups removed (by default they are kept, marked
+        /// clean, so that adding the group back resumes where it stopped).
+        #[serde(default)]
+        delete_removed_rings: bool,
+    },
+}
+
+/// What a reload did, group by group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// Groups opened and exported.
+    pub added: Vec<String>,
+    /// Groups whose exports were closed and whose rings were marked clean.
+    pub removed: Vec<String>,
+    /// Rings deleted with their removed groups.
+    #[serde(default)]
+    pub deleted_rings: Vec<String>,
+    /// Groups closed and opened again with their new settings.
+    pub changed: Vec<String>,
+    /// Groups left as they were.
+    pub unchanged: Vec<String>,
+    /// Groups that could not be added or changed, with why; a changed group that
+    /// could not reopen runs on with its previous settings.
+    pub failed: Vec<ReloadFailure>,
+    /// Settings that changed in the file but only take effect at a restart.
+    pub needs_restart: Vec<String>,
+}
+
+/// A group a reload could not apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    /// The group.
+    pub group: String,
+    /// Why, with causes.
+    pub error: String,
 }
 
 /// What `blkrep replication` asks of a group.

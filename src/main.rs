@@ -64,6 +64,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running primary read its configuration file again and apply its
+    /// groups: new groups start, removed ones stop (their rings are kept unless
+    /// asked), changed ones restart; other groups keep serving. Same as SIGHUP.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Also delete the rings (and replication records) of the groups removed.
+        #[arg(long)]
+        delete_removed_rings: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with cycles.
     Cycles {
         #[command(subcommand)]
@@ -173,14 +186,40 @@ fn control_socket(target: &Target) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `blkrep reload`'s text: one line per thing that happened.
+fn render_reload(report: &control::ReloadReport) -> String {
+    let mut text = String::new();
+    let mut line = |what: &str, names: &[String]| {
+        if !names.is_empty() {
+            text.push_str(&format!("{what}: {}\n", names.join(", ")));
+        }
+    };
+    line("Added", &report.added);
+    line("Removed", &report.removed);
+    line("Deleted rings", &report.deleted_rings);
+    line("Changed", &report.changed);
+    line("Unchanged", &report.unchanged);
+    line("Needs a restart to apply", &report.needs_restart);
+    for failure in &report.failed {
+        text.push_str(&format!("Failed: {}: {}\n", failure.group, failure.error));
+    }
+    if text.is_empty() {
+        text.push_str("Nothing to do: no groups are configured\n");
+    }
+    text
+}
+
 fn load(path: &Path) -> anyhow::Result<PrimaryConfig> {
     Ok(PrimaryConfig::load(path)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Primary { config, check } => {
-            let config = load(&config)?;
+        Command::Primary {
+            config: path,
+            check,
+        } => {
+            let config = load(&path)?;
             if check {
                 println!("Configuration is valid: {} group(s)", config.groups.len());
                 for warning in &config.nbd.access.warnings {
@@ -189,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             init_logging(cli.log_format);
-            primary::run(config)?;
+            primary::run(config, &path)?;
         }
         Command::Status { target, json } => {
             let socket = control_socket(&target)?;
@@ -205,6 +244,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let report: StatusReport =
                     serde_json::from_value(value).context("Unreadable status report")?;
                 print!("{}", report.render());
+            }
+        }
+        Command::Reload {
+            target,
+            delete_removed_rings,
+            json,
+        } => {
+            let socket = control_socket(&target)?;
+            let report: control::ReloadReport = control::call_typed(
+                &socket,
+                control::PRIMARY,
+                &ControlRequest::Reload {
+                    delete_removed_rings,
+                },
+                Duration::from_secs(600),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render_reload(&report));
+            }
+            if !report.failed.is_empty() {
+                bail!("{} group(s) could not be applied", report.failed.len());
             }
         }
         Command::Cycles {

@@ -163,6 +163,11 @@ impl RunningGroup {
         &self.config.name
     }
 
+    /// The settings the group was opened with.
+    pub(crate) fn config(&self) -> &GroupConfig {
+        &self.config
+    }
+
     /// The NBD exports of its disks, in disk order.
     pub(crate) fn exports(&self) -> impl Iterator<Item = &str> {
         self.disks.iter().map(|disk| disk.export.as_str())

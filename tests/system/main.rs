@@ -18,6 +18,7 @@ mod libnbd_conformance;
 mod live_group;
 mod nbd_tls;
 mod power_loss;
+mod reload;
 mod replica_hostile_clients;
 mod replication;
 mod replication_faults;

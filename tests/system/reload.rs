@@ -1,0 +1,204 @@
+//! Live groups on the primary: SIGHUP and `blkrep reload` read the configuration
+//! again and add, remove and change groups while another group's client writes
+//! throughout without one error, and that group's log still rebuilds its image.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use testkit::nbd::Conn;
+use testkit::*;
+
+const MIB: u64 = 1 << 20;
+
+fn group(name: &str, disk: &str) -> GroupSpec {
+    GroupSpec::new(name, vec![DiskSpec::new(disk, 8 * MIB)])
+}
+
+/// Writes `groups`' configuration over the primary's file.
+fn configure(p: &Primary, groups: &[&GroupSpec]) {
+    let spec = Spec::new(groups.iter().map(|g| (*g).clone()).collect());
+    fs::write(p.config(), p.layout.config_text(&spec, None)).expect("write config");
+}
+
+/// `blkrep reload --json` (through the control socket: the file may be invalid), with
+/// its report.
+fn reload(p: &Primary, extra: &[&str]) -> (Output, Value) {
+    let o = run(
+        p.cmd()
+            .args(["reload", "--json", "--socket"])
+            .arg(p.layout.ctl())
+            .args(extra),
+        LONG,
+    );
+    let report = serde_json::from_str(o.stdout.trim()).unwrap_or(Value::Null);
+    (o, report)
+}
+
+fn names(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn running_groups(p: &Primary) -> Vec<String> {
+    let o = run_ok(
+        p.cmd()
+            .args(["status", "--json", "--socket"])
+            .arg(p.layout.ctl()),
+        LONG,
+    );
+    o.json()["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// A client writing random 4–32 KiB blocks to `disk` (with a flush every 16) until
+/// stopped; returns how many writes were acknowledged, or the first error.
+fn writer(
+    p: &Primary,
+    disk: &str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<u64, String>> {
+    let socket = p.nbd_sock();
+    let disk = disk.to_string();
+    thread::spawn(move || {
+        let mut conn = Conn::connect_unix(&socket, &disk).map_err(|e| e.to_string())?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut acked = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let blocks = rng.gen_range(1..=8u64);
+            let offset = rng.gen_range(0..(8 * MIB / 4096 - blocks)) * 4096;
+            let data: Vec<u8> = (0..blocks * 4096).map(|_| rng.gen()).collect();
+            conn.write(offset, &data, false)
+                .map_err(|e| format!("write {acked} at {offset}: {e}"))?;
+            acked += 1;
+            if acked % 16 == 0 {
+                conn.flush()
+                    .map_err(|e| format!("flush after {acked}: {e}"))?;
+            }
+            // A steady guest, not a flood: the ring keeps every write of the test.
+            thread::sleep(Duration::from_millis(1));
+        }
+        conn.disconnect();
+        Ok(acked)
+    })
+}
+
+#[test]
+fn groups_come_and_go_while_another_group_keeps_writing() {
+    let vm1 = group("vm1", "a0").ring_size("256MiB");
+    let (vm2, vm3) = (group("vm2", "b0"), group("vm3", "c0"));
+    let p = Primary::start(Spec::new(vec![vm1.clone(), vm2.clone()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(&p, "a0", Arc::clone(&stop));
+    let mut idle = Conn::connect_unix(&p.nbd_sock(), "b0").expect("connect b0");
+
+    // Add vm3 with SIGHUP.
+    p.layout.write_images(&Spec::new(vec![vm3.clone()]));
+    configure(&p, &[&vm1, &vm2, &vm3]);
+    kill(p.pid(), Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + LONG;
+    let mut c0 = loop {
+        match Conn::connect_unix(&p.nbd_sock(), "c0") {
+            Ok(conn) => break conn,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("vm3's export never appeared after SIGHUP: {e}\n{}", p.log()),
+        }
+    };
+    c0.write(4096, &[0xc3; 4096], true).expect("write c0");
+    assert_eq!(running_groups(&p), ["vm1", "vm2", "vm3"]);
+
+    // Remove vm2 with `blkrep reload`: its client is closed, its ring kept.
+    configure(&p, &[&vm1, &vm3]);
+    let (o, report) = reload(&p, &[]);
+    assert!(o.success(), "reload failed\n{}", o.report());
+    assert_eq!(names(&report["removed"]), ["vm2"], "{report}");
+    assert_eq!(names(&report["unchanged"]), ["vm1", "vm3"], "{report}");
+    assert!(
+        idle.read(0, 4096).is_err(),
+        "vm2's connection still serves after its group was removed"
+    );
+    assert!(
+        Conn::connect_unix(&p.nbd_sock(), "b0").is_err(),
+        "a new connection to a removed group's export succeeded"
+    );
+    assert!(
+        p.layout.ring("vm2").exists(),
+        "the ring of a removed group is kept"
+    );
+    assert_eq!(running_groups(&p), ["vm1", "vm3"]);
+
+    // Change vm3 (its interval): it reopens; what was written to it stays.
+    let vm3_changed = vm3.clone().interval("2h");
+    configure(&p, &[&vm1, &vm3_changed]);
+    let (o, report) = reload(&p, &[]);
+    assert!(o.success(), "reload failed\n{}", o.report());
+    assert_eq!(names(&report["changed"]), ["vm3"], "{report}");
+    let mut c0 = Conn::connect_unix(&p.nbd_sock(), "c0").expect("vm3 reopened");
+    assert_eq!(c0.read(4096, 4096).expect("read c0"), vec![0xc3; 4096]);
+    c0.disconnect();
+
+    // A file that does not validate changes nothing, and says why.
+    fs::write(p.config(), "this is not toml [").expect("write config");
+    let (o, _) = reload(&p, &[]);
+    assert!(
+        !o.success(),
+        "an invalid configuration was reloaded\n{}",
+        o.report()
+    );
+    assert!(o.stderr.contains("not reloaded"), "{}", o.report());
+    assert_eq!(running_groups(&p), ["vm1", "vm3"]);
+
+    // vm2 comes back from its kept ring, then goes with its ring deleted.
+    configure(&p, &[&vm1, &vm2, &vm3_changed]);
+    let (o, report) = reload(&p, &[]);
+    assert!(o.success(), "reload failed\n{}", o.report());
+    assert_eq!(names(&report["added"]), ["vm2"], "{report}");
+    assert!(
+        p.log().contains("previous=Clean"),
+        "vm2's ring was not reopened as cleanly closed\n{}",
+        p.log()
+    );
+    configure(&p, &[&vm1, &vm3_changed]);
+    let (o, report) = reload(&p, &["--delete-removed-rings"]);
+    assert!(o.success(), "reload failed\n{}", o.report());
+    assert_eq!(names(&report["removed"]), ["vm2"], "{report}");
+    assert!(
+        !p.layout.ring("vm2").exists(),
+        "the removed ring was not deleted"
+    );
+
+    // vm1 wrote throughout without one error, and its log still rebuilds its image.
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writing.join().expect("writer thread");
+    let acked = acked.unwrap_or_else(|e| panic!("vm1's writer failed: {e}\n{}", p.log()));
+    assert!(acked > 0, "vm1's writer wrote nothing");
+    p.cycles_close("vm1");
+    assert_files_equal(
+        &p.copy_image("vm1", "a0"),
+        &p.image("a0"),
+        "vm1's local copy",
+    );
+    assert!(!p.log().contains("panicked"), "{}", p.log());
+    assert!(
+        !p.log().contains("resync is required"),
+        "vm1 fell back to a resync\n{}",
+        p.log()
+    );
+}
