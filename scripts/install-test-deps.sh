@@ -69,7 +69,11 @@ fi
 #   fuse3           fusermount3, for tools/powerloss-fs (tests/system/power_loss.rs)
 #   util-linux-extra  fincore: how much of an image is in the page cache (the cold-read
 #                   conformance test, bench-fio.sh --cache); not essential on Debian 12
+#   libvirt-clients, libxml2-utils  virt-xml-validate (and its xmllint) with
+#                   libvirt's schemas: the domain XML that
+#                   `blkrep libvirt disk-xml` prints is validated (tests/system/libvirt.rs)
 wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3)
+wanted+=(libvirt-clients libxml2-utils)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then

@@ -10,6 +10,7 @@ mod cycles;
 mod daemon;
 mod groups;
 mod key_files;
+mod libvirt;
 mod metrics;
 mod primary;
 mod replica_daemon;
@@ -94,10 +95,44 @@ enum Command {
         #[command(subcommand)]
         command: replication_cli::ReplicationCommand,
     },
+    /// Connect libvirt domains to the disks the primary serves.
+    Libvirt {
+        #[command(subcommand)]
+        command: LibvirtCommand,
+    },
     /// Run the replica daemon, or show its replicas.
     Replica {
         #[command(subcommand)]
         command: replica_daemon::ReplicaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LibvirtCommand {
+    /// Print the <disk> element that points a domain at a disk of the primary
+    /// (NBD over its unix socket, or its TCP listener with --tcp), for `virsh edit`
+    /// or `virsh attach-device`.
+    DiskXml {
+        /// The primary's configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The disk (its `name` in [[group.disk]], which is its NBD export).
+        #[arg(long)]
+        disk: String,
+        /// The guest device name.
+        #[arg(long, default_value = "vda")]
+        target: String,
+        /// The guest bus.
+        #[arg(long, default_value = "virtio")]
+        bus: String,
+        /// Seconds QEMU keeps reconnecting when the primary restarts (adds
+        /// <reconnect delay='N'/>; needs a libvirt that knows it, newer than
+        /// Debian 12's 9.0).
+        #[arg(long)]
+        reconnect_delay: Option<u32>,
+        /// Use the TCP listener even if there is a unix socket.
+        #[arg(long)]
+        tcp: bool,
     },
 }
 
@@ -245,6 +280,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::from_value(value).context("Unreadable status report")?;
                 print!("{}", report.render());
             }
+        }
+        Command::Libvirt {
+            command:
+                LibvirtCommand::DiskXml {
+                    config,
+                    disk,
+                    target,
+                    bus,
+                    reconnect_delay,
+                    tcp,
+                },
+        } => {
+            let config = load(&config)?;
+            let options = libvirt::DiskXmlOptions {
+                target,
+                bus,
+                reconnect_delay,
+                tcp,
+            };
+            print!("{}", libvirt::disk_xml(&config, &disk, &options)?);
         }
         Command::Reload {
             target,

@@ -15,6 +15,7 @@ mod failover;
 mod fault_proxy_selftest;
 mod guest_boot;
 mod libnbd_conformance;
+mod libvirt;
 mod live_group;
 mod nbd_tls;
 mod power_loss;
