@@ -133,8 +133,10 @@ pub fn run(config: PrimaryConfig) -> Result<(), PrimaryError> {
         metrics = %metrics_addr,
         "Primary ready"
     );
+    let notifier = crate::daemon::notify::ready(&config.control_socket);
     let signal = signals.wait().map_err(PrimaryError::Setup)?;
     info!(?signal, "Shutting down");
+    notifier.stopping();
     shutdown(&daemon);
     let _ = std::fs::remove_file(&config.control_socket);
     if let Some(path) = &config.nbd.unix_socket {
