@@ -17,6 +17,7 @@ mod guest_boot;
 mod libnbd_conformance;
 mod live_group;
 mod nbd_tls;
+mod packaging;
 mod power_loss;
 mod replica_hostile_clients;
 mod replication;
