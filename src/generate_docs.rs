@@ -133,12 +133,15 @@ mod tests {
             assert!(names.iter().any(|name| name == page), "{page} in {names:?}");
         }
         for completion in ["blkrep.bash", "_blkrep", "blkrep.fish"] {
-            let text = std::fs::read_to_string(dir.path().join("completions").join(completion))
-                .unwrap();
+            let text =
+                std::fs::read_to_string(dir.path().join("completions").join(completion)).unwrap();
             assert!(text.contains("replication"), "{completion}");
             assert!(!text.contains("generate-docs"), "{completion}");
         }
-        assert!(!names.iter().any(|name| name.contains("generate")), "{names:?}");
+        assert!(
+            !names.iter().any(|name| name.contains("generate")),
+            "{names:?}"
+        );
         let primary = std::fs::read_to_string(dir.path().join("man/blkrep-primary.1")).unwrap();
         assert!(primary.contains("\\-\\-check"), "{primary}");
     }

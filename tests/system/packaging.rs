@@ -151,7 +151,11 @@ fn check_notifications(mut daemon: Command, control_socket: &Path, log: &Path) {
         daemon_log()
     );
 
-    kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), Signal::SIGTERM).unwrap();
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
     notify.wait_for("STOPPING=1", Duration::from_secs(30), log);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -160,7 +164,10 @@ fn check_notifications(mut daemon: Command, control_socket: &Path, log: &Path) {
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            panic!("the daemon did not exit within 30 s of SIGTERM\n{}", daemon_log());
+            panic!(
+                "the daemon did not exit within 30 s of SIGTERM\n{}",
+                daemon_log()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -233,16 +240,32 @@ fn without_notify_socket_nothing_is_sent() {
     let daemon_log = || fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !daemon_log().contains("Primary ready") {
-        assert!(Instant::now() < deadline, "not ready in 30 s\n{}", daemon_log());
-        assert!(child.try_wait().unwrap().is_none(), "exited\n{}", daemon_log());
+        assert!(
+            Instant::now() < deadline,
+            "not ready in 30 s\n{}",
+            daemon_log()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited\n{}",
+            daemon_log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), Signal::SIGTERM).unwrap();
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status}\n{}", daemon_log());
     for unwanted in ["Watchdog on", "watchdog", "Cannot notify systemd"] {
-        assert!(!daemon_log().contains(unwanted), "{unwanted}:\n{}", daemon_log());
+        assert!(
+            !daemon_log().contains(unwanted),
+            "{unwanted}:\n{}",
+            daemon_log()
+        );
     }
 }
 
@@ -265,7 +288,9 @@ fn the_units_pass_systemd_analyze_verify() {
     )
     .unwrap();
     let o = run(
-        Command::new(&analyze).args(["verify", "--man=no"]).arg(&bad),
+        Command::new(&analyze)
+            .args(["verify", "--man=no"])
+            .arg(&bad),
         SHORT,
     );
     if !o.all().contains("NoSuchKey") {
