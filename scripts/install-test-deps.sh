@@ -69,7 +69,9 @@ fi
 #   fuse3           fusermount3, for tools/powerloss-fs (tests/system/power_loss.rs)
 #   util-linux-extra  fincore: how much of an image is in the page cache (the cold-read
 #                   conformance test, bench-fio.sh --cache); not essential on Debian 12
-wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3)
+#   systemd         systemd-analyze verify on the units (tests/system/packaging.rs)
+#   man-db          man, to render the packaged man pages (scripts/test-package.sh)
+wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3 systemd man-db)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then
@@ -108,7 +110,7 @@ else
 fi
 
 # Check what was asked for is now usable.
-for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate fincore fusermount3; do
+for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate fincore fusermount3 systemd-analyze man; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool still not on PATH after install"
 done
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then
