@@ -102,6 +102,35 @@ fn pings(states: &[String]) -> usize {
     states.iter().filter(|state| *state == "WATCHDOG=1").count()
 }
 
+/// Sends SIGTERM to the daemon.
+fn terminate(child: &Child) {
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+/// Waits (30 s at most) for the daemon to exit after SIGTERM; kills it and panics
+/// with its log past that.
+fn exit_after_sigterm(child: &mut Child, log: &Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the daemon did not exit within 30 s of SIGTERM\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `daemon` (logging to `log`) as systemd would, with a watchdog, and checks
 /// every notification: READY=1 first, pings while its `control_socket` answers, none
 /// once it is gone, and STOPPING=1 then a clean exit on SIGTERM.
@@ -151,26 +180,9 @@ fn check_notifications(mut daemon: Command, control_socket: &Path, log: &Path) {
         daemon_log()
     );
 
-    kill(
-        Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        Signal::SIGTERM,
-    )
-    .unwrap();
+    terminate(&child);
     notify.wait_for("STOPPING=1", Duration::from_secs(30), log);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!(
-                "the daemon did not exit within 30 s of SIGTERM\n{}",
-                daemon_log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_after_sigterm(&mut child, log);
     assert!(
         status.success(),
         "exit {status} after SIGTERM\n{}",
@@ -253,12 +265,8 @@ fn without_notify_socket_nothing_is_sent() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    kill(
-        Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
+    terminate(&child);
+    let status = exit_after_sigterm(&mut child, &log);
     assert!(status.success(), "exit {status}\n{}", daemon_log());
     for unwanted in ["Watchdog on", "watchdog", "Cannot notify systemd"] {
         assert!(
