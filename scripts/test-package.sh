@@ -150,10 +150,10 @@ moved "$root/etc/blkrep/replica.toml" >"$host/etc/blkrep/replica.toml"
 check "the examples name no path outside the moved directories" \
     bash -c '! grep -E "^[^#]*\"/(etc|var|run)/" "$1" "$2"' _ "$host/etc/blkrep/primary.toml" "$host/etc/blkrep/replica.toml"
 check "primary --check passes on the example once its files exist" \
-    bash -c '"$1" primary --check --config "$2" | tee /dev/stderr | grep -q "^Configuration is valid: 1 group"' \
+    bash -c 'out=$("$1" primary --check --config "$2" 2>&1); echo "$out"; grep -q "^Configuration is valid: 1 group" <<<"$out"' \
     _ "$blkrep" "$host/etc/blkrep/primary.toml"
 check "replica run --check passes on the example once its certificates exist" \
-    bash -c '"$1" replica run --check --config "$2" | tee /dev/stderr | grep -q "^Configuration is valid: 1 authorization entry"' \
+    bash -c 'out=$("$1" replica run --check --config "$2" 2>&1); echo "$out"; grep -q "^Configuration is valid: 1 authorization entry" <<<"$out"' \
     _ "$blkrep" "$host/etc/blkrep/replica.toml"
 
 finish
