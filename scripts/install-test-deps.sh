@@ -72,7 +72,9 @@ fi
 #   libvirt-clients, libxml2-utils  virt-xml-validate (and its xmllint) with
 #                   libvirt's schemas: the domain XML that
 #                   `blkrep libvirt disk-xml` prints is validated (tests/system/libvirt.rs)
-wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3)
+#   systemd         systemd-analyze verify on the units (tests/system/packaging.rs)
+#   man-db          man, to render the packaged man pages (scripts/test-package.sh)
+wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3 systemd man-db)
 wanted+=(libvirt-clients libxml2-utils)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
@@ -112,7 +114,7 @@ else
 fi
 
 # Check what was asked for is now usable.
-for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate fincore fusermount3; do
+for tool in qemu-img qemu-nbd nbdinfo nbdcopy nbdsh fio fallocate fincore fusermount3 systemd-analyze man; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool still not on PATH after install"
 done
 if ! fio --enghelp 2>/dev/null | grep -qw nbd; then

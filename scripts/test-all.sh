@@ -49,6 +49,8 @@ step "install test dependencies" scripts/install-test-deps.sh "${with_fuzz[@]}"
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test" cargo test --workspace --all-targets --locked
+# The Debian package: its release build is the one demo.sh and the benchmarks use.
+step "Debian package (scripts/test-package.sh)" scripts/test-package.sh
 if (( ! quick )); then
     if cargo fuzz --version >/dev/null 2>&1; then
         # cargo-fuzz needs -Z flags; a stable toolchain accepts them with RUSTC_BOOTSTRAP.

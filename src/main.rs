@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod cycles;
 mod daemon;
+mod generate_docs;
 mod groups;
 mod key_files;
 mod libvirt;
@@ -22,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use shipper::error_chain;
 
 use crate::config::PrimaryConfig;
@@ -104,6 +105,13 @@ enum Command {
     Replica {
         #[command(subcommand)]
         command: replica_daemon::ReplicaCommand,
+    },
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where `man/` and `completions/` go.
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -378,6 +386,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replica { command } => {
             replica_daemon::main(command, || init_logging(cli.log_format))?;
+        }
+        Command::GenerateDocs { dir } => {
+            for path in generate_docs::generate(Cli::command(), &dir)? {
+                println!("{}", path.display());
+            }
         }
     }
     Ok(())

@@ -1,8 +1,10 @@
 //! What every blkrep daemon does around its own work, written once for the primary
 //! and the replica daemon: process settings ([`process`]), the stop signals
-//! ([`StopSignals`]) and the control socket ([`control_socket`]).
+//! ([`StopSignals`]), the control socket ([`control_socket`]) and systemd's
+//! notifications ([`notify`]).
 
 pub mod control_socket;
+pub mod notify;
 pub mod process;
 
 use nix::sys::signal::{SigSet, Signal};

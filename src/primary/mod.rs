@@ -342,6 +342,7 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
         metrics = %metrics_addr,
         "Primary ready"
     );
+    let notifier = crate::daemon::notify::ready(&config.control_socket);
     let signal = loop {
         let signal = signals.wait().map_err(PrimaryError::Setup)?;
         if !StopSignals::is_reload(signal) {
@@ -360,6 +361,7 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
         }
     };
     info!(?signal, "Shutting down");
+    notifier.stopping();
     shutdown(&daemon);
     let _ = std::fs::remove_file(&config.control_socket);
     if let Some(path) = &config.nbd.unix_socket {

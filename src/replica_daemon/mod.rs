@@ -149,8 +149,10 @@ fn serve(
         control = %config.control_socket.display(),
         "Replica ready"
     );
+    let notifier = crate::daemon::notify::ready(&config.control_socket);
     let signal = signals.wait().map_err(DaemonError::Setup)?;
     info!(?signal, "Shutting down");
+    notifier.stopping();
     drop(metrics);
     nbd.shutdown();
     daemon.close_live();

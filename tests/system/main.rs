@@ -18,6 +18,7 @@ mod libnbd_conformance;
 mod libvirt;
 mod live_group;
 mod nbd_tls;
+mod packaging;
 mod power_loss;
 mod reload;
 mod replica_hostile_clients;
