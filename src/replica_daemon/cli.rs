@@ -387,8 +387,8 @@ pub fn main(command: ReplicaCommand, init_logging: impl FnOnce()) -> anyhow::Res
 }
 
 /// `blkrep replica run`: checks the configuration, or runs the daemon.
-fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow::Result<()> {
-    let config = ReplicaConfig::load(config)?;
+fn run_daemon(path: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow::Result<()> {
+    let config = ReplicaConfig::load(path)?;
     if check {
         for warning in &config.warnings {
             println!("Warning: {warning}");
@@ -417,7 +417,7 @@ fn run_daemon(config: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    run(&config)?;
+    run(&config, path)?;
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub mod render;
 
 use std::collections::HashMap;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use replica::server::{FailedOver, ReplicaServer, ReplicaServerError, ServerHandle};
@@ -85,18 +85,20 @@ pub(crate) struct Daemon {
     live_ring_size: u64,
 }
 
-/// Runs the replica daemon until SIGTERM or SIGINT.
-pub fn run(config: &ReplicaConfig) -> Result<(), DaemonError> {
+/// Runs the replica daemon until SIGTERM or SIGINT; SIGHUP reads `path` again and
+/// puts its authorisation entries in force ([`reload_authorization`]).
+pub fn run(config: &ReplicaConfig, path: &Path) -> Result<(), DaemonError> {
     crate::daemon::process::harden_process();
-    let signals = StopSignals::block().map_err(DaemonError::Setup)?;
+    let signals = StopSignals::block_with_reload().map_err(DaemonError::Setup)?;
     let control = control_socket::bind(control::REPLICA, &config.control_socket)?;
-    let result = serve(config, control, &signals);
+    let result = serve(config, path, control, &signals);
     let _ = std::fs::remove_file(&config.control_socket);
     result
 }
 
 fn serve(
     config: &ReplicaConfig,
+    path: &Path,
     control: UnixListener,
     signals: &StopSignals,
 ) -> Result<(), DaemonError> {
@@ -150,7 +152,13 @@ fn serve(
         "Replica ready"
     );
     let notifier = crate::daemon::notify::ready(&config.control_socket);
-    let signal = signals.wait().map_err(DaemonError::Setup)?;
+    let signal = loop {
+        let signal = signals.wait().map_err(DaemonError::Setup)?;
+        if !StopSignals::is_reload(signal) {
+            break signal;
+        }
+        reload_authorization(&server.handle(), config, path);
+    };
     info!(?signal, "Shutting down");
     notifier.stopping();
     drop(metrics);
@@ -160,6 +168,43 @@ fn serve(
     server.shutdown();
     info!("Replica server stopped");
     Ok(())
+}
+
+/// SIGHUP: reads the configuration at `path` again and puts its authorisation
+/// entries in force; primaries added are served from their next connection, those
+/// removed are refused from their next request. Every other setting applies at the
+/// next restart, and those that changed are named. An invalid file changes nothing.
+fn reload_authorization(server: &ServerHandle, started: &ReplicaConfig, path: &Path) {
+    let file = match ReplicaConfig::load(path) {
+        Ok(file) => file,
+        Err(error) => {
+            tracing::warn!(error = %shipper::error_chain(&error), "Reload refused: the configuration is not valid; nothing changed");
+            return;
+        }
+    };
+    let mut restart_only = Vec::new();
+    if file.listen != started.listen {
+        restart_only.push("listen");
+    }
+    if file.control_socket != started.control_socket {
+        restart_only.push("control_socket");
+    }
+    if file.metrics != started.metrics {
+        restart_only.push("metrics");
+    }
+    if file.nbd_unix_socket != started.nbd_unix_socket || file.nbd_tcp != started.nbd_tcp {
+        restart_only.push("nbd");
+    }
+    let entries = file.authorization.len();
+    match server.set_authorization(file.authorization) {
+        Ok(()) => info!(entries, "Reloaded: authorisation entries in force"),
+        Err(error) => {
+            tracing::warn!(error = %shipper::error_chain(&error), "Reload refused; the previous authorisation entries stay")
+        }
+    }
+    for setting in restart_only {
+        tracing::warn!(%setting, "Changed in the configuration file; it applies at the next restart");
+    }
 }
 
 /// The Prometheus text of the daemon: every replica, and every live group with the

@@ -169,6 +169,11 @@ impl Replica {
         replica
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> nix::unistd::Pid {
+        pid(self.child.as_ref().expect("replica running").id())
+    }
+
     /// `https://HOST:PORT`, its API as a primary names it.
     pub fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.port)

@@ -202,3 +202,86 @@ fn groups_come_and_go_while_another_group_keeps_writing() {
         p.log()
     );
 }
+
+/// The replica daemon's authorisation entries reload on SIGHUP: a primary it refused
+/// replicates once an entry allows it, and is refused again, on the connection it
+/// already has, once the entry is gone. An invalid file changes nothing.
+#[test]
+fn the_replica_reloads_its_authorisation_entries_on_sighup() {
+    use testkit::replica::{dc1, lab_certs, Replica, REPLICA_HOST, ROGUE_HOST};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "reserve = \"0\"");
+    let consumer = certs.consumer(
+        &replica.url(REPLICA_HOST),
+        ROGUE_HOST,
+        "retry_scale = 0.001",
+    );
+    let p = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 4 * MIB)],
+    )
+    .consumer(Consumer::Raw(consumer))]));
+    let refused = |what: &str| {
+        let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
+        assert!(
+            !close.success(),
+            "{what}: the cycle shipped\n{}",
+            close.report()
+        );
+        let status = p.wait_consumer("vm1", what, SHORT, |s| s["state"] == "suspended");
+        assert_eq!(
+            status["failure_class"], "authentication",
+            "{what}: {status:#}"
+        );
+    };
+    refused("before the reload");
+
+    let original = fs::read_to_string(replica.config()).expect("replica config");
+    let rogue_entry = format!(
+        "\n[[authorization]]\nprimary = {ROGUE_HOST:?}\nstorage = {:?}\ntrust_group = \"dc2\"\n",
+        replica.root.join("storage-dc2").display().to_string()
+    );
+    let hup = |text: &str, marker: &str| {
+        let before = replica.log().matches(marker).count();
+        fs::write(replica.config(), text).expect("write replica config");
+        kill(replica.pid(), Signal::SIGHUP).expect("SIGHUP");
+        let deadline = Instant::now() + LONG;
+        while replica.log().matches(marker).count() == before {
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} after SIGHUP\n{}",
+                replica.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // An invalid file: refused, and the daemon runs on.
+    hup("listen = [", "Reload refused");
+    hup(
+        &format!("{original}{rogue_entry}"),
+        "Reloaded: authorisation entries in force",
+    );
+    let o = p.replication(&["resume", "--group", "vm1"]);
+    assert!(o.success(), "resume failed\n{}", o.report());
+    let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        close.success(),
+        "the authorised primary could not ship\n{}\n{}",
+        close.report(),
+        replica.log()
+    );
+    assert!(
+        replica.storage("dc2").join("vm1").exists(),
+        "no replica in dc2's storage"
+    );
+
+    hup(&original, "Reloaded: authorisation entries in force");
+    refused("after the entry was removed");
+    assert!(
+        replica.log().contains("Refusing") || p.log().contains("authentication"),
+        "the refusal was not logged\n{}",
+        replica.log()
+    );
+}

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use wire::api::{valid_name, ReplicaInfo};
 use wire::error_chain;
 
-use super::{load, lock, FailedOver, FailoverListener, ServerHandle};
+use super::{load, lock, AuthEntry, FailedOver, FailoverListener, ServerHandle};
 use crate::store::{Replica, StoreError};
 
 impl ServerHandle {
@@ -161,12 +161,42 @@ const FAILOVER_WAIT: Duration = Duration::from_secs(600);
 const TEST_WAIT: Duration = Duration::from_secs(60);
 
 impl ServerHandle {
+    /// Puts `entries` in force in place of the authorisation entries (a reload of the
+    /// daemon's configuration), once they pass the checks the start makes and their
+    /// storages exist. A primary no entry allows any more is refused from its next
+    /// request on, on connections already open too; transfers already stored stay.
+    pub fn set_authorization(&self, entries: Vec<AuthEntry>) -> Result<(), AdminError> {
+        let plain = matches!(
+            self.context.settings.transport,
+            super::Transport::PlainWithPsk { .. }
+        );
+        let problems = super::authorization::problems(&entries, plain);
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems.join("; ")));
+        }
+        for entry in &entries {
+            std::fs::create_dir_all(&entry.storage).map_err(|source| {
+                AdminError::Invalid(format!(
+                    "Cannot create storage {}: {source}",
+                    entry.storage.display()
+                ))
+            })?;
+        }
+        *self
+            .context
+            .authorization
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(entries);
+        info!("Authorisation entries reloaded");
+        Ok(())
+    }
+
     /// The directories of every storage (each once, however many entries name it).
-    fn storages(&self) -> Vec<&Path> {
-        let mut out: Vec<&Path> = Vec::new();
-        for entry in &self.context.settings.authorization {
-            if !out.contains(&entry.storage.as_path()) {
-                out.push(&entry.storage);
+    fn storages(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for entry in self.context.authorization().iter() {
+            if !out.contains(&entry.storage) {
+                out.push(entry.storage.clone());
             }
         }
         out
@@ -184,7 +214,7 @@ impl ServerHandle {
             )));
         }
         let mut found = Vec::new();
-        for entry in &self.context.settings.authorization {
+        for entry in self.context.authorization().iter() {
             let dir = entry.storage.join(name);
             if trust_group.is_some_and(|group| group != entry.trust_group)
                 || found.iter().any(|(seen, _)| *seen == dir)
@@ -342,7 +372,7 @@ impl ServerHandle {
             )));
         }
         let mut found = None;
-        for entry in &self.context.settings.authorization {
+        for entry in self.context.authorization().iter() {
             let candidate = entry.storage.join(&manifest.name);
             if !Replica::exists(&candidate) {
                 continue;

@@ -42,8 +42,9 @@ const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// How the requests of one connection are authenticated.
 #[derive(Debug, Clone)]
 enum Auth {
-    /// By the TLS handshake: the peer, or `None` if no entry allows its certificate.
-    Connection(Option<Peer>),
+    /// By the TLS handshake: the DNS names of the peer's certificate, which each
+    /// request matches against the entries in force (they may be reloaded).
+    Certificate(Arc<Vec<String>>),
     /// Lab mode: each request by its headers.
     PerRequest(Arc<PlainConnection>),
 }
@@ -159,7 +160,7 @@ async fn serve_connection(
         .and_then(|certs| certs.first())
         .map(certificate_names)
         .unwrap_or_default();
-    let peer = authorise(&context.settings.authorization, &names);
+    let peer = authorise(&context.authorization(), &names);
     match &peer {
         Some(peer) => {
             info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected")
@@ -171,7 +172,7 @@ async fn serve_connection(
     }
     serve_http(
         TokioIo::new(tls),
-        Auth::Connection(peer),
+        Auth::Certificate(Arc::new(names)),
         context,
         first_request_by,
     )
@@ -343,7 +344,7 @@ fn peer_of(
     request: &Request<Incoming>,
 ) -> Result<Option<Peer>, Refusal> {
     let connection = match auth {
-        Auth::Connection(peer) => return Ok(peer.clone()),
+        Auth::Certificate(names) => return Ok(authorise(&context.authorization(), names)),
         Auth::PerRequest(connection) => connection,
     };
     let remote = connection.remote;
@@ -352,7 +353,7 @@ fn peer_of(
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(|v| v.trim().to_ascii_lowercase());
     let authenticated = authorization::authenticate_plain(
-        &context.settings.authorization,
+        &context.authorization(),
         identity.as_deref(),
         header(PSK_HEADER),
     );

@@ -143,12 +143,27 @@ pub const DEFAULT_MAX_DISK_SIZE: u64 = 64 << 40;
 
 struct Context {
     settings: ServerSettings,
+    /// The authorisation entries in force: `settings.authorization` at start, then
+    /// what [`ServerHandle::set_authorization`] put.
+    authorization: std::sync::RwLock<Arc<Vec<AuthEntry>>>,
     replicas: Mutex<HashMap<PathBuf, Arc<Mutex<Replica>>>>,
     apply: ApplyRequests,
     /// Told of each planned failover a primary asked for.
     failover_listener: Mutex<Option<FailoverListener>>,
     /// Chunk uploads in progress, per primary identity.
     uploads: Arc<Slots<String>>,
+}
+
+impl Context {
+    /// The authorisation entries in force.
+    fn authorization(&self) -> Arc<Vec<AuthEntry>> {
+        Arc::clone(
+            &self
+                .authorization
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 /// What is told of a planned failover (the daemon serves the live disks).
@@ -217,6 +232,7 @@ impl ReplicaServer {
         }
         let apply = ApplyRequests::new();
         let context = Arc::new(Context {
+            authorization: std::sync::RwLock::new(Arc::new(settings.authorization.clone())),
             settings: settings.clone(),
             replicas: Mutex::new(HashMap::new()),
             apply: apply.clone(),
