@@ -102,7 +102,10 @@ impl GuestMode {
 /// QEMU's `-drive` for an NBD URI of a primary's or a replica's export.
 fn uri_drive(uri: &str) -> String {
     // A comma inside an option value is written twice.
-    format!("file={},format=raw,if=virtio,cache=none", uri.replace(',', ",,"))
+    format!(
+        "file={},format=raw,if=virtio,cache=none",
+        uri.replace(',', ",,")
+    )
 }
 
 /// QEMU's `-drive` for an export on a unix socket, with the options that let a guest
@@ -395,11 +398,7 @@ fn wait_for_console_line(console: &Path, line: &str, guest_done: impl Fn() -> bo
 /// Seconds from each "Shutting down" in the daemon's log to the next "Primary
 /// ready": how long a restart kept the disks unserved.
 fn restart_gaps(log: &str) -> Vec<f64> {
-    let stamp = |line: &str| {
-        line.split_whitespace()
-            .next()
-            .and_then(|t| seconds_of_day(t))
-    };
+    let stamp = |line: &str| line.split_whitespace().next().and_then(seconds_of_day);
     let mut gaps = Vec::new();
     let mut down = None;
     for line in log.lines() {
@@ -460,7 +459,9 @@ fn a_guest_keeps_writing_while_the_primary_restarts() {
                 restarts_mid_write += 1;
             }
         }
-        guest.join().unwrap_or_else(|_| panic!("the churn guest failed\n{}", p.log()))
+        guest
+            .join()
+            .unwrap_or_else(|_| panic!("the churn guest failed\n{}", p.log()))
     });
     console_line(
         &churned,
@@ -473,7 +474,9 @@ fn a_guest_keeps_writing_while_the_primary_restarts() {
         tail(&churned, 40)
     );
     let gaps = restart_gaps(&p.log());
-    println!("restarts while the guest wrote: {restarts_mid_write}; primary down for (s): {gaps:?}");
+    println!(
+        "restarts while the guest wrote: {restarts_mid_write}; primary down for (s): {gaps:?}"
+    );
     p.cycles_close(GROUP);
     assert_files_equal(
         &p.image(DISK),
