@@ -72,10 +72,12 @@ fi
 #   libvirt-clients, libxml2-utils  virt-xml-validate (and its xmllint) with
 #                   libvirt's schemas: the domain XML that
 #                   `blkrep libvirt disk-xml` prints is validated (tests/system/libvirt.rs)
+#   libvirt-daemon, libvirt-daemon-driver-qemu  libvirtd, run unprivileged in session
+#                   mode by tests/system/libvirt.rs to boot a domain on that XML
 #   systemd         systemd-analyze verify on the units (tests/system/packaging.rs)
 #   man-db          man, to render the packaged man pages (scripts/test-package.sh)
 wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3 systemd man-db)
-wanted+=(libvirt-clients libxml2-utils)
+wanted+=(libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then

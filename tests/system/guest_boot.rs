@@ -17,20 +17,20 @@ const DISK: &str = "disk0";
 const DISK_SIZE: u64 = 64 * MIB;
 /// Size of the guest's /blkrep/data: big enough to span many ext4 extents and log
 /// records, small enough for a TCG guest to write in a few seconds.
-const DATA_KIB: u64 = 8192;
+pub(crate) const DATA_KIB: u64 = 8192;
 /// One guest boot (about 10 s on 2 cores under TCG).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// The first kit build downloads about 85 MB and unpacks a kernel.
 const KIT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// What `scripts/guest-kit.sh` built.
-struct GuestKit {
+pub(crate) struct GuestKit {
     dir: PathBuf,
 }
 
 impl GuestKit {
     /// Runs the kit script (quick when the kit exists); its failure fails the test.
-    fn build() -> GuestKit {
+    pub(crate) fn build() -> GuestKit {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-kit.sh");
         let o = match run_with_timeout(&mut Command::new(&script), KIT_TIMEOUT) {
             Ok(o) => o,
@@ -67,13 +67,13 @@ impl GuestKit {
         }
         kit
     }
-    fn qemu(&self) -> PathBuf {
+    pub(crate) fn qemu(&self) -> PathBuf {
         self.dir.join("bin/qemu-system-x86_64")
     }
-    fn kernel(&self) -> PathBuf {
+    pub(crate) fn kernel(&self) -> PathBuf {
         self.dir.join("vmlinuz")
     }
-    fn initramfs(&self) -> PathBuf {
+    pub(crate) fn initramfs(&self) -> PathBuf {
         self.dir.join("initramfs.img")
     }
 }
@@ -240,7 +240,7 @@ fn e2fs_tool(name: &str) -> PathBuf {
 
 /// From the host, on an image no one serves: the file system is clean and holds
 /// token `token`'s files byte for byte.
-fn host_check_image(image: &Path, token: &str, scratch: &Path) {
+pub(crate) fn host_check_image(image: &Path, token: &str, scratch: &Path) {
     let fsck = run(
         Command::new(e2fs_tool("e2fsck")).arg("-fn").arg(image),
         LONG,
@@ -281,7 +281,7 @@ fn host_check_image(image: &Path, token: &str, scratch: &Path) {
 /// Letters and digits only (the kernel command line and the init script take it
 /// as is), different on every run so nothing stale can pass.
 /// Makes `image` an empty ext4 file system.
-fn mkfs(image: &Path) {
+pub(crate) fn mkfs(image: &Path) {
     run_ok(
         Command::new(e2fs_tool("mkfs.ext4"))
             .args(["-F", "-q", "-L", "blkrep-guest"])
@@ -290,7 +290,7 @@ fn mkfs(image: &Path) {
     );
 }
 
-fn fresh_token() -> String {
+pub(crate) fn fresh_token() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
