@@ -11,7 +11,8 @@
 #   bin/qemu-system-x86_64   wrapper running Debian 12's QEMU 7.2 from the kit
 #                            (its libraries, modules and firmware)
 #   vmlinuz                  Debian 12's kernel
-#   initramfs.img            busybox, the virtio-blk and ext4 modules, and
+#   initramfs.img            busybox, the virtio-blk, virtio-console and ext4
+#                            modules, qemu-guest-agent with its libraries, and
 #                            tests/guest/init as /init
 #   kernel-release           the kernel's release (uname -r)
 #   debs/                    the downloaded packages (a cache)
@@ -190,7 +191,8 @@ fetch() {
     kernel_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
     [[ -n "$kernel_pkg" ]] || { log "apt knows no linux-image-amd64"; return 1; }
-    tool_pkgs=$(closure qemu-system-x86 qemu-system-data seabios ipxe-qemu kmod) || return 1
+    tool_pkgs=$(closure qemu-system-x86 qemu-system-data seabios ipxe-qemu kmod \
+        qemu-guest-agent) || return 1
     log "packages: $(tr '\n' ' ' <<<"$tool_pkgs")busybox-static $kernel_pkg"
     # shellcheck disable=SC2086 # package names, one per line
     all_debs=$(download $tool_pkgs busybox-static "$kernel_pkg") || return 1
@@ -264,7 +266,7 @@ kmod_tool depmod -b "$kroot" "$release"
 mods=$work/initramfs/modules
 mkdir -p "$mods"
 order=$(kmod_tool modprobe -d "$kroot" -S "$release" --show-depends --ignore-install \
-    -a virtio_pci virtio_blk ext4) || die "modprobe cannot resolve the guest's modules"
+    -a virtio_pci virtio_blk virtio_console ext4) || die "modprobe cannot resolve the guest's modules"
 : >"$mods/load-order"
 while read -r verb path _; do
     [[ "$verb" == insmod ]] || continue   # "builtin X" needs nothing
@@ -279,7 +281,7 @@ while read -r verb path _; do
     grep -qxF "$name" "$mods/load-order" || echo "$name" >>"$mods/load-order"
 done <<<"$order"
 log "modules: $(tr '\n' ' ' <"$mods/load-order")"
-for want in virtio_pci.ko virtio_blk.ko ext4.ko; do
+for want in virtio_pci.ko virtio_blk.ko virtio_console.ko ext4.ko; do
     grep -qxF "$want" "$mods/load-order" || die "$want is not in the module list"
 done
 cp "$kroot/boot/vmlinuz-$release" "$kit/vmlinuz"
@@ -293,6 +295,20 @@ chmod 755 "$ir/bin/busybox"
 "$ir/bin/busybox" true || die "busybox from $busybox_deb does not run"
 ln -s busybox "$ir/bin/sh"
 install -m 755 "$init_src" "$ir/init"
+# The guest agent (application-consistent points through guest-fsfreeze-freeze) with
+# the libraries it links: from the kit's packages, or the host's own Debian 12 ones.
+install -m 755 "$root/usr/sbin/qemu-ga" "$ir/bin/qemu-ga"
+ga_libs=$(LD_LIBRARY_PATH=$libpath ldd "$root/usr/sbin/qemu-ga") ||
+    die "ldd cannot read qemu-ga"
+! grep -q 'not found' <<<"$ga_libs" || die "qemu-ga lacks libraries:"$'\n'"$ga_libs"
+mkdir -p "$ir/lib/$arch" "$ir/lib64"
+while read -r lib; do
+    case "$lib" in
+        */ld-linux-x86-64.so.2) cp -L "$lib" "$ir/lib64/ld-linux-x86-64.so.2" ;;
+        /*) cp -L "$lib" "$ir/lib/$arch/" ;;
+    esac
+done < <(awk '$2 == "=>" { print $3; next } $1 ~ /^\// { print $1 }' <<<"$ga_libs")
+[[ -f "$ir/lib64/ld-linux-x86-64.so.2" ]] || die "no dynamic loader for qemu-ga"
 # The host may lack cpio; the kit's busybox writes newc archives.
 (cd "$ir" && find . -mindepth 1 | LC_ALL=C sort | "$ir/bin/busybox" cpio -o -H newc -R 0:0) |
     gzip -9 >"$kit/initramfs.img.tmp"
