@@ -76,6 +76,7 @@ for path in \
     /usr/bin/blkrep \
     /etc/blkrep/primary.toml /etc/blkrep/replica.toml \
     /usr/lib/systemd/system/blkrep-primary.service /usr/lib/systemd/system/blkrep-replica.service \
+    /usr/lib/systemd/system/blkrep-primary.socket \
     /usr/share/man/man1/blkrep.1.gz /usr/share/man/man1/blkrep-primary.1.gz \
     /usr/share/man/man1/blkrep-replica-run.1.gz /usr/share/man/man1/blkrep-status.1.gz \
     /usr/share/bash-completion/completions/blkrep \
@@ -91,7 +92,7 @@ root="$work/root"
 dpkg-deb -x "$deb" "$root"
 blkrep="$root/usr/bin/blkrep"
 check "blkrep --version says $version" bash -c '[[ "$("$1" --version)" == "blkrep $2" ]]' _ "$blkrep" "$version"
-for unit in blkrep-primary.service blkrep-replica.service; do
+for unit in blkrep-primary.service blkrep-replica.service blkrep-primary.socket; do
     check "$unit is the one in contrib/systemd" cmp -s "$root/usr/lib/systemd/system/$unit" "contrib/systemd/$unit"
 done
 if command -v man >/dev/null; then

@@ -450,10 +450,52 @@ impl Server {
             Listener::Unix {
                 listener,
                 path: path.to_owned(),
-                identity,
+                identity: Some(identity),
             },
             "unix",
         )
+    }
+
+    /// Accepts connections on a listening unix socket the process was given (systemd
+    /// socket activation), on a new thread. Its file belongs to whoever created it and
+    /// stays at shutdown, so clients keep connecting to it (they wait in its backlog)
+    /// while the next process starts.
+    pub fn serve_unix_listener(&self, listener: UnixListener) -> Result<(), ServerError> {
+        self.check_running()?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("Setting the listener non-blocking"))?;
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|address| address.as_pathname().map(Path::to_owned))
+            .unwrap_or_default();
+        self.spawn_accept(
+            Listener::Unix {
+                listener,
+                path,
+                identity: None,
+            },
+            "unix",
+        )
+    }
+
+    /// Accepts connections on a listening TCP socket the process was given, with
+    /// NBD_OPT_STARTTLS handled as `tls` says. Returns its address.
+    pub fn serve_tcp_listener(
+        &self,
+        listener: TcpListener,
+        tls: TlsPolicy,
+    ) -> Result<SocketAddr, ServerError> {
+        self.check_running()?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("Setting the listener non-blocking"))?;
+        let local = listener
+            .local_addr()
+            .map_err(io_err("Reading the bound address"))?;
+        self.spawn_accept(Listener::Tcp { listener, tls }, "tcp")?;
+        Ok(local)
     }
 
     /// Listens on TCP `addr` (port 0 picks one) and accepts connections on a new thread.
@@ -470,14 +512,7 @@ impl Server {
     ) -> Result<SocketAddr, ServerError> {
         self.check_running()?;
         let listener = TcpListener::bind(addr).map_err(io_err("Binding the TCP listener"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err("Setting the listener non-blocking"))?;
-        let local = listener
-            .local_addr()
-            .map_err(io_err("Reading the bound address"))?;
-        self.spawn_accept(Listener::Tcp { listener, tls }, "tcp")?;
-        Ok(local)
+        self.serve_tcp_listener(listener, tls)
     }
 
     /// Runs only the handshake on `stream` (any `Read + Write`, e.g. in memory): greeting,

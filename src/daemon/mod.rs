@@ -3,6 +3,7 @@
 //! ([`StopSignals`]), the control socket ([`control_socket`]) and systemd's
 //! notifications ([`notify`]).
 
+pub mod activation;
 pub mod control_socket;
 pub mod notify;
 pub mod process;

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{GroupConfig, PrimaryConfig};
 use crate::control::{self, ControlRequest, ReloadFailure, ReloadReport};
+use crate::daemon::activation::{Activated, ActivationError};
 use crate::daemon::control_socket::{self, SocketError};
 use crate::daemon::StopSignals;
 use crate::groups::control::CommandError;
@@ -55,6 +56,9 @@ pub enum PrimaryError {
     /// Signals cannot be set up.
     #[error("Cannot set up the daemon")]
     Setup(#[source] std::io::Error),
+    /// The sockets the service manager passed cannot be used.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
 }
 
 mod reload;
@@ -296,13 +300,32 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
     for warning in &config.nbd.access.warnings {
         tracing::warn!("{warning}");
     }
+    let mut activated = Activated::from_environment().map_err(PrimaryError::Activation)?;
+    // A socket the service manager passed is its own: it stays when this process ends.
+    let mut socket_is_ours = false;
     if let Some(path) = &config.nbd.unix_socket {
-        control_socket::remove_stale("unix socket", path)?;
-        server.listen_unix_with(path, config.nbd.access.socket)?;
+        if let Some(listener) = activated.take_unix(path) {
+            info!(socket = %path.display(), "Serving the NBD socket the service manager passed");
+            server.serve_unix_listener(listener)?;
+        } else {
+            control_socket::remove_stale("unix socket", path)?;
+            server.listen_unix_with(path, config.nbd.access.socket)?;
+            socket_is_ours = true;
+        }
     }
     if let Some(address) = &config.nbd.tcp {
-        server.listen_tcp_tls(address.as_str(), config.nbd.access.tls.clone())?;
+        let tls = config.nbd.access.tls.clone();
+        match activated.take_tcp(address) {
+            Some(listener) => {
+                info!(%address, "Serving the NBD TCP socket the service manager passed");
+                server.serve_tcp_listener(listener, tls)?;
+            }
+            None => {
+                server.listen_tcp_tls(address.as_str(), tls)?;
+            }
+        }
     }
+    activated.close_unused();
     let daemon = Arc::new(Daemon {
         groups: RwLock::new(groups),
         server,
@@ -364,7 +387,7 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
     notifier.stopping();
     shutdown(&daemon);
     let _ = std::fs::remove_file(&config.control_socket);
-    if let Some(path) = &config.nbd.unix_socket {
+    if let (Some(path), true) = (&config.nbd.unix_socket, socket_is_ours) {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

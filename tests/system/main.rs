@@ -28,6 +28,7 @@ mod replication_live;
 mod ring_full;
 mod ring_overflow;
 mod soak;
+mod socket_activation;
 mod test_failover;
 
 /// The harness, a library, finds the binary under test at run time; it must be the

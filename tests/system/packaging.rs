@@ -338,6 +338,18 @@ fn the_units_pass_systemd_analyze_verify() {
         .unwrap();
         units.push(path);
     }
+    // The optional socket unit hands the service the socket the primary serves.
+    let socket_unit = "blkrep-primary.socket";
+    let text = fs::read_to_string(units_dir().join(socket_unit)).unwrap();
+    for needed in [
+        "ListenStream=/run/blkrep/nbd.sock",
+        "Service=blkrep-primary.service",
+    ] {
+        assert!(text.contains(needed), "{socket_unit} lacks {needed}");
+    }
+    let path = dir.path().join(socket_unit);
+    fs::write(&path, text).unwrap();
+    units.push(path);
     let o = run(
         Command::new(&analyze)
             .args(["verify", "--man=no"])

@@ -77,8 +77,9 @@ pub(crate) enum Listener {
     Unix {
         listener: UnixListener,
         path: PathBuf,
-        /// (device, inode) of the socket file we created, so we only unlink our own.
-        identity: (u64, u64),
+        /// (device, inode) of the socket file we created, so we only unlink our own;
+        /// `None` for a listener the process was given, whose file is not ours.
+        identity: Option<(u64, u64)>,
     },
     Tcp {
         listener: TcpListener,
@@ -111,7 +112,12 @@ impl Listener {
     }
 
     fn remove_socket_file(&self) {
-        if let Listener::Unix { path, identity, .. } = self {
+        if let Listener::Unix {
+            path,
+            identity: Some(identity),
+            ..
+        } = self
+        {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == *identity {
                     let _ = std::fs::remove_file(path);
