@@ -2,8 +2,9 @@
 //!
 //! The connection thread reads as much as the socket gives into the receive buffer and
 //! parses and validates every complete request in it, in arrival order. Then:
-//! - Reads of a range the device serves from a file, and writes without FUA of a range
-//!   the device writes to a file directly (an `O_DIRECT` image), go to the connection's
+//! - Reads of a range the device serves from a file, and writes of a range the device
+//!   writes to a file directly (an `O_DIRECT` image; with FUA, a worker syncs the
+//!   device once the data is written, then answers), go to the connection's
 //!   I/O engine ([`engine_io`]): queued on its io_uring with the others of the batch,
 //!   submitted together (cached data completes during the submit) and answered as they
 //!   complete. While they are in flight the thread waits on the socket and the ring
@@ -144,6 +145,9 @@ fn send_shared(writer: &Mutex<dyn Write + Send + '_>, out: &mut OutBuf) -> io::R
 struct Job {
     request: Request,
     payload: Vec<u8>,
+    /// The request (a FUA write) already ran on the engine: only make it durable, then
+    /// answer it.
+    sync_only: bool,
 }
 
 /// What the connection thread and its workers share.
@@ -288,7 +292,11 @@ fn run_job(job: Job, exec: &mut Executor<'_>, shared: &Shared<'_>) {
     let sent = if lost {
         Ok(())
     } else {
-        exec.execute(&job.request, &job.payload);
+        if job.sync_only {
+            exec.sync_written(&job.request);
+        } else {
+            exec.execute(&job.request, &job.payload);
+        }
         send_shared(shared.writer, &mut exec.out)
     };
     exec.out.clear();
@@ -421,8 +429,13 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
     ) -> Result<Ending, TransmissionError> {
         let mut result = self.run_loop(stream, shutting_down);
         // Operations still in flight are answered before the connection closes; after
-        // an error too, so that every write is finished on its device.
-        if let Err(err) = self.engine_io.drain(&mut self.exec) {
+        // an error too, so that every write is finished on its device (and a FUA
+        // write made durable).
+        let drained = self
+            .engine_io
+            .drain(&mut self.exec)
+            .and_then(|()| self.sync_completed_fua_writes(stream));
+        if let Err(err) = drained {
             if result.is_ok() {
                 result = Err(err.into());
             }
@@ -459,6 +472,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             // send the replies before blocking.
             self.engine_io.submit()?;
             self.engine_io.reap(&mut self.exec, 0)?;
+            self.sync_completed_fua_writes(stream)?;
             self.send_queued(stream)?;
             publish(&self.exec.session.export, &mut self.exec.stats);
             if let Some(pool) = &self.pool {
@@ -567,7 +581,7 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
                 return self.after_request(stream);
             }
         }
-        if request.op == (Op::Write { fua: false }) && self.socket.is_some() && self.device_waits {
+        if matches!(request.op, Op::Write { .. }) && self.socket.is_some() && self.device_waits {
             if let Some(buf) = self
                 .engine_io
                 .write_buffer(self.dev, &mut self.exec, &request)?
@@ -596,10 +610,44 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
         self.after_request(stream)
     }
 
+    /// Hands the FUA writes the engine completed to the workers, to be made durable
+    /// and answered (inline without workers).
+    fn sync_completed_fua_writes(&mut self, stream: &mut impl Write) -> io::Result<()> {
+        let written = self.engine_io.take_needing_sync();
+        if written.is_empty() {
+            return Ok(());
+        }
+        let Some(pool) = self.pool.as_ref() else {
+            self.engine_io.settle_writes(&mut self.exec)?;
+            for request in &written {
+                self.exec.sync_written(request);
+            }
+            return Ok(());
+        };
+        for request in written {
+            let (replies, engine_io, exec) = (self.replies, &mut self.engine_io, &mut self.exec);
+            pool.wait_for_room(0, || {
+                engine_io.settle_writes(exec)?;
+                replies.send(stream, &mut exec.out)
+            })?;
+            let job = Job {
+                request,
+                payload: Vec::new(),
+                sync_only: true,
+            };
+            if let Some(job) = pool.submit(job) {
+                self.engine_io.settle_writes(&mut self.exec)?;
+                self.exec.sync_written(&job.request);
+            }
+        }
+        Ok(())
+    }
+
     fn after_request(
         &mut self,
         stream: &mut impl Write,
     ) -> Result<Option<Option<Ending>>, TransmissionError> {
+        self.sync_completed_fua_writes(stream)?;
         // Completed engine reads count too: they hold memory until sent.
         if self.exec.out.len() + self.engine_io.ready_bytes() >= self.flush_threshold {
             self.send_queued(stream)?;
@@ -684,7 +732,11 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             &mut payload,
             payload_len,
         )?;
-        let job = Job { request, payload };
+        let job = Job {
+            request,
+            payload,
+            sync_only: false,
+        };
         if let Some(job) = pool.submit(job) {
             self.engine_io.settle_writes(&mut self.exec)?;
             self.exec.execute(&job.request, &job.payload);

@@ -13,11 +13,14 @@
 //! rest of its output in one `writev`. Replies go out of order, which the spec allows
 //! (clients match cookies).
 //!
-//! **Writes.** A write without FUA whose range the device can write to a file directly
+//! **Writes.** A write whose range the device can write to a file directly
 //! ([`BlockDevice::write_target`]: an `O_DIRECT` image) is received into an aligned
 //! buffer, begun on the device ([`BlockDevice::begin_write`]: a tracked disk logs it)
 //! and queued on the engine like a read. Its reply goes out once the engine reports
-//! the data written and the device's [`PendingWrite`] was finished with that result.
+//! the data written and the device's [`PendingWrite`] was finished with that result;
+//! a FUA write is then made durable first ([`EngineIo::take_needing_sync`]: the
+//! connection hands it to a worker, which syncs the device, with group commit on a
+//! tracked disk, and answers it).
 //!
 //! **Never wait while holding writes.** A begun write may hold what the device keeps
 //! for it ([`PendingWrite::holds`]: a tracked disk's log guard, which overlapping
@@ -54,7 +57,7 @@ use super::{len_usize, MAX_SPARE_BUFFER};
 use crate::backend::{BlockDevice, PendingWrite};
 use crate::engine::{IoBuf, IoEngine};
 use crate::proto::reply::*;
-use crate::proto::request::Request;
+use crate::proto::request::{Op, Request};
 use crate::server::buffers::OutBuf;
 use crate::server::ServerConfig;
 
@@ -127,6 +130,8 @@ pub(super) struct EngineIo<'a> {
     writes_in_flight: usize,
     /// Writes in flight whose [`PendingWrite`] holds something.
     writes_holding: usize,
+    /// FUA writes the engine wrote, waiting for their sync before their reply.
+    needing_sync: Vec<Request>,
     max_bytes: usize,
 }
 
@@ -141,6 +146,7 @@ impl<'a> EngineIo<'a> {
             bytes_in_flight: 0,
             writes_in_flight: 0,
             writes_holding: 0,
+            needing_sync: Vec::new(),
             max_bytes: config.max_in_flight_bytes.max(1),
         }
     }
@@ -347,6 +353,7 @@ impl<'a> EngineIo<'a> {
         let (ready, spare, bytes) = (&mut self.ready, &mut self.spare, &mut self.bytes_in_flight);
         let (ready_bytes, writes) = (&mut self.ready_bytes, &mut self.writes_in_flight);
         let holding = &mut self.writes_holding;
+        let needing_sync = &mut self.needing_sync;
         let structured = exec.session.structured;
         engine.complete(wait_for, |done| {
             *bytes -= done.buf.len();
@@ -364,15 +371,26 @@ impl<'a> EngineIo<'a> {
                     *writes -= 1;
                     *holding -= usize::from(pending.holds());
                     pending.finish(result.as_ref().map(|_| ()));
-                    if result.is_ok() {
-                        exec.stats.bytes_written += u64::from(request.length);
+                    match (result, request.op) {
+                        // Durable first: the connection has it synced, then answered.
+                        (Ok(()), Op::Write { fua: true }) => needing_sync.push(request),
+                        (result, _) => {
+                            if result.is_ok() {
+                                exec.stats.bytes_written += u64::from(request.length);
+                            }
+                            exec.reply_io(&request, result);
+                        }
                     }
-                    exec.reply_io(&request, result);
                     keep_spare(spare, done.buf);
                 }
             }
         })?;
         Ok(())
+    }
+
+    /// The FUA writes written since the last call, to be synced and then answered.
+    pub(super) fn take_needing_sync(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.needing_sync)
     }
 
     /// Waits for every operation in flight.

@@ -136,6 +136,16 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// Makes `request`, a FUA write whose data the engine already wrote, durable, and
+    /// answers it: the reply waits for the sync.
+    pub(super) fn sync_written(&mut self, request: &Request) {
+        let result = self.dev.flush();
+        if result.is_ok() {
+            self.stats.bytes_written += u64::from(request.length);
+        }
+        self.reply_io(request, result);
+    }
+
     fn read(&mut self, request: &Request, df: bool) {
         let start = self.out.len();
         let len = len_usize(request.length);
