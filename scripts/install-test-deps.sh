@@ -69,7 +69,10 @@ fi
 #   fuse3           fusermount3, for tools/powerloss-fs (tests/system/power_loss.rs)
 #   util-linux-extra  fincore: how much of an image is in the page cache (the cold-read
 #                   conformance test, bench-fio.sh --cache); not essential on Debian 12
-wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3)
+#   chromium        headless browser that loads the daemons' status page
+#                   (tests/system/dashboard.rs); fonts-dejavu-core gives it glyphs
+wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3
+        chromium fonts-dejavu-core)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then
