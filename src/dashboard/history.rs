@@ -19,6 +19,18 @@ pub struct Sample {
     pub at_ms: u64,
     /// How far the copy is behind, in milliseconds; none while it holds no state.
     pub lag_ms: Option<u64>,
+    /// Cycles and bytes delivered (or applied) since the daemon started.
+    pub totals: Option<Totals>,
+}
+
+/// Counts since the daemon started; their differences between samples give the
+/// average cycle of every interval, however many cycles it held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Cycles delivered or transfers applied.
+    pub cycles: u64,
+    /// Their data bytes.
+    pub bytes: u64,
 }
 
 /// A cycle delivered (primary) or applied (replica), as one sample saw it.
@@ -30,8 +42,6 @@ pub struct Delivery {
     pub at_ms: u64,
     /// When the primary closed it (the state the copy then holds), if known.
     pub closed_ms: Option<u64>,
-    /// Its data bytes, if known.
-    pub bytes: Option<u64>,
     /// How long delivering or applying it took, in milliseconds, if known.
     pub duration_ms: Option<u64>,
 }
@@ -63,6 +73,21 @@ impl Series {
     /// Deliveries, oldest first.
     pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
         self.deliveries.iter()
+    }
+
+    /// The average cycle between each two samples that saw cycles delivered:
+    /// (time of the later sample, data bytes per cycle).
+    pub fn average_cycles(&self) -> Vec<(u64, u64)> {
+        let samples: Vec<&Sample> = self.samples.iter().collect();
+        samples
+            .windows(2)
+            .filter_map(|pair| {
+                let (before, after) = (pair[0].totals?, pair[1].totals?);
+                let cycles = after.cycles.checked_sub(before.cycles)?;
+                let bytes = after.bytes.checked_sub(before.bytes)?;
+                (cycles > 0).then(|| (pair[1].at_ms, bytes / cycles))
+            })
+            .collect()
     }
 }
 
@@ -134,12 +159,15 @@ mod tests {
             sample: Sample {
                 at_ms,
                 lag_ms: Some(at_ms / 1000),
+                totals: cycle.map(|cycle| Totals {
+                    cycles: cycle,
+                    bytes: cycle * 100,
+                }),
             },
             delivery: cycle.map(|cycle| Delivery {
                 cycle,
                 at_ms,
                 closed_ms: None,
-                bytes: Some(cycle * 10),
                 duration_ms: None,
             }),
         }
@@ -174,6 +202,11 @@ mod tests {
             .map(|d| d.cycle)
             .collect();
         assert_eq!(cycles, [4, 5]);
+        // No cycle between the first two samples; one of 500 - 400 bytes after.
+        assert_eq!(
+            history.series("vm1").unwrap().average_cycles(),
+            [(hour + 10_000, 100)]
+        );
 
         let later = 2 * hour + 7_000;
         history.record(later, vec![look("vm1", later, Some(5))]);

@@ -25,7 +25,7 @@ use thiserror::Error;
 use wire::api::ReplicaInfo;
 
 use crate::status::GroupReport;
-use history::{Delivery, History, Observation, Sample};
+use history::{Delivery, History, Observation, Sample, Totals};
 
 /// How often the sampler looks.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -160,13 +160,16 @@ pub fn observe(figures: &Figures, now_ms: u64) -> Vec<Observation> {
             sample: Sample {
                 at_ms: now_ms,
                 lag_ms: consumer.and_then(|c| c.lag_ms),
+                totals: consumer.map(|c| Totals {
+                    cycles: c.cycles_delivered,
+                    bytes: c.bytes_delivered,
+                }),
             },
             delivery: consumer.and_then(|c| {
                 Some(Delivery {
                     cycle: c.last_delivered?,
                     at_ms: c.last_success_unix?.saturating_mul(1000),
                     closed_ms: c.last_delivered_close_unix_ms,
-                    bytes: Some(c.last_cycle_bytes),
                     duration_ms: c.last_duration_ms,
                 })
             }),
@@ -179,6 +182,10 @@ pub fn observe(figures: &Figures, now_ms: u64) -> Vec<Observation> {
             sample: Sample {
                 at_ms: now_ms,
                 lag_ms: latest.map(|point| now_ms.saturating_sub(point.time_unix_ms)),
+                totals: Some(Totals {
+                    cycles: info.applied_transfers,
+                    bytes: info.applied_bytes,
+                }),
             },
             delivery: info.last_applied_cycle.map(|cycle| Delivery {
                 cycle,
@@ -188,7 +195,6 @@ pub fn observe(figures: &Figures, now_ms: u64) -> Vec<Observation> {
                 closed_ms: latest
                     .filter(|point| point.cycle == cycle)
                     .map(|point| point.time_unix_ms),
-                bytes: None,
                 duration_ms: info.last_apply_micros.map(|micros| micros / 1000),
             }),
         }

@@ -144,55 +144,67 @@ fn lag_chart(out: &mut String, now_ms: u64, series: Option<&Series>) {
     ));
 }
 
-/// Bars of the deliveries' sizes and durations in `series`.
+/// Bars of the average cycle size between samples, and of the newest delivery's
+/// duration at each sample.
 fn delivery_charts(out: &mut String, now_ms: u64, series: Option<&Series>, verb: &str) {
-    let deliveries: Vec<_> = series
-        .map(|s| s.deliveries().copied().collect())
+    let sizes: Vec<(u64, f64)> = series
+        .map(|s| {
+            s.average_cycles()
+                .into_iter()
+                .map(|(at, bytes)| (at, as_f64(bytes)))
+                .collect()
+        })
         .unwrap_or_default();
-    let sizes: Vec<(u64, f64)> = deliveries
-        .iter()
-        .filter_map(|d| Some((d.at_ms, as_f64(d.bytes?))))
-        .collect();
-    let times: Vec<(u64, f64)> = deliveries
-        .iter()
-        .filter_map(|d| Some((d.at_ms, as_f64(d.duration_ms?))))
-        .collect();
-    let size_title = format!("Cycle sizes, as {verb} (the newest at each sample)");
-    let time_title = format!("Time each cycle took to be {verb}");
-    for (title, class, bars, format) in [
-        (
-            size_title.as_str(),
-            "cycle-sizes",
-            &sizes,
-            &bytes_label as &dyn Fn(f64) -> String,
-        ),
-        (
-            time_title.as_str(),
-            "transfer-times",
-            &times,
-            &milliseconds_label,
-        ),
-    ] {
-        if class == "cycle-sizes" && verb == "applied" {
-            // The replica does not know a transfer's size by itself.
-            continue;
-        }
-        if bars.is_empty() {
-            no_data(out, title);
-            continue;
-        }
-        let _ = write!(out, "<h4>{}</h4>", escape(title));
-        out.push_str(&svg::bar_chart(
-            &Frame {
-                title,
-                class,
-                start_ms: hour_ago(now_ms),
-                end_ms: now_ms,
-                format,
-            },
-            bars,
-        ));
+    let times: Vec<(u64, f64)> = series
+        .map(|s| {
+            s.deliveries()
+                .filter_map(|d| Some((d.at_ms, as_f64(d.duration_ms?))))
+                .collect()
+        })
+        .unwrap_or_default();
+    let size_title = format!("Average size of the cycles {verb} between samples");
+    let time_title = format!("Time the newest cycle took to be {verb}, at each sample");
+    bars(
+        out,
+        now_ms,
+        &size_title,
+        "cycle-sizes",
+        &sizes,
+        &bytes_label,
+    );
+    bars(
+        out,
+        now_ms,
+        &time_title,
+        "transfer-times",
+        &times,
+        &milliseconds_label,
+    );
+}
+
+/// A bar chart of the last hour, or "no data yet".
+fn bars(
+    out: &mut String,
+    now_ms: u64,
+    title: &str,
+    class: &'static str,
+    bars: &[(u64, f64)],
+    format: &dyn Fn(f64) -> String,
+) {
+    if bars.is_empty() {
+        return no_data(out, title);
     }
+    let _ = write!(out, "<h4>{}</h4>", escape(title));
+    out.push_str(&svg::bar_chart(
+        &Frame {
+            title,
+            class,
+            start_ms: hour_ago(now_ms),
+            end_ms: now_ms,
+            format,
+        },
+        bars,
+    ));
 }
 
 fn health_badge(health: Option<Health>, replicating: bool) -> &'static str {
@@ -549,7 +561,7 @@ fn point_label(point: &wire::api::RecoveryPointInfo) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::history::{Delivery, Observation, Sample};
+    use super::super::history::{Delivery, Observation, Sample, Totals};
     use super::*;
     use crate::status::{CycleReport, RingReport};
 
@@ -669,12 +681,15 @@ mod tests {
             observations[0].sample = Sample {
                 at_ms,
                 lag_ms: Some(lag),
+                totals: Some(Totals {
+                    cycles: 6 + i,
+                    bytes: (6 + i) << 20,
+                }),
             };
             observations[0].delivery = Some(Delivery {
                 cycle: 6 + i,
                 at_ms,
                 closed_ms: Some(at_ms - 1_000),
-                bytes: Some(1 << 20),
                 duration_ms: Some(300),
             });
             history.record(at_ms, observations);
@@ -689,7 +704,9 @@ mod tests {
         // The last hour spans x 64..628: 10 s before now is 1.6 units left of it;
         // the scale tops at 5 s, so 2 s is at y 128 - 0.4 * 116.
         assert_eq!(points, "626.4,81.6 627.2,35.2 628.0,58.4");
-        assert_eq!(html.matches("class=\"bar\"").count(), 6, "{html}");
+        // Two averages between three samples, three durations.
+        assert_eq!(html.matches("class=\"bar\"").count(), 5, "{html}");
+        assert!(html.contains("<title>1.0 MiB</title>"), "{html}");
         assert!(html.contains("<svg class=\"chart points\""), "{html}");
         assert!(html.contains("point 3: cycle 4 at"), "{html}");
         assert!(html.contains("in progress for 1m00s, at cycle 4"), "{html}");

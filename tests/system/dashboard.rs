@@ -100,18 +100,33 @@ fn lag_chart_points(html: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits until the page at `addr` has a lag chart of at least two points and
-/// holds `also`.
-fn wait_for_lag_chart(addr: SocketAddr, what: &str, also: &str) -> String {
+/// The sizes the cycle-size chart(s) of `html` draw that are not zero.
+fn cycle_bars_above_zero(html: &str) -> usize {
+    html.split("<svg class=\"chart cycle-sizes\"")
+        .skip(1)
+        .map(|chart| {
+            let chart = chart.split("</svg>").next().unwrap_or("");
+            chart
+                .split("class=\"bar\"")
+                .skip(1)
+                .filter(|bar| !bar.contains("<title>0 B</title>"))
+                .count()
+        })
+        .sum()
+}
+
+/// Waits until the page at `addr` has a lag chart of at least two points and a
+/// cycle-size bar above zero.
+fn wait_for_charts(addr: SocketAddr, what: &str) -> String {
     let deadline = Instant::now() + LONG;
     loop {
         let html = http_get(addr, "/");
-        if lag_chart_points(&html) >= 2 && html.contains(also) {
+        if lag_chart_points(&html) >= 2 && cycle_bars_above_zero(&html) > 0 {
             return html;
         }
         assert!(
             Instant::now() < deadline,
-            "the {what} page has no lag chart of two points and {also} after {LONG:?}:\n{html}"
+            "the {what} page has no lag chart of two points and cycle sizes after {LONG:?}:\n{html}"
         );
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -198,8 +213,19 @@ fn both_daemons_serve_a_status_page_a_headless_browser_shows_with_lag_charts() {
     assert_eq!(delivered["health"], "Normal", "{delivered:#}");
 
     let primary_addr = primary.reported_address(METRICS);
-    // Deliveries appear once a sample saw one after the initial copy.
-    let fetched = wait_for_lag_chart(primary_addr, "primary", "<svg class=\"chart cycle-sizes\"");
+    // A cycle with data between two samples shows in the cycle sizes.
+    let qemu_io = require_tool("qemu-io");
+    run_ok(
+        Command::new(qemu_io).args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 2M",
+            &primary.uri("disk0"),
+        ]),
+        LONG,
+    );
+    let fetched = wait_for_charts(primary_addr, "primary");
     let dom = page_dom(primary_addr, "primary", fetched);
     for expected in [
         "<h1>blkrep primary</h1>",
@@ -218,9 +244,10 @@ fn both_daemons_serve_a_status_page_a_headless_browser_shows_with_lag_charts() {
         lag_chart_points(&dom) >= 2,
         "no lag chart of two points:\n{dom}"
     );
+    assert!(cycle_bars_above_zero(&dom) > 0, "no cycle sizes:\n{dom}");
 
     let replica_addr = replica.reported_address(METRICS);
-    let fetched = wait_for_lag_chart(replica_addr, "replica", "<td>latest</td>");
+    let fetched = wait_for_charts(replica_addr, "replica");
     let dom = page_dom(replica_addr, "replica", fetched);
     for expected in [
         "<h1>blkrep replica server</h1>",
@@ -238,6 +265,7 @@ fn both_daemons_serve_a_status_page_a_headless_browser_shows_with_lag_charts() {
         lag_chart_points(&dom) >= 2,
         "no lag chart of two points:\n{dom}"
     );
+    assert!(cycle_bars_above_zero(&dom) > 0, "no cycle sizes:\n{dom}");
 }
 
 /// Every `blkrep_...` name in `text`.
