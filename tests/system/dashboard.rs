@@ -348,6 +348,12 @@ fn every_metric_the_grafana_dashboard_queries_is_exported_by_a_replicating_pair(
         primary_names.extend(sample_names(&http_get(primary_addr, "/metrics")));
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The status page shows the waiting copy's progress too.
+    let page = http_get(primary_addr, "/");
+    assert!(
+        page.contains("<p class=\"copy\">Initial replication (") && page.contains("of 24.0 MiB ("),
+        "no copy progress on the page:\n{page}"
+    );
     replica.spawn();
     let replica_addr = replica.reported_address(METRICS);
     primary.wait_consumer("vm1", "cycles after the initial copy", LONG, |s| {
