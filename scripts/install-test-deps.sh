@@ -76,8 +76,11 @@ fi
 #                   mode by tests/system/libvirt.rs to boot a domain on that XML
 #   systemd         systemd-analyze verify on the units (tests/system/packaging.rs)
 #   man-db          man, to render the packaged man pages (scripts/test-package.sh)
+#   chromium        headless browser that loads the daemons' status page
+#                   (tests/system/dashboard.rs); fonts-dejavu-core gives it glyphs
 wanted=(libnbd-bin python3-libnbd python3 fio util-linux util-linux-extra coreutils fuse3 systemd man-db)
 wanted+=(libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu)
+wanted+=(chromium fonts-dejavu-core)
 
 # qemu-img/qemu-nbd: only when absent, never touching an installed backport.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1; then

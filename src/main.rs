@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod cycles;
 mod daemon;
+mod dashboard;
 mod generate_docs;
 mod groups;
 mod key_files;

@@ -1,6 +1,7 @@
 //! A tiny Prometheus endpoint for the daemons: `GET /metrics` answers the text
 //! exposition format (version 0.0.4), rendered afresh by the caller's function on every
-//! scrape.
+//! scrape. With a page (a `page` given to [`serve`]), `GET /` answers it as HTML (the status
+//! page of [`crate::dashboard`]), under a content security policy that runs no script.
 //!
 //! One thread accepts over a std `TcpListener` and gives each connection a thread of its
 //! own, at most [`MAX_CONNECTIONS`] at once (more are closed as they arrive), so a
@@ -34,11 +35,19 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a client's leftover input is taken after the answer, at most.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
-/// Content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Headers of the text exposition format.
+const METRICS_HEADERS: &str = "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n";
+/// Headers of the HTML page: no script runs, styles only inline, no framing.
+const PAGE_HEADERS: &str = "Content-Type: text/html; charset=utf-8\r\nContent-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n";
 
-/// Renders the current metrics.
+/// Renders the current metrics (or page).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// What the endpoint answers.
+struct Routes {
+    metrics: Render,
+    page: Option<Render>,
+}
 
 /// Errors starting the endpoint.
 #[derive(Debug, Error)]
@@ -65,8 +74,19 @@ pub struct MetricsServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Serves `render()`'s text at `http://listen/metrics` until the server is dropped.
-pub fn serve(listen: SocketAddr, render: Render) -> Result<MetricsServer, MetricsError> {
+/// Serves `render()`'s text at `http://listen/metrics`, and with a `page` its HTML at
+/// `http://listen/`, until the server is dropped.
+pub fn serve(
+    listen: SocketAddr,
+    render: Render,
+    page: Option<Render>,
+) -> Result<MetricsServer, MetricsError> {
+    let routes = Routes {
+        metrics: render,
+        page,
+    };
+    let routes_page = routes.page.is_some();
+    let routes = Arc::new(routes);
     let listen_error = |source| MetricsError::Listen {
         addr: listen,
         source,
@@ -78,10 +98,13 @@ pub fn serve(listen: SocketAddr, render: Render) -> Result<MetricsServer, Metric
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || accept_loop(&listener, &stop, &render))
+            .spawn(move || accept_loop(&listener, &stop, &routes))
             .map_err(MetricsError::Thread)?
     };
     info!(%local_addr, "Serving metrics at /metrics");
+    if routes_page {
+        info!(url = %format!("http://{local_addr}/"), "Serving the status page");
+    }
     Ok(MetricsServer {
         local_addr,
         stop,
@@ -137,7 +160,7 @@ impl Drop for ConnectionPlace {
     }
 }
 
-fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, routes: &Arc<Routes>) {
     let active = Arc::new(AtomicUsize::new(0));
     let refusals = replica::limits::RefusalLog::new(Duration::from_secs(10));
     for stream in listener.incoming() {
@@ -156,12 +179,12 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, render: &Render) {
                     }
                     continue;
                 };
-                let render = Arc::clone(render);
+                let routes = Arc::clone(routes);
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
                     .spawn(move || {
                         let _place = place;
-                        if let Err(error) = answer(stream, &render) {
+                        if let Err(error) = answer(stream, &routes) {
                             info!(%error, "Metrics request failed");
                         }
                     });
@@ -226,8 +249,8 @@ fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
     Ok(Head::TooLarge)
 }
 
-/// Status and body for a complete request head.
-fn route(head: &[u8], render: &Render) -> (&'static str, String) {
+/// Status, headers and body for a complete request head.
+fn route(head: &[u8], routes: &Routes) -> (&'static str, &'static str, String) {
     let request_line = head
         .split(|&b| b == b'\n')
         .next()
@@ -235,32 +258,37 @@ fn route(head: &[u8], render: &Render) -> (&'static str, String) {
         .unwrap_or("");
     let mut parts = request_line.split_ascii_whitespace();
     let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    const TEXT: &str = "Content-Type: text/plain; charset=utf-8\r\n";
     if !version.is_some_and(|v| v.starts_with("HTTP/")) {
-        return ("400 Bad Request", String::new());
+        return ("400 Bad Request", TEXT, String::new());
     }
     let path = target.map(|t| t.split_once('?').map_or(t, |(path, _)| path));
-    match (method, path) {
-        (Some("GET"), Some("/metrics")) => ("200 OK", render()),
-        (_, Some("/metrics")) => ("405 Method Not Allowed", String::new()),
-        _ => ("404 Not Found", "Metrics are at /metrics\n".into()),
+    match (method, path, &routes.page) {
+        (Some("GET"), Some("/metrics"), _) => ("200 OK", METRICS_HEADERS, (routes.metrics)()),
+        (Some("GET"), Some("/"), Some(page)) => ("200 OK", PAGE_HEADERS, page()),
+        (_, Some("/metrics"), _) | (_, Some("/"), Some(_)) => {
+            ("405 Method Not Allowed", TEXT, String::new())
+        }
+        (_, _, Some(_)) => (
+            "404 Not Found",
+            TEXT,
+            "Metrics are at /metrics, the status page at /\n".into(),
+        ),
+        (_, _, None) => ("404 Not Found", TEXT, "Metrics are at /metrics\n".into()),
     }
 }
 
-fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, routes: &Routes) -> std::io::Result<()> {
+    const TEXT: &str = "Content-Type: text/plain; charset=utf-8\r\n";
     stream.set_write_timeout(Some(READ_TIMEOUT))?;
-    let (status, body) = match read_head(&mut stream)? {
-        Head::Complete(head) => route(&head, render),
-        Head::TooLarge => ("431 Request Header Fields Too Large", String::new()),
-        Head::Cut => ("400 Bad Request", String::new()),
-        Head::TimedOut => ("408 Request Timeout", String::new()),
-    };
-    let content_type = if status.starts_with("200") {
-        CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
+    let (status, headers, body) = match read_head(&mut stream)? {
+        Head::Complete(head) => route(&head, routes),
+        Head::TooLarge => ("431 Request Header Fields Too Large", TEXT, String::new()),
+        Head::Cut => ("400 Bad Request", TEXT, String::new()),
+        Head::TimedOut => ("408 Request Timeout", TEXT, String::new()),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())?;
@@ -672,7 +700,7 @@ mod tests {
             text.gauge("blkrep_test_up", "Up.", &[], 1.0);
             text.finish()
         });
-        let server = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), render, None).unwrap();
         let addr = server.local_addr();
 
         let ok = request(
@@ -711,9 +739,40 @@ mod tests {
     }
 
     #[test]
+    fn serves_the_page_at_the_root_as_html_that_may_run_no_script() {
+        let render: Render = Arc::new(|| "blkrep_test_up 1\n".into());
+        let page: Render = Arc::new(|| "<!DOCTYPE html><p>status</p>".into());
+        let server = serve("127.0.0.1:0".parse().unwrap(), render, Some(page)).unwrap();
+        let addr = server.local_addr();
+        let html = request(addr, b"GET /?refresh=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(html.starts_with("HTTP/1.1 200 OK\r\n"), "{html}");
+        assert!(
+            html.contains("\r\nContent-Type: text/html; charset=utf-8\r\n"),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "\r\nContent-Security-Policy: default-src 'none'; style-src 'unsafe-inline';"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.ends_with("\r\n\r\n<!DOCTYPE html><p>status</p>"),
+            "{html}"
+        );
+        let metrics = request(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(metrics.ends_with("\r\n\r\nblkrep_test_up 1\n"), "{metrics}");
+        let post = request(addr, b"POST / HTTP/1.1\r\n\r\n");
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        let other = request(addr, b"GET /index.html HTTP/1.1\r\n\r\n");
+        assert!(other.starts_with("HTTP/1.1 404 "), "{other}");
+        assert!(other.contains("the status page at /"), "{other}");
+    }
+
+    #[test]
     fn a_silent_client_delays_no_scrape_and_is_closed_after_the_timeout() {
         let render: Render = Arc::new(|| "blkrep_test_up 1\n".into());
-        let server = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), render, None).unwrap();
         let addr = server.local_addr();
         let mut silent = TcpStream::connect(addr).unwrap();
         let mut half = TcpStream::connect(addr).unwrap();

@@ -30,6 +30,7 @@ use crate::control::{self, ControlRequest, ReloadFailure, ReloadReport};
 use crate::daemon::activation::{Activated, ActivationError};
 use crate::daemon::control_socket::{self, SocketError};
 use crate::daemon::StopSignals;
+use crate::dashboard::{DaemonKind, Dashboard, Figures};
 use crate::groups::control::CommandError;
 use crate::groups::open::ExportNaming;
 use crate::groups::{self, GroupError, RunningGroup, SharedReplication};
@@ -348,9 +349,24 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
                 .parse()
                 .map_err(|_| PrimaryError::MetricsAddress(address.clone()))?;
             let source = Arc::clone(&daemon);
+            let sampled = Arc::clone(&daemon);
+            let dashboard = Arc::new(
+                Dashboard::start(
+                    DaemonKind::Primary,
+                    Arc::new(move || Figures {
+                        groups: status(&sampled).groups,
+                        replicas: Vec::new(),
+                    }),
+                )
+                .map_err(|error| PrimaryError::Metrics(error_chain(&error)))?,
+            );
             Some(
-                crate::metrics::serve(address, Arc::new(move || render_metrics(&source)))
-                    .map_err(|error| PrimaryError::Metrics(error_chain(&error)))?,
+                crate::metrics::serve(
+                    address,
+                    Arc::new(move || render_metrics(&source)),
+                    Some(Arc::new(move || dashboard.page())),
+                )
+                .map_err(|error| PrimaryError::Metrics(error_chain(&error)))?,
             )
         }
     };

@@ -37,6 +37,7 @@ use tracing::info;
 use crate::control::{self, ControlError};
 use crate::daemon::control_socket::{self, SocketError};
 use crate::daemon::StopSignals;
+use crate::dashboard::{DaemonKind, Dashboard, DashboardError, Figures};
 use crate::metrics::{MetricsError, MetricsText};
 use config::{FailoverHook, ReplicaConfig};
 
@@ -51,6 +52,9 @@ pub enum DaemonError {
     /// The metrics endpoint cannot start.
     #[error("Cannot start the metrics endpoint")]
     Metrics(#[from] MetricsError),
+    /// The status page's sampler cannot start.
+    #[error(transparent)]
+    Dashboard(#[from] DashboardError),
     /// The control socket or the NBD unix socket cannot be set up.
     #[error(transparent)]
     Socket(#[from] SocketError),
@@ -131,9 +135,18 @@ fn serve(
     let metrics = match config.metrics {
         Some(listen) => {
             let source = daemon.clone();
+            let sampled = daemon.clone();
+            let dashboard = Arc::new(Dashboard::start(
+                DaemonKind::Replica,
+                Arc::new(move || Figures {
+                    groups: sampled.live_status().into_iter().map(|l| l.group).collect(),
+                    replicas: sampled.server.replicas(),
+                }),
+            )?);
             Some(crate::metrics::serve(
                 listen,
                 Arc::new(move || render_metrics(&source)),
+                Some(Arc::new(move || dashboard.page())),
             )?)
         }
         None => None,

@@ -11,6 +11,7 @@ mod compression;
 mod conformance_clients;
 mod crash_recovery;
 mod cycle_consistency;
+mod dashboard;
 mod failover;
 mod fault_proxy_selftest;
 mod guest_boot;
