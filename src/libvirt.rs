@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 use thiserror::Error;
 
 use crate::config::{NbdTlsMode, PrimaryConfig};
+// The same escapes serve XML attribute values in either quote.
+use crate::dashboard::escape;
 
 /// Why no element can be printed.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -121,22 +123,6 @@ pub fn disk_xml(
     Ok(xml)
 }
 
-/// Escapes text for an XML attribute value (quoted with either quote).
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// A comment may not hold `--`.
 fn escape_comment(text: &str) -> String {
     text.replace("--", "- -")
@@ -198,7 +184,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            xml.contains("<source protocol='nbd' name='web&lt;&amp;&apos;data' tls='yes'>"),
+            xml.contains("<source protocol='nbd' name='web&lt;&amp;&#39;data' tls='yes'>"),
             "{xml}"
         );
         assert!(xml.contains("<host name='::1' port='10809'/>"), "{xml}");

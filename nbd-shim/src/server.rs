@@ -604,25 +604,13 @@ impl Server {
             tracing::info!(connections = open, "waiting for connections to finish");
         }
         let deadline = Instant::now() + inner.config.shutdown_grace;
-        let mut registry = inner.lock_connections();
-        while !registry.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!(
-                    connections = registry.len(),
-                    "cutting off connections after the shutdown grace period"
-                );
-                for entry in registry.values() {
-                    entry.handle.shutdown(Shutdown::Both);
-                }
-                break;
-            }
-            registry = inner
-                .connections_idle
-                .wait_timeout(registry, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let mut registry = listener::wait_or_cut_off(
+            inner.lock_connections(),
+            &inner.connections_idle,
+            deadline,
+            |registry| registry.values().map(|entry| &entry.handle).collect(),
+            "shutdown",
+        );
         let stragglers: Vec<_> = registry.drain().map(|(_, entry)| entry.thread).collect();
         drop(registry);
         for thread in stragglers {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::listener::ShutdownHandle;
+use super::listener::{wait_or_cut_off, ShutdownHandle};
 use super::{ExportStats, ServerError};
 use crate::backend::{BlockDevice, BlockSizeLimits};
 use crate::proto::*;
@@ -86,6 +86,12 @@ pub(crate) struct Export {
 struct Sessions {
     retired: bool,
     handles: HashMap<u64, ShutdownHandle>,
+}
+
+impl Sessions {
+    fn open(&self) -> Vec<&ShutdownHandle> {
+        self.handles.values().collect()
+    }
 }
 
 /// A connection's place in its export's sessions; leaving transmission drops it.
@@ -183,35 +189,21 @@ impl Export {
         for handle in sessions.handles.values() {
             handle.shutdown(Shutdown::Read);
         }
-        let deadline = Instant::now() + grace;
-        while !sessions.handles.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!(
-                    export = %self.name,
-                    connections = sessions.handles.len(),
-                    "cutting off connections of a removed export after the grace period"
-                );
-                for handle in sessions.handles.values() {
-                    handle.shutdown(Shutdown::Both);
-                }
-                // Cut off, they end at their next socket call.
-                let cut = Instant::now() + Duration::from_secs(5);
-                while !sessions.handles.is_empty() && Instant::now() < cut {
-                    sessions = self
-                        .session_ended
-                        .wait_timeout(sessions, Duration::from_millis(100))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-                break;
-            }
-            sessions = self
-                .session_ended
-                .wait_timeout(sessions, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let sessions = wait_or_cut_off(
+            sessions,
+            &self.session_ended,
+            Instant::now() + grace,
+            Sessions::open,
+            "export removed",
+        );
+        // Cut off, they end at their next socket call.
+        drop(wait_or_cut_off(
+            sessions,
+            &self.session_ended,
+            Instant::now() + Duration::from_secs(5),
+            Sessions::open,
+            "export removed, still open after being cut off",
+        ));
         open
     }
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,41 @@ impl ShutdownHandle {
             ShutdownHandle::Tcp(s) => s.shutdown(how),
         };
     }
+}
+
+/// Waits until `open` finds no connection left in `guard`'s state (`ended` is
+/// signalled as connections end), at most until `deadline`; then shuts down both
+/// directions of those still open, which end at their next socket call, and returns
+/// without waiting for them.
+pub(crate) fn wait_or_cut_off<'a, G>(
+    mut guard: MutexGuard<'a, G>,
+    ended: &Condvar,
+    deadline: Instant,
+    open: impl Fn(&G) -> Vec<&ShutdownHandle>,
+    why: &str,
+) -> MutexGuard<'a, G> {
+    loop {
+        let left = open(&guard);
+        if left.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                connections = left.len(),
+                "cutting off connections after the grace period ({why})"
+            );
+            for handle in left {
+                handle.shutdown(Shutdown::Both);
+            }
+            break;
+        }
+        guard = ended
+            .wait_timeout(guard, deadline - now)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    guard
 }
 
 /// A bound listener.
