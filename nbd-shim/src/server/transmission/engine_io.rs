@@ -196,7 +196,7 @@ impl<'a> EngineIo<'a> {
         Ok(true)
     }
 
-    /// An aligned buffer for the payload of `request` (a validated write without FUA)
+    /// An aligned buffer for the payload of `request` (a validated write)
     /// if the device can write its range through the engine, once there is room;
     /// `None` when the caller must run it the usual way. The caller fills the buffer
     /// and passes it to [`EngineIo::write`].
