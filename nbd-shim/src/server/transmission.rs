@@ -571,14 +571,24 @@ impl<'a, 'scope, 'env> Connection<'a, 'scope, 'env> {
             return Ok(None);
         }
         if let Op::Read { df } = request.op {
-            if self.socket.is_some()
-                && !self.exec.reads_sparse(&request, df)
-                && self
-                    .engine_io
-                    .try_read(self.dev, &mut self.exec, &request)?
-            {
-                self.recv.consume(total);
-                return self.after_request(stream);
+            // Asked once: a device's allocation() may cost a system call per extent.
+            match self.exec.sparse_segments(&request, df) {
+                // With holes: answered here, unless a worker must read the device.
+                Some(segments) if !self.device_waits || self.pool.is_none() => {
+                    self.exec.read_sparse(&request, &segments);
+                    self.recv.consume(total);
+                    return self.after_request(stream);
+                }
+                Some(_) => {}
+                None if self.socket.is_some()
+                    && self
+                        .engine_io
+                        .try_read(self.dev, &mut self.exec, &request)? =>
+                {
+                    self.recv.consume(total);
+                    return self.after_request(stream);
+                }
+                None => {}
             }
         }
         if matches!(request.op, Op::Write { .. }) && self.socket.is_some() && self.device_waits {

@@ -18,6 +18,9 @@ use crate::server::export::ContextSource;
 use crate::server::handshake::Session;
 use crate::server::ServerConfig;
 
+/// A piece of a read: offset, length, and whether it is a hole.
+pub(super) type Segment = (u64, u32, bool);
+
 /// Hole chunks smaller than this are sent as data: a chunk per tiny hole costs more than
 /// the zeroes.
 const MIN_HOLE_CHUNK: u64 = 64 << 10;
@@ -169,16 +172,22 @@ impl<'a> Executor<'a> {
             put_none(&mut self.out, request.cookie);
             return;
         }
-        let sparse = !df
-            && self
-                .sparse_read_threshold
-                .is_some_and(|t| request.length >= t);
-        let segments = if sparse {
-            self.read_segments(request)
-        } else {
-            None
-        };
-        let segments = segments.unwrap_or_else(|| vec![(request.offset, request.length, false)]);
+        let segments = self
+            .sparse_segments(request, df)
+            .unwrap_or_else(|| vec![(request.offset, request.length, false)]);
+        self.read_in_segments(request, &segments);
+    }
+
+    /// Answers `request`, a read with structured replies, with one chunk per segment
+    /// (data read from the device, or a hole): what [`Executor::sparse_segments`]
+    /// found for it.
+    pub(super) fn read_sparse(&mut self, request: &Request, segments: &[Segment]) {
+        self.stats.requests += 1;
+        self.read_in_segments(request, segments);
+    }
+
+    fn read_in_segments(&mut self, request: &Request, segments: &[Segment]) {
+        let start = self.out.len();
         let last = segments.len().saturating_sub(1);
         for (i, &(offset, length, hole)) in segments.iter().enumerate() {
             // Everything is read before anything is sent, so the last content chunk can
@@ -200,20 +209,25 @@ impl<'a> Executor<'a> {
         self.stats.bytes_read += u64::from(request.length);
     }
 
-    /// Whether `request`, a read, is answered with hole chunks: structured replies, no
-    /// `DF`, at least the sparse threshold long, and holes in its range.
-    pub(super) fn reads_sparse(&self, request: &Request, df: bool) -> bool {
-        self.session.structured
+    /// The data and hole segments `request`, a read, is answered with when it has hole
+    /// chunks: structured replies, no `DF`, at least the sparse threshold long, and
+    /// holes in its range; `None` otherwise.
+    pub(super) fn sparse_segments(&self, request: &Request, df: bool) -> Option<Vec<Segment>> {
+        let sparse = self.session.structured
             && !df
             && self
                 .sparse_read_threshold
-                .is_some_and(|t| request.length >= t)
-            && self.read_segments(request).is_some()
+                .is_some_and(|t| request.length >= t);
+        if sparse {
+            self.read_segments(request)
+        } else {
+            None
+        }
     }
 
     /// Splits a large read into data and hole segments from `allocation()`; `None` when
     /// there is no hole worth a chunk (or allocation failed: then a plain read is right).
-    fn read_segments(&self, request: &Request) -> Option<Vec<(u64, u32, bool)>> {
+    fn read_segments(&self, request: &Request) -> Option<Vec<Segment>> {
         let extents = self
             .dev
             .allocation(request.offset, u64::from(request.length))
