@@ -31,6 +31,9 @@ pub struct GroupReport {
     pub resync_required: bool,
     /// Why.
     pub resync_reason: Option<String>,
+    /// Whether the group refuses writes (handed over by a planned failover).
+    #[serde(default)]
+    pub writes_refused: bool,
     /// Replication interval in seconds.
     pub interval_secs: f64,
     /// Cycle numbers.
@@ -152,6 +155,12 @@ impl GroupReport {
             (None, tracking) => tracking.to_string(),
         };
         let _ = writeln!(out, "  tracking:  {state}");
+        if self.writes_refused {
+            let _ = writeln!(
+                out,
+                "  writes:    REFUSED (handed over by a planned failover; clients get EPERM)"
+            );
+        }
         let _ = writeln!(out, "  interval:  {}s", self.interval_secs);
         let _ = writeln!(
             out,

@@ -573,6 +573,7 @@ mod tests {
             tracking: "logging".into(),
             resync_required: false,
             resync_reason: None,
+            writes_refused: false,
             interval_secs: 5.0,
             cycle: CycleReport {
                 open: 9,

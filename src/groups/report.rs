@@ -69,6 +69,7 @@ pub fn group_report(group: &RunningGroup, server: &Server) -> GroupReport {
         tracking,
         resync_required: resync.is_some(),
         resync_reason: resync.map(|reason| reason.to_string()),
+        writes_refused: tracker_status.as_ref().is_some_and(|s| s.writes_refused),
         interval_secs: group.config.interval.0.as_secs_f64(),
         cycle,
         ring,

@@ -139,6 +139,9 @@ pub struct GroupStatus {
     pub throttle: ThrottleStats,
     /// Per disk: bytes written in the open cycle, and bytes awaiting resync.
     pub disks: Vec<DiskStatus>,
+    /// Whether writes are refused ([`Group::refuse_writes`]: the group was handed over
+    /// by a planned failover, or is being).
+    pub writes_refused: bool,
 }
 
 /// Per-disk figures of [`GroupStatus`].
@@ -346,6 +349,7 @@ impl Group {
             on_ring_full: state.on_ring_full,
             throttle: state.throttle,
             disks,
+            writes_refused: state.writes_refused,
         }
     }
 }
