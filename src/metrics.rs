@@ -564,6 +564,7 @@ mod tests {
             on_ring_full: tracker::OnRingFull::Bitmap,
             throttle: tracker::ThrottleStats::default(),
             disks: Vec::new(),
+            writes_refused: false,
         };
         let labels = [("group", "vm1")];
         let mut text = MetricsText::new();
