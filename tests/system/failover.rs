@@ -418,11 +418,7 @@ fn planned_failover_and_failback_lose_no_acknowledged_write_and_reverse_ships_on
     assert!(!write_old.success(), "{}", write_old.all());
     // And says so.
     assert_eq!(p.group_status("vm1")["writes_refused"], true);
-    let text = run_ok(
-        &mut p.cmd().args(["status", "--config"]).arg(p.config()),
-        SHORT,
-    )
-    .stdout;
+    let text = run_ok(p.cmd().args(["status", "--config"]).arg(p.config()), SHORT).stdout;
     assert!(text.contains("writes:    REFUSED"), "{text}");
     let consumer = p.wait_consumer("vm1", "superseded", LONG, |s| s["state"] == "superseded");
     assert!(
