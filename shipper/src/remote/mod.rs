@@ -3,7 +3,7 @@
 //! [`RemoteSink`] turns transfers into chunks ([`wire::chunk`]), frames them and
 //! streams them through the [`crate::pipeline`], and commits; [`client`] speaks the
 //! HTTP API; [`relationship`] is the primary's durable record of the relationship;
-//! [`throttle`] limits bandwidth.
+//! [`throttle`] limits bandwidth, by time of day if [`bandwidth`] says so.
 //!
 //! Codecs: the replica's answer to each offer says which compressed chunk bodies it
 //! decodes, and the transfer's chunks are compressed accordingly
@@ -14,6 +14,7 @@
 //! framed, compressed nor sent, so an interrupted transfer costs at most the chunks in
 //! flight.
 
+pub mod bandwidth;
 pub mod client;
 pub mod relationship;
 pub mod throttle;
@@ -35,6 +36,7 @@ pub use client::{
     ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
 };
 pub use relationship::{CopyProgress, Relationship, RelationshipError};
+pub use bandwidth::{BandwidthSchedule, Clock, LocalTime, SystemClock, TimeOfDay, Weekday, Window};
 pub use throttle::Throttle;
 
 use crate::pipeline::compress::{Compression, CompressionStatus, Framer};
