@@ -347,7 +347,16 @@ pub(crate) mod tests {
         assert_eq!("08:00".parse::<TimeOfDay>(), Ok(TimeOfDay(8 * 3600)));
         assert_eq!("23:59:30".parse::<TimeOfDay>(), Ok(TimeOfDay(86_370)));
         assert_eq!("24:00".parse::<TimeOfDay>(), Ok(TimeOfDay(SECS_PER_DAY)));
-        for bad in ["8:00", "24:01", "12:60", "12", "12:00:00:00", "ab:cd", "", "-1:00"] {
+        for bad in [
+            "8:00",
+            "24:01",
+            "12:60",
+            "12",
+            "12:00:00:00",
+            "ab:cd",
+            "",
+            "-1:00",
+        ] {
             assert!(bad.parse::<TimeOfDay>().is_err(), "{bad:?} parsed");
         }
         assert_eq!("Fri".parse::<Weekday>(), Ok(Weekday::Fri));
@@ -364,7 +373,10 @@ pub(crate) mod tests {
         let schedule = office_hours();
         assert_eq!(schedule.limit_at(at(Weekday::Tue, "07:59:59")), None);
         assert_eq!(schedule.limit_at(at(Weekday::Tue, "08:00")), Some(20 << 20));
-        assert_eq!(schedule.limit_at(at(Weekday::Tue, "17:59:59")), Some(20 << 20));
+        assert_eq!(
+            schedule.limit_at(at(Weekday::Tue, "17:59:59")),
+            Some(20 << 20)
+        );
         assert_eq!(schedule.limit_at(at(Weekday::Tue, "18:00")), None);
     }
 
@@ -375,8 +387,14 @@ pub(crate) mod tests {
             ..office_hours()
         };
         assert_eq!(schedule.limit_at(at(Weekday::Fri, "12:00")), Some(20 << 20));
-        assert_eq!(schedule.limit_at(at(Weekday::Sat, "12:00")), Some(100 << 20));
-        assert_eq!(schedule.limit_at(at(Weekday::Sun, "12:00")), Some(100 << 20));
+        assert_eq!(
+            schedule.limit_at(at(Weekday::Sat, "12:00")),
+            Some(100 << 20)
+        );
+        assert_eq!(
+            schedule.limit_at(at(Weekday::Sun, "12:00")),
+            Some(100 << 20)
+        );
         assert_eq!(schedule.limit_at(at(Weekday::Mon, "12:00")), Some(20 << 20));
     }
 
@@ -433,7 +451,10 @@ pub(crate) mod tests {
     #[test]
     fn local_time_wraps_days_and_the_week() {
         let late = at(Weekday::Sun, "23:59:50");
-        assert_eq!(late.plus(Duration::from_secs(20)), at(Weekday::Mon, "00:00:10"));
+        assert_eq!(
+            late.plus(Duration::from_secs(20)),
+            at(Weekday::Mon, "00:00:10")
+        );
         assert_eq!(late.plus(Duration::from_secs(7 * 86_400)), late);
         let clock = FakeClock::at(Weekday::Sat, "23:00");
         clock.advance(Duration::from_secs(3600));

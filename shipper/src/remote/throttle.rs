@@ -4,8 +4,9 @@
 //!
 //! A throttle's limit is fixed or follows a [`BandwidthSchedule`]: the limit is looked
 //! up at every request, so it changes when a window starts or ends, mid-transfer and
-//! without a restart. Debt taken under the old limit is paid at the new one; while
-//! unlimited, nothing is owed and nothing is saved up.
+//! without a restart. A chunk already waiting finishes the wait it was given; debt
+//! still owed is paid at the new limit; while unlimited, nothing is owed and nothing
+//! is saved up.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -76,9 +77,9 @@ impl Throttle {
         let mut bucket = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if bucket.rate != rate {
             info!(
-                from = bucket.rate,
-                to = rate,
-                "Bandwidth limit changed (bytes per second; none is unlimited)"
+                from = %describe(bucket.rate),
+                to = %describe(rate),
+                "Bandwidth limit changed"
             );
             bucket.rate = rate;
         }
@@ -101,6 +102,11 @@ impl Throttle {
             Duration::from_secs_f64(-bucket.tokens / rate)
         }
     }
+}
+
+/// A limit for people: bytes per second, or unlimited.
+fn describe(rate: Option<u64>) -> String {
+    rate.map_or_else(|| "unlimited".into(), |rate| format!("{rate} B/s"))
 }
 
 #[cfg(test)]
