@@ -32,11 +32,11 @@ use wire::chunk::{BodyCodec, ChunkEncoder, RawChunk};
 
 use client::Upload;
 
+pub use bandwidth::{BandwidthSchedule, Clock, LocalTime, SystemClock, TimeOfDay, Weekday, Window};
 pub use client::{
     ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
 };
 pub use relationship::{CopyProgress, Relationship, RelationshipError};
-pub use bandwidth::{BandwidthSchedule, Clock, LocalTime, SystemClock, TimeOfDay, Weekday, Window};
 pub use throttle::Throttle;
 
 use crate::pipeline::compress::{Compression, CompressionStatus, Framer};
@@ -323,6 +323,10 @@ impl CycleSink for RemoteSink {
 
     fn bytes_sent(&self) -> u64 {
         self.meter.total_bytes()
+    }
+
+    fn sent_meter(&self) -> Option<Arc<LinkMeter>> {
+        Some(Arc::clone(&self.meter))
     }
 
     fn compression(&self) -> Option<CompressionStatus> {

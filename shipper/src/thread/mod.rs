@@ -30,6 +30,7 @@ use wire::api::{ErrorCode, InitialMethod};
 
 use crate::compare::CompareError;
 use crate::freeze::{AppConsistent, AppConsistentOptions};
+use crate::pipeline::upload::LinkMeter;
 use crate::remote::{FailureClass, RelationshipError};
 use crate::resync::ReadError;
 use crate::schedule::{CycleHistory, RetryPolicy};
@@ -207,6 +208,9 @@ pub struct ShipperOptions {
 pub struct Shipper {
     commands: Sender<Command>,
     status: Arc<Mutex<ShipperStatus>>,
+    /// Bytes sent, counted as frames go out (the thread updates `status` only
+    /// between deliveries).
+    sent_meter: Option<Arc<LinkMeter>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -275,6 +279,7 @@ impl Shipper {
             ..ShipperStatus::default()
         }));
         let mut sink = sink;
+        let sent_meter = sink.sent_meter();
         if let Some(relationship) = &relationship {
             sink.set_relationship(relationship.state.id, relationship.state.epoch);
         }
@@ -309,6 +314,7 @@ impl Shipper {
         Ok(Self {
             commands,
             status,
+            sent_meter,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -348,6 +354,9 @@ impl Shipper {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        if let Some(meter) = &self.sent_meter {
+            status.network_bytes = meter.total_bytes();
+        }
         // Lag grows between updates.
         if let Some(closed_ms) = status.last_delivered_close_unix_ms {
             let lag_ms = unix_now_ms().saturating_sub(closed_ms);
