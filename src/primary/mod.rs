@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use base::sync::lock;
 use nbd_shim::{Server, ServerConfig};
 use shipper::error_chain;
-use shipper::remote::{Relationship, Throttle};
+use shipper::remote::Relationship;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
@@ -273,10 +273,7 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
     let signals = StopSignals::block_with_reload().map_err(PrimaryError::Setup)?;
     let control = control_socket::bind(control::PRIMARY, &config.control_socket)?;
     let shared = SharedReplication::new(
-        config
-            .replication
-            .bandwidth_limit
-            .map(|limit| Arc::new(Throttle::new(limit.0))),
+        config.replication.throttle(),
         config.replication.host_name.clone(),
     );
     let mut groups = Vec::new();
