@@ -1,0 +1,223 @@
+//! What admins also ask for (issue 18): bandwidth by time of day.
+//!
+//! - `a_bandwidth_window_slows_shipping_while_it_is_open`: a real primary replicates
+//!   over mutual TLS to a real replica with a group limit of 8 MiB/s and a daemon-wide
+//!   `[[replication.bandwidth_schedule]]` window of 1 MiB/s that opens about twenty
+//!   seconds after the test starts (computed from the host's local time, read with
+//!   `date`) and lasts ten seconds. One large cycle ships across the window; the
+//!   shipper's bytes sent, sampled all along, rise at about 8 MiB/s before the window,
+//!   about 1 MiB/s inside it, and about 8 MiB/s again after it, with no restart.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+
+use std::fs;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::*;
+
+const OUTSIDE: u64 = 8 * MIB;
+const INSIDE: u64 = MIB;
+/// From the test's start to the window's.
+const LEAD: u64 = 20;
+const WINDOW: u64 = 10;
+/// When the cycle closes, before the window opens.
+const CLOSE_BEFORE: u64 = 5;
+const WRITTEN: u64 = 80 * MIB;
+
+/// The local time now as (weekday, seconds since midnight) and the Unix time it
+/// belongs to, from `date` (so the test does not read the clock the way the daemon
+/// does).
+fn local_now() -> (String, u64, u64) {
+    let output = run_ok(
+        Command::new("date")
+            .env("LC_ALL", "C")
+            .arg("+%a %H %M %S %s"),
+        SHORT,
+    );
+    let text = output.stdout.trim();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let number = |index: usize| -> u64 {
+        fields[index]
+            .parse()
+            .unwrap_or_else(|_| panic!("date printed {text:?}"))
+    };
+    (
+        fields[0].to_ascii_lowercase(),
+        number(1) * 3600 + number(2) * 60 + number(3),
+        number(4),
+    )
+}
+
+fn hms(secs: u64) -> String {
+    let secs = secs % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// The average rate in bytes per second between two Unix times, from samples of
+/// (Unix time, bytes sent).
+fn rate_between(samples: &[(f64, u64)], from: f64, to: f64) -> f64 {
+    let at = |time: f64| {
+        samples
+            .iter()
+            .min_by(|a, b| (a.0 - time).abs().total_cmp(&(b.0 - time).abs()))
+            .copied()
+            .expect("samples")
+    };
+    let (start, end) = (at(from), at(to));
+    assert!(
+        end.0 - start.0 > 1.0,
+        "too few samples between {from} and {to}"
+    );
+    (end.1 - start.1) as f64 / (end.0 - start.0)
+}
+
+#[test]
+fn a_bandwidth_window_slows_shipping_while_it_is_open() {
+    require_tool("qemu-io");
+    let (day, secs, unix) = local_now();
+    // The window belongs to the day it starts on, which may be tomorrow.
+    let (window_day, window_from) = if secs + LEAD >= 86_400 {
+        let tomorrow = run_ok(
+            Command::new("date")
+                .env("LC_ALL", "C")
+                .args(["-d", "tomorrow", "+%a"]),
+            SHORT,
+        );
+        (
+            tomorrow.stdout.trim().to_ascii_lowercase(),
+            secs + LEAD - 86_400,
+        )
+    } else {
+        (day, secs + LEAD)
+    };
+    let opens = (unix + LEAD) as f64;
+    let closes = opens + WINDOW as f64;
+
+    let certs_dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(certs_dir.path());
+    let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "");
+    let mut primary = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 128 * MIB)],
+    )
+    .ring_size("256MiB")
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        &format!("compression = false\nbandwidth_limit = {OUTSIDE}"),
+    )))]));
+    let schedule = format!(
+        "\n[replication]\n[[replication.bandwidth_schedule]]\ndays = [\"{window_day}\"]\nfrom = \"{}\"\nto = \"{}\"\nlimit = {INSIDE}\n",
+        hms(window_from),
+        hms(window_from + WINDOW),
+    );
+    let mut config = fs::read_to_string(primary.config()).expect("read config");
+    config.push_str(&schedule);
+    fs::write(primary.config(), config).expect("write config");
+    let check = run(
+        primary
+            .cmd()
+            .args(["primary", "--check", "--config"])
+            .arg(primary.config()),
+        SHORT,
+    );
+    assert!(check.success(), "{schedule}\n{}", check.report());
+    primary.restart();
+    let cycle = primary.cycles_close("vm1");
+    replica.wait_applied("vm1", cycle, LONG);
+
+    // A backlog that outlasts the window at these rates.
+    run_ok(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 0x5a 0 {WRITTEN}"),
+            &primary.uri("disk0"),
+        ]),
+        LONG,
+    );
+    let close_at = opens - CLOSE_BEFORE as f64;
+    let now = unix_now();
+    assert!(
+        now < close_at,
+        "setting up took past the planned close ({:.1}s late); the window opens at {} local",
+        now - close_at,
+        hms(window_from)
+    );
+    thread::sleep(Duration::from_secs_f64(close_at - now));
+    // `cycles close` returns once the cycle is delivered; sample while it waits.
+    let mut close = primary.cycles_close_cmd("vm1");
+    let closing = thread::spawn(move || run(&mut close, LONG));
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while !closing.is_finished() {
+        let status = primary.group_status("vm1")["consumer"].clone();
+        let sent = status["network_bytes"].as_u64().expect("network_bytes");
+        samples.push((unix_now(), sent));
+        assert!(
+            started.elapsed() < LONG,
+            "no delivery in {LONG:?}: {status:#}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let closed = closing.join().expect("cycles close");
+    assert!(closed.success(), "{}", closed.report());
+    let cycle = closed.json()["cycle"].as_u64().expect("cycle");
+    let status = primary.group_status("vm1")["consumer"].clone();
+    samples.push((
+        unix_now(),
+        status["network_bytes"].as_u64().expect("network_bytes"),
+    ));
+    let finished = samples.last().expect("samples").0;
+    assert!(
+        finished > closes + 2.0,
+        "the cycle was delivered before the window closed (at {finished}, window until {closes}): {status:#}"
+    );
+    // Margins of a second and a chunk's time at the edges.
+    let before = rate_between(&samples, close_at + 1.0, opens - 0.5);
+    let inside = rate_between(&samples, opens + 2.5, closes - 0.5);
+    let after = rate_between(&samples, closes + 0.5, finished.min(closes + 4.0));
+    let mib = |rate: f64| rate / MIB as f64;
+    eprintln!(
+        "bytes sent per second: before {:.2} MiB/s, inside {:.2} MiB/s, after {:.2} MiB/s",
+        mib(before),
+        mib(inside),
+        mib(after)
+    );
+    assert!(
+        (4.0..=10.0).contains(&mib(before)),
+        "before the window: {:.2} MiB/s, the plain limit is 8",
+        mib(before)
+    );
+    assert!(
+        (0.4..=2.0).contains(&mib(inside)),
+        "inside the window: {:.2} MiB/s, its limit is 1",
+        mib(inside)
+    );
+    assert!(
+        (4.0..=10.0).contains(&mib(after)),
+        "after the window: {:.2} MiB/s, the plain limit is 8",
+        mib(after)
+    );
+    assert!(
+        primary.log().contains("Bandwidth limit changed"),
+        "{}",
+        tail(&primary.log(), 40)
+    );
+    replica.wait_applied("vm1", cycle, LONG);
+    assert_files_equal(
+        &primary.image("disk0"),
+        &replica.disk("dc1", "vm1", "disk0"),
+        "disk0",
+    );
+}
