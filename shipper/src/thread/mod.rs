@@ -30,6 +30,7 @@ use wire::api::{ErrorCode, InitialMethod};
 
 use crate::compare::CompareError;
 use crate::freeze::{AppConsistent, AppConsistentOptions};
+use crate::measure::{DeliveryLog, Measurement};
 use crate::pipeline::upload::LinkMeter;
 use crate::remote::{FailureClass, RelationshipError};
 use crate::resync::ReadError;
@@ -211,6 +212,7 @@ pub struct Shipper {
     /// Bytes sent, counted as frames go out (the thread updates `status` only
     /// between deliveries).
     sent_meter: Option<Arc<LinkMeter>>,
+    deliveries: Arc<Mutex<DeliveryLog>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -230,6 +232,8 @@ struct Worker {
     network_failures: u32,
     retry_at: Option<Instant>,
     history: CycleHistory,
+    /// Every interval's outcome, for `blkrep replication measure`.
+    deliveries: Arc<Mutex<DeliveryLog>>,
     /// What cycles closed by this process and not yet delivered say of their point.
     closed: BTreeMap<u64, Closed>,
     /// The application-consistent points' schedule and commands.
@@ -280,6 +284,7 @@ impl Shipper {
         }));
         let mut sink = sink;
         let sent_meter = sink.sent_meter();
+        let deliveries = Arc::new(Mutex::new(DeliveryLog::default()));
         if let Some(relationship) = &relationship {
             sink.set_relationship(relationship.state.id, relationship.state.epoch);
         }
@@ -297,6 +302,7 @@ impl Shipper {
             network_failures: 0,
             retry_at: None,
             history: CycleHistory::default(),
+            deliveries: Arc::clone(&deliveries),
             closed: BTreeMap::new(),
             app,
             started_unix: unix_now(),
@@ -315,6 +321,7 @@ impl Shipper {
             commands,
             status,
             sent_meter,
+            deliveries,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -345,6 +352,16 @@ impl Shipper {
             Err(RecvTimeoutError::Timeout) => Err(ShipperError::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(ShipperError::Stopped),
         }
+    }
+
+    /// The figures of the deliveries of the last `window` (see [`crate::measure`]).
+    pub fn measure(&self, window: Duration) -> Measurement {
+        let now_ms = unix_now_ms();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .measure(now_ms.saturating_sub(window_ms), now_ms)
     }
 
     /// A copy of the current status.
