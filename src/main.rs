@@ -12,6 +12,7 @@ mod generate_docs;
 mod groups;
 mod key_files;
 mod libvirt;
+mod measure;
 mod metrics;
 mod primary;
 mod replica_daemon;

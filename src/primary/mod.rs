@@ -407,6 +407,14 @@ fn handle(request: &ControlRequest, daemon: &Daemon) -> Result<serde_json::Value
                 .and_then(|group| groups::control::replication(&group, &daemon.server, action))
                 .map_err(|error| error.to_text())?,
         ),
+        ControlRequest::Measure { group, since_secs } => serde_json::to_value(
+            daemon
+                .group(group)
+                .and_then(|group| {
+                    groups::control::measure(&group, Duration::from_secs(*since_secs))
+                })
+                .map_err(|error| error.to_text())?,
+        ),
         ControlRequest::Reload {
             delete_removed_rings,
         } => serde_json::to_value(daemon.reload(*delete_removed_rings)?),
