@@ -1,4 +1,5 @@
-//! What admins also ask for (issue 18): bandwidth by time of day.
+//! What admins also ask for (issue 18): bandwidth by time of day, and `blkrep
+//! replication measure`.
 //!
 //! - `a_bandwidth_window_slows_shipping_while_it_is_open`: a real primary replicates
 //!   over mutual TLS to a real replica with a group limit of 8 MiB/s and a daemon-wide
@@ -7,6 +8,12 @@
 //!   `date`) and lasts ten seconds. One large cycle ships across the window; the
 //!   shipper's bytes sent, sampled all along, rise at about 8 MiB/s before the window,
 //!   about 1 MiB/s inside it, and about 8 MiB/s again after it, with no restart.
+//! - `measure_sums_up_the_cycles_delivered`: a primary ships five cycles to a real
+//!   replica, then one attempt fails while the replica is down; `blkrep replication
+//!   measure --json` counts exactly the cycles the shipper's status says it delivered,
+//!   the failure and the missed interval, bytes that add up, p50 <= p99 <= the worst
+//!   RPO, and a window after the last delivery counts no delivery; the text form
+//!   names the same figures.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::fs;
@@ -220,4 +227,113 @@ fn a_bandwidth_window_slows_shipping_while_it_is_open() {
         &replica.disk("dc1", "vm1", "disk0"),
         "disk0",
     );
+}
+
+fn measure(primary: &Primary, since: &str, json: bool) -> Output {
+    let mut args = vec!["measure", "--group", "vm1", "--since", since];
+    if json {
+        args.push("--json");
+    }
+    let output = primary.replication(&args);
+    assert!(output.success(), "{}", output.report());
+    output
+}
+
+#[test]
+fn measure_sums_up_the_cycles_delivered() {
+    require_tool("qemu-io");
+    let certs_dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(certs_dir.path());
+    let mut replica = Replica::start(&certs, REPLICA_HOST, &dc1(), "");
+    let primary = Primary::start(Spec::new(vec![GroupSpec::new(
+        "vm1",
+        vec![DiskSpec::new("disk0", 16 * MIB)],
+    )
+    .ring_size("64MiB")
+    .consumer(Consumer::Raw(certs.consumer(
+        &replica.url(REPLICA_HOST),
+        PRIMARY_HOST,
+        "retry_scale = 0.01\nrequest_timeout = \"2s\"",
+    )))]));
+    let first = primary.cycles_close("vm1");
+    replica.wait_applied("vm1", first, LONG);
+    for round in 0..4u64 {
+        run_ok(
+            Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {} {} {}", 0x30 + round, round * MIB, 256 * KIB),
+                &primary.uri("disk0"),
+            ]),
+            LONG,
+        );
+        primary.cycles_close("vm1");
+    }
+    let delivered = primary.group_status("vm1")["consumer"]["cycles_delivered"]
+        .as_u64()
+        .expect("cycles_delivered");
+    assert_eq!(delivered, 5);
+
+    // One attempt that fails: the replica is gone.
+    replica.kill();
+    let failed = run(&mut primary.cycles_close_cmd("vm1"), LONG);
+    assert!(!failed.success(), "a close with the replica down succeeded");
+
+    let figures = measure(&primary, "1h", true).json();
+    let number = |name: &str| {
+        figures[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name} in {figures:#}"))
+    };
+    assert_eq!(number("successes"), delivered, "{figures:#}");
+    assert!(number("failures") >= 1, "{figures:#}");
+    assert!(
+        number("missed_intervals") >= number("failures"),
+        "{figures:#}"
+    );
+    let data = number("data_bytes");
+    assert!(data >= 4 * 256 * KIB, "{figures:#}");
+    assert!(number("network_bytes") > 0, "{figures:#}");
+    assert!(
+        number("max_transfer_bytes") >= number("avg_transfer_bytes"),
+        "{figures:#}"
+    );
+    assert!(number("max_transfer_bytes") >= 256 * KIB, "{figures:#}");
+    assert_eq!(
+        number("avg_transfer_bytes"),
+        data / delivered,
+        "{figures:#}"
+    );
+    let (p50, p99, worst) = (
+        number("rpo_p50_ms"),
+        number("rpo_p99_ms"),
+        number("rpo_max_ms"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= worst, "{figures:#}");
+    assert!(
+        figures["compression_ratio"]
+            .as_f64()
+            .is_some_and(|ratio| ratio > 0.0),
+        "{figures:#}"
+    );
+    assert!(figures["avg_transfer_ms"].is_u64(), "{figures:#}");
+
+    let text = measure(&primary, "1h", false).stdout;
+    for expected in [
+        format!("Successful cycles       {delivered}"),
+        format!("Failed attempts         {}", number("failures")),
+        "Achieved RPO p50 / p99".to_string(),
+        "Compression ratio".to_string(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} in\n{text}");
+    }
+
+    // A window that starts after the last delivery holds none (the shipper keeps
+    // retrying, so failures may land in it).
+    thread::sleep(Duration::from_millis(2500));
+    let recent = measure(&primary, "1s", true).json();
+    assert_eq!(recent["successes"], 0, "{recent:#}");
+    assert_eq!(recent["data_bytes"], 0, "{recent:#}");
+    assert!(recent["rpo_p50_ms"].is_null(), "{recent:#}");
 }
