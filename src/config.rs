@@ -126,6 +126,9 @@ pub struct PrimaryConfig {
     pub replication: ReplicationConfig,
     /// Prometheus metrics endpoint, e.g. `127.0.0.1:9441`.
     pub metrics: Option<String>,
+    /// Where health changes, resyncs, suspensions and failovers are appended as JSON
+    /// lines (`crate::events`), e.g. `/var/log/blkrep/events.jsonl`.
+    pub event_log: Option<PathBuf>,
     /// Disk groups (one per VM).
     #[serde(rename = "group", default)]
     pub groups: Vec<GroupConfig>,
