@@ -89,7 +89,7 @@ impl Worker {
                     error!(%group, error = %error_chain(&error), "Cannot record that this primary is superseded");
                 }
             }
-            error!(%group, error = %message, "This primary is SUPERSEDED: its replica was failed over to and is the group's live copy; shipping stops for good and these disks are no longer the live ones");
+            error!(target: "blkrep_event", event = "superseded", %group, reason = %message, "This primary is SUPERSEDED: its replica was failed over to and is the group's live copy; shipping stops for good and these disks are no longer the live ones");
             return;
         }
         match class {
@@ -113,7 +113,7 @@ impl Worker {
                 if let Err(error) = self.suspend(message, repair) {
                     error!(%group, error = %error_chain(&error), "Cannot record the suspension");
                 }
-                error!(%group, error = %message, class = ?class, "Replication suspended: an administrator must act (then `blkrep replication resume`)");
+                error!(target: "blkrep_event", event = "replication_suspended", %group, reason = %message, class = ?class, "Replication suspended: an administrator must act (then `blkrep replication resume`)");
             }
         }
     }
@@ -181,7 +181,7 @@ impl Worker {
                 relationship.save()?;
             }
             if let Some(resync) = self.resync.take() {
-                info!(group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
+                info!(target: "blkrep_event", event = "resync_finished", group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
             }
             self.status
                 .lock()
