@@ -1,5 +1,5 @@
-//! What admins also ask for (issue 18): bandwidth by time of day, and `blkrep
-//! replication measure`.
+//! What admins also ask for (issue 18): bandwidth by time of day, `blkrep
+//! replication measure`, and the event log.
 //!
 //! - `a_bandwidth_window_slows_shipping_while_it_is_open`: a real primary replicates
 //!   over mutual TLS to a real replica with a group limit of 8 MiB/s and a daemon-wide
@@ -14,6 +14,13 @@
 //!   the failure and the missed interval, bytes that add up, p50 <= p99 <= the worst
 //!   RPO, and a window after the last delivery counts no delivery; the text form
 //!   names the same figures.
+//! - `refusals_and_resyncs_reach_the_event_logs`: both daemons have an `event_log`.
+//!   A primary the replica does not authorise is refused: the replica's file holds a
+//!   `primary_refused` event, the primary's a `replication_suspended` and a
+//!   `health_changed` to Critical for its group. An authorised primary's initial
+//!   replication and an administrator's resync each leave `resync_started` and
+//!   `resync_finished`. Every line of both files is a JSON object with `time`,
+//!   `event`, `group` and `reason`.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::fs;
@@ -21,7 +28,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST};
+use testkit::replica::{dc1, lab_certs, Replica, PRIMARY_HOST, REPLICA_HOST, ROGUE_HOST};
 use testkit::*;
 
 const OUTSIDE: u64 = 8 * MIB;
@@ -336,4 +343,161 @@ fn measure_sums_up_the_cycles_delivered() {
     assert_eq!(recent["successes"], 0, "{recent:#}");
     assert_eq!(recent["data_bytes"], 0, "{recent:#}");
     assert!(recent["rpo_p50_ms"].is_null(), "{recent:#}");
+}
+
+/// The events of a JSON-lines file; every line must be a JSON object with the
+/// common fields.
+fn events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {line}", path.display()));
+            for field in ["time", "event", "group", "reason"] {
+                assert!(event.get(field).is_some(), "no {field} in {line}");
+            }
+            assert!(
+                humantime::parse_rfc3339(event["time"].as_str().unwrap_or("")).is_ok(),
+                "time of {line}"
+            );
+            event
+        })
+        .collect()
+}
+
+/// Waits until `path` holds an event `name` (of `group`, if given) that `check`
+/// accepts; returns it.
+fn wait_event(
+    path: &std::path::Path,
+    name: &str,
+    group: Option<&str>,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let all = events(path);
+        if let Some(found) = all.iter().find(|event| {
+            event["event"] == name
+                && group.is_none_or(|group| event["group"] == group)
+                && check(event)
+        }) {
+            return found.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {name} event in {}: {all:#?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A primary of group `group` replicating with `consumer`, logging events to
+/// `event_log`.
+fn primary_with_events(group: &str, consumer: String, event_log: &std::path::Path) -> Primary {
+    let mut primary = Primary::prepare(Spec::new(vec![GroupSpec::new(
+        group,
+        vec![DiskSpec::new("disk0", 4 * MIB).init(Init::Random(3))],
+    )
+    .ring_size("16MiB")
+    .consumer(Consumer::Raw(consumer))]));
+    let config = fs::read_to_string(primary.config()).expect("read config");
+    let config = format!(
+        "event_log = {:?}\n{config}",
+        event_log.display().to_string()
+    );
+    fs::write(primary.config(), config).expect("write config");
+    primary.restart();
+    primary
+}
+
+#[test]
+fn refusals_and_resyncs_reach_the_event_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = lab_certs(dir.path());
+    let replica_events = dir.path().join("replica/events.jsonl");
+    let replica = Replica::start(
+        &certs,
+        REPLICA_HOST,
+        &dc1(),
+        &format!("event_log = {:?}", replica_events.display().to_string()),
+    );
+    let url = replica.url(REPLICA_HOST);
+
+    // Refused: an identity no authorisation entry allows.
+    let rogue_events = dir.path().join("rogue/events.jsonl");
+    let rogue = primary_with_events(
+        "vm1",
+        certs.consumer(&url, ROGUE_HOST, "retry_scale = 0.001"),
+        &rogue_events,
+    );
+    let close = run(&mut rogue.cycles_close_cmd("vm1"), LONG);
+    assert!(
+        !close.success(),
+        "the rogue primary shipped\n{}",
+        close.report()
+    );
+    rogue.wait_consumer("vm1", "suspension", SHORT, |s| s["state"] == "suspended");
+    let suspended = wait_event(&rogue_events, "replication_suspended", Some("vm1"), |_| {
+        true
+    });
+    assert!(
+        suspended["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("not authorised")),
+        "{suspended:#}"
+    );
+    let critical = wait_event(&rogue_events, "health_changed", Some("vm1"), |event| {
+        event["to"] == "Critical"
+    });
+    assert!(
+        critical["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("Suspended")),
+        "{critical:#}"
+    );
+    let refused = wait_event(&replica_events, "primary_refused", None, |event| {
+        event["identity"]
+            .as_str()
+            .is_some_and(|names| names.contains(ROGUE_HOST))
+    });
+    assert!(refused["reason"].is_string(), "{refused:#}");
+
+    // Resyncs: the initial replication, then one an administrator asks for.
+    let good_events = dir.path().join("good/events.jsonl");
+    let good = primary_with_events("vm2", certs.consumer(&url, PRIMARY_HOST, ""), &good_events);
+    let cycle = good.cycles_close("vm2");
+    replica.wait_applied("vm2", cycle, LONG);
+    wait_event(&good_events, "resync_started", Some("vm2"), |event| {
+        event["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("initial"))
+    });
+    wait_event(&good_events, "resync_finished", Some("vm2"), |_| true);
+    let asked = good.replication(&["resync", "--group", "vm2"]);
+    assert!(asked.success(), "{}", asked.report());
+    let cycle = good.cycles_close("vm2");
+    replica.wait_applied("vm2", cycle, LONG);
+    let started = wait_event(&good_events, "resync_started", Some("vm2"), |event| {
+        !event["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("initial"))
+    });
+    let finished: Vec<_> = events(&good_events)
+        .into_iter()
+        .filter(|event| event["event"] == "resync_finished")
+        .collect();
+    assert_eq!(finished.len(), 2, "{finished:#?}");
+    assert!(
+        finished[1]["time"].as_str() >= started["time"].as_str(),
+        "{finished:#?} {started:#}"
+    );
+    // Nothing of the good primary's is refused; the rogue's file has no resync.
+    assert!(events(&good_events)
+        .iter()
+        .all(|event| event["event"] != "replication_suspended"));
+    assert!(events(&rogue_events)
+        .iter()
+        .all(|event| event["event"] != "resync_finished"));
+    events(&replica_events);
 }
