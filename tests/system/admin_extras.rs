@@ -19,7 +19,8 @@
 //!   `primary_refused` event, the primary's a `replication_suspended` and a
 //!   `health_changed` to Critical for its group. An authorised primary's initial
 //!   replication and an administrator's resync each leave `resync_started` and
-//!   `resync_finished`. Every line of both files is a JSON object with `time`,
+//!   `resync_finished`; a test failover started and stopped on the replica server
+//!   leaves `test_failover_started` and `test_failover_stopped`. Every line of both files is a JSON object with `time`,
 //!   `event`, `group` and `reason`.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
@@ -499,5 +500,28 @@ fn refusals_and_resyncs_reach_the_event_logs() {
     assert!(events(&rogue_events)
         .iter()
         .all(|event| event["event"] != "resync_finished"));
-    events(&replica_events);
+
+    // A test failover on the replica server, started and stopped.
+    replica
+        .cli(&["test-failover", "start", "--name", "vm2"])
+        .assert_ok();
+    replica
+        .cli(&["test-failover", "stop", "--name", "vm2"])
+        .assert_ok();
+    let started = wait_event(
+        &replica_events,
+        "test_failover_started",
+        Some("vm2"),
+        |_| true,
+    );
+    let stopped = wait_event(
+        &replica_events,
+        "test_failover_stopped",
+        Some("vm2"),
+        |_| true,
+    );
+    assert!(
+        started["time"].as_str() <= stopped["time"].as_str(),
+        "{started:#} {stopped:#}"
+    );
 }

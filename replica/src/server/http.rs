@@ -169,7 +169,7 @@ async fn serve_connection(
             warn!(target: "blkrep_event", event = "primary_refused", reason = "its certificate names no DNS name", %remote, "Refusing a client certificate without a DNS name among its subject alternative names: a primary's identity is its DNS names only (never its common name or IP addresses)")
         }
         None => {
-            warn!(target: "blkrep_event", event = "primary_refused", reason = "no authorisation entry allows it", identity = ?names, %remote, "Refusing a primary no authorisation entry allows")
+            warn!(target: "blkrep_event", event = "primary_refused", reason = "no authorisation entry allows it", identity = %names.join(", "), %remote, "Refusing a primary no authorisation entry allows")
         }
     }
     serve_http(
