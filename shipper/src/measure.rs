@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-/// Entries kept per group: a day of 5-second intervals, about 1.5 MiB.
+/// Entries kept per group: a day of 5-second intervals, about 1 MiB.
 pub const DELIVERY_LOG_CAPACITY: usize = 17_280;
 
 /// What became of one interval.

@@ -66,6 +66,10 @@ impl Throttle {
 
     /// The limit now in bytes per second (`None`: unlimited).
     pub fn rate(&self) -> Option<u64> {
+        if self.schedule.windows.is_empty() {
+            // A fixed limit needs no clock reading per chunk.
+            return self.schedule.otherwise;
+        }
         self.schedule.limit_at(self.clock.local())
     }
 
