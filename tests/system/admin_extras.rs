@@ -3,7 +3,7 @@
 //!
 //! - `a_bandwidth_window_slows_shipping_while_it_is_open`: a real primary replicates
 //!   over mutual TLS to a real replica with a group limit of 8 MiB/s and a daemon-wide
-//!   `[[replication.bandwidth_schedule]]` window of 1 MiB/s that opens about twenty
+//!   `[[replication.bandwidth_schedule]]` window of 1 MiB/s that opens about 25
 //!   seconds after the test starts (computed from the host's local time, read with
 //!   `date`) and lasts ten seconds. One large cycle ships across the window; the
 //!   shipper's bytes sent, sampled all along, rise at about 8 MiB/s before the window,
@@ -35,7 +35,7 @@ use testkit::*;
 const OUTSIDE: u64 = 8 * MIB;
 const INSIDE: u64 = MIB;
 /// From the test's start to the window's.
-const LEAD: u64 = 20;
+const LEAD: u64 = 25;
 const WINDOW: u64 = 10;
 /// When the cycle closes, before the window opens.
 const CLOSE_BEFORE: u64 = 5;
