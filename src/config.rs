@@ -5,9 +5,11 @@
 //! and checks it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use shipper::remote::{BandwidthSchedule, SystemClock, Throttle, TimeOfDay, Weekday, Window};
 use thiserror::Error;
 
 mod validate;
@@ -124,6 +126,9 @@ pub struct PrimaryConfig {
     pub replication: ReplicationConfig,
     /// Prometheus metrics endpoint, e.g. `127.0.0.1:9441`.
     pub metrics: Option<String>,
+    /// Where health changes, resyncs, suspensions and failovers are appended as JSON
+    /// lines (`crate::events`), e.g. `/var/log/blkrep/events.jsonl`.
+    pub event_log: Option<PathBuf>,
     /// Disk groups (one per VM).
     #[serde(rename = "group", default)]
     pub groups: Vec<GroupConfig>,
@@ -135,8 +140,63 @@ pub struct PrimaryConfig {
 pub struct ReplicationConfig {
     /// Bandwidth limit of all groups together, in bytes per second (`50MiB`).
     pub bandwidth_limit: Option<ByteSize>,
+    /// Limits of all groups together by time of day, over `bandwidth_limit`.
+    #[serde(default)]
+    pub bandwidth_schedule: Vec<BandwidthWindow>,
     /// The name this host gives the replica server (default: the host name).
     pub host_name: Option<String>,
+}
+
+impl ReplicationConfig {
+    /// The daemon-wide throttle, if any limit is configured.
+    pub fn throttle(&self) -> Option<Arc<Throttle>> {
+        throttle(self.bandwidth_limit, &self.bandwidth_schedule)
+    }
+}
+
+/// One window of a `bandwidth_schedule`, in the host's local time. The first window
+/// that contains the time sets the limit; outside all of them `bandwidth_limit`
+/// applies (or none). A window whose `to` is before its `from` crosses midnight and
+/// belongs to the day it starts on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthWindow {
+    /// The days the window starts on (`mon` to `sun`; default every day).
+    #[serde(default = "every_day")]
+    pub days: Vec<Weekday>,
+    /// Start, `HH:MM` (or `HH:MM:SS`), inclusive.
+    pub from: TimeOfDay,
+    /// End, exclusive; `24:00` is midnight at the end of the day.
+    pub to: TimeOfDay,
+    /// Bytes per second inside the window.
+    pub limit: ByteSize,
+}
+
+fn every_day() -> Vec<Weekday> {
+    Weekday::ALL.to_vec()
+}
+
+/// A throttle for a plain limit and a schedule over it; `None` when neither is set.
+pub fn throttle(limit: Option<ByteSize>, schedule: &[BandwidthWindow]) -> Option<Arc<Throttle>> {
+    if limit.is_none() && schedule.is_empty() {
+        return None;
+    }
+    let schedule = BandwidthSchedule {
+        windows: schedule
+            .iter()
+            .map(|window| Window {
+                days: window.days.clone(),
+                from: window.from,
+                to: window.to,
+                limit: window.limit.0,
+            })
+            .collect(),
+        otherwise: limit.map(|limit| limit.0),
+    };
+    Some(Arc::new(Throttle::scheduled(
+        schedule,
+        Arc::new(SystemClock::default()),
+    )))
 }
 
 fn default_control_socket() -> PathBuf {
@@ -363,6 +423,9 @@ pub struct ReplicaConsumer {
     pub retry_scale: f64,
     /// Bandwidth limit of this group, in bytes per second.
     pub bandwidth_limit: Option<ByteSize>,
+    /// Limits of this group by time of day, over `bandwidth_limit`.
+    #[serde(default)]
+    pub bandwidth_schedule: Vec<BandwidthWindow>,
     /// Local address to send from (a dedicated replication network).
     pub source_address: Option<std::net::IpAddr>,
     /// Time one request to the replica (a control exchange, one chunk) may take.

@@ -51,6 +51,14 @@ pub enum ControlRequest {
         /// What to do.
         action: ReplicationAction,
     },
+    /// The figures of a group's deliveries over the last `since_secs` (primary
+    /// only). Answers a [`shipper::measure::Measurement`].
+    Measure {
+        /// The group.
+        group: String,
+        /// The window, in seconds back from now.
+        since_secs: u64,
+    },
     /// Read the configuration file again and apply its groups (primary only): see
     /// `primary::reload`. Answers a [`ReloadReport`].
     Reload {

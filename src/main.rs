@@ -9,10 +9,12 @@ mod control;
 mod cycles;
 mod daemon;
 mod dashboard;
+mod events;
 mod generate_docs;
 mod groups;
 mod key_files;
 mod libvirt;
+mod measure;
 mod metrics;
 mod primary;
 mod replica_daemon;
@@ -211,15 +213,25 @@ enum CyclesCommand {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
+    };
+    // BLKREP_LOG filters the log lines only: the event log gets every event.
+    let events = events::EventLayer.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target(events::TARGET, tracing::Level::TRACE),
+    );
+    tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(events)
+        .init();
 }
 
 fn control_socket(target: &Target) -> anyhow::Result<PathBuf> {
@@ -272,6 +284,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             init_logging(cli.log_format);
+            if let Some(event_log) = &config.event_log {
+                events::open(event_log)?;
+            }
             primary::run(config, &path)?;
         }
         Command::Status { target, json } => {

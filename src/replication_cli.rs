@@ -83,6 +83,21 @@ pub enum ReplicationCommand {
         #[arg(long)]
         force: bool,
     },
+    /// The figures of the group's replication over a window, as Hyper-V's
+    /// Measure-VMReplication: transfer sizes and times, successes, failures and
+    /// missed intervals, the achieved recovery point (p50, p99), bytes sent and the
+    /// compression ratio. Kept in memory since the daemon started.
+    Measure {
+        /// The group.
+        #[arg(long, short)]
+        group: String,
+        /// The window, back from now (e.g. 30m, 1h, 1day).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the group's replication; --watch follows an initial replication or resync
     /// with a progress bar until it ends.
     Status {
@@ -99,6 +114,9 @@ pub enum ReplicationCommand {
 pub fn run(socket: &Path, command: ReplicationCommand) -> anyhow::Result<()> {
     let (group, action) = match command {
         ReplicationCommand::Status { group, watch } => return status(socket, &group, watch),
+        ReplicationCommand::Measure { group, since, json } => {
+            return crate::measure::run(socket, &group, since, json)
+        }
         ReplicationCommand::Enable { group, at } => {
             let start_after_unix = match at {
                 None => None,

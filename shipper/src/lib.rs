@@ -8,7 +8,7 @@
 //! over HTTPS through the stages of the [`pipeline`]; the local consumers live
 //! beside the [`CycleSink`] trait; [`schedule`]
 //! holds the retry table and the health rules; [`rpo`] measures the achieved
-//! recovery point; [`freeze`] runs the freeze and thaw
+//! recovery point; [`measure`] keeps the figures of recent deliveries; [`freeze`] runs the freeze and thaw
 //! commands of application-consistent points.
 //!
 //! Ordering: cycles are delivered oldest first, each exactly once per success; after a
@@ -21,6 +21,7 @@
 
 pub mod compare;
 pub mod freeze;
+pub mod measure;
 pub mod media;
 pub mod pipeline;
 pub mod remote;

@@ -10,6 +10,7 @@ use wire::api::{ByteRange, EnableRequest, TransferKind};
 use wire::chunk::{ChunkEncoder, RawChunk};
 
 use crate::pipeline::compress::CompressionStatus;
+use crate::pipeline::upload::LinkMeter;
 use crate::remote::{ClientError, FailureClass};
 use crate::resync::Cursor;
 
@@ -130,6 +131,11 @@ pub trait CycleSink: Send {
     /// interruption and sent again included.
     fn bytes_sent(&self) -> u64 {
         0
+    }
+    /// A live view of [`CycleSink::bytes_sent`] that status reads mid-delivery, while
+    /// the shipper thread is busy (network consumers).
+    fn sent_meter(&self) -> Option<std::sync::Arc<LinkMeter>> {
+        None
     }
     /// How the consumer compresses, for status (network consumers).
     fn compression(&self) -> Option<CompressionStatus> {

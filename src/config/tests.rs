@@ -437,3 +437,81 @@ proptest! {
         prop_assert_eq!(parse_size(&format!("{number}{}", names[unit])), Ok(number << (10 * unit)));
     }
 }
+
+#[test]
+fn bandwidth_schedules_parse_at_both_levels_and_bad_windows_are_named() {
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let pem = tempfile::NamedTempFile::new().unwrap();
+    let pem = pem.path().display();
+    let group_window = |window: &str| {
+        let consumer = format!(
+            "[group.consumer]\ntype = \"replica\"\nurl = \"https://replica:8443\"\nca = \"{pem}\"\ncert = \"{pem}\"\nkey = \"{pem}\"\nbandwidth_limit = \"100MiB\"\n[[group.consumer.bandwidth_schedule]]\n{window}"
+        );
+        sample(image.path(), &consumer)
+    };
+    let daemon = "\n[replication]\nbandwidth_limit = \"1GiB\"\n[[replication.bandwidth_schedule]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]\nfrom = \"08:00\"\nto = \"18:00\"\nlimit = \"20MiB\"\n[[replication.bandwidth_schedule]]\nfrom = \"22:00\"\nto = \"06:30:15\"\nlimit = \"5MiB\"\n";
+    let text = group_window(
+        "days = [\"sat\", \"Sunday\"]\nfrom = \"00:00\"\nto = \"24:00\"\nlimit = \"1MiB\"",
+    ) + daemon;
+    let config = PrimaryConfig::parse(&text, Path::new("x")).unwrap();
+    let schedule = &config.replication.bandwidth_schedule;
+    assert_eq!(schedule.len(), 2);
+    assert_eq!(schedule[0].days.len(), 5);
+    assert_eq!(schedule[0].limit, ByteSize(20 << 20));
+    assert_eq!(
+        schedule[1].days,
+        Weekday::ALL.to_vec(),
+        "days default to all"
+    );
+    assert_eq!(schedule[1].to, "06:30:15".parse().unwrap());
+    assert!(config.replication.throttle().is_some());
+    let Some(ConsumerConfig::Replica(replica)) = &config.groups[0].consumer else {
+        panic!("not a replica consumer");
+    };
+    assert_eq!(
+        replica.bandwidth_schedule[0].days,
+        vec![Weekday::Sat, Weekday::Sun]
+    );
+    assert!(throttle(None, &[]).is_none());
+
+    for (window, expected) in [
+        (
+            "days = [\"fry\"]\nfrom = \"08:00\"\nto = \"18:00\"\nlimit = \"1MiB\"",
+            "\"fry\" is not a day",
+        ),
+        (
+            "from = \"8am\"\nto = \"18:00\"\nlimit = \"1MiB\"",
+            "\"8am\" is not a time of day like 08:00",
+        ),
+        (
+            "from = \"08:00\"\nto = \"24:30\"\nlimit = \"1MiB\"",
+            "\"24:30\" is not a time of day",
+        ),
+        (
+            "from = \"08:00\"\nto = \"08:00\"\nlimit = \"1MiB\"",
+            "bandwidth_schedule window 1: from and to are both 08:00",
+        ),
+        (
+            "from = \"08:00\"\nto = \"09:00\"\nlimit = \"0\"",
+            "bandwidth_schedule window 1: limit must be at least 4KiB",
+        ),
+        (
+            "days = []\nfrom = \"08:00\"\nto = \"09:00\"\nlimit = \"1MiB\"",
+            "bandwidth_schedule window 1: days is empty",
+        ),
+        ("from = \"08:00\"\nlimit = \"1MiB\"", "missing field `to`"),
+    ] {
+        let error = PrimaryConfig::parse(&group_window(window), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{window}: {error}");
+    }
+    let text = sample(image.path(), "") + "\n[[replication.bandwidth_schedule]]\nfrom = \"10:00\"\nto = \"10:00\"\nlimit = \"1MiB\"\n";
+    let error = PrimaryConfig::parse(&text, Path::new("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("[replication] bandwidth_schedule window 1: from and to are both 10:00"),
+        "{error}"
+    );
+}

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{
-    AppConsistentConfig, ConfigError, ConsumerConfig, GroupConfig, NbdAccess, NbdConfig,
-    NbdTlsMode, PrimaryConfig, ReplicaConsumer, RingFullSetting, MAX_THROTTLE_MAX_DELAY,
+    AppConsistentConfig, BandwidthWindow, ConfigError, ConsumerConfig, GroupConfig, NbdAccess,
+    NbdConfig, NbdTlsMode, PrimaryConfig, ReplicaConsumer, RingFullSetting, MAX_THROTTLE_MAX_DELAY,
 };
 
 impl NbdConfig {
@@ -224,6 +224,7 @@ impl ReplicaConsumer {
                 "{at}: bandwidth_limit must be at least 4KiB (per second)"
             ));
         }
+        schedule_problems(at, &self.bandwidth_schedule, &mut problems);
         if let Some(problem) = self.recovery().and_then(|policy| policy.problem()) {
             problems.push(format!("{at}: {problem}"));
         }
@@ -238,6 +239,26 @@ impl ReplicaConsumer {
             }
         }
         problems
+    }
+}
+
+/// What is wrong with the windows of a `bandwidth_schedule` (days and times are
+/// checked as they parse).
+fn schedule_problems(at: &str, windows: &[BandwidthWindow], problems: &mut Vec<String>) {
+    for (index, window) in windows.iter().enumerate() {
+        let at = format!("{at} bandwidth_schedule window {}", index + 1);
+        if window.days.is_empty() {
+            problems.push(format!("{at}: days is empty (leave it out for every day)"));
+        }
+        if window.from == window.to {
+            problems.push(format!(
+                "{at}: from and to are both {} (a window needs a length)",
+                window.from
+            ));
+        }
+        if window.limit.0 < 4096 {
+            problems.push(format!("{at}: limit must be at least 4KiB (per second)"));
+        }
     }
 }
 
@@ -305,6 +326,11 @@ impl PrimaryConfig {
             problems
                 .push("[replication] bandwidth_limit must be at least 4KiB (per second)".into());
         }
+        schedule_problems(
+            "[replication]",
+            &self.replication.bandwidth_schedule,
+            &mut problems,
+        );
         let mut group_names = HashSet::new();
         let mut disk_names = HashSet::new();
         let mut rings = HashSet::new();

@@ -1,6 +1,7 @@
 //! Group-level commands, the same on both daemons' control sockets: close a cycle now
 //! (`blkrep cycles close`) and change a group's replication (`blkrep replication
-//! pause|resume|resync|remove|enable|export|failover`).
+//! pause|resume|resync|remove|enable|export|failover`), and measure its deliveries
+//! (`blkrep replication measure`).
 //!
 //! The daemon finds the group; this module runs the command on it and answers with
 //! the typed responses of [`crate::control`].
@@ -8,6 +9,7 @@
 use std::time::Duration;
 
 use nbd_shim::Server;
+use shipper::measure::Measurement;
 use shipper::{AdminAction, Shipper, ShipperError};
 use thiserror::Error;
 
@@ -55,6 +57,11 @@ fn shipper_of(group: &RunningGroup) -> Result<&Shipper, CommandError> {
 pub fn close_cycle(group: &RunningGroup, timeout: Duration) -> Result<CycleClosed, CommandError> {
     let cycle = shipper_of(group)?.close_now(timeout)?;
     Ok(CycleClosed { cycle })
+}
+
+/// The figures of the group's deliveries over the last `since`.
+pub fn measure(group: &RunningGroup, since: Duration) -> Result<Measurement, CommandError> {
+    Ok(shipper_of(group)?.measure(since))
 }
 
 /// Runs `action` on `group`, whose disks `server` exports.

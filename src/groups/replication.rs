@@ -2,12 +2,11 @@
 //! replication started on a running group (a failed-over group's live disks
 //! replicated back), and the planned failover that hands a group over to its replica.
 
-use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base::sync::lock;
 use nbd_shim::Server;
-use shipper::remote::{ClientSettings, Credentials, Relationship, ReplicaClient, Throttle};
+use shipper::remote::{ClientSettings, Credentials, Relationship, ReplicaClient};
 use shipper::{
     AdminAction, CycleSink, RemoteOptions, RemoteSink, ReplicationSetup, RetryPolicy, Shipper,
     ShipperOptions,
@@ -172,10 +171,10 @@ pub(super) fn replica_sink(
         0,
     )
     .map_err(failed)?;
-    let mut throttles = Vec::new();
-    if let Some(limit) = replica.bandwidth_limit {
-        throttles.push(Arc::new(Throttle::new(limit.0)));
-    }
+    let mut throttles: Vec<_> =
+        crate::config::throttle(replica.bandwidth_limit, &replica.bandwidth_schedule)
+            .into_iter()
+            .collect();
     throttles.extend(shared.throttle.clone());
     let sink = RemoteSink::new(
         client,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use base::sync::lock;
 use nbd_shim::{Server, ServerConfig};
 use shipper::error_chain;
-use shipper::remote::{Relationship, Throttle};
+use shipper::remote::Relationship;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
@@ -278,10 +278,7 @@ pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError
     let signals = StopSignals::block_with_reload().map_err(PrimaryError::Setup)?;
     let control = control_socket::bind(control::PRIMARY, &config.control_socket)?;
     let shared = SharedReplication::new(
-        config
-            .replication
-            .bandwidth_limit
-            .map(|limit| Arc::new(Throttle::new(limit.0))),
+        config.replication.throttle(),
         config.replication.host_name.clone(),
     );
     let mut groups = Vec::new();
@@ -447,6 +444,14 @@ fn handle(request: &ControlRequest, daemon: &Daemon) -> Result<serde_json::Value
             daemon
                 .group(group)
                 .and_then(|group| groups::control::replication(&group, &daemon.server, action))
+                .map_err(|error| error.to_text())?,
+        ),
+        ControlRequest::Measure { group, since_secs } => serde_json::to_value(
+            daemon
+                .group(group)
+                .and_then(|group| {
+                    groups::control::measure(&group, Duration::from_secs(*since_secs))
+                })
                 .map_err(|error| error.to_text())?,
         ),
         ControlRequest::Reload {

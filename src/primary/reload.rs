@@ -58,6 +58,7 @@ pub(crate) fn settings_needing_restart(
             started.control_socket == file.control_socket,
         ),
         ("metrics", started.metrics == file.metrics),
+        ("event_log", started.event_log == file.event_log),
         ("replication", started.replication == file.replication),
         ("nbd.unix_socket", old.unix_socket == new.unix_socket),
         ("nbd.tcp", old.tcp == new.tcp),

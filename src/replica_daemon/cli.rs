@@ -414,6 +414,9 @@ fn run_daemon(path: &Path, check: bool, init_logging: impl FnOnce()) -> anyhow::
         return Ok(());
     }
     init_logging();
+    if let Some(event_log) = &config.event_log {
+        crate::events::open(event_log)?;
+    }
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }

@@ -48,6 +48,7 @@ struct RawConfig {
     failover: Option<RawFailover>,
     #[serde(default)]
     limits: RawLimits,
+    event_log: Option<PathBuf>,
 }
 
 /// What peers may hold of the server; every field defaults to
@@ -209,6 +210,8 @@ pub struct ReplicaConfig {
     pub warnings: Vec<String>,
     /// What peers may hold of the server.
     pub limits: Limits,
+    /// Where refusals and failovers are appended as JSON lines (`crate::events`).
+    pub event_log: Option<PathBuf>,
 }
 
 /// A command run after a failover (program and arguments, no shell).
@@ -389,6 +392,7 @@ impl RawConfig {
         }
         let limits = self.limits.validate(problems);
         Some(ReplicaConfig {
+            event_log: self.event_log.clone(),
             limits,
             failover_hook,
             live_ring_size,

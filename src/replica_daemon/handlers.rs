@@ -18,6 +18,11 @@ fn to_json<T: serde::Serialize>(answer: T) -> Result<Value, ServeError> {
         .map_err(|error| ServeError::Refused(format!("Cannot encode the answer: {error}")))
 }
 
+/// Records a failover-related event of replica `name` (see `crate::events`).
+fn event(event: &str, name: &str, reason: &str) {
+    tracing::info!(target: "blkrep_event", event, group = name, reason, "Replica {name}: {}", event.replace('_', " "));
+}
+
 /// Answers one request on the replica daemon's control socket; errors become text
 /// here, once, with their causes.
 pub(super) fn serve_control(stream: &UnixStream, control: &Daemon) -> std::io::Result<()> {
@@ -34,12 +39,24 @@ fn answer(control: &Daemon, request: ReplicaRequest) -> Result<Value, ServeError
             name,
             trust_group,
             point,
-        } => to_json(start_test(control, &name, trust_group.as_deref(), point)?),
+        } => {
+            let started = start_test(control, &name, trust_group.as_deref(), point)?;
+            event(
+                "test_failover_started",
+                &name,
+                "an administrator's test failover",
+            );
+            to_json(started)
+        }
         ReplicaRequest::Failover {
             name,
             trust_group,
             point,
-        } => to_json(fail_over(control, &name, trust_group.as_deref(), point)?),
+        } => {
+            let done = fail_over(control, &name, trust_group.as_deref(), point)?;
+            event("failover", &name, "an administrator's failover");
+            to_json(done)
+        }
         ReplicaRequest::Reverse {
             name,
             trust_group,
@@ -67,9 +84,23 @@ fn answer(control: &Daemon, request: ReplicaRequest) -> Result<Value, ServeError
             name,
             trust_group,
             force,
-        } => to_json(control.planned_failover(&name, trust_group.as_deref(), force)?),
+        } => {
+            let done = control.planned_failover(&name, trust_group.as_deref(), force)?;
+            event(
+                "planned_failover",
+                &name,
+                "an administrator's planned failover (failback)",
+            );
+            to_json(done)
+        }
         ReplicaRequest::CompleteFailover { name, trust_group } => {
-            to_json(server.complete_failover(&name, trust_group.as_deref())?)
+            let done = server.complete_failover(&name, trust_group.as_deref())?;
+            event(
+                "failover_completed",
+                &name,
+                "an administrator completed the failover",
+            );
+            to_json(done)
         }
         ReplicaRequest::SetRecovery {
             name,
@@ -80,7 +111,15 @@ fn answer(control: &Daemon, request: ReplicaRequest) -> Result<Value, ServeError
             name,
             trust_group,
             force,
-        } => to_json(stop_test(control, &name, trust_group.as_deref(), force)?),
+        } => {
+            let stopped = stop_test(control, &name, trust_group.as_deref(), force)?;
+            event(
+                "test_failover_stopped",
+                &name,
+                "an administrator stopped the test failover",
+            );
+            to_json(stopped)
+        }
         ReplicaRequest::Status => to_json(server.replicas()),
         ReplicaRequest::SetPaused {
             name,

@@ -205,6 +205,9 @@ fn reload_authorization(server: &ServerHandle, started: &ReplicaConfig, path: &P
     if file.metrics != started.metrics {
         restart_only.push("metrics");
     }
+    if file.event_log != started.event_log {
+        restart_only.push("event_log");
+    }
     if file.nbd_unix_socket != started.nbd_unix_socket || file.nbd_tcp != started.nbd_tcp {
         restart_only.push("nbd");
     }

@@ -5,6 +5,7 @@
 //!
 //! The soak run (`soak::soak`) is ignored: `scripts/soak.sh --minutes N` runs it.
 
+mod admin_extras;
 mod app_consistent;
 mod cli;
 mod compression;

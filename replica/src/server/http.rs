@@ -166,9 +166,11 @@ async fn serve_connection(
             info!(%remote, identity = %peer.identity, trust_group = %peer.trust_group, "Primary connected")
         }
         None if names.is_empty() => {
-            warn!(%remote, "Refusing a client certificate without a DNS name among its subject alternative names: a primary's identity is its DNS names only (never its common name or IP addresses)")
+            warn!(target: "blkrep_event", event = "primary_refused", reason = "its certificate names no DNS name", %remote, "Refusing a client certificate without a DNS name among its subject alternative names: a primary's identity is its DNS names only (never its common name or IP addresses)")
         }
-        None => warn!(%remote, ?names, "Refusing a primary no authorisation entry allows"),
+        None => {
+            warn!(target: "blkrep_event", event = "primary_refused", reason = "no authorisation entry allows it", identity = %names.join(", "), %remote, "Refusing a primary no authorisation entry allows")
+        }
     }
     serve_http(
         TokioIo::new(tls),
@@ -362,7 +364,7 @@ fn peer_of(
         Err(refused) => {
             let claimed = identity.unwrap_or_default();
             if connection.first_time(format!("refused {claimed}")) {
-                warn!(%remote, identity = %claimed, reason = ?refused, "Refusing a plain-HTTP request: no valid name, or not the key of the entry allowing it");
+                warn!(target: "blkrep_event", event = "primary_refused", %remote, identity = %claimed, reason = ?refused, "Refusing a plain-HTTP request: no valid name, or not the key of the entry allowing it");
             }
             return Err(refuse(
                 ErrorCode::Unauthenticated,

@@ -3,7 +3,7 @@
 //! [`RemoteSink`] turns transfers into chunks ([`wire::chunk`]), frames them and
 //! streams them through the [`crate::pipeline`], and commits; [`client`] speaks the
 //! HTTP API; [`relationship`] is the primary's durable record of the relationship;
-//! [`throttle`] limits bandwidth.
+//! [`throttle`] limits bandwidth, by time of day if [`bandwidth`] says so.
 //!
 //! Codecs: the replica's answer to each offer says which compressed chunk bodies it
 //! decodes, and the transfer's chunks are compressed accordingly
@@ -14,6 +14,7 @@
 //! framed, compressed nor sent, so an interrupted transfer costs at most the chunks in
 //! flight.
 
+pub mod bandwidth;
 pub mod client;
 pub mod relationship;
 pub mod throttle;
@@ -31,6 +32,7 @@ use wire::chunk::{BodyCodec, ChunkEncoder, RawChunk};
 
 use client::Upload;
 
+pub use bandwidth::{BandwidthSchedule, Clock, LocalTime, SystemClock, TimeOfDay, Weekday, Window};
 pub use client::{
     ClientError, ClientSettings, Credentials, FailureClass, ReplicaClient, REQUEST_TIMEOUT,
 };
@@ -321,6 +323,10 @@ impl CycleSink for RemoteSink {
 
     fn bytes_sent(&self) -> u64 {
         self.meter.total_bytes()
+    }
+
+    fn sent_meter(&self) -> Option<Arc<LinkMeter>> {
+        Some(Arc::clone(&self.meter))
     }
 
     fn compression(&self) -> Option<CompressionStatus> {

@@ -93,7 +93,7 @@ impl Worker {
             self.narrow_by_comparison(reason, &mut maps)?;
         }
         let total_bytes = maps.bytes_from(Cursor::default());
-        info!(group = %self.group.name(), %reason, bytes = total_bytes, chain, "Resync copy starts");
+        info!(target: "blkrep_event", event = "resync_started", group = %self.group.name(), %reason, bytes = total_bytes, chain, "Resync copy starts");
         self.resync = Some(ResyncProgress {
             reason,
             epoch: chain,

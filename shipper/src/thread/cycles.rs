@@ -19,6 +19,7 @@ use wire::chunk::max_record_bytes;
 use wire::error_chain;
 
 use crate::freeze::{FreezeError, Phase, PointEnv};
+use crate::measure::Outcome;
 use crate::remote::FailureClass;
 
 use super::admin::Repair;
@@ -57,6 +58,7 @@ impl Worker {
             }
             Err(error) => {
                 self.last_code = error.code();
+                self.record_outcome(Outcome::Failed);
                 status.failures += 1;
                 let message = error_chain(error);
                 let class = error.class();
@@ -69,6 +71,14 @@ impl Worker {
         result
     }
 
+    /// Adds an interval's outcome to the log `blkrep replication measure` reads.
+    pub(super) fn record_outcome(&self, outcome: Outcome) {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(unix_now_ms(), outcome);
+    }
+
     fn sink_failed(&mut self, class: FailureClass, code: Option<ErrorCode>, message: &str) {
         let group = self.group.name().to_string();
         if code == Some(ErrorCode::Superseded) {
@@ -79,7 +89,7 @@ impl Worker {
                     error!(%group, error = %error_chain(&error), "Cannot record that this primary is superseded");
                 }
             }
-            error!(%group, error = %message, "This primary is SUPERSEDED: its replica was failed over to and is the group's live copy; shipping stops for good and these disks are no longer the live ones");
+            error!(target: "blkrep_event", event = "superseded", %group, reason = %message, "This primary is SUPERSEDED: its replica was failed over to and is the group's live copy; shipping stops for good and these disks are no longer the live ones");
             return;
         }
         match class {
@@ -103,7 +113,7 @@ impl Worker {
                 if let Err(error) = self.suspend(message, repair) {
                     error!(%group, error = %error_chain(&error), "Cannot record the suspension");
                 }
-                error!(%group, error = %message, class = ?class, "Replication suspended: an administrator must act (then `blkrep replication resume`)");
+                error!(target: "blkrep_event", event = "replication_suspended", %group, reason = %message, class = ?class, "Replication suspended: an administrator must act (then `blkrep replication resume`)");
             }
         }
     }
@@ -171,7 +181,7 @@ impl Worker {
                 relationship.save()?;
             }
             if let Some(resync) = self.resync.take() {
-                info!(group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
+                info!(target: "blkrep_event", event = "resync_finished", group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
             }
             self.status
                 .lock()
@@ -307,6 +317,7 @@ impl Worker {
                 closed_unix_ms,
                 app_consistent,
             };
+            let sent_before = self.sink.bytes_sent();
             let answer = self.sink.begin(delta_id(self.chain(), id), kind, bytes)?;
             if !answer.committed {
                 for change in cycle.changes() {
@@ -318,9 +329,13 @@ impl Worker {
             let closed_unix = closed_unix_ms / 1000;
             self.closed = self.closed.split_off(&(id + 1));
             let now_ms = unix_now_ms();
+            let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(before_ms) = status.last_delivered_close_unix_ms {
-                status.rpo.observe(now_ms.saturating_sub(before_ms));
+            let rpo_ms = status
+                .last_delivered_close_unix_ms
+                .map(|before_ms| now_ms.saturating_sub(before_ms));
+            if let Some(rpo_ms) = rpo_ms {
+                status.rpo.observe(rpo_ms);
             }
             status.last_delivered_close_unix_ms = Some(closed_unix_ms);
             status.lag_ms = Some(now_ms.saturating_sub(closed_unix_ms));
@@ -336,8 +351,14 @@ impl Worker {
             status.max_cycle_bytes = status.max_cycle_bytes.max(stats.data_bytes);
             status.bytes_delivered += stats.data_bytes;
             status.avg_cycle_bytes = status.bytes_delivered / status.cycles_delivered;
-            status.last_duration_ms =
-                Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+            status.last_duration_ms = Some(duration_ms);
+            drop(status);
+            self.record_outcome(Outcome::Delivered {
+                data_bytes: stats.data_bytes,
+                network_bytes: self.sink.bytes_sent().saturating_sub(sent_before),
+                duration_ms,
+                rpo_ms,
+            });
             debug!(group = %self.group.name(), cycle = id, records = stats.records, bytes = stats.data_bytes, resumed_at = answer.have_chunks, "Cycle delivered");
         }
         Ok(())

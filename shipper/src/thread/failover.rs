@@ -94,7 +94,7 @@ impl Worker {
             relationship.state.fenced = true;
             relationship.save()?;
         }
-        warn!(group = %name, cycle, "Planned failover done: the replica is the live copy; this primary no longer ships and its disks refuse writes");
+        warn!(target: "blkrep_event", event = "planned_failover", group = %name, reason = "an administrator's planned failover", cycle, "Planned failover done: the replica is the live copy; this primary no longer ships and its disks refuse writes");
         Ok(format!(
             "Group {name} failed over to its replica at cycle {cycle}: every block compared equal ({} bytes); the replica serves the live disks, and these refuse writes",
             stats.marked_bytes

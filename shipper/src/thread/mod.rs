@@ -30,6 +30,8 @@ use wire::api::{ErrorCode, InitialMethod};
 
 use crate::compare::CompareError;
 use crate::freeze::{AppConsistent, AppConsistentOptions};
+use crate::measure::{DeliveryLog, Measurement};
+use crate::pipeline::upload::LinkMeter;
 use crate::remote::{FailureClass, RelationshipError};
 use crate::resync::ReadError;
 use crate::schedule::{CycleHistory, RetryPolicy};
@@ -207,6 +209,10 @@ pub struct ShipperOptions {
 pub struct Shipper {
     commands: Sender<Command>,
     status: Arc<Mutex<ShipperStatus>>,
+    /// Bytes sent, counted as frames go out (the thread updates `status` only
+    /// between deliveries).
+    sent_meter: Option<Arc<LinkMeter>>,
+    deliveries: Arc<Mutex<DeliveryLog>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -226,6 +232,8 @@ struct Worker {
     network_failures: u32,
     retry_at: Option<Instant>,
     history: CycleHistory,
+    /// Every interval's outcome, for `blkrep replication measure`.
+    deliveries: Arc<Mutex<DeliveryLog>>,
     /// What cycles closed by this process and not yet delivered say of their point.
     closed: BTreeMap<u64, Closed>,
     /// The application-consistent points' schedule and commands.
@@ -275,6 +283,8 @@ impl Shipper {
             ..ShipperStatus::default()
         }));
         let mut sink = sink;
+        let sent_meter = sink.sent_meter();
+        let deliveries = Arc::new(Mutex::new(DeliveryLog::default()));
         if let Some(relationship) = &relationship {
             sink.set_relationship(relationship.state.id, relationship.state.epoch);
         }
@@ -292,6 +302,7 @@ impl Shipper {
             network_failures: 0,
             retry_at: None,
             history: CycleHistory::default(),
+            deliveries: Arc::clone(&deliveries),
             closed: BTreeMap::new(),
             app,
             started_unix: unix_now(),
@@ -309,6 +320,8 @@ impl Shipper {
         Ok(Self {
             commands,
             status,
+            sent_meter,
+            deliveries,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -341,6 +354,16 @@ impl Shipper {
         }
     }
 
+    /// The figures of the deliveries of the last `window` (see [`crate::measure`]).
+    pub fn measure(&self, window: Duration) -> Measurement {
+        let now_ms = unix_now_ms();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .measure(now_ms.saturating_sub(window_ms), now_ms)
+    }
+
     /// A copy of the current status.
     pub fn status(&self) -> ShipperStatus {
         let mut status = self
@@ -348,6 +371,9 @@ impl Shipper {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        if let Some(meter) = &self.sent_meter {
+            status.network_bytes = meter.total_bytes();
+        }
         // Lag grows between updates.
         if let Some(closed_ms) = status.last_delivered_close_unix_ms {
             let lag_ms = unix_now_ms().saturating_sub(closed_ms);

@@ -232,6 +232,19 @@ impl Worker {
                 (Some(health), reason)
             }
         };
+        // Events: every change, but not the Normal a start begins with.
+        if status.health != health
+            && (status.health.is_some() || health.is_some_and(|now| now != Health::Normal))
+        {
+            let name = |health: Option<Health>| health.map_or("none".into(), |h| format!("{h:?}"));
+            let (group, from, to) = (self.group.name(), name(status.health), name(health));
+            let why = reason.as_deref().unwrap_or("replicating as configured");
+            if health == Some(Health::Normal) {
+                tracing::info!(target: "blkrep_event", event = "health_changed", %group, reason = why, %from, %to, "Replication health changed");
+            } else {
+                tracing::warn!(target: "blkrep_event", event = "health_changed", %group, reason = why, %from, %to, "Replication health changed");
+            }
+        }
         status.state = state;
         status.health = health;
         status.health_reason = reason;

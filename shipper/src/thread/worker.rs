@@ -9,6 +9,7 @@ use wire::error_chain;
 
 use super::{unix_now, Command, Worker};
 use super::{Refusal, ShipperError};
+use crate::measure::Outcome;
 
 /// How often an idle shipper lets its consumer keep connections alive.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -99,6 +100,7 @@ impl Worker {
             Gate::Open if self.retry_at.is_some() => {
                 // Backing off after network failures: this interval's cycle is missed.
                 self.history.record(unix_now(), false);
+                self.record_outcome(Outcome::Skipped);
             }
             Gate::Open => {
                 let _ = self.attempt();
