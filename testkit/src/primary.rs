@@ -485,6 +485,26 @@ pub fn assert_group_shape(g: &Value) {
 }
 
 impl Primary {
+    /// Turns the metrics endpoint on, on a port the daemon picks (it logs the address;
+    /// see [`Primary::reported_address`]). For a primary not started yet.
+    pub fn enable_metrics(&self) {
+        let text = fs::read_to_string(self.config()).expect("read config");
+        fs::write(self.config(), format!("metrics = \"127.0.0.1:0\"\n{text}"))
+            .expect("write config");
+    }
+
+    /// Closes a cycle of group `g` expecting the replica to refuse it: the close
+    /// fails and the consumer is suspended. Returns the consumer's status.
+    pub fn close_refused(&self, g: &str, what: &str) -> Value {
+        let close = run(&mut self.cycles_close_cmd(g), LONG);
+        assert!(
+            !close.success(),
+            "{what}: the cycle shipped\n{}",
+            close.report()
+        );
+        self.wait_consumer(g, what, SHORT, |s| s["state"] == "suspended")
+    }
+
     /// Adds `lines` to the `[nbd]` section of the configuration (for settings the
     /// fixture's readiness probe need not know, such as TLS on the TCP listener).
     pub fn add_nbd_settings(&self, lines: &str) {

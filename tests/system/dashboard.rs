@@ -44,12 +44,7 @@ fn replicating_pair() -> (tempfile::TempDir, Replica, Primary) {
     )))]);
     spec.unix = true;
     let primary = Primary::prepare(spec);
-    let config = std::fs::read_to_string(primary.config()).expect("config");
-    std::fs::write(
-        primary.config(),
-        format!("metrics = \"127.0.0.1:0\"\n{config}"),
-    )
-    .expect("config");
+    primary.enable_metrics();
     let mut primary = primary;
     primary.restart();
     (dir, replica, primary)

@@ -127,8 +127,7 @@ fn a_failed_over_group_has_the_status_metrics_and_commands_of_a_primary_group() 
     )))
     .ring_size("64MiB");
     let p = Primary::prepare(Spec::new(vec![group]));
-    let config = std::fs::read_to_string(p.config()).expect("config");
-    std::fs::write(p.config(), format!("metrics = \"127.0.0.1:0\"\n{config}")).expect("config");
+    p.enable_metrics();
     let mut p = p;
     p.restart();
     let initial = p.cycles_close("vm1");

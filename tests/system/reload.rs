@@ -223,13 +223,7 @@ fn the_replica_reloads_its_authorisation_entries_on_sighup() {
     )
     .consumer(Consumer::Raw(consumer))]));
     let refused = |what: &str| {
-        let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
-        assert!(
-            !close.success(),
-            "{what}: the cycle shipped\n{}",
-            close.report()
-        );
-        let status = p.wait_consumer("vm1", what, SHORT, |s| s["state"] == "suspended");
+        let status = p.close_refused("vm1", what);
         assert_eq!(
             status["failure_class"], "authentication",
             "{what}: {status:#}"

@@ -501,13 +501,7 @@ fn refused_identities_are_critical_with_no_retry_and_change_nothing() {
             vec![DiskSpec::new("disk0", 4 * MIB)],
             format!("{consumer}\nretry_scale = 0.001"),
         );
-        let close = run(&mut p.cycles_close_cmd("vm1"), LONG);
-        assert!(
-            !close.success(),
-            "{what}: the cycle shipped\n{}",
-            close.report()
-        );
-        let status = p.wait_consumer("vm1", what, SHORT, |s| s["state"] == "suspended");
+        let status = p.close_refused("vm1", what);
         assert_eq!(status["health"], "Critical", "{what}: {status:#}");
         assert_eq!(
             status["failure_class"], "authentication",
@@ -630,8 +624,7 @@ fn pause_resume_and_automatic_cycles_with_metrics() {
     )))]);
     spec.unix = true;
     let p = Primary::prepare(spec);
-    let config = std::fs::read_to_string(p.config()).expect("config");
-    std::fs::write(p.config(), format!("metrics = \"127.0.0.1:0\"\n{config}")).expect("config");
+    p.enable_metrics();
     let mut p = p;
     p.restart();
     let metrics = p.reported_address(METRICS);
