@@ -44,8 +44,10 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
         ),
     )
     .expect("write hook");
+    let replica_events = dir.path().join("replica-events.jsonl");
     let extra = format!(
-        "reserve = \"0\"\n[failover]\nhook = [\"sh\", {:?}]",
+        "reserve = \"0\"\nevent_log = {:?}\n[failover]\nhook = [\"sh\", {:?}]",
+        replica_events.display().to_string(),
         hook.display().to_string()
     );
     let replica = Replica::start(&certs, REPLICA_HOST, &dc1(), &extra);
@@ -66,7 +68,41 @@ fn unplanned_failover_to_latest_and_earlier_points_gives_states_the_primary_had(
     let latest = fail_over_to_the_latest_point(&replica, &writes, &hook_log);
     let earlier_id = fail_over_to_earlier_points(&replica, &writes, latest);
     let after_write = write_to_the_live_disks(&replica, &earlier_id);
+    // The primary comes back with an event log.
+    let primary_events = dir.path().join("primary-events.jsonl");
+    let config = std::fs::read_to_string(p.config()).expect("config");
+    std::fs::write(
+        p.config(),
+        format!(
+            "event_log = {:?}\n{config}",
+            primary_events.display().to_string()
+        ),
+    )
+    .expect("config");
     the_returning_primary_is_fenced_off(&mut p, &replica, &after_write);
+    // Both logs hold what happened, one JSON object per line.
+    let events = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an event is one JSON object"))
+            .collect()
+    };
+    let has = |events: &[Value], name: &str| {
+        events
+            .iter()
+            .any(|e| e["event"] == name && e["group"] == "vm1")
+    };
+    let on_replica = events(&replica_events);
+    assert!(
+        has(&on_replica, "failover"),
+        "no failover event: {on_replica:#?}"
+    );
+    let on_primary = events(&primary_events);
+    assert!(
+        has(&on_primary, "superseded"),
+        "no superseded event: {on_primary:#?}"
+    );
 }
 
 /// An ordered writer on the primary until several cycles are applied with writes in
