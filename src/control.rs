@@ -51,8 +51,9 @@ pub enum ControlRequest {
         /// What to do.
         action: ReplicationAction,
     },
-    /// The figures of a group's deliveries over the last `since_secs` (primary
-    /// only). Answers a [`shipper::measure::Measurement`].
+    /// The figures of a group's deliveries over the last `since_secs` (a primary's
+    /// group, or a replica daemon's live group). Answers a
+    /// [`shipper::measure::Measurement`].
     Measure {
         /// The group.
         group: String,

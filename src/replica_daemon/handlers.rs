@@ -80,6 +80,9 @@ fn answer(control: &Daemon, request: ReplicaRequest) -> Result<Value, ServeError
         ReplicaRequest::Replication { group, action } => {
             to_json(control.live_replication(&group, &action)?)
         }
+        ReplicaRequest::Measure { group, since_secs } => {
+            to_json(control.measure_live(&group, Duration::from_secs(since_secs))?)
+        }
         ReplicaRequest::PlannedFailover {
             name,
             trust_group,

@@ -309,6 +309,17 @@ impl Daemon {
         Ok(groups::control::close_cycle(&group, timeout)?)
     }
 
+    /// The figures of live group `name`'s deliveries back over the last `since`.
+    pub(super) fn measure_live(
+        &self,
+        name: &str,
+        since: Duration,
+    ) -> Result<shipper::measure::Measurement, ServeError> {
+        let group = self.live_group(name)?;
+        let group = read(&group);
+        Ok(groups::control::measure(&group, since)?)
+    }
+
     /// Changes the replication back of live group `name`, as `blkrep replication`
     /// changes a primary group's. A planned failover is a failback: once the other
     /// side took over, these disks are handed back (see [`Self::planned_failover`]).

@@ -75,6 +75,14 @@ pub enum ReplicaRequest {
         /// How long to wait for delivery.
         timeout_secs: u64,
     },
+    /// The figures of a live group's deliveries back over the last `since_secs` (as on
+    /// the primary): a [`shipper::measure::Measurement`].
+    Measure {
+        /// The group (the replica's name).
+        group: String,
+        /// The window, in seconds back from now.
+        since_secs: u64,
+    },
     /// Change a live group's replication back (as on the primary).
     Replication {
         /// The group (the replica's name).

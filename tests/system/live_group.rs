@@ -243,6 +243,16 @@ fn a_failed_over_group_has_the_status_metrics_and_commands_of_a_primary_group() 
     );
     let shown = cli(&["replication", "status", "--group", "vm1"], &socket).assert_ok();
     assert!(shown.stdout.contains("vm1: paused"), "{}", shown.all());
+    let measured = cli(
+        &["replication", "measure", "--group", "vm1", "--json"],
+        &socket,
+    )
+    .assert_ok()
+    .json();
+    assert!(
+        measured["successes"].as_u64() >= Some(1),
+        "the replication back delivered cycles: {measured:#}"
+    );
     cli(&["replication", "resume", "--group", "vm1"], &socket).assert_ok();
     let after = cli(&["cycles", "close", "--group", "vm1"], &socket).assert_ok();
     assert!(
