@@ -16,7 +16,7 @@
 //! - Requests that wait (FLUSH, CACHE, anything with FUA, and the writes and reads the
 //!   engine does not take of a device that
 //!   [waits on I/O](crate::backend::BlockDevice::waits_on_device)) become jobs for the
-//!   connection's workers: up to [`ServerConfig::parallel_requests`] scoped
+//!   connection's workers ([`pool`]): up to [`ServerConfig::parallel_requests`] scoped
 //!   threads, started as concurrency needs them. A worker runs the job and sends its reply
 //!   through the shared writer as soon as it is done, so replies go out of order (the spec
 //!   allows it; clients match them by cookie).
@@ -44,10 +44,9 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 
-use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::buffers::{OutBuf, RecvBuf};
@@ -59,9 +58,11 @@ use crate::proto::*;
 
 mod engine_io;
 mod executor;
+mod pool;
 
 use engine_io::EngineIo;
 use executor::Executor;
+use pool::{Job, Pool, Shared};
 
 /// Payload (and read) buffers up to this size are kept for reuse.
 const MAX_SPARE_BUFFER: usize = 4 << 20;
@@ -139,181 +140,6 @@ fn send_shared(writer: &Mutex<dyn Write + Send + '_>, out: &mut OutBuf) -> io::R
     }
     out.clear();
     Ok(())
-}
-
-/// A request handed to a worker, with its payload.
-struct Job {
-    request: Request,
-    payload: Vec<u8>,
-    /// The request (a FUA write) already ran on the engine: only make it durable, then
-    /// answer it.
-    sync_only: bool,
-}
-
-/// What the connection thread and its workers share.
-struct Shared<'w> {
-    writer: &'w Mutex<dyn Write + Send + 'w>,
-    state: Mutex<WorkState>,
-    /// Signalled whenever a job finishes.
-    finished: Condvar,
-}
-
-#[derive(Default)]
-struct WorkState {
-    /// Jobs queued or running.
-    in_flight: usize,
-    /// Payload bytes they hold.
-    in_flight_bytes: usize,
-    workers: usize,
-    /// The first reply a worker could not send: the connection is lost.
-    failed: Option<io::Error>,
-    /// Payload buffers to reuse.
-    spare: Vec<Vec<u8>>,
-}
-
-impl Shared<'_> {
-    fn lock(&self) -> MutexGuard<'_, WorkState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The connection's workers: scoped threads, started as concurrent requests need them.
-struct Pool<'scope, 'env> {
-    scope: &'scope thread::Scope<'scope, 'env>,
-    shared: &'env Shared<'env>,
-    session: &'env Session,
-    config: &'env ServerConfig,
-    jobs: Sender<Job>,
-    queue: Receiver<Job>,
-    max_workers: usize,
-    /// Payload bytes in flight above which the connection stops reading.
-    max_bytes: usize,
-}
-
-impl Pool<'_, '_> {
-    /// Whether `request` runs on a worker rather than on the connection thread.
-    fn takes(&self, request: &Request, device_waits: bool) -> bool {
-        match request.op {
-            Op::Flush | Op::Cache => true,
-            Op::Write { fua } | Op::Trim { fua } | Op::WriteZeroes { fua, .. } => {
-                fua || device_waits
-            }
-            Op::Read { .. } => device_waits,
-            Op::BlockStatus { .. } | Op::Disc => false,
-        }
-    }
-
-    /// Waits until a job of `bytes` fits the limits; first sends the connection thread's
-    /// queued replies, since the client may be waiting for them. Returns the error of a
-    /// worker that lost the connection.
-    fn wait_for_room(
-        &self,
-        bytes: usize,
-        mut send_queued: impl FnMut() -> io::Result<()>,
-    ) -> io::Result<()> {
-        let full = |state: &WorkState| {
-            state.failed.is_none()
-                && state.in_flight > 0
-                && (state.in_flight >= self.max_workers
-                    || state.in_flight_bytes.saturating_add(bytes) > self.max_bytes)
-        };
-        if full(&self.shared.lock()) {
-            send_queued()?;
-        }
-        let mut state = self.shared.lock();
-        while full(&state) {
-            state = self
-                .shared
-                .finished
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        match state.failed.take() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
-    }
-
-    /// An empty buffer with room for `len` bytes, reused when possible.
-    fn payload_buffer(&self, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = self.shared.lock().spare.pop().unwrap_or_default();
-        reserve_payload(&mut buf, len)?;
-        Ok(buf)
-    }
-
-    /// Queues `job`, starting a worker if every running one is busy. Gives the job back
-    /// when there is no worker to run it (none could be started).
-    fn submit(&self, job: Job) -> Option<Job> {
-        let start_worker = {
-            let mut state = self.shared.lock();
-            state.in_flight += 1;
-            state.in_flight_bytes += job.payload.len();
-            let start = state.in_flight > state.workers && state.workers < self.max_workers;
-            if start {
-                state.workers += 1;
-            }
-            start
-        };
-        if start_worker {
-            let (shared, session, config) = (self.shared, self.session, self.config);
-            let queue = self.queue.clone();
-            let spawned = thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn_scoped(self.scope, move || work(&queue, shared, session, config));
-            if let Err(err) = spawned {
-                tracing::warn!(%err, "could not start an NBD worker thread");
-                let mut state = self.shared.lock();
-                state.workers -= 1;
-                if state.workers == 0 {
-                    state.in_flight -= 1;
-                    state.in_flight_bytes -= job.payload.len();
-                    return Some(job);
-                }
-            }
-        }
-        // The queue is unbounded and its receiver lives in `self`: sending cannot fail.
-        let _ = self.jobs.send(job);
-        None
-    }
-}
-
-/// A worker: runs jobs until the connection thread closes the queue.
-fn work(queue: &Receiver<Job>, shared: &Shared<'_>, session: &Session, config: &ServerConfig) {
-    let mut exec = Executor::new(session, config);
-    while let Ok(job) = queue.recv() {
-        run_job(job, &mut exec, shared);
-    }
-}
-
-fn run_job(job: Job, exec: &mut Executor<'_>, shared: &Shared<'_>) {
-    // After a lost connection the remaining jobs are dropped unanswered, like the
-    // requests an inline connection had not reached.
-    let lost = shared.lock().failed.is_some();
-    let sent = if lost {
-        Ok(())
-    } else {
-        if job.sync_only {
-            exec.sync_written(&job.request);
-        } else {
-            exec.execute(&job.request, &job.payload);
-        }
-        send_shared(shared.writer, &mut exec.out)
-    };
-    exec.out.clear();
-    publish(&exec.session.export, &mut exec.stats);
-    let mut payload = job.payload;
-    let mut state = shared.lock();
-    state.in_flight -= 1;
-    state.in_flight_bytes -= payload.len();
-    if let Err(err) = sent {
-        state.failed.get_or_insert(err);
-    }
-    if payload.capacity() <= MAX_SPARE_BUFFER && state.spare.len() < MAX_SPARE_BUFFERS {
-        payload.clear();
-        state.spare.push(payload);
-    }
-    drop(state);
-    shared.finished.notify_all();
 }
 
 /// Serves `session` on `stream` until the client disconnects, the stream fails, or
