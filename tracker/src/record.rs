@@ -18,10 +18,12 @@
 //! | 52..64 | reserved | 0 |
 //!
 //! The header is written while the group lock is held, so headers are always in
-//! sequence order and complete; the payload is copied afterwards without the lock and
-//! the commit CRC stored last. A header with a wrong commit CRC is therefore a write
-//! that was never acknowledged (it was in flight at a crash, or its image write failed
-//! and it was cancelled): recovery steps over it, as it knows the length.
+//! sequence order. The commit CRC and payload go in one `pwritev` (under the lock for
+//! small records, after it for large ones), the CRC first. A commit CRC that does not
+//! match its payload is therefore a write that was never acknowledged (it was in flight
+//! at a crash, cut short, or its image write failed and it was cancelled): recovery
+//! steps over it, as it knows the length, and stores 0 in its commit CRC, so that
+//! afterwards a nonzero commit CRC always means a committed record.
 
 use thiserror::Error;
 

@@ -491,6 +491,15 @@ impl Shared {
         state.open_cycle = state.open_cycle.max(last_cycle);
         report.records = scan.committed;
         report.uncommitted = scan.uncommitted;
+        // Live readers (the shipper after a replay) take a nonzero commit CRC as
+        // committed without checking the payload; make that true again.
+        for pos in &scan.uncommitted_at {
+            self.withdraw_at(*pos).map_err(|source| TrackerError::Io {
+                what: "withdraw an uncommitted record",
+                path: self.ring_path.clone(),
+                source,
+            })?;
+        }
         report.ring_used = state.tail - state.head;
         // The open cycle's dirty map is what its logged records cover.
         let open_cycle = state.open_cycle;

@@ -135,6 +135,8 @@ pub(super) struct Scan {
     pub(super) max_cycle: u64,
     pub(super) committed: u64,
     pub(super) uncommitted: u64,
+    /// Ring positions of the uncommitted records, for [`Shared::withdraw_at`].
+    pub(super) uncommitted_at: Vec<u64>,
 }
 
 impl Shared {
@@ -186,6 +188,7 @@ impl Shared {
             max_cycle: 0,
             committed: 0,
             uncommitted: 0,
+            uncommitted_at: Vec::new(),
         };
         loop {
             let phys = pos % self.ring_size;
@@ -224,6 +227,7 @@ impl Shared {
                         scan.committed += 1;
                     } else {
                         scan.uncommitted += 1;
+                        scan.uncommitted_at.push(pos);
                     }
                     scan.max_cycle = scan.max_cycle.max(header.cycle);
                 }
@@ -448,6 +452,17 @@ impl Shared {
             &self.file,
             &mut [IoSlice::new(&tail), IoSlice::new(payload)],
             slot.file_offset + COMMIT_CRC_AT as u64,
+        )
+    }
+
+    /// Withdraws the record at ring position `pos` (commit CRC 0). Recovery does this
+    /// to every record whose commit CRC does not match its payload: a record written
+    /// in one `pwritev` stores its CRC before its payload, so a crash can leave a
+    /// nonzero CRC over a payload cut short, and live readers trust a nonzero CRC.
+    pub(super) fn withdraw_at(&self, pos: u64) -> io::Result<()> {
+        self.file.write_all_at(
+            &0u32.to_le_bytes(),
+            DATA_START + pos % self.ring_size + COMMIT_CRC_AT as u64,
         )
     }
 

@@ -4,7 +4,7 @@ use super::ring_full::{
 use super::*;
 use crate::activity;
 use crate::cycle::{ChangeData, ClosedCycle};
-use crate::record::{record_len, COMMIT_CRC_AT};
+use crate::record::{record_len, COMMIT_CRC_AT, HEADER_LEN};
 use crate::superblock::{DATA_START, SUPERBLOCK_LEN};
 use crate::TrackerError;
 use rand::{Rng, SeedableRng};
@@ -268,6 +268,53 @@ fn crash_recovery_skips_uncommitted_and_keeps_cycles() {
     drop(group);
     let (_, report) = Group::open(&cfg).unwrap();
     assert_eq!(report.previous, PreviousShutdown::Clean);
+}
+
+/// A record whose `pwritev` a crash cut short keeps its (nonzero) commit CRC over a
+/// partial payload. Recovery must withdraw it, or the first live close after a replay
+/// ships a write the image never received.
+#[test]
+fn a_record_cut_short_is_withdrawn_and_never_ships() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut image = vec![0u8; usize_of(DISK)];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        write(&disk, &mut image, 0, &[1; 4096]);
+        write(&disk, &mut image, 4096, &[2; 4096]);
+        // Dropped without shutdown_clean: a daemon crash.
+    }
+    // The second record's payload only half arrived; its CRC did.
+    let second = usize_of(DATA_START + record_len(4096));
+    let mut bytes = std::fs::read(&cfg.ring_path).unwrap();
+    let crc_at = second + COMMIT_CRC_AT;
+    assert_ne!(bytes[crc_at..crc_at + 4], [0; 4]);
+    bytes[second + HEADER_LEN + 2048..second + HEADER_LEN + 4096].fill(0);
+    std::fs::write(&cfg.ring_path, &bytes).unwrap();
+    image[4096..8192].fill(0);
+
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!((report.records, report.uncommitted), (1, 1));
+    let bytes = std::fs::read(&cfg.ring_path).unwrap();
+    assert_eq!(
+        bytes[crc_at..crc_at + 4],
+        [0; 4],
+        "commit CRC not withdrawn"
+    );
+    let mut replayed = vec![0u8; usize_of(DISK)];
+    apply(
+        &group.recovery_view().unwrap(),
+        std::slice::from_mut(&mut replayed),
+    );
+    assert!(replayed == image);
+    // The live path (as the shipper after the replay) sees the same.
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    assert_eq!(cycle.stats().records, 1);
+    let mut shipped = vec![0u8; usize_of(DISK)];
+    apply(&cycle, std::slice::from_mut(&mut shipped));
+    assert!(shipped == image);
 }
 
 #[test]
