@@ -99,6 +99,7 @@ pub fn apply_offline(config: &GroupConfig, dir: &Path) -> Result<ApplySummary, C
             })
         })
         .collect::<Result<Vec<u64>, _>>()?;
+    groups::create_added_copies(config, dir, &sizes)?;
     let (group, report) = match Group::open(&groups::tracker_config(config, &sizes)) {
         Err(TrackerError::RingInUse(_)) => {
             return Err(CyclesError::InUse {

@@ -40,7 +40,9 @@ use tracker::Group;
 
 use crate::config::{ConsumerConfig, GroupConfig};
 
-pub use open::{open_group, replay, serve_failed_over, tracker_config, SharedReplication};
+pub use open::{
+    create_added_copies, open_group, replay, serve_failed_over, tracker_config, SharedReplication,
+};
 
 /// Errors of opening and running a group.
 #[derive(Debug, Error)]

@@ -77,8 +77,12 @@ pub fn open_group(
     let mut handed_over = false;
     let (tracker, shipper, devices) = if config.tracking {
         let fresh = !config.ring.exists();
-        if let (true, Some(ConsumerConfig::LocalCopy { dir })) = (fresh, &config.consumer) {
-            seed_local_copies(config, dir)?;
+        if let Some(ConsumerConfig::LocalCopy { dir }) = &config.consumer {
+            if fresh {
+                seed_local_copies(config, dir)?;
+            } else {
+                create_added_copies(config, dir, &sizes)?;
+            }
         }
         let (group, fresh_ring, was_handed_over) = open_tracker(config, &sizes)?;
         handed_over = was_handed_over;
@@ -217,6 +221,38 @@ fn seed_local_copies(config: &GroupConfig, dir: &Path) -> Result<(), GroupError>
         group: config.name.clone(),
         source,
     })
+}
+
+/// Makes empty copies of the disks added to a group since its ring was made: the
+/// tracker marks them whole, so the resync fills them. Made before the ring records
+/// the disks, so a crash in between makes them again.
+pub fn create_added_copies(
+    config: &GroupConfig,
+    dir: &Path,
+    sizes: &[u64],
+) -> Result<(), GroupError> {
+    let Some(tracked) = Group::existing_disk_names(&config.ring) else {
+        return Ok(());
+    };
+    let names = config.disks.iter().map(|disk| &disk.name);
+    if tracked.len() > config.disks.len() || !names.zip(&tracked).all(|(a, b)| a == b) {
+        // Not an addition: opening the ring refuses this configuration.
+        return Ok(());
+    }
+    let consumer_error = |path: PathBuf| {
+        move |source| GroupError::Consumer {
+            group: config.name.clone(),
+            source: shipper::SinkError::Copy { path, source },
+        }
+    };
+    for (disk, size) in config.disks.iter().zip(sizes).skip(tracked.len()) {
+        let copy = LocalCopySink::copy_path(dir, &disk.name);
+        info!(group = %config.name, disk = %disk.name, copy = %copy.display(), "Disk added: its local copy starts empty and is filled by a resync");
+        let file = File::create(&copy).map_err(consumer_error(copy.clone()))?;
+        file.set_len(*size).map_err(consumer_error(copy.clone()))?;
+        file.sync_all().map_err(consumer_error(copy))?;
+    }
+    Ok(())
 }
 
 /// Opens the group's ring, replays the log onto the images after a crash, and fences

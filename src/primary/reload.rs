@@ -5,8 +5,10 @@
 //! A group is identified by its name. A group in the file and not running is added;
 //! one running and no longer in the file is removed; one in both with any setting
 //! changed (its disks, ring, consumer, interval ...) is closed and opened again with
-//! the new settings. Daemon-wide settings (listeners, control socket, metrics,
-//! replication defaults) are read at start only.
+//! the new settings; disks added after the group's existing ones are taken in by the
+//! ring when it opens (`tracker::OpenReport::added_disks`) and copied by a resync.
+//! Daemon-wide settings (listeners, control socket, metrics, replication defaults) are
+//! read at start only.
 
 use crate::config::{GroupConfig, PrimaryConfig};
 

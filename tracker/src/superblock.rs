@@ -57,6 +57,9 @@ pub enum ResyncReason {
     /// A write to the log ring itself failed (an I/O error on the ring's disk), so the
     /// log may miss writes that reached the image.
     RingWriteError = 7,
+    /// Disks were added to the group: they need their initial copy (and the group a
+    /// consistent point that includes them).
+    DiskAdded = 8,
 }
 
 impl std::fmt::Display for ResyncReason {
@@ -69,6 +72,7 @@ impl std::fmt::Display for ResyncReason {
             Self::InitialReplication => "replication was enabled and needs its initial copy",
             Self::Requested => "an administrator requested it",
             Self::RingWriteError => "a write to the log ring failed",
+            Self::DiskAdded => "a disk was added to the group and needs its initial copy",
         })
     }
 }
@@ -83,6 +87,7 @@ impl ResyncReason {
             5 => Self::InitialReplication,
             6 => Self::Requested,
             7 => Self::RingWriteError,
+            8 => Self::DiskAdded,
             _ => return None,
         })
     }

@@ -85,6 +85,10 @@ pub struct Relationship {
     /// The chain whose initial copy was exported to external media.
     #[serde(default)]
     pub media_exported: Option<u32>,
+    /// The disks the replica was last enabled with. When the group has more (disks
+    /// were added), the replica is enabled again with them before anything ships.
+    #[serde(default)]
+    pub enabled_disks: Vec<wire::api::DiskInfo>,
 }
 
 /// Where a resync copy stands, as the relationship record keeps it.
@@ -126,6 +130,7 @@ impl Relationship {
             enabled_unix: crate::thread::unix_now(),
             copy: None,
             media_exported: None,
+            enabled_disks: Vec::new(),
         }
     }
 

@@ -177,6 +177,9 @@ impl Worker {
                 .relationship
                 .as_ref()
                 .is_some_and(|r| r.setup.initial == InitialMethod::Existing),
+            // The added disks are new to the consumer; the old disks' marks are the
+            // unshipped log only, too little to be worth a comparison.
+            ResyncReason::DiskAdded => false,
             ResyncReason::Requested
             | ResyncReason::RingOverflow
             | ResyncReason::UncleanHostShutdown

@@ -71,10 +71,11 @@ impl Worker {
             return Ok(());
         };
         let resend_recovery = relationship.setup.recovery.is_some() && !self.recovery_sent;
-        if relationship.state.enabled && !resend_recovery {
+        let disks = disk_infos(&relationship.setup, &self.group);
+        let disks_added = relationship.state.enabled_disks != disks;
+        if relationship.state.enabled && !resend_recovery && !disks_added {
             return Ok(());
         }
-        let disks = disk_infos(&relationship.setup, &self.group);
         let request = EnableRequest {
             name: self.group.name().to_string(),
             disks,
@@ -84,10 +85,18 @@ impl Worker {
             recovery: relationship.setup.recovery,
         };
         if relationship.state.enabled {
-            // Enabling again is idempotent and carries the configured history.
-            self.sink.enable(&request)?;
+            // Enabling again is idempotent and carries the configured history, and
+            // the disks added to the group since (the replica adds them; the
+            // tracker's resync copies them).
+            let answer = self.sink.enable(&request);
+            if let Err(error) = &answer {
+                if disks_added {
+                    warn!(group = %self.group.name(), %error, "The replica did not take the disks added to the group");
+                }
+            }
+            answer?;
             self.recovery_sent = true;
-            return Ok(());
+            return self.record_enabled_disks(request.disks);
         }
         self.sink.enable(&request)?;
         self.recovery_sent = true;
@@ -97,8 +106,23 @@ impl Worker {
             .request_full_resync(ResyncReason::InitialReplication)?;
         if let Some(relationship) = &mut self.relationship {
             relationship.state.enabled = true;
+            relationship.state.enabled_disks = request.disks;
             relationship.save()?;
             info!(group = %self.group.name(), replica = %relationship.state.replica_url, relationship = %format!("{:x}", relationship.state.id), "Replication enabled; the initial replication starts");
+        }
+        Ok(())
+    }
+
+    /// Records the disks the replica now has, once (a record of an older version has
+    /// none: the first enable after the upgrade fills it in).
+    fn record_enabled_disks(&mut self, disks: Vec<DiskInfo>) -> Result<(), ShipperError> {
+        let Some(relationship) = &mut self.relationship else {
+            return Ok(());
+        };
+        if relationship.state.enabled_disks != disks {
+            info!(group = %self.group.name(), disks = disks.len(), "The replica has the group's disks");
+            relationship.state.enabled_disks = disks;
+            relationship.save()?;
         }
         Ok(())
     }

@@ -62,6 +62,9 @@ pub struct OpenReport {
     /// Whether the group was already tracking by dirty map (a resync pending): then
     /// the images hold writes the log does not, and the images are the truth.
     pub resync_pending: bool,
+    /// Disks the configuration has after the ring's: added to the group now, and
+    /// marked whole for a resync (their initial copy).
+    pub added_disks: usize,
 }
 
 impl OpenReport {
@@ -82,16 +85,14 @@ impl Group {
     /// [`Group::open`] refuses a configuration of another size, so a caller whose
     /// setting may have changed since the ring was made opens it at this one.
     pub fn existing_ring_size(path: &Path) -> Option<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut superblocks = [0u8; 2 * SUPERBLOCK_LEN];
-        File::open(path)
-            .ok()?
-            .read_exact_at(&mut superblocks, 0)
-            .ok()?;
-        let (first, second) = superblocks.split_at(SUPERBLOCK_LEN);
-        Superblock::decode_pair(first, second)
-            .ok()
-            .map(|superblock| superblock.ring_size)
+        existing_superblock(path).map(|superblock| superblock.ring_size)
+    }
+
+    /// The names of the disks the ring file at `path` tracks, if it holds a valid
+    /// ring: a configuration's disks after these are added when the ring is opened.
+    pub fn existing_disk_names(path: &Path) -> Option<Vec<String>> {
+        existing_superblock(path)
+            .map(|superblock| superblock.disks.into_iter().map(|d| d.name).collect())
     }
 
     /// Opens (or creates) the group's ring, recovering after a crash.
@@ -131,7 +132,7 @@ impl Group {
         // zeroes: it never held a record, so it is started afresh.
         let created = created || superblocks.iter().all(|byte| *byte == 0);
         let superblock = if created {
-            new_superblock(config, block_shift, disks, boot_id)
+            new_superblock(config, block_shift, disks.clone(), boot_id)
         } else {
             // SAFETY: the mapping is at least DATA_START bytes long (file_len, which
             // `open_ring_file` checked) and nothing writes it before the group is
@@ -144,10 +145,15 @@ impl Group {
             };
             read_superblock(first, second, config, &disks, block_shift)?
         };
+        let added_disks = disks.len() - superblock.disks.len();
         let previous = previous_shutdown(created, &superblock, boot_id);
         let state = State::opened(superblock, previous, config.disks.len());
         let shared = Shared::new(config, block_shift, file, map, state)?;
-        let report = shared.recover(previous, boot_id)?;
+        let mut report = shared.recover(previous, boot_id)?;
+        if added_disks > 0 {
+            shared.add_disks(disks)?;
+            report.added_disks = added_disks;
+        }
         info!(
             group = %config.name,
             ring = %path.display(),
@@ -335,14 +341,17 @@ fn read_superblock(
         },
         other => TrackerError::Superblock(other),
     })?;
-    if superblock.disks != disks
-        || superblock.block_shift != block_shift
-        || superblock.ring_size != config.ring_size
+    // Disks may be added after the ones the ring tracks, never changed or removed:
+    // records name disks by index.
+    let extends = disks.len() >= superblock.disks.len()
+        && disks[..superblock.disks.len()] == superblock.disks[..];
+    if !extends || superblock.block_shift != block_shift || superblock.ring_size != config.ring_size
     {
         return Err(TrackerError::RingMismatch {
             path: path.clone(),
             detail: format!(
-                "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {}",
+                "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {} \
+                 (disks can only be added after the ones the ring tracks)",
                 superblock
                     .disks
                     .iter()
@@ -358,6 +367,18 @@ fn read_superblock(
         });
     }
     Ok(superblock)
+}
+
+/// The superblock of the ring file at `path`, if it holds a valid ring.
+fn existing_superblock(path: &Path) -> Option<Superblock> {
+    use std::os::unix::fs::FileExt;
+    let mut superblocks = [0u8; 2 * SUPERBLOCK_LEN];
+    File::open(path)
+        .ok()?
+        .read_exact_at(&mut superblocks, 0)
+        .ok()?;
+    let (first, second) = superblocks.split_at(SUPERBLOCK_LEN);
+    Superblock::decode_pair(first, second).ok()
 }
 
 /// How the previous run ended: from whether the ring was created now, its clean flag,
@@ -479,6 +500,7 @@ impl Shared {
             uncommitted: 0,
             ring_used: 0,
             resync_pending: false,
+            added_disks: 0,
         };
         let mut state = lock(&self.state);
         let scan = self.scan(state.head, state.head_seq);
@@ -524,6 +546,29 @@ impl Shared {
         Ok(report)
     }
 
+    /// Takes the disks the configuration added after the ring's into the group:
+    /// records them in the superblock and marks them whole for a resync, their
+    /// initial copy. A resync copy a crash interrupted takes them along as it resumes;
+    /// otherwise the group tracks by dirty map until its consumer begins the resync.
+    fn add_disks(&self, disks: Vec<DiskRecord>) -> Result<(), TrackerError> {
+        let mut state = lock(&self.state);
+        let first_added = state.superblock.disks.len();
+        for disk in &self.disks[first_added..] {
+            disk.resync_bits.set_all();
+        }
+        let names: Vec<&str> = disks[first_added..]
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        info!(group = %self.name, added = ?names, "Disks added to the group; they are copied whole by a resync");
+        state.superblock.disks = disks;
+        if state.resumable_copy.is_none() {
+            state.mode = TrackingMode::DirtyMap;
+            state.resync.get_or_insert(ResyncReason::DiskAdded);
+        }
+        self.write_superblock(&mut state, true)
+    }
+
     /// Puts the resync state back after opening: the saved dirty map after a clean
     /// shutdown in dirty-map mode, every block when that map or the log can't be trusted.
     fn restore_resync(
@@ -557,7 +602,8 @@ impl Shared {
         }
         if let Some(reason) = state.resync {
             state.mode = TrackingMode::DirtyMap;
-            let restored = previous == PreviousShutdown::Clean && self.load_resync_bits(&path);
+            let restored = previous == PreviousShutdown::Clean
+                && self.load_resync_bits(&path, state.superblock.disks.len());
             if !restored {
                 warn!(group = %self.name, %reason, "Resync required; its dirty map was not saved, so every block is marked");
                 for disk in &self.disks {

@@ -198,12 +198,14 @@ impl Shared {
         })
     }
 
-    pub(super) fn load_resync_bits(&self, path: &Path) -> bool {
+    pub(super) fn load_resync_bits(&self, path: &Path, disks: usize) -> bool {
         let Ok(bytes) = std::fs::read(path) else {
             return false;
         };
-        let expected: usize = self
-            .disks
+        // The file has the disks the ring had when it was saved, `disks` of them: the
+        // ones added since are marked whole anyway.
+        let saved = &self.disks[..disks.min(self.disks.len())];
+        let expected: usize = saved
             .iter()
             .map(|d| usize_of(d.resync_bits.blocks().div_ceil(64)) * 8)
             .sum();
@@ -219,7 +221,7 @@ impl Shared {
             word.copy_from_slice(chunk);
             u64::from_le_bytes(word)
         });
-        for disk in &self.disks {
+        for disk in saved {
             let count = usize_of(disk.resync_bits.blocks().div_ceil(64));
             let mut bits: DirtyBits = words.by_ref().take(count).collect();
             bits.truncate(usize_of(disk.resync_bits.blocks()));

@@ -1053,3 +1053,106 @@ fn writers_past_the_high_water_mark_are_paused_and_still_logged() {
     apply(&cycle, std::slice::from_mut(&mut copy));
     assert!(copy == image);
 }
+
+/// A disk added after the ring's disks joins the group marked whole for a resync; the
+/// old disks keep what the log holds, and after the resync the copy equals the images.
+#[test]
+fn an_added_disk_is_copied_whole_by_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut images = vec![vec![0u8; usize_of(DISK)], vec![5u8; usize_of(DISK)]];
+    let mut copies = vec![vec![0u8; usize_of(DISK)], vec![0u8; usize_of(DISK)]];
+    {
+        let (group, _) = Group::open(&one).unwrap();
+        let disk = group.disk(0).unwrap();
+        write(&disk, &mut images[0], 0, &[1; 4096]);
+        group.close_cycle().unwrap();
+        let cycle = group.take_closed().unwrap().unwrap();
+        apply(&cycle, &mut copies[..1]);
+        cycle.acknowledge().unwrap();
+        // Logged and not shipped before the disk is added.
+        write(&disk, &mut images[0], 8192, &[2; 4096]);
+        group.shutdown_clean(&[]).unwrap();
+    }
+    let two = config(dir.path(), MIN_RING_SIZE, 2);
+    let (group, report) = Group::open(&two).unwrap();
+    assert_eq!(
+        (report.previous, report.added_disks),
+        (PreviousShutdown::Clean, 1)
+    );
+    let status = group.status();
+    assert_eq!(status.resync, Some(ResyncReason::DiskAdded));
+    assert_eq!(status.mode, TrackingMode::DirtyMap);
+    assert_eq!(resync_bytes(&group), vec![0, DISK]);
+    // Writes go on to both disks while the group waits for its consumer.
+    write(&group.disk(0).unwrap(), &mut images[0], 12288, &[3; 4096]);
+    write(&group.disk(1).unwrap(), &mut images[1], 4096, &[4; 4096]);
+    let maps = group.begin_resync().unwrap();
+    assert_eq!(maps[1].count_ones(), usize_of(DISK / 4096));
+    for (index, map) in maps.iter().enumerate() {
+        for block in map.iter_ones() {
+            let range = block * 4096..(block + 1) * 4096;
+            copies[index][range.clone()].copy_from_slice(&images[index][range]);
+        }
+    }
+    write(&group.disk(1).unwrap(), &mut images[1], 0, &[6; 4096]);
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    apply(&cycle, &mut copies);
+    cycle.acknowledge().unwrap();
+    group.finish_resync().unwrap();
+    assert!(copies == images);
+    group.shutdown_clean(&[]).unwrap();
+    drop(group);
+    // The ring now tracks both disks: reopening with them adds nothing.
+    let (_, report) = Group::open(&two).unwrap();
+    assert_eq!(report.added_disks, 0);
+}
+
+/// Disks can only be added after the ring's: removing, renaming or reordering is a
+/// configuration the ring refuses, and a refused open changes nothing.
+#[test]
+fn disks_cannot_be_removed_or_reordered() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = config(dir.path(), MIN_RING_SIZE, 2);
+    Group::open(&two).unwrap().0.shutdown_clean(&[]).unwrap();
+    let mut reordered = two.clone();
+    reordered.disks.reverse();
+    let mut renamed = two.clone();
+    renamed.disks[0].name = "other".into();
+    for refused in [config(dir.path(), MIN_RING_SIZE, 1), reordered, renamed] {
+        let error = Group::open(&refused).err().expect("open must fail");
+        assert!(
+            matches!(error, TrackerError::RingMismatch { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("only be added"), "{error}");
+    }
+    let (_, report) = Group::open(&two).unwrap();
+    assert_eq!(
+        (report.previous, report.added_disks),
+        (PreviousShutdown::Clean, 0)
+    );
+}
+
+/// A resync pending at a clean shutdown keeps its saved map for the old disks when a
+/// disk is added (not every block of every disk).
+#[test]
+fn a_pending_resync_keeps_its_map_when_a_disk_is_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = config(dir.path(), MIN_RING_SIZE, 1);
+    {
+        let (group, _) = Group::open(&one).unwrap();
+        let mut image = vec![0u8; usize_of(DISK)];
+        let chunk = vec![9u8; 65536];
+        for i in 0..96u64 {
+            write(&group.disk(0).unwrap(), &mut image, (i % 4) * 65536, &chunk);
+        }
+        assert_eq!(group.status().resync, Some(ResyncReason::RingOverflow));
+        group.shutdown_clean(&[]).unwrap();
+    }
+    let (group, report) = Group::open(&config(dir.path(), MIN_RING_SIZE, 2)).unwrap();
+    assert_eq!(report.added_disks, 1);
+    assert_eq!(group.status().resync, Some(ResyncReason::RingOverflow));
+    assert_eq!(resync_bytes(&group), vec![4 * 65536, DISK]);
+}
