@@ -1,6 +1,7 @@
 //! Live groups on the primary: SIGHUP and `blkrep reload` read the configuration
-//! again and add, remove and change groups while another group's client writes
-//! throughout without one error, and that group's log still rebuilds its image.
+//! again and add, remove and change groups, and add disks to groups, while another
+//! group's client writes throughout without one error, and that group's log still
+//! rebuilds its image.
 
 use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use testkit::nbd::Conn;
+use testkit::replica::{PRIMARY_HOST, REPLICA_HOST};
 use testkit::*;
 
 const MIB: u64 = 1 << 20;
@@ -201,6 +203,137 @@ fn groups_come_and_go_while_another_group_keeps_writing() {
         "vm1 fell back to a resync\n{}",
         p.log()
     );
+}
+
+/// Disks added to groups by a reload: one replicating to a replica server, one to a
+/// local copy. The replica server adds the disk, a resync copies it whole and resends
+/// nothing of the other disk, and the replica and the copy equal the images; a disk
+/// removed or reordered is refused and the group runs on; another group writes
+/// throughout without one error.
+#[test]
+fn disks_added_to_groups_are_copied_while_another_group_keeps_writing() {
+    let (_dir, certs, replica) = crate::replication::lab();
+    let a0 = DiskSpec::new("a0", 8 * MIB).init(Init::Random(1));
+    let a1 = DiskSpec::new("a1", 8 * MIB).init(Init::Random(2));
+    let vm1 = GroupSpec::new("vm1", vec![a0.clone()])
+        .consumer(Consumer::Raw(certs.consumer(
+            &replica.url(REPLICA_HOST),
+            PRIMARY_HOST,
+            "",
+        )))
+        .ring_size("64MiB");
+    let vm2 = group("vm2", "b0").ring_size("256MiB");
+    let c0 = DiskSpec::new("c0", 4 * MIB).init(Init::Random(3));
+    let c1 = DiskSpec::new("c1", 4 * MIB).init(Init::Random(4));
+    let vm3 = GroupSpec::new("vm3", vec![c0.clone()]);
+    let p = Primary::start(Spec::new(vec![vm1.clone(), vm2.clone(), vm3.clone()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(&p, "b0", Arc::clone(&stop));
+
+    // The initial replication of vm1's one disk.
+    let cycle = p.cycles_close("vm1");
+    replica.wait_applied("vm1", cycle, LONG);
+    let mut conn = Conn::connect_unix(&p.nbd_sock(), "a0").expect("connect a0");
+    conn.write(MIB, &[0xa0; 65536], false).expect("write a0");
+    conn.disconnect();
+    let sent_before = p.group_status("vm1")["consumer"]["network_bytes"]
+        .as_u64()
+        .expect("network_bytes");
+
+    // Add a1 to vm1 and c1 to vm3.
+    let vm1_two = GroupSpec {
+        disks: vec![a0.clone(), a1.clone()],
+        ..vm1.clone()
+    };
+    let vm3_two = GroupSpec {
+        disks: vec![c0.clone(), c1.clone()],
+        ..vm3.clone()
+    };
+    p.layout.write_images(&Spec::new(vec![GroupSpec::new(
+        "new",
+        vec![a1.clone(), c1.clone()],
+    )]));
+    configure(&p, &[&vm1_two, &vm2, &vm3_two]);
+    let (o, report) = reload(&p, &[]);
+    assert!(o.success(), "reload failed\n{}", o.report());
+    assert_eq!(names(&report["changed"]), ["vm1", "vm3"], "{report}");
+    assert_eq!(names(&report["unchanged"]), ["vm2"], "{report}");
+    let resync = p.group_status("vm1")["resync_reason"].clone();
+    assert!(
+        resync.as_str().is_some_and(|r| r.contains("disk was added")),
+        "vm1 does not say it needs a resync for its added disk: {resync}"
+    );
+
+    // Both disks written after the add; the next cycle brings the replica up.
+    for (disk, byte) in [("a0", 0xa1u8), ("a1", 0xa2)] {
+        let mut conn = Conn::connect_unix(&p.nbd_sock(), disk).expect("connect");
+        conn.write(2 * MIB, &[byte; 65536], false).expect("write");
+        conn.disconnect();
+    }
+    let cycle = p.cycles_close("vm1");
+    let info = replica.wait_applied("vm1", cycle, LONG);
+    assert_eq!(info["consistent"], true, "{info}");
+    assert_eq!(
+        info["disks"].as_array().map(Vec::len),
+        Some(2),
+        "the replica does not list the added disk: {info}"
+    );
+    for disk in ["a0", "a1"] {
+        assert_files_equal(
+            &p.image(disk),
+            &replica.disk("dc1", "vm1", disk),
+            &format!("replica of {disk} after the disk was added"),
+        );
+    }
+    // a1 (8 MiB of random data) went whole; a0 only its unshipped writes.
+    let sent = p.group_status("vm1")["consumer"]["network_bytes"]
+        .as_u64()
+        .expect("network_bytes")
+        - sent_before;
+    assert!(
+        sent > 8 * MIB && sent < 12 * MIB,
+        "{sent} bytes sent for an added 8 MiB disk and two 64 KiB writes"
+    );
+    assert!(
+        p.group_status("vm1")["resync_reason"].is_null(),
+        "{}",
+        p.group_status("vm1")
+    );
+
+    // vm3's local copy of c1 is made and filled.
+    p.cycles_close("vm3");
+    for disk in ["c0", "c1"] {
+        assert_files_equal(
+            &p.copy_image("vm3", disk),
+            &p.image(disk),
+            &format!("local copy of {disk}"),
+        );
+    }
+
+    // A disk cannot be removed or reordered: the group runs on with both.
+    let reordered = GroupSpec {
+        disks: vec![a1.clone(), a0.clone()],
+        ..vm1.clone()
+    };
+    for refused in [&vm1, &reordered] {
+        configure(&p, &[refused, &vm2, &vm3_two]);
+        let (o, report) = reload(&p, &[]);
+        assert!(!o.success(), "a refused disk change reloaded\n{}", o.report());
+        let failed = report["failed"].to_string();
+        assert!(failed.contains("only be added"), "{report}");
+        assert!(failed.contains("previous settings"), "{report}");
+    }
+    let mut conn = Conn::connect_unix(&p.nbd_sock(), "a1").expect("a1 still served");
+    assert_eq!(conn.read(2 * MIB, 4096).expect("read a1"), vec![0xa2; 4096]);
+    conn.disconnect();
+
+    stop.store(true, Ordering::Relaxed);
+    let acked = writing.join().expect("writer thread");
+    let acked = acked.unwrap_or_else(|e| panic!("vm2's writer failed: {e}\n{}", p.log()));
+    assert!(acked > 0, "vm2's writer wrote nothing");
+    p.cycles_close("vm2");
+    assert_files_equal(&p.copy_image("vm2", "b0"), &p.image("b0"), "vm2's copy");
+    assert!(!p.log().contains("panicked"), "{}", p.log());
 }
 
 /// The replica daemon's authorisation entries reload on SIGHUP: a primary it refused
