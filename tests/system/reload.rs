@@ -260,7 +260,9 @@ fn disks_added_to_groups_are_copied_while_another_group_keeps_writing() {
     assert_eq!(names(&report["unchanged"]), ["vm2"], "{report}");
     let resync = p.group_status("vm1")["resync_reason"].clone();
     assert!(
-        resync.as_str().is_some_and(|r| r.contains("disk was added")),
+        resync
+            .as_str()
+            .is_some_and(|r| r.contains("disk was added")),
         "vm1 does not say it needs a resync for its added disk: {resync}"
     );
 
@@ -318,7 +320,11 @@ fn disks_added_to_groups_are_copied_while_another_group_keeps_writing() {
     for refused in [&vm1, &reordered] {
         configure(&p, &[refused, &vm2, &vm3_two]);
         let (o, report) = reload(&p, &[]);
-        assert!(!o.success(), "a refused disk change reloaded\n{}", o.report());
+        assert!(
+            !o.success(),
+            "a refused disk change reloaded\n{}",
+            o.report()
+        );
         let failed = report["failed"].to_string();
         assert!(failed.contains("only be added"), "{report}");
         assert!(failed.contains("previous settings"), "{report}");

@@ -18,12 +18,26 @@
 //! | 52..64 | reserved | 0 |
 //!
 //! The header is written while the group lock is held, so headers are always in
-//! sequence order. The commit CRC and payload go in one `pwritev` (under the lock for
-//! small records, after it for large ones), the CRC first. A commit CRC that does not
-//! match its payload is therefore a write that was never acknowledged (it was in flight
-//! at a crash, cut short, or its image write failed and it was cancelled): recovery
-//! steps over it, as it knows the length, and stores 0 in its commit CRC, so that
-//! afterwards a nonzero commit CRC always means a committed record.
+//! sequence order. The commit word (bytes 48..52) says whether the record is complete,
+//! in one of two ways:
+//! - a small record (payload up to 64 KiB) is written whole in one `pwritev` under the
+//!   lock, header first: its commit word is [`commit_crc`], the CRC of its sequence
+//!   number and payload, so a write cut short leaves a CRC that does not match;
+//! - a large record gets its header (commit word 0) under the lock, then its payload
+//!   and, in a second write once the payload is in the file, [`commit_marker`], which
+//!   depends on the sequence number only: checksumming a megabyte on every write would
+//!   cost more than the write's copy into the ring (benches/RESULTS.md, session 16).
+//!
+//! Either way a committed record is one whose commit word is its marker or its CRC;
+//! any other is a write that was never acknowledged (it was in flight at a crash, cut
+//! short, or its image write failed and it was cancelled): recovery steps over it, as
+//! it knows the length, and stores 0 in its commit word, so that afterwards a nonzero
+//! commit word always means a committed record.
+//!
+//! The marker is only as good as the order of the two writes, which the page cache
+//! keeps: it proves a complete payload after a daemon crash. After a host crash the
+//! ring's payloads are not used at all (the group resynchronises from the images; the
+//! headers only mark ranges), so neither form has to survive unordered writeback.
 
 use thiserror::Error;
 
@@ -186,6 +200,21 @@ pub fn commit_crc(seq: u64, payload: &[u8]) -> u32 {
     }
 }
 
+/// The commit word of a large record whose payload was written before it (module
+/// docs): a function of the sequence number only, distinct from the records of other
+/// laps of the ring, and never 0.
+pub fn commit_marker(seq: u64) -> u32 {
+    // A domain separator keeps the marker from being the CRC of an empty payload.
+    let marker = crc32c::crc32c_append(crc32c::crc32c(b"blkrep commit marker"), &seq.to_le_bytes());
+    marker.max(1)
+}
+
+/// Whether `stored`, the commit word of the record with sequence number `seq` and
+/// `payload`, says the record was committed.
+pub fn is_commit_word(stored: u32, seq: u64, payload: &[u8]) -> bool {
+    stored != 0 && (stored == commit_marker(seq) || stored == commit_crc(seq, payload))
+}
+
 /// Offset of the commit CRC within a header.
 pub const COMMIT_CRC_AT: usize = 48;
 
@@ -233,6 +262,13 @@ mod tests {
     fn commit_crc_depends_on_seq() {
         assert_ne!(commit_crc(1, b"abc"), commit_crc(2, b"abc"));
         assert_ne!(commit_crc(1, b""), 0);
+        assert_ne!(commit_marker(1), commit_marker(2));
+        assert_ne!(commit_marker(1), commit_crc(1, b""));
+        assert!(is_commit_word(commit_marker(7), 7, b"payload"));
+        assert!(is_commit_word(commit_crc(7, b"payload"), 7, b"payload"));
+        assert!(!is_commit_word(commit_marker(8), 7, b"payload"));
+        assert!(!is_commit_word(commit_crc(7, b"payloaD"), 7, b"payload"));
+        assert!(!is_commit_word(0, 7, b"payload"));
     }
 
     proptest! {

@@ -8,7 +8,8 @@
 //!    and marks the dirty map. A record with a payload of up to 64 KiB (and every zero,
 //!    trim and close marker) is written whole there, header, commit CRC and payload in
 //!    one `pwritev`; a larger one gets its header there and, without the lock, its
-//!    payload and commit CRC in a second `pwritev`, so large writers copy in parallel;
+//!    payload and then its commit marker, so large writers copy in parallel (the
+//!    commit word's two forms: [`crate::record`]);
 //! 2. writes the image;
 //! 3. drops the returned [`LogGuard`] (or reports an image failure through it);
 //! 4. acknowledges the client.

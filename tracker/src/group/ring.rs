@@ -18,7 +18,8 @@ use tracing::warn;
 use super::{lock, usize_of, Group, Range, Shared, State, TrackingMode};
 use crate::cycle::{ClosedCycle, CycleStats, ExtentMap, Source};
 use crate::record::{
-    commit_crc, record_len, stored_commit_crc, RecordHeader, RecordKind, COMMIT_CRC_AT, HEADER_LEN,
+    commit_crc, commit_marker, is_commit_word, record_len, stored_commit_crc, RecordHeader,
+    RecordKind, COMMIT_CRC_AT, HEADER_LEN,
 };
 use crate::superblock::{ResyncReason, Superblock, DATA_START, SUPERBLOCK_LEN};
 use crate::TrackerError;
@@ -245,7 +246,11 @@ impl Shared {
             DATA_START + pos % self.ring_size + HEADER_LEN as u64,
             u64::from(header.payload_len),
         );
-        stored_commit_crc(self.header_bytes(pos)) == commit_crc(header.seq, payload)
+        is_commit_word(
+            stored_commit_crc(self.header_bytes(pos)),
+            header.seq,
+            payload,
+        )
     }
 
     /// A coalesced view of the committed records in `head..end_pos`.
@@ -439,20 +444,15 @@ impl Shared {
         )
     }
 
-    /// Writes the payload into the slot and its commit CRC, in one call: the CRC, the
-    /// reserved bytes after it and the payload are contiguous. The header's first
-    /// bytes, which concurrent scans read, are not rewritten. A write cut short (a
-    /// crash, an error) leaves a CRC that does not match, so the record reads as
-    /// uncommitted.
+    /// Writes the payload into the slot, then its commit marker (see
+    /// [`crate::record`]): a crash or an error before the marker leaves the record
+    /// uncommitted. The header's other bytes, which concurrent scans read, are not
+    /// rewritten.
     pub(super) fn commit(&self, slot: &Slot, payload: &[u8]) -> io::Result<()> {
         debug_assert_eq!(payload.len(), usize_of(u64::from(slot.payload_len)));
-        let mut tail = [0u8; HEADER_LEN - COMMIT_CRC_AT];
-        tail[..4].copy_from_slice(&commit_crc(slot.seq, payload).to_le_bytes());
-        write_all_vectored_at(
-            &self.file,
-            &mut [IoSlice::new(&tail), IoSlice::new(payload)],
-            slot.file_offset + COMMIT_CRC_AT as u64,
-        )
+        self.file
+            .write_all_at(payload, slot.file_offset + HEADER_LEN as u64)?;
+        self.store_commit(slot, commit_marker(slot.seq))
     }
 
     /// Withdraws the record at ring position `pos` (commit CRC 0). Recovery does this

@@ -1156,3 +1156,40 @@ fn a_pending_resync_keeps_its_map_when_a_disk_is_added() {
     assert_eq!(group.status().resync, Some(ResyncReason::RingOverflow));
     assert_eq!(resync_bytes(&group), vec![4 * 65536, DISK]);
 }
+
+/// A large record commits with its marker (no payload CRC): it is replayed after a
+/// daemon crash, and without its marker (a crash between payload and marker) it is
+/// withdrawn.
+#[test]
+fn a_large_record_commits_with_its_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), MIN_RING_SIZE, 1);
+    let mut image = vec![0u8; usize_of(DISK)];
+    let large = vec![0x5a; super::ring::WHOLE_PAYLOAD_MAX * 2];
+    {
+        let (group, _) = Group::open(&cfg).unwrap();
+        let disk = group.disk(0).unwrap();
+        write(&disk, &mut image, 0, &large);
+        write(&disk, &mut image, 1 << 18, &large);
+    }
+    let bytes = std::fs::read(&cfg.ring_path).unwrap();
+    let first = usize_of(DATA_START) + COMMIT_CRC_AT;
+    let stored = u32::from_le_bytes(bytes[first..first + 4].try_into().unwrap());
+    assert_eq!(stored, crate::record::commit_marker(1));
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!((report.records, report.uncommitted), (2, 0));
+    let mut replayed = vec![0u8; usize_of(DISK)];
+    apply(
+        &group.recovery_view().unwrap(),
+        std::slice::from_mut(&mut replayed),
+    );
+    assert!(replayed == image);
+    drop(group);
+    // The second record's marker never written: the write was never acknowledged.
+    let mut bytes = std::fs::read(&cfg.ring_path).unwrap();
+    let second = usize_of(DATA_START + record_len(u32::try_from(large.len()).unwrap()));
+    bytes[second + COMMIT_CRC_AT..second + COMMIT_CRC_AT + 4].fill(0);
+    std::fs::write(&cfg.ring_path, &bytes).unwrap();
+    let (_, report) = Group::open(&cfg).unwrap();
+    assert_eq!((report.records, report.uncommitted), (1, 1));
+}
