@@ -1,3 +1,4 @@
+use super::ring::WHOLE_PAYLOAD_MAX;
 use super::ring_full::{
     throttle_pause, usable_ring, MAX_THROTTLE_PAUSE, THROTTLE_HIGH_WATER_PERCENT,
 };
@@ -1121,7 +1122,9 @@ fn disks_cannot_be_removed_or_reordered() {
     let mut renamed = two.clone();
     renamed.disks[0].name = "other".into();
     for refused in [config(dir.path(), MIN_RING_SIZE, 1), reordered, renamed] {
-        let error = Group::open(&refused).err().expect("open must fail");
+        let Err(error) = Group::open(&refused) else {
+            panic!("a ring opened with disks removed, renamed or reordered");
+        };
         assert!(
             matches!(error, TrackerError::RingMismatch { .. }),
             "{error}"
@@ -1165,7 +1168,7 @@ fn a_large_record_commits_with_its_marker() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), MIN_RING_SIZE, 1);
     let mut image = vec![0u8; usize_of(DISK)];
-    let large = vec![0x5a; super::ring::WHOLE_PAYLOAD_MAX * 2];
+    let large = vec![0x5a; WHOLE_PAYLOAD_MAX * 2];
     {
         let (group, _) = Group::open(&cfg).unwrap();
         let disk = group.disk(0).unwrap();
