@@ -8,6 +8,12 @@
 //! history costs each apply one read and one append per block it overwrites for the
 //! first time since the newest point, never a copy of the disks.
 //!
+//! Disks added later: a point taken before a disk was added to the replica reads that
+//! disk as zeroes, its content before any write reached it. The point's segment holds
+//! the added disk whole as a zero run, in its index only (rebuilt on every open from
+//! the disk count of the segment's header), so no capture saves the disk's blocks
+//! there and nothing is written to history when a disk is added.
+//!
 //! Ageing out: the oldest point's segment is deleted (no later point reads it). Removing
 //! a point with an older one (a test failover's temporary point) merges its segment into
 //! the older point's: the blocks the older segment lacks are appended to it, which keeps
@@ -119,7 +125,8 @@ pub struct Piece {
 #[derive(Debug)]
 pub struct History {
     dir: PathBuf,
-    sizes: Vec<u64>,
+    /// The disks' sizes, in group order; grows when disks are added.
+    sizes: RwLock<Vec<u64>>,
     segments: RwLock<Vec<Segment>>,
     apply: Mutex<()>,
 }
@@ -138,7 +145,8 @@ impl History {
     }
 
     /// Opens the history in `dir` (created if missing) for disks of `sizes`, with the
-    /// segments of `points` (oldest first). Segment files of other points are deleted.
+    /// segments of `points` (oldest first); a point taken before some of the disks
+    /// were added reads them as zeroes. Segment files of other points are deleted.
     /// Returns the history and the points whose state can no longer be read (their
     /// segment, or a later one, is missing or unreadable): the caller drops them.
     pub fn open(
@@ -152,7 +160,11 @@ impl History {
         for &point in points {
             let path = Self::segment_path(dir, point);
             match Segment::open(&path, point, sizes.len()) {
-                Ok(segment) => segments.push(segment),
+                Ok(mut segment) => {
+                    let had = segment.held.len();
+                    segment.add_disks(&sizes[had..]);
+                    segments.push(segment);
+                }
                 Err(error) => {
                     tracing::warn!(point, error = %wire::error_chain(&error), "A recovery point's undo data is unreadable; it and older points are dropped");
                     // Older points read through this segment: they are lost too.
@@ -172,7 +184,7 @@ impl History {
         Ok((
             History {
                 dir: dir.to_path_buf(),
-                sizes,
+                sizes: RwLock::new(sizes),
                 segments: RwLock::new(segments),
                 apply: Mutex::new(()),
             },
@@ -217,11 +229,33 @@ impl History {
             .collect()
     }
 
+    /// The disks' sizes, in group order.
+    fn disk_sizes(&self) -> Vec<u64> {
+        self.sizes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Adds disks of `sizes` after the others (disks added to the replica): every
+    /// point kept so far reads them as zeroes (see the module doc), later points as
+    /// they are. Nothing is written. The caller holds the apply guard.
+    pub fn add_disks(&self, sizes: &[u64]) {
+        let mut segments = self.write();
+        for segment in segments.iter_mut() {
+            segment.add_disks(sizes);
+        }
+        self.sizes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(sizes);
+    }
+
     /// Makes the disks' current state point `point`: later captures go to its new,
     /// empty segment. The caller holds the apply guard (no transfer is mid-apply).
     pub fn add_point(&self, point: u64) -> Result<(), HistoryError> {
         let path = Self::segment_path(&self.dir, point);
-        let segment = Segment::create(&path, point, self.sizes.len())?;
+        let segment = Segment::create(&path, point, self.disk_sizes().len())?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error("sync", &self.dir))?;
@@ -239,11 +273,12 @@ impl History {
         offset: u64,
         length: u64,
     ) -> Result<u64, HistoryError> {
+        let size = self.disk_sizes().get(disk).copied();
         let mut segments = self.write();
         let Some(segment) = segments.last_mut() else {
             return Ok(0);
         };
-        let (Some(image), Some(&size)) = (disks.get(disk), self.sizes.get(disk)) else {
+        let (Some(image), Some(size)) = (disks.get(disk), size) else {
             return Ok(0);
         };
         let start = offset - offset % UNDO_BLOCK;
@@ -396,7 +431,7 @@ impl History {
     pub fn roll_back(&self, disks: &[ReplicaDisk], point: u64) -> Result<u64, HistoryError> {
         let mut written = 0;
         let mut buffer = Vec::new();
-        for disk in 0..self.sizes.len() {
+        for disk in 0..self.disk_sizes().len() {
             let Some(image) = disks.get(disk) else {
                 continue;
             };

@@ -869,3 +869,205 @@ fn epochs_beyond_the_last_are_refused() {
     );
     assert_eq!(code, 201, "{body}");
 }
+
+/// `enable_request(name)` with a second disk, `disk1` of `size` bytes, after `disk0`.
+fn with_disk1(name: &str, size: u64) -> EnableRequest {
+    let mut request = enable_request(name);
+    request.disks.push(DiskInfo {
+        name: "disk1".into(),
+        size,
+    });
+    request
+}
+
+fn enable_with(lab: &Lab, agent: &ureq::Agent, request: &EnableRequest) -> (u16, String) {
+    status_of(agent.post(&lab.url("/replicas")).send_json(request))
+}
+
+/// A disk added to the group on the primary: its enable, with the replica's disks
+/// followed by the new one, adds it (zeroes) and answers for every disk; a resync
+/// then copies it and deltas write it; the same enable again changes nothing. A list
+/// that does not extend the replica's, or an add under a test failover, is refused.
+#[test]
+fn an_enable_with_a_disk_appended_adds_it_to_the_replica() {
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    replicate(&lab, &dc1, "vm1", 0x11, b"before the add");
+    wait_applied(&lab, &dc1, "vm1", 1);
+    let disk1 = lab.dir.path().join("store1/vm1/disks/disk1.img");
+
+    // Reordered, or an existing disk resized: refused, naming both lists.
+    let mut reordered = with_disk1("vm1", 2 * MIB);
+    reordered.disks.swap(0, 1);
+    let mut resized = with_disk1("vm1", 2 * MIB);
+    resized.disks[0].size += MIB;
+    for refused in [reordered, resized] {
+        let (code, body) = enable_with(&lab, &dc1, &refused);
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(error_code(&body), ErrorCode::OtherRelationship, "{body}");
+        assert!(
+            body.contains("only be added after the existing ones")
+                && body.contains("has disks disk0 (4194304 bytes); the primary has"),
+            "{body}"
+        );
+    }
+    // Under a test failover: refused until it stops.
+    let handle = lab.server.handle();
+    let (_, overlays) = handle.start_test("vm1", None, None).unwrap();
+    let (code, body) = enable_with(&lab, &dc1, &with_disk1("vm1", 2 * MIB));
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
+    assert!(body.contains("test-failover stop"), "{body}");
+    assert!(!disk1.exists());
+    drop(overlays);
+    handle.stop_test("vm1", None).unwrap();
+
+    let added = with_disk1("vm1", 2 * MIB);
+    let (code, body) = enable_with(&lab, &dc1, &added);
+    assert_eq!(code, 200, "{body}");
+    let info: ReplicaInfo = serde_json::from_str(&body).unwrap();
+    assert_eq!(info.disks, added.disks);
+    assert!(info.consistent && info.last_applied_cycle == Some(1));
+    assert_eq!(std::fs::metadata(&disk1).unwrap().len(), 2 * MIB);
+
+    // The resync copies the new disk whole; a delta writes both disks.
+    let copy = vec![0x77u8; 2 * MIB as usize];
+    let resync = TransferKind::Resync {
+        epoch: 2,
+        batch: 0,
+        last: true,
+    };
+    let whole = Change {
+        disk: 1,
+        offset: 0,
+        length: copy.len() as u64,
+        data: ChangeData::Write(&copy),
+    };
+    send_transfer(&lab, &dc1, 3, resync, &[whole]);
+    let delta = [
+        Change {
+            disk: 1,
+            offset: MIB,
+            length: 5,
+            data: ChangeData::Write(b"added"),
+        },
+        Change {
+            disk: 0,
+            offset: 0,
+            length: 5,
+            data: ChangeData::Write(b"first"),
+        },
+    ];
+    send_transfer(&lab, &dc1, 4, TransferKind::delta(2), &delta);
+    wait_applied(&lab, &dc1, "vm1", 2);
+    let ask = HashRequest {
+        disk: 1,
+        ranges: vec![
+            ByteRange {
+                offset: 0,
+                length: MIB,
+            },
+            ByteRange {
+                offset: MIB,
+                length: 5,
+            },
+        ],
+    };
+    let answer: HashAnswer = dc1
+        .post(&lab.url("/replicas/vm1/hashes"))
+        .set(RELATIONSHIP_HEADER, "abc")
+        .send_json(&ask)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let expected = [
+        blake3::hash(&copy[..MIB as usize]).to_hex().to_string(),
+        blake3::hash(b"added").to_hex().to_string(),
+    ];
+    assert_eq!(answer.hashes, expected);
+    let first = std::fs::read(lab.dir.path().join("store1/vm1/disks/disk0.img")).unwrap();
+    assert_eq!(&first[..5], b"first");
+
+    // Enabled again with the same disks: the same answer, nothing changed.
+    let before = std::fs::read(&disk1).unwrap();
+    let (code, body) = enable_with(&lab, &dc1, &added);
+    assert_eq!(code, 200, "{body}");
+    let again: ReplicaInfo = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (again.disks, again.last_applied_cycle),
+        (added.disks.clone(), Some(2))
+    );
+    assert!(std::fs::read(&disk1).unwrap() == before);
+    // A disk taken away again is not an add.
+    let (code, body) = enable(&lab, &dc1, "vm1");
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(error_code(&body), ErrorCode::OtherRelationship, "{body}");
+}
+
+/// An added disk passes the checks a new replica's disks pass (the storage's quota,
+/// the largest disk), and is refused to a replica waiting for its import from
+/// external media and to an existing copy not claimed yet.
+#[test]
+fn an_added_disk_is_checked_like_a_new_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start_with(dir, |settings| {
+        settings.max_disk_size = 4 * MIB;
+        settings.authorization[0].quota = Some(6 * MIB);
+    });
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    assert_eq!(enable(&lab, &dc1, "vm1").0, 201);
+    let disk1 = lab.dir.path().join("store1/vm1/disks/disk1.img");
+    for (size, what) in [(3 * MIB, "quota"), (4 * MIB + 1, "at most")] {
+        let (code, body) = enable_with(&lab, &dc1, &with_disk1("vm1", size));
+        assert_eq!(code, 507, "{body}");
+        assert!(body.contains(what), "{body}");
+        assert!(!disk1.exists());
+    }
+    let (code, body) = enable_with(&lab, &dc1, &with_disk1("vm1", 2 * MIB));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(std::fs::metadata(&disk1).unwrap().len(), 2 * MIB);
+    drop(lab);
+
+    let lab = Lab::start();
+    let dc1 = lab.client("host1.dc1.example.com", None);
+    let media = EnableRequest {
+        initial: InitialMethod::Media,
+        ..enable_request("vm1")
+    };
+    assert_eq!(enable_with(&lab, &dc1, &media).0, 201);
+    let (code, body) = enable_with(
+        &lab,
+        &dc1,
+        &EnableRequest {
+            initial: InitialMethod::Media,
+            ..with_disk1("vm1", MIB)
+        },
+    );
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
+    assert!(body.contains("blkrep replica import"), "{body}");
+
+    let image = lab.dir.path().join("backup.img");
+    std::fs::write(&image, vec![5u8; 4 * MIB as usize]).unwrap();
+    Replica::seed(
+        &lab.dir.path().join("store1/vm2"),
+        "vm2",
+        "dc1",
+        &[("disk0".into(), image)],
+        false,
+    )
+    .unwrap();
+    let (code, body) = enable_with(
+        &lab,
+        &dc1,
+        &EnableRequest {
+            initial: InitialMethod::Existing,
+            ..with_disk1("vm2", MIB)
+        },
+    );
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
+    assert!(body.contains("blkrep replica seed"), "{body}");
+    assert!(!lab.dir.path().join("store1/vm2/disks/disk1.img").exists());
+}

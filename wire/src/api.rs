@@ -7,7 +7,9 @@
 //!
 //! Control requests (short connections, 120 s timeout, no retry of their own):
 //! - `POST /v1/replicas`: [`EnableRequest`] → [`ReplicaInfo`]; creates the replica
-//!   (or returns it if it exists with the same disks).
+//!   (or returns it if it exists with the same disks). Disks appended to an existing
+//!   replica's list (the group's disks then new ones, none removed, renamed, resized
+//!   or reordered) are added to it as zeroes; a resync then copies them.
 //! - `GET /v1/replicas/{name}` → [`ReplicaInfo`]. `DELETE` removes it.
 //! - `POST /v1/replicas/{name}/transfers`: [`TransferOffer`] → [`TransferAnswer`]; before
 //!   any data: which chunks of this transfer the replica already holds, and which

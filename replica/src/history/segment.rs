@@ -1,11 +1,12 @@
 //! One point's undo segment: its file and the index of the runs it holds.
 //!
 //! The file is a 32-byte header (magic and format version, the point, the number of
-//! disks, a CRC-32C of those) followed by records. A record is a 32-byte header (magic,
-//! disk, offset, length, flags, a CRC-32C of header and data) and, unless it is a zero
-//! run, the run's bytes. Opening a segment rebuilds the index from its records and cuts
-//! a torn tail at the first record that does not check; of two overlapping runs the
-//! older is kept.
+//! disks the point had, a CRC-32C of those) followed by records. A record is a 32-byte
+//! header (magic, disk, offset, length, flags, a CRC-32C of header and data) and,
+//! unless it is a zero run, the run's bytes. Opening a segment rebuilds the index from
+//! its records and cuts a torn tail at the first record that does not check; of two
+//! overlapping runs the older is kept. Disks added to the replica after the point are
+//! held whole as zero runs, in the index only ([`Segment::add_disks`]).
 //!
 //! Appends are staged ([`super::staging`]): a record is in the index at once, readable
 //! through [`Segment::read`], and in the file once [`Segment::write_out`] returns.
@@ -102,8 +103,10 @@ impl Segment {
         self.staging.is_direct()
     }
 
-    /// Opens a segment, rebuilds its index and cuts a torn tail.
-    pub(super) fn open(path: &Path, point: u64, disks: usize) -> Result<Self, HistoryError> {
+    /// Opens a segment, rebuilds its index and cuts a torn tail. The segment has the
+    /// disks its header counts (those its point had), at most `max_disks`; disks added
+    /// since are given to it with [`Segment::add_disks`].
+    pub(super) fn open(path: &Path, point: u64, max_disks: usize) -> Result<Self, HistoryError> {
         let corrupt = |reason: &str| HistoryError::Corrupt {
             path: path.to_path_buf(),
             reason: reason.to_string(),
@@ -117,8 +120,17 @@ impl Segment {
         let mut header = [0u8; SEGMENT_HEADER];
         file.read_exact_at(&mut header, 0)
             .map_err(|_| corrupt("no header"))?;
-        if header != Self::header(point, u32::try_from(disks).unwrap_or(u32::MAX)) {
+        let mut count = [0u8; 4];
+        count.copy_from_slice(&header[16..20]);
+        let count = u32::from_le_bytes(count);
+        if header != Self::header(point, count) {
             return Err(corrupt("header of another point or format"));
+        }
+        let disks = usize::try_from(count).unwrap_or(usize::MAX);
+        if disks > max_disks {
+            return Err(corrupt(&format!(
+                "its point had {disks} disks, the replica has {max_disks}"
+            )));
         }
         let mut segment = Self::empty(point, path, file, disks);
         let mut data = Vec::new();
@@ -176,6 +188,28 @@ impl Segment {
             .resume(&segment.file, segment.len)
             .map_err(io_error("read", path))?;
         Ok(segment)
+    }
+
+    /// Gives the segment disks added to the replica after its point was taken, of
+    /// `sizes`: at its point such a disk did not exist, so the segment holds it whole
+    /// as zeroes. Nothing is written: this index entry is rebuilt on every open from
+    /// the disk count in the header, so the point reads the disk as zeroes and no
+    /// capture ever saves that disk's blocks here.
+    pub(super) fn add_disks(&mut self, sizes: &[u64]) {
+        for &size in sizes {
+            let mut held = BTreeMap::new();
+            if size > 0 {
+                held.insert(
+                    0,
+                    Held {
+                        length: size,
+                        data_at: 0,
+                        zero: true,
+                    },
+                );
+            }
+            self.held.push(held);
+        }
     }
 
     /// Records a run in the index. A run that overlaps one already held (a record

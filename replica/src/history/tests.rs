@@ -13,8 +13,9 @@ use super::*;
 const SIZES: [u64; 2] = [256 * 1024, 100 * 1024 + 512];
 
 struct Lab {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     history_dir: PathBuf,
+    sizes: Vec<u64>,
     paths: Vec<PathBuf>,
     disks: Vec<ReplicaDisk>,
     history: History,
@@ -42,12 +43,13 @@ impl Lab {
             paths.push(path);
         }
         let history_dir = dir.path().join("history");
-        let disks = Self::open_disks(&paths);
+        let disks = Self::open_disks(&paths, &SIZES);
         let (history, lost) = History::open(&history_dir, SIZES.to_vec(), &[]).unwrap();
         assert!(lost.is_empty());
         Lab {
-            _dir: dir,
+            dir,
             history_dir,
+            sizes: SIZES.to_vec(),
             paths,
             disks,
             history,
@@ -57,12 +59,30 @@ impl Lab {
         }
     }
 
-    fn open_disks(paths: &[PathBuf]) -> Vec<ReplicaDisk> {
+    fn open_disks(paths: &[PathBuf], sizes: &[u64]) -> Vec<ReplicaDisk> {
         paths
             .iter()
-            .zip(SIZES)
-            .map(|(p, s)| ReplicaDisk::open(p, s).unwrap())
+            .zip(sizes)
+            .map(|(p, s)| ReplicaDisk::open(p, *s).unwrap())
             .collect()
+    }
+
+    /// A disk of `size` bytes added after the others, all zeroes, as the replica adds
+    /// one: every point so far has it as zeroes.
+    fn add_disk(&mut self, size: u64) {
+        let path = self.dir.path().join(format!("d{}.img", self.paths.len()));
+        File::create(&path).unwrap().set_len(size).unwrap();
+        {
+            let _guard = self.history.apply_guard();
+            self.history.add_disks(&[size]);
+        }
+        self.sizes.push(size);
+        self.paths.push(path);
+        self.disks = Self::open_disks(&self.paths, &self.sizes);
+        self.current.push(vec![0u8; size as usize]);
+        for snapshot in self.snapshots.values_mut() {
+            snapshot.push(vec![0u8; size as usize]);
+        }
     }
 
     /// An apply: capture, sync, write.
@@ -136,10 +156,11 @@ impl Lab {
 
     fn reopen(&mut self) {
         let points: Vec<u64> = self.snapshots.keys().copied().collect();
-        let (history, lost) = History::open(&self.history_dir, SIZES.to_vec(), &points).unwrap();
+        let (history, lost) =
+            History::open(&self.history_dir, self.sizes.clone(), &points).unwrap();
         assert!(lost.is_empty());
         self.history = history;
-        self.disks = Self::open_disks(&self.paths);
+        self.disks = Self::open_disks(&self.paths, &self.sizes);
     }
 
     fn roll_back(&mut self, point: u64) {
@@ -168,10 +189,15 @@ enum Op {
     RemovePoint(usize),
     Reopen,
     RollBack(usize),
+    /// A disk of this size added after the others.
+    AddDisk(u64),
 }
 
+/// Most disks a lab grows to by [`Op::AddDisk`].
+const MAX_LAB_DISKS: usize = 4;
+
 fn op() -> impl Strategy<Value = Op> {
-    let range = (0usize..2, 0u64..110_000, 1u64..20_000);
+    let range = (0usize..MAX_LAB_DISKS, 0u64..110_000, 1u64..20_000);
     prop_oneof![
         4 => (range.clone(), any::<u8>()).prop_map(|((disk, offset, len), seed)| Op::Write { disk, offset, len, seed }),
         1 => range.prop_map(|(disk, offset, len)| Op::Zero { disk, offset, len }),
@@ -179,6 +205,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(Op::RemovePoint),
         1 => Just(Op::Reopen),
         1 => (0usize..8).prop_map(Op::RollBack),
+        1 => (10_000u64..150_000).prop_map(Op::AddDisk),
     ]
 }
 
@@ -186,21 +213,24 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Every point reads as the disks were when it was taken, through writes, zeroes,
-    /// merges of removed points, reopening, and roll-backs.
+    /// merges of removed points, reopening, roll-backs and disks added (zeroes at the
+    /// points before).
     #[test]
     fn points_keep_their_state(ops in proptest::collection::vec(op(), 1..40)) {
         let mut lab = Lab::new();
         for op in ops {
             match op {
                 Op::Write { disk, offset, len, seed } => {
-                    let size = SIZES[disk];
+                    let disk = disk % lab.sizes.len();
+                    let size = lab.sizes[disk];
                     let offset = offset.min(size - 1);
                     let len = len.min(size - offset);
                     let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect();
                     lab.write(disk, offset, Some(&data), len);
                 }
                 Op::Zero { disk, offset, len } => {
-                    let size = SIZES[disk];
+                    let disk = disk % lab.sizes.len();
+                    let size = lab.sizes[disk];
                     let offset = offset.min(size - 1);
                     let len = len.min(size - offset);
                     lab.write(disk, offset, None, len);
@@ -219,6 +249,11 @@ proptest! {
                     let points: Vec<u64> = lab.snapshots.keys().copied().collect();
                     if !points.is_empty() {
                         lab.roll_back(points[which % points.len()]);
+                    }
+                }
+                Op::AddDisk(size) => {
+                    if lab.sizes.len() < MAX_LAB_DISKS {
+                        lab.add_disk(size);
                     }
                 }
             }
@@ -279,6 +314,42 @@ fn a_torn_record_is_cut_and_a_missing_segment_loses_older_points() {
     assert_eq!(lost, vec![first, second]);
     assert_eq!(history.points(), vec![third]);
     assert!(!History::segment_path(&lab.history_dir, first).exists());
+}
+
+/// A point taken before a disk was added reads it as zeroes whatever is written to it
+/// later, and its segment keeps nothing of that disk; a point taken after reads it as
+/// it was. Both hold through a reopening, a merge and a roll-back.
+#[test]
+fn a_disk_added_after_a_point_reads_as_zeroes_there() {
+    let mut lab = Lab::new();
+    let before = lab.add_point();
+    lab.write(0, 8192, Some(&[1u8; 4096]), 4096);
+    let kept = lab.history.sizes()[0].1;
+    lab.add_disk(40_000);
+    lab.write(2, 0, Some(&[2u8; 12_288]), 12_288);
+    assert_eq!(
+        lab.history.sizes()[0].1,
+        kept,
+        "nothing of the added disk is captured for a point that did not have it"
+    );
+    let after = lab.add_point();
+    lab.write(2, 4096, Some(&[3u8; 4096]), 4096);
+    lab.write(0, 8192, Some(&[4u8; 4096]), 4096);
+    lab.check();
+    lab.reopen();
+    lab.check();
+    lab.roll_back(before);
+    lab.check();
+    assert!(fs::read(&lab.paths[2]).unwrap().iter().all(|&b| b == 0));
+    lab.remove_point(after);
+    lab.check();
+
+    // A segment counting more disks than the history has is not this replica's.
+    let newest = *lab.snapshots.keys().last().unwrap();
+    let (history, lost) =
+        History::open(&lab.history_dir, SIZES.to_vec(), &[before, newest]).unwrap();
+    assert_eq!(lost, vec![before, newest]);
+    assert!(history.points().is_empty());
 }
 
 #[test]

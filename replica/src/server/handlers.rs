@@ -238,6 +238,9 @@ fn find(context: &Context, peer: &Peer, dir: &Path) -> Result<Arc<Mutex<Replica>
     Ok(replica)
 }
 
+/// Enables replication of a group: creates its replica, or, if it exists, claims an
+/// existing copy, answers for a replica enabled already, or adds the disks appended
+/// to the group's list (see [`enable_existing`]).
 fn enable_replica(
     context: &Context,
     peer: &Peer,
@@ -250,46 +253,7 @@ fn enable_replica(
     };
     let dir = peer.storage.join(&enable.name);
     if Replica::exists(&dir) {
-        let replica = load(context, &dir).map_err(|e| store_refusal(&e))?;
-        let replica = lock(&replica);
-        let state = replica.state();
-        if state.trust_group != peer.trust_group {
-            return Err(refuse(
-                ErrorCode::OtherRelationship,
-                "The replica name is in use",
-            ));
-        }
-        if replica.is_unclaimed() {
-            return claim_existing_copy(replica, peer, &enable, claim);
-        }
-        if state.failover.is_some() {
-            return Err(refuse(
-                ErrorCode::Superseded,
-                format!(
-                    "Replica {} was failed over to and is the group's live copy: no primary can replicate into it or replace it",
-                    state.name
-                ),
-            ));
-        }
-        if state.relationship != enable.relationship || state.disks != enable.disks {
-            return Err(refuse(
-                ErrorCode::OtherRelationship,
-                format!(
-                    "Replica {} exists for another relationship or other disks (enabled by {} from {}); remove it on the replica server first",
-                    state.name, state.enabled_by, state.primary_host
-                ),
-            ));
-        }
-        replica
-            .check_relationship(claim)
-            .map_err(|e| store_refusal(&e))?;
-        let mut replica = replica;
-        if let Some(policy) = enable.recovery.filter(|p| *p != replica.state().recovery) {
-            replica
-                .set_recovery(policy)
-                .map_err(|e| store_refusal(&e))?;
-        }
-        return Ok(json(StatusCode::OK, &replica.info()));
+        return enable_existing(context, peer, &enable, claim, &dir);
     }
     if enable.initial == InitialMethod::Existing {
         return Err(refuse(
@@ -300,29 +264,7 @@ fn enable_replica(
             ),
         ));
     }
-    let needed: u64 = context.settings.reserve;
-    let free = crate::store::free_space(&peer.storage).map_err(|e| store_refusal(&e))?;
-    if free < needed {
-        return Err(refuse(
-            ErrorCode::InsufficientStorage,
-            format!("{free} bytes free, {needed} kept in reserve"),
-        ));
-    }
-    if let Some(quota) = peer.quota {
-        let asked = enable
-            .disks
-            .iter()
-            .fold(0u64, |sum, d| sum.saturating_add(d.size));
-        let used = provisioned(context, &peer.storage);
-        if used.saturating_add(asked) > quota {
-            return Err(refuse(
-                ErrorCode::InsufficientStorage,
-                format!(
-                    "The quota of this primary's storage is {quota} bytes of disks; its replicas have {used} and these disks need {asked} more"
-                ),
-            ));
-        }
-    }
+    check_room(context, peer, total_size(&enable.disks))?;
     let mut state = ReplicaState::new(
         enable.name.clone(),
         peer.trust_group.clone(),
@@ -341,6 +283,165 @@ fn enable_replica(
     let info = replica.info();
     lock(&context.replicas).insert(dir, Arc::new(Mutex::new(replica)));
     Ok(json(StatusCode::CREATED, &info))
+}
+
+/// What an enable request is to the existing, claimed replica of its relationship.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enabling {
+    /// The same disks: replication is enabled already.
+    Same,
+    /// The replica's disks, then more from this index on: they are added.
+    Adds(usize),
+}
+
+/// An enable request for the replica in `dir`, which exists. Disks appended to the
+/// group's list are added once they pass the checks a new replica's pass (the room
+/// checks run without the replica locked, as they lock every replica of the storage
+/// in turn; the request is judged again under the lock before anything changes).
+fn enable_existing(
+    context: &Context,
+    peer: &Peer,
+    enable: &EnableRequest,
+    claim: Claim,
+    dir: &Path,
+) -> Result<Answer, Refusal> {
+    let replica = load(context, dir).map_err(|e| store_refusal(&e))?;
+    let first = {
+        let replica = lock(&replica);
+        if replica.state().trust_group != peer.trust_group {
+            return Err(refuse(
+                ErrorCode::OtherRelationship,
+                "The replica name is in use",
+            ));
+        }
+        if replica.is_unclaimed() {
+            return claim_existing_copy(replica, peer, enable, claim);
+        }
+        judge_enable(&replica, enable, claim)?
+    };
+    if let Enabling::Adds(had) = first {
+        check_room(context, peer, total_size(&enable.disks[had..]))?;
+    }
+    let mut replica = lock(&replica);
+    match judge_enable(&replica, enable, claim)? {
+        Enabling::Same => {}
+        Enabling::Adds(had) if first == Enabling::Adds(had) => {
+            let added = &enable.disks[had..];
+            replica.add_disks(added).map_err(|e| store_refusal(&e))?;
+            let names: Vec<&str> = added.iter().map(|d| d.name.as_str()).collect();
+            let sizes: Vec<u64> = added.iter().map(|d| d.size).collect();
+            info!(replica = %enable.name, identity = %peer.identity, ?names, ?sizes, "Disks added");
+        }
+        Enabling::Adds(_) => {
+            return Err(refuse(
+                ErrorCode::Busy,
+                format!(
+                    "Replica {} changed while this request was checked; retry",
+                    enable.name
+                ),
+            ));
+        }
+    }
+    if let Some(policy) = enable.recovery.filter(|p| *p != replica.state().recovery) {
+        replica
+            .set_recovery(policy)
+            .map_err(|e| store_refusal(&e))?;
+    }
+    Ok(json(StatusCode::OK, &replica.info()))
+}
+
+/// Judges an enable request for `replica`, claimed by a primary: its relationship at
+/// its epoch, and the same disks or the replica's followed by more.
+fn judge_enable(
+    replica: &Replica,
+    enable: &EnableRequest,
+    claim: Claim,
+) -> Result<Enabling, Refusal> {
+    let state = replica.state();
+    if state.failover.is_some() {
+        return Err(refuse(
+            ErrorCode::Superseded,
+            format!(
+                "Replica {} was failed over to and is the group's live copy: no primary can replicate into it or replace it",
+                state.name
+            ),
+        ));
+    }
+    if state.relationship != enable.relationship {
+        return Err(refuse(
+            ErrorCode::OtherRelationship,
+            format!(
+                "Replica {} exists for another relationship (enabled by {} from {}); remove it on the replica server first",
+                state.name, state.enabled_by, state.primary_host
+            ),
+        ));
+    }
+    replica
+        .check_relationship(claim)
+        .map_err(|e| store_refusal(&e))?;
+    if state.disks == enable.disks {
+        return Ok(Enabling::Same);
+    }
+    let had = state.disks.len();
+    if !extends(&state.disks, &enable.disks) {
+        return Err(refuse(
+            ErrorCode::OtherRelationship,
+            format!(
+                "Replica {} has disks {}; the primary has {}: a disk can only be added after the existing ones, none removed, renamed, resized or reordered. Put the group's disks back in their order and sizes on the primary, or remove the replica on the replica server and enable replication again (a full copy)",
+                state.name,
+                describe(&state.disks),
+                describe(&enable.disks)
+            ),
+        ));
+    }
+    replica
+        .check_add_disks(&enable.disks[had..])
+        .map_err(|e| store_refusal(&e))?;
+    Ok(Enabling::Adds(had))
+}
+
+/// Whether `longer` is `disks` followed by at least one more disk.
+fn extends(disks: &[DiskInfo], longer: &[DiskInfo]) -> bool {
+    longer.len() > disks.len() && longer.starts_with(disks)
+}
+
+/// Disks as an administrator reads them: "a (1024 bytes), b (2048 bytes)".
+fn describe(disks: &[DiskInfo]) -> String {
+    disks
+        .iter()
+        .map(|d| format!("{} ({} bytes)", d.name, d.size))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The sizes of `disks`, added up.
+fn total_size(disks: &[DiskInfo]) -> u64 {
+    disks.iter().fold(0u64, |sum, d| sum.saturating_add(d.size))
+}
+
+/// Fails unless the peer's storage can take `asked` more bytes of disks: its free
+/// space above the reserve, and its quota with every replica of the storage counted.
+fn check_room(context: &Context, peer: &Peer, asked: u64) -> Result<(), Refusal> {
+    let needed: u64 = context.settings.reserve;
+    let free = crate::store::free_space(&peer.storage).map_err(|e| store_refusal(&e))?;
+    if free < needed {
+        return Err(refuse(
+            ErrorCode::InsufficientStorage,
+            format!("{free} bytes free, {needed} kept in reserve"),
+        ));
+    }
+    if let Some(quota) = peer.quota {
+        let used = provisioned(context, &peer.storage);
+        if used.saturating_add(asked) > quota {
+            return Err(refuse(
+                ErrorCode::InsufficientStorage,
+                format!(
+                    "The quota of this primary's storage is {quota} bytes of disks; its replicas have {used} and these disks need {asked} more"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The disk sizes of every replica in `storage`, added up.
@@ -372,6 +473,11 @@ fn claim_existing_copy(
     claim: Claim,
 ) -> Result<Answer, Refusal> {
     let state = replica.state();
+    if extends(&state.disks, &enable.disks) {
+        replica
+            .check_add_disks(&enable.disks[state.disks.len()..])
+            .map_err(|e| store_refusal(&e))?;
+    }
     if enable.initial != InitialMethod::Existing {
         return Err(refuse(
             ErrorCode::OtherRelationship,
@@ -382,13 +488,6 @@ fn claim_existing_copy(
         ));
     }
     if state.disks != enable.disks {
-        let describe = |disks: &[DiskInfo]| {
-            disks
-                .iter()
-                .map(|d| format!("{} ({} bytes)", d.name, d.size))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         return Err(refuse(
             ErrorCode::OtherRelationship,
             format!(

@@ -4,7 +4,10 @@
 //! Layout under the replica's directory (`<storage>/<name>/`):
 //! - `replica.json`: [`ReplicaState`], replaced atomically (write, fsync, rename, fsync
 //!   the directory) after every step, so a crash leaves the old or the new state.
-//! - `disks/<disk>.img`: the replica disks, sparse files of the protected disks' sizes.
+//! - `disks/<disk>.img`: the replica disks, sparse files of the protected disks' sizes,
+//!   in group order. Disks added to the group on the primary are added after the
+//!   others ([`Replica::add_disks`]): each file is created zero-filled and synced
+//!   before the state names it, so the state never names a missing or missized file.
 //! - `incoming/<id>.part`: chunk frames of the transfer being received, back to back.
 //!   Each chunk is verified (checksum, records, ranges) before it is written; it is
 //!   not synced on its own. On restart the file is cut after its last valid chunk, so
@@ -25,13 +28,18 @@
 //! a half-applied transfer while it is being applied, and `consistent` stays false
 //! until a delta is completely applied.
 //!
+//! Disks added: the disks only ever grow by disks appended to the list (none removed,
+//! renamed, resized or reordered). A recovery point taken before a disk was added
+//! reads it as zeroes, its content before any write reached it, so failing over or
+//! test failing over to that point gives the added disk zeroed (see `history`).
+//!
 //! Chain of cycles: after a resync's last batch the next delta may have any cycle
 //! number; after that each delta must be the next cycle. A delta at or before the last
 //! received one is a retry of a committed transfer and is answered as committed. Any
 //! other gap breaks the chain: refused until a resync.
 //!
 //! The layers, one module each: `state` (what `replica.json` holds, and
-//! the directory created, opened, saved and removed), `receive` (offers, chunks into
+//! the directory created, opened, saved, grown by added disks and removed), `receive` (offers, chunks into
 //! the `.part` file, commit, part recovery, imports from external media), `applying`
 //! (the received transfers written to the disks), `points` (recovery points) and
 //! `failover` (failovers, test failovers and failback). This module holds the
@@ -294,14 +302,17 @@ impl Replica {
     }
 
     /// The disks to apply the next transfer to: the ones opened before if they are
-    /// still the files at the replica's disk paths, else opened anew.
+    /// still every disk of the replica (none added since) and the files at its disk
+    /// paths, else opened anew.
     pub fn disks_for_apply(&mut self) -> Result<Arc<[ReplicaDisk]>, StoreError> {
         self.check_present()?;
         if let Some(disks) = &self.apply_disks {
-            if disks.iter().all(ReplicaDisk::is_at_path) {
+            if disks.len() == self.state.disks.len() && disks.iter().all(ReplicaDisk::is_at_path) {
                 return Ok(Arc::clone(disks));
             }
-            tracing::warn!(replica = %self.state.name, "A replica disk was replaced since it was opened; opening the files now at its paths");
+            if disks.len() == self.state.disks.len() {
+                tracing::warn!(replica = %self.state.name, "A replica disk was replaced since it was opened; opening the files now at its paths");
+            }
         }
         let disks: Arc<[ReplicaDisk]> = self.open_disks()?.into();
         self.apply_disks = Some(Arc::clone(&disks));

@@ -1,6 +1,8 @@
 //! Recovery points: taken as deltas are applied (as the policy spaces them), aged out
 //! beyond the policy by merging their undo data into the next older point, and listed
-//! with the latest state last.
+//! with the latest state last. A point keeps every disk the replica has, including
+//! disks added after it was taken: those read as zeroes at the point (their content
+//! before any write reached them), for a failover and a test failover alike.
 
 use std::sync::Arc;
 

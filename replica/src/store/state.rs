@@ -1,6 +1,6 @@
 //! What `replica.json` holds ([`ReplicaState`]), and the replica directory's life:
 //! created (or seeded from existing images), opened, saved atomically after every
-//! step, removed.
+//! step, grown by disks added to the group, removed.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use wire::api::{DiskInfo, Position, RecoveryPolicy, TransferKind, FIRST_EPOCH};
+use wire::api::{valid_name, DiskInfo, Position, RecoveryPolicy, TransferKind, FIRST_EPOCH};
 
 use super::{now_unix, sync_dir, Claim, Replica, StoreError};
 use crate::history::History;
@@ -259,6 +259,19 @@ fn open_history(dir: &Path, state: &mut ReplicaState) -> Result<(Arc<History>, b
     Ok((Arc::new(history), state.points.len() != before))
 }
 
+/// Creates the new replica disk `path` as a sparse file of `size` zero bytes, synced
+/// (its directory entry is the caller's to sync).
+fn create_disk(path: &Path, size: u64) -> Result<(), StoreError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(StoreError::io("create replica disk", path))?;
+    file.set_len(size)
+        .and_then(|()| file.sync_all())
+        .map_err(StoreError::io("size replica disk", path))
+}
+
 impl Replica {
     /// Creates a replica in the new directory `dir`, which must not exist (only its
     /// parent): the disks as sparse files and the state. Whatever exists at `dir` is
@@ -287,15 +300,10 @@ impl Replica {
             fs::create_dir(&path).map_err(StoreError::io("create", &path))?;
         }
         for disk in &state.disks {
-            let path = dir.join("disks").join(format!("{}.img", disk.name));
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(StoreError::io("create replica disk", &path))?;
-            file.set_len(disk.size)
-                .and_then(|()| file.sync_all())
-                .map_err(StoreError::io("size replica disk", &path))?;
+            create_disk(
+                &dir.join("disks").join(format!("{}.img", disk.name)),
+                disk.size,
+            )?;
         }
         sync_dir(&dir.join("disks"))?;
         let mut state = state;
@@ -422,6 +430,86 @@ impl Replica {
             .map_err(StoreError::io("write", &tmp))?;
         fs::rename(&tmp, &path).map_err(StoreError::io("replace", &path))?;
         sync_dir(&self.dir)
+    }
+
+    /// Fails unless disks `new` can be added after the replica's: it is claimed by a
+    /// primary, not failed over, not waiting for an import from external media and
+    /// not under a test failover, and the new disks' names are valid and unused.
+    pub fn check_add_disks(&self, new: &[DiskInfo]) -> Result<(), StoreError> {
+        self.check_present()?;
+        let state = &self.state;
+        let name = &state.name;
+        if self.is_unclaimed() {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} is an existing copy no primary has claimed yet, and disks can be added only to a claimed replica: seed the copy again with an image of every disk (`blkrep replica seed`), or remove it on the replica server and enable replication with the network initial replication"
+            )));
+        }
+        if state.failover.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} was failed over to and is the group's live copy: no primary can add disks to it"
+            )));
+        }
+        if state.awaiting_import {
+            return Err(StoreError::Conflict(format!(
+                "Replica {name} waits for its initial copy to be imported from external media, and disks can be added only after it: import it first (`blkrep replica import` on the replica server); the primary adds the disks on its next try"
+            )));
+        }
+        if let Some(test) = &state.test {
+            return Err(StoreError::Conflict(format!(
+                "A test failover of {name} (cycle {}) is running, and disks cannot be added under it: stop it first with `blkrep replica test-failover stop --name {name}`; the primary retries on its schedule",
+                test.stamp.cycle
+            )));
+        }
+        for (index, disk) in new.iter().enumerate() {
+            let mut taken = state.disks.iter().chain(&new[..index]);
+            if !valid_name(&disk.name) || taken.any(|d| d.name == disk.name) {
+                return Err(StoreError::Conflict(format!(
+                    "Disk name {:?} cannot be added to replica {name}: it is invalid or in use",
+                    disk.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds disks `new` after the replica's (disks added to the group on the
+    /// primary), each a sparse file of zeroes of its size. The files are created and
+    /// synced before the state naming them is saved, so a crash leaves the replica
+    /// with its disks before or after, never a state naming a disk whose file is
+    /// missing or of another size; a leftover file of a new disk's name (an add cut
+    /// short) is replaced. Recovery points taken before read the new disks as zeroes;
+    /// the next apply opens every disk. See [`Replica::check_add_disks`] for when
+    /// disks can be added.
+    pub fn add_disks(&mut self, new: &[DiskInfo]) -> Result<(), StoreError> {
+        self.check_add_disks(new)?;
+        if new.is_empty() {
+            return Ok(());
+        }
+        for disk in new {
+            let path = self.disk_path(&disk.name);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "Replacing the file of a disk whose add was cut short");
+                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StoreError::io("remove", &path)(error)),
+            }
+            create_disk(&path, disk.size)?;
+        }
+        sync_dir(&self.dir.join("disks"))?;
+        let had = self.state.disks.len();
+        self.state.disks.extend_from_slice(new);
+        if let Err(error) = self.save() {
+            self.state.disks.truncate(had);
+            return Err(error);
+        }
+        let sizes: Vec<u64> = new.iter().map(|d| d.size).collect();
+        {
+            let _guard = self.history.apply_guard();
+            self.history.add_disks(&sizes);
+        }
+        self.forget_disks();
+        Ok(())
     }
 
     /// Deletes the replica: its directory and everything in it. Whoever still holds

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use tracker::{Change, ChangeData};
@@ -982,4 +983,265 @@ fn a_spare_is_cut_to_its_limit_and_kept_only_with_room_to_spare() {
     } else {
         assert!(!path.join("spare.part").exists());
     }
+}
+
+fn disk_info(name: &str, size: u64) -> DiskInfo {
+    DiskInfo {
+        name: name.into(),
+        size,
+    }
+}
+
+/// A disk added to the group is a zero-filled file after the others, in the state
+/// from then on (a reopening too); transfers may write it, and the applier's disks
+/// include it.
+#[test]
+fn a_disk_added_after_the_others_takes_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = Replica::create(&path, state(), 0).unwrap();
+    send(
+        &mut replica,
+        1,
+        resync(1, 0, true),
+        &[write(0, 0, &[1u8; 8192])],
+    );
+    send(
+        &mut replica,
+        2,
+        stamped(1, 10, false),
+        &[write(1, 0, b"b1")],
+    );
+    let disks = replica.disks_for_apply().unwrap();
+    while replica.apply_next(&disks).unwrap().is_some() {}
+    assert_eq!(disks.len(), 2);
+    // Not a disk yet: a change to it is refused on receipt.
+    replica
+        .offer(
+            OWNER,
+            &TransferOffer {
+                id: 3,
+                kind: stamped(2, 20, false),
+                bytes: OFFERED,
+            },
+        )
+        .unwrap();
+    let early = replica.put_chunk(OWNER, 3, 0, &frames(3, &[write(2, 0, b"c")])[0]);
+    assert!(
+        matches!(
+            early,
+            Err(StoreError::Apply(ApplyError::OutOfRange { disk: 2, .. }))
+        ),
+        "{early:?}"
+    );
+
+    replica.add_disks(&[disk_info("c", 2 * MIB)]).unwrap();
+    let names: Vec<&str> = replica
+        .state()
+        .disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(replica.info().disks.len(), 3);
+    let c = disk(&replica, "c");
+    assert_eq!(c.len() as u64, 2 * MIB);
+    assert!(c.iter().all(|&b| b == 0));
+    assert!(
+        fs::metadata(replica.disk_path("c")).unwrap().blocks() == 0,
+        "the added disk is sparse"
+    );
+    assert!(
+        replica.state().consistent,
+        "the disks before hold a state still"
+    );
+    // The transfer offered before the add goes on, now writing the added disk too;
+    // the disks kept for applying are opened again, the added one with them.
+    send(
+        &mut replica,
+        3,
+        stamped(2, 20, false),
+        &[write(2, MIB, b"third disk"), write(0, 0, b"first")],
+    );
+    let disks = replica.disks_for_apply().unwrap();
+    assert_eq!(disks.len(), 3);
+    while replica.apply_next(&disks).unwrap().is_some() {}
+    assert_eq!(
+        &disk(&replica, "c")[MIB as usize..MIB as usize + 10],
+        b"third disk"
+    );
+    assert_eq!(&disk(&replica, "a")[..5], b"first");
+    // Out of the added disk's range: refused.
+    replica
+        .offer(
+            OWNER,
+            &TransferOffer {
+                id: 4,
+                kind: stamped(3, 30, false),
+                bytes: OFFERED,
+            },
+        )
+        .unwrap();
+    let beyond = replica.put_chunk(OWNER, 4, 0, &frames(4, &[write(2, 2 * MIB - 1, b"xy")])[0]);
+    assert!(matches!(beyond, Err(StoreError::Apply(_))), "{beyond:?}");
+
+    // A name in use, twice in one request, or not a name: refused, nothing changed.
+    for bad in [
+        vec![disk_info("b", MIB)],
+        vec![disk_info("d", MIB), disk_info("d", MIB)],
+        vec![disk_info("../d", MIB)],
+    ] {
+        let refused = replica.add_disks(&bad);
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(replica.state().disks.len(), 3);
+    assert!(!replica.disk_path("d").exists());
+    drop(replica);
+    let replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.state().disks.len(), 3);
+    assert_eq!(replica.open_disks().unwrap().len(), 3);
+}
+
+/// An add cut short by a crash (the file created, the state not saved) leaves the
+/// replica as it was; the add tried again replaces the file with zeroes of the size.
+#[test]
+fn an_add_cut_short_leaves_the_old_disks_and_a_retry_replaces_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let replica = Replica::create(&path, state(), 0).unwrap();
+    let leftover = replica.disk_path("c");
+    drop(replica);
+    fs::write(&leftover, vec![0x5au8; 12345]).unwrap();
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.state().disks.len(), 2);
+    assert_eq!(replica.open_disks().unwrap().len(), 2);
+
+    replica.add_disks(&[disk_info("c", 3 * MIB)]).unwrap();
+    let c = disk(&replica, "c");
+    assert_eq!(c.len() as u64, 3 * MIB);
+    assert!(c.iter().all(|&b| b == 0), "the leftover's bytes are gone");
+    drop(replica);
+    let replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(replica.state().disks[2], disk_info("c", 3 * MIB));
+}
+
+/// A point taken before a disk was added has it as zeroes: read through the history,
+/// in a test failover's view, and on the disks after a failover to it.
+#[test]
+fn a_point_before_an_added_disk_has_it_as_zeroes() {
+    use nbd_shim::backend::OverlayBase;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 8, 1);
+    send(
+        &mut replica,
+        2,
+        stamped(1, 10, false),
+        &[write(0, 4096, &[2u8; 4096])],
+    );
+    apply_all(&mut replica);
+    let old_a = disk(&replica, "a");
+    let before = replica.state().points.last().unwrap().id;
+
+    replica.add_disks(&[disk_info("c", MIB)]).unwrap();
+    send(
+        &mut replica,
+        3,
+        stamped(2, 20, false),
+        &[write(2, 0, &[3u8; 8192]), write(0, 4096, &[4u8; 4096])],
+    );
+    apply_all(&mut replica);
+    let after = replica.state().points.last().unwrap().id;
+    assert_ne!(before, after);
+    assert!(point_disk(&replica, before, 0) == old_a);
+    assert!(point_disk(&replica, before, 2).iter().all(|&b| b == 0));
+    assert!(point_disk(&replica, after, 2)[..8192]
+        .iter()
+        .all(|&b| b == 3));
+    // Reopened: the same.
+    drop(replica);
+    let mut replica = Replica::open(&path, 0).unwrap();
+    assert!(point_disk(&replica, before, 2).iter().all(|&b| b == 0));
+    assert!(point_disk(&replica, before, 0) == old_a);
+
+    // A test failover of the earlier point serves the added disk as zeroes.
+    let test = replica.begin_test(Some(before)).unwrap();
+    let view = crate::failover_drill::PointView::open(
+        replica.history(),
+        test.point,
+        2,
+        &replica.disk_path("c"),
+        MIB,
+    )
+    .unwrap();
+    let mut read = vec![0xffu8; 16384];
+    view.read_at(&mut read, 0).unwrap();
+    assert!(read.iter().all(|&b| b == 0));
+    replica.end_test().unwrap();
+
+    // Failing over to it zeroes the added disk and puts the others back.
+    replica.fail_over(Some(before), false).unwrap();
+    assert!(disk(&replica, "c").iter().all(|&b| b == 0));
+    assert!(disk(&replica, "a") == old_a);
+    // The state the disks left is a point still, the added disk's data with it.
+    let left = replica
+        .recovery_points()
+        .iter()
+        .find(|p| p.cycle == 2)
+        .unwrap()
+        .id;
+    replica.fail_over(Some(left), false).unwrap();
+    assert!(disk(&replica, "c")[..8192].iter().all(|&b| b == 3));
+}
+
+/// Disks are added only to a replica a primary claimed and replicates into, not under
+/// a test failover or before an import from external media, and each refusal says
+/// what to do.
+#[test]
+fn disks_are_not_added_under_a_test_before_an_import_nor_to_an_unclaimed_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 2, 1);
+    send(&mut replica, 2, stamped(1, 10, false), &[write(0, 0, b"x")]);
+    apply_all(&mut replica);
+    let new = [disk_info("c", MIB)];
+    replica.begin_test(None).unwrap();
+    let refused = replica.add_disks(&new);
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("test-failover stop")),
+        "{refused:?}"
+    );
+    assert!(!replica.disk_path("c").exists());
+    replica.end_test().unwrap();
+    replica.add_disks(&new).unwrap();
+
+    let mut awaiting = state();
+    awaiting.awaiting_import = true;
+    let mut replica = Replica::create(&dir.path().join("vm2"), awaiting, 0).unwrap();
+    let refused = replica.add_disks(&new);
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("blkrep replica import")),
+        "{refused:?}"
+    );
+
+    let image = dir.path().join("a.img");
+    fs::write(&image, vec![1u8; 4096]).unwrap();
+    let mut copy = Replica::seed(
+        &dir.path().join("vm3"),
+        "vm3",
+        "dc1",
+        &[("a".into(), image)],
+        false,
+    )
+    .unwrap();
+    let refused = copy.add_disks(&new);
+    assert!(
+        matches!(&refused, Err(StoreError::Conflict(m)) if m.contains("blkrep replica seed")),
+        "{refused:?}"
+    );
+    assert_eq!(copy.state().disks.len(), 1);
 }
