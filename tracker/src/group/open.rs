@@ -325,7 +325,9 @@ fn write_zeroes(path: &Path, file: &File, len: u64) -> Result<(), TrackerError> 
         // A direct write the device refuses (alignment) goes through the page cache.
         direct
             .as_ref()
-            .map_or(Err(()), |direct| direct.write_all_at(chunk, offset).map_err(drop))
+            .map_or(Err(()), |direct| {
+                direct.write_all_at(chunk, offset).map_err(drop)
+            })
             .or_else(|()| file.write_all_at(chunk, offset))
             .map_err(io_error("write zeroes over ring", path))?;
         offset += chunk.len() as u64;
