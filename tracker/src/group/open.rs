@@ -305,42 +305,25 @@ fn open_ring_file(
 /// Writes zeroes over a new ring file, so that its blocks are written rather than
 /// just allocated. `fallocate` leaves unwritten extents, and the first write to each
 /// makes the next `fdatasync` commit the file system's journal: every FLUSH and FUA
-/// during the ring's first lap paid for an extent conversion (4 KiB writes with a
-/// flush after each ran at about half speed on a new ring; benches/RESULTS.md, session
-/// 16). Written with O_DIRECT where the file system allows it, so the zeroes do not
-/// fill the page cache; about a second per GiB, once, when the ring is made.
+/// during the ring's first lap paid for an extent conversion (benches/RESULTS.md,
+/// session 16). Through the page cache, and left there: a record that ends inside a
+/// page the cache does not hold makes its `pwrite` read that page from the disk first
+/// (zeroes written with O_DIRECT made 4 KiB writes 5 times slower), which is also how a
+/// ring stands after its first lap. About a second per GiB, once, when the ring is made.
 fn write_zeroes(path: &Path, file: &File, len: u64) -> Result<(), TrackerError> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 8 << 20;
     let started = std::time::Instant::now();
-    let zeroes = memmap2::MmapMut::map_anon(CHUNK).map_err(io_error("allocate zeroes", path))?;
-    let direct = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok();
+    let zeroes = vec![0u8; CHUNK];
     let mut offset = 0u64;
     while offset < len {
         let chunk = &zeroes[..usize_of((len - offset).min(CHUNK as u64))];
-        // A direct write the device refuses (alignment) goes through the page cache.
-        direct
-            .as_ref()
-            .map_or(Err(()), |direct| {
-                direct.write_all_at(chunk, offset).map_err(drop)
-            })
-            .or_else(|()| file.write_all_at(chunk, offset))
+        file.write_all_at(chunk, offset)
             .map_err(io_error("write zeroes over ring", path))?;
         offset += chunk.len() as u64;
     }
     file.sync_data().map_err(io_error("sync ring", path))?;
-    // Whatever went through the page cache is on disk now: drop it.
-    let _ = nix::fcntl::posix_fadvise(
-        file.as_raw_fd(),
-        0,
-        0,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-    info!(path = %path.display(), mib = len >> 20, ms = started.elapsed().as_millis(), direct = direct.is_some(), "New ring written with zeroes");
+    info!(path = %path.display(), mib = len >> 20, ms = started.elapsed().as_millis(), "New ring written with zeroes");
     Ok(())
 }
 
