@@ -245,6 +245,9 @@ pub(crate) struct Shared {
     durability: Durability,
     /// Joins concurrent FLUSH and FUA syncs of the group's disks.
     group_commit: GroupCommit,
+    /// Records whose last page was filled with zeroes (tests).
+    #[cfg(test)]
+    page_fills: std::sync::atomic::AtomicU64,
 }
 
 /// A group of disks sharing a log ring.

@@ -503,6 +503,8 @@ impl Shared {
             disks,
             durability: Durability::new().map_err(io_error("set up io_uring", path))?,
             group_commit: GroupCommit::default(),
+            #[cfg(test)]
+            page_fills: std::sync::atomic::AtomicU64::new(0),
             sync_file: File::open(path).map_err(io_error("open ring", path))?,
             dsync_file: OpenOptions::new()
                 .write(true)

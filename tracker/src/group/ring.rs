@@ -393,9 +393,23 @@ impl Shared {
             payload_len,
         };
         let file_offset = DATA_START + state.tail % self.ring_size;
+        let written_end = state.tail + HEADER_LEN as u64 + u64::from(payload_len);
+        let fill = self.page_fill(state, written_end);
         let written = match contents {
-            Contents::Whole(payload) => self.write_whole(file_offset, &header, payload),
-            Contents::Later(_) => self.write_header(state.tail, &header),
+            Contents::Whole(payload) => self.write_whole(file_offset, &header, payload, fill),
+            Contents::Later(_) => self.write_header(state.tail, &header).and_then(|()| {
+                // The payload comes later, without the lock: write its last page now,
+                // while nothing is reserved after it.
+                if fill == 0 {
+                    return Ok(());
+                }
+                // (A large record's last page lies past its header.)
+                let page_start =
+                    (written_end - written_end % FILL_PAGE).max(state.tail + HEADER_LEN as u64);
+                let zeroes = &ZERO_PAGE[..usize_of(written_end + fill - page_start)];
+                self.file
+                    .write_all_at(zeroes, DATA_START + page_start % self.ring_size)
+            }),
         };
         if let Err(error) = written {
             self.ring_write_failed(state, &error);
@@ -432,6 +446,7 @@ impl Shared {
         file_offset: u64,
         header: &RecordHeader,
         payload: &[u8],
+        fill: u64,
     ) -> io::Result<()> {
         let mut bytes = [0u8; HEADER_LEN];
         header.encode(&mut bytes);
@@ -439,9 +454,56 @@ impl Shared {
             .copy_from_slice(&commit_crc(header.seq, payload).to_le_bytes());
         write_all_vectored_at(
             &self.file,
-            &mut [IoSlice::new(&bytes), IoSlice::new(payload)],
+            &mut [
+                IoSlice::new(&bytes),
+                IoSlice::new(payload),
+                IoSlice::new(&ZERO_PAGE[..usize_of(fill)]),
+            ],
             file_offset,
         )
+    }
+
+    /// Zero bytes to write after a record whose bytes end at ring position `end`, so
+    /// that its last page is written whole: 0 unless that page is not in the page
+    /// cache. A `pwrite` that ends inside a page the cache does not hold reads the
+    /// page from the disk first, which is what every small record would do in a ring
+    /// whose pages were evicted after its first lap. Never reaches records not yet
+    /// acknowledged (a ring that full pays for the read).
+    fn page_fill(&self, state: &State, end: u64) -> u64 {
+        let in_page = end % FILL_PAGE;
+        if in_page == 0 || end + (FILL_PAGE - in_page) > state.head + self.ring_size {
+            return 0;
+        }
+        let page_start = DATA_START + (end - in_page) % self.ring_size;
+        if self.page_cached(page_start) {
+            return 0;
+        }
+        #[cfg(test)]
+        self.page_fills
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        FILL_PAGE - in_page
+    }
+
+    /// Whether the page of the ring file at `file_offset` (a multiple of
+    /// [`FILL_PAGE`]) is in the page cache. Errors (a system whose pages are larger)
+    /// say yes: filling is an optimisation.
+    pub(super) fn page_cached(&self, file_offset: u64) -> bool {
+        let mut resident = 0u8;
+        // SAFETY: `file_offset` is inside the mapping (records lie below
+        // DATA_START + ring_size) and a multiple of 4096; mincore reads the page
+        // tables only and writes one byte per page, one page here, into `resident`.
+        let result = unsafe {
+            libc::mincore(
+                self.map
+                    .as_ptr()
+                    .add(usize_of(file_offset))
+                    .cast_mut()
+                    .cast(),
+                usize_of(FILL_PAGE),
+                &mut resident,
+            )
+        };
+        result != 0 || resident & 1 == 1
     }
 
     /// Writes the payload into the slot, then its commit marker (see
@@ -575,6 +637,15 @@ impl Shared {
         })
     }
 }
+
+/// The page a record's last bytes are filled to when it is not cached
+/// ([`Shared::page_fill`]), in bytes.
+const FILL_PAGE_BYTES: usize = 4096;
+/// [`FILL_PAGE_BYTES`], for ring positions.
+const FILL_PAGE: u64 = FILL_PAGE_BYTES as u64;
+
+/// Zeroes to fill a page with.
+static ZERO_PAGE: [u8; FILL_PAGE_BYTES] = [0; FILL_PAGE_BYTES];
 
 /// `pwritev` of all of `bufs` at `offset`, resuming after short writes.
 fn write_all_vectored_at(
