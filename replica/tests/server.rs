@@ -185,6 +185,31 @@ fn frames_of(id: u64, changes: &[Change<'_>]) -> Vec<Vec<u8>> {
 }
 
 /// Offers, uploads and commits transfer `id` of `changes` to replica `name`.
+/// Transfer `id` to replica `name`: a resync of one batch (resync `epoch`) that
+/// writes all of `disk` with `data`.
+fn send_whole_disk(
+    lab: &Lab,
+    agent: &ureq::Agent,
+    name: &str,
+    id: u64,
+    epoch: u64,
+    disk: usize,
+    data: &[u8],
+) {
+    let resync = TransferKind::Resync {
+        epoch,
+        batch: 0,
+        last: true,
+    };
+    let whole = Change {
+        disk,
+        offset: 0,
+        length: data.len() as u64,
+        data: ChangeData::Write(data),
+    };
+    send_transfer_to(lab, agent, name, id, resync, &[whole]);
+}
+
 fn send_transfer_to(
     lab: &Lab,
     agent: &ureq::Agent,
@@ -363,6 +388,13 @@ fn plain(request: ureq::Request, psk: Option<&str>, identity: Option<&str>) -> u
 
 fn error_code(body: &str) -> ErrorCode {
     serde_json::from_str::<ErrorBody>(body).unwrap().code
+}
+
+/// A 409 refusal with `expected`'s code and a message that says `hint`.
+fn assert_refused(code: u16, body: &str, expected: ErrorCode, hint: &str) {
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(error_code(body), expected, "{body}");
+    assert!(body.contains(hint), "{body}");
 }
 
 /// Lab mode: plain HTTP, requests authenticated by [`PSK`].
@@ -650,18 +682,7 @@ fn wait_applied(lab: &Lab, agent: &ureq::Agent, name: &str, cycle: u64) -> Durat
 /// at 1 MiB, to replica `name`.
 fn replicate(lab: &Lab, agent: &ureq::Agent, name: &str, fill: u8, tag: &[u8]) {
     let data = vec![fill; 4 * MIB as usize];
-    let resync = TransferKind::Resync {
-        epoch: 1,
-        batch: 0,
-        last: true,
-    };
-    let whole = Change {
-        disk: 0,
-        offset: 0,
-        length: data.len() as u64,
-        data: ChangeData::Write(&data),
-    };
-    send_transfer_to(lab, agent, name, 1, resync, &[whole]);
+    send_whole_disk(lab, agent, name, 1, 1, 0, &data);
     let tagged = Change {
         disk: 0,
         offset: MIB,
@@ -916,9 +937,7 @@ fn an_enable_with_a_disk_appended_adds_it_to_the_replica() {
     let handle = lab.server.handle();
     let (_, overlays) = handle.start_test("vm1", None, None).unwrap();
     let (code, body) = enable_with(&lab, &dc1, &with_disk1("vm1", 2 * MIB));
-    assert_eq!(code, 409, "{body}");
-    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
-    assert!(body.contains("test-failover stop"), "{body}");
+    assert_refused(code, &body, ErrorCode::Conflict, "test-failover stop");
     assert!(!disk1.exists());
     drop(overlays);
     handle.stop_test("vm1", None).unwrap();
@@ -933,18 +952,7 @@ fn an_enable_with_a_disk_appended_adds_it_to_the_replica() {
 
     // The resync copies the new disk whole; a delta writes both disks.
     let copy = vec![0x77u8; 2 * MIB as usize];
-    let resync = TransferKind::Resync {
-        epoch: 2,
-        batch: 0,
-        last: true,
-    };
-    let whole = Change {
-        disk: 1,
-        offset: 0,
-        length: copy.len() as u64,
-        data: ChangeData::Write(&copy),
-    };
-    send_transfer(&lab, &dc1, 3, resync, &[whole]);
+    send_whole_disk(&lab, &dc1, "vm1", 3, 2, 1, &copy);
     let delta = [
         Change {
             disk: 1,
@@ -1044,9 +1052,7 @@ fn an_added_disk_is_checked_like_a_new_replicas() {
             ..with_disk1("vm1", MIB)
         },
     );
-    assert_eq!(code, 409, "{body}");
-    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
-    assert!(body.contains("blkrep replica import"), "{body}");
+    assert_refused(code, &body, ErrorCode::Conflict, "blkrep replica import");
 
     let image = lab.dir.path().join("backup.img");
     std::fs::write(&image, vec![5u8; 4 * MIB as usize]).unwrap();
@@ -1066,8 +1072,6 @@ fn an_added_disk_is_checked_like_a_new_replicas() {
             ..with_disk1("vm2", MIB)
         },
     );
-    assert_eq!(code, 409, "{body}");
-    assert_eq!(error_code(&body), ErrorCode::Conflict, "{body}");
-    assert!(body.contains("blkrep replica seed"), "{body}");
+    assert_refused(code, &body, ErrorCode::Conflict, "blkrep replica seed");
     assert!(!lab.dir.path().join("store1/vm2/disks/disk1.img").exists());
 }

@@ -271,6 +271,18 @@ fn crash_recovery_skips_uncommitted_and_keeps_cycles() {
     assert_eq!(report.previous, PreviousShutdown::Clean);
 }
 
+/// Opens the group of `cfg`, writes `writes` (offset, data) to its disk 0, and drops
+/// it without a clean shutdown: a daemon crash. Returns the image the writes make.
+fn log_then_crash(cfg: &TrackerConfig, writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut image = vec![0u8; usize_of(DISK)];
+    let (group, _) = Group::open(cfg).unwrap();
+    let disk = group.disk(0).unwrap();
+    for (offset, data) in writes {
+        write(&disk, &mut image, *offset, data);
+    }
+    image
+}
+
 /// A record whose `pwritev` a crash cut short keeps its (nonzero) commit CRC over a
 /// partial payload. Recovery must withdraw it, or the first live close after a replay
 /// ships a write the image never received.
@@ -278,14 +290,7 @@ fn crash_recovery_skips_uncommitted_and_keeps_cycles() {
 fn a_record_cut_short_is_withdrawn_and_never_ships() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), MIN_RING_SIZE, 1);
-    let mut image = vec![0u8; usize_of(DISK)];
-    {
-        let (group, _) = Group::open(&cfg).unwrap();
-        let disk = group.disk(0).unwrap();
-        write(&disk, &mut image, 0, &[1; 4096]);
-        write(&disk, &mut image, 4096, &[2; 4096]);
-        // Dropped without shutdown_clean: a daemon crash.
-    }
+    let mut image = log_then_crash(&cfg, &[(0, vec![1; 4096]), (4096, vec![2; 4096])]);
     // The second record's payload only half arrived; its CRC did.
     let second = usize_of(DATA_START + record_len(4096));
     let mut bytes = std::fs::read(&cfg.ring_path).unwrap();
@@ -1167,14 +1172,8 @@ fn a_pending_resync_keeps_its_map_when_a_disk_is_added() {
 fn a_large_record_commits_with_its_marker() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), MIN_RING_SIZE, 1);
-    let mut image = vec![0u8; usize_of(DISK)];
     let large = vec![0x5a; WHOLE_PAYLOAD_MAX * 2];
-    {
-        let (group, _) = Group::open(&cfg).unwrap();
-        let disk = group.disk(0).unwrap();
-        write(&disk, &mut image, 0, &large);
-        write(&disk, &mut image, 1 << 18, &large);
-    }
+    let image = log_then_crash(&cfg, &[(0, large.clone()), (1 << 18, large.clone())]);
     let bytes = std::fs::read(&cfg.ring_path).unwrap();
     let first = usize_of(DATA_START) + COMMIT_CRC_AT;
     let stored = u32::from_le_bytes(bytes[first..first + 4].try_into().unwrap());
