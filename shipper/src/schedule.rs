@@ -34,7 +34,23 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The first wait after the replica answered Busy (it is applying what it received),
+/// doubled after each further Busy answer up to [`BUSY_RETRY_MAX`]. A busy replica is
+/// retried sooner than the next interval when the interval is longer.
+pub const BUSY_RETRY_FIRST: Duration = Duration::from_secs(10);
+/// The longest wait between retries of a busy replica.
+pub const BUSY_RETRY_MAX: Duration = Duration::from_secs(5 * 60);
+
 impl RetryPolicy {
+    /// The wait after `failures` consecutive Busy answers (1 for the first).
+    pub fn busy_delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        BUSY_RETRY_FIRST
+            .saturating_mul(1 << doublings)
+            .min(BUSY_RETRY_MAX)
+            .mul_f64(self.scale.max(0.0))
+    }
+
     /// The wait after `failures` consecutive network failures (1 for the first).
     pub fn delay(&self, failures: u32) -> Duration {
         let index = usize::try_from(failures.saturating_sub(1))
@@ -144,6 +160,16 @@ mod tests {
         assert_eq!(fast.delay(1), Duration::from_secs(1));
         assert_eq!(fast.delay(6), Duration::from_secs(30));
         assert_eq!(fast.delay(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn busy_waits_double_up_to_five_minutes() {
+        let policy = RetryPolicy::default();
+        let seconds: Vec<u64> = (1..=7).map(|n| policy.busy_delay(n).as_secs()).collect();
+        assert_eq!(seconds, vec![10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(policy.busy_delay(u32::MAX), BUSY_RETRY_MAX);
+        let fast = RetryPolicy { scale: 0.1 };
+        assert_eq!(fast.busy_delay(1), Duration::from_secs(1));
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl Worker {
                     None => {}
                 }
                 self.network_failures = 0;
+                self.busy_answers = 0;
                 self.retry_at = Some(Instant::now());
                 match was_suspended {
                     Some(reason) => {

@@ -53,6 +53,7 @@ impl Worker {
                 status.last_duration_ms =
                     Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
                 self.network_failures = 0;
+                self.busy_answers = 0;
                 self.retry_at = None;
                 self.last_code = None;
             }
@@ -98,6 +99,19 @@ impl Worker {
                 let delay = self.retry.delay(self.network_failures);
                 self.retry_at = Some(Instant::now() + delay);
                 warn!(%group, error = %message, retry_in_secs = delay.as_secs_f64(), failures = self.network_failures, "Replication failed; retrying");
+            }
+            FailureClass::NextInterval if code == Some(ErrorCode::Busy) => {
+                // Busy applying what it received: that ends by itself, usually long
+                // before a long interval does.
+                self.busy_answers += 1;
+                let delay = self.retry.busy_delay(self.busy_answers);
+                if delay < self.interval {
+                    self.retry_at = Some(Instant::now() + delay);
+                    warn!(%group, error = %message, retry_in_secs = delay.as_secs_f64(), "The replica is busy; retrying");
+                } else {
+                    self.retry_at = None;
+                    warn!(%group, error = %message, "The replica is busy; retrying next interval");
+                }
             }
             FailureClass::NextInterval => {
                 self.retry_at = None;

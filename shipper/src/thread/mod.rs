@@ -228,9 +228,12 @@ struct Worker {
     /// The chain of a consumer without a relationship record.
     local_chain: u32,
     resync: Option<ResyncProgress>,
-    /// Consecutive network failures, and when the next retry is due.
+    /// Consecutive network failures and Busy answers, and when the next retry is due.
     network_failures: u32,
+    busy_answers: u32,
     retry_at: Option<Instant>,
+    /// The replication interval.
+    interval: Duration,
     history: CycleHistory,
     /// Every interval's outcome, for `blkrep replication measure`.
     deliveries: Arc<Mutex<DeliveryLog>>,
@@ -300,7 +303,9 @@ impl Shipper {
             local_chain: new_chain(),
             resync: None,
             network_failures: 0,
+            busy_answers: 0,
             retry_at: None,
+            interval: options.interval,
             history: CycleHistory::default(),
             deliveries: Arc::clone(&deliveries),
             closed: BTreeMap::new(),

@@ -147,6 +147,90 @@ impl CycleSink for FlakySink {
     }
 }
 
+/// A consumer that answers Busy, as a replica applying what it received does, for
+/// its first `busy` commits.
+struct BusySink {
+    inner: LocalCopySink,
+    commits: Arc<std::sync::atomic::AtomicU32>,
+    busy: u32,
+}
+
+impl CycleSink for BusySink {
+    fn describe(&self) -> String {
+        "busy".into()
+    }
+    fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
+        self.inner.apply(change)
+    }
+    fn commit(&mut self) -> Result<(), SinkError> {
+        let n = self
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n <= self.busy {
+            return Err(SinkError::Remote {
+                url: "https://replica.test".into(),
+                source: crate::remote::ClientError::Refused {
+                    what: "commit".into(),
+                    status: 503,
+                    code: Some(ErrorCode::Busy),
+                    message: "Busy applying".into(),
+                },
+            });
+        }
+        self.inner.commit()
+    }
+}
+
+/// A busy replica is retried within seconds, not at the next (hour-long) interval:
+/// the second Busy answer doubles the wait, and a later attempt delivers.
+#[test]
+fn a_busy_replica_is_retried_before_the_next_interval() {
+    let Fixture {
+        dir: _dir,
+        image_path,
+        image,
+        group,
+        copies,
+    } = Fixture::new();
+    let commits = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let sink = BusySink {
+        inner: LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap(),
+        commits: Arc::clone(&commits),
+        busy: 2,
+    };
+    let options = ShipperOptions {
+        // Busy waits of 50 ms, then 100 ms.
+        retry: RetryPolicy { scale: 0.005 },
+        ..options()
+    };
+    let shipper = Shipper::spawn(
+        group.clone(),
+        vec![image_path.clone()],
+        4096,
+        options,
+        Box::new(sink),
+    )
+    .unwrap();
+    write(&group.disk(0).unwrap(), &image, 8192, &[9; 4096]);
+    assert!(shipper.close_now(Duration::from_secs(10)).is_err());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shipper.status().last_error.is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        shipper.status().last_error.is_none(),
+        "not retried: {:?}",
+        shipper.status().last_error
+    );
+    assert!(commits.load(std::sync::atomic::Ordering::SeqCst) > 2);
+    assert_eq!(
+        std::fs::read(copies.join("disk0.img")).unwrap(),
+        std::fs::read(&image_path).unwrap()
+    );
+    shipper.stop();
+}
+
 /// The first delivery after a resync's copy fails: the next attempt must finish the
 /// resync (and the copy must end equal to the image).
 #[test]

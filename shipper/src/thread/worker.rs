@@ -98,7 +98,8 @@ impl Worker {
             Gate::Removed => self.drop_cycles(),
             Gate::Paused | Gate::Suspended(_) | Gate::Superseded(_) | Gate::NotBefore(_) => {}
             Gate::Open if self.retry_at.is_some() => {
-                // Backing off after network failures: this interval's cycle is missed.
+                // Backing off (network failures, a busy replica): this interval's
+                // cycle is missed; the retry closes one.
                 self.history.record(unix_now(), false);
                 self.record_outcome(Outcome::Skipped);
             }

@@ -18,7 +18,9 @@ pub enum FailureClass {
     /// every 30 minutes.
     Network,
     /// The replica is paused, short of space, or busy with a conflicting request (or
-    /// a local step failed): retry every interval.
+    /// a local step failed): retry every interval. A replica busy applying what it
+    /// received (`ErrorCode::Busy`) is retried sooner when the interval is long
+    /// (`RetryPolicy::busy_delay`).
     NextInterval,
     /// Authentication or authorisation failed: no retry; Critical.
     Authentication,
