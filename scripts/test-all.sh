@@ -48,7 +48,8 @@ with_fuzz=()
 step "install test dependencies" scripts/install-test-deps.sh "${with_fuzz[@]}"
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-step "cargo test" cargo test --workspace --all-targets --locked
+# Every test binary runs even after one fails, so a run reports every failure.
+step "cargo test" cargo test --workspace --all-targets --locked --no-fail-fast
 # The Debian package: its release build is the one demo.sh and the benchmarks use.
 step "Debian package (scripts/test-package.sh)" scripts/test-package.sh
 if (( ! quick )); then
