@@ -376,8 +376,7 @@ fn read_superblock(
         return Err(TrackerError::RingMismatch {
             path: path.clone(),
             detail: format!(
-                "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {} \
-                 (disks can only be added after the ones the ring tracks)",
+                "it tracks disks {:?} at {} byte blocks, the configuration has {:?} at {}{}",
                 superblock
                     .disks
                     .iter()
@@ -388,7 +387,12 @@ fn read_superblock(
                     .iter()
                     .map(|d| format!("{} ({} bytes)", d.name, d.size))
                     .collect::<Vec<_>>(),
-                config.block_size
+                config.block_size,
+                if extends {
+                    ""
+                } else {
+                    " (disks can only be added after the ones the ring tracks)"
+                }
             ),
         });
     }
