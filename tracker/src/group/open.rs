@@ -309,7 +309,8 @@ fn open_ring_file(
 /// session 16). Through the page cache, and left there: a record that ends inside a
 /// page the cache does not hold makes its `pwrite` read that page from the disk first
 /// (zeroes written with O_DIRECT made 4 KiB writes 5 times slower), which is also how a
-/// ring stands after its first lap. About a second per GiB, once, when the ring is made.
+/// ring stands after its first lap. One to a few seconds per GiB (2 GiB took 4.6 s on
+/// the test machine), once, when the ring is made.
 fn write_zeroes(path: &Path, file: &File, len: u64) -> Result<(), TrackerError> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 8 << 20;
