@@ -545,7 +545,7 @@ impl Shared {
             .max(state.closed.back().map_or(0, |mark| mark.cycle + 1));
         state.open_cycle = state.open_cycle.max(last_cycle);
         report.records = scan.committed;
-        report.uncommitted = scan.uncommitted;
+        report.uncommitted = scan.uncommitted_at.len() as u64;
         // Live readers (the shipper after a replay) take a nonzero commit CRC as
         // committed without checking the payload; make that true again.
         for pos in &scan.uncommitted_at {

@@ -135,7 +135,6 @@ pub(super) struct Scan {
     pub(super) closed: VecDeque<CloseMark>,
     pub(super) max_cycle: u64,
     pub(super) committed: u64,
-    pub(super) uncommitted: u64,
     /// Ring positions of the uncommitted records, for [`Shared::withdraw_at`].
     pub(super) uncommitted_at: Vec<u64>,
 }
@@ -188,7 +187,6 @@ impl Shared {
             closed: VecDeque::new(),
             max_cycle: 0,
             committed: 0,
-            uncommitted: 0,
             uncommitted_at: Vec::new(),
         };
         loop {
@@ -227,7 +225,6 @@ impl Shared {
                     if self.is_committed(pos, &header) {
                         scan.committed += 1;
                     } else {
-                        scan.uncommitted += 1;
                         scan.uncommitted_at.push(pos);
                     }
                     scan.max_cycle = scan.max_cycle.max(header.cycle);
@@ -394,7 +391,7 @@ impl Shared {
         };
         let file_offset = DATA_START + state.tail % self.ring_size;
         let written_end = state.tail + HEADER_LEN as u64 + u64::from(payload_len);
-        let fill = self.page_fill(state, written_end);
+        let fill = self.page_fill(state, state.tail, written_end);
         let written = match contents {
             Contents::Whole(payload) => self.write_whole(file_offset, &header, payload, fill),
             Contents::Later(_) => self.write_header(state.tail, &header).and_then(|()| {
@@ -463,15 +460,20 @@ impl Shared {
         )
     }
 
-    /// Zero bytes to write after a record whose bytes end at ring position `end`, so
-    /// that its last page is written whole: 0 unless that page is not in the page
-    /// cache. A `pwrite` that ends inside a page the cache does not hold reads the
-    /// page from the disk first, which is what every small record would do in a ring
-    /// whose pages were evicted after its first lap. Never reaches records not yet
-    /// acknowledged (a ring that full pays for the read).
-    fn page_fill(&self, state: &State, end: u64) -> u64 {
+    /// Zero bytes to write after a record whose bytes run from ring position `start`
+    /// to `end`, so that its last page is written whole: 0 unless that page is not in
+    /// the page cache. A `pwrite` that ends inside a page the cache does not hold reads
+    /// the page from the disk first, which is what every small record would do in a
+    /// ring whose pages were evicted after its first lap. Never reaches records not
+    /// yet acknowledged (a ring that full pays for the read).
+    fn page_fill(&self, state: &State, start: u64, end: u64) -> u64 {
         let in_page = end % FILL_PAGE;
         if in_page == 0 || end + (FILL_PAGE - in_page) > state.head + self.ring_size {
+            return 0;
+        }
+        if start / FILL_PAGE == end / FILL_PAGE {
+            // It ends in the page it starts in, which the record before it wrote:
+            // no system call on the write path to ask.
             return 0;
         }
         let page_start = DATA_START + (end - in_page) % self.ring_size;
@@ -522,16 +524,18 @@ impl Shared {
     /// in one `pwritev` stores its CRC before its payload, so a crash can leave a
     /// nonzero CRC over a payload cut short, and live readers trust a nonzero CRC.
     pub(super) fn withdraw_at(&self, pos: u64) -> io::Result<()> {
-        self.file.write_all_at(
-            &0u32.to_le_bytes(),
-            DATA_START + pos % self.ring_size + COMMIT_CRC_AT as u64,
-        )
+        self.write_commit_word(DATA_START + pos % self.ring_size, 0)
     }
 
     /// Overwrites the slot's commit CRC (0: the record is withdrawn).
     pub(super) fn store_commit(&self, slot: &Slot, crc: u32) -> io::Result<()> {
+        self.write_commit_word(slot.file_offset, crc)
+    }
+
+    /// Writes the commit word of the record whose header is at `file_offset`.
+    fn write_commit_word(&self, file_offset: u64, word: u32) -> io::Result<()> {
         self.file
-            .write_all_at(&crc.to_le_bytes(), slot.file_offset + COMMIT_CRC_AT as u64)
+            .write_all_at(&word.to_le_bytes(), file_offset + COMMIT_CRC_AT as u64)
     }
 
     /// A write to the ring failed: from now on the group tracks by dirty map and needs
