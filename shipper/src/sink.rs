@@ -220,6 +220,19 @@ impl LocalCopySink {
         Ok(())
     }
 
+    /// Makes empty copies (sparse, all zeroes) of disks `disks` (name, size) added to
+    /// a group whose tracking runs: a resync fills them. A copy there already (an add
+    /// cut short) is made again.
+    pub fn create_empty(dir: &Path, disks: &[(String, u64)]) -> Result<(), SinkError> {
+        for (name, size) in disks {
+            let path = Self::copy_path(dir, name);
+            let created = std::fs::File::create(&path)
+                .and_then(|file| file.set_len(*size).and_then(|()| file.sync_all()));
+            created.map_err(|source| SinkError::Copy { path, source })?;
+        }
+        Ok(())
+    }
+
     /// Opens the copies of `disks` (name, size) in `dir`.
     pub fn open(dir: &Path, disks: &[(String, u64)]) -> Result<Self, SinkError> {
         let disks = disks

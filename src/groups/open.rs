@@ -239,20 +239,20 @@ pub fn create_added_copies(
         // Not an addition: opening the ring refuses this configuration.
         return Ok(());
     }
-    let consumer_error = |path: PathBuf| {
-        move |source| GroupError::Consumer {
-            group: config.name.clone(),
-            source: shipper::SinkError::Copy { path, source },
-        }
-    };
-    for (disk, size) in config.disks.iter().zip(sizes).skip(tracked.len()) {
-        let copy = LocalCopySink::copy_path(dir, &disk.name);
-        info!(group = %config.name, disk = %disk.name, copy = %copy.display(), "Disk added: its local copy starts empty and is filled by a resync");
-        let file = File::create(&copy).map_err(consumer_error(copy.clone()))?;
-        file.set_len(*size).map_err(consumer_error(copy.clone()))?;
-        file.sync_all().map_err(consumer_error(copy))?;
+    let added: Vec<(String, u64)> = config
+        .disks
+        .iter()
+        .zip(sizes)
+        .skip(tracked.len())
+        .map(|(disk, size)| (disk.name.clone(), *size))
+        .collect();
+    if !added.is_empty() {
+        info!(group = %config.name, dir = %dir.display(), disks = ?added, "Disks added: their local copies start empty and are filled by a resync");
     }
-    Ok(())
+    LocalCopySink::create_empty(dir, &added).map_err(|source| GroupError::Consumer {
+        group: config.name.clone(),
+        source,
+    })
 }
 
 /// Opens the group's ring, replays the log onto the images after a crash, and fences

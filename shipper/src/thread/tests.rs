@@ -118,11 +118,27 @@ fn delivers_cycles_and_resyncs_after_overflow() {
     shipper.stop();
 }
 
-/// Fails the `fail_at`-th commit, then behaves.
+/// Fails the commits numbered in `failing` (from 1) with `error()`, then behaves.
 struct FlakySink {
     inner: LocalCopySink,
     commits: Arc<std::sync::atomic::AtomicU32>,
-    fail_at: u32,
+    failing: std::ops::RangeInclusive<u32>,
+    error: fn() -> SinkError,
+}
+
+impl FlakySink {
+    fn new(
+        copies: &std::path::Path,
+        failing: std::ops::RangeInclusive<u32>,
+        error: fn() -> SinkError,
+    ) -> Self {
+        Self {
+            inner: LocalCopySink::open(copies, &[("disk0".into(), SIZE)]).unwrap(),
+            commits: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            failing,
+            error,
+        }
+    }
 }
 
 impl CycleSink for FlakySink {
@@ -137,48 +153,31 @@ impl CycleSink for FlakySink {
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
-        if n == self.fail_at {
-            return Err(SinkError::Copy {
-                path: PathBuf::from("flaky"),
-                source: std::io::Error::other("injected"),
-            });
+        if self.failing.contains(&n) {
+            return Err((self.error)());
         }
         self.inner.commit()
     }
 }
 
-/// A consumer that answers Busy, as a replica applying what it received does, for
-/// its first `busy` commits.
-struct BusySink {
-    inner: LocalCopySink,
-    commits: Arc<std::sync::atomic::AtomicU32>,
-    busy: u32,
+/// A local failure, as a full disk gives.
+fn injected() -> SinkError {
+    SinkError::Copy {
+        path: PathBuf::from("flaky"),
+        source: std::io::Error::other("injected"),
+    }
 }
 
-impl CycleSink for BusySink {
-    fn describe(&self) -> String {
-        "busy".into()
-    }
-    fn apply(&mut self, change: &Change<'_>) -> Result<(), SinkError> {
-        self.inner.apply(change)
-    }
-    fn commit(&mut self) -> Result<(), SinkError> {
-        let n = self
-            .commits
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        if n <= self.busy {
-            return Err(SinkError::Remote {
-                url: "https://replica.test".into(),
-                source: crate::remote::ClientError::Refused {
-                    what: "commit".into(),
-                    status: 503,
-                    code: Some(ErrorCode::Busy),
-                    message: "Busy applying".into(),
-                },
-            });
-        }
-        self.inner.commit()
+/// What a replica applying what it received answers.
+fn busy() -> SinkError {
+    SinkError::Remote {
+        url: "https://replica.test".into(),
+        source: crate::remote::ClientError::Refused {
+            what: "commit".into(),
+            status: 503,
+            code: Some(ErrorCode::Busy),
+            message: "Busy applying".into(),
+        },
     }
 }
 
@@ -193,12 +192,8 @@ fn a_busy_replica_is_retried_before_the_next_interval() {
         group,
         copies,
     } = Fixture::new();
-    let commits = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let sink = BusySink {
-        inner: LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap(),
-        commits: Arc::clone(&commits),
-        busy: 2,
-    };
+    let sink = FlakySink::new(&copies, 1..=2, busy);
+    let commits = Arc::clone(&sink.commits);
     let options = ShipperOptions {
         // Busy waits of 50 ms, then 100 ms.
         retry: RetryPolicy { scale: 0.005 },
@@ -243,11 +238,7 @@ fn a_failed_delivery_after_the_resync_copy_is_finished_later() {
         copies,
     } = Fixture::new();
     // Commit 1: the resync copy; commit 2: the cycle after it (fails).
-    let sink = FlakySink {
-        inner: LocalCopySink::open(&copies, &[("disk0".into(), SIZE)]).unwrap(),
-        commits: Arc::new(std::sync::atomic::AtomicU32::new(0)),
-        fail_at: 2,
-    };
+    let sink = FlakySink::new(&copies, 2..=2, injected);
     let shipper = Shipper::spawn(
         group.clone(),
         vec![image_path.clone()],
