@@ -75,6 +75,7 @@ impl Worker {
             .unwrap_or(ResyncReason::Requested);
         if let Some(resumed) = self.resume_interrupted_copy(reason)? {
             self.resync = Some(resumed);
+            self.publish_resync();
             return Ok(());
         }
         // The new chain is durable before any of its transfers exists.
@@ -105,7 +106,17 @@ impl Worker {
             batch_last: None,
             copied: false,
         });
+        self.publish_resync();
         Ok(())
+    }
+
+    /// Shows the resync in the status at once: an observer must never see a cycle
+    /// delivered after the ring overflowed while the status shows no resync at all.
+    fn publish_resync(&self) {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resync = self.resync.as_ref().map(ResyncProgress::report);
     }
 
     /// Whether the initial copy goes by external media and was not exported yet.

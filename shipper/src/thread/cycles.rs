@@ -197,10 +197,10 @@ impl Worker {
             if let Some(resync) = self.resync.take() {
                 info!(target: "blkrep_event", event = "resync_finished", group = %self.group.name(), reason = %resync.reason, bytes = resync.total_bytes, "Resync finished; the replica is consistent");
             }
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .resyncs += 1;
+            // One update, so the status never shows the resync gone but not counted.
+            let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            status.resync = None;
+            status.resyncs += 1;
         }
         Ok(cycle)
     }
