@@ -371,20 +371,27 @@ fn apply_all(context: &Context, dir: &Path) -> Outcome {
 fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> {
     loop {
         let (next, path, disks, history) = {
-            let mut replica = lock(replica);
-            let Some((next, path)) = replica.begin_apply()? else {
+            let mut held = lock(replica);
+            let Some((next, path)) = held.begin_apply()? else {
+                // A sync that failed before is due still.
+                let unsynced = !held.unsynced().is_empty();
+                drop(held);
+                if unsynced {
+                    sync_applied(replica, dir)?;
+                }
                 return Ok(());
             };
-            (next, path, replica.disks_for_apply()?, replica.history())
+            (next, path, held.disks_for_apply()?, held.history())
         };
         let started = std::time::Instant::now();
         let applied = apply_transfer(&path, next.id, next.chunks, &disks, &history)?;
         let took = started.elapsed();
-        {
+        let sync_due = {
             let mut replica = lock(replica);
             replica.note_apply(applied.written, took);
-            replica.finish_apply(next)?;
-        }
+            replica.finish_apply(next, applied.written)?;
+            replica.sync_due()
+        };
         info!(
             replica = %dir.display(),
             transfer = next.id,
@@ -394,8 +401,30 @@ fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> 
             capture_ms = applied.capture.as_millis(),
             history_sync_ms = applied.history_sync.as_millis(),
             write_ms = applied.write.as_millis(),
-            disk_sync_ms = applied.disk_sync.as_millis(),
             "Transfer applied"
         );
+        if sync_due {
+            sync_applied(replica, dir)?;
+        }
     }
+}
+
+/// Syncs the disks of the replica in `dir` after a run of applied transfers, without
+/// holding the replica: receiving and status go on meanwhile.
+fn sync_applied(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> {
+    let (ids, disks) = {
+        let mut replica = lock(replica);
+        (replica.unsynced(), replica.disks_for_apply()?)
+    };
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    for disk in disks.iter() {
+        disk.sync()?;
+    }
+    let took = started.elapsed();
+    lock(replica).finish_sync(&ids)?;
+    info!(replica = %dir.display(), transfers = ids.len(), sync_ms = took.as_millis(), "Replica disks synced");
+    Ok(())
 }

@@ -1,7 +1,23 @@
 //! Applying received transfers, oldest first: the replica is marked inconsistent, the
 //! transfer's changes are written to the disks (what they overwrite captured first
-//! when recovery points are kept) and synced, then the transfer is recorded as applied
-//! and its file kept as the spare for the next transfer (see `spare`).
+//! when recovery points are kept), then the transfer is recorded as applied.
+//!
+//! Durability: the disks are not synced after every transfer. A committed transfer's
+//! file is already durable, so it serves as a redo log: once applied, its file stays
+//! in `received/` and the state lists it as [`Unsynced`] until the disks are synced,
+//! which happens when nothing is left to apply or after [`SYNC_AFTER_BYTES`] or
+//! [`SYNC_AFTER_TRANSFERS`] (then the newest file becomes the spare and the others
+//! are deleted). Opening the replica after a crash writes the unsynced transfers
+//! again, oldest first, before anything else reads or writes the disks; changes say
+//! what a range holds, so writing them twice gives the same disks. Undo data is never
+//! captured again for them: it was synced before their first write, and the disks
+//! may hold older bytes until the redo. Anything that writes the disks other than an
+//! apply (a failover's roll-back, the disks handed over as live ones) syncs them
+//! first ([`Replica::sync_disks`]), so no redo ever writes over it.
+//!
+//! So an applied transfer counts at once, and the device writes its scattered blocks
+//! in the background and in one sync for a run of transfers, instead of one sync per
+//! transfer on the path from a cycle's close to its recovery point.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,9 +28,17 @@ use wire::api::TransferKind;
 use wire::chunk::CheckedFrame;
 
 use super::receive::read_frame;
+use super::state::Unsynced;
 use super::{now_unix, PointStamp, Queued, Replica, StoreError};
 use crate::history::History;
 use image_ops::apply::{apply_change, ReplicaDisk};
+
+/// The disks are synced once this many data bytes were applied since the last sync,
+/// even with more transfers waiting: it bounds the redo log's space and a restart's
+/// redo.
+pub const SYNC_AFTER_BYTES: u64 = 1 << 30;
+/// ... or this many transfers.
+pub const SYNC_AFTER_TRANSFERS: usize = 64;
 
 impl Replica {
     /// Applies the oldest received transfer, if any. Returns what it was.
@@ -25,7 +49,10 @@ impl Replica {
         let started = Instant::now();
         let applied = apply_transfer(&path, next.id, next.chunks, disks, &self.history)?;
         self.note_apply(applied.written, started.elapsed());
-        self.finish_apply(next)?;
+        self.finish_apply(next, applied.written)?;
+        if self.sync_due() {
+            self.sync_disks()?;
+        }
         Ok(Some(next))
     }
 
@@ -57,8 +84,9 @@ impl Replica {
     }
 
     /// Last step of applying `applied` (the transfer [`Replica::begin_apply`] returned,
-    /// applied and synced): records it and keeps its file as the spare.
-    pub fn finish_apply(&mut self, applied: Queued) -> Result<(), StoreError> {
+    /// which wrote `written` data bytes): records it, and its file as unsynced until
+    /// the next [`Replica::sync_disks`].
+    pub fn finish_apply(&mut self, applied: Queued, written: u64) -> Result<(), StoreError> {
         // Points are taken below: no history file may be made at a removed path.
         self.check_present()?;
         if self.state.queue.front() != Some(&applied) {
@@ -69,6 +97,11 @@ impl Replica {
         }
         let state = &mut self.state;
         state.queue.pop_front();
+        state.unsynced.push(Unsynced {
+            id: applied.id,
+            chunks: applied.chunks,
+            bytes: written,
+        });
         if let TransferKind::Delta {
             cycle,
             closed_unix_ms,
@@ -90,8 +123,86 @@ impl Replica {
             self.take_point(stamp, false)?;
         }
         self.save()?;
-        self.keep_as_spare(&self.received_path(applied.id));
         self.age_out()
+    }
+
+    /// Whether the disks should be synced now: something applied is unsynced, and
+    /// nothing is left to apply or the unsynced transfers reached a bound.
+    pub fn sync_due(&self) -> bool {
+        let unsynced = &self.state.unsynced;
+        let bytes: u64 = unsynced.iter().map(|u| u.bytes).sum();
+        !unsynced.is_empty()
+            && (self.state.queue.is_empty()
+                || bytes >= SYNC_AFTER_BYTES
+                || unsynced.len() >= SYNC_AFTER_TRANSFERS)
+    }
+
+    /// The ids of the transfers applied but not yet synced, for
+    /// [`Replica::finish_sync`] once the disks were synced without holding the
+    /// replica.
+    pub fn unsynced(&self) -> Vec<u64> {
+        self.state.unsynced.iter().map(|u| u.id).collect()
+    }
+
+    /// Syncs the disks, so every applied transfer is durable in them and no redo is
+    /// left to do. Call before writing the disks other than by applying.
+    pub fn sync_disks(&mut self) -> Result<(), StoreError> {
+        let ids = self.unsynced();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for disk in self.disks_for_apply()?.iter() {
+            disk.sync()?;
+        }
+        self.finish_sync(&ids)
+    }
+
+    /// Records that the disks were synced after transfers `ids` were applied: their
+    /// files are no longer needed for a redo; the newest becomes the spare.
+    pub fn finish_sync(&mut self, ids: &[u64]) -> Result<(), StoreError> {
+        let before = self.state.unsynced.len();
+        let mut synced = Vec::new();
+        self.state.unsynced.retain(|u| {
+            let done = ids.contains(&u.id);
+            if done {
+                synced.push(u.id);
+            }
+            !done
+        });
+        if self.state.unsynced.len() == before {
+            return Ok(());
+        }
+        self.save()?;
+        if let Some((newest, older)) = synced.split_last() {
+            for id in older {
+                let _ = std::fs::remove_file(self.received_path(*id));
+            }
+            self.keep_as_spare(&self.received_path(*newest));
+        }
+        Ok(())
+    }
+
+    /// After a restart: writes the transfers applied before it but maybe not synced
+    /// again, oldest first, and syncs the disks (see the module doc).
+    pub(super) fn redo_unsynced(&mut self) -> Result<(), StoreError> {
+        if self.state.unsynced.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let disks = self.open_disks()?;
+        for unsynced in self.state.unsynced.clone() {
+            let path = self.received_path(unsynced.id);
+            for_each_change(&path, unsynced.id, unsynced.chunks, |change| {
+                apply_change(&disks, change)?;
+                Ok(())
+            })?;
+        }
+        for disk in &disks {
+            disk.sync()?;
+        }
+        let ids = self.unsynced();
+        tracing::info!(replica = %self.state.name, transfers = ids.len(), ms = started.elapsed().as_millis(), "Transfers applied before a restart written again and synced");
+        self.finish_sync(&ids)
     }
 
     /// Counts an applied transfer of `bytes` data bytes that took `took` (saved with
@@ -116,16 +227,14 @@ pub struct AppliedTransfer {
     pub capture: Duration,
     /// Making that undo data durable.
     pub history_sync: Duration,
-    /// Writing the changes to the disks.
+    /// Writing the changes to the disks (their page cache: see the module doc).
     pub write: Duration,
-    /// Making the disks durable.
-    pub disk_sync: Duration,
 }
 
 /// Applies every change of the received transfer file `path` (transfer `id`, of
-/// `chunks` chunks, or as many as the file holds when `None`) to `disks` and syncs
-/// them. With recovery points kept, what the changes overwrite is first captured in
-/// `history` and synced.
+/// `chunks` chunks, or as many as the file holds when `None`) to `disks`, without
+/// syncing them (see the module doc). With recovery points kept, what the changes
+/// overwrite is first captured in `history` and synced.
 pub fn apply_transfer(
     path: &Path,
     id: u64,
@@ -157,10 +266,6 @@ pub fn apply_transfer(
         Ok(())
     })?;
     lap(&mut applied.write);
-    for disk in disks {
-        disk.sync()?;
-    }
-    lap(&mut applied.disk_sync);
     Ok(applied)
 }
 

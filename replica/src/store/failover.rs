@@ -123,6 +123,8 @@ impl Replica {
                 }
             }
         };
+        // A roll-back and the new primary write the disks: no redo may follow them.
+        self.sync_disks()?;
         // Fence first: from here the former primary's requests are refused.
         if let Some(receiving) = self.state.receiving.take() {
             let _ = fs::remove_file(self.part_path(receiving.id));
@@ -193,6 +195,7 @@ impl Replica {
                 "Replica {name} was not failed over, so it has no live disks to hand back"
             )));
         }
+        self.sync_disks()?;
         let previous = &self.state;
         let mut state = ReplicaState::unclaimed(
             name,

@@ -21,12 +21,14 @@
 //!   recycles as its `.part` (overwriting pages and blocks is cheaper than new ones;
 //!   see `spare` for why stale frames in it are never taken for chunks).
 //!
-//! Applying takes the oldest received transfer, writes its changes to the disks,
-//! fsyncs them, records the transfer as applied and keeps the file as the spare. A crash in
-//! between re-applies the whole transfer on restart, which gives the same disks:
-//! changes say what a range holds, not how to get there. So the disks only ever show
-//! a half-applied transfer while it is being applied, and `consistent` stays false
-//! until a delta is completely applied.
+//! Applying takes the oldest received transfer, writes its changes to the disks and
+//! records the transfer as applied; its file stays as a redo log until the disks are
+//! synced (after a run of transfers; see `applying`), then the newest such file
+//! becomes the spare. A crash in between re-applies the transfer on restart, and the
+//! unsynced ones before it, which gives the same disks: changes say what a range
+//! holds, not how to get there. So the disks only ever show a half-applied transfer
+//! while it is being applied, and `consistent` stays false until a delta is
+//! completely applied.
 //!
 //! Disks added: the disks only ever grow by disks appended to the list (none removed,
 //! renamed, resized or reordered). A recovery point taken before a disk was added
@@ -64,10 +66,10 @@ mod receive;
 mod spare;
 mod state;
 
-pub use applying::{apply_transfer, AppliedTransfer};
+pub use applying::{apply_transfer, AppliedTransfer, SYNC_AFTER_BYTES, SYNC_AFTER_TRANSFERS};
 use state::UNCLAIMED;
 pub use state::{
-    ApplyTotals, Failover, PointStamp, Queued, RecoveryPoint, ReplicaState, TestFailover,
+    ApplyTotals, Failover, PointStamp, Queued, RecoveryPoint, ReplicaState, TestFailover, Unsynced,
 };
 
 /// Errors of a replica store operation.

@@ -369,11 +369,9 @@ impl Replica {
     /// Deletes files no state refers to (a crash between a rename and the state save).
     pub(super) fn remove_strays(&self) -> Result<(), StoreError> {
         let keep_part = self.state.receiving.map(|r| self.part_path(r.id));
-        let keep: Vec<PathBuf> = self
-            .state
-            .queue
-            .iter()
-            .map(|q| self.received_path(q.id))
+        let keep: Vec<PathBuf> = (self.state.queue.iter().map(|q| q.id))
+            .chain(self.state.unsynced.iter().map(|u| u.id))
+            .map(|id| self.received_path(id))
             .collect();
         for (sub, wanted) in [
             ("incoming", keep_part.into_iter().collect::<Vec<_>>()),

@@ -113,6 +113,23 @@ pub struct ReplicaState {
     /// former primary, and its disks are the group's live disks.
     #[serde(default)]
     pub failover: Option<Failover>,
+    /// Transfers applied since the disks were last synced, oldest first. Their files
+    /// stay in `received/` as a redo log until the next sync (see `applying`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsynced: Vec<Unsynced>,
+}
+
+/// A transfer applied to the disks' page cache but not yet synced with them: its
+/// file is kept, and a restart applies it again before anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsynced {
+    /// Transfer id.
+    pub id: u64,
+    /// Chunks of the transfer (see [`Queued::chunks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u32>,
+    /// Data bytes it wrote.
+    pub bytes: u64,
 }
 
 /// A failover to this replica.
@@ -220,6 +237,7 @@ impl ReplicaState {
             test: None,
             last_test_unix: None,
             failover: None,
+            unsynced: Vec::new(),
         }
     }
 }
@@ -410,6 +428,7 @@ impl Replica {
             replica.save()?;
         }
         replica.recover_part()?;
+        replica.redo_unsynced()?;
         replica.remove_strays()?;
         Ok(replica)
     }

@@ -331,6 +331,139 @@ fn an_apply_cut_short_is_redone_on_restart() {
     assert!(replica.state().consistent);
 }
 
+/// Applies the next transfer as the applier does, and stops before the sync: what a
+/// crash right after an apply leaves.
+fn apply_without_sync(replica: &mut Replica) {
+    let (next, path) = replica.begin_apply().unwrap().unwrap();
+    let disks = replica.disks_for_apply().unwrap();
+    let history = replica.history();
+    let applied = apply_transfer(&path, next.id, next.chunks, &disks, &history).unwrap();
+    replica.finish_apply(next, applied.written).unwrap();
+}
+
+/// Writes `byte` over `length` bytes at `offset` of disk `name` of the closed replica
+/// in `path`, as if the device had not kept what the page cache held.
+fn lose_writes(path: &Path, name: &str, offset: u64, length: usize, byte: u8) {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path.join("disks").join(format!("{name}.img")))
+        .unwrap();
+    file.write_all_at(&vec![byte; length], offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn received_files(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(path.join("received"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn transfers_applied_but_not_synced_are_written_again_on_restart_without_new_undo_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 8, 1);
+    send(
+        &mut replica,
+        11,
+        stamped(1, 10, false),
+        &[write(0, 0, &[0x11; 8192])],
+    );
+    apply_all(&mut replica);
+    assert!(replica.state().unsynced.is_empty(), "synced once idle");
+    assert!(received_files(&path).is_empty());
+    assert!(
+        path.join("spare.part").exists(),
+        "the newest file is the spare"
+    );
+
+    send(
+        &mut replica,
+        12,
+        stamped(2, 20, false),
+        &[write(0, 0, &[0x22; 4096])],
+    );
+    send(
+        &mut replica,
+        13,
+        stamped(3, 30, false),
+        &[write(0, 4096, &[0x33; 4096])],
+    );
+    apply_without_sync(&mut replica);
+    assert!(
+        !replica.sync_due(),
+        "transfer 13 waits: no sync between the two"
+    );
+    apply_without_sync(&mut replica);
+    assert!(replica.sync_due());
+    assert_eq!(replica.unsynced(), vec![12, 13]);
+    assert_eq!(received_files(&path).len(), 2, "kept as the redo log");
+    let points: Vec<(u64, Vec<u8>)> = replica
+        .recovery_points()
+        .iter()
+        .filter(|p| !p.latest)
+        .map(|p| (p.id, point_disk(&replica, p.id, 0)))
+        .collect();
+    assert!(points.len() >= 2, "{points:?}");
+    let expected = disk(&replica, "a");
+    assert_eq!(&expected[..8192], [[0x22u8; 4096], [0x33; 4096]].concat());
+
+    // The host crashes: the device holds the disk as it was before both.
+    drop(replica);
+    lose_writes(&path, "a", 0, 8192, 0x11);
+    let replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(disk(&replica, "a"), expected, "redone in order");
+    assert!(replica.state().unsynced.is_empty());
+    assert!(received_files(&path).is_empty());
+    assert_eq!(replica.state().last_applied_cycle, Some(3));
+    assert!(replica.state().consistent);
+    // Undo data was not captured again from the disk as the crash left it.
+    for (id, before) in &points {
+        assert_eq!(&point_disk(&replica, *id, 0), before, "point {id}");
+    }
+}
+
+#[test]
+fn a_failover_syncs_first_so_no_redo_writes_over_its_roll_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm1");
+    let mut replica = keeping_points(&path, 8, 1);
+    for cycle in 1..=2u64 {
+        send(
+            &mut replica,
+            10 + cycle,
+            stamped(cycle, cycle * 10, false),
+            &[write(0, 0, &[cycle as u8; 4096])],
+        );
+        apply_all(&mut replica);
+    }
+    let at_two = disk(&replica, "a");
+    send(
+        &mut replica,
+        13,
+        stamped(3, 30, false),
+        &[write(0, 0, &[3u8; 4096])],
+    );
+    apply_without_sync(&mut replica);
+    let point_two = replica
+        .recovery_points()
+        .iter()
+        .find(|p| p.cycle == 2 && !p.latest)
+        .unwrap()
+        .id;
+    assert_eq!(replica.unsynced(), vec![13]);
+    replica.fail_over(Some(point_two), false).unwrap();
+    assert!(replica.state().unsynced.is_empty());
+    assert_eq!(disk(&replica, "a"), at_two);
+    drop(replica);
+    let replica = Replica::open(&path, 0).unwrap();
+    assert_eq!(disk(&replica, "a"), at_two, "the roll-back stays");
+}
+
 #[test]
 fn changes_outside_the_disks_are_refused_on_receipt() {
     let dir = tempfile::tempdir().unwrap();
