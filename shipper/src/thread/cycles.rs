@@ -309,8 +309,12 @@ impl Worker {
     }
 
     fn deliver_closed(&mut self) -> Result<(), ShipperError> {
-        while let Some(cycle) = self.group.take_closed()? {
+        loop {
             let started = Instant::now();
+            let Some(cycle) = self.group.take_closed()? else {
+                break;
+            };
+            let read_ms = started.elapsed().as_millis();
             let (id, stats) = (cycle.id(), cycle.stats());
             let changes: u64 = (0..cycle.disk_count())
                 .map(|disk| cycle.change_count(disk) as u64)
@@ -333,13 +337,26 @@ impl Worker {
             };
             let sent_before = self.sink.bytes_sent();
             let answer = self.sink.begin(delta_id(self.chain(), id), kind, bytes)?;
+            let begun_ms = started.elapsed().as_millis();
+            let mut sent_ms = 0;
             if !answer.committed {
                 for change in cycle.changes() {
                     self.sink.apply(&change)?;
                 }
+                sent_ms = started.elapsed().as_millis();
                 self.sink.commit()?;
             }
+            let committed_ms = started.elapsed().as_millis();
             cycle.acknowledge()?;
+            info!(
+                cycle = id,
+                read_ms,
+                begun_ms,
+                sent_ms,
+                committed_ms,
+                acked_ms = started.elapsed().as_millis(),
+                "XXX delivered"
+            );
             let closed_unix = closed_unix_ms / 1000;
             self.closed = self.closed.split_off(&(id + 1));
             let now_ms = unix_now_ms();

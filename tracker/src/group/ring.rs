@@ -260,7 +260,7 @@ impl Shared {
         cycle: u64,
         recovery: bool,
     ) -> ClosedCycle {
-        let mut disks = vec![ExtentMap::default(); self.disks.len()];
+        let mut writes: Vec<Vec<(u64, u64, Source)>> = vec![Vec::new(); self.disks.len()];
         let mut stats = CycleStats::default();
         if recovery {
             // After a crash the records may be cold; a live consumer's were just
@@ -293,7 +293,7 @@ impl Shared {
                 } else {
                     stored_commit_crc(self.header_bytes(pos)) != 0
                 };
-                if disk >= disks.len() || !committed {
+                if disk >= writes.len() || !committed {
                     stats.skipped += 1;
                 } else {
                     stats.records += 1;
@@ -308,12 +308,13 @@ impl Shared {
                         RecordKind::Zero => Source::Zero,
                         _ => Source::Trim,
                     };
-                    disks[disk].insert(start, end, source);
+                    writes[disk].push((start, end, source));
                 }
             }
             pos += len;
             seq += 1;
         }
+        let disks: Vec<ExtentMap> = writes.into_iter().map(ExtentMap::from_writes).collect();
         for map in &disks {
             for (start, end, source) in map.iter() {
                 match source {
