@@ -95,12 +95,13 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             wire::api::Role::Primary => "primary",
         };
         out.push_str(&format!(
-            "{}: {role} at epoch {}, trust group {}, consistent {}, last applied {applied}, pending transfers {}, paused {}\n",
+            "{}: {role} at epoch {}, trust group {}, consistent {}, last applied {applied}, pending transfers {}, applied and not yet synced {}, paused {}\n",
             info.name,
             info.epoch,
             info.trust_group,
             yes_no(info.consistent),
             info.pending_transfers,
+            info.unsynced_transfers,
             yes_no(info.paused),
         ));
         if info.unclaimed {
@@ -222,6 +223,12 @@ pub fn replica_metrics(text: &mut MetricsText, replicas: &[ReplicaInfo]) {
             f64::from(info.pending_transfers),
         );
         text.gauge(
+            "blkrep_replica_unsynced_transfers",
+            "Transfers applied whose writes the replica disks have not synced yet (kept as a redo log).",
+            &labels,
+            f64::from(info.unsynced_transfers),
+        );
+        text.gauge(
             "blkrep_replica_paused",
             "Whether replication is paused on the replica side (1) or not (0).",
             &labels,
@@ -275,6 +282,7 @@ mod tests {
             last_applied_cycle: Some(7),
             last_applied_unix: Some(1_000),
             pending_transfers: 1,
+            unsynced_transfers: 2,
             resync_epoch: None,
             paused: false,
             awaiting_import: false,
@@ -305,8 +313,8 @@ mod tests {
         let text = render_status(&[fresh, info("vm1", "dc1")], 1_000 + 3_725);
         assert_eq!(
             text,
-            "vm1: replica at epoch 1, trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, paused no\n\
-             vm2: primary at epoch 2, trust group dc1, consistent no, last applied none, pending transfers 1, paused yes\n"
+            "vm1: replica at epoch 1, trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, applied and not yet synced 2, paused no\n\
+             vm2: primary at epoch 2, trust group dc1, consistent no, last applied none, pending transfers 1, applied and not yet synced 2, paused yes\n"
         );
         assert_eq!(render_status(&[], 0), "No replicas\n");
     }
@@ -326,6 +334,7 @@ mod tests {
             "blkrep_replica_last_applied_cycle{replica=\"vm1\",trust_group=\"dc1\"} 7",
             "blkrep_replica_last_applied_timestamp_seconds{replica=\"vm1\",trust_group=\"dc1\"} 1000",
             "blkrep_replica_pending_transfers{replica=\"vm1\",trust_group=\"dc1\"} 1",
+            "blkrep_replica_unsynced_transfers{replica=\"vm1\",trust_group=\"dc1\"} 2",
             "blkrep_replica_paused{replica=\"vm1\",trust_group=\"dc1\"} 0",
             "blkrep_replica_applied_bytes_total{replica=\"vm1\",trust_group=\"dc1\"} 3145728",
             "blkrep_replica_apply_seconds_total{replica=\"vm1\",trust_group=\"dc1\"} 1.5",

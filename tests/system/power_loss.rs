@@ -243,6 +243,13 @@ fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix
             .info("vm1")
             .is_some_and(|i| i["pending_transfers"] != 0)
     };
+    // Applied, but the disks not yet synced: the cut loses those writes from the
+    // disks, and the restart must write them again from the kept transfer files.
+    let unsynced = |replica: &Replica| {
+        replica
+            .info("vm1")
+            .is_some_and(|i| i["unsynced_transfers"] != 0)
+    };
     for crash in 1..=REPLICA_CRASHES {
         thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
         // Acknowledged to the primary before the cut: made durable by the replica.
@@ -250,13 +257,21 @@ fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix
             .as_u64()
             .unwrap();
         // Every other cut waits (a while) for a committed transfer being applied,
-        // while the replica disks hold unsynced writes, and falls right after.
+        // while the replica disks hold unsynced writes, and falls right after; every
+        // fourth waits for applied transfers the disks have not synced yet.
         let deadline = Instant::now() + Duration::from_secs(if crash % 2 == 0 { 3 } else { 0 });
-        let mut seen_applying = applying(&replica);
-        while !seen_applying && Instant::now() < deadline {
-            seen_applying = applying(&replica);
+        let wanted = |replica: &Replica| {
+            if crash % 4 == 0 {
+                unsynced(replica)
+            } else {
+                applying(replica)
+            }
+        };
+        let mut seen = wanted(&replica);
+        while !seen && Instant::now() < deadline {
+            seen = wanted(&replica);
         }
-        if seen_applying {
+        if seen {
             cut_while_applying += 1;
         }
         dir.cut();
@@ -333,10 +348,17 @@ fn replica_power_loss_loses_no_acknowledged_transfer_and_every_point_is_a_prefix
         by_cycle.windows(2).all(|w| w[0].1 <= w[1].1),
         "older points must hold shorter prefixes: {by_cycle:?}"
     );
+    // Restarts that found applied transfers the disks had not synced, and wrote them
+    // again (the redo of `replica/src/store/applying.rs`).
+    let redone = replica
+        .log()
+        .matches("Transfers applied before a restart written again")
+        .count();
     println!(
         "replica power loss: {} crashes in {:.0?} ({cut_while_applying} with committed transfers \
-         being applied, the rest receiving or idle); {written} ordered writes; powerloss-fs \
-         dropped {} bytes in {} files; points (cycle, prefix): {by_cycle:?}",
+         being applied or not yet synced, the rest receiving or idle; {redone} restarts redid unsynced applies); \
+         {written} ordered writes; powerloss-fs dropped {} bytes in {} files; points (cycle, \
+         prefix): {by_cycle:?}",
         dir.cuts,
         started.elapsed(),
         dir.dropped.bytes,

@@ -356,6 +356,10 @@ pub struct ReplicaInfo {
     pub last_applied_unix: Option<u64>,
     /// Transfers received and not yet applied.
     pub pending_transfers: u32,
+    /// Transfers applied whose writes the replica disks have not synced yet: their
+    /// files are kept as a redo log until then.
+    #[serde(default)]
+    pub unsynced_transfers: u32,
     /// The resync in progress, if any.
     pub resync_epoch: Option<u64>,
     /// Whether an administrator paused replication on the replica side.

@@ -248,6 +248,7 @@ impl Replica {
             last_applied_cycle: s.last_applied_cycle,
             last_applied_unix: s.last_applied_unix,
             pending_transfers: u32::try_from(s.queue.len()).unwrap_or(u32::MAX),
+            unsynced_transfers: u32::try_from(s.unsynced.len()).unwrap_or(u32::MAX),
             resync_epoch: s.resync_epoch,
             paused: s.paused,
             awaiting_import: s.awaiting_import,
