@@ -6,9 +6,10 @@
 //! file is already durable, so it serves as a redo log: once applied, its file stays
 //! in `received/` and the state lists it as [`Unsynced`] until the disks are synced,
 //! which happens when nothing is left to apply or after [`SYNC_AFTER_BYTES`] or
-//! [`SYNC_AFTER_TRANSFERS`] (then the files become spares, see `spare`). Opening the replica after a crash writes the unsynced transfers
-//! again, oldest first, before anything else reads or writes the disks; changes say
-//! what a range holds, so writing them twice gives the same disks. Undo data is never
+//! [`SYNC_AFTER_TRANSFERS`] (then the files become spares, see `spare`). Opening the
+//! replica after a crash writes the unsynced transfers again, oldest first, before
+//! anything else reads or writes the disks; changes say what a range holds, so
+//! writing them twice gives the same disks. Undo data is never
 //! captured again for them: it was synced before their first write, and the disks
 //! may hold older bytes until the redo. Anything that writes the disks other than an
 //! apply (a failover's roll-back, the disks handed over as live ones) syncs them
