@@ -755,21 +755,11 @@ struct FullReplica<'a> {
 }
 
 impl FullReplica<'_> {
-    /// The free space, once the replica's spare transfer files (`spare.part`,
-    /// `spare-1.part`...) are deleted: they are a cache the replica drops itself when
-    /// an offer finds too little space, so a filler sized to the free space beside
-    /// them would leave more room than meant.
+    /// The free space, once the replica's spare transfer file is deleted: it is a
+    /// cache the replica drops itself when an offer finds too little space, so a
+    /// filler sized to the free space beside it would leave more room than meant.
     fn free_without_spare(&self) -> u64 {
-        let replica_dir = self.storage.join("vm1");
-        for entry in std::fs::read_dir(&replica_dir)
-            .expect("list the replica")
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("spare") && name.ends_with(".part") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        let _ = std::fs::remove_file(self.storage.join("vm1").join("spare.part"));
         free_bytes(self.storage)
     }
 

@@ -6,10 +6,10 @@
 //! file is already durable, so it serves as a redo log: once applied, its file stays
 //! in `received/` and the state lists it as [`Unsynced`] until the disks are synced,
 //! which happens when nothing is left to apply or after [`SYNC_AFTER_BYTES`] or
-//! [`SYNC_AFTER_TRANSFERS`] (then the files become spares, see `spare`). Opening the
-//! replica after a crash writes the unsynced transfers again, oldest first, before
-//! anything else reads or writes the disks; changes say what a range holds, so
-//! writing them twice gives the same disks. Undo data is never
+//! [`SYNC_AFTER_TRANSFERS`] (then the newest file becomes the spare and the others
+//! are deleted). Opening the replica after a crash writes the unsynced transfers
+//! again, oldest first, before anything else reads or writes the disks; changes say
+//! what a range holds, so writing them twice gives the same disks. Undo data is never
 //! captured again for them: it was synced before their first write, and the disks
 //! may hold older bytes until the redo. Anything that writes the disks other than an
 //! apply (a failover's roll-back, the disks handed over as live ones) syncs them
@@ -158,7 +158,7 @@ impl Replica {
     }
 
     /// Records that the disks were synced after transfers `ids` were applied: their
-    /// files are no longer needed for a redo, and become spares.
+    /// files are no longer needed for a redo; the newest becomes the spare.
     pub fn finish_sync(&mut self, ids: &[u64]) -> Result<(), StoreError> {
         let before = self.state.unsynced.len();
         let mut synced = Vec::new();
@@ -173,9 +173,11 @@ impl Replica {
             return Ok(());
         }
         self.save()?;
-        // Newest first: the files the spares cannot hold are deleted.
-        for id in synced.iter().rev() {
-            self.keep_as_spare(&self.received_path(*id));
+        if let Some((newest, older)) = synced.split_last() {
+            for id in older {
+                let _ = std::fs::remove_file(self.received_path(*id));
+            }
+            self.keep_as_spare(&self.received_path(*newest));
         }
         Ok(())
     }

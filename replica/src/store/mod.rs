@@ -17,13 +17,14 @@
 //!   the `.part`, renames it and records it in the state in the same step; only then
 //!   is the transfer acknowledged as durable.
 //!
-//! - `spare.part`, `spare-1.part`...: files of applied transfers, which the next
-//!   offers recycle as their `.part` (overwriting pages and blocks is cheaper than new
-//!   ones; see `spare` for why stale frames in them are never taken for chunks).
+//! - `spare.part`: the file of the last applied transfer, which the next offer
+//!   recycles as its `.part` (overwriting pages and blocks is cheaper than new ones;
+//!   see `spare` for why stale frames in it are never taken for chunks).
 //!
 //! Applying takes the oldest received transfer, writes its changes to the disks and
 //! records the transfer as applied; its file stays as a redo log until the disks are
-//! synced (after a run of transfers; see `applying`), then the files become spares. A crash in between re-applies the transfer on restart, and the
+//! synced (after a run of transfers; see `applying`), then the newest such file
+//! becomes the spare. A crash in between re-applies the transfer on restart, and the
 //! unsynced ones before it, which gives the same disks: changes say what a range
 //! holds, not how to get there. So the disks only ever show a half-applied transfer
 //! while it is being applied, and `consistent` stays false until a delta is

@@ -1,17 +1,14 @@
-//! Spare transfer files: files of applied transfers, kept to receive the next ones
-//! into.
+//! The spare transfer file: the file of the last applied transfer, kept to receive the
+//! next one into.
 //!
 //! Why: writing a transfer into a new file makes the kernel find new page-cache pages
 //! and new blocks for every byte of it, which costs several times what overwriting the
 //! pages and blocks of an existing file does (on this project's test machine, a VM,
 //! 1 GiB written into a new file took 2.6-3.5 s of system time, over the same file
-//! 0.3 s). PostgreSQL recycles its WAL segments for the same reason. So once the
-//! disks were synced after a run of applied transfers, their files become the
-//! replica's spares (`spare.part`, then `spare-1.part` up to [`SPARE_SLOTS`] files in
-//! the replica's directory, the newest first, each cut to at most [`SPARE_MAX`], all
-//! together at most [`SPARES_MAX`]), and each offer moves one to `incoming/` where the
-//! chunks overwrite it. Several are kept because a sync frees a run of files at once,
-//! and a backlog of transfers received meanwhile would otherwise get new files.
+//! 0.3 s). PostgreSQL recycles its WAL segments for the same reason. So once a
+//! transfer is applied, its file becomes the replica's spare (`spare.part` in the
+//! replica's directory, cut to at most [`SPARE_MAX`]), and the next offer moves it to
+//! `incoming/` where the chunks overwrite it.
 //!
 //! Contract: a recycled file can be longer than what it holds; the bytes past the
 //! transfer's chunks are frames of earlier transfers of the same replica. Nothing
@@ -38,80 +35,49 @@ use super::{free_space, Replica, StoreError};
 
 /// Largest spare kept; a longer transfer's file is cut to this before it is kept.
 pub const SPARE_MAX: u64 = 1 << 30;
-/// Spare files kept at most.
-pub const SPARE_SLOTS: usize = 8;
-/// Bytes all spares may hold together.
-pub const SPARES_MAX: u64 = 2 << 30;
 
 impl Replica {
-    /// The path of spare slot `slot`.
-    fn spare_path(&self, slot: usize) -> PathBuf {
-        if slot == 0 {
-            self.dir.join("spare.part")
-        } else {
-            self.dir.join(format!("spare-{slot}.part"))
-        }
+    pub(super) fn spare_path(&self) -> PathBuf {
+        self.dir.join("spare.part")
     }
 
-    /// The spares there are: slot, path and length.
-    fn spares(&self) -> Vec<(usize, PathBuf, u64)> {
-        (0..SPARE_SLOTS)
-            .filter_map(|slot| {
-                let path = self.spare_path(slot);
-                let len = fs::metadata(&path).ok()?.len();
-                Some((slot, path, len))
-            })
-            .collect()
-    }
-
-    /// Creates the `.part` file of transfer `id` at `path`: a spare moved there when
-    /// one may serve (see the module doc), else a new empty file.
+    /// Creates the `.part` file of transfer `id` at `path`: the spare moved there when
+    /// it may serve (see the module doc), else a new empty file.
     pub(super) fn create_part(&self, path: &Path, id: u64) -> Result<(), StoreError> {
-        for (_, spare, _) in self.spares() {
-            if spare_serves(&spare, id) && fs::rename(&spare, path).is_ok() {
-                return Ok(());
-            }
-            let _ = fs::remove_file(&spare);
+        let spare = self.spare_path();
+        if spare_serves(&spare, id) && fs::rename(&spare, path).is_ok() {
+            return Ok(());
         }
+        let _ = fs::remove_file(&spare);
         File::create(path)
             .and_then(|f| f.sync_all())
             .map_err(StoreError::io("create", path))
     }
 
-    /// Keeps the file of an applied transfer as a spare, cut to [`SPARE_MAX`], when a
-    /// slot is free and the spares and the storage have room for it; deletes it
-    /// otherwise.
+    /// Keeps the file of an applied transfer as the spare, cut to [`SPARE_MAX`], when
+    /// the storage has room to spare for it; deletes it otherwise.
     pub(super) fn keep_as_spare(&self, path: &Path) {
-        let spares = self.spares();
-        let held: u64 = spares.iter().map(|(_, _, len)| len).sum();
-        let free_slot = (0..SPARE_SLOTS).find(|slot| spares.iter().all(|(s, _, _)| s != slot));
-        let kept = free_slot.is_some_and(|slot| {
-            OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|file| {
-                    let len = file.metadata()?.len();
-                    if len > SPARE_MAX {
-                        file.set_len(SPARE_MAX)?;
-                    }
-                    Ok(len.min(SPARE_MAX))
-                })
-                .ok()
-                .filter(|len| held.saturating_add(*len) <= SPARES_MAX && self.room_for_spare(*len))
-                .is_some_and(|_| fs::rename(path, self.spare_path(slot)).is_ok())
-        });
+        let kept = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|file| {
+                let len = file.metadata()?.len();
+                if len > SPARE_MAX {
+                    file.set_len(SPARE_MAX)?;
+                }
+                Ok(len.min(SPARE_MAX))
+            })
+            .ok()
+            .filter(|len| self.room_for_spare(*len))
+            .is_some_and(|_| fs::rename(path, self.spare_path()).is_ok());
         if !kept {
             let _ = fs::remove_file(path);
         }
     }
 
-    /// Deletes the spares; whether there was one.
+    /// Deletes the spare; whether there was one.
     pub(super) fn drop_spare(&self) -> bool {
-        let spares = self.spares();
-        for (_, path, _) in &spares {
-            let _ = fs::remove_file(path);
-        }
-        !spares.is_empty()
+        fs::remove_file(self.spare_path()).is_ok()
     }
 
     /// Whether keeping `len` bytes as a spare leaves at least as much again free

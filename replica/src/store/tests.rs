@@ -425,25 +425,6 @@ fn transfers_applied_but_not_synced_are_written_again_on_restart_without_new_und
     for (id, before) in &points {
         assert_eq!(&point_disk(&replica, *id, 0), before, "point {id}");
     }
-    // Both files became spares, and the next two offers recycle them.
-    let mut replica = replica;
-    let spares = [path.join("spare.part"), path.join("spare-1.part")];
-    assert!(spares.iter().all(|spare| spare.exists()), "{spares:?}");
-    for (id, cycle) in [(14, 4), (15, 5)] {
-        let offer = TransferOffer {
-            id,
-            kind: stamped(cycle, cycle * 10, false),
-            bytes: OFFERED,
-        };
-        replica.offer(OWNER, &offer).unwrap();
-        replica
-            .put_chunk(OWNER, id, 0, &frames(id, &[write(1, 0, b"next")])[0])
-            .unwrap();
-        replica.commit(OWNER, id, 1).unwrap();
-    }
-    assert!(spares.iter().all(|spare| !spare.exists()), "both recycled");
-    apply_all(&mut replica);
-    assert_eq!(&disk(&replica, "b")[..4], b"next");
 }
 
 #[test]
