@@ -432,15 +432,7 @@ fn a_failover_syncs_first_so_no_redo_writes_over_its_roll_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm1");
     let mut replica = keeping_points(&path, 8, 1);
-    for cycle in 1..=2u64 {
-        send(
-            &mut replica,
-            10 + cycle,
-            stamped(cycle, cycle * 10, false),
-            &[write(0, 0, &[cycle as u8; 4096])],
-        );
-        apply_all(&mut replica);
-    }
+    apply_cycles(&mut replica, 2, |_| 0);
     let at_two = disk(&replica, "a");
     send(
         &mut replica,
@@ -533,6 +525,20 @@ fn keeping_points(path: &Path, points: u32, spacing_secs: u64) -> Replica {
         &[write(0, 0, &[1u8; 8192])],
     );
     replica
+}
+
+/// Sends and applies cycles `1..=cycles` (transfers 11, 12...), each writing 4 KiB of
+/// its own number to disk 0 at `offset(cycle)`.
+fn apply_cycles(replica: &mut Replica, cycles: u64, offset: impl Fn(u64) -> u64) {
+    for cycle in 1..=cycles {
+        send(
+            replica,
+            10 + cycle,
+            stamped(cycle, cycle * 10, false),
+            &[write(0, offset(cycle), &[cycle as u8; 4096])],
+        );
+        apply_all(replica);
+    }
 }
 
 /// Disk `disk` as recovery point `id` has it.
@@ -814,15 +820,7 @@ fn handing_back_makes_the_live_disks_a_copy_only_a_newer_epoch_can_claim() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm1");
     let mut replica = keeping_points(&path, 8, 1);
-    for cycle in 1..=3u64 {
-        send(
-            &mut replica,
-            10 + cycle,
-            stamped(cycle, cycle * 10, false),
-            &[write(0, cycle * 4096, &[cycle as u8; 4096])],
-        );
-        apply_all(&mut replica);
-    }
+    apply_cycles(&mut replica, 3, |cycle| cycle * 4096);
     assert!(matches!(replica.hand_back(), Err(StoreError::Conflict(_))));
     replica.fail_over(None, true).unwrap();
     assert!(!replica.state().points.is_empty());
