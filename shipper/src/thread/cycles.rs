@@ -348,14 +348,17 @@ impl Worker {
             }
             let committed_ms = started.elapsed().as_millis();
             cycle.acknowledge()?;
-            info!(
+            // Where a cycle's shipping time went: reading the ring into extents, the
+            // offer, streaming the changes, the replica's commit, freeing the ring.
+            debug!(
+                group = %self.group.name(),
                 cycle = id,
                 read_ms,
-                begun_ms,
+                offered_ms = begun_ms,
                 sent_ms,
                 committed_ms,
-                acked_ms = started.elapsed().as_millis(),
-                "XXX delivered"
+                acknowledged_ms = started.elapsed().as_millis(),
+                "Cycle shipped"
             );
             let closed_unix = closed_unix_ms / 1000;
             self.closed = self.closed.split_off(&(id + 1));
