@@ -41,7 +41,7 @@ use tracing::{info, warn};
 use wire::api::ReplicaInfo;
 
 use crate::limits::{Limits, Slots};
-use crate::store::{apply_transfer, Replica, StoreError};
+use crate::store::{apply_transfer, sync_all, Replica, StoreError};
 
 mod admin;
 pub mod api;
@@ -374,7 +374,7 @@ fn apply_queued(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> 
             let mut held = lock(replica);
             let Some((next, path)) = held.begin_apply()? else {
                 // A sync that failed before is due still.
-                let unsynced = !held.unsynced().is_empty();
+                let unsynced = !held.state().unsynced.is_empty();
                 drop(held);
                 if unsynced {
                     sync_applied(replica, dir)?;
@@ -420,9 +420,7 @@ fn sync_applied(replica: &Mutex<Replica>, dir: &Path) -> Result<(), StoreError> 
         return Ok(());
     }
     let started = std::time::Instant::now();
-    for disk in disks.iter() {
-        disk.sync()?;
-    }
+    sync_all(&disks)?;
     let took = started.elapsed();
     lock(replica).finish_sync(&ids)?;
     info!(replica = %dir.display(), transfers = ids.len(), sync_ms = took.as_millis(), "Replica disks synced");

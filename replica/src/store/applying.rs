@@ -151,9 +151,7 @@ impl Replica {
         if ids.is_empty() {
             return Ok(());
         }
-        for disk in self.disks_for_apply()?.iter() {
-            disk.sync()?;
-        }
+        sync_all(&self.disks_for_apply()?)?;
         self.finish_sync(&ids)
     }
 
@@ -197,9 +195,7 @@ impl Replica {
                 Ok(())
             })?;
         }
-        for disk in &disks {
-            disk.sync()?;
-        }
+        sync_all(&disks)?;
         let ids = self.unsynced();
         tracing::info!(replica = %self.state.name, transfers = ids.len(), ms = started.elapsed().as_millis(), "Transfers applied before a restart written again and synced");
         self.finish_sync(&ids)
@@ -229,6 +225,14 @@ pub struct AppliedTransfer {
     pub history_sync: Duration,
     /// Writing the changes to the disks (their page cache: see the module doc).
     pub write: Duration,
+}
+
+/// Makes every write applied to `disks` durable.
+pub fn sync_all(disks: &[ReplicaDisk]) -> Result<(), StoreError> {
+    for disk in disks {
+        disk.sync()?;
+    }
+    Ok(())
 }
 
 /// Applies every change of the received transfer file `path` (transfer `id`, of

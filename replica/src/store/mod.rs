@@ -66,7 +66,9 @@ mod receive;
 mod spare;
 mod state;
 
-pub use applying::{apply_transfer, AppliedTransfer, SYNC_AFTER_BYTES, SYNC_AFTER_TRANSFERS};
+pub use applying::{
+    apply_transfer, sync_all, AppliedTransfer, SYNC_AFTER_BYTES, SYNC_AFTER_TRANSFERS,
+};
 use state::UNCLAIMED;
 pub use state::{
     ApplyTotals, Failover, PointStamp, Queued, RecoveryPoint, ReplicaState, TestFailover, Unsynced,
