@@ -19,7 +19,6 @@
 //! in the background and in one sync for a run of transfers, instead of one sync per
 //! transfer on the path from a cycle's close to its recovery point.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,8 +26,8 @@ use tracker::ChangeData;
 use wire::api::TransferKind;
 use wire::chunk::CheckedFrame;
 
-use super::receive::read_frame;
 use super::state::Unsynced;
+use super::transfer_file::FrameSource;
 use super::{now_unix, PointStamp, Queued, Replica, StoreError};
 use crate::history::History;
 use image_ops::apply::{apply_change, ReplicaDisk};
@@ -190,7 +189,7 @@ impl Replica {
         let disks = self.open_disks()?;
         for unsynced in self.state.unsynced.clone() {
             let path = self.received_path(unsynced.id);
-            for_each_change(&path, unsynced.id, unsynced.chunks, |change| {
+            for_each_change(&path, unsynced.id, unsynced.chunks, true, |change| {
                 apply_change(&disks, change)?;
                 Ok(())
             })?;
@@ -254,7 +253,8 @@ pub fn apply_transfer(
         phase = Instant::now();
     };
     if history.is_active() {
-        for_each_change(path, id, chunks, |change| {
+        // Buffered: the apply below reads the file again, from the page cache.
+        for_each_change(path, id, chunks, false, |change| {
             history.capture(disks, change.disk, change.offset, change.length)?;
             Ok(())
         })?;
@@ -262,7 +262,7 @@ pub fn apply_transfer(
         history.sync()?;
         lap(&mut applied.history_sync);
     }
-    for_each_change(path, id, chunks, |change| {
+    for_each_change(path, id, chunks, !history.is_active(), |change| {
         apply_change(disks, change)?;
         if let ChangeData::Write(bytes) = change.data {
             applied.written += bytes.len() as u64;
@@ -274,18 +274,20 @@ pub fn apply_transfer(
 }
 
 /// Calls `each` with every change of the transfer file `path` (transfer `id`, of
-/// `chunks` chunks, or as many as the file holds), in order.
+/// `chunks` chunks, or as many as the file holds), in order. `direct`: read past the
+/// page cache (see `transfer_file`); not for a file read twice in a row.
 fn for_each_change(
     path: &Path,
     id: u64,
     chunks: Option<u32>,
+    direct: bool,
     mut each: impl FnMut(&tracker::Change<'_>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let mut file = File::open(path).map_err(StoreError::io("open", path))?;
-    let (mut frame, mut scratch) = (Vec::new(), Vec::new());
+    let mut source = FrameSource::open(path, direct).map_err(StoreError::io("open", path))?;
+    let mut scratch = Vec::new();
     let mut index = 0u32;
     while chunks.is_none_or(|chunks| index < chunks) {
-        if !read_frame(&mut file, &mut frame).map_err(StoreError::io("read", path))? {
+        let Some(frame) = source.next_frame().map_err(StoreError::io("read", path))? else {
             if let Some(chunks) = chunks {
                 return Err(StoreError::ShortTransfer {
                     path: path.to_path_buf(),
@@ -294,8 +296,8 @@ fn for_each_change(
                 });
             }
             break;
-        }
-        let checked = CheckedFrame::check(&frame)?;
+        };
+        let checked = CheckedFrame::check(frame)?;
         checked.header.expect(id, index)?;
         for change in checked.records(&mut scratch)? {
             each(&change?)?;

@@ -9,8 +9,8 @@
 //!   others ([`Replica::add_disks`]): each file is created zero-filled and synced
 //!   before the state names it, so the state never names a missing or missized file.
 //! - `incoming/<id>.part`: chunk frames of the transfer being received, back to back.
-//!   Each chunk is verified (checksum, records, ranges) before it is written; it is
-//!   not synced on its own. On restart the file is cut after its last valid chunk, so
+//!   Each chunk is verified (checksum, records, ranges) before it is written (with
+//!   `O_DIRECT` where possible, see `transfer_file`); it is not synced on its own. On restart the file is cut after its last valid chunk, so
 //!   a crash loses at most chunks the primary still holds (it frees nothing before
 //!   the commit) and the next offer's answer tells it where to resume.
 //! - `received/<id>.xfer`: a committed transfer waiting to be applied. Commit syncs
@@ -65,6 +65,7 @@ mod points;
 mod receive;
 mod spare;
 mod state;
+mod transfer_file;
 
 pub use applying::{
     apply_transfer, sync_all, AppliedTransfer, SYNC_AFTER_BYTES, SYNC_AFTER_TRANSFERS,
@@ -191,6 +192,8 @@ pub struct Replica {
     part_raw: u64,
     /// Where the last record stored in the `.part` file ends.
     part_end: Option<Position>,
+    /// The open `.part` file, kept from one chunk to the next.
+    part_writer: Option<transfer_file::PartWriter>,
     /// Free space kept in reserve, in bytes.
     reserve: u64,
     /// Undo data of the additional recovery points.

@@ -4,13 +4,14 @@
 //! external media through the same steps.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use wire::api::{Position, TransferAnswer, TransferKind, TransferOffer};
 use wire::chunk::{CheckedFrame, ChunkError, ChunkHeader, CHUNK_HEADER_LEN};
 use wire::media::{transfer_file, Manifest};
 
+use super::transfer_file::PartWriter;
 use super::{free_space, sync_dir, Claim, Queued, Replica, StoreError};
 use image_ops::apply::ApplyError;
 
@@ -127,6 +128,7 @@ impl Replica {
         self.part_len = 0;
         self.part_raw = 0;
         self.part_end = None;
+        self.part_writer = None;
         self.save()?;
         Ok(TransferAnswer {
             have_chunks: 0,
@@ -222,26 +224,20 @@ impl Replica {
             }
         }
         let path = self.part_path(id);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io("open", &path))?;
-        let written = file
-            .seek(SeekFrom::Start(self.part_len))
-            .and_then(|_| file.write_all(frame));
-        if written.is_ok() {
-            // The commit's sync then finds the chunks written already.
-            image_ops::writeback::start_writeback(&file, self.part_len, frame.len() as u64);
-        }
-        if let Err(source) = written {
-            // Leave no partial frame behind (a full disk, typically).
-            let _ = file.set_len(self.part_len);
-            return Err(StoreError::Io {
-                what: "store chunk in",
-                path,
-                source,
-            });
-        }
+        let writer = match self.part_writer.take() {
+            Some(writer) if writer.continues(id, self.part_len) => writer,
+            // With points kept the apply reads the file twice: through the page
+            // cache, where the writes leave it (see `transfer_file`).
+            _ => PartWriter::open(&path, id, self.part_len, !self.history.is_active())
+                .map_err(StoreError::io("open", &path))?,
+        };
+        // A failed append leaves no partial frame behind (a full disk, typically).
+        let writer = self.part_writer.insert(writer);
+        writer.append(frame).map_err(|source| StoreError::Io {
+            what: "store chunk in",
+            path,
+            source,
+        })?;
         self.part_chunks += 1;
         self.part_len += frame.len() as u64;
         self.part_raw = raw;
@@ -308,11 +304,13 @@ impl Replica {
         self.part_len = 0;
         self.part_raw = 0;
         self.part_end = None;
+        self.part_writer = None;
         self.save()
     }
 
     /// Cuts the `.part` file after its last valid chunk.
     pub(super) fn recover_part(&mut self) -> Result<(), StoreError> {
+        self.part_writer = None;
         let Some(receiving) = self.state.receiving else {
             return Ok(());
         };
