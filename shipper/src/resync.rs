@@ -100,6 +100,19 @@ impl ResyncMaps {
             .sum()
     }
 
+    /// Whether any block overlapping `start..end` of disk `disk` is marked.
+    pub fn any_marked(&self, disk: usize, start: u64, end: u64) -> bool {
+        let Some(bits) = self.maps.get(disk) else {
+            return false;
+        };
+        if start >= end {
+            return false;
+        }
+        let first = usize_of(start / self.block_size);
+        let last = usize_of((end - 1) / self.block_size).min(bits.len().saturating_sub(1));
+        first <= last && bits[first..=last].any()
+    }
+
     /// Block size of the maps.
     pub fn block_size(&self) -> u64 {
         self.block_size
@@ -299,6 +312,21 @@ mod tests {
         assert_eq!(remaining[1].count_ones(), 3);
         let none = maps.remaining(Cursor { disk: 2, offset: 0 });
         assert!(none.iter().all(|bits| bits.not_any()));
+    }
+
+    #[test]
+    fn any_marked_sees_blocks_a_range_overlaps() {
+        let maps = maps();
+        // Block 0 and blocks 4-6 of disk 0 are unmarked.
+        assert!(!maps.any_marked(0, 0, 4096));
+        assert!(maps.any_marked(0, 0, 4097));
+        assert!(!maps.any_marked(0, 16384, 28672));
+        assert!(maps.any_marked(0, 28671, 28673));
+        assert!(!maps.any_marked(0, 100, 100));
+        // Past the map and past the disks.
+        assert!(!maps.any_marked(0, 40960, 1 << 30));
+        assert!(maps.any_marked(1, 10000, 10240));
+        assert!(!maps.any_marked(2, 0, 4096));
     }
 
     /// A resync reads a whole disk once: what it read must not stay in the page cache.
