@@ -5,7 +5,9 @@
 //! and new blocks for every byte of it, which costs several times what overwriting the
 //! pages and blocks of an existing file does (on this project's test machine, a VM,
 //! 1 GiB written into a new file took 2.6-3.5 s of system time, over the same file
-//! 0.3 s). PostgreSQL recycles its WAL segments for the same reason. So once a
+//! 0.3 s). PostgreSQL recycles its WAL segments for the same reason. Written past
+//! the page cache (`transfer_file`), a transfer still needs no new blocks in a
+//! recycled file. So once a
 //! transfer is applied, its file becomes the replica's spare (`spare.part` in the
 //! replica's directory, cut to at most [`SPARE_MAX`]), and the next offer moves it to
 //! `incoming/` where the chunks overwrite it.
