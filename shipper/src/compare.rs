@@ -226,20 +226,12 @@ mod tests {
     fn only_differing_blocks_stay_marked() {
         // Not a multiple of the block: the last block is partial.
         let size = (72 << 20) + 12345;
-        let (dir, image_path, image) = setup(size);
-        let copy = dir.path().join("copy/disk0.img");
-        let copy_file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         // Three differences: inside one block, across a block boundary, in the tail.
-        for at in [5 << 20, (66 << 20) - 10, size - 3] {
-            copy_file
-                .write_all_at(&[0xEE; 20][..(size - at).min(20) as usize], at)
-                .unwrap();
-        }
-        let mut sink =
-            LocalCopySink::open(&dir.path().join("copy"), &[("disk0".into(), size)]).unwrap();
-        let mut maps = full_maps(size);
-        let images = [(image_path, image)];
-        let stats = narrow(&mut maps, &images, &mut sink).unwrap().unwrap();
+        let differences: Vec<(u64, Vec<u8>)> = [5 << 20, (66 << 20) - 10, size - 3]
+            .into_iter()
+            .map(|at| (at, vec![0xEE; (size - at).min(20) as usize]))
+            .collect();
+        let (stats, maps) = narrow_against_copy(size, &differences, full_maps(size));
         assert_eq!(stats.marked_bytes, size);
         // One block, two blocks, the partial tail block.
         assert_eq!(stats.differing_bytes, 3 * BLOCK + size % BLOCK);
@@ -256,21 +248,37 @@ mod tests {
         assert!(stats.hashes < 150, "{stats:?}");
     }
 
-    #[test]
-    fn where_everything_differs_the_descent_stops_at_the_dense_region_size() {
-        let size = 8 << 20;
+    /// Compares an image of `size` bytes over `maps` with a copy that differs from it
+    /// at `differences` (offset, bytes); what the comparison found, and the marks left.
+    fn narrow_against_copy(
+        size: u64,
+        differences: &[(u64, Vec<u8>)],
+        mut maps: ResyncMaps,
+    ) -> (CompareStats, ResyncMaps) {
         let (dir, image_path, image) = setup(size);
-        // Every 64 KiB block of the copy differs from the image.
-        let copy = dir.path().join("copy/disk0.img");
-        let copy_file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
-        for block in 0..size / BLOCK {
-            copy_file.write_all_at(&[0xEE], block * BLOCK + 7).unwrap();
+        let copy = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("copy/disk0.img"))
+            .unwrap();
+        for (at, bytes) in differences {
+            copy.write_all_at(bytes, *at).unwrap();
         }
         let mut sink =
             LocalCopySink::open(&dir.path().join("copy"), &[("disk0".into(), size)]).unwrap();
-        let images = [(image_path, image)];
-        let mut maps = full_maps(size);
-        let stats = narrow(&mut maps, &images, &mut sink).unwrap().unwrap();
+        let stats = narrow(&mut maps, &[(image_path, image)], &mut sink)
+            .unwrap()
+            .unwrap();
+        (stats, maps)
+    }
+
+    #[test]
+    fn where_everything_differs_the_descent_stops_at_the_dense_region_size() {
+        let size = 8 << 20;
+        // Every 64 KiB block of the copy differs from the image.
+        let differences: Vec<(u64, Vec<u8>)> = (0..size / BLOCK)
+            .map(|block| (block * BLOCK + 7, vec![0xEE]))
+            .collect();
+        let (stats, _) = narrow_against_copy(size, &differences, full_maps(size));
         assert_eq!(stats.differing_bytes, size);
         // 8 MiB, then 2 x 4 MiB, then 32 x 256 KiB, where it stops: not 128 x 64 KiB.
         assert_eq!(stats.hashes, 1 + 2 + 32, "{stats:?}");
@@ -279,21 +287,13 @@ mod tests {
     #[test]
     fn only_pieces_that_hold_a_mark_are_hashed() {
         let size = 8 << 20;
-        let (dir, image_path, image) = setup(size);
-        let mut sink =
-            LocalCopySink::open(&dir.path().join("copy"), &[("disk0".into(), size)]).unwrap();
-        let copy = dir.path().join("copy/disk0.img");
-        let copy_file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         // Two marked blocks, both differing, in the same 4 MiB region.
-        copy_file.write_all_at(&[0xEE], 7).unwrap();
-        copy_file.write_all_at(&[0xEE], (1 << 20) + 7).unwrap();
-        let blocks = (size / BLOCK) as usize;
-        let mut bits = bitvec![u64, Lsb0; 0; blocks];
+        let differences = [(7, vec![0xEE]), ((1 << 20) + 7, vec![0xEE])];
+        let mut bits = bitvec![u64, Lsb0; 0; (size / BLOCK) as usize];
         bits.set(0, true);
         bits.set(16, true);
-        let mut maps = ResyncMaps::new(vec![bits], BLOCK, vec![size]);
-        let images = [(image_path, image)];
-        let stats = narrow(&mut maps, &images, &mut sink).unwrap().unwrap();
+        let maps = ResyncMaps::new(vec![bits], BLOCK, vec![size]);
+        let (stats, _) = narrow_against_copy(size, &differences, maps);
         assert_eq!(stats.differing_bytes, 2 * BLOCK);
         // The 8 MiB region, the one 4 MiB region with marks, and the two 256 KiB
         // pieces with a mark (of 16); both differ, so the descent ends there.

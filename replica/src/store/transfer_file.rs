@@ -499,6 +499,14 @@ mod tests {
 
     use super::*;
 
+    /// An empty transfer file in a new directory (which goes when the first is dropped).
+    fn empty_file() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.part");
+        File::create(&path).unwrap();
+        (dir, path)
+    }
+
     fn frames() -> Vec<Vec<u8>> {
         // Lengths that start and end anywhere within a block, a whole block, and a
         // whole chunk frame.
@@ -520,9 +528,7 @@ mod tests {
 
     #[test]
     fn appended_frames_are_the_file_in_order_whatever_their_alignment() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.part");
-        File::create(&path).unwrap();
+        let (_dir, path) = empty_file();
         let mut writer = PartWriter::open(&path, 7, 0, true).unwrap();
         let mut expected = Vec::new();
         for frame in frames() {
@@ -594,9 +600,7 @@ mod tests {
 
     #[test]
     fn frames_are_read_back_in_order_across_read_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.xfer");
-        File::create(&path).unwrap();
+        let (_dir, path) = empty_file();
         // More than a read block, with frames cut at every block end.
         let bodies: Vec<usize> = (0..12)
             .map(|i| wire::chunk::MAX_CHUNK_RAW as usize - i * 4099)
@@ -614,6 +618,41 @@ mod tests {
             // The padding after the last frame is no frame.
             let rest = source.next_frame();
             assert!(matches!(rest, Ok(None) | Err(_)), "{rest:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever the frame lengths, the writer opened again at any frame (a
+        /// restart), and the read mode, the frames read back are the frames written.
+        #[test]
+        fn frames_written_are_the_frames_read(
+            bodies in proptest::collection::vec(
+                proptest::prop_oneof![1usize..5000, 5000usize..=wire::chunk::MAX_CHUNK_RAW as usize],
+                1..12,
+            ),
+            reopen_every in 1usize..8,
+            direct_writes: bool,
+        ) {
+            let (_dir, path) = empty_file();
+            let frames = framed(&bodies);
+            let mut len = 0u64;
+            let mut writer = PartWriter::open(&path, 7, 0, direct_writes).unwrap();
+            for (index, frame) in frames.iter().enumerate() {
+                if index % reopen_every == 0 {
+                    writer = PartWriter::open(&path, 7, len, direct_writes).unwrap();
+                }
+                writer.append(frame).unwrap();
+                len += frame.len() as u64;
+                proptest::prop_assert!(writer.continues(7, len));
+            }
+            for direct in [true, false] {
+                let mut source = FrameSource::open(&path, direct).unwrap();
+                for frame in &frames {
+                    proptest::prop_assert_eq!(source.next_frame().unwrap(), Some(frame.as_slice()));
+                }
+            }
         }
     }
 
@@ -665,9 +704,7 @@ mod tests {
     #[test]
     fn without_o_direct_the_file_is_written_and_read_buffered() {
         // What a filesystem that refuses O_DIRECT gets (older tmpfs, some FUSE).
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.part");
-        File::create(&path).unwrap();
+        let (_dir, path) = empty_file();
         let frames = framed(&[10, 4096, 70_000]);
         let mut writer = PartWriter::open(&path, 7, 0, false).unwrap();
         assert!(!writer.is_direct());
@@ -684,9 +721,7 @@ mod tests {
 
     #[test]
     fn a_failed_append_leaves_the_frames_before_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.part");
-        File::create(&path).unwrap();
+        let (_dir, path) = empty_file();
         let mut writer = PartWriter::open(&path, 7, 0, true).unwrap();
         writer.append(&[3; 5000]).unwrap();
         let too_big = vec![4; 2 * MAX_FRAME];
