@@ -88,16 +88,8 @@ impl PartWriter {
     /// Opens the `.part` file at `path` of transfer `transfer`, whose frames fill its
     /// first `len` bytes, for direct writes if `direct` and the filesystem allows them.
     pub(super) fn open(path: &Path, transfer: u64, len: u64, direct: bool) -> io::Result<Self> {
-        let opened = if direct {
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let (file, mode) = match opened {
-            Ok(file) => {
+        let (file, mode) = match open_direct(OpenOptions::new().write(true), path, direct)? {
+            Some(file) => {
                 let mut block = IoBuf::new(ALIGN + MAX_FRAME)?;
                 let tail = partial_block(len);
                 if tail > 0 {
@@ -107,10 +99,7 @@ impl PartWriter {
                 }
                 (file, Mode::Direct { block, tail })
             }
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                (OpenOptions::new().write(true).open(path)?, Mode::Buffered)
-            }
-            Err(error) => return Err(error),
+            None => (OpenOptions::new().write(true).open(path)?, Mode::Buffered),
         };
         Ok(PartWriter {
             file,
@@ -161,6 +150,19 @@ impl PartWriter {
                 Err(error)
             }
         }
+    }
+}
+
+/// `path` opened with `options` and `O_DIRECT` if `direct`; `None` if not `direct`
+/// or the filesystem refuses `O_DIRECT` (`EINVAL`).
+fn open_direct(options: &mut OpenOptions, path: &Path, direct: bool) -> io::Result<Option<File>> {
+    if !direct {
+        return Ok(None);
+    }
+    match options.custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(error) => Err(error),
     }
 }
 
@@ -275,21 +277,12 @@ impl FrameSource {
     /// filesystem allows them. Buffered reads suit a file read more than once: its
     /// pages stay cached for the next pass.
     pub(super) fn open(path: &Path, direct: bool) -> io::Result<Self> {
-        let opened = if direct {
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EINVAL))
-        };
-        let mode = match opened {
-            Ok(file) => ReadMode::Direct(ReadAhead::start(file)?),
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => ReadMode::Buffered {
+        let mode = match open_direct(OpenOptions::new().read(true), path, direct)? {
+            Some(file) => ReadMode::Direct(ReadAhead::start(file)?),
+            None => ReadMode::Buffered {
                 file: File::open(path)?,
                 frame: Vec::new(),
             },
-            Err(error) => return Err(error),
         };
         Ok(FrameSource { mode })
     }
@@ -669,35 +662,26 @@ mod tests {
     }
 
     #[test]
-    fn bytes_that_are_no_frame_end_the_frames_with_an_error() {
+    fn bytes_that_are_no_frame_or_a_cut_frame_end_the_frames_with_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.xfer");
         let frames = framed(&[300, 9000]);
-        let mut bytes = frames.concat();
-        bytes.extend_from_slice(&[0xAB; 100]);
-        std::fs::write(&path, &bytes).unwrap();
-        for direct in [true, false] {
-            let mut source = FrameSource::open(&path, direct).unwrap();
-            assert_eq!(source.next_frame().unwrap(), Some(frames[0].as_slice()));
-            assert_eq!(source.next_frame().unwrap(), Some(frames[1].as_slice()));
-            let error = source.next_frame().unwrap_err();
-            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
-        }
-    }
-
-    #[test]
-    fn a_frame_cut_short_by_the_end_of_the_file_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.xfer");
-        let frames = framed(&[100, 5000]);
-        let mut bytes = frames.concat();
-        bytes.truncate(bytes.len() - 1);
-        std::fs::write(&path, &bytes).unwrap();
-        for direct in [true, false] {
-            let mut source = FrameSource::open(&path, direct).unwrap();
-            assert_eq!(source.next_frame().unwrap(), Some(frames[0].as_slice()));
-            let cut = source.next_frame().unwrap_err();
-            assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof);
+        let whole = frames.concat();
+        let not_a_frame = [whole.clone(), vec![0xAB; 100]].concat();
+        let cut = whole[..whole.len() - 1].to_vec();
+        for (bytes, whole_frames, kind) in [
+            (not_a_frame, 2, io::ErrorKind::InvalidData),
+            (cut, 1, io::ErrorKind::UnexpectedEof),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            for direct in [true, false] {
+                let mut source = FrameSource::open(&path, direct).unwrap();
+                for frame in &frames[..whole_frames] {
+                    assert_eq!(source.next_frame().unwrap(), Some(frame.as_slice()));
+                }
+                let error = source.next_frame().unwrap_err();
+                assert_eq!(error.kind(), kind, "{error}");
+            }
         }
     }
 
