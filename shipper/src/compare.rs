@@ -9,7 +9,7 @@
 //!
 //! Where nearly everything differs, going finer does not pay: once regions are at
 //! most [`DENSE_REGION`] bytes, a level that found less than 1/[`FANOUT`] of its
-//! bytes equal is the last, and its differing regions are copied whole. A ring that
+//! bytes equal is the last: every marked block of its differing regions is copied. A ring that
 //! overflowed under heavy random writes marks blocks the replica has never seen:
 //! descending to the 4 KiB block hashed the whole disk five times over and took
 //! 332,048 hashes for 1 GiB (8 s under load, while the ring filled again), against

@@ -252,8 +252,10 @@ pub fn apply_transfer(
         *took = phase.elapsed();
         phase = Instant::now();
     };
-    if history.is_active() {
-        // Buffered: the apply below reads the file again, from the page cache.
+    // With points kept the file is read twice: through the page cache (see
+    // `transfer_file`).
+    let keeping_points = history.is_active();
+    if keeping_points {
         for_each_change(path, id, chunks, false, |change| {
             history.capture(disks, change.disk, change.offset, change.length)?;
             Ok(())
@@ -262,7 +264,7 @@ pub fn apply_transfer(
         history.sync()?;
         lap(&mut applied.history_sync);
     }
-    for_each_change(path, id, chunks, !history.is_active(), |change| {
+    for_each_change(path, id, chunks, !keeping_points, |change| {
         apply_change(disks, change)?;
         if let ChangeData::Write(bytes) = change.data {
             applied.written += bytes.len() as u64;
