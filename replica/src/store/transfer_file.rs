@@ -22,9 +22,10 @@
 //! records, and recovery after a crash cuts the file after its last valid frame (the
 //! same contract as a recycled spare's stale bytes, see `spare`).
 //!
-//! Reading: [`FrameSource`] reads the file in large aligned blocks and hands out the
-//! frames in them; a frame cut by the end of a block is moved to the front before the
-//! next block is read behind it.
+//! Reading: [`FrameSource`] reads the file in 4 MiB aligned blocks on a thread of its
+//! own, ahead of the apply, and hands out the frames in them; a frame cut by the end
+//! of a block is moved to the front of the next buffer before the next block is read
+//! behind it.
 //!
 //! A replica that keeps recovery points reads each transfer twice when it applies it
 //! (what the changes overwrite is captured first, then they are written): its
@@ -36,21 +37,20 @@
 //! the device's cache, and block allocation is metadata: [`Replica::commit`]'s
 //! `fdatasync` makes the transfer durable.
 //!
-//! Filesystems without `O_DIRECT` (tmpfs, some FUSE filesystems) refuse the open or an
-//! operation with `EINVAL`; the file is then written and read buffered, as before, and
-//! a written range is queued for writeback at once.
+//! Filesystems without `O_DIRECT` (tmpfs before Linux 6.6, some FUSE filesystems)
+//! refuse the open or an operation with `EINVAL`; the file is then written and read
+//! buffered, as before, and a written range is queued for writeback at once.
 //!
 //! [`Replica::commit`]: super::Replica::commit
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::thread::JoinHandle;
-
-use crossbeam_channel::{Receiver, Sender};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::thread::JoinHandle;
 
+use crossbeam_channel::{Receiver, Sender};
 use nbd_shim::engine::IoBuf;
 use wire::chunk::{ChunkHeader, CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 
