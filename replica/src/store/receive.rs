@@ -124,11 +124,7 @@ impl Replica {
             chunks: None,
         });
         self.state.receiving_bytes = Some(offer.bytes);
-        self.part_chunks = 0;
-        self.part_len = 0;
-        self.part_raw = 0;
-        self.part_end = None;
-        self.part_writer = None;
+        self.forget_part();
         self.save()?;
         Ok(TransferAnswer {
             have_chunks: 0,
@@ -300,12 +296,17 @@ impl Replica {
                 state.accept_any_cycle = last;
             }
         }
+        self.forget_part();
+        self.save()
+    }
+
+    /// Forgets the `.part` file's chunks and closes it: a new transfer starts empty.
+    fn forget_part(&mut self) {
         self.part_chunks = 0;
         self.part_len = 0;
         self.part_raw = 0;
         self.part_end = None;
         self.part_writer = None;
-        self.save()
     }
 
     /// Cuts the `.part` file after its last valid chunk.
@@ -318,9 +319,7 @@ impl Replica {
         let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.part_chunks = 0;
-                self.part_len = 0;
-                self.part_raw = 0;
+                self.forget_part();
                 return Ok(());
             }
             Err(e) => return Err(StoreError::io("open", &path)(e)),

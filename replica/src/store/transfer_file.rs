@@ -131,7 +131,7 @@ impl PartWriter {
                         tracing::debug!(
                             "The transfer file refuses O_DIRECT writes; writing it buffered"
                         );
-                        self.file = reopen_buffered(&self.file)?;
+                        self.file = reopen_buffered(&self.file, OpenOptions::new().write(true))?;
                         self.mode = Mode::Buffered;
                         write_buffered(&self.file, self.len, frame)
                     }
@@ -210,11 +210,10 @@ fn write_buffered(file: &File, len: u64, frame: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The file `file` is open on, opened again for writing without `O_DIRECT`.
-fn reopen_buffered(file: &File) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+/// The file `file` is open on (not the path, which could name another file by now),
+/// opened again with `options`, so without `O_DIRECT`.
+fn reopen_buffered(file: &File, options: &OpenOptions) -> io::Result<File> {
+    options.open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Reads the frames of a transfer file in order.
@@ -232,6 +231,10 @@ enum ReadMode {
 }
 
 /// Blocks of a file read ahead by the thread [`read_ahead`], and the one being handed out.
+///
+/// Dropping it stops the thread: the fields drop in order, so both channels are
+/// disconnected (which ends the thread at its next send or receive) before `_reader`
+/// joins it.
 #[derive(Debug)]
 struct ReadAhead {
     /// Blocks read (or the read's error), in order.
@@ -239,9 +242,21 @@ struct ReadAhead {
     /// Blocks handed back, to be read into again.
     spares: Sender<IoBuf>,
     current: Option<Block>,
-    thread: Option<JoinHandle<()>>,
     /// The file, for going on buffered if a direct read is refused.
     file: File,
+    _reader: JoinOnDrop,
+}
+
+/// A thread joined when this is dropped.
+#[derive(Debug)]
+struct JoinOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Whole frames read ahead: `bytes[start..end]`, which is the file from `offset +
@@ -313,7 +328,7 @@ impl FrameSource {
             return Ok(());
         };
         tracing::debug!("The transfer file refuses O_DIRECT reads; reading it buffered");
-        let mut file = File::open(format!("/proc/self/fd/{}", ahead.file.as_raw_fd()))?;
+        let mut file = reopen_buffered(&ahead.file, OpenOptions::new().read(true))?;
         file.seek(SeekFrom::Start(ahead.position()))?;
         self.mode = ReadMode::Buffered {
             file,
@@ -340,8 +355,8 @@ impl ReadAhead {
             blocks,
             spares,
             current: None,
-            thread: Some(thread),
             file,
+            _reader: JoinOnDrop(Some(thread)),
         })
     }
 
@@ -392,19 +407,6 @@ impl ReadAhead {
         let frame = &bytes[..len];
         block.start += len;
         Ok(Some(frame))
-    }
-}
-
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        // Disconnecting both channels stops the thread at its next send or receive.
-        let (_, idle) = crossbeam_channel::bounded(0);
-        drop(std::mem::replace(&mut self.blocks, idle));
-        let (idle, _) = crossbeam_channel::bounded(0);
-        drop(std::mem::replace(&mut self.spares, idle));
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
