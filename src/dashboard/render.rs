@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use shipper::{Health, ShipperStatus};
-use wire::api::{ReplicaInfo, Role};
+use wire::api::{Consistency, ReplicaInfo, Role};
 
 use super::history::{History, Series, WINDOW};
 use super::svg::{self, Frame, Mark};
@@ -388,10 +388,16 @@ fn replica_section(out: &mut String, now_ms: u64, info: &ReplicaInfo, series: Op
         Role::Replica => "replica",
         Role::Primary => "primary (failed over to)",
     };
-    let consistent = if info.consistent {
-        "<span class=\"health health-normal\">Consistent</span>"
-    } else {
-        "<span class=\"health health-warning\">Not consistent</span>"
+    // An apply is the normal state of a busy replica, not a warning: the latest point
+    // stays the state a failover reaches.
+    let consistent = match info.consistency() {
+        Consistency::Consistent => "<span class=\"health health-normal\">Consistent</span>".into(),
+        Consistency::Applying { cycle } => format!(
+            "<span class=\"health health-normal\">Consistent at cycle {cycle}, applying</span>"
+        ),
+        Consistency::NotConsistent => {
+            "<span class=\"health health-warning\">Not consistent</span>".into()
+        }
     };
     let _ = write!(
         out,
@@ -619,6 +625,27 @@ mod tests {
         assert!(html.contains("<meta http-equiv=\"refresh\""), "{html}");
         assert!(!html.contains("<script"), "{html}");
         assert!(primary_page(&Figures::default(), &History::new(1)).contains("No groups."));
+    }
+
+    #[test]
+    fn a_replica_mid_apply_shows_its_latest_point_not_a_warning() {
+        let mut applying = replica_info("vm1");
+        applying.consistent = false;
+        let mut resyncing = replica_info("vm2");
+        resyncing.consistent = false;
+        resyncing.recovery_points.retain(|point| !point.latest);
+        let figures = Figures {
+            groups: Vec::new(),
+            replicas: vec![applying, resyncing, replica_info("vm3")],
+        };
+        let html = page(DaemonKind::Replica, NOW, &figures, &History::new(720));
+        for expected in [
+            "health-normal\">Consistent at cycle 8, applying</span>",
+            "health-warning\">Not consistent</span>",
+            "health-normal\">Consistent</span>",
+        ] {
+            assert_eq!(html.matches(expected).count(), 1, "{expected}:\n{html}");
+        }
     }
 
     #[test]

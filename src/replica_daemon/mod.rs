@@ -310,6 +310,8 @@ mod tests {
         );
         assert!(render_metrics(&daemon)
             .contains("blkrep_replica_consistent{replica=\"vm1\",trust_group=\"dc1\"} 0\n"));
+        assert!(render_metrics(&daemon)
+            .contains("blkrep_replica_recoverable{replica=\"vm1\",trust_group=\"dc1\"} 0\n"));
 
         let mut raw = UnixStream::connect(&socket).unwrap();
         raw.write_all(b"{\"op\":\"reboot\"}\n").unwrap();

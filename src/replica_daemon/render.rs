@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use wire::api::ReplicaInfo;
+use wire::api::{Consistency, ReplicaInfo};
 
 use std::time::UNIX_EPOCH;
 
@@ -73,6 +73,15 @@ pub(super) fn yes_no(value: bool) -> &'static str {
     }
 }
 
+/// "consistent ..." of a status line: an apply does not make it flicker to "no".
+fn consistency_text(consistency: Consistency) -> String {
+    match consistency {
+        Consistency::Consistent => "yes".into(),
+        Consistency::Applying { cycle } => format!("at cycle {cycle} (applying)"),
+        Consistency::NotConsistent => "no".into(),
+    }
+}
+
 /// The status as text: one line per replica.
 pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
     if replicas.is_empty() {
@@ -99,7 +108,7 @@ pub fn render_status(replicas: &[ReplicaInfo], now_unix: u64) -> String {
             info.name,
             info.epoch,
             info.trust_group,
-            yes_no(info.consistent),
+            consistency_text(info.consistency()),
             info.pending_transfers,
             info.unsynced_transfers,
             yes_no(info.paused),
@@ -199,6 +208,12 @@ pub fn replica_metrics(text: &mut MetricsText, replicas: &[ReplicaInfo]) {
             "Whether the replica's disks hold a state the primary had (1) or not (0).",
             &labels,
             flag(info.consistent),
+        );
+        text.gauge(
+            "blkrep_replica_recoverable",
+            "Whether a consistent latest state is kept to fail over to (1), also while transfers apply, or not (0): the initial replication or a resync is unfinished.",
+            &labels,
+            flag(info.consistency().is_recoverable()),
         );
         if let Some(cycle) = info.last_applied_cycle {
             text.gauge(
@@ -303,6 +318,16 @@ mod tests {
 
     #[test]
     fn status_lines() {
+        let mut applying = info("vm3", "dc1");
+        applying.consistent = false;
+        applying.recovery_points = vec![wire::api::RecoveryPointInfo {
+            id: 0,
+            cycle: 7,
+            time_unix_ms: 900_000,
+            app_consistent: false,
+            latest: true,
+            size: 0,
+        }];
         let mut fresh = info("vm2", "dc1");
         fresh.consistent = false;
         fresh.last_applied_cycle = None;
@@ -310,11 +335,12 @@ mod tests {
         fresh.paused = true;
         fresh.role = wire::api::Role::Primary;
         fresh.epoch = 2;
-        let text = render_status(&[fresh, info("vm1", "dc1")], 1_000 + 3_725);
+        let text = render_status(&[fresh, applying, info("vm1", "dc1")], 1_000 + 3_725);
         assert_eq!(
             text,
             "vm1: replica at epoch 1, trust group dc1, consistent yes, last applied cycle 7 (1h 2m 5s ago), pending transfers 1, applied and not yet synced 2, paused no\n\
-             vm2: primary at epoch 2, trust group dc1, consistent no, last applied none, pending transfers 1, applied and not yet synced 2, paused yes\n"
+             vm2: primary at epoch 2, trust group dc1, consistent no, last applied none, pending transfers 1, applied and not yet synced 2, paused yes\n\
+             vm3: replica at epoch 1, trust group dc1, consistent at cycle 7 (applying), last applied cycle 7 (1h 2m 5s ago), pending transfers 1, applied and not yet synced 2, paused no\n"
         );
         assert_eq!(render_status(&[], 0), "No replicas\n");
     }
@@ -331,6 +357,7 @@ mod tests {
             "# TYPE blkrep_replica_consistent gauge",
             "blkrep_replica_consistent{replica=\"vm1\",trust_group=\"dc1\"} 1",
             "blkrep_replica_consistent{replica=\"vm\\\"1\",trust_group=\"dc2\"} 1",
+            "blkrep_replica_recoverable{replica=\"vm1\",trust_group=\"dc1\"} 1",
             "blkrep_replica_last_applied_cycle{replica=\"vm1\",trust_group=\"dc1\"} 7",
             "blkrep_replica_last_applied_timestamp_seconds{replica=\"vm1\",trust_group=\"dc1\"} 1000",
             "blkrep_replica_pending_transfers{replica=\"vm1\",trust_group=\"dc1\"} 1",

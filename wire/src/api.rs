@@ -407,6 +407,43 @@ pub struct ReplicaInfo {
     pub unclaimed: bool,
 }
 
+/// What a replica's disks can be brought to, as status shows it. [`ReplicaInfo::consistent`]
+/// is false during every apply (the disks are mid-change for that long); what an
+/// administrator needs is whether a consistent state is kept to fail over to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// The disks hold the latest point's state.
+    Consistent,
+    /// The disks are mid-change: received transfers are being applied. The latest
+    /// point, at this cycle, is kept; a failover reaches it once they are applied.
+    Applying {
+        /// The cycle of the latest consistent state.
+        cycle: u64,
+    },
+    /// No consistent state: the initial replication or a resync is unfinished
+    /// (earlier recovery points may still be kept).
+    NotConsistent,
+}
+
+impl Consistency {
+    /// Whether a consistent latest state is kept (now, or once the applies end).
+    pub fn is_recoverable(self) -> bool {
+        !matches!(self, Consistency::NotConsistent)
+    }
+}
+
+impl ReplicaInfo {
+    /// Where the replica stands for a failover to its latest state.
+    pub fn consistency(&self) -> Consistency {
+        let latest = self.recovery_points.iter().rev().find(|point| point.latest);
+        match (self.consistent, latest) {
+            (true, _) => Consistency::Consistent,
+            (false, Some(point)) => Consistency::Applying { cycle: point.cycle },
+            (false, None) => Consistency::NotConsistent,
+        }
+    }
+}
+
 /// A failover to a replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailoverInfo {
@@ -526,6 +563,33 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_replica_mid_apply_keeps_its_latest_point_and_one_without_a_point_is_not_consistent() {
+        let mut info: ReplicaInfo = serde_json::from_value(serde_json::json!({
+            "name": "vm1", "trust_group": "dc1", "disks": [], "consistent": true,
+            "pending_transfers": 1, "paused": false,
+        }))
+        .unwrap();
+        assert_eq!(info.consistency(), Consistency::Consistent);
+        info.consistent = false;
+        assert_eq!(info.consistency(), Consistency::NotConsistent);
+        assert!(!info.consistency().is_recoverable());
+        let point = |cycle, latest| RecoveryPointInfo {
+            id: if latest { 0 } else { cycle },
+            cycle,
+            time_unix_ms: 0,
+            app_consistent: false,
+            latest,
+            size: 0,
+        };
+        // Earlier points alone are no latest state.
+        info.recovery_points = vec![point(3, false)];
+        assert_eq!(info.consistency(), Consistency::NotConsistent);
+        info.recovery_points.push(point(7, true));
+        assert_eq!(info.consistency(), Consistency::Applying { cycle: 7 });
+        assert!(info.consistency().is_recoverable());
     }
 
     #[test]
