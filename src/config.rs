@@ -145,6 +145,44 @@ pub struct ReplicationConfig {
     pub bandwidth_schedule: Vec<BandwidthWindow>,
     /// The name this host gives the replica server (default: the host name).
     pub host_name: Option<String>,
+    /// How many nice steps the shipping threads run below the NBD connection threads.
+    #[serde(default)]
+    pub background_nice: BackgroundNice,
+}
+
+/// Nice steps between the threads serving VMs' I/O and replication's threads (0-19,
+/// default 10; see `base::priority`). Applies at the daemon's next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackgroundNice(pub u8);
+
+impl Default for BackgroundNice {
+    fn default() -> Self {
+        Self(base::priority::DEFAULT_BACKGROUND_NICE)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackgroundNice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let steps = i64::deserialize(deserializer)?;
+        u8::try_from(steps)
+            .ok()
+            .filter(|steps| *steps <= 19)
+            .map(Self)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "background_nice {steps} is not a number of nice steps from 0 to 19"
+                ))
+            })
+    }
+}
+
+impl BackgroundNice {
+    /// Makes it the daemon's: background threads started from now on use it.
+    pub fn apply(self) {
+        if let Err(error) = base::priority::set_background_nice(self.0) {
+            tracing::warn!(%error, "Cannot read this process's CPU priority; replication threads run at the same priority as the VMs' I/O");
+        }
+    }
 }
 
 impl ReplicationConfig {

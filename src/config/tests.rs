@@ -515,3 +515,28 @@ fn bandwidth_schedules_parse_at_both_levels_and_bad_windows_are_named() {
         "{error}"
     );
 }
+
+#[test]
+fn background_nice_defaults_to_ten_and_is_a_nice_step_count() {
+    let image = tempfile::NamedTempFile::new().unwrap();
+    let parse = |replication: &str| {
+        PrimaryConfig::parse(&(sample(image.path(), "") + replication), Path::new("x"))
+    };
+    assert_eq!(
+        parse("").unwrap().replication.background_nice,
+        BackgroundNice(10)
+    );
+    for steps in [0u8, 19] {
+        let config = parse(&format!("\n[replication]\nbackground_nice = {steps}\n")).unwrap();
+        assert_eq!(config.replication.background_nice, BackgroundNice(steps));
+    }
+    for bad in ["20", "-1", "\"low\""] {
+        let error = parse(&format!("\n[replication]\nbackground_nice = {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("background_nice"), "{bad}: {error}");
+        if !bad.starts_with('"') {
+            assert!(error.contains("from 0 to 19"), "{bad}: {error}");
+        }
+    }
+}

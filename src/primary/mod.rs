@@ -275,6 +275,7 @@ fn delete_ring(ring: &Path) -> std::io::Result<()> {
 /// `config_path`.
 pub fn run(config: PrimaryConfig, config_path: &Path) -> Result<(), PrimaryError> {
     crate::daemon::process::harden_process();
+    config.replication.background_nice.apply();
     let signals = StopSignals::block_with_reload().map_err(PrimaryError::Setup)?;
     let control = control_socket::bind(control::PRIMARY, &config.control_socket)?;
     let shared = SharedReplication::new(

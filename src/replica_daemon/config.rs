@@ -49,6 +49,8 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     event_log: Option<PathBuf>,
+    #[serde(default)]
+    background_nice: crate::config::BackgroundNice,
 }
 
 /// What peers may hold of the server; every field defaults to
@@ -212,6 +214,9 @@ pub struct ReplicaConfig {
     pub limits: Limits,
     /// Where refusals and failovers are appended as JSON lines (`crate::events`).
     pub event_log: Option<PathBuf>,
+    /// Nice steps the receiving and applying threads run below the NBD connection
+    /// threads of test failovers and live groups.
+    pub background_nice: crate::config::BackgroundNice,
 }
 
 /// A command run after a failover (program and arguments, no shell).
@@ -393,6 +398,7 @@ impl RawConfig {
         let limits = self.limits.validate(problems);
         Some(ReplicaConfig {
             event_log: self.event_log.clone(),
+            background_nice: self.background_nice,
             limits,
             failover_hook,
             live_ring_size,

@@ -93,6 +93,7 @@ pub(crate) struct Daemon {
 /// puts its authorisation entries in force ([`reload_authorization`]).
 pub fn run(config: &ReplicaConfig, path: &Path) -> Result<(), DaemonError> {
     crate::daemon::process::harden_process();
+    config.background_nice.apply();
     let signals = StopSignals::block_with_reload().map_err(DaemonError::Setup)?;
     let control = control_socket::bind(control::REPLICA, &config.control_socket)?;
     let result = serve(config, path, control, &signals);

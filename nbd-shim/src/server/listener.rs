@@ -260,6 +260,9 @@ fn spawn_connection(inner: &Arc<Inner>, conn: Conn, peer: String) {
     let spawned = thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
+            // A guest waits on this thread: it may preempt replication's (its TLS
+            // pump and workers inherit this).
+            base::priority::enter_foreground();
             match conn {
                 Conn::Unix(s) => run_connection(&thread_inner, id, s, &peer, &TlsPolicy::Off),
                 Conn::Tcp(s, tls) => run_connection(&thread_inner, id, s, &peer, &tls),

@@ -167,7 +167,11 @@ impl Applier {
             let (shared, apply_all) = (Arc::clone(shared), Arc::clone(&apply_all));
             let worker = std::thread::Builder::new()
                 .name(format!("replica-apply-{index}"))
-                .spawn(move || work(&shared, &*apply_all));
+                .spawn(move || {
+                    // The undo writer and the transfer read-ahead inherit it.
+                    base::priority::enter_background();
+                    work(&shared, &*apply_all)
+                });
             match worker {
                 Ok(worker) => applier.workers.push(worker),
                 Err(error) => {

@@ -242,6 +242,7 @@ impl ReplicaServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("replica-http")
+            .on_thread_start(base::priority::enter_background)
             .enable_all()
             .build()
             .map_err(ReplicaServerError::Threads)?;

@@ -340,6 +340,7 @@ impl Framer {
                 let started = std::thread::Builder::new()
                     .name(format!("compress-{index}"))
                     .spawn(move || {
+                        base::priority::enter_background();
                         for job in queue {
                             let frame = compress_measured(&figures, job.chunk, job.codec);
                             // The upload gave up on this chunk: nothing to do.

@@ -238,6 +238,7 @@ impl ReplicaClient {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("replica-client")
+            .on_thread_start(base::priority::enter_background)
             .enable_all()
             .build()
             .map_err(|error| format!("Cannot start the client's runtime: {error}"))?;

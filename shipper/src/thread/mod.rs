@@ -320,7 +320,11 @@ impl Shipper {
         let interval = options.interval;
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker.run(&receiver, interval))
+            .spawn(move || {
+                // Compression workers and the resync's hashing threads inherit it.
+                base::priority::enter_background();
+                worker.run(&receiver, interval)
+            })
             .map_err(ShipperError::Spawn)?;
         Ok(Self {
             commands,

@@ -123,6 +123,14 @@ fn defaults_and_lab_mode() {
     assert_eq!(config.reserve, DEFAULT_RESERVE);
     assert_eq!(config.max_disk_size, DEFAULT_MAX_DISK_SIZE);
     assert_eq!(config.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+    assert_eq!(config.background_nice, crate::config::BackgroundNice(10));
+    let quiet = parse(&format!("background_nice = 0\n{text}")).unwrap();
+    assert_eq!(quiet.background_nice, crate::config::BackgroundNice(0));
+    let error = parse(&format!("background_nice = 25\n{text}")).unwrap_err();
+    assert!(
+        error.contains("background_nice 25 is not a number of nice steps from 0 to 19"),
+        "{error}"
+    );
     match &config.transport {
         Transport::PlainWithPsk { allow_non_loopback } => assert!(!allow_non_loopback),
         other => panic!("{other:?}"),
