@@ -141,39 +141,36 @@ fn set_this_thread_nice(nice: i32) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The nice value of a new thread once it ran `enter`.
+    fn nice_after(enter: fn()) -> i32 {
+        std::thread::spawn(move || {
+            enter();
+            this_thread_nice().unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
     #[test]
     fn background_threads_run_below_the_daemon_and_others_do_not() {
         let daemon = this_thread_nice().unwrap();
         // Before a daemon sets it, nothing changes.
-        let unchanged = std::thread::spawn(|| {
-            enter_background();
-            this_thread_nice().unwrap()
-        });
-        assert_eq!(unchanged.join().unwrap(), daemon);
+        assert_eq!(nice_after(enter_background), daemon);
         set_background_nice(5).unwrap();
-        let lowered = std::thread::spawn(|| {
-            enter_background();
-            // Idempotent: a thread that enters twice (or inherits it) stays there.
-            enter_background();
-            let own = this_thread_nice().unwrap();
-            let child = std::thread::spawn(|| this_thread_nice().unwrap());
-            (own, child.join().unwrap())
-        });
         let expected = (daemon + 5).min(NICE_MAX);
-        assert_eq!(lowered.join().unwrap(), (expected, expected));
+        assert_eq!(nice_after(enter_background), expected);
+        // Idempotent: a thread that enters twice (or inherits it) stays there.
+        let inherited = std::thread::spawn(|| {
+            enter_background();
+            enter_background();
+            nice_after(|| {})
+        });
+        assert_eq!(inherited.join().unwrap(), expected);
         // The thread that set it keeps its own priority, and a foreground thread its
         // nice value.
         assert_eq!(this_thread_nice().unwrap(), daemon);
-        let foreground = std::thread::spawn(|| {
-            enter_foreground();
-            this_thread_nice().unwrap()
-        });
-        assert_eq!(foreground.join().unwrap(), daemon);
+        assert_eq!(nice_after(enter_foreground), daemon);
         set_background_nice(0).unwrap();
-        let again = std::thread::spawn(|| {
-            enter_background();
-            this_thread_nice().unwrap()
-        });
-        assert_eq!(again.join().unwrap(), daemon);
+        assert_eq!(nice_after(enter_background), daemon);
     }
 }
