@@ -151,8 +151,41 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 type RequestBody = BoxBody<Bytes, LostFrame>;
 
 struct DataConnection {
-    sender: SendRequest<RequestBody>,
+    sender: Connection,
     last_used: Instant,
+}
+
+/// An HTTP/1 connection to the replica: the request side, and how its connection task
+/// ended. A request sent after the connection died only learns that the channel is
+/// closed; the cause (with TLS 1.3, the replica's alert refusing our certificate,
+/// which arrives after the handshake) is what the connection task read.
+struct Connection {
+    sender: SendRequest<RequestBody>,
+    /// The connection task: it returns the error it ended with.
+    task: Option<tokio::task::JoinHandle<Option<hyper::Error>>>,
+}
+
+/// How long a failed request waits for its connection task to say why it ended.
+const CONNECTION_END_WAIT: Duration = Duration::from_secs(1);
+
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// The connection task's error in place of a "closed" or "canceled" one.
+    async fn cause(&mut self, error: hyper::Error) -> hyper::Error {
+        if !(error.is_closed() || error.is_canceled()) {
+            return error;
+        }
+        let Some(task) = self.task.take() else {
+            return error;
+        };
+        match tokio::time::timeout(CONNECTION_END_WAIT, task).await {
+            Ok(Ok(Some(cause))) => cause,
+            _ => error,
+        }
+    }
 }
 
 /// A streamed upload of frames in progress ([`ReplicaClient::start_upload`]).
@@ -166,10 +199,7 @@ pub struct Upload {
 
 /// How an exchange on the data connection ended: the answer, and the connection to
 /// keep for the next one (none after a failure: its state is unknown).
-type ExchangeEnd = (
-    Result<Answer, ClientError>,
-    Option<SendRequest<RequestBody>>,
-);
+type ExchangeEnd = (Result<Answer, ClientError>, Option<Connection>);
 
 impl std::fmt::Debug for Upload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -469,7 +499,7 @@ impl ReplicaClient {
     }
 
     /// Keeps the connection an exchange ended with as the data connection.
-    fn keep_connection(&mut self, connection: Option<SendRequest<RequestBody>>) {
+    fn keep_connection(&mut self, connection: Option<Connection>) {
         if let Some(sender) = connection {
             self.data = Some(DataConnection {
                 sender,
@@ -514,7 +544,7 @@ async fn connect(
     endpoint: &Endpoint,
     credentials: &Credentials,
     source: Option<IpAddr>,
-) -> Result<SendRequest<RequestBody>, ClientError> {
+) -> Result<Connection, ClientError> {
     let connecting = async {
         let addresses: Vec<SocketAddr> =
             tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
@@ -568,10 +598,11 @@ async fn connect(
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ClientError::Http)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        let task = tokio::spawn(async move { connection.await.err() });
+        Ok(Connection {
+            sender,
+            task: Some(task),
+        })
     };
     tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
@@ -604,14 +635,17 @@ struct UploadAnswer {
 }
 
 async fn exchange(
-    sender: &mut SendRequest<RequestBody>,
+    connection: &mut Connection,
     request: Request<RequestBody>,
 ) -> Result<Answer, ClientError> {
-    sender.ready().await.map_err(ClientError::Http)?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(ClientError::Http)?;
+    let sent = match connection.sender.ready().await {
+        Ok(()) => connection.sender.send_request(request).await,
+        Err(error) => Err(error),
+    };
+    let response = match sent {
+        Ok(response) => response,
+        Err(error) => return Err(ClientError::Http(connection.cause(error).await)),
+    };
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX_JSON_BODY)
         .collect()
