@@ -166,11 +166,12 @@ impl<'de> Deserialize<'de> for BackgroundNice {
         let steps = i64::deserialize(deserializer)?;
         u8::try_from(steps)
             .ok()
-            .filter(|steps| *steps <= 19)
+            .filter(|steps| *steps <= base::priority::MAX_BACKGROUND_NICE)
             .map(Self)
             .ok_or_else(|| {
                 serde::de::Error::custom(format!(
-                    "background_nice {steps} is not a number of nice steps from 0 to 19"
+                    "background_nice {steps} is not a number of nice steps from 0 to {}",
+                    base::priority::MAX_BACKGROUND_NICE
                 ))
             })
     }

@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// The default number of nice steps background threads run below the daemon.
 pub const DEFAULT_BACKGROUND_NICE: u8 = 10;
 
-/// The largest nice value Linux has.
-const NICE_MAX: i32 = 19;
+/// The largest nice value Linux has, so the most steps that can mean anything.
+pub const MAX_BACKGROUND_NICE: u8 = 19;
+const NICE_MAX: i32 = MAX_BACKGROUND_NICE as i32;
 
 /// The nice value background threads take; [`UNSET`] until a daemon sets it.
 static BACKGROUND: AtomicI32 = AtomicI32::new(UNSET);

@@ -151,7 +151,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 type RequestBody = BoxBody<Bytes, LostFrame>;
 
 struct DataConnection {
-    sender: Connection,
+    connection: Connection,
     last_used: Instant,
 }
 
@@ -482,7 +482,7 @@ impl ReplicaClient {
         let endpoint = self.endpoint.clone();
         let credentials = self.settings.credentials.clone();
         let source = self.settings.source_address;
-        let connection = self.data.take().map(|data| data.sender);
+        let connection = self.data.take().map(|data| data.connection);
         async move {
             let mut live = match connection {
                 Some(existing) if !existing.is_closed() => existing,
@@ -500,9 +500,9 @@ impl ReplicaClient {
 
     /// Keeps the connection an exchange ended with as the data connection.
     fn keep_connection(&mut self, connection: Option<Connection>) {
-        if let Some(sender) = connection {
+        if let Some(connection) = connection {
             self.data = Some(DataConnection {
-                sender,
+                connection,
                 last_used: Instant::now(),
             });
         }
