@@ -31,7 +31,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 const MAX_PIECE: u32 = 1 << 30;
 
 mod buffer;
-pub use buffer::IoBuf;
+pub use buffer::{IoBuf, IoBufPool};
 
 /// What an operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -95,6 +95,71 @@ impl Drop for IoBuf {
     }
 }
 
+/// Buffers of one size kept for reuse, at most `keep` of them.
+///
+/// A fresh buffer costs a page fault and a page of zeroes per 4 KiB on first touch,
+/// and its unmapping flushes TLBs; a user that needs megabytes for every transfer
+/// (the replica's transfer files, applied every second) pays that each time unless
+/// the buffers come back. A taken buffer is the caller's; [`IoBufPool::give`] hands
+/// it back, and buffers of another capacity, or past `keep`, are freed instead.
+#[derive(Debug)]
+pub struct IoBufPool {
+    capacity: usize,
+    keep: usize,
+    free: std::sync::Mutex<Vec<IoBuf>>,
+}
+
+impl IoBufPool {
+    /// A pool of buffers of `capacity` bytes (rounded up as [`IoBuf::new`] does),
+    /// keeping at most `keep` of them.
+    pub const fn new(capacity: usize, keep: usize) -> Self {
+        IoBufPool {
+            capacity,
+            keep,
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer of the pool's capacity, with that length: a kept one, or a new one
+    /// (zeroed). A kept buffer holds whatever its last user left in it.
+    pub fn take(&self) -> io::Result<IoBuf> {
+        let kept = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        match kept {
+            Some(mut buf) => {
+                buf.set_len(self.capacity);
+                Ok(buf)
+            }
+            None => IoBuf::new(self.capacity),
+        }
+    }
+
+    /// Hands `buf` back for reuse.
+    pub fn give(&self, buf: IoBuf) {
+        if buf.capacity() != self.capacity.max(1).next_multiple_of(IoBuf::ALIGN) {
+            return;
+        }
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if free.len() < self.keep {
+            free.push(buf);
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn kept(&self) -> usize {
+        self.free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoBuf")
@@ -120,6 +185,28 @@ mod tests {
             buf.set_len(usize::MAX);
             assert_eq!(buf.len(), buf.capacity());
         }
+    }
+
+    #[test]
+    fn a_pool_hands_back_its_own_buffers_up_to_its_limit() {
+        let pool = IoBufPool::new(5000, 2);
+        let mut first = pool.take().expect("allocate");
+        assert_eq!((first.len(), first.capacity()), (5000, 8192));
+        first.as_mut_slice()[0] = 7;
+        let address = first.as_mut_ptr();
+        first.set_len(10);
+        pool.give(first);
+        let mut again = pool.take().expect("reuse");
+        assert_eq!(again.as_mut_ptr(), address, "the kept buffer comes back");
+        assert_eq!(again.len(), 5000, "at the pool's length again");
+        let third = pool.take().expect("allocate");
+        let fourth = pool.take().expect("allocate");
+        pool.give(again);
+        pool.give(third);
+        pool.give(fourth);
+        assert_eq!(pool.kept(), 2, "no more than `keep`");
+        pool.give(IoBuf::new(4096).expect("allocate"));
+        assert_eq!(pool.kept(), 2, "a buffer of another size is not kept");
     }
 
     #[test]

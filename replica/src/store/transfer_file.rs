@@ -48,10 +48,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use nbd_shim::engine::IoBuf;
+use nbd_shim::engine::{IoBuf, IoBufPool};
 use wire::chunk::{ChunkHeader, CHUNK_HEADER_LEN, MAX_CHUNK_BODY};
 
 use super::receive::read_frame;
@@ -63,6 +65,17 @@ const READ_BLOCK: usize = 4 << 20;
 
 /// Alignment of `O_DIRECT` offsets and lengths.
 const ALIGN: usize = IoBuf::ALIGN;
+/// Bytes of one read-ahead buffer: a block, behind the frame the block before cut
+/// (moved to the front from its block boundary).
+const READ_BUFFER: usize = READ_BLOCK + MAX_FRAME + ALIGN;
+
+/// Read-ahead buffers kept between transfers, enough for two files read at once. A
+/// replica applying a transfer every second would otherwise map, zero (a page fault
+/// per 4 KiB) and unmap 18 MiB each time, in stretches of kernel time on the cores
+/// its host's guests may need.
+static READ_BUFFERS: IoBufPool = IoBufPool::new(READ_BUFFER, 2 * READ_BLOCKS);
+/// [`PartWriter`]s' aligned last blocks kept between transfers.
+static WRITE_BLOCKS: IoBufPool = IoBufPool::new(ALIGN + MAX_FRAME, 2);
 
 /// The open `.part` file of one transfer, and where its next frame goes.
 #[derive(Debug)]
@@ -90,7 +103,7 @@ impl PartWriter {
     pub(super) fn open(path: &Path, transfer: u64, len: u64, direct: bool) -> io::Result<Self> {
         let (file, mode) = match open_direct(OpenOptions::new().write(true), path, direct)? {
             Some(file) => {
-                let mut block = IoBuf::new(ALIGN + MAX_FRAME)?;
+                let mut block = WRITE_BLOCKS.take()?;
                 let tail = partial_block(len);
                 if tail > 0 {
                     // Read through a buffered descriptor: a few bytes, any alignment.
@@ -166,6 +179,14 @@ fn open_direct(options: &mut OpenOptions, path: &Path, direct: bool) -> io::Resu
     }
 }
 
+impl Drop for PartWriter {
+    fn drop(&mut self) {
+        if let Mode::Direct { block, .. } = std::mem::replace(&mut self.mode, Mode::Buffered) {
+            WRITE_BLOCKS.give(block);
+        }
+    }
+}
+
 /// Bytes of the last, partial block of a file of `len` bytes.
 fn partial_block(len: u64) -> usize {
     // Lossless: the remainder is below ALIGN.
@@ -232,29 +253,41 @@ enum ReadMode {
 
 /// Blocks of a file read ahead by the thread [`read_ahead`], and the one being handed out.
 ///
-/// Dropping it stops the thread: the fields drop in order, so both channels are
-/// disconnected (which ends the thread at its next send or receive) before `_reader`
-/// joins it.
+/// Dropping it stops the thread (see [`ReadAhead::drop`]) and hands every buffer back
+/// to [`READ_BUFFERS`].
 #[derive(Debug)]
 struct ReadAhead {
     /// Blocks read (or the read's error), in order.
     blocks: Receiver<io::Result<Block>>,
-    /// Blocks handed back, to be read into again.
-    spares: Sender<IoBuf>,
+    /// Blocks handed back, to be read into again; `None` once dropping.
+    spares: Option<Sender<IoBuf>>,
+    /// The other end of `spares`, for the buffers the thread leaves there.
+    unused: Receiver<IoBuf>,
+    /// Tells the thread to stop before its next read.
+    stop: Arc<AtomicBool>,
     current: Option<Block>,
     /// The file, for going on buffered if a direct read is refused.
     file: File,
-    _reader: JoinOnDrop,
+    reader: Option<JoinHandle<()>>,
 }
 
-/// A thread joined when this is dropped.
-#[derive(Debug)]
-struct JoinOnDrop(Option<JoinHandle<()>>);
-
-impl Drop for JoinOnDrop {
+impl Drop for ReadAhead {
     fn drop(&mut self) {
-        if let Some(thread) = self.0.take() {
-            let _ = thread.join();
+        // The thread stops before its next read, and a spare it waits for never comes.
+        self.stop.store(true, Ordering::Relaxed);
+        self.spares = None;
+        if let Some(block) = self.current.take() {
+            READ_BUFFERS.give(block.bytes);
+        }
+        // Blocks it sends meanwhile come back here; the channel ends with the thread.
+        for block in self.blocks.iter().flatten() {
+            READ_BUFFERS.give(block.bytes);
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        for spare in self.unused.try_iter() {
+            READ_BUFFERS.give(spare);
         }
     }
 }
@@ -344,19 +377,23 @@ impl ReadAhead {
         let (spares, spare_rx) = crossbeam_channel::bounded(READ_BLOCKS);
         for _ in 0..READ_BLOCKS {
             spares
-                .send(IoBuf::new(READ_BLOCK + MAX_FRAME + ALIGN)?)
+                .send(READ_BUFFERS.take()?)
                 .expect("the receiver is held here");
         }
         let reading = file.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (unused, stopped) = (spare_rx.clone(), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("transfer-read".into())
-            .spawn(move || read_ahead(&reading, &block_tx, &spare_rx))?;
+            .spawn(move || read_ahead(&reading, &block_tx, &spare_rx, &stopped))?;
         Ok(ReadAhead {
             blocks,
-            spares,
+            spares: Some(spares),
+            unused,
+            stop,
             current: None,
             file,
-            _reader: JoinOnDrop(Some(thread)),
+            reader: Some(thread),
         })
     }
 
@@ -381,7 +418,9 @@ impl ReadAhead {
             Err(_) => return Err(io::Error::other("The transfer file's reader stopped")),
         };
         if let Some(done) = self.current.replace(next) {
-            let _ = self.spares.send(done.bytes);
+            if let Some(spares) = &self.spares {
+                let _ = spares.send(done.bytes);
+            }
         }
         Ok(())
     }
@@ -415,18 +454,28 @@ impl ReadAhead {
 /// the end of a read go to the front of the next buffer (from the block boundary
 /// before them, so reads stay aligned in the file and in memory). Stops at the end of
 /// the file, at the first bytes that are no frame, at an error (sent on), or when the
-/// consumer is gone.
-fn read_ahead(file: &File, blocks: &Sender<io::Result<Block>>, spares: &Receiver<IoBuf>) {
+/// consumer stops it or is gone; a buffer it holds then goes back to [`READ_BUFFERS`].
+fn read_ahead(
+    file: &File,
+    blocks: &Sender<io::Result<Block>>,
+    spares: &Receiver<IoBuf>,
+    stop: &AtomicBool,
+) {
     let Ok(mut bytes) = spares.recv() else { return };
     // The file offset of bytes[0], the first unsent frame byte, and the bytes filled.
     let (mut offset, mut start, mut filled) = (0u64, 0usize, 0usize);
     loop {
+        if stop.load(Ordering::Relaxed) {
+            READ_BUFFERS.give(bytes);
+            return;
+        }
         let want = READ_BLOCK.min(bytes.capacity() - filled);
         bytes.set_len(filled + want);
         let read = match file.read_at(&mut bytes.as_mut_slice()[filled..], offset + filled as u64) {
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
+                READ_BUFFERS.give(bytes);
                 let _ = blocks.send(Err(error));
                 return;
             }
@@ -448,7 +497,10 @@ fn read_ahead(file: &File, blocks: &Sender<io::Result<Block>>, spares: &Receiver
         };
         let mut next = None;
         if then == Then::More {
-            let Ok(mut spare) = spares.recv() else { return };
+            let Ok(mut spare) = spares.recv() else {
+                READ_BUFFERS.give(bytes);
+                return;
+            };
             let keep = end - end % ALIGN;
             spare.set_len(filled - keep);
             spare
@@ -463,7 +515,13 @@ fn read_ahead(file: &File, blocks: &Sender<io::Result<Block>>, spares: &Receiver
             end,
             then,
         };
-        if blocks.send(Ok(block)).is_err() {
+        if let Err(refused) = blocks.send(Ok(block)) {
+            if let Ok(block) = refused.into_inner() {
+                READ_BUFFERS.give(block.bytes);
+            }
+            if let Some((spare, ..)) = next {
+                READ_BUFFERS.give(spare);
+            }
             return;
         }
         let Some((spare, next_offset, next_start, next_filled)) = next else {
