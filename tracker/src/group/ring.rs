@@ -177,6 +177,31 @@ impl Shared {
         }
     }
 
+    /// Takes ring positions `from..to`, whose records are acknowledged, out of this
+    /// process's page tables; the bytes stay in the page cache and the file. The
+    /// consumer read them through the mapping: left mapped, every later writeback of
+    /// those pages must walk the mapping to write-protect them, and the daemon's
+    /// resident size grows to the whole ring. Best effort.
+    pub(super) fn unmap_acknowledged(&self, from: u64, to: u64) {
+        let mut pos = from;
+        while pos < to {
+            let phys = pos % self.ring_size;
+            let len = (to - pos).min(self.ring_size - phys);
+            // SAFETY: the mapping is a shared, read-only mapping of the ring file, so
+            // MADV_DONTNEED discards no data: a later access maps the same page-cache
+            // page again (also for the record after `to` that may share the last
+            // page). The range is inside the mapping, and memmap2 widens it to pages.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    usize_of(DATA_START + phys),
+                    usize_of(len),
+                )
+            };
+            pos += len;
+        }
+    }
+
     /// Walks the ring from `pos`, following consecutive sequence numbers.
     pub(super) fn scan(&self, mut pos: u64, mut seq: u64) -> Scan {
         let limit = pos + self.ring_size;
@@ -592,15 +617,23 @@ impl Shared {
         while state.closed.front().is_some_and(|mark| mark.cycle <= cycle) {
             state.closed.pop_front();
         }
+        let mut freed = None;
         // A resync may have moved the head past this cycle meanwhile.
         if end_pos > state.head && end_pos <= state.tail {
+            freed = Some((state.head, end_pos));
             state.head = end_pos;
             state.head_seq = end_seq;
         }
         state.acked_cycle = state.acked_cycle.max(cycle);
         // Writers throttled for want of room may fit now.
         self.wake(&state);
-        self.write_superblock(&mut state, false)
+        let written = self.write_superblock(&mut state, false);
+        drop(state);
+        // Without the lock: writers need it, and this walks page tables.
+        if let Some((from, to)) = freed {
+            self.unmap_acknowledged(from, to);
+        }
+        written
     }
 
     pub(crate) fn release_consumer(&self) {

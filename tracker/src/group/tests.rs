@@ -1253,3 +1253,54 @@ fn records_fill_their_last_page_when_the_ring_is_not_cached() {
     );
     assert!(replayed == image, "recovery does not rebuild the image");
 }
+
+/// KiB of `path`'s mappings resident in this process's page tables (`Rss` of
+/// /proc/self/smaps).
+fn mapped_kib(path: &Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let name = path.to_str().unwrap();
+    let mut in_mapping = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if !first.ends_with(':') {
+            // A mapping's first line: its address range, ..., its file.
+            in_mapping = line.ends_with(name);
+        } else if in_mapping && first == "Rss:" {
+            let value = line.trim_start_matches("Rss:").trim();
+            kib += value.trim_end_matches(" kB").parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn acknowledged_records_leave_the_consumers_page_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let mut cfg = config(dir.path(), 16 << 20, 1);
+    cfg.disks[0].size = size;
+    let (group, _) = Group::open(&cfg).unwrap();
+    let disk = group.disk(0).unwrap();
+    let mut image = vec![0u8; usize_of(size)];
+    for piece in 0..8u8 {
+        write(&disk, &mut image, u64::from(piece) << 20, &[piece; 1 << 20]);
+    }
+    group.close_cycle().unwrap();
+    let cycle = group.take_closed().unwrap().unwrap();
+    let mut copy = vec![vec![0u8; usize_of(size)]];
+    // Reading the records maps their pages.
+    apply(&cycle, &mut copy);
+    assert!(copy[0] == image);
+    let read = mapped_kib(&cfg.ring_path);
+    assert!(read >= 8 << 10, "{read} KiB mapped after reading 8 MiB");
+    cycle.acknowledge().unwrap();
+    let acknowledged = mapped_kib(&cfg.ring_path);
+    assert!(acknowledged < 1 << 10, "{acknowledged} KiB still mapped");
+    // The bytes stay in the file: a restart reads the ring as before.
+    drop(disk);
+    drop(group);
+    let (group, report) = Group::open(&cfg).unwrap();
+    assert_eq!(report.records, 0);
+    drop(group);
+}
