@@ -489,15 +489,25 @@ fn cancelled_records_do_not_ship() {
     assert_eq!(cycle.changes().count(), 0);
 }
 
+/// A group of one disk of `size` bytes with a ring of `ring_size`, and the disk's
+/// image in memory.
+fn one_disk_group(
+    dir: &Path,
+    ring_size: u64,
+    size: u64,
+) -> (TrackerConfig, Group, DiskTracker, Vec<u8>) {
+    let mut cfg = config(dir, ring_size, 1);
+    cfg.disks[0].size = size;
+    let (group, _) = Group::open(&cfg).unwrap();
+    let disk = group.disk(0).unwrap();
+    (cfg, group, disk, vec![0u8; usize_of(size)])
+}
+
 #[test]
 fn large_writes_are_split_and_logged_whole() {
     let dir = tempfile::tempdir().unwrap();
     let size = 64u64 << 20;
-    let mut cfg = config(dir.path(), 16 << 20, 1);
-    cfg.disks[0].size = size;
-    let (group, _) = Group::open(&cfg).unwrap();
-    let disk = group.disk(0).unwrap();
-    let mut image = vec![0u8; usize_of(size)];
+    let (_, group, disk, mut image) = one_disk_group(dir.path(), 16 << 20, size);
     // 5 MiB and a bit, in a 16 MiB ring: six records, one write.
     let data: Vec<u8> = (0..(5 << 20) + 100)
         .map(|i| u8::try_from(i % 251).unwrap())
@@ -1278,11 +1288,7 @@ fn mapped_kib(path: &Path) -> u64 {
 fn acknowledged_records_leave_the_consumers_page_tables() {
     let dir = tempfile::tempdir().unwrap();
     let size = 16u64 << 20;
-    let mut cfg = config(dir.path(), 16 << 20, 1);
-    cfg.disks[0].size = size;
-    let (group, _) = Group::open(&cfg).unwrap();
-    let disk = group.disk(0).unwrap();
-    let mut image = vec![0u8; usize_of(size)];
+    let (cfg, group, disk, mut image) = one_disk_group(dir.path(), 16 << 20, size);
     for piece in 0..8u8 {
         write(&disk, &mut image, u64::from(piece) << 20, &[piece; 1 << 20]);
     }
