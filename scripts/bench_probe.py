@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -65,7 +66,6 @@ def run_json(argv: list[str], timeout: float) -> object:
 def control_socket_of(config: Path) -> Path | None:
     """The `control_socket` a daemon's TOML configuration names; None if it names
     none (the daemon's default) or cannot be read."""
-    import tomllib
     try:
         with open(config, "rb") as f:
             value = tomllib.load(f).get("control_socket")

@@ -29,10 +29,7 @@ impl IoBuf {
     /// A zeroed buffer of at least `capacity` bytes (rounded up to [`IoBuf::ALIGN`]),
     /// with length `capacity`. Fails with `OutOfMemory` instead of aborting.
     pub fn new(capacity: usize) -> io::Result<Self> {
-        let rounded = capacity
-            .max(1)
-            .checked_next_multiple_of(Self::ALIGN)
-            .ok_or(io::ErrorKind::OutOfMemory)?;
+        let rounded = Self::rounded(capacity).ok_or(io::ErrorKind::OutOfMemory)?;
         let layout = Layout::from_size_align(rounded, Self::ALIGN)
             .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         // SAFETY: the layout has a nonzero size.
@@ -43,6 +40,11 @@ impl IoBuf {
             capacity: rounded,
             len: capacity,
         })
+    }
+
+    /// The capacity a buffer asked for `capacity` bytes gets; `None` past `usize`.
+    fn rounded(capacity: usize) -> Option<usize> {
+        capacity.max(1).checked_next_multiple_of(Self::ALIGN)
     }
 
     /// Bytes the buffer can hold.
@@ -139,7 +141,7 @@ impl IoBufPool {
 
     /// Hands `buf` back for reuse.
     pub fn give(&self, buf: IoBuf) {
-        if buf.capacity() != self.capacity.max(1).next_multiple_of(IoBuf::ALIGN) {
+        if Some(buf.capacity()) != IoBuf::rounded(self.capacity) {
             return;
         }
         let mut free = self
@@ -152,7 +154,8 @@ impl IoBufPool {
     }
 
     /// Buffers kept now.
-    pub fn kept(&self) -> usize {
+    #[cfg(test)]
+    fn kept(&self) -> usize {
         self.free
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
